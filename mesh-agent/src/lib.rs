@@ -1,0 +1,8 @@
+//! The per-node agent of the mesh: loads and pins the kernel programs, keeps their maps in step
+//! with the cluster model, and reports what the data path does.
+
+pub mod datapath;
+pub mod discovery;
+pub mod logging;
+pub mod model;
+pub mod sys;

@@ -1,0 +1,66 @@
+//! Per-CPU reason counters (`COUNTERS`): every reject, drop and notable decision has one, exported
+//! by the agent. Index = one of the constants below.
+
+/// Map name: per-CPU array of `u64` indexed by reason.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Capacity of [`COUNTERS_MAP`].
+pub const COUNTERS_CAPACITY: u32 = 32;
+
+/// connect/sendmsg to a service was translated to a backend.
+pub const CTR_TRANSLATED: u32 = 0;
+/// Rejected: the service has no backends (errno `EHOSTUNREACH`).
+pub const CTR_REJECT_NO_BACKENDS: u32 = 1;
+/// Rejected: every backend's circuit is open (errno `ECONNREFUSED`).
+pub const CTR_REJECT_CIRCUIT_OPEN: u32 = 2;
+/// Rejected: every eligible backend is at `max_connections` (errno `ECONNREFUSED`).
+pub const CTR_REJECT_MAX_CONNECTIONS: u32 = 3;
+/// A slot or table entry named a backend that is not in `BACKENDS` (agent mid-update).
+pub const CTR_BACKEND_MISSING: u32 = 4;
+/// Socket storage could not be created; the connection is translated but not accounted.
+pub const CTR_SOCK_STORAGE_FAILED: u32 = 5;
+/// A flow event was dropped because the ring buffer was full.
+pub const CTR_EVENT_DROPPED: u32 = 6;
+/// A socket could not be added to the bypass sockhash (full?).
+pub const CTR_BYPASS_INSERT_FAILED: u32 = 7;
+/// An `sk_msg` redirect found no peer socket; the data took the normal path.
+pub const CTR_BYPASS_MISS: u32 = 8;
+/// The affinity map could not be updated.
+pub const CTR_AFFINITY_UPDATE_FAILED: u32 = 9;
+/// The UDP reverse-translation map could not be updated.
+pub const CTR_REVNAT_UPDATE_FAILED: u32 = 10;
+/// A backend was ejected (circuit opened).
+pub const CTR_EJECTION: u32 = 11;
+/// An ejection was skipped because `max_ejection_pct` was reached.
+pub const CTR_EJECTION_SKIPPED_MAX_PCT: u32 = 12;
+/// A half-open probe connection was let through.
+pub const CTR_PROBE: u32 = 13;
+/// A circuit closed again after a successful probe.
+pub const CTR_RECOVERED: u32 = 14;
+/// A connect to a backend failed (refused, SYN retransmit timeout).
+pub const CTR_BACKEND_FAILURE: u32 = 15;
+/// Socket pairs put on the same-node bypass.
+pub const CTR_BYPASS_ESTABLISHED: u32 = 16;
+/// Address family of the service and backend differ; connect left untouched.
+pub const CTR_FAMILY_MISMATCH: u32 = 17;
+
+/// Names for each counter index, in order, for metrics and the CLI.
+pub const COUNTER_NAMES: [&str; 18] = [
+    "translated",
+    "reject_no_backends",
+    "reject_circuit_open",
+    "reject_max_connections",
+    "backend_missing",
+    "sock_storage_failed",
+    "event_dropped",
+    "bypass_insert_failed",
+    "bypass_miss",
+    "affinity_update_failed",
+    "revnat_update_failed",
+    "ejection",
+    "ejection_skipped_max_pct",
+    "probe",
+    "recovered",
+    "backend_failure",
+    "bypass_established",
+    "family_mismatch",
+];

@@ -1,0 +1,64 @@
+//! Per-socket state carried from `connect()` to sockops and `getpeername()` (`SOCK_STATE`,
+//! socket-local storage), and UDP reverse translation (`REVNAT`).
+
+use crate::{AddrBe, assert_size, user_pod};
+
+/// Map name: socket-local storage of [`SockState`] (dies with the socket, so nothing leaks).
+pub const SOCK_STATE_MAP: &str = "SOCK_STATE";
+/// Map name: [`RevNatKey`] → [`RevNatValue`] (LRU), for UDP replies.
+pub const REVNAT_MAP: &str = "REVNAT";
+/// Capacity of [`REVNAT_MAP`].
+pub const REVNAT_CAPACITY: u32 = 65_536;
+
+/// [`SockState::flags`]: the connection is counted in its backend's `active`.
+pub const SOCK_F_COUNTED: u8 = 1;
+/// [`SockState::flags`]: this connection is a half-open probe.
+pub const SOCK_F_PROBE: u8 = 2;
+/// [`SockState::flags`]: a failure was already counted for this connection.
+pub const SOCK_F_FAILED: u8 = 4;
+/// [`SockState::flags`]: the connection was established.
+pub const SOCK_F_ESTABLISHED: u8 = 8;
+
+/// Value of [`SOCK_STATE_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// When `connect()` chose the backend.
+    pub start_ns: u64,
+    /// cgroup v2 id of the connecting process (the pod).
+    pub cgroup_id: u64,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// The address the application asked for (the service).
+    pub svc_addr_be: AddrBe,
+    pub svc_port_be: u16,
+    /// `SOCK_F_*` bits.
+    pub flags: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(SockState, 48);
+
+/// Key of [`REVNAT_MAP`]: a socket and the backend it sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub backend_addr_be: AddrBe,
+    pub backend_port_be: u16,
+    pub _pad: [u8; 6],
+}
+assert_size!(RevNatKey, 32);
+
+/// Value of [`REVNAT_MAP`]: the service address the reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub svc_addr_be: AddrBe,
+    pub svc_port_be: u16,
+    pub _pad: [u8; 2],
+}
+assert_size!(RevNatValue, 20);
+
+user_pod!(SockState, RevNatKey, RevNatValue);

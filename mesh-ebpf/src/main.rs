@@ -1,0 +1,79 @@
+//! The mesh's kernel object: thin entry points, one per attach point, over `mesh_ebpf`'s modules.
+#![no_std]
+#![no_main]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya program macros hand each entry point its context by value"
+)]
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+use mesh_common::{FAMILY_V4, FAMILY_V6};
+use mesh_ebpf::{
+    bypass,
+    connect::{self, Hook},
+    sockops,
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect::translate(&ctx, FAMILY_V4, Hook::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect::translate(&ctx, FAMILY_V6, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    connect::translate(&ctx, FAMILY_V4, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    connect::translate(&ctx, FAMILY_V6, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    connect::recvmsg(&ctx, FAMILY_V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    connect::recvmsg(&ctx, FAMILY_V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    connect::getpeername(&ctx, FAMILY_V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    connect::getpeername(&ctx, FAMILY_V6)
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx)
+}
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    bypass::on_msg(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program with a reachable panic path.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,209 @@
+//! `sockops`: the life of each translated connection — active-connection counts, failure and
+//! success signals for the circuit breaker, open/close flow events — and same-node bypass setup.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock_ops,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
+    programs::SockOpsContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    AddrBe, FAMILY_V4,
+    counters::CTR_BACKEND_FAILURE,
+    event::{
+        EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, FAIL_REFUSED, FAIL_RESET,
+        FAIL_SYN_TIMEOUT,
+    },
+    service::{Service, ServiceKey},
+    sock::{SOCK_F_COUNTED, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PROBE, SockState},
+};
+
+use crate::{
+    atomic, bypass, circuit, events,
+    maps::{BACKEND_STATE, SERVICES, SOCK_STATE, count},
+};
+
+/// Entry for every sockops callback; always lets the socket go on.
+#[inline(always)]
+pub fn handle(ctx: &SockOpsContext) -> u32 {
+    let op = ctx.op();
+    match op {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            bypass::on_established(ctx);
+        }
+        _ => {}
+    }
+    let Some(st) = storage(ctx) else {
+        return 1;
+    };
+    // SAFETY: non-null socket storage, owned by this socket for its whole life.
+    let st = unsafe { &mut *st };
+    if st.service_id == 0 {
+        return 1;
+    }
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, st),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, st),
+        BPF_SOCK_OPS_RTO_CB => {
+            // SAFETY: `ops` is the context.
+            let state = unsafe { read_volatile(&raw const (*ctx.ops).state) };
+            if state == BPF_TCP_SYN_SENT && st.flags & (SOCK_F_FAILED | SOCK_F_ESTABLISHED) == 0 {
+                // The SYN went unanswered for an RTO (~1 s): a failure now, not after ~19 s.
+                fail(ctx, st, FAIL_SYN_TIMEOUT);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx, st, ctx.arg(0)),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn storage(ctx: &SockOpsContext) -> Option<*mut SockState> {
+    // SAFETY: `sk` is a socket pointer in the context (null-checked below).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let map = (&raw const SOCK_STATE).cast_mut().cast();
+    // SAFETY: the helper accepts a full socket or null-checked `sk`; no create flag.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    (!p.is_null()).then_some(p.cast())
+}
+
+#[inline(always)]
+fn service(st: &SockState) -> Option<Service> {
+    let key = ServiceKey {
+        addr_be: st.svc_addr_be,
+        port_be: st.svc_port_be,
+        proto: st.proto,
+        family: st.family,
+    };
+    // SAFETY: copied out.
+    SERVICES.get_ptr(key).map(|p| unsafe { *p })
+}
+
+/// The socket's own address (the client pod's), for flow events.
+#[inline(always)]
+fn local_addr(ctx: &SockOpsContext, family: u8) -> AddrBe {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    // SAFETY: permitted 4-byte context loads.
+    unsafe {
+        if family == FAMILY_V4 {
+            [read_volatile(&raw const (*ops).local_ip4), 0, 0, 0]
+        } else {
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ]
+        }
+    }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: sockops context, as the helper requires.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+/// SYN about to be sent: count the connection and ask for the callbacks that tell its fate.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext, st: &mut SockState) {
+    let flags =
+        BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags.cast_signed());
+    if st.flags & SOCK_F_COUNTED == 0
+        && let Some(b) = BACKEND_STATE.get_ptr_mut(st.backend_id)
+    {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { atomic::add(&raw mut (*b).active, 1) };
+        st.flags |= SOCK_F_COUNTED;
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext, st: &mut SockState) {
+    let client = local_addr(ctx, st.family);
+    st.flags |= SOCK_F_ESTABLISHED;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cookie = cookie(ctx);
+    if let Some(svc) = service(st)
+        && circuit::on_success(&svc, st.backend_id, st.flags & SOCK_F_PROBE != 0, now)
+    {
+        events::emit(cookie, st, EV_RECOVER, 0, |ev| ev.client_addr_be = client);
+    }
+    events::emit(cookie, st, EV_OPEN, 0, |ev| ev.client_addr_be = client);
+}
+
+#[inline(always)]
+fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
+    let client = local_addr(ctx, st.family);
+    st.flags |= SOCK_F_FAILED;
+    count(CTR_BACKEND_FAILURE);
+    let cookie = cookie(ctx);
+    events::emit(cookie, st, EV_FAIL, reason, |ev| ev.client_addr_be = client);
+    if let Some(svc) = service(st)
+        && circuit::on_failure(&svc, st.backend_id, st.flags & SOCK_F_PROBE != 0)
+    {
+        // Rare (one per ejection), so logging here stays off the per-connection path.
+        debug!(
+            ctx,
+            "circuit opened: service {} backend {}", svc.id, st.backend_id
+        );
+        events::emit(cookie, st, EV_EJECT, reason, |ev| {
+            ev.client_addr_be = client
+        });
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
+    if st.flags & SOCK_F_COUNTED != 0 {
+        st.flags &= !SOCK_F_COUNTED;
+        if let Some(b) = BACKEND_STATE.get_ptr_mut(st.backend_id) {
+            // SAFETY: pointer from a successful lookup.
+            unsafe { atomic::dec(&raw mut (*b).active) };
+        }
+    }
+    if old_state == BPF_TCP_SYN_SENT && st.flags & SOCK_F_FAILED == 0 {
+        fail(ctx, st, FAIL_REFUSED);
+    }
+    // ESTABLISHED → CLOSE skips the FIN states: a reset. sockops cannot tell the peer's reset
+    // from the application's own abortive close (`SO_LINGER` 0), so it is reported on the close
+    // event but not counted against the backend.
+    let reason = if old_state == BPF_TCP_ESTABLISHED {
+        FAIL_RESET
+    } else {
+        0
+    };
+    if st.flags & SOCK_F_ESTABLISHED != 0 {
+        let ops: *const bpf_sock_ops = ctx.ops;
+        // SAFETY: permitted context loads.
+        let (sent, received) = unsafe {
+            (
+                read_volatile(&raw const (*ops).bytes_acked),
+                read_volatile(&raw const (*ops).bytes_received),
+            )
+        };
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let start = st.start_ns;
+        let client = local_addr(ctx, st.family);
+        events::emit(cookie(ctx), st, EV_CLOSE, reason, |ev| {
+            ev.client_addr_be = client;
+            ev.bytes_sent = sent;
+            ev.bytes_received = received;
+            ev.duration_ns = now.saturating_sub(start);
+        });
+    }
+}

@@ -1,0 +1,1343 @@
+//! `mesh-bench`: the data-path benchmark. One harness cluster (one node; client, iptables-client
+//! and two backend pods) measures, in one run and interleaved, TCP through the mesh's kernel socket
+//! LB against a direct connection to the pod, kube-proxy-style iptables DNAT and HAProxy; then
+//! connect latency with 10 vs 10,000 services, same-node bypass and fail fast. Writes flat JSON
+//! (`{"metric": number}`) to `target/bench/datapath.json` and prints a table.
+//!
+//! Run it through `cargo xtask bench datapath [--quick]` (installs packages, builds the eBPF
+//! object). Needs root.
+
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "sample counts and nanoseconds shown as f64 are far below 2^52"
+)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use clap::{Args, Parser, Subcommand};
+use mesh_agent::datapath::spec::{CircuitSettings, Protocol, ServiceSpec};
+use mesh_agent::datapath::{Datapath, DatapathConfig, service_key};
+use mesh_common::backend::CIRCUIT_OPEN;
+use mesh_common::counters::{
+    CTR_BACKEND_FAILURE, CTR_BYPASS_ESTABLISHED, CTR_BYPASS_MISS, CTR_EVENT_DROPPED,
+    CTR_REJECT_CIRCUIT_OPEN, CTR_TRANSLATED,
+};
+use mesh_tests::{Cluster, NodeHandle, PodChild, PodHandle, workspace_root};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Port the echo servers listen on (backends and the client's own 127.0.0.1).
+const ECHO_PORT: u16 = 8080;
+/// A port nothing listens on (for the kernel-RST comparison and the ejected service).
+const CLOSED_PORT: u16 = 9;
+/// HAProxy's frontend port on the node's address.
+const HAPROXY_PORT: u16 = 18080;
+/// The mesh service (kernel socket LB) over both backends.
+const MESH_VIP: SocketAddr = v4(10, 96, 0, 10, ECHO_PORT);
+/// A mesh service with only backend b0 (same-node bypass run).
+const BYPASS_VIP: SocketAddr = v4(10, 96, 0, 11, ECHO_PORT);
+/// A mesh service whose backends are all ejected (fail-fast run).
+const FAILFAST_VIP: SocketAddr = v4(10, 96, 0, 99, ECHO_PORT);
+/// The kube-proxy iptables service: a different address, never in the mesh's maps.
+const IPT_VIP: SocketAddr = v4(10, 97, 0, 10, ECHO_PORT);
+/// Request and response size of every round trip.
+const MSG: usize = 64;
+/// Accepting threads per listener of the echo server.
+const SERVER_THREADS: usize = 8;
+/// Services in the "few services" state (mesh and iptables alike).
+const FEW: usize = 10;
+/// Services in the "many services" state.
+const MANY: usize = 10_000;
+/// Longest one measurement in a pod may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// The source range kube-proxy treats as the cluster's pods (`--cluster-cidr`).
+const CLUSTER_CIDR: &str = "10.0.0.0/8";
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), port))
+}
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-bench",
+    about = "Data-path benchmark: mesh vs direct, iptables DNAT and HAProxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the data-path benchmark (root).
+    Datapath(DatapathArgs),
+    /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct DatapathArgs {
+    /// Fewer repetitions and shorter runs (a smoke check, under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/datapath.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TCP address to listen on (repeatable).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// CPU to pin every thread to.
+    #[arg(long)]
+    cpu: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Datapath(a) => datapath(&a),
+        Cmd::Serve(a) => serve(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Echo server (runs inside a pod as `mesh-bench serve`)
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    if let Some(cpu) = args.cpu {
+        // Threads spawned below inherit the main thread's affinity.
+        pin_to_cpu(cpu).with_context(|| format!("failed to pin the server to CPU {cpu}"))?;
+    }
+    for addr in &args.listen {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr}"))?;
+        // A second listen() only raises the backlog (std uses 128).
+        // SAFETY: listen on a socket we own.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+        for _ in 0..SERVER_THREADS {
+            let l = listener.try_clone()?;
+            std::thread::spawn(move || {
+                loop {
+                    if let Ok((stream, _)) = l.accept() {
+                        echo(stream);
+                    }
+                }
+            });
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    drop(out);
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Echoes until EOF, on the accepting thread (no spawn per connection).
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it for cpu < CPU_SETSIZE; the
+    // syscall reads `size_of` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client loops (run inside a pod with `pod.run`, pinned to the client CPU)
+
+/// p50 and p99 of one run, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Lat {
+    p50_us: f64,
+    p99_us: f64,
+    samples: u64,
+}
+
+impl Lat {
+    /// Nearest-rank percentiles of nanosecond samples.
+    fn of(ns: &mut [u64]) -> Self {
+        ns.sort_unstable();
+        let pick = |p: f64| {
+            if ns.is_empty() {
+                return 0.0;
+            }
+            let rank = ((p / 100.0) * ns.len() as f64).ceil() as usize;
+            ns[rank.clamp(1, ns.len()) - 1] as f64 / 1000.0
+        };
+        Self {
+            p50_us: pick(50.0),
+            p99_us: pick(99.0),
+            samples: ns.len() as u64,
+        }
+    }
+}
+
+/// Connection churn: rate, and connect() latency of the same connections.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Crr {
+    per_s: f64,
+    connect: Lat,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `socket()` then a blocking `connect()`, timing the `connect()` call alone.
+fn timed_connect(addr: SocketAddr) -> (std::io::Result<TcpStream>, Duration) {
+    let SocketAddr::V4(a) = addr else {
+        return (
+            Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+            Duration::ZERO,
+        );
+    };
+    // SAFETY: plain socket(2).
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return (Err(std::io::Error::last_os_error()), Duration::ZERO);
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    // SAFETY: a valid sockaddr_in of the stated length.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let took = start.elapsed();
+    if rc == 0 {
+        (Ok(TcpStream::from(fd)), took)
+    } else {
+        (Err(std::io::Error::last_os_error()), took)
+    }
+}
+
+fn round_trip(s: &mut TcpStream, req: &[u8; MSG], resp: &mut [u8; MSG]) -> Result<(), String> {
+    s.write_all(req).map_err(|e| format!("write: {e}"))?;
+    s.read_exact(resp).map_err(|e| format!("read: {e}"))?;
+    if resp != req {
+        return Err("echo differs from the request".to_owned());
+    }
+    Ok(())
+}
+
+/// `count` 64-byte request/response round trips over one connection, after `warmup` unmeasured.
+fn rr_client(addr: SocketAddr, warmup: usize, count: usize) -> Result<Lat, String> {
+    let (s, _) = timed_connect(addr);
+    let mut s = s.map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let req = [0x5a_u8; MSG];
+    let mut resp = [0u8; MSG];
+    for _ in 0..warmup {
+        round_trip(&mut s, &req, &mut resp)?;
+    }
+    let mut ns = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        round_trip(&mut s, &req, &mut resp)?;
+        ns.push(nanos(t.elapsed()));
+    }
+    Ok(Lat::of(&mut ns))
+}
+
+/// Connect, one round trip, close — repeated for `time` after `warmup` (dropped); targets are
+/// used in turn.
+fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Result<Crr, String> {
+    let req = [0xa5_u8; MSG];
+    let mut resp = [0u8; MSG];
+    let mut one = |i: usize| -> Result<u64, String> {
+        let addr = targets[i % targets.len()];
+        let (s, took) = timed_connect(addr);
+        let mut s = s.map_err(|e| format!("connection {i} to {addr}: {e}"))?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        round_trip(&mut s, &req, &mut resp).map_err(|e| format!("connection {i}: {e}"))?;
+        Ok(nanos(took))
+    };
+    let mut i = 0;
+    let start = Instant::now();
+    while start.elapsed() < warmup {
+        one(i)?;
+        i += 1;
+    }
+    let mut ns = Vec::with_capacity(1 << 16);
+    let start = Instant::now();
+    while start.elapsed() < time {
+        ns.push(one(i)?);
+        i += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Crr {
+        per_s: ns.len() as f64 / secs,
+        connect: Lat::of(&mut ns),
+    })
+}
+
+/// `count` connects that must each fail with `ECONNREFUSED` (after `warmup` unmeasured).
+fn refused_client(addr: SocketAddr, warmup: usize, count: usize) -> Result<Lat, String> {
+    let mut ns = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        match timed_connect(addr) {
+            (Ok(_), _) => return Err(format!("connect {i} to {addr} succeeded; expected refusal")),
+            (Err(e), took) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                if i >= warmup {
+                    ns.push(nanos(took));
+                }
+            }
+            (Err(e), _) => return Err(format!("connect {i} to {addr}: {e} (expected refusal)")),
+        }
+    }
+    Ok(Lat::of(&mut ns))
+}
+
+/// Waits until `addr` echoes.
+fn wait_echo(addr: SocketAddr, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let attempt = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            .map_err(|e| e.to_string())
+            .and_then(|mut s| round_trip(&mut s, &[1; MSG], &mut [0; MSG]));
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() > limit => return Err(format!("{addr} never echoed: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plan and sample bookkeeping
+
+/// Iterations and durations; `--quick` shrinks all of them.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    reps: usize,
+    rr_warmup: usize,
+    rr_count: usize,
+    crr_warmup: Duration,
+    crr_time: Duration,
+    scale_reps: usize,
+    scale_time: Duration,
+    failfast_count: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                reps: 2,
+                rr_warmup: 300,
+                rr_count: 3_000,
+                crr_warmup: Duration::from_millis(100),
+                crr_time: Duration::from_millis(300),
+                scale_reps: 1,
+                scale_time: Duration::from_millis(300),
+                failfast_count: 2_000,
+            }
+        } else {
+            Self {
+                reps: 5,
+                rr_warmup: 2_000,
+                rr_count: 20_000,
+                crr_warmup: Duration::from_millis(300),
+                crr_time: Duration::from_millis(1_500),
+                scale_reps: 3,
+                scale_time: Duration::from_millis(1_000),
+                failfast_count: 20_000,
+            }
+        }
+    }
+}
+
+/// Per-repetition values of every metric; the report is their medians.
+#[derive(Debug, Default)]
+struct Samples(BTreeMap<String, Vec<f64>>);
+
+impl Samples {
+    fn push(&mut self, key: impl Into<String>, v: f64) {
+        self.0.entry(key.into()).or_default().push(v);
+    }
+
+    fn median(&self, key: &str) -> Option<f64> {
+        let mut v = self.0.get(key)?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            f64::midpoint(v[n / 2 - 1], v[n / 2])
+        })
+    }
+
+    fn range(&self, key: &str) -> Option<(f64, f64)> {
+        let v = self.0.get(key)?;
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (v.len() > 1).then_some((lo, hi))
+    }
+
+    fn medians(&self) -> BTreeMap<String, f64> {
+        self.0
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.median(k)?)))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark
+
+/// How a client reaches the echo service in one variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Client → backend pod address.
+    Direct,
+    /// Client → service VIP, translated at connect() by the mesh's cgroup programs.
+    Mesh,
+    /// Client → service VIP, DNAT by kube-proxy-shaped iptables rules (nf_tables backend).
+    Iptables,
+    /// Client → HAProxy (mode tcp) in the node namespace → backend.
+    Haproxy,
+}
+
+impl Variant {
+    const ALL: [Self; 4] = [Self::Direct, Self::Mesh, Self::Iptables, Self::Haproxy];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Mesh => "mesh",
+            Self::Iptables => "iptables",
+            Self::Haproxy => "haproxy",
+        }
+    }
+}
+
+struct Bench {
+    plan: Plan,
+    client_cpu: Option<usize>,
+    server_cpu: Option<usize>,
+    out_dir: PathBuf,
+    // Field order is drop order: processes and the data path go before the cluster.
+    haproxy: Option<PodChild>,
+    _servers: Vec<PodChild>,
+    dp: Datapath,
+    /// Mesh filler services currently applied (beyond the measured ones).
+    mesh_fillers: Vec<ServiceSpec>,
+    client: PodHandle,
+    client_ipt: PodHandle,
+    backends: Vec<PodHandle>,
+    node: NodeHandle,
+    cluster: Cluster,
+}
+
+fn datapath(args: &DatapathArgs) -> Result<()> {
+    ensure!(
+        mesh_tests::is_root(),
+        "mesh-bench needs root (namespaces, cgroups, eBPF): run `cargo xtask bench datapath` as root"
+    );
+    let plan = Plan::new(args.quick);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench/datapath.json"));
+    let out_dir = out
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("failed to create {}", out_dir.display()))?;
+    let started = Instant::now();
+    let machine = Machine::probe();
+    machine.print(&plan, args.quick);
+
+    let mut bench = Bench::setup(plan, out_dir)?;
+    let mut s = Samples::default();
+    let failures_before = bench.dp.counter(CTR_BACKEND_FAILURE)?;
+    bench.matrix(&mut s)?;
+    bench.bypass(&mut s)?;
+    let failures = bench.dp.counter(CTR_BACKEND_FAILURE)? - failures_before;
+    bench.connect_scale_mesh(&mut s)?;
+    bench.connect_scale_iptables(&mut s)?;
+    bench.failfast(&mut s)?;
+    let dropped_events = bench.dp.counter(CTR_EVENT_DROPPED)?;
+
+    let mut metrics = s.medians();
+    metrics.insert("bench_reps".to_owned(), plan.reps as f64);
+    metrics.insert("bench_cpus".to_owned(), machine.cpus as f64);
+    metrics.insert(
+        "bench_backend_failures_counted".to_owned(),
+        failures as f64,
+    );
+    print_report(&metrics, &s);
+    if failures > 0 {
+        println!(
+            "note: the kernel counted {failures} backend failure(s) during healthy-backend runs"
+        );
+    }
+    println!(
+        "note: {dropped_events} flow events dropped (nobody reads the ring in this benchmark)"
+    );
+    let json = serde_json::to_string_pretty(&metrics)?;
+    std::fs::write(&out, format!("{json}\n"))
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    println!("wrote {} ({} metrics)", out.display(), metrics.len());
+    drop(bench);
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+impl Bench {
+    fn setup(plan: Plan, out_dir: PathBuf) -> Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let (client_cpu, server_cpu) = if cpus >= 2 {
+            (Some(0), Some(1))
+        } else {
+            (None, None)
+        };
+        let cluster = Cluster::new("datapath-bench")?;
+        let node = cluster.add_node("a")?;
+        let client = cluster.add_pod(&node, "client")?;
+        let client_ipt = cluster.add_pod(&node, "client-ipt")?;
+        let backends = vec![
+            cluster.add_pod(&node, "b0")?,
+            cluster.add_pod(&node, "b1")?,
+        ];
+        // Connection churn: wide port range and TIME_WAIT reuse wherever connections start
+        // (client pods; the node, where HAProxy connects to the backends).
+        for sb in [&*client, &*client_ipt, &*node] {
+            sb.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+            sb.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        let exe = std::env::current_exe().context("cannot find the mesh-bench executable")?;
+        let mut servers = Vec::new();
+        let mut start_server = |pod: &PodHandle, addr: SocketAddr| -> Result<()> {
+            let mut cmd = pod.command(&exe);
+            cmd.args(["serve", "--listen", &addr.to_string()]);
+            if let Some(cpu) = server_cpu {
+                cmd.args(["--cpu", &cpu.to_string()]);
+            }
+            let mut child = pod.spawn(cmd)?;
+            child
+                .wait_ready(Duration::from_secs(10))
+                .with_context(|| format!("echo server in {} never became ready", pod.name()))?;
+            servers.push(child);
+            Ok(())
+        };
+        for b in &backends {
+            start_server(b, SocketAddr::new(b.ipv4().into(), ECHO_PORT))?;
+        }
+        // True loopback inside the client pod.
+        start_server(&client, v4(127, 0, 0, 1, ECHO_PORT))?;
+
+        let dp = Datapath::load(&DatapathConfig {
+            cgroup: node.cgroup_dir().to_path_buf(),
+            pin_dir: cluster.bpffs_dir()?.join("a"),
+        })
+        .context("failed to load the data path")?;
+        let mut bench = Self {
+            plan,
+            client_cpu,
+            server_cpu,
+            out_dir,
+            haproxy: None,
+            _servers: servers,
+            dp,
+            mesh_fillers: Vec::new(),
+            client,
+            client_ipt,
+            backends,
+            node,
+            cluster,
+        };
+        bench.apply_mesh_services()?;
+        bench.load_iptables(FEW)?;
+        bench.start_haproxy()?;
+        for v in Variant::ALL {
+            let target = bench.targets(v)[0];
+            let pod = bench.client_of(v).clone();
+            bench
+                .in_pod(&pod, move || wait_echo(target, Duration::from_secs(10)))
+                .with_context(|| format!("{} path does not work", v.name()))?;
+        }
+        println!(
+            "setup: cluster {} ready; client on CPU {:?}, echo servers on CPU {:?}, HAProxy unpinned",
+            bench.cluster.prefix(),
+            bench.client_cpu,
+            bench.server_cpu
+        );
+        Ok(bench)
+    }
+
+    fn backend_addrs(&self, port: u16) -> Vec<SocketAddr> {
+        self.backends
+            .iter()
+            .map(|b| SocketAddr::new(b.ipv4().into(), port))
+            .collect()
+    }
+
+    /// The 10 mesh services of the "few" state: the measured VIP, the bypass VIP, and fillers.
+    fn apply_mesh_services(&mut self) -> Result<()> {
+        self.dp
+            .apply_service(&ServiceSpec::tcp(MESH_VIP, self.backend_addrs(ECHO_PORT)))?;
+        self.dp.apply_service(&ServiceSpec::tcp(
+            BYPASS_VIP,
+            [SocketAddr::new(self.backends[0].ipv4().into(), ECHO_PORT)],
+        ))?;
+        self.set_mesh_service_count(FEW)?;
+        Ok(())
+    }
+
+    /// Adds or removes filler services until the mesh serves `total` services.
+    fn set_mesh_service_count(&mut self, total: usize) -> Result<Duration> {
+        let start = Instant::now();
+        let want_fillers = total - 2;
+        while self.mesh_fillers.len() < want_fillers {
+            let spec = filler_service(self.mesh_fillers.len(), [10, 96], [10, 245]);
+            self.dp.apply_service(&spec)?;
+            self.mesh_fillers.push(spec);
+        }
+        while self.mesh_fillers.len() > want_fillers {
+            let spec = self.mesh_fillers.pop().context("filler")?;
+            self.dp
+                .remove_service(&service_key(spec.vip, Protocol::Tcp))?;
+        }
+        let n = self.dp.service_keys().count();
+        ensure!(
+            n == total,
+            "the mesh serves {n} services, expected {total}"
+        );
+        Ok(start.elapsed())
+    }
+
+    /// Replaces the client-ipt pod's nat table with kube-proxy's rules for `services` services.
+    fn load_iptables(&self, services: usize) -> Result<Duration> {
+        let path = self.out_dir.join(format!("kube-proxy-{services}.rules"));
+        if !path.exists() {
+            let eps = self.backend_addrs(ECHO_PORT);
+            std::fs::write(&path, kube_proxy_rules(services, &eps))
+                .with_context(|| format!("failed to write {}", path.display()))?;
+        }
+        let start = Instant::now();
+        self.client_ipt
+            // No `-w`: it takes an optional argument and would swallow the file name.
+            .exec("iptables-restore", [path.as_os_str()])
+            .with_context(|| format!("iptables-restore {} failed", path.display()))?;
+        let took = start.elapsed();
+        let listed = self
+            .client_ipt
+            .exec("iptables", ["-t", "nat", "-S", "KUBE-SERVICES"])?;
+        let loaded = listed.lines().filter(|l| l.contains(" -d ")).count();
+        ensure!(
+            loaded == services,
+            "KUBE-SERVICES holds {loaded} service rules after iptables-restore, expected {services}"
+        );
+        Ok(took)
+    }
+
+    fn start_haproxy(&mut self) -> Result<()> {
+        let cfg = self.out_dir.join("haproxy.cfg");
+        let mut text = format!(
+            "# mesh-bench: userspace proxy baseline (HAProxy mode tcp, one thread).\n\
+             global\n    nbthread 1\n    maxconn 20000\n\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\n\
+             frontend bench\n    bind {}:{HAPROXY_PORT}\n    default_backend echo\n\n\
+             backend echo\n    balance random\n",
+            self.node.ipv4()
+        );
+        for (i, a) in self.backend_addrs(ECHO_PORT).iter().enumerate() {
+            writeln!(text, "    server b{i} {a}")?;
+        }
+        std::fs::write(&cfg, text).with_context(|| format!("failed to write {}", cfg.display()))?;
+        let mut cmd = self.node.command("haproxy");
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        self.haproxy = Some(self.node.spawn(cmd).context("failed to start haproxy")?);
+        Ok(())
+    }
+
+    fn client_of(&self, v: Variant) -> &PodHandle {
+        if v == Variant::Iptables {
+            &self.client_ipt
+        } else {
+            &self.client
+        }
+    }
+
+    /// Where a variant's client connects (direct: both backends in turn; RR uses the first).
+    fn targets(&self, v: Variant) -> Vec<SocketAddr> {
+        match v {
+            Variant::Direct => self.backend_addrs(ECHO_PORT),
+            Variant::Mesh => vec![MESH_VIP],
+            Variant::Iptables => vec![IPT_VIP],
+            Variant::Haproxy => vec![SocketAddr::new(self.node.ipv4().into(), HAPROXY_PORT)],
+        }
+    }
+
+    /// Runs `f` in a forked child inside `pod`, pinned to the client CPU.
+    fn in_pod<T, F>(&self, pod: &PodHandle, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Result<T, String>,
+        T: Serialize + DeserializeOwned,
+    {
+        let cpu = self.client_cpu;
+        let r: Result<T, String> = pod.run_timeout(RUN_TIMEOUT, move || {
+            if let Some(c) = cpu {
+                pin_to_cpu(c).map_err(|e| format!("failed to pin to CPU {c}: {e}"))?;
+            }
+            f()
+        })?;
+        r.map_err(|e| anyhow!("in pod {}: {e}", pod.name()))
+    }
+
+    fn rr(&self, pod: &PodHandle, addr: SocketAddr) -> Result<Lat> {
+        let (w, n) = (self.plan.rr_warmup, self.plan.rr_count);
+        self.in_pod(pod, move || rr_client(addr, w, n))
+    }
+
+    fn crr(&self, pod: &PodHandle, targets: Vec<SocketAddr>, time: Duration) -> Result<Crr> {
+        let w = self.plan.crr_warmup;
+        self.in_pod(pod, move || crr_client(&targets, w, time))
+    }
+
+    /// RR and CRR for the four variants, order rotated every repetition.
+    fn matrix(&self, s: &mut Samples) -> Result<()> {
+        println!(
+            "\n== request/response and connection churn: {} repetitions × {} variants",
+            self.plan.reps,
+            Variant::ALL.len()
+        );
+        for rep in 0..self.plan.reps {
+            let mut rr = BTreeMap::new();
+            let mut crr = BTreeMap::new();
+            for k in 0..Variant::ALL.len() {
+                let v = Variant::ALL[(rep + k) % Variant::ALL.len()];
+                let pod = self.client_of(v);
+                let targets = self.targets(v);
+                let translated = self.dp.counter(CTR_TRANSLATED)?;
+                let lat = self.rr(pod, targets[0])?;
+                let churn = self.crr(pod, targets, self.plan.crr_time)?;
+                let translated = self.dp.counter(CTR_TRANSLATED)? - translated;
+                if v == Variant::Mesh {
+                    ensure!(
+                        translated as f64 >= churn.per_s * self.plan.crr_time.as_secs_f64() * 0.99,
+                        "mesh run: only {translated} connects were translated by the data path"
+                    );
+                } else {
+                    ensure!(
+                        translated == 0,
+                        "{} run: the mesh translated {translated} connects it must not see",
+                        v.name()
+                    );
+                }
+                println!(
+                    "rep {}/{} {:<8} rr p50 {:>7.2} µs  p99 {:>7.2} µs | crr {:>8.0}/s  connect p50 {:>6.2} µs",
+                    rep + 1,
+                    self.plan.reps,
+                    v.name(),
+                    lat.p50_us,
+                    lat.p99_us,
+                    churn.per_s,
+                    churn.connect.p50_us
+                );
+                let n = v.name();
+                s.push(format!("rr_latency_p50_us_{n}"), lat.p50_us);
+                s.push(format!("rr_latency_p99_us_{n}"), lat.p99_us);
+                s.push(format!("crr_per_s_{n}"), churn.per_s);
+                s.push(format!("crr_connect_p50_us_{n}"), churn.connect.p50_us);
+                rr.insert(v.name(), lat);
+                crr.insert(v.name(), churn);
+            }
+            let mesh = rr["mesh"];
+            for base in ["direct", "iptables", "haproxy"] {
+                s.push(
+                    format!("rr_latency_p50_ratio_vs_{base}"),
+                    mesh.p50_us / rr[base].p50_us,
+                );
+                s.push(
+                    format!("rr_latency_p99_ratio_vs_{base}"),
+                    mesh.p99_us / rr[base].p99_us,
+                );
+                s.push(
+                    format!("crr_rate_ratio_vs_{base}"),
+                    crr["mesh"].per_s / crr[base].per_s,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Same-node bypass vs plain same-node TCP vs 127.0.0.1, order rotated every repetition.
+    fn bypass(&mut self, s: &mut Samples) -> Result<()> {
+        println!(
+            "\n== same-node bypass: {} repetitions (bypass via VIP, plain pod↔pod TCP, 127.0.0.1)",
+            self.plan.reps
+        );
+        let pair: [IpAddr; 2] = [self.client.ipv4().into(), self.backends[0].ipv4().into()];
+        let plain_addr = SocketAddr::new(self.backends[0].ipv4().into(), ECHO_PORT);
+        for rep in 0..self.plan.reps {
+            let mut got = BTreeMap::new();
+            for k in 0..3 {
+                let which = ["bypass", "plain", "localhost"][(rep + k) % 3];
+                let bypassed = self.dp.counter(CTR_BYPASS_ESTABLISHED)?;
+                let lat = match which {
+                    "bypass" => {
+                        self.dp.set_local_endpoints(&pair)?;
+                        self.rr(&self.client, BYPASS_VIP)?
+                    }
+                    "plain" => {
+                        self.dp.set_local_endpoints(&[])?;
+                        self.rr(&self.client, plain_addr)?
+                    }
+                    _ => self.rr(&self.client, v4(127, 0, 0, 1, ECHO_PORT))?,
+                };
+                let bypassed = self.dp.counter(CTR_BYPASS_ESTABLISHED)? - bypassed;
+                let want = if which == "bypass" { 2 } else { 0 };
+                ensure!(
+                    bypassed == want,
+                    "{which} run put {bypassed} sockets on the bypass, expected {want}"
+                );
+                println!(
+                    "rep {}/{} {which:<9} rr p50 {:>7.2} µs  p99 {:>7.2} µs",
+                    rep + 1,
+                    self.plan.reps,
+                    lat.p50_us,
+                    lat.p99_us
+                );
+                got.insert(which, lat);
+            }
+            let (b, p, l) = (got["bypass"], got["plain"], got["localhost"]);
+            s.push("bypass_rr_latency_p50_us", b.p50_us);
+            s.push("bypass_rr_latency_p99_us", b.p99_us);
+            s.push("same_node_tcp_rr_latency_p50_us", p.p50_us);
+            s.push("same_node_tcp_rr_latency_p99_us", p.p99_us);
+            s.push("localhost_rr_latency_p50_us", l.p50_us);
+            s.push("localhost_rr_latency_p99_us", l.p99_us);
+            s.push("bypass_rr_latency_ratio_vs_loopback", b.p50_us / p.p50_us);
+            s.push("bypass_rr_latency_p99_ratio_vs_loopback", b.p99_us / p.p99_us);
+            s.push("bypass_rr_latency_ratio_vs_localhost", b.p50_us / l.p50_us);
+        }
+        self.dp.set_local_endpoints(&[])?;
+        let misses = self.dp.counter(CTR_BYPASS_MISS)?;
+        println!("bypass: {misses} sk_msg redirect misses");
+        Ok(())
+    }
+
+    /// p50 connect() latency to the measured VIP with 10 and with 10,000 mesh services, the
+    /// state toggled between measurements (10, 10k | 10k, 10 | …).
+    fn connect_scale_mesh(&mut self, s: &mut Samples) -> Result<()> {
+        println!(
+            "\n== connect latency, mesh: {FEW} vs {MANY} services, {} repetitions",
+            self.plan.scale_reps
+        );
+        let mut many = false;
+        for rep in 0..self.plan.scale_reps {
+            let mut got = BTreeMap::new();
+            for _ in 0..2 {
+                let c = self.crr(&self.client, vec![MESH_VIP], self.plan.scale_time)?;
+                let n = if many { MANY } else { FEW };
+                println!(
+                    "rep {}/{} mesh {n:>5} services: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({:.0} conn/s)",
+                    rep + 1,
+                    self.plan.scale_reps,
+                    c.connect.p50_us,
+                    c.connect.p99_us,
+                    c.per_s
+                );
+                got.insert(many, c);
+                if !got.contains_key(&!many) {
+                    many = !many;
+                    let took = self.set_mesh_service_count(if many { MANY } else { FEW })?;
+                    let what = if many { "apply" } else { "remove" };
+                    println!(
+                        "        {what} {} services: {:.2} s",
+                        MANY - FEW,
+                        took.as_secs_f64()
+                    );
+                    s.push(
+                        format!("mesh_{what}_{}_services_s", MANY - FEW),
+                        took.as_secs_f64(),
+                    );
+                }
+            }
+            s.push("connect_latency_us_10_services", got[&false].connect.p50_us);
+            s.push("connect_latency_us_10k_services", got[&true].connect.p50_us);
+            s.push(
+                "connect_latency_ratio_10k_vs_10_services",
+                got[&true].connect.p50_us / got[&false].connect.p50_us,
+            );
+        }
+        if many {
+            self.set_mesh_service_count(FEW)?;
+        }
+        Ok(())
+    }
+
+    /// The same for kube-proxy's rules (10 vs 10,000 services, `iptables-restore` in between).
+    fn connect_scale_iptables(&self, s: &mut Samples) -> Result<()> {
+        println!(
+            "\n== connect latency, iptables ({}): {FEW} vs {MANY} services, {} repetitions",
+            iptables_backend(),
+            self.plan.scale_reps
+        );
+        let mut many = false;
+        for rep in 0..self.plan.scale_reps {
+            let mut got = BTreeMap::new();
+            for _ in 0..2 {
+                let c = self.crr(&self.client_ipt, vec![IPT_VIP], self.plan.scale_time)?;
+                let n = if many { MANY } else { FEW };
+                println!(
+                    "rep {}/{} iptables {n:>5} services: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({:.0} conn/s)",
+                    rep + 1,
+                    self.plan.scale_reps,
+                    c.connect.p50_us,
+                    c.connect.p99_us,
+                    c.per_s
+                );
+                got.insert(many, c);
+                if !got.contains_key(&!many) {
+                    many = !many;
+                    let took = self.load_iptables(if many { MANY } else { FEW })?;
+                    println!(
+                        "        iptables-restore of {} services: {:.2} s",
+                        if many { MANY } else { FEW },
+                        took.as_secs_f64()
+                    );
+                    if many {
+                        s.push("iptables_restore_10k_services_s", took.as_secs_f64());
+                    }
+                }
+            }
+            s.push(
+                "connect_latency_us_10_services_iptables",
+                got[&false].connect.p50_us,
+            );
+            s.push(
+                "connect_latency_us_10k_services_iptables",
+                got[&true].connect.p50_us,
+            );
+            s.push(
+                "connect_latency_ratio_10k_vs_10_services_iptables",
+                got[&true].connect.p50_us / got[&false].connect.p50_us,
+            );
+        }
+        if many {
+            self.load_iptables(FEW)?;
+        }
+        Ok(())
+    }
+
+    /// Every backend of a service ejected: p50 of rejected connects; and for scale, the kernel's
+    /// own refusal (RST from a closed port of a pod).
+    fn failfast(&mut self, s: &mut Samples) -> Result<()> {
+        println!("\n== fail fast: every backend ejected");
+        let mut spec = ServiceSpec::tcp(FAILFAST_VIP, self.backend_addrs(CLOSED_PORT));
+        spec.circuit = CircuitSettings {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_mins(10),
+            max_ejection: Duration::from_mins(10),
+            max_ejection_percent: 100,
+            ..CircuitSettings::default()
+        };
+        self.dp.apply_service(&spec)?;
+        let key = service_key(FAILFAST_VIP, Protocol::Tcp);
+        let start = Instant::now();
+        loop {
+            // Each refused connect (RST from the closed port) ejects the backend it reached.
+            let _: u64 = self.in_pod(&self.client, || {
+                for _ in 0..4 {
+                    let _ = timed_connect(FAILFAST_VIP);
+                }
+                Ok(0)
+            })?;
+            let status = self.dp.backend_status(&key)?;
+            if status.iter().all(|b| b.state.circuit == CIRCUIT_OPEN) {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "backends were not all ejected: {status:?}"
+            );
+        }
+        let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)?;
+        let n = self.plan.failfast_count;
+        let ff = self.in_pod(&self.client, move || refused_client(FAILFAST_VIP, 200, n))?;
+        let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)? - rejected;
+        ensure!(
+            rejected >= (n + 200) as u64,
+            "only {rejected} of {} connects were rejected by the circuit breaker",
+            n + 200
+        );
+        let closed = SocketAddr::new(self.backends[0].ipv4().into(), CLOSED_PORT);
+        let rst = self.in_pod(&self.client, move || refused_client(closed, 200, n))?;
+        println!(
+            "ejected service: connect() → ECONNREFUSED p50 {:.2} µs p99 {:.2} µs ({} samples)",
+            ff.p50_us, ff.p99_us, ff.samples
+        );
+        println!(
+            "closed pod port (kernel RST over the veth): p50 {:.2} µs p99 {:.2} µs",
+            rst.p50_us, rst.p99_us
+        );
+        s.push("failfast_connect_us", ff.p50_us);
+        s.push("failfast_connect_p99_us", ff.p99_us);
+        s.push("closed_port_connect_us", rst.p50_us);
+        self.dp.remove_service(&key)?;
+        Ok(())
+    }
+}
+
+/// Filler service `i`: VIP `<vip>.(1 + i/250).(1 + i%250):80` with two endpoints in `<ep>`
+/// (never connected to).
+fn filler_service(i: usize, vip: [u8; 2], ep: [u8; 2]) -> ServiceSpec {
+    let (hi, lo) = ((1 + i / 250) as u8, (1 + i % 250) as u8);
+    ServiceSpec::tcp(
+        v4(vip[0], vip[1], hi, lo, 80),
+        [
+            v4(ep[0], ep[1], hi, lo, ECHO_PORT),
+            v4(ep[0], ep[1].wrapping_add(1), hi, lo, ECHO_PORT),
+        ],
+    )
+}
+
+/// `KUBE-SVC-`/`KUBE-SEP-` chain suffix as kube-proxy makes it: 16 characters of a hash.
+fn chain_hash(what: &str) -> String {
+    let digest = Sha256::digest(what.as_bytes());
+    digest[..8].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02X}");
+        s
+    })
+}
+
+/// An `iptables-restore` file for the nat table as kube-proxy's iptables mode writes it, with
+/// `services` services of two endpoints each: the measured one ([`IPT_VIP`] → `eps`) in the
+/// middle of `KUBE-SERVICES`, the others fillers.
+fn kube_proxy_rules(services: usize, eps: &[SocketAddr]) -> String {
+    let mut svcs: Vec<(String, SocketAddr, Vec<SocketAddr>)> = (0..services - 1)
+        .map(|i| {
+            let f = filler_service(i, [10, 97], [10, 244]);
+            let eps = f.backends.iter().map(|b| b.addr).collect();
+            (format!("bench/filler-{i}:http"), f.vip, eps)
+        })
+        .collect();
+    svcs.insert(
+        (services - 1) / 2,
+        ("bench/echo:tcp".to_owned(), IPT_VIP, eps.to_vec()),
+    );
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for (name, vip, eps) in &svcs {
+        let svc = format!("KUBE-SVC-{}", chain_hash(name));
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let (ip, port) = (vip.ip(), vip.port());
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ"
+        );
+        for (j, ep) in eps.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{name}/{ep}")));
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let left = eps.len() - j;
+            let stat = if left > 1 {
+                format!(
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                rules,
+                "-A {svc} -m comment --comment \"{name} -> {ep}\"{stat} -j {sep}"
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ",
+                ep.ip()
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}"
+            );
+        }
+    }
+    format!(
+        "# kube-proxy (iptables mode) nat table: {services} services, written by mesh-bench\n\
+         *nat\n\
+         :PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+         {chains}\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         {rules}\
+         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         COMMIT\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine and report
+
+/// What the numbers were measured on.
+struct Machine {
+    kernel: String,
+    cpus: usize,
+    cpu_model: String,
+    iptables: String,
+    haproxy: String,
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|| format!("{program}: not found"))
+}
+
+/// `nf_tables` or `legacy`, from `iptables -V`.
+fn iptables_backend() -> String {
+    let v = first_line("iptables", &["-V"]);
+    v.split_once('(')
+        .and_then(|(_, b)| b.split_once(')'))
+        .map_or_else(|| "unknown backend".to_owned(), |(b, _)| b.to_owned())
+}
+
+impl Machine {
+    fn probe() -> Self {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            cpu_model,
+            iptables: first_line("iptables", &["-V"]),
+            haproxy: first_line("haproxy", &["-v"]),
+        }
+    }
+
+    fn print(&self, plan: &Plan, quick: bool) {
+        let command = std::env::var("MESH_BENCH_COMMAND").unwrap_or_else(|_| {
+            std::env::args().collect::<Vec<_>>().join(" ")
+        });
+        println!("mesh-bench datapath{}", if quick { " (quick)" } else { "" });
+        println!("command:  {command}");
+        println!(
+            "machine:  Linux {}, {} CPUs ({})",
+            self.kernel, self.cpus, self.cpu_model
+        );
+        println!(
+            "iptables: {} — kube-proxy rules in the client-ipt pod's netns (nat OUTPUT → KUBE-SERVICES)",
+            self.iptables
+        );
+        println!("haproxy:  {} — in the node netns, mode tcp, nbthread 1", self.haproxy);
+        println!(
+            "plan:     {} reps; rr {} round trips of {MSG} B (+{} warm-up); crr {:.1} s (+{:.1} s warm-up dropped); scale {} reps × {:.1} s",
+            plan.reps,
+            plan.rr_count,
+            plan.rr_warmup,
+            plan.crr_time.as_secs_f64(),
+            plan.crr_warmup.as_secs_f64(),
+            plan.scale_reps,
+            plan.scale_time.as_secs_f64()
+        );
+    }
+}
+
+/// Targets of the headline ratios: (metric, is an upper bound, bound).
+const TARGETS: [(&str, bool, f64); 6] = [
+    ("rr_latency_p50_ratio_vs_direct", true, 1.02),
+    ("rr_latency_p99_ratio_vs_direct", true, 1.02),
+    ("crr_rate_ratio_vs_direct", false, 0.95),
+    ("connect_latency_ratio_10k_vs_10_services", true, 1.05),
+    ("bypass_rr_latency_ratio_vs_loopback", true, 0.85),
+    ("failfast_connect_us", true, 5.0),
+];
+
+fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
+    let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    println!("\n== results (median over repetitions; round-trip times, not RTT/2)");
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>16}",
+        "variant", "rr p50 µs", "rr p99 µs", "crr conn/s", "crr connect p50"
+    );
+    for v in Variant::ALL {
+        let n = v.name();
+        println!(
+            "{n:<10} {:>12.2} {:>12.2} {:>12.0} {:>13.2} µs",
+            get(&format!("rr_latency_p50_us_{n}")),
+            get(&format!("rr_latency_p99_us_{n}")),
+            get(&format!("crr_per_s_{n}")),
+            get(&format!("crr_connect_p50_us_{n}")),
+        );
+    }
+    println!(
+        "same-node rr p50: bypass {:.2} µs, plain pod↔pod TCP {:.2} µs, 127.0.0.1 {:.2} µs",
+        get("bypass_rr_latency_p50_us"),
+        get("same_node_tcp_rr_latency_p50_us"),
+        get("localhost_rr_latency_p50_us")
+    );
+    println!(
+        "connect p50: mesh {:.2} → {:.2} µs, iptables {:.2} → {:.2} µs ({FEW} → {MANY} services)",
+        get("connect_latency_us_10_services"),
+        get("connect_latency_us_10k_services"),
+        get("connect_latency_us_10_services_iptables"),
+        get("connect_latency_us_10k_services_iptables"),
+    );
+    println!(
+        "fail fast: {:.2} µs (p99 {:.2}); kernel RST from a closed pod port {:.2} µs",
+        get("failfast_connect_us"),
+        get("failfast_connect_p99_us"),
+        get("closed_port_connect_us")
+    );
+    println!(
+        "\n{:<52} {:>9} {:>19} {:>9}  verdict",
+        "ratio (mesh / baseline)", "median", "range over reps", "target"
+    );
+    let ratio_keys = m
+        .keys()
+        .filter(|k| k.contains("ratio") || k.as_str() == "failfast_connect_us");
+    for k in ratio_keys {
+        let v = m[k];
+        let range = s
+            .range(k)
+            .map_or_else(String::new, |(lo, hi)| format!("{lo:.3}–{hi:.3}"));
+        let (target, verdict) = match TARGETS.iter().find(|(name, _, _)| name == k) {
+            Some((_, upper, bound)) => {
+                let ok = if *upper { v <= *bound } else { v >= *bound };
+                let sign = if *upper { "≤" } else { "≥" };
+                (
+                    format!("{sign} {bound}"),
+                    if ok { "met" } else { "MISSED" }.to_owned(),
+                )
+            }
+            None => (String::new(), String::new()),
+        };
+        println!("{k:<52} {v:>9.3} {range:>19} {target:>9}  {verdict}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<u64> = (1..=100).map(|x| x * 1000).rev().collect();
+        let l = Lat::of(&mut v);
+        assert!((l.p50_us - 50.0).abs() < 1e-9 && (l.p99_us - 99.0).abs() < 1e-9);
+        assert_eq!(Lat::of(&mut []).samples, 0);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        let mut s = Samples::default();
+        for v in [3.0, 1.0, 2.0] {
+            s.push("a", v);
+        }
+        for v in [4.0, 1.0] {
+            s.push("b", v);
+        }
+        assert_eq!(s.median("a"), Some(2.0));
+        assert_eq!(s.median("b"), Some(2.5));
+        assert_eq!(s.range("a"), Some((1.0, 3.0)));
+    }
+
+    #[test]
+    fn kube_proxy_rules_have_the_measured_service_in_the_middle() {
+        let eps = [v4(10, 1, 0, 4, 8080), v4(10, 1, 0, 5, 8080)];
+        let r = kube_proxy_rules(10, &eps);
+        let services: Vec<&str> = r
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES -d"))
+            .collect();
+        assert_eq!(services.len(), 10);
+        assert!(services[4].contains("-d 10.97.0.10/32"), "{}", services[4]);
+        assert!(r.contains("--probability 0.5000000000 -j KUBE-SEP-"));
+        assert!(r.contains("-j DNAT --to-destination 10.1.0.5:8080"));
+        assert_eq!(r.matches("-j DNAT").count(), 20);
+    }
+}

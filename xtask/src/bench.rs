@@ -1,0 +1,60 @@
+//! `cargo xtask bench <suite>`: install-deps, build-ebpf, then the suite's benchmark binary in
+//! release mode, as root (network namespaces, cgroups, eBPF). Results land in `target/bench/`.
+
+use anyhow::{Context as _, Result, bail};
+use clap::ValueEnum;
+
+use crate::ebpf::{self, Toolchain};
+use crate::step::Step;
+use crate::{cmd, deps, workspace};
+
+/// A benchmark suite.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Suite {
+    /// Kernel socket LB vs direct, iptables DNAT (kube-proxy) and HAProxy; connect latency at
+    /// 10 vs 10,000 services; same-node bypass; fail fast (`target/bench/datapath.json`).
+    Datapath,
+}
+
+impl Suite {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Datapath => "datapath",
+        }
+    }
+}
+
+/// Runs install-deps, build-ebpf and `mesh-bench <suite> [--quick]` (release).
+pub fn run(suite: Suite, quick: bool) -> Result<()> {
+    if !cmd::is_root() {
+        bail!(
+            "the {} benchmark needs root (network namespaces, cgroups, eBPF): run `cargo xtask bench {}` as root",
+            suite.name(),
+            suite.name()
+        );
+    }
+    deps::install()?;
+    ebpf::build(&Toolchain::prepare()?)?;
+    let step = Step::loud(format!("running mesh-bench {}", suite.name()));
+    let mut shown = format!("cargo xtask bench {}", suite.name());
+    let mut cargo = workspace::cargo();
+    cargo.args([
+        "run",
+        "--release",
+        "-p",
+        "mesh-tests",
+        "--bin",
+        "mesh-bench",
+        "--",
+        suite.name(),
+    ]);
+    if quick {
+        cargo.arg("--quick");
+        shown.push_str(" --quick");
+    }
+    // mesh-bench prints the command that produced its numbers.
+    cargo.env("MESH_BENCH_COMMAND", shown);
+    cmd::run(&mut cargo).context("mesh-bench failed: see its output above")?;
+    step.done();
+    Ok(())
+}
