@@ -31,6 +31,8 @@ fn compile_protos() {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto/admin.proto");
     tonic_prost_build::configure()
+        // meshctl prints the same messages as JSON and YAML.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/admin.proto"], &["proto"])
         .expect("compiling proto/admin.proto");
 }

@@ -1,8 +1,13 @@
 //! The per-node agent of the mesh: loads and pins the kernel programs, keeps their maps in step
 //! with the cluster model, and reports what the data path does.
 
+pub mod admin;
+pub mod app;
 pub mod datapath;
 pub mod discovery;
+pub mod flows;
+pub mod health;
 pub mod logging;
 pub mod model;
+pub mod reconcile;
 pub mod sys;

@@ -14,7 +14,10 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(writer).with_ansi(false);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
     // `try_init` also installs the `log` → `tracing` bridge used by aya-log.
     let _ = if json {
         builder.json().try_init()
@@ -30,8 +33,7 @@ pub async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::L
     // registered, so the fd cannot close (or be reused) while tokio watches it.
     let Ok(mut fd) = (unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    })
-    else {
+    }) else {
         tracing::warn!("kernel log forwarding unavailable: cannot poll the log ring");
         return;
     };

@@ -20,7 +20,10 @@ pub struct ObjectName {
 impl ObjectName {
     #[must_use]
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -132,6 +135,10 @@ impl ClusterModel {
     /// Addresses of the pods on this node (same-node bypass candidates).
     #[must_use]
     pub fn local_pod_ips(&self) -> Vec<IpAddr> {
-        self.pods.values().filter(|p| p.node == self.node).flat_map(|p| p.ips.iter().copied()).collect()
+        self.pods
+            .values()
+            .filter(|p| p.node == self.node)
+            .flat_map(|p| p.ips.iter().copied())
+            .collect()
     }
 }

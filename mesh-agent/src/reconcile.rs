@@ -41,7 +41,10 @@ impl Reconciler {
     /// a restart).
     #[must_use]
     pub fn new(dp: &Datapath) -> Self {
-        Self { adopted: dp.service_keys().copied().collect(), ..Self::default() }
+        Self {
+            adopted: dp.service_keys().copied().collect(),
+            ..Self::default()
+        }
     }
 
     /// Brings the data path to `model`.
@@ -61,7 +64,10 @@ impl Reconciler {
                     self.applied.insert(*key, (name.clone(), spec.clone()));
                     report.applied += 1;
                 }
-                Err(e) => report.errors.push(format!("service {name} {} {:?}: {e}", spec.vip, spec.protocol)),
+                Err(e) => report.errors.push(format!(
+                    "service {name} {} {:?}: {e}",
+                    spec.vip, spec.protocol
+                )),
             }
         }
         let stale: Vec<ServiceKey> = self
@@ -91,7 +97,12 @@ impl Reconciler {
         for e in &report.errors {
             warn!(error = %e, "reconciliation error; the rest converged");
         }
-        debug!(applied = report.applied, removed = report.removed, unchanged = report.unchanged, "reconciled");
+        debug!(
+            applied = report.applied,
+            removed = report.removed,
+            unchanged = report.unchanged,
+            "reconciled"
+        );
         report
     }
 

@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod exec;

@@ -646,7 +646,9 @@ fn flow_events_report_open_close_and_reject() {
 
 #[test]
 fn l7_failures_reported_by_the_agent_eject_too() {
-    let Some(_k) = mesh_tests::kernel_test("datapath_l7_report") else { return };
+    let Some(_k) = mesh_tests::kernel_test("datapath_l7_report") else {
+        return;
+    };
     let mut m = Mesh::new("datapath_l7_report", 2).expect("cluster");
     let vip = vip4(80);
     let mut s = spec(vip, m.backend_addrs(80), Algorithm::Random);
@@ -656,31 +658,50 @@ fn l7_failures_reported_by_the_agent_eject_too() {
     let b1 = m.dp.backend_status(&key).unwrap()[1].id;
     // E.g. three HTTP 503s seen by a proxy: the third ejects, exactly as L4 failures would.
     let now = monotonic_ns();
-    let ejected: Vec<bool> = (0..3).map(|_| m.dp.report_failure(b1, now).unwrap()).collect();
+    let ejected: Vec<bool> = (0..3)
+        .map(|_| m.dp.report_failure(b1, now).unwrap())
+        .collect();
     assert_eq!(ejected, [false, false, true]);
-    assert_eq!(m.dp.backend_status(&key).unwrap()[1].state.circuit, CIRCUIT_OPEN);
+    assert_eq!(
+        m.dp.backend_status(&key).unwrap()[1].state.circuit,
+        CIRCUIT_OPEN
+    );
     let r = m.client.hit(vip, 40, &[]).unwrap();
-    assert_eq!(count(&r, "b0"), 40, "the kernel skips a backend ejected by L7 reports: {r:?}");
+    assert_eq!(
+        count(&r, "b0"),
+        40,
+        "the kernel skips a backend ejected by L7 reports: {r:?}"
+    );
 }
 
 #[test]
 fn a_full_map_is_a_clear_error_and_keeps_the_last_state() {
-    let Some(_k) = mesh_tests::kernel_test("datapath_map_full") else { return };
+    let Some(_k) = mesh_tests::kernel_test("datapath_map_full") else {
+        return;
+    };
     let mut m = Mesh::new("datapath_map_full", 1).expect("cluster");
     let vip = vip4(80);
-    m.dp.apply_service(&ServiceSpec::tcp(vip, m.backend_addrs(80))).unwrap();
+    m.dp.apply_service(&ServiceSpec::tcp(vip, m.backend_addrs(80)))
+        .unwrap();
     m.dp.set_local_endpoints(&[m.client.ipv4().into()]).unwrap();
-    let too_many: Vec<std::net::IpAddr> =
-        (0..=u32::from(u16::MAX) / 8).map(|i| std::net::Ipv4Addr::from(0x0a64_0000 + i).into()).collect();
+    let too_many: Vec<std::net::IpAddr> = (0..=u32::from(u16::MAX) / 8)
+        .map(|i| std::net::Ipv4Addr::from(0x0a64_0000 + i).into())
+        .collect();
     let err = m.dp.set_local_endpoints(&too_many).unwrap_err().to_string();
-    assert!(err.contains("LOCAL_ENDPOINTS") && err.contains("full") && err.contains("4096"), "{err}");
+    assert!(
+        err.contains("LOCAL_ENDPOINTS") && err.contains("full") && err.contains("4096"),
+        "{err}"
+    );
     assert_eq!(m.dp.map_full_total(), 1);
     // Nothing was half-written: the service still serves.
     assert_eq!(m.client.hit(vip, 5, &[]).unwrap().ok(), 5);
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap()

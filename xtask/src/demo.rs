@@ -15,6 +15,11 @@ pub fn run(demo_args: &[String]) -> Result<()> {
     }
     deps::install()?;
     ebpf::build(&Toolchain::prepare()?)?;
+    // The demo runs the real agent and CLI binaries next to itself.
+    let step = Step::loud("building mesh-agent and meshctl");
+    cmd::run(workspace::cargo().args(["build", "--release", "-p", "mesh-agent", "--bins"]))
+        .context("building mesh-agent failed: see above")?;
+    step.done();
     let step = Step::loud("running mesh-demo");
     cmd::run(
         workspace::cargo()

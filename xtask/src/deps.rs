@@ -51,10 +51,53 @@ const PACKAGES: &[Package] = &[
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// Python packages (module name = package name) and why: installed with `python3 -m pip`.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[(
+    "kmock",
+    "Kubernetes API stand-in of the discovery test (no kube-apiserver is installable)",
+)];
+
 /// `cargo xtask install-deps`: installs the missing packages and mounts bpffs.
 pub fn install() -> Result<()> {
     install_packages()?;
+    install_python_packages();
     mount_bpffs()
+}
+
+/// Best effort: a test that needs a missing module says so itself.
+fn install_python_packages() {
+    for (module, why) in PYTHON_PACKAGES {
+        let step = Step::quiet(format!("checking Python module {module}"));
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if present {
+            step.finish("installed");
+            continue;
+        }
+        step.finish("missing");
+        let step = Step::loud(format!("python3 -m pip install {module} ({why})"));
+        // Debian's own python3 is "externally managed" (PEP 668); pyenv/venv ones are not.
+        let installed = [&[][..], &["--break-system-packages"][..]]
+            .iter()
+            .any(|extra| {
+                cmd::run(
+                    Command::new("python3")
+                        .args(["-m", "pip", "install", "--quiet", module])
+                        .args(*extra),
+                )
+                .is_ok()
+            });
+        if installed {
+            step.done();
+        } else {
+            step.finish("failed");
+            warn(&format!(
+                "could not install {module}: run `python3 -m pip install {module}`"
+            ));
+        }
+    }
 }
 
 fn install_packages() -> Result<()> {

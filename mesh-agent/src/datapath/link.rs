@@ -19,6 +19,8 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Explicit: the kernel rejects non-zero bytes past the last field it knows.
+        pad: u32,
     }
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let attr = ObjGet {
@@ -26,6 +28,7 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        pad: 0,
     };
     // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_OBJ_GET that outlives the call.
     let fd = unsafe {

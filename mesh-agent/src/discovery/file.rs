@@ -195,36 +195,56 @@ pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel
             line,
             column,
             field: String::new(),
-            reason: e.to_string().lines().next().unwrap_or("invalid YAML").to_owned(),
+            reason: e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("invalid YAML")
+                .to_owned(),
         }
     })?;
-    let c = Check { file };
+    let chk = Check { file };
     let mut model = ClusterModel {
         node: node.map(str::to_owned).or(doc.node).unwrap_or_default(),
         ..ClusterModel::default()
     };
     let mut vips: BTreeMap<(IpAddr, u16, Protocol), ObjectName> = BTreeMap::new();
     for (i, s) in doc.services.iter().enumerate() {
-        let svc = service(&c, i, s, &mut vips)?;
+        let svc = service(&chk, i, s, &mut vips)?;
         if model.services.contains_key(&svc.name) {
-            return Err(c.err(&s.value.name, format!("services[{i}].name"), format!("duplicate service {}", svc.name)));
+            return Err(chk.err(
+                &s.value.name,
+                format!("services[{i}].name"),
+                format!("duplicate service {}", svc.name),
+            ));
         }
         model.services.insert(svc.name.clone(), svc);
     }
     for (i, p) in doc.pods.iter().enumerate() {
         let name = ObjectName::new(
-            p.value.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            p.value
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
             p.value.name.clone(),
         );
         if model.pods.contains_key(&name) {
-            return Err(c.err(p, format!("pods[{i}].name"), format!("duplicate pod {name}")));
+            return Err(chk.err(
+                p,
+                format!("pods[{i}].name"),
+                format!("duplicate pod {name}"),
+            ));
         }
         model.pods.insert(
             name.clone(),
             Pod {
                 name,
                 node: p.value.node.clone(),
-                service_account: p.value.service_account.clone().unwrap_or_else(|| "default".to_owned()),
+                service_account: p
+                    .value
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
                 ips: p.value.ips.clone(),
             },
         );
@@ -233,7 +253,7 @@ pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel
 }
 
 fn service(
-    c: &Check<'_>,
+    chk: &Check<'_>,
     i: usize,
     s: &Spanned<FileService>,
     vips: &mut BTreeMap<(IpAddr, u16, Protocol), ObjectName>,
@@ -241,52 +261,77 @@ fn service(
     let f = &s.value;
     let at = |field: &str| format!("services[{i}].{field}");
     if f.name.value.is_empty() {
-        return Err(c.err(&f.name, at("name"), "must not be empty"));
+        return Err(chk.err(&f.name, at("name"), "must not be empty"));
     }
-    let name = ObjectName::new(f.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()), f.name.value.clone());
+    let name = ObjectName::new(
+        f.namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        f.name.value.clone(),
+    );
     if f.cluster_ips.is_empty() {
-        return Err(c.err(s, at("clusterIPs"), "a service needs at least one cluster IP"));
+        return Err(chk.err(
+            s,
+            at("clusterIPs"),
+            "a service needs at least one cluster IP",
+        ));
     }
     let mut ports = Vec::new();
     let mut port_names = BTreeSet::new();
     for (j, p) in f.ports.iter().enumerate() {
         let field = |x: &str| at(&format!("ports[{j}].{x}"));
-        let port = valid_port(c, &p.value.port, field("port"))?;
+        let port = valid_port(chk, &p.value.port, field("port"))?;
         let target_port = match &p.value.target_port {
-            Some(t) => valid_port(c, t, field("targetPort"))?,
+            Some(t) => valid_port(chk, t, field("targetPort"))?,
             None => port,
         };
         let protocol = match p.value.protocol.as_ref().map(|s| (s, s.value.as_str())) {
             None | Some((_, "TCP")) => Protocol::Tcp,
             Some((_, "UDP")) => Protocol::Udp,
             Some((sp, other)) => {
-                return Err(c.err(sp, field("protocol"), format!("{other:?} is not TCP or UDP")));
+                return Err(chk.err(
+                    sp,
+                    field("protocol"),
+                    format!("{other:?} is not TCP or UDP"),
+                ));
             }
         };
         let pname = p.value.name.clone().unwrap_or_default();
         if !port_names.insert(pname.clone()) {
-            return Err(c.err(p, field("name"), format!("duplicate port name {pname:?}")));
+            return Err(chk.err(p, field("name"), format!("duplicate port name {pname:?}")));
         }
         for ip in &f.cluster_ips {
             if let Some(owner) = vips.insert((ip.value, port, protocol), name.clone()) {
-                return Err(c.err(
+                return Err(chk.err(
                     &p.value.port,
                     field("port"),
-                    format!("{} {protocol:?} is already used by service {owner}", SocketAddr::new(ip.value, port)),
+                    format!(
+                        "{} {protocol:?} is already used by service {owner}",
+                        SocketAddr::new(ip.value, port)
+                    ),
                 ));
             }
         }
-        ports.push(ServicePort { name: pname, port, protocol, target_port });
+        ports.push(ServicePort {
+            name: pname,
+            port,
+            protocol,
+            target_port,
+        });
     }
     if ports.is_empty() {
-        return Err(c.err(s, at("ports"), "a service needs at least one port"));
+        return Err(chk.err(s, at("ports"), "a service needs at least one port"));
     }
-    let settings = settings(c, i, f)?;
+    let settings = settings(chk, i, f)?;
     let mut endpoints = Vec::new();
     for (j, e) in f.endpoints.iter().enumerate() {
         let weight = match &e.value.weight {
             Some(w) if w.value == 0 => {
-                return Err(c.err(w, at(&format!("endpoints[{j}].weight")), "must be at least 1"));
+                return Err(chk.err(
+                    w,
+                    at(&format!("endpoints[{j}].weight")),
+                    "must be at least 1",
+                ));
             }
             Some(w) => w.value,
             None => 1,
@@ -296,7 +341,11 @@ fn service(
             ports: e.value.ports.clone(),
             ready: e.value.ready.unwrap_or(true),
             node: e.value.node.clone(),
-            pod: e.value.pod.as_ref().map(|p| ObjectName::new(name.namespace.clone(), p.clone())),
+            pod: e
+                .value
+                .pod
+                .as_ref()
+                .map(|p| ObjectName::new(name.namespace.clone(), p.clone())),
             weight,
         });
     }
@@ -309,14 +358,18 @@ fn service(
     })
 }
 
-fn valid_port(c: &Check<'_>, p: &Spanned<u32>, field: String) -> Result<u16, ConfigError> {
+fn valid_port(chk: &Check<'_>, p: &Spanned<u32>, field: String) -> Result<u16, ConfigError> {
     match u16::try_from(p.value) {
         Ok(v) if v != 0 => Ok(v),
-        _ => Err(c.err(p, field, format!("port {} is out of range 1..=65535", p.value))),
+        _ => Err(chk.err(
+            p,
+            field,
+            format!("port {} is out of range 1..=65535", p.value),
+        )),
     }
 }
 
-fn settings(c: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings, ConfigError> {
+fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings, ConfigError> {
     let at = |field: &str| format!("services[{i}].{field}");
     let algorithm = match f.load_balancer.as_ref().map(|s| (s, s.value.as_str())) {
         None | Some((_, "random")) => Algorithm::Random,
@@ -325,7 +378,7 @@ fn settings(c: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings,
         Some((_, "maglev")) => Algorithm::Maglev,
         Some((_, "least-connections")) => Algorithm::LeastConn,
         Some((sp, other)) => {
-            return Err(c.err(
+            return Err(chk.err(
                 sp,
                 at("loadBalancer"),
                 format!("{other:?} is not one of random, round-robin, weighted, maglev, least-connections"),
@@ -334,18 +387,39 @@ fn settings(c: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings,
     };
     let duration = |s: &Option<Spanned<String>>, field: &str, default: Duration| match s {
         None => Ok(default),
-        Some(sp) => humantime::parse_duration(&sp.value)
-            .map_err(|e| c.err(sp, at(&format!("circuitBreaker.{field}")), format!("{:?}: {e}", sp.value))),
+        Some(sp) => humantime::parse_duration(&sp.value).map_err(|e| {
+            chk.err(
+                sp,
+                at(&format!("circuitBreaker.{field}")),
+                format!("{:?}: {e}", sp.value),
+            )
+        }),
     };
     let cb = f.circuit_breaker.as_ref();
     let circuit = CircuitSettings {
-        max_connections: cb.and_then(|b| b.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        consecutive_failures: cb.and_then(|b| b.consecutive_failures).unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
-        base_ejection: duration(&cb.and_then(|b| b.base_ejection_time.clone()), "baseEjectionTime", DEFAULT_BASE_EJECTION)?,
-        max_ejection: duration(&cb.and_then(|b| b.max_ejection_time.clone()), "maxEjectionTime", DEFAULT_MAX_EJECTION)?,
+        max_connections: cb
+            .and_then(|b| b.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        consecutive_failures: cb
+            .and_then(|b| b.consecutive_failures)
+            .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
+        base_ejection: duration(
+            &cb.and_then(|b| b.base_ejection_time.clone()),
+            "baseEjectionTime",
+            DEFAULT_BASE_EJECTION,
+        )?,
+        max_ejection: duration(
+            &cb.and_then(|b| b.max_ejection_time.clone()),
+            "maxEjectionTime",
+            DEFAULT_MAX_EJECTION,
+        )?,
         max_ejection_percent: match cb.and_then(|b| b.max_ejection_percent.as_ref()) {
             Some(p) if p.value > 100 => {
-                return Err(c.err(p, at("circuitBreaker.maxEjectionPercent"), format!("{} is not 0..=100", p.value)));
+                return Err(chk.err(
+                    p,
+                    at("circuitBreaker.maxEjectionPercent"),
+                    format!("{} is not 0..=100", p.value),
+                ));
             }
             Some(p) => p.value,
             None => DEFAULT_MAX_EJECTION_PERCENT,
@@ -353,12 +427,20 @@ fn settings(c: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings,
     };
     let affinity_timeout = match &f.session_affinity {
         Some(a) if a.timeout_seconds.value == 0 => {
-            return Err(c.err(&a.timeout_seconds, at("sessionAffinity.timeoutSeconds"), "must be at least 1"));
+            return Err(chk.err(
+                &a.timeout_seconds,
+                at("sessionAffinity.timeoutSeconds"),
+                "must be at least 1",
+            ));
         }
         Some(a) => Some(Duration::from_secs(a.timeout_seconds.value)),
         None => None,
     };
-    Ok(ServiceSettings { algorithm, affinity_timeout, circuit })
+    Ok(ServiceSettings {
+        algorithm,
+        affinity_timeout,
+        circuit,
+    })
 }
 
 /// Reads and parses `path`.
@@ -375,7 +457,12 @@ pub fn load(path: &Path, node: Option<&str>) -> Result<ClusterModel, ConfigError
 
 /// Watches `path`: sends the model at start and whenever the file's content changes; a bad
 /// version is reported as [`Update::Rejected`] and the previous model stays in force.
-pub async fn watch(path: PathBuf, node: Option<String>, interval: Duration, updates: mpsc::Sender<Update>) {
+pub async fn watch(
+    path: PathBuf,
+    node: Option<String>,
+    interval: Duration,
+    updates: mpsc::Sender<Update>,
+) {
     let mut last: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -433,10 +520,17 @@ pods:
         assert_eq!(web.settings.algorithm, Algorithm::Maglev);
         assert_eq!(web.settings.circuit.consecutive_failures, 3);
         assert_eq!(web.settings.circuit.base_ejection, Duration::from_secs(2));
-        assert_eq!(web.settings.circuit.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            web.settings.circuit.max_connections,
+            DEFAULT_MAX_CONNECTIONS
+        );
         let specs = m.desired_specs();
         assert_eq!(specs.len(), 1);
-        assert_eq!(specs[0].1.backends.len(), 1, "not-ready endpoints get no connections");
+        assert_eq!(
+            specs[0].1.backends.len(),
+            1,
+            "not-ready endpoints get no connections"
+        );
         assert_eq!(specs[0].1.backends[0].addr.port(), 8080);
         assert_eq!(m.local_pod_ips(), vec![IpAddr::from([10, 1, 0, 3])]);
     }
@@ -450,7 +544,8 @@ pods:
 
     #[test]
     fn unknown_field_is_rejected_with_its_name_and_line() {
-        let e = parse_str("services:\n  - name: web\n    clusterIPs: [10.96.0.1]\n    prots: []\n").unwrap_err();
+        let e = parse_str("services:\n  - name: web\n    clusterIPs: [10.96.0.1]\n    prots: []\n")
+            .unwrap_err();
         assert_eq!(e.line, 4, "{e}");
         assert!(e.reason.contains("prots"), "{e}");
     }
@@ -467,7 +562,11 @@ pods:
     fn port_out_of_range_is_rejected() {
         let text = "services:\n  - name: a\n    clusterIPs: [10.96.0.1]\n    ports:\n      - { port: 70000 }\n";
         let e = parse_str(text).unwrap_err();
-        assert_eq!((e.line, e.field.as_str()), (5, "services[0].ports[0].port"), "{e}");
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (5, "services[0].ports[0].port"),
+            "{e}"
+        );
         assert!(e.reason.contains("out of range"), "{e}");
     }
 
@@ -476,9 +575,15 @@ pods:
         let e = parse_str(&GOOD.replace("maglev", "fastest")).unwrap_err();
         assert_eq!(e.field, "services[0].loadBalancer", "{e}");
         let e = parse_str(&GOOD.replace("2s", "two seconds")).unwrap_err();
-        assert_eq!(e.field, "services[0].circuitBreaker.baseEjectionTime", "{e}");
+        assert_eq!(
+            e.field, "services[0].circuitBreaker.baseEjectionTime",
+            "{e}"
+        );
         let text = "services:\n  - name: a\n    clusterIPs: [10.96.0.1]\n    ports: [{port: 80}]\n  - name: b\n    clusterIPs: [10.96.0.1]\n    ports: [{port: 80}]\n";
         let e = parse_str(text).unwrap_err();
-        assert!(e.reason.contains("already used by service default/a"), "{e}");
+        assert!(
+            e.reason.contains("already used by service default/a"),
+            "{e}"
+        );
     }
 }

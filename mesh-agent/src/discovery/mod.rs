@@ -2,6 +2,7 @@
 //! Each source sends whole models on a channel; the agent reconciles the data path to the newest.
 
 pub mod file;
+pub mod kubernetes;
 
 use crate::model::ClusterModel;
 

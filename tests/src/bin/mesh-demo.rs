@@ -1,29 +1,27 @@
-//! `mesh-demo`: the README's first command. Builds a two-node cluster in a box, attaches the
-//! mesh's kernel data path on each node, sends real traffic to a service and narrates what the
-//! kernel did: load balancing, flow events, a backend killed (circuit opens, fail-fast), its
-//! recovery through a half-open probe, and same-node bypass.
+//! `mesh-demo`: the README's first command. Builds a two-node cluster in a box, runs the real
+//! `mesh-agent` on each node from a static model file, sends real traffic to a service and
+//! narrates what happened with `meshctl`: load balancing, live flows, a backend killed (its
+//! circuit opens in the kernel) and recovering through a half-open probe, fail-fast, a SIGKILLed
+//! agent that loses no connection, and same-node bypass.
 
 use std::{
-    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    os::unix::fs::MetadataExt as _,
+    process::Stdio,
+    sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{MapData, RingBuf};
-use mesh_agent::datapath::{
-    BackendStatus, Datapath, DatapathConfig, events, ip_from_be, service_key,
-    spec::{Algorithm, CircuitSettings, Protocol, ServiceSpec},
+use mesh_tests::{
+    Cluster, PodChild, PodHandle,
+    agent::{AgentProcess, write_atomically},
 };
-use mesh_common::{
-    backend::{CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN},
-    counters::COUNTER_NAMES,
-    event::{EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, EV_REJECT, FlowEvent},
-};
-use mesh_tests::{Cluster, PodChild, PodHandle};
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+const EMPTY_VIP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)), 80);
 
 fn main() -> Result<()> {
     ensure!(
@@ -31,11 +29,6 @@ fn main() -> Result<()> {
         "mesh-demo needs root: it creates namespaces and loads eBPF"
     );
     let started = Instant::now();
-    if std::env::var_os("RUST_LOG").is_none() {
-        // SAFETY: single-threaded here, before anything reads the environment.
-        unsafe { std::env::set_var("RUST_LOG", "warn,mesh_ebpf=debug") };
-    }
-    mesh_agent::logging::init(false);
     step(
         1,
         "Build a cluster in a box: 2 nodes, 4 pods (network namespaces + veth + cgroups)",
@@ -44,14 +37,14 @@ fn main() -> Result<()> {
     let node_a = cluster.add_node("node-a")?;
     let node_b = cluster.add_node("node-b")?;
     let client = cluster.add_pod(&node_a, "client")?;
-    let web: Vec<PodHandle> = vec![
+    let web = [
         cluster.add_pod(&node_a, "web-0")?,
         cluster.add_pod(&node_a, "web-1")?,
         cluster.add_pod(&node_b, "web-2")?,
     ];
     for p in std::iter::once(&client).chain(&web) {
         say(&format!(
-            "pod {:<7} on {:<7} {:<12} {}",
+            "pod {:<7} on {:<7} {:<10} {}",
             p.name(),
             p.node().name(),
             p.ipv4().to_string(),
@@ -67,63 +60,59 @@ fn main() -> Result<()> {
         )?));
     }
 
-    step(
-        2,
-        "Attach the mesh's kernel programs to each node's cgroup (maps and links pinned)",
+    step(2, "Start mesh-agent on each node from a static model file");
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work)?;
+    let model_file = work.join("mesh.yaml");
+    let model = model_yaml(&client, &web);
+    write_atomically(&model_file, &model)?;
+    for line in model.lines() {
+        say(&format!("│ {line}"));
+    }
+    let pins = cluster.bpffs_dir()?;
+    let mut agent_a = AgentProcess::new(
+        node_a.clone(),
+        model_file.clone(),
+        pins.join("node-a"),
+        work.join("a.sock"),
     );
-    let mut dp = Datapath::load(&DatapathConfig {
-        cgroup: node_a.cgroup_dir().to_path_buf(),
-        pin_dir: cluster.bpffs_dir()?.join("node-a"),
-    })
-    .context("attaching the data path on node-a")?;
-    let _dp_b = Datapath::load(&DatapathConfig {
-        cgroup: node_b.cgroup_dir().to_path_buf(),
-        pin_dir: cluster.bpffs_dir()?.join("node-b"),
-    })
-    .context("attaching the data path on node-b")?;
-    let mut ring = dp.take_events().context("event ring")?;
-    let mut kernel_log = dp.take_logger();
-    say(&format!("node-a cgroup {}", node_a.cgroup_dir().display()));
-    let spec = ServiceSpec {
-        algorithm: Algorithm::RoundRobin,
-        circuit: CircuitSettings {
-            max_connections: 100,
-            consecutive_failures: 3,
-            base_ejection: Duration::from_secs(3),
-            max_ejection: Duration::from_secs(30),
-            max_ejection_percent: 50,
-        },
-        ..ServiceSpec::tcp(
-            VIP,
-            web.iter().map(|p| SocketAddr::new(p.ipv4().into(), 80)),
-        )
-    };
-    dp.apply_service(&spec)?;
-    say(&format!(
-        "service web {VIP} → web-0, web-1 (node-a), web-2 (node-b); round robin; eject after 3 failures for 3 s"
-    ));
+    agent_a.log_filter = "warn,mesh_ebpf=debug".to_owned();
+    let mut agent_b = AgentProcess::new(
+        node_b.clone(),
+        model_file.clone(),
+        pins.join("node-b"),
+        work.join("b.sock"),
+    );
+    agent_a.start()?;
+    agent_b.start()?;
+    say("both agents ready; on node-a:");
+    meshctl(&agent_a, &["services"])?;
 
     step(
         3,
-        "client connects to the service address 30 times (connect() rewritten in the kernel)",
+        "client opens 30 connections to web (10.96.0.10:80); meshctl flows --follow watches",
     );
+    let (flows, watcher) = follow_flows(&agent_a)?;
     let r = client.hit(VIP, 30, &[])?;
     say(&format!(
-        "answers by backend: {:?}; errors: {:?}; getpeername showed the VIP: {}",
-        r.counts,
-        r.errors,
+        "answers by backend: {:?}; errors: {:?}",
+        r.counts, r.errors
+    ));
+    say(&format!(
+        "the application saw the service address from getpeername(): {}",
         r.peer_mismatch == 0
     ));
     say(&format!(
         "connect latency p50 {} µs, p99 {} µs",
         r.connect_us.p50, r.connect_us.p99
     ));
-    let names = pod_names(&cluster);
-    show_events(&mut ring, &names, 4);
+    thread::sleep(Duration::from_millis(200));
+    show_flows(&flows, 6);
+    meshctl(&agent_a, &["backends", "web"])?;
 
     step(
         4,
-        "Kill web-1: its connects are refused; the kernel counts them and opens its circuit",
+        "Kill web-1: its connects are refused; the kernel counts 3 and opens its circuit",
     );
     servers[1] = None;
     let r = client.hit(VIP, 30, &[])?;
@@ -131,77 +120,141 @@ fn main() -> Result<()> {
         "answers: {:?}; errors seen by the client: {:?}",
         r.counts, r.errors
     ));
-    show_backends(&dp)?;
-    show_events(&mut ring, &names, 3);
-    say("kernel log (aya-log, debug level, forwarded into the agent's tracing output):");
-    if let Some(l) = kernel_log.as_mut() {
-        l.flush();
-    }
     let ejected = Instant::now();
+    thread::sleep(Duration::from_millis(200));
+    show_flows(&flows, 20);
+    meshctl(&agent_a, &["circuits"])?;
+    if let Some(line) = agent_a
+        .stderr()
+        .lines()
+        .find(|l| l.contains("circuit opened"))
+    {
+        say(&format!(
+            "kernel log (aya-log → agent's tracing): {}",
+            line.trim()
+        ));
+    }
 
     step(
         5,
-        "web-1 is back, but its circuit is open: no connection reaches it until the ejection ends",
+        "web-1 is back, but ejected: nothing reaches it until the ejection time ends",
     );
     servers[1] = Some(web[1].serve("web-1", &[SocketAddr::new(web[1].ipv4().into(), 80)], &[])?);
     let r = client.hit(VIP, 12, &[])?;
     say(&format!("answers: {:?}", r.counts));
-    std::thread::sleep(
+    thread::sleep(
         Duration::from_secs(3).saturating_sub(ejected.elapsed()) + Duration::from_millis(300),
     );
-    say("ejection time over: the next connection to web-1 is the one half-open probe");
+    say("ejection time over: the next connection to web-1 is the single half-open probe");
     let r = client.hit(VIP, 12, &[])?;
     say(&format!("answers: {:?}", r.counts));
-    show_backends(&dp)?;
-    show_events(&mut ring, &names, 3);
+    show_flows(&flows, 20);
+    meshctl(&agent_a, &["backends", "web"])?;
 
     step(
         6,
-        "Fail fast: a service with no endpoints fails connect() at once (EHOSTUNREACH)",
+        "Fail fast: a service with no endpoints fails connect() at once",
     );
-    let empty = SocketAddr::new(VIP.ip(), 81);
-    dp.apply_service(&ServiceSpec::tcp(empty, []))?;
-    let r = client.hit(empty, 100, &[])?;
+    let r = client.hit(EMPTY_VIP, 100, &[])?;
     say(&format!(
-        "{empty}: errors {:?}, connect p50 {} µs",
+        "{EMPTY_VIP}: errors {:?}, connect p50 {} µs (no timeout, no SYN sent)",
         r.errors, r.connect_us.p50
     ));
 
     step(
         7,
-        "Same-node bypass: client ↔ web-0 sockets are spliced by sk_msg, skipping TCP/IP",
+        "SIGKILL the agent on node-a while the client keeps connecting; change the model meanwhile",
+    );
+    let c = client.clone();
+    let load = thread::spawn(move || c.hit(VIP, 20_000, &["--timeout-ms", "2000"]));
+    thread::sleep(Duration::from_millis(300));
+    agent_a.kill();
+    say(
+        "agent killed; programs stay attached through their pinned links; model now least-connections",
+    );
+    write_atomically(
+        &model_file,
+        &model.replace("round-robin", "least-connections"),
+    )?;
+    agent_a.start()?;
+    let r = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    say(&format!(
+        "agent back (adopted its pins); {} connections meanwhile, {} failed",
+        r.ok() + r.failed(),
+        r.failed()
+    ));
+    meshctl(&agent_a, &["services"])?;
+
+    step(
+        8,
+        "Same-node bypass: client ↔ web-0 (both on node-a) skip TCP/IP via sockmap + sk_msg",
     );
     let iface = client.host_ifname().to_owned();
     let bytes = || -> Result<u64> {
         let s = node_a.iface_stats(&iface)?;
         Ok(s.rx_bytes + s.tx_bytes)
     };
-    let web0 = SocketAddr::new(web[0].ipv4().into(), 80);
-    let b0 = bytes()?;
-    let t = client.transfer(web0, 8 << 20)?;
-    let through_stack = bytes()? - b0;
-    dp.set_local_endpoints(&[client.ipv4().into(), web[0].ipv4().into()])?;
-    let b1 = bytes()?;
-    let t2 = client.transfer(web0, 8 << 20)?;
-    let bypassed = bytes()? - b1;
-    say(&format!(
-        "8 MiB echoed: through the stack {through_stack} bytes crossed the veth (sha256 ok: {}); with bypass {bypassed} bytes (sha256 ok: {})",
-        t.sha256_sent == t.sha256_received,
-        t2.sha256_sent == t2.sha256_received
-    ));
-
-    step(8, "Kernel reason counters on node-a");
-    for (name, v) in dp.counters()? {
-        if v > 0 {
-            say(&format!("{name:<26} {v}"));
-        }
+    for target in [&web[0], &web[2]] {
+        let b0 = bytes()?;
+        let t = client.transfer(SocketAddr::new(target.ipv4().into(), 80), 8 << 20)?;
+        say(&format!(
+            "8 MiB echoed with {} ({}): {} bytes crossed the client's veth; sha256 intact: {}",
+            target.name(),
+            if target.node().name() == "node-a" {
+                "same node: bypass"
+            } else {
+                "other node: stack"
+            },
+            bytes()? - b0,
+            t.sha256_sent == t.sha256_received
+        ));
     }
-    let _ = COUNTER_NAMES;
+
+    step(9, "Agent status and kernel counters on node-a");
+    meshctl(&agent_a, &["status"])?;
+    drop(watcher);
     println!(
         "\ndemo finished in {:.1?}; tearing the cluster down",
         started.elapsed()
     );
     Ok(())
+}
+
+fn model_yaml(client: &PodHandle, web: &[PodHandle]) -> String {
+    let endpoints: String = web
+        .iter()
+        .map(|p| {
+            format!(
+                "      - {{ ip: {}, node: {}, pod: {} }}\n",
+                p.ipv4(),
+                p.node().name(),
+                p.name()
+            )
+        })
+        .collect();
+    let pods: String = std::iter::once(client)
+        .chain(web)
+        .map(|p| {
+            format!(
+                "  - {{ name: {}, node: {}, serviceAccount: {}, ips: [{}] }}\n",
+                p.name(),
+                p.node().name(),
+                if p.name() == "client" {
+                    "frontend"
+                } else {
+                    "web"
+                },
+                p.ipv4()
+            )
+        })
+        .collect();
+    format!(
+        "services:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: round-robin\n    circuitBreaker: {{ consecutiveFailures: 3, baseEjectionTime: 3s, maxEjectionPercent: 50 }}\n    endpoints:\n{endpoints}  - name: empty\n    clusterIPs: [{}]\n    ports:\n      - {{ port: 80 }}\npods:\n{pods}",
+        VIP.ip(),
+        EMPTY_VIP.ip()
+    )
 }
 
 fn step(n: u32, what: &str) {
@@ -212,89 +265,63 @@ fn say(line: &str) {
     println!("    {line}");
 }
 
-/// cgroup inode (what flow events carry) → pod name.
-fn pod_names(cluster: &Cluster) -> BTreeMap<u64, String> {
-    cluster
-        .pods()
-        .iter()
-        .filter_map(|p| {
-            Some((
-                std::fs::metadata(p.cgroup_dir()).ok()?.ino(),
-                p.name().to_owned(),
-            ))
-        })
-        .collect()
-}
-
-fn show_backends(dp: &Datapath) -> Result<()> {
-    let rows: Vec<BackendStatus> = dp.backend_status(&service_key(VIP, Protocol::Tcp))?;
-    say("backend            circuit    active  total  failures  ejections");
-    for b in rows {
-        let circuit = match b.state.circuit {
-            CIRCUIT_CLOSED => "closed",
-            CIRCUIT_OPEN => "OPEN",
-            CIRCUIT_HALF_OPEN => "half-open",
-            _ => "?",
-        };
-        say(&format!(
-            "{:<18} {:<10} {:>6} {:>6} {:>9} {:>10}",
-            b.addr.to_string(),
-            circuit,
-            b.state.active,
-            b.state.total,
-            b.state.failures,
-            b.state.ejections
-        ));
+/// Runs `meshctl ARGS` against `agent` and prints what it printed, indented.
+fn meshctl(agent: &AgentProcess, args: &[&str]) -> Result<()> {
+    say(&format!("$ meshctl {}", args.join(" ")));
+    let out = agent.meshctl(args)?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        say(&format!("  {line}"));
     }
     Ok(())
 }
 
-fn show_events(ring: &mut RingBuf<MapData>, names: &BTreeMap<u64, String>, max_per_kind: usize) {
-    let evs: Vec<FlowEvent> = events::drain(ring);
-    let mut shown: BTreeMap<u8, usize> = BTreeMap::new();
-    let mut hidden = 0;
-    for e in &evs {
-        let n = shown.entry(e.kind).or_default();
-        if *n >= max_per_kind {
-            hidden += 1;
-            continue;
-        }
-        *n += 1;
-        let kind = match e.kind {
-            EV_OPEN => "open",
-            EV_CLOSE => "close",
-            EV_REJECT => "reject",
-            EV_FAIL => "fail",
-            EV_EJECT => "EJECT",
-            EV_RECOVER => "RECOVER",
-            _ => "?",
-        };
-        let pod = names.get(&e.cgroup_id).map_or("?", String::as_str);
-        let svc = SocketAddr::new(
-            ip_from_be(e.svc_addr_be, e.family),
-            u16::from_be(e.svc_port_be),
-        );
-        let backend = SocketAddr::new(
-            ip_from_be(e.backend_addr_be, e.family),
-            u16::from_be(e.backend_port_be),
-        );
-        let extra = if e.kind == EV_CLOSE {
-            format!(
-                " sent {} B, received {} B, {} µs",
-                e.bytes_sent,
-                e.bytes_received,
-                e.duration_ns / 1000
-            )
-        } else if e.reason != 0 {
-            format!(" reason {}", e.reason)
-        } else {
-            String::new()
-        };
-        say(&format!(
-            "flow {kind:<7} {pod} → {svc} via {backend}{extra}"
-        ));
+/// Kills the follower when dropped.
+struct Watcher(std::process::Child);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    if hidden > 0 {
-        say(&format!("… and {hidden} more flow events"));
+}
+
+/// Starts `meshctl flows --follow` and hands its lines over a channel.
+fn follow_flows(agent: &AgentProcess) -> Result<(mpsc::Receiver<String>, Watcher)> {
+    say("$ meshctl flows --follow --namespace default");
+    let mut child = agent
+        .meshctl_command()?
+        .args(["flows", "--follow", "--namespace", "default"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting meshctl flows --follow")?;
+    let stdout = child.stdout.take().context("meshctl stdout")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(300));
+    Ok((rx, Watcher(child)))
+}
+
+/// Prints what `meshctl flows --follow` printed since last time (at most `max` lines).
+fn show_flows(flows: &mpsc::Receiver<String>, max: usize) {
+    let lines: Vec<String> = flows.try_iter().collect();
+    let interesting: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("TIME") || !l.contains(" open ") || lines.len() <= max)
+        .collect();
+    for l in interesting.iter().take(max) {
+        say(&format!("  {l}"));
+    }
+    if lines.len() > max.min(interesting.len()) {
+        say(&format!("  … {} flow lines in all", lines.len()));
     }
 }

@@ -1,0 +1,403 @@
+//! `meshctl`: inspect the node agent — status, services, backends, circuits, identities, config
+//! and live flows — over its admin socket. Habits of `kubectl get` and `hubble observe`.
+
+use std::{io::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use mesh_agent::admin::proto::{
+    ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListServicesRequest,
+    StatusRequest, WatchFlowsRequest, admin_client::AdminClient,
+};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Inspect the mesh's node agent.
+#[derive(Parser)]
+#[command(name = "meshctl", version, about)]
+struct Cli {
+    /// The agent's admin socket.
+    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::app::DEFAULT_ADMIN_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Agent health, source and kernel counters.
+    Status,
+    /// Services in the data path.
+    Services,
+    /// Backends of a service, with circuit state and kernel counters.
+    Backends {
+        /// `name` or `namespace/name`.
+        service: String,
+    },
+    /// Backends whose circuit is open or half-open (all services).
+    Circuits {
+        /// Show closed circuits too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Workload identities on this node.
+    Identities,
+    /// Flow events: recent, then live with --follow.
+    Flows {
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        pod: Option<String>,
+        /// `name` or `namespace/name`.
+        #[arg(long)]
+        service: Option<String>,
+        /// open | close | reject | fail | eject | recover
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only flows newer than this (e.g. 30s, 5m).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// The agent's running configuration (JSON).
+    Config,
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(socket: PathBuf) -> Result<AdminClient<Channel>> {
+    let path = socket.clone();
+    // The URI is required by tonic but unused: the connector always dials the Unix socket.
+    let channel = Endpoint::try_from("http://mesh-agent.invalid")?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
+                socket.display()
+            )
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one short arm per subcommand reads best in one place"
+)]
+async fn run(cli: Cli) -> Result<()> {
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "meshctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    let mut client = connect(cli.socket).await?;
+    let out = cli.output;
+    match cli.command {
+        Command::Status => status(&mut client, out).await,
+        Command::Services => {
+            let r = client
+                .list_services(ListServicesRequest {})
+                .await?
+                .into_inner();
+            print(out, &r.services, || {
+                table(
+                    &[
+                        "NAMESPACE",
+                        "NAME",
+                        "ADDRESS",
+                        "PROTO",
+                        "LB",
+                        "BACKENDS",
+                        "MAX-CONN",
+                        "EJECT-AFTER",
+                        "EJECT-TIME",
+                    ],
+                    r.services
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.namespace.clone(),
+                                s.name.clone(),
+                                s.address.clone(),
+                                s.protocol.clone(),
+                                s.algorithm.clone(),
+                                s.backends.to_string(),
+                                s.max_connections.to_string(),
+                                s.consecutive_failures.to_string(),
+                                format!("{}ms", s.base_ejection_ms),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        Command::Backends { service } => backends(&mut client, out, service, false).await,
+        Command::Circuits { all } => backends(&mut client, out, String::new(), !all).await,
+        Command::Identities => {
+            let r = client
+                .list_identities(ListIdentitiesRequest {})
+                .await?
+                .into_inner();
+            print(out, &r.identities, || {
+                table(
+                    &[
+                        "NAMESPACE",
+                        "POD",
+                        "SERVICE-ACCOUNT",
+                        "SPIFFE-ID",
+                        "ADDRESSES",
+                    ],
+                    r.identities
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.namespace.clone(),
+                                i.pod.clone(),
+                                i.service_account.clone(),
+                                i.spiffe_id.clone(),
+                                i.addresses.join(","),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        Command::Config => {
+            let r = client.config_dump(ConfigDumpRequest {}).await?.into_inner();
+            let v: serde_json::Value = serde_json::from_str(&r.json)?;
+            match out {
+                Output::Yaml => print!("{}", serde_saphyr::to_string(&v)?),
+                _ => println!("{}", serde_json::to_string_pretty(&v)?),
+            }
+            Ok(())
+        }
+        Command::Flows {
+            follow,
+            namespace,
+            pod,
+            service,
+            verdict,
+            since,
+        } => {
+            let since_seconds = match since {
+                Some(s) => humantime::parse_duration(&s)
+                    .with_context(|| format!("--since {s:?}"))?
+                    .as_secs()
+                    .max(1),
+                None => 0,
+            };
+            let req = WatchFlowsRequest {
+                namespace: namespace.unwrap_or_default(),
+                pod: pod.unwrap_or_default(),
+                service: service.unwrap_or_default(),
+                verdict: verdict.unwrap_or_default(),
+                since_seconds,
+                follow,
+            };
+            let mut stream = client.watch_flows(req).await?.into_inner();
+            if matches!(out, Output::Table) {
+                println!("{}", flow_row(None));
+            }
+            while let Some(flow) = stream.message().await? {
+                match out {
+                    Output::Table => println!("{}", flow_row(Some(&flow))),
+                    Output::Json => println!("{}", serde_json::to_string(&flow)?),
+                    Output::Yaml => print!("---\n{}", serde_saphyr::to_string(&flow)?),
+                }
+                std::io::stdout().flush()?;
+            }
+            Ok(())
+        }
+        Command::Completion { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
+    let s = client.status(StatusRequest {}).await?.into_inner();
+    print(out, &s, || {
+        let mut rows = vec![
+            vec!["node".into(), s.node.clone()],
+            vec!["ready".into(), s.ready.to_string()],
+            vec!["source".into(), s.source.clone()],
+            vec!["uptime".into(), format!("{}s", s.uptime_seconds)],
+            vec!["services".into(), s.services.to_string()],
+            vec!["backends".into(), s.backends.to_string()],
+            vec!["cgroup".into(), s.cgroup.clone()],
+            vec!["pins".into(), s.pin_dir.clone()],
+            vec!["map full errors".into(), s.map_full_total.to_string()],
+            vec![
+                "last rejection".into(),
+                if s.last_rejection.is_empty() {
+                    "-".into()
+                } else {
+                    s.last_rejection.clone()
+                },
+            ],
+        ];
+        let mut counters: Vec<_> = s.counters.iter().filter(|(_, v)| **v > 0).collect();
+        counters.sort();
+        rows.extend(
+            counters
+                .into_iter()
+                .map(|(k, v)| vec![format!("counter {k}"), v.to_string()]),
+        );
+        table(&["FIELD", "VALUE"], rows)
+    })
+}
+
+async fn backends(
+    client: &mut AdminClient<Channel>,
+    out: Output,
+    service: String,
+    open_only: bool,
+) -> Result<()> {
+    let r = client
+        .list_backends(ListBackendsRequest { service, open_only })
+        .await?
+        .into_inner();
+    print(out, &r.backends, || {
+        table(
+            &[
+                "SERVICE",
+                "BACKEND",
+                "CIRCUIT",
+                "ACTIVE",
+                "TOTAL",
+                "FAILURES",
+                "CONSEC",
+                "EJECTIONS",
+                "EJECTED-FOR",
+            ],
+            r.backends
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.service.clone(),
+                        b.address.clone(),
+                        b.circuit.clone(),
+                        b.active.to_string(),
+                        b.total.to_string(),
+                        b.failures.to_string(),
+                        b.consecutive_failures.to_string(),
+                        b.ejections.to_string(),
+                        if b.ejected_for_ms == 0 {
+                            "-".into()
+                        } else {
+                            format!("{}ms", b.ejected_for_ms)
+                        },
+                    ]
+                })
+                .collect(),
+        )
+    })
+}
+
+fn flow_row(f: Option<&Flow>) -> String {
+    let Some(f) = f else {
+        return format!(
+            "{:<15} {:<8} {:<28} {:<24} {:<22} {:<12} {}",
+            "TIME", "VERDICT", "SOURCE", "SERVICE", "BACKEND", "REASON", "BYTES/DURATION"
+        );
+    };
+    let secs = f.time_unix_nano / 1_000_000_000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        (f.time_unix_nano / 1000) % 1_000_000
+    );
+    let source = if f.source_pod.is_empty() {
+        if f.source_address.is_empty() {
+            format!("cgroup:{}", f.cgroup_id)
+        } else {
+            f.source_address.clone()
+        }
+    } else {
+        format!("{}/{}", f.source_namespace, f.source_pod)
+    };
+    let service = if f.service.is_empty() {
+        f.service_address.clone()
+    } else {
+        f.service.clone()
+    };
+    let extra = if f.verdict == "close" {
+        format!(
+            "↑{} ↓{} {}µs",
+            f.bytes_sent, f.bytes_received, f.duration_us
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{time:<15} {:<8} {source:<28} {service:<24} {:<22} {:<12} {extra}",
+        f.verdict, f.backend_address, f.reason
+    )
+}
+
+fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {
+    match out {
+        Output::Table => print!("{}", table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(value)?),
+    }
+    Ok(())
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut s = line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        s += &line(r);
+    }
+    s
+}

@@ -1,0 +1,1269 @@
+//! The Kubernetes source: watches Services, `EndpointSlices` (`discovery.k8s.io/v1`), the Pods of
+//! this node and Namespaces through kube-rs watchers (with their default backoff), keeps its own
+//! stores, and after each batch of events (debounced by [`DEBOUNCE`]) sends a complete
+//! [`ClusterModel`] as [`Update::Model`] — once every watcher has finished its initial list, and
+//! only when the model changed.
+//!
+//! What becomes what:
+//! - **Service** → [`model::Service`]: `spec.clusterIPs` (or `spec.clusterIP`); headless (`None`),
+//!   address-less and `ExternalName` services are left out. Ports: TCP and UDP (SCTP is skipped).
+//!   A numeric `targetPort` is the endpoints' port; a named one is resolved per endpoint from the
+//!   `EndpointSlice` ports (keyed by the service port name, into [`Endpoint::ports`]); where no
+//!   slice resolves it, the service port number is used.
+//! - **`EndpointSlice`** → [`Endpoint`]s of the service named by its `kubernetes.io/service-name`
+//!   label (several slices merge; the same address and ports seen twice counts once). Each address
+//!   of each endpoint; `conditions.ready` (absent = ready); `nodeName`; a `Pod` `targetRef`.
+//!   `FQDN` slices are ignored.
+//! - **Pod** (only those with `spec.nodeName` = this node; terminal pods skipped) → [`model::Pod`]:
+//!   `spec.serviceAccountName` (default `default`) and `status.podIPs`.
+//! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
+//!   are left out, so deleting a namespace drops its services and pods at once.
+//!
+//! Per-service settings are annotations on the Service, all under the one prefix
+//! [`ANNOTATION_PREFIX`] (`mesh.example.io/`). Defaults are Envoy's
+//! ([`CircuitSettings::default`](crate::datapath::spec::CircuitSettings::default)).
+//!
+//! | annotation | value | default | meaning |
+//! |---|---|---|---|
+//! | `mesh.example.io/lb-algorithm` | `random` \| `round-robin` \| `weighted` \| `maglev` \| `least-connections` | `random` | load-balancing algorithm |
+//! | `mesh.example.io/session-affinity-timeout` | duration (`3h`, `90s`); `0s` turns affinity off | `spec.sessionAffinity: ClientIP` → `sessionAffinityConfig.clientIP.timeoutSeconds`, else 10800 s (as Kubernetes); otherwise off | `ClientIP` affinity idle timeout; the annotation wins over `spec` |
+//! | `mesh.example.io/max-connections` | whole number, `0` = unlimited | 1024 | connections per backend |
+//! | `mesh.example.io/consecutive-failures` | whole number, `0` = ejection off | 5 | failures before a backend is ejected |
+//! | `mesh.example.io/base-ejection-time` | duration > 0 (`30s`, `1m`) | 30 s | first ejection; multiplied by times ejected |
+//! | `mesh.example.io/max-ejection-time` | duration > 0 | 300 s | cap of one ejection |
+//! | `mesh.example.io/max-ejection-percent` | whole number `0`..=`100` | 10 | share of a service's backends that may be ejected |
+//!
+//! Durations use `humantime` syntax. **An invalid value** (unknown algorithm, not a number,
+//! percent over 100, bad duration) does not break the service: it keeps its last good settings
+//! (the defaults if it never had good ones) while ports and endpoints keep following the API. The
+//! problem is reported once per distinct value as [`Update::Rejected`] naming the object and the
+//! annotation, logged with `warn!`, and recorded best effort as a Kubernetes `Warning` Event with
+//! reason [`EVENT_REASON`] on the Service. An unknown key under the prefix (a typo) is reported
+//! the same way and otherwise ignored.
+//!
+//! Watch errors are logged and retried with the watcher's backoff; [`run`] only returns when the
+//! receiver of the updates is gone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    fmt,
+    net::IpAddr,
+    pin::Pin,
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt as _, stream::select_all};
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService,
+            ServiceSpec as K8sServiceSpec,
+        },
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{
+    Api, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, info, warn};
+
+use crate::{
+    datapath::spec::{Algorithm, Protocol},
+    discovery::Update,
+    model::{self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings},
+};
+
+/// The kube-rs and API-type crates this source is built on, for callers that build the client.
+pub use {k8s_openapi, kube};
+
+/// The one prefix of every annotation this source reads.
+pub const ANNOTATION_PREFIX: &str = "mesh.example.io/";
+/// Load-balancing algorithm annotation.
+pub const ANN_LB_ALGORITHM: &str = "mesh.example.io/lb-algorithm";
+/// `ClientIP` affinity timeout annotation.
+pub const ANN_SESSION_AFFINITY_TIMEOUT: &str = "mesh.example.io/session-affinity-timeout";
+/// Per-backend connection limit annotation.
+pub const ANN_MAX_CONNECTIONS: &str = "mesh.example.io/max-connections";
+/// Consecutive failures before ejection annotation.
+pub const ANN_CONSECUTIVE_FAILURES: &str = "mesh.example.io/consecutive-failures";
+/// Base ejection time annotation.
+pub const ANN_BASE_EJECTION_TIME: &str = "mesh.example.io/base-ejection-time";
+/// Maximum ejection time annotation.
+pub const ANN_MAX_EJECTION_TIME: &str = "mesh.example.io/max-ejection-time";
+/// Maximum ejected share annotation.
+pub const ANN_MAX_EJECTION_PERCENT: &str = "mesh.example.io/max-ejection-percent";
+/// Every annotation key this source understands.
+pub const ANNOTATIONS: [&str; 7] = [
+    ANN_LB_ALGORITHM,
+    ANN_SESSION_AFFINITY_TIMEOUT,
+    ANN_MAX_CONNECTIONS,
+    ANN_CONSECUTIVE_FAILURES,
+    ANN_BASE_EJECTION_TIME,
+    ANN_MAX_EJECTION_TIME,
+    ANN_MAX_EJECTION_PERCENT,
+];
+
+/// Label joining an `EndpointSlice` to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default `ClientIP` affinity timeout (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_hours(3);
+/// Quiet time that ends a batch of watch events.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Longest batch under continuous churn: a model goes out at least this often.
+pub const MAX_BATCH: Duration = Duration::from_secs(1);
+/// Reason of the Kubernetes Event recorded for a rejected annotation.
+pub const EVENT_REASON: &str = "InvalidAnnotation";
+/// Reporting controller of those Events.
+pub const EVENT_CONTROLLER: &str = "mesh-agent";
+
+/// Longest annotation value quoted in a report (Events allow 1 kB of note).
+const MAX_QUOTED_VALUE: usize = 100;
+
+/// Why the Kubernetes source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    /// The receiver of the updates was dropped (the agent is shutting down).
+    #[error("sending the cluster model of node {node}: the update channel is closed")]
+    ChannelClosed { node: String },
+    /// A watcher stream ended, which kube-rs watchers never do by design.
+    #[error("watching {kind}: the watch stream ended")]
+    WatchEnded { kind: &'static str },
+}
+
+/// One problem with one annotation of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationError {
+    /// A known key with a value that cannot be used: the service keeps its last good settings.
+    #[error("annotation {key}: {value:?} {reason}; keeping the last good settings")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    /// A key under the prefix that this source does not know (likely a typo): ignored.
+    #[error("annotation {key}: unknown setting (known: {known}); ignored", known = known_suffixes())]
+    Unknown { key: String },
+}
+
+impl AnnotationError {
+    fn invalid(key: &str, value: &str, reason: impl Into<String>) -> Self {
+        let mut value = value.to_owned();
+        if value.len() > MAX_QUOTED_VALUE {
+            let mut cut = MAX_QUOTED_VALUE;
+            while !value.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            value.truncate(cut);
+            value.push('…');
+        }
+        Self::Invalid {
+            key: key.to_owned(),
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    /// The annotation key concerned.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Invalid { key, .. } | Self::Unknown { key } => key,
+        }
+    }
+}
+
+fn known_suffixes() -> String {
+    ANNOTATIONS
+        .iter()
+        .map(|k| k.trim_start_matches(ANNOTATION_PREFIX))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Settings from a Service's annotations and `spec`: `settings` is `None` when any known
+/// annotation is invalid (the caller keeps the last good ones); `problems` lists every problem.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedSettings {
+    pub settings: Option<ServiceSettings>,
+    pub problems: Vec<AnnotationError>,
+}
+
+/// Parses the per-service settings (see the module table).
+#[must_use]
+pub fn parse_settings(
+    annotations: &BTreeMap<String, String>,
+    spec: Option<&K8sServiceSpec>,
+) -> ParsedSettings {
+    let mut settings = ServiceSettings {
+        affinity_timeout: spec_affinity(spec),
+        ..ServiceSettings::default()
+    };
+    let mut problems = Vec::new();
+    let mut invalid = false;
+    for (key, value) in annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+    {
+        let result = apply_annotation(&mut settings, key, value.trim());
+        match result {
+            Ok(true) => {}
+            Ok(false) => problems.push(AnnotationError::Unknown { key: key.clone() }),
+            Err(reason) => {
+                invalid = true;
+                problems.push(AnnotationError::invalid(key, value, reason));
+            }
+        }
+    }
+    ParsedSettings {
+        settings: (!invalid).then_some(settings),
+        problems,
+    }
+}
+
+/// `ClientIP` affinity from the Service spec, as Kubernetes defines it.
+fn spec_affinity(spec: Option<&K8sServiceSpec>) -> Option<Duration> {
+    let spec = spec?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|&s| s > 0);
+    Some(seconds.map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs))
+}
+
+/// Applies one annotation under the prefix: `Ok(false)` for an unknown key, `Err(reason)` for an
+/// unusable value.
+fn apply_annotation(s: &mut ServiceSettings, key: &str, value: &str) -> Result<bool, String> {
+    match key {
+        ANN_LB_ALGORITHM => s.algorithm = parse_algorithm(value)?,
+        ANN_SESSION_AFFINITY_TIMEOUT => {
+            let d = parse_duration(value)?;
+            s.affinity_timeout = (!d.is_zero()).then_some(d);
+        }
+        ANN_MAX_CONNECTIONS => s.circuit.max_connections = parse_u32(value)?,
+        ANN_CONSECUTIVE_FAILURES => s.circuit.consecutive_failures = parse_u32(value)?,
+        ANN_BASE_EJECTION_TIME => s.circuit.base_ejection = parse_positive_duration(value)?,
+        ANN_MAX_EJECTION_TIME => s.circuit.max_ejection = parse_positive_duration(value)?,
+        ANN_MAX_EJECTION_PERCENT => {
+            let p = parse_u32(value)?;
+            if p > 100 {
+                return Err("is not 0..=100".to_owned());
+            }
+            s.circuit.max_ejection_percent = p;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// An algorithm by its annotation name.
+pub fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
+    Ok(match value {
+        "random" => Algorithm::Random,
+        "round-robin" => Algorithm::RoundRobin,
+        "weighted" => Algorithm::Weighted,
+        "maglev" => Algorithm::Maglev,
+        "least-connections" => Algorithm::LeastConn,
+        _ => {
+            return Err(
+                "is not one of random, round-robin, weighted, maglev, least-connections".to_owned(),
+            );
+        }
+    })
+}
+
+fn parse_u32(value: &str) -> Result<u32, String> {
+    value
+        .parse::<u32>()
+        .map_err(|_| format!("is not a whole number in 0..={}", u32::MAX))
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("is not a duration like 30s or 5m ({e})"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let d = parse_duration(value)?;
+    if d.is_zero() {
+        return Err("is not longer than 0s".to_owned());
+    }
+    Ok(d)
+}
+
+/// Ports of a Service (TCP and UDP; SCTP and out-of-range ports skipped).
+#[must_use]
+pub fn service_ports(spec: &K8sServiceSpec) -> Vec<ServicePort> {
+    let mut out = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                debug!(
+                    protocol = other,
+                    port = p.port,
+                    "service port skipped: protocol not balanced"
+                );
+                continue;
+            }
+        };
+        let Some(port) = port_number(p.port) else {
+            continue;
+        };
+        let target_port = match &p.target_port {
+            Some(IntOrString::Int(n)) => port_number(*n).unwrap_or(port),
+            // Named: resolved per endpoint from the EndpointSlice ports; this is the fallback.
+            Some(IntOrString::String(s)) => s.parse().ok().filter(|&n| n != 0).unwrap_or(port),
+            None => port,
+        };
+        out.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            port,
+            protocol,
+            target_port,
+        });
+    }
+    out
+}
+
+fn port_number(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+/// Cluster IPs of a Service: none for headless, `ExternalName` or not-yet-allocated services.
+#[must_use]
+pub fn cluster_ips(spec: &K8sServiceSpec) -> Vec<IpAddr> {
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Vec::new();
+    }
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    let single = spec.cluster_ip.as_slice();
+    let raw: &[String] = if listed.is_empty() { single } else { listed };
+    let mut out = Vec::new();
+    for ip in raw {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(_) => warn!(cluster_ip = %ip, "service cluster IP is not an address; skipped"),
+        }
+    }
+    out
+}
+
+/// Endpoints of one `EndpointSlice` (`FQDN` slices and unparsable addresses skipped).
+#[must_use]
+pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return Vec::new();
+    }
+    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+    let ports: BTreeMap<String, u16> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
+        .collect();
+    let mut out = Vec::new();
+    for ep in &slice.endpoints {
+        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let pod = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| {
+                let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
+                Some(ObjectName::new(ns, r.name.clone()?))
+            });
+        for addr in &ep.addresses {
+            let Ok(ip) = addr.parse::<IpAddr>() else {
+                warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
+                continue;
+            };
+            out.push(Endpoint {
+                ip,
+                ports: ports.clone(),
+                ready,
+                node: ep.node_name.clone(),
+                pod: pod.clone(),
+                weight: 1,
+            });
+        }
+    }
+    out
+}
+
+/// Merges endpoints of several slices: one entry per (address, ports), ready if any copy is,
+/// sorted so the model does not depend on slice order.
+#[must_use]
+pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint> {
+    let mut merged: BTreeMap<(IpAddr, BTreeMap<String, u16>), Endpoint> = BTreeMap::new();
+    for ep in all {
+        match merged.entry((ep.ip, ep.ports.clone())) {
+            Entry::Vacant(v) => {
+                v.insert(ep);
+            }
+            Entry::Occupied(mut o) => {
+                let cur = o.get_mut();
+                if ep.ready && !cur.ready {
+                    *cur = ep;
+                }
+            }
+        }
+    }
+    merged.into_values().collect()
+}
+
+/// A pod of the model, if it runs on `node` and is not finished.
+#[must_use]
+pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
+    let spec = pod.spec.as_ref()?;
+    if spec.node_name.as_deref() != Some(node) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|p| p.ip.clone()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let raw = if listed.is_empty() {
+        status.and_then(|s| s.pod_ip.clone()).into_iter().collect()
+    } else {
+        listed
+    };
+    for ip in raw {
+        if let Ok(ip) = ip.parse::<IpAddr>()
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    Some(model::Pod {
+        name: ObjectName::new(pod.namespace().unwrap_or_default(), pod.name_any()),
+        node: node.to_owned(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        ips,
+    })
+}
+
+/// Objects of one kind as the watcher last listed and updated them. During a (re)list the old
+/// contents stay visible until the list is complete, as kube-rs reflectors do.
+struct Store<K> {
+    objects: BTreeMap<ObjectName, K>,
+    relisting: Option<BTreeMap<ObjectName, K>>,
+    /// Whether a first complete list arrived.
+    ready: bool,
+}
+
+impl<K: Resource> Store<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            ready: false,
+        }
+    }
+
+    fn key(obj: &K) -> ObjectName {
+        ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+
+    fn apply(&mut self, event: watcher::Event<K>) {
+        match event {
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(obj) => {
+                let key = Self::key(&obj);
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key, obj);
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.relisting.take() {
+                    self.objects = listed;
+                }
+                self.ready = true;
+            }
+            watcher::Event::Apply(obj) => {
+                self.objects.insert(Self::key(&obj), obj);
+            }
+            watcher::Event::Delete(obj) => {
+                self.objects.remove(&Self::key(&obj));
+            }
+        }
+    }
+}
+
+/// A rejected annotation to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The Service.
+    pub service: ObjectName,
+    /// The problem.
+    pub error: AnnotationError,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Service {}: {}", self.service, self.error)
+    }
+}
+
+/// Everything watched, plus what is remembered between models.
+struct State {
+    node: String,
+    services: Store<K8sService>,
+    slices: Store<EndpointSlice>,
+    pods: Store<K8sPod>,
+    namespaces: Store<K8sNamespace>,
+    /// Last good settings of each service (kept while its annotations are invalid).
+    last_good: BTreeMap<ObjectName, ServiceSettings>,
+    /// Problems already reported per service (each is reported once while it persists).
+    reported: BTreeMap<ObjectName, BTreeSet<String>>,
+}
+
+impl State {
+    fn new(node: String) -> Self {
+        Self {
+            node,
+            services: Store::new(),
+            slices: Store::new(),
+            pods: Store::new(),
+            namespaces: Store::new(),
+            last_good: BTreeMap::new(),
+            reported: BTreeMap::new(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.services.ready && self.slices.ready && self.pods.ready && self.namespaces.ready
+    }
+
+    fn namespace_live(&self, ns: &str) -> bool {
+        self.namespaces
+            .objects
+            .get(&ObjectName::new("", ns))
+            .is_some_and(|n| {
+                n.metadata.deletion_timestamp.is_none()
+                    && n.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating")
+            })
+    }
+
+    /// The complete model, and the annotation problems not reported before.
+    fn build(&mut self) -> (ClusterModel, Vec<Rejection>) {
+        let mut slices_by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
+        for (key, slice) in &self.slices.objects {
+            if let Some(svc) = slice.labels().get(SERVICE_NAME_LABEL) {
+                slices_by_service
+                    .entry(ObjectName::new(key.namespace.clone(), svc.clone()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let mut model = ClusterModel {
+            node: self.node.clone(),
+            ..ClusterModel::default()
+        };
+        let mut fresh = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (name, svc) in &self.services.objects {
+            if !self.namespace_live(&name.namespace) {
+                continue;
+            }
+            seen.insert(name.clone());
+            let parsed = parse_settings(svc.annotations(), svc.spec.as_ref());
+            let settings = match parsed.settings {
+                Some(s) => {
+                    self.last_good.insert(name.clone(), s.clone());
+                    s
+                }
+                None => self.last_good.get(name).cloned().unwrap_or_default(),
+            };
+            let messages: BTreeSet<String> =
+                parsed.problems.iter().map(ToString::to_string).collect();
+            let before = self.reported.remove(name).unwrap_or_default();
+            for error in parsed.problems {
+                if !before.contains(&error.to_string()) {
+                    fresh.push(Rejection {
+                        service: name.clone(),
+                        error,
+                    });
+                }
+            }
+            if !messages.is_empty() {
+                self.reported.insert(name.clone(), messages);
+            }
+            let Some(spec) = svc.spec.as_ref() else {
+                continue;
+            };
+            let ips = cluster_ips(spec);
+            if ips.is_empty() {
+                continue;
+            }
+            let endpoints = merge_endpoints(
+                slices_by_service
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|s| slice_endpoints(s)),
+            );
+            model.services.insert(
+                name.clone(),
+                model::Service {
+                    name: name.clone(),
+                    cluster_ips: ips,
+                    ports: service_ports(spec),
+                    settings,
+                    endpoints,
+                },
+            );
+        }
+        // Forget services that are gone (a re-created one starts from the defaults again).
+        self.last_good.retain(|k, _| seen.contains(k));
+        self.reported.retain(|k, _| seen.contains(k));
+        for pod in self.pods.objects.values() {
+            if let Some(p) = pod_of(pod, &self.node)
+                && self.namespace_live(&p.name.namespace)
+            {
+                model.pods.insert(p.name.clone(), p);
+            }
+        }
+        (model, fresh)
+    }
+}
+
+/// One item of the merged watch streams (boxed: the objects are large and differ in size).
+enum Change {
+    Services(Box<Result<watcher::Event<K8sService>, watcher::Error>>),
+    Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
+    Pods(Box<Result<watcher::Event<K8sPod>, watcher::Error>>),
+    Namespaces(Box<Result<watcher::Event<K8sNamespace>, watcher::Error>>),
+}
+
+impl Change {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Services(_) => "Services",
+            Self::Slices(_) => "EndpointSlices",
+            Self::Pods(_) => "Pods",
+            Self::Namespaces(_) => "Namespaces",
+        }
+    }
+}
+
+type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
+
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Change,
+) -> ChangeStream
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| wrap(Box::new(r)))
+        .boxed()
+}
+
+impl State {
+    fn apply(&mut self, change: Change) {
+        let kind = change.kind();
+        let err = match change {
+            Change::Services(r) => (*r).map(|e| self.services.apply(e)).err(),
+            Change::Slices(r) => (*r).map(|e| self.slices.apply(e)).err(),
+            Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
+            Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
+        };
+        if let Some(e) = err {
+            warn!(kind, error = %e, "watch error; retrying with backoff");
+        }
+    }
+}
+
+/// Watches the API through `client` and sends a complete model for `node` after each batch of
+/// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
+pub async fn run(
+    client: kube::Client,
+    node: String,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), KubernetesError> {
+    let mut changes = select_all([
+        watch(
+            Api::<K8sService>::all(client.clone()),
+            watcher::Config::default(),
+            Change::Services,
+        ),
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            Change::Slices,
+        ),
+        watch(
+            Api::<K8sPod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            Change::Pods,
+        ),
+        watch(
+            Api::<K8sNamespace>::all(client.clone()),
+            watcher::Config::default(),
+            Change::Namespaces,
+        ),
+    ]);
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: EVENT_CONTROLLER.to_owned(),
+            instance: Some(node.clone()),
+        },
+    );
+    let mut state = State::new(node.clone());
+    let mut last_sent: Option<ClusterModel> = None;
+    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces");
+    loop {
+        let Some(first) = changes.next().await else {
+            return Err(KubernetesError::WatchEnded { kind: "all" });
+        };
+        state.apply(first);
+        let deadline = Instant::now() + MAX_BATCH;
+        while Instant::now() < deadline {
+            match tokio::time::timeout(DEBOUNCE, changes.next()).await {
+                Ok(Some(change)) => state.apply(change),
+                Ok(None) => return Err(KubernetesError::WatchEnded { kind: "all" }),
+                Err(_) => break,
+            }
+        }
+        if !state.ready() {
+            continue;
+        }
+        let (model, rejections) = state.build();
+        for r in rejections {
+            let message = r.to_string();
+            warn!(service = %r.service, annotation = r.error.key(), "{message}");
+            record_event(&recorder, &state, &r);
+            if updates.send(Update::Rejected(message)).await.is_err() {
+                return Err(KubernetesError::ChannelClosed { node });
+            }
+        }
+        if last_sent.as_ref() == Some(&model) {
+            continue;
+        }
+        debug!(
+            services = model.services.len(),
+            pods = model.pods.len(),
+            "sending the cluster model"
+        );
+        if updates.send(Update::Model(model.clone())).await.is_err() {
+            return Err(KubernetesError::ChannelClosed { node });
+        }
+        last_sent = Some(model);
+    }
+}
+
+/// Records a `Warning` Event on the Service, in the background; failures are only logged.
+fn record_event(recorder: &Recorder, state: &State, r: &Rejection) {
+    let Some(svc) = state.services.objects.get(&r.service) else {
+        return;
+    };
+    let reference = svc.object_ref(&());
+    let recorder = recorder.clone();
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: EVENT_REASON.to_owned(),
+        note: Some(r.to_string()),
+        action: "ApplySettings".to_owned(),
+        secondary: None,
+    };
+    let service = r.service.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            debug!(service = %service, error = %e, "recording the InvalidAnnotation Event failed");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{
+        core::v1::{
+            ClientIPConfig, ObjectReference, ServicePort as K8sServicePort, SessionAffinityConfig,
+        },
+        discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort},
+    };
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::datapath::spec::CircuitSettings;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn service(name: &str, annotations: &[(&str, &str)], ip: &str) -> K8sService {
+        K8sService {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("default".to_owned()),
+                annotations: Some(ann(annotations)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(K8sServiceSpec {
+                cluster_ip: Some(ip.to_owned()),
+                cluster_ips: Some(vec![ip.to_owned()]),
+                ports: Some(vec![K8sServicePort {
+                    name: Some("http".to_owned()),
+                    port: 80,
+                    target_port: Some(IntOrString::String("web".to_owned())),
+                    ..K8sServicePort::default()
+                }]),
+                ..K8sServiceSpec::default()
+            }),
+            ..K8sService::default()
+        }
+    }
+
+    fn slice(name: &str, service: &str, ips: &[(&str, Option<bool>)]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("default".to_owned()),
+                labels: Some(ann(&[(SERVICE_NAME_LABEL, service)])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".to_owned(),
+            endpoints: ips
+                .iter()
+                .map(|(ip, ready)| K8sEndpoint {
+                    addresses: vec![(*ip).to_owned()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..EndpointConditions::default()
+                    }),
+                    node_name: Some("a".to_owned()),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".to_owned()),
+                        name: Some(format!("pod-{ip}")),
+                        ..ObjectReference::default()
+                    }),
+                    ..K8sEndpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".to_owned()),
+                port: Some(8080),
+                protocol: Some("TCP".to_owned()),
+                ..EndpointPort::default()
+            }]),
+        }
+    }
+
+    fn namespace(name: &str) -> K8sNamespace {
+        K8sNamespace {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..K8sNamespace::default()
+        }
+    }
+
+    #[test]
+    fn no_annotations_give_envoy_defaults() {
+        let p = parse_settings(&BTreeMap::new(), None);
+        assert_eq!(p.settings, Some(ServiceSettings::default()));
+        assert_eq!(p.settings.unwrap().circuit, CircuitSettings::default());
+        assert!(p.problems.is_empty());
+    }
+
+    #[test]
+    fn every_annotation_parses() {
+        let p = parse_settings(
+            &ann(&[
+                (ANN_LB_ALGORITHM, "maglev"),
+                (ANN_SESSION_AFFINITY_TIMEOUT, "90s"),
+                (ANN_MAX_CONNECTIONS, "0"),
+                (ANN_CONSECUTIVE_FAILURES, " 3 "),
+                (ANN_BASE_EJECTION_TIME, "2s"),
+                (ANN_MAX_EJECTION_TIME, "1m 30s"),
+                (ANN_MAX_EJECTION_PERCENT, "100"),
+                ("other.io/x", "ignored"),
+            ]),
+            None,
+        );
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let s = p.settings.unwrap();
+        assert_eq!(s.algorithm, Algorithm::Maglev);
+        assert_eq!(s.affinity_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(
+            s.circuit,
+            CircuitSettings {
+                max_connections: 0,
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(2),
+                max_ejection: Duration::from_secs(90),
+                max_ejection_percent: 100,
+            }
+        );
+        for (name, algo) in [
+            ("random", Algorithm::Random),
+            ("round-robin", Algorithm::RoundRobin),
+            ("weighted", Algorithm::Weighted),
+            ("least-connections", Algorithm::LeastConn),
+        ] {
+            assert_eq!(parse_algorithm(name), Ok(algo));
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_named_and_reject_the_settings() {
+        for (key, value, reason) in [
+            (ANN_MAX_EJECTION_PERCENT, "150", "is not 0..=100"),
+            (ANN_MAX_EJECTION_PERCENT, "ten", "is not a whole number"),
+            (ANN_LB_ALGORITHM, "fastest", "is not one of random"),
+            (ANN_MAX_CONNECTIONS, "-1", "is not a whole number"),
+            (
+                ANN_CONSECUTIVE_FAILURES,
+                "5000000000",
+                "is not a whole number",
+            ),
+            (ANN_BASE_EJECTION_TIME, "30", "is not a duration"),
+            (ANN_BASE_EJECTION_TIME, "0s", "is not longer than 0s"),
+            (ANN_MAX_EJECTION_TIME, "soon", "is not a duration"),
+            (
+                ANN_SESSION_AFFINITY_TIMEOUT,
+                "3 hours-ish",
+                "is not a duration",
+            ),
+        ] {
+            let p = parse_settings(&ann(&[(key, value)]), None);
+            assert_eq!(p.settings, None, "{key}={value}");
+            assert_eq!(p.problems.len(), 1, "{key}={value}: {:?}", p.problems);
+            let msg = p.problems[0].to_string();
+            assert!(
+                msg.starts_with(&format!("annotation {key}: {value:?} {reason}")),
+                "{msg}"
+            );
+            assert!(msg.ends_with("; keeping the last good settings"), "{msg}");
+        }
+
+        // One bad value among good ones rejects the whole set, naming only the bad one.
+        let p = parse_settings(
+            &ann(&[
+                (ANN_LB_ALGORITHM, "maglev"),
+                (ANN_MAX_EJECTION_PERCENT, "101"),
+            ]),
+            None,
+        );
+        assert_eq!(p.settings, None);
+        assert_eq!(p.problems.len(), 1);
+        assert_eq!(p.problems[0].key(), ANN_MAX_EJECTION_PERCENT);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_but_do_not_reject() {
+        let p = parse_settings(&ann(&[("mesh.example.io/lb-algoritm", "maglev")]), None);
+        assert_eq!(p.settings, Some(ServiceSettings::default()));
+        assert_eq!(
+            p.problems,
+            vec![AnnotationError::Unknown {
+                key: "mesh.example.io/lb-algoritm".to_owned()
+            }]
+        );
+        assert!(p.problems[0].to_string().contains("known: lb-algorithm,"));
+    }
+
+    #[test]
+    fn long_values_are_cut_in_reports() {
+        let long = "é".repeat(500);
+        let p = parse_settings(&ann(&[(ANN_LB_ALGORITHM, &long)]), None);
+        assert!(p.problems[0].to_string().len() < 400);
+    }
+
+    #[test]
+    fn spec_affinity_follows_kubernetes_and_the_annotation_wins() {
+        let mut spec = K8sServiceSpec {
+            session_affinity: Some("ClientIP".to_owned()),
+            ..K8sServiceSpec::default()
+        };
+        let p = parse_settings(&BTreeMap::new(), Some(&spec));
+        assert_eq!(
+            p.settings.unwrap().affinity_timeout,
+            Some(Duration::from_hours(3))
+        );
+        spec.session_affinity_config = Some(SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(60),
+            }),
+        });
+        let p = parse_settings(&BTreeMap::new(), Some(&spec));
+        assert_eq!(
+            p.settings.unwrap().affinity_timeout,
+            Some(Duration::from_mins(1))
+        );
+        let p = parse_settings(&ann(&[(ANN_SESSION_AFFINITY_TIMEOUT, "0s")]), Some(&spec));
+        assert_eq!(p.settings.unwrap().affinity_timeout, None);
+        spec.session_affinity = Some("None".to_owned());
+        let p = parse_settings(&BTreeMap::new(), Some(&spec));
+        assert_eq!(p.settings.unwrap().affinity_timeout, None);
+    }
+
+    #[test]
+    fn ips_and_ports_skip_headless_sctp_and_external_name() {
+        let mut spec = service("web", &[], "None").spec.unwrap();
+        assert!(cluster_ips(&spec).is_empty());
+        spec.cluster_ips = Some(vec!["10.96.0.1".to_owned(), "fd00::1".to_owned()]);
+        assert_eq!(cluster_ips(&spec).len(), 2);
+        spec.type_ = Some("ExternalName".to_owned());
+        assert!(cluster_ips(&spec).is_empty());
+        spec.ports = Some(vec![
+            K8sServicePort {
+                name: Some("dns".to_owned()),
+                port: 53,
+                protocol: Some("UDP".to_owned()),
+                ..K8sServicePort::default()
+            },
+            K8sServicePort {
+                name: Some("sctp".to_owned()),
+                port: 9,
+                protocol: Some("SCTP".to_owned()),
+                ..K8sServicePort::default()
+            },
+            K8sServicePort {
+                name: Some("http".to_owned()),
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                ..K8sServicePort::default()
+            },
+        ]);
+        let ports = service_ports(&spec);
+        assert_eq!(
+            ports,
+            vec![
+                ServicePort {
+                    name: "dns".to_owned(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target_port: 53
+                },
+                ServicePort {
+                    name: "http".to_owned(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: 8080
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_merge_and_resolve_named_target_ports() {
+        let mut state = State::new("a".to_owned());
+        for e in [
+            watcher::Event::Apply(namespace("default")),
+            watcher::Event::InitDone,
+        ] {
+            state.namespaces.apply(e);
+        }
+        state
+            .services
+            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+        state.slices.apply(watcher::Event::Apply(slice(
+            "web-1",
+            "web",
+            &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
+        )));
+        state.slices.apply(watcher::Event::Apply(slice(
+            "web-2",
+            "web",
+            &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
+        )));
+        state.slices.apply(watcher::Event::Apply(slice(
+            "other",
+            "db",
+            &[("10.1.0.9", None)],
+        )));
+        let (m, rejections) = state.build();
+        assert!(rejections.is_empty());
+        let svc = &m.services[&ObjectName::new("default", "web")];
+        let ips: Vec<String> = svc.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(ips, ["10.1.0.2", "10.1.0.3", "10.1.0.4"]);
+        assert_eq!(
+            svc.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(
+            svc.endpoints[0].pod,
+            Some(ObjectName::new("default", "pod-10.1.0.2"))
+        );
+        assert_eq!(svc.endpoints[0].node.as_deref(), Some("a"));
+        let specs = m.desired_specs();
+        assert_eq!(specs.len(), 1);
+        let backends: Vec<String> = specs[0]
+            .1
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(
+            backends,
+            ["10.1.0.2:8080", "10.1.0.4:8080"],
+            "named port resolved, not-ready left out"
+        );
+    }
+
+    #[test]
+    fn bad_annotation_keeps_last_good_settings_and_is_reported_once() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        let web = ObjectName::new("default", "web");
+        state.services.apply(watcher::Event::Apply(service(
+            "web",
+            &[(ANN_LB_ALGORITHM, "round-robin")],
+            "10.96.0.20",
+        )));
+        let (m, r) = state.build();
+        assert!(r.is_empty());
+        assert_eq!(m.services[&web].settings.algorithm, Algorithm::RoundRobin);
+        state.services.apply(watcher::Event::Apply(service(
+            "web",
+            &[
+                (ANN_LB_ALGORITHM, "maglev"),
+                (ANN_MAX_EJECTION_PERCENT, "150"),
+            ],
+            "10.96.0.20",
+        )));
+        let (m, r) = state.build();
+        assert_eq!(
+            m.services[&web].settings.algorithm,
+            Algorithm::RoundRobin,
+            "last good kept"
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].to_string(),
+            "Service default/web: annotation mesh.example.io/max-ejection-percent: \"150\" is not 0..=100; keeping the last good settings"
+        );
+        let (_, r) = state.build();
+        assert!(r.is_empty(), "reported once while it persists");
+        // A service that never had good settings gets the defaults.
+        state.services.apply(watcher::Event::Apply(service(
+            "new",
+            &[(ANN_LB_ALGORITHM, "nope")],
+            "10.96.0.21",
+        )));
+        let (m, r) = state.build();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            m.services[&ObjectName::new("default", "new")].settings,
+            ServiceSettings::default()
+        );
+    }
+
+    #[test]
+    fn deleted_namespace_drops_its_objects_and_pods_follow_the_node() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        state
+            .services
+            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+        let mut pod = K8sPod {
+            metadata: ObjectMeta {
+                name: Some("p".to_owned()),
+                namespace: Some("default".to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("a".to_owned()),
+                ..Default::default()
+            }),
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP {
+                    ip: "10.1.0.7".to_owned(),
+                }]),
+                ..Default::default()
+            }),
+        };
+        state.pods.apply(watcher::Event::Apply(pod.clone()));
+        pod.metadata.name = Some("elsewhere".to_owned());
+        pod.spec.as_mut().unwrap().node_name = Some("b".to_owned());
+        state.pods.apply(watcher::Event::Apply(pod));
+        let (m, _) = state.build();
+        assert_eq!(m.services.len(), 1);
+        assert_eq!(m.pods.len(), 1);
+        let p = &m.pods[&ObjectName::new("default", "p")];
+        assert_eq!(p.service_account, "default");
+        assert_eq!(p.ips, vec!["10.1.0.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(m.local_pod_ips(), p.ips);
+        state
+            .namespaces
+            .apply(watcher::Event::Delete(namespace("default")));
+        let (m, _) = state.build();
+        assert!(m.services.is_empty() && m.pods.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_api_is_retried_not_fatal() {
+        // Nothing listens on port 1: every watch fails and backs off; no model goes out.
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(run(client, "a".to_owned(), tx));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!task.is_finished(), "run keeps retrying");
+        assert!(rx.try_recv().is_err(), "no model from an API never listed");
+        drop(rx);
+        task.abort();
+    }
+
+    #[test]
+    fn relist_replaces_the_store_only_when_complete() {
+        let mut store = Store::<K8sNamespace>::new();
+        store.apply(watcher::Event::Apply(namespace("old")));
+        store.apply(watcher::Event::Init);
+        store.apply(watcher::Event::InitApply(namespace("new")));
+        assert!(
+            store.objects.contains_key(&ObjectName::new("", "old")),
+            "old contents visible during relist"
+        );
+        assert!(!store.ready);
+        store.apply(watcher::Event::InitDone);
+        assert!(store.ready);
+        assert_eq!(
+            store.objects.keys().cloned().collect::<Vec<_>>(),
+            [ObjectName::new("", "new")]
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Flow events from the kernel ring, enriched with pod and service names, kept in a bounded
+//! recent-history buffer and broadcast live to `meshctl flows --follow` watchers.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{MapData, RingBuf};
+use mesh_common::{
+    PROTO_UDP,
+    counters::COUNTER_NAMES,
+    event::{
+        EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, EV_REJECT, FAIL_REFUSED, FAIL_RESET,
+        FAIL_SYN_TIMEOUT, FlowEvent,
+    },
+};
+use tokio::sync::broadcast;
+
+use crate::{admin::proto::Flow, datapath::events, datapath::ip_from_be};
+
+/// Flows kept for `meshctl flows` without `--follow`.
+pub const RECENT_CAPACITY: usize = 10_000;
+/// Live subscribers that fall this far behind lose the oldest flows (and are told how many).
+pub const BROADCAST_CAPACITY: usize = 4096;
+
+/// Names for what the kernel reports by address or cgroup; filled from the cluster model.
+pub trait Names {
+    /// `(namespace, pod)` of a pod address.
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)>;
+    /// `namespace/name` of the service owning an address and protocol.
+    fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<String>;
+}
+
+/// Recent flows and live subscribers.
+pub struct FlowHub {
+    recent: Mutex<VecDeque<Flow>>,
+    live: broadcast::Sender<Flow>,
+    /// Wall-clock minus monotonic, to stamp kernel times (`bpf_ktime_get_ns`) as Unix time.
+    wall_offset_ns: u64,
+}
+
+impl Default for FlowHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FlowHub {
+    #[must_use]
+    pub fn new() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
+            live: broadcast::channel(BROADCAST_CAPACITY).0,
+            wall_offset_ns: wall.saturating_sub(monotonic_ns()),
+        }
+    }
+
+    /// Turns a kernel event into a named flow.
+    pub fn enrich(&self, e: &FlowEvent, names: &dyn Names) -> Flow {
+        let svc = SocketAddr::new(
+            ip_from_be(e.svc_addr_be, e.family),
+            u16::from_be(e.svc_port_be),
+        );
+        let backend = SocketAddr::new(
+            ip_from_be(e.backend_addr_be, e.family),
+            u16::from_be(e.backend_port_be),
+        );
+        let client = ip_from_be(e.client_addr_be, e.family);
+        let known_client = !client.is_unspecified();
+        let (ns, pod) = if known_client {
+            names.pod_by_ip(client).unwrap_or_default()
+        } else {
+            Default::default()
+        };
+        Flow {
+            time_unix_nano: e.ts_ns + self.wall_offset_ns,
+            verdict: verdict(e.kind).to_owned(),
+            reason: reason(e.kind, e.reason),
+            source_namespace: ns,
+            source_pod: pod,
+            source_address: if known_client {
+                client.to_string()
+            } else {
+                String::new()
+            },
+            service: names
+                .service_by_addr(svc, e.proto == PROTO_UDP)
+                .unwrap_or_default(),
+            service_address: svc.to_string(),
+            backend_address: if e.backend_id != 0 {
+                backend.to_string()
+            } else {
+                String::new()
+            },
+            protocol: if e.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_owned(),
+            bytes_sent: e.bytes_sent,
+            bytes_received: e.bytes_received,
+            duration_us: e.duration_ns / 1000,
+            cgroup_id: e.cgroup_id,
+        }
+    }
+
+    /// Records a flow and sends it to live watchers.
+    pub fn publish(&self, flow: Flow) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            if recent.len() == RECENT_CAPACITY {
+                recent.pop_front();
+            }
+            recent.push_back(flow.clone());
+        }
+        let _ = self.live.send(flow);
+    }
+
+    /// A copy of the recent flows, oldest first.
+    #[must_use]
+    pub fn recent(&self) -> Vec<Flow> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A live subscription.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Flow> {
+        self.live.subscribe()
+    }
+
+    /// Reads the kernel ring whenever it has data, until the process ends. The ring has exactly
+    /// one reader: this task.
+    pub async fn pump(
+        self: Arc<Self>,
+        ring: RingBuf<MapData>,
+        names: Arc<dyn Names + Send + Sync>,
+    ) {
+        // SAFETY: the `AsyncFd` owns the ring (hence its fd) for as long as it is registered.
+        let Ok(mut fd) = (unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        }) else {
+            tracing::warn!("flow events unavailable: cannot poll the event ring");
+            return;
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            for e in events::drain(guard.get_inner_mut()) {
+                self.publish(self.enrich(&e, names.as_ref()));
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+fn verdict(kind: u8) -> &'static str {
+    match kind {
+        EV_OPEN => "open",
+        EV_CLOSE => "close",
+        EV_REJECT => "reject",
+        EV_FAIL => "fail",
+        EV_EJECT => "eject",
+        EV_RECOVER => "recover",
+        _ => "unknown",
+    }
+}
+
+fn reason(kind: u8, reason: u8) -> String {
+    match (kind, reason) {
+        (_, 0) => String::new(),
+        (EV_REJECT, r) => COUNTER_NAMES
+            .get(usize::from(r))
+            .map_or_else(|| r.to_string(), |s| (*s).to_owned()),
+        (_, FAIL_REFUSED) => "refused".to_owned(),
+        (_, FAIL_SYN_TIMEOUT) => "syn-timeout".to_owned(),
+        (_, FAIL_RESET) => "reset".to_owned(),
+        (_, r) => r.to_string(),
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec.cast_unsigned() * 1_000_000_000 + ts.tv_nsec.cast_unsigned()
+}

@@ -1,0 +1,141 @@
+//! The real `mesh-agent` binary run on a harness node, and `meshctl` talking to it: used by the
+//! agent tests and the demo.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{NodeHandle, PodChild};
+
+/// A binary of the workspace built next to the running executable (`target/<profile>/`).
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the current executable")?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{name} is not built next to {} (cargo build -p mesh-agent --bins)",
+                exe.display()
+            )
+        })
+}
+
+/// Writes a file atomically (write, then rename), so a watcher never reads half of it.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// One node's agent: its flags, and the process while it runs.
+pub struct AgentProcess {
+    pub node: NodeHandle,
+    pub config: PathBuf,
+    pub pins: PathBuf,
+    pub socket: PathBuf,
+    pub log_filter: String,
+    child: Option<PodChild>,
+}
+
+impl AgentProcess {
+    /// An agent of `node` reading `config`, pinning under `pins`, admin socket `socket`.
+    #[must_use]
+    pub fn new(node: NodeHandle, config: PathBuf, pins: PathBuf, socket: PathBuf) -> Self {
+        Self {
+            node,
+            config,
+            pins,
+            socket,
+            log_filter: "info".to_owned(),
+            child: None,
+        }
+    }
+
+    /// Starts the agent in the node (outside the pods' cgroups) and waits until it is ready.
+    pub fn start(&mut self) -> Result<()> {
+        let mut cmd = self.node.command(workspace_binary("mesh-agent")?);
+        cmd.arg("--node-name")
+            .arg(self.node.name())
+            .arg("--config-file")
+            .arg(&self.config)
+            .arg("--cgroup")
+            .arg(self.node.cgroup_dir())
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .arg("--readiness-addr")
+            .arg("127.0.0.1:15021")
+            .env("RUST_LOG", &self.log_filter);
+        self.child = Some(self.node.spawn(cmd)?);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if self
+                .meshctl_json(&["status"])
+                .is_ok_and(|s| s["ready"] == true)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent on {} not ready: {}", self.node.name(), self.stderr());
+    }
+
+    /// SIGKILLs the agent (programs stay attached through their pinned links).
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.take() {
+            let _ = c.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// What the agent logged so far.
+    #[must_use]
+    pub fn stderr(&self) -> String {
+        self.child
+            .as_ref()
+            .map(PodChild::stderr_text)
+            .unwrap_or_default()
+    }
+
+    /// A `meshctl` command aimed at this agent.
+    pub fn meshctl_command(&self) -> Result<Command> {
+        let mut cmd = Command::new(workspace_binary("meshctl")?);
+        cmd.arg("--socket").arg(&self.socket);
+        Ok(cmd)
+    }
+
+    /// Runs `meshctl ARGS` to completion.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        self.meshctl_command()?
+            .args(args)
+            .output()
+            .context("running meshctl")
+    }
+
+    /// Runs `meshctl ARGS -o json` and parses the output.
+    pub fn meshctl_json(&self, args: &[&str]) -> Result<Value> {
+        let out = self.meshctl(&[args, &["-o", "json"]].concat())?;
+        if !out.status.success() {
+            bail!(
+                "meshctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("meshctl printed no JSON")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

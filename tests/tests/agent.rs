@@ -1,0 +1,295 @@
+//! The agent binary as a user runs it, in a harness node: static-file discovery with precise
+//! rejections, hitless SIGKILL restart (zero failed connections, changes made while down applied
+//! on return), readiness, and `meshctl` over the admin socket.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    Cluster, PodChild, PodHandle,
+    agent::{AgentProcess, write_atomically},
+};
+use serde_json::Value;
+
+const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+
+/// Waits until the agent reports a `last_rejection` containing `needle`.
+fn rejection(agent: &AgentProcess, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let s = agent.meshctl_json(&["status"]).unwrap();
+        let r = s["last_rejection"].as_str().unwrap_or_default().to_owned();
+        if r.contains(needle) {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no rejection with {needle:?}; last: {r:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn model(backends: &[&PodHandle], algorithm: &str) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|p| {
+            format!(
+                "      - {{ ip: {}, node: a, pod: {} }}\n",
+                p.ipv4(),
+                p.name()
+            )
+        })
+        .collect();
+    format!(
+        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: {algorithm}\n    endpoints:\n{}pods:\n  - {{ name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }}\n",
+        VIP.ip(),
+        endpoints.concat()
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    write_atomically(path, text).unwrap();
+}
+
+struct Setup {
+    agent: AgentProcess,
+    _servers: Vec<PodChild>,
+    client: PodHandle,
+    backends: Vec<PodHandle>,
+    _cluster: Cluster,
+}
+
+fn setup(test: &str) -> Setup {
+    let cluster = Cluster::new(test).unwrap();
+    let node = cluster.add_node("a").unwrap();
+    let client = cluster.add_pod(&node, "client").unwrap();
+    let mut backends = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let p = cluster.add_pod(&node, &format!("web-{i}")).unwrap();
+        servers.push(
+            p.serve(p.name(), &[SocketAddr::new(p.ipv4().into(), 80)], &[])
+                .unwrap(),
+        );
+        backends.push(p);
+    }
+    let dir = cluster.bpffs_dir().unwrap();
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work).unwrap();
+    let config = work.join("mesh.yaml");
+    write(
+        &config,
+        &model(&[&backends[0], &backends[1]], "round-robin"),
+    );
+    let agent = AgentProcess::new(node, config, dir.join("a"), work.join("admin.sock"));
+    Setup {
+        agent,
+        _servers: servers,
+        client,
+        backends,
+        _cluster: cluster,
+    }
+}
+
+#[test]
+fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
+    let Some(_k) = mesh_tests::kernel_test("agent_static_file") else {
+        return;
+    };
+    let mut s = setup("agent_static_file");
+    s.agent.start().unwrap();
+    let r = s.client.hit(VIP, 20, &[]).unwrap();
+    assert_eq!(
+        (r.counts.get("web-0"), r.counts.get("web-1")),
+        (Some(&10), Some(&10)),
+        "{r:?}"
+    );
+    let good = std::fs::read_to_string(&s.agent.config).unwrap();
+    let cases = [
+        ("services:\n  - name: web\n    ports: [\n", "mesh.yaml:"),
+        (
+            &*good.replace("loadBalancer:", "loadBalancr:"),
+            "loadBalancr",
+        ),
+        (
+            &*format!(
+                "{good}  - name: web\n    clusterIPs: [10.96.0.11]\n    ports: [{{port: 80}}]\n"
+            )
+            .replace(
+                "pods:\n  - { name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }\n",
+                "",
+            ),
+            "duplicate service default/web",
+        ),
+        (
+            &*good.replace("port: 80 }", "port: 70000 }"),
+            "services[0].ports[0].port: port 70000 is out of range",
+        ),
+    ];
+    for (bad, needle) in cases {
+        write(&s.agent.config, bad);
+        let why = rejection(&s.agent, needle);
+        assert!(why.contains("mesh.yaml:"), "names the file and line: {why}");
+        let r = s.client.hit(VIP, 10, &[]).unwrap();
+        assert_eq!(
+            r.ok(),
+            10,
+            "traffic keeps flowing on the last good state after {why}: {r:?}"
+        );
+    }
+    // A good change is applied.
+    write(&s.agent.config, &model(&[&s.backends[2]], "random"));
+    let start = Instant::now();
+    loop {
+        let r = s.client.hit(VIP, 10, &[]).unwrap();
+        if r.counts.get("web-2") == Some(&10) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "new model not applied: {r:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    s.agent.kill();
+}
+
+#[test]
+fn sigkill_restart_loses_no_connection_and_applies_changes_made_while_down() {
+    let Some(_k) = mesh_tests::kernel_test("agent_restart") else {
+        return;
+    };
+    let mut s = setup("agent_restart");
+    s.agent.start().unwrap();
+    let client = s.client.clone();
+    let load = thread::spawn(move || client.hit(VIP, 30_000, &["--timeout-ms", "2000"]).unwrap());
+    thread::sleep(Duration::from_millis(300));
+    s.agent.kill();
+    // While the agent is down: web-2 joins.
+    write(
+        &s.agent.config,
+        &model(
+            &[&s.backends[0], &s.backends[1], &s.backends[2]],
+            "round-robin",
+        ),
+    );
+    thread::sleep(Duration::from_millis(300));
+    s.agent.start().unwrap();
+    assert!(
+        !load.is_finished(),
+        "the client was still connecting when the agent came back"
+    );
+    let r = load.join().unwrap();
+    assert_eq!(
+        r.failed(),
+        0,
+        "zero failed connections across SIGKILL and restart: {:?}",
+        r.errors
+    );
+    assert_eq!(r.ok(), 30_000);
+    let r = s.client.hit(VIP, 30, &[]).unwrap();
+    assert_eq!(
+        r.counts.get("web-2"),
+        Some(&10),
+        "the change made while down is applied: {r:?}"
+    );
+    let services = s.agent.meshctl_json(&["services"]).unwrap();
+    assert_eq!(
+        services.as_array().unwrap().len(),
+        1,
+        "one service after adoption, nothing stale: {services}"
+    );
+    s.agent.kill();
+}
+
+#[test]
+fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
+    let Some(_k) = mesh_tests::kernel_test("agent_meshctl") else {
+        return;
+    };
+    let mut s = setup("agent_meshctl");
+    s.agent.start().unwrap();
+    let out = s.agent.meshctl(&["services"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("10.96.0.10:80") && table.contains("round-robin"),
+        "{table}"
+    );
+    let backends = s.agent.meshctl_json(&["backends", "web"]).unwrap();
+    assert_eq!(backends.as_array().unwrap().len(), 2, "{backends}");
+    assert_eq!(backends[0]["circuit"], "closed");
+    let yaml = String::from_utf8_lossy(
+        &s.agent
+            .meshctl(&["backends", "default/web", "-o", "yaml"])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(yaml.contains("circuit: closed"), "{yaml}");
+    let ids = s.agent.meshctl_json(&["identities"]).unwrap();
+    assert_eq!(
+        ids[0]["spiffe_id"], "spiffe://cluster.local/ns/default/sa/frontend",
+        "{ids}"
+    );
+    assert!(
+        s.agent
+            .meshctl_json(&["circuits"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let unknown = s.agent.meshctl(&["backends", "nope"]).unwrap();
+    assert!(!unknown.status.success(), "unknown service is an error");
+
+    // Live flows, filtered, as JSON lines.
+    let mut cmd = s.agent.meshctl_command().unwrap();
+    cmd.args([
+        "flows",
+        "--follow",
+        "--service",
+        "web",
+        "--verdict",
+        "close",
+        "-o",
+        "json",
+    ]);
+    cmd.stdout(std::process::Stdio::piped());
+    let mut follow = cmd.spawn().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.client.hit(VIP, 4, &[]).unwrap().ok(), 4);
+    let stdout = follow.stdout.take().unwrap();
+    let lines: Vec<Value> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .take(4)
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    for f in &lines {
+        assert_eq!(f["verdict"], "close", "{f}");
+        assert_eq!(f["service"], "default/web", "{f}");
+        assert_eq!(f["source_pod"], "client", "{f}");
+    }
+    // History with a table.
+    let out = s
+        .agent
+        .meshctl(&["flows", "--since", "1m", "--verdict", "open"])
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().count() >= 5 && table.contains("default/client"),
+        "{table}"
+    );
+
+    // Not reachable: a clear message and a non-zero exit.
+    s.agent.kill();
+    let out = s.agent.meshctl(&["status"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the mesh agent"), "{err}");
+}

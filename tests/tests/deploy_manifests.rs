@@ -1,0 +1,1002 @@
+//! The Kubernetes deployment in `deploy/`, checked without a cluster (not a kernel test).
+//!
+//! Every document of `deploy/kubernetes/*.yaml` must parse into its typed Kubernetes API object
+//! (k8s-openapi) with no field the API does not know — a misspelt or misplaced field is ignored by
+//! the API server's lenient decoding, so it would silently not apply — and the properties the agent
+//! relies on must hold: the capabilities, the host mounts, the probes, least-privilege RBAC, the
+//! surge-free rolling update and the command line. The Helm chart cannot be rendered here (no
+//! `helm`), so it is checked as text: `Chart.yaml` parses, every `.Values.x.y` a template uses
+//! exists in `values.yaml`, template actions balance, and its defaults match the plain manifests.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    Resource,
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{
+            ConfigMap, Container, HostPathVolumeSource, Namespace, PodSpec, ResourceQuota,
+            ServiceAccount, Volume, VolumeMount,
+        },
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// The capabilities the agent needs (reasons in `deploy/kubernetes/daemonset.yaml`).
+const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+/// The agent's command line in Kubernetes mode: flag → value (`None` for a switch).
+const AGENT_ARGS: [(&str, Option<&str>); 8] = [
+    ("--node-name", Some("$(NODE_NAME)")),
+    ("--kubernetes", None),
+    ("--pin-dir", Some("/sys/fs/bpf/mesh")),
+    ("--cgroup", Some("/sys/fs/cgroup")),
+    ("--admin-socket", Some("/run/mesh/admin.sock")),
+    ("--readiness-addr", Some("0.0.0.0:15021")),
+    ("--metrics-addr", Some("0.0.0.0:15020")),
+    ("--log-json", None),
+];
+/// ztunnel-compatible readiness and metrics ports.
+const READINESS_PORT: i32 = 15021;
+const METRICS_PORT: i32 = 15020;
+const AGENT_CONTAINER: &str = "mesh-agent";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Files in `dir` whose name ends with one of `suffixes`, sorted.
+fn files(dir: &Path, suffixes: &[&str]) -> Vec<PathBuf> {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let mut out: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| suffixes.iter().any(|s| n.ends_with(s)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Parses a YAML file of one or more documents into JSON values (empty documents dropped).
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(&read(path))
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+// --- typed objects ----------------------------------------------------------------------------
+
+/// Every object of `deploy/kubernetes/`, typed.
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    quotas: Vec<ResourceQuota>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    daemon_sets: Vec<DaemonSet>,
+}
+
+impl Manifests {
+    fn load() -> Self {
+        let dir = deploy_dir().join("kubernetes");
+        let paths = files(&dir, &[".yaml", ".yml"]);
+        assert!(!paths.is_empty(), "no manifests in {}", dir.display());
+        let mut m = Self::default();
+        for path in paths {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let docs = yaml_documents(&path);
+            assert!(!docs.is_empty(), "{name} holds no document");
+            for (i, doc) in docs.into_iter().enumerate() {
+                m.add(&format!("{name} (document {})", i + 1), &doc);
+            }
+        }
+        m
+    }
+
+    fn add(&mut self, at: &str, doc: &Value) {
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_owned();
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        let is = |api: &str, k: &str| api_version == api && kind == k;
+        if is(Namespace::API_VERSION, Namespace::KIND) {
+            self.namespaces.push(typed(at, doc));
+        } else if is(ResourceQuota::API_VERSION, ResourceQuota::KIND) {
+            self.quotas.push(typed(at, doc));
+        } else if is(ServiceAccount::API_VERSION, ServiceAccount::KIND) {
+            self.service_accounts.push(typed(at, doc));
+        } else if is(ClusterRole::API_VERSION, ClusterRole::KIND) {
+            self.cluster_roles.push(typed(at, doc));
+        } else if is(ClusterRoleBinding::API_VERSION, ClusterRoleBinding::KIND) {
+            self.bindings.push(typed(at, doc));
+        } else if is(ConfigMap::API_VERSION, ConfigMap::KIND) {
+            self.config_maps.push(typed(at, doc));
+        } else if is(DaemonSet::API_VERSION, DaemonSet::KIND) {
+            self.daemon_sets.push(typed(at, doc));
+        } else {
+            panic!(
+                "{at}: unexpected object `{api_version}` `{kind}` (a typo, or a new kind this test \
+                 must learn to check)"
+            );
+        }
+    }
+}
+
+/// Deserializes `doc` as `T` and requires that serializing it back keeps every field of `doc`:
+/// a field k8s-openapi drops is one the API server would ignore too.
+fn typed<T: Resource + DeserializeOwned + Serialize>(at: &str, doc: &Value) -> T {
+    let obj: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{at}: not a valid {} {}: {e}", T::API_VERSION, T::KIND));
+    let back = serde_json::to_value(&obj).expect("k8s-openapi objects serialize");
+    let mut lost = Vec::new();
+    lost_fields("", doc, &back, &mut lost);
+    assert!(
+        lost.is_empty(),
+        "{at}: {} fields the Kubernetes API does not have (misspelt or misplaced?) or values it \
+         reads differently:\n  {}",
+        T::KIND,
+        lost.join("\n  ")
+    );
+    obj
+}
+
+/// Paths of `original` that are missing from, or different in, `back`.
+fn lost_fields(path: &str, original: &Value, back: &Value, out: &mut Vec<String>) {
+    match (original, back) {
+        (Value::Object(o), Value::Object(b)) => {
+            for (key, value) in o {
+                let at = format!("{path}.{key}");
+                match b.get(key) {
+                    Some(v) => lost_fields(&at, value, v, out),
+                    None => out.push(format!("{at}: unknown field")),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(b)) if o.len() == b.len() => {
+            for (i, (value, v)) in o.iter().zip(b).enumerate() {
+                lost_fields(&format!("{path}[{i}]"), value, v, out);
+            }
+        }
+        _ if original == back => {}
+        _ => out.push(format!("{path}: written {original}, read as {back}")),
+    }
+}
+
+fn only<'a, T>(items: &'a [T], what: &str) -> &'a T {
+    assert_eq!(
+        items.len(),
+        1,
+        "deploy/kubernetes must hold exactly one {what}"
+    );
+    &items[0]
+}
+
+fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("the DaemonSet has a pod template spec")
+}
+
+fn agent(ds: &DaemonSet) -> &Container {
+    pod_spec(ds)
+        .containers
+        .iter()
+        .find(|c| c.name == AGENT_CONTAINER)
+        .unwrap_or_else(|| panic!("the DaemonSet has no container named `{AGENT_CONTAINER}`"))
+}
+
+/// The container's arguments as flag → value (`None` for a switch).
+fn flags(args: &[String]) -> BTreeMap<&str, Option<&str>> {
+    let mut out = BTreeMap::new();
+    let mut iter = args.iter().peekable();
+    while let Some(arg) = iter.next() {
+        assert!(arg.starts_with("--"), "argument `{arg}` follows no flag");
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value)),
+            None if iter.peek().is_some_and(|next| !next.starts_with("--")) => {
+                (arg.as_str(), iter.next().map(String::as_str))
+            }
+            None => (arg.as_str(), None),
+        };
+        assert!(out.insert(flag, value).is_none(), "flag {flag} given twice");
+    }
+    out
+}
+
+fn flag<'a>(c: &'a Container, name: &str) -> &'a str {
+    let args = c.args.as_deref().unwrap_or_default();
+    flags(args)
+        .get(name)
+        .copied()
+        .flatten()
+        .unwrap_or_else(|| panic!("the agent's args have no `{name} <value>`"))
+}
+
+/// The container mount holding `path` (the longest mount path that is a prefix of it) and the
+/// host path of its volume.
+fn host_mount<'a>(ds: &'a DaemonSet, path: &str) -> (&'a VolumeMount, &'a HostPathVolumeSource) {
+    let mount = agent(ds)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(path).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("no volume is mounted at or above {path}"));
+    let host = volume(ds, &mount.name)
+        .host_path
+        .as_ref()
+        .unwrap_or_else(|| {
+            panic!(
+                "{path} is mounted from volume `{}`, which is not a hostPath",
+                mount.name
+            )
+        });
+    (mount, host)
+}
+
+fn volume<'a>(ds: &'a DaemonSet, name: &str) -> &'a Volume {
+    pod_spec(ds)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("volume `{name}` is mounted but not defined"))
+}
+
+// --- plain manifests --------------------------------------------------------------------------
+
+#[test]
+fn every_document_is_a_known_kubernetes_object_in_one_namespace() {
+    let m = Manifests::load();
+    let ns = only(&m.namespaces, "Namespace");
+    let ns_name = ns
+        .metadata
+        .name
+        .as_deref()
+        .expect("the Namespace has a name");
+    assert_eq!(ns_name, "mesh-system");
+    only(&m.service_accounts, "ServiceAccount");
+    only(&m.cluster_roles, "ClusterRole");
+    only(&m.bindings, "ClusterRoleBinding");
+    only(&m.config_maps, "ConfigMap");
+    only(&m.daemon_sets, "DaemonSet");
+    let namespaced = m
+        .quotas
+        .iter()
+        .map(|o| (&o.metadata, "ResourceQuota"))
+        .chain(
+            m.service_accounts
+                .iter()
+                .map(|o| (&o.metadata, "ServiceAccount")),
+        )
+        .chain(m.config_maps.iter().map(|o| (&o.metadata, "ConfigMap")))
+        .chain(m.daemon_sets.iter().map(|o| (&o.metadata, "DaemonSet")));
+    for (meta, kind) in namespaced {
+        assert_eq!(
+            meta.namespace.as_deref(),
+            Some(ns_name),
+            "{kind} {:?} must live in {ns_name}",
+            meta.name
+        );
+    }
+}
+
+#[test]
+fn namespace_admits_a_privileged_critical_pod() {
+    let m = Manifests::load();
+    let ns = only(&m.namespaces, "Namespace");
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("privileged"),
+        "hostNetwork, hostPath and added capabilities need Pod Security level `privileged`"
+    );
+    let class = pod_spec(only(&m.daemon_sets, "DaemonSet"))
+        .priority_class_name
+        .clone()
+        .expect("the agent has a priority class");
+    assert_eq!(class, "system-node-critical");
+    let covered = m.quotas.iter().any(|q| {
+        q.spec
+            .as_ref()
+            .and_then(|s| s.scope_selector.as_ref())
+            .and_then(|s| s.match_expressions.as_ref())
+            .is_some_and(|exprs| {
+                exprs.iter().any(|e| {
+                    e.scope_name == "PriorityClass"
+                        && e.operator == "In"
+                        && e.values.iter().flatten().any(|v| *v == class)
+                })
+            })
+    });
+    assert!(
+        covered,
+        "no ResourceQuota admits priority class {class} outside kube-system"
+    );
+}
+
+#[test]
+fn agent_has_exactly_the_ebpf_capabilities_and_nothing_else() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let sc = agent(ds)
+        .security_context
+        .as_ref()
+        .expect("the agent container has a securityContext");
+    let caps = sc.capabilities.as_ref().expect("capabilities are explicit");
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(added, BTreeSet::from(CAPABILITIES), "capabilities.add");
+    assert_eq!(
+        caps.add.as_ref().map(Vec::len),
+        Some(CAPABILITIES.len()),
+        "duplicate capability"
+    );
+    assert_eq!(
+        caps.drop.as_deref(),
+        Some(&["ALL".to_owned()][..]),
+        "capabilities.drop"
+    );
+    // The API server refuses `allowPrivilegeEscalation: false` with an added `CAP_SYS_ADMIN`.
+    assert!(
+        added.iter().all(|c| !c.starts_with("CAP_")),
+        "spell capabilities without the CAP_ prefix: {added:?}"
+    );
+    assert_ne!(
+        sc.privileged,
+        Some(true),
+        "the agent must not be privileged"
+    );
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_user, Some(0), "capabilities are granted to uid 0");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let seccomp = sc.seccomp_profile.as_ref().map(|p| p.type_.as_str());
+    assert_eq!(seccomp, Some("RuntimeDefault"), "seccompProfile");
+    let pod = pod_spec(ds);
+    assert_eq!(pod.host_network, Some(true), "the agent serves node ports");
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_ne!(pod.host_pid, Some(true), "hostPID is not needed");
+    assert_ne!(pod.host_ipc, Some(true), "hostIPC is not needed");
+    assert_eq!(pod.containers.len(), 1, "one container");
+    assert!(
+        pod.init_containers.is_none(),
+        "no init containers (they would need their own review)"
+    );
+}
+
+#[test]
+fn bpffs_cgroup_and_admin_socket_are_host_mounts() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let c = agent(ds);
+
+    let (bpffs, host) = host_mount(ds, flag(c, "--pin-dir"));
+    assert_eq!(
+        host.path, "/sys/fs/bpf",
+        "--pin-dir must be in the host's bpffs"
+    );
+    assert_eq!(bpffs.mount_path, "/sys/fs/bpf");
+    assert_ne!(bpffs.read_only, Some(true), "pins are written into bpffs");
+    // Bidirectional is rejected by the API server for a container that is not privileged.
+    assert_eq!(
+        bpffs.mount_propagation.as_deref(),
+        Some("HostToContainer"),
+        "bpffs propagation"
+    );
+
+    let cgroup = flag(c, "--cgroup");
+    let (mount, host) = host_mount(ds, cgroup);
+    assert_eq!(
+        mount.mount_path, cgroup,
+        "--cgroup must be the mounted cgroup root itself"
+    );
+    assert_eq!(
+        host.path, "/sys/fs/cgroup",
+        "--cgroup must be the host's cgroup v2 root"
+    );
+    assert_eq!(host.type_.as_deref(), Some("Directory"));
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "attaching needs only a read-only fd"
+    );
+
+    let socket = flag(c, "--admin-socket");
+    let (mount, host) = host_mount(ds, socket);
+    assert_eq!(
+        Path::new(socket).parent(),
+        Some(Path::new(&mount.mount_path)),
+        "the admin socket's directory is the host mount"
+    );
+    assert_eq!(
+        host.path, "/run/mesh",
+        "meshctl on the host finds the socket in /run/mesh"
+    );
+    assert_eq!(host.type_.as_deref(), Some("DirectoryOrCreate"));
+    assert_ne!(mount.read_only, Some(true), "the agent creates the socket");
+
+    let mounted: BTreeSet<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    for v in pod_spec(ds).volumes.iter().flatten() {
+        assert!(
+            mounted.contains(v.name.as_str()),
+            "volume `{}` is never mounted",
+            v.name
+        );
+    }
+}
+
+#[test]
+fn agent_runs_in_kubernetes_mode_with_the_agreed_command_line() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let c = agent(ds);
+    let args = c.args.as_deref().unwrap_or_default();
+    assert_eq!(flags(args), BTreeMap::from(AGENT_ARGS), "the agent's args");
+    let node_name = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        node_name,
+        Some("spec.nodeName"),
+        "NODE_NAME comes from the downward API"
+    );
+    let image = c.image.as_deref().expect("the agent has an image");
+    assert!(
+        image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+        "image {image} is not tagged with the workspace version"
+    );
+}
+
+#[test]
+fn probes_and_ports_are_the_ztunnel_ones() {
+    let m = Manifests::load();
+    let c = agent(only(&m.daemon_sets, "DaemonSet"));
+    let ready = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("readinessProbe is an httpGet");
+    assert_eq!(
+        ready.port,
+        IntOrString::Int(READINESS_PORT),
+        "readiness port"
+    );
+    assert_eq!(ready.path.as_deref(), Some("/healthz/ready"));
+    let live = c.liveness_probe.as_ref().expect("a livenessProbe");
+    let live_port = live
+        .tcp_socket
+        .as_ref()
+        .map(|t| &t.port)
+        .or_else(|| live.http_get.as_ref().map(|h| &h.port));
+    assert_eq!(
+        live_port,
+        Some(&IntOrString::Int(READINESS_PORT)),
+        "liveness port"
+    );
+    assert!(
+        flag(c, "--readiness-addr").ends_with(&format!(":{READINESS_PORT}")),
+        "--readiness-addr and the probe disagree"
+    );
+    let ports: BTreeSet<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(
+        ports,
+        BTreeSet::from([METRICS_PORT, READINESS_PORT]),
+        "container ports"
+    );
+}
+
+#[test]
+fn rolling_update_never_runs_two_agents_on_a_node() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let spec = ds.spec.as_ref().expect("DaemonSet spec");
+    let strategy = spec
+        .update_strategy
+        .as_ref()
+        .expect("an explicit updateStrategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
+    assert!(
+        matches!(&rolling.max_surge, Some(IntOrString::Int(0)))
+            || matches!(&rolling.max_surge, Some(IntOrString::String(s)) if s == "0%"),
+        "maxSurge must be 0: two agents on one node would both own the pins (got {:?})",
+        rolling.max_surge
+    );
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::Int(1)),
+        "maxUnavailable"
+    );
+    assert_eq!(spec.min_ready_seconds, Some(5), "minReadySeconds");
+    let pod = pod_spec(ds);
+    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    for (k, v) in spec.selector.match_labels.iter().flatten() {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the selector's {k} is not on the pod template"
+        );
+    }
+    let everywhere =
+        pod.tolerations.iter().flatten().any(|t| {
+            t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
+        });
+    assert!(
+        everywhere,
+        "the agent must tolerate every taint (operator: Exists, no key)"
+    );
+    let resources = agent(ds).resources.as_ref().expect("resources");
+    let quantity = |map: &Option<BTreeMap<String, Quantity>>, key: &str| {
+        map.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
+    };
+    assert_eq!(
+        quantity(&resources.requests, "cpu").as_deref(),
+        Some("100m")
+    );
+    assert_eq!(
+        quantity(&resources.requests, "memory").as_deref(),
+        Some("128Mi")
+    );
+    assert_eq!(
+        quantity(&resources.limits, "memory").as_deref(),
+        Some("256Mi")
+    );
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_agent_uses() {
+    let m = Manifests::load();
+    let role = only(&m.cluster_roles, "ClusterRole");
+    assert!(
+        role.aggregation_rule.is_none(),
+        "an aggregated role grants what others add"
+    );
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "no non-resource URLs: {rule:?}"
+        );
+        assert!(
+            rule.resource_names.is_none(),
+            "unexpected resourceNames: {rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    for part in [group, resource, verb] {
+                        assert!(!part.contains('*'), "wildcard in {rule:?}");
+                    }
+                    granted.insert((group.as_str(), resource.as_str(), verb.as_str()));
+                }
+            }
+        }
+    }
+    let mut expected = BTreeSet::new();
+    for (group, resource) in [
+        ("", "services"),
+        ("", "pods"),
+        ("", "namespaces"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        for verb in ["get", "list", "watch"] {
+            expected.insert((group, resource, verb));
+        }
+    }
+    // Both groups serve the same Event objects (core/v1 and events.k8s.io/v1).
+    for group in ["", "events.k8s.io"] {
+        for verb in ["create", "patch"] {
+            expected.insert((group, "events", verb));
+        }
+    }
+    let extra: Vec<_> = granted.difference(&expected).collect();
+    let missing: Vec<_> = expected.difference(&granted).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "ClusterRole (group, resource, verb): granted but unused {extra:?}; needed but missing \
+         {missing:?}"
+    );
+}
+
+#[test]
+fn binding_grants_the_role_to_the_agents_service_account() {
+    let m = Manifests::load();
+    let role = only(&m.cluster_roles, "ClusterRole");
+    let binding = only(&m.bindings, "ClusterRoleBinding");
+    let sa = only(&m.service_accounts, "ServiceAccount");
+    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(
+        Some(&binding.role_ref.name),
+        role.metadata.name.as_ref(),
+        "roleRef.name"
+    );
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "exactly one subject: {subjects:?}");
+    let subject = &subjects[0];
+    assert_eq!(subject.kind, "ServiceAccount");
+    assert_eq!(
+        Some(&subject.name),
+        sa.metadata.name.as_ref(),
+        "subject name"
+    );
+    assert_eq!(
+        subject.namespace, sa.metadata.namespace,
+        "subject namespace"
+    );
+    let used = pod_spec(only(&m.daemon_sets, "DaemonSet"))
+        .service_account_name
+        .as_ref();
+    assert_eq!(
+        used,
+        sa.metadata.name.as_ref(),
+        "the DaemonSet runs as another ServiceAccount"
+    );
+}
+
+#[test]
+fn config_map_feeds_the_agent_and_its_static_model_is_valid() {
+    let m = Manifests::load();
+    let cm = only(&m.config_maps, "ConfigMap");
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let data = cm.data.clone().unwrap_or_default();
+    let c = agent(ds);
+    let rust_log = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "RUST_LOG")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("RUST_LOG comes from the ConfigMap");
+    assert_eq!(
+        Some(&rust_log.name),
+        cm.metadata.name.as_ref(),
+        "RUST_LOG's ConfigMap"
+    );
+    assert!(
+        data.contains_key(&rust_log.key),
+        "the ConfigMap has no key {}",
+        rust_log.key
+    );
+
+    let (mount, config) = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find_map(|mnt| {
+            volume(ds, &mnt.name)
+                .config_map
+                .as_ref()
+                .map(|cfg| (mnt, cfg))
+        })
+        .expect("the ConfigMap is mounted");
+    assert_eq!(
+        Some(&config.name),
+        cm.metadata.name.as_ref(),
+        "mounted ConfigMap"
+    );
+    assert_eq!(
+        mount.mount_path, "/etc/mesh",
+        "--config-file /etc/mesh/mesh.yaml"
+    );
+
+    let text = data
+        .get("mesh.yaml")
+        .expect("the ConfigMap holds an example mesh.yaml");
+    let model =
+        mesh_agent::discovery::file::parse(Path::new("configmap.yaml#mesh.yaml"), text, None)
+            .unwrap_or_else(|e| panic!("the example static model is rejected by the agent: {e}"));
+    assert!(
+        !model.services.is_empty(),
+        "the example static model has no service"
+    );
+}
+
+// --- Helm chart -------------------------------------------------------------------------------
+
+fn chart_dir() -> PathBuf {
+    deploy_dir().join("helm/mesh")
+}
+
+/// `Chart.yaml` (Helm chart API v2); unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(
+    dead_code,
+    reason = "fields are parsed to validate Chart.yaml, not all are read"
+)]
+struct Chart {
+    api_version: String,
+    name: String,
+    version: String,
+    #[serde(default)]
+    app_version: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, rename = "type")]
+    type_: Option<String>,
+    #[serde(default)]
+    kube_version: Option<String>,
+    #[serde(default)]
+    keywords: Vec<String>,
+    #[serde(default)]
+    home: Option<String>,
+    #[serde(default)]
+    sources: Vec<String>,
+    #[serde(default)]
+    icon: Option<String>,
+    #[serde(default)]
+    deprecated: Option<bool>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    maintainers: Vec<Value>,
+    #[serde(default)]
+    dependencies: Vec<Value>,
+}
+
+fn values() -> Value {
+    let docs = yaml_documents(&chart_dir().join("values.yaml"));
+    assert_eq!(docs.len(), 1, "values.yaml is one document");
+    docs.into_iter().next().unwrap()
+}
+
+fn templates() -> Vec<(String, String)> {
+    let paths = files(&chart_dir().join("templates"), &[".yaml", ".tpl"]);
+    assert!(!paths.is_empty(), "the chart has no templates");
+    paths
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                read(p),
+            )
+        })
+        .collect()
+}
+
+/// The actions (`{{ … }}`) of a template, trim markers and comments removed.
+fn actions(name: &str, text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .unwrap_or_else(|| panic!("{name}: `{{{{` without `}}}}`"));
+        let action = after[..end]
+            .trim_start_matches('-')
+            .trim_end_matches('-')
+            .trim();
+        if !action.starts_with("/*") {
+            out.push(action.to_owned());
+        }
+        rest = &after[end + 2..];
+    }
+    assert!(!rest.contains("}}"), "{name}: `}}}}` without `{{{{`");
+    out
+}
+
+/// `.Values.a.b` paths used in `text`.
+fn values_paths(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices(".Values.") {
+        let path: String = text[i + ".Values.".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+            .collect();
+        let path = path.trim_end_matches('.');
+        if !path.is_empty() {
+            out.insert(path.to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn helm_chart_metadata_parses() {
+    let path = chart_dir().join("Chart.yaml");
+    let chart: Chart = serde_saphyr::from_str(&read(&path))
+        .unwrap_or_else(|e| panic!("{} is not a valid Chart.yaml: {e}", path.display()));
+    assert_eq!(chart.api_version, "v2", "Chart.yaml apiVersion");
+    assert_eq!(chart.name, "mesh");
+    let semver = chart.version.split('.').count() == 3
+        && chart
+            .version
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    assert!(
+        semver,
+        "chart version {} is not MAJOR.MINOR.PATCH",
+        chart.version
+    );
+    assert_eq!(
+        chart.app_version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "appVersion must be the workspace version (the default image tag)"
+    );
+}
+
+#[test]
+fn helm_templates_use_only_values_that_exist() {
+    let values = values();
+    let mut missing = Vec::new();
+    for (name, text) in templates() {
+        for path in values_paths(&text) {
+            if !path_exists(&values, &path) {
+                missing.push(format!("{name}: .Values.{path}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "values used but not in values.yaml:\n  {}",
+        missing.join("\n  ")
+    );
+}
+
+/// Whether every key of `path` exists (a key may hold null or an empty value).
+fn path_exists(values: &Value, path: &str) -> bool {
+    let mut node = values;
+    for key in path.split('.') {
+        match node.get(key) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    true
+}
+
+#[test]
+fn helm_template_actions_balance_and_includes_are_defined() {
+    let templates = templates();
+    let mut defined = BTreeSet::new();
+    let mut included = BTreeSet::new();
+    for (name, text) in &templates {
+        let mut depth = 0_i32;
+        for action in actions(name, text) {
+            let word = action.split_whitespace().next().unwrap_or_default();
+            match word {
+                "if" | "with" | "range" | "define" | "block" => depth += 1,
+                "end" => depth -= 1,
+                _ => {}
+            }
+            assert!(
+                depth >= 0,
+                "{name}: `{{{{ end }}}}` without an opening action"
+            );
+            let quoted = action.split('"').nth(1).map(str::to_owned);
+            if word == "define" {
+                defined.insert(quoted.expect("define names a template"));
+            } else if let Some(i) = action
+                .find("include \"")
+                .or_else(|| action.find("template \""))
+            {
+                included.insert(action[i..].split('"').nth(1).unwrap().to_owned());
+            }
+        }
+        assert_eq!(depth, 0, "{name}: {depth} unclosed if/with/range/define");
+    }
+    let undefined: Vec<_> = included.difference(&defined).collect();
+    assert!(
+        undefined.is_empty(),
+        "templates included but never defined: {undefined:?}"
+    );
+}
+
+#[test]
+fn helm_defaults_match_the_plain_manifests() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let c = agent(ds);
+    let pod = pod_spec(ds);
+    let values = values();
+    assert_eq!(values["resources"], json(&c.resources), "values.resources");
+    assert_eq!(
+        values["nodeSelector"],
+        json(&pod.node_selector),
+        "values.nodeSelector"
+    );
+    assert_eq!(
+        values["tolerations"],
+        json(&pod.tolerations),
+        "values.tolerations"
+    );
+    assert_eq!(
+        values["priorityClassName"].as_str(),
+        pod.priority_class_name.as_deref(),
+        "values.priorityClassName"
+    );
+    let cm = only(&m.config_maps, "ConfigMap");
+    let level = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("log-level"))
+        .map(String::as_str);
+    assert_eq!(values["logLevel"].as_str(), level, "values.logLevel");
+    let image = c.image.as_deref().unwrap_or_default();
+    let repository = image.rsplit_once(':').map_or(image, |(repo, _)| repo);
+    assert_eq!(
+        values["image"]["repository"].as_str(),
+        Some(repository),
+        "values.image.repository"
+    );
+
+    // The fixed parts of the pod are text in the template: every capability and argument of the
+    // plain manifest must appear as a list item, and no other capability may.
+    let template = read(&chart_dir().join("templates/daemonset.yaml"));
+    let items: BTreeSet<&str> = template
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
+    for arg in c.args.iter().flatten() {
+        assert!(
+            items.contains(arg.as_str()),
+            "templates/daemonset.yaml lacks argument {arg}"
+        );
+    }
+    let added = list_after(&template, "add:");
+    assert_eq!(
+        added,
+        BTreeSet::from(CAPABILITIES),
+        "templates/daemonset.yaml capabilities.add"
+    );
+    for needle in [
+        "maxSurge: 0",
+        "mountPropagation: HostToContainer",
+        "type: RuntimeDefault",
+    ] {
+        assert!(
+            template.contains(needle),
+            "templates/daemonset.yaml lacks `{needle}`"
+        );
+    }
+}
+
+/// The items of the block sequence right after the first line that ends with `key`.
+fn list_after<'a>(text: &'a str, key: &str) -> BTreeSet<&'a str> {
+    text.lines()
+        .skip_while(|l| !l.trim_end().ends_with(key))
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .collect()
+}
+
+/// A typed field as JSON (`null` when absent), to compare with values.yaml.
+fn json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("API objects serialize")
+}
