@@ -142,22 +142,12 @@ impl FlowHub {
         ring: RingBuf<MapData>,
         names: Arc<dyn Names + Send + Sync>,
     ) {
-        // SAFETY: the `AsyncFd` owns the ring (hence its fd) for as long as it is registered.
-        let Ok(mut fd) = (unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-        }) else {
-            tracing::warn!("flow events unavailable: cannot poll the event ring");
-            return;
-        };
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            for e in events::drain(guard.get_inner_mut()) {
+        crate::logging::on_readable("flow event ring", ring, |ring| {
+            for e in events::drain(ring) {
                 self.publish(self.enrich(&e, names.as_ref()));
             }
-            guard.clear_ready();
-        }
+        })
+        .await;
     }
 }
 

@@ -29,19 +29,39 @@ where
 /// Drains kernel-side aya-log records into `log` (hence `tracing`) whenever the ring has data;
 /// runs as its own task, so logging never blocks the data path or the control loop.
 pub async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // SAFETY: the `AsyncFd` owns the logger, hence the ring's fd, for as long as it is
-    // registered, so the fd cannot close (or be reused) while tokio watches it.
+    on_readable("kernel log ring", logger, aya_log::EbpfLogger::flush).await;
+}
+
+/// Calls `on_ready` each time the fd of `inner` (a ring buffer) becomes readable, until the
+/// runtime stops. The one place that registers a ring with tokio.
+pub async fn on_readable<T: std::os::fd::AsRawFd>(
+    what: &str,
+    inner: T,
+    mut on_ready: impl FnMut(&mut T),
+) {
+    // SAFETY: the `AsyncFd` owns `inner`, hence its fd, for as long as it is registered, so the
+    // fd cannot close (or be reused) while tokio watches it.
     let Ok(mut fd) = (unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
     }) else {
-        tracing::warn!("kernel log forwarding unavailable: cannot poll the log ring");
+        tracing::warn!("cannot poll the {what}: its events are not read");
         return;
     };
+    // The kernel submits quietly (no wakeup) until the ring fills past a threshold, so also
+    // drain on a timer.
+    let mut tick = tokio::time::interval(RING_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let Ok(mut guard) = ready else { return };
+                on_ready(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = tick.tick() => on_ready(fd.get_mut()),
+        }
     }
 }
+
+/// How often rings are drained when the kernel did not wake the reader.
+pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);

@@ -6,6 +6,9 @@ use crate::{AddrBe, assert_size, user_pod};
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Ring size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Pending bytes past which a submit wakes the reader at once; below it the reader's timer
+/// (`mesh-agent`, 100 ms) collects events, so the connect path pays no wakeup.
+pub const EVENTS_WAKEUP_BYTES: u64 = 64 << 10;
 
 /// The connection was established.
 pub const EV_OPEN: u8 = 1;

@@ -1,7 +1,14 @@
 //! Emits flow events to the `EVENTS` ring buffer; a full ring is counted, never silent.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::{counters::CTR_EVENT_DROPPED, event::FlowEvent, sock::SockState};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_ns, bpf_ringbuf_query},
+};
+use mesh_common::{
+    counters::CTR_EVENT_DROPPED,
+    event::{EVENTS_WAKEUP_BYTES, FlowEvent},
+    sock::SockState,
+};
 
 use crate::maps::{BACKENDS, EVENTS, count};
 
@@ -36,5 +43,12 @@ pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce
         }
         fill(ev);
     }
-    entry.submit(0);
+    // Waking the reader costs ~10 µs per event (an IRQ-work and a futex/epoll wakeup on the
+    // connect path), so submit quietly; the reader polls on a short timer, and a filling ring
+    // still wakes it at once.
+    let map = (&raw const EVENTS).cast_mut().cast();
+    // SAFETY: `map` is the ring buffer map; query has no side effects.
+    let pending = unsafe { bpf_ringbuf_query(map, u64::from(BPF_RB_AVAIL_DATA)) };
+    let flags = if pending >= EVENTS_WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(u64::from(flags));
 }

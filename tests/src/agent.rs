@@ -42,6 +42,8 @@ pub struct AgentProcess {
     pub pins: PathBuf,
     pub socket: PathBuf,
     pub log_filter: String,
+    /// How long [`Self::start`] waits for readiness.
+    pub ready_timeout: Duration,
     child: Option<PodChild>,
 }
 
@@ -55,6 +57,7 @@ impl AgentProcess {
             pins,
             socket,
             log_filter: "info".to_owned(),
+            ready_timeout: Duration::from_secs(20),
             child: None,
         }
     }
@@ -77,7 +80,7 @@ impl AgentProcess {
             .env("RUST_LOG", &self.log_filter);
         self.child = Some(self.node.spawn(cmd)?);
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
+        while start.elapsed() < self.ready_timeout {
             if self
                 .meshctl_json(&["status"])
                 .is_ok_and(|s| s["ready"] == true)
@@ -94,6 +97,12 @@ impl AgentProcess {
         if let Some(c) = self.child.take() {
             let _ = c.signal(nix::sys::signal::Signal::SIGKILL);
         }
+    }
+
+    /// The agent's pid while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(PodChild::pid)
     }
 
     /// What the agent logged so far.

@@ -64,8 +64,8 @@ pub const MAP_NAMES: [&str; 13] = [
     EVENTS_MAP,
 ];
 
-/// Cgroup programs: (function name in the object, pinned link name).
-const CGROUP_PROGRAMS: [&str; 8] = [
+/// Programs attached to the cgroup through pinned links (function name = link pin name).
+pub const CGROUP_PROGRAMS: [&str; 9] = [
     "mesh_connect4",
     "mesh_connect6",
     "mesh_sendmsg4",
@@ -74,8 +74,8 @@ const CGROUP_PROGRAMS: [&str; 8] = [
     "mesh_recvmsg6",
     "mesh_getpeername4",
     "mesh_getpeername6",
+    "mesh_sockops",
 ];
-const SOCKOPS_PROGRAM: &str = "mesh_sockops";
 const SK_MSG_PROGRAM: &str = "mesh_sk_msg";
 
 /// Where to attach and pin.
@@ -122,6 +122,10 @@ pub struct Datapath {
     /// Writes refused because a map would overflow (exported as a metric).
     map_full_total: u64,
     backend_ids: StdHashMap<(u32, SocketAddr), u32>,
+    /// The reverse of `backend_ids`, so dropping a backend is O(1).
+    backend_keys: StdHashMap<u32, (u32, SocketAddr)>,
+    /// Slots in use over all services (kept, not summed, so updates stay O(backends)).
+    used_slots: usize,
     next_service_id: u32,
     next_backend_id: u32,
     free_service_ids: Vec<u32>,
@@ -247,7 +251,7 @@ impl Datapath {
             path: cfg.cgroup.clone(),
             source,
         })?;
-        for name in CGROUP_PROGRAMS.into_iter().chain([SOCKOPS_PROGRAM]) {
+        for name in CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
         }
         {
@@ -293,6 +297,8 @@ impl Datapath {
             applied: BTreeMap::new(),
             map_full_total: 0,
             backend_ids: StdHashMap::new(),
+            backend_keys: StdHashMap::new(),
+            used_slots: 0,
             next_service_id: 1,
             next_backend_id: 1,
             free_service_ids: Vec::new(),
@@ -328,6 +334,7 @@ impl Datapath {
                 }
             }
             self.next_service_id = self.next_service_id.max(svc.id + 1);
+            self.used_slots += backends.len();
             self.applied.insert(
                 key,
                 Applied {
@@ -348,6 +355,7 @@ impl Datapath {
         for (id, b) in backends {
             let addr = SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be));
             self.backend_ids.insert((b.service_id, addr), id);
+            self.backend_keys.insert(id, (b.service_id, addr));
             self.next_backend_id = self.next_backend_id.max(id + 1);
         }
         Ok(())
@@ -413,12 +421,7 @@ impl Datapath {
         if self.backend_ids.len() + new_backends > BACKENDS_CAPACITY as usize {
             return Err(full(BACKENDS_MAP, BACKENDS_CAPACITY, name()));
         }
-        let used_slots: usize = self
-            .applied
-            .values()
-            .map(|a| a.backends.len())
-            .sum::<usize>()
-            - old.map_or(0, |a| a.backends.len());
+        let used_slots = self.used_slots - old.map_or(0, |a| a.backends.len());
         if used_slots + spec.backends.len() > BACKEND_SLOTS_CAPACITY as usize {
             return Err(full(BACKEND_SLOTS_MAP, BACKEND_SLOTS_CAPACITY, name()));
         }
@@ -433,6 +436,7 @@ impl Datapath {
         let key = service_key(spec.vip, spec.protocol);
         self.check(spec, &key).inspect_err(|e| self.note_full(e))?;
         let old = self.applied.get(&key).cloned();
+        let old_len = old.as_ref().map_or(0, |a| a.backends.len());
         let svc_id = old
             .as_ref()
             .map_or_else(|| self.alloc_service_id(), |a| a.id);
@@ -463,6 +467,7 @@ impl Datapath {
                 let _ = self.tables.remove(&svc_id);
             }
         }
+        self.used_slots = self.used_slots + ids.len() - old_len;
         self.applied.insert(
             key,
             Applied {
@@ -501,6 +506,7 @@ impl Datapath {
                     .insert(id, BackendState::default(), 0)
                     .map_err(write_err(BACKEND_STATE_MAP))?;
                 self.backend_ids.insert((svc_id, b.addr), id);
+                self.backend_keys.insert(id, (svc_id, b.addr));
             }
             ids.push(id);
         }
@@ -561,7 +567,9 @@ impl Datapath {
     fn drop_backend(&mut self, id: u32) {
         let _ = self.backends.remove(&id);
         let _ = self.backend_state.remove(&id);
-        self.backend_ids.retain(|_, v| *v != id);
+        if let Some(key) = self.backend_keys.remove(&id) {
+            self.backend_ids.remove(&key);
+        }
         self.free_backend_ids.push(id);
     }
 
@@ -570,6 +578,7 @@ impl Datapath {
         let Some(applied) = self.applied.remove(key) else {
             return Ok(false);
         };
+        self.used_slots -= applied.backends.len();
         self.services
             .remove(key)
             .map_err(|source| DatapathError::Map {

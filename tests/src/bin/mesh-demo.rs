@@ -1,10 +1,11 @@
 //! `mesh-demo`: the README's first command. Builds a two-node cluster in a box, runs the real
 //! `mesh-agent` on each node from a static model file, sends real traffic to a service and
 //! narrates what happened with `meshctl`: load balancing, live flows, a backend killed (its
-//! circuit opens in the kernel) and recovering through a half-open probe, fail-fast, a SIGKILLed
+//! circuit opens in the kernel) and recovering through a half-open probe, fail-fast, a `SIGKILL`ed
 //! agent that loses no connection, and same-node bypass.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
     process::Stdio,
@@ -23,6 +24,10 @@ const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 9
 const EMPTY_VIP: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)), 80);
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "a narrated script reads best top to bottom"
+)]
 fn main() -> Result<()> {
     ensure!(
         mesh_tests::is_root(),
@@ -76,7 +81,7 @@ fn main() -> Result<()> {
         pins.join("node-a"),
         work.join("a.sock"),
     );
-    agent_a.log_filter = "warn,mesh_ebpf=debug".to_owned();
+    "warn,mesh_ebpf=debug".clone_into(&mut agent_a.log_filter);
     let mut agent_b = AgentProcess::new(
         node_b.clone(),
         model_file.clone(),
@@ -223,33 +228,31 @@ fn main() -> Result<()> {
 }
 
 fn model_yaml(client: &PodHandle, web: &[PodHandle]) -> String {
-    let endpoints: String = web
-        .iter()
-        .map(|p| {
-            format!(
-                "      - {{ ip: {}, node: {}, pod: {} }}\n",
-                p.ipv4(),
-                p.node().name(),
-                p.name()
-            )
-        })
-        .collect();
-    let pods: String = std::iter::once(client)
-        .chain(web)
-        .map(|p| {
-            format!(
-                "  - {{ name: {}, node: {}, serviceAccount: {}, ips: [{}] }}\n",
-                p.name(),
-                p.node().name(),
-                if p.name() == "client" {
-                    "frontend"
-                } else {
-                    "web"
-                },
-                p.ipv4()
-            )
-        })
-        .collect();
+    let mut endpoints = String::new();
+    for p in web {
+        let _ = writeln!(
+            endpoints,
+            "      - {{ ip: {}, node: {}, pod: {} }}",
+            p.ipv4(),
+            p.node().name(),
+            p.name()
+        );
+    }
+    let mut pods = String::new();
+    for p in std::iter::once(client).chain(web) {
+        let sa = if p.name() == "client" {
+            "frontend"
+        } else {
+            "web"
+        };
+        let _ = writeln!(
+            pods,
+            "  - {{ name: {}, node: {}, serviceAccount: {sa}, ips: [{}] }}",
+            p.name(),
+            p.node().name(),
+            p.ipv4()
+        );
+    }
     format!(
         "services:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: round-robin\n    circuitBreaker: {{ consecutiveFailures: 3, baseEjectionTime: 3s, maxEjectionPercent: 50 }}\n    endpoints:\n{endpoints}  - name: empty\n    clusterIPs: [{}]\n    ports:\n      - {{ port: 80 }}\npods:\n{pods}",
         VIP.ip(),
