@@ -2,8 +2,10 @@
 //! discovery → reconciliation, the flow pump, kernel logs, readiness, the admin API.
 
 use std::{
+    collections::HashMap as StdHashMap,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
@@ -74,12 +76,75 @@ impl Shared {
     }
 }
 
-/// Resolves names for flows from the current model.
-struct ModelNames(Arc<Shared>);
+/// Resolves names for flows from the current model, and cgroup ids through a cache of the
+/// cgroup tree under the attach point (rebuilt at most once a second, on a miss).
+struct ModelNames {
+    shared: Arc<Shared>,
+    cgroups: Mutex<(StdHashMap<u64, PathBuf>, Option<Instant>)>,
+}
+
+impl ModelNames {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            cgroups: Mutex::new((StdHashMap::new(), None)),
+        }
+    }
+
+    fn cgroup_path(&self, id: u64) -> Option<PathBuf> {
+        let mut guard = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+        let (index, built) = &mut *guard;
+        if !index.contains_key(&id) && built.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            index.clear();
+            index_cgroups(&self.shared.config.cgroup, 0, index);
+            *built = Some(Instant::now());
+        }
+        index.get(&id).cloned()
+    }
+}
+
+/// Maps every cgroup directory's inode (its cgroup id) under `dir` to its path.
+fn index_cgroups(dir: &Path, depth: usize, index: &mut StdHashMap<u64, PathBuf>) {
+    if let Ok(md) = std::fs::metadata(dir) {
+        index.insert(md.ino(), dir.to_owned());
+    }
+    if depth >= 8 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            index_cgroups(&e.path(), depth + 1, index);
+        }
+    }
+}
 
 impl Names for ModelNames {
+    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<(String, String)> {
+        let Some(path) = self.cgroup_path(cgroup_id) else {
+            tracing::debug!(cgroup_id, under = %self.shared.config.cgroup.display(), "cgroup id not found");
+            return None;
+        };
+        let st = self.shared.state();
+        // The deepest path component that names a pod: the kubelet's `pod<uid>` (systemd driver:
+        // `…-pod<uid with _>.slice`), or the pod's name (static setups, the test harness).
+        path.components()
+            .rev()
+            .find_map(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                st.model.pods.values().find(|p| {
+                    (!p.uid.is_empty()
+                        && (c.contains(&p.uid) || c.contains(&p.uid.replace('-', "_"))))
+                        || c == p.name.name
+                })
+            })
+            .map(|p| (p.name.namespace.clone(), p.name.name.clone()))
+    }
+
     fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)> {
-        let st = self.0.state();
+        let st = self.shared.state();
         st.model
             .pods
             .values()
@@ -93,7 +158,7 @@ impl Names for ModelNames {
         } else {
             crate::datapath::spec::Protocol::Tcp
         };
-        let st = self.0.state();
+        let st = self.shared.state();
         st.reconciler
             .owner(&crate::datapath::service_key(addr, proto))
             .map(|(n, _)| n.to_string())
@@ -127,7 +192,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
     if let Some(ring) = ring {
         tokio::spawn(
-            Arc::clone(&shared.flows).pump(ring, Arc::new(ModelNames(Arc::clone(&shared)))),
+            Arc::clone(&shared.flows).pump(ring, Arc::new(ModelNames::new(Arc::clone(&shared)))),
         );
     }
     if let Some(addr) = config.readiness_addr {

@@ -32,6 +32,8 @@ pub trait Names {
     fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)>;
     /// `namespace/name` of the service owning an address and protocol.
     fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<String>;
+    /// `(namespace, pod)` of a cgroup v2 id (for rejects, where no address is bound yet).
+    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<(String, String)>;
 }
 
 /// Recent flows and live subscribers.
@@ -73,11 +75,11 @@ impl FlowHub {
         );
         let client = ip_from_be(e.client_addr_be, e.family);
         let known_client = !client.is_unspecified();
-        let (ns, pod) = if known_client {
-            names.pod_by_ip(client).unwrap_or_default()
-        } else {
-            Default::default()
-        };
+        let (ns, pod) = known_client
+            .then(|| names.pod_by_ip(client))
+            .flatten()
+            .or_else(|| names.pod_by_cgroup(e.cgroup_id))
+            .unwrap_or_default();
         Flow {
             time_unix_nano: e.ts_ns + self.wall_offset_ns,
             verdict: verdict(e.kind).to_owned(),

@@ -83,6 +83,8 @@ pub struct Pod {
     pub node: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
+    /// Kubernetes UID (the kubelet names the pod's cgroup after it); empty for static pods.
+    pub uid: String,
 }
 
 /// Everything the agent knows about the cluster.

@@ -49,6 +49,10 @@ pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce
     let map = (&raw const EVENTS).cast_mut().cast();
     // SAFETY: `map` is the ring buffer map; query has no side effects.
     let pending = unsafe { bpf_ringbuf_query(map, u64::from(BPF_RB_AVAIL_DATA)) };
-    let flags = if pending >= EVENTS_WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if pending >= EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(u64::from(flags));
 }

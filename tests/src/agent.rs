@@ -56,7 +56,7 @@ impl AgentProcess {
             config,
             pins,
             socket,
-            log_filter: "info".to_owned(),
+            log_filter: "info,mesh_agent::app=debug".to_owned(),
             ready_timeout: Duration::from_secs(20),
             child: None,
         }

@@ -46,7 +46,7 @@ fn model(backends: &[&PodHandle], algorithm: &str) -> String {
         })
         .collect();
     format!(
-        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: {algorithm}\n    endpoints:\n{}pods:\n  - {{ name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }}\n",
+        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: {algorithm}\n    endpoints:\n{}  - name: empty\n    clusterIPs: [10.96.0.11]\n    ports: [{{ port: 80 }}]\npods:\n  - {{ name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }}\n",
         VIP.ip(),
         endpoints.concat()
     )
@@ -118,7 +118,7 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
         ),
         (
             &*format!(
-                "{good}  - name: web\n    clusterIPs: [10.96.0.11]\n    ports: [{{port: 80}}]\n"
+                "{good}  - name: web\n    clusterIPs: [10.96.0.12]\n    ports: [{{port: 80}}]\n"
             )
             .replace(
                 "pods:\n  - { name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }\n",
@@ -201,8 +201,8 @@ fn sigkill_restart_loses_no_connection_and_applies_changes_made_while_down() {
     let services = s.agent.meshctl_json(&["services"]).unwrap();
     assert_eq!(
         services.as_array().unwrap().len(),
-        1,
-        "one service after adoption, nothing stale: {services}"
+        2,
+        "the model's two services after adoption, nothing stale: {services}"
     );
     s.agent.kill();
 }
@@ -285,6 +285,30 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         table.lines().count() >= 5 && table.contains("default/client"),
         "{table}"
     );
+
+    // Rejects happen before a source address exists: the pod is named through its cgroup.
+    let empty: std::net::SocketAddr = "10.96.0.11:80".parse().unwrap();
+    assert_eq!(
+        s.client
+            .hit(empty, 2, &[])
+            .unwrap()
+            .errors
+            .get("EHOSTUNREACH"),
+        Some(&2)
+    );
+    thread::sleep(Duration::from_millis(300));
+    let rejects = s
+        .agent
+        .meshctl(&["flows", "--verdict", "reject", "-o", "json"])
+        .unwrap();
+    let rejects: Vec<Value> = String::from_utf8_lossy(&rejects.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    assert_eq!(rejects[0]["source_pod"], "client", "{rejects:?}\n{}", s.agent.stderr());
+    assert_eq!(rejects[0]["service"], "default/empty", "{rejects:?}");
+    assert_eq!(rejects[0]["reason"], "reject_no_backends", "{rejects:?}");
 
     // Not reachable: a clear message and a non-zero exit.
     s.agent.kill();

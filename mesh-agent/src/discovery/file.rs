@@ -246,6 +246,7 @@ pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel
                     .clone()
                     .unwrap_or_else(|| "default".to_owned()),
                 ips: p.value.ips.clone(),
+                uid: String::new(),
             },
         );
     }

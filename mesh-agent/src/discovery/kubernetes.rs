@@ -468,6 +468,7 @@ pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned()),
         ips,
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
     })
 }
 
