@@ -42,9 +42,11 @@ pub const CTR_BACKEND_FAILURE: u32 = 15;
 pub const CTR_BYPASS_ESTABLISHED: u32 = 16;
 /// Address family of the service and backend differ; connect left untouched.
 pub const CTR_FAMILY_MISMATCH: u32 = 17;
+/// A backend reset an established, translated connection (`tcp_receive_reset`).
+pub const CTR_PEER_RESET: u32 = 18;
 
 /// Names for each counter index, in order, for metrics and the CLI.
-pub const COUNTER_NAMES: [&str; 18] = [
+pub const COUNTER_NAMES: [&str; 19] = [
     "translated",
     "reject_no_backends",
     "reject_circuit_open",
@@ -63,4 +65,5 @@ pub const COUNTER_NAMES: [&str; 18] = [
     "backend_failure",
     "bypass_established",
     "family_mismatch",
+    "peer_reset",
 ];

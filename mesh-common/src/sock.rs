@@ -18,6 +18,9 @@ pub const SOCK_F_PROBE: u8 = 2;
 pub const SOCK_F_FAILED: u8 = 4;
 /// [`SockState::flags`]: the connection was established.
 pub const SOCK_F_ESTABLISHED: u8 = 8;
+/// [`SockState::flags`]: the peer reset the connection (seen by the `tcp_receive_reset`
+/// tracepoint, so a reset is told apart from the application's own abortive close).
+pub const SOCK_F_PEER_RESET: u8 = 16;
 
 /// Value of [`SOCK_STATE_MAP`].
 #[repr(C)]

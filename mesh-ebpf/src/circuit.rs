@@ -122,7 +122,9 @@ fn open(svc: &Service, st: &mut BackendState, now: u64) {
     st.circuit = CIRCUIT_OPEN;
 }
 
-/// Records an established connection; returns true when it closed a half-open circuit.
+/// Records an established connection; returns true when it closed a half-open circuit (the
+/// probe's handshake is its success). Other connections only count as successes when they end
+/// cleanly ([`on_clean_close`]): a backend that accepts and then resets must still be ejected.
 #[inline(always)]
 pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> bool {
     let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
@@ -132,7 +134,6 @@ pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> b
     let st = unsafe { &mut *st };
     // SAFETY: field of a looked-up map value.
     unsafe { atomic::add(&raw mut st.total, 1) };
-    st.consecutive_failures = 0;
     // SAFETY: field of a looked-up map value.
     if is_probe
         && unsafe { atomic::cas_u32(&raw mut st.circuit, CIRCUIT_HALF_OPEN, CIRCUIT_CLOSED) }
@@ -142,9 +143,22 @@ pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> b
             // SAFETY: pointer from a successful lookup.
             unsafe { atomic::dec(&raw mut (*ss).ejected) };
         }
+        st.consecutive_failures = 0;
         count(CTR_RECOVERED);
         return true;
     }
+    false
+}
+
+/// Records a connection that ended without a reset: a success.
+#[inline(always)]
+pub fn on_clean_close(svc: &Service, backend_id: u32, now: u64) {
+    let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: as in `admit`.
+    let st = unsafe { &mut *st };
+    st.consecutive_failures = 0;
     // Healthy for as long as the last ejection multiplier would last: forget past ejections.
     if st.ejections != 0
         && st.circuit == CIRCUIT_CLOSED
@@ -153,5 +167,4 @@ pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> b
     {
         st.ejections = 0;
     }
-    false
 }

@@ -7,8 +7,8 @@
 )]
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{btf_tracepoint, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{BtfTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 use mesh_ebpf::{
@@ -60,6 +60,12 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     sockops::handle(&ctx)
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn mesh_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    sockops::on_peer_reset(&ctx);
+    0
 }
 
 #[sk_msg]

@@ -8,21 +8,24 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
-    programs::SockOpsContext,
+    programs::{BtfTracePointContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
     AddrBe, FAMILY_V4,
-    counters::CTR_BACKEND_FAILURE,
+    counters::{CTR_BACKEND_FAILURE, CTR_PEER_RESET},
     event::{
         EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, FAIL_REFUSED, FAIL_RESET,
         FAIL_SYN_TIMEOUT,
     },
     service::{Service, ServiceKey},
-    sock::{SOCK_F_COUNTED, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PROBE, SockState},
+    sock::{
+        SOCK_F_COUNTED, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PEER_RESET, SOCK_F_PROBE,
+        SockState,
+    },
 };
 
 use crate::{
@@ -67,15 +70,33 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn storage(ctx: &SockOpsContext) -> Option<*mut SockState> {
-    // SAFETY: `sk` is a socket pointer in the context (null-checked below).
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    // SAFETY: `sk` is a socket pointer in the context (null-checked by `storage_of`).
+    storage_of(unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast())
+}
+
+/// The socket's state, if `connect()` recorded one (no create: other sockets have none).
+#[inline(always)]
+fn storage_of(sk: *mut core::ffi::c_void) -> Option<*mut SockState> {
     if sk.is_null() {
         return None;
     }
     let map = (&raw const SOCK_STATE).cast_mut().cast();
-    // SAFETY: the helper accepts a full socket or null-checked `sk`; no create flag.
-    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    // SAFETY: the helper takes a (null-checked) socket pointer; no create flag.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
     (!p.is_null()).then_some(p.cast())
+}
+
+/// `tp_btf/tcp_receive_reset`: the peer sent a reset; marks translated sockets so that their
+/// close counts as a backend failure.
+#[inline(always)]
+pub fn on_peer_reset(ctx: &BtfTracePointContext) {
+    // The tracepoint's first argument is the `struct sock *` receiving the reset.
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    if let Some(st) = storage_of(sk) {
+        // SAFETY: non-null storage owned by this socket.
+        unsafe { (*st).flags |= SOCK_F_PEER_RESET };
+        count(CTR_PEER_RESET);
+    }
 }
 
 #[inline(always)]
@@ -161,7 +182,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
             "circuit opened: service {} backend {}", svc.id, st.backend_id
         );
         events::emit(cookie, st, EV_EJECT, reason, |ev| {
-            ev.client_addr_be = client
+            ev.client_addr_be = client;
         });
     }
 }
@@ -177,15 +198,22 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
     }
     if old_state == BPF_TCP_SYN_SENT && st.flags & SOCK_F_FAILED == 0 {
         fail(ctx, st, FAIL_REFUSED);
+    } else if st.flags & (SOCK_F_PEER_RESET | SOCK_F_FAILED) == SOCK_F_PEER_RESET {
+        // The backend reset an established connection: a failure. The application's own
+        // abortive close (`SO_LINGER` 0) also jumps to CLOSE but never sets the flag.
+        fail(ctx, st, FAIL_RESET);
     }
-    // ESTABLISHED → CLOSE skips the FIN states: a reset. sockops cannot tell the peer's reset
-    // from the application's own abortive close (`SO_LINGER` 0), so it is reported on the close
-    // event but not counted against the backend.
-    let reason = if old_state == BPF_TCP_ESTABLISHED {
+    let reason = if st.flags & SOCK_F_PEER_RESET != 0 {
         FAIL_RESET
     } else {
         0
     };
+    if st.flags & (SOCK_F_ESTABLISHED | SOCK_F_FAILED) == SOCK_F_ESTABLISHED
+        && let Some(svc) = service(st)
+    {
+        // SAFETY: helper without arguments.
+        circuit::on_clean_close(&svc, st.backend_id, unsafe { bpf_ktime_get_ns() });
+    }
     if st.flags & SOCK_F_ESTABLISHED != 0 {
         let ops: *const bpf_sock_ops = ctx.ops;
         // SAFETY: permitted context loads.

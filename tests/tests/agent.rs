@@ -306,7 +306,12 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rejects.len(), 2, "{rejects:?}");
-    assert_eq!(rejects[0]["source_pod"], "client", "{rejects:?}\n{}", s.agent.stderr());
+    assert_eq!(
+        rejects[0]["source_pod"],
+        "client",
+        "{rejects:?}\n{}",
+        s.agent.stderr()
+    );
     assert_eq!(rejects[0]["service"], "default/empty", "{rejects:?}");
     assert_eq!(rejects[0]["reason"], "reject_no_backends", "{rejects:?}");
 

@@ -665,6 +665,79 @@ fn l7_failures_reported_by_the_agent_eject_too() {
 }
 
 #[test]
+fn backend_resets_count_as_failures_but_client_aborts_do_not() {
+    let Some(_k) = mesh_tests::kernel_test("datapath_resets") else {
+        return;
+    };
+    let mut m = Mesh::new("datapath_resets", 1).expect("cluster");
+    // The client's own abortive closes (RST from its side, SO_LINGER 0): not the backend's fault.
+    let vip = vip4(80);
+    let mut s = spec(vip, m.backend_addrs(80), Algorithm::Random);
+    s.circuit = fast_circuit();
+    m.dp.apply_service(&s).unwrap();
+    let r = m
+        .client
+        .hit(vip, 10, &["--bind-port-base", "30000"])
+        .unwrap();
+    assert_eq!(r.ok(), 10, "{r:?}");
+    let st =
+        m.dp.backend_status(&service_key(vip, Protocol::Tcp))
+            .unwrap()[0]
+            .state;
+    assert_eq!(
+        (st.failures, st.circuit),
+        (0, CIRCUIT_CLOSED),
+        "client aborts are not failures: {st:?}"
+    );
+    // A backend that accepts and then resets every connection: three resets open its circuit.
+    let backend = m.backends[0].clone();
+    let listen = std::net::SocketAddr::new(backend.ipv4().into(), 81);
+    let server = thread::spawn(move || {
+        backend
+            .run(move || {
+                let l = std::net::TcpListener::bind(listen).unwrap();
+                for _ in 0..3 {
+                    let (c, _) = l.accept().unwrap();
+                    let linger = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    // SAFETY: valid socket and option value for SO_LINGER.
+                    unsafe {
+                        libc::setsockopt(
+                            std::os::fd::AsRawFd::as_raw_fd(&c),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&raw const linger).cast(),
+                            u32::try_from(size_of::<libc::linger>()).unwrap(),
+                        );
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                    drop(c);
+                }
+            })
+            .unwrap();
+    });
+    thread::sleep(Duration::from_millis(300));
+    let vip81 = vip4(81);
+    let mut s = spec(vip81, vec![listen], Algorithm::Random);
+    s.circuit = fast_circuit();
+    m.dp.apply_service(&s).unwrap();
+    let r = m.client.hit(vip81, 3, &["--timeout-ms", "2000"]).unwrap();
+    server.join().unwrap();
+    assert_eq!(r.errors.get("ECONNRESET").copied(), Some(3), "{r:?}");
+    let st =
+        m.dp.backend_status(&service_key(vip81, Protocol::Tcp))
+            .unwrap()[0]
+            .state;
+    assert_eq!(st.failures, 3, "{st:?}");
+    assert_eq!(
+        st.circuit, CIRCUIT_OPEN,
+        "three backend resets eject it: {st:?}"
+    );
+}
+
+#[test]
 fn a_full_map_is_a_clear_error_and_keeps_the_last_state() {
     let Some(_k) = mesh_tests::kernel_test("datapath_map_full") else {
         return;

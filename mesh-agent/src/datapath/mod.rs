@@ -18,7 +18,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, SkMsg, links::FdLink},
+    programs::{BtfTracePoint, CgroupAttachMode, SkMsg, links::FdLink},
 };
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6,
@@ -77,6 +77,8 @@ pub const CGROUP_PROGRAMS: [&str; 9] = [
     "mesh_sockops",
 ];
 const SK_MSG_PROGRAM: &str = "mesh_sk_msg";
+/// `tp_btf/tcp_receive_reset`: tells a backend's reset from the application's abortive close.
+pub const RESET_PROGRAM: &str = "mesh_tcp_receive_reset";
 
 /// Where to attach and pin.
 #[derive(Clone, Debug)]
@@ -254,6 +256,7 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
         }
+        attach_reset_tracepoint(&mut ebpf, &links_dir.join(RESET_PROGRAM))?;
         {
             let name = SK_MSG_PROGRAM;
             let socks: SockHash<MapData, SockKey> = take(&mut ebpf, BYPASS_SOCKS_MAP)?;
@@ -808,6 +811,42 @@ fn attach_cgroup_program(
         aya::programs::Program::SockOps(p) => attach!(p),
         _ => return Err(DatapathError::MissingProgram { name }),
     };
+    fd_link.pin(pin).map_err(|source| DatapathError::Pin {
+        name,
+        path: pin.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Attaches the reset tracepoint through a pinned link. Tracing links cannot swap programs in
+/// place, so on a restart the new link is attached first and then takes over the pin (the old
+/// link detaches when its pin, its last reference, goes): for a moment both run, harmlessly.
+fn attach_reset_tracepoint(ebpf: &mut Ebpf, pin: &Path) -> Result<(), DatapathError> {
+    let name = RESET_PROGRAM;
+    let prog_err = |op| move |source| DatapathError::Program { op, name, source };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Io {
+        op: "read kernel BTF",
+        path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let prog: &mut BtfTracePoint = program(ebpf, name)?;
+    prog.load("tcp_receive_reset", &btf)
+        .map_err(prog_err("load"))?;
+    let id = prog.attach().map_err(prog_err("attach"))?;
+    let link = prog.take_link(id).map_err(prog_err("take link of"))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Io {
+        op: "convert link",
+        path: pin.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    if pin.exists() {
+        std::fs::remove_file(pin).map_err(|source| DatapathError::Io {
+            op: "replace pinned link",
+            path: pin.to_owned(),
+            source,
+        })?;
+    }
     fd_link.pin(pin).map_err(|source| DatapathError::Pin {
         name,
         path: pin.to_owned(),
