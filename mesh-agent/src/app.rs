@@ -251,6 +251,11 @@ fn apply(shared: &Shared, model: ClusterModel) {
     st.model = model;
     st.last_rejection = None;
     st.ready = true;
+    // Parsing and diffing a large model frees far more than it keeps; hand the freed heap back
+    // to the kernel so the agent's resident size reflects what it holds (glibc keeps it
+    // otherwise).
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
     info!(
         applied = report.applied,
         removed = report.removed,

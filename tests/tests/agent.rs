@@ -286,6 +286,21 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         "{table}"
     );
 
+    // Not reachable: a clear message and a non-zero exit.
+    s.agent.kill();
+    let out = s.agent.meshctl(&["status"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the mesh agent"), "{err}");
+}
+
+#[test]
+fn rejects_name_the_client_pod_through_its_cgroup() {
+    let Some(_k) = mesh_tests::kernel_test("agent_reject_flows") else {
+        return;
+    };
+    let mut s = setup("agent_reject_flows");
+    s.agent.start().unwrap();
     // Rejects happen before a source address exists: the pod is named through its cgroup.
     let empty: std::net::SocketAddr = "10.96.0.11:80".parse().unwrap();
     assert_eq!(
@@ -314,11 +329,4 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
     );
     assert_eq!(rejects[0]["service"], "default/empty", "{rejects:?}");
     assert_eq!(rejects[0]["reason"], "reject_no_backends", "{rejects:?}");
-
-    // Not reachable: a clear message and a non-zero exit.
-    s.agent.kill();
-    let out = s.agent.meshctl(&["status"]).unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the mesh agent"), "{err}");
 }

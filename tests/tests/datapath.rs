@@ -675,11 +675,11 @@ fn backend_resets_count_as_failures_but_client_aborts_do_not() {
     let mut s = spec(vip, m.backend_addrs(80), Algorithm::Random);
     s.circuit = fast_circuit();
     m.dp.apply_service(&s).unwrap();
-    let r = m
+    let report = m
         .client
         .hit(vip, 10, &["--bind-port-base", "30000"])
         .unwrap();
-    assert_eq!(r.ok(), 10, "{r:?}");
+    assert_eq!(report.ok(), 10, "{report:?}");
     let st =
         m.dp.backend_status(&service_key(vip, Protocol::Tcp))
             .unwrap()[0]
@@ -695,9 +695,9 @@ fn backend_resets_count_as_failures_but_client_aborts_do_not() {
     let server = thread::spawn(move || {
         backend
             .run(move || {
-                let l = std::net::TcpListener::bind(listen).unwrap();
+                let listener = std::net::TcpListener::bind(listen).unwrap();
                 for _ in 0..3 {
-                    let (c, _) = l.accept().unwrap();
+                    let (conn, _) = listener.accept().unwrap();
                     let linger = libc::linger {
                         l_onoff: 1,
                         l_linger: 0,
@@ -705,7 +705,7 @@ fn backend_resets_count_as_failures_but_client_aborts_do_not() {
                     // SAFETY: valid socket and option value for SO_LINGER.
                     unsafe {
                         libc::setsockopt(
-                            std::os::fd::AsRawFd::as_raw_fd(&c),
+                            std::os::fd::AsRawFd::as_raw_fd(&conn),
                             libc::SOL_SOCKET,
                             libc::SO_LINGER,
                             (&raw const linger).cast(),
@@ -713,7 +713,7 @@ fn backend_resets_count_as_failures_but_client_aborts_do_not() {
                         );
                     }
                     thread::sleep(Duration::from_millis(50));
-                    drop(c);
+                    drop(conn);
                 }
             })
             .unwrap();
@@ -723,9 +723,13 @@ fn backend_resets_count_as_failures_but_client_aborts_do_not() {
     let mut s = spec(vip81, vec![listen], Algorithm::Random);
     s.circuit = fast_circuit();
     m.dp.apply_service(&s).unwrap();
-    let r = m.client.hit(vip81, 3, &["--timeout-ms", "2000"]).unwrap();
+    let report = m.client.hit(vip81, 3, &["--timeout-ms", "2000"]).unwrap();
     server.join().unwrap();
-    assert_eq!(r.errors.get("ECONNRESET").copied(), Some(3), "{r:?}");
+    assert_eq!(
+        report.errors.get("ECONNRESET").copied(),
+        Some(3),
+        "{report:?}"
+    );
     let st =
         m.dp.backend_status(&service_key(vip81, Protocol::Tcp))
             .unwrap()[0]

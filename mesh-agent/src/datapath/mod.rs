@@ -104,6 +104,8 @@ struct Applied {
     id: u32,
     /// Backend ids in slot order.
     backends: Vec<u32>,
+    /// Their addresses, parallel to `backends` (how an update finds a backend's id again).
+    addrs: Vec<SocketAddr>,
 }
 
 /// The loaded, attached data path and typed access to its maps.
@@ -123,9 +125,8 @@ pub struct Datapath {
     applied: BTreeMap<ServiceKey, Applied>,
     /// Writes refused because a map would overflow (exported as a metric).
     map_full_total: u64,
-    backend_ids: StdHashMap<(u32, SocketAddr), u32>,
-    /// The reverse of `backend_ids`, so dropping a backend is O(1).
-    backend_keys: StdHashMap<u32, (u32, SocketAddr)>,
+    /// Backends in `BACKENDS` (ids are per service, so this is the sum over `applied`).
+    backend_total: usize,
     /// Slots in use over all services (kept, not summed, so updates stay O(backends)).
     used_slots: usize,
     next_service_id: u32,
@@ -299,8 +300,7 @@ impl Datapath {
             pin_dir: cfg.pin_dir.clone(),
             applied: BTreeMap::new(),
             map_full_total: 0,
-            backend_ids: StdHashMap::new(),
-            backend_keys: StdHashMap::new(),
+            backend_total: 0,
             used_slots: 0,
             next_service_id: 1,
             next_backend_id: 1,
@@ -323,30 +323,7 @@ impl Datapath {
             name: SERVICES_MAP,
             source,
         })?;
-        for (key, svc) in services {
-            let mut backends = Vec::new();
-            for slot in 0..svc.backend_count {
-                if let Ok(id) = self.slots.get(
-                    &SlotKey {
-                        service_id: svc.id,
-                        slot,
-                    },
-                    0,
-                ) {
-                    backends.push(id);
-                }
-            }
-            self.next_service_id = self.next_service_id.max(svc.id + 1);
-            self.used_slots += backends.len();
-            self.applied.insert(
-                key,
-                Applied {
-                    id: svc.id,
-                    backends,
-                },
-            );
-        }
-        let backends: Vec<(u32, Backend)> = self
+        let all: StdHashMap<u32, Backend> = self
             .backends
             .iter()
             .collect::<Result<_, _>>()
@@ -355,11 +332,43 @@ impl Datapath {
                 name: BACKENDS_MAP,
                 source,
             })?;
-        for (id, b) in backends {
-            let addr = SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be));
-            self.backend_ids.insert((b.service_id, addr), id);
-            self.backend_keys.insert(id, (b.service_id, addr));
+        for id in all.keys() {
             self.next_backend_id = self.next_backend_id.max(id + 1);
+        }
+        let mut referenced = std::collections::HashSet::new();
+        for (key, svc) in services {
+            let mut applied = Applied {
+                id: svc.id,
+                ..Applied::default()
+            };
+            for slot in 0..svc.backend_count {
+                let Ok(id) = self.slots.get(
+                    &SlotKey {
+                        service_id: svc.id,
+                        slot,
+                    },
+                    0,
+                ) else {
+                    continue;
+                };
+                if let Some(b) = all.get(&id) {
+                    applied.backends.push(id);
+                    applied.addrs.push(SocketAddr::new(
+                        ip_from_be(b.addr_be, b.family),
+                        u16::from_be(b.port_be),
+                    ));
+                    referenced.insert(id);
+                }
+            }
+            self.next_service_id = self.next_service_id.max(svc.id + 1);
+            self.used_slots += applied.backends.len();
+            self.backend_total += applied.backends.len();
+            self.applied.insert(key, applied);
+        }
+        // Backends no slot points at (an agent killed mid-update) are stale.
+        for id in all.keys().filter(|id| !referenced.contains(*id)) {
+            let _ = self.backends.remove(id);
+            let _ = self.backend_state.remove(id);
         }
         Ok(())
     }
@@ -415,13 +424,13 @@ impl Datapath {
         if old.is_none() && self.applied.len() >= SERVICES_CAPACITY as usize {
             return Err(full(SERVICES_MAP, SERVICES_CAPACITY, name()));
         }
-        let svc_id = old.map(|a| a.id);
         let new_backends = spec
             .backends
             .iter()
-            .filter(|b| svc_id.is_none_or(|id| !self.backend_ids.contains_key(&(id, b.addr))))
+            .filter(|b| old.is_none_or(|a| !a.addrs.contains(&b.addr)))
             .count();
-        if self.backend_ids.len() + new_backends > BACKENDS_CAPACITY as usize {
+        // New entries are written before stale ones go: the peak is what must fit.
+        if self.backend_total + new_backends > BACKENDS_CAPACITY as usize {
             return Err(full(BACKENDS_MAP, BACKENDS_CAPACITY, name()));
         }
         let used_slots = self.used_slots - old.map_or(0, |a| a.backends.len());
@@ -444,7 +453,7 @@ impl Datapath {
             .as_ref()
             .map_or_else(|| self.alloc_service_id(), |a| a.id);
         // 1. Backends (and fresh state for new ones), slots, the lookup table.
-        let ids = self.write_backends(svc_id, spec)?;
+        let ids = self.write_backends(svc_id, spec, old.as_ref())?;
         self.write_slots_and_table(svc_id, spec, &ids)?;
         if old.is_none() {
             self.service_state
@@ -476,6 +485,7 @@ impl Datapath {
             Applied {
                 id: svc_id,
                 backends: ids,
+                addrs: spec.backends.iter().map(|b| b.addr).collect(),
             },
         );
         Ok(svc_id)
@@ -485,10 +495,20 @@ impl Datapath {
         &mut self,
         svc_id: u32,
         spec: &ServiceSpec,
+        old: Option<&Applied>,
     ) -> Result<Vec<u32>, DatapathError> {
+        let known: StdHashMap<SocketAddr, u32> = old
+            .map(|a| {
+                a.addrs
+                    .iter()
+                    .copied()
+                    .zip(a.backends.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut ids = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
-            let (id, fresh) = match self.backend_ids.get(&(svc_id, b.addr)) {
+            let (id, fresh) = match known.get(&b.addr) {
                 Some(id) => (*id, false),
                 None => (self.alloc_backend_id(), true),
             };
@@ -508,8 +528,7 @@ impl Datapath {
                 self.backend_state
                     .insert(id, BackendState::default(), 0)
                     .map_err(write_err(BACKEND_STATE_MAP))?;
-                self.backend_ids.insert((svc_id, b.addr), id);
-                self.backend_keys.insert(id, (svc_id, b.addr));
+                self.backend_total += 1;
             }
             ids.push(id);
         }
@@ -570,9 +589,7 @@ impl Datapath {
     fn drop_backend(&mut self, id: u32) {
         let _ = self.backends.remove(&id);
         let _ = self.backend_state.remove(&id);
-        if let Some(key) = self.backend_keys.remove(&id) {
-            self.backend_ids.remove(&key);
-        }
+        self.backend_total -= 1;
         self.free_backend_ids.push(id);
     }
 
@@ -835,11 +852,7 @@ fn attach_reset_tracepoint(ebpf: &mut Ebpf, pin: &Path) -> Result<(), DatapathEr
         .map_err(prog_err("load"))?;
     let id = prog.attach().map_err(prog_err("attach"))?;
     let link = prog.take_link(id).map_err(prog_err("take link of"))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Io {
-        op: "convert link",
-        path: pin.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let fd_link = FdLink::from(link);
     if pin.exists() {
         std::fs::remove_file(pin).map_err(|source| DatapathError::Io {
             op: "replace pinned link",

@@ -48,6 +48,8 @@ use crate::{
 
 /// How often the file is checked for changes.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Most YAML nodes a static model may have (a 10,000-service model has about 600,000).
+pub const MAX_YAML_NODES: usize = 20_000_000;
 /// Namespace of objects that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -188,7 +190,12 @@ impl Check<'_> {
 
 /// Parses and validates a static model. `node` overrides the file's `node:`.
 pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel, ConfigError> {
-    let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| {
+    // The parser's default budget (250,000 nodes) protects against hostile input; a cluster
+    // model is trusted operator input and 10,000 services with their endpoints need more.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! { max_nodes: MAX_YAML_NODES, max_events: 4 * MAX_YAML_NODES },
+    };
+    let doc: FileDoc = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         ConfigError {
             file: file.to_owned(),
@@ -464,12 +471,17 @@ pub async fn watch(
     interval: Duration,
     updates: mpsc::Sender<Update>,
 ) {
-    let mut last: Option<Vec<u8>> = None;
+    // A digest of the last content seen, not the content: a 10,000-service file is megabytes.
+    let mut last: Option<u64> = None;
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let content = tokio::fs::read(&path).await.ok();
-        if content.is_some() && content == last {
+        let digest = tokio::fs::read(&path).await.ok().map(|bytes| {
+            let mut h = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(&bytes, &mut h);
+            std::hash::Hasher::finish(&h)
+        });
+        if digest.is_some() && digest == last {
             continue;
         }
         let update = match load(&path, node.as_deref()) {
@@ -482,7 +494,7 @@ pub async fn watch(
                 Update::Rejected(e.to_string())
             }
         };
-        last = content;
+        last = digest;
         if updates.send(update).await.is_err() {
             return;
         }

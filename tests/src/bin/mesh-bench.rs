@@ -1,6 +1,6 @@
 //! `mesh-bench`: the data-path benchmark. One harness cluster (one node; client, iptables-client
 //! and two backend pods) measures, in one run and interleaved, TCP through the mesh's kernel socket
-//! LB against a direct connection to the pod, kube-proxy-style iptables DNAT and HAProxy; then
+//! LB against a direct connection to the pod, kube-proxy-style iptables DNAT and `HAProxy`; then
 //! connect latency with 10 vs 10,000 services, same-node bypass and fail fast. Writes flat JSON
 //! (`{"metric": number}`) to `target/bench/datapath.json` and prints a table.
 //!
@@ -19,12 +19,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStrea
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use mesh_agent::datapath::spec::{CircuitSettings, Protocol, ServiceSpec};
-use mesh_agent::datapath::{Datapath, DatapathConfig, service_key};
+use mesh_agent::datapath::{Datapath, DatapathConfig, events, service_key};
 use mesh_common::backend::CIRCUIT_OPEN;
 use mesh_common::counters::{
     CTR_BACKEND_FAILURE, CTR_BYPASS_ESTABLISHED, CTR_BYPASS_MISS, CTR_EVENT_DROPPED,
@@ -35,30 +38,38 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// Port the echo servers listen on (backends and the client's own 127.0.0.1).
+/// Port the echo servers listen on (backends and the client's own 127.0.0.1): echo until EOF.
 const ECHO_PORT: u16 = 8080;
+/// One-shot port of the backends: one 64-byte echo, then the server closes first (as an
+/// HTTP/1.0 server does), so churn leaves no `TIME_WAIT` on the client's ports.
+const ONESHOT_PORT: u16 = 8081;
 /// A port nothing listens on (for the kernel-RST comparison and the ejected service).
 const CLOSED_PORT: u16 = 9;
-/// HAProxy's frontend port on the node's address.
+/// `HAProxy`'s frontend ports on the node's address (→ backends' echo and one-shot ports).
 const HAPROXY_PORT: u16 = 18080;
-/// The mesh service (kernel socket LB) over both backends.
+const HAPROXY_ONESHOT_PORT: u16 = 18081;
+/// The mesh service (kernel socket LB) over both backends, and its one-shot port.
 const MESH_VIP: SocketAddr = v4(10, 96, 0, 10, ECHO_PORT);
+const MESH_VIP_ONESHOT: SocketAddr = v4(10, 96, 0, 10, ONESHOT_PORT);
 /// A mesh service with only backend b0 (same-node bypass run).
 const BYPASS_VIP: SocketAddr = v4(10, 96, 0, 11, ECHO_PORT);
 /// A mesh service whose backends are all ejected (fail-fast run).
 const FAILFAST_VIP: SocketAddr = v4(10, 96, 0, 99, ECHO_PORT);
 /// The kube-proxy iptables service: a different address, never in the mesh's maps.
 const IPT_VIP: SocketAddr = v4(10, 97, 0, 10, ECHO_PORT);
+const IPT_VIP_ONESHOT: SocketAddr = v4(10, 97, 0, 10, ONESHOT_PORT);
 /// Request and response size of every round trip.
 const MSG: usize = 64;
 /// Accepting threads per listener of the echo server.
 const SERVER_THREADS: usize = 8;
+/// Mesh services that are always applied (measured VIP's two ports, bypass VIP).
+const MESH_MEASURED: usize = 3;
 /// Services in the "few services" state (mesh and iptables alike).
 const FEW: usize = 10;
 /// Services in the "many services" state.
 const MANY: usize = 10_000;
 /// Longest one measurement in a pod may take.
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+const RUN_TIMEOUT: Duration = Duration::from_mins(3);
 /// The source range kube-proxy treats as the cluster's pods (`--cluster-cidr`).
 const CLUSTER_CIDR: &str = "10.0.0.0/8";
 
@@ -80,9 +91,21 @@ struct Cli {
 enum Cmd {
     /// Run the data-path benchmark (root).
     Datapath(DatapathArgs),
+    /// Run the control-plane benchmark: the agent reconciling 10,000 services (root).
+    ControlPlane(ControlPlaneArgs),
     /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
     #[command(hide = true)]
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ControlPlaneArgs {
+    /// 1,000 services instead of 10,000.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/control-plane.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -93,13 +116,29 @@ struct DatapathArgs {
     /// Where to write the JSON (default `<workspace>/target/bench/datapath.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where client, server and proxy run.
+    #[arg(long, value_enum, default_value_t = Layout::SameCpu)]
+    cpus: Layout,
+}
+
+/// CPU placement of the processes that carry traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Layout {
+    /// Client, echo servers and `HAProxy` all pinned to the last CPU: every round trip is CPU work
+    /// on one core. Steadiest on VMs, where a cross-CPU wake-up can wait for the next tick.
+    SameCpu,
+    /// Client on CPU 0, echo servers on CPU 1, `HAProxy` unpinned (needs 2 CPUs).
+    Split,
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TCP address to listen on (repeatable).
-    #[arg(long, required = true)]
+    /// TCP address to echo on until EOF (repeatable).
+    #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// TCP address to answer one 64-byte message on, then close first (repeatable).
+    #[arg(long)]
+    oneshot: Vec<SocketAddr>,
     /// CPU to pin every thread to.
     #[arg(long)]
     cpu: Option<usize>,
@@ -109,6 +148,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Datapath(a) => datapath(&a),
+        Cmd::ControlPlane(a) => control_plane(&a),
         Cmd::Serve(a) => serve(&a),
     };
     match result {
@@ -121,14 +161,48 @@ fn main() -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Control plane (`mesh_tests::control_plane` runs the real agent)
+
+fn control_plane(args: &ControlPlaneArgs) -> Result<()> {
+    ensure!(
+        mesh_tests::is_root(),
+        "mesh-bench needs root (namespaces, cgroups, eBPF): run `cargo xtask bench control-plane` as root"
+    );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench/control-plane.json"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    println!(
+        "control-plane benchmark: {} services x 10 endpoints from a static file, real agent ({})",
+        if args.quick { "1,000" } else { "10,000" },
+        std::env::var("MESH_BENCH_COMMAND")
+            .unwrap_or_else(|_| "mesh-bench control-plane".to_owned())
+    );
+    let metrics: BTreeMap<String, f64> = mesh_tests::control_plane::run(args.quick)?
+        .into_iter()
+        .collect();
+    for (k, v) in &metrics {
+        println!("  {k:<40} {v:>12.1}");
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&metrics)? + "\n")
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Echo server (runs inside a pod as `mesh-bench serve`)
 
 fn serve(args: &ServeArgs) -> Result<()> {
+    // Threads spawned below inherit the main thread's affinity.
     if let Some(cpu) = args.cpu {
-        // Threads spawned below inherit the main thread's affinity.
         pin_to_cpu(cpu).with_context(|| format!("failed to pin the server to CPU {cpu}"))?;
     }
-    for addr in &args.listen {
+    let all = args.listen.iter().map(|a| (a, false));
+    for (addr, oneshot) in all.chain(args.oneshot.iter().map(|a| (a, true))) {
         let listener =
             TcpListener::bind(addr).with_context(|| format!("failed to listen on {addr}"))?;
         // A second listen() only raises the backlog (std uses 128).
@@ -139,7 +213,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
             std::thread::spawn(move || {
                 loop {
                     if let Ok((stream, _)) = l.accept() {
-                        echo(stream);
+                        if oneshot {
+                            echo_once(stream);
+                        } else {
+                            echo(stream);
+                        }
                     }
                 }
             });
@@ -170,14 +248,22 @@ fn echo(mut stream: TcpStream) {
     }
 }
 
+/// Echoes one [`MSG`]-byte message and closes (the server's FIN goes first).
+fn echo_once(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; MSG];
+    if stream.read_exact(&mut buf).is_ok() {
+        let _ = stream.write_all(&buf);
+    }
+}
+
 fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it for cpu < CPU_SETSIZE; the
     // syscall reads `size_of` bytes of it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0
-        {
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -199,22 +285,24 @@ impl Lat {
     /// Nearest-rank percentiles of nanosecond samples.
     fn of(ns: &mut [u64]) -> Self {
         ns.sort_unstable();
-        let pick = |p: f64| {
+        let pick = |p: usize| {
             if ns.is_empty() {
                 return 0.0;
             }
-            let rank = ((p / 100.0) * ns.len() as f64).ceil() as usize;
-            ns[rank.clamp(1, ns.len()) - 1] as f64 / 1000.0
+            // Nearest rank, ceil(p/100 · n), in integers: 1 ≤ rank ≤ n.
+            let n = ns.len();
+            let rank = (p * n).div_ceil(100).clamp(1, n);
+            ns[rank - 1] as f64 / 1000.0
         };
         Self {
-            p50_us: pick(50.0),
-            p99_us: pick(99.0),
+            p50_us: pick(50),
+            p99_us: pick(99),
             samples: ns.len() as u64,
         }
     }
 }
 
-/// Connection churn: rate, and connect() latency of the same connections.
+/// Connection churn: rate, and `connect()` latency of the same connections.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct Crr {
     per_s: f64,
@@ -293,8 +381,8 @@ fn rr_client(addr: SocketAddr, warmup: usize, count: usize) -> Result<Lat, Strin
     Ok(Lat::of(&mut ns))
 }
 
-/// Connect, one round trip, close — repeated for `time` after `warmup` (dropped); targets are
-/// used in turn.
+/// Connect, one round trip, the server's close, then ours — repeated for `time` after `warmup`
+/// (dropped); targets (one-shot ports) are used in turn.
 fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Result<Crr, String> {
     let req = [0xa5_u8; MSG];
     let mut resp = [0u8; MSG];
@@ -304,7 +392,12 @@ fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Resul
         let mut s = s.map_err(|e| format!("connection {i} to {addr}: {e}"))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
         round_trip(&mut s, &req, &mut resp).map_err(|e| format!("connection {i}: {e}"))?;
-        Ok(nanos(took))
+        // Wait for the server's FIN so the client never closes first (no TIME_WAIT here).
+        match s.read(&mut [0u8; 1]) {
+            Ok(0) => Ok(nanos(took)),
+            Ok(_) => Err(format!("connection {i} to {addr}: data after the echo")),
+            Err(e) => Err(format!("connection {i} to {addr}: waiting for EOF: {e}")),
+        }
     };
     let mut i = 0;
     let start = Instant::now();
@@ -390,12 +483,12 @@ impl Plan {
             Self {
                 reps: 5,
                 rr_warmup: 2_000,
-                rr_count: 20_000,
+                rr_count: 50_000,
                 crr_warmup: Duration::from_millis(300),
                 crr_time: Duration::from_millis(1_500),
                 scale_reps: 3,
-                scale_time: Duration::from_millis(1_000),
-                failfast_count: 20_000,
+                scale_time: Duration::from_secs(1),
+                failfast_count: 10_000,
             }
         }
     }
@@ -447,11 +540,11 @@ impl Samples {
 enum Variant {
     /// Client → backend pod address.
     Direct,
-    /// Client → service VIP, translated at connect() by the mesh's cgroup programs.
+    /// Client → service VIP, translated at `connect()` by the mesh's cgroup programs.
     Mesh,
-    /// Client → service VIP, DNAT by kube-proxy-shaped iptables rules (nf_tables backend).
+    /// Client → service VIP, DNAT by kube-proxy-shaped iptables rules (`nf_tables` backend).
     Iptables,
-    /// Client → HAProxy (mode tcp) in the node namespace → backend.
+    /// Client → `HAProxy` (mode tcp) in the node namespace → backend.
     Haproxy,
 }
 
@@ -468,14 +561,84 @@ impl Variant {
     }
 }
 
+/// Reads the flow-event ring as the agent does (wait until readable, drain, repeat), so the
+/// kernel pays for real event delivery, wake-ups included, rather than for a full ring. It can be
+/// paused for the diagnostic run (the ring fills and the kernel drops each event at `reserve`).
+struct EventReader {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventReader {
+    /// Starts the reader thread, pinned to `cpu` if given.
+    fn start(dp: &mut Datapath, cpu: Option<usize>) -> Result<Self> {
+        let mut ring = dp
+            .take_events()
+            .context("the flow-event ring was already taken")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let read = Arc::new(AtomicU64::new(0));
+        let (st, pa, rd) = (Arc::clone(&stop), Arc::clone(&paused), Arc::clone(&read));
+        let thread = std::thread::Builder::new()
+            .name("flow-events".to_owned())
+            .spawn(move || {
+                if let Some(c) = cpu {
+                    let _ = pin_to_cpu(c);
+                }
+                while !st.load(Ordering::Relaxed) {
+                    if pa.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: ring.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd for the ring's descriptor, kept open by `ring`.
+                    unsafe { libc::poll(&raw mut pfd, 1, 100) };
+                    let n = events::drain(&mut ring).len();
+                    rd.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            })?;
+        Ok(Self {
+            stop,
+            paused,
+            read,
+            thread: Some(thread),
+        })
+    }
+
+    fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+}
+
+impl Drop for EventReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 struct Bench {
     plan: Plan,
     client_cpu: Option<usize>,
     server_cpu: Option<usize>,
+    proxy_cpu: Option<usize>,
     out_dir: PathBuf,
     // Field order is drop order: processes and the data path go before the cluster.
     haproxy: Option<PodChild>,
     _servers: Vec<PodChild>,
+    events: EventReader,
     dp: Datapath,
     /// Mesh filler services currently applied (beyond the measured ones).
     mesh_fillers: Vec<ServiceSpec>,
@@ -503,9 +666,9 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let started = Instant::now();
     let machine = Machine::probe();
-    machine.print(&plan, args.quick);
+    machine.print(&plan, args.quick, args.cpus);
 
-    let mut bench = Bench::setup(plan, out_dir)?;
+    let mut bench = Bench::setup(plan, args.cpus, machine.cpus, out_dir)?;
     let mut s = Samples::default();
     let failures_before = bench.dp.counter(CTR_BACKEND_FAILURE)?;
     bench.matrix(&mut s)?;
@@ -514,15 +677,22 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
     bench.connect_scale_mesh(&mut s)?;
     bench.connect_scale_iptables(&mut s)?;
     bench.failfast(&mut s)?;
+    bench.events_off(&mut s)?;
     let dropped_events = bench.dp.counter(CTR_EVENT_DROPPED)?;
+    let read_events = bench.events.read();
 
     let mut metrics = s.medians();
     metrics.insert("bench_reps".to_owned(), plan.reps as f64);
     metrics.insert("bench_cpus".to_owned(), machine.cpus as f64);
     metrics.insert(
-        "bench_backend_failures_counted".to_owned(),
-        failures as f64,
+        "bench_same_cpu".to_owned(),
+        if args.cpus == Layout::SameCpu {
+            1.0
+        } else {
+            0.0
+        },
     );
+    metrics.insert("bench_backend_failures_counted".to_owned(), failures as f64);
     print_report(&metrics, &s);
     if failures > 0 {
         println!(
@@ -530,7 +700,7 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
         );
     }
     println!(
-        "note: {dropped_events} flow events dropped (nobody reads the ring in this benchmark)"
+        "flow events: {read_events} read by the benchmark's reader thread, {dropped_events} dropped (ring full)"
     );
     let json = serde_json::to_string_pretty(&metrics)?;
     std::fs::write(&out, format!("{json}\n"))
@@ -542,21 +712,25 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
 }
 
 impl Bench {
-    fn setup(plan: Plan, out_dir: PathBuf) -> Result<Self> {
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        let (client_cpu, server_cpu) = if cpus >= 2 {
-            (Some(0), Some(1))
-        } else {
-            (None, None)
+    fn setup(plan: Plan, layout: Layout, cpus: usize, out_dir: PathBuf) -> Result<Self> {
+        let (client_cpu, server_cpu, proxy_cpu) = match layout {
+            Layout::SameCpu => {
+                let last = Some(cpus.saturating_sub(1));
+                (last, last, last)
+            }
+            Layout::Split => {
+                ensure!(
+                    cpus >= 2,
+                    "--cpus split needs 2 CPUs, this machine has {cpus}"
+                );
+                (Some(0), Some(1), None)
+            }
         };
         let cluster = Cluster::new("datapath-bench")?;
         let node = cluster.add_node("a")?;
         let client = cluster.add_pod(&node, "client")?;
         let client_ipt = cluster.add_pod(&node, "client-ipt")?;
-        let backends = vec![
-            cluster.add_pod(&node, "b0")?,
-            cluster.add_pod(&node, "b1")?,
-        ];
+        let backends = vec![cluster.add_pod(&node, "b0")?, cluster.add_pod(&node, "b1")?];
         // Connection churn: wide port range and TIME_WAIT reuse wherever connections start
         // (client pods; the node, where HAProxy connects to the backends).
         for sb in [&*client, &*client_ipt, &*node] {
@@ -565,9 +739,12 @@ impl Bench {
         }
         let exe = std::env::current_exe().context("cannot find the mesh-bench executable")?;
         let mut servers = Vec::new();
-        let mut start_server = |pod: &PodHandle, addr: SocketAddr| -> Result<()> {
+        let mut start_server = |pod: &PodHandle, echo: SocketAddr, oneshot: Option<SocketAddr>| {
             let mut cmd = pod.command(&exe);
-            cmd.args(["serve", "--listen", &addr.to_string()]);
+            cmd.args(["serve", "--listen", &echo.to_string()]);
+            if let Some(a) = oneshot {
+                cmd.args(["--oneshot", &a.to_string()]);
+            }
             if let Some(cpu) = server_cpu {
                 cmd.args(["--cpu", &cpu.to_string()]);
             }
@@ -576,26 +753,35 @@ impl Bench {
                 .wait_ready(Duration::from_secs(10))
                 .with_context(|| format!("echo server in {} never became ready", pod.name()))?;
             servers.push(child);
-            Ok(())
+            anyhow::Ok(())
         };
         for b in &backends {
-            start_server(b, SocketAddr::new(b.ipv4().into(), ECHO_PORT))?;
+            start_server(
+                b,
+                SocketAddr::new(b.ipv4().into(), ECHO_PORT),
+                Some(SocketAddr::new(b.ipv4().into(), ONESHOT_PORT)),
+            )?;
         }
         // True loopback inside the client pod.
-        start_server(&client, v4(127, 0, 0, 1, ECHO_PORT))?;
+        start_server(&client, v4(127, 0, 0, 1, ECHO_PORT), None)?;
 
-        let dp = Datapath::load(&DatapathConfig {
+        let mut dp = Datapath::load(&DatapathConfig {
             cgroup: node.cgroup_dir().to_path_buf(),
             pin_dir: cluster.bpffs_dir()?.join("a"),
         })
         .context("failed to load the data path")?;
+        // The agent's work per event belongs to the mesh's cost: with `same-cpu` it runs on the
+        // measured core too.
+        let events = EventReader::start(&mut dp, proxy_cpu)?;
         let mut bench = Self {
             plan,
             client_cpu,
             server_cpu,
+            proxy_cpu,
             out_dir,
             haproxy: None,
             _servers: servers,
+            events,
             dp,
             mesh_fillers: Vec::new(),
             client,
@@ -607,18 +793,29 @@ impl Bench {
         bench.apply_mesh_services()?;
         bench.load_iptables(FEW)?;
         bench.start_haproxy()?;
-        for v in Variant::ALL {
-            let target = bench.targets(v)[0];
+        for (v, oneshot) in Variant::ALL.iter().flat_map(|v| [(*v, false), (*v, true)]) {
+            let target = bench.targets(v, oneshot)[0];
             let pod = bench.client_of(v).clone();
-            bench
-                .in_pod(&pod, move || wait_echo(target, Duration::from_secs(10)))
-                .with_context(|| format!("{} path does not work", v.name()))?;
+            let works = bench.in_pod(&pod, move || wait_echo(target, Duration::from_secs(10)));
+            if let Err(e) = works {
+                let haproxy = bench
+                    .haproxy
+                    .as_ref()
+                    .map(PodChild::stderr_text)
+                    .unwrap_or_default();
+                return Err(e.context(format!(
+                    "the {} path does not work (haproxy stderr: {})",
+                    v.name(),
+                    haproxy.trim()
+                )));
+            }
         }
         println!(
-            "setup: cluster {} ready; client on CPU {:?}, echo servers on CPU {:?}, HAProxy unpinned",
+            "setup: cluster {} ready; CPUs: client {}, echo servers {}, HAProxy {}",
             bench.cluster.prefix(),
-            bench.client_cpu,
-            bench.server_cpu
+            cpu_name(bench.client_cpu),
+            cpu_name(bench.server_cpu),
+            cpu_name(bench.proxy_cpu)
         );
         Ok(bench)
     }
@@ -630,10 +827,15 @@ impl Bench {
             .collect()
     }
 
-    /// The 10 mesh services of the "few" state: the measured VIP, the bypass VIP, and fillers.
+    /// The 10 mesh services of the "few" state: the measured VIP's two ports, the bypass VIP,
+    /// and fillers.
     fn apply_mesh_services(&mut self) -> Result<()> {
         self.dp
             .apply_service(&ServiceSpec::tcp(MESH_VIP, self.backend_addrs(ECHO_PORT)))?;
+        self.dp.apply_service(&ServiceSpec::tcp(
+            MESH_VIP_ONESHOT,
+            self.backend_addrs(ONESHOT_PORT),
+        ))?;
         self.dp.apply_service(&ServiceSpec::tcp(
             BYPASS_VIP,
             [SocketAddr::new(self.backends[0].ipv4().into(), ECHO_PORT)],
@@ -645,7 +847,7 @@ impl Bench {
     /// Adds or removes filler services until the mesh serves `total` services.
     fn set_mesh_service_count(&mut self, total: usize) -> Result<Duration> {
         let start = Instant::now();
-        let want_fillers = total - 2;
+        let want_fillers = total - MESH_MEASURED;
         while self.mesh_fillers.len() < want_fillers {
             let spec = filler_service(self.mesh_fillers.len(), [10, 96], [10, 245]);
             self.dp.apply_service(&spec)?;
@@ -657,10 +859,7 @@ impl Bench {
                 .remove_service(&service_key(spec.vip, Protocol::Tcp))?;
         }
         let n = self.dp.service_keys().count();
-        ensure!(
-            n == total,
-            "the mesh serves {n} services, expected {total}"
-        );
+        ensure!(n == total, "the mesh serves {n} services, expected {total}");
         Ok(start.elapsed())
     }
 
@@ -668,8 +867,15 @@ impl Bench {
     fn load_iptables(&self, services: usize) -> Result<Duration> {
         let path = self.out_dir.join(format!("kube-proxy-{services}.rules"));
         if !path.exists() {
-            let eps = self.backend_addrs(ECHO_PORT);
-            std::fs::write(&path, kube_proxy_rules(services, &eps))
+            let measured = [
+                ("bench/echo:tcp", IPT_VIP, self.backend_addrs(ECHO_PORT)),
+                (
+                    "bench/echo:oneshot",
+                    IPT_VIP_ONESHOT,
+                    self.backend_addrs(ONESHOT_PORT),
+                ),
+            ];
+            std::fs::write(&path, kube_proxy_rules(services, &measured))
                 .with_context(|| format!("failed to write {}", path.display()))?;
         }
         let start = Instant::now();
@@ -691,20 +897,36 @@ impl Bench {
 
     fn start_haproxy(&mut self) -> Result<()> {
         let cfg = self.out_dir.join("haproxy.cfg");
-        let mut text = format!(
+        let mut text = String::from(
             "# mesh-bench: userspace proxy baseline (HAProxy mode tcp, one thread).\n\
-             global\n    nbthread 1\n    maxconn 20000\n\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\n\
-             frontend bench\n    bind {}:{HAPROXY_PORT}\n    default_backend echo\n\n\
-             backend echo\n    balance random\n",
-            self.node.ipv4()
+             global\n    nbthread 1\n    maxconn 8000\n\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n",
         );
-        for (i, a) in self.backend_addrs(ECHO_PORT).iter().enumerate() {
-            writeln!(text, "    server b{i} {a}")?;
+        for (name, port, backend_port) in [
+            ("echo", HAPROXY_PORT, ECHO_PORT),
+            ("oneshot", HAPROXY_ONESHOT_PORT, ONESHOT_PORT),
+        ] {
+            write!(
+                text,
+                "\nfrontend {name}\n    bind {}:{port}\n    default_backend {name}\n\n\
+                 backend {name}\n    balance random\n",
+                self.node.ipv4()
+            )?;
+            for (i, a) in self.backend_addrs(backend_port).iter().enumerate() {
+                writeln!(text, "    server b{i} {a}")?;
+            }
         }
         std::fs::write(&cfg, text).with_context(|| format!("failed to write {}", cfg.display()))?;
-        let mut cmd = self.node.command("haproxy");
-        cmd.arg("-db").arg("-f").arg(&cfg);
+        // Pinned with the echo servers in the same-cpu layout.
+        let mut cmd = match self.proxy_cpu {
+            Some(cpu) => {
+                let mut c = self.node.command("taskset");
+                c.args(["-c", &cpu.to_string(), "haproxy"]);
+                c
+            }
+            None => self.node.command("haproxy"),
+        };
+        cmd.args(["-db", "-f"]).arg(&cfg);
         self.haproxy = Some(self.node.spawn(cmd).context("failed to start haproxy")?);
         Ok(())
     }
@@ -717,13 +939,19 @@ impl Bench {
         }
     }
 
-    /// Where a variant's client connects (direct: both backends in turn; RR uses the first).
-    fn targets(&self, v: Variant) -> Vec<SocketAddr> {
-        match v {
-            Variant::Direct => self.backend_addrs(ECHO_PORT),
-            Variant::Mesh => vec![MESH_VIP],
-            Variant::Iptables => vec![IPT_VIP],
-            Variant::Haproxy => vec![SocketAddr::new(self.node.ipv4().into(), HAPROXY_PORT)],
+    /// Where a variant's client connects: the echo port (RR, first address) or the one-shot
+    /// port (churn; direct: both backends in turn).
+    fn targets(&self, v: Variant, oneshot: bool) -> Vec<SocketAddr> {
+        let node = |p| vec![SocketAddr::new(self.node.ipv4().into(), p)];
+        match (v, oneshot) {
+            (Variant::Direct, false) => self.backend_addrs(ECHO_PORT),
+            (Variant::Direct, true) => self.backend_addrs(ONESHOT_PORT),
+            (Variant::Mesh, false) => vec![MESH_VIP],
+            (Variant::Mesh, true) => vec![MESH_VIP_ONESHOT],
+            (Variant::Iptables, false) => vec![IPT_VIP],
+            (Variant::Iptables, true) => vec![IPT_VIP_ONESHOT],
+            (Variant::Haproxy, false) => node(HAPROXY_PORT),
+            (Variant::Haproxy, true) => node(HAPROXY_ONESHOT_PORT),
         }
     }
 
@@ -766,10 +994,9 @@ impl Bench {
             for k in 0..Variant::ALL.len() {
                 let v = Variant::ALL[(rep + k) % Variant::ALL.len()];
                 let pod = self.client_of(v);
-                let targets = self.targets(v);
                 let translated = self.dp.counter(CTR_TRANSLATED)?;
-                let lat = self.rr(pod, targets[0])?;
-                let churn = self.crr(pod, targets, self.plan.crr_time)?;
+                let lat = self.rr(pod, self.targets(v, false)[0])?;
+                let churn = self.crr(pod, self.targets(v, true), self.plan.crr_time)?;
                 let translated = self.dp.counter(CTR_TRANSLATED)? - translated;
                 if v == Variant::Mesh {
                     ensure!(
@@ -867,7 +1094,10 @@ impl Bench {
             s.push("localhost_rr_latency_p50_us", l.p50_us);
             s.push("localhost_rr_latency_p99_us", l.p99_us);
             s.push("bypass_rr_latency_ratio_vs_loopback", b.p50_us / p.p50_us);
-            s.push("bypass_rr_latency_p99_ratio_vs_loopback", b.p99_us / p.p99_us);
+            s.push(
+                "bypass_rr_latency_p99_ratio_vs_loopback",
+                b.p99_us / p.p99_us,
+            );
             s.push("bypass_rr_latency_ratio_vs_localhost", b.p50_us / l.p50_us);
         }
         self.dp.set_local_endpoints(&[])?;
@@ -876,7 +1106,7 @@ impl Bench {
         Ok(())
     }
 
-    /// p50 connect() latency to the measured VIP with 10 and with 10,000 mesh services, the
+    /// p50 `connect()` latency to the measured VIP with 10 and with 10,000 mesh services, the
     /// state toggled between measurements (10, 10k | 10k, 10 | …).
     fn connect_scale_mesh(&mut self, s: &mut Samples) -> Result<()> {
         println!(
@@ -887,7 +1117,7 @@ impl Bench {
         for rep in 0..self.plan.scale_reps {
             let mut got = BTreeMap::new();
             for _ in 0..2 {
-                let c = self.crr(&self.client, vec![MESH_VIP], self.plan.scale_time)?;
+                let c = self.crr(&self.client, vec![MESH_VIP_ONESHOT], self.plan.scale_time)?;
                 let n = if many { MANY } else { FEW };
                 println!(
                     "rep {}/{} mesh {n:>5} services: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({:.0} conn/s)",
@@ -937,7 +1167,11 @@ impl Bench {
         for rep in 0..self.plan.scale_reps {
             let mut got = BTreeMap::new();
             for _ in 0..2 {
-                let c = self.crr(&self.client_ipt, vec![IPT_VIP], self.plan.scale_time)?;
+                let c = self.crr(
+                    &self.client_ipt,
+                    vec![IPT_VIP_ONESHOT],
+                    self.plan.scale_time,
+                )?;
                 let n = if many { MANY } else { FEW };
                 println!(
                     "rep {}/{} iptables {n:>5} services: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({:.0} conn/s)",
@@ -1012,29 +1246,80 @@ impl Bench {
                 "backends were not all ejected: {status:?}"
             );
         }
-        let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)?;
+        let n = self.plan.failfast_count;
+        let closed = SocketAddr::new(self.backends[0].ipv4().into(), CLOSED_PORT);
+        for rep in 0..self.plan.reps {
+            let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)?;
+            let ff = self.in_pod(&self.client, move || refused_client(FAILFAST_VIP, 200, n))?;
+            let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)? - rejected;
+            ensure!(
+                rejected >= (n + 200) as u64,
+                "only {rejected} of {} connects were rejected by the circuit breaker",
+                n + 200
+            );
+            let rst = self.in_pod(&self.client, move || refused_client(closed, 200, n))?;
+            println!(
+                "rep {}/{} ejected service → ECONNREFUSED p50 {:.2} µs p99 {:.2} µs | closed pod port (kernel RST) p50 {:.2} µs p99 {:.2} µs",
+                rep + 1,
+                self.plan.reps,
+                ff.p50_us,
+                ff.p99_us,
+                rst.p50_us,
+                rst.p99_us
+            );
+            s.push("failfast_connect_us", ff.p50_us);
+            s.push("failfast_connect_p99_us", ff.p99_us);
+            s.push("closed_port_connect_us", rst.p50_us);
+        }
+        Ok(())
+    }
+
+    /// Diagnostic: the same fail-fast and churn figures with the event reader stopped (ring
+    /// full, every event dropped at `reserve`), to show what flow-event delivery costs.
+    fn events_off(&mut self, s: &mut Samples) -> Result<()> {
+        println!("\n== diagnostic: flow events off (reader paused, ring full, events dropped)");
+        self.events.set_paused(true);
+        // Fill the ring: every rejected connect emits an event.
+        let dropped = self.dp.counter(CTR_EVENT_DROPPED)?;
+        let start = Instant::now();
+        while self.dp.counter(CTR_EVENT_DROPPED)? == dropped {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "the flow-event ring never filled"
+            );
+            let _ = self.in_pod(&self.client, || refused_client(FAILFAST_VIP, 0, 5_000))?;
+        }
         let n = self.plan.failfast_count;
         let ff = self.in_pod(&self.client, move || refused_client(FAILFAST_VIP, 200, n))?;
-        let rejected = self.dp.counter(CTR_REJECT_CIRCUIT_OPEN)? - rejected;
-        ensure!(
-            rejected >= (n + 200) as u64,
-            "only {rejected} of {} connects were rejected by the circuit breaker",
-            n + 200
-        );
-        let closed = SocketAddr::new(self.backends[0].ipv4().into(), CLOSED_PORT);
-        let rst = self.in_pod(&self.client, move || refused_client(closed, 200, n))?;
         println!(
-            "ejected service: connect() → ECONNREFUSED p50 {:.2} µs p99 {:.2} µs ({} samples)",
-            ff.p50_us, ff.p99_us, ff.samples
+            "ejected service → ECONNREFUSED p50 {:.2} µs p99 {:.2} µs",
+            ff.p50_us, ff.p99_us
         );
-        println!(
-            "closed pod port (kernel RST over the veth): p50 {:.2} µs p99 {:.2} µs",
-            rst.p50_us, rst.p99_us
-        );
-        s.push("failfast_connect_us", ff.p50_us);
-        s.push("failfast_connect_p99_us", ff.p99_us);
-        s.push("closed_port_connect_us", rst.p50_us);
-        self.dp.remove_service(&key)?;
+        s.push("failfast_connect_us_events_off", ff.p50_us);
+        for rep in 0..self.plan.scale_reps {
+            let mut got = BTreeMap::new();
+            for k in 0..2 {
+                let v = [Variant::Direct, Variant::Mesh][(rep + k) % 2];
+                let c = self.crr(&self.client, self.targets(v, true), self.plan.crr_time)?;
+                println!(
+                    "rep {}/{} {:<8} crr {:>8.0}/s  connect p50 {:>6.2} µs",
+                    rep + 1,
+                    self.plan.scale_reps,
+                    v.name(),
+                    c.per_s,
+                    c.connect.p50_us
+                );
+                s.push(format!("crr_per_s_{}_events_off", v.name()), c.per_s);
+                got.insert(v.name(), c);
+            }
+            s.push(
+                "crr_rate_ratio_vs_direct_events_off",
+                got["mesh"].per_s / got["direct"].per_s,
+            );
+        }
+        self.events.set_paused(false);
+        self.dp
+            .remove_service(&service_key(FAILFAST_VIP, Protocol::Tcp))?;
         Ok(())
     }
 }
@@ -1062,20 +1347,20 @@ fn chain_hash(what: &str) -> String {
 }
 
 /// An `iptables-restore` file for the nat table as kube-proxy's iptables mode writes it, with
-/// `services` services of two endpoints each: the measured one ([`IPT_VIP`] → `eps`) in the
-/// middle of `KUBE-SERVICES`, the others fillers.
-fn kube_proxy_rules(services: usize, eps: &[SocketAddr]) -> String {
-    let mut svcs: Vec<(String, SocketAddr, Vec<SocketAddr>)> = (0..services - 1)
+/// `services` services of two endpoints each: the `measured` ones (name, VIP, endpoints) in the
+/// middle of `KUBE-SERVICES` (the average position), the others fillers.
+fn kube_proxy_rules(services: usize, measured: &[(&str, SocketAddr, Vec<SocketAddr>)]) -> String {
+    let fillers = services - measured.len();
+    let mut svcs: Vec<(String, SocketAddr, Vec<SocketAddr>)> = (0..fillers)
         .map(|i| {
             let f = filler_service(i, [10, 97], [10, 244]);
             let eps = f.backends.iter().map(|b| b.addr).collect();
             (format!("bench/filler-{i}:http"), f.vip, eps)
         })
         .collect();
-    svcs.insert(
-        (services - 1) / 2,
-        ("bench/echo:tcp".to_owned(), IPT_VIP, eps.to_vec()),
-    );
+    for (k, (name, vip, eps)) in measured.iter().enumerate() {
+        svcs.insert(fillers / 2 + k, ((*name).to_owned(), *vip, eps.clone()));
+    }
     let mut chains = String::new();
     let mut rules = String::new();
     for (name, vip, eps) in &svcs {
@@ -1149,24 +1434,24 @@ struct Machine {
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        })
-        .unwrap_or_else(|| format!("{program}: not found"))
+    let Ok(out) = std::process::Command::new(program).args(args).output() else {
+        return format!("{program}: not found");
+    };
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn cpu_name(cpu: Option<usize>) -> String {
+    cpu.map_or_else(|| "unpinned".to_owned(), |c| c.to_string())
 }
 
 /// `nf_tables` or `legacy`, from `iptables -V`.
@@ -1199,10 +1484,9 @@ impl Machine {
         }
     }
 
-    fn print(&self, plan: &Plan, quick: bool) {
-        let command = std::env::var("MESH_BENCH_COMMAND").unwrap_or_else(|_| {
-            std::env::args().collect::<Vec<_>>().join(" ")
-        });
+    fn print(&self, plan: &Plan, quick: bool, layout: Layout) {
+        let command = std::env::var("MESH_BENCH_COMMAND")
+            .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
         println!("mesh-bench datapath{}", if quick { " (quick)" } else { "" });
         println!("command:  {command}");
         println!(
@@ -1213,7 +1497,17 @@ impl Machine {
             "iptables: {} — kube-proxy rules in the client-ipt pod's netns (nat OUTPUT → KUBE-SERVICES)",
             self.iptables
         );
-        println!("haproxy:  {} — in the node netns, mode tcp, nbthread 1", self.haproxy);
+        println!(
+            "haproxy:  {} — in the node netns, mode tcp, nbthread 1",
+            self.haproxy
+        );
+        println!(
+            "cpus:     {} (client loops and echo servers pinned with sched_setaffinity, HAProxy with taskset; the flow-event reader thread with them)",
+            match layout {
+                Layout::SameCpu => "same-cpu: client, servers and HAProxy on the last CPU",
+                Layout::Split => "split: client CPU 0, servers CPU 1, HAProxy unpinned",
+            }
+        );
         println!(
             "plan:     {} reps; rr {} round trips of {MSG} B (+{} warm-up); crr {:.1} s (+{:.1} s warm-up dropped); scale {} reps × {:.1} s",
             plan.reps,
@@ -1328,8 +1622,8 @@ mod tests {
 
     #[test]
     fn kube_proxy_rules_have_the_measured_service_in_the_middle() {
-        let eps = [v4(10, 1, 0, 4, 8080), v4(10, 1, 0, 5, 8080)];
-        let r = kube_proxy_rules(10, &eps);
+        let eps = vec![v4(10, 1, 0, 4, 8080), v4(10, 1, 0, 5, 8080)];
+        let r = kube_proxy_rules(10, &[("bench/echo:tcp", IPT_VIP, eps)]);
         let services: Vec<&str> = r
             .lines()
             .filter(|l| l.starts_with("-A KUBE-SERVICES -d"))
