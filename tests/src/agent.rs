@@ -44,6 +44,10 @@ pub struct AgentProcess {
     pub log_filter: String,
     /// How long [`Self::start`] waits for readiness.
     pub ready_timeout: Duration,
+    /// Discover from the Kubernetes API with this kubeconfig instead of the static file; the
+    /// agent then runs in the host's network namespace (where the API stand-in listens) while
+    /// still attaching at the node's cgroup.
+    pub kubeconfig: Option<PathBuf>,
     child: Option<PodChild>,
 }
 
@@ -58,25 +62,38 @@ impl AgentProcess {
             socket,
             log_filter: "info,mesh_agent::app=debug".to_owned(),
             ready_timeout: Duration::from_secs(20),
+            kubeconfig: None,
             child: None,
         }
     }
 
     /// Starts the agent in the node (outside the pods' cgroups) and waits until it is ready.
     pub fn start(&mut self) -> Result<()> {
-        let mut cmd = self.node.command(workspace_binary("mesh-agent")?);
+        let binary = workspace_binary("mesh-agent")?;
+        let mut cmd = match &self.kubeconfig {
+            None => {
+                let mut cmd = self.node.command(binary);
+                cmd.arg("--config-file")
+                    .arg(&self.config)
+                    .args(["--readiness-addr", "127.0.0.1:15021"]);
+                cmd
+            }
+            Some(kubeconfig) => {
+                let mut cmd = Command::new(binary);
+                cmd.arg("--kubernetes")
+                    .env("KUBECONFIG", kubeconfig)
+                    .args(["--readiness-addr", "none"]);
+                cmd
+            }
+        };
         cmd.arg("--node-name")
             .arg(self.node.name())
-            .arg("--config-file")
-            .arg(&self.config)
             .arg("--cgroup")
             .arg(self.node.cgroup_dir())
             .arg("--pin-dir")
             .arg(&self.pins)
             .arg("--admin-socket")
             .arg(&self.socket)
-            .arg("--readiness-addr")
-            .arg("127.0.0.1:15021")
             .env("RUST_LOG", &self.log_filter);
         self.child = Some(self.node.spawn(cmd)?);
         let start = Instant::now();

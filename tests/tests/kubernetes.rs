@@ -518,3 +518,145 @@ fn kubernetes_discovery_drives_the_kernel_data_path() {
     s.delete_service();
     s.delete_namespace();
 }
+
+/// The agent binary as a user starts it (`mesh-agent --kubernetes`, kubeconfig pointing at the
+/// API stand-in): objects written through the API drive the kernel, and a bad annotation shows
+/// in `meshctl status` without breaking the service.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
+fn agent_binary_follows_the_kubernetes_api() {
+    let Some(_k) = mesh_tests::kernel_test("kubernetes_agent_binary") else {
+        return;
+    };
+    let kmock = Kmock::start().expect("kmock API stand-in");
+    let cluster = Cluster::new("kubernetes_agent_binary").expect("cluster");
+    let node = cluster.add_node(NODE).expect("node");
+    let client = cluster.add_pod(&node, "client").expect("client pod");
+    let backends: Vec<PodHandle> = (0..3)
+        .map(|i| cluster.add_pod(&node, &format!("b{i}")).expect("pod"))
+        .collect();
+    let _servers: Vec<PodChild> = backends
+        .iter()
+        .map(|p| {
+            p.serve(p.name(), &[SocketAddr::new(p.ipv4().into(), 80)], &[])
+                .expect("serve")
+        })
+        .collect();
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work).unwrap();
+    let kubeconfig = work.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kmock\n  cluster: {{ server: \"{}\" }}\ncontexts:\n- name: kmock\n  context: {{ cluster: kmock, user: test }}\ncurrent-context: kmock\nusers:\n- name: test\n  user: {{}}\n",
+            kmock.url
+        ),
+    )
+    .unwrap();
+    let mut agent = mesh_tests::agent::AgentProcess::new(
+        node.clone(),
+        work.join("unused.yaml"),
+        cluster.bpffs_dir().unwrap().join(NODE),
+        work.join("admin.sock"),
+    );
+    agent.kubeconfig = Some(kubeconfig);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let kube_client = rt
+        .block_on(async { kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())) })
+        .unwrap();
+    let pp = PostParams::default();
+    let namespaces: Api<Namespace> = Api::all(kube_client.clone());
+    let services: Api<Service> = Api::namespaced(kube_client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(kube_client, NS);
+    rt.block_on(async {
+        namespaces
+            .create(&pp, &from_json(json!({ "metadata": { "name": NS } })))
+            .await
+            .expect("namespace");
+        let svc: Service = from_json(json!({
+            "metadata": { "name": "web", "namespace": NS },
+            "spec": {
+                "clusterIP": VIP.to_string(),
+                "clusterIPs": [VIP.to_string()],
+                "ports": [{ "name": "http", "port": 80, "targetPort": 80, "protocol": "TCP" }],
+            },
+        }));
+        services.create(&pp, &svc).await.expect("service");
+        slices
+            .create(&pp, &slice(1, &[&backends[0], &backends[1]]))
+            .await
+            .expect("slice");
+    });
+    // The agent starts against the API (it is ready once the first model is in the kernel).
+    agent
+        .start()
+        .expect("mesh-agent --kubernetes becomes ready");
+    let hit_until = |what: &str, ok: &dyn Fn(&HitReport) -> bool, args: &[&str]| {
+        let start = Instant::now();
+        loop {
+            let r = client.hit(vip(), 30, args).expect("hit");
+            if ok(&r) {
+                return r;
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{what}: last {r:?}\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    hit_until(
+        "two endpoints",
+        &|r| r.ok() == 30 && count(r, "b0") > 0 && count(r, "b1") > 0 && count(r, "b2") == 0,
+        &[],
+    );
+    // Scale to three.
+    let s = slice(2, &backends.iter().collect::<Vec<_>>());
+    let patch = json!({ "metadata": s.metadata, "endpoints": s.endpoints });
+    rt.block_on(slices.patch("web-x1", &PatchParams::default(), &Patch::Merge(patch)))
+        .expect("scale");
+    hit_until(
+        "three endpoints",
+        &|r| r.ok() == 30 && count(r, "b2") > 0,
+        &[],
+    );
+    // A bad annotation: reported by the agent, service unharmed.
+    let bad = json!({ "metadata": { "annotations": { ANN_MAX_EJECTION_PERCENT: "150" } } });
+    rt.block_on(services.patch("web", &PatchParams::default(), &Patch::Merge(bad)))
+        .expect("annotate");
+    let start = Instant::now();
+    loop {
+        let status = agent.meshctl_json(&["status"]).unwrap();
+        let why = status["last_rejection"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if why.contains(ANN_MAX_EJECTION_PERCENT) && why.contains("shop/web") {
+            break;
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "no rejection reported: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        client.hit(vip(), 30, &[]).unwrap().ok(),
+        30,
+        "the service keeps working"
+    );
+    // Deleting the Service removes it from the kernel: the cluster IP no longer leads anywhere.
+    rt.block_on(services.delete("web", &DeleteParams::default()))
+        .expect("delete");
+    hit_until(
+        "service deleted",
+        &|r| r.ok() == 0,
+        &["--timeout-ms", "300"],
+    );
+    let listed = agent.meshctl_json(&["services"]).unwrap();
+    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+}
