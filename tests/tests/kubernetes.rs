@@ -523,7 +523,10 @@ fn kubernetes_discovery_drives_the_kernel_data_path() {
 /// API stand-in): objects written through the API drive the kernel, and a bad annotation shows
 /// in `meshctl status` without breaking the service.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario, read top to bottom"
+)]
 fn agent_binary_follows_the_kubernetes_api() {
     let Some(_k) = mesh_tests::kernel_test("kubernetes_agent_binary") else {
         return;
