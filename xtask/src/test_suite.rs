@@ -37,6 +37,13 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         _ => step.done(),
     }
 
+    // The agent tests run the real `mesh-agent` and `meshctl`; `cargo test` builds the bins only
+    // of packages with integration tests of their own, so build them explicitly.
+    let step = Step::loud("building mesh-agent and meshctl");
+    cmd::run(workspace::cargo().args(["build", "-p", "mesh-agent", "--bins"]))
+        .context("building mesh-agent failed: see above")?;
+    step.done();
+
     let step = Step::loud("running the workspace tests");
     let status = cmd::status(
         workspace::cargo()
