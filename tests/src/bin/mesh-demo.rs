@@ -314,17 +314,26 @@ fn follow_flows(agent: &AgentProcess) -> Result<(mpsc::Receiver<String>, Watcher
     Ok((rx, Watcher(child)))
 }
 
-/// Prints what `meshctl flows --follow` printed since last time (at most `max` lines).
+/// Prints what `meshctl flows --follow` printed since last time (at most `max` lines): the
+/// header and every fail/eject/recover/reject line, then closes and opens to fill up, in order.
 fn show_flows(flows: &mpsc::Receiver<String>, max: usize) {
+    // The agent drains the kernel's ring at least every 100 ms.
+    thread::sleep(Duration::from_millis(300));
     let lines: Vec<String> = flows.try_iter().collect();
-    let interesting: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.starts_with("TIME") || !l.contains(" open ") || lines.len() <= max)
-        .collect();
-    for l in interesting.iter().take(max) {
-        say(&format!("  {l}"));
+    let rank = |l: &str| match l {
+        l if l.starts_with("TIME") => 0,
+        l if l.contains(" open ") => 3,
+        l if l.contains(" close ") => 2,
+        _ => 1,
+    };
+    let mut keep: Vec<usize> = (0..lines.len()).collect();
+    keep.sort_by_key(|&i| (rank(&lines[i]), i));
+    keep.truncate(max);
+    keep.sort_unstable();
+    for &i in &keep {
+        say(&format!("  {}", lines[i]));
     }
-    if lines.len() > max.min(interesting.len()) {
+    if lines.len() > keep.len() {
         say(&format!("  … {} flow lines in all", lines.len()));
     }
 }
