@@ -142,11 +142,7 @@ where
     let map = ebpf
         .take_map(name)
         .ok_or(DatapathError::MissingMap { name })?;
-    T::try_from(map).map_err(|source| DatapathError::Map {
-        op: "open",
-        name,
-        source,
-    })
+    T::try_from(map).map_err(map_err("open", name))
 }
 
 /// The map key of a service address.
@@ -188,13 +184,9 @@ pub fn ip_from_be(addr: AddrBe, family: u8) -> IpAddr {
     }
 }
 
-/// Maps a failed map write to an error naming the map.
-fn write_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map {
-        op: "write",
-        name,
-        source,
-    }
+/// Maps a failed map operation to an error naming the operation and the map.
+fn map_err(op: &'static str, name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { op, name, source }
 }
 
 /// The kernel's view of a service's settings.
@@ -318,20 +310,12 @@ impl Datapath {
             .services
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| DatapathError::Map {
-            op: "read",
-            name: SERVICES_MAP,
-            source,
-        })?;
+            .map_err(map_err("read", SERVICES_MAP))?;
         let all: StdHashMap<u32, Backend> = self
             .backends
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| DatapathError::Map {
-                op: "read",
-                name: BACKENDS_MAP,
-                source,
-            })?;
+            .map_err(map_err("read", BACKENDS_MAP))?;
         for id in all.keys() {
             self.next_backend_id = self.next_backend_id.max(id + 1);
         }
@@ -458,12 +442,12 @@ impl Datapath {
         if old.is_none() {
             self.service_state
                 .insert(svc_id, ServiceState::default(), 0)
-                .map_err(write_err(SERVICE_STATE_MAP))?;
+                .map_err(map_err("write", SERVICE_STATE_MAP))?;
         }
         // 2. The service itself: from here on the kernel uses the new backends.
         self.services
             .insert(key, service_value(svc_id, spec, ids.len()), 0)
-            .map_err(write_err(SERVICES_MAP))?;
+            .map_err(map_err("write", SERVICES_MAP))?;
         // 3. Remove what the service no longer uses.
         if let Some(old) = old {
             for slot in ids.len()..old.backends.len() {
@@ -523,11 +507,11 @@ impl Datapath {
             };
             self.backends
                 .insert(id, value, 0)
-                .map_err(write_err(BACKENDS_MAP))?;
+                .map_err(map_err("write", BACKENDS_MAP))?;
             if fresh {
                 self.backend_state
                     .insert(id, BackendState::default(), 0)
-                    .map_err(write_err(BACKEND_STATE_MAP))?;
+                    .map_err(map_err("write", BACKEND_STATE_MAP))?;
                 self.backend_total += 1;
             }
             ids.push(id);
@@ -548,7 +532,7 @@ impl Datapath {
             };
             self.slots
                 .insert(k, id, 0)
-                .map_err(write_err(BACKEND_SLOTS_MAP))?;
+                .map_err(map_err("write", BACKEND_SLOTS_MAP))?;
         }
         if !spec.algorithm.uses_table() || ids.is_empty() {
             return Ok(());
@@ -571,7 +555,7 @@ impl Datapath {
             .copy_from_slice(&backend_ids[..LB_TABLE_SLOTS - LB_TABLE_SIZE]);
         self.tables
             .insert(svc_id, table, 0)
-            .map_err(write_err(LB_TABLES_MAP))
+            .map_err(map_err("write", LB_TABLES_MAP))
     }
 
     fn note_full(&mut self, e: &DatapathError) {
@@ -601,11 +585,7 @@ impl Datapath {
         self.used_slots -= applied.backends.len();
         self.services
             .remove(key)
-            .map_err(|source| DatapathError::Map {
-                op: "delete",
-                name: SERVICES_MAP,
-                source,
-            })?;
+            .map_err(map_err("delete", SERVICES_MAP))?;
         for slot in 0..applied.backends.len() {
             let _ = self.slots.remove(&SlotKey {
                 service_id: applied.id,
@@ -645,11 +625,7 @@ impl Datapath {
         for k in want.iter().filter(|k| !have.contains(k)) {
             self.local_endpoints
                 .insert(k, LocalEndpoint::default(), 0)
-                .map_err(|source| DatapathError::Map {
-                    op: "write",
-                    name: LOCAL_ENDPOINTS_MAP,
-                    source,
-                })?;
+                .map_err(map_err("write", LOCAL_ENDPOINTS_MAP))?;
         }
         Ok(())
     }
@@ -666,11 +642,7 @@ impl Datapath {
                 let b = self
                     .backends
                     .get(id, 0)
-                    .map_err(|source| DatapathError::Map {
-                        op: "read",
-                        name: BACKENDS_MAP,
-                        source,
-                    })?;
+                    .map_err(map_err("read", BACKENDS_MAP))?;
                 let state = self.backend_state.get(id, 0).unwrap_or_default();
                 let addr =
                     SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be));
@@ -693,11 +665,7 @@ impl Datapath {
                 let v = self
                     .counters
                     .get(&(i as u32), 0)
-                    .map_err(|source| DatapathError::Map {
-                        op: "read",
-                        name: COUNTERS_MAP,
-                        source,
-                    })?;
+                    .map_err(map_err("read", COUNTERS_MAP))?;
                 Ok((*name, v.iter().sum()))
             })
             .collect()
@@ -708,11 +676,7 @@ impl Datapath {
         let v = self
             .counters
             .get(&idx, 0)
-            .map_err(|source| DatapathError::Map {
-                op: "read",
-                name: COUNTERS_MAP,
-                source,
-            })?;
+            .map_err(map_err("read", COUNTERS_MAP))?;
         Ok(v.iter().sum())
     }
 
@@ -737,11 +701,7 @@ impl Datapath {
         let svc = self
             .services
             .get(key, 0)
-            .map_err(|source| DatapathError::Map {
-                op: "read",
-                name: SERVICES_MAP,
-                source,
-            })?;
+            .map_err(map_err("read", SERVICES_MAP))?;
         let _ = applied;
         st.failures += 1;
         st.consecutive_failures += 1;
@@ -762,11 +722,7 @@ impl Datapath {
         }
         self.backend_state
             .insert(backend_id, st, 0)
-            .map_err(|source| DatapathError::Map {
-                op: "write",
-                name: BACKEND_STATE_MAP,
-                source,
-            })?;
+            .map_err(map_err("write", BACKEND_STATE_MAP))?;
         Ok(eject)
     }
 
