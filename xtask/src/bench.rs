@@ -40,18 +40,7 @@ pub fn run(suite: Suite, quick: bool) -> Result<()> {
     deps::install()?;
     ebpf::build(&Toolchain::prepare()?)?;
     // The suites run the agent, the CLI and the pods' workload tool found next to mesh-bench.
-    let step = Step::loud("building mesh-agent, meshctl and meshpod (release)");
-    cmd::run(workspace::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-agent",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ]))
-    .context("building mesh-agent failed: see above")?;
-    step.done();
+    workspace::build_release_binaries()?;
     let step = Step::loud(format!("running mesh-bench {}", suite.name()));
     let mut shown = format!("cargo xtask bench {}", suite.name());
     let mut cargo = workspace::cargo();

@@ -16,18 +16,7 @@ pub fn run(demo_args: &[String]) -> Result<()> {
     deps::install()?;
     ebpf::build(&Toolchain::prepare()?)?;
     // The demo runs the real agent, the CLI and the pods' workload tool, found next to itself.
-    let step = Step::loud("building mesh-agent, meshctl and meshpod (release)");
-    cmd::run(workspace::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-agent",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ]))
-    .context("building mesh-agent failed: see above")?;
-    step.done();
+    workspace::build_release_binaries()?;
     let step = Step::loud("running mesh-demo");
     cmd::run(
         workspace::cargo()

@@ -15,3 +15,22 @@ pub fn cargo() -> Command {
     cargo.current_dir(root());
     cargo
 }
+
+/// Builds, in release, the binaries the demo and benchmarks run next to themselves
+/// (`mesh-agent`, `meshctl`, `meshpod`, …): `cargo run` would build only the one it runs.
+pub fn build_release_binaries() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let step = crate::step::Step::loud("building mesh-agent, meshctl and meshpod (release)");
+    crate::cmd::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]))
+    .context("building the release binaries failed: see above")?;
+    step.done();
+    Ok(())
+}
