@@ -14,7 +14,7 @@ use std::{
 use fixture::{Mesh, vip4};
 use mesh_agent::datapath::{
     events, service_key,
-    spec::{Algorithm, BackendSpec, CircuitSettings, Protocol, ServiceSpec},
+    spec::{Algorithm, CircuitSettings, Protocol, ServiceSpec},
 };
 use mesh_common::{
     backend::{CIRCUIT_CLOSED, CIRCUIT_OPEN},
@@ -631,7 +631,15 @@ fn flow_events_report_open_close_and_reject() {
         .expect("reject event");
     assert_eq!(u32::from(reject.reason), CTR_REJECT_NO_BACKENDS);
     assert_eq!(u16::from_be(reject.svc_port_be), 81, "{by_kind:?}");
-    let _ = BackendSpec::new(vip);
+    assert_eq!(
+        mesh_agent::datapath::ip_from_be(open.client_addr_be, open.family),
+        std::net::IpAddr::from(m.client.ipv4()),
+        "sockops events carry the client's own address"
+    );
+    assert_eq!(
+        reject.client_addr_be, [0; 4],
+        "no address is bound yet at connect()"
+    );
 }
 
 #[test]
