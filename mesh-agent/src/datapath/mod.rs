@@ -784,12 +784,7 @@ fn attach_cgroup_program(
         aya::programs::Program::SockOps(p) => attach!(p),
         _ => return Err(DatapathError::MissingProgram { name }),
     };
-    fd_link.pin(pin).map_err(|source| DatapathError::Pin {
-        name,
-        path: pin.to_owned(),
-        source,
-    })?;
-    Ok(())
+    pin_link(fd_link, name, pin)
 }
 
 /// Attaches the reset tracepoint through a pinned link. Tracing links cannot swap programs in
@@ -816,7 +811,12 @@ fn attach_reset_tracepoint(ebpf: &mut Ebpf, pin: &Path) -> Result<(), DatapathEr
             source,
         })?;
     }
-    fd_link.pin(pin).map_err(|source| DatapathError::Pin {
+    pin_link(fd_link, name, pin)
+}
+
+/// Pins a link so it outlives this process (the next agent adopts it).
+fn pin_link(link: FdLink, name: &'static str, pin: &Path) -> Result<(), DatapathError> {
+    link.pin(pin).map_err(|source| DatapathError::Pin {
         name,
         path: pin.to_owned(),
         source,
