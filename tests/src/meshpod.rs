@@ -230,6 +230,25 @@ impl Sandbox {
     }
 }
 
+/// Adds `n` pods named `{prefix}{i}` to `node`, each running `meshpod serve` under its own name
+/// on TCP `port` of its IPv4 address. Keep the returned children: dropping one stops its server.
+pub fn backend_pods(
+    cluster: &crate::Cluster,
+    node: &crate::NodeHandle,
+    prefix: &str,
+    n: usize,
+    port: u16,
+) -> Result<(Vec<crate::PodHandle>, Vec<PodChild>)> {
+    let mut pods = Vec::with_capacity(n);
+    let mut servers = Vec::with_capacity(n);
+    for i in 0..n {
+        let pod = cluster.add_pod(node, &format!("{prefix}{i}"))?;
+        servers.push(pod.serve(pod.name(), &[SocketAddr::new(pod.ipv4().into(), port)], &[])?);
+        pods.push(pod);
+    }
+    Ok((pods, servers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,16 +68,8 @@ fn setup(test: &str) -> Setup {
     let cluster = Cluster::new(test).unwrap();
     let node = cluster.add_node("a").unwrap();
     let client = cluster.add_pod(&node, "client").unwrap();
-    let mut backends = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..3 {
-        let p = cluster.add_pod(&node, &format!("web-{i}")).unwrap();
-        servers.push(
-            p.serve(p.name(), &[SocketAddr::new(p.ipv4().into(), 80)], &[])
-                .unwrap(),
-        );
-        backends.push(p);
-    }
+    let (backends, servers) =
+        mesh_tests::meshpod::backend_pods(&cluster, &node, "web-", 3, 80).unwrap();
     let dir = cluster.bpffs_dir().unwrap();
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work).unwrap();

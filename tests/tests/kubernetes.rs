@@ -248,16 +248,8 @@ impl Scenario {
         let cluster = Cluster::new("kubernetes_discovery").expect("cluster");
         let node = cluster.add_node(NODE).expect("node");
         let client = cluster.add_pod(&node, "client").expect("client pod");
-        let backends: Vec<PodHandle> = (0..3)
-            .map(|i| cluster.add_pod(&node, &format!("b{i}")).expect("pod"))
-            .collect();
-        let servers = backends
-            .iter()
-            .map(|p| {
-                p.serve(p.name(), &[SocketAddr::new(p.ipv4().into(), 80)], &[])
-                    .expect("serve")
-            })
-            .collect();
+        let (backends, servers) =
+            mesh_tests::meshpod::backend_pods(&cluster, &node, "b", 3, 80).expect("backend pods");
         let dp = Datapath::load(&DatapathConfig {
             cgroup: node.cgroup_dir().to_path_buf(),
             pin_dir: cluster.bpffs_dir().expect("bpffs").join(NODE),
@@ -535,16 +527,8 @@ fn agent_binary_follows_the_kubernetes_api() {
     let cluster = Cluster::new("kubernetes_agent_binary").expect("cluster");
     let node = cluster.add_node(NODE).expect("node");
     let client = cluster.add_pod(&node, "client").expect("client pod");
-    let backends: Vec<PodHandle> = (0..3)
-        .map(|i| cluster.add_pod(&node, &format!("b{i}")).expect("pod"))
-        .collect();
-    let _servers: Vec<PodChild> = backends
-        .iter()
-        .map(|p| {
-            p.serve(p.name(), &[SocketAddr::new(p.ipv4().into(), 80)], &[])
-                .expect("serve")
-        })
-        .collect();
+    let (backends, _servers) =
+        mesh_tests::meshpod::backend_pods(&cluster, &node, "b", 3, 80).expect("backend pods");
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work).unwrap();
     let kubeconfig = work.join("kubeconfig");
