@@ -50,6 +50,8 @@ pub struct ServiceSettings {
     /// `ClientIP` affinity idle timeout.
     pub affinity_timeout: Option<Duration>,
     pub circuit: CircuitSettings,
+    /// Maglev/weighted table size; `None` = chosen by the data path.
+    pub table_size: Option<u32>,
 }
 
 /// One endpoint (a pod address) of a service.
@@ -125,6 +127,7 @@ impl ClusterModel {
                             algorithm: svc.settings.algorithm,
                             affinity_timeout: svc.settings.affinity_timeout,
                             circuit: svc.settings.circuit,
+                            table_size: svc.settings.table_size,
                             backends,
                         },
                     ));

@@ -33,6 +33,7 @@ fn fast_circuit() -> CircuitSettings {
         base_ejection: Duration::from_secs(2),
         max_ejection: Duration::from_secs(10),
         max_ejection_percent: 100,
+        panic_threshold_percent: 0,
     }
 }
 

@@ -55,7 +55,8 @@ impl Algorithm {
 /// Circuit-breaker and outlier-detection settings (Envoy's names and defaults where they exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CircuitSettings {
-    /// Per backend; 0 = unlimited. Envoy: `circuit_breakers.max_connections` (1024).
+    /// Per backend; 0 = unlimited. Istio's `connectionPool.tcp.maxConnections` is unlimited
+    /// unless a policy sets it (Envoy's bare default, 1024, would throttle a healthy cluster).
     pub max_connections: u32,
     /// 0 disables ejection. Envoy: `outlier_detection.consecutive_gateway_failure` (5).
     pub consecutive_failures: u32,
@@ -65,10 +66,14 @@ pub struct CircuitSettings {
     pub max_ejection: Duration,
     /// Envoy: `max_ejection_percent` (10).
     pub max_ejection_percent: u32,
+    /// Envoy: `common_lb_config.healthy_panic_threshold` (50 %). When fewer than this share of a
+    /// service's endpoints are eligible, balance over all of them, ejected or not; 0 = never
+    /// panic, so a service whose every endpoint is ejected fails fast.
+    pub panic_threshold_percent: u32,
 }
 
-/// Default `max_connections` per backend (Envoy's).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Default `max_connections` per backend: unlimited (Istio's default).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 /// Default consecutive failures before ejection (Envoy's).
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
 /// Default base ejection time (Envoy's).
@@ -77,6 +82,8 @@ pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_mins(5);
 /// Default maximum share of ejected backends (Envoy's).
 pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+/// Default panic threshold (Envoy's `healthy_panic_threshold`).
+pub const DEFAULT_PANIC_THRESHOLD_PERCENT: u32 = 50;
 
 impl Default for CircuitSettings {
     fn default() -> Self {
@@ -86,6 +93,7 @@ impl Default for CircuitSettings {
             base_ejection: DEFAULT_BASE_EJECTION,
             max_ejection: DEFAULT_MAX_EJECTION,
             max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+            panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
         }
     }
 }
@@ -114,6 +122,9 @@ pub struct ServiceSpec {
     /// `ClientIP` affinity (per client pod) with this idle timeout.
     pub affinity_timeout: Option<Duration>,
     pub circuit: CircuitSettings,
+    /// Entries of the Maglev/weighted lookup table (a prime, 1,021..=131,071); `None` = the
+    /// data path chooses one from the endpoint count. Ignored by the other algorithms.
+    pub table_size: Option<u32>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -127,6 +138,7 @@ impl ServiceSpec {
             algorithm: Algorithm::default(),
             affinity_timeout: None,
             circuit: CircuitSettings::default(),
+            table_size: None,
             backends: backends.into_iter().map(BackendSpec::new).collect(),
         }
     }

@@ -13,7 +13,7 @@
 //!     loadBalancer: round-robin       # random | round-robin | weighted | maglev | least-connections
 //!     sessionAffinity: { timeoutSeconds: 10800 }   # ClientIP affinity (per client pod)
 //!     circuitBreaker:                 # Envoy's names; defaults as Envoy's
-//!       maxConnections: 1024          # per backend, 0 = unlimited
+//!       maxConnections: 0             # per backend, 0 = unlimited (the default)
 //!       consecutiveFailures: 5        # 0 = outlier detection off
 //!       baseEjectionTime: 30s
 //!       maxEjectionTime: 300s
@@ -41,7 +41,8 @@ use super::Update;
 use crate::{
     datapath::spec::{
         Algorithm, CircuitSettings, DEFAULT_BASE_EJECTION, DEFAULT_CONSECUTIVE_FAILURES,
-        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_EJECTION, DEFAULT_MAX_EJECTION_PERCENT, Protocol,
+        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_EJECTION, DEFAULT_MAX_EJECTION_PERCENT,
+        DEFAULT_PANIC_THRESHOLD_PERCENT, Protocol,
     },
     model::{self, ClusterModel, Endpoint, ObjectName, Pod, ServicePort, ServiceSettings},
 };
@@ -432,6 +433,7 @@ fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSetting
             Some(p) => p.value,
             None => DEFAULT_MAX_EJECTION_PERCENT,
         },
+        panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
     };
     let affinity_timeout = match &f.session_affinity {
         Some(a) if a.timeout_seconds.value == 0 => {
@@ -448,6 +450,7 @@ fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSetting
         algorithm,
         affinity_timeout,
         circuit,
+        table_size: None,
     })
 }
 

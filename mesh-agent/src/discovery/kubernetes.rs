@@ -27,7 +27,7 @@
 //! |---|---|---|---|
 //! | `mesh.example.io/lb-algorithm` | `random` \| `round-robin` \| `weighted` \| `maglev` \| `least-connections` | `random` | load-balancing algorithm |
 //! | `mesh.example.io/session-affinity-timeout` | duration (`3h`, `90s`); `0s` turns affinity off | `spec.sessionAffinity: ClientIP` → `sessionAffinityConfig.clientIP.timeoutSeconds`, else 10800 s (as Kubernetes); otherwise off | `ClientIP` affinity idle timeout; the annotation wins over `spec` |
-//! | `mesh.example.io/max-connections` | whole number, `0` = unlimited | 1024 | connections per backend |
+//! | `mesh.example.io/max-connections` | whole number, `0` = unlimited | 0 (unlimited, as Istio) | connections per backend |
 //! | `mesh.example.io/consecutive-failures` | whole number, `0` = ejection off | 5 | failures before a backend is ejected |
 //! | `mesh.example.io/base-ejection-time` | duration > 0 (`30s`, `1m`) | 30 s | first ejection; multiplied by times ejected |
 //! | `mesh.example.io/max-ejection-time` | duration > 0 | 300 s | cap of one ejection |
@@ -932,6 +932,7 @@ mod tests {
                 base_ejection: Duration::from_secs(2),
                 max_ejection: Duration::from_secs(90),
                 max_ejection_percent: 100,
+                ..CircuitSettings::default()
             }
         );
         for (name, algo) in [
