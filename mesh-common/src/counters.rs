@@ -4,7 +4,7 @@
 /// Map name: per-CPU array of `u64` indexed by reason.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Capacity of [`COUNTERS_MAP`].
-pub const COUNTERS_CAPACITY: u32 = 32;
+pub const COUNTERS_CAPACITY: u32 = 48;
 
 /// connect/sendmsg to a service was translated to a backend.
 pub const CTR_TRANSLATED: u32 = 0;
@@ -14,7 +14,8 @@ pub const CTR_REJECT_NO_BACKENDS: u32 = 1;
 pub const CTR_REJECT_CIRCUIT_OPEN: u32 = 2;
 /// Rejected: every eligible backend is at `max_connections` (errno `ECONNREFUSED`).
 pub const CTR_REJECT_MAX_CONNECTIONS: u32 = 3;
-/// A slot or table entry named a backend that is not in `BACKENDS` (agent mid-update).
+/// A slot or table entry named a backend that is not in `BACKENDS`, or one of another service
+/// (agent mid-update, or a recycled map element caught by validation); the pick was retried.
 pub const CTR_BACKEND_MISSING: u32 = 4;
 /// Socket storage could not be created; the connection is translated but not accounted.
 pub const CTR_SOCK_STORAGE_FAILED: u32 = 5;
@@ -44,9 +45,33 @@ pub const CTR_BYPASS_ESTABLISHED: u32 = 16;
 pub const CTR_FAMILY_MISMATCH: u32 = 17;
 /// A backend reset an established, translated connection (`tcp_receive_reset`).
 pub const CTR_PEER_RESET: u32 = 18;
+/// An affinity entry named a backend that is gone or no longer of its service; not used.
+pub const CTR_AFFINITY_STALE: u32 = 19;
+/// A slot below the service's backend count had no entry (agent mid-update); retried.
+pub const CTR_SLOT_MISSING: u32 = 20;
+/// A lookup-table chunk of the service's configuration was missing; retried.
+pub const CTR_TABLE_MISSING: u32 = 21;
+/// Every random pick was ineligible; a full scan chose among the eligible backends.
+pub const CTR_RANDOM_EXHAUSTED: u32 = 22;
+/// Fewer backends than the panic threshold were eligible: balanced over all of them.
+pub const CTR_PANIC: u32 = 23;
+/// The service's configuration vanished or changed under the lookup (agent switching); retried.
+pub const CTR_CONF_STALE: u32 = 24;
+/// A UDP datagram from a backend had no reverse-translation entry (its source stays the backend).
+pub const CTR_REVNAT_MISS: u32 = 25;
+/// An ejection could not reserve its share of `max_ejection_pct` under contention; not ejected.
+pub const CTR_EJECTION_CONTENDED: u32 = 26;
+/// A backend's state slot held another id (a socket outlived its backend); nothing counted there.
+pub const CTR_STATE_STALE: u32 = 27;
+/// An `AF_INET6` socket reached an IPv4 service through its v4-mapped address.
+pub const CTR_V4_MAPPED: u32 = 28;
+/// The client closed its own connect while the SYN was in flight: not held against the backend.
+pub const CTR_CONNECT_ABANDONED: u32 = 29;
+/// A connection established after a SYN retransmit: counted as the success it is.
+pub const CTR_SYN_RETRY_RECOVERED: u32 = 30;
 
 /// Names for each counter index, in order, for metrics and the CLI.
-pub const COUNTER_NAMES: [&str; 19] = [
+pub const COUNTER_NAMES: [&str; 31] = [
     "translated",
     "reject_no_backends",
     "reject_circuit_open",
@@ -66,4 +91,16 @@ pub const COUNTER_NAMES: [&str; 19] = [
     "bypass_established",
     "family_mismatch",
     "peer_reset",
+    "affinity_stale",
+    "slot_missing",
+    "table_missing",
+    "random_exhausted",
+    "panic",
+    "conf_stale",
+    "revnat_miss",
+    "ejection_contended",
+    "state_stale",
+    "v4_mapped",
+    "connect_abandoned",
+    "syn_retry_recovered",
 ];

@@ -11,6 +11,8 @@ pub mod backend;
 pub mod bypass;
 pub mod counters;
 pub mod event;
+pub mod ids;
+pub mod logic;
 pub mod service;
 pub mod sock;
 

@@ -1,42 +1,62 @@
-//! Services and how a connect picks a backend: `SERVICES`, `BACKEND_SLOTS`, `LB_TABLES`,
-//! `SERVICE_STATE` and `AFFINITY`.
+//! Services and how a connect picks a backend: `SERVICES`, `SERVICE_CONF`, `BACKEND_SLOTS`,
+//! `LB_TABLES`, `SERVICE_STATE` and `AFFINITY`.
 
 use crate::{AddrBe, assert_size, user_pod};
 
-/// Map name: service address → [`Service`].
+/// Map name: service address ([`ServiceKey`]) → the id of its current [`Service`] configuration
+/// in [`SERVICE_CONF_MAP`] (a `u32`: one aligned load, which cannot tear).
 pub const SERVICES_MAP: &str = "SERVICES";
-/// Capacity of [`SERVICES_MAP`].
+/// Capacity of [`SERVICES_MAP`] and [`SERVICE_STATE_MAP`]; a power of two (see [`service_slot`]).
 pub const SERVICES_CAPACITY: u32 = 65_536;
+/// Map name: configuration id → [`Service`]. Every change of a service is written under a new,
+/// never reused configuration id, then published by switching [`SERVICES_MAP`], then the old one
+/// is deleted: entries are never updated in place, so a reader that still finds its key after
+/// copying the value has an untorn copy.
+pub const SERVICE_CONF_MAP: &str = "SERVICE_CONF";
+/// Capacity of [`SERVICE_CONF_MAP`]: every service's current configuration plus the previous ones
+/// of services being switched.
+pub const SERVICE_CONF_CAPACITY: u32 = 2 * SERVICES_CAPACITY;
 /// Map name: ([`SlotKey`]) → backend id; slots `0..backend_count` of a service.
 pub const BACKEND_SLOTS_MAP: &str = "BACKEND_SLOTS";
 /// Capacity of [`BACKEND_SLOTS_MAP`].
 pub const BACKEND_SLOTS_CAPACITY: u32 = 262_144;
-/// Map name: service id → [`LbTable`] (Maglev or weighted lookup table).
+/// Map name: ([`TableKey`]) → [`LbChunk`]: the Maglev or weighted lookup table of one service
+/// configuration, in chunks of [`LB_CHUNK`] entries (allocated on demand: only services that use
+/// a table have one).
 pub const LB_TABLES_MAP: &str = "LB_TABLES";
-/// Capacity of [`LB_TABLES_MAP`] (allocated on demand: only Maglev/weighted services use it).
-pub const LB_TABLES_CAPACITY: u32 = 65_536;
-/// Map name: service id → [`ServiceState`] (kernel-written).
+/// Capacity of [`LB_TABLES_MAP`] in chunks (4 KiB each, allocated on demand).
+pub const LB_TABLES_CAPACITY: u32 = 16_384;
+/// Map name: array of [`ServiceState`] (kernel-written), slot = [`service_slot`]`(id)`.
 pub const SERVICE_STATE_MAP: &str = "SERVICE_STATE";
 /// Map name: [`AffinityKey`] → [`AffinityValue`] (LRU).
 pub const AFFINITY_MAP: &str = "AFFINITY";
 /// Capacity of [`AFFINITY_MAP`].
 pub const AFFINITY_CAPACITY: u32 = 65_536;
 
-/// Size of a Maglev/weighted lookup table: a prime, as Maglev requires, ≥ 100 × typical backends.
-pub const LB_TABLE_SIZE: usize = 1021;
-/// Storage of a table: the next power of two, so the kernel can bound an index with a mask the
-/// verifier understands. Entries past [`LB_TABLE_SIZE`] are never chosen.
-pub const LB_TABLE_SLOTS: usize = 1024;
-/// How many slots a connect scans at most for an eligible backend (bounded loop for the verifier).
-pub const MAX_SCAN: u32 = 64;
+/// Entries per [`LbChunk`] (a power of two so the kernel can mask an index).
+pub const LB_CHUNK: u32 = 1024;
+/// Smallest lookup table (a prime, as Maglev requires).
+pub const LB_TABLE_MIN: u32 = 1021;
+/// Largest lookup table (a prime; 128 chunks).
+pub const LB_TABLE_MAX: u32 = 131_071;
+/// Random picks a connect tries before scanning every slot for an eligible backend.
+pub const RANDOM_TRIES: u32 = 32;
+/// Most slots a full scan visits (the endpoint limit of one service port).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_536;
+
+/// The slot of service `id` in [`SERVICE_STATE_MAP`].
+#[must_use]
+pub const fn service_slot(id: u32) -> u32 {
+    id & (SERVICES_CAPACITY - 1)
+}
 
 /// Pick uniformly at random.
 pub const LB_RANDOM: u8 = 0;
 /// Round robin over the slots (a per-service kernel counter).
 pub const LB_ROUND_ROBIN: u8 = 1;
-/// Random over a weight-proportional [`LbTable`].
+/// Random over a weight-proportional lookup table.
 pub const LB_WEIGHTED: u8 = 2;
-/// Maglev consistent hashing over [`LbTable`] (client netns cookie + bound source port).
+/// Maglev consistent hashing over a lookup table (client netns cookie + bound source port).
 pub const LB_MAGLEV: u8 = 3;
 /// Power of two choices, fewer active connections wins (kernel-counted).
 pub const LB_LEAST_CONN: u8 = 4;
@@ -57,10 +77,16 @@ pub struct ServiceKey {
 }
 assert_size!(ServiceKey, 20);
 
-/// Value of [`SERVICES_MAP`]: the service's identity, algorithm and circuit-breaker settings.
+/// Value of [`SERVICE_CONF_MAP`]: one configuration of a service — identity, algorithm, table and
+/// circuit-breaker settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
+    /// The address this configuration belongs to (checked by the kernel after the lookup).
+    pub key: ServiceKey,
+    /// This configuration's own id (its key in [`SERVICE_CONF_MAP`]; its table's key).
+    pub conf_id: u32,
+    /// The service's id: stable across configurations (slots, state, affinity, backends).
     pub id: u32,
     /// Slots `0..backend_count` in [`BACKEND_SLOTS_MAP`] are valid.
     pub backend_count: u32,
@@ -69,6 +95,8 @@ pub struct Service {
     /// `SVC_F_*` bits.
     pub flags: u8,
     pub _pad: u16,
+    /// Entries of this configuration's lookup table (0: none).
+    pub table_size: u32,
     pub affinity_timeout_s: u32,
     /// Per backend; 0 = unlimited.
     pub max_connections: u32,
@@ -80,8 +108,11 @@ pub struct Service {
     pub max_ejection_ms: u32,
     /// At most this percentage of backends ejected at once (at least one may always be ejected).
     pub max_ejection_pct: u32,
+    /// Below this percentage of eligible backends, balance over all of them (Envoy's panic
+    /// threshold); 0 = never.
+    pub panic_threshold_pct: u32,
 }
-assert_size!(Service, 36);
+assert_size!(Service, 68);
 
 /// Key of [`BACKEND_SLOTS_MAP`].
 #[repr(C)]
@@ -92,34 +123,47 @@ pub struct SlotKey {
 }
 assert_size!(SlotKey, 8);
 
+/// Key of [`LB_TABLES_MAP`]: chunk `chunk` of configuration `conf_id`'s table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TableKey {
+    pub conf_id: u32,
+    pub chunk: u32,
+}
+assert_size!(TableKey, 8);
+
 /// Value of [`LB_TABLES_MAP`]: backend ids, each appearing in proportion to its weight (weighted)
-/// or in Maglev permutation order (Maglev). Replaced whole in one update, so a lookup never sees
-/// a half-written table.
+/// or in Maglev permutation order (Maglev).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LbTable {
-    pub backend_ids: [u32; LB_TABLE_SLOTS],
+pub struct LbChunk {
+    pub backend_ids: [u32; LB_CHUNK as usize],
 }
-assert_size!(LbTable, 4096);
+assert_size!(LbChunk, 4096);
 
-impl Default for LbTable {
+impl Default for LbChunk {
     fn default() -> Self {
         Self {
-            backend_ids: [0; LB_TABLE_SLOTS],
+            backend_ids: [0; LB_CHUNK as usize],
         }
     }
 }
 
-/// Value of [`SERVICE_STATE_MAP`]; written by the kernel.
+/// Value of [`SERVICE_STATE_MAP`]; written by the kernel with atomics (and by the agent when it
+/// creates a service, or repairs `ejected`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceState {
     /// Round-robin cursor.
     pub rr_next: u64,
-    /// Backends currently ejected (open or half-open), for `max_ejection_pct`.
+    /// Backends currently ejected (open or half-open), for `max_ejection_pct` and the panic
+    /// threshold.
     pub ejected: u64,
+    /// The service id this slot serves (0: free).
+    pub id: u32,
+    pub _pad: u32,
 }
-assert_size!(ServiceState, 16);
+assert_size!(ServiceState, 24);
 
 /// Key of [`AFFINITY_MAP`]: one client (a pod's network namespace) of one service.
 #[repr(C)]
@@ -145,7 +189,8 @@ user_pod!(
     ServiceKey,
     Service,
     SlotKey,
-    LbTable,
+    TableKey,
+    LbChunk,
     ServiceState,
     AffinityKey,
     AffinityValue

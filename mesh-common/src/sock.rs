@@ -12,8 +12,6 @@ pub const REVNAT_CAPACITY: u32 = 65_536;
 
 /// [`SockState::flags`]: the connection is counted in its backend's `active`.
 pub const SOCK_F_COUNTED: u8 = 1;
-/// [`SockState::flags`]: this connection is a half-open probe.
-pub const SOCK_F_PROBE: u8 = 2;
 /// [`SockState::flags`]: a failure was already counted for this connection.
 pub const SOCK_F_FAILED: u8 = 4;
 /// [`SockState::flags`]: the connection was established.
@@ -21,6 +19,12 @@ pub const SOCK_F_ESTABLISHED: u8 = 8;
 /// [`SockState::flags`]: the peer reset the connection (seen by the `tcp_receive_reset`
 /// tracepoint, so a reset is told apart from the application's own abortive close).
 pub const SOCK_F_PEER_RESET: u8 = 16;
+/// [`SockState::flags`]: an `AF_INET6` socket reached an IPv4 service through its IPv4-mapped
+/// address (`::ffff:a.b.c.d`); the socket's own addresses stay mapped.
+pub const SOCK_F_V4_MAPPED: u8 = 32;
+/// [`SockState::flags`]: the kernel reported a socket error (`inet_sk_error_report`: a reset, an
+/// ICMP unreachable, a timeout) — what tells a failed handshake from the application giving up.
+pub const SOCK_F_ERROR: u8 = 64;
 
 /// Value of [`SOCK_STATE_MAP`].
 #[repr(C)]
@@ -30,18 +34,26 @@ pub struct SockState {
     pub start_ns: u64,
     /// cgroup v2 id of the connecting process (the pod).
     pub cgroup_id: u64,
+    /// For the half-open probe: the circuit word its admission wrote, so only this probe's
+    /// outcome moves that circuit (0 for other connections).
+    pub probe_word: u64,
     pub service_id: u32,
     pub backend_id: u32,
-    /// The address the application asked for (the service).
+    /// The address the application asked for (the service), in the service's family.
     pub svc_addr_be: AddrBe,
+    /// The backend the connection really went to (close events name it even after the backend
+    /// was removed or its id's entry is gone).
+    pub backend_addr_be: AddrBe,
     pub svc_port_be: u16,
+    pub backend_port_be: u16,
     /// `SOCK_F_*` bits.
     pub flags: u8,
+    /// The service's family ([`crate::FAMILY_V4`] also for a v4-mapped `AF_INET6` socket).
     pub family: u8,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
-assert_size!(SockState, 48);
+assert_size!(SockState, 72);
 
 /// Key of [`REVNAT_MAP`]: a socket and the backend it sent to.
 #[repr(C)]

@@ -8,7 +8,9 @@ use mesh_common::{
     backend::{Backend, BackendState},
     bypass::{EndpointKey, LocalEndpoint, SockKey},
     event::FlowEvent,
-    service::{AffinityKey, AffinityValue, LbTable, Service, ServiceKey, ServiceState, SlotKey},
+    service::{
+        AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, SlotKey, TableKey,
+    },
     sock::{RevNatKey, RevNatValue, SockState},
 };
 use serde_json::Value;
@@ -94,21 +96,31 @@ fn every_shared_type_matches_the_objects_btf() {
             family
         }),
         layout!(Service {
+            key,
+            conf_id,
             id,
             backend_count,
             algorithm,
             flags,
             _pad,
+            table_size,
             affinity_timeout_s,
             max_connections,
             consecutive_failures,
             base_ejection_ms,
             max_ejection_ms,
-            max_ejection_pct
+            max_ejection_pct,
+            panic_threshold_pct
         }),
         layout!(SlotKey { service_id, slot }),
-        layout!(LbTable { backend_ids }),
-        layout!(ServiceState { rr_next, ejected }),
+        layout!(TableKey { conf_id, chunk }),
+        layout!(LbChunk { backend_ids }),
+        layout!(ServiceState {
+            rr_next,
+            ejected,
+            id,
+            _pad
+        }),
         layout!(AffinityKey {
             netns_cookie,
             service_id,
@@ -132,18 +144,21 @@ fn every_shared_type_matches_the_objects_btf() {
             total,
             failures,
             consecutive_failures,
-            ejected_until_ns,
-            closed_since_ns,
             circuit,
+            closed_since_ns,
+            id,
             ejections
         }),
         layout!(SockState {
             start_ns,
             cgroup_id,
+            probe_word,
             service_id,
             backend_id,
             svc_addr_be,
+            backend_addr_be,
             svc_port_be,
+            backend_port_be,
             flags,
             family,
             proto,

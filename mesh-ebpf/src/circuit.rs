@@ -1,149 +1,197 @@
-//! The circuit breaker kept in the kernel: eligibility of a backend at connect time, and the
+//! The circuit breaker kept in the kernel: admission of a backend at connect time, and the
 //! failure/success accounting that ejects and restores it, with no userspace round trip.
 //!
 //! States: closed → (`consecutive_failures` in a row) → open for `base × (ejections+1)` (capped)
 //! → the first connect after that becomes the one half-open probe → its success closes the
-//! circuit, its failure re-opens it for longer.
+//! circuit, its failure re-opens it for longer. Every transition is one compare-and-swap of the
+//! circuit word (`mesh_common::logic::circuit`); the decisions are `mesh_common::logic`'s.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use mesh_common::{
-    backend::{BackendState, CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, PROBE_TIMEOUT_NS},
-    counters::{CTR_EJECTION, CTR_EJECTION_SKIPPED_MAX_PCT, CTR_PROBE, CTR_RECOVERED},
+    counters::{
+        CTR_EJECTION, CTR_EJECTION_CONTENDED, CTR_EJECTION_SKIPPED_MAX_PCT, CTR_PROBE,
+        CTR_RECOVERED,
+    },
+    logic::{self, Verdict, circuit},
     service::Service,
 };
 
 use crate::{
     atomic,
-    maps::{BACKEND_STATE, SERVICE_STATE, count},
+    maps::{backend_state, count, service_state},
 };
 
 /// Why a backend cannot take a connection now.
 pub enum Ineligible {
-    /// Its circuit is open (or another probe is in flight).
+    /// Its circuit is open (or another probe is in flight), or it has no state.
     Open,
     /// It has `max_connections` already.
     Full,
 }
 
-/// Whether `backend_id` may take a new connection; `Ok(true)` means it is the half-open probe.
+/// The verdict for backend `id` without changing anything (a scan's look).
 #[inline(always)]
-pub fn admit(svc: &Service, backend_id: u32, now: u64) -> Result<bool, Ineligible> {
-    let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
-        // No state yet (agent mid-update): nothing known against it.
-        return Ok(false);
+pub fn peek(svc: &Service, id: u32, now: u64, panic: bool) -> Option<(Verdict, u64)> {
+    let st = backend_state(id)?;
+    // SAFETY: array element; volatile loads of values other CPUs change.
+    let (w, active) = unsafe {
+        (
+            atomic::load(&raw const (*st).circuit),
+            atomic::load(&raw const (*st).active),
+        )
     };
-    // SAFETY: pointer from a successful lookup; fields are read/written with atomics or
-    // single aligned stores, races only blur counts.
-    let st = unsafe { &mut *st };
-    match st.circuit {
-        CIRCUIT_CLOSED => {
-            if svc.max_connections != 0 && st.active >= u64::from(svc.max_connections) {
-                Err(Ineligible::Full)
-            } else {
-                Ok(false)
-            }
-        }
-        CIRCUIT_OPEN if now >= st.ejected_until_ns => {
-            // SAFETY: field of a looked-up map value.
-            if unsafe { atomic::cas_u32(&raw mut st.circuit, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN) } {
+    Some((
+        logic::verdict(w, active, svc.max_connections, now, panic),
+        active,
+    ))
+}
+
+/// Whether backend `id` may take a new connection; `Ok(word)` with a non-zero word means it is the
+/// half-open probe (exactly one connect wins the swap per ejection, however many CPUs try).
+#[inline(always)]
+pub fn admit(svc: &Service, id: u32, now: u64, panic: bool) -> Result<u64, Ineligible> {
+    let Some(st) = backend_state(id) else {
+        return Err(Ineligible::Open);
+    };
+    // SAFETY: array element; volatile loads of values other CPUs change.
+    let (w, active) = unsafe {
+        (
+            atomic::load(&raw const (*st).circuit),
+            atomic::load(&raw const (*st).active),
+        )
+    };
+    match logic::verdict(w, active, svc.max_connections, now, panic) {
+        Verdict::Take => Ok(0),
+        Verdict::Probe(next) => {
+            // SAFETY: field of an array element.
+            if unsafe { atomic::cas(&raw mut (*st).circuit, w, next) } {
                 count(CTR_PROBE);
-                Ok(true)
+                Ok(next)
+            } else if panic {
+                Ok(0)
             } else {
                 Err(Ineligible::Open)
             }
         }
-        CIRCUIT_HALF_OPEN if now >= st.ejected_until_ns.saturating_add(PROBE_TIMEOUT_NS) => {
-            // The last probe never reported back: allow another.
-            st.ejected_until_ns = now;
-            count(CTR_PROBE);
-            Ok(true)
-        }
-        _ => Err(Ineligible::Open),
+        Verdict::Full => Err(Ineligible::Full),
+        Verdict::Open => Err(Ineligible::Open),
     }
 }
 
-/// Records a failed connection; returns true when it ejected the backend.
+/// Records a failed connection; `probe_word` is the socket's probe word (0 if not a probe).
+/// Returns true when it ejected the backend (or re-opened it after a failed probe).
 #[inline(always)]
-pub fn on_failure(svc: &Service, backend_id: u32, is_probe: bool) -> bool {
-    let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+pub fn on_failure(svc: &Service, id: u32, probe_word: u64, now: u64) -> bool {
+    let Some(st) = backend_state(id) else {
         return false;
     };
-    // SAFETY: as in `admit`.
-    let st = unsafe { &mut *st };
-    // SAFETY: fields of a looked-up map value.
+    // SAFETY: fields of an array element, changed atomically only.
     let consecutive = unsafe {
-        atomic::add(&raw mut st.failures, 1);
-        atomic::add(&raw mut st.consecutive_failures, 1) + 1
+        atomic::add(&raw mut (*st).failures, 1);
+        atomic::add(&raw mut (*st).consecutive_failures, 1) + 1
     };
     if svc.consecutive_failures == 0 {
         return false;
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if is_probe && st.circuit == CIRCUIT_HALF_OPEN {
-        // The probe failed: open again, for longer. Still counted in `ejected`.
-        open(svc, st, now);
-        return true;
-    }
-    if st.circuit != CIRCUIT_CLOSED || consecutive < u64::from(svc.consecutive_failures) {
-        return false;
-    }
-    let Some(ss) = SERVICE_STATE.get_ptr_mut(svc.id) else {
-        return false;
-    };
-    // SAFETY: pointer from a successful lookup.
-    let ss = unsafe { &mut *ss };
-    // Envoy's rule: at least one host may always be ejected, more only within the percentage.
-    let ejected = ss.ejected;
-    if ejected > 0
-        && (ejected + 1) * 100 > u64::from(svc.max_ejection_pct) * u64::from(svc.backend_count)
-    {
-        count(CTR_EJECTION_SKIPPED_MAX_PCT);
-        return false;
-    }
-    // SAFETY: fields of looked-up map values.
-    if !unsafe { atomic::cas_u32(&raw mut st.circuit, CIRCUIT_CLOSED, CIRCUIT_OPEN) } {
+    // SAFETY: as above.
+    let ejections = unsafe { core::ptr::read_volatile(&raw const (*st).ejections) };
+    let until = logic::ejection_ms(svc.base_ejection_ms, svc.max_ejection_ms, ejections);
+    if probe_word != 0 {
+        // The probe failed: open again, for longer — only if the circuit is still this probe's
+        // (it stays counted in `ejected`).
+        // SAFETY: as above.
+        if unsafe {
+            atomic::cas(
+                &raw mut (*st).circuit,
+                probe_word,
+                circuit::open(now, until),
+            )
+        } {
+            bump_ejections(st);
+            return true;
+        }
         return false;
     }
     // SAFETY: as above.
-    unsafe { atomic::add(&raw mut ss.ejected, 1) };
-    open(svc, st, now);
+    let w = unsafe { atomic::load(&raw const (*st).circuit) };
+    if !circuit::is_closed(w) || consecutive < u64::from(svc.consecutive_failures) {
+        return false;
+    }
+    let Some(ss) = service_state(svc.id) else {
+        return false;
+    };
+    // Envoy's cap, checked and reserved in one step: a CAS on the service's ejected count.
+    let mut reserved = false;
+    for _ in 0..4 {
+        // SAFETY: field of an array element.
+        let e = unsafe { atomic::load(&raw const (*ss).ejected) };
+        if !logic::may_eject(e, svc.backend_count, svc.max_ejection_pct) {
+            count(CTR_EJECTION_SKIPPED_MAX_PCT);
+            return false;
+        }
+        // SAFETY: as above.
+        if unsafe { atomic::cas(&raw mut (*ss).ejected, e, e + 1) } {
+            reserved = true;
+            break;
+        }
+    }
+    if !reserved {
+        count(CTR_EJECTION_CONTENDED);
+        return false;
+    }
+    // SAFETY: as above.
+    if !unsafe {
+        atomic::cas(
+            &raw mut (*st).circuit,
+            circuit::CLOSED,
+            circuit::open(now, until),
+        )
+    } {
+        // Another CPU ejected it first: give the reservation back.
+        // SAFETY: as above.
+        unsafe { atomic::dec_if_positive(&raw mut (*ss).ejected) };
+        return false;
+    }
+    bump_ejections(st);
     count(CTR_EJECTION);
     true
 }
 
 #[inline(always)]
-fn open(svc: &Service, st: &mut BackendState, now: u64) {
-    let n = u64::from(st.ejections) + 1;
-    let cap = u64::from(svc.max_ejection_ms.max(svc.base_ejection_ms));
-    let ms = (u64::from(svc.base_ejection_ms) * n).min(cap);
-    st.ejected_until_ns = now + ms * 1_000_000;
-    st.ejections = st.ejections.saturating_add(1);
-    st.circuit = CIRCUIT_OPEN;
+fn bump_ejections(st: *mut mesh_common::backend::BackendState) {
+    // SAFETY: `ejections` is a u32 in an array element; the winner of a transition bumps it.
+    // The 8-byte word it shares with `id` is changed with one atomic add of `1 << 32`
+    // (little-endian: `ejections` is the high half), so `id` can never be disturbed.
+    unsafe { atomic::add((&raw mut (*st).id).cast::<u64>(), 1 << 32) };
 }
 
-/// Records an established connection; returns true when it closed a half-open circuit (the
-/// probe's handshake is its success). Other connections only count as successes when they end
-/// cleanly ([`on_clean_close`]): a backend that accepts and then resets must still be ejected.
+/// Records an established connection: a success for its handshake. Returns true when it closed
+/// the half-open circuit it was the probe of. Other connections count as successes again when
+/// they end cleanly ([`on_clean_close`]): a backend that accepts and then resets is still ejected.
 #[inline(always)]
-pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> bool {
-    let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+pub fn on_success(svc: &Service, id: u32, probe_word: u64, recovered_syn: bool, now: u64) -> bool {
+    let Some(st) = backend_state(id) else {
         return false;
     };
-    // SAFETY: as in `admit`.
-    let st = unsafe { &mut *st };
-    // SAFETY: field of a looked-up map value.
-    unsafe { atomic::add(&raw mut st.total, 1) };
-    // SAFETY: field of a looked-up map value.
-    if is_probe
-        && unsafe { atomic::cas_u32(&raw mut st.circuit, CIRCUIT_HALF_OPEN, CIRCUIT_CLOSED) }
+    // SAFETY: fields of an array element, changed atomically only.
+    unsafe { atomic::add(&raw mut (*st).total, 1) };
+    if recovered_syn {
+        // Established after a SYN retransmit counted as a failure: the backend answered.
+        // SAFETY: as above.
+        unsafe { atomic::store(&raw mut (*st).consecutive_failures, 0) };
+    }
+    // SAFETY: as above.
+    if probe_word != 0
+        && unsafe { atomic::cas(&raw mut (*st).circuit, probe_word, circuit::CLOSED) }
     {
-        st.closed_since_ns = now;
-        if let Some(ss) = SERVICE_STATE.get_ptr_mut(svc.id) {
-            // SAFETY: pointer from a successful lookup.
-            unsafe { atomic::dec(&raw mut (*ss).ejected) };
+        // SAFETY: as above.
+        unsafe {
+            atomic::store(&raw mut (*st).closed_since_ns, now);
+            atomic::store(&raw mut (*st).consecutive_failures, 0);
         }
-        st.consecutive_failures = 0;
+        if let Some(ss) = service_state(svc.id) {
+            // SAFETY: field of an array element.
+            unsafe { atomic::dec_if_positive(&raw mut (*ss).ejected) };
+        }
         count(CTR_RECOVERED);
         return true;
     }
@@ -152,19 +200,27 @@ pub fn on_success(svc: &Service, backend_id: u32, is_probe: bool, now: u64) -> b
 
 /// Records a connection that ended without a reset: a success.
 #[inline(always)]
-pub fn on_clean_close(svc: &Service, backend_id: u32, now: u64) {
-    let Some(st) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+pub fn on_clean_close(svc: &Service, id: u32, now: u64) {
+    let Some(st) = backend_state(id) else {
         return;
     };
-    // SAFETY: as in `admit`.
-    let st = unsafe { &mut *st };
-    st.consecutive_failures = 0;
-    // Healthy for as long as the last ejection multiplier would last: forget past ejections.
-    if st.ejections != 0
-        && st.circuit == CIRCUIT_CLOSED
-        && now.saturating_sub(st.closed_since_ns)
-            > u64::from(svc.base_ejection_ms) * u64::from(st.ejections) * 1_000_000
-    {
-        st.ejections = 0;
+    // SAFETY: fields of an array element.
+    unsafe {
+        atomic::store(&raw mut (*st).consecutive_failures, 0);
+        // Healthy for as long as the last ejection multiplier would last: forget past ejections
+        // (Envoy decrements its multiplier each healthy interval instead).
+        let ejections = core::ptr::read_volatile(&raw const (*st).ejections);
+        if ejections != 0
+            && circuit::is_closed(atomic::load(&raw const (*st).circuit))
+            && now.saturating_sub(atomic::load(&raw const (*st).closed_since_ns))
+                > u64::from(svc.base_ejection_ms) * u64::from(ejections) * 1_000_000
+        {
+            // Reset by subtracting what was read: a concurrent bump is kept, and `id` (the other
+            // half of the word) is never touched.
+            atomic::add(
+                (&raw mut (*st).id).cast::<u64>(),
+                (u64::from(ejections) << 32).wrapping_neg(),
+            );
+        }
     }
 }

@@ -17,19 +17,22 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    AddrBe, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::Backend,
     counters::{
-        CTR_AFFINITY_UPDATE_FAILED, CTR_BACKEND_MISSING, CTR_FAMILY_MISMATCH,
-        CTR_REJECT_CIRCUIT_OPEN, CTR_REJECT_MAX_CONNECTIONS, CTR_REJECT_NO_BACKENDS,
-        CTR_REVNAT_UPDATE_FAILED, CTR_SOCK_STORAGE_FAILED, CTR_TRANSLATED,
+        CTR_AFFINITY_STALE, CTR_AFFINITY_UPDATE_FAILED, CTR_FAMILY_MISMATCH, CTR_PANIC,
+        CTR_RANDOM_EXHAUSTED, CTR_REJECT_CIRCUIT_OPEN, CTR_REJECT_MAX_CONNECTIONS,
+        CTR_REJECT_NO_BACKENDS, CTR_REVNAT_MISS, CTR_REVNAT_UPDATE_FAILED, CTR_SLOT_MISSING,
+        CTR_SOCK_STORAGE_FAILED, CTR_TABLE_MISSING, CTR_TRANSLATED, CTR_V4_MAPPED,
     },
     event::EV_REJECT,
+    logic::{self, Reservoir, Verdict},
     service::{
-        AffinityKey, AffinityValue, LB_LEAST_CONN, LB_MAGLEV, LB_ROUND_ROBIN, LB_TABLE_SIZE,
-        LB_TABLE_SLOTS, LB_WEIGHTED, MAX_SCAN, SVC_F_AFFINITY, Service, ServiceKey, SlotKey,
+        AffinityKey, AffinityValue, LB_CHUNK, LB_LEAST_CONN, LB_MAGLEV, LB_ROUND_ROBIN,
+        LB_WEIGHTED, MAX_BACKENDS_PER_SERVICE, RANDOM_TRIES, SVC_F_AFFINITY, Service, ServiceKey,
+        SlotKey, TableKey,
     },
-    sock::{RevNatKey, RevNatValue, SOCK_F_PROBE, SockState},
+    sock::{RevNatKey, RevNatValue, SOCK_F_V4_MAPPED, SockState},
 };
 
 use crate::{
@@ -37,8 +40,8 @@ use crate::{
     circuit::{self, Ineligible},
     events,
     maps::{
-        AFFINITY, BACKEND_SLOTS, BACKEND_STATE, BACKENDS, LB_TABLES, REVNAT, SERVICE_STATE,
-        SERVICES, SOCK_STATE, count,
+        AFFINITY, BACKEND_SLOTS, LB_TABLES, REVNAT, SCRATCH, SOCK_STATE, backend, count, service,
+        service_state,
     },
 };
 
@@ -118,25 +121,57 @@ fn bound_src_port(ctx: &SockAddrContext) -> u32 {
     }
 }
 
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), in network order.
+const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+
+/// An `AF_INET6` socket's destination as the service family sees it: an IPv4-mapped address is
+/// the IPv4 service it names (Java and .NET connect to IPv4 services this way by default).
+#[inline(always)]
+fn unmap(family: u8, addr: AddrBe) -> (u8, AddrBe, bool) {
+    if family == FAMILY_V6 && addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD {
+        (FAMILY_V4, [addr[3], 0, 0, 0], true)
+    } else {
+        (family, addr, false)
+    }
+}
+
+/// The address to write into a socket of `sock_family` for an address of the service family.
+#[inline(always)]
+fn remap(mapped: bool, addr: &AddrBe) -> AddrBe {
+    if mapped {
+        [0, 0, V4_MAPPED_WORD, addr[0]]
+    } else {
+        *addr
+    }
+}
+
+/// A chosen backend.
+#[derive(Clone, Copy)]
+struct Pick {
+    id: u32,
+    backend: Backend,
+    /// Non-zero when this connect is the circuit's half-open probe.
+    probe_word: u64,
+}
+
 /// `cgroup/connect{4,6}` and `cgroup/sendmsg{4,6}`. Returns 1 to let the call go on, 0 to fail it.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext, family: u8, hook: Hook) -> i32 {
-    let (addr, port_be) = read_addr(ctx, family);
+pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
+    let (addr, port_be) = read_addr(ctx, sock_family);
     let proto = proto(ctx);
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return 1;
     }
+    let (family, addr, mapped) = unmap(sock_family, addr);
     let key = ServiceKey {
         addr_be: addr,
         port_be,
         proto,
         family,
     };
-    let Some(svc) = SERVICES.get_ptr(key) else {
+    let Some(svc) = service(&key) else {
         return 1;
     };
-    // SAFETY: copy out of the map so a concurrent agent update cannot tear what we use.
-    let svc = unsafe { *svc };
     // SAFETY: helpers valid in sock_addr programs.
     let (now, cookie, netns) = unsafe {
         (
@@ -154,20 +189,30 @@ pub fn translate(ctx: &SockAddrContext, family: u8, hook: Hook) -> i32 {
         svc_port_be: port_be,
         family,
         proto,
+        flags: if mapped { SOCK_F_V4_MAPPED } else { 0 },
         ..SockState::default()
     };
     match select(&svc, netns, bound_src_port(ctx), now) {
-        Ok((backend_id, backend, probe)) => {
+        Ok(pick) => {
+            let backend = pick.backend;
             if backend.family != family {
                 count(CTR_FAMILY_MISMATCH);
                 return 1;
             }
-            write_addr(ctx, family, &backend.addr_be, backend.port_be);
-            st.backend_id = backend_id;
-            if probe {
-                st.flags |= SOCK_F_PROBE;
+            write_addr(
+                ctx,
+                sock_family,
+                &remap(mapped, &backend.addr_be),
+                backend.port_be,
+            );
+            if mapped {
+                count(CTR_V4_MAPPED);
             }
-            if hook == Hook::Connect {
+            st.backend_id = pick.id;
+            st.backend_addr_be = backend.addr_be;
+            st.backend_port_be = backend.port_be;
+            st.probe_word = pick.probe_word;
+            if hook == Hook::Connect || proto == PROTO_UDP {
                 remember_socket(ctx, &st);
             }
             if proto == PROTO_UDP {
@@ -182,7 +227,7 @@ pub fn translate(ctx: &SockAddrContext, family: u8, hook: Hook) -> i32 {
                     svc_port_be: port_be,
                     ..Default::default()
                 };
-                if REVNAT.insert(k, v, 0).is_err() {
+                if REVNAT.insert(&k, &v, 0).is_err() {
                     count(CTR_REVNAT_UPDATE_FAILED);
                 }
             }
@@ -194,10 +239,10 @@ pub fn translate(ctx: &SockAddrContext, family: u8, hook: Hook) -> i32 {
                 };
                 let v = AffinityValue {
                     last_used_ns: now,
-                    backend_id,
+                    backend_id: pick.id,
                     _pad: 0,
                 };
-                if AFFINITY.insert(k, v, 0).is_err() {
+                if AFFINITY.insert(&k, &v, 0).is_err() {
                     count(CTR_AFFINITY_UPDATE_FAILED);
                 }
             }
@@ -219,7 +264,7 @@ pub fn translate(ctx: &SockAddrContext, family: u8, hook: Hook) -> i32 {
     }
 }
 
-/// Stores the socket's service and backend for sockops accounting and getpeername.
+/// Stores the socket's service and backend for sockops accounting, getpeername and recvmsg.
 #[inline(always)]
 fn remember_socket(ctx: &SockAddrContext, st: &SockState) {
     // SAFETY: `ctx` is a sock_addr context, as the helper requires.
@@ -238,54 +283,87 @@ fn random() -> u32 {
     unsafe { bpf_get_prandom_u32() }
 }
 
-/// Finalizer of a 64-bit mixer (splitmix64): a flow's stable position in the Maglev table.
 #[inline(always)]
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+fn random64() -> u64 {
+    (u64::from(random()) << 32) | u64::from(random())
 }
 
+/// The backend id in slot `slot` of the service (a `u32`: one load; the id is validated by
+/// [`backend`] before use).
 #[inline(always)]
 fn slot(svc: &Service, slot: u32) -> Option<u32> {
     let k = SlotKey {
         service_id: svc.id,
         slot,
     };
-    // SAFETY: plain u32 copied out.
-    BACKEND_SLOTS.get_ptr(k).map(|p| unsafe { *p })
-}
-
-#[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
-    // SAFETY: copied out of the map.
-    let b = BACKENDS.get_ptr(id).map(|p| unsafe { *p });
-    if b.is_none() {
-        count(CTR_BACKEND_MISSING);
+    let id = BACKEND_SLOTS
+        .get_ptr(&k)
+        // SAFETY: a u32 value: one aligned load.
+        .map(|p| unsafe { read_volatile(p) });
+    if id.is_none() {
+        count(CTR_SLOT_MISSING);
     }
-    b
+    id
 }
 
+/// The backend id at position `pos` of the configuration's lookup table.
 #[inline(always)]
-fn active(id: u32) -> u64 {
-    // SAFETY: read of a counter; a stale value only skews one choice.
-    BACKEND_STATE
-        .get_ptr(id)
-        .map_or(0, |p| unsafe { (*p).active })
+fn table_entry(svc: &Service, pos: u32) -> Option<u32> {
+    let k = TableKey {
+        conf_id: svc.conf_id,
+        chunk: pos / LB_CHUNK,
+    };
+    let Some(t) = LB_TABLES.get_ptr(&k) else {
+        count(CTR_TABLE_MISSING);
+        return None;
+    };
+    // The volatile read hides `pos`'s origin from LLVM so the mask survives for the verifier.
+    // SAFETY: the masked index is within the chunk.
+    let idx = unsafe { read_volatile(&raw const pos) } & (LB_CHUNK - 1);
+    // SAFETY: `t` came from a successful lookup; `idx` < LB_CHUNK.
+    Some(unsafe { read_volatile((*t).backend_ids.as_ptr().add(idx as usize)) })
 }
 
-/// Tries one backend: eligible → `Some((id, backend, probe))`.
+/// The algorithm's own choice for a connect, before any fallback.
 #[inline(always)]
-fn try_backend(
-    svc: &Service,
-    id: u32,
-    now: u64,
-    saw_full: &mut bool,
-) -> Option<(u32, Backend, bool)> {
-    match circuit::admit(svc, id, now) {
-        Ok(probe) => backend(id).map(|b| (id, b, probe)),
+fn first_candidate(svc: &Service, hash: u64) -> Option<u32> {
+    let n = svc.backend_count;
+    match svc.algorithm {
+        LB_ROUND_ROBIN => {
+            let cursor = service_state(svc.id).map_or_else(
+                || u64::from(random()),
+                // SAFETY: field of an array element.
+                |ss| unsafe { atomic::add(&raw mut (*ss).rr_next, 1) },
+            );
+            slot(svc, (cursor % u64::from(n)) as u32)
+        }
+        LB_WEIGHTED => table_entry(svc, logic::below(random(), svc.table_size)),
+        LB_MAGLEV => table_entry(svc, logic::table_pos(hash, 0, svc.table_size)),
+        _ => slot(svc, logic::below(random(), n)),
+    }
+}
+
+/// One of the retries after an ineligible first choice: an independent position drawn as the
+/// algorithm draws (uniform over the slots; weight-proportional or flow-stable over the table).
+#[inline(always)]
+fn retry_candidate(svc: &Service, hash: u64, k: u32) -> Option<u32> {
+    match svc.algorithm {
+        LB_WEIGHTED => table_entry(svc, logic::below(random(), svc.table_size)),
+        LB_MAGLEV => table_entry(svc, logic::table_pos(hash, k + 1, svc.table_size)),
+        _ => slot(svc, logic::below(random(), svc.backend_count)),
+    }
+}
+
+/// Tries backend `id` for this connect (claiming the probe if it is one).
+#[inline(always)]
+fn try_id(svc: &Service, id: u32, now: u64, panic: bool, saw_full: &mut bool) -> Option<Pick> {
+    let backend = backend(id, svc.id)?;
+    match circuit::admit(svc, id, now, panic) {
+        Ok(probe_word) => Some(Pick {
+            id,
+            backend,
+            probe_word,
+        }),
         Err(Ineligible::Full) => {
             *saw_full = true;
             None
@@ -294,12 +372,53 @@ fn try_backend(
     }
 }
 
-/// Picks a backend for a new connection, or the reason counter of the rejection.
+/// Power of two choices: of two uniform slots, the eligible one with fewer active connections.
 #[inline(always)]
-fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<(u32, Backend, bool), u32> {
+fn least_conn(svc: &Service, now: u64, panic: bool, saw_full: &mut bool) -> Option<Pick> {
+    let n = svc.backend_count;
+    let a = slot(svc, logic::below(random(), n))?;
+    let b = slot(svc, logic::below(random(), n))?;
+    let ok = |v: Option<(Verdict, u64)>| match v {
+        Some((Verdict::Take | Verdict::Probe(_), active)) => Some(active),
+        _ => None,
+    };
+    let first = match (
+        ok(circuit::peek(svc, a, now, panic)),
+        ok(circuit::peek(svc, b, now, panic)),
+    ) {
+        (Some(x), Some(y)) => {
+            if y < x {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(_), None) => a,
+        (None, Some(_)) => b,
+        (None, None) => a,
+    };
+    try_id(svc, first, now, panic, saw_full)
+}
+
+/// Picks a backend for a new connection, or the reason counter of the rejection.
+///
+/// Every eligible backend can be chosen and none inherits another's share: the algorithm's own
+/// choice first; if that backend is ineligible, [`RANDOM_TRIES`] independent draws (so the
+/// rejected share spreads over all eligible backends in proportion to their own); if all of those
+/// miss (most backends ineligible), one pass over every slot with reservoir sampling. A connect is
+/// refused only when that pass found no eligible backend.
+#[inline(always)]
+fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> {
     let n = svc.backend_count;
     if n == 0 {
         return Err(CTR_REJECT_NO_BACKENDS);
+    }
+    let ejected = service_state(svc.id)
+        // SAFETY: field of an array element.
+        .map_or(0, |ss| unsafe { atomic::load(&raw const (*ss).ejected) });
+    let panic = logic::in_panic(n, ejected, svc.panic_threshold_pct);
+    if panic {
+        count(CTR_PANIC);
     }
     let mut saw_full = false;
     if svc.flags & SVC_F_AFFINITY != 0 {
@@ -308,137 +427,202 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<(u32, Backe
             service_id: svc.id,
             _pad: 0,
         };
-        if let Some(a) = AFFINITY.get_ptr(k) {
-            // SAFETY: copied out.
-            let a = unsafe { *a };
+        if let Some(a) = AFFINITY.get_ptr(&k) {
+            // SAFETY: copied out; the backend id is validated against this service below.
+            let a = unsafe { read_volatile(a) };
             let timeout = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(a.last_used_ns) <= timeout
-                && let Some(hit) = try_backend(svc, a.backend_id, now, &mut saw_full)
-            {
-                return Ok(hit);
+            if now.saturating_sub(a.last_used_ns) <= timeout {
+                if let Some(hit) = try_id(svc, a.backend_id, now, panic, &mut saw_full) {
+                    return Ok(hit);
+                }
+                count(CTR_AFFINITY_STALE);
             }
         }
     }
-    let start = match svc.algorithm {
-        LB_ROUND_ROBIN => SERVICE_STATE
-            .get_ptr_mut(svc.id)
-            .map_or_else(random, |ss| unsafe {
-                atomic::add(&raw mut (*ss).rr_next, 1) as u32
-            }),
-        LB_WEIGHTED | LB_MAGLEV => {
-            let pos = if svc.algorithm == LB_MAGLEV {
-                (mix(netns ^ (u64::from(sport) << 32) ^ u64::from(svc.id)) % LB_TABLE_SIZE as u64)
-                    as u32
-            } else {
-                random() % LB_TABLE_SIZE as u32
-            };
-            if let Some(t) = LB_TABLES.get_ptr(svc.id) {
-                // The volatile read hides `pos`'s range from LLVM so the mask survives for the
-                // verifier; `pos` < LB_TABLE_SIZE ≤ LB_TABLE_SLOTS already.
-                // SAFETY: the masked index is within the table; the agent replaces it whole.
-                let idx = unsafe { read_volatile(&raw const pos) } as usize & (LB_TABLE_SLOTS - 1);
-                let id = unsafe { *(*t).backend_ids.as_ptr().add(idx) };
-                if let Some(hit) = try_backend(svc, id, now, &mut saw_full) {
-                    return Ok(hit);
-                }
-            }
-            // Chosen backend ineligible: fall through to the scan from a stable point.
-            pos
-        }
-        LB_LEAST_CONN => {
-            let (a, b) = (random() % n, random() % n);
-            if let (Some(ia), Some(ib)) = (slot(svc, a), slot(svc, b)) {
-                let first = if active(ib) < active(ia) { ib } else { ia };
-                if let Some(hit) = try_backend(svc, first, now, &mut saw_full) {
-                    return Ok(hit);
-                }
-            }
-            a
-        }
-        _ => random(),
+    let hash = logic::mix(netns ^ (u64::from(sport) << 32) ^ u64::from(svc.id));
+    let first = if svc.algorithm == LB_LEAST_CONN {
+        least_conn(svc, now, panic, &mut saw_full)
+    } else {
+        first_candidate(svc, hash).and_then(|id| try_id(svc, id, now, panic, &mut saw_full))
     };
-    // The scan runs in `bpf_loop` so the verifier checks its body once, not once per slot.
-    let mut scan = Scan {
-        svc: *svc,
-        start,
-        found_id: 0,
-        now,
-        found: 0,
-        probe: 0,
-        saw_full: u32::from(saw_full),
-        _pad: 0,
+    if let Some(hit) = first {
+        return Ok(hit);
+    }
+    // Retries and the scan run in `bpf_loop`, so the verifier checks each body once; their state
+    // lives in a per-CPU scratch slot (the stack is 512 bytes). Everything read back from it is
+    // validated again (`backend`, `try_id`), so even a preempting connect on this CPU that reused
+    // the slot could not make this one pick another service's backend.
+    let Some(search) = SCRATCH.get_ptr_mut(0) else {
+        return Err(CTR_REJECT_CIRCUIT_OPEN);
     };
-    // SAFETY: `scan_slot` has the callback signature `bpf_loop` expects; `scan` outlives the call.
+    // SAFETY: the per-CPU slot, initialised whole before use.
+    unsafe {
+        *search = Search {
+            svc: *svc,
+            now,
+            hash,
+            panic: u32::from(panic),
+            saw_full: u32::from(saw_full),
+            found: 0,
+            pick_id: 0,
+            probe_word: 0,
+            any: Reservoir::default(),
+            take: Reservoir::default(),
+        };
+    }
+    // `bpf_loop` takes its callback context on the stack only; the callbacks find the search in
+    // the scratch slot themselves.
+    let mut stack_ctx = 0u64;
+    // SAFETY: `retry_step` has the callback signature `bpf_loop` expects; `search` outlives it.
     unsafe {
         bpf_loop(
-            n.min(MAX_SCAN),
-            scan_slot as *mut c_void,
-            (&raw mut scan).cast(),
+            RANDOM_TRIES,
+            retry_step as *mut c_void,
+            (&raw mut stack_ctx).cast(),
             0,
         );
     }
-    if scan.found != 0
-        && let Some(b) = backend(scan.found_id)
+    // SAFETY: the per-CPU slot.
+    let (found, pick_id, probe_word) =
+        unsafe { ((*search).found, (*search).pick_id, (*search).probe_word) };
+    if found != 0
+        && let Some(b) = backend(pick_id, svc.id)
     {
-        return Ok((scan.found_id, b, scan.probe != 0));
+        return Ok(Pick {
+            id: pick_id,
+            backend: b,
+            probe_word,
+        });
     }
-    Err(if scan.saw_full != 0 {
+    count(CTR_RANDOM_EXHAUSTED);
+    // SAFETY: as above, with `scan_step`.
+    unsafe {
+        bpf_loop(
+            n.min(MAX_BACKENDS_PER_SERVICE),
+            scan_step as *mut c_void,
+            (&raw mut stack_ctx).cast(),
+            0,
+        );
+    }
+    // SAFETY: the per-CPU slot.
+    let (any, take, full) = unsafe { ((*search).any, (*search).take, (*search).saw_full) };
+    let mut saw_full = full != 0;
+    // The scan only looked; now claim the choice (a probe is claimed by swapping its circuit). If
+    // another CPU claimed that probe meanwhile, take the choice among plainly eligible backends.
+    if any.found() {
+        if let Some(hit) = try_id(svc, any.chosen, now, panic, &mut saw_full) {
+            return Ok(hit);
+        }
+        if take.found()
+            && let Some(hit) = try_id(svc, take.chosen, now, panic, &mut saw_full)
+        {
+            return Ok(hit);
+        }
+    }
+    Err(if saw_full {
         CTR_REJECT_MAX_CONNECTIONS
     } else {
         CTR_REJECT_CIRCUIT_OPEN
     })
 }
 
-/// State of the slot scan shared with the `bpf_loop` callback.
+/// State of the retries and the scan, shared with the `bpf_loop` callbacks.
 #[repr(C)]
-struct Scan {
+pub struct Search {
     svc: Service,
-    start: u32,
     now: u64,
-    found_id: u32,
-    found: u32,
-    probe: u32,
+    hash: u64,
+    panic: u32,
     saw_full: u32,
-    _pad: u32,
+    found: u32,
+    pick_id: u32,
+    probe_word: u64,
+    /// Reservoir over every eligible backend (plain or probe).
+    any: Reservoir,
+    /// Reservoir over plainly eligible backends (the fallback if a probe is lost to another CPU).
+    take: Reservoir,
 }
 
-/// One step of the scan: slot `start + i`; returns 1 (stop) at the first eligible backend.
+/// Retry `k`: one independent draw; returns 1 (stop) at the first eligible backend.
 #[inline(never)]
-extern "C" fn scan_slot(i: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Scan` passed to `bpf_loop` by `select`.
-    let s = unsafe { &mut *ctx.cast::<Scan>() };
-    let n = s.svc.backend_count;
-    if n == 0 {
+extern "C" fn retry_step(k: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot, set up by `select` before the loop.
+    let s = unsafe { &mut *s };
+    if s.svc.backend_count == 0 {
         return 1;
     }
-    let Some(id) = slot(&s.svc, s.start.wrapping_add(i) % n) else {
+    let Some(id) = retry_candidate(&s.svc, s.hash, k) else {
         return 0;
     };
-    match circuit::admit(&s.svc, id, s.now) {
-        Ok(probe) => {
-            s.found_id = id;
+    let mut full = false;
+    let hit = try_id(&s.svc, id, s.now, s.panic != 0, &mut full);
+    if full {
+        s.saw_full = 1;
+    }
+    match hit {
+        Some(p) => {
             s.found = 1;
-            s.probe = u32::from(probe);
+            s.pick_id = p.id;
+            s.probe_word = p.probe_word;
             1
         }
-        Err(Ineligible::Full) => {
-            s.saw_full = 1;
-            0
-        }
-        Err(Ineligible::Open) => 0,
+        None => 0,
     }
+}
+
+/// Scan step `i`: offers slot `i`'s backend to the reservoirs if it is eligible (no claim yet).
+#[inline(never)]
+extern "C" fn scan_step(i: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot, set up by `select` before the loop.
+    let s = unsafe { &mut *s };
+    let Some(id) = slot(&s.svc, i) else {
+        return 0;
+    };
+    let Some(b) = backend(id, s.svc.id) else {
+        return 0;
+    };
+    let weight = if s.svc.algorithm == LB_WEIGHTED {
+        b.weight
+    } else {
+        1
+    };
+    match circuit::peek(&s.svc, id, s.now, s.panic != 0) {
+        Some((Verdict::Take, _)) => {
+            s.any.offer(id, weight, 0, random64());
+            s.take.offer(id, weight, 0, random64());
+        }
+        Some((Verdict::Probe(w), _)) => {
+            s.any.offer(id, weight, w, random64());
+        }
+        Some((Verdict::Full, _)) => s.saw_full = 1,
+        _ => {}
+    }
+    0
 }
 
 /// `cgroup/getpeername{4,6}`: the application sees the service address it connected to.
 #[inline(always)]
-pub fn getpeername(ctx: &SockAddrContext, family: u8) -> i32 {
+pub fn getpeername(ctx: &SockAddrContext, sock_family: u8) -> i32 {
     // SAFETY: sock_addr context, as the helper requires; lookup only (no create).
     let p = unsafe { SOCK_STATE.get_ptr_mut(ctx) };
     if !p.is_null() {
         // SAFETY: non-null storage of this socket.
         let st = unsafe { *p };
-        if st.family == family && st.service_id != 0 {
-            write_addr(ctx, family, &st.svc_addr_be, st.svc_port_be);
+        let mapped = st.flags & SOCK_F_V4_MAPPED != 0;
+        let family = if mapped { FAMILY_V6 } else { st.family };
+        if family == sock_family && st.service_id != 0 {
+            write_addr(
+                ctx,
+                sock_family,
+                &remap(mapped, &st.svc_addr_be),
+                st.svc_port_be,
+            );
         }
     }
     1
@@ -446,8 +630,9 @@ pub fn getpeername(ctx: &SockAddrContext, family: u8) -> i32 {
 
 /// `cgroup/recvmsg{4,6}`: a UDP reply from a backend appears to come from the service.
 #[inline(always)]
-pub fn recvmsg(ctx: &SockAddrContext, family: u8) -> i32 {
-    let (addr, port_be) = read_addr(ctx, family);
+pub fn recvmsg(ctx: &SockAddrContext, sock_family: u8) -> i32 {
+    let (addr, port_be) = read_addr(ctx, sock_family);
+    let (_, addr, mapped) = unmap(sock_family, addr);
     // SAFETY: helper valid in sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let k = RevNatKey {
@@ -456,10 +641,23 @@ pub fn recvmsg(ctx: &SockAddrContext, family: u8) -> i32 {
         backend_port_be: port_be,
         _pad: [0; 6],
     };
-    if let Some(v) = REVNAT.get_ptr(k) {
+    if let Some(v) = REVNAT.get_ptr(&k) {
         // SAFETY: copied out.
-        let v = unsafe { *v };
-        write_addr(ctx, family, &v.svc_addr_be, v.svc_port_be);
+        let v = unsafe { read_volatile(v) };
+        write_addr(
+            ctx,
+            sock_family,
+            &remap(mapped, &v.svc_addr_be),
+            v.svc_port_be,
+        );
+    } else {
+        // Only a socket that sent to a service can miss: other UDP sockets have no state.
+        // SAFETY: sock_addr context; lookup only.
+        let p = unsafe { SOCK_STATE.get_ptr_mut(ctx) };
+        // SAFETY: non-null storage of this socket; u32 field.
+        if !p.is_null() && unsafe { read_volatile(&raw const (*p).service_id) } != 0 {
+            count(CTR_REVNAT_MISS);
+        }
     }
     1
 }

@@ -10,7 +10,7 @@ use mesh_common::{
     sock::SockState,
 };
 
-use crate::maps::{BACKENDS, EVENTS, count};
+use crate::maps::{EVENTS, count};
 
 /// Sends one event built from a socket's state; `fill` sets the kind-specific fields.
 #[inline(always)]
@@ -35,12 +35,12 @@ pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce
             reason,
             family: st.family,
             proto: st.proto,
+            // The backend this socket really went to, recorded at connect: right even after the
+            // backend was removed.
+            backend_addr_be: st.backend_addr_be,
+            backend_port_be: st.backend_port_be,
             ..FlowEvent::default()
         };
-        if let Some(b) = BACKENDS.get_ptr(st.backend_id) {
-            ev.backend_addr_be = (*b).addr_be;
-            ev.backend_port_be = (*b).port_be;
-        }
         fill(ev);
     }
     // Waking the reader costs ~10 µs per event (an IRQ-work and a futex/epoll wakeup on the

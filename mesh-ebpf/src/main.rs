@@ -68,6 +68,12 @@ pub fn mesh_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn mesh_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    sockops::on_error_report(&ctx);
+    0
+}
+
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     bypass::on_msg(&ctx)

@@ -1,40 +1,47 @@
-//! Every map of the data path, declared once with its contract type from `mesh-common`.
+//! Every map of the data path, declared once with its contract type from `mesh-common`, and the
+//! validated reads that make recycled map elements harmless.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
-    backend::{BACKENDS_CAPACITY, Backend, BackendState},
+    backend::{BACKENDS_CAPACITY, Backend, BackendState, state_slot},
     bypass::{
         BYPASS_SOCKS_CAPACITY, EndpointKey, LOCAL_ENDPOINTS_CAPACITY, LocalEndpoint, SockKey,
     },
-    counters::COUNTERS_CAPACITY,
+    counters::{COUNTERS_CAPACITY, CTR_BACKEND_MISSING, CTR_CONF_STALE},
     event::{EVENTS_BYTES, FlowEvent},
+    ids::ID_ALLOC_CAPACITY,
     service::{
         AFFINITY_CAPACITY, AffinityKey, AffinityValue, BACKEND_SLOTS_CAPACITY, LB_TABLES_CAPACITY,
-        LbTable, SERVICES_CAPACITY, Service, ServiceKey, ServiceState, SlotKey,
+        LbChunk, SERVICE_CONF_CAPACITY, SERVICES_CAPACITY, Service, ServiceKey, ServiceState,
+        SlotKey, TableKey, service_slot,
     },
     sock::{REVNAT_CAPACITY, RevNatKey, RevNatValue, SockState},
 };
 
+use crate::atomic;
+
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, Service, { SERVICES_CAPACITY as usize }> = HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, u32, { SERVICES_CAPACITY as usize }> = HashMap::new();
+
+#[btf_map]
+pub static SERVICE_CONF: HashMap<u32, Service, { SERVICE_CONF_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
 pub static BACKEND_SLOTS: HashMap<SlotKey, u32, { BACKEND_SLOTS_CAPACITY as usize }> =
     HashMap::new();
 
 #[btf_map]
-pub static LB_TABLES: HashMap<u32, LbTable, { LB_TABLES_CAPACITY as usize }, NO_PREALLOC> =
+pub static LB_TABLES: HashMap<TableKey, LbChunk, { LB_TABLES_CAPACITY as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
-pub static SERVICE_STATE: HashMap<u32, ServiceState, { SERVICES_CAPACITY as usize }> =
-    HashMap::new();
+pub static SERVICE_STATE: Array<ServiceState, { SERVICES_CAPACITY as usize }> = Array::new();
 
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_CAPACITY as usize }> =
@@ -44,8 +51,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_CAPACITY 
 pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
-pub static BACKEND_STATE: HashMap<u32, BackendState, { BACKENDS_CAPACITY as usize }> =
-    HashMap::new();
+pub static BACKEND_STATE: Array<BackendState, { BACKENDS_CAPACITY as usize }> = Array::new();
+
+#[btf_map]
+pub static ID_ALLOC: Array<u64, { ID_ALLOC_CAPACITY as usize }> = Array::new();
 
 #[btf_map]
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
@@ -67,14 +76,73 @@ pub static BYPASS_SOCKS: SockHash<SockKey, { BYPASS_SOCKS_CAPACITY as usize }> =
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { COUNTERS_CAPACITY as usize }> = PerCpuArray::new();
 
+/// Per-CPU scratch for a connect's backend search (too large for the 512-byte stack).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<crate::connect::Search, 1> = PerCpuArray::new();
+
 #[btf_map]
 pub static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 
-/// Increments reason counter `idx` on this CPU.
+/// Increments reason counter `idx` on this CPU. Atomic even though the slot is per-CPU: a program
+/// that preempts this one on the same CPU (a tracepoint in softirq) must not lose its count.
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *p += 1 };
+        // SAFETY: a valid, aligned slot of the per-CPU array.
+        unsafe { atomic::add(p, 1) };
     }
+}
+
+/// The current configuration of the service at `key`, copied out and validated: the copy is used
+/// only if its entry still exists after the copy (configuration ids are never reused and entries
+/// never rewritten, so the copy is not torn) and belongs to `key`. One retry covers an agent
+/// switch in between.
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<Service> {
+    for _ in 0..2 {
+        // SAFETY: a u32 value: one aligned load.
+        let conf_id = unsafe { core::ptr::read_volatile(SERVICES.get_ptr(key)?) };
+        let Some(p) = SERVICE_CONF.get_ptr(&conf_id) else {
+            count(CTR_CONF_STALE);
+            continue;
+        };
+        // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
+        let svc = unsafe { core::ptr::read_volatile(p) };
+        if SERVICE_CONF.get_ptr(&conf_id).is_some() && svc.conf_id == conf_id && svc.key == *key {
+            return Some(svc);
+        }
+        count(CTR_CONF_STALE);
+    }
+    None
+}
+
+/// Backend `id` if it exists, its copy is untorn (validated as in [`service`]) and it belongs to
+/// service `service_id`; otherwise counts `backend_missing`.
+#[inline(always)]
+pub fn backend(id: u32, service_id: u32) -> Option<Backend> {
+    if let Some(p) = BACKENDS.get_ptr(&id) {
+        // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
+        let b = unsafe { core::ptr::read_volatile(p) };
+        if BACKENDS.get_ptr(&id).is_some() && b.service_id == service_id {
+            return Some(b);
+        }
+    }
+    count(CTR_BACKEND_MISSING);
+    None
+}
+
+/// The state slot of backend `id`, if the slot belongs to it now.
+#[inline(always)]
+pub fn backend_state(id: u32) -> Option<*mut BackendState> {
+    let p = BACKEND_STATE.get_ptr_mut(state_slot(id))?;
+    // SAFETY: array element (never freed); a volatile 4-byte load of the tag.
+    (unsafe { core::ptr::read_volatile(&raw const (*p).id) } == id).then_some(p)
+}
+
+/// The state slot of service `id`, if the slot belongs to it now.
+#[inline(always)]
+pub fn service_state(id: u32) -> Option<*mut ServiceState> {
+    let p = SERVICE_STATE.get_ptr_mut(service_slot(id))?;
+    // SAFETY: array element (never freed); a volatile 4-byte load of the tag.
+    (unsafe { core::ptr::read_volatile(&raw const (*p).id) } == id).then_some(p)
 }

@@ -16,21 +16,24 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_common::{
     AddrBe, FAMILY_V4,
-    counters::{CTR_BACKEND_FAILURE, CTR_PEER_RESET},
+    counters::{
+        CTR_BACKEND_FAILURE, CTR_CONNECT_ABANDONED, CTR_PEER_RESET, CTR_STATE_STALE,
+        CTR_SYN_RETRY_RECOVERED,
+    },
     event::{
         EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, FAIL_REFUSED, FAIL_RESET,
         FAIL_SYN_TIMEOUT,
     },
     service::{Service, ServiceKey},
     sock::{
-        SOCK_F_COUNTED, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PEER_RESET, SOCK_F_PROBE,
+        SOCK_F_COUNTED, SOCK_F_ERROR, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PEER_RESET,
         SockState,
     },
 };
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{BACKEND_STATE, SERVICES, SOCK_STATE, count},
+    maps::{SOCK_STATE, backend_state, count},
 };
 
 /// Entry for every sockops callback; always lets the socket go on.
@@ -93,12 +96,27 @@ pub fn on_peer_reset(ctx: &BtfTracePointContext) {
     // The tracepoint's first argument is the `struct sock *` receiving the reset.
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     if let Some(st) = storage_of(sk) {
-        // SAFETY: non-null storage owned by this socket.
+        // SAFETY: non-null storage owned by this socket (the socket lock is held).
         unsafe { (*st).flags |= SOCK_F_PEER_RESET };
         count(CTR_PEER_RESET);
     }
 }
 
+/// `tp_btf/inet_sk_error_report`: the kernel reported an error on a socket (reset, ICMP
+/// unreachable, timeout); marks translated sockets so a handshake that ends without one is known
+/// to be the application giving up, not the backend failing.
+#[inline(always)]
+pub fn on_error_report(ctx: &BtfTracePointContext) {
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    if let Some(st) = storage_of(sk) {
+        // SAFETY: non-null storage owned by this socket.
+        unsafe { (*st).flags |= SOCK_F_ERROR };
+    }
+}
+
+/// The service the socket connected to, if it still is the same service (same id): a service
+/// removed and re-added at the same address is another service, whose circuits this socket's fate
+/// must not move.
 #[inline(always)]
 fn service(st: &SockState) -> Option<Service> {
     let key = ServiceKey {
@@ -107,8 +125,7 @@ fn service(st: &SockState) -> Option<Service> {
         proto: st.proto,
         family: st.family,
     };
-    // SAFETY: copied out.
-    SERVICES.get_ptr(key).map(|p| unsafe { *p })
+    crate::maps::service(&key).filter(|s| s.id == st.service_id)
 }
 
 /// The socket's own address (the client pod's), for flow events.
@@ -142,12 +159,14 @@ fn on_connect(ctx: &SockOpsContext, st: &mut SockState) {
     let flags =
         BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
     let _ = ctx.set_cb_flags(flags.cast_signed());
-    if st.flags & SOCK_F_COUNTED == 0
-        && let Some(b) = BACKEND_STATE.get_ptr_mut(st.backend_id)
-    {
-        // SAFETY: pointer from a successful lookup.
-        unsafe { atomic::add(&raw mut (*b).active, 1) };
-        st.flags |= SOCK_F_COUNTED;
+    if st.flags & SOCK_F_COUNTED == 0 {
+        if let Some(b) = backend_state(st.backend_id) {
+            // SAFETY: array element owned by this backend id (tag checked).
+            unsafe { atomic::add(&raw mut (*b).active, 1) };
+            st.flags |= SOCK_F_COUNTED;
+        } else {
+            count(CTR_STATE_STALE);
+        }
     }
 }
 
@@ -155,11 +174,18 @@ fn on_connect(ctx: &SockOpsContext, st: &mut SockState) {
 fn on_established(ctx: &SockOpsContext, st: &mut SockState) {
     let client = local_addr(ctx, st.family);
     st.flags |= SOCK_F_ESTABLISHED;
+    // A SYN retransmit was counted as a failure, but the backend did answer: that is a success
+    // (and the connection's close is judged on its own again).
+    let recovered_syn = st.flags & SOCK_F_FAILED != 0;
+    if recovered_syn {
+        st.flags &= !SOCK_F_FAILED;
+        count(CTR_SYN_RETRY_RECOVERED);
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let cookie = cookie(ctx);
     if let Some(svc) = service(st)
-        && circuit::on_success(&svc, st.backend_id, st.flags & SOCK_F_PROBE != 0, now)
+        && circuit::on_success(&svc, st.backend_id, st.probe_word, recovered_syn, now)
     {
         events::emit(cookie, st, EV_RECOVER, 0, |ev| ev.client_addr_be = client);
     }
@@ -173,8 +199,13 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
     count(CTR_BACKEND_FAILURE);
     let cookie = cookie(ctx);
     events::emit(cookie, st, EV_FAIL, reason, |ev| ev.client_addr_be = client);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let probe_word = st.probe_word;
+    // A probe's outcome is reported once.
+    st.probe_word = 0;
     if let Some(svc) = service(st)
-        && circuit::on_failure(&svc, st.backend_id, st.flags & SOCK_F_PROBE != 0)
+        && circuit::on_failure(&svc, st.backend_id, probe_word, now)
     {
         // Rare (one per ejection), so logging here stays off the per-connection path.
         debug!(
@@ -191,13 +222,22 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
 fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
     if st.flags & SOCK_F_COUNTED != 0 {
         st.flags &= !SOCK_F_COUNTED;
-        if let Some(b) = BACKEND_STATE.get_ptr_mut(st.backend_id) {
-            // SAFETY: pointer from a successful lookup.
-            unsafe { atomic::dec(&raw mut (*b).active) };
+        // The agent keeps a removed backend's slot until its active count is back to 0, so the
+        // slot is still this backend's; and this socket's own increment precedes this decrement.
+        if let Some(b) = backend_state(st.backend_id) {
+            // SAFETY: array element owned by this backend id (tag checked).
+            unsafe { atomic::sub_own(&raw mut (*b).active) };
+        } else {
+            count(CTR_STATE_STALE);
         }
     }
     if old_state == BPF_TCP_SYN_SENT && st.flags & SOCK_F_FAILED == 0 {
-        fail(ctx, st, FAIL_REFUSED);
+        if st.flags & (SOCK_F_PEER_RESET | SOCK_F_ERROR) != 0 {
+            fail(ctx, st, FAIL_REFUSED);
+        } else {
+            // No reset, no error: the client closed (or timed out) its own connect.
+            count(CTR_CONNECT_ABANDONED);
+        }
     } else if st.flags & (SOCK_F_PEER_RESET | SOCK_F_FAILED) == SOCK_F_PEER_RESET {
         // The backend reset an established connection: a failure. The application's own
         // abortive close (`SO_LINGER` 0) also jumps to CLOSE but never sets the flag.

@@ -12,19 +12,18 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{BtfTracePoint, CgroupAttachMode, SkMsg, links::FdLink},
 };
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6,
     backend::{
-        BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, CIRCUIT_CLOSED,
-        CIRCUIT_OPEN,
+        BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, state_slot,
     },
     bypass::{
         BYPASS_SOCKS_MAP, EndpointKey, LOCAL_ENDPOINTS_CAPACITY, LOCAL_ENDPOINTS_MAP,
@@ -32,10 +31,14 @@ use mesh_common::{
     },
     counters::{COUNTER_NAMES, COUNTERS_MAP},
     event::EVENTS_MAP,
+    ids::{ID_ALLOC_MAP, ID_BACKEND, ID_CONF, ID_SERVICE},
+    logic::circuit,
     service::{
-        AFFINITY_MAP, BACKEND_SLOTS_CAPACITY, BACKEND_SLOTS_MAP, LB_TABLE_SIZE, LB_TABLE_SLOTS,
-        LB_TABLES_MAP, LbTable, SERVICE_STATE_MAP, SERVICES_CAPACITY, SERVICES_MAP, SVC_F_AFFINITY,
-        Service, ServiceKey, ServiceState, SlotKey,
+        AFFINITY_MAP, BACKEND_SLOTS_CAPACITY, BACKEND_SLOTS_MAP, LB_CHUNK, LB_TABLE_MAX,
+        LB_TABLE_MIN, LB_TABLES_CAPACITY, LB_TABLES_MAP, LbChunk, MAX_BACKENDS_PER_SERVICE,
+        SERVICE_CONF_CAPACITY, SERVICE_CONF_MAP, SERVICE_STATE_MAP, SERVICES_CAPACITY,
+        SERVICES_MAP, SVC_F_AFFINITY, Service, ServiceKey, ServiceState, SlotKey, TableKey,
+        service_slot,
     },
     sock::{REVNAT_MAP, SOCK_STATE_MAP},
 };
@@ -48,14 +51,16 @@ use self::spec::{Protocol, ServiceSpec};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map of the object, pinned under the pin directory so a restarted agent adopts them.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 15] = [
     SERVICES_MAP,
+    SERVICE_CONF_MAP,
     BACKEND_SLOTS_MAP,
     LB_TABLES_MAP,
     SERVICE_STATE_MAP,
     AFFINITY_MAP,
     BACKENDS_MAP,
     BACKEND_STATE_MAP,
+    ID_ALLOC_MAP,
     SOCK_STATE_MAP,
     REVNAT_MAP,
     LOCAL_ENDPOINTS_MAP,
@@ -79,6 +84,18 @@ pub const CGROUP_PROGRAMS: [&str; 9] = [
 const SK_MSG_PROGRAM: &str = "mesh_sk_msg";
 /// `tp_btf/tcp_receive_reset`: tells a backend's reset from the application's abortive close.
 pub const RESET_PROGRAM: &str = "mesh_tcp_receive_reset";
+/// `tp_btf/inet_sk_error_report`: tells a failed handshake from the client giving up.
+pub const ERROR_REPORT_PROGRAM: &str = "mesh_sk_error_report";
+/// The `tp_btf` programs (program name, kernel tracepoint), each through a pinned link.
+pub const TRACEPOINTS: [(&str, &str); 2] = [
+    (RESET_PROGRAM, "tcp_receive_reset"),
+    (ERROR_REPORT_PROGRAM, "inet_sk_error_report"),
+];
+
+/// How long a removed backend's state slot is kept before it may serve another id, and then only
+/// once no socket is counted on it: no kernel program can still hold a pointer from before the
+/// removal (programs run for microseconds), and every counted socket has closed.
+pub const STATE_QUARANTINE: Duration = Duration::from_secs(60);
 
 /// Where to attach and pin.
 #[derive(Clone, Debug)]
@@ -89,50 +106,155 @@ pub struct DatapathConfig {
     pub pin_dir: PathBuf,
 }
 
+/// A backend's counters and circuit, decoded from the kernel's [`BackendState`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub active: u64,
+    pub total: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    /// One of `CIRCUIT_*`.
+    pub circuit: u32,
+    /// Monotonic end of the ejection (open) or of the probe's grace (half-open).
+    pub ejected_until_ns: u64,
+    pub closed_since_ns: u64,
+    pub ejections: u32,
+}
+
+impl From<BackendState> for BackendCounters {
+    fn from(s: BackendState) -> Self {
+        Self {
+            active: s.active,
+            total: s.total,
+            failures: s.failures,
+            consecutive_failures: s.consecutive_failures,
+            circuit: circuit::state(s.circuit),
+            ejected_until_ns: circuit::deadline(s.circuit),
+            closed_since_ns: s.closed_since_ns,
+            ejections: s.ejections,
+        }
+    }
+}
+
 /// Circuit and counters of one backend, as the kernel sees it now.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
     pub id: u32,
     pub addr: SocketAddr,
     pub weight: u32,
-    pub state: BackendState,
+    pub state: BackendCounters,
 }
 
-/// The service's ids as applied to the maps.
+/// A service as applied to the maps.
 #[derive(Clone, Debug, Default)]
 struct Applied {
     id: u32,
+    /// The configuration `SERVICES` points at.
+    conf: Service,
+    /// Chunks of that configuration's lookup table.
+    chunks: u32,
     /// Backend ids in slot order.
     backends: Vec<u32>,
-    /// Their addresses, parallel to `backends` (how an update finds a backend's id again).
-    addrs: Vec<SocketAddr>,
+    /// Their addresses and weights, parallel to `backends` (how an update finds a backend's id
+    /// again: same address and weight, same id).
+    addrs: Vec<(SocketAddr, u32)>,
+}
+
+/// Ids handed out, never twice (persisted in `ID_ALLOC`), and the array slots they occupy.
+#[derive(Debug)]
+struct Ids {
+    next: [u64; 3],
+    /// Occupied slots of `BACKEND_STATE` (live and quarantined backends).
+    backend_slots: Vec<bool>,
+    /// Occupied slots of `SERVICE_STATE`.
+    service_slots: Vec<bool>,
+    /// Configuration ids in use (only consulted after the counter wraps).
+    confs: std::collections::HashSet<u32>,
+}
+
+impl Ids {
+    fn new() -> Self {
+        Self {
+            next: [1; 3],
+            backend_slots: vec![false; BACKENDS_CAPACITY as usize],
+            service_slots: vec![false; SERVICES_CAPACITY as usize],
+            confs: std::collections::HashSet::new(),
+        }
+    }
+
+    /// The next id of `kind` whose slot is free (`slot` maps an id to its slot, `used` marks
+    /// slots); ids are 32 bits, skip 0, and wrap only after 2³² allocations.
+    fn take(next: &mut u64, used: &mut [bool], slot: impl Fn(u32) -> u32) -> Option<u32> {
+        for _ in 0..used.len() {
+            let id = (*next & u64::from(u32::MAX)) as u32;
+            *next += 1;
+            if id == 0 {
+                continue;
+            }
+            let s = slot(id) as usize;
+            if !used[s] {
+                used[s] = true;
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn backend(&mut self) -> Option<u32> {
+        Self::take(
+            &mut self.next[ID_BACKEND as usize],
+            &mut self.backend_slots,
+            state_slot,
+        )
+    }
+
+    fn service(&mut self) -> Option<u32> {
+        Self::take(
+            &mut self.next[ID_SERVICE as usize],
+            &mut self.service_slots,
+            service_slot,
+        )
+    }
+
+    fn conf(&mut self) -> u32 {
+        loop {
+            let id = (self.next[ID_CONF as usize] & u64::from(u32::MAX)) as u32;
+            self.next[ID_CONF as usize] += 1;
+            if id != 0 && self.confs.insert(id) {
+                return id;
+            }
+        }
+    }
 }
 
 /// The loaded, attached data path and typed access to its maps.
 pub struct Datapath {
     _ebpf: Ebpf,
     pin_dir: PathBuf,
-    services: HashMap<MapData, ServiceKey, Service>,
+    services: HashMap<MapData, ServiceKey, u32>,
+    confs: HashMap<MapData, u32, Service>,
     slots: HashMap<MapData, SlotKey, u32>,
-    tables: HashMap<MapData, u32, LbTable>,
-    service_state: HashMap<MapData, u32, ServiceState>,
+    tables: HashMap<MapData, TableKey, LbChunk>,
+    service_state: Array<MapData, ServiceState>,
     backends: HashMap<MapData, u32, Backend>,
-    backend_state: HashMap<MapData, u32, BackendState>,
+    backend_state: Array<MapData, BackendState>,
+    id_alloc: Array<MapData, u64>,
     local_endpoints: HashMap<MapData, EndpointKey, LocalEndpoint>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     applied: BTreeMap<ServiceKey, Applied>,
+    ids: Ids,
+    /// Removed backends whose state slot is quarantined, with when they were removed.
+    retired: Vec<(u32, Instant)>,
     /// Writes refused because a map would overflow (exported as a metric).
     map_full_total: u64,
     /// Backends in `BACKENDS` (ids are per service, so this is the sum over `applied`).
     backend_total: usize,
     /// Slots in use over all services (kept, not summed, so updates stay O(backends)).
     used_slots: usize,
-    next_service_id: u32,
-    next_backend_id: u32,
-    free_service_ids: Vec<u32>,
-    free_backend_ids: Vec<u32>,
+    /// Lookup-table chunks in `LB_TABLES` over all services.
+    table_chunks: usize,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -189,10 +311,19 @@ fn map_err(op: &'static str, name: &'static str) -> impl Fn(MapError) -> Datapat
     move |source| DatapathError::Map { op, name, source }
 }
 
-/// The kernel's view of a service's settings.
-fn service_value(id: u32, spec: &ServiceSpec, backend_count: usize) -> Service {
+/// The kernel's view of one configuration of a service.
+fn service_value(
+    key: ServiceKey,
+    id: u32,
+    conf_id: u32,
+    spec: &ServiceSpec,
+    backend_count: usize,
+    table_size: u32,
+) -> Service {
     let c = &spec.circuit;
     Service {
+        key,
+        conf_id,
         id,
         backend_count: backend_count as u32,
         algorithm: spec.algorithm.code(),
@@ -202,6 +333,7 @@ fn service_value(id: u32, spec: &ServiceSpec, backend_count: usize) -> Service {
             0
         },
         _pad: 0,
+        table_size,
         affinity_timeout_s: spec
             .affinity_timeout
             .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
@@ -210,6 +342,7 @@ fn service_value(id: u32, spec: &ServiceSpec, backend_count: usize) -> Service {
         base_ejection_ms: ms(c.base_ejection),
         max_ejection_ms: ms(c.max_ejection),
         max_ejection_pct: c.max_ejection_percent,
+        panic_threshold_pct: c.panic_threshold_percent,
     }
 }
 
@@ -249,7 +382,9 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
         }
-        attach_reset_tracepoint(&mut ebpf, &links_dir.join(RESET_PROGRAM))?;
+        for (name, function) in TRACEPOINTS {
+            attach_tracepoint(&mut ebpf, name, function, &links_dir.join(name))?;
+        }
         {
             let name = SK_MSG_PROGRAM;
             let socks: SockHash<MapData, SockKey> = take(&mut ebpf, BYPASS_SOCKS_MAP)?;
@@ -279,11 +414,13 @@ impl Datapath {
         }
         let mut dp = Self {
             services: take(&mut ebpf, SERVICES_MAP)?,
+            confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
             slots: take(&mut ebpf, BACKEND_SLOTS_MAP)?,
             tables: take(&mut ebpf, LB_TABLES_MAP)?,
             service_state: take(&mut ebpf, SERVICE_STATE_MAP)?,
             backends: take(&mut ebpf, BACKENDS_MAP)?,
             backend_state: take(&mut ebpf, BACKEND_STATE_MAP)?,
+            id_alloc: take(&mut ebpf, ID_ALLOC_MAP)?,
             local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
@@ -291,44 +428,62 @@ impl Datapath {
             _ebpf: ebpf,
             pin_dir: cfg.pin_dir.clone(),
             applied: BTreeMap::new(),
+            ids: Ids::new(),
+            retired: Vec::new(),
             map_full_total: 0,
             backend_total: 0,
             used_slots: 0,
-            next_service_id: 1,
-            next_backend_id: 1,
-            free_service_ids: Vec::new(),
-            free_backend_ids: Vec::new(),
+            table_chunks: 0,
         };
         dp.adopt()?;
         info!(cgroup = %cfg.cgroup.display(), pins = %cfg.pin_dir.display(), services = dp.applied.len(), "data path attached");
         Ok(dp)
     }
 
-    /// Rebuilds the id bookkeeping from maps a previous agent left pinned.
+    /// Rebuilds the bookkeeping from maps a previous agent left pinned: services and their
+    /// configurations, backends, occupied state slots (quarantined ones included), the id
+    /// counters; removes what nothing points at (an agent killed mid-update) and repairs every
+    /// service's ejected count.
     fn adopt(&mut self) -> Result<(), DatapathError> {
-        let services: Vec<(ServiceKey, Service)> = self
+        for (i, next) in self.ids.next.iter_mut().enumerate() {
+            if let Ok(v) = self.id_alloc.get(&(i as u32), 0) {
+                *next = (*next).max(v);
+            }
+        }
+        let services: Vec<(ServiceKey, u32)> = self
             .services
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err("read", SERVICES_MAP))?;
+        let confs: StdHashMap<u32, Service> = self
+            .confs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read", SERVICE_CONF_MAP))?;
         let all: StdHashMap<u32, Backend> = self
             .backends
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err("read", BACKENDS_MAP))?;
-        for id in all.keys() {
-            self.next_backend_id = self.next_backend_id.max(id + 1);
-        }
+        let mut max_seen = [0u64; 3];
         let mut referenced = std::collections::HashSet::new();
-        for (key, svc) in services {
+        let mut live_confs = std::collections::HashSet::new();
+        for (key, conf_id) in services {
+            let Some(conf) = confs.get(&conf_id).copied() else {
+                let _ = self.services.remove(&key);
+                continue;
+            };
+            live_confs.insert(conf_id);
             let mut applied = Applied {
-                id: svc.id,
+                id: conf.id,
+                conf,
+                chunks: conf.table_size.div_ceil(LB_CHUNK),
                 ..Applied::default()
             };
-            for slot in 0..svc.backend_count {
+            for slot in 0..conf.backend_count {
                 let Ok(id) = self.slots.get(
                     &SlotKey {
-                        service_id: svc.id,
+                        service_id: conf.id,
                         slot,
                     },
                     0,
@@ -337,22 +492,70 @@ impl Datapath {
                 };
                 if let Some(b) = all.get(&id) {
                     applied.backends.push(id);
-                    applied.addrs.push(SocketAddr::new(
-                        ip_from_be(b.addr_be, b.family),
-                        u16::from_be(b.port_be),
+                    applied.addrs.push((
+                        SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be)),
+                        b.weight,
                     ));
                     referenced.insert(id);
                 }
             }
-            self.next_service_id = self.next_service_id.max(svc.id + 1);
+            max_seen[ID_SERVICE as usize] = max_seen[ID_SERVICE as usize].max(u64::from(conf.id));
+            max_seen[ID_CONF as usize] = max_seen[ID_CONF as usize].max(u64::from(conf_id));
+            self.ids.service_slots[service_slot(conf.id) as usize] = true;
+            self.ids.confs.insert(conf_id);
             self.used_slots += applied.backends.len();
             self.backend_total += applied.backends.len();
+            self.table_chunks += applied.chunks as usize;
             self.applied.insert(key, applied);
         }
-        // Backends no slot points at (an agent killed mid-update) are stale.
-        for id in all.keys().filter(|id| !referenced.contains(*id)) {
-            let _ = self.backends.remove(id);
-            let _ = self.backend_state.remove(id);
+        // Configurations nothing points at (a switch interrupted), and their tables.
+        for conf_id in confs.keys().filter(|c| !live_confs.contains(*c)) {
+            let _ = self.confs.remove(conf_id);
+        }
+        let stale_chunks: Vec<TableKey> = self
+            .tables
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live_confs.contains(&k.conf_id))
+            .collect();
+        for k in stale_chunks {
+            let _ = self.tables.remove(&k);
+        }
+        // Backends no slot points at are retired (their state quarantined, not reused at once).
+        let now = Instant::now();
+        for id in all.keys() {
+            max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(u64::from(*id));
+            if !referenced.contains(id) {
+                let _ = self.backends.remove(id);
+            }
+        }
+        for slot in 0..BACKENDS_CAPACITY {
+            if let Ok(st) = self.backend_state.get(&slot, 0)
+                && st.id != 0
+            {
+                self.ids.backend_slots[slot as usize] = true;
+                max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(u64::from(st.id));
+                if !referenced.contains(&st.id) {
+                    self.retired.push((st.id, now));
+                }
+            }
+        }
+        for (next, seen) in self.ids.next.iter_mut().zip(max_seen) {
+            *next = (*next).max(seen + 1);
+        }
+        self.persist_ids()?;
+        let keys: Vec<ServiceKey> = self.applied.keys().copied().collect();
+        for key in keys {
+            self.repair_ejected(&key)?;
+        }
+        Ok(())
+    }
+
+    fn persist_ids(&mut self) -> Result<(), DatapathError> {
+        for (i, v) in self.ids.next.iter().enumerate() {
+            self.id_alloc
+                .set(i as u32, *v, 0)
+                .map_err(map_err("write", ID_ALLOC_MAP))?;
         }
         Ok(())
     }
@@ -368,36 +571,37 @@ impl Datapath {
         self.applied.keys()
     }
 
-    fn alloc_service_id(&mut self) -> u32 {
-        self.free_service_ids.pop().unwrap_or_else(|| {
-            self.next_service_id += 1;
-            self.next_service_id - 1
-        })
-    }
-
-    fn alloc_backend_id(&mut self) -> u32 {
-        self.free_backend_ids.pop().unwrap_or_else(|| {
-            self.next_backend_id += 1;
-            self.next_backend_id - 1
-        })
-    }
-
     /// Rejects a spec the kernel could not serve, and one that would overflow a map, before any
     /// map is touched.
     fn check(&self, spec: &ServiceSpec, key: &ServiceKey) -> Result<(), DatapathError> {
         let name = || format!("{}/{:?}", spec.vip, spec.protocol);
+        let invalid = |reason: String| DatapathError::InvalidService {
+            service: name(),
+            reason,
+        };
         for b in &spec.backends {
-            let reason = if b.addr.is_ipv4() != spec.vip.is_ipv4() {
-                format!("backend {} is not of the service's address family", b.addr)
-            } else if b.weight == 0 {
-                format!("backend {} has weight 0", b.addr)
-            } else {
-                continue;
-            };
-            return Err(DatapathError::InvalidService {
-                service: name(),
-                reason,
-            });
+            if b.addr.is_ipv4() != spec.vip.is_ipv4() {
+                return Err(invalid(format!(
+                    "backend {} is not of the service's address family",
+                    b.addr
+                )));
+            }
+            if b.weight == 0 {
+                return Err(invalid(format!("backend {} has weight 0", b.addr)));
+            }
+        }
+        if spec.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(invalid(format!(
+                "{} endpoints; one service port takes at most {MAX_BACKENDS_PER_SERVICE}",
+                spec.backends.len()
+            )));
+        }
+        if let Some(size) = spec.table_size
+            && !table::valid_size(size)
+        {
+            return Err(invalid(format!(
+                "table size {size} is not a prime in {LB_TABLE_MIN}..={LB_TABLE_MAX}"
+            )));
         }
         let old = self.applied.get(key);
         let full = |name: &'static str, capacity: u32, what: String| DatapathError::MapFull {
@@ -411,45 +615,78 @@ impl Datapath {
         let new_backends = spec
             .backends
             .iter()
-            .filter(|b| old.is_none_or(|a| !a.addrs.contains(&b.addr)))
+            .filter(|b| old.is_none_or(|a| !a.addrs.contains(&(b.addr, b.weight))))
             .count();
-        // New entries are written before stale ones go: the peak is what must fit.
-        if self.backend_total + new_backends > BACKENDS_CAPACITY as usize {
+        // New entries are written before stale ones go, and retired ones keep their state
+        // slots: the peak is what must fit.
+        if self.backend_total + self.retired.len() + new_backends > BACKENDS_CAPACITY as usize {
             return Err(full(BACKENDS_MAP, BACKENDS_CAPACITY, name()));
         }
         let used_slots = self.used_slots - old.map_or(0, |a| a.backends.len());
         if used_slots + spec.backends.len() > BACKEND_SLOTS_CAPACITY as usize {
             return Err(full(BACKEND_SLOTS_MAP, BACKEND_SLOTS_CAPACITY, name()));
         }
+        if spec.algorithm.uses_table() {
+            let chunks = table::size_for(spec.backends.len(), spec.table_size).div_ceil(LB_CHUNK);
+            if self.table_chunks + chunks as usize > LB_TABLES_CAPACITY as usize {
+                return Err(full(LB_TABLES_MAP, LB_TABLES_CAPACITY, name()));
+            }
+        }
+        if self.ids.confs.len() >= SERVICE_CONF_CAPACITY as usize {
+            return Err(full(SERVICE_CONF_MAP, SERVICE_CONF_CAPACITY, name()));
+        }
         Ok(())
     }
 
     /// Writes a service, its backends and settings. Existing connections are never touched:
     /// the kernel translated them at connect time. Backends keep their ids (and circuit state)
-    /// across updates; new entries are written before the service points at them, and stale
-    /// ones removed after.
+    /// across updates while their address and weight stay; every change is written as a new
+    /// configuration (new id, own lookup table) that one 4-byte update of `SERVICES` publishes,
+    /// and removed backends leave `BACKENDS` at once but keep their state slot in quarantine.
     pub fn apply_service(&mut self, spec: &ServiceSpec) -> Result<u32, DatapathError> {
         let key = service_key(spec.vip, spec.protocol);
         self.check(spec, &key).inspect_err(|e| self.note_full(e))?;
         let old = self.applied.get(&key).cloned();
-        let old_len = old.as_ref().map_or(0, |a| a.backends.len());
-        let svc_id = old
-            .as_ref()
-            .map_or_else(|| self.alloc_service_id(), |a| a.id);
-        // 1. Backends (and fresh state for new ones), slots, the lookup table.
+        let svc_id = match &old {
+            Some(a) => a.id,
+            None => {
+                let id = self.ids.service().ok_or_else(|| DatapathError::MapFull {
+                    name: SERVICE_STATE_MAP,
+                    capacity: SERVICES_CAPACITY,
+                    what: format!("{}/{:?}", spec.vip, spec.protocol),
+                })?;
+                self.service_state
+                    .set(
+                        service_slot(id),
+                        ServiceState {
+                            id,
+                            ..ServiceState::default()
+                        },
+                        0,
+                    )
+                    .map_err(map_err("write", SERVICE_STATE_MAP))?;
+                id
+            }
+        };
+        // 1. New backends (state slot first, so a backend is never visible without its state),
+        //    then slots and the configuration's table.
         let ids = self.write_backends(svc_id, spec, old.as_ref())?;
-        self.write_slots_and_table(svc_id, spec, &ids)?;
-        if old.is_none() {
-            self.service_state
-                .insert(svc_id, ServiceState::default(), 0)
-                .map_err(map_err("write", SERVICE_STATE_MAP))?;
-        }
-        // 2. The service itself: from here on the kernel uses the new backends.
+        self.write_slots(svc_id, &ids, old.as_ref())?;
+        let conf_id = self.ids.conf();
+        let (table_size, chunks) = self.write_table(conf_id, spec, &ids)?;
+        let conf = service_value(key, svc_id, conf_id, spec, ids.len(), table_size);
+        self.confs
+            .insert(conf_id, conf, 0)
+            .map_err(map_err("write", SERVICE_CONF_MAP))?;
+        // 2. Publish: from here on the kernel uses the new configuration.
         self.services
-            .insert(key, service_value(svc_id, spec, ids.len()), 0)
+            .insert(key, conf_id, 0)
             .map_err(map_err("write", SERVICES_MAP))?;
         // 3. Remove what the service no longer uses.
-        if let Some(old) = old {
+        let mut old_len = 0;
+        if let Some(old) = &old {
+            old_len = old.backends.len();
+            self.drop_conf(old.conf.conf_id, old.chunks);
             for slot in ids.len()..old.backends.len() {
                 let _ = self.slots.remove(&SlotKey {
                     service_id: svc_id,
@@ -457,21 +694,24 @@ impl Datapath {
                 });
             }
             for id in old.backends.iter().filter(|id| !ids.contains(id)) {
-                self.drop_backend(*id);
-            }
-            if !spec.algorithm.uses_table() {
-                let _ = self.tables.remove(&svc_id);
+                self.retire_backend(*id);
             }
         }
         self.used_slots = self.used_slots + ids.len() - old_len;
+        self.table_chunks += chunks as usize;
         self.applied.insert(
             key,
             Applied {
                 id: svc_id,
+                conf,
+                chunks,
                 backends: ids,
-                addrs: spec.backends.iter().map(|b| b.addr).collect(),
+                addrs: spec.backends.iter().map(|b| (b.addr, b.weight)).collect(),
             },
         );
+        self.persist_ids()?;
+        self.repair_ejected(&key)?;
+        self.collect_retired();
         Ok(svc_id)
     }
 
@@ -481,7 +721,7 @@ impl Datapath {
         spec: &ServiceSpec,
         old: Option<&Applied>,
     ) -> Result<Vec<u32>, DatapathError> {
-        let known: StdHashMap<SocketAddr, u32> = old
+        let known: StdHashMap<(SocketAddr, u32), u32> = old
             .map(|a| {
                 a.addrs
                     .iter()
@@ -492,10 +732,25 @@ impl Datapath {
             .unwrap_or_default();
         let mut ids = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
-            let (id, fresh) = match known.get(&b.addr) {
-                Some(id) => (*id, false),
-                None => (self.alloc_backend_id(), true),
-            };
+            if let Some(id) = known.get(&(b.addr, b.weight)) {
+                ids.push(*id);
+                continue;
+            }
+            let id = self.ids.backend().ok_or_else(|| DatapathError::MapFull {
+                name: BACKEND_STATE_MAP,
+                capacity: BACKENDS_CAPACITY,
+                what: b.addr.to_string(),
+            })?;
+            self.backend_state
+                .set(
+                    state_slot(id),
+                    BackendState {
+                        id,
+                        ..BackendState::default()
+                    },
+                    0,
+                )
+                .map_err(map_err("write", BACKEND_STATE_MAP))?;
             let (addr_be, family) = addr_be(b.addr.ip());
             let value = Backend {
                 addr_be,
@@ -508,24 +763,23 @@ impl Datapath {
             self.backends
                 .insert(id, value, 0)
                 .map_err(map_err("write", BACKENDS_MAP))?;
-            if fresh {
-                self.backend_state
-                    .insert(id, BackendState::default(), 0)
-                    .map_err(map_err("write", BACKEND_STATE_MAP))?;
-                self.backend_total += 1;
-            }
+            self.backend_total += 1;
             ids.push(id);
         }
         Ok(ids)
     }
 
-    fn write_slots_and_table(
+    /// Writes the slots that changed (a slot holds a `u32`, read by the kernel in one load).
+    fn write_slots(
         &mut self,
         svc_id: u32,
-        spec: &ServiceSpec,
         ids: &[u32],
+        old: Option<&Applied>,
     ) -> Result<(), DatapathError> {
         for (slot, id) in ids.iter().enumerate() {
+            if old.is_some_and(|a| a.backends.get(slot) == Some(id)) {
+                continue;
+            }
             let k = SlotKey {
                 service_id: svc_id,
                 slot: slot as u32,
@@ -534,28 +788,125 @@ impl Datapath {
                 .insert(k, id, 0)
                 .map_err(map_err("write", BACKEND_SLOTS_MAP))?;
         }
+        Ok(())
+    }
+
+    /// Writes configuration `conf_id`'s lookup table if its algorithm uses one: (size, chunks).
+    fn write_table(
+        &mut self,
+        conf_id: u32,
+        spec: &ServiceSpec,
+        ids: &[u32],
+    ) -> Result<(u32, u32), DatapathError> {
         if !spec.algorithm.uses_table() || ids.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
-        let backend_ids = if spec.algorithm == spec::Algorithm::Maglev {
+        let size = table::size_for(ids.len(), spec.table_size);
+        let entries = if spec.algorithm == spec::Algorithm::Maglev {
             let names: Vec<Vec<u8>> = spec
                 .backends
                 .iter()
                 .map(|b| b.addr.to_string().into_bytes())
                 .collect();
-            table::maglev(&names, ids)
+            table::maglev(&names, ids, size)
         } else {
             let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
-            table::weighted(&weights, ids)
+            table::weighted(&weights, ids, size)
         };
-        let mut table = LbTable::default();
-        table.backend_ids[..LB_TABLE_SIZE].copy_from_slice(&backend_ids);
-        // Storage past the modulus is never indexed; keep it valid anyway.
-        table.backend_ids[LB_TABLE_SIZE..]
-            .copy_from_slice(&backend_ids[..LB_TABLE_SLOTS - LB_TABLE_SIZE]);
-        self.tables
-            .insert(svc_id, table, 0)
-            .map_err(map_err("write", LB_TABLES_MAP))
+        let chunks = size.div_ceil(LB_CHUNK);
+        for (chunk, part) in entries.chunks(LB_CHUNK as usize).enumerate() {
+            let mut value = LbChunk::default();
+            value.backend_ids[..part.len()].copy_from_slice(part);
+            self.tables
+                .insert(
+                    TableKey {
+                        conf_id,
+                        chunk: chunk as u32,
+                    },
+                    value,
+                    0,
+                )
+                .map_err(map_err("write", LB_TABLES_MAP))?;
+        }
+        Ok((size, chunks))
+    }
+
+    /// Deletes a configuration that is no longer published, and its table.
+    fn drop_conf(&mut self, conf_id: u32, chunks: u32) {
+        let _ = self.confs.remove(&conf_id);
+        for chunk in 0..chunks {
+            let _ = self.tables.remove(&TableKey { conf_id, chunk });
+        }
+        self.table_chunks -= chunks as usize;
+        self.ids.confs.remove(&conf_id);
+    }
+
+    /// Takes a backend out of `BACKENDS` (no new connection can pick it) and quarantines its
+    /// state slot (see [`STATE_QUARANTINE`]).
+    fn retire_backend(&mut self, id: u32) {
+        let _ = self.backends.remove(&id);
+        self.backend_total -= 1;
+        self.retired.push((id, Instant::now()));
+    }
+
+    /// Frees quarantined state slots that are past [`STATE_QUARANTINE`] with no socket counted.
+    fn collect_retired(&mut self) {
+        let mut keep = Vec::with_capacity(self.retired.len());
+        for (id, since) in std::mem::take(&mut self.retired) {
+            let slot = state_slot(id);
+            let st = self.backend_state.get(&slot, 0).unwrap_or_default();
+            if st.id == id && (since.elapsed() < STATE_QUARANTINE || st.active != 0) {
+                keep.push((id, since));
+                continue;
+            }
+            if st.id == id {
+                let _ = self.backend_state.set(slot, BackendState::default(), 0);
+            }
+            self.ids.backend_slots[slot as usize] = false;
+        }
+        self.retired = keep;
+    }
+
+    /// Removed backends still in quarantine (their state slots are not reused yet).
+    #[must_use]
+    pub fn retired_backends(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Sets the service's ejected count to the number of its current backends whose circuit is
+    /// open or half-open: releases the share of removed backends and repairs any count lost to
+    /// contention (the kernel keeps it with compare-and-swap between repairs).
+    fn repair_ejected(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
+        let Some(a) = self.applied.get(key) else {
+            return Ok(());
+        };
+        let mut ejected = 0u64;
+        for id in &a.backends {
+            if let Ok(st) = self.backend_state.get(&state_slot(*id), 0)
+                && st.id == *id
+                && !circuit::is_closed(st.circuit)
+            {
+                ejected += 1;
+            }
+        }
+        let slot = service_slot(a.id);
+        let mut ss = self
+            .service_state
+            .get(&slot, 0)
+            .map_err(map_err("read", SERVICE_STATE_MAP))?;
+        if ss.id == a.id && ss.ejected != ejected {
+            debug!(
+                service = a.id,
+                was = ss.ejected,
+                now = ejected,
+                "ejected count repaired"
+            );
+            ss.ejected = ejected;
+            self.service_state
+                .set(slot, ss, 0)
+                .map_err(map_err("write", SERVICE_STATE_MAP))?;
+        }
+        Ok(())
     }
 
     fn note_full(&mut self, e: &DatapathError) {
@@ -570,11 +921,28 @@ impl Datapath {
         self.map_full_total
     }
 
-    fn drop_backend(&mut self, id: u32) {
-        let _ = self.backends.remove(&id);
-        let _ = self.backend_state.remove(&id);
-        self.backend_total -= 1;
-        self.free_backend_ids.push(id);
+    /// Kernel memory held by lookup tables (Maglev/weighted services only), in bytes.
+    #[must_use]
+    pub fn table_bytes(&self) -> usize {
+        self.table_chunks * size_of::<LbChunk>()
+    }
+
+    /// The lookup-table size of the service at `key` (0: its algorithm uses none).
+    #[must_use]
+    pub fn table_size(&self, key: &ServiceKey) -> u32 {
+        self.applied.get(key).map_or(0, |a| a.conf.table_size)
+    }
+
+    /// The service's ejected count as the kernel holds it.
+    pub fn ejected_count(&self, key: &ServiceKey) -> Result<u64, DatapathError> {
+        let Some(a) = self.applied.get(key) else {
+            return Ok(0);
+        };
+        let ss = self
+            .service_state
+            .get(&service_slot(a.id), 0)
+            .map_err(map_err("read", SERVICE_STATE_MAP))?;
+        Ok(if ss.id == a.id { ss.ejected } else { 0 })
     }
 
     /// Removes a service; its existing connections go on undisturbed.
@@ -586,6 +954,7 @@ impl Datapath {
         self.services
             .remove(key)
             .map_err(map_err("delete", SERVICES_MAP))?;
+        self.drop_conf(applied.conf.conf_id, applied.chunks);
         for slot in 0..applied.backends.len() {
             let _ = self.slots.remove(&SlotKey {
                 service_id: applied.id,
@@ -593,14 +962,14 @@ impl Datapath {
             });
         }
         for id in applied.backends {
-            self.drop_backend(id);
+            self.retire_backend(id);
         }
-        let _ = self.tables.remove(&applied.id);
-        let _ = self.service_state.remove(&applied.id);
-        self.free_service_ids.push(applied.id);
+        let slot = service_slot(applied.id);
+        let _ = self.service_state.set(slot, ServiceState::default(), 0);
+        self.ids.service_slots[slot as usize] = false;
+        self.collect_retired();
         Ok(true)
     }
-
     /// Sets the pod addresses of this node (for same-node bypass), adding and removing the
     /// difference only.
     pub fn set_local_endpoints(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
@@ -643,7 +1012,15 @@ impl Datapath {
                     .backends
                     .get(id, 0)
                     .map_err(map_err("read", BACKENDS_MAP))?;
-                let state = self.backend_state.get(id, 0).unwrap_or_default();
+                let st = self
+                    .backend_state
+                    .get(&state_slot(*id), 0)
+                    .unwrap_or_default();
+                let state = if st.id == *id {
+                    BackendCounters::from(st)
+                } else {
+                    BackendCounters::default()
+                };
                 let addr =
                     SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be));
                 Ok(BackendStatus {
@@ -681,16 +1058,21 @@ impl Datapath {
     }
 
     /// An L7 failure seen by a proxy (HTTP 5xx, gRPC UNAVAILABLE…) feeds the same circuit as the
-    /// kernel's L4 signals. Read-modify-write from userspace: a race with a kernel update can
-    /// lose one count, never corrupt the state.
+    /// kernel's L4 signals, with the same decisions (`mesh_common::logic`). A read-modify-write
+    /// from userspace: a race with a kernel update can lose one count, and the service's ejected
+    /// count is repaired right after; the kernel's compare-and-swap transitions are not shared.
     pub fn report_failure(
         &mut self,
         backend_id: u32,
         now_monotonic_ns: u64,
     ) -> Result<bool, DatapathError> {
-        let Ok(mut st) = self.backend_state.get(&backend_id, 0) else {
+        let slot = state_slot(backend_id);
+        let Ok(mut st) = self.backend_state.get(&slot, 0) else {
             return Ok(false);
         };
+        if st.id != backend_id {
+            return Ok(false);
+        }
         let Some((key, applied)) = self
             .applied
             .iter()
@@ -698,31 +1080,29 @@ impl Datapath {
         else {
             return Ok(false);
         };
-        let svc = self
-            .services
-            .get(key, 0)
-            .map_err(map_err("read", SERVICES_MAP))?;
-        let _ = applied;
+        let (key, svc) = (*key, applied.conf);
+        let ejected = self.ejected_count(&key)?;
         st.failures += 1;
         st.consecutive_failures += 1;
         let eject = svc.consecutive_failures != 0
-            && st.circuit == CIRCUIT_CLOSED
-            && st.consecutive_failures >= u64::from(svc.consecutive_failures);
+            && circuit::is_closed(st.circuit)
+            && st.consecutive_failures >= u64::from(svc.consecutive_failures)
+            && mesh_common::logic::may_eject(ejected, svc.backend_count, svc.max_ejection_pct);
         if eject {
-            let n = u64::from(st.ejections) + 1;
-            let cap = u64::from(svc.max_ejection_ms.max(svc.base_ejection_ms));
-            st.ejected_until_ns =
-                now_monotonic_ns + (u64::from(svc.base_ejection_ms) * n).min(cap) * 1_000_000;
+            let ms = mesh_common::logic::ejection_ms(
+                svc.base_ejection_ms,
+                svc.max_ejection_ms,
+                st.ejections,
+            );
+            st.circuit = circuit::open(now_monotonic_ns, ms);
             st.ejections += 1;
-            st.circuit = CIRCUIT_OPEN;
-            if let Ok(mut ss) = self.service_state.get(&svc.id, 0) {
-                ss.ejected += 1;
-                let _ = self.service_state.insert(svc.id, ss, 0);
-            }
         }
         self.backend_state
-            .insert(backend_id, st, 0)
+            .set(slot, st, 0)
             .map_err(map_err("write", BACKEND_STATE_MAP))?;
+        if eject {
+            self.repair_ejected(&key)?;
+        }
         Ok(eject)
     }
 
@@ -787,11 +1167,15 @@ fn attach_cgroup_program(
     pin_link(fd_link, name, pin)
 }
 
-/// Attaches the reset tracepoint through a pinned link. Tracing links cannot swap programs in
+/// Attaches a `tp_btf` program through a pinned link. Tracing links cannot swap programs in
 /// place, so on a restart the new link is attached first and then takes over the pin (the old
 /// link detaches when its pin, its last reference, goes): for a moment both run, harmlessly.
-fn attach_reset_tracepoint(ebpf: &mut Ebpf, pin: &Path) -> Result<(), DatapathError> {
-    let name = RESET_PROGRAM;
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    function: &str,
+    pin: &Path,
+) -> Result<(), DatapathError> {
     let prog_err = |op| move |source| DatapathError::Program { op, name, source };
     let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Io {
         op: "read kernel BTF",
@@ -799,8 +1183,7 @@ fn attach_reset_tracepoint(ebpf: &mut Ebpf, pin: &Path) -> Result<(), DatapathEr
         source: std::io::Error::other(e.to_string()),
     })?;
     let prog: &mut BtfTracePoint = program(ebpf, name)?;
-    prog.load("tcp_receive_reset", &btf)
-        .map_err(prog_err("load"))?;
+    prog.load(function, &btf).map_err(prog_err("load"))?;
     let id = prog.attach().map_err(prog_err("attach"))?;
     let link = prog.take_link(id).map_err(prog_err("take link of"))?;
     let fd_link = FdLink::from(link);

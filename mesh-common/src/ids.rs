@@ -1,0 +1,15 @@
+//! The id allocator's persistent state (`ID_ALLOC`): ids of services, backends and service
+//! configurations are never handed out twice, across agent restarts included.
+
+/// Map name: array of `u64` counters, indexed by the `ID_*` constants; the next id of each kind.
+/// Pinned with the other maps, so a restarted agent continues where the last one stopped instead of
+/// reusing ids that sockets, affinity entries or close accounting may still name.
+pub const ID_ALLOC_MAP: &str = "ID_ALLOC";
+/// Capacity of [`ID_ALLOC_MAP`].
+pub const ID_ALLOC_CAPACITY: u32 = 4;
+/// [`ID_ALLOC_MAP`] index: next service id.
+pub const ID_SERVICE: u32 = 0;
+/// [`ID_ALLOC_MAP`] index: next backend id.
+pub const ID_BACKEND: u32 = 1;
+/// [`ID_ALLOC_MAP`] index: next service-configuration id.
+pub const ID_CONF: u32 = 2;
