@@ -107,6 +107,7 @@ pub fn on_failure(svc: &Service, id: u32, probe_word: u64, now: u64) -> bool {
             )
         } {
             bump_ejections(st);
+            count(CTR_EJECTION);
             return true;
         }
         return false;

@@ -175,6 +175,23 @@ impl Sandbox {
         Ok(child)
     }
 
+    /// Starts `meshpod serve` listening on `count` consecutive TCP ports from `first`, each
+    /// answering `NAME:PORT`: one process standing in for thousands of endpoints.
+    pub fn serve_ports(&self, name: &str, first: SocketAddr, count: u16) -> Result<PodChild> {
+        let mut cmd = self.meshpod()?;
+        cmd.args(["serve", "--name", name, "--tcp"])
+            .arg(first.to_string())
+            .args(["--tcp-ports", &count.to_string()]);
+        let mut child = self.spawn(cmd)?;
+        child.wait_ready(READY_TIMEOUT).with_context(|| {
+            format!(
+                "meshpod serve {name} ({count} ports) in {} never became ready",
+                self.label()
+            )
+        })?;
+        Ok(child)
+    }
+
     /// Runs `meshpod hit --addr ADDR --count N EXTRA…` to completion and parses its report.
     pub fn hit(&self, addr: SocketAddr, count: usize, extra: &[&str]) -> Result<HitReport> {
         let mut args = vec![

@@ -45,7 +45,7 @@ use mesh_common::{
 use tracing::{debug, info};
 
 pub use self::error::DatapathError;
-use self::spec::{Protocol, ServiceSpec};
+use self::spec::{BackendSpec, Protocol, ServiceSpec};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -164,6 +164,8 @@ struct Applied {
 #[derive(Debug)]
 struct Ids {
     next: [u64; 3],
+    /// What `ID_ALLOC` holds.
+    persisted: [u64; 3],
     /// Occupied slots of `BACKEND_STATE` (live and quarantined backends).
     backend_slots: Vec<bool>,
     /// Occupied slots of `SERVICE_STATE`.
@@ -176,6 +178,7 @@ impl Ids {
     fn new() -> Self {
         Self {
             next: [1; 3],
+            persisted: [0; 3],
             backend_slots: vec![false; BACKENDS_CAPACITY as usize],
             service_slots: vec![false; SERVICES_CAPACITY as usize],
             confs: std::collections::HashSet::new(),
@@ -309,6 +312,34 @@ pub fn ip_from_be(addr: AddrBe, family: u8) -> IpAddr {
 /// Maps a failed map operation to an error naming the operation and the map.
 fn map_err(op: &'static str, name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { op, name, source }
+}
+
+/// The slot order of a service's new backends: a backend that stays keeps its slot (so an update
+/// rewrites only the slots that really change, and round robin's order barely moves), new ones
+/// fill the vacated slots, then the end.
+fn slot_order(backends: &[BackendSpec], old: Option<&Applied>) -> Vec<BackendSpec> {
+    let Some(old) = old else {
+        return backends.to_vec();
+    };
+    let n = backends.len();
+    let was: StdHashMap<(SocketAddr, u32), usize> =
+        old.addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
+    let mut slots: Vec<Option<BackendSpec>> = vec![None; n];
+    let mut rest = Vec::new();
+    for b in backends {
+        match was.get(&(b.addr, b.weight)) {
+            Some(&i) if i < n && slots[i].is_none() => slots[i] = Some(*b),
+            _ => rest.push(*b),
+        }
+    }
+    let mut rest = rest.into_iter();
+    slots
+        .into_iter()
+        .map(|s| {
+            s.or_else(|| rest.next())
+                .expect("as many backends as slots")
+        })
+        .collect()
 }
 
 /// The kernel's view of one configuration of a service.
@@ -551,11 +582,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes the id counters that moved since the last write (before any id they handed out
+    /// can be referenced by a socket for long: a restart resumes past them).
     fn persist_ids(&mut self) -> Result<(), DatapathError> {
         for (i, v) in self.ids.next.iter().enumerate() {
+            if self.ids.persisted[i] == *v {
+                continue;
+            }
             self.id_alloc
                 .set(i as u32, *v, 0)
                 .map_err(map_err("write", ID_ALLOC_MAP))?;
+            self.ids.persisted[i] = *v;
         }
         Ok(())
     }
@@ -670,10 +707,11 @@ impl Datapath {
         };
         // 1. New backends (state slot first, so a backend is never visible without its state),
         //    then slots and the configuration's table.
-        let ids = self.write_backends(svc_id, spec, old.as_ref())?;
+        let ordered = slot_order(&spec.backends, old.as_ref());
+        let ids = self.write_backends(svc_id, &ordered, old.as_ref())?;
         self.write_slots(svc_id, &ids, old.as_ref())?;
         let conf_id = self.ids.conf();
-        let (table_size, chunks) = self.write_table(conf_id, spec, &ids)?;
+        let (table_size, chunks) = self.write_table(conf_id, spec, &ordered, &ids)?;
         let conf = service_value(key, svc_id, conf_id, spec, ids.len(), table_size);
         self.confs
             .insert(conf_id, conf, 0)
@@ -706,7 +744,7 @@ impl Datapath {
                 conf,
                 chunks,
                 backends: ids,
-                addrs: spec.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+                addrs: ordered.iter().map(|b| (b.addr, b.weight)).collect(),
             },
         );
         self.persist_ids()?;
@@ -718,7 +756,7 @@ impl Datapath {
     fn write_backends(
         &mut self,
         svc_id: u32,
-        spec: &ServiceSpec,
+        backends: &[BackendSpec],
         old: Option<&Applied>,
     ) -> Result<Vec<u32>, DatapathError> {
         let known: StdHashMap<(SocketAddr, u32), u32> = old
@@ -730,8 +768,8 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        let mut ids = Vec::with_capacity(spec.backends.len());
-        for b in &spec.backends {
+        let mut ids = Vec::with_capacity(backends.len());
+        for b in backends {
             if let Some(id) = known.get(&(b.addr, b.weight)) {
                 ids.push(*id);
                 continue;
@@ -796,6 +834,7 @@ impl Datapath {
         &mut self,
         conf_id: u32,
         spec: &ServiceSpec,
+        backends: &[BackendSpec],
         ids: &[u32],
     ) -> Result<(u32, u32), DatapathError> {
         if !spec.algorithm.uses_table() || ids.is_empty() {
@@ -803,14 +842,13 @@ impl Datapath {
         }
         let size = table::size_for(ids.len(), spec.table_size);
         let entries = if spec.algorithm == spec::Algorithm::Maglev {
-            let names: Vec<Vec<u8>> = spec
-                .backends
+            let names: Vec<Vec<u8>> = backends
                 .iter()
                 .map(|b| b.addr.to_string().into_bytes())
                 .collect();
             table::maglev(&names, ids, size)
         } else {
-            let weights: Vec<u32> = spec.backends.iter().map(|b| b.weight).collect();
+            let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             table::weighted(&weights, ids, size)
         };
         let chunks = size.div_ceil(LB_CHUNK);
@@ -850,13 +888,21 @@ impl Datapath {
     }
 
     /// Frees quarantined state slots that are past [`STATE_QUARANTINE`] with no socket counted.
+    /// `retired` is in removal order, so only its head can be due: the cost is the due entries,
+    /// not the whole quarantine. One still counted goes to the back for a later look.
     fn collect_retired(&mut self) {
-        let mut keep = Vec::with_capacity(self.retired.len());
-        for (id, since) in std::mem::take(&mut self.retired) {
+        let due = self
+            .retired
+            .iter()
+            .take_while(|(_, since)| since.elapsed() >= STATE_QUARANTINE)
+            .count();
+        for (id, since) in self.retired.drain(..due).collect::<Vec<_>>() {
             let slot = state_slot(id);
             let st = self.backend_state.get(&slot, 0).unwrap_or_default();
-            if st.id == id && (since.elapsed() < STATE_QUARANTINE || st.active != 0) {
-                keep.push((id, since));
+            if st.id == id && st.active != 0 {
+                // Re-queued with a fresh start so the list stays ordered.
+                let _ = since;
+                self.retired.push((id, Instant::now()));
                 continue;
             }
             if st.id == id {
@@ -864,7 +910,16 @@ impl Datapath {
             }
             self.ids.backend_slots[slot as usize] = false;
         }
-        self.retired = keep;
+    }
+
+    /// The counters and circuit of backend `id`, removed ones in quarantine included (`None`
+    /// once its slot serves another id or was freed).
+    pub fn backend_counters(&self, id: u32) -> Option<BackendCounters> {
+        self.backend_state
+            .get(&state_slot(id), 0)
+            .ok()
+            .filter(|st| st.id == id)
+            .map(BackendCounters::from)
     }
 
     /// Removed backends still in quarantine (their state slots are not reused yet).
@@ -874,12 +929,22 @@ impl Datapath {
     }
 
     /// Sets the service's ejected count to the number of its current backends whose circuit is
-    /// open or half-open: releases the share of removed backends and repairs any count lost to
-    /// contention (the kernel keeps it with compare-and-swap between repairs).
+    /// open or half-open: releases the share of removed backends and of any reservation the
+    /// kernel could not give back (it keeps the count with compare-and-swap between repairs).
     fn repair_ejected(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
         let Some(a) = self.applied.get(key) else {
             return Ok(());
         };
+        let slot = service_slot(a.id);
+        let mut ss = self
+            .service_state
+            .get(&slot, 0)
+            .map_err(map_err("read", SERVICE_STATE_MAP))?;
+        // The count that never lets a service eject again is one too high; a zero count has
+        // nothing to release (one lost to contention only loosens the cap until the next repair).
+        if ss.id != a.id || ss.ejected == 0 {
+            return Ok(());
+        }
         let mut ejected = 0u64;
         for id in &a.backends {
             if let Ok(st) = self.backend_state.get(&state_slot(*id), 0)
@@ -889,12 +954,7 @@ impl Datapath {
                 ejected += 1;
             }
         }
-        let slot = service_slot(a.id);
-        let mut ss = self
-            .service_state
-            .get(&slot, 0)
-            .map_err(map_err("read", SERVICE_STATE_MAP))?;
-        if ss.id == a.id && ss.ejected != ejected {
+        if ss.ejected != ejected {
             debug!(
                 service = a.id,
                 was = ss.ejected,
@@ -1101,7 +1161,17 @@ impl Datapath {
             .set(slot, st, 0)
             .map_err(map_err("write", BACKEND_STATE_MAP))?;
         if eject {
-            self.repair_ejected(&key)?;
+            let slot = service_slot(svc.id);
+            let mut ss = self
+                .service_state
+                .get(&slot, 0)
+                .map_err(map_err("read", SERVICE_STATE_MAP))?;
+            if ss.id == svc.id {
+                ss.ejected += 1;
+                self.service_state
+                    .set(slot, ss, 0)
+                    .map_err(map_err("write", SERVICE_STATE_MAP))?;
+            }
         }
         Ok(eject)
     }

@@ -59,6 +59,10 @@ struct ServeArgs {
     /// UDP address to answer on (repeatable; IPv6 sockets are v6-only).
     #[arg(long)]
     udp: Vec<SocketAddr>,
+    /// Listen on this many consecutive TCP ports from each `--tcp` address's port, each naming
+    /// itself `NAME:PORT` (one process standing in for thousands of endpoints).
+    #[arg(long, default_value_t = 1)]
+    tcp_ports: u16,
 }
 
 #[derive(Args, Clone)]
@@ -183,10 +187,20 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         "give at least one --tcp or --udp address"
     );
     let banner: Arc<[u8]> = format!("{}\n", args.name).into_bytes().into();
-    for addr in args.tcp {
-        let listener =
-            tcp_listener(addr).with_context(|| format!("failed to listen on tcp {addr}"))?;
-        tokio::spawn(accept_loop(listener, Arc::clone(&banner)));
+    for first in args.tcp {
+        for i in 0..args.tcp_ports.max(1) {
+            let addr = SocketAddr::new(first.ip(), first.port() + i);
+            let listener =
+                tcp_listener(addr).with_context(|| format!("failed to listen on tcp {addr}"))?;
+            let banner = if args.tcp_ports > 1 {
+                format!("{}:{}\n", args.name, addr.port())
+                    .into_bytes()
+                    .into()
+            } else {
+                Arc::clone(&banner)
+            };
+            tokio::spawn(accept_loop(listener, banner));
+        }
     }
     for addr in args.udp {
         let socket = udp_socket(addr).with_context(|| format!("failed to bind udp {addr}"))?;
