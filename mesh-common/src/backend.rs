@@ -73,5 +73,7 @@ pub struct BackendState {
     pub ejections: u32,
 }
 assert_size!(BackendState, 56);
+// The kernel changes `ejections` with 8-byte atomics on the word it shares with `id`.
+const _: () = assert!(core::mem::offset_of!(BackendState, id) % 8 == 0);
 
 user_pod!(Backend, BackendState);

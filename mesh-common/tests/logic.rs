@@ -149,9 +149,18 @@ fn shares_stay_fair_around_an_ejected_run() {
     let fair = 100_000.0 / 900.0;
     let busiest = f64::from(*counts.iter().max().unwrap());
     assert!(busiest / fair <= 1.5, "busiest {:.2}× fair", busiest / fair);
-    assert!(f64::from(counts[500]) / fair <= 1.5, "neighbour {}", counts[500]);
+    assert!(
+        f64::from(counts[500]) / fair <= 1.5,
+        "neighbour {}",
+        counts[500]
+    );
     assert!(counts[400..500].iter().all(|c| *c == 0));
-    assert!(counts.iter().enumerate().all(|(i, c)| (400..500).contains(&i) || *c > 0));
+    assert!(
+        counts
+            .iter()
+            .enumerate()
+            .all(|(i, c)| (400..500).contains(&i) || *c > 0)
+    );
 }
 
 /// With 90 % ejected the retries mostly miss and the reservoir pass decides: still uniform.
@@ -169,7 +178,10 @@ fn shares_stay_fair_with_ninety_percent_ejected() {
         .enumerate()
         .filter(|(i, _)| i % 10 == 3)
         .fold((u32::MAX, 0), |(lo, hi), (_, c)| (lo.min(*c), hi.max(*c)));
-    assert!(f64::from(hi) / fair <= 1.2 && f64::from(lo) / fair >= 0.8, "{lo}..{hi}");
+    assert!(
+        f64::from(hi) / fair <= 1.2 && f64::from(lo) / fair >= 0.8,
+        "{lo}..{hi}"
+    );
 }
 
 /// Weighted reservoir: shares follow weights.
@@ -196,7 +208,16 @@ fn circuit_word_round_trips() {
     assert_eq!(circuit::CLOSED, 0);
     assert_eq!(circuit::state(circuit::CLOSED), CIRCUIT_CLOSED);
     let w = circuit::word(CIRCUIT_HALF_OPEN, 123_456_789);
-    assert_eq!((circuit::state(w), circuit::deadline(w)), (CIRCUIT_HALF_OPEN, 123_456_789));
-    assert_eq!(logic::verdict(circuit::CLOSED, 5, 5, 0, false), Verdict::Full);
-    assert_eq!(logic::verdict(circuit::open(0, 10), 0, 0, 1, true), Verdict::Take);
+    assert_eq!(
+        (circuit::state(w), circuit::deadline(w)),
+        (CIRCUIT_HALF_OPEN, 123_456_789)
+    );
+    assert_eq!(
+        logic::verdict(circuit::CLOSED, 5, 5, 0, false),
+        Verdict::Full
+    );
+    assert_eq!(
+        logic::verdict(circuit::open(0, 10), 0, 0, 1, true),
+        Verdict::Take
+    );
 }

@@ -157,12 +157,23 @@ pub fn on_failure(svc: &Service, id: u32, probe_word: u64, now: u64) -> bool {
     true
 }
 
+/// The 8-byte word holding `id` (low half) and `ejections` (high half) of a state slot.
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "`id` sits at offset 48 of an 8-aligned struct (asserted in mesh-common)"
+)]
+fn id_word(st: *mut mesh_common::backend::BackendState) -> *mut u64 {
+    // SAFETY: `st` is a state slot from a successful array lookup; only its address is taken.
+    unsafe { (&raw mut (*st).id).cast::<u64>() }
+}
+
 #[inline(always)]
 fn bump_ejections(st: *mut mesh_common::backend::BackendState) {
     // SAFETY: `ejections` is a u32 in an array element; the winner of a transition bumps it.
     // The 8-byte word it shares with `id` is changed with one atomic add of `1 << 32`
     // (little-endian: `ejections` is the high half), so `id` can never be disturbed.
-    unsafe { atomic::add((&raw mut (*st).id).cast::<u64>(), 1 << 32) };
+    unsafe { atomic::add(id_word(st), 1 << 32) };
 }
 
 /// Records an established connection: a success for its handshake. Returns true when it closed
@@ -218,10 +229,7 @@ pub fn on_clean_close(svc: &Service, id: u32, now: u64) {
         {
             // Reset by subtracting what was read: a concurrent bump is kept, and `id` (the other
             // half of the word) is never touched.
-            atomic::add(
-                (&raw mut (*st).id).cast::<u64>(),
-                (u64::from(ejections) << 32).wrapping_neg(),
-            );
+            atomic::add(id_word(st), (u64::from(ejections) << 32).wrapping_neg());
         }
     }
 }

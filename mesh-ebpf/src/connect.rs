@@ -215,37 +215,7 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             if hook == Hook::Connect || proto == PROTO_UDP {
                 remember_socket(ctx, &st);
             }
-            if proto == PROTO_UDP {
-                let k = RevNatKey {
-                    cookie,
-                    backend_addr_be: backend.addr_be,
-                    backend_port_be: backend.port_be,
-                    ..RevNatKey::default()
-                };
-                let v = RevNatValue {
-                    svc_addr_be: addr,
-                    svc_port_be: port_be,
-                    ..Default::default()
-                };
-                if REVNAT.insert(&k, &v, 0).is_err() {
-                    count(CTR_REVNAT_UPDATE_FAILED);
-                }
-            }
-            if svc.flags & SVC_F_AFFINITY != 0 {
-                let k = AffinityKey {
-                    netns_cookie: netns,
-                    service_id: svc.id,
-                    _pad: 0,
-                };
-                let v = AffinityValue {
-                    last_used_ns: now,
-                    backend_id: pick.id,
-                    _pad: 0,
-                };
-                if AFFINITY.insert(&k, &v, 0).is_err() {
-                    count(CTR_AFFINITY_UPDATE_FAILED);
-                }
-            }
+            remember_choice(&svc, &st, cookie, netns, now);
             count(CTR_TRANSLATED);
             1
         }
@@ -260,6 +230,45 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             count(reason);
             events::emit(cookie, &st, EV_REJECT, reason as u8, |_| {});
             0
+        }
+    }
+}
+
+/// Records what a translation chose for later lookups: the UDP reverse translation (so replies
+/// appear to come from the service) and the client's affinity entry. A function of its own (a
+/// BPF-to-BPF call): its keys stay off `translate`'s frame, which shares the 512-byte stack
+/// budget with the search callbacks.
+#[inline(never)]
+fn remember_choice(svc: &Service, st: &SockState, cookie: u64, netns: u64, now: u64) {
+    if st.proto == PROTO_UDP {
+        let k = RevNatKey {
+            cookie,
+            backend_addr_be: st.backend_addr_be,
+            backend_port_be: st.backend_port_be,
+            ..RevNatKey::default()
+        };
+        let v = RevNatValue {
+            svc_addr_be: st.svc_addr_be,
+            svc_port_be: st.svc_port_be,
+            ..Default::default()
+        };
+        if REVNAT.insert(k, v, 0).is_err() {
+            count(CTR_REVNAT_UPDATE_FAILED);
+        }
+    }
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        let k = AffinityKey {
+            netns_cookie: netns,
+            service_id: svc.id,
+            _pad: 0,
+        };
+        let v = AffinityValue {
+            last_used_ns: now,
+            backend_id: st.backend_id,
+            _pad: 0,
+        };
+        if AFFINITY.insert(k, v, 0).is_err() {
+            count(CTR_AFFINITY_UPDATE_FAILED);
         }
     }
 }
@@ -297,7 +306,7 @@ fn slot(svc: &Service, slot: u32) -> Option<u32> {
         slot,
     };
     let id = BACKEND_SLOTS
-        .get_ptr(&k)
+        .get_ptr(k)
         // SAFETY: a u32 value: one aligned load.
         .map(|p| unsafe { read_volatile(p) });
     if id.is_none() {
@@ -313,7 +322,7 @@ fn table_entry(svc: &Service, pos: u32) -> Option<u32> {
         conf_id: svc.conf_id,
         chunk: pos / LB_CHUNK,
     };
-    let Some(t) = LB_TABLES.get_ptr(&k) else {
+    let Some(t) = LB_TABLES.get_ptr(k) else {
         count(CTR_TABLE_MISSING);
         return None;
     };
@@ -375,27 +384,22 @@ fn try_id(svc: &Service, id: u32, now: u64, panic: bool, saw_full: &mut bool) ->
 /// Power of two choices: of two uniform slots, the eligible one with fewer active connections.
 #[inline(always)]
 fn least_conn(svc: &Service, now: u64, panic: bool, saw_full: &mut bool) -> Option<Pick> {
-    let n = svc.backend_count;
-    let a = slot(svc, logic::below(random(), n))?;
-    let b = slot(svc, logic::below(random(), n))?;
-    let ok = |v: Option<(Verdict, u64)>| match v {
+    let count = svc.backend_count;
+    let one = slot(svc, logic::below(random(), count))?;
+    let two = slot(svc, logic::below(random(), count))?;
+    let eligible = |v: Option<(Verdict, u64)>| match v {
         Some((Verdict::Take | Verdict::Probe(_), active)) => Some(active),
         _ => None,
     };
     let first = match (
-        ok(circuit::peek(svc, a, now, panic)),
-        ok(circuit::peek(svc, b, now, panic)),
+        eligible(circuit::peek(svc, one, now, panic)),
+        eligible(circuit::peek(svc, two, now, panic)),
     ) {
-        (Some(x), Some(y)) => {
-            if y < x {
-                b
-            } else {
-                a
-            }
-        }
-        (Some(_), None) => a,
-        (None, Some(_)) => b,
-        (None, None) => a,
+        (Some(active_one), Some(active_two)) if active_two < active_one => two,
+        (None, Some(_)) => two,
+        // `one` eligible (and not busier), or neither: then `try_id` refuses it and the retries
+        // go on.
+        _ => one,
     };
     try_id(svc, first, now, panic, saw_full)
 }
@@ -407,7 +411,10 @@ fn least_conn(svc: &Service, now: u64, panic: bool, saw_full: &mut bool) -> Opti
 /// rejected share spreads over all eligible backends in proportion to their own); if all of those
 /// miss (most backends ineligible), one pass over every slot with reservoir sampling. A connect is
 /// refused only when that pass found no eligible backend.
-#[inline(always)]
+///
+/// A function of its own (a BPF-to-BPF call), so its locals and `translate`'s do not add up in
+/// one frame next to the search callbacks' (the verifier's 512-byte budget is per call chain).
+#[inline(never)]
 fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> {
     let n = svc.backend_count;
     if n == 0 {
@@ -427,7 +434,7 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
             service_id: svc.id,
             _pad: 0,
         };
-        if let Some(a) = AFFINITY.get_ptr(&k) {
+        if let Some(a) = AFFINITY.get_ptr(k) {
             // SAFETY: copied out; the backend id is validated against this service below.
             let a = unsafe { read_volatile(a) };
             let timeout = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
@@ -455,20 +462,19 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
     let Some(search) = SCRATCH.get_ptr_mut(0) else {
         return Err(CTR_REJECT_CIRCUIT_OPEN);
     };
-    // SAFETY: the per-CPU slot, initialised whole before use.
+    // SAFETY: the per-CPU slot, every field set before use (field by field: a whole-struct
+    // literal would be built on the stack first).
     unsafe {
-        *search = Search {
-            svc: *svc,
-            now,
-            hash,
-            panic: u32::from(panic),
-            saw_full: u32::from(saw_full),
-            found: 0,
-            pick_id: 0,
-            probe_word: 0,
-            any: Reservoir::default(),
-            take: Reservoir::default(),
-        };
+        (*search).svc = *svc;
+        (*search).now = now;
+        (*search).hash = hash;
+        (*search).panic = u32::from(panic);
+        (*search).saw_full = u32::from(saw_full);
+        (*search).found = 0;
+        (*search).pick_id = 0;
+        (*search).probe_word = 0;
+        (*search).any = Reservoir::default();
+        (*search).take = Reservoir::default();
     }
     // `bpf_loop` takes its callback context on the stack only; the callbacks find the search in
     // the scratch slot themselves.
@@ -641,7 +647,7 @@ pub fn recvmsg(ctx: &SockAddrContext, sock_family: u8) -> i32 {
         backend_port_be: port_be,
         _pad: [0; 6],
     };
-    if let Some(v) = REVNAT.get_ptr(&k) {
+    if let Some(v) = REVNAT.get_ptr(k) {
         // SAFETY: copied out.
         let v = unsafe { read_volatile(v) };
         write_addr(

@@ -12,7 +12,9 @@ use mesh_common::{
 
 use crate::maps::{EVENTS, count};
 
-/// Sends one event built from a socket's state; `fill` sets the kind-specific fields.
+/// Sends one event built from a socket's state; `fill` sets the kind-specific fields. Fields are
+/// written straight into the ring slot: a whole-struct literal would first be built on the stack,
+/// which the connect path cannot spare.
 #[inline(always)]
 pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce(&mut FlowEvent)) {
     let Some(mut entry) = EVENTS.reserve(0) else {
@@ -22,25 +24,23 @@ pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at a reserved, writable ring slot of the right size.
     unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
         let ev = &mut *ev;
-        *ev = FlowEvent {
-            ts_ns: bpf_ktime_get_ns(),
-            cookie,
-            cgroup_id: st.cgroup_id,
-            service_id: st.service_id,
-            backend_id: st.backend_id,
-            svc_addr_be: st.svc_addr_be,
-            svc_port_be: st.svc_port_be,
-            kind,
-            reason,
-            family: st.family,
-            proto: st.proto,
-            // The backend this socket really went to, recorded at connect: right even after the
-            // backend was removed.
-            backend_addr_be: st.backend_addr_be,
-            backend_port_be: st.backend_port_be,
-            ..FlowEvent::default()
-        };
+        ev.ts_ns = bpf_ktime_get_ns();
+        ev.cookie = cookie;
+        ev.cgroup_id = st.cgroup_id;
+        ev.service_id = st.service_id;
+        ev.backend_id = st.backend_id;
+        ev.svc_addr_be = st.svc_addr_be;
+        ev.svc_port_be = st.svc_port_be;
+        ev.kind = kind;
+        ev.reason = reason;
+        ev.family = st.family;
+        ev.proto = st.proto;
+        // The backend this socket really went to, recorded at connect: right even after the
+        // backend was removed.
+        ev.backend_addr_be = st.backend_addr_be;
+        ev.backend_port_be = st.backend_port_be;
         fill(ev);
     }
     // Waking the reader costs ~10 µs per event (an IRQ-work and a futex/epoll wakeup on the

@@ -96,19 +96,20 @@ pub fn count(idx: u32) {
 /// The current configuration of the service at `key`, copied out and validated: the copy is used
 /// only if its entry still exists after the copy (configuration ids are never reused and entries
 /// never rewritten, so the copy is not torn) and belongs to `key`. One retry covers an agent
-/// switch in between.
-#[inline(always)]
+/// switch in between. A function of its own (a BPF-to-BPF call) so its copies stay off the
+/// callers' frames.
+#[inline(never)]
 pub fn service(key: &ServiceKey) -> Option<Service> {
     for _ in 0..2 {
         // SAFETY: a u32 value: one aligned load.
         let conf_id = unsafe { core::ptr::read_volatile(SERVICES.get_ptr(key)?) };
-        let Some(p) = SERVICE_CONF.get_ptr(&conf_id) else {
+        let Some(p) = SERVICE_CONF.get_ptr(conf_id) else {
             count(CTR_CONF_STALE);
             continue;
         };
         // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
         let svc = unsafe { core::ptr::read_volatile(p) };
-        if SERVICE_CONF.get_ptr(&conf_id).is_some() && svc.conf_id == conf_id && svc.key == *key {
+        if SERVICE_CONF.get_ptr(conf_id).is_some() && svc.conf_id == conf_id && svc.key == *key {
             return Some(svc);
         }
         count(CTR_CONF_STALE);
@@ -120,10 +121,10 @@ pub fn service(key: &ServiceKey) -> Option<Service> {
 /// service `service_id`; otherwise counts `backend_missing`.
 #[inline(always)]
 pub fn backend(id: u32, service_id: u32) -> Option<Backend> {
-    if let Some(p) = BACKENDS.get_ptr(&id) {
+    if let Some(p) = BACKENDS.get_ptr(id) {
         // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
         let b = unsafe { core::ptr::read_volatile(p) };
-        if BACKENDS.get_ptr(&id).is_some() && b.service_id == service_id {
+        if BACKENDS.get_ptr(id).is_some() && b.service_id == service_id {
             return Some(b);
         }
     }

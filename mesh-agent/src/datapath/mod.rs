@@ -95,7 +95,7 @@ pub const TRACEPOINTS: [(&str, &str); 2] = [
 /// How long a removed backend's state slot is kept before it may serve another id, and then only
 /// once no socket is counted on it: no kernel program can still hold a pointer from before the
 /// removal (programs run for microseconds), and every counted socket has closed.
-pub const STATE_QUARANTINE: Duration = Duration::from_secs(60);
+pub const STATE_QUARANTINE: Duration = Duration::from_mins(1);
 
 /// Where to attach and pin.
 #[derive(Clone, Debug)]
@@ -560,17 +560,8 @@ impl Datapath {
                 let _ = self.backends.remove(id);
             }
         }
-        for slot in 0..BACKENDS_CAPACITY {
-            if let Ok(st) = self.backend_state.get(&slot, 0)
-                && st.id != 0
-            {
-                self.ids.backend_slots[slot as usize] = true;
-                max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(u64::from(st.id));
-                if !referenced.contains(&st.id) {
-                    self.retired.push((st.id, now));
-                }
-            }
-        }
+        let max_state_id = self.adopt_state_slots(&referenced, now);
+        max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(max_state_id);
         for (next, seen) in self.ids.next.iter_mut().zip(max_seen) {
             *next = (*next).max(seen + 1);
         }
@@ -580,6 +571,28 @@ impl Datapath {
             self.repair_ejected(&key)?;
         }
         Ok(())
+    }
+
+    /// Marks every tagged `BACKEND_STATE` slot occupied and quarantines those of backends no
+    /// slot refers to any more; returns the largest id seen.
+    fn adopt_state_slots(
+        &mut self,
+        referenced: &std::collections::HashSet<u32>,
+        now: Instant,
+    ) -> u64 {
+        let mut max_id = 0;
+        for slot in 0..BACKENDS_CAPACITY {
+            if let Ok(st) = self.backend_state.get(&slot, 0)
+                && st.id != 0
+            {
+                self.ids.backend_slots[slot as usize] = true;
+                max_id = max_id.max(u64::from(st.id));
+                if !referenced.contains(&st.id) {
+                    self.retired.push((st.id, now));
+                }
+            }
+        }
+        max_id
     }
 
     /// Writes the id counters that moved since the last write (before any id they handed out
@@ -686,24 +699,7 @@ impl Datapath {
         let old = self.applied.get(&key).cloned();
         let svc_id = match &old {
             Some(a) => a.id,
-            None => {
-                let id = self.ids.service().ok_or_else(|| DatapathError::MapFull {
-                    name: SERVICE_STATE_MAP,
-                    capacity: SERVICES_CAPACITY,
-                    what: format!("{}/{:?}", spec.vip, spec.protocol),
-                })?;
-                self.service_state
-                    .set(
-                        service_slot(id),
-                        ServiceState {
-                            id,
-                            ..ServiceState::default()
-                        },
-                        0,
-                    )
-                    .map_err(map_err("write", SERVICE_STATE_MAP))?;
-                id
-            }
+            None => self.new_service_id(spec)?,
         };
         // 1. New backends (state slot first, so a backend is never visible without its state),
         //    then slots and the configuration's table.
@@ -751,6 +747,26 @@ impl Datapath {
         self.repair_ejected(&key)?;
         self.collect_retired();
         Ok(svc_id)
+    }
+
+    /// A fresh service id, its state slot initialised.
+    fn new_service_id(&mut self, spec: &ServiceSpec) -> Result<u32, DatapathError> {
+        let id = self.ids.service().ok_or_else(|| DatapathError::MapFull {
+            name: SERVICE_STATE_MAP,
+            capacity: SERVICES_CAPACITY,
+            what: format!("{}/{:?}", spec.vip, spec.protocol),
+        })?;
+        self.service_state
+            .set(
+                service_slot(id),
+                ServiceState {
+                    id,
+                    ..ServiceState::default()
+                },
+                0,
+            )
+            .map_err(map_err("write", SERVICE_STATE_MAP))?;
+        Ok(id)
     }
 
     fn write_backends(
