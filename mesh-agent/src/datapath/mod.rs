@@ -1,9 +1,13 @@
 //! The only module that touches aya: loads the kernel object, pins and attaches its programs,
 //! and offers typed operations on its maps (services, backends, circuits, counters, events).
 
+pub mod bpfsys;
+pub mod cleanup;
+pub mod coexist;
 pub mod error;
 pub mod events;
 mod link;
+pub mod probe;
 pub mod spec;
 pub mod table;
 
@@ -221,6 +225,7 @@ impl Datapath {
     /// Loads the embedded object, adopting maps and links already pinned under
     /// `cfg.pin_dir` (a restart), attaching what is not attached yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let kernel = probe::probe()?;
         let maps_dir = cfg.pin_dir.join("maps");
         let links_dir = cfg.pin_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
@@ -249,7 +254,9 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
         }
-        attach_reset_tracepoint(&mut ebpf, &links_dir.join(RESET_PROGRAM))?;
+        if kernel.reset_tracepoint {
+            attach_reset_tracepoint(&mut ebpf, &links_dir.join(RESET_PROGRAM))?;
+        }
         {
             let name = SK_MSG_PROGRAM;
             let socks: SockHash<MapData, SockKey> = take(&mut ebpf, BYPASS_SOCKS_MAP)?;
