@@ -31,6 +31,9 @@ pub enum Check {
     AtomicFetch,
     /// A cgroup sock_addr program for this attach type loads (the kernel knows the hook).
     SockAddrHook(u32),
+    /// `BPF_PROG_TYPE_TRACING` with `BPF_TRACE_RAW_TP` (`tp_btf`). aya's
+    /// `is_program_supported(Tracing)` errors on 6.18, so this is probed directly.
+    TpBtf,
 }
 
 /// What the data path does without a feature it can live without.
@@ -208,7 +211,7 @@ pub const FEATURES: [Feature; 18] = [
             "tp_btf/tcp_receive_reset: resets by a backend count as failures",
             "5.5",
             "f1b9509c2fb0 (bpf: Replace prog_raw_tp+btf_id with prog_tracing); aya BtfTracePoint docs: 5.5",
-            Check::Program(ProgramType::Tracing),
+            Check::TpBtf,
         )
     },
 ];
@@ -286,6 +289,22 @@ fn run(check: Check) -> Result<bool, String> {
         Check::Helper(t, h) => is_helper_supported(t, h).map_err(|e| s(&e)),
         Check::CgroupLinks => Ok(bpfsys::link_create_supported()),
         Check::AtomicFetch => atomic_fetch_supported(),
+        Check::TpBtf => {
+            const BPF_TRACE_RAW_TP: u32 = 23;
+            let insns = [Insn::mov_r0(0), Insn::exit()];
+            match bpfsys::prog_load(
+                bpfsys::prog_type::TRACING,
+                BPF_TRACE_RAW_TP,
+                "mesh_probe",
+                &insns,
+            ) {
+                Ok(_fd) => Ok(true),
+                // Without a target the verifier answers "Tracing programs must provide btf_id":
+                // it knows the type. A kernel without it fails before the verifier, log empty.
+                Err((e, log)) if e.raw_os_error() == Some(libc::EINVAL) => Ok(!log.is_empty()),
+                Err((e, log)) => Err(format!("{e} ({log})")),
+            }
+        }
         Check::SockAddrHook(attach_type) => {
             let insns = [Insn::mov_r0(1), Insn::exit()];
             match bpfsys::prog_load(
@@ -329,11 +348,16 @@ pub fn kernel_release() -> String {
         .map_or_else(|_| "(unknown)".to_owned(), |s| s.trim().to_owned())
 }
 
+/// Each feature of [`FEATURES`] probed on this kernel: present, absent, or why it could not be
+/// probed.
+#[must_use]
+pub fn results() -> Vec<(&'static Feature, Result<bool, String>)> {
+    FEATURES.iter().map(|f| (f, run(f.check))).collect()
+}
+
 /// Probes every feature of [`FEATURES`] on this kernel.
 pub fn probe() -> Result<KernelFeatures, ProbeError> {
-    let results: Vec<(&'static Feature, Result<bool, String>)> =
-        FEATURES.iter().map(|f| (f, run(f.check))).collect();
-    let features = decide(&kernel_release(), &results)?;
+    let features = decide(&kernel_release(), &results())?;
     if features.reset_tracepoint {
         info!(kernel = %features.release, "kernel has every feature the data path uses");
     } else {
