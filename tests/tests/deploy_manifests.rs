@@ -7,6 +7,9 @@
 //! surge-free rolling update and the command line. The Helm chart cannot be rendered here (no
 //! `helm`), so it is checked as text: `Chart.yaml` parses, every `.Values.x.y` a template uses
 //! exists in `values.yaml`, template actions balance, and its defaults match the plain manifests.
+//! The uninstall path (the cleanup DaemonSet and the chart's pre-delete hook) is checked against
+//! the agent's DaemonSet, and `.github/workflows/kind.yml` (which cannot run here) is parsed and
+//! its steps and workload objects checked.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1156,4 +1159,90 @@ fn helm_uninstall_runs_the_cleanup_in_a_pre_delete_hook() {
         .collect();
     assert_eq!(list_after(&tpl, "add:"), caps, "_cleanup.tpl capabilities");
     assert_eq!(values()["cleanup"]["enabled"], Value::Bool(true));
+}
+
+// --- the kind workflow (cannot run here: no Docker engine, no internet) ------------------------
+
+fn kind_workflow() -> (String, Value) {
+    let path = deploy_dir().join("../.github/workflows/kind.yml");
+    let text = read(&path);
+    let docs = yaml_documents(&path);
+    assert_eq!(docs.len(), 1, "kind.yml is one document");
+    (text, docs.into_iter().next().unwrap())
+}
+
+#[test]
+fn kind_workflow_builds_installs_rolls_and_uninstalls_in_order() {
+    let (text, wf) = kind_workflow();
+    assert!(
+        text.contains("NOT RUN ON THE DEVELOPMENT MACHINE"),
+        "the header says why it cannot run here"
+    );
+    let steps = wf["jobs"]["kind"]["steps"]
+        .as_array()
+        .expect("jobs.kind.steps");
+    let step_text: Vec<String> = steps.iter().map(Value::to_string).collect();
+    // Each milestone, in order: build the image, start kind with kube-proxy, install the chart,
+    // traffic through the rollouts, uninstall, check the kernel.
+    let milestones = [
+        "deploy/Dockerfile",
+        "kubeProxyMode: iptables",
+        "helm/kind-action",
+        "kind load docker-image",
+        "helm install mesh deploy/helm/mesh",
+        "startswith(\\\"mesh_\\\")",
+        "rollout restart deployment/web",
+        "rollout restart daemonset/mesh-agent",
+        "test \\\"$failed\\\" -le \\\"$MAX_FAILED\\\"",
+        "helm uninstall mesh",
+        "test \\\"$left\\\" -eq 0",
+    ];
+    let mut last = 0;
+    for m in milestones {
+        let at = step_text
+            .iter()
+            .position(|s| s.contains(m))
+            .unwrap_or_else(|| panic!("kind.yml has no step with `{m}`"));
+        assert!(at >= last, "`{m}` (step {at}) comes before step {last}");
+        last = at;
+    }
+    let bound = wf["env"]["MAX_FAILED"].as_str().expect("env.MAX_FAILED");
+    assert!(
+        bound.parse::<u32>().is_ok_and(|b| b <= 10),
+        "a stated, small bound: {bound}"
+    );
+    // The DaemonSet the workflow restarts is the chart's for release `mesh`.
+    let helpers = read(&chart_dir().join("templates/_helpers.tpl"));
+    assert!(helpers.contains("printf \"%s-agent\" .Release.Name"));
+}
+
+#[test]
+fn kind_workflow_workloads_are_valid_kubernetes_objects() {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{Pod, Service},
+    };
+    let (_, wf) = kind_workflow();
+    let steps = wf["jobs"]["kind"]["steps"].as_array().unwrap();
+    let run = steps
+        .iter()
+        .filter_map(|s| s["run"].as_str())
+        .find(|r| r.contains("kind: Deployment"))
+        .expect("a step applies the workload");
+    let manifest = run
+        .split_once("<<'EOF'\n")
+        .and_then(|(_, rest)| rest.split_once("\nEOF"))
+        .map(|(m, _)| m)
+        .expect("the workload is a heredoc");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(manifest).expect("workload YAML parses");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["Deployment", "Service", "Pod"]);
+    let deployment: Deployment = typed("kind.yml Deployment", &docs[0]);
+    let _: Service = typed("kind.yml Service", &docs[1]);
+    let _: Pod = typed("kind.yml Pod", &docs[2]);
+    assert_eq!(
+        deployment.spec.as_ref().and_then(|s| s.replicas),
+        Some(2),
+        "two replicas"
+    );
 }
