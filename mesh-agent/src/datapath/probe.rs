@@ -447,6 +447,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_table_lists_every_feature_with_its_release() {
+        let readme = include_str!("../../../README.md");
+        for f in &FEATURES {
+            let row = format!("| {} | {} | {} |", f.name, f.used_for, f.since);
+            assert!(readme.contains(&row), "README.md lacks the row {row}");
+        }
+        assert!(readme.contains("**Linux ≥ 6.1**"), "the stated minimum");
+    }
+
+    #[test]
     fn features_are_listed_oldest_first_among_required_ones() {
         // The table doubles as documentation: required features ordered by release so the first
         // missing one is the oldest (the most useful to name).
