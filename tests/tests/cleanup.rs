@@ -14,7 +14,7 @@ use std::{
 
 use mesh_agent::datapath::bpfsys;
 use mesh_tests::{
-    Cluster, NodeHandle,
+    Cluster, NodeHandle, PodHandle,
     agent::{AgentProcess, workspace_binary, write_atomically},
 };
 
@@ -121,7 +121,7 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work).unwrap();
     let config = work.join("mesh.yaml");
-    let endpoints: String = backends
+    let endpoints = backends
         .iter()
         .map(|p| {
             format!(
@@ -130,7 +130,8 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
                 p.name()
             )
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .concat();
     write_atomically(
         &config,
         &format!(
@@ -202,10 +203,30 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
         "the kernel counter pins are gone"
     );
 
+    assert_the_node_is_as_before(&o, &node, &client, &backends[0]);
+
+    // Idempotent: a second run finds nothing and succeeds.
+    let out = cleanup(&agent, &node);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("cleanup done: 0 objects removed"),
+        "{stdout}"
+    );
+}
+
+/// After cleanup: nothing of `o` in the kernel or on the cgroup, `backend` reachable directly, the
+/// VIP untranslated.
+fn assert_the_node_is_as_before(
+    o: &Ours,
+    node: &NodeHandle,
+    client: &PodHandle,
+    backend: &PodHandle,
+) {
     // The kernel frees programs and maps after an RCU grace period: wait for it, bounded.
     let start = Instant::now();
     loop {
-        let alive = still_alive(&o);
+        let alive = still_alive(o);
         if alive.is_empty() {
             break;
         }
@@ -219,7 +240,7 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
 
     // Pod to pod works; the service address is plain unroutable again, as on a node without
     // the mesh (no translation: no backend answers, the connect fails fast or times out).
-    let direct = SocketAddr::new(backends[0].ipv4().into(), 80);
+    let direct = SocketAddr::new(backend.ipv4().into(), 80);
     let r = client.hit(direct, 5, &[]).unwrap();
     assert_eq!(r.counts.get("web-0"), Some(&5), "{r:?}");
     let r = client.hit(VIP, 3, &["--timeout-ms", "1000"]).unwrap();
@@ -239,13 +260,4 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
             "an untranslated connect's error, not the mesh's: {r:?}"
         );
     }
-
-    // Idempotent: a second run finds nothing and succeeds.
-    let out = cleanup(&agent, &node);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("cleanup done: 0 objects removed"),
-        "{stdout}"
-    );
 }

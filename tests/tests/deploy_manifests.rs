@@ -7,8 +7,8 @@
 //! surge-free rolling update and the command line. The Helm chart cannot be rendered here (no
 //! `helm`), so it is checked as text: `Chart.yaml` parses, every `.Values.x.y` a template uses
 //! exists in `values.yaml`, template actions balance, and its defaults match the plain manifests.
-//! The uninstall path (the cleanup DaemonSet and the chart's pre-delete hook) is checked against
-//! the agent's DaemonSet, and `.github/workflows/kind.yml` (which cannot run here) is parsed and
+//! The uninstall path (the cleanup `DaemonSet` and the chart's pre-delete hook) is checked against
+//! the agent's `DaemonSet`, and `.github/workflows/kind.yml` (which cannot run here) is parsed and
 //! its steps and workload objects checked.
 
 use std::{

@@ -137,7 +137,9 @@ pub fn prog_query(
     attach_type: u32,
     effective: bool,
 ) -> std::io::Result<Vec<u32>> {
+    // Field names are the uapi's (`query.query_flags`), kept so the layout reads against it.
     #[repr(C)]
+    #[expect(clippy::struct_field_names, reason = "uapi field names")]
     struct Query {
         target_fd: u32,
         attach_type: u32,

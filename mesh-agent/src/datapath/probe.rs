@@ -29,7 +29,7 @@ pub enum Check {
     CgroupLinks,
     /// `BPF_ATOMIC` with `BPF_FETCH` (the object is built with `-C target-cpu=v3`).
     AtomicFetch,
-    /// A cgroup sock_addr program for this attach type loads (the kernel knows the hook).
+    /// A cgroup `sock_addr` program for this attach type loads (the kernel knows the hook).
     SockAddrHook(u32),
     /// `BPF_PROG_TYPE_TRACING` with `BPF_TRACE_RAW_TP` (`tp_btf`). aya's
     /// `is_program_supported(Tracing)` errors on 6.18, so this is probed directly.
