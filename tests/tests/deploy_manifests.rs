@@ -1246,3 +1246,23 @@ fn kind_workflow_workloads_are_valid_kubernetes_objects() {
         "two replicas"
     );
 }
+
+#[test]
+fn coexistence_is_off_by_default_and_a_value_adds_only_the_flag() {
+    assert_eq!(values()["coexist"], Value::Bool(false), "values.coexist");
+    let template = read(&chart_dir().join("templates/daemonset.yaml"));
+    assert!(
+        template
+            .contains("{{- if .Values.coexist }}\n            - --coexist\n            {{- end }}"),
+        "templates/daemonset.yaml adds --coexist under values.coexist"
+    );
+    let m = Manifests::load();
+    let args = agent(only(&m.daemon_sets, "DaemonSet"))
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a == "--coexist"),
+        "the plain manifest refuses to share the socket hooks"
+    );
+}
