@@ -4,8 +4,8 @@
 //! Two programs rewriting the same `connect()` make the result depend on their order (Cilium's
 //! socket LB would translate a VIP before ours ever sees it, or ours would hand Cilium a backend
 //! address it then leaves alone): the failure shows as traffic that silently bypasses one mesh.
-//! Cilium itself refuses to start its socket LB next to kube-proxy's replacement by another
-//! agent only through documentation; we check, as kube-proxy checks for a conflicting mode.
+//! Checking at start turns that into one line naming the other programs; `--coexist` is for
+//! operators who know the order is harmless (e.g. a program that only observes).
 
 use std::{
     collections::BTreeSet,
