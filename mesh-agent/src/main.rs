@@ -3,9 +3,10 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use mesh_agent::{
     app::{self, AgentConfig, Source},
+    datapath::{cleanup, coexist},
     logging, sys,
 };
 
@@ -13,6 +14,8 @@ use mesh_agent::{
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// This node's name (Kubernetes: from the downward API, `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -23,14 +26,18 @@ struct Args {
     #[arg(long)]
     kubernetes: bool,
     /// cgroup v2 directory to attach to (default: the cgroup2 mount root).
-    #[arg(long)]
+    #[arg(long, global = true)]
     cgroup: Option<PathBuf>,
     /// bpffs directory for pinned maps and links.
-    #[arg(long, default_value = app::DEFAULT_PIN_DIR)]
+    #[arg(long, global = true, default_value = app::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Admin API socket (gRPC, mode 0600).
-    #[arg(long, default_value = app::DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, global = true, default_value = app::DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
+    /// Start even when another socket load balancer (Cilium, Calico) has programs on the
+    /// cgroup's connect/sendmsg/sockops hooks; by default the agent refuses, naming them.
+    #[arg(long, env = "MESH_COEXIST")]
+    coexist: bool,
     /// Readiness endpoint (`GET /healthz/ready`); `none` to disable.
     #[arg(long, default_value = app::DEFAULT_READINESS_ADDR)]
     readiness_addr: String,
@@ -40,6 +47,13 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove every program, link, map and pin the agent made (uninstall); refuses while an
+    /// agent runs. Uses --pin-dir, --cgroup and --admin-socket.
+    Cleanup,
 }
 
 fn addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -56,6 +70,9 @@ fn addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     logging::init(args.log_json);
+    if let Some(Command::Cleanup) = args.command {
+        return run_cleanup(args);
+    }
     let source = match (args.config_file, args.kubernetes) {
         (Some(f), false) => Source::File(f),
         (None, true) => Source::Kubernetes,
@@ -81,6 +98,28 @@ async fn main() -> anyhow::Result<()> {
         readiness_addr: addr("readiness-addr", &args.readiness_addr)?,
         metrics_addr: addr("metrics-addr", &args.metrics_addr)?,
     };
+    if !args.coexist {
+        coexist::refuse_foreign(&config.cgroup, &config.pin_dir)?;
+    }
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
     app::run(config).await
+}
+
+/// `mesh-agent cleanup`: prints each object it removed.
+fn run_cleanup(args: Args) -> anyhow::Result<()> {
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => sys::cgroup2_root().context("finding the cgroup v2 mount")?,
+    };
+    let cfg = cleanup::CleanupConfig {
+        pin_dir: args.pin_dir,
+        cgroup,
+        admin_socket: args.admin_socket,
+    };
+    let report = cleanup::cleanup(&cfg)?;
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    println!("cleanup done: {} objects removed", report.removed.len());
+    Ok(())
 }

@@ -7,6 +7,9 @@
 //! surge-free rolling update and the command line. The Helm chart cannot be rendered here (no
 //! `helm`), so it is checked as text: `Chart.yaml` parses, every `.Values.x.y` a template uses
 //! exists in `values.yaml`, template actions balance, and its defaults match the plain manifests.
+//! The uninstall path (the cleanup `DaemonSet` and the chart's pre-delete hook) is checked against
+//! the agent's `DaemonSet`, and `.github/workflows/kind.yml` (which cannot run here) is parsed and
+//! its steps and workload objects checked.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -999,4 +1002,267 @@ fn list_after<'a>(text: &'a str, key: &str) -> BTreeSet<&'a str> {
 /// A typed field as JSON (`null` when absent), to compare with values.yaml.
 fn json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("API objects serialize")
+}
+
+// --- uninstall (cleanup DaemonSet and Helm pre-delete hook) -----------------------------------
+
+/// `deploy/kubernetes/cleanup/cleanup-daemonset.yaml`, typed. It lives in a subdirectory so
+/// that `kubectl apply -f deploy/kubernetes/` (and [`Manifests::load`]) never picks it up.
+fn cleanup_daemon_set() -> DaemonSet {
+    let path = deploy_dir().join("kubernetes/cleanup/cleanup-daemonset.yaml");
+    let docs = yaml_documents(&path);
+    assert_eq!(docs.len(), 1, "{} is one DaemonSet", path.display());
+    typed("cleanup/cleanup-daemonset.yaml", &docs[0])
+}
+
+/// The host path behind the mount holding `path` in container `c` of `ds`.
+fn container_host_path<'a>(ds: &'a DaemonSet, c: &'a Container, path: &str) -> &'a str {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(path).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("cleanup: nothing mounted at or above {path}"));
+    assert_ne!(
+        mount.mount_path, "/",
+        "cleanup: {path} must come from a host mount"
+    );
+    &volume(ds, &mount.name)
+        .host_path
+        .as_ref()
+        .unwrap_or_else(|| panic!("cleanup: {path} is not from a hostPath volume"))
+        .path
+}
+
+#[test]
+fn cleanup_daemonset_cleans_exactly_what_the_agent_pins() {
+    let m = Manifests::load();
+    let agent_ds = only(&m.daemon_sets, "DaemonSet");
+    let a = agent(agent_ds);
+    let ds = cleanup_daemon_set();
+    assert_eq!(
+        ds.metadata.namespace, agent_ds.metadata.namespace,
+        "same namespace as the agent"
+    );
+    let pod = pod_spec(&ds);
+    let init = only(
+        pod.init_containers.as_deref().unwrap_or_default(),
+        "cleanup init container",
+    );
+    let args = init.args.as_deref().unwrap_or_default();
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("cleanup"),
+        "the init container runs `mesh-agent cleanup`"
+    );
+    assert_eq!(init.command, a.command, "the agent's binary");
+    assert_eq!(init.image, a.image, "the agent's image");
+    let f = flags(&args[1..]);
+    for name in ["--pin-dir", "--cgroup", "--admin-socket"] {
+        assert_eq!(
+            f.get(name).copied().flatten(),
+            Some(flag(a, name)),
+            "cleanup {name} must be the agent's"
+        );
+        // The same host objects: the cleanup sees the agent's pins, cgroup and socket.
+        let value = flag(a, name);
+        assert_eq!(
+            container_host_path(&ds, init, value),
+            host_mount(agent_ds, value).1.path,
+            "host path behind {name}"
+        );
+    }
+    let pins = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs mounted");
+    assert_ne!(pins.read_only, Some(true), "unpinning writes to bpffs");
+    let sc = init.security_context.as_ref().expect("securityContext");
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert!(
+        added.is_subset(&BTreeSet::from(CAPABILITIES)),
+        "no capability the agent does not have: {added:?}"
+    );
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_ne!(sc.privileged, Some(true));
+    // Every node the agent runs on, and its pods are not the agent's (deleting one DaemonSet
+    // never touches the other's pods).
+    assert_eq!(pod.tolerations, pod_spec(agent_ds).tolerations);
+    let labels = |d: &DaemonSet| d.spec.as_ref().map(|s| s.selector.match_labels.clone());
+    assert_ne!(labels(&ds), labels(agent_ds), "distinct selectors");
+    let done = only(&pod.containers, "container");
+    assert!(
+        done.image.as_deref().is_some_and(|i| i.contains("pause")),
+        "the main container only holds the pod ready"
+    );
+}
+
+#[test]
+fn helm_uninstall_runs_the_cleanup_in_a_pre_delete_hook() {
+    let hook = read(&chart_dir().join("templates/cleanup-hook.yaml"));
+    let docs = hook.split("\n---\n").count();
+    assert_eq!(
+        hook.matches("helm.sh/hook: pre-delete").count(),
+        docs,
+        "every object of the hook is a pre-delete hook"
+    );
+    assert_eq!(
+        hook.matches("helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded")
+            .count(),
+        docs
+    );
+    // The steps, in order: stop the agents (waiting for their pods), clean, wait, remove.
+    let steps: Vec<usize> = [
+        "daemonset/{{ include \"mesh.fullname\" . }}",
+        "--cascade=foreground",
+        "--filename=/manifests/cleanup-daemonset.yaml",
+        "- rollout",
+        "- status",
+        "name: remove-cleanup",
+    ]
+    .iter()
+    .map(|s| {
+        hook.find(s)
+            .unwrap_or_else(|| panic!("cleanup-hook.yaml lacks `{s}`"))
+    })
+    .collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "step order {steps:?}"
+    );
+    // The DaemonSet the hook applies has the plain manifest's init container, item for item.
+    let plain = cleanup_daemon_set();
+    let init = &pod_spec(&plain).init_containers.as_ref().unwrap()[0];
+    let tpl = read(&chart_dir().join("templates/_cleanup.tpl"));
+    let items: BTreeSet<&str> = tpl
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
+    for arg in init.args.iter().flatten() {
+        assert!(
+            items.contains(arg.as_str()),
+            "_cleanup.tpl lacks argument {arg}"
+        );
+    }
+    let caps: BTreeSet<&str> = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(list_after(&tpl, "add:"), caps, "_cleanup.tpl capabilities");
+    assert_eq!(values()["cleanup"]["enabled"], Value::Bool(true));
+}
+
+// --- the kind workflow (cannot run here: no Docker engine, no internet) ------------------------
+
+fn kind_workflow() -> (String, Value) {
+    let path = deploy_dir().join("../.github/workflows/kind.yml");
+    let text = read(&path);
+    let docs = yaml_documents(&path);
+    assert_eq!(docs.len(), 1, "kind.yml is one document");
+    (text, docs.into_iter().next().unwrap())
+}
+
+#[test]
+fn kind_workflow_builds_installs_rolls_and_uninstalls_in_order() {
+    let (text, wf) = kind_workflow();
+    assert!(
+        text.contains("NOT RUN ON THE DEVELOPMENT MACHINE"),
+        "the header says why it cannot run here"
+    );
+    let steps = wf["jobs"]["kind"]["steps"]
+        .as_array()
+        .expect("jobs.kind.steps");
+    let step_text: Vec<String> = steps.iter().map(Value::to_string).collect();
+    // Each milestone, in order: build the image, start kind with kube-proxy, install the chart,
+    // traffic through the rollouts, uninstall, check the kernel.
+    let milestones = [
+        "deploy/Dockerfile",
+        "kubeProxyMode: iptables",
+        "helm/kind-action",
+        "kind load docker-image",
+        "helm install mesh deploy/helm/mesh",
+        "startswith(\\\"mesh_\\\")",
+        "rollout restart deployment/web",
+        "rollout restart daemonset/mesh-agent",
+        "test \\\"$failed\\\" -le \\\"$MAX_FAILED\\\"",
+        "helm uninstall mesh",
+        "test \\\"$left\\\" -eq 0",
+    ];
+    let mut last = 0;
+    for m in milestones {
+        let at = step_text
+            .iter()
+            .position(|s| s.contains(m))
+            .unwrap_or_else(|| panic!("kind.yml has no step with `{m}`"));
+        assert!(at >= last, "`{m}` (step {at}) comes before step {last}");
+        last = at;
+    }
+    let bound = wf["env"]["MAX_FAILED"].as_str().expect("env.MAX_FAILED");
+    assert!(
+        bound.parse::<u32>().is_ok_and(|b| b <= 10),
+        "a stated, small bound: {bound}"
+    );
+    // The DaemonSet the workflow restarts is the chart's for release `mesh`.
+    let helpers = read(&chart_dir().join("templates/_helpers.tpl"));
+    assert!(helpers.contains("printf \"%s-agent\" .Release.Name"));
+}
+
+#[test]
+fn kind_workflow_workloads_are_valid_kubernetes_objects() {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{Pod, Service},
+    };
+    let (_, wf) = kind_workflow();
+    let steps = wf["jobs"]["kind"]["steps"].as_array().unwrap();
+    let run = steps
+        .iter()
+        .filter_map(|s| s["run"].as_str())
+        .find(|r| r.contains("kind: Deployment"))
+        .expect("a step applies the workload");
+    let manifest = run
+        .split_once("<<'EOF'\n")
+        .and_then(|(_, rest)| rest.split_once("\nEOF"))
+        .map(|(m, _)| m)
+        .expect("the workload is a heredoc");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(manifest).expect("workload YAML parses");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["Deployment", "Service", "Pod"]);
+    let deployment: Deployment = typed("kind.yml Deployment", &docs[0]);
+    let _: Service = typed("kind.yml Service", &docs[1]);
+    let _: Pod = typed("kind.yml Pod", &docs[2]);
+    assert_eq!(
+        deployment.spec.as_ref().and_then(|s| s.replicas),
+        Some(2),
+        "two replicas"
+    );
+}
+
+#[test]
+fn coexistence_is_off_by_default_and_a_value_adds_only_the_flag() {
+    assert_eq!(values()["coexist"], Value::Bool(false), "values.coexist");
+    let template = read(&chart_dir().join("templates/daemonset.yaml"));
+    assert!(
+        template
+            .contains("{{- if .Values.coexist }}\n            - --coexist\n            {{- end }}"),
+        "templates/daemonset.yaml adds --coexist under values.coexist"
+    );
+    let m = Manifests::load();
+    let args = agent(only(&m.daemon_sets, "DaemonSet"))
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a == "--coexist"),
+        "the plain manifest refuses to share the socket hooks"
+    );
 }

@@ -45,4 +45,6 @@ pub enum DatapathError {
     InvalidService { service: String, reason: String },
     #[error("failed to set up kernel log forwarding: {0}")]
     Log(String),
+    #[error(transparent)]
+    Kernel(#[from] super::probe::ProbeError),
 }

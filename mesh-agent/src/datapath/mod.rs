@@ -1,9 +1,13 @@
 //! The only module that touches aya: loads the kernel object, pins and attaches its programs,
 //! and offers typed operations on its maps (services, backends, circuits, counters, events).
 
+pub mod bpfsys;
+pub mod cleanup;
+pub mod coexist;
 pub mod error;
 pub mod events;
 mod link;
+pub mod probe;
 pub mod spec;
 pub mod table;
 
@@ -385,6 +389,7 @@ impl Datapath {
     /// Loads the embedded object, adopting maps and links already pinned under
     /// `cfg.pin_dir` (a restart), attaching what is not attached yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let kernel = probe::probe()?;
         let maps_dir = cfg.pin_dir.join("maps");
         let links_dir = cfg.pin_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
@@ -413,8 +418,12 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
         }
-        for (name, function) in TRACEPOINTS {
-            attach_tracepoint(&mut ebpf, name, function, &links_dir.join(name))?;
+        // Without kernel BTF the reset and error tracepoints cannot attach (the probe said so
+        // once): resets then do not count as failures and every abandoned handshake is a refusal.
+        if kernel.reset_tracepoint {
+            for (name, function) in TRACEPOINTS {
+                attach_tracepoint(&mut ebpf, name, function, &links_dir.join(name))?;
+            }
         }
         {
             let name = SK_MSG_PROGRAM;
