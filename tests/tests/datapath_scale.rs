@@ -31,6 +31,7 @@ use mesh_agent::datapath::{
 use mesh_common::{
     backend::{CIRCUIT_CLOSED, CIRCUIT_OPEN},
     counters::{CTR_CONNECT_ABANDONED, CTR_EJECTION, CTR_PANIC, CTR_PROBE, CTR_V4_MAPPED},
+    event::EV_OPEN,
 };
 use mesh_tests::HitReport;
 
@@ -458,6 +459,7 @@ fn dual_stack_sockets_reach_ipv4_services_through_mapped_addresses() {
     spec.algorithm = Algorithm::RoundRobin;
     spec.circuit = eject_at_once();
     m.dp.apply_service(&spec).unwrap();
+    let mut ring = m.dp.take_events().unwrap();
     let before = m.dp.counter(CTR_V4_MAPPED).unwrap();
     // An AF_INET6 socket (what Java and .NET open) to ::ffff:10.96.0.10.
     let r = m.client.hit(mapped, 30, &[]).unwrap();
@@ -468,6 +470,26 @@ fn dual_stack_sockets_reach_ipv4_services_through_mapped_addresses() {
     );
     assert_eq!(r.counts.len(), 3, "load balanced: {r:?}");
     assert!(m.dp.counter(CTR_V4_MAPPED).unwrap() >= before + 30);
+    // In flows as the IPv4 service, from the client pod's address, to the backend it reached.
+    thread::sleep(Duration::from_millis(200));
+    let opens: Vec<_> = mesh_agent::datapath::events::drain(&mut ring)
+        .into_iter()
+        .filter(|e| e.kind == EV_OPEN)
+        .collect();
+    assert_eq!(opens.len(), 30, "an open event per connection");
+    let client = u32::from_ne_bytes(m.client.ipv4().octets());
+    let svc = u32::from_ne_bytes([10, 96, 0, 10]);
+    let backends: Vec<u32> = m
+        .backends
+        .iter()
+        .map(|b| u32::from_ne_bytes(b.ipv4().octets()))
+        .collect();
+    for e in &opens {
+        assert_eq!(e.family, mesh_common::FAMILY_V4);
+        assert_eq!(e.svc_addr_be[0], svc, "{e:?}");
+        assert_eq!(e.client_addr_be[0], client, "{e:?}");
+        assert!(backends.contains(&e.backend_addr_be[0]), "{e:?}");
+    }
     // UDP too (connect6 + getpeername6 on a connected socket).
     let dns = vip4(53);
     let udp = ServiceSpec {
