@@ -25,6 +25,9 @@ pub const SOCK_F_V4_MAPPED: u8 = 32;
 /// [`SockState::flags`]: the kernel reported a socket error (`inet_sk_error_report`: a reset, an
 /// ICMP unreachable, a timeout) — what tells a failed handshake from the application giving up.
 pub const SOCK_F_ERROR: u8 = 64;
+/// [`SockState::flags`]: an unconnected UDP socket sent to more than one backend (its release
+/// removes the reverse translations of every backend of the service, not just the last one).
+pub const SOCK_F_MULTI: u8 = 128;
 
 /// Value of [`SOCK_STATE_MAP`].
 #[repr(C)]

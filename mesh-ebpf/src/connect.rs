@@ -25,14 +25,14 @@ use mesh_common::{
         CTR_REJECT_NO_BACKENDS, CTR_REVNAT_MISS, CTR_REVNAT_UPDATE_FAILED, CTR_SLOT_MISSING,
         CTR_SOCK_STORAGE_FAILED, CTR_TABLE_MISSING, CTR_TRANSLATED, CTR_V4_MAPPED,
     },
-    event::EV_REJECT,
+    event::{EV_OPEN, EV_REJECT},
     logic::{self, Reservoir, Verdict},
     service::{
         AffinityKey, AffinityValue, LB_CHUNK, LB_LEAST_CONN, LB_MAGLEV, LB_ROUND_ROBIN,
         LB_WEIGHTED, MAX_BACKENDS_PER_SERVICE, RANDOM_TRIES, SVC_F_AFFINITY, Service, ServiceKey,
         SlotKey, TableKey,
     },
-    sock::{RevNatKey, RevNatValue, SOCK_F_V4_MAPPED, SockState},
+    sock::{RevNatKey, RevNatValue, SOCK_F_MULTI, SOCK_F_V4_MAPPED, SockState},
 };
 
 use crate::{
@@ -212,8 +212,10 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             st.backend_addr_be = backend.addr_be;
             st.backend_port_be = backend.port_be;
             st.probe_word = pick.probe_word;
-            if hook == Hook::Connect || proto == PROTO_UDP {
-                remember_socket(ctx, &st);
+            if (hook == Hook::Connect || proto == PROTO_UDP) && remember_socket(ctx, &mut st) {
+                // UDP has no sockops: its flow opens with the first translated datagram (or
+                // connect) and closes at socket release (`sockops::on_release`).
+                events::emit(cookie, &st, EV_OPEN, 0, |_| {});
             }
             remember_choice(&svc, &st, cookie, netns, now);
             count(CTR_TRANSLATED);
@@ -274,16 +276,30 @@ fn remember_choice(svc: &Service, st: &SockState, cookie: u64, netns: u64, now: 
 }
 
 /// Stores the socket's service and backend for sockops accounting, getpeername and recvmsg.
+/// Returns true when a UDP socket got its first translation (a new UDP flow).
 #[inline(always)]
-fn remember_socket(ctx: &SockAddrContext, st: &SockState) {
-    // SAFETY: `ctx` is a sock_addr context, as the helper requires.
+fn remember_socket(ctx: &SockAddrContext, st: &mut SockState) -> bool {
+    // SAFETY: `ctx` is a sock_addr context, as the helper requires; lookup only.
+    let old = unsafe { SOCK_STATE.get_ptr_mut(ctx) };
+    let existed = !old.is_null();
+    if existed {
+        // SAFETY: non-null storage of this socket.
+        let (old_backend, old_flags) = unsafe { ((*old).backend_id, (*old).flags) };
+        if old_flags & SOCK_F_MULTI != 0 || (old_backend != 0 && old_backend != st.backend_id) {
+            st.flags |= SOCK_F_MULTI;
+        }
+    }
+    // SAFETY: as above.
     let p = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, None) };
     if p.is_null() {
         count(CTR_SOCK_STORAGE_FAILED);
-        return;
+        return false;
     }
     // SAFETY: non-null storage owned by this socket.
+    let first = !existed || unsafe { read_volatile(&raw const (*p).service_id) } == 0;
+    // SAFETY: as above.
     unsafe { *p = *st };
+    first && st.proto == PROTO_UDP
 }
 
 #[inline(always)]

@@ -7,8 +7,8 @@
 )]
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{BtfTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{BtfTracePointContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 use mesh_ebpf::{
@@ -55,6 +55,12 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     connect::getpeername(&ctx, FAMILY_V6)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn mesh_sock_release(ctx: SockContext) -> i32 {
+    sockops::on_release(&ctx);
+    1
 }
 
 #[sock_ops]

@@ -10,12 +10,12 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
-    programs::{BtfTracePointContext, SockOpsContext},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_sk_storage_get},
+    programs::{BtfTracePointContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AddrBe, FAMILY_V4,
+    AddrBe, FAMILY_V4, PROTO_UDP,
     counters::{
         CTR_BACKEND_FAILURE, CTR_CONNECT_ABANDONED, CTR_PEER_RESET, CTR_STATE_STALE,
         CTR_SYN_RETRY_RECOVERED,
@@ -24,16 +24,16 @@ use mesh_common::{
         EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, FAIL_REFUSED, FAIL_RESET,
         FAIL_SYN_TIMEOUT,
     },
-    service::{Service, ServiceKey},
+    service::{Service, ServiceKey, SlotKey},
     sock::{
-        SOCK_F_COUNTED, SOCK_F_ERROR, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_PEER_RESET,
-        SockState,
+        RevNatKey, SOCK_F_COUNTED, SOCK_F_ERROR, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_MULTI,
+        SOCK_F_PEER_RESET, SockState,
     },
 };
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{SOCK_STATE, backend_state, count},
+    maps::{BACKEND_SLOTS, REVNAT, SOCK_STATE, backend_state, count},
 };
 
 /// Entry for every sockops callback; always lets the socket go on.
@@ -112,6 +112,97 @@ pub fn on_error_report(ctx: &BtfTracePointContext) {
         // SAFETY: non-null storage owned by this socket.
         unsafe { (*st).flags |= SOCK_F_ERROR };
     }
+}
+
+/// `cgroup/sock_release`: a UDP socket that talked to a service is gone — its reverse translation
+/// goes with it (so the LRU never has to evict a live socket's entry) and its flow closes.
+#[inline(always)]
+pub fn on_release(ctx: &SockContext) {
+    let Some(st) = storage_of(ctx.sock.cast()) else {
+        return;
+    };
+    // SAFETY: non-null storage of the socket being released; copied out.
+    let st = unsafe { core::ptr::read_volatile(st) };
+    if st.proto != PROTO_UDP || st.service_id == 0 {
+        return;
+    }
+    // SAFETY: the context is the socket, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let key = RevNatKey {
+        cookie,
+        backend_addr_be: st.backend_addr_be,
+        backend_port_be: st.backend_port_be,
+        _pad: [0; 6],
+    };
+    let _ = REVNAT.remove(key);
+    if st.flags & SOCK_F_MULTI != 0 {
+        forget_all_backends(&st, cookie);
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    events::emit(cookie, &st, EV_CLOSE, 0, |ev| {
+        ev.duration_ns = now.saturating_sub(st.start_ns);
+    });
+}
+
+/// Most slots a released socket's cleanup visits; beyond that, entries age out of the LRU.
+const RELEASE_SCAN: u32 = 1024;
+
+/// What the release scan needs in its `bpf_loop` callback.
+#[repr(C)]
+struct Release {
+    service_id: u32,
+    _pad: u32,
+    cookie: u64,
+}
+
+/// Removes the reverse translation of every backend of the socket's service (an unconnected
+/// socket may have sent to any of them).
+#[inline(always)]
+fn forget_all_backends(st: &SockState, cookie: u64) {
+    let Some(svc) = service(st) else {
+        return;
+    };
+    let mut r = Release {
+        service_id: svc.id,
+        _pad: 0,
+        cookie,
+    };
+    // SAFETY: `forget_slot` has the callback signature `bpf_loop` expects; `r` outlives it.
+    unsafe {
+        bpf_loop(
+            svc.backend_count.min(RELEASE_SCAN),
+            forget_slot as *mut core::ffi::c_void,
+            (&raw mut r).cast(),
+            0,
+        );
+    }
+}
+
+#[inline(never)]
+extern "C" fn forget_slot(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Release` passed to `bpf_loop` by `forget_all_backends`.
+    let r = unsafe { &*ctx.cast::<Release>() };
+    let k = SlotKey {
+        service_id: r.service_id,
+        slot: i,
+    };
+    // SAFETY: a u32 value: one load.
+    let Some(id) = BACKEND_SLOTS
+        .get_ptr(k)
+        .map(|p| unsafe { core::ptr::read_volatile(p) })
+    else {
+        return 0;
+    };
+    if let Some(b) = crate::maps::backend(id, r.service_id) {
+        let _ = REVNAT.remove(RevNatKey {
+            cookie: r.cookie,
+            backend_addr_be: b.addr_be,
+            backend_port_be: b.port_be,
+            _pad: [0; 6],
+        });
+    }
+    0
 }
 
 /// The service the socket connected to, if it still is the same service (same id): a service

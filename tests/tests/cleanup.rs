@@ -150,8 +150,8 @@ fn cleanup_leaves_the_node_as_it_was_before_the_mesh() {
     let o = ours(&pins);
     assert_eq!(
         o.links.len(),
-        11,
-        "9 cgroup links + the reset and error-report tracepoints: {o:?}"
+        mesh_agent::datapath::CGROUP_PROGRAMS.len() + mesh_agent::datapath::TRACEPOINTS.len(),
+        "a link per cgroup program and tracepoint: {o:?}"
     );
     assert_eq!(
         o.maps.len(),

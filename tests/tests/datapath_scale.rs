@@ -602,3 +602,55 @@ fn a_single_replica_is_not_made_unreachable_by_its_own_restart() {
     let r = m.client.hit(vip, 3, &[]).unwrap();
     assert_eq!(r.errors.get("ECONNREFUSED").copied(), Some(3), "{r:?}");
 }
+
+#[test]
+fn udp_flows_open_and_close_and_reverse_translation_goes_with_the_socket() {
+    let Some(_k) = mesh_tests::kernel_test("scale_udp_flows") else {
+        return;
+    };
+    let mut m = Mesh::new("scale_udp_flows", 2).expect("cluster");
+    let dns = vip4(53);
+    let udp = ServiceSpec {
+        protocol: Protocol::Udp,
+        ..ServiceSpec::tcp(dns, m.backend_addrs(53))
+    };
+    m.dp.apply_service(&udp).unwrap();
+    let mut ring = m.dp.take_events().unwrap();
+    assert_eq!(m.dp.revnat_entries(), 0);
+    // Connected sockets (one per datagram; each closes when meshpod exits)...
+    let r = m.client.hit(dns, 12, &["--udp"]).unwrap();
+    assert_eq!(r.ok(), 12, "{r:?}");
+    // ...and one unconnected socket sending to the service six times (one flow).
+    let replies: Vec<String> = m
+        .client
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            (0..6)
+                .map(|_| {
+                    s.send_to(b"q\n", dns).unwrap();
+                    let mut buf = [0u8; 64];
+                    let (_, from) = s.recv_from(&mut buf).unwrap();
+                    from.to_string()
+                })
+                .collect()
+        })
+        .unwrap();
+    assert!(replies.iter().all(|f| *f == dns.to_string()), "{replies:?}");
+    thread::sleep(Duration::from_millis(300));
+    let evs: Vec<_> = mesh_agent::datapath::events::drain(&mut ring)
+        .into_iter()
+        .filter(|e| e.proto == mesh_common::PROTO_UDP)
+        .collect();
+    let opens = evs.iter().filter(|e| e.kind == EV_OPEN).count();
+    let closes = evs
+        .iter()
+        .filter(|e| e.kind == mesh_common::event::EV_CLOSE)
+        .count();
+    assert_eq!((opens, closes), (13, 13), "a UDP flow per socket: {evs:?}");
+    assert_eq!(
+        m.dp.revnat_entries(),
+        0,
+        "every socket's reverse translation left with the socket"
+    );
+}

@@ -44,7 +44,7 @@ use mesh_common::{
         SERVICES_MAP, SVC_F_AFFINITY, Service, ServiceKey, ServiceState, SlotKey, TableKey,
         service_slot,
     },
-    sock::{REVNAT_MAP, SOCK_STATE_MAP},
+    sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_STATE_MAP},
 };
 use tracing::{debug, info};
 
@@ -74,7 +74,7 @@ pub const MAP_NAMES: [&str; 15] = [
 ];
 
 /// Programs attached to the cgroup through pinned links (function name = link pin name).
-pub const CGROUP_PROGRAMS: [&str; 9] = [
+pub const CGROUP_PROGRAMS: [&str; 10] = [
     "mesh_connect4",
     "mesh_connect6",
     "mesh_sendmsg4",
@@ -83,6 +83,7 @@ pub const CGROUP_PROGRAMS: [&str; 9] = [
     "mesh_recvmsg6",
     "mesh_getpeername4",
     "mesh_getpeername6",
+    "mesh_sock_release",
     "mesh_sockops",
 ];
 const SK_MSG_PROGRAM: &str = "mesh_sk_msg";
@@ -247,6 +248,7 @@ pub struct Datapath {
     backend_state: Array<MapData, BackendState>,
     id_alloc: Array<MapData, u64>,
     local_endpoints: HashMap<MapData, EndpointKey, LocalEndpoint>,
+    revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -462,6 +464,7 @@ impl Datapath {
             backend_state: take(&mut ebpf, BACKEND_STATE_MAP)?,
             id_alloc: take(&mut ebpf, ID_ALLOC_MAP)?,
             local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
+            revnat: take(&mut ebpf, REVNAT_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
             logger,
@@ -947,6 +950,12 @@ impl Datapath {
             .map(BackendCounters::from)
     }
 
+    /// Entries in the UDP reverse-translation map (one per live UDP socket and backend it sent to).
+    #[must_use]
+    pub fn revnat_entries(&self) -> usize {
+        self.revnat.keys().flatten().count()
+    }
+
     /// Removed backends still in quarantine (their state slots are not reused yet).
     #[must_use]
     pub fn retired_backends(&self) -> usize {
@@ -1257,6 +1266,7 @@ fn attach_cgroup_program(
     {
         aya::programs::Program::CgroupSockAddr(p) => attach!(p),
         aya::programs::Program::SockOps(p) => attach!(p),
+        aya::programs::Program::CgroupSock(p) => attach!(p),
         _ => return Err(DatapathError::MissingProgram { name }),
     };
     pin_link(fd_link, name, pin)
