@@ -145,7 +145,14 @@ impl Elector {
     /// this agent holds it now.
     async fn try_acquire_or_renew(&mut self, leases: &Api<Lease>) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
-        let Some(lease) = leases.get_opt(LEASE_NAME).await? else {
+        // By status code, not reason: some API servers (and stand-ins) spell the reason
+        // differently, and `get_opt` only knows `NotFound`.
+        let found = match leases.get(LEASE_NAME).await {
+            Ok(lease) => Some(lease),
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(e) => return Err(e),
+        };
+        let Some(lease) = found else {
             let lease: Lease = serde_json::from_value(json!({
                 "metadata": { "name": LEASE_NAME },
                 "spec": {
