@@ -7,7 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use kube::core::cel::{AdmissionRequest, Validator, VapEvaluator, VapExpression};
+use kube::core::cel::{
+    AdmissionRequest, ScopeContext, Validator, VapEvaluator, VapExpression, WarningKind,
+    analyze_rule, compile_schema,
+};
 use mesh_agent::policy::{self, crd};
 use serde_json::{Value, json};
 
@@ -20,8 +23,14 @@ fn manifests() -> Vec<(PathBuf, String)> {
     let crd = crd::crd_yaml().expect("CRD renders");
     let admission = crd::admission_yaml().expect("admission policy renders");
     vec![
-        (root().join("deploy/kubernetes/trafficpolicy-crd.yaml"), crd.clone()),
-        (root().join("deploy/helm/mesh/crds/trafficpolicy-crd.yaml"), crd),
+        (
+            root().join("deploy/kubernetes/trafficpolicy-crd.yaml"),
+            crd.clone(),
+        ),
+        (
+            root().join("deploy/helm/mesh/crds/trafficpolicy-crd.yaml"),
+            crd,
+        ),
         (
             root().join("deploy/kubernetes/trafficpolicy-admission.yaml"),
             admission.clone(),
@@ -58,16 +67,25 @@ fn committed_manifests_are_generated_from_the_types() {
 #[test]
 fn the_crd_has_the_agreed_names_scope_and_status() {
     let crd = crd::crd().unwrap();
-    assert_eq!(crd["metadata"]["name"], "trafficpolicies.traffic.kernmesh.io");
+    assert_eq!(
+        crd["metadata"]["name"],
+        "trafficpolicies.traffic.kernmesh.io"
+    );
     assert_eq!(crd["spec"]["group"], "traffic.kernmesh.io");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(crd["spec"]["names"]["kind"], "TrafficPolicy");
     assert_eq!(crd["spec"]["names"]["plural"], "trafficpolicies");
     let v = &crd["spec"]["versions"][0];
     assert_eq!(v["name"], "v1alpha1");
-    assert!(v["subresources"]["status"].is_object(), "status subresource");
+    assert!(
+        v["subresources"]["status"].is_object(),
+        "status subresource"
+    );
     let text = serde_json::to_string(&crd).unwrap();
-    assert!(text.matches("x-kubernetes-validations").count() >= 10, "{text}");
+    assert!(
+        text.matches("x-kubernetes-validations").count() >= 10,
+        "{text}"
+    );
 }
 
 fn schema() -> Value {
@@ -85,6 +103,7 @@ fn object(spec: &Value) -> Value {
 
 /// CEL (admission) and the agent's parser must agree on every object here.
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cel_rules_and_the_parser_agree() {
     let schema = schema();
     let validator = Validator::new();
@@ -109,28 +128,86 @@ fn cel_rules_and_the_parser_agree() {
             panic!("CEL refuses a good policy {spec}: {:?}", e.into_vec());
         }
         let parsed = policy::parse(&obj);
-        assert!(parsed.outcome.is_ok(), "parser refuses {spec}: {:?}", parsed.outcome);
+        assert!(
+            parsed.outcome.is_ok(),
+            "parser refuses {spec}: {:?}",
+            parsed.outcome
+        );
     }
     // (spec, what the CEL message says)
     let bad = [
-        (json!({ "targetRefs": [{ "group": "apps", "kind": "Service", "name": "web" }] }), "group must be"),
-        (json!({ "targetRefs": [{ "kind": "Deployment", "name": "web" }] }), "kind must be Service or Namespace"),
-        (json!({ "targetRefs": [{ "kind": "Service", "name": "web" }, { "kind": "Service", "name": "web" }] }), "must not name the same target twice"),
-        (json!({ "targetRefs": svc, "loadBalancer": { "simple": "FASTEST" } }), "simple must be"),
-        (json!({ "targetRefs": svc, "loadBalancer": {} }), "exactly one of simple and consistentHash"),
-        (json!({ "targetRefs": svc, "loadBalancer": { "simple": "RANDOM", "consistentHash": { "maglev": {} } } }), "exactly one of simple and consistentHash"),
-        (json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 1024 } } } }), "tableSize must be a prime"),
-        (json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 131_073 } } } }), "tableSize must be in 1021..=131071"),
-        (json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 1019 } } } }), "tableSize must be in 1021..=131071"),
-        (json!({ "targetRefs": svc, "connectionPool": { "maxConnections": -1 } }), "maxConnections must be"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "consecutiveFailures": -1 } }), "consecutiveFailures must be"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionPercent": 150 } }), "maxEjectionPercent must be in 0..=100"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "healthyPanicThreshold": 101 } }), "healthyPanicThreshold must be in 0..=100"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "30" } }), "baseEjectionTime must be a duration"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "0s" } }), "baseEjectionTime must be a duration"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionTime": "1.5m" } }), "maxEjectionTime must be a duration"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "1m", "maxEjectionTime": "30s" } }), "maxEjectionTime must not be shorter than baseEjectionTime"),
-        (json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionTime": "10s" } }), "maxEjectionTime must not be shorter than baseEjectionTime"),
+        (
+            json!({ "targetRefs": [{ "group": "apps", "kind": "Service", "name": "web" }] }),
+            "group must be",
+        ),
+        (
+            json!({ "targetRefs": [{ "kind": "Deployment", "name": "web" }] }),
+            "kind must be Service or Namespace",
+        ),
+        (
+            json!({ "targetRefs": [{ "kind": "Service", "name": "web" }, { "kind": "Service", "name": "web" }] }),
+            "must not name the same target twice",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": { "simple": "FASTEST" } }),
+            "simple must be",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": {} }),
+            "exactly one of simple and consistentHash",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": { "simple": "RANDOM", "consistentHash": { "maglev": {} } } }),
+            "exactly one of simple and consistentHash",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 1024 } } } }),
+            "tableSize must be a prime",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 131_073 } } } }),
+            "tableSize must be in 1021..=131071",
+        ),
+        (
+            json!({ "targetRefs": svc, "loadBalancer": { "consistentHash": { "maglev": { "tableSize": 1019 } } } }),
+            "tableSize must be in 1021..=131071",
+        ),
+        (
+            json!({ "targetRefs": svc, "connectionPool": { "maxConnections": -1 } }),
+            "maxConnections must be",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "consecutiveFailures": -1 } }),
+            "consecutiveFailures must be",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionPercent": 150 } }),
+            "maxEjectionPercent must be in 0..=100",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "healthyPanicThreshold": 101 } }),
+            "healthyPanicThreshold must be in 0..=100",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "30" } }),
+            "baseEjectionTime must be a duration",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "0s" } }),
+            "baseEjectionTime must be a duration",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionTime": "1.5m" } }),
+            "maxEjectionTime must be a duration",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "baseEjectionTime": "1m", "maxEjectionTime": "30s" } }),
+            "maxEjectionTime must not be shorter than baseEjectionTime",
+        ),
+        (
+            json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionTime": "10s" } }),
+            "maxEjectionTime must not be shorter than baseEjectionTime",
+        ),
     ];
     for (spec, want) in &bad {
         let obj = object(spec);
@@ -179,4 +256,46 @@ fn admission_policy_keeps_namespace_targets_in_their_namespace() {
     assert!(eval(json!([{ "kind": "Namespace", "name": "shop" }])));
     assert!(eval(json!([{ "kind": "Service", "name": "other" }])));
     assert!(!eval(json!([{ "kind": "Namespace", "name": "other" }])));
+}
+
+/// Every rule compiles, uses only what a CRD rule may see, and stays within the API server's
+/// cost budget (the prime check's 72 divisions included), as the API server checks at install.
+#[test]
+fn every_rule_is_in_scope_and_within_the_cost_budget() {
+    fn walk(node: &Value, rules: &mut usize, problems: &mut Vec<String>) {
+        if let Some(list) = node
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+        {
+            let compiled = compile_schema(node);
+            for r in list {
+                let rule = r["rule"].as_str().expect("rule text");
+                *rules += 1;
+                for w in analyze_rule(rule, &compiled, ScopeContext::CrdValidation) {
+                    // The analyser does not know variables bound by macros (`all(p, …)`).
+                    let bound = w
+                        .message
+                        .split('\'')
+                        .nth(1)
+                        .is_some_and(|v| rule.contains(&format!("({v}, ")));
+                    if !(w.kind == WarningKind::WrongScope && bound) {
+                        problems.push(format!("{rule}: {w:?}"));
+                    }
+                }
+                if kube::core::cel::cel::Program::compile(rule).is_err() {
+                    problems.push(format!("{rule}: does not compile"));
+                }
+            }
+        }
+        match node {
+            Value::Object(map) => map.values().for_each(|v| walk(v, rules, problems)),
+            Value::Array(list) => list.iter().for_each(|v| walk(v, rules, problems)),
+            _ => {}
+        }
+    }
+    let mut rules = 0;
+    let mut problems = Vec::new();
+    walk(&schema(), &mut rules, &mut problems);
+    assert!(rules >= 12, "{rules} rules found");
+    assert!(problems.is_empty(), "{problems:#?}");
 }

@@ -153,7 +153,10 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
         .find(|e| e["service"] == "default/web")
         .cloned()
         .unwrap_or_default();
-    assert_eq!(web["policy"], "", "defaults while the policy is invalid: {p}");
+    assert_eq!(
+        web["policy"], "",
+        "defaults while the policy is invalid: {p}"
+    );
     assert_eq!(web["algorithm"], "random", "{p}");
     assert_eq!(web["not_applied"][0]["reason"], "Invalid", "{p}");
     assert_eq!(p["policies"][0]["reason"], "Invalid", "{p}");
@@ -224,21 +227,10 @@ fn sigkill_restart_loses_no_connection_and_applies_changes_made_while_down() {
     s.agent.kill();
 }
 
-#[test]
-fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
-    let Some(_k) = mesh_tests::kernel_test("agent_meshctl") else {
-        return;
-    };
-    let mut s = setup("agent_meshctl");
-    s.agent.start().unwrap();
-    let out = s.agent.meshctl(&["services"]).unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && table.contains("10.96.0.10:80") && table.contains("round-robin"),
-        "{table}"
-    );
-    // What applies to each service, and why.
-    let out = s.agent.meshctl(&["policies"]).unwrap();
+/// `meshctl policies`: `web` under its policy, `empty` with the defaults, and the policy's
+/// condition.
+fn policies_table_shows_what_applies(agent: &AgentProcess) {
+    let out = agent.meshctl(&["policies"]).unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     let row = |name: &str| {
         table
@@ -259,9 +251,28 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         "{table}"
     );
     assert!(
-        table.contains("POLICY") && table.lines().any(|l| l.starts_with("default/web") && l.contains("True") && l.contains("Accepted")),
+        table.contains("POLICY")
+            && table.lines().any(|l| l.starts_with("default/web")
+                && l.contains("True")
+                && l.contains("Accepted")),
         "the policy and its condition: {table}"
     );
+}
+
+#[test]
+fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
+    let Some(_k) = mesh_tests::kernel_test("agent_meshctl") else {
+        return;
+    };
+    let mut s = setup("agent_meshctl");
+    s.agent.start().unwrap();
+    let out = s.agent.meshctl(&["services"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("10.96.0.10:80") && table.contains("round-robin"),
+        "{table}"
+    );
+    policies_table_shows_what_applies(&s.agent);
     let backends = s.agent.meshctl_json(&["backends", "web"]).unwrap();
     assert_eq!(backends.as_array().unwrap().len(), 2, "{backends}");
     assert_eq!(backends[0]["circuit"], "closed");

@@ -429,7 +429,9 @@ impl Scenario {
             if c["reason"] == reason {
                 assert_eq!(c["type"], "Accepted", "{c}");
                 assert!(
-                    c["lastTransitionTime"].as_str().is_some_and(|t| !t.is_empty()),
+                    c["lastTransitionTime"]
+                        .as_str()
+                        .is_some_and(|t| !t.is_empty()),
                     "{c}"
                 );
                 assert_eq!(c["observedGeneration"], 1, "{c}");
@@ -464,7 +466,10 @@ impl Scenario {
         assert!(self.agent.rejected.is_empty(), "{:?}", self.agent.rejected);
         self.assert_round_robin();
         let (status, _, message) = self.wait_for_condition("web-rr", "Accepted");
-        assert_eq!((status.as_str(), message.as_str()), ("True", "applies to its targets"));
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("True", "applies to its targets")
+        );
         let lease = self
             .block_on(self.leases.get(LEASE_NAME))
             .expect("the election Lease exists");
@@ -521,7 +526,10 @@ impl Scenario {
         assert_eq!(ready_endpoints(&m), 3);
         self.assert_round_robin();
         let (status, _, message) = self.wait_for_condition("web-bad", "Invalid");
-        assert_eq!((status.as_str(), message.as_str()), ("False", want.as_str()));
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("False", want.as_str())
+        );
 
         let deadline = Instant::now() + Duration::from_secs(10);
         let event = loop {
@@ -561,7 +569,10 @@ impl Scenario {
         ));
         let (status, _, message) = self.wait_for_condition("web-young", "Conflicted");
         assert_eq!(status, "False");
-        assert!(message.contains(&format!("older policy {NS}/web-rr wins")), "{message}");
+        assert!(
+            message.contains(&format!("older policy {NS}/web-rr wins")),
+            "{message}"
+        );
         let m = self.agent.model.clone().expect("model");
         assert_eq!(m.services[&web()].settings.algorithm, Algorithm::RoundRobin);
         self.block_on(self.policies.delete("web-rr", &DeleteParams::default()))
@@ -734,7 +745,10 @@ fn agent_binary_follows_the_kubernetes_api() {
     // A valid policy applies: round robin, visible in `meshctl policies`.
     rt.block_on(policies.create(
         &pp,
-        &traffic_policy("web", &json!({ "loadBalancer": { "simple": "ROUND_ROBIN" } })),
+        &traffic_policy(
+            "web",
+            &json!({ "loadBalancer": { "simple": "ROUND_ROBIN" } }),
+        ),
     ))
     .expect("create policy");
     let applied = |what: &str, ok: &dyn Fn(&Value) -> bool| {
@@ -744,7 +758,11 @@ fn agent_binary_follows_the_kubernetes_api() {
             if ok(&p) {
                 return p;
             }
-            assert!(start.elapsed() < CONVERGE, "{what}: {p}\n{}", agent.stderr());
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{what}: {p}\n{}",
+                agent.stderr()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     };
@@ -769,7 +787,8 @@ fn agent_binary_follows_the_kubernetes_api() {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if why.contains("spec.outlierDetection.maxEjectionPercent") && why.contains("shop/web-bad") {
+        if why.contains("spec.outlierDetection.maxEjectionPercent") && why.contains("shop/web-bad")
+        {
             break;
         }
         assert!(
@@ -782,7 +801,10 @@ fn agent_binary_follows_the_kubernetes_api() {
         p["services"][0]["not_applied"][0]["policy"] == "shop/web-bad"
     });
     assert_eq!(p["services"][0]["policy"], "shop/web", "{p}");
-    assert_eq!(p["services"][0]["not_applied"][0]["reason"], "Invalid", "{p}");
+    assert_eq!(
+        p["services"][0]["not_applied"][0]["reason"], "Invalid",
+        "{p}"
+    );
     assert_eq!(
         client.hit(vip(), 30, &[]).unwrap().ok(),
         30,

@@ -54,7 +54,7 @@ enum Command {
     },
     /// Workload identities on this node.
     Identities,
-    /// Which TrafficPolicy applies to each service and why (and the policies that do not).
+    /// Which traffic policy applies to each service and why (and the policies that do not).
     Policies,
     /// Flow events: recent, then live with --follow.
     Flows {

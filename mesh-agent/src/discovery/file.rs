@@ -636,7 +636,10 @@ policies:
         let dup = GOOD.split_once("policies:\n").unwrap().1;
         let e = parse_str(&format!("{GOOD}{dup}")).unwrap_err();
         assert_eq!(e.field, "policies[1].metadata.name", "{e}");
-        assert!(e.reason.contains("duplicate TrafficPolicy default/web"), "{e}");
+        assert!(
+            e.reason.contains("duplicate TrafficPolicy default/web"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -630,7 +630,8 @@ pub async fn run_with_status(
     status: Option<StatusConfig>,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
-    let (desired_tx, desired_rx) = watch_channel::channel(std::sync::Arc::new(DesiredStatus::new()));
+    let (desired_tx, desired_rx) =
+        watch_channel::channel(std::sync::Arc::new(DesiredStatus::new()));
     if let Some(config) = status {
         tokio::spawn(policy::status::run(client.clone(), config, desired_rx));
     }
@@ -685,11 +686,11 @@ pub async fn run_with_status(
         }
         let (model, rejections) = state.build();
         desired_tx.send_if_modified(|d| {
-            let changed = **d != state.desired_status;
-            if changed {
+            let differs = **d != state.desired_status;
+            if differs {
                 *d = std::sync::Arc::new(state.desired_status.clone());
             }
-            changed
+            differs
         });
         if last_sent.as_ref() != Some(&model) {
             debug!(
@@ -981,13 +982,18 @@ mod tests {
         assert_eq!(m.services[&web].settings.algorithm, Algorithm::RoundRobin);
         assert_eq!(m.services[&web].settings.circuit.max_ejection_percent, 50);
         assert_eq!(
-            m.services[&ObjectName::new("default", "db")].settings.algorithm,
+            m.services[&ObjectName::new("default", "db")]
+                .settings
+                .algorithm,
             Algorithm::LeastConn,
             "the namespace policy applies where no Service policy does"
         );
         assert_eq!(state.desired_status.len(), 2);
         assert!(
-            state.desired_status.values().all(|d| d.condition.status == "True"),
+            state
+                .desired_status
+                .values()
+                .all(|d| d.condition.status == "True"),
             "{:?}",
             state.desired_status
         );
@@ -1031,7 +1037,9 @@ mod tests {
         let (m, r) = state.build();
         assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(
-            m.services[&ObjectName::new("default", "db")].settings.algorithm,
+            m.services[&ObjectName::new("default", "db")]
+                .settings
+                .algorithm,
             Algorithm::LeastConn
         );
     }
@@ -1049,7 +1057,10 @@ mod tests {
         other.apply(Change::Policies(Box::new(Err(
             watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status))),
         ))));
-        assert!(!other.policies.ready, "other errors are retried, not taken as empty");
+        assert!(
+            !other.policies.ready,
+            "other errors are retried, not taken as empty"
+        );
     }
 
     #[test]

@@ -11,8 +11,7 @@ use super::types::{GROUP, TrafficPolicy, VERSION};
 /// Name of the admission policy and of its binding.
 pub const ADMISSION_POLICY: &str = "trafficpolicies.traffic.kernmesh.io";
 /// Header of every generated file.
-pub const GENERATED_HEADER: &str =
-    "# Generated from mesh-agent/src/policy/types.rs; do not edit. Regenerate with\n# KERNMESH_UPDATE_MANIFESTS=1 cargo test -p mesh-agent --test crd\n";
+pub const GENERATED_HEADER: &str = "# Generated from mesh-agent/src/policy/types.rs; do not edit. Regenerate with\n# KERNMESH_UPDATE_MANIFESTS=1 cargo test -p mesh-agent --test crd\n";
 
 /// Why the manifests could not be rendered.
 #[derive(Debug, thiserror::Error)]

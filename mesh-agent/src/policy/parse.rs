@@ -157,7 +157,9 @@ pub fn parse(object: &Value) -> ParsedPolicy {
         text(meta.and_then(|m| m.get("name"))).unwrap_or_default(),
     );
     let created = text(meta.and_then(|m| m.get("creationTimestamp")));
-    let generation = meta.and_then(|m| m.get("generation")).and_then(Value::as_i64);
+    let generation = meta
+        .and_then(|m| m.get("generation"))
+        .and_then(Value::as_i64);
     let mut problems = Vec::new();
     let mut problem = |field: &str, reason: String| {
         problems.push(FieldProblem {
@@ -201,7 +203,10 @@ pub fn parse(object: &Value) -> ParsedPolicy {
             name: name.clone(),
             created,
             generation,
-            outcome: Err(PolicyError { policy: name, problems }),
+            outcome: Err(PolicyError {
+                policy: name,
+                problems,
+            }),
         };
     };
     let mut v = Validator {
@@ -531,7 +536,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 /// Whether `n` is a prime (trial division; `n` ≤ 131,071 here).
 #[must_use]
 pub fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..=n.isqrt()).all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]
@@ -596,7 +601,9 @@ mod tests {
 
     #[test]
     fn absent_fields_are_the_envoy_and_istio_defaults() {
-        let p = parse(&policy(&json!({ "targetRefs": [{ "kind": "Service", "name": "web" }] })));
+        let p = parse(&policy(
+            &json!({ "targetRefs": [{ "kind": "Service", "name": "web" }] }),
+        ));
         assert_eq!(p.outcome, Ok(PolicySettings::default()));
         assert_eq!(
             p.outcome.unwrap().circuit,
@@ -678,7 +685,10 @@ mod tests {
                 json!({ "targetRefs": svc, "outlierDetection": { "maxEjectionPrecent": 5 } }),
                 "spec.outlierDetection.maxEjectionPrecent: unknown field `maxEjectionPrecent`, expected one of",
             ),
-            (json!({ "targetRefs": [] }), "spec.targetRefs: needs at least one target"),
+            (
+                json!({ "targetRefs": [] }),
+                "spec.targetRefs: needs at least one target",
+            ),
             (
                 json!({ "targetRefs": [{ "kind": "Deployment", "name": "web" }] }),
                 "spec.targetRefs[0].kind: \"Deployment\" is not Service or Namespace",
@@ -725,7 +735,9 @@ mod tests {
         let e = parse(&v).outcome.unwrap_err().to_string();
         assert!(e.contains("metadata.name: is required"), "{e}");
         assert!(
-            e.contains("apiVersion: \"traffic.kernmesh.io/v1\" is not traffic.kernmesh.io/v1alpha1"),
+            e.contains(
+                "apiVersion: \"traffic.kernmesh.io/v1\" is not traffic.kernmesh.io/v1alpha1"
+            ),
             "{e}"
         );
         // A status (a copy of a cluster object) is ignored, not an error.
@@ -749,7 +761,16 @@ mod tests {
         assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_hours(2)));
-        for bad in ["", "30", "1.5s", "1m 30s", "s", "10us", "-1s", "99999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "1.5s",
+            "1m 30s",
+            "s",
+            "10us",
+            "-1s",
+            "99999999999h",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }

@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
+    fmt::{self, Write as _},
 };
 
 use serde::Serialize;
@@ -230,7 +230,7 @@ fn policy_state(
         TargetKind::Namespace => namespace_live(&t.object.name),
     };
     let (found, missing): (Vec<&Target>, Vec<&Target>) = p.targets.iter().partition(|t| exists(t));
-    let list = |ts: &[&Target]| {
+    let names = |ts: &[&Target]| {
         ts.iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
@@ -240,7 +240,7 @@ fn policy_state(
         return state(
             false,
             Reason::TargetNotFound,
-            format!("no target exists: {}", list(&missing)),
+            format!("no target exists: {}", names(&missing)),
         );
     }
     let mut lost = Vec::new();
@@ -259,10 +259,10 @@ fn policy_state(
     }
     let mut message = "applies to its targets".to_owned();
     if !lost.is_empty() {
-        message.push_str(&format!("; conflicted on {}", lost.join(", ")));
+        let _ = write!(message, "; conflicted on {}", lost.join(", "));
     }
     if !missing.is_empty() {
-        message.push_str(&format!("; not found: {}", list(&missing)));
+        let _ = write!(message, "; not found: {}", names(&missing));
     }
     state(true, Reason::Accepted, message)
 }
@@ -298,9 +298,24 @@ mod tests {
     #[test]
     fn service_beats_namespace_and_the_oldest_wins_between_equals() {
         let ps = vec![
-            policy("ns-wide", "2026-01-01T00:00:00Z", &[("Namespace", "shop")], "WEIGHTED"),
-            policy("young", "2026-03-01T00:00:00Z", &[("Service", "web")], "RANDOM"),
-            policy("old", "2026-02-01T00:00:00Z", &[("Service", "web")], "ROUND_ROBIN"),
+            policy(
+                "ns-wide",
+                "2026-01-01T00:00:00Z",
+                &[("Namespace", "shop")],
+                "WEIGHTED",
+            ),
+            policy(
+                "young",
+                "2026-03-01T00:00:00Z",
+                &[("Service", "web")],
+                "RANDOM",
+            ),
+            policy(
+                "old",
+                "2026-02-01T00:00:00Z",
+                &[("Service", "web")],
+                "ROUND_ROBIN",
+            ),
         ];
         let r = resolve(&ps, &svcs(&["web", "db"]), &live);
         let web = ObjectName::new("shop", "web");
@@ -325,16 +340,29 @@ mod tests {
         assert_eq!(p[&ObjectName::new("shop", "old")].reason, Reason::Accepted);
         let young = &p[&ObjectName::new("shop", "young")];
         assert_eq!((young.accepted, young.reason), (false, Reason::Conflicted));
-        assert!(young.message.contains("older policy shop/old wins"), "{}", young.message);
+        assert!(
+            young.message.contains("older policy shop/old wins"),
+            "{}",
+            young.message
+        );
         let ns = &p[&ObjectName::new("shop", "ns-wide")];
-        assert_eq!((ns.accepted, ns.applies_to), (true, 1), "overridden on web, applies to db");
+        assert_eq!(
+            (ns.accepted, ns.applies_to),
+            (true, 1),
+            "overridden on web, applies to db"
+        );
     }
 
     #[test]
     fn name_breaks_a_timestamp_tie() {
         let ps = vec![
             policy("b", "2026-01-01T00:00:00Z", &[("Service", "web")], "RANDOM"),
-            policy("a", "2026-01-01T00:00:00Z", &[("Service", "web")], "ROUND_ROBIN"),
+            policy(
+                "a",
+                "2026-01-01T00:00:00Z",
+                &[("Service", "web")],
+                "ROUND_ROBIN",
+            ),
         ];
         let r = resolve(&ps, &svcs(&["web"]), &live);
         assert_eq!(
@@ -345,20 +373,46 @@ mod tests {
 
     #[test]
     fn invalid_policies_apply_nowhere_and_missing_targets_are_reported() {
-        let mut bad = policy("bad", "2026-01-01T00:00:00Z", &[("Service", "web")], "FASTEST");
+        let mut bad = policy(
+            "bad",
+            "2026-01-01T00:00:00Z",
+            &[("Service", "web")],
+            "FASTEST",
+        );
         assert!(bad.outcome.is_err());
         bad.generation = Some(4);
         let ps = vec![
             bad,
-            policy("good", "2026-02-01T00:00:00Z", &[("Service", "web")], "ROUND_ROBIN"),
-            policy("lost", "2026-02-01T00:00:00Z", &[("Service", "gone")], "RANDOM"),
+            policy(
+                "good",
+                "2026-02-01T00:00:00Z",
+                &[("Service", "web")],
+                "ROUND_ROBIN",
+            ),
+            policy(
+                "lost",
+                "2026-02-01T00:00:00Z",
+                &[("Service", "gone")],
+                "RANDOM",
+            ),
         ];
         let r = resolve(&ps, &svcs(&["web"]), &live);
         let web = ObjectName::new("shop", "web");
-        assert_eq!(r.settings[&web].algorithm, Algorithm::RoundRobin, "the valid one applies");
+        assert_eq!(
+            r.settings[&web].algorithm,
+            Algorithm::RoundRobin,
+            "the valid one applies"
+        );
         let bad = &r.report.policies[&ObjectName::new("shop", "bad")];
-        assert_eq!((bad.accepted, bad.reason, bad.generation), (false, Reason::Invalid, Some(4)));
-        assert!(bad.message.contains("spec.loadBalancer.simple"), "{}", bad.message);
+        assert_eq!(
+            (bad.accepted, bad.reason, bad.generation),
+            (false, Reason::Invalid, Some(4))
+        );
+        assert!(
+            bad.message.contains("spec.loadBalancer.simple"),
+            "{}",
+            bad.message
+        );
         assert!(
             r.report.services[&web]
                 .not_applied
@@ -370,7 +424,9 @@ mod tests {
         assert_eq!(lost.message, "no target exists: Service shop/gone");
         assert_eq!(r.settings.len(), 1);
         assert!(
-            !r.report.services.contains_key(&ObjectName::new("shop", "gone")),
+            !r.report
+                .services
+                .contains_key(&ObjectName::new("shop", "gone")),
             "only existing services are reported"
         );
     }

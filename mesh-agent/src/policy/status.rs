@@ -127,11 +127,14 @@ pub fn current_condition(object: &DynamicObject) -> Option<PolicyCondition> {
         .find(|c| c.type_ == CONDITION_ACCEPTED)
 }
 
+/// A Lease record as an observer compares it: holder and renew time.
+type LeaseRecord = (Option<String>, Option<MicroTime>);
+
 /// The Lease-election state machine (one per agent).
 struct Elector {
     identity: String,
     /// The last Lease record seen (holder, renew time) and when this agent first saw it.
-    observed: Option<((Option<String>, Option<MicroTime>), Instant)>,
+    observed: Option<(LeaseRecord, Instant)>,
     /// When this agent last renewed successfully while holding.
     renewed: Option<Instant>,
 }
@@ -302,7 +305,8 @@ async fn write(
             }
             _ => Timestamp::now().to_string(),
         };
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &name.namespace, resource);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &name.namespace, resource);
         let patch = json!({ "status": { "conditions": [condition] } });
         match api
             .patch_status(&name.name, &PatchParams::default(), &Patch::Merge(&patch))

@@ -1,5 +1,5 @@
 //! The `TrafficPolicy` custom resource (`traffic.kernmesh.io/v1alpha1`): Rust types from which
-//! the CRD, its OpenAPI schema and its CEL admission rules are generated.
+//! the CRD, its `OpenAPI` schema and its CEL admission rules are generated.
 //!
 //! The types stay close to the wire: enumerations are strings and numbers are wide, so that a
 //! value the schema would refuse still deserializes and [`super::parse`] can name the field and
@@ -49,21 +49,9 @@ self % p != 0)";
     status = "TrafficPolicyStatus",
     derive = "PartialEq",
     doc = "Load balancing, connection limits and outlier detection for Services (kernmesh).",
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {

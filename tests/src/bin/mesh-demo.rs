@@ -177,10 +177,7 @@ fn main() -> Result<()> {
     say(
         "agent killed; programs stay attached through their pinned links; model now least-connections",
     );
-    write_atomically(
-        &model_file,
-        &model.replace("ROUND_ROBIN", "LEAST_REQUEST"),
-    )?;
+    write_atomically(&model_file, &model.replace("ROUND_ROBIN", "LEAST_REQUEST"))?;
     agent_a.start()?;
     let r = load
         .join()
