@@ -821,3 +821,109 @@ fn agent_binary_follows_the_kubernetes_api() {
     let listed = agent.meshctl_json(&["services"]).unwrap();
     assert!(listed.as_array().unwrap().is_empty(), "{listed}");
 }
+
+/// The policy status writer (no kernel needed): of two agents only the Lease holder writes; when
+/// it dies, the other takes the Lease over once the record has gone unrenewed for the lease
+/// duration, and its view of the status is written.
+#[test]
+fn policy_status_has_one_writer_and_fails_over() {
+    use std::sync::Arc;
+
+    use mesh_agent::policy::{
+        status::{self, Desired, DesiredStatus, LEASE_DURATION},
+        types::PolicyCondition,
+    };
+    use tokio::sync::watch;
+
+    let kmock = Kmock::start().expect("kmock API stand-in");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(async { kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())) })
+        .unwrap();
+    let resource = ApiResource::erase::<TrafficPolicy>(&());
+    let policies: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NS);
+    let created = rt
+        .block_on(policies.create(&PostParams::default(), &traffic_policy("p", &json!({}))))
+        .expect("create policy");
+    let reference = kube::Resource::object_ref(&created, &resource);
+    let desired = |reason: &str| {
+        let mut d = DesiredStatus::new();
+        d.insert(
+            ObjectName::new(NS, "p"),
+            Desired {
+                condition: PolicyCondition {
+                    type_: "Accepted".to_owned(),
+                    status: "True".to_owned(),
+                    reason: reason.to_owned(),
+                    message: format!("as seen by the agent writing {reason}"),
+                    observed_generation: Some(1),
+                    last_transition_time: String::new(),
+                },
+                current: None,
+                reference: reference.clone(),
+            },
+        );
+        Arc::new(d)
+    };
+    let agent = |id: &str, reason: &str| {
+        let (tx, rx) = watch::channel(desired(reason));
+        let config = StatusConfig {
+            namespace: AGENT_NS.to_owned(),
+            identity: id.to_owned(),
+        };
+        (tx, rt.spawn(status::run(client.clone(), config, rx)))
+    };
+    let reason_now = || {
+        rt.block_on(policies.get("p")).expect("get policy").data["status"]["conditions"][0]
+            ["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let holder = || {
+        rt.block_on(leases.get(LEASE_NAME))
+            .ok()
+            .and_then(|l| l.spec)
+            .map(|s| (s.holder_identity.unwrap_or_default(), s.lease_transitions))
+    };
+    let wait = |what: &str, limit: Duration, ok: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < limit, "{what} not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (_a_tx, a) = agent("agent-a", "WrittenByA");
+    wait("agent-a elected and writing", CONVERGE, &|| {
+        reason_now() == "WrittenByA"
+    });
+    assert_eq!(holder(), Some(("agent-a".to_owned(), Some(0))));
+    let (_b_tx, b) = agent("agent-b", "WrittenByB");
+    // While agent-a renews, agent-b only reads: nothing of its view is written.
+    std::thread::sleep(status::RENEW_INTERVAL + Duration::from_secs(2));
+    assert_eq!(reason_now(), "WrittenByA", "a non-holder wrote status");
+    assert_eq!(holder().unwrap().0, "agent-a");
+    // agent-a dies without releasing: agent-b takes over after the lease duration, not before.
+    a.abort();
+    let died = Instant::now();
+    wait(
+        "agent-b takes the Lease over",
+        LEASE_DURATION + CONVERGE,
+        &|| holder().is_some_and(|(h, _)| h == "agent-b"),
+    );
+    assert!(
+        died.elapsed() >= LEASE_DURATION - status::RENEW_INTERVAL,
+        "taken over after {:?}, before the lease could expire",
+        died.elapsed()
+    );
+    assert_eq!(holder(), Some(("agent-b".to_owned(), Some(1))));
+    wait("agent-b writes its view", CONVERGE, &|| {
+        reason_now() == "WrittenByB"
+    });
+    b.abort();
+}
