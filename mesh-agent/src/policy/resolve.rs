@@ -123,9 +123,22 @@ pub fn resolve(
             }
         }
     }
+    // Services in namespaces no policy names are skipped without allocating: on a large
+    // cluster most are.
+    let named: BTreeSet<&str> = by_target
+        .keys()
+        .chain(invalid_by_target.keys())
+        .map(|t| match t.kind {
+            TargetKind::Service => t.object.namespace.as_str(),
+            TargetKind::Namespace => t.object.name.as_str(),
+        })
+        .collect();
     let mut out = Resolution::default();
     let mut applies_to = vec![0_usize; policies.len()];
     for svc in services {
+        if !named.contains(svc.namespace.as_str()) {
+            continue;
+        }
         let st = Target {
             kind: TargetKind::Service,
             object: svc.clone(),
@@ -149,46 +162,17 @@ pub fn resolve(
             entry.applied = Some((policies[w].name.clone(), kind));
         }
         let winner_name = winner.map(|(w, _)| &policies[w].name);
-        for (list, target) in [(on_svc, &st), (on_ns, &nt)] {
-            for (rank, &i) in list.iter().enumerate() {
-                if Some(&policies[i].name) == winner_name {
-                    continue;
-                }
-                let (reason, why) = if rank > 0 {
-                    (
-                        Reason::Conflicted,
-                        format!(
-                            "conflicts on {target} with older policy {}, which wins",
-                            policies[list[0]].name
-                        ),
-                    )
-                } else {
-                    (
-                        Reason::Accepted,
-                        format!(
-                            "targets {target}; overridden by Service-targeted policy {}",
-                            winner_name.map(ToString::to_string).unwrap_or_default()
-                        ),
-                    )
-                };
-                entry.not_applied.push(NotApplied {
-                    policy: policies[i].name.clone(),
-                    reason,
-                    why,
-                });
-            }
-        }
-        for target in [&st, &nt] {
-            for &i in invalid_by_target.get(target).into_iter().flatten() {
-                if let Err(e) = &policies[i].outcome {
-                    entry.not_applied.push(NotApplied {
-                        policy: policies[i].name.clone(),
-                        reason: Reason::Invalid,
-                        why: e.to_string(),
-                    });
-                }
-            }
-        }
+        entry.not_applied = not_applied(
+            policies,
+            winner_name,
+            [(on_svc, &st), (on_ns, &nt)],
+            [&st, &nt].map(|t| {
+                invalid_by_target
+                    .get(t)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            }),
+        );
         if entry != ServicePolicy::default() {
             out.report.services.insert(svc.clone(), entry);
         }
@@ -202,6 +186,57 @@ pub fn resolve(
                 ..state
             },
         );
+    }
+    out
+}
+
+/// The policies naming a service that do not apply to it, and why: losers of a conflict on one
+/// of its targets, a Namespace-targeted winner overridden by a Service-targeted one, and invalid
+/// policies.
+fn not_applied(
+    policies: &[ParsedPolicy],
+    winner_name: Option<&ObjectName>,
+    valid: [(&[usize], &Target); 2],
+    invalid: [&[usize]; 2],
+) -> Vec<NotApplied> {
+    let mut out = Vec::new();
+    for (list, target) in valid {
+        for (rank, &i) in list.iter().enumerate() {
+            if Some(&policies[i].name) == winner_name {
+                continue;
+            }
+            let (reason, why) = if rank > 0 {
+                (
+                    Reason::Conflicted,
+                    format!(
+                        "conflicts on {target} with older policy {}, which wins",
+                        policies[list[0]].name
+                    ),
+                )
+            } else {
+                (
+                    Reason::Accepted,
+                    format!(
+                        "targets {target}; overridden by Service-targeted policy {}",
+                        winner_name.map(ToString::to_string).unwrap_or_default()
+                    ),
+                )
+            };
+            out.push(NotApplied {
+                policy: policies[i].name.clone(),
+                reason,
+                why,
+            });
+        }
+    }
+    for &i in invalid.into_iter().flatten() {
+        if let Err(e) = &policies[i].outcome {
+            out.push(NotApplied {
+                policy: policies[i].name.clone(),
+                reason: Reason::Invalid,
+                why: e.to_string(),
+            });
+        }
     }
     out
 }
