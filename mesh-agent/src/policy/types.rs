@@ -1,6 +1,9 @@
 //! The `TrafficPolicy` custom resource (`traffic.kernmesh.io/v1alpha1`): Rust types from which
 //! the CRD, its `OpenAPI` schema and its CEL admission rules are generated.
 //!
+//! Every string and list is bounded (`maxLength`, `maxItems`): the API server estimates a CEL
+//! rule's cost from those bounds and refuses a CRD whose rules could exceed its budget.
+//!
 //! The types stay close to the wire: enumerations are strings and numbers are wide, so that a
 //! value the schema would refuse still deserializes and [`super::parse`] can name the field and
 //! the reason (the static file has no admission step, and a cluster may hold objects written
@@ -77,9 +80,11 @@ pub struct TrafficPolicySpec {
 pub struct TargetRef {
     /// API group of the target: always `""` (the core group).
     #[serde(default)]
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self == ''").message("group must be \"\" (the core API group)"))]
     pub group: String,
     /// `Service` or `Namespace`.
+    #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new("self == 'Service' || self == 'Namespace'").message("kind must be Service or Namespace"))]
     pub kind: String,
     /// Name of the Service, or of the policy's own namespace.
@@ -95,6 +100,7 @@ pub struct LoadBalancer {
     /// `RANDOM`, `ROUND_ROBIN`, `LEAST_REQUEST` (power of two choices, fewest active
     /// connections) or `WEIGHTED` (by endpoint weight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self in ['RANDOM', 'ROUND_ROBIN', 'LEAST_REQUEST', 'WEIGHTED']").message("simple must be RANDOM, ROUND_ROBIN, LEAST_REQUEST or WEIGHTED"))]
     pub simple: Option<String>,
     /// Consistent hashing (Maglev), so a client keeps reaching the same endpoint.
@@ -143,10 +149,12 @@ pub struct OutlierDetection {
     pub consecutive_failures: Option<i64>,
     /// First ejection (default `30s`); later ones last this × times ejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$') && duration(self) > duration('0s')").message("baseEjectionTime must be a duration longer than 0s, like 30s, 1m30s or 500ms"))]
     pub base_ejection_time: Option<String>,
     /// Longest one ejection (default `300s`, or `baseEjectionTime` when that is longer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$') && duration(self) > duration('0s')").message("maxEjectionTime must be a duration longer than 0s, like 300s or 5m"))]
     pub max_ejection_time: Option<String>,
     /// Most endpoints of a Service ejected at once, in percent (default 10).
