@@ -81,6 +81,16 @@ fn the_crd_has_the_agreed_names_scope_and_status() {
         v["subresources"]["status"].is_object(),
         "status subresource"
     );
+    let refs = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["targetRefs"];
+    assert_eq!(
+        refs["maxItems"],
+        policy::parse::MAX_TARGETS,
+        "schema and parser agree"
+    );
+    assert_eq!(
+        refs["items"]["properties"]["name"]["maxLength"],
+        policy::parse::MAX_NAME
+    );
     let text = serde_json::to_string(&crd).unwrap();
     assert!(
         text.matches("x-kubernetes-validations").count() >= 10,

@@ -27,6 +27,12 @@ use crate::{
 
 /// Namespace of a policy that names none (the static file; as `kubectl apply` without `-n`).
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Most targets of one policy (the schema's `maxItems`).
+pub const MAX_TARGETS: usize = 16;
+/// Longest target name (a DNS subdomain; the schema's `maxLength`).
+pub const MAX_NAME: usize = 253;
+/// Longest duration text (the schema's `maxLength`).
+pub const MAX_DURATION_TEXT: usize = 32;
 /// Longest value quoted in a message (Events allow 1 kB of note).
 const MAX_QUOTED: usize = 60;
 
@@ -299,6 +305,12 @@ impl Validator<'_> {
         if refs.is_empty() {
             self.problem("spec.targetRefs", "needs at least one target");
         }
+        if refs.len() > MAX_TARGETS {
+            self.problem(
+                "spec.targetRefs",
+                format!("has {} targets; at most {MAX_TARGETS}", refs.len()),
+            );
+        }
         let mut out: Vec<Target> = Vec::new();
         for (i, r) in refs.iter().enumerate() {
             let at = |f: &str| format!("spec.targetRefs[{i}].{f}");
@@ -313,6 +325,10 @@ impl Validator<'_> {
             }
             if r.name.is_empty() {
                 self.problem(at("name"), "is required");
+                continue;
+            }
+            if r.name.len() > MAX_NAME {
+                self.problem(at("name"), format!("is longer than {MAX_NAME} characters"));
                 continue;
             }
             let kind = match r.kind.as_str() {
@@ -429,7 +445,7 @@ impl Validator<'_> {
 
     fn duration(&mut self, field: &str, value: Option<&String>) -> Option<Duration> {
         let v = value?;
-        match parse_duration(v) {
+        match parse_duration(v).filter(|_| v.len() <= MAX_DURATION_TEXT) {
             Some(d) if !d.is_zero() => Some(d),
             Some(_) => {
                 self.problem(field, format!("{} is not longer than 0s", quote(v)));
@@ -688,6 +704,14 @@ mod tests {
             (
                 json!({ "targetRefs": [] }),
                 "spec.targetRefs: needs at least one target",
+            ),
+            (
+                json!({ "targetRefs": (0..17).map(|i| json!({ "kind": "Service", "name": format!("s{i}") })).collect::<Vec<_>>() }),
+                "spec.targetRefs: has 17 targets; at most 16",
+            ),
+            (
+                json!({ "targetRefs": [{ "kind": "Service", "name": "x".repeat(254) }] }),
+                "spec.targetRefs[0].name: is longer than 253 characters",
             ),
             (
                 json!({ "targetRefs": [{ "kind": "Deployment", "name": "web" }] }),
