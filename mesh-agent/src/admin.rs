@@ -27,8 +27,9 @@ pub mod proto {
 
 use proto::{
     BackendInfo, ConfigDumpRequest, ConfigDumpResponse, Flow, IdentityInfo, ListBackendsRequest,
-    ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse, ListServicesRequest,
-    ListServicesResponse, ServiceInfo, StatusRequest, StatusResponse, WatchFlowsRequest,
+    ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse, ListPoliciesRequest,
+    ListPoliciesResponse, ListServicesRequest, ListServicesResponse, ServiceInfo, StatusRequest,
+    StatusResponse, WatchFlowsRequest,
     admin_server::{Admin, AdminServer},
 };
 
@@ -263,6 +264,14 @@ impl Admin for AdminService {
 
     type WatchFlowsStream = FlowStream;
 
+    async fn list_policies(
+        &self,
+        _: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let st = self.shared.state();
+        Ok(Response::new(policies_response(&st.model)))
+    }
+
     async fn watch_flows(
         &self,
         req: Request<WatchFlowsRequest>,
@@ -338,4 +347,55 @@ impl FlowFilter {
             && (self.verdict.is_empty() || f.verdict == self.verdict)
             && f.time_unix_nano >= self.since_unix_nano
     }
+}
+
+/// What applies to each service of `model` and why, and every policy's state.
+fn policies_response(model: &crate::model::ClusterModel) -> ListPoliciesResponse {
+    use proto::{PolicyInfo, PolicyNotApplied, ServicePolicyInfo};
+    let report = &model.policies;
+    let services = model
+        .services
+        .values()
+        .map(|svc| {
+            let entry = report.services.get(&svc.name);
+            let applied = entry.and_then(|e| e.applied.as_ref());
+            let c = &svc.settings.circuit;
+            ServicePolicyInfo {
+                service: svc.name.to_string(),
+                policy: applied.map(|(p, _)| p.to_string()).unwrap_or_default(),
+                via: applied.map(|(_, k)| k.to_string()).unwrap_or_default(),
+                algorithm: algorithm_name(svc.settings.algorithm).to_owned(),
+                table_size: svc.settings.table_size.unwrap_or(0),
+                max_connections: c.max_connections,
+                consecutive_failures: c.consecutive_failures,
+                base_ejection_ms: c.base_ejection.as_millis() as u64,
+                max_ejection_ms: c.max_ejection.as_millis() as u64,
+                max_ejection_percent: c.max_ejection_percent,
+                panic_threshold_percent: c.panic_threshold_percent,
+                not_applied: entry
+                    .map(|e| e.not_applied.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| PolicyNotApplied {
+                        policy: n.policy.to_string(),
+                        reason: n.reason.to_string(),
+                        why: n.why.clone(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let policies = report
+        .policies
+        .iter()
+        .map(|(name, p)| PolicyInfo {
+            policy: name.to_string(),
+            accepted: p.accepted,
+            reason: p.reason.to_string(),
+            message: p.message.clone(),
+            targets: p.targets.iter().map(ToString::to_string).collect(),
+            services: u32::try_from(p.applies_to).unwrap_or(u32::MAX),
+        })
+        .collect();
+    ListPoliciesResponse { services, policies }
 }

@@ -9,5 +9,6 @@ pub mod flows;
 pub mod health;
 pub mod logging;
 pub mod model;
+pub mod policy;
 pub mod reconcile;
 pub mod sys;

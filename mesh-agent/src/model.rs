@@ -43,7 +43,7 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
-/// Per-service data-path settings (annotations or the static file).
+/// Per-service data-path settings: a `TrafficPolicy` (or the defaults) and the Service's affinity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSettings {
     pub algorithm: Algorithm,
@@ -96,6 +96,8 @@ pub struct ClusterModel {
     pub node: String,
     pub services: BTreeMap<ObjectName, Service>,
     pub pods: BTreeMap<ObjectName, Pod>,
+    /// Which `TrafficPolicy` applies to each service and how every policy stands.
+    pub policies: crate::policy::Report,
 }
 
 impl ClusterModel {

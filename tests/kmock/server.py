@@ -11,7 +11,10 @@ What it adds to kmock (0.8):
 - the Namespace resource itself is routable: kmock 0.8 reads `/api/v1/namespaces[/NAME]` as a
   namespace prefix without a resource and fails with 500, so those paths are parsed here;
 - every create and patch stamps `metadata.resourceVersion` from one counter (kube-rs watchers
-  track it) and `metadata.uid`, and lists carry the current counter.
+  track it) and `metadata.uid` (plus `metadata.creationTimestamp` and `generation` on create, as
+  the API server does: policy precedence and status read them), and lists carry the current
+  counter;
+- `TrafficPolicy` (with its status subresource, patched as the object itself) and `Lease`.
 
 As kmock does, every watch replays existing objects as ADDED, patches are plain merges, field and
 label selectors are ignored, and nothing runs controllers (tests post EndpointSlices themselves).
@@ -19,6 +22,7 @@ label selectors are ignored, and nothing runs controllers (tests post EndpointSl
 
 import argparse
 import asyncio
+import datetime
 import itertools
 import sys
 import uuid
@@ -57,6 +61,14 @@ RESOURCES = {
         "namespaced": True,
     },
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
+    # The agent's policy API (its CRD, as if installed) and the Lease electing its status writer.
+    "traffic.kernmesh.io/v1alpha1/trafficpolicies": {
+        "kind": "TrafficPolicy",
+        "singular": "trafficpolicy",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease", "namespaced": True},
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 
@@ -76,6 +88,11 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(Emulator._current)
             if action == enums.action.CREATE:
                 meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault(
+                    "creationTimestamp",
+                    datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                )
+                meta.setdefault("generation", 1)
         return await super()._handle(request)
 
     async def _serve_list(self, request):

@@ -34,6 +34,8 @@ fn rejection(agent: &AgentProcess, needle: &str) -> String {
     }
 }
 
+/// The static model: `web` (with `backends`) under a `TrafficPolicy` choosing `algorithm`
+/// (`ROUND_ROBIN`, `RANDOM`, …), and `empty` with the defaults.
 fn model(backends: &[&PodHandle], algorithm: &str) -> String {
     let endpoints: Vec<String> = backends
         .iter()
@@ -46,7 +48,7 @@ fn model(backends: &[&PodHandle], algorithm: &str) -> String {
         })
         .collect();
     format!(
-        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: {algorithm}\n    endpoints:\n{}  - name: empty\n    clusterIPs: [10.96.0.11]\n    ports: [{{ port: 80 }}]\npods:\n  - {{ name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }}\n",
+        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    endpoints:\n{}  - name: empty\n    clusterIPs: [10.96.0.11]\n    ports: [{{ port: 80 }}]\npods:\n  - {{ name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }}\npolicies:\n  - apiVersion: traffic.kernmesh.io/v1alpha1\n    kind: TrafficPolicy\n    metadata: {{ name: web }}\n    spec:\n      targetRefs: [{{ kind: Service, name: web }}]\n      loadBalancer: {{ simple: {algorithm} }}\n",
         VIP.ip(),
         endpoints.concat()
     )
@@ -76,7 +78,7 @@ fn setup(test: &str) -> Setup {
     let config = work.join("mesh.yaml");
     write(
         &config,
-        &model(&[&backends[0], &backends[1]], "round-robin"),
+        &model(&[&backends[0], &backends[1]], "ROUND_ROBIN"),
     );
     let agent = AgentProcess::new(node, config, dir.join("a"), work.join("admin.sock"));
     Setup {
@@ -105,16 +107,13 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
     let cases = [
         ("services:\n  - name: web\n    ports: [\n", "mesh.yaml:"),
         (
-            &*good.replace("loadBalancer:", "loadBalancr:"),
-            "loadBalancr",
+            &*good.replace("  - name: empty", "  - nme: empty"),
+            "nme",
         ),
         (
-            &*format!(
-                "{good}  - name: web\n    clusterIPs: [10.96.0.12]\n    ports: [{{port: 80}}]\n"
-            )
-            .replace(
-                "pods:\n  - { name: client, node: a, serviceAccount: frontend, ips: [10.1.0.2] }\n",
-                "",
+            &*good.replace(
+                "  - name: empty",
+                "  - name: web\n    clusterIPs: [10.96.0.12]\n    ports: [{port: 80}]\n  - name: empty",
             ),
             "duplicate service default/web",
         ),
@@ -134,8 +133,37 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
             "traffic keeps flowing on the last good state after {why}: {r:?}"
         );
     }
+    // An invalid policy is rejected alone, with its line and the cluster's message; the rest of
+    // the file applies and `web` falls back to the defaults.
+    write(
+        &s.agent.config,
+        &model(&[&s.backends[0], &s.backends[1]], "FASTEST"),
+    );
+    let why = rejection(&s.agent, "spec.loadBalancer.simple");
+    assert!(
+        why.contains("mesh.yaml:16:5")
+            && why.contains(": policies[0]: TrafficPolicy default/web: spec.loadBalancer.simple: \"FASTEST\" is not one of"),
+        "{why}"
+    );
+    let p = s.agent.meshctl_json(&["policies"]).unwrap();
+    let web = p["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["service"] == "default/web")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        web["policy"], "",
+        "defaults while the policy is invalid: {p}"
+    );
+    assert_eq!(web["algorithm"], "random", "{p}");
+    assert_eq!(web["not_applied"][0]["reason"], "Invalid", "{p}");
+    assert_eq!(p["policies"][0]["reason"], "Invalid", "{p}");
+    let r = s.client.hit(VIP, 10, &[]).unwrap();
+    assert_eq!(r.ok(), 10, "{r:?}");
     // A good change is applied.
-    write(&s.agent.config, &model(&[&s.backends[2]], "random"));
+    write(&s.agent.config, &model(&[&s.backends[2]], "RANDOM"));
     let start = Instant::now();
     loop {
         let r = s.client.hit(VIP, 10, &[]).unwrap();
@@ -167,7 +195,7 @@ fn sigkill_restart_loses_no_connection_and_applies_changes_made_while_down() {
         &s.agent.config,
         &model(
             &[&s.backends[0], &s.backends[1], &s.backends[2]],
-            "round-robin",
+            "ROUND_ROBIN",
         ),
     );
     thread::sleep(Duration::from_millis(300));
@@ -199,6 +227,38 @@ fn sigkill_restart_loses_no_connection_and_applies_changes_made_while_down() {
     s.agent.kill();
 }
 
+/// `meshctl policies`: `web` under its policy, `empty` with the defaults, and the policy's
+/// condition.
+fn policies_table_shows_what_applies(agent: &AgentProcess) {
+    let out = agent.meshctl(&["policies"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("default/web")[..4],
+        ["default/web", "default/web", "Service", "round-robin"],
+        "{table}"
+    );
+    assert_eq!(
+        row("default/empty")[..3],
+        ["default/empty", "(defaults)", "random"],
+        "{table}"
+    );
+    assert!(
+        table.contains("POLICY")
+            && table.lines().any(|l| l.starts_with("default/web")
+                && l.contains("True")
+                && l.contains("Accepted")),
+        "the policy and its condition: {table}"
+    );
+}
+
 #[test]
 fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
     let Some(_k) = mesh_tests::kernel_test("agent_meshctl") else {
@@ -212,6 +272,7 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         out.status.success() && table.contains("10.96.0.10:80") && table.contains("round-robin"),
         "{table}"
     );
+    policies_table_shows_what_applies(&s.agent);
     let backends = s.agent.meshctl_json(&["backends", "web"]).unwrap();
     assert_eq!(backends.as_array().unwrap().len(), 2, "{backends}");
     assert_eq!(backends[0]["circuit"], "closed");

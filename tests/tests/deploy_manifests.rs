@@ -19,13 +19,15 @@ use std::{
 use k8s_openapi::{
     Resource,
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::DaemonSet,
         core::v1::{
             ConfigMap, Container, HostPathVolumeSource, Namespace, PodSpec, ResourceQuota,
             ServiceAccount, Volume, VolumeMount,
         },
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -94,6 +96,11 @@ struct Manifests {
     bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    crds: Vec<CustomResourceDefinition>,
+    admission_policies: Vec<ValidatingAdmissionPolicy>,
+    admission_bindings: Vec<ValidatingAdmissionPolicyBinding>,
 }
 
 impl Manifests {
@@ -131,6 +138,25 @@ impl Manifests {
             self.config_maps.push(typed(at, doc));
         } else if is(DaemonSet::API_VERSION, DaemonSet::KIND) {
             self.daemon_sets.push(typed(at, doc));
+        } else if is(Role::API_VERSION, Role::KIND) {
+            self.roles.push(typed(at, doc));
+        } else if is(RoleBinding::API_VERSION, RoleBinding::KIND) {
+            self.role_bindings.push(typed(at, doc));
+        } else if is(
+            CustomResourceDefinition::API_VERSION,
+            CustomResourceDefinition::KIND,
+        ) {
+            self.crds.push(typed(at, doc));
+        } else if is(
+            ValidatingAdmissionPolicy::API_VERSION,
+            ValidatingAdmissionPolicy::KIND,
+        ) {
+            self.admission_policies.push(typed(at, doc));
+        } else if is(
+            ValidatingAdmissionPolicyBinding::API_VERSION,
+            ValidatingAdmissionPolicyBinding::KIND,
+        ) {
+            self.admission_bindings.push(typed(at, doc));
         } else {
             panic!(
                 "{at}: unexpected object `{api_version}` `{kind}` (a typo, or a new kind this test \
@@ -279,6 +305,11 @@ fn every_document_is_a_known_kubernetes_object_in_one_namespace() {
     only(&m.bindings, "ClusterRoleBinding");
     only(&m.config_maps, "ConfigMap");
     only(&m.daemon_sets, "DaemonSet");
+    only(&m.roles, "Role");
+    only(&m.role_bindings, "RoleBinding");
+    only(&m.crds, "CustomResourceDefinition");
+    only(&m.admission_policies, "ValidatingAdmissionPolicy");
+    only(&m.admission_bindings, "ValidatingAdmissionPolicyBinding");
     let namespaced = m
         .quotas
         .iter()
@@ -289,6 +320,8 @@ fn every_document_is_a_known_kubernetes_object_in_one_namespace() {
                 .map(|o| (&o.metadata, "ServiceAccount")),
         )
         .chain(m.config_maps.iter().map(|o| (&o.metadata, "ConfigMap")))
+        .chain(m.roles.iter().map(|o| (&o.metadata, "Role")))
+        .chain(m.role_bindings.iter().map(|o| (&o.metadata, "RoleBinding")))
         .chain(m.daemon_sets.iter().map(|o| (&o.metadata, "DaemonSet")));
     for (meta, kind) in namespaced {
         assert_eq!(
@@ -619,6 +652,11 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             expected.insert((group, resource, verb));
         }
     }
+    for verb in ["get", "list", "watch"] {
+        expected.insert(("traffic.kernmesh.io", "trafficpolicies", verb));
+    }
+    // Written by the agent holding the policy-status Lease.
+    expected.insert(("traffic.kernmesh.io", "trafficpolicies/status", "patch"));
     // Both groups serve the same Event objects (core/v1 and events.k8s.io/v1).
     for group in ["", "events.k8s.io"] {
         for verb in ["create", "patch"] {
@@ -668,6 +706,62 @@ fn binding_grants_the_role_to_the_agents_service_account() {
         sa.metadata.name.as_ref(),
         "the DaemonSet runs as another ServiceAccount"
     );
+}
+
+#[test]
+fn the_policy_status_lease_is_the_only_namespaced_grant() {
+    let m = Manifests::load();
+    let role = only(&m.roles, "Role");
+    let binding = only(&m.role_bindings, "RoleBinding");
+    let sa = only(&m.service_accounts, "ServiceAccount");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    let names = rule.resource_names.clone().unwrap_or_default();
+                    granted.insert((group.clone(), resource.clone(), verb.clone(), names));
+                }
+            }
+        }
+    }
+    let lease = vec![mesh_agent::policy::status::LEASE_NAME.to_owned()];
+    let expected: BTreeSet<_> = [
+        ("create", Vec::new()),
+        ("get", lease.clone()),
+        ("patch", lease.clone()),
+    ]
+    .into_iter()
+    .map(|(verb, names)| {
+        (
+            "coordination.k8s.io".to_owned(),
+            "leases".to_owned(),
+            verb.to_owned(),
+            names,
+        )
+    })
+    .collect();
+    assert_eq!(granted, expected, "Role rules");
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subject = &binding.subjects.as_deref().unwrap_or_default()[0];
+    assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
+    // The agent learns its namespace and identity from the downward API.
+    let c = agent(only(&m.daemon_sets, "DaemonSet"));
+    for (var, path) in [
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_NAME", "metadata.name"),
+    ] {
+        let field = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .unwrap_or_else(|| panic!("{var} from the downward API"));
+        assert_eq!(field.field_path, path, "{var}");
+    }
 }
 
 #[test]
@@ -726,6 +820,11 @@ fn config_map_feeds_the_agent_and_its_static_model_is_valid() {
     assert!(
         !model.services.is_empty(),
         "the example static model has no service"
+    );
+    assert!(
+        model.policies.policies.values().all(|p| p.accepted),
+        "the example policies are accepted: {:?}",
+        model.policies.policies
     );
 }
 

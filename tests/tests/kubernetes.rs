@@ -1,8 +1,10 @@
 //! Kubernetes discovery with real traffic: the agent's Kubernetes source watches a Kubernetes API
 //! stand-in (kmock's `KubernetesEmulator`, `tests/kmock/server.py`), its models are reconciled
 //! into the kernel data path of a cluster-in-a-box node, and a client pod's connections to the
-//! Service's cluster IP follow what the test writes through the API: endpoints added, a rejected
-//! annotation that keeps the last good settings, a valid one that takes effect, and deletion.
+//! Service's cluster IP follow what the test writes through the API: endpoints added, a
+//! `TrafficPolicy` that takes effect, an invalid one that is rejected whole while the service
+//! keeps what the valid one gives it, a conflict decided by age, the elected agent's status and
+//! Event, and deletion.
 
 use std::{
     collections::BTreeMap,
@@ -19,19 +21,27 @@ use mesh_agent::{
     discovery::{
         Update,
         kubernetes::{
-            self, ANN_LB_ALGORITHM, ANN_MAX_EJECTION_PERCENT, EVENT_REASON, SERVICE_NAME_LABEL,
+            self, SERVICE_NAME_LABEL,
             k8s_openapi::api::{
+                coordination::v1::Lease,
                 core::v1::{Namespace, Pod, Service},
                 discovery::v1::EndpointSlice,
                 events::v1::Event,
             },
             kube::{
                 self, Api,
-                api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+                api::{
+                    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams,
+                    PostParams,
+                },
             },
         },
     },
     model::{ClusterModel, ObjectName},
+    policy::{
+        TrafficPolicy,
+        status::{EVENT_REASON_INVALID, LEASE_NAME, StatusConfig},
+    },
     reconcile::Reconciler,
 };
 use mesh_tests::{Cluster, HitReport, PodChild, PodHandle};
@@ -40,6 +50,9 @@ use tokio::{runtime::Runtime, sync::mpsc, task::JoinHandle};
 
 const NS: &str = "shop";
 const NODE: &str = "a";
+/// The agent's namespace and identity for the policy-status Lease.
+const AGENT_NS: &str = "mesh-system";
+const AGENT_ID: &str = "mesh-agent-a";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// How long a change written to the API may take to reach the data path.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -210,6 +223,20 @@ fn pod(name: &str, ip: Ipv4Addr, node: &str) -> Pod {
     }))
 }
 
+/// A `TrafficPolicy` in [`NS`] targeting the Service `web`, with `spec` fields added.
+fn traffic_policy(name: &str, extra: &Value) -> DynamicObject {
+    let mut spec = json!({ "targetRefs": [{ "group": "", "kind": "Service", "name": "web" }] });
+    for (k, v) in extra.as_object().expect("spec fields") {
+        spec[k] = v.clone();
+    }
+    from_json(json!({
+        "apiVersion": "traffic.kernmesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": { "name": name, "namespace": NS },
+        "spec": spec,
+    }))
+}
+
 fn count(r: &HitReport, name: &str) -> u64 {
     r.counts.get(name).copied().unwrap_or(0)
 }
@@ -233,6 +260,8 @@ struct Scenario {
     slices: Api<EndpointSlice>,
     pods: Api<Pod>,
     events: Api<Event>,
+    policies: Api<DynamicObject>,
+    leases: Api<Lease>,
     _servers: Vec<PodChild>,
     client: PodHandle,
     backends: Vec<PodHandle>,
@@ -265,7 +294,18 @@ impl Scenario {
             .block_on(async { kube::Client::try_from(config) })
             .expect("kube client");
         let (tx, updates) = mpsc::channel(16);
-        let source = rt.spawn(kubernetes::run(kube_client.clone(), NODE.to_owned(), tx));
+        // This agent stands for election as the policy status writer (alone, so it wins).
+        let status = StatusConfig {
+            namespace: AGENT_NS.to_owned(),
+            identity: AGENT_ID.to_owned(),
+        };
+        let source = rt.spawn(kubernetes::run_with_status(
+            kube_client.clone(),
+            NODE.to_owned(),
+            Some(status),
+            tx,
+        ));
+        let resource = ApiResource::erase::<TrafficPolicy>(&());
         Self {
             agent: Agent {
                 rt,
@@ -280,7 +320,9 @@ impl Scenario {
             services: Api::namespaced(kube_client.clone(), NS),
             slices: Api::namespaced(kube_client.clone(), NS),
             pods: Api::namespaced(kube_client.clone(), NS),
-            events: Api::namespaced(kube_client, NS),
+            events: Api::namespaced(kube_client.clone(), NS),
+            policies: Api::namespaced_with(kube_client.clone(), NS, &resource),
+            leases: Api::namespaced(kube_client, AGENT_NS),
             _servers: servers,
             client,
             backends,
@@ -299,14 +341,6 @@ impl Scenario {
 
     fn block_on<F: Future>(&self, f: F) -> F::Output {
         self.agent.rt.block_on(f)
-    }
-
-    fn patch_service(&self, patch: Value) {
-        self.block_on(
-            self.services
-                .patch("web", &PatchParams::default(), &Patch::Merge(patch)),
-        )
-        .expect("patch service");
     }
 
     /// Namespace, Service (port 80 → targetPort 80), an `EndpointSlice` with b0 and b1, and Pod
@@ -379,74 +413,74 @@ impl Scenario {
         }
     }
 
-    /// An invalid annotation: reported naming object and field, and recorded as an Event; the
-    /// previous settings stay and traffic flows.
-    fn bad_annotation_is_rejected(&mut self) {
-        let before = self.agent.model.as_ref().expect("model").services[&web()]
-            .settings
-            .clone();
-        self.patch_service(json!({ "metadata": { "annotations": {
-            ANN_MAX_EJECTION_PERCENT: "150",
-        } } }));
-        let want = format!(
-            "Service {NS}/web: annotation {ANN_MAX_EJECTION_PERCENT}: \"150\" is not 0..=100; \
-             keeping the last good settings"
-        );
-        let m = self.converge("rejection of max-ejection-percent 150", |_, rejected| {
-            rejected.contains(&want)
-        });
-        assert_eq!(self.agent.rejected, vec![want.clone()], "reported once");
-        assert_eq!(m.services[&web()].settings, before);
-        assert_eq!(ready_endpoints(&m), 3);
-        let r = self.client.hit(vip(), 60, &[]).expect("hit");
-        assert_eq!(
-            r.ok(),
-            60,
-            "traffic flows with the previous settings: {r:?}"
-        );
-        assert_eq!(r.counts.len(), 3, "{r:?}");
+    fn create_policy(&self, policy: &DynamicObject) {
+        self.block_on(self.policies.create(&PostParams::default(), policy))
+            .expect("create TrafficPolicy");
+    }
 
-        // Best effort on the agent's side, but kmock accepts it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let event = loop {
-            let listed = self
-                .block_on(self.events.list(&ListParams::default()))
-                .map(|l| l.items)
-                .unwrap_or_default();
-            if let Some(e) = listed
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some(EVENT_REASON))
-            {
-                break e;
+    /// The `Accepted` condition the elected agent wrote on a policy: (status, reason, message).
+    fn wait_for_condition(&self, name: &str, reason: &str) -> (String, String, String) {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let obj = self
+                .block_on(self.policies.get(name))
+                .expect("get TrafficPolicy");
+            let c = &obj.data["status"]["conditions"][0];
+            if c["reason"] == reason {
+                assert_eq!(c["type"], "Accepted", "{c}");
+                assert!(
+                    c["lastTransitionTime"]
+                        .as_str()
+                        .is_some_and(|t| !t.is_empty()),
+                    "{c}"
+                );
+                assert_eq!(c["observedGeneration"], 1, "{c}");
+                let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                return (text("status"), text("reason"), text("message"));
             }
             assert!(
                 Instant::now() < deadline,
-                "no {EVENT_REASON} Event recorded"
+                "TrafficPolicy {name}: no condition {reason} in {CONVERGE:?}; status {}",
+                obj.data["status"]
             );
             std::thread::sleep(Duration::from_millis(100));
-        };
-        assert_eq!(event.type_.as_deref(), Some("Warning"));
-        assert_eq!(event.note.as_deref(), Some(want.as_str()));
-        let regarding = event.regarding.expect("regarding");
-        assert_eq!(
-            (regarding.kind.as_deref(), regarding.name.as_deref()),
-            (Some("Service"), Some("web"))
-        );
+        }
     }
 
-    /// Valid annotations (the percent fixed, round robin): the distribution becomes exact.
-    fn round_robin_takes_effect(&mut self) {
-        self.patch_service(json!({ "metadata": { "annotations": {
-            ANN_MAX_EJECTION_PERCENT: "50",
-            ANN_LB_ALGORITHM: "round-robin",
-        } } }));
+    /// A valid policy (round robin, half the backends may be ejected): the distribution becomes
+    /// exact, and the elected agent marks it Accepted.
+    fn round_robin_policy_takes_effect(&mut self) {
+        self.create_policy(&traffic_policy(
+            "web-rr",
+            &json!({
+                "loadBalancer": { "simple": "ROUND_ROBIN" },
+                "outlierDetection": { "maxEjectionPercent": 50 },
+            }),
+        ));
         let m = self.converge("round robin applied", |m, _| {
             m.services
                 .get(&web())
                 .is_some_and(|s| s.settings.algorithm == Algorithm::RoundRobin)
         });
         assert_eq!(m.services[&web()].settings.circuit.max_ejection_percent, 50);
-        assert_eq!(self.agent.rejected.len(), 1, "{:?}", self.agent.rejected);
+        assert!(self.agent.rejected.is_empty(), "{:?}", self.agent.rejected);
+        self.assert_round_robin();
+        let (status, _, message) = self.wait_for_condition("web-rr", "Accepted");
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("True", "applies to its targets")
+        );
+        let lease = self
+            .block_on(self.leases.get(LEASE_NAME))
+            .expect("the election Lease exists");
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity).as_deref(),
+            Some(AGENT_ID),
+            "this agent holds the Lease"
+        );
+    }
+
+    fn assert_round_robin(&self) {
         let r = self.client.hit(vip(), 90, &[]).expect("hit");
         assert_eq!(r.ok(), 90, "{r:?}");
         let shares: BTreeMap<&str, u64> = ["b0", "b1", "b2"]
@@ -462,6 +496,99 @@ impl Scenario {
             "round robin never repeats a backend back to back: {:?}",
             r.per_conn
         );
+    }
+
+    /// An invalid policy on the same Service: rejected whole, reported naming object, field and
+    /// reason, written to its status and recorded as a Warning Event; the service keeps what the
+    /// valid policy gives it, and traffic flows.
+    fn invalid_policy_is_rejected_and_the_valid_one_stays(&mut self) {
+        let before = self.agent.model.as_ref().expect("model").services[&web()]
+            .settings
+            .clone();
+        self.create_policy(&traffic_policy(
+            "web-bad",
+            &json!({
+                "loadBalancer": { "simple": "RANDOM" },
+                "outlierDetection": { "maxEjectionPercent": 150 },
+            }),
+        ));
+        let want = format!(
+            "TrafficPolicy {NS}/web-bad: spec.outlierDetection.maxEjectionPercent: 150 is not in \
+             0..=100; rejected as a whole"
+        );
+        let m = self.converge("rejection of maxEjectionPercent 150", |_, rejected| {
+            rejected.contains(&want)
+        });
+        assert_eq!(self.agent.rejected, vec![want.clone()], "reported once");
+        assert_eq!(m.services[&web()].settings, before, "nothing of it applies");
+        let state = &m.policies.policies[&ObjectName::new(NS, "web-bad")];
+        assert_eq!(state.message, want);
+        assert_eq!(ready_endpoints(&m), 3);
+        self.assert_round_robin();
+        let (status, _, message) = self.wait_for_condition("web-bad", "Invalid");
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("False", want.as_str())
+        );
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let event = loop {
+            let listed = self
+                .block_on(self.events.list(&ListParams::default()))
+                .map(|l| l.items)
+                .unwrap_or_default();
+            if let Some(e) = listed
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(EVENT_REASON_INVALID))
+            {
+                break e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {EVENT_REASON_INVALID} Event recorded"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.note.as_deref(), Some(want.as_str()));
+        let regarding = event.regarding.expect("regarding");
+        assert_eq!(
+            (regarding.kind.as_deref(), regarding.name.as_deref()),
+            (Some("TrafficPolicy"), Some("web-bad"))
+        );
+    }
+
+    /// A second valid policy on the same Service is younger: Conflicted, and it takes over only
+    /// when the older one is deleted (the Gateway API's conflict rule).
+    fn the_oldest_policy_wins_a_conflict(&mut self) {
+        // creationTimestamp has a one-second resolution: make the age difference visible.
+        std::thread::sleep(Duration::from_millis(1100));
+        self.create_policy(&traffic_policy(
+            "web-young",
+            &json!({ "loadBalancer": { "simple": "RANDOM" } }),
+        ));
+        let (status, _, message) = self.wait_for_condition("web-young", "Conflicted");
+        assert_eq!(status, "False");
+        assert!(
+            message.contains(&format!("older policy {NS}/web-rr wins")),
+            "{message}"
+        );
+        let m = self.agent.model.clone().expect("model");
+        assert_eq!(m.services[&web()].settings.algorithm, Algorithm::RoundRobin);
+        self.block_on(self.policies.delete("web-rr", &DeleteParams::default()))
+            .expect("delete web-rr");
+        let m = self.converge("the younger policy applies", |m, _| {
+            m.services
+                .get(&web())
+                .is_some_and(|s| s.settings.algorithm == Algorithm::Random)
+        });
+        assert_eq!(
+            m.services[&web()].settings.circuit.max_ejection_percent,
+            10,
+            "web-young sets no outlier detection: the defaults, nothing merged from web-rr"
+        );
+        let (status, _, _) = self.wait_for_condition("web-young", "Accepted");
+        assert_eq!(status, "True");
     }
 
     /// Deleting the Service: connections to the cluster IP are no longer translated.
@@ -505,15 +632,17 @@ fn kubernetes_discovery_drives_the_kernel_data_path() {
     assert!(m.services.is_empty() && m.pods.is_empty(), "{m:?}");
     s.create_service_with_two_endpoints();
     s.scale_to_three_endpoints();
-    s.bad_annotation_is_rejected();
-    s.round_robin_takes_effect();
+    s.round_robin_policy_takes_effect();
+    s.invalid_policy_is_rejected_and_the_valid_one_stays();
+    s.the_oldest_policy_wins_a_conflict();
     s.delete_service();
     s.delete_namespace();
 }
 
 /// The agent binary as a user starts it (`mesh-agent --kubernetes`, kubeconfig pointing at the
-/// API stand-in): objects written through the API drive the kernel, and a bad annotation shows
-/// in `meshctl status` without breaking the service.
+/// API stand-in): objects written through the API drive the kernel, a `TrafficPolicy` applies,
+/// and an invalid one shows in `meshctl status` and `meshctl policies` without breaking the
+/// service.
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -557,7 +686,9 @@ fn agent_binary_follows_the_kubernetes_api() {
     let pp = PostParams::default();
     let namespaces: Api<Namespace> = Api::all(kube_client.clone());
     let services: Api<Service> = Api::namespaced(kube_client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(kube_client, NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(kube_client.clone(), NS);
+    let policies: Api<DynamicObject> =
+        Api::namespaced_with(kube_client, NS, &ApiResource::erase::<TrafficPolicy>(&()));
     rt.block_on(async {
         namespaces
             .create(&pp, &from_json(json!({ "metadata": { "name": NS } })))
@@ -611,10 +742,44 @@ fn agent_binary_follows_the_kubernetes_api() {
         &|r| r.ok() == 30 && count(r, "b2") > 0,
         &[],
     );
-    // A bad annotation: reported by the agent, service unharmed.
-    let bad = json!({ "metadata": { "annotations": { ANN_MAX_EJECTION_PERCENT: "150" } } });
-    rt.block_on(services.patch("web", &PatchParams::default(), &Patch::Merge(bad)))
-        .expect("annotate");
+    // A valid policy applies: round robin, visible in `meshctl policies`.
+    rt.block_on(policies.create(
+        &pp,
+        &traffic_policy(
+            "web",
+            &json!({ "loadBalancer": { "simple": "ROUND_ROBIN" } }),
+        ),
+    ))
+    .expect("create policy");
+    let applied = |what: &str, ok: &dyn Fn(&Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let p = agent.meshctl_json(&["policies"]).unwrap();
+            if ok(&p) {
+                return p;
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{what}: {p}\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    applied("round robin from policy shop/web", &|p| {
+        p["services"][0]["service"] == "shop/web"
+            && p["services"][0]["policy"] == "shop/web"
+            && p["services"][0]["algorithm"] == "round-robin"
+    });
+    // An invalid one: reported by the agent, named in `meshctl policies`, service unharmed.
+    rt.block_on(policies.create(
+        &pp,
+        &traffic_policy(
+            "web-bad",
+            &json!({ "outlierDetection": { "maxEjectionPercent": 150 } }),
+        ),
+    ))
+    .expect("create invalid policy");
     let start = Instant::now();
     loop {
         let status = agent.meshctl_json(&["status"]).unwrap();
@@ -622,7 +787,8 @@ fn agent_binary_follows_the_kubernetes_api() {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        if why.contains(ANN_MAX_EJECTION_PERCENT) && why.contains("shop/web") {
+        if why.contains("spec.outlierDetection.maxEjectionPercent") && why.contains("shop/web-bad")
+        {
             break;
         }
         assert!(
@@ -631,6 +797,14 @@ fn agent_binary_follows_the_kubernetes_api() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let p = applied("the invalid policy listed", &|p| {
+        p["services"][0]["not_applied"][0]["policy"] == "shop/web-bad"
+    });
+    assert_eq!(p["services"][0]["policy"], "shop/web", "{p}");
+    assert_eq!(
+        p["services"][0]["not_applied"][0]["reason"], "Invalid",
+        "{p}"
+    );
     assert_eq!(
         client.hit(vip(), 30, &[]).unwrap().ok(),
         30,
@@ -646,4 +820,110 @@ fn agent_binary_follows_the_kubernetes_api() {
     );
     let listed = agent.meshctl_json(&["services"]).unwrap();
     assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+}
+
+/// The policy status writer (no kernel needed): of two agents only the Lease holder writes; when
+/// it dies, the other takes the Lease over once the record has gone unrenewed for the lease
+/// duration, and its view of the status is written.
+#[test]
+fn policy_status_has_one_writer_and_fails_over() {
+    use std::sync::Arc;
+
+    use mesh_agent::policy::{
+        status::{self, Desired, DesiredStatus, LEASE_DURATION},
+        types::PolicyCondition,
+    };
+    use tokio::sync::watch;
+
+    let kmock = Kmock::start().expect("kmock API stand-in");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(async { kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())) })
+        .unwrap();
+    let resource = ApiResource::erase::<TrafficPolicy>(&());
+    let policies: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), AGENT_NS);
+    let created = rt
+        .block_on(policies.create(&PostParams::default(), &traffic_policy("p", &json!({}))))
+        .expect("create policy");
+    let reference = kube::Resource::object_ref(&created, &resource);
+    let desired = |reason: &str| {
+        let mut d = DesiredStatus::new();
+        d.insert(
+            ObjectName::new(NS, "p"),
+            Desired {
+                condition: PolicyCondition {
+                    type_: "Accepted".to_owned(),
+                    status: "True".to_owned(),
+                    reason: reason.to_owned(),
+                    message: format!("as seen by the agent writing {reason}"),
+                    observed_generation: Some(1),
+                    last_transition_time: String::new(),
+                },
+                current: None,
+                reference: reference.clone(),
+            },
+        );
+        Arc::new(d)
+    };
+    let agent = |id: &str, reason: &str| {
+        let (tx, rx) = watch::channel(desired(reason));
+        let config = StatusConfig {
+            namespace: AGENT_NS.to_owned(),
+            identity: id.to_owned(),
+        };
+        (tx, rt.spawn(status::run(client.clone(), config, rx)))
+    };
+    let reason_now = || {
+        rt.block_on(policies.get("p")).expect("get policy").data["status"]["conditions"][0]
+            ["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let holder = || {
+        rt.block_on(leases.get(LEASE_NAME))
+            .ok()
+            .and_then(|l| l.spec)
+            .map(|s| (s.holder_identity.unwrap_or_default(), s.lease_transitions))
+    };
+    let wait = |what: &str, limit: Duration, ok: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < limit, "{what} not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (_a_tx, a) = agent("agent-a", "WrittenByA");
+    wait("agent-a elected and writing", CONVERGE, &|| {
+        reason_now() == "WrittenByA"
+    });
+    assert_eq!(holder(), Some(("agent-a".to_owned(), Some(0))));
+    let (_b_tx, b) = agent("agent-b", "WrittenByB");
+    // While agent-a renews, agent-b only reads: nothing of its view is written.
+    std::thread::sleep(status::RENEW_INTERVAL + Duration::from_secs(2));
+    assert_eq!(reason_now(), "WrittenByA", "a non-holder wrote status");
+    assert_eq!(holder().unwrap().0, "agent-a");
+    // agent-a dies without releasing: agent-b takes over after the lease duration, not before.
+    a.abort();
+    let died = Instant::now();
+    wait(
+        "agent-b takes the Lease over",
+        LEASE_DURATION + CONVERGE,
+        &|| holder().is_some_and(|(h, _)| h == "agent-b"),
+    );
+    assert!(
+        died.elapsed() >= LEASE_DURATION.saturating_sub(status::RENEW_INTERVAL),
+        "taken over after {:?}, before the lease could expire",
+        died.elapsed()
+    );
+    assert_eq!(holder(), Some(("agent-b".to_owned(), Some(1))));
+    wait("agent-b writes its view", CONVERGE, &|| {
+        reason_now() == "WrittenByB"
+    });
+    b.abort();
 }

@@ -7,8 +7,9 @@ use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use mesh_agent::admin::proto::{
-    ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListServicesRequest,
-    StatusRequest, WatchFlowsRequest, admin_client::AdminClient,
+    ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListPoliciesRequest,
+    ListPoliciesResponse, ListServicesRequest, StatusRequest, WatchFlowsRequest,
+    admin_client::AdminClient,
 };
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -53,6 +54,8 @@ enum Command {
     },
     /// Workload identities on this node.
     Identities,
+    /// Which traffic policy applies to each service and why (and the policies that do not).
+    Policies,
     /// Flow events: recent, then live with --follow.
     Flows {
         #[arg(short, long)]
@@ -195,6 +198,13 @@ async fn run(cli: Cli) -> Result<()> {
                         .collect(),
                 )
             })
+        }
+        Command::Policies => {
+            let r = client
+                .list_policies(ListPoliciesRequest {})
+                .await?
+                .into_inner();
+            print(out, &r, || policies_tables(&r))
         }
         Command::Config => {
             let r = client.config_dump(ConfigDumpRequest {}).await?.into_inner();
@@ -367,6 +377,66 @@ fn flow_row(f: Option<&Flow>) -> String {
         "{time:<15} {:<8} {source:<28} {service:<24} {:<22} {:<12} {extra}",
         f.verdict, f.backend_address, f.reason
     )
+}
+
+/// Services with the policy that applies (or the defaults) and those that do not, then every
+/// policy with its `Accepted` condition.
+fn policies_tables(r: &ListPoliciesResponse) -> String {
+    let services = table(
+        &[
+            "SERVICE",
+            "POLICY",
+            "VIA",
+            "LB",
+            "MAX-CONN",
+            "EJECT-AFTER",
+            "EJECT-TIME",
+            "MAX-EJECT%",
+            "PANIC%",
+            "NOT APPLIED",
+        ],
+        r.services
+            .iter()
+            .map(|s| {
+                vec![
+                    s.service.clone(),
+                    if s.policy.is_empty() {
+                        "(defaults)".to_owned()
+                    } else {
+                        s.policy.clone()
+                    },
+                    s.via.clone(),
+                    s.algorithm.clone(),
+                    s.max_connections.to_string(),
+                    s.consecutive_failures.to_string(),
+                    format!("{}ms", s.base_ejection_ms),
+                    s.max_ejection_percent.to_string(),
+                    s.panic_threshold_percent.to_string(),
+                    s.not_applied
+                        .iter()
+                        .map(|n| format!("{} ({}: {})", n.policy, n.reason, n.why))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ]
+            })
+            .collect(),
+    );
+    let policies = table(
+        &["POLICY", "ACCEPTED", "REASON", "SERVICES", "MESSAGE"],
+        r.policies
+            .iter()
+            .map(|p| {
+                vec![
+                    p.policy.clone(),
+                    if p.accepted { "True" } else { "False" }.to_owned(),
+                    p.reason.clone(),
+                    p.services.to_string(),
+                    p.message.clone(),
+                ]
+            })
+            .collect(),
+    );
+    format!("{services}\n{policies}")
 }
 
 fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {

@@ -10,19 +10,27 @@
 //!     clusterIPs: [10.96.0.10]        # one or more (IPv4 and/or IPv6)
 //!     ports:
 //!       - { name: http, port: 80, targetPort: 8080, protocol: TCP }   # protocol TCP|UDP
-//!     loadBalancer: round-robin       # random | round-robin | weighted | maglev | least-connections
-//!     sessionAffinity: { timeoutSeconds: 10800 }   # ClientIP affinity (per client pod)
-//!     circuitBreaker:                 # Envoy's names; defaults as Envoy's
-//!       maxConnections: 0             # per backend, 0 = unlimited (the default)
-//!       consecutiveFailures: 5        # 0 = outlier detection off
-//!       baseEjectionTime: 30s
-//!       maxEjectionTime: 300s
-//!       maxEjectionPercent: 10
+//!     sessionAffinity: { timeoutSeconds: 10800 }   # ClientIP affinity (per client pod), as the
+//!                                                  # Service's spec.sessionAffinityConfig
 //!     endpoints:
 //!       - { ip: 10.1.0.3, node: node-a, pod: web-0, ready: true, weight: 1 }
 //! pods:                               # pods of interest (same-node bypass, identity)
 //!   - { name: web-0, namespace: default, node: node-a, serviceAccount: web, ips: [10.1.0.3] }
+//! policies:                           # TrafficPolicy objects, exactly as in Kubernetes
+//!   - apiVersion: traffic.kernmesh.io/v1alpha1
+//!     kind: TrafficPolicy
+//!     metadata: { name: web, namespace: default }
+//!     spec:
+//!       targetRefs: [{ group: "", kind: Service, name: web }]
+//!       loadBalancer: { simple: ROUND_ROBIN }
+//!       outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 30s }
 //! ```
+//!
+//! Policies go through the same parser, validation and resolution as in Kubernetes
+//! ([`crate::policy`]): an invalid policy is rejected alone (reported as [`Update::Rejected`]
+//! with its line and the same message a cluster would show in its status), and the services it
+//! targets keep what the valid policies give them. Without a `metadata.creationTimestamp`,
+//! conflicts between policies of the same level are decided by `namespace/name`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,12 +47,9 @@ use tracing::{info, warn};
 
 use super::Update;
 use crate::{
-    datapath::spec::{
-        Algorithm, CircuitSettings, DEFAULT_BASE_EJECTION, DEFAULT_CONSECUTIVE_FAILURES,
-        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_EJECTION, DEFAULT_MAX_EJECTION_PERCENT,
-        DEFAULT_PANIC_THRESHOLD_PERCENT, Protocol,
-    },
+    datapath::spec::Protocol,
     model::{self, ClusterModel, Endpoint, ObjectName, Pod, ServicePort, ServiceSettings},
+    policy,
 };
 
 /// How often the file is checked for changes.
@@ -88,6 +93,9 @@ struct FileDoc {
     services: Vec<Spanned<FileService>>,
     #[serde(default)]
     pods: Vec<Spanned<FilePod>>,
+    /// `TrafficPolicy` objects, read as plain data and judged by [`policy::parse`].
+    #[serde(default)]
+    policies: Vec<Spanned<serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -101,11 +109,7 @@ struct FileService {
     #[serde(default)]
     ports: Vec<Spanned<FilePort>>,
     #[serde(default)]
-    load_balancer: Option<Spanned<String>>,
-    #[serde(default)]
     session_affinity: Option<FileAffinity>,
-    #[serde(default)]
-    circuit_breaker: Option<FileCircuit>,
     #[serde(default)]
     endpoints: Vec<Spanned<FileEndpoint>>,
 }
@@ -126,21 +130,6 @@ struct FilePort {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FileAffinity {
     timeout_seconds: Spanned<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct FileCircuit {
-    #[serde(default)]
-    max_connections: Option<u32>,
-    #[serde(default)]
-    consecutive_failures: Option<u32>,
-    #[serde(default)]
-    base_ejection_time: Option<Spanned<String>>,
-    #[serde(default)]
-    max_ejection_time: Option<Spanned<String>>,
-    #[serde(default)]
-    max_ejection_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +180,15 @@ impl Check<'_> {
 
 /// Parses and validates a static model. `node` overrides the file's `node:`.
 pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel, ConfigError> {
+    parse_full(file, text, node).map(|(model, _)| model)
+}
+
+/// [`parse`], plus the policies rejected on their own (the model is valid without them).
+pub fn parse_full(
+    file: &Path,
+    text: &str,
+    node: Option<&str>,
+) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
     // The parser's default budget (250,000 nodes) protects against hostile input; a cluster
     // model is trusted operator input and 10,000 services with their endpoints need more.
     let options = serde_saphyr::options! {
@@ -258,7 +256,49 @@ pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel
             },
         );
     }
-    Ok(model)
+    let rejected = apply_policies(&chk, &doc.policies, &mut model)?;
+    Ok((model, rejected))
+}
+
+/// Parses the `policies:` list with the one policy parser, resolves it onto the services and
+/// writes the winners' settings; returns the policies rejected on their own.
+fn apply_policies(
+    chk: &Check<'_>,
+    docs: &[Spanned<serde_json::Value>],
+    model: &mut ClusterModel,
+) -> Result<Vec<ConfigError>, ConfigError> {
+    let mut parsed: Vec<policy::ParsedPolicy> = Vec::with_capacity(docs.len());
+    let mut rejected = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let p = policy::parse(&d.value);
+        if parsed.iter().any(|q| q.name == p.name) {
+            return Err(chk.err(
+                d,
+                format!("policies[{i}].metadata.name"),
+                format!("duplicate TrafficPolicy {}", p.name),
+            ));
+        }
+        if let Err(e) = &p.outcome {
+            rejected.push(chk.err(d, format!("policies[{i}]"), e.to_string()));
+        }
+        parsed.push(p);
+    }
+    // A namespace "exists" in a static model when something lives in it.
+    let namespaces: BTreeSet<&str> = model
+        .services
+        .keys()
+        .chain(model.pods.keys())
+        .map(|n| n.namespace.as_str())
+        .collect();
+    let services: BTreeSet<ObjectName> = model.services.keys().cloned().collect();
+    let resolution = policy::resolve(&parsed, &services, &|ns| namespaces.contains(ns));
+    for (name, settings) in &resolution.settings {
+        if let Some(svc) = model.services.get_mut(name) {
+            settings.apply(&mut svc.settings);
+        }
+    }
+    model.policies = resolution.report;
+    Ok(rejected)
 }
 
 fn service(
@@ -378,63 +418,10 @@ fn valid_port(chk: &Check<'_>, p: &Spanned<u32>, field: String) -> Result<u16, C
     }
 }
 
+/// The service's own settings: `ClientIP` affinity (load balancing and circuit breaking come
+/// from policies).
 fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings, ConfigError> {
     let at = |field: &str| format!("services[{i}].{field}");
-    let algorithm = match f.load_balancer.as_ref().map(|s| (s, s.value.as_str())) {
-        None | Some((_, "random")) => Algorithm::Random,
-        Some((_, "round-robin")) => Algorithm::RoundRobin,
-        Some((_, "weighted")) => Algorithm::Weighted,
-        Some((_, "maglev")) => Algorithm::Maglev,
-        Some((_, "least-connections")) => Algorithm::LeastConn,
-        Some((sp, other)) => {
-            return Err(chk.err(
-                sp,
-                at("loadBalancer"),
-                format!("{other:?} is not one of random, round-robin, weighted, maglev, least-connections"),
-            ));
-        }
-    };
-    let duration = |s: &Option<Spanned<String>>, field: &str, default: Duration| match s {
-        None => Ok(default),
-        Some(sp) => humantime::parse_duration(&sp.value).map_err(|e| {
-            chk.err(
-                sp,
-                at(&format!("circuitBreaker.{field}")),
-                format!("{:?}: {e}", sp.value),
-            )
-        }),
-    };
-    let cb = f.circuit_breaker.as_ref();
-    let circuit = CircuitSettings {
-        max_connections: cb
-            .and_then(|b| b.max_connections)
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        consecutive_failures: cb
-            .and_then(|b| b.consecutive_failures)
-            .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
-        base_ejection: duration(
-            &cb.and_then(|b| b.base_ejection_time.clone()),
-            "baseEjectionTime",
-            DEFAULT_BASE_EJECTION,
-        )?,
-        max_ejection: duration(
-            &cb.and_then(|b| b.max_ejection_time.clone()),
-            "maxEjectionTime",
-            DEFAULT_MAX_EJECTION,
-        )?,
-        max_ejection_percent: match cb.and_then(|b| b.max_ejection_percent.as_ref()) {
-            Some(p) if p.value > 100 => {
-                return Err(chk.err(
-                    p,
-                    at("circuitBreaker.maxEjectionPercent"),
-                    format!("{} is not 0..=100", p.value),
-                ));
-            }
-            Some(p) => p.value,
-            None => DEFAULT_MAX_EJECTION_PERCENT,
-        },
-        panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
-    };
     let affinity_timeout = match &f.session_affinity {
         Some(a) if a.timeout_seconds.value == 0 => {
             return Err(chk.err(
@@ -447,15 +434,21 @@ fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSetting
         None => None,
     };
     Ok(ServiceSettings {
-        algorithm,
         affinity_timeout,
-        circuit,
-        table_size: None,
+        ..ServiceSettings::default()
     })
 }
 
 /// Reads and parses `path`.
 pub fn load(path: &Path, node: Option<&str>) -> Result<ClusterModel, ConfigError> {
+    load_full(path, node).map(|(model, _)| model)
+}
+
+/// Reads and parses `path`, with the policies rejected on their own.
+pub fn load_full(
+    path: &Path,
+    node: Option<&str>,
+) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
         line: 0,
@@ -463,7 +456,7 @@ pub fn load(path: &Path, node: Option<&str>) -> Result<ClusterModel, ConfigError
         field: String::new(),
         reason: format!("cannot read: {e}"),
     })?;
-    parse(path, &text, node)
+    parse_full(path, &text, node)
 }
 
 /// Watches `path`: sends the model at start and whenever the file's content changes; a bad
@@ -487,18 +480,24 @@ pub async fn watch(
         if digest.is_some() && digest == last {
             continue;
         }
-        let update = match load(&path, node.as_deref()) {
-            Ok(model) => {
-                info!(file = %path.display(), services = model.services.len(), "static model loaded");
-                Update::Model(model)
+        let sent = match load_full(&path, node.as_deref()) {
+            Ok((model, rejected)) => {
+                info!(file = %path.display(), services = model.services.len(), policies = model.policies.policies.len(), "static model loaded");
+                // The model first: applying it clears the last rejection, these set it again.
+                let mut sent = updates.send(Update::Model(model)).await.is_ok();
+                for e in rejected {
+                    warn!(error = %e, "policy rejected; the services it targets keep the defaults or another valid policy");
+                    sent = sent && updates.send(Update::Rejected(e.to_string())).await.is_ok();
+                }
+                sent
             }
             Err(e) => {
                 warn!(error = %e, "static model rejected; keeping the last good state");
-                Update::Rejected(e.to_string())
+                updates.send(Update::Rejected(e.to_string())).await.is_ok()
             }
         };
         last = digest;
-        if updates.send(update).await.is_err() {
+        if !sent {
             return;
         }
     }
@@ -507,6 +506,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::spec::{Algorithm, DEFAULT_MAX_CONNECTIONS};
 
     const GOOD: &str = "\
 node: node-a
@@ -515,13 +515,20 @@ services:
     clusterIPs: [10.96.0.10]
     ports:
       - { name: http, port: 80, targetPort: 8080 }
-    loadBalancer: maglev
-    circuitBreaker: { consecutiveFailures: 3, baseEjectionTime: 2s }
+    sessionAffinity: { timeoutSeconds: 60 }
     endpoints:
       - { ip: 10.1.0.3, node: node-a, pod: web-0 }
       - { ip: 10.1.0.4, ready: false }
 pods:
   - { name: web-0, node: node-a, ips: [10.1.0.3] }
+policies:
+  - apiVersion: traffic.kernmesh.io/v1alpha1
+    kind: TrafficPolicy
+    metadata: { name: web }
+    spec:
+      targetRefs: [{ group: \"\", kind: Service, name: web }]
+      loadBalancer: { consistentHash: { maglev: { tableSize: 4099 } } }
+      outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 2s }
 ";
 
     fn parse_str(text: &str) -> Result<ClusterModel, ConfigError> {
@@ -534,6 +541,8 @@ pods:
         assert_eq!(m.node, "node-a");
         let web = &m.services[&ObjectName::new("default", "web")];
         assert_eq!(web.settings.algorithm, Algorithm::Maglev);
+        assert_eq!(web.settings.table_size, Some(4099));
+        assert_eq!(web.settings.affinity_timeout, Some(Duration::from_mins(1)));
         assert_eq!(web.settings.circuit.consecutive_failures, 3);
         assert_eq!(web.settings.circuit.base_ejection, Duration::from_secs(2));
         assert_eq!(
@@ -587,14 +596,54 @@ pods:
     }
 
     #[test]
-    fn bad_settings_are_rejected_with_the_field() {
-        let e = parse_str(&GOOD.replace("maglev", "fastest")).unwrap_err();
-        assert_eq!(e.field, "services[0].loadBalancer", "{e}");
-        let e = parse_str(&GOOD.replace("2s", "two seconds")).unwrap_err();
+    fn an_invalid_policy_is_rejected_alone_with_its_line_and_the_cluster_message() {
+        let text = GOOD.replace("2s", "two seconds");
+        let (m, rejected) = parse_full(Path::new("mesh.yaml"), &text, None).unwrap();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        let e = &rejected[0];
+        assert_eq!((e.line, e.field.as_str()), (14, "policies[0]"), "{e}");
         assert_eq!(
-            e.field, "services[0].circuitBreaker.baseEjectionTime",
+            e.to_string(),
+            "mesh.yaml:14:5: policies[0]: TrafficPolicy default/web: \
+             spec.outlierDetection.baseEjectionTime: \"two seconds\" is not a duration like 30s, \
+             1m30s or 500ms (units h, m, s, ms); rejected as a whole"
+        );
+        let web = &m.services[&ObjectName::new("default", "web")];
+        assert_eq!(
+            web.settings,
+            ServiceSettings {
+                affinity_timeout: Some(Duration::from_mins(1)),
+                ..ServiceSettings::default()
+            },
+            "nothing of the invalid policy applies"
+        );
+        let state = &m.policies.policies[&ObjectName::new("default", "web")];
+        assert_eq!(state.reason, policy::Reason::Invalid);
+    }
+
+    #[test]
+    fn the_old_per_service_settings_are_gone() {
+        let text = GOOD.replace(
+            "    sessionAffinity: { timeoutSeconds: 60 }\n",
+            "    loadBalancer: round-robin\n",
+        );
+        let e = parse_str(&text).unwrap_err();
+        assert!(e.reason.contains("loadBalancer"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_policies_reject_the_file() {
+        let dup = GOOD.split_once("policies:\n").unwrap().1;
+        let e = parse_str(&format!("{GOOD}{dup}")).unwrap_err();
+        assert_eq!(e.field, "policies[1].metadata.name", "{e}");
+        assert!(
+            e.reason.contains("duplicate TrafficPolicy default/web"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_with_the_field() {
         let text = "services:\n  - name: a\n    clusterIPs: [10.96.0.1]\n    ports: [{port: 80}]\n  - name: b\n    clusterIPs: [10.96.0.1]\n    ports: [{port: 80}]\n";
         let e = parse_str(text).unwrap_err();
         assert!(

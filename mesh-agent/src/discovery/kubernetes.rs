@@ -19,27 +19,17 @@
 //! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
 //!   are left out, so deleting a namespace drops its services and pods at once.
 //!
-//! Per-service settings are annotations on the Service, all under the one prefix
-//! [`ANNOTATION_PREFIX`] (`mesh.example.io/`). Defaults are Envoy's
-//! ([`CircuitSettings::default`](crate::datapath::spec::CircuitSettings::default)).
-//!
-//! | annotation | value | default | meaning |
-//! |---|---|---|---|
-//! | `mesh.example.io/lb-algorithm` | `random` \| `round-robin` \| `weighted` \| `maglev` \| `least-connections` | `random` | load-balancing algorithm |
-//! | `mesh.example.io/session-affinity-timeout` | duration (`3h`, `90s`); `0s` turns affinity off | `spec.sessionAffinity: ClientIP` → `sessionAffinityConfig.clientIP.timeoutSeconds`, else 10800 s (as Kubernetes); otherwise off | `ClientIP` affinity idle timeout; the annotation wins over `spec` |
-//! | `mesh.example.io/max-connections` | whole number, `0` = unlimited | 0 (unlimited, as Istio) | connections per backend |
-//! | `mesh.example.io/consecutive-failures` | whole number, `0` = ejection off | 5 | failures before a backend is ejected |
-//! | `mesh.example.io/base-ejection-time` | duration > 0 (`30s`, `1m`) | 30 s | first ejection; multiplied by times ejected |
-//! | `mesh.example.io/max-ejection-time` | duration > 0 | 300 s | cap of one ejection |
-//! | `mesh.example.io/max-ejection-percent` | whole number `0`..=`100` | 10 | share of a service's backends that may be ejected |
-//!
-//! Durations use `humantime` syntax. **An invalid value** (unknown algorithm, not a number,
-//! percent over 100, bad duration) does not break the service: it keeps its last good settings
-//! (the defaults if it never had good ones) while ports and endpoints keep following the API. The
-//! problem is reported once per distinct value as [`Update::Rejected`] naming the object and the
-//! annotation, logged with `warn!`, and recorded best effort as a Kubernetes `Warning` Event with
-//! reason [`EVENT_REASON`] on the Service. An unknown key under the prefix (a typo) is reported
-//! the same way and otherwise ignored.
+//! - **`TrafficPolicy`** (`traffic.kernmesh.io/v1alpha1`, watched as dynamic objects so one
+//!   malformed object cannot stall the watch): every policy goes through the one parser
+//!   ([`crate::policy::parse`]) and is resolved onto the Services ([`crate::policy::resolve`]:
+//!   Service-targeted beats Namespace-targeted, the oldest wins between equals). A Service's
+//!   settings are the winning policy's, else the defaults
+//!   ([`CircuitSettings::default`](crate::datapath::spec::CircuitSettings::default)); `ClientIP`
+//!   affinity always comes from the Service's own `spec.sessionAffinity`. An invalid policy
+//!   applies nowhere: it is reported once per distinct message as [`Update::Rejected`] and
+//!   logged, while the elected status writer ([`crate::policy::status`]) records it in the
+//!   policy's `status.conditions` and as a Warning Event. Without the CRD installed, the agent
+//!   runs with the defaults and keeps retrying the watch.
 //!
 //! Watch errors are logged and retried with the watcher's backoff; [`run`] only returns when the
 //! receiver of the updates is gone.
@@ -65,50 +55,27 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt as _,
-    runtime::{
-        WatchStreamExt as _,
-        events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        watcher,
-    },
+    api::{ApiResource, DynamicObject},
+    runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch as watch_channel},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
-    datapath::spec::{Algorithm, Protocol},
+    datapath::spec::Protocol,
     discovery::Update,
     model::{self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings},
+    policy::{
+        self, PolicyError, TrafficPolicy,
+        status::{Desired, DesiredStatus, StatusConfig},
+    },
 };
 
 /// The kube-rs and API-type crates this source is built on, for callers that build the client.
 pub use {k8s_openapi, kube};
-
-/// The one prefix of every annotation this source reads.
-pub const ANNOTATION_PREFIX: &str = "mesh.example.io/";
-/// Load-balancing algorithm annotation.
-pub const ANN_LB_ALGORITHM: &str = "mesh.example.io/lb-algorithm";
-/// `ClientIP` affinity timeout annotation.
-pub const ANN_SESSION_AFFINITY_TIMEOUT: &str = "mesh.example.io/session-affinity-timeout";
-/// Per-backend connection limit annotation.
-pub const ANN_MAX_CONNECTIONS: &str = "mesh.example.io/max-connections";
-/// Consecutive failures before ejection annotation.
-pub const ANN_CONSECUTIVE_FAILURES: &str = "mesh.example.io/consecutive-failures";
-/// Base ejection time annotation.
-pub const ANN_BASE_EJECTION_TIME: &str = "mesh.example.io/base-ejection-time";
-/// Maximum ejection time annotation.
-pub const ANN_MAX_EJECTION_TIME: &str = "mesh.example.io/max-ejection-time";
-/// Maximum ejected share annotation.
-pub const ANN_MAX_EJECTION_PERCENT: &str = "mesh.example.io/max-ejection-percent";
-/// Every annotation key this source understands.
-pub const ANNOTATIONS: [&str; 7] = [
-    ANN_LB_ALGORITHM,
-    ANN_SESSION_AFFINITY_TIMEOUT,
-    ANN_MAX_CONNECTIONS,
-    ANN_CONSECUTIVE_FAILURES,
-    ANN_BASE_EJECTION_TIME,
-    ANN_MAX_EJECTION_TIME,
-    ANN_MAX_EJECTION_PERCENT,
-];
 
 /// Label joining an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -118,13 +85,6 @@ pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_hours(3);
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Longest batch under continuous churn: a model goes out at least this often.
 pub const MAX_BATCH: Duration = Duration::from_secs(1);
-/// Reason of the Kubernetes Event recorded for a rejected annotation.
-pub const EVENT_REASON: &str = "InvalidAnnotation";
-/// Reporting controller of those Events.
-pub const EVENT_CONTROLLER: &str = "mesh-agent";
-
-/// Longest annotation value quoted in a report (Events allow 1 kB of note).
-const MAX_QUOTED_VALUE: usize = 100;
 
 /// Why the Kubernetes source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -137,93 +97,12 @@ pub enum KubernetesError {
     WatchEnded { kind: &'static str },
 }
 
-/// One problem with one annotation of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AnnotationError {
-    /// A known key with a value that cannot be used: the service keeps its last good settings.
-    #[error("annotation {key}: {value:?} {reason}; keeping the last good settings")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
-    /// A key under the prefix that this source does not know (likely a typo): ignored.
-    #[error("annotation {key}: unknown setting (known: {known}); ignored", known = known_suffixes())]
-    Unknown { key: String },
-}
-
-impl AnnotationError {
-    fn invalid(key: &str, value: &str, reason: impl Into<String>) -> Self {
-        let mut value = value.to_owned();
-        if value.len() > MAX_QUOTED_VALUE {
-            let mut cut = MAX_QUOTED_VALUE;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            value.truncate(cut);
-            value.push('…');
-        }
-        Self::Invalid {
-            key: key.to_owned(),
-            value,
-            reason: reason.into(),
-        }
-    }
-
-    /// The annotation key concerned.
-    #[must_use]
-    pub fn key(&self) -> &str {
-        match self {
-            Self::Invalid { key, .. } | Self::Unknown { key } => key,
-        }
-    }
-}
-
-fn known_suffixes() -> String {
-    ANNOTATIONS
-        .iter()
-        .map(|k| k.trim_start_matches(ANNOTATION_PREFIX))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Settings from a Service's annotations and `spec`: `settings` is `None` when any known
-/// annotation is invalid (the caller keeps the last good ones); `problems` lists every problem.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ParsedSettings {
-    pub settings: Option<ServiceSettings>,
-    pub problems: Vec<AnnotationError>,
-}
-
-/// Parses the per-service settings (see the module table).
+/// A Service's own settings: `ClientIP` affinity from its `spec` (policies add the rest).
 #[must_use]
-pub fn parse_settings(
-    annotations: &BTreeMap<String, String>,
-    spec: Option<&K8sServiceSpec>,
-) -> ParsedSettings {
-    let mut settings = ServiceSettings {
+pub fn service_settings(spec: Option<&K8sServiceSpec>) -> ServiceSettings {
+    ServiceSettings {
         affinity_timeout: spec_affinity(spec),
         ..ServiceSettings::default()
-    };
-    let mut problems = Vec::new();
-    let mut invalid = false;
-    for (key, value) in annotations
-        .iter()
-        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
-    {
-        let result = apply_annotation(&mut settings, key, value.trim());
-        match result {
-            Ok(true) => {}
-            Ok(false) => problems.push(AnnotationError::Unknown { key: key.clone() }),
-            Err(reason) => {
-                invalid = true;
-                problems.push(AnnotationError::invalid(key, value, reason));
-            }
-        }
-    }
-    ParsedSettings {
-        settings: (!invalid).then_some(settings),
-        problems,
     }
 }
 
@@ -241,65 +120,6 @@ fn spec_affinity(spec: Option<&K8sServiceSpec>) -> Option<Duration> {
         .and_then(|s| u64::try_from(s).ok())
         .filter(|&s| s > 0);
     Some(seconds.map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs))
-}
-
-/// Applies one annotation under the prefix: `Ok(false)` for an unknown key, `Err(reason)` for an
-/// unusable value.
-fn apply_annotation(s: &mut ServiceSettings, key: &str, value: &str) -> Result<bool, String> {
-    match key {
-        ANN_LB_ALGORITHM => s.algorithm = parse_algorithm(value)?,
-        ANN_SESSION_AFFINITY_TIMEOUT => {
-            let d = parse_duration(value)?;
-            s.affinity_timeout = (!d.is_zero()).then_some(d);
-        }
-        ANN_MAX_CONNECTIONS => s.circuit.max_connections = parse_u32(value)?,
-        ANN_CONSECUTIVE_FAILURES => s.circuit.consecutive_failures = parse_u32(value)?,
-        ANN_BASE_EJECTION_TIME => s.circuit.base_ejection = parse_positive_duration(value)?,
-        ANN_MAX_EJECTION_TIME => s.circuit.max_ejection = parse_positive_duration(value)?,
-        ANN_MAX_EJECTION_PERCENT => {
-            let p = parse_u32(value)?;
-            if p > 100 {
-                return Err("is not 0..=100".to_owned());
-            }
-            s.circuit.max_ejection_percent = p;
-        }
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-/// An algorithm by its annotation name.
-pub fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
-    Ok(match value {
-        "random" => Algorithm::Random,
-        "round-robin" => Algorithm::RoundRobin,
-        "weighted" => Algorithm::Weighted,
-        "maglev" => Algorithm::Maglev,
-        "least-connections" => Algorithm::LeastConn,
-        _ => {
-            return Err(
-                "is not one of random, round-robin, weighted, maglev, least-connections".to_owned(),
-            );
-        }
-    })
-}
-
-fn parse_u32(value: &str) -> Result<u32, String> {
-    value
-        .parse::<u32>()
-        .map_err(|_| format!("is not a whole number in 0..={}", u32::MAX))
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("is not a duration like 30s or 5m ({e})"))
-}
-
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    let d = parse_duration(value)?;
-    if d.is_zero() {
-        return Err("is not longer than 0s".to_owned());
-    }
-    Ok(d)
 }
 
 /// Ports of a Service (TCP and UDP; SCTP and out-of-range ports skipped).
@@ -519,18 +339,18 @@ impl<K: Resource> Store<K> {
     }
 }
 
-/// A rejected annotation to report.
+/// A rejected policy to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    /// The Service.
-    pub service: ObjectName,
-    /// The problem.
-    pub error: AnnotationError,
+    /// The `TrafficPolicy`.
+    pub policy: ObjectName,
+    /// Every problem of it.
+    pub error: PolicyError,
 }
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Service {}: {}", self.service, self.error)
+        self.error.fmt(f)
     }
 }
 
@@ -541,10 +361,13 @@ struct State {
     slices: Store<EndpointSlice>,
     pods: Store<K8sPod>,
     namespaces: Store<K8sNamespace>,
-    /// Last good settings of each service (kept while its annotations are invalid).
-    last_good: BTreeMap<ObjectName, ServiceSettings>,
-    /// Problems already reported per service (each is reported once while it persists).
-    reported: BTreeMap<ObjectName, BTreeSet<String>>,
+    policies: Store<DynamicObject>,
+    /// Whether the `TrafficPolicy` CRD was found missing (logged once per absence).
+    policy_crd_missing: bool,
+    /// Rejections already reported per policy (each is reported once while it persists).
+    reported: BTreeMap<ObjectName, String>,
+    /// What each policy's status should say, for the elected writer.
+    desired_status: DesiredStatus,
 }
 
 impl State {
@@ -555,13 +378,19 @@ impl State {
             slices: Store::new(),
             pods: Store::new(),
             namespaces: Store::new(),
-            last_good: BTreeMap::new(),
+            policies: Store::new(),
+            policy_crd_missing: false,
             reported: BTreeMap::new(),
+            desired_status: DesiredStatus::new(),
         }
     }
 
     fn ready(&self) -> bool {
-        self.services.ready && self.slices.ready && self.pods.ready && self.namespaces.ready
+        self.services.ready
+            && self.slices.ready
+            && self.pods.ready
+            && self.namespaces.ready
+            && self.policies.ready
     }
 
     fn namespace_live(&self, ns: &str) -> bool {
@@ -574,8 +403,68 @@ impl State {
             })
     }
 
-    /// The complete model, and the annotation problems not reported before.
+    /// Parses every policy of a live namespace and resolves them onto the Services there;
+    /// remembers what each policy's status should say.
+    fn resolve_policies(&mut self) -> (policy::Resolution, Vec<Rejection>) {
+        let resource = ApiResource::erase::<TrafficPolicy>(&());
+        let mut parsed = Vec::with_capacity(self.policies.objects.len());
+        let mut objects = Vec::with_capacity(self.policies.objects.len());
+        for (name, obj) in &self.policies.objects {
+            if !self.namespace_live(&name.namespace) {
+                continue;
+            }
+            let mut value = serde_json::to_value(obj).unwrap_or_default();
+            // List items may come without their type; this watch is of one kind.
+            if let Some(map) = value.as_object_mut() {
+                map.entry("apiVersion")
+                    .or_insert_with(|| resource.api_version.clone().into());
+                map.entry("kind")
+                    .or_insert_with(|| resource.kind.clone().into());
+            }
+            parsed.push(policy::parse(&value));
+            objects.push(obj);
+        }
+        let services: BTreeSet<ObjectName> = self
+            .services
+            .objects
+            .keys()
+            .filter(|n| self.namespace_live(&n.namespace))
+            .cloned()
+            .collect();
+        let resolution = policy::resolve(&parsed, &services, &|ns| self.namespace_live(ns));
+        let mut fresh = Vec::new();
+        let mut reported = BTreeMap::new();
+        let mut desired = DesiredStatus::new();
+        for (p, obj) in parsed.into_iter().zip(objects) {
+            if let Some(state) = resolution.report.policies.get(&p.name) {
+                desired.insert(
+                    p.name.clone(),
+                    Desired {
+                        condition: policy::status::condition(state),
+                        current: policy::status::current_condition(obj),
+                        reference: obj.object_ref(&resource),
+                    },
+                );
+            }
+            if let Err(error) = p.outcome {
+                let message = error.to_string();
+                if self.reported.get(&p.name) != Some(&message) {
+                    fresh.push(Rejection {
+                        policy: p.name.clone(),
+                        error,
+                    });
+                }
+                reported.insert(p.name, message);
+            }
+        }
+        self.reported = reported;
+        self.desired_status = desired;
+        (resolution, fresh)
+    }
+
+    /// The complete model, and the policy rejections not reported before.
     fn build(&mut self) -> (ClusterModel, Vec<Rejection>) {
+        let (resolution, fresh) = self.resolve_policies();
         let mut slices_by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
         for (key, slice) in &self.slices.objects {
             if let Some(svc) = slice.labels().get(SERVICE_NAME_LABEL) {
@@ -589,34 +478,13 @@ impl State {
             node: self.node.clone(),
             ..ClusterModel::default()
         };
-        let mut fresh = Vec::new();
-        let mut seen = BTreeSet::new();
         for (name, svc) in &self.services.objects {
             if !self.namespace_live(&name.namespace) {
                 continue;
             }
-            seen.insert(name.clone());
-            let parsed = parse_settings(svc.annotations(), svc.spec.as_ref());
-            let settings = match parsed.settings {
-                Some(s) => {
-                    self.last_good.insert(name.clone(), s.clone());
-                    s
-                }
-                None => self.last_good.get(name).cloned().unwrap_or_default(),
-            };
-            let messages: BTreeSet<String> =
-                parsed.problems.iter().map(ToString::to_string).collect();
-            let before = self.reported.remove(name).unwrap_or_default();
-            for error in parsed.problems {
-                if !before.contains(&error.to_string()) {
-                    fresh.push(Rejection {
-                        service: name.clone(),
-                        error,
-                    });
-                }
-            }
-            if !messages.is_empty() {
-                self.reported.insert(name.clone(), messages);
+            let mut settings = service_settings(svc.spec.as_ref());
+            if let Some(p) = resolution.settings.get(name) {
+                p.apply(&mut settings);
             }
             let Some(spec) = svc.spec.as_ref() else {
                 continue;
@@ -643,9 +511,7 @@ impl State {
                 },
             );
         }
-        // Forget services that are gone (a re-created one starts from the defaults again).
-        self.last_good.retain(|k, _| seen.contains(k));
-        self.reported.retain(|k, _| seen.contains(k));
+        model.policies = resolution.report;
         for pod in self.pods.objects.values() {
             if let Some(p) = pod_of(pod, &self.node)
                 && self.namespace_live(&p.name.namespace)
@@ -663,6 +529,7 @@ enum Change {
     Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
     Pods(Box<Result<watcher::Event<K8sPod>, watcher::Error>>),
     Namespaces(Box<Result<watcher::Event<K8sNamespace>, watcher::Error>>),
+    Policies(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
 }
 
 impl Change {
@@ -672,6 +539,7 @@ impl Change {
             Self::Slices(_) => "EndpointSlices",
             Self::Pods(_) => "Pods",
             Self::Namespaces(_) => "Namespaces",
+            Self::Policies(_) => "TrafficPolicies",
         }
     }
 }
@@ -701,6 +569,29 @@ impl State {
             Change::Slices(r) => (*r).map(|e| self.slices.apply(e)).err(),
             Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
+            Change::Policies(r) => match *r {
+                Ok(e) => {
+                    self.policy_crd_missing = false;
+                    self.policies.apply(e);
+                    None
+                }
+                Err(e) if crd_missing(&e) => {
+                    // Not an outage: the cluster has no policies. Run with the defaults (and
+                    // without stale ones) while the watch keeps retrying.
+                    if !self.policy_crd_missing {
+                        warn!(
+                            crd = "trafficpolicies.traffic.kernmesh.io",
+                            "the TrafficPolicy CRD is not installed; every service uses the defaults"
+                        );
+                    }
+                    self.policy_crd_missing = true;
+                    self.policies.objects.clear();
+                    self.policies.relisting = None;
+                    self.policies.ready = true;
+                    None
+                }
+                Err(e) => Some(e),
+            },
         };
         if let Some(e) = err {
             warn!(kind, error = %e, "watch error; retrying with backoff");
@@ -708,13 +599,43 @@ impl State {
     }
 }
 
+/// Whether a watch error says the resource does not exist (a CRD not installed).
+fn crd_missing(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
 /// Watches the API through `client` and sends a complete model for `node` after each batch of
 /// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
+/// Policy status is written by the elected agent when the downward API names the agent's pod
+/// ([`StatusConfig::from_env`]).
 pub async fn run(
     client: kube::Client,
     node: String,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
+    let status = StatusConfig::from_env(&node);
+    run_with_status(client, node, status, updates).await
+}
+
+/// [`run`], standing for election as policy status writer with `status` (none: never write).
+pub async fn run_with_status(
+    client: kube::Client,
+    node: String,
+    status: Option<StatusConfig>,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), KubernetesError> {
+    let (desired_tx, desired_rx) =
+        watch_channel::channel(std::sync::Arc::new(DesiredStatus::new()));
+    if let Some(config) = status {
+        tokio::spawn(policy::status::run(client.clone(), config, desired_rx));
+    }
+    let policy_resource = ApiResource::erase::<TrafficPolicy>(&());
     let mut changes = select_all([
         watch(
             Api::<K8sService>::all(client.clone()),
@@ -736,17 +657,17 @@ pub async fn run(
             watcher::Config::default(),
             Change::Namespaces,
         ),
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &policy_resource),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(|r| Change::Policies(Box::new(r)))
+        .boxed(),
     ]);
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: EVENT_CONTROLLER.to_owned(),
-            instance: Some(node.clone()),
-        },
-    );
     let mut state = State::new(node.clone());
     let mut last_sent: Option<ClusterModel> = None;
-    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces");
+    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, TrafficPolicies");
     loop {
         let Some(first) = changes.next().await else {
             return Err(KubernetesError::WatchEnded { kind: "all" });
@@ -764,49 +685,34 @@ pub async fn run(
             continue;
         }
         let (model, rejections) = state.build();
+        desired_tx.send_if_modified(|d| {
+            let differs = **d != state.desired_status;
+            if differs {
+                *d = std::sync::Arc::new(state.desired_status.clone());
+            }
+            differs
+        });
+        if last_sent.as_ref() != Some(&model) {
+            debug!(
+                services = model.services.len(),
+                pods = model.pods.len(),
+                policies = model.policies.policies.len(),
+                "sending the cluster model"
+            );
+            if updates.send(Update::Model(model.clone())).await.is_err() {
+                return Err(KubernetesError::ChannelClosed { node });
+            }
+            last_sent = Some(model);
+        }
+        // After the model: applying a model clears the agent's last rejection.
         for r in rejections {
             let message = r.to_string();
-            warn!(service = %r.service, annotation = r.error.key(), "{message}");
-            record_event(&recorder, &state, &r);
+            warn!(policy = %r.policy, "{message}");
             if updates.send(Update::Rejected(message)).await.is_err() {
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }
-        if last_sent.as_ref() == Some(&model) {
-            continue;
-        }
-        debug!(
-            services = model.services.len(),
-            pods = model.pods.len(),
-            "sending the cluster model"
-        );
-        if updates.send(Update::Model(model.clone())).await.is_err() {
-            return Err(KubernetesError::ChannelClosed { node });
-        }
-        last_sent = Some(model);
     }
-}
-
-/// Records a `Warning` Event on the Service, in the background; failures are only logged.
-fn record_event(recorder: &Recorder, state: &State, r: &Rejection) {
-    let Some(svc) = state.services.objects.get(&r.service) else {
-        return;
-    };
-    let reference = svc.object_ref(&());
-    let recorder = recorder.clone();
-    let event = KubeEvent {
-        type_: EventType::Warning,
-        reason: EVENT_REASON.to_owned(),
-        note: Some(r.to_string()),
-        action: "ApplySettings".to_owned(),
-        secondary: None,
-    };
-    let service = r.service.clone();
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            debug!(service = %service, error = %e, "recording the InvalidAnnotation Event failed");
-        }
-    });
 }
 
 #[cfg(test)]
@@ -820,7 +726,7 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
-    use crate::datapath::spec::CircuitSettings;
+    use crate::datapath::spec::{Algorithm, CircuitSettings};
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -898,144 +804,33 @@ mod tests {
     }
 
     #[test]
-    fn no_annotations_give_envoy_defaults() {
-        let p = parse_settings(&BTreeMap::new(), None);
-        assert_eq!(p.settings, Some(ServiceSettings::default()));
-        assert_eq!(p.settings.unwrap().circuit, CircuitSettings::default());
-        assert!(p.problems.is_empty());
-    }
-
-    #[test]
-    fn every_annotation_parses() {
-        let p = parse_settings(
-            &ann(&[
-                (ANN_LB_ALGORITHM, "maglev"),
-                (ANN_SESSION_AFFINITY_TIMEOUT, "90s"),
-                (ANN_MAX_CONNECTIONS, "0"),
-                (ANN_CONSECUTIVE_FAILURES, " 3 "),
-                (ANN_BASE_EJECTION_TIME, "2s"),
-                (ANN_MAX_EJECTION_TIME, "1m 30s"),
-                (ANN_MAX_EJECTION_PERCENT, "100"),
-                ("other.io/x", "ignored"),
-            ]),
-            None,
-        );
-        assert!(p.problems.is_empty(), "{:?}", p.problems);
-        let s = p.settings.unwrap();
-        assert_eq!(s.algorithm, Algorithm::Maglev);
-        assert_eq!(s.affinity_timeout, Some(Duration::from_secs(90)));
+    fn a_service_without_policy_has_the_defaults_and_its_own_affinity() {
+        assert_eq!(service_settings(None), ServiceSettings::default());
         assert_eq!(
-            s.circuit,
-            CircuitSettings {
-                max_connections: 0,
-                consecutive_failures: 3,
-                base_ejection: Duration::from_secs(2),
-                max_ejection: Duration::from_secs(90),
-                max_ejection_percent: 100,
-                ..CircuitSettings::default()
-            }
+            service_settings(None).circuit,
+            CircuitSettings::default(),
+            "Envoy's numbers, unlimited connections"
         );
-        for (name, algo) in [
-            ("random", Algorithm::Random),
-            ("round-robin", Algorithm::RoundRobin),
-            ("weighted", Algorithm::Weighted),
-            ("least-connections", Algorithm::LeastConn),
-        ] {
-            assert_eq!(parse_algorithm(name), Ok(algo));
-        }
-    }
-
-    #[test]
-    fn invalid_values_are_named_and_reject_the_settings() {
-        for (key, value, reason) in [
-            (ANN_MAX_EJECTION_PERCENT, "150", "is not 0..=100"),
-            (ANN_MAX_EJECTION_PERCENT, "ten", "is not a whole number"),
-            (ANN_LB_ALGORITHM, "fastest", "is not one of random"),
-            (ANN_MAX_CONNECTIONS, "-1", "is not a whole number"),
-            (
-                ANN_CONSECUTIVE_FAILURES,
-                "5000000000",
-                "is not a whole number",
-            ),
-            (ANN_BASE_EJECTION_TIME, "30", "is not a duration"),
-            (ANN_BASE_EJECTION_TIME, "0s", "is not longer than 0s"),
-            (ANN_MAX_EJECTION_TIME, "soon", "is not a duration"),
-            (
-                ANN_SESSION_AFFINITY_TIMEOUT,
-                "3 hours-ish",
-                "is not a duration",
-            ),
-        ] {
-            let p = parse_settings(&ann(&[(key, value)]), None);
-            assert_eq!(p.settings, None, "{key}={value}");
-            assert_eq!(p.problems.len(), 1, "{key}={value}: {:?}", p.problems);
-            let msg = p.problems[0].to_string();
-            assert!(
-                msg.starts_with(&format!("annotation {key}: {value:?} {reason}")),
-                "{msg}"
-            );
-            assert!(msg.ends_with("; keeping the last good settings"), "{msg}");
-        }
-
-        // One bad value among good ones rejects the whole set, naming only the bad one.
-        let p = parse_settings(
-            &ann(&[
-                (ANN_LB_ALGORITHM, "maglev"),
-                (ANN_MAX_EJECTION_PERCENT, "101"),
-            ]),
-            None,
-        );
-        assert_eq!(p.settings, None);
-        assert_eq!(p.problems.len(), 1);
-        assert_eq!(p.problems[0].key(), ANN_MAX_EJECTION_PERCENT);
-    }
-
-    #[test]
-    fn unknown_keys_are_reported_but_do_not_reject() {
-        let p = parse_settings(&ann(&[("mesh.example.io/lb-algoritm", "maglev")]), None);
-        assert_eq!(p.settings, Some(ServiceSettings::default()));
-        assert_eq!(
-            p.problems,
-            vec![AnnotationError::Unknown {
-                key: "mesh.example.io/lb-algoritm".to_owned()
-            }]
-        );
-        assert!(p.problems[0].to_string().contains("known: lb-algorithm,"));
-    }
-
-    #[test]
-    fn long_values_are_cut_in_reports() {
-        let long = "é".repeat(500);
-        let p = parse_settings(&ann(&[(ANN_LB_ALGORITHM, &long)]), None);
-        assert!(p.problems[0].to_string().len() < 400);
-    }
-
-    #[test]
-    fn spec_affinity_follows_kubernetes_and_the_annotation_wins() {
         let mut spec = K8sServiceSpec {
             session_affinity: Some("ClientIP".to_owned()),
             ..K8sServiceSpec::default()
         };
-        let p = parse_settings(&BTreeMap::new(), Some(&spec));
         assert_eq!(
-            p.settings.unwrap().affinity_timeout,
-            Some(Duration::from_hours(3))
+            service_settings(Some(&spec)).affinity_timeout,
+            Some(Duration::from_hours(3)),
+            "Kubernetes' default timeout"
         );
         spec.session_affinity_config = Some(SessionAffinityConfig {
             client_ip: Some(ClientIPConfig {
                 timeout_seconds: Some(60),
             }),
         });
-        let p = parse_settings(&BTreeMap::new(), Some(&spec));
         assert_eq!(
-            p.settings.unwrap().affinity_timeout,
+            service_settings(Some(&spec)).affinity_timeout,
             Some(Duration::from_mins(1))
         );
-        let p = parse_settings(&ann(&[(ANN_SESSION_AFFINITY_TIMEOUT, "0s")]), Some(&spec));
-        assert_eq!(p.settings.unwrap().affinity_timeout, None);
         spec.session_affinity = Some("None".to_owned());
-        let p = parse_settings(&BTreeMap::new(), Some(&spec));
-        assert_eq!(p.settings.unwrap().affinity_timeout, None);
+        assert_eq!(service_settings(Some(&spec)).affinity_timeout, None);
     }
 
     #[test]
@@ -1142,53 +937,129 @@ mod tests {
         );
     }
 
+    fn traffic_policy(name: &str, created: &str, spec: &serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "traffic.kernmesh.io/v1alpha1",
+            "kind": "TrafficPolicy",
+            "metadata": { "name": name, "namespace": "default", "creationTimestamp": created },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
     #[test]
-    fn bad_annotation_keeps_last_good_settings_and_is_reported_once() {
+    fn policies_apply_and_an_invalid_one_is_rejected_whole_and_reported_once() {
         let mut state = State::new("a".to_owned());
         state
             .namespaces
             .apply(watcher::Event::Apply(namespace("default")));
         let web = ObjectName::new("default", "web");
-        state.services.apply(watcher::Event::Apply(service(
+        state
+            .services
+            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+        state
+            .services
+            .apply(watcher::Event::Apply(service("db", &[], "10.96.0.21")));
+        state.policies.apply(watcher::Event::Apply(traffic_policy(
+            "ns",
+            "2026-01-01T00:00:00Z",
+            &serde_json::json!({
+                "targetRefs": [{ "kind": "Namespace", "name": "default" }],
+                "loadBalancer": { "simple": "LEAST_REQUEST" },
+            }),
+        )));
+        state.policies.apply(watcher::Event::Apply(traffic_policy(
             "web",
-            &[(ANN_LB_ALGORITHM, "round-robin")],
-            "10.96.0.20",
+            "2026-02-01T00:00:00Z",
+            &serde_json::json!({
+                "targetRefs": [{ "kind": "Service", "name": "web" }],
+                "loadBalancer": { "simple": "ROUND_ROBIN" },
+                "outlierDetection": { "maxEjectionPercent": 50 },
+            }),
         )));
         let (m, r) = state.build();
-        assert!(r.is_empty());
+        assert!(r.is_empty(), "{r:?}");
         assert_eq!(m.services[&web].settings.algorithm, Algorithm::RoundRobin);
-        state.services.apply(watcher::Event::Apply(service(
+        assert_eq!(m.services[&web].settings.circuit.max_ejection_percent, 50);
+        assert_eq!(
+            m.services[&ObjectName::new("default", "db")]
+                .settings
+                .algorithm,
+            Algorithm::LeastConn,
+            "the namespace policy applies where no Service policy does"
+        );
+        assert_eq!(state.desired_status.len(), 2);
+        assert!(
+            state
+                .desired_status
+                .values()
+                .all(|d| d.condition.status == "True"),
+            "{:?}",
+            state.desired_status
+        );
+        // The Service's policy turns invalid: rejected whole; web falls back to the namespace's.
+        state.policies.apply(watcher::Event::Apply(traffic_policy(
             "web",
-            &[
-                (ANN_LB_ALGORITHM, "maglev"),
-                (ANN_MAX_EJECTION_PERCENT, "150"),
-            ],
-            "10.96.0.20",
+            "2026-02-01T00:00:00Z",
+            &serde_json::json!({
+                "targetRefs": [{ "kind": "Service", "name": "web" }],
+                "loadBalancer": { "simple": "ROUND_ROBIN" },
+                "outlierDetection": { "maxEjectionPercent": 150 },
+            }),
         )));
         let (m, r) = state.build();
+        assert_eq!(m.services[&web].settings.algorithm, Algorithm::LeastConn);
         assert_eq!(
-            m.services[&web].settings.algorithm,
-            Algorithm::RoundRobin,
-            "last good kept"
+            m.services[&web].settings.circuit,
+            CircuitSettings::default(),
+            "nothing of the invalid policy applies"
         );
         assert_eq!(r.len(), 1);
         assert_eq!(
             r[0].to_string(),
-            "Service default/web: annotation mesh.example.io/max-ejection-percent: \"150\" is not 0..=100; keeping the last good settings"
+            "TrafficPolicy default/web: spec.outlierDetection.maxEjectionPercent: 150 is not in \
+             0..=100; rejected as a whole"
         );
+        let d = &state.desired_status[&ObjectName::new("default", "web")];
+        assert_eq!(
+            (d.condition.status.as_str(), d.condition.reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert_eq!(d.reference.kind.as_deref(), Some("TrafficPolicy"));
         let (_, r) = state.build();
         assert!(r.is_empty(), "reported once while it persists");
-        // A service that never had good settings gets the defaults.
-        state.services.apply(watcher::Event::Apply(service(
-            "new",
-            &[(ANN_LB_ALGORITHM, "nope")],
-            "10.96.0.21",
+        // A policy that is not even well-typed is rejected the same way, alone.
+        state.policies.apply(watcher::Event::Apply(traffic_policy(
+            "typo",
+            "2026-03-01T00:00:00Z",
+            &serde_json::json!({ "targetRefs": [{ "kind": "Service", "name": "db" }], "connectionPool": 5 }),
         )));
         let (m, r) = state.build();
-        assert_eq!(r.len(), 1);
+        assert_eq!(r.len(), 1, "{r:?}");
         assert_eq!(
-            m.services[&ObjectName::new("default", "new")].settings,
-            ServiceSettings::default()
+            m.services[&ObjectName::new("default", "db")]
+                .settings
+                .algorithm,
+            Algorithm::LeastConn
+        );
+    }
+
+    #[test]
+    fn a_missing_crd_means_no_policies_not_an_outage() {
+        let mut state = State::new("a".to_owned());
+        let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+        state.apply(Change::Policies(Box::new(Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status))),
+        ))));
+        assert!(state.policies.ready && state.policy_crd_missing);
+        let status = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let mut other = State::new("a".to_owned());
+        other.apply(Change::Policies(Box::new(Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status))),
+        ))));
+        assert!(
+            !other.policies.ready,
+            "other errors are retried, not taken as empty"
         );
     }
 

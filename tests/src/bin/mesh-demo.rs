@@ -177,10 +177,7 @@ fn main() -> Result<()> {
     say(
         "agent killed; programs stay attached through their pinned links; model now least-connections",
     );
-    write_atomically(
-        &model_file,
-        &model.replace("round-robin", "least-connections"),
-    )?;
+    write_atomically(&model_file, &model.replace("ROUND_ROBIN", "LEAST_REQUEST"))?;
     agent_a.start()?;
     let r = load
         .join()
@@ -254,7 +251,7 @@ fn model_yaml(client: &PodHandle, web: &[PodHandle]) -> String {
         );
     }
     format!(
-        "services:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    loadBalancer: round-robin\n    circuitBreaker: {{ consecutiveFailures: 3, baseEjectionTime: 3s, maxEjectionPercent: 50 }}\n    endpoints:\n{endpoints}  - name: empty\n    clusterIPs: [{}]\n    ports:\n      - {{ port: 80 }}\npods:\n{pods}",
+        "services:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: http, port: 80 }}\n    endpoints:\n{endpoints}  - name: empty\n    clusterIPs: [{}]\n    ports:\n      - {{ port: 80 }}\npods:\n{pods}policies:\n  - apiVersion: traffic.kernmesh.io/v1alpha1\n    kind: TrafficPolicy\n    metadata: {{ name: web }}\n    spec:\n      targetRefs: [{{ kind: Service, name: web }}]\n      loadBalancer: {{ simple: ROUND_ROBIN }}\n      outlierDetection: {{ consecutiveFailures: 3, baseEjectionTime: 3s, maxEjectionPercent: 50 }}\n",
         VIP.ip(),
         EMPTY_VIP.ip()
     )
