@@ -1,24 +1,23 @@
 //! `meshctl`: inspect the node agent — status, services, backends, circuits, identities, config
 //! and live flows — over its admin socket. Habits of `kubectl get` and `hubble observe`.
 
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{io::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
-use hyper_util::rt::TokioIo;
 use mesh_agent::admin::proto::{
     ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListServicesRequest,
     StatusRequest, WatchFlowsRequest, admin_client::AdminClient,
 };
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Inspect the mesh's node agent.
 #[derive(Parser)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
     /// The agent's admin socket.
-    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::app::DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::config::DEFAULT_ADMIN_SOCKET)]
     socket: PathBuf,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -90,24 +89,12 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn connect(socket: PathBuf) -> Result<AdminClient<Channel>> {
-    let path = socket.clone();
-    // The URI is required by tonic but unused: the connector always dials the Unix socket.
-    let channel = Endpoint::try_from("http://mesh-agent.invalid")?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
-                socket.display()
-            )
-        })?;
-    Ok(AdminClient::new(channel))
+    mesh_agent::admin::connect(&socket).await.with_context(|| {
+        format!(
+            "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
+            socket.display()
+        )
+    })
 }
 
 #[expect(

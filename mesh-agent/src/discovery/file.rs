@@ -380,27 +380,18 @@ fn valid_port(chk: &Check<'_>, p: &Spanned<u32>, field: String) -> Result<u16, C
 
 fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSettings, ConfigError> {
     let at = |field: &str| format!("services[{i}].{field}");
-    let algorithm = match f.load_balancer.as_ref().map(|s| (s, s.value.as_str())) {
-        None | Some((_, "random")) => Algorithm::Random,
-        Some((_, "round-robin")) => Algorithm::RoundRobin,
-        Some((_, "weighted")) => Algorithm::Weighted,
-        Some((_, "maglev")) => Algorithm::Maglev,
-        Some((_, "least-connections")) => Algorithm::LeastConn,
-        Some((sp, other)) => {
-            return Err(chk.err(
-                sp,
-                at("loadBalancer"),
-                format!("{other:?} is not one of random, round-robin, weighted, maglev, least-connections"),
-            ));
-        }
+    let algorithm = match &f.load_balancer {
+        None => Algorithm::Random,
+        Some(sp) => crate::config::parse_algorithm(&sp.value)
+            .map_err(|e| chk.err(sp, at("loadBalancer"), format!("{:?} {e}", sp.value)))?,
     };
     let duration = |s: &Option<Spanned<String>>, field: &str, default: Duration| match s {
         None => Ok(default),
-        Some(sp) => humantime::parse_duration(&sp.value).map_err(|e| {
+        Some(sp) => crate::config::parse_duration(&sp.value).map_err(|e| {
             chk.err(
                 sp,
                 at(&format!("circuitBreaker.{field}")),
-                format!("{:?}: {e}", sp.value),
+                format!("{:?} {e}", sp.value),
             )
         }),
     };
@@ -423,14 +414,13 @@ fn settings(chk: &Check<'_>, i: usize, f: &FileService) -> Result<ServiceSetting
             DEFAULT_MAX_EJECTION,
         )?,
         max_ejection_percent: match cb.and_then(|b| b.max_ejection_percent.as_ref()) {
-            Some(p) if p.value > 100 => {
-                return Err(chk.err(
+            Some(p) => crate::config::check_percent(p.value).map_err(|e| {
+                chk.err(
                     p,
                     at("circuitBreaker.maxEjectionPercent"),
-                    format!("{} is not 0..=100", p.value),
-                ));
-            }
-            Some(p) => p.value,
+                    format!("{} {e}", p.value),
+                )
+            })?,
             None => DEFAULT_MAX_EJECTION_PERCENT,
         },
         panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
@@ -494,7 +484,7 @@ pub async fn watch(
             }
             Err(e) => {
                 warn!(error = %e, "static model rejected; keeping the last good state");
-                Update::Rejected(e.to_string())
+                Update::Rejected(super::Rejection::file(e))
             }
         };
         last = digest;

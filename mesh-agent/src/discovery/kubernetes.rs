@@ -76,7 +76,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::spec::{Algorithm, Protocol},
-    discovery::Update,
+    discovery::{self, ObjectRef, Update},
     model::{self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings},
 };
 
@@ -257,49 +257,29 @@ fn apply_annotation(s: &mut ServiceSettings, key: &str, value: &str) -> Result<b
         ANN_BASE_EJECTION_TIME => s.circuit.base_ejection = parse_positive_duration(value)?,
         ANN_MAX_EJECTION_TIME => s.circuit.max_ejection = parse_positive_duration(value)?,
         ANN_MAX_EJECTION_PERCENT => {
-            let p = parse_u32(value)?;
-            if p > 100 {
-                return Err("is not 0..=100".to_owned());
-            }
-            s.circuit.max_ejection_percent = p;
+            s.circuit.max_ejection_percent =
+                crate::config::parse_percent(value).map_err(|e| e.to_string())?;
         }
         _ => return Ok(false),
     }
     Ok(true)
 }
 
-/// An algorithm by its annotation name.
+/// An algorithm by its annotation name (parsed in [`crate::config`], as every source does).
 pub fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
-    Ok(match value {
-        "random" => Algorithm::Random,
-        "round-robin" => Algorithm::RoundRobin,
-        "weighted" => Algorithm::Weighted,
-        "maglev" => Algorithm::Maglev,
-        "least-connections" => Algorithm::LeastConn,
-        _ => {
-            return Err(
-                "is not one of random, round-robin, weighted, maglev, least-connections".to_owned(),
-            );
-        }
-    })
+    crate::config::parse_algorithm(value).map_err(|e| e.to_string())
 }
 
 fn parse_u32(value: &str) -> Result<u32, String> {
-    value
-        .parse::<u32>()
-        .map_err(|_| format!("is not a whole number in 0..={}", u32::MAX))
+    crate::config::parse_u32(value).map_err(|e| e.to_string())
 }
 
 fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("is not a duration like 30s or 5m ({e})"))
+    crate::config::parse_duration(value).map_err(|e| e.to_string())
 }
 
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    let d = parse_duration(value)?;
-    if d.is_zero() {
-        return Err("is not longer than 0s".to_owned());
-    }
-    Ok(d)
+    crate::config::parse_positive_duration(value).map_err(|e| e.to_string())
 }
 
 /// Ports of a Service (TCP and UDP; SCTP and out-of-range ports skipped).
@@ -534,6 +514,26 @@ impl fmt::Display for Rejection {
     }
 }
 
+impl From<Rejection> for discovery::Rejection {
+    fn from(r: Rejection) -> Self {
+        let object = ObjectRef::new("Service", r.service);
+        let field = r.error.key().to_owned();
+        let message = r.error.to_string();
+        match r.error {
+            AnnotationError::Invalid { .. } => Self::InvalidField {
+                object,
+                field,
+                message,
+            },
+            AnnotationError::Unknown { .. } => Self::UnknownField {
+                object,
+                field,
+                message,
+            },
+        }
+    }
+}
+
 /// Everything watched, plus what is remembered between models.
 struct State {
     node: String,
@@ -763,12 +763,21 @@ pub async fn run(
         if !state.ready() {
             continue;
         }
+        let had_problems: Vec<ObjectName> = state.reported.keys().cloned().collect();
         let (model, rejections) = state.build();
+        for name in had_problems {
+            if !state.reported.contains_key(&name) {
+                let resolved = Update::Resolved(ObjectRef::new("Service", name));
+                if updates.send(resolved).await.is_err() {
+                    return Err(KubernetesError::ChannelClosed { node });
+                }
+            }
+        }
         for r in rejections {
             let message = r.to_string();
             warn!(service = %r.service, annotation = r.error.key(), "{message}");
             record_event(&recorder, &state, &r);
-            if updates.send(Update::Rejected(message)).await.is_err() {
+            if updates.send(Update::Rejected(r.into())).await.is_err() {
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }
