@@ -238,23 +238,64 @@ async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
     print(out, &s, || {
         let mut rows = vec![
             vec!["node".into(), s.node.clone()],
-            vec!["ready".into(), s.ready.to_string()],
+            vec![
+                "ready".into(),
+                if s.ready {
+                    "true".into()
+                } else {
+                    format!("false ({})", s.not_ready_reason)
+                },
+            ],
             vec!["source".into(), s.source.clone()],
             vec!["uptime".into(), format!("{}s", s.uptime_seconds)],
             vec!["services".into(), s.services.to_string()],
             vec!["backends".into(), s.backends.to_string()],
+            vec![
+                "model".into(),
+                format!(
+                    "generation {}, in the kernel for {}",
+                    s.model_generation,
+                    age(s.model_age_ms)
+                ),
+            ],
             vec!["cgroup".into(), s.cgroup.clone()],
             vec!["pins".into(), s.pin_dir.clone()],
             vec!["map full errors".into(), s.map_full_total.to_string()],
             vec![
-                "last rejection".into(),
-                if s.last_rejection.is_empty() {
-                    "-".into()
-                } else {
-                    s.last_rejection.clone()
-                },
+                "flows".into(),
+                format!(
+                    "{} received, {} missed by slow watchers",
+                    s.flows_received_total, s.flows_lagged_total
+                ),
             ],
         ];
+        for src in &s.sources {
+            let mut v = src.state.clone();
+            if !src.reason.is_empty() {
+                v += &format!(": {}", src.reason);
+            }
+            v += &if src.synced {
+                format!(", last sync {} ago", age(src.last_sync_age_ms))
+            } else {
+                ", never synced".to_owned()
+            };
+            if src.restarts > 0 {
+                v += &format!(", {} restarts (last failure: {})", src.restarts, src.last_error);
+            }
+            rows.push(vec![format!("source {}", src.name), v]);
+        }
+        if s.rejections.is_empty() {
+            rows.push(vec!["rejections".into(), "-".into()]);
+        }
+        for r in &s.rejections {
+            rows.push(vec![
+                format!("rejected {}", r.key),
+                format!("{} ({} ago)", r.message, age(r.age_seconds * 1000)),
+            ]);
+        }
+        for e in &s.reconcile_errors {
+            rows.push(vec!["reconcile error".into(), e.clone()]);
+        }
         let mut counters: Vec<_> = s.counters.iter().filter(|(_, v)| **v > 0).collect();
         counters.sort();
         rows.extend(
@@ -311,6 +352,15 @@ async fn backends(
                 .collect(),
         )
     })
+}
+
+/// `1.2s`, `3m 4s`: an age for a table.
+fn age(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(ms / 1000)).to_string()
+    }
 }
 
 fn flow_row(f: Option<&Flow>) -> String {
