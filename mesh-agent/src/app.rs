@@ -353,7 +353,7 @@ impl MainLoop {
                         }
                 });
                 if self.waiting.is_some() {
-                    debug!(source, "a newer model replaces one not reconciled yet");
+                    debug!(source, "a newer model supersedes one still waiting");
                 }
                 self.waiting = Some((source, model));
             }

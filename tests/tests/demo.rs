@@ -65,11 +65,14 @@ fn the_demo_runs_and_shows_what_it_promises() {
         "the application saw the service address from getpeername(): true"
     );
     let flows = flows(&lines);
+    // `meshctl flows --follow` shows the connections, named (the demo shows closes, which
+    // carry bytes and duration, before opens).
     assert!(
-        flows
-            .iter()
-            .any(|f| f[1] == "open" && f[2] == "default/client" && f[3] == "default/web"),
-        "an open flow from the client to web:\n{text}"
+        flows.iter().any(|f| f[1] == "close"
+            && f[2] == "default/client"
+            && f[3] == "default/web"
+            && f.last().is_some_and(|d| d.ends_with("µs"))),
+        "a close flow from the client to web with its duration:\n{text}"
     );
     // [4] Three refusals, then the circuit opens.
     assert!(
