@@ -477,7 +477,13 @@ pub async fn watch(
         if digest.is_some() && digest == last {
             continue;
         }
-        let update = match load(&path, node.as_deref()) {
+        // Parsing a large model takes a while: off the async workers, so admin calls and the
+        // flow pump never queue behind it.
+        let (p, n) = (path.clone(), node.clone());
+        let loaded = tokio::task::spawn_blocking(move || load(&p, n.as_deref()))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let update = match loaded {
             Ok(model) => {
                 info!(file = %path.display(), services = model.services.len(), "static model loaded");
                 Update::Model(model)
