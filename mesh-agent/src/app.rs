@@ -139,8 +139,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     info!(adopted = dp.service_keys().count(), "kernel state adopted");
     let stores = Arc::new(Stores::default());
-    let (datapath, _owner_thread) = owner::spawn(dp, Arc::clone(&stores))
-        .context("starting the data-path owner thread")?;
+    let (datapath, _owner_thread) =
+        owner::spawn(dp, Arc::clone(&stores)).context("starting the data-path owner thread")?;
     let shared = Arc::new(Shared {
         drain: Arc::new(Drain::new(config.proxy.drain_period)),
         config,
@@ -280,14 +280,15 @@ impl MainLoop {
                     }
                 } => {
                     let (source, _) = self.reconciling.take().expect("polled only when set");
-                    self.on_reconciled(source, outcome?);
+                    self.on_reconciled(source, &outcome?);
                 }
             }
             if self.reconciling.is_none()
                 && let Some((source, model)) = self.waiting.take()
             {
                 let dp = self.shared.datapath.clone();
-                self.reconciling = Some((source, Box::pin(async move { dp.reconcile(model).await })));
+                self.reconciling =
+                    Some((source, Box::pin(async move { dp.reconcile(model).await })));
             }
         }
     }
@@ -348,7 +349,8 @@ impl MainLoop {
                         || match key {
                             RejectionKey::File(_) => false,
                             RejectionKey::Field(object, _) => {
-                                object.kind != "Service" || model.services.contains_key(&object.name)
+                                object.kind != "Service"
+                                    || model.services.contains_key(&object.name)
                             }
                         }
                 });
@@ -375,7 +377,7 @@ impl MainLoop {
         }
     }
 
-    fn on_reconciled(&mut self, source: &'static str, outcome: ReconcileOutcome) {
+    fn on_reconciled(&mut self, source: &'static str, outcome: &ReconcileOutcome) {
         let now = SystemTime::now();
         self.health(source).last_sync = Some(now);
         self.status.first_sync.get_or_insert(now);

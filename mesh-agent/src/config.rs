@@ -167,10 +167,13 @@ impl AgentConfig {
     /// Parses and validates `raw`; `node` and `cgroup` must already be resolved (main reads the
     /// hostname and the cgroup2 mount when they are not given).
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        let node = raw.node.filter(|n| !n.is_empty()).ok_or(ConfigError::Missing {
-            key: KEY_NODE,
-            hint: "pass --node-name or set NODE_NAME",
-        })?;
+        let node = raw
+            .node
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError::Missing {
+                key: KEY_NODE,
+                hint: "pass --node-name or set NODE_NAME",
+            })?;
         let source = match (raw.config_file, raw.kubernetes) {
             (Some(f), false) => Source::File(f),
             (None, true) => Source::Kubernetes,
@@ -226,7 +229,9 @@ impl AgentConfig {
                     .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
                 readiness_addr: parse_addr(
                     KEY_READINESS_ADDR,
-                    raw.readiness_addr.as_deref().unwrap_or(DEFAULT_READINESS_ADDR),
+                    raw.readiness_addr
+                        .as_deref()
+                        .unwrap_or(DEFAULT_READINESS_ADDR),
                 )?,
             },
             metrics: MetricsSection {
@@ -394,7 +399,14 @@ mod tests {
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
         let dump = serde_json::to_value(&c).unwrap();
-        for section in ["datapath", "discovery", "admin", "metrics", "proxy", "gateway"] {
+        for section in [
+            "datapath",
+            "discovery",
+            "admin",
+            "metrics",
+            "proxy",
+            "gateway",
+        ] {
             assert!(dump.get(section).is_some(), "{section} in {dump}");
         }
     }
@@ -417,7 +429,8 @@ mod tests {
         })
         .unwrap_err();
         assert!(
-            e.to_string().starts_with("discovery.restartBackoffMax \"1s\": is shorter than"),
+            e.to_string()
+                .starts_with("discovery.restartBackoffMax \"1s\": is shorter than"),
             "{e}"
         );
         let e = AgentConfig::from_raw(RawConfig {
@@ -425,19 +438,38 @@ mod tests {
             ..raw()
         })
         .unwrap_err();
-        assert!(e.to_string().starts_with("proxy.drainPeriod \"soon\": is not a duration"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("proxy.drainPeriod \"soon\": is not a duration"),
+            "{e}"
+        );
         let e = AgentConfig::from_raw(RawConfig {
             kubernetes: true,
             ..raw()
         })
         .unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { key: KEY_CONFIG_FILE, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: KEY_CONFIG_FILE,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = AgentConfig::from_raw(RawConfig {
             node: None,
             ..raw()
         })
         .unwrap_err();
-        assert_eq!(e, ConfigError::Missing { key: KEY_NODE, hint: "pass --node-name or set NODE_NAME" });
+        assert_eq!(
+            e,
+            ConfigError::Missing {
+                key: KEY_NODE,
+                hint: "pass --node-name or set NODE_NAME"
+            }
+        );
     }
 
     #[test]
@@ -459,7 +491,13 @@ mod tests {
         assert_eq!(parse_percent("101"), Err(SettingError::Percent));
         assert_eq!(parse_u32("-1"), Err(SettingError::Number));
         assert_eq!(parse_positive_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_positive_duration("0s"), Err(SettingError::ZeroDuration));
-        assert!(matches!(parse_duration("5 parsecs"), Err(SettingError::Duration(_))));
+        assert_eq!(
+            parse_positive_duration("0s"),
+            Err(SettingError::ZeroDuration)
+        );
+        assert!(matches!(
+            parse_duration("5 parsecs"),
+            Err(SettingError::Duration(_))
+        ));
     }
 }

@@ -103,10 +103,7 @@ mod tests {
         let drain = Drain::new(Duration::from_secs(5));
         let stuck = drain.watch();
         let started = tokio::time::Instant::now();
-        assert_eq!(
-            drain.drain().await,
-            DrainOutcome::TimedOut { remaining: 1 }
-        );
+        assert_eq!(drain.drain().await, DrainOutcome::TimedOut { remaining: 1 });
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         assert!(stuck.is_draining());
     }

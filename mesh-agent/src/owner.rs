@@ -26,6 +26,9 @@ pub const KERNEL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Name of the owner's thread (seen in `top -H`, `/proc/<pid>/task/*/comm`).
 pub const THREAD_NAME: &str = "mesh-datapath";
 
+/// Backends of each service address asked for, in the order asked.
+pub type ServiceBackends = Vec<(ServiceKey, Vec<BackendStatus>)>;
+
 /// What the owner can be asked.
 pub enum Command {
     /// Bring the kernel to this model, publish the snapshot, answer with what was done.
@@ -36,7 +39,7 @@ pub enum Command {
     /// Live circuit state and counters of the backends of these service addresses.
     BackendStatus {
         keys: Vec<ServiceKey>,
-        reply: oneshot::Sender<Result<Vec<(ServiceKey, Vec<BackendStatus>)>, DatapathError>>,
+        reply: oneshot::Sender<Result<ServiceBackends, DatapathError>>,
     },
     /// Reason counters, read now.
     Counters {
@@ -96,7 +99,7 @@ impl DatapathHandle {
     pub async fn backend_status(
         &self,
         keys: Vec<ServiceKey>,
-    ) -> Result<Vec<(ServiceKey, Vec<BackendStatus>)>, OwnerError> {
+    ) -> Result<ServiceBackends, OwnerError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::BackendStatus { keys, reply })?;
         Ok(rx.await.map_err(|_| OwnerError::Stopped)??)

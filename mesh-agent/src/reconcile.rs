@@ -111,7 +111,7 @@ impl Reconciler {
         for (name, spec) in model.desired_specs() {
             desired.insert(service_key(spec.vip, spec.protocol), (name, spec));
         }
-        for (key, (name, spec)) in desired.iter_mut() {
+        for (key, (name, spec)) in &mut desired {
             if self
                 .applied
                 .get(key)

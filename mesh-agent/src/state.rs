@@ -124,8 +124,11 @@ pub fn uid_in_cgroup_name(name: &str) -> Option<String> {
     let name = name.strip_suffix(".slice").unwrap_or(name);
     let (_, uid) = name.rsplit_once("pod")?;
     // A UID is 36 characters: 32 hex digits and 4 separators.
-    (uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_'))
-        .then(|| uid.replace('_', "-"))
+    (uid.len() == 36
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_'))
+    .then(|| uid.replace('_', "-"))
 }
 
 /// Kernel counters as the data-path owner last read them.
@@ -214,8 +217,7 @@ impl AgentStatus {
     /// Recomputes readiness: ready once a model is in the kernel and while every source runs.
     pub fn update_readiness(&mut self) {
         let down = self.sources.iter().find_map(|(name, h)| match &h.state {
-            SourceState::Running { .. } => None,
-            SourceState::Starting { restarts: 0 } => None,
+            SourceState::Running { .. } | SourceState::Starting { restarts: 0 } => None,
             SourceState::Starting { .. } => Some(format!(
                 "discovery source {name} restarted, waiting for its first update (last failure: {})",
                 h.last_error.as_deref().unwrap_or("unknown")
@@ -261,7 +263,12 @@ mod tests {
             ..ClusterModel::default()
         };
         for (ns, name, uid, ip) in [
-            ("shop", "web-0", "0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e", "10.1.0.3"),
+            (
+                "shop",
+                "web-0",
+                "0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e",
+                "10.1.0.3",
+            ),
             ("default", "client", "", "10.1.0.2"),
             ("other", "client", "", "10.1.0.9"),
         ] {
@@ -300,7 +307,10 @@ mod tests {
             s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/node-a/client")),
             Some(&ObjectName::new("default", "client"))
         );
-        assert_eq!(s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/system.slice")), None);
+        assert_eq!(
+            s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/system.slice")),
+            None
+        );
         assert_eq!(
             s.identities[&ObjectName::new("shop", "web-0")],
             Identity {
@@ -315,7 +325,10 @@ mod tests {
         let mut st = AgentStatus::default();
         st.sources.insert("file".into(), SourceHealth::starting());
         st.update_readiness();
-        assert_eq!((st.ready, st.not_ready_reason.as_str()), (false, "no model reconciled yet"));
+        assert_eq!(
+            (st.ready, st.not_ready_reason.as_str()),
+            (false, "no model reconciled yet")
+        );
         st.first_sync = Some(SystemTime::now());
         st.sources.get_mut("file").unwrap().state = SourceState::Running { restarts: 0 };
         st.update_readiness();
@@ -327,6 +340,9 @@ mod tests {
         };
         st.update_readiness();
         assert!(!st.ready);
-        assert_eq!(st.not_ready_reason, "discovery source file is down: panicked: boom");
+        assert_eq!(
+            st.not_ready_reason,
+            "discovery source file is down: panicked: boom"
+        );
     }
 }

@@ -94,7 +94,7 @@ pub async fn supervise<F, Fut>(
         let reason = match joined {
             Ok(Ok(())) => "ended".to_owned(),
             Ok(Err(e)) => format!("failed: {e}"),
-            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(&*e.into_panic())),
             Err(e) => format!("stopped: {e}"),
         };
         if began.elapsed() >= RESTART_BACKOFF_RESET_AFTER {
@@ -120,7 +120,7 @@ pub async fn supervise<F, Fut>(
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -148,20 +148,26 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_millis(250),
         };
-        let sup = tokio::spawn(supervise("test", backoff, tx, drain.watch(), move |updates| {
-            let run = counted.fetch_add(1, Ordering::SeqCst);
-            async move {
-                updates
-                    .send(Update::Model(ClusterModel::default()))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match run {
-                    0 => panic!("boom"),
-                    1 => Err("watch failed".to_owned()),
-                    _ => Ok(()),
+        let sup = tokio::spawn(supervise(
+            "test",
+            backoff,
+            tx,
+            drain.watch(),
+            move |updates| {
+                let run = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    updates
+                        .send(Update::Model(ClusterModel::default()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match run {
+                        0 => panic!("boom"),
+                        1 => Err("watch failed".to_owned()),
+                        _ => Ok(()),
+                    }
                 }
-            }
-        }));
+            },
+        ));
         let mut seen = Vec::new();
         let started = Instant::now();
         while seen.len() < 9 {

@@ -84,7 +84,11 @@ impl AgentProcess {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(exit)) = c.try_status()
             {
-                bail!("agent on {} exited ({exit}): {}", self.node.name(), self.stderr());
+                bail!(
+                    "agent on {} exited ({exit}): {}",
+                    self.node.name(),
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -105,12 +109,10 @@ impl AgentProcess {
             }
             Some(kubeconfig) => {
                 let mut cmd = Command::new(binary);
-                cmd.arg("--kubernetes")
-                    .env("KUBECONFIG", kubeconfig)
-                    .args([
-                        "--readiness-addr",
-                        self.readiness_addr.as_deref().unwrap_or("none"),
-                    ]);
+                cmd.arg("--kubernetes").env("KUBECONFIG", kubeconfig).args([
+                    "--readiness-addr",
+                    self.readiness_addr.as_deref().unwrap_or("none"),
+                ]);
                 cmd
             }
         };

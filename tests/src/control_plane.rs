@@ -104,6 +104,11 @@ fn wait_for_reconcile(agent: &AgentProcess, n: usize, limit: Duration) -> Result
 }
 
 /// Nearest-rank percentile of unsorted samples.
+#[expect(
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss,
+    reason = "sample counts and ranks are far below 2^52 and positive"
+)]
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     if samples.is_empty() {
         return f64::NAN;
@@ -146,7 +151,11 @@ fn list_services_loop(socket: std::path::PathBuf, stop: Arc<AtomicBool>) -> Resu
 
 /// Counts `close` flows of `default/live` from a live `WatchFlows` until `stop` (plus a
 /// second for the last ones to arrive).
-fn count_flows(socket: std::path::PathBuf, stop: Arc<AtomicBool>, seen: Arc<AtomicU64>) -> Result<()> {
+fn count_flows(
+    socket: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    seen: Arc<AtomicU64>,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -208,6 +217,10 @@ fn flow_load(client: &PodHandle, stop: &AtomicBool) -> Result<(u64, u64, f64)> {
     clippy::too_many_lines,
     reason = "one measured sequence reads best top to bottom"
 )]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts reported as f64 metrics are far below 2^52"
+)]
 pub fn run(quick: bool) -> Result<Vec<Metric>> {
     let services = if quick { 1_000 } else { 10_000 };
     let endpoints = 10;
@@ -253,7 +266,11 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     let stop_admin = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(AtomicU64::new(0));
     let counting = {
-        let (socket, stop, seen) = (agent.socket.clone(), Arc::clone(&stop_load), Arc::clone(&seen));
+        let (socket, stop, seen) = (
+            agent.socket.clone(),
+            Arc::clone(&stop_load),
+            Arc::clone(&seen),
+        );
         std::thread::spawn(move || count_flows(socket, stop, seen))
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -327,6 +344,7 @@ mod tests {
     use super::percentile;
 
     #[test]
+    #[expect(clippy::float_cmp, reason = "nearest rank returns a sample itself")]
     fn percentiles_are_nearest_rank() {
         let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&mut v, 99.0), 99.0);

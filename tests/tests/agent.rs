@@ -161,7 +161,11 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
             "traffic keeps flowing on the last good state after {why}: {r:?}"
         );
         let current = rejections(&s.agent);
-        assert_eq!(current.len(), 1, "a newer problem replaces the older one: {current:?}");
+        assert_eq!(
+            current.len(),
+            1,
+            "a newer problem replaces the older one: {current:?}"
+        );
         assert_eq!(current[0]["kind"], "invalid_file", "{current:?}");
     }
     // The rejection stays while the file stays bad (the source polls it every 500 ms).
@@ -169,7 +173,10 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
     let current = rejections(&s.agent);
     assert_eq!(current.len(), 1, "still rejected: {current:?}");
     let status = s.agent.meshctl_json(&["status"]).unwrap();
-    assert_eq!(status["ready"], true, "the last good state serves: {status}");
+    assert_eq!(
+        status["ready"], true,
+        "the last good state serves: {status}"
+    );
     assert_eq!(status["sources"][0]["name"], "file", "{status}");
     assert_eq!(status["sources"][0]["state"], "running", "{status}");
     assert_eq!(status["sources"][0]["synced"], true, "{status}");
@@ -313,7 +320,11 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         .collect();
     let _ = follow.kill();
     let _ = follow.wait();
-    assert_eq!(lines.len(), 4, "meshctl flows --follow printed 4 flows: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        4,
+        "meshctl flows --follow printed 4 flows: {lines:?}"
+    );
     for f in &lines {
         assert_eq!(f["verdict"], "close", "{f}");
         assert_eq!(f["service"], "default/web", "{f}");
@@ -462,7 +473,10 @@ fn a_failing_source_makes_the_agent_unready_and_is_restarted_with_backoff() {
     );
     let (code, body) = readiness(&addr).unwrap();
     assert_eq!(code, 503, "{body}");
-    assert!(body.starts_with("not ready: discovery source kubernetes"), "{body}");
+    assert!(
+        body.starts_with("not ready: discovery source kubernetes"),
+        "{body}"
+    );
     // Exponential backoff: 500 ms, then 1 s, then 2 s.
     let log = s.agent.stderr();
     let delays: Vec<&str> = log

@@ -770,16 +770,18 @@ fn a_full_map_is_a_clear_error_and_keeps_the_last_state() {
     );
     assert_eq!(m.dp.map_full_total(), 1);
     // Nothing was half-written: the map that refused still holds exactly its last state.
-    let pin = m
-        .dp
-        .pin_dir()
-        .join("maps")
-        .join(mesh_common::bypass::LOCAL_ENDPOINTS_MAP);
-    let local: aya::maps::HashMap<_, mesh_common::bypass::EndpointKey, mesh_common::bypass::LocalEndpoint> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
-            aya::maps::MapData::from_pin(&pin).expect("pinned LOCAL_ENDPOINTS"),
-        ))
-        .expect("a hash map");
+    let pin =
+        m.dp.pin_dir()
+            .join("maps")
+            .join(mesh_common::bypass::LOCAL_ENDPOINTS_MAP);
+    let local: aya::maps::HashMap<
+        _,
+        mesh_common::bypass::EndpointKey,
+        mesh_common::bypass::LocalEndpoint,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(&pin).expect("pinned LOCAL_ENDPOINTS"),
+    ))
+    .expect("a hash map");
     let keys: Vec<_> = local.keys().map(Result::unwrap).collect();
     assert_eq!(
         keys,

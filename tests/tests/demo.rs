@@ -76,16 +76,21 @@ fn the_demo_runs_and_shows_what_it_promises() {
     );
     // [4] Three refusals, then the circuit opens.
     assert!(
-        line(&lines, "answers: ", &text).ends_with(r#"errors seen by the client: {"ECONNREFUSED": 3}"#),
+        line(&lines, "answers: ", &text)
+            .ends_with(r#"errors seen by the client: {"ECONNREFUSED": 3}"#),
         "{text}"
     );
     assert!(
-        flows.iter().any(|f| f[1] == "eject" && f[4].starts_with(&format!("{web1}:"))),
+        flows
+            .iter()
+            .any(|f| f[1] == "eject" && f[4].starts_with(&format!("{web1}:"))),
         "an eject flow for web-1 ({web1}):\n{text}"
     );
     // [5] The half-open probe succeeds: web-1 recovers.
     assert!(
-        flows.iter().any(|f| f[1] == "recover" && f[4].starts_with(&format!("{web1}:"))),
+        flows
+            .iter()
+            .any(|f| f[1] == "recover" && f[4].starts_with(&format!("{web1}:"))),
         "a recover flow for web-1 ({web1}):\n{text}"
     );
     // [6] Fail fast with no endpoints.
@@ -97,7 +102,10 @@ fn the_demo_runs_and_shows_what_it_promises() {
     // [7] Across the SIGKILL and restart not one connection failed, and the change made while
     // down is in the kernel.
     let restart = line(&lines, "agent back (adopted its pins);", &text);
-    assert!(restart.ends_with(" connections meanwhile, 0 failed"), "{restart}");
+    assert!(
+        restart.ends_with(" connections meanwhile, 0 failed"),
+        "{restart}"
+    );
     let connections: u64 = restart
         .split_whitespace()
         .nth(5)

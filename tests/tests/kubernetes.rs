@@ -162,9 +162,8 @@ impl Agent {
                     self.model = Some(m);
                 }
                 Ok(Some(Update::Rejected(r))) => self.rejected.push(r.to_string()),
-                Ok(Some(Update::Resolved(_))) => {}
                 Ok(None) => panic!("{what}: the Kubernetes source stopped"),
-                Err(_) => {}
+                Ok(Some(Update::Resolved(_))) | Err(_) => {}
             }
         }
     }

@@ -1,7 +1,7 @@
 //! `meshctl`: inspect the node agent — status, services, backends, circuits, identities, config
 //! and live flows — over its admin socket. Habits of `kubectl get` and `hubble observe`.
 
-use std::{io::Write as _, path::PathBuf};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -272,15 +272,19 @@ async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
         for src in &s.sources {
             let mut v = src.state.clone();
             if !src.reason.is_empty() {
-                v += &format!(": {}", src.reason);
+                let _ = write!(v, ": {}", src.reason);
             }
-            v += &if src.synced {
-                format!(", last sync {} ago", age(src.last_sync_age_ms))
+            if src.synced {
+                let _ = write!(v, ", last sync {} ago", age(src.last_sync_age_ms));
             } else {
-                ", never synced".to_owned()
-            };
+                v.push_str(", never synced");
+            }
             if src.restarts > 0 {
-                v += &format!(", {} restarts (last failure: {})", src.restarts, src.last_error);
+                let _ = write!(
+                    v,
+                    ", {} restarts (last failure: {})",
+                    src.restarts, src.last_error
+                );
             }
             rows.push(vec![format!("source {}", src.name), v]);
         }
@@ -357,7 +361,7 @@ async fn backends(
 /// `1.2s`, `3m 4s`: an age for a table.
 fn age(ms: u64) -> String {
     if ms < 60_000 {
-        format!("{:.1}s", ms as f64 / 1000.0)
+        format!("{}.{}s", ms / 1000, ms % 1000 / 100)
     } else {
         humantime::format_duration(std::time::Duration::from_secs(ms / 1000)).to_string()
     }
