@@ -25,7 +25,7 @@ pub use crate::config::{
 };
 use crate::{
     datapath::{Datapath, DatapathConfig, spec::Protocol},
-    discovery::{self, RejectionKey, Update},
+    discovery::{self, DiscoveryError, RejectionKey, Update},
     drain::{Drain, DrainOutcome},
     flows::{FlowHub, Names},
     model::ClusterModel,
@@ -208,7 +208,7 @@ fn start_source(shared: &Arc<Shared>, events: mpsc::Sender<SourceEvent>) -> &'st
                     let (path, node) = (path.clone(), node.clone());
                     async move {
                         discovery::file::watch(path, Some(node), interval, tx).await;
-                        Ok(())
+                        Ok::<_, DiscoveryError>(())
                     }
                 },
             ));
@@ -225,10 +225,8 @@ fn start_source(shared: &Arc<Shared>, events: mpsc::Sender<SourceEvent>) -> &'st
                         // Built per run, so an API server that was unreachable is retried.
                         let client = kube::Client::try_default()
                             .await
-                            .map_err(|e| format!("building the Kubernetes client: {e}"))?;
-                        discovery::kubernetes::run(client, node, tx)
-                            .await
-                            .map_err(|e| e.to_string())
+                            .map_err(DiscoveryError::KubernetesClient)?;
+                        Ok::<_, DiscoveryError>(discovery::kubernetes::run(client, node, tx).await?)
                     }
                 },
             ));

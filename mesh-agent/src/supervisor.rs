@@ -38,7 +38,7 @@ pub struct Backoff {
 
 /// Runs `start` as `source` until the drain starts or the agent stops listening, restarting it
 /// whenever it returns or panics. `start` gets the channel its run sends updates on.
-pub async fn supervise<F, Fut>(
+pub async fn supervise<F, Fut, E>(
     source: &'static str,
     backoff: Backoff,
     events: mpsc::Sender<SourceEvent>,
@@ -46,7 +46,8 @@ pub async fn supervise<F, Fut>(
     mut start: F,
 ) where
     F: FnMut(mpsc::Sender<Update>) -> Fut,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let mut delay = backoff.initial;
     let mut restarts = 0;

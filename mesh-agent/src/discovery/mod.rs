@@ -8,6 +8,27 @@ use std::{fmt, path::PathBuf};
 
 use crate::model::{ClusterModel, ObjectName};
 
+/// Why a discovery source stopped (its supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("building the Kubernetes client: {0}")]
+    KubernetesClient(#[source] kube::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
+}
+
+impl DiscoveryError {
+    /// A short, fixed name of the kind of failure (a metric label).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::KubernetesClient(_) => "kubernetes_client",
+            Self::Kubernetes(kubernetes::KubernetesError::ChannelClosed { .. }) => "channel_closed",
+            Self::Kubernetes(kubernetes::KubernetesError::WatchEnded { .. }) => "watch_ended",
+        }
+    }
+}
+
 /// What a source reports.
 #[derive(Debug)]
 pub enum Update {
