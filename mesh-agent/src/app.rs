@@ -25,12 +25,12 @@ pub use crate::config::{
 };
 use crate::{
     datapath::{Datapath, DatapathConfig, spec::Protocol},
-    discovery::{self, DiscoveryError, RejectionKey, Update},
+    discovery::{self, DiscoveryError, Update},
     drain::{Drain, DrainOutcome},
     flows::{FlowHub, Names},
     model::ClusterModel,
     owner::{self, DatapathHandle, OwnerError, ReconcileOutcome},
-    state::{AgentStatus, CurrentRejection, SourceHealth, SourceState, Stores},
+    state::{AgentStatus, SourceHealth, SourceState, Stores},
     supervisor::{self, Backoff, SourceEvent},
 };
 
@@ -339,39 +339,14 @@ impl MainLoop {
     fn on_update(&mut self, source: &'static str, update: Update) {
         match update {
             Update::Model(model) => {
-                // A model from a source means: its file parsed whole (Envoy and kube-proxy keep
-                // serving the last good config while a new one is bad, and forget the error once
-                // a good one arrives), and objects it no longer has cannot be wrong any more.
-                self.status.rejections.retain(|key, r| {
-                    r.source != source
-                        || match key {
-                            RejectionKey::File(_) => false,
-                            RejectionKey::Field(object, _) => {
-                                object.kind != "Service"
-                                    || model.services.contains_key(&object.name)
-                            }
-                        }
-                });
+                self.status.accept_model(source, &model);
                 if self.waiting.is_some() {
                     debug!(source, "a newer model supersedes one still waiting");
                 }
                 self.waiting = Some((source, model));
             }
-            Update::Rejected(rejection) => {
-                self.status.rejections.insert(
-                    rejection.key(),
-                    CurrentRejection {
-                        rejection,
-                        source: source.to_owned(),
-                        since: SystemTime::now(),
-                    },
-                );
-            }
-            Update::Resolved(object) => {
-                self.status
-                    .rejections
-                    .retain(|key, _| !matches!(key, RejectionKey::Field(o, _) if *o == object));
-            }
+            Update::Rejected(rejection) => self.status.reject(source, rejection),
+            Update::Resolved(object) => self.status.resolve(&object),
         }
     }
 

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::{
     datapath::{service_key, spec::Protocol},
-    discovery::{Rejection, RejectionKey},
+    discovery::{ObjectRef, Rejection, RejectionKey},
     model::{ClusterModel, ObjectName},
     reconcile::{AppliedService, AppliedServices},
 };
@@ -234,6 +234,39 @@ impl AgentStatus {
         self.ready = self.not_ready_reason.is_empty();
     }
 
+    /// A valid model from `source`: its file parsed whole, so the file's rejection is over
+    /// (Envoy and kube-proxy keep serving the last good config while a new one is bad, and
+    /// forget the error once a good one arrives); Services it no longer has cannot be wrong.
+    pub fn accept_model(&mut self, source: &str, model: &ClusterModel) {
+        self.rejections.retain(|key, r| {
+            r.source != source
+                || match key {
+                    RejectionKey::File(_) => false,
+                    RejectionKey::Field(object, _) => {
+                        object.kind != "Service" || model.services.contains_key(&object.name)
+                    }
+                }
+        });
+    }
+
+    /// A rejection from `source`: replaces an older one of the same file or object field.
+    pub fn reject(&mut self, source: &str, rejection: Rejection) {
+        self.rejections.insert(
+            rejection.key(),
+            CurrentRejection {
+                rejection,
+                source: source.to_owned(),
+                since: SystemTime::now(),
+            },
+        );
+    }
+
+    /// `object` is valid again: none of its fields' rejections apply any more.
+    pub fn resolve(&mut self, object: &ObjectRef) {
+        self.rejections
+            .retain(|key, _| !matches!(key, RejectionKey::Field(o, _) if o == object));
+    }
+
     /// The newest current rejection, as one line (the `last_rejection` field).
     #[must_use]
     pub fn last_rejection(&self) -> Option<String> {
@@ -318,6 +351,52 @@ mod tests {
                 service_account: "sa".into()
             }
         );
+    }
+
+    fn field(name: &str, field: &str) -> Rejection {
+        Rejection::InvalidField {
+            object: ObjectRef::new("Service", ObjectName::new("shop", name)),
+            field: field.into(),
+            message: format!("{field} is bad"),
+        }
+    }
+
+    #[test]
+    fn a_rejection_lasts_until_its_object_is_valid_or_gone() {
+        let mut st = AgentStatus::default();
+        st.reject("kubernetes", field("web", "a"));
+        st.reject("kubernetes", field("web", "b"));
+        st.reject("kubernetes", field("api", "a"));
+        st.reject("kubernetes", field("api", "a"));
+        assert_eq!(st.rejections.len(), 3, "one entry per object field");
+        // Unrelated churn: a new model that still has both services changes nothing.
+        let mut m = ClusterModel::default();
+        for name in ["web", "api"] {
+            let name = ObjectName::new("shop", name);
+            m.services.insert(
+                name.clone(),
+                crate::model::Service {
+                    name,
+                    cluster_ips: vec![],
+                    ports: vec![],
+                    settings: crate::model::ServiceSettings::default(),
+                    endpoints: vec![],
+                },
+            );
+        }
+        st.accept_model("kubernetes", &m);
+        assert_eq!(st.rejections.len(), 3);
+        // web becomes valid: both its entries go, api's stays.
+        st.resolve(&ObjectRef::new("Service", ObjectName::new("shop", "web")));
+        assert_eq!(st.rejections.len(), 1);
+        assert_eq!(
+            st.last_rejection().as_deref(),
+            Some("Service shop/api: a is bad")
+        );
+        // api disappears from the model: its rejection goes too.
+        m.services.remove(&ObjectName::new("shop", "api"));
+        st.accept_model("kubernetes", &m);
+        assert!(st.rejections.is_empty());
     }
 
     #[test]
