@@ -1,11 +1,22 @@
-//! Locates the kernel object built by `cargo xtask build-ebpf` so the agent can embed it, and
-//! generates the admin API from `proto/admin.proto` (with a vendored `protoc`).
+//! Locates the kernel object built by `cargo xtask build-ebpf` so the agent can embed it (only
+//! with the `datapath` feature), and generates the admin API from `proto/admin.proto` (with a
+//! vendored `protoc`).
 
 use std::path::PathBuf;
 
 fn main() {
     compile_protos();
     println!("cargo:rerun-if-env-changed=MESH_EBPF_OBJECT");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
+    if std::env::var_os("CARGO_FEATURE_DATAPATH").is_none() {
+        // Without the feature nothing may load the object (`app::run` refuses first), but
+        // `datapath` still names it: embed an empty placeholder so `meshctl` and the library
+        // build where no object exists.
+        let placeholder = out.join("no-kernel-object");
+        std::fs::write(&placeholder, b"").expect("writing to OUT_DIR");
+        println!("cargo:rustc-env=MESH_EBPF_OBJECT={}", placeholder.display());
+        return;
+    }
     let path = std::env::var_os("MESH_EBPF_OBJECT").map_or_else(
         || {
             let manifest =
@@ -18,7 +29,8 @@ fn main() {
     assert!(
         path.is_file(),
         "mesh-agent embeds the kernel object {}, which does not exist: run `cargo xtask build-ebpf` \
-         first (or set MESH_EBPF_OBJECT to a built object)",
+         first (or set MESH_EBPF_OBJECT to a built object; `meshctl` alone builds without it: \
+         `cargo build -p mesh-agent --bin meshctl --no-default-features`)",
         path.display()
     );
     let path = path.canonicalize().expect("the object exists");

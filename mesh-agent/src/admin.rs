@@ -1,23 +1,33 @@
 //! The admin API: tonic gRPC on a Unix socket only root can open (`meshctl` is the client).
+//! Every call but `ListBackends` answers from the published snapshots and never waits for a
+//! reconciliation; `ListBackends` reads live circuit state through the data-path owner.
 
 use std::{
-    collections::HashMap,
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use hyper_util::rt::TokioIo;
 use mesh_common::backend::{CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN};
 use tokio_stream::{
     Stream, StreamExt as _,
     wrappers::{BroadcastStream, UnixListenerStream},
 };
-use tonic::{Request, Response, Status};
+use tonic::{
+    Request, Response, Status,
+    transport::{Channel, Endpoint, Uri},
+};
 use tracing::{info, warn};
 
-use crate::{app::Shared, datapath::spec::Algorithm, flows::monotonic_ns};
+use crate::{
+    app::Shared,
+    config::{Source, algorithm_name},
+    flows::monotonic_ns,
+    state::SourceState,
+};
 
 /// Generated from `proto/admin.proto`.
 #[expect(clippy::pedantic, missing_docs, reason = "generated code")]
@@ -26,12 +36,29 @@ pub mod proto {
 }
 
 use proto::{
-    BackendInfo, ConfigDumpRequest, ConfigDumpResponse, Flow, IdentityInfo, ListBackendsRequest,
-    ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse, ListPoliciesRequest,
-    ListPoliciesResponse, ListServicesRequest, ListServicesResponse, ServiceInfo, StatusRequest,
-    StatusResponse, WatchFlowsRequest,
+    BackendInfo, ConfigDumpRequest, ConfigDumpResponse, CurrentRejection, Flow, IdentityInfo,
+    ListBackendsRequest, ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse,
+    ListPoliciesRequest, ListPoliciesResponse, ListServicesRequest, ListServicesResponse,
+    ServiceInfo, SourceStatus, StatusRequest, StatusResponse, WatchFlowsRequest,
+    admin_client::AdminClient,
     admin_server::{Admin, AdminServer},
 };
+
+/// Connects to the admin socket (`meshctl` and the benchmarks use this).
+pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    let path = socket.to_owned();
+    // The URI is required by tonic but unused: the connector always dials the Unix socket.
+    let channel = Endpoint::from_static("http://mesh-agent.invalid")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?;
+    Ok(AdminClient::new(channel))
+}
 
 /// Default SPIFFE trust domain (Istio's).
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -66,16 +93,6 @@ struct AdminService {
     shared: Arc<Shared>,
 }
 
-fn algorithm_name(a: Algorithm) -> &'static str {
-    match a {
-        Algorithm::Random => "random",
-        Algorithm::RoundRobin => "round-robin",
-        Algorithm::Weighted => "weighted",
-        Algorithm::Maglev => "maglev",
-        Algorithm::LeastConn => "least-connections",
-    }
-}
-
 /// `name` or `namespace/name` → `namespace/name`.
 fn qualified(service: &str) -> String {
     if service.contains('/') {
@@ -91,35 +108,70 @@ type FlowStream = Pin<Box<dyn Stream<Item = Result<Flow, Status>> + Send>>;
 impl Admin for AdminService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = &self.shared;
-        let st = s.state();
-        let counters: HashMap<String, u64> = st
-            .dp
-            .counters()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        let backends = st
-            .reconciler
-            .applied()
-            .map(|(_, (_, spec))| spec.backends.len() as u32)
-            .sum();
+        let snap = s.stores.snapshot.load();
+        let status = s.stores.status.load();
+        let kernel = s.stores.kernel.load();
+        let now = SystemTime::now();
+        let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
+        let mut rejections: Vec<_> = status.rejections.iter().collect();
+        rejections.sort_by_key(|(_, r)| r.since);
         Ok(Response::new(StatusResponse {
             node: s.config.node.clone(),
-            source: match &s.config.source {
-                crate::app::Source::File(p) => format!("file {}", p.display()),
-                crate::app::Source::Kubernetes => "kubernetes".to_owned(),
+            source: match &s.config.discovery.source {
+                Source::File(p) => format!("file {}", p.display()),
+                Source::Kubernetes => "kubernetes".to_owned(),
             },
-            ready: st.ready,
+            ready: status.ready,
             uptime_seconds: s.started.elapsed().as_secs(),
-            services: st.reconciler.applied().count() as u32,
-            backends,
-            last_rejection: st.last_rejection.clone().unwrap_or_default(),
-            pin_dir: s.config.pin_dir.display().to_string(),
-            cgroup: s.config.cgroup.display().to_string(),
-            counters,
-            map_full_total: st.dp.map_full_total(),
+            services: snap.services.len() as u32,
+            backends: snap.backends as u32,
+            last_rejection: status.last_rejection().unwrap_or_default(),
+            pin_dir: s.config.datapath.pin_dir.display().to_string(),
+            cgroup: s.config.datapath.cgroup.display().to_string(),
+            counters: kernel
+                .counters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            map_full_total: kernel.map_full_total,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            not_ready_reason: status.not_ready_reason.clone(),
+            rejections: rejections
+                .into_iter()
+                .map(|(key, r)| CurrentRejection {
+                    key: key.to_string(),
+                    kind: r.rejection.kind().to_owned(),
+                    source: r.source.clone(),
+                    message: r.rejection.to_string(),
+                    age_seconds: age(r.since).as_secs(),
+                })
+                .collect(),
+            sources: status
+                .sources
+                .iter()
+                .map(|(name, h)| {
+                    let (state, reason) = match &h.state {
+                        SourceState::Starting { .. } => ("starting", String::new()),
+                        SourceState::Running { .. } => ("running", String::new()),
+                        SourceState::Down { reason, .. } => ("down", reason.clone()),
+                    };
+                    SourceStatus {
+                        name: name.clone(),
+                        state: state.to_owned(),
+                        reason,
+                        restarts: h.restarts(),
+                        synced: h.last_sync.is_some(),
+                        last_sync_age_ms: h.last_sync.map_or(0, |t| age(t).as_millis() as u64),
+                        last_error: h.last_error.clone().unwrap_or_default(),
+                    }
+                })
+                .collect(),
+            reconcile_errors: status.reconcile_errors.clone(),
+            counters_age_ms: kernel.read_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+            model_generation: snap.generation,
+            model_age_ms: snap.published.map_or(0, |t| t.elapsed().as_millis() as u64),
+            flows_received_total: s.flows.received_total(),
+            flows_lagged_total: s.flows.lagged_total(),
         }))
     }
 
@@ -127,22 +179,25 @@ impl Admin for AdminService {
         &self,
         _: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
-        let st = self.shared.state();
-        let services = st
-            .reconciler
-            .applied()
-            .map(|(_, (name, spec))| ServiceInfo {
-                namespace: name.namespace.clone(),
-                name: name.name.clone(),
-                address: spec.vip.to_string(),
-                protocol: format!("{:?}", spec.protocol).to_uppercase(),
-                algorithm: algorithm_name(spec.algorithm).to_owned(),
-                backends: spec.backends.len() as u32,
-                max_connections: spec.circuit.max_connections,
-                consecutive_failures: spec.circuit.consecutive_failures,
-                base_ejection_ms: spec.circuit.base_ejection.as_millis() as u64,
-                max_ejection_percent: spec.circuit.max_ejection_percent,
-                affinity_timeout_seconds: spec.affinity_timeout.map_or(0, |d| d.as_secs()),
+        let snap = self.shared.stores.snapshot.load();
+        let services = snap
+            .services
+            .values()
+            .map(|a| {
+                let spec = &a.spec;
+                ServiceInfo {
+                    namespace: a.name.namespace.clone(),
+                    name: a.name.name.clone(),
+                    address: spec.vip.to_string(),
+                    protocol: format!("{:?}", spec.protocol).to_uppercase(),
+                    algorithm: algorithm_name(spec.algorithm).to_owned(),
+                    backends: spec.backends.len() as u32,
+                    max_connections: spec.circuit.max_connections,
+                    consecutive_failures: spec.circuit.consecutive_failures,
+                    base_ejection_ms: spec.circuit.base_ejection.as_millis() as u64,
+                    max_ejection_percent: spec.circuit.max_ejection_percent,
+                    affinity_timeout_seconds: spec.affinity_timeout.map_or(0, |d| d.as_secs()),
+                }
             })
             .collect();
         Ok(Response::new(ListServicesResponse { services }))
@@ -154,26 +209,38 @@ impl Admin for AdminService {
     ) -> Result<Response<ListBackendsResponse>, Status> {
         let req = req.into_inner();
         let want = (!req.service.is_empty()).then(|| qualified(&req.service));
-        let st = self.shared.state();
+        let snap = self.shared.stores.snapshot.load_full();
+        let keys: Vec<_> = snap
+            .services
+            .iter()
+            .filter(|(_, a)| want.as_ref().is_none_or(|w| *w == a.name.to_string()))
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty()
+            && let Some(w) = want
+        {
+            return Err(Status::not_found(format!("no service {w}")));
+        }
+        let live = self
+            .shared
+            .datapath
+            .backend_status(keys)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let now = monotonic_ns();
         let mut backends = Vec::new();
-        let mut found = want.is_none();
-        for (key, (name, spec)) in st.reconciler.applied() {
-            if want.as_ref().is_some_and(|w| *w != name.to_string()) {
+        for (key, statuses) in live {
+            // A service removed between the snapshot and the read has no backends left.
+            let Some(a) = snap.services.get(&key) else {
                 continue;
-            }
-            found = true;
-            for b in st
-                .dp
-                .backend_status(key)
-                .map_err(|e| Status::internal(e.to_string()))?
-            {
+            };
+            for b in statuses {
                 if req.open_only && b.state.circuit == CIRCUIT_CLOSED {
                     continue;
                 }
                 backends.push(BackendInfo {
-                    service: name.to_string(),
-                    service_address: spec.vip.to_string(),
+                    service: a.name.to_string(),
+                    service_address: a.spec.vip.to_string(),
                     address: b.addr.to_string(),
                     id: b.id,
                     weight: b.weight,
@@ -197,12 +264,6 @@ impl Admin for AdminService {
                 });
             }
         }
-        if !found {
-            return Err(Status::not_found(format!(
-                "no service {}",
-                want.unwrap_or_default()
-            )));
-        }
         Ok(Response::new(ListBackendsResponse { backends }))
     }
 
@@ -210,19 +271,20 @@ impl Admin for AdminService {
         &self,
         _: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
-        let st = self.shared.state();
-        let identities = st
+        let snap = self.shared.stores.snapshot.load();
+        let identities = snap
             .model
             .pods
-            .values()
-            .filter(|p| p.node == st.model.node)
-            .map(|p| IdentityInfo {
-                namespace: p.name.namespace.clone(),
+            .iter()
+            .filter(|(_, p)| p.node == snap.model.node)
+            .filter_map(|(name, p)| Some((p, snap.identities.get(name)?)))
+            .map(|(p, id)| IdentityInfo {
+                namespace: id.namespace.clone(),
                 pod: p.name.name.clone(),
-                service_account: p.service_account.clone(),
+                service_account: id.service_account.clone(),
                 spiffe_id: format!(
                     "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
-                    p.name.namespace, p.service_account
+                    id.namespace, id.service_account
                 ),
                 addresses: p.ips.iter().map(ToString::to_string).collect(),
             })
@@ -234,11 +296,12 @@ impl Admin for AdminService {
         &self,
         _: Request<ConfigDumpRequest>,
     ) -> Result<Response<ConfigDumpResponse>, Status> {
-        let st = self.shared.state();
-        let services: Vec<serde_json::Value> = st
-            .reconciler
-            .applied()
-            .map(|(_, (name, spec))| {
+        let snap = self.shared.stores.snapshot.load();
+        let services: Vec<serde_json::Value> = snap
+            .services
+            .values()
+            .map(|a| {
+                let (name, spec) = (&a.name, &a.spec);
                 serde_json::json!({
                     "service": name.to_string(),
                     "address": spec.vip.to_string(),
@@ -268,8 +331,8 @@ impl Admin for AdminService {
         &self,
         _: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let st = self.shared.state();
-        Ok(Response::new(policies_response(&st.model)))
+        let snap = self.shared.stores.snapshot.load();
+        Ok(Response::new(policies_response(&snap.model)))
     }
 
     async fn watch_flows(
@@ -292,11 +355,13 @@ impl Admin for AdminService {
         if !req.follow {
             return Ok(Response::new(Box::pin(history)));
         }
+        let flows = Arc::clone(&self.shared.flows);
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
             Ok(f) if filter.matches(&f) => Some(Ok(f)),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "a flow watcher fell behind");
+                flows.note_lagged(n);
                 None
             }
         });

@@ -1,89 +1,59 @@
-//! Wiring of the agent: configuration, the shared state every task sees, and the tasks —
-//! discovery → reconciliation, the flow pump, kernel logs, readiness, the admin API.
+//! Wiring of the agent: the data-path owner thread, the read snapshots, the supervised discovery
+//! source, the main loop (updates → reconciliation, health, rejections), the flow pump, kernel
+//! logs, readiness, the admin API, and shutdown (SIGTERM/SIGINT → drain → stop).
 
 use std::{
     collections::HashMap as StdHashMap,
+    future::Future,
     net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant},
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
-use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use anyhow::{Context as _, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{debug, error, info, warn};
 
+pub use crate::config::{
+    AgentConfig, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_DIR, DEFAULT_READINESS_ADDR, Source,
+};
 use crate::{
-    datapath::{Datapath, DatapathConfig},
-    discovery::{self, Update},
+    datapath::{Datapath, DatapathConfig, spec::Protocol},
+    discovery::{self, DiscoveryError, Update},
+    drain::{Drain, DrainOutcome},
     flows::{FlowHub, Names},
     model::ClusterModel,
-    reconcile::Reconciler,
+    owner::{self, DatapathHandle, OwnerError, ReconcileOutcome},
+    state::{AgentStatus, SourceHealth, SourceState, Stores},
+    supervisor::{self, Backoff, SourceEvent},
 };
 
-/// Default readiness address (ztunnel's port).
-pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
-/// Default admin socket.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
-/// Default bpffs directory for pins.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
-
-/// Where the cluster model comes from.
-#[derive(Clone, Debug, Serialize)]
-pub enum Source {
-    /// A static YAML file, reloaded on change.
-    File(PathBuf),
-    /// The Kubernetes API (in-cluster or kubeconfig).
-    Kubernetes,
-}
-
-/// The agent's configuration, after parsing and validation; served by `ConfigDump`.
-#[derive(Clone, Debug, Serialize)]
-pub struct AgentConfig {
-    pub node: String,
-    pub source: Source,
-    pub cgroup: PathBuf,
-    pub pin_dir: PathBuf,
-    pub admin_socket: PathBuf,
-    pub readiness_addr: Option<SocketAddr>,
-    pub metrics_addr: Option<SocketAddr>,
-}
-
-/// Mutable state behind one lock; every operation on it is short.
-pub struct AgentState {
-    pub dp: Datapath,
-    pub reconciler: Reconciler,
-    pub model: ClusterModel,
-    /// The last rejected input (file or object), if any since the last good one.
-    pub last_rejection: Option<String>,
-    /// True once the first model has been reconciled into the kernel.
-    pub ready: bool,
-}
-
-/// What every task shares.
+/// What every task shares: configuration, the snapshots (read without waiting), the way to the
+/// data-path owner, the flow hub and the drain hook.
 pub struct Shared {
     pub config: AgentConfig,
     pub started: Instant,
-    state: Mutex<AgentState>,
+    pub stores: Arc<Stores>,
+    pub datapath: DatapathHandle,
     pub flows: Arc<FlowHub>,
+    /// Proxies subscribe here (`drain.watch()`) and finish within the drain period at shutdown.
+    pub drain: Arc<Drain>,
 }
 
-impl Shared {
-    /// Locks the state (a panic elsewhere does not make it unusable).
-    pub fn state(&self) -> MutexGuard<'_, AgentState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Resolves names for flows from the current model, and cgroup ids through a cache of the
-/// cgroup tree under the attach point (rebuilt at most once a second, on a miss).
-struct ModelNames {
+/// Resolves names for flows from the current snapshot's indexes, and cgroup ids through a
+/// cache of the cgroup tree under the attach point (rebuilt at most once a second, on a miss).
+struct SnapshotNames {
     shared: Arc<Shared>,
     cgroups: Mutex<(StdHashMap<u64, PathBuf>, Option<Instant>)>,
 }
 
-impl ModelNames {
+impl SnapshotNames {
     fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared,
@@ -92,11 +62,12 @@ impl ModelNames {
     }
 
     fn cgroup_path(&self, id: u64) -> Option<PathBuf> {
+        // Only the flow pump calls this: the lock is never contended.
         let mut guard = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
         let (index, built) = &mut *guard;
         if !index.contains_key(&id) && built.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             index.clear();
-            index_cgroups(&self.shared.config.cgroup, 0, index);
+            index_cgroups(&self.shared.config.datapath.cgroup, 0, index);
             *built = Some(Instant::now());
         }
         index.get(&id).cloned()
@@ -121,147 +92,272 @@ fn index_cgroups(dir: &Path, depth: usize, index: &mut StdHashMap<u64, PathBuf>)
     }
 }
 
-impl Names for ModelNames {
+impl Names for SnapshotNames {
     fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<(String, String)> {
         let Some(path) = self.cgroup_path(cgroup_id) else {
-            tracing::debug!(cgroup_id, under = %self.shared.config.cgroup.display(), "cgroup id not found");
+            debug!(cgroup_id, under = %self.shared.config.datapath.cgroup.display(), "cgroup id not found");
             return None;
         };
-        let st = self.shared.state();
-        // The deepest path component that names a pod: the kubelet's `pod<uid>` (systemd driver:
-        // `…-pod<uid with _>.slice`), or the pod's name (static setups, the test harness).
-        path.components()
-            .rev()
-            .find_map(|c| {
-                let c = c.as_os_str().to_string_lossy();
-                st.model.pods.values().find(|p| {
-                    (!p.uid.is_empty()
-                        && (c.contains(&p.uid) || c.contains(&p.uid.replace('-', "_"))))
-                        || c == p.name.name
-                })
-            })
-            .map(|p| (p.name.namespace.clone(), p.name.name.clone()))
+        let snap = self.shared.stores.snapshot.load();
+        snap.pod_by_cgroup_path(&path)
+            .map(|p| (p.namespace.clone(), p.name.clone()))
     }
 
     fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)> {
-        let st = self.shared.state();
-        st.model
-            .pods
-            .values()
-            .find(|p| p.ips.contains(&ip))
-            .map(|p| (p.name.namespace.clone(), p.name.name.clone()))
+        let snap = self.shared.stores.snapshot.load();
+        snap.pod_by_ip(ip)
+            .map(|p| (p.namespace.clone(), p.name.clone()))
     }
 
     fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<String> {
-        let proto = if udp {
-            crate::datapath::spec::Protocol::Udp
-        } else {
-            crate::datapath::spec::Protocol::Tcp
-        };
-        let st = self.shared.state();
-        st.reconciler
-            .owner(&crate::datapath::service_key(addr, proto))
-            .map(|(n, _)| n.to_string())
+        let proto = if udp { Protocol::Udp } else { Protocol::Tcp };
+        let snap = self.shared.stores.snapshot.load();
+        snap.service_by_addr(addr, proto)
+            .map(|s| s.name.to_string())
     }
 }
 
-/// Runs the agent until SIGINT/SIGTERM. Programs and maps stay pinned when it exits, so
-/// traffic keeps flowing and the next agent adopts them.
+/// Runs the agent until SIGINT/SIGTERM, then drains. Programs and maps stay pinned when it
+/// exits, so traffic keeps flowing and the next agent adopts them.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if !cfg!(feature = "datapath") {
+        bail!(
+            "this mesh-agent was built without the `datapath` feature, so it holds no kernel \
+             object: build it with default features"
+        );
+    }
+    // Installed first, so a signal during start-up is not lost.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut dp = Datapath::load(&DatapathConfig {
-        cgroup: config.cgroup.clone(),
-        pin_dir: config.pin_dir.clone(),
+        cgroup: config.datapath.cgroup.clone(),
+        pin_dir: config.datapath.pin_dir.clone(),
     })?;
     let ring = dp.take_events();
     if let Some(logger) = dp.take_logger() {
         tokio::spawn(crate::logging::forward_kernel_logs(logger));
     }
-    let reconciler = Reconciler::new(&dp);
     info!(adopted = dp.service_keys().count(), "kernel state adopted");
+    let stores = Arc::new(Stores::default());
+    let (datapath, _owner_thread) =
+        owner::spawn(dp, Arc::clone(&stores)).context("starting the data-path owner thread")?;
     let shared = Arc::new(Shared {
-        config: config.clone(),
+        drain: Arc::new(Drain::new(config.proxy.drain_period)),
+        config,
         started: Instant::now(),
-        state: Mutex::new(AgentState {
-            dp,
-            reconciler,
-            model: ClusterModel::default(),
-            last_rejection: None,
-            ready: false,
-        }),
+        stores,
+        datapath,
         flows: Arc::new(FlowHub::new()),
     });
     if let Some(ring) = ring {
         tokio::spawn(
-            Arc::clone(&shared.flows).pump(ring, Arc::new(ModelNames::new(Arc::clone(&shared)))),
+            Arc::clone(&shared.flows).pump(ring, Arc::new(SnapshotNames::new(Arc::clone(&shared)))),
         );
     }
-    if let Some(addr) = config.readiness_addr {
+    if let Some(addr) = shared.config.admin.readiness_addr {
         tokio::spawn(crate::health::serve_readiness(addr, Arc::clone(&shared)));
     }
     tokio::spawn(crate::admin::serve(
-        config.admin_socket.clone(),
+        shared.config.admin.socket.clone(),
         Arc::clone(&shared),
     ));
-    let (tx, mut rx) = mpsc::channel(16);
-    match &config.source {
+    let (events_tx, events) = mpsc::channel(64);
+    let source = start_source(&shared, events_tx);
+    let mut main = MainLoop::new(Arc::clone(&shared), source);
+    let result = tokio::select! {
+        r = main.run(events) => r,
+        _ = term.recv() => { info!("SIGTERM"); Ok(()) }
+        _ = int.recv() => { info!("SIGINT"); Ok(()) }
+    };
+    info!(period = ?shared.drain.period(), "draining");
+    tokio::select! {
+        outcome = shared.drain.drain() => match outcome {
+            DrainOutcome::Complete => info!("drained"),
+            DrainOutcome::TimedOut { remaining } => {
+                warn!(remaining, "drain period over; stopping with subscribers still busy");
+            }
+        },
+        _ = term.recv() => warn!("second SIGTERM: stopping without waiting for the drain"),
+        _ = int.recv() => warn!("second SIGINT: stopping without waiting for the drain"),
+    }
+    shared.datapath.shutdown();
+    let _ = std::fs::remove_file(&shared.config.admin.socket);
+    info!("stopped; programs stay attached through their pinned links");
+    result
+}
+
+/// Spawns the configured discovery source under supervision; returns its name.
+fn start_source(shared: &Arc<Shared>, events: mpsc::Sender<SourceEvent>) -> &'static str {
+    let cfg = &shared.config;
+    let name = cfg.discovery.source.name();
+    let backoff = Backoff {
+        initial: cfg.discovery.restart_backoff,
+        max: cfg.discovery.restart_backoff_max,
+    };
+    let drain = shared.drain.watch();
+    let node = cfg.node.clone();
+    match cfg.discovery.source.clone() {
         Source::File(path) => {
-            tokio::spawn(discovery::file::watch(
-                path.clone(),
-                Some(config.node.clone()),
-                discovery::file::DEFAULT_POLL_INTERVAL,
-                tx,
+            let interval = cfg.discovery.file_poll_interval;
+            tokio::spawn(supervisor::supervise(
+                name,
+                backoff,
+                events,
+                drain,
+                move |tx| {
+                    let (path, node) = (path.clone(), node.clone());
+                    async move {
+                        discovery::file::watch(path, Some(node), interval, tx).await;
+                        Ok::<_, DiscoveryError>(())
+                    }
+                },
             ));
         }
         Source::Kubernetes => {
-            let client = kube::Client::try_default().await?;
-            let node = config.node.clone();
-            tokio::spawn(async move {
-                if let Err(e) = discovery::kubernetes::run(client, node, tx).await {
-                    error!(error = %e, "Kubernetes discovery stopped");
-                }
-            });
+            tokio::spawn(supervisor::supervise(
+                name,
+                backoff,
+                events,
+                drain,
+                move |tx| {
+                    let node = node.clone();
+                    async move {
+                        // Built per run, so an API server that was unreachable is retried.
+                        let client = kube::Client::try_default()
+                            .await
+                            .map_err(DiscoveryError::KubernetesClient)?;
+                        Ok::<_, DiscoveryError>(discovery::kubernetes::run(client, node, tx).await?)
+                    }
+                },
+            ));
         }
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            update = rx.recv() => match update {
-                Some(Update::Model(model)) => apply(&shared, model),
-                Some(Update::Rejected(why)) => shared.state().last_rejection = Some(why),
-                None => {
-                    warn!("discovery source ended");
-                    tokio::time::sleep(Duration::from_hours(1)).await;
-                }
-            },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
-    }
-    info!("stopping; programs stay attached through their pinned links");
-    let _ = std::fs::remove_file(&config.admin_socket);
-    Ok(())
+    name
 }
 
-/// Reconciles the kernel to a new model.
-fn apply(shared: &Shared, model: ClusterModel) {
-    let mut guard = shared.state();
-    let st = &mut *guard;
-    let started = Instant::now();
-    let report = st.reconciler.reconcile(&mut st.dp, &model);
-    st.model = model;
-    st.last_rejection = None;
-    st.ready = true;
-    // Parsing and diffing a large model frees far more than it keeps; hand the freed heap back
-    // to the kernel so the agent's resident size reflects what it holds (glibc keeps it
-    // otherwise).
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe { libc::malloc_trim(0) };
-    info!(
-        applied = report.applied,
-        removed = report.removed,
-        unchanged = report.unchanged,
-        errors = report.errors.len(),
-        took_ms = started.elapsed().as_millis() as u64,
-        "reconciled"
-    );
+type Reconciling =
+    Pin<Box<dyn Future<Output = Result<ReconcileOutcome, OwnerError>> + Send + 'static>>;
+
+/// The one writer of [`AgentStatus`]: takes the sources' events, sends models to the owner one
+/// at a time (a newer model replaces one still waiting, as kube-proxy's bounded-frequency runner
+/// coalesces syncs), and publishes health after every change.
+struct MainLoop {
+    shared: Arc<Shared>,
+    status: AgentStatus,
+    waiting: Option<(&'static str, ClusterModel)>,
+    reconciling: Option<(&'static str, Reconciling)>,
+}
+
+impl MainLoop {
+    fn new(shared: Arc<Shared>, source: &'static str) -> Self {
+        let mut status = AgentStatus::default();
+        status
+            .sources
+            .insert(source.to_owned(), SourceHealth::starting());
+        status.update_readiness();
+        shared.stores.status.store(Arc::new(status.clone()));
+        Self {
+            shared,
+            status,
+            waiting: None,
+            reconciling: None,
+        }
+    }
+
+    async fn run(&mut self, mut events: mpsc::Receiver<SourceEvent>) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event),
+                    None => bail!("every discovery supervisor stopped"),
+                },
+                outcome = async {
+                    match self.reconciling.as_mut() {
+                        Some((_, fut)) => fut.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (source, _) = self.reconciling.take().expect("polled only when set");
+                    self.on_reconciled(source, &outcome?);
+                }
+            }
+            if self.reconciling.is_none()
+                && let Some((source, model)) = self.waiting.take()
+            {
+                let dp = self.shared.datapath.clone();
+                self.reconciling =
+                    Some((source, Box::pin(async move { dp.reconcile(model).await })));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.status.update_readiness();
+        self.shared
+            .stores
+            .status
+            .store(Arc::new(self.status.clone()));
+    }
+
+    fn on_event(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Started { source, restarts } => {
+                self.health(source).state = SourceState::Starting { restarts };
+            }
+            SourceEvent::Down {
+                source,
+                restarts,
+                reason,
+                retry_in,
+            } => {
+                let h = self.health(source);
+                h.last_error = Some(reason.clone());
+                h.state = SourceState::Down {
+                    restarts,
+                    reason,
+                    retry_at: SystemTime::now() + retry_in,
+                };
+            }
+            SourceEvent::Update { source, update } => {
+                let h = self.health(source);
+                if let SourceState::Starting { restarts } = h.state {
+                    h.state = SourceState::Running { restarts };
+                }
+                self.on_update(source, update);
+            }
+        }
+        self.publish();
+    }
+
+    fn health(&mut self, source: &'static str) -> &mut SourceHealth {
+        self.status
+            .sources
+            .entry(source.to_owned())
+            .or_insert_with(SourceHealth::starting)
+    }
+
+    fn on_update(&mut self, source: &'static str, update: Update) {
+        match update {
+            Update::Model(model) => {
+                self.status.accept_model(source, &model);
+                if self.waiting.is_some() {
+                    debug!(source, "a newer model supersedes one still waiting");
+                }
+                self.waiting = Some((source, model));
+            }
+            Update::Rejected(rejection) => self.status.reject(source, rejection),
+            Update::Resolved(object) => self.status.resolve(&object),
+        }
+    }
+
+    fn on_reconciled(&mut self, source: &'static str, outcome: &ReconcileOutcome) {
+        let now = SystemTime::now();
+        self.health(source).last_sync = Some(now);
+        self.status.first_sync.get_or_insert(now);
+        self.status.reconcile_errors = outcome.errors.iter().map(ToString::to_string).collect();
+        for e in &outcome.errors {
+            error!(kind = e.kind(), error = %e, "reconciliation error; the rest converged");
+        }
+        self.publish();
+    }
 }

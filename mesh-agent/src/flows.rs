@@ -4,7 +4,10 @@
 use std::{
     collections::VecDeque,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -42,6 +45,11 @@ pub struct FlowHub {
     live: broadcast::Sender<Flow>,
     /// Wall-clock minus monotonic, to stamp kernel times (`bpf_ktime_get_ns`) as Unix time.
     wall_offset_ns: u64,
+    /// Flows a live watcher missed because it fell behind (the agent's own drops; the kernel
+    /// counts the ring's in `event_dropped`).
+    lagged_total: AtomicU64,
+    /// Flows read from the kernel ring.
+    received_total: AtomicU64,
 }
 
 impl Default for FlowHub {
@@ -60,6 +68,8 @@ impl FlowHub {
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
             live: broadcast::channel(BROADCAST_CAPACITY).0,
             wall_offset_ns: wall.saturating_sub(monotonic_ns()),
+            lagged_total: AtomicU64::new(0),
+            received_total: AtomicU64::new(0),
         }
     }
 
@@ -131,6 +141,23 @@ impl FlowHub {
             .collect()
     }
 
+    /// Notes flows a live watcher missed.
+    pub fn note_lagged(&self, missed: u64) {
+        self.lagged_total.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// Flows live watchers missed so far.
+    #[must_use]
+    pub fn lagged_total(&self) -> u64 {
+        self.lagged_total.load(Ordering::Relaxed)
+    }
+
+    /// Flows read from the kernel so far.
+    #[must_use]
+    pub fn received_total(&self) -> u64 {
+        self.received_total.load(Ordering::Relaxed)
+    }
+
     /// A live subscription.
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<Flow> {
@@ -138,7 +165,8 @@ impl FlowHub {
     }
 
     /// Reads the kernel ring whenever it has data, until the process ends. The ring has exactly
-    /// one reader: this task.
+    /// one reader: this task. Names come from `names` without waiting for a reconciliation (the
+    /// agent's come from the published snapshot), so the ring is drained while one runs.
     pub async fn pump(
         self: Arc<Self>,
         ring: RingBuf<MapData>,
@@ -146,6 +174,7 @@ impl FlowHub {
     ) {
         crate::logging::on_readable("flow event ring", ring, |ring| {
             for e in events::drain(ring) {
+                self.received_total.fetch_add(1, Ordering::Relaxed);
                 self.publish(self.enrich(&e, names.as_ref()));
             }
         })

@@ -1,5 +1,7 @@
-//! Readiness on `:15021` (`GET /healthz/ready`): 200 once the first model is in the kernel, 503
-//! before. Served with hyper, one task per connection.
+//! Readiness on `:15021` (`GET /healthz/ready`): 200 once the first model is in the kernel and
+//! while every discovery source runs; 503 with the reason otherwise. Read from the published
+//! status snapshot, so a probe never waits for a reconciliation. Served with hyper, one task per
+//! connection.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -30,18 +32,18 @@ pub async fn serve_readiness(addr: SocketAddr, shared: Arc<Shared>) {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let ready = shared.state().ready;
+                let status = shared.stores.status.load_full();
                 async move {
-                    let (status, body) = match (req.uri().path(), ready) {
-                        (READY_PATH, true) => (StatusCode::OK, "ready\n"),
+                    let (code, body) = match (req.uri().path(), status.ready) {
+                        (READY_PATH, true) => (StatusCode::OK, "ready\n".to_owned()),
                         (READY_PATH, false) => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: no model reconciled yet\n",
+                            format!("not ready: {}\n", status.not_ready_reason),
                         ),
-                        _ => (StatusCode::NOT_FOUND, "not found\n"),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
                     };
-                    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    *resp.status_mut() = status;
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = code;
                     Ok::<_, Infallible>(resp)
                 }
             });

@@ -3,12 +3,17 @@
 
 pub mod admin;
 pub mod app;
+pub mod config;
 pub mod datapath;
 pub mod discovery;
+pub mod drain;
 pub mod flows;
 pub mod health;
 pub mod logging;
 pub mod model;
+pub mod owner;
 pub mod policy;
 pub mod reconcile;
+pub mod state;
+pub mod supervisor;
 pub mod sys;

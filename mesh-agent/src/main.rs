@@ -1,11 +1,12 @@
 //! `mesh-agent`: the per-node daemon (a `DaemonSet` in Kubernetes).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    app::{self, AgentConfig, Source},
+    app,
+    config::{self, AgentConfig, RawConfig},
     datapath::{cleanup, coexist},
     logging, sys,
 };
@@ -29,21 +30,30 @@ struct Args {
     #[arg(long, global = true)]
     cgroup: Option<PathBuf>,
     /// bpffs directory for pinned maps and links.
-    #[arg(long, global = true, default_value = app::DEFAULT_PIN_DIR)]
+    #[arg(long, global = true, default_value = config::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Admin API socket (gRPC, mode 0600).
-    #[arg(long, global = true, default_value = app::DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, global = true, default_value = config::DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
     /// Start even when another socket load balancer (Cilium, Calico) has programs on the
     /// cgroup's connect/sendmsg/sockops hooks; by default the agent refuses, naming them.
     #[arg(long, env = "MESH_COEXIST")]
     coexist: bool,
     /// Readiness endpoint (`GET /healthz/ready`); `none` to disable.
-    #[arg(long, default_value = app::DEFAULT_READINESS_ADDR)]
+    #[arg(long, default_value = config::DEFAULT_READINESS_ADDR)]
     readiness_addr: String,
     /// Prometheus metrics endpoint (served with the telemetry stage); `none` to disable.
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// First delay before a failed discovery source is restarted (doubled per failure).
+    #[arg(long, env = "MESH_RESTART_BACKOFF")]
+    restart_backoff: Option<String>,
+    /// Longest delay between restarts of a failing discovery source.
+    #[arg(long, env = "MESH_RESTART_BACKOFF_MAX")]
+    restart_backoff_max: Option<String>,
+    /// How long the proxies get to finish at shutdown (Istio's `terminationDrainDuration`).
+    #[arg(long, env = "MESH_DRAIN_PERIOD")]
+    drain_period: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -56,16 +66,6 @@ enum Command {
     Cleanup,
 }
 
-fn addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
-    if value == "none" {
-        return Ok(None);
-    }
-    value
-        .parse()
-        .map(Some)
-        .with_context(|| format!("--{flag} {value:?} is not an address:port (or `none`)"))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -73,11 +73,6 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Cleanup) = args.command {
         return run_cleanup(args);
     }
-    let source = match (args.config_file, args.kubernetes) {
-        (Some(f), false) => Source::File(f),
-        (None, true) => Source::Kubernetes,
-        _ => bail!("choose where the cluster model comes from: --config-file FILE or --kubernetes"),
-    };
     let node = match args.node_name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -89,17 +84,21 @@ async fn main() -> anyhow::Result<()> {
         Some(c) => c,
         None => sys::cgroup2_root().context("finding the cgroup v2 mount")?,
     };
-    let config = AgentConfig {
-        node,
-        source,
-        cgroup,
-        pin_dir: args.pin_dir,
-        admin_socket: args.admin_socket,
-        readiness_addr: addr("readiness-addr", &args.readiness_addr)?,
-        metrics_addr: addr("metrics-addr", &args.metrics_addr)?,
-    };
+    let config = AgentConfig::from_raw(RawConfig {
+        node: Some(node),
+        config_file: args.config_file,
+        kubernetes: args.kubernetes,
+        cgroup: Some(cgroup),
+        pin_dir: Some(args.pin_dir),
+        admin_socket: Some(args.admin_socket),
+        readiness_addr: Some(args.readiness_addr),
+        metrics_addr: Some(args.metrics_addr),
+        restart_backoff: args.restart_backoff,
+        restart_backoff_max: args.restart_backoff_max,
+        drain_period: args.drain_period,
+    })?;
     if !args.coexist {
-        coexist::refuse_foreign(&config.cgroup, &config.pin_dir)?;
+        coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
     app::run(config).await

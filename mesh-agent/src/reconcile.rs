@@ -3,18 +3,64 @@
 //! circuit state kept); gone ones removed. Established connections are never disturbed: the
 //! kernel translated them at connect time.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use mesh_common::service::ServiceKey;
 use tracing::{debug, warn};
 
 use crate::{
-    datapath::{Datapath, service_key, spec::ServiceSpec},
+    datapath::{
+        Datapath, DatapathError, ip_from_be, service_key,
+        spec::{Protocol, ServiceSpec},
+    },
     model::{ClusterModel, ObjectName},
 };
 
+/// One reconciliation step that failed; the others still converged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("service {service} {vip} {protocol:?}: {source}")]
+    ApplyService {
+        service: ObjectName,
+        vip: SocketAddr,
+        protocol: Protocol,
+        source: DatapathError,
+    },
+    #[error("removing the stale service {vip} (protocol {protocol}): {source}")]
+    RemoveService {
+        vip: SocketAddr,
+        protocol: u8,
+        source: DatapathError,
+    },
+    #[error("local endpoints ({count} pod addresses): {source}")]
+    LocalEndpoints { count: usize, source: DatapathError },
+}
+
+impl ReconcileError {
+    /// A short, fixed name of the kind of failure (a metric label).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ApplyService { source, .. }
+            | Self::RemoveService { source, .. }
+            | Self::LocalEndpoints { source, .. }
+                if matches!(source, DatapathError::MapFull { .. }) =>
+            {
+                "map_full"
+            }
+            Self::ApplyService { .. } => "apply_service",
+            Self::RemoveService { .. } => "remove_service",
+            Self::LocalEndpoints { .. } => "local_endpoints",
+        }
+    }
+}
+
 /// What one reconciliation did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Report {
     /// Service addresses written (new or changed).
     pub applied: usize,
@@ -23,13 +69,24 @@ pub struct Report {
     /// Service addresses already as desired.
     pub unchanged: usize,
     /// Failures, each naming the service address and the reason; the rest still converged.
-    pub errors: Vec<String>,
+    pub errors: Vec<ReconcileError>,
 }
+
+/// A service address as written to the kernel: which service owns it, and its spec. Shared
+/// (`Arc`) with the read snapshots, so publishing them copies pointers, not specs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AppliedService {
+    pub name: ObjectName,
+    pub spec: ServiceSpec,
+}
+
+/// Every service address in the kernel, by its map key.
+pub type AppliedServices = BTreeMap<ServiceKey, Arc<AppliedService>>;
 
 /// Remembers what it wrote so the next model costs only its difference.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    applied: BTreeMap<ServiceKey, (ObjectName, ServiceSpec)>,
+    applied: AppliedServices,
     /// Kernel entries found at start (a restart) whose content is not known yet: each is either
     /// rewritten from the model or removed as stale on the first reconciliation.
     adopted: Vec<ServiceKey>,
@@ -54,20 +111,30 @@ impl Reconciler {
         for (name, spec) in model.desired_specs() {
             desired.insert(service_key(spec.vip, spec.protocol), (name, spec));
         }
-        for (key, (name, spec)) in &desired {
-            if self.applied.get(key).is_some_and(|(_, s)| s == spec) {
+        for (key, (name, spec)) in &mut desired {
+            if self
+                .applied
+                .get(key)
+                .is_some_and(|a| a.spec == *spec && a.name == *name)
+            {
                 report.unchanged += 1;
                 continue;
             }
             match dp.apply_service(spec) {
                 Ok(_) => {
-                    self.applied.insert(*key, (name.clone(), spec.clone()));
+                    let entry = AppliedService {
+                        name: name.clone(),
+                        spec: std::mem::replace(spec, ServiceSpec::tcp(spec.vip, [])),
+                    };
+                    self.applied.insert(*key, Arc::new(entry));
                     report.applied += 1;
                 }
-                Err(e) => report.errors.push(format!(
-                    "service {name} {} {:?}: {e}",
-                    spec.vip, spec.protocol
-                )),
+                Err(source) => report.errors.push(ReconcileError::ApplyService {
+                    service: name.clone(),
+                    vip: spec.vip,
+                    protocol: spec.protocol,
+                    source,
+                }),
             }
         }
         let stale: Vec<ServiceKey> = self
@@ -81,7 +148,14 @@ impl Reconciler {
             match dp.remove_service(&key) {
                 Ok(true) => report.removed += 1,
                 Ok(false) => {}
-                Err(e) => report.errors.push(format!("removing a stale service: {e}")),
+                Err(source) => report.errors.push(ReconcileError::RemoveService {
+                    vip: SocketAddr::new(
+                        ip_from_be(key.addr_be, key.family),
+                        u16::from_be(key.port_be),
+                    ),
+                    protocol: key.proto,
+                    source,
+                }),
             }
             self.applied.remove(&key);
         }
@@ -91,7 +165,10 @@ impl Reconciler {
         if local != self.local_ips {
             match dp.set_local_endpoints(&local) {
                 Ok(()) => self.local_ips = local,
-                Err(e) => report.errors.push(format!("local endpoints: {e}")),
+                Err(source) => report.errors.push(ReconcileError::LocalEndpoints {
+                    count: local.len(),
+                    source,
+                }),
             }
         }
         for e in &report.errors {
@@ -108,12 +185,13 @@ impl Reconciler {
 
     /// The service that owns a data-path key, and the spec written for it.
     #[must_use]
-    pub fn owner(&self, key: &ServiceKey) -> Option<&(ObjectName, ServiceSpec)> {
-        self.applied.get(key)
+    pub fn owner(&self, key: &ServiceKey) -> Option<&AppliedService> {
+        self.applied.get(key).map(AsRef::as_ref)
     }
 
     /// Everything currently applied.
-    pub fn applied(&self) -> impl Iterator<Item = (&ServiceKey, &(ObjectName, ServiceSpec))> {
-        self.applied.iter()
+    #[must_use]
+    pub fn applied(&self) -> &AppliedServices {
+        &self.applied
     }
 }

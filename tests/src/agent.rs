@@ -48,6 +48,8 @@ pub struct AgentProcess {
     /// agent then runs in the host's network namespace (where the API stand-in listens) while
     /// still attaching at the node's cgroup.
     pub kubeconfig: Option<PathBuf>,
+    /// `--readiness-addr` (default: `127.0.0.1:15021` in the node, `none` with a kubeconfig).
+    pub readiness_addr: Option<String>,
     child: Option<PodChild>,
 }
 
@@ -63,26 +65,54 @@ impl AgentProcess {
             log_filter: "info,mesh_agent::app=debug".to_owned(),
             ready_timeout: Duration::from_secs(20),
             kubeconfig: None,
+            readiness_addr: None,
             child: None,
         }
     }
 
     /// Starts the agent in the node (outside the pods' cgroups) and waits until it is ready.
     pub fn start(&mut self) -> Result<()> {
+        self.spawn()?;
+        let start = Instant::now();
+        while start.elapsed() < self.ready_timeout {
+            if self
+                .meshctl_json(&["status"])
+                .is_ok_and(|s| s["ready"] == true)
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(exit)) = c.try_status()
+            {
+                bail!(
+                    "agent on {} exited ({exit}): {}",
+                    self.node.name(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent on {} not ready: {}", self.node.name(), self.stderr());
+    }
+
+    /// Starts the agent without waiting for readiness.
+    pub fn spawn(&mut self) -> Result<()> {
         let binary = workspace_binary("mesh-agent")?;
         let mut cmd = match &self.kubeconfig {
             None => {
                 let mut cmd = self.node.command(binary);
-                cmd.arg("--config-file")
-                    .arg(&self.config)
-                    .args(["--readiness-addr", "127.0.0.1:15021"]);
+                cmd.arg("--config-file").arg(&self.config).args([
+                    "--readiness-addr",
+                    self.readiness_addr.as_deref().unwrap_or("127.0.0.1:15021"),
+                ]);
                 cmd
             }
             Some(kubeconfig) => {
                 let mut cmd = Command::new(binary);
-                cmd.arg("--kubernetes")
-                    .env("KUBECONFIG", kubeconfig)
-                    .args(["--readiness-addr", "none"]);
+                cmd.arg("--kubernetes").env("KUBECONFIG", kubeconfig).args([
+                    "--readiness-addr",
+                    self.readiness_addr.as_deref().unwrap_or("none"),
+                ]);
                 cmd
             }
         };
@@ -96,17 +126,18 @@ impl AgentProcess {
             .arg(&self.socket)
             .env("RUST_LOG", &self.log_filter);
         self.child = Some(self.node.spawn(cmd)?);
-        let start = Instant::now();
-        while start.elapsed() < self.ready_timeout {
-            if self
-                .meshctl_json(&["status"])
-                .is_ok_and(|s| s["ready"] == true)
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("agent on {} not ready: {}", self.node.name(), self.stderr());
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit (at most `timeout`); returns its exit
+    /// status and what it logged.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<(std::process::ExitStatus, String)> {
+        let mut child = self.child.take().context("the agent is not running")?;
+        child.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let status = child.wait_timeout(timeout);
+        let log = child.stderr_text();
+        let status = status.with_context(|| format!("agent did not exit after SIGTERM: {log}"))?;
+        Ok((status, log))
     }
 
     /// SIGKILLs the agent (programs stay attached through their pinned links).

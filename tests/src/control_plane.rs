@@ -1,18 +1,31 @@
 //! The control-plane benchmark (`cargo xtask bench control-plane`): the real agent reconciling
 //! 10,000 services × 10 endpoints from a static file into the kernel — time, resident memory,
-//! and the rate at which endpoint changes reach the kernel.
+//! the rate at which endpoint changes reach the kernel, and what the rest of the agent feels
+//! while all 10,000 are rewritten: `ListServices` latency over the admin socket and flow events
+//! lost under a steady connection load.
 
 use std::{
     fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use mesh_agent::admin::proto::{ListServicesRequest, WatchFlowsRequest};
 
 use crate::{
-    Cluster,
+    Cluster, PodHandle,
     agent::{AgentProcess, write_atomically},
 };
+
+/// The live service the flow load goes to (outside the generated services' 10.96.0.0/16).
+const LIVE_VIP: &str = "10.95.0.1:80";
+/// Connections per second of the flow load during the big reconciliation.
+pub const FLOW_LOAD_PER_S: u64 = 5_000;
 
 /// One row of results: (metric, value).
 pub type Metric = (String, f64);
@@ -44,6 +57,15 @@ pub fn model(services: usize, endpoints: usize, changed: usize, generation: usiz
         }
     }
     y
+}
+
+/// The live service, with one real backend, appended to a generated model.
+fn live_service(backend: &PodHandle) -> String {
+    format!(
+        "  - name: live\n    clusterIPs: [{}]\n    ports: [{{ port: 80 }}]\n    endpoints:\n      - {{ ip: {} }}\n",
+        LIVE_VIP.split(':').next().unwrap_or_default(),
+        backend.ipv4()
+    )
 }
 
 /// Reads `took_ms=N` of the `n`-th "reconciled" line the agent logged.
@@ -81,17 +103,137 @@ fn wait_for_reconcile(agent: &AgentProcess, n: usize, limit: Duration) -> Result
     bail!("agent did not log reconciliation #{n}: {}", agent.stderr())
 }
 
+/// Nearest-rank percentile of unsorted samples.
+#[expect(
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss,
+    reason = "sample counts and ranks are far below 2^52 and positive"
+)]
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * samples.len() as f64).ceil().max(1.0) as usize;
+    samples[rank.min(samples.len()) - 1]
+}
+
+/// A kernel counter from `meshctl status`.
+fn counter(agent: &AgentProcess, name: &str) -> Result<u64> {
+    let s = agent.meshctl_json(&["status"])?;
+    Ok(s["counters"][name].as_u64().unwrap_or(0))
+}
+
+/// `ListServices` over the admin socket in a loop until `stop`; the latency of each call (ms).
+fn list_services_loop(socket: std::path::PathBuf, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut client = mesh_agent::admin::connect(&socket).await?;
+        let mut samples = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            let n = client
+                .list_services(ListServicesRequest {})
+                .await?
+                .into_inner()
+                .services
+                .len();
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            if n == 0 {
+                bail!("ListServices returned nothing");
+            }
+        }
+        Ok(samples)
+    })
+}
+
+/// Counts `close` flows of `default/live` from a live `WatchFlows` until `stop` (plus a
+/// second for the last ones to arrive).
+fn count_flows(
+    socket: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    seen: Arc<AtomicU64>,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut client = mesh_agent::admin::connect(&socket).await?;
+        let mut stream = client
+            .watch_flows(WatchFlowsRequest {
+                service: "default/live".to_owned(),
+                verdict: "close".to_owned(),
+                // The live service has had no connections before: history holds none of them.
+                follow: true,
+                ..WatchFlowsRequest::default()
+            })
+            .await?
+            .into_inner();
+        let mut stopped_at: Option<Instant> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                let at = *stopped_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > Duration::from_secs(1) {
+                    return Ok(());
+                }
+            }
+            match tokio::time::timeout(Duration::from_millis(100), stream.message()).await {
+                Ok(Ok(Some(_))) => {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ok(None)) => bail!("the flow stream ended"),
+                Ok(Err(e)) => bail!("the flow stream failed: {e}"),
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+/// Connections from `client` to the live service at about [`FLOW_LOAD_PER_S`] until `stop`, in
+/// batches every 50 ms; returns (successful connections, failed ones, seconds).
+fn flow_load(client: &PodHandle, stop: &AtomicBool) -> Result<(u64, u64, f64)> {
+    let vip: SocketAddr = LIVE_VIP.parse()?;
+    let slot = Duration::from_millis(50);
+    let per_slot = (FLOW_LOAD_PER_S / 20) as usize;
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    let mut next = started;
+    while !stop.load(Ordering::Relaxed) {
+        let r = client.hit(vip, per_slot, &["--concurrency", "8"])?;
+        ok += r.ok();
+        failed += r.failed();
+        next += slot;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok((ok, failed, started.elapsed().as_secs_f64()))
+}
+
 /// Runs the benchmark; `quick` uses 1,000 services.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence reads best top to bottom"
+)]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts reported as f64 metrics are far below 2^52"
+)]
 pub fn run(quick: bool) -> Result<Vec<Metric>> {
     let services = if quick { 1_000 } else { 10_000 };
     let endpoints = 10;
     let changed = services / 5;
     let cluster = Cluster::new("bench-control-plane")?;
     let node = cluster.add_node("a")?;
+    let client = cluster.add_pod(&node, "client")?;
+    let (backends, _servers) = crate::meshpod::backend_pods(&cluster, &node, "live-", 1, 80)?;
+    let live = live_service(&backends[0]);
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work)?;
     let file = work.join("mesh.yaml");
-    write_atomically(&file, &model(services, endpoints, 0, 0))?;
+    write_atomically(&file, &(model(services, endpoints, 0, 0) + &live))?;
     let mut agent = AgentProcess::new(
         node,
         file.clone(),
@@ -106,18 +248,69 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     let pid = agent.pid().context("agent pid")?;
     let rss = rss_mb(pid)?;
     // Endpoint churn: one endpoint of `changed` services moves; the agent writes only those.
-    write_atomically(&file, &model(services, endpoints, changed, 1))?;
+    write_atomically(&file, &(model(services, endpoints, changed, 1) + &live))?;
     let churn_ms = wait_for_reconcile(&agent, 1, Duration::from_mins(1))?;
     let status = agent.meshctl_json(&["status"])?;
-    if status["services"].as_u64() != Some(services as u64) {
+    if status["services"].as_u64() != Some(services as u64 + 1) {
         bail!(
-            "agent holds {} services, expected {services}",
+            "agent holds {} services, expected {services} + 1",
             status["services"]
         );
     }
     let batch = f64::from(u32::try_from(changed)?);
     let per_s = batch / (churn_ms.max(1.0) / 1000.0);
+
+    // Every service changes at once while admin calls and a steady connection load go on.
+    let dropped_before = counter(&agent, "event_dropped")?;
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let stop_admin = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicU64::new(0));
+    let counting = {
+        let (socket, stop, seen) = (
+            agent.socket.clone(),
+            Arc::clone(&stop_load),
+            Arc::clone(&seen),
+        );
+        std::thread::spawn(move || count_flows(socket, stop, seen))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let loading = {
+        let (client, stop) = (client.clone(), Arc::clone(&stop_load));
+        std::thread::spawn(move || flow_load(&client, &stop))
+    };
+    let admin = {
+        let (socket, stop) = (agent.socket.clone(), Arc::clone(&stop_admin));
+        std::thread::spawn(move || list_services_loop(socket, stop))
+    };
+    // Load and calls run a moment before the change, so the whole reconciliation is covered.
+    std::thread::sleep(Duration::from_millis(500));
+    write_atomically(&file, &(model(services, endpoints, services, 2) + &live))?;
+    let full_ms = wait_for_reconcile(&agent, 2, Duration::from_mins(1));
+    std::thread::sleep(Duration::from_millis(300));
+    stop_admin.store(true, Ordering::Relaxed);
+    stop_load.store(true, Ordering::Relaxed);
+    let full_ms = full_ms?;
+    let mut admin_ms = admin
+        .join()
+        .map_err(|_| anyhow::anyhow!("the admin client panicked"))??;
+    let (ok, failed, load_s) = loading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the load panicked"))??;
+    counting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flow counter panicked"))??;
+    // The owner refreshes the counters every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let dropped = counter(&agent, "event_dropped")?.saturating_sub(dropped_before);
+    let status = agent.meshctl_json(&["status"])?;
+    let lagged = status["flows_lagged_total"].as_u64().unwrap_or(0);
+    let received = seen.load(Ordering::Relaxed);
+    let missing = ok.saturating_sub(received);
+    if failed > 0 {
+        bail!("{failed} of the load's connections failed during the reconciliation");
+    }
     let label = if quick { "1k" } else { "10k" };
+    let calls = admin_ms.len() as f64;
     Ok(vec![
         (format!("reconcile_{label}_services_ms"), reconcile),
         (format!("agent_rss_mb_{label}_services"), rss),
@@ -125,5 +318,37 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
         (format!("agent_ready_{label}_services_ms"), ready_ms),
         ("endpoint_churn_batch".to_owned(), batch),
         ("endpoint_churn_reconcile_ms".to_owned(), churn_ms),
+        (format!("reconcile_all_{label}_changed_ms"), full_ms),
+        (
+            "admin_p99_ms_during_reconcile".to_owned(),
+            percentile(&mut admin_ms, 99.0),
+        ),
+        (
+            "admin_p50_ms_during_reconcile".to_owned(),
+            percentile(&mut admin_ms, 50.0),
+        ),
+        ("admin_calls_during_reconcile".to_owned(), calls),
+        (
+            "flow_events_lost_during_reconcile".to_owned(),
+            (dropped + lagged + missing) as f64,
+        ),
+        ("flow_load_conn_per_s".to_owned(), ok as f64 / load_s),
+        ("flow_load_connections".to_owned(), ok as f64),
+        ("flow_close_events_seen".to_owned(), received as f64),
+        ("flow_events_dropped_kernel".to_owned(), dropped as f64),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "nearest rank returns a sample itself")]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 99.0), 99.0);
+        assert_eq!(percentile(&mut v, 50.0), 50.0);
+        assert_eq!(percentile(&mut [7.0], 99.0), 7.0);
+    }
 }

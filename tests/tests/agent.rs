@@ -17,21 +17,43 @@ use serde_json::Value;
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
 
-/// Waits until the agent reports a `last_rejection` containing `needle`.
-fn rejection(agent: &AgentProcess, needle: &str) -> String {
+/// Waits until the agent reports a current rejection whose message contains `needle`; returns
+/// `(key, message)`.
+fn rejection(agent: &AgentProcess, needle: &str) -> (String, String) {
     let start = Instant::now();
     loop {
         let s = agent.meshctl_json(&["status"]).unwrap();
-        let r = s["last_rejection"].as_str().unwrap_or_default().to_owned();
-        if r.contains(needle) {
-            return r;
+        let found = s["rejections"].as_array().and_then(|all| {
+            all.iter().find_map(|r| {
+                let msg = r["message"].as_str().unwrap_or_default();
+                msg.contains(needle).then(|| {
+                    (
+                        r["key"].as_str().unwrap_or_default().to_owned(),
+                        msg.to_owned(),
+                    )
+                })
+            })
+        });
+        if let Some(found) = found {
+            assert_eq!(
+                s["last_rejection"].as_str(),
+                Some(found.1.as_str()),
+                "the newest rejection is the last one: {s}"
+            );
+            return found;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "no rejection with {needle:?}; last: {r:?}"
+            "no rejection with {needle:?}: {s}"
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The agent's current rejections.
+fn rejections(agent: &AgentProcess) -> Vec<Value> {
+    let s = agent.meshctl_json(&["status"]).unwrap();
+    s["rejections"].as_array().cloned().unwrap_or_default()
 }
 
 /// The static model: `web` (with `backends`) under a `TrafficPolicy` choosing `algorithm`
@@ -90,6 +112,38 @@ fn setup(test: &str) -> Setup {
     }
 }
 
+/// An invalid policy is rejected alone, with its line and the cluster's message; the rest of
+/// the file applies and `web` falls back to the defaults.
+fn invalid_policy_is_rejected_alone(s: &Setup) {
+    write(
+        &s.agent.config,
+        &model(&[&s.backends[0], &s.backends[1]], "FASTEST"),
+    );
+    let (_, why) = rejection(&s.agent, "spec.loadBalancer.simple");
+    assert!(
+        why.contains("mesh.yaml:16:5")
+            && why.contains(": policies[0]: TrafficPolicy default/web: spec.loadBalancer.simple: \"FASTEST\" is not one of"),
+        "{why}"
+    );
+    let p = s.agent.meshctl_json(&["policies"]).unwrap();
+    let web = p["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["service"] == "default/web")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        web["policy"], "",
+        "defaults while the policy is invalid: {p}"
+    );
+    assert_eq!(web["algorithm"], "random", "{p}");
+    assert_eq!(web["not_applied"][0]["reason"], "Invalid", "{p}");
+    assert_eq!(p["policies"][0]["reason"], "Invalid", "{p}");
+    let r = s.client.hit(VIP, 10, &[]).unwrap();
+    assert_eq!(r.ok(), 10, "{r:?}");
+}
+
 #[test]
 fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
     let Some(_k) = mesh_tests::kernel_test("agent_static_file") else {
@@ -124,45 +178,46 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
     ];
     for (bad, needle) in cases {
         write(&s.agent.config, bad);
-        let why = rejection(&s.agent, needle);
+        let (key, why) = rejection(&s.agent, needle);
         assert!(why.contains("mesh.yaml:"), "names the file and line: {why}");
+        assert_eq!(
+            key,
+            format!("file {}", s.agent.config.display()),
+            "one entry per file"
+        );
         let r = s.client.hit(VIP, 10, &[]).unwrap();
         assert_eq!(
             r.ok(),
             10,
             "traffic keeps flowing on the last good state after {why}: {r:?}"
         );
+        let current = rejections(&s.agent);
+        assert_eq!(
+            current.len(),
+            1,
+            "a newer problem replaces the older one: {current:?}"
+        );
+        assert_eq!(current[0]["kind"], "invalid_file", "{current:?}");
     }
-    // An invalid policy is rejected alone, with its line and the cluster's message; the rest of
-    // the file applies and `web` falls back to the defaults.
-    write(
-        &s.agent.config,
-        &model(&[&s.backends[0], &s.backends[1]], "FASTEST"),
-    );
-    let why = rejection(&s.agent, "spec.loadBalancer.simple");
-    assert!(
-        why.contains("mesh.yaml:16:5")
-            && why.contains(": policies[0]: TrafficPolicy default/web: spec.loadBalancer.simple: \"FASTEST\" is not one of"),
-        "{why}"
-    );
-    let p = s.agent.meshctl_json(&["policies"]).unwrap();
-    let web = p["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["service"] == "default/web")
-        .cloned()
-        .unwrap_or_default();
+    // The rejection stays while the file stays bad (the source polls it every 500 ms).
+    thread::sleep(Duration::from_millis(1200));
+    let current = rejections(&s.agent);
+    assert_eq!(current.len(), 1, "still rejected: {current:?}");
+    let status = s.agent.meshctl_json(&["status"]).unwrap();
     assert_eq!(
-        web["policy"], "",
-        "defaults while the policy is invalid: {p}"
+        status["ready"], true,
+        "the last good state serves: {status}"
     );
-    assert_eq!(web["algorithm"], "random", "{p}");
-    assert_eq!(web["not_applied"][0]["reason"], "Invalid", "{p}");
-    assert_eq!(p["policies"][0]["reason"], "Invalid", "{p}");
-    let r = s.client.hit(VIP, 10, &[]).unwrap();
-    assert_eq!(r.ok(), 10, "{r:?}");
-    // A good change is applied.
+    assert_eq!(status["sources"][0]["name"], "file", "{status}");
+    assert_eq!(status["sources"][0]["state"], "running", "{status}");
+    assert_eq!(status["sources"][0]["synced"], true, "{status}");
+    let table = String::from_utf8_lossy(&s.agent.meshctl(&["status"]).unwrap().stdout).into_owned();
+    assert!(
+        table.contains("rejected file ") && table.contains("out of range"),
+        "the table lists the rejection: {table}"
+    );
+    invalid_policy_is_rejected_alone(&s);
+    // A good change is applied, and clears the file's rejections.
     write(&s.agent.config, &model(&[&s.backends[2]], "RANDOM"));
     let start = Instant::now();
     loop {
@@ -176,6 +231,13 @@ fn static_file_drives_the_kernel_and_bad_files_change_nothing() {
         );
         thread::sleep(Duration::from_millis(100));
     }
+    let status = s.agent.meshctl_json(&["status"]).unwrap();
+    assert_eq!(status["rejections"], Value::Array(vec![]), "{status}");
+    assert_eq!(status["last_rejection"], "", "{status}");
+    assert!(
+        status["sources"][0]["last_sync_age_ms"].as_u64().unwrap() < 5_000,
+        "the sync is recent: {status}"
+    );
     s.agent.kill();
 }
 
@@ -323,6 +385,11 @@ fn meshctl_shows_services_backends_circuits_identities_and_live_flows() {
         .collect();
     let _ = follow.kill();
     let _ = follow.wait();
+    assert_eq!(
+        lines.len(),
+        4,
+        "meshctl flows --follow printed 4 flows: {lines:?}"
+    );
     for f in &lines {
         assert_eq!(f["verdict"], "close", "{f}");
         assert_eq!(f["service"], "default/web", "{f}");
@@ -382,4 +449,108 @@ fn rejects_name_the_client_pod_through_its_cgroup() {
     );
     assert_eq!(rejects[0]["service"], "default/empty", "{rejects:?}");
     assert_eq!(rejects[0]["reason"], "reject_no_backends", "{rejects:?}");
+}
+
+#[test]
+fn sigterm_drains_stops_and_leaves_traffic_flowing() {
+    let Some(_k) = mesh_tests::kernel_test("agent_sigterm") else {
+        return;
+    };
+    let mut s = setup("agent_sigterm");
+    s.agent.start().unwrap();
+    let started = Instant::now();
+    let (exit, log) = s.agent.terminate(Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "exits cleanly on SIGTERM ({exit}): {log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no subscriber holds the drain, so it ends at once: {:?}\n{log}",
+        started.elapsed()
+    );
+    assert!(log.contains("SIGTERM") && log.contains("drained"), "{log}");
+    assert!(!s.agent.socket.exists(), "the admin socket is removed");
+    assert_eq!(
+        s.client.hit(VIP, 10, &[]).unwrap().ok(),
+        10,
+        "programs stay attached through their pins"
+    );
+}
+
+/// Reads `GET /healthz/ready` at `addr`: (status code, body).
+fn readiness(addr: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((code, body))
+}
+
+#[test]
+fn a_failing_source_makes_the_agent_unready_and_is_restarted_with_backoff() {
+    let Some(_k) = mesh_tests::kernel_test("agent_source_down") else {
+        return;
+    };
+    let mut s = setup("agent_source_down");
+    // No kubeconfig at that path: every run of the Kubernetes source fails at once.
+    s.agent.kubeconfig = Some(s.agent.config.with_file_name("no-such-kubeconfig"));
+    // The agent runs in the host's namespace with a kubeconfig: a port of its own there.
+    let addr = format!("127.0.0.1:{}", 20_000 + std::process::id() % 20_000);
+    s.agent.readiness_addr = Some(addr.clone());
+    s.agent.spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        let st = s.agent.meshctl_json(&["status"]);
+        if let Ok(st) = st
+            && st["sources"][0]["restarts"].as_u64().unwrap_or(0) >= 3
+        {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the source was not restarted 3 times: {}",
+            s.agent.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["ready"], false, "{status}");
+    let source = &status["sources"][0];
+    assert_eq!(source["name"], "kubernetes", "{status}");
+    assert!(
+        source["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("failed: building the Kubernetes client"),
+        "{status}"
+    );
+    assert!(
+        status["not_ready_reason"]
+            .as_str()
+            .unwrap()
+            .contains("discovery source kubernetes"),
+        "{status}"
+    );
+    let (code, body) = readiness(&addr).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.starts_with("not ready: discovery source kubernetes"),
+        "{body}"
+    );
+    // Exponential backoff: 500 ms, then 1 s, then 2 s.
+    let log = s.agent.stderr();
+    let delays: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("discovery source stopped"))
+        .filter_map(|l| l.split("retry_in=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert_eq!(delays[..3], ["500ms", "1s", "2s"], "{log}");
+    // SIGTERM is honoured while the source keeps failing.
+    let (exit, log) = s.agent.terminate(Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{exit}: {log}");
 }

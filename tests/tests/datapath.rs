@@ -769,7 +769,27 @@ fn a_full_map_is_a_clear_error_and_keeps_the_last_state() {
         "{err}"
     );
     assert_eq!(m.dp.map_full_total(), 1);
-    // Nothing was half-written: the service still serves.
+    // Nothing was half-written: the map that refused still holds exactly its last state.
+    let pin =
+        m.dp.pin_dir()
+            .join("maps")
+            .join(mesh_common::bypass::LOCAL_ENDPOINTS_MAP);
+    let local: aya::maps::HashMap<
+        _,
+        mesh_common::bypass::EndpointKey,
+        mesh_common::bypass::LocalEndpoint,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(&pin).expect("pinned LOCAL_ENDPOINTS"),
+    ))
+    .expect("a hash map");
+    let keys: Vec<_> = local.keys().map(Result::unwrap).collect();
+    assert_eq!(
+        keys,
+        [mesh_common::bypass::EndpointKey {
+            addr_be: mesh_agent::datapath::addr_be(m.client.ipv4().into()).0
+        }],
+        "LOCAL_ENDPOINTS keeps the client's address only"
+    );
     assert_eq!(m.client.hit(vip, 5, &[]).unwrap().ok(), 5);
 }
 

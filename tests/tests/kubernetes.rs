@@ -174,9 +174,9 @@ impl Agent {
                     assert!(report.errors.is_empty(), "reconcile: {report:?}");
                     self.model = Some(m);
                 }
-                Ok(Some(Update::Rejected(r))) => self.rejected.push(r),
+                Ok(Some(Update::Rejected(r))) => self.rejected.push(r.to_string()),
                 Ok(None) => panic!("{what}: the Kubernetes source stopped"),
-                Err(_) => {}
+                Ok(Some(Update::Resolved(_))) | Err(_) => {}
             }
         }
     }

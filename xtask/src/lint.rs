@@ -50,6 +50,25 @@ pub fn run() -> Result<()> {
     ]);
     check("clippy on the host crates", &mut host, FIX_CLIPPY);
 
+    // meshctl must build where no kernel object exists (a laptop, a CI job without bpf-linker):
+    // point the object nowhere, so a build script that needs it fails this step.
+    let mut meshctl = workspace::cargo();
+    meshctl
+        .args([
+            "build",
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "meshctl",
+            "--no-default-features",
+        ])
+        .env("MESH_EBPF_OBJECT", "/nonexistent/mesh-ebpf-object");
+    check(
+        "meshctl without the kernel object",
+        &mut meshctl,
+        "mesh-agent's build script or library needs the object without the `datapath` feature",
+    );
+
     let mut kernel = toolchain.cargo("clippy")?;
     kernel.args([
         "-p",

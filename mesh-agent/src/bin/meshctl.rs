@@ -1,25 +1,24 @@
 //! `meshctl`: inspect the node agent — status, services, backends, circuits, identities, config
 //! and live flows — over its admin socket. Habits of `kubectl get` and `hubble observe`.
 
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
-use hyper_util::rt::TokioIo;
 use mesh_agent::admin::proto::{
     ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListPoliciesRequest,
     ListPoliciesResponse, ListServicesRequest, StatusRequest, WatchFlowsRequest,
     admin_client::AdminClient,
 };
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Inspect the mesh's node agent.
 #[derive(Parser)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
     /// The agent's admin socket.
-    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::app::DEFAULT_ADMIN_SOCKET)]
+    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::config::DEFAULT_ADMIN_SOCKET)]
     socket: PathBuf,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -93,24 +92,12 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn connect(socket: PathBuf) -> Result<AdminClient<Channel>> {
-    let path = socket.clone();
-    // The URI is required by tonic but unused: the connector always dials the Unix socket.
-    let channel = Endpoint::try_from("http://mesh-agent.invalid")?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
-                socket.display()
-            )
-        })?;
-    Ok(AdminClient::new(channel))
+    mesh_agent::admin::connect(&socket).await.with_context(|| {
+        format!(
+            "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
+            socket.display()
+        )
+    })
 }
 
 #[expect(
@@ -261,23 +248,68 @@ async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
     print(out, &s, || {
         let mut rows = vec![
             vec!["node".into(), s.node.clone()],
-            vec!["ready".into(), s.ready.to_string()],
+            vec![
+                "ready".into(),
+                if s.ready {
+                    "true".into()
+                } else {
+                    format!("false ({})", s.not_ready_reason)
+                },
+            ],
             vec!["source".into(), s.source.clone()],
             vec!["uptime".into(), format!("{}s", s.uptime_seconds)],
             vec!["services".into(), s.services.to_string()],
             vec!["backends".into(), s.backends.to_string()],
+            vec![
+                "model".into(),
+                format!(
+                    "generation {}, in the kernel for {}",
+                    s.model_generation,
+                    age(s.model_age_ms)
+                ),
+            ],
             vec!["cgroup".into(), s.cgroup.clone()],
             vec!["pins".into(), s.pin_dir.clone()],
             vec!["map full errors".into(), s.map_full_total.to_string()],
             vec![
-                "last rejection".into(),
-                if s.last_rejection.is_empty() {
-                    "-".into()
-                } else {
-                    s.last_rejection.clone()
-                },
+                "flows".into(),
+                format!(
+                    "{} received, {} missed by slow watchers",
+                    s.flows_received_total, s.flows_lagged_total
+                ),
             ],
         ];
+        for src in &s.sources {
+            let mut v = src.state.clone();
+            if !src.reason.is_empty() {
+                let _ = write!(v, ": {}", src.reason);
+            }
+            if src.synced {
+                let _ = write!(v, ", last sync {} ago", age(src.last_sync_age_ms));
+            } else {
+                v.push_str(", never synced");
+            }
+            if src.restarts > 0 {
+                let _ = write!(
+                    v,
+                    ", {} restarts (last failure: {})",
+                    src.restarts, src.last_error
+                );
+            }
+            rows.push(vec![format!("source {}", src.name), v]);
+        }
+        if s.rejections.is_empty() {
+            rows.push(vec!["rejections".into(), "-".into()]);
+        }
+        for r in &s.rejections {
+            rows.push(vec![
+                format!("rejected {}", r.key),
+                format!("{} ({} ago)", r.message, age(r.age_seconds * 1000)),
+            ]);
+        }
+        for e in &s.reconcile_errors {
+            rows.push(vec!["reconcile error".into(), e.clone()]);
+        }
         let mut counters: Vec<_> = s.counters.iter().filter(|(_, v)| **v > 0).collect();
         counters.sort();
         rows.extend(
@@ -334,6 +366,15 @@ async fn backends(
                 .collect(),
         )
     })
+}
+
+/// `1.2s`, `3m 4s`: an age for a table.
+fn age(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{}.{}s", ms / 1000, ms % 1000 / 100)
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(ms / 1000)).to_string()
+    }
 }
 
 fn flow_row(f: Option<&Flow>) -> String {

@@ -480,20 +480,33 @@ pub async fn watch(
         if digest.is_some() && digest == last {
             continue;
         }
-        let sent = match load_full(&path, node.as_deref()) {
+        // Parsing a large model takes a while: off the async workers, so admin calls and the
+        // flow pump never queue behind it.
+        let (p, n) = (path.clone(), node.clone());
+        let loaded = tokio::task::spawn_blocking(move || load_full(&p, n.as_deref()))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let sent = match loaded {
             Ok((model, rejected)) => {
                 info!(file = %path.display(), services = model.services.len(), policies = model.policies.policies.len(), "static model loaded");
-                // The model first: applying it clears the last rejection, these set it again.
+                // The model first: accepting it clears the file's rejection, these set it again.
                 let mut sent = updates.send(Update::Model(model)).await.is_ok();
                 for e in rejected {
                     warn!(error = %e, "policy rejected; the services it targets keep the defaults or another valid policy");
-                    sent = sent && updates.send(Update::Rejected(e.to_string())).await.is_ok();
+                    sent = sent
+                        && updates
+                            .send(Update::Rejected(super::Rejection::file(e)))
+                            .await
+                            .is_ok();
                 }
                 sent
             }
             Err(e) => {
                 warn!(error = %e, "static model rejected; keeping the last good state");
-                updates.send(Update::Rejected(e.to_string())).await.is_ok()
+                updates
+                    .send(Update::Rejected(super::Rejection::file(e)))
+                    .await
+                    .is_ok()
             }
         };
         last = digest;

@@ -66,7 +66,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::spec::Protocol,
-    discovery::Update,
+    discovery::{self, ObjectRef, Update},
     model::{self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings},
     policy::{
         self, PolicyError, TrafficPolicy,
@@ -351,6 +351,17 @@ pub struct Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.error.fmt(f)
+    }
+}
+
+impl From<Rejection> for discovery::Rejection {
+    fn from(r: Rejection) -> Self {
+        let problems: Vec<String> = r.error.problems.iter().map(ToString::to_string).collect();
+        Self::InvalidField {
+            object: ObjectRef::new("TrafficPolicy", r.policy),
+            field: "spec".to_owned(),
+            message: format!("{}; rejected as a whole", problems.join("; ")),
+        }
     }
 }
 
@@ -684,6 +695,7 @@ pub async fn run_with_status(
         if !state.ready() {
             continue;
         }
+        let had_problems: Vec<ObjectName> = state.reported.keys().cloned().collect();
         let (model, rejections) = state.build();
         desired_tx.send_if_modified(|d| {
             let differs = **d != state.desired_status;
@@ -704,11 +716,18 @@ pub async fn run_with_status(
             }
             last_sent = Some(model);
         }
-        // After the model: applying a model clears the agent's last rejection.
+        // A policy that was rejected and is now valid (or gone) clears its rejection.
+        for name in had_problems {
+            if !state.reported.contains_key(&name) {
+                let resolved = Update::Resolved(ObjectRef::new("TrafficPolicy", name));
+                if updates.send(resolved).await.is_err() {
+                    return Err(KubernetesError::ChannelClosed { node });
+                }
+            }
+        }
         for r in rejections {
-            let message = r.to_string();
-            warn!(policy = %r.policy, "{message}");
-            if updates.send(Update::Rejected(message)).await.is_err() {
+            warn!(policy = %r.policy, "{r}");
+            if updates.send(Update::Rejected(r.into())).await.is_err() {
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }

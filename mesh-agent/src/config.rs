@@ -1,0 +1,503 @@
+//! The agent's settings, defined once: named keys, `DEFAULT_*` values, parse → construct →
+//! validate, one section per part (datapath, discovery, admin, metrics, proxy, gateway), dumped
+//! at start and by the admin API's `ConfigDump`. Also the one parser of every per-service value
+//! (algorithm names, durations, limits) that both discovery sources call.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Serialize;
+
+use crate::datapath::spec::Algorithm;
+
+/// Key: this node's name.
+pub const KEY_NODE: &str = "node";
+/// Key: the static model file (file source).
+pub const KEY_CONFIG_FILE: &str = "discovery.configFile";
+/// Key: cgroup v2 directory the programs attach to.
+pub const KEY_CGROUP: &str = "datapath.cgroup";
+/// Key: bpffs directory of the pins.
+pub const KEY_PIN_DIR: &str = "datapath.pinDir";
+/// Key: admin socket.
+pub const KEY_ADMIN_SOCKET: &str = "admin.socket";
+/// Key: readiness address.
+pub const KEY_READINESS_ADDR: &str = "admin.readinessAddr";
+/// Key: metrics address.
+pub const KEY_METRICS_ADDR: &str = "metrics.addr";
+/// Key: first delay before a failed discovery source is restarted.
+pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
+/// Key: longest delay between restarts of a failing source.
+pub const KEY_RESTART_BACKOFF_MAX: &str = "discovery.restartBackoffMax";
+/// Key: how long subscribers of the drain signal get to finish at shutdown.
+pub const KEY_DRAIN_PERIOD: &str = "proxy.drainPeriod";
+
+/// Default readiness address (ztunnel's port).
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+/// Default metrics address: off until the telemetry stage serves it (ztunnel's port is 15020).
+pub const DEFAULT_METRICS_ADDR: &str = "none";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
+/// Default bpffs directory for pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
+/// Default first restart delay of a failed discovery source (doubled per failure). kube-rs'
+/// watcher default backoff also starts below a second.
+pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(500);
+/// Default cap of the restart delay (kube-rs' default watcher backoff caps at 30 s too).
+pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A source that ran this long without failing starts again from the first delay.
+pub const RESTART_BACKOFF_RESET_AFTER: Duration = Duration::from_mins(1);
+/// Default drain period at shutdown: Istio's `terminationDrainDuration` (5 s).
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
+/// Longest drain period accepted: the `DaemonSet`'s grace period must cover it.
+pub const MAX_DRAIN_PERIOD: Duration = Duration::from_mins(5);
+/// Default outbound capture port (ztunnel's), used by the mTLS stage.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Default HBONE port (ztunnel's), used by the mTLS stage.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+
+/// A setting the agent cannot start with: which key, what value, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key} {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{key} is required: {hint}")]
+    Missing {
+        key: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// Settings as given (flags or environment), before parsing: strings, so every value is parsed
+/// and reported in one place.
+#[derive(Clone, Debug, Default)]
+pub struct RawConfig {
+    pub node: Option<String>,
+    pub config_file: Option<PathBuf>,
+    pub kubernetes: bool,
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub readiness_addr: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub restart_backoff: Option<String>,
+    pub restart_backoff_max: Option<String>,
+    pub drain_period: Option<String>,
+}
+
+/// Where the cluster model comes from.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub enum Source {
+    /// A static YAML file, reloaded on change.
+    File(PathBuf),
+    /// The Kubernetes API (in-cluster or kubeconfig).
+    Kubernetes,
+}
+
+impl Source {
+    /// The name the source has in status and logs.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// The kernel side.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatapathSection {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+/// Discovery sources and their supervision.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiscoverySection {
+    pub source: Source,
+    pub file_poll_interval: Duration,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+}
+
+/// The admin socket and the readiness endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdminSection {
+    pub socket: PathBuf,
+    pub readiness_addr: Option<SocketAddr>,
+}
+
+/// Prometheus metrics (served with the telemetry stage).
+#[derive(Clone, Debug, Serialize)]
+pub struct MetricsSection {
+    pub addr: Option<SocketAddr>,
+}
+
+/// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxySection {
+    pub enabled: bool,
+    pub outbound_port: u16,
+    pub hbone_port: u16,
+    pub drain_period: Duration,
+}
+
+/// The gateway (a later stage): not served yet.
+#[derive(Clone, Debug, Serialize)]
+pub struct GatewaySection {
+    pub enabled: bool,
+}
+
+/// The agent's configuration, after parsing and validation; served by `ConfigDump`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentConfig {
+    pub node: String,
+    pub datapath: DatapathSection,
+    pub discovery: DiscoverySection,
+    pub admin: AdminSection,
+    pub metrics: MetricsSection,
+    pub proxy: ProxySection,
+    pub gateway: GatewaySection,
+}
+
+impl AgentConfig {
+    /// Parses and validates `raw`; `node` and `cgroup` must already be resolved (main reads the
+    /// hostname and the cgroup2 mount when they are not given).
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let node = raw
+            .node
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError::Missing {
+                key: KEY_NODE,
+                hint: "pass --node-name or set NODE_NAME",
+            })?;
+        let source = match (raw.config_file, raw.kubernetes) {
+            (Some(f), false) => Source::File(f),
+            (None, true) => Source::Kubernetes,
+            (Some(f), true) => {
+                return Err(ConfigError::Invalid {
+                    key: KEY_CONFIG_FILE,
+                    value: f.display().to_string(),
+                    reason: "choose one source: a file or Kubernetes, not both".to_owned(),
+                });
+            }
+            (None, false) => {
+                return Err(ConfigError::Missing {
+                    key: KEY_CONFIG_FILE,
+                    hint: "choose where the cluster model comes from: --config-file FILE or --kubernetes",
+                });
+            }
+        };
+        let cgroup = raw.cgroup.ok_or(ConfigError::Missing {
+            key: KEY_CGROUP,
+            hint: "pass --cgroup (default: the cgroup2 mount root)",
+        })?;
+        let duration = |key, value: Option<String>, default| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(&v).map_err(|e| ConfigError::Invalid {
+                key,
+                value: v,
+                reason: e.to_string(),
+            }),
+        };
+        let config = Self {
+            node,
+            datapath: DatapathSection {
+                cgroup,
+                pin_dir: raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+            },
+            discovery: DiscoverySection {
+                source,
+                file_poll_interval: crate::discovery::file::DEFAULT_POLL_INTERVAL,
+                restart_backoff: duration(
+                    KEY_RESTART_BACKOFF,
+                    raw.restart_backoff,
+                    DEFAULT_RESTART_BACKOFF,
+                )?,
+                restart_backoff_max: duration(
+                    KEY_RESTART_BACKOFF_MAX,
+                    raw.restart_backoff_max,
+                    DEFAULT_RESTART_BACKOFF_MAX,
+                )?,
+            },
+            admin: AdminSection {
+                socket: raw
+                    .admin_socket
+                    .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+                readiness_addr: parse_addr(
+                    KEY_READINESS_ADDR,
+                    raw.readiness_addr
+                        .as_deref()
+                        .unwrap_or(DEFAULT_READINESS_ADDR),
+                )?,
+            },
+            metrics: MetricsSection {
+                addr: parse_addr(
+                    KEY_METRICS_ADDR,
+                    raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
+                )?,
+            },
+            proxy: ProxySection {
+                enabled: false,
+                outbound_port: DEFAULT_OUTBOUND_PORT,
+                hbone_port: DEFAULT_HBONE_PORT,
+                drain_period: duration(KEY_DRAIN_PERIOD, raw.drain_period, DEFAULT_DRAIN_PERIOD)?,
+            },
+            gateway: GatewaySection { enabled: false },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.discovery;
+        if d.restart_backoff.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: KEY_RESTART_BACKOFF,
+                value: humantime::format_duration(d.restart_backoff).to_string(),
+                reason: "must be longer than 0s (a failing source would spin)".to_owned(),
+            });
+        }
+        if d.restart_backoff_max < d.restart_backoff {
+            return Err(ConfigError::Invalid {
+                key: KEY_RESTART_BACKOFF_MAX,
+                value: humantime::format_duration(d.restart_backoff_max).to_string(),
+                reason: format!(
+                    "is shorter than {KEY_RESTART_BACKOFF} ({})",
+                    humantime::format_duration(d.restart_backoff)
+                ),
+            });
+        }
+        if self.proxy.drain_period > MAX_DRAIN_PERIOD {
+            return Err(ConfigError::Invalid {
+                key: KEY_DRAIN_PERIOD,
+                value: humantime::format_duration(self.proxy.drain_period).to_string(),
+                reason: format!(
+                    "is longer than {} (the DaemonSet's grace period must cover it)",
+                    humantime::format_duration(MAX_DRAIN_PERIOD)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `address:port`, or `none` for off.
+pub fn parse_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value == "none" {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: "is not an address:port (or `none`)".to_owned(),
+    })
+}
+
+/// A per-service value that cannot be used; the message completes "value … <message>" as both
+/// sources print it next to the object and field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error("is not one of {ALGORITHM_NAMES}")]
+    Algorithm,
+    #[error("is not a whole number in 0..={}", u32::MAX)]
+    Number,
+    #[error("is not 0..=100")]
+    Percent,
+    #[error("is not a duration like 30s or 5m ({0})")]
+    Duration(String),
+    #[error("is not longer than 0s")]
+    ZeroDuration,
+}
+
+/// Every algorithm name, as users write them (annotations, the static file, `meshctl`).
+pub const ALGORITHM_NAMES: &str = "random, round-robin, weighted, maglev, least-connections";
+
+/// An algorithm by its name.
+pub fn parse_algorithm(value: &str) -> Result<Algorithm, SettingError> {
+    Ok(match value {
+        "random" => Algorithm::Random,
+        "round-robin" => Algorithm::RoundRobin,
+        "weighted" => Algorithm::Weighted,
+        "maglev" => Algorithm::Maglev,
+        "least-connections" => Algorithm::LeastConn,
+        _ => return Err(SettingError::Algorithm),
+    })
+}
+
+/// The name of an algorithm ([`parse_algorithm`]'s inverse).
+#[must_use]
+pub fn algorithm_name(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::Random => "random",
+        Algorithm::RoundRobin => "round-robin",
+        Algorithm::Weighted => "weighted",
+        Algorithm::Maglev => "maglev",
+        Algorithm::LeastConn => "least-connections",
+    }
+}
+
+/// A whole number.
+pub fn parse_u32(value: &str) -> Result<u32, SettingError> {
+    value.parse::<u32>().map_err(|_| SettingError::Number)
+}
+
+/// A share in percent, 0..=100.
+pub fn parse_percent(value: &str) -> Result<u32, SettingError> {
+    check_percent(parse_u32(value)?)
+}
+
+/// Checks an already numeric percentage.
+pub fn check_percent(p: u32) -> Result<u32, SettingError> {
+    if p > 100 {
+        return Err(SettingError::Percent);
+    }
+    Ok(p)
+}
+
+/// A duration in `humantime` syntax (`30s`, `5m`, `1h 30m`).
+pub fn parse_duration(value: &str) -> Result<Duration, SettingError> {
+    humantime::parse_duration(value).map_err(|e| SettingError::Duration(e.to_string()))
+}
+
+/// A duration longer than zero.
+pub fn parse_positive_duration(value: &str) -> Result<Duration, SettingError> {
+    let d = parse_duration(value)?;
+    if d.is_zero() {
+        return Err(SettingError::ZeroDuration);
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawConfig {
+        RawConfig {
+            node: Some("a".into()),
+            config_file: Some("/etc/mesh/mesh.yaml".into()),
+            cgroup: Some("/sys/fs/cgroup".into()),
+            ..RawConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_every_section() {
+        let c = AgentConfig::from_raw(raw()).unwrap();
+        assert_eq!(c.datapath.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(
+            c.admin.readiness_addr,
+            Some(DEFAULT_READINESS_ADDR.parse().unwrap())
+        );
+        assert_eq!(c.metrics.addr, None);
+        assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
+        assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
+        let dump = serde_json::to_value(&c).unwrap();
+        for section in [
+            "datapath",
+            "discovery",
+            "admin",
+            "metrics",
+            "proxy",
+            "gateway",
+        ] {
+            assert!(dump.get(section).is_some(), "{section} in {dump}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_reason() {
+        let e = AgentConfig::from_raw(RawConfig {
+            readiness_addr: Some("localhost".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "admin.readinessAddr \"localhost\": is not an address:port (or `none`)"
+        );
+        let e = AgentConfig::from_raw(RawConfig {
+            restart_backoff: Some("10s".into()),
+            restart_backoff_max: Some("1s".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("discovery.restartBackoffMax \"1s\": is shorter than"),
+            "{e}"
+        );
+        let e = AgentConfig::from_raw(RawConfig {
+            drain_period: Some("soon".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("proxy.drainPeriod \"soon\": is not a duration"),
+            "{e}"
+        );
+        let e = AgentConfig::from_raw(RawConfig {
+            kubernetes: true,
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: KEY_CONFIG_FILE,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = AgentConfig::from_raw(RawConfig {
+            node: None,
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::Missing {
+                key: KEY_NODE,
+                hint: "pass --node-name or set NODE_NAME"
+            }
+        );
+    }
+
+    #[test]
+    fn setting_parsers_round_trip_and_explain() {
+        for a in [
+            Algorithm::Random,
+            Algorithm::RoundRobin,
+            Algorithm::Weighted,
+            Algorithm::Maglev,
+            Algorithm::LeastConn,
+        ] {
+            assert_eq!(parse_algorithm(algorithm_name(a)), Ok(a));
+        }
+        assert_eq!(
+            parse_algorithm("fastest").unwrap_err().to_string(),
+            format!("is not one of {ALGORITHM_NAMES}")
+        );
+        assert_eq!(parse_percent("100"), Ok(100));
+        assert_eq!(parse_percent("101"), Err(SettingError::Percent));
+        assert_eq!(parse_u32("-1"), Err(SettingError::Number));
+        assert_eq!(parse_positive_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_positive_duration("0s"),
+            Err(SettingError::ZeroDuration)
+        );
+        assert!(matches!(
+            parse_duration("5 parsecs"),
+            Err(SettingError::Duration(_))
+        ));
+    }
+}

@@ -1,0 +1,427 @@
+//! Read-mostly state: immutable snapshots that one owner publishes and every other task reads
+//! without waiting (ztunnel's stores, linkerd2-proxy's `watch`). The data-path owner publishes
+//! the model with its indexes and the kernel's counters; the agent's main loop publishes the
+//! sources' health and the current rejections.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    datapath::{service_key, spec::Protocol},
+    discovery::{ObjectRef, Rejection, RejectionKey},
+    model::{ClusterModel, ObjectName},
+    reconcile::{AppliedService, AppliedServices},
+};
+
+/// A workload's identity (what the mTLS stage issues certificates for).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The model as last reconciled into the kernel, with the indexes readers need.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Counts reconciliations; 0 before the first.
+    pub generation: u64,
+    /// When it was published.
+    pub published: Option<Instant>,
+    pub model: Arc<ClusterModel>,
+    /// Service addresses in the kernel by their map key (service by VIP).
+    pub services: AppliedServices,
+    /// Backends over all service addresses.
+    pub backends: usize,
+    /// Pod by any of its addresses.
+    pub pod_by_ip: HashMap<IpAddr, ObjectName>,
+    /// Pod by Kubernetes UID (`-` form), as the kubelet names its cgroup.
+    pub pod_by_uid: HashMap<String, ObjectName>,
+    /// Pod by bare name (static setups name a pod's cgroup after the pod); the first in
+    /// namespace order wins, as a scan of the model did.
+    pub pod_by_name: HashMap<String, ObjectName>,
+    /// Pod → identity.
+    pub identities: BTreeMap<ObjectName, Identity>,
+}
+
+impl Snapshot {
+    /// Indexes `model` and the services the reconciler holds.
+    #[must_use]
+    pub fn build(generation: u64, model: Arc<ClusterModel>, services: AppliedServices) -> Self {
+        let mut pod_by_ip = HashMap::new();
+        let mut pod_by_uid = HashMap::new();
+        let mut pod_by_name = HashMap::new();
+        let mut identities = BTreeMap::new();
+        for (name, pod) in &model.pods {
+            for ip in &pod.ips {
+                pod_by_ip.entry(*ip).or_insert_with(|| name.clone());
+            }
+            if !pod.uid.is_empty() {
+                pod_by_uid.insert(pod.uid.replace('_', "-"), name.clone());
+            }
+            pod_by_name
+                .entry(name.name.clone())
+                .or_insert_with(|| name.clone());
+            identities.insert(
+                name.clone(),
+                Identity {
+                    namespace: name.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                },
+            );
+        }
+        Self {
+            generation,
+            published: Some(Instant::now()),
+            backends: services.values().map(|s| s.spec.backends.len()).sum(),
+            model,
+            services,
+            pod_by_ip,
+            pod_by_uid,
+            pod_by_name,
+            identities,
+        }
+    }
+
+    /// The pod owning an address.
+    #[must_use]
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&ObjectName> {
+        self.pod_by_ip.get(&ip)
+    }
+
+    /// The service owning an address and protocol.
+    #[must_use]
+    pub fn service_by_addr(&self, addr: SocketAddr, protocol: Protocol) -> Option<&AppliedService> {
+        self.services
+            .get(&service_key(addr, protocol))
+            .map(AsRef::as_ref)
+    }
+
+    /// The pod whose cgroup is `path` or contains it: the deepest path component that names a
+    /// pod — the kubelet's `pod<uid>` (systemd driver: `…-pod<uid with _>.slice`), or the pod's
+    /// name (static setups, the test harness).
+    #[must_use]
+    pub fn pod_by_cgroup_path(&self, path: &Path) -> Option<&ObjectName> {
+        path.components().rev().find_map(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            uid_in_cgroup_name(&c)
+                .and_then(|uid| self.pod_by_uid.get(&uid))
+                .or_else(|| self.pod_by_name.get(c.as_ref()))
+        })
+    }
+}
+
+/// The pod UID in a kubelet cgroup name (`pod<uid>`, `kubepods-besteffort-pod<uid_>.slice`), in
+/// the API's `-` form.
+#[must_use]
+pub fn uid_in_cgroup_name(name: &str) -> Option<String> {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let (_, uid) = name.rsplit_once("pod")?;
+    // A UID is 36 characters: 32 hex digits and 4 separators.
+    (uid.len() == 36
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_'))
+    .then(|| uid.replace('_', "-"))
+}
+
+/// Kernel counters as the data-path owner last read them.
+#[derive(Clone, Debug, Default)]
+pub struct KernelStats {
+    pub counters: Vec<(&'static str, u64)>,
+    pub map_full_total: u64,
+    /// When they were read (`None`: not yet).
+    pub read_at: Option<Instant>,
+    /// Why the last read failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The health of one discovery source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Started (or restarted); nothing received from it yet.
+    Starting { restarts: u32 },
+    /// Sending updates.
+    Running { restarts: u32 },
+    /// Ended, failed or panicked; restarted after a backoff.
+    Down {
+        restarts: u32,
+        reason: String,
+        retry_at: SystemTime,
+    },
+}
+
+/// One source as status shows it.
+#[derive(Clone, Debug)]
+pub struct SourceHealth {
+    pub state: SourceState,
+    /// When a model from this source was last reconciled into the kernel.
+    pub last_sync: Option<SystemTime>,
+    /// The last failure (kept after a restart, for `meshctl status`).
+    pub last_error: Option<String>,
+}
+
+impl SourceHealth {
+    /// A source just started.
+    #[must_use]
+    pub fn starting() -> Self {
+        Self {
+            state: SourceState::Starting { restarts: 0 },
+            last_sync: None,
+            last_error: None,
+        }
+    }
+
+    /// How many times it was restarted.
+    #[must_use]
+    pub fn restarts(&self) -> u32 {
+        match &self.state {
+            SourceState::Starting { restarts }
+            | SourceState::Running { restarts }
+            | SourceState::Down { restarts, .. } => *restarts,
+        }
+    }
+}
+
+/// A rejection that currently applies.
+#[derive(Clone, Debug)]
+pub struct CurrentRejection {
+    pub rejection: Rejection,
+    /// The source that reported it.
+    pub source: String,
+    pub since: SystemTime,
+}
+
+/// The agent's health: published by the main loop after each change.
+#[derive(Clone, Debug, Default)]
+pub struct AgentStatus {
+    pub ready: bool,
+    /// Why not ready (empty when ready).
+    pub not_ready_reason: String,
+    pub sources: BTreeMap<String, SourceHealth>,
+    /// Every current rejection, by file or object field.
+    pub rejections: BTreeMap<RejectionKey, CurrentRejection>,
+    /// Errors of the last reconciliation (the rest converged).
+    pub reconcile_errors: Vec<String>,
+    /// When the first model reached the kernel.
+    pub first_sync: Option<SystemTime>,
+}
+
+impl AgentStatus {
+    /// Recomputes readiness: ready once a model is in the kernel and while every source runs.
+    pub fn update_readiness(&mut self) {
+        let down = self.sources.iter().find_map(|(name, h)| match &h.state {
+            SourceState::Running { .. } | SourceState::Starting { restarts: 0 } => None,
+            SourceState::Starting { .. } => Some(format!(
+                "discovery source {name} restarted, waiting for its first update (last failure: {})",
+                h.last_error.as_deref().unwrap_or("unknown")
+            )),
+            SourceState::Down { reason, .. } => {
+                Some(format!("discovery source {name} is down: {reason}"))
+            }
+        });
+        self.not_ready_reason = match (down, self.first_sync) {
+            (Some(why), _) => why,
+            (None, None) => "no model reconciled yet".to_owned(),
+            (None, Some(_)) => String::new(),
+        };
+        self.ready = self.not_ready_reason.is_empty();
+    }
+
+    /// A valid model from `source`: its file parsed whole, so the file's rejection is over
+    /// (Envoy and kube-proxy keep serving the last good config while a new one is bad, and
+    /// forget the error once a good one arrives); Services it no longer has cannot be wrong.
+    pub fn accept_model(&mut self, source: &str, model: &ClusterModel) {
+        self.rejections.retain(|key, r| {
+            r.source != source
+                || match key {
+                    RejectionKey::File(_) => false,
+                    RejectionKey::Field(object, _) => {
+                        object.kind != "Service" || model.services.contains_key(&object.name)
+                    }
+                }
+        });
+    }
+
+    /// A rejection from `source`: replaces an older one of the same file or object field.
+    pub fn reject(&mut self, source: &str, rejection: Rejection) {
+        self.rejections.insert(
+            rejection.key(),
+            CurrentRejection {
+                rejection,
+                source: source.to_owned(),
+                since: SystemTime::now(),
+            },
+        );
+    }
+
+    /// `object` is valid again: none of its fields' rejections apply any more.
+    pub fn resolve(&mut self, object: &ObjectRef) {
+        self.rejections
+            .retain(|key, _| !matches!(key, RejectionKey::Field(o, _) if o == object));
+    }
+
+    /// The newest current rejection, as one line (the `last_rejection` field).
+    #[must_use]
+    pub fn last_rejection(&self) -> Option<String> {
+        self.rejections
+            .values()
+            .max_by_key(|r| r.since)
+            .map(|r| r.rejection.to_string())
+    }
+}
+
+/// Every snapshot, each swapped whole by its one writer.
+#[derive(Default)]
+pub struct Stores {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub kernel: ArcSwap<KernelStats>,
+    pub status: ArcSwap<AgentStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Pod;
+
+    fn model() -> ClusterModel {
+        let mut m = ClusterModel {
+            node: "a".into(),
+            ..ClusterModel::default()
+        };
+        for (ns, name, uid, ip) in [
+            (
+                "shop",
+                "web-0",
+                "0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e",
+                "10.1.0.3",
+            ),
+            ("default", "client", "", "10.1.0.2"),
+            ("other", "client", "", "10.1.0.9"),
+        ] {
+            let name = ObjectName::new(ns, name);
+            m.pods.insert(
+                name.clone(),
+                Pod {
+                    name,
+                    node: "a".into(),
+                    service_account: "sa".into(),
+                    ips: vec![ip.parse().unwrap()],
+                    uid: uid.into(),
+                },
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn indexes_find_pods_by_address_uid_and_name() {
+        let s = Snapshot::build(1, Arc::new(model()), AppliedServices::new());
+        assert_eq!(
+            s.pod_by_ip("10.1.0.3".parse().unwrap()),
+            Some(&ObjectName::new("shop", "web-0"))
+        );
+        assert_eq!(s.pod_by_ip("10.1.0.4".parse().unwrap()), None);
+        let web = Some(&ObjectName::new("shop", "web-0"));
+        for path in [
+            "/sys/fs/cgroup/kubepods/burstable/pod0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e/abc",
+            "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b7c6f0e_1c1a_4e2b_9a8d_2f0c3b4a5d6e.slice/cri-containerd-1.scope",
+        ] {
+            assert_eq!(s.pod_by_cgroup_path(Path::new(path)), web, "{path}");
+        }
+        // A bare name: the first namespace in order, as the scan it replaces.
+        assert_eq!(
+            s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/node-a/client")),
+            Some(&ObjectName::new("default", "client"))
+        );
+        assert_eq!(
+            s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/system.slice")),
+            None
+        );
+        assert_eq!(
+            s.identities[&ObjectName::new("shop", "web-0")],
+            Identity {
+                namespace: "shop".into(),
+                service_account: "sa".into()
+            }
+        );
+    }
+
+    fn field(name: &str, field: &str) -> Rejection {
+        Rejection::InvalidField {
+            object: ObjectRef::new("Service", ObjectName::new("shop", name)),
+            field: field.into(),
+            message: format!("{field} is bad"),
+        }
+    }
+
+    #[test]
+    fn a_rejection_lasts_until_its_object_is_valid_or_gone() {
+        let mut st = AgentStatus::default();
+        st.reject("kubernetes", field("web", "a"));
+        st.reject("kubernetes", field("web", "b"));
+        st.reject("kubernetes", field("api", "a"));
+        st.reject("kubernetes", field("api", "a"));
+        assert_eq!(st.rejections.len(), 3, "one entry per object field");
+        // Unrelated churn: a new model that still has both services changes nothing.
+        let mut m = ClusterModel::default();
+        for name in ["web", "api"] {
+            let name = ObjectName::new("shop", name);
+            m.services.insert(
+                name.clone(),
+                crate::model::Service {
+                    name,
+                    cluster_ips: vec![],
+                    ports: vec![],
+                    settings: crate::model::ServiceSettings::default(),
+                    endpoints: vec![],
+                },
+            );
+        }
+        st.accept_model("kubernetes", &m);
+        assert_eq!(st.rejections.len(), 3);
+        // web becomes valid: both its entries go, api's stays.
+        st.resolve(&ObjectRef::new("Service", ObjectName::new("shop", "web")));
+        assert_eq!(st.rejections.len(), 1);
+        assert_eq!(
+            st.last_rejection().as_deref(),
+            Some("Service shop/api: a is bad")
+        );
+        // api disappears from the model: its rejection goes too.
+        m.services.remove(&ObjectName::new("shop", "api"));
+        st.accept_model("kubernetes", &m);
+        assert!(st.rejections.is_empty());
+    }
+
+    #[test]
+    fn readiness_follows_the_first_sync_and_every_source() {
+        let mut st = AgentStatus::default();
+        st.sources.insert("file".into(), SourceHealth::starting());
+        st.update_readiness();
+        assert_eq!(
+            (st.ready, st.not_ready_reason.as_str()),
+            (false, "no model reconciled yet")
+        );
+        st.first_sync = Some(SystemTime::now());
+        st.sources.get_mut("file").unwrap().state = SourceState::Running { restarts: 0 };
+        st.update_readiness();
+        assert!(st.ready, "{}", st.not_ready_reason);
+        st.sources.get_mut("file").unwrap().state = SourceState::Down {
+            restarts: 0,
+            reason: "panicked: boom".into(),
+            retry_at: SystemTime::now(),
+        };
+        st.update_readiness();
+        assert!(!st.ready);
+        assert_eq!(
+            st.not_ready_reason,
+            "discovery source file is down: panicked: boom"
+        );
+    }
+}
