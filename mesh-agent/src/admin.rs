@@ -134,6 +134,8 @@ impl Admin for AdminService {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             map_full_total: kernel.map_full_total,
+            lb_table_bytes: kernel.lb_table_bytes,
+            retired_backends: kernel.retired_backends,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             not_ready_reason: status.not_ready_reason.clone(),
             rejections: rejections

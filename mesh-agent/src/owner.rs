@@ -253,6 +253,8 @@ impl Owner {
         self.stores.kernel.store(Arc::new(KernelStats {
             counters,
             map_full_total: self.dp.map_full_total(),
+            lb_table_bytes: self.dp.table_bytes() as u64,
+            retired_backends: self.dp.retired_backends() as u64,
             read_at: Some(Instant::now()),
             error,
         }));

@@ -136,6 +136,10 @@ pub fn uid_in_cgroup_name(name: &str) -> Option<String> {
 pub struct KernelStats {
     pub counters: Vec<(&'static str, u64)>,
     pub map_full_total: u64,
+    /// Bytes of kernel memory in lookup tables (`Datapath::table_bytes`).
+    pub lb_table_bytes: u64,
+    /// Removed backends whose state slots are quarantined.
+    pub retired_backends: u64,
     /// When they were read (`None`: not yet).
     pub read_at: Option<Instant>,
     /// Why the last read failed, if it did.

@@ -159,6 +159,17 @@ fn ten_thousand_endpoints_refused_only_when_none_is_eligible() {
                 131_071,
                 "a prime ≥ 100 × endpoints, capped"
             );
+            assert_eq!(
+                m.dp.table_bytes(),
+                128 * 4096,
+                "its memory: 128 chunks of 4 KiB"
+            );
+        } else {
+            assert_eq!(
+                m.dp.table_bytes(),
+                0,
+                "no table for a service that needs none"
+            );
         }
         // Every endpoint but the last three ejected (the old scan gave up after 64 slots, the
         // old table held 1,021 entries).

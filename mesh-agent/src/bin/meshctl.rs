@@ -272,6 +272,14 @@ async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
             vec!["pins".into(), s.pin_dir.clone()],
             vec!["map full errors".into(), s.map_full_total.to_string()],
             vec![
+                "lb table memory".into(),
+                format!("{} KiB", s.lb_table_bytes / 1024),
+            ],
+            vec![
+                "backends in quarantine".into(),
+                s.retired_backends.to_string(),
+            ],
+            vec![
                 "flows".into(),
                 format!(
                     "{} received, {} missed by slow watchers",
