@@ -27,5 +27,5 @@ pub mod meshpod;
 pub use cluster::{Cluster, NodeHandle, PodHandle};
 pub use env::{cgroup2_root, ensure_bpffs, is_root, workspace_root};
 pub use exec::{DEFAULT_TIMEOUT, IfaceStats, PodChild, Sandbox};
-pub use kernel::{KernelTestGuard, kernel_test};
+pub use kernel::{KernelTestGuard, kernel_test, monotonic_ns};
 pub use meshpod::{HitReport, Percentiles, RrReport, TransferReport, meshpod_path};

@@ -656,7 +656,7 @@ fn l7_failures_reported_by_the_agent_eject_too() {
     let key = service_key(vip, Protocol::Tcp);
     let b1 = m.dp.backend_status(&key).unwrap()[1].id;
     // E.g. three HTTP 503s seen by a proxy: the third ejects, exactly as L4 failures would.
-    let now = monotonic_ns();
+    let now = mesh_tests::monotonic_ns();
     let ejected: Vec<bool> = (0..3)
         .map(|_| m.dp.report_failure(b1, now).unwrap())
         .collect();
@@ -791,16 +791,6 @@ fn a_full_map_is_a_clear_error_and_keeps_the_last_state() {
         "LOCAL_ENDPOINTS keeps the client's address only"
     );
     assert_eq!(m.client.hit(vip, 5, &[]).unwrap().ok(), 5);
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap()
 }
 
 /// Polls `f` every 20 ms until it holds or `limit` passes.

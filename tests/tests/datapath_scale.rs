@@ -53,21 +53,11 @@ fn ports(ip: Ipv4Addr, first: u16, n: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap()
-}
-
 /// Opens the circuits of the backends at `slots` of the service (an L7 failure report each).
 fn eject_slots(dp: &mut Datapath, vip: SocketAddr, slots: impl IntoIterator<Item = usize>) {
     let key = service_key(vip, Protocol::Tcp);
     let status = dp.backend_status(&key).unwrap();
-    let now = monotonic_ns();
+    let now = mesh_tests::monotonic_ns();
     for s in slots {
         assert!(
             dp.report_failure(status[s].id, now).unwrap(),
