@@ -93,18 +93,6 @@ fn marker_file_name(name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn marker_names_are_single_components() {
-        assert_eq!(marker_file_name("smoke"), "smoke");
-        assert_eq!(marker_file_name("a/b::c"), "a_b__c");
-        assert_eq!(marker_file_name(".."), "_");
-    }
-}
-
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads, so a test can hand the
 /// data path a "now" (e.g. `Datapath::report_failure`).
 #[must_use]
@@ -116,4 +104,16 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_names_are_single_components() {
+        assert_eq!(marker_file_name("smoke"), "smoke");
+        assert_eq!(marker_file_name("a/b::c"), "a_b__c");
+        assert_eq!(marker_file_name(".."), "_");
+    }
 }
