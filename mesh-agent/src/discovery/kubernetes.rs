@@ -53,15 +53,12 @@ use std::{
 };
 
 use futures::{Stream, StreamExt as _, stream::select_all};
-use k8s_openapi::{
-    api::{
-        core::v1::{
-            Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService,
-            ServiceSpec as K8sServiceSpec,
-        },
-        discovery::v1::EndpointSlice,
+use k8s_openapi::api::{
+    core::v1::{
+        Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, PodSpec, PodStatus,
+        Service as K8sService, ServiceSpec as K8sServiceSpec,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Resource, ResourceExt as _,
@@ -77,7 +74,9 @@ use tracing::{debug, info, warn};
 use crate::{
     datapath::spec::{Algorithm, Protocol},
     discovery::Update,
-    model::{self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings},
+    model::{
+        self, ClusterModel, Endpoint, ObjectName, ServicePort, ServiceSettings, TrafficPolicy,
+    },
 };
 
 /// The kube-rs and API-type crates this source is built on, for callers that build the client.
@@ -112,6 +111,16 @@ pub const ANNOTATIONS: [&str; 7] = [
 
 /// Label joining an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of Services (and their slices) that another proxy implements.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller puts on the slices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// kube-proxy's label selector on its Service and `EndpointSlice` informers: objects of
+/// Services another proxy owns, and headless ones, never reach the agent at all.
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The Node label naming its zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Kubernetes' default `ClientIP` affinity timeout (`sessionAffinityConfig.clientIP.timeoutSeconds`).
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_hours(3);
 /// Quiet time that ends a batch of watch events.
@@ -307,35 +316,36 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 pub fn service_ports(spec: &K8sServiceSpec) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
-        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            other => {
-                debug!(
-                    protocol = other,
-                    port = p.port,
-                    "service port skipped: protocol not balanced"
-                );
-                continue;
-            }
+        let Some(protocol) = protocol(p.protocol.as_deref()) else {
+            debug!(
+                protocol = p.protocol.as_deref(),
+                port = p.port,
+                "service port skipped: protocol not balanced"
+            );
+            continue;
         };
         let Some(port) = port_number(p.port) else {
             continue;
         };
-        let target_port = match &p.target_port {
-            Some(IntOrString::Int(n)) => port_number(*n).unwrap_or(port),
-            // Named: resolved per endpoint from the EndpointSlice ports; this is the fallback.
-            Some(IntOrString::String(s)) => s.parse().ok().filter(|&n| n != 0).unwrap_or(port),
-            None => port,
-        };
+        // The Service's `targetPort` (number or name) is the EndpointSlice controller's input;
+        // the port an endpoint serves on is the one its slice lists (kube-proxy reads only that).
         out.push(ServicePort {
             name: p.name.clone().unwrap_or_default(),
             port,
             protocol,
-            target_port,
+            target_port: None,
         });
     }
     out
+}
+
+/// A port's protocol (absent = TCP, as the API defaults it); `None` for SCTP.
+fn protocol(name: Option<&str>) -> Option<Protocol> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
 }
 
 fn port_number(n: i32) -> Option<u16> {
@@ -365,9 +375,20 @@ pub fn cluster_ips(spec: &K8sServiceSpec) -> Vec<IpAddr> {
     out
 }
 
-/// Endpoints of one `EndpointSlice` (`FQDN` slices and unparsable addresses skipped).
+/// Endpoints of one `EndpointSlice` of a service with `service_ports` (`FQDN` slices and
+/// unparsable addresses skipped). An endpoint serves a service port only if the slice lists a
+/// port of the same name and protocol (kube-proxy's `ServicePortName` match), on the number the
+/// slice gives; a slice port the service does not have is dropped. With `trafficDistribution`
+/// `PreferClose`/`PreferSameZone` (`PreferSameNode`), an endpoint without zone (node) hints gets
+/// its own zone (node) as hint — what the `EndpointSlice` controller writes for these values;
+/// kube-proxy reads only the hints, so without the controller (or before it caught up) it would
+/// not prefer close endpoints.
 #[must_use]
-pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    service_ports: &[ServicePort],
+    traffic_distribution: Option<&str>,
+) -> Vec<Endpoint> {
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
         return Vec::new();
     }
@@ -376,11 +397,53 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
+        .filter_map(|p| {
+            let name = p.name.clone().unwrap_or_default();
+            let protocol = protocol(p.protocol.as_deref())?;
+            service_ports
+                .iter()
+                .any(|sp| sp.name == name && sp.protocol == protocol)
+                .then_some(())?;
+            Some((name, port_number(p.port?)?))
+        })
         .collect();
+    let same_node = traffic_distribution == Some("PreferSameNode");
+    let same_zone =
+        same_node || matches!(traffic_distribution, Some("PreferClose" | "PreferSameZone"));
     let mut out = Vec::new();
     for ep in &slice.endpoints {
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
+        let conditions = ep.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        let hinted = ep.hints.as_ref();
+        let mut hints = model::Hints {
+            zones: hinted
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            nodes: hinted
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        };
+        if same_zone
+            && hints.zones.is_empty()
+            && let Some(zone) = &ep.zone
+        {
+            hints.zones.insert(zone.clone());
+        }
+        if same_node
+            && hints.nodes.is_empty()
+            && let Some(node) = &ep.node_name
+        {
+            hints.nodes.insert(node.clone());
+        }
         let pod = ep
             .target_ref
             .as_ref()
@@ -398,17 +461,21 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
                 ip,
                 ports: ports.clone(),
                 ready,
+                serving,
+                terminating,
                 node: ep.node_name.clone(),
                 pod: pod.clone(),
                 weight: 1,
+                hints: hints.clone(),
             });
         }
     }
     out
 }
 
-/// Merges endpoints of several slices: one entry per (address, ports), ready if any copy is,
-/// sorted so the model does not depend on slice order.
+/// Merges endpoints of several slices: one entry per (address, ports), the most usable copy
+/// (ready, then serving), sorted so the model does not depend on slice order. During a
+/// rollout an address can sit in two slices at once, terminating in one and ready in another.
 #[must_use]
 pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(IpAddr, BTreeMap<String, u16>), Endpoint> = BTreeMap::new();
@@ -418,8 +485,9 @@ pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint>
                 v.insert(ep);
             }
             Entry::Occupied(mut o) => {
+                let rank = |e: &Endpoint| (e.ready, e.serving);
                 let cur = o.get_mut();
-                if ep.ready && !cur.ready {
+                if rank(&ep) > rank(cur) {
                     *cur = ep;
                 }
             }
@@ -469,6 +537,7 @@ pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
             .unwrap_or_else(|| "default".to_owned()),
         ips,
         uid: pod.metadata.uid.clone().unwrap_or_default(),
+        host_network: spec.host_network.unwrap_or(false),
     })
 }
 
@@ -541,6 +610,8 @@ struct State {
     slices: Store<EndpointSlice>,
     pods: Store<K8sPod>,
     namespaces: Store<K8sNamespace>,
+    /// This node only (its zone).
+    nodes: Store<K8sNode>,
     /// Last good settings of each service (kept while its annotations are invalid).
     last_good: BTreeMap<ObjectName, ServiceSettings>,
     /// Problems already reported per service (each is reported once while it persists).
@@ -555,13 +626,28 @@ impl State {
             slices: Store::new(),
             pods: Store::new(),
             namespaces: Store::new(),
+            nodes: Store::new(),
             last_good: BTreeMap::new(),
             reported: BTreeMap::new(),
         }
     }
 
     fn ready(&self) -> bool {
-        self.services.ready && self.slices.ready && self.pods.ready && self.namespaces.ready
+        self.services.ready
+            && self.slices.ready
+            && self.pods.ready
+            && self.namespaces.ready
+            && self.nodes.ready
+    }
+
+    /// This node's zone label, if its Node object has one.
+    fn zone(&self) -> Option<String> {
+        self.nodes
+            .objects
+            .get(&ObjectName::new("", self.node.clone()))
+            .and_then(|n| n.labels().get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned()
     }
 
     fn namespace_live(&self, ns: &str) -> bool {
@@ -587,6 +673,7 @@ impl State {
         }
         let mut model = ClusterModel {
             node: self.node.clone(),
+            node_zone: self.zone(),
             ..ClusterModel::default()
         };
         let mut fresh = Vec::new();
@@ -625,21 +712,27 @@ impl State {
             if ips.is_empty() {
                 continue;
             }
+            let ports = service_ports(spec);
             let endpoints = merge_endpoints(
                 slices_by_service
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| slice_endpoints(s)),
+                    .flat_map(|s| slice_endpoints(s, &ports, spec.traffic_distribution.as_deref())),
             );
+            let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+                Some("Local") => TrafficPolicy::Local,
+                _ => TrafficPolicy::Cluster,
+            };
             model.services.insert(
                 name.clone(),
                 model::Service {
                     name: name.clone(),
                     cluster_ips: ips,
-                    ports: service_ports(spec),
+                    ports,
                     settings,
                     endpoints,
+                    internal_traffic_policy,
                 },
             );
         }
@@ -663,6 +756,7 @@ enum Change {
     Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
     Pods(Box<Result<watcher::Event<K8sPod>, watcher::Error>>),
     Namespaces(Box<Result<watcher::Event<K8sNamespace>, watcher::Error>>),
+    Nodes(Box<Result<watcher::Event<K8sNode>, watcher::Error>>),
 }
 
 impl Change {
@@ -672,25 +766,108 @@ impl Change {
             Self::Slices(_) => "EndpointSlices",
             Self::Pods(_) => "Pods",
             Self::Namespaces(_) => "Namespaces",
+            Self::Nodes(_) => "Nodes",
         }
     }
 }
 
 type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
 
+/// One watch: initial lists from the API server's watch cache (`resourceVersion=0`, as
+/// informers list; a quorum read of every object would load etcd on each agent restart), each
+/// object slimmed to what the model reads before it is stored.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
+    slim: fn(&mut K),
     wrap: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Change,
 ) -> ChangeStream
 where
     K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    watcher(api, config)
+    watcher(api, config.any_semantic())
         .default_backoff()
+        .modify(slim)
         .map(move |r| wrap(Box::new(r)))
         .boxed()
+}
+
+/// What every stored object loses: server-side-apply bookkeeping (often the biggest part of an
+/// object) and annotations (`kubectl`'s last-applied copy of the whole object among them).
+fn slim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+/// Services keep their spec and this source's annotations; status and selector go (the
+/// selector is the `EndpointSlice` controller's input, not ours).
+fn slim_service(svc: &mut K8sService) {
+    let ours: BTreeMap<String, String> = svc
+        .annotations()
+        .iter()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    slim_meta(&mut svc.metadata);
+    svc.metadata.annotations = (!ours.is_empty()).then_some(ours);
+    svc.status = None;
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.selector = None;
+    }
+}
+
+/// Slices keep their labels (the service name), ports and endpoints.
+fn slim_slice(slice: &mut EndpointSlice) {
+    slim_meta(&mut slice.metadata);
+    for ep in &mut slice.endpoints {
+        ep.deprecated_topology = None;
+        if let Some(r) = ep.target_ref.as_mut() {
+            r.uid = None;
+            r.resource_version = None;
+            r.field_path = None;
+            r.api_version = None;
+        }
+    }
+}
+
+/// Pods keep only what [`pod_of`] reads: no containers, volumes or container statuses.
+fn slim_pod(pod: &mut K8sPod) {
+    slim_meta(&mut pod.metadata);
+    pod.metadata.labels = None;
+    pod.metadata.owner_references = None;
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        host_network: s.host_network,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+/// Namespaces keep their name, deletion mark and phase.
+fn slim_namespace(ns: &mut K8sNamespace) {
+    slim_meta(&mut ns.metadata);
+    ns.metadata.labels = None;
+    ns.spec = None;
+    if let Some(status) = ns.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+/// The Node keeps only its zone label (its status, with every image on the node, is large).
+fn slim_node(node: &mut K8sNode) {
+    slim_meta(&mut node.metadata);
+    if let Some(labels) = node.metadata.labels.as_mut() {
+        labels.retain(|k, _| k == ZONE_LABEL);
+    }
+    node.spec = None;
+    node.status = None;
 }
 
 impl State {
@@ -701,6 +878,7 @@ impl State {
             Change::Slices(r) => (*r).map(|e| self.slices.apply(e)).err(),
             Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
+            Change::Nodes(r) => (*r).map(|e| self.nodes.apply(e)).err(),
         };
         if let Some(e) = err {
             warn!(kind, error = %e, "watch error; retrying with backoff");
@@ -718,23 +896,33 @@ pub async fn run(
     let mut changes = select_all([
         watch(
             Api::<K8sService>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            slim_service,
             Change::Services,
         ),
         watch(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            slim_slice,
             Change::Slices,
         ),
         watch(
             Api::<K8sPod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            slim_pod,
             Change::Pods,
         ),
         watch(
             Api::<K8sNamespace>::all(client.clone()),
             watcher::Config::default(),
+            slim_namespace,
             Change::Namespaces,
+        ),
+        watch(
+            Api::<K8sNode>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            slim_node,
+            Change::Nodes,
         ),
     ]);
     let recorder = Recorder::new(
@@ -746,7 +934,7 @@ pub async fn run(
     );
     let mut state = State::new(node.clone());
     let mut last_sent: Option<ClusterModel> = None;
-    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces");
+    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node");
     loop {
         let Some(first) = changes.next().await else {
             return Err(KubernetesError::WatchEnded { kind: "all" });
@@ -817,6 +1005,7 @@ mod tests {
         },
         discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort},
     };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use kube::api::ObjectMeta;
 
     use super::*;
@@ -1074,13 +1263,13 @@ mod tests {
                     name: "dns".to_owned(),
                     port: 53,
                     protocol: Protocol::Udp,
-                    target_port: 53
+                    target_port: None
                 },
                 ServicePort {
                     name: "http".to_owned(),
                     port: 80,
                     protocol: Protocol::Tcp,
-                    target_port: 8080
+                    target_port: None
                 },
             ]
         );
@@ -1266,6 +1455,197 @@ mod tests {
         assert_eq!(
             store.objects.keys().cloned().collect::<Vec<_>>(),
             [ObjectName::new("", "new")]
+        );
+    }
+
+    fn port(name: &str, protocol: Protocol) -> ServicePort {
+        ServicePort {
+            name: name.to_owned(),
+            port: 80,
+            protocol,
+            target_port: None,
+        }
+    }
+
+    fn one_endpoint_slice(
+        endpoint: &serde_json::Value,
+        ports: &serde_json::Value,
+    ) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "s", "namespace": "default" },
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": [endpoint],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_serves_only_the_ports_its_slice_lists_by_name_and_protocol() {
+        let s = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"] }),
+            &serde_json::json!([
+                { "name": "http", "port": 8080, "protocol": "TCP" },
+                { "name": "dns", "port": 5353, "protocol": "TCP" },
+                { "name": "extra", "port": 9000 },
+            ]),
+        );
+        let ports = [port("http", Protocol::Tcp), port("dns", Protocol::Udp)];
+        let eps = slice_endpoints(&s, &ports, None);
+        assert_eq!(eps.len(), 1);
+        // dns is UDP on the service but TCP in the slice; extra is not a service port.
+        assert_eq!(
+            eps[0].ports,
+            BTreeMap::from([("http".to_owned(), 8080)]),
+            "{eps:?}"
+        );
+        assert_eq!(eps[0].port_for(&ports[0]), Some(8080));
+        assert_eq!(
+            eps[0].port_for(&ports[1]),
+            None,
+            "no fallback to any number"
+        );
+        // Conditions absent: ready and serving, not terminating (kube-proxy's reading).
+        assert!(eps[0].ready && eps[0].serving && !eps[0].terminating);
+    }
+
+    #[test]
+    fn conditions_and_hints_are_read_and_prefer_close_hints_own_zones() {
+        let ports = [port("", Protocol::Tcp)];
+        let listed = serde_json::json!([{ "port": 80 }]);
+        let s = one_endpoint_slice(
+            &serde_json::json!({
+                "addresses": ["10.1.0.2"], "zone": "z1", "nodeName": "n1",
+                "conditions": { "ready": false, "serving": true, "terminating": true },
+                "hints": { "forZones": [{ "name": "z2" }], "forNodes": [{ "name": "n2" }] },
+            }),
+            &listed,
+        );
+        let e = &slice_endpoints(&s, &ports, Some("PreferClose"))[0];
+        assert!(!e.ready && e.serving && e.terminating);
+        assert_eq!(
+            (e.hints.zones.clone(), e.hints.nodes.clone()),
+            (
+                BTreeSet::from(["z2".to_owned()]),
+                BTreeSet::from(["n2".to_owned()])
+            ),
+            "hints written by the controller win"
+        );
+        let bare = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.3"], "zone": "z1", "nodeName": "n1" }),
+            &listed,
+        );
+        assert_eq!(
+            slice_endpoints(&bare, &ports, None)[0].hints,
+            model::Hints::default()
+        );
+        let e = &slice_endpoints(&bare, &ports, Some("PreferClose"))[0];
+        assert_eq!(e.hints.zones, BTreeSet::from(["z1".to_owned()]));
+        assert!(e.hints.nodes.is_empty());
+        let e = &slice_endpoints(&bare, &ports, Some("PreferSameNode"))[0];
+        assert_eq!(e.hints.nodes, BTreeSet::from(["n1".to_owned()]));
+        assert_eq!(e.hints.zones, BTreeSet::from(["z1".to_owned()]));
+    }
+
+    #[test]
+    fn merge_keeps_the_most_usable_copy() {
+        let ports = [port("", Protocol::Tcp)];
+        let listed = serde_json::json!([{ "port": 80 }]);
+        let terminating = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"],
+                "conditions": { "ready": false, "serving": true, "terminating": true } }),
+            &listed,
+        );
+        let gone = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"],
+                "conditions": { "ready": false, "serving": false, "terminating": true } }),
+            &listed,
+        );
+        let merged = merge_endpoints(
+            slice_endpoints(&gone, &ports, None)
+                .into_iter()
+                .chain(slice_endpoints(&terminating, &ports, None)),
+        );
+        assert_eq!(merged.len(), 1);
+        assert!(merged[0].serving);
+    }
+
+    #[test]
+    fn host_network_pods_are_marked_and_slimming_keeps_what_the_model_reads() {
+        let mut pod: K8sPod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "default", "uid": "u1",
+                "labels": { "app": "x" },
+                "annotations": { "big": "x".repeat(10_000) },
+                "managedFields": [{ "manager": "kubectl", "operation": "Apply" }] },
+            "spec": { "nodeName": "a", "hostNetwork": true, "serviceAccountName": "sa",
+                "containers": [{ "name": "c", "image": "i" }] },
+            "status": { "phase": "Running", "podIPs": [{ "ip": "192.168.0.1" }],
+                "conditions": [{ "type": "Ready", "status": "True" }] },
+        }))
+        .unwrap();
+        let before = pod_of(&pod, "a").unwrap();
+        assert!(before.host_network);
+        slim_pod(&mut pod);
+        assert_eq!(pod_of(&pod, "a"), Some(before));
+        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.annotations.is_none());
+        assert!(pod.spec.as_ref().unwrap().containers.is_empty());
+        assert!(pod.status.as_ref().unwrap().conditions.is_none());
+
+        let mut svc = service(
+            "web",
+            &[
+                (ANN_LB_ALGORITHM, "maglev"),
+                ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
+            ],
+            "10.96.0.20",
+        );
+        svc.metadata.managed_fields = Some(Vec::new());
+        let settings = parse_settings(svc.annotations(), svc.spec.as_ref());
+        slim_service(&mut svc);
+        assert_eq!(
+            parse_settings(svc.annotations(), svc.spec.as_ref()),
+            settings
+        );
+        assert_eq!(svc.annotations().len(), 1);
+        assert!(svc.metadata.managed_fields.is_none());
+
+        let mut node: K8sNode = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "a", "labels": { ZONE_LABEL: "z1", "kubernetes.io/os": "linux" } },
+            "status": { "images": [{ "names": ["x"] }] },
+        }))
+        .unwrap();
+        slim_node(&mut node);
+        assert_eq!(node.labels().len(), 1);
+        assert!(node.status.is_none());
+    }
+
+    #[test]
+    fn the_zone_comes_from_this_nodes_object_and_policy_from_the_spec() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        let node = |name: &str, zone: &str| -> K8sNode {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "labels": { ZONE_LABEL: zone } },
+            }))
+            .unwrap()
+        };
+        state.nodes.apply(watcher::Event::Apply(node("b", "z2")));
+        assert_eq!(
+            state.build().0.node_zone,
+            None,
+            "another node's zone is not ours"
+        );
+        state.nodes.apply(watcher::Event::Apply(node("a", "z1")));
+        assert_eq!(state.build().0.node_zone.as_deref(), Some("z1"));
+        let mut svc = service("web", &[], "10.96.0.20");
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".to_owned());
+        state.services.apply(watcher::Event::Apply(svc));
+        let (m, _) = state.build();
+        assert_eq!(
+            m.services[&ObjectName::new("default", "web")].internal_traffic_policy,
+            TrafficPolicy::Local
         );
     }
 }
