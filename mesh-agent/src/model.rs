@@ -223,8 +223,8 @@ impl ClusterModel {
     }
 
     /// What the data path should hold: one spec per (cluster IP, port) of every service, with
-    /// the endpoints of that address family that serve the port and that [`Self::usable`]
-    /// selects.
+    /// the endpoints of that address family that serve the port and that kube-proxy would use
+    /// (traffic policy, topology, terminating fallback).
     #[must_use]
     pub fn desired_specs(&self) -> Vec<(ObjectName, ServiceSpec)> {
         let mut out = Vec::new();

@@ -1,23 +1,41 @@
 //! The Kubernetes source: watches Services, `EndpointSlices` (`discovery.k8s.io/v1`), the Pods of
-//! this node and Namespaces through kube-rs watchers (with their default backoff), keeps its own
-//! stores, and after each batch of events (debounced by [`DEBOUNCE`]) sends a complete
-//! [`ClusterModel`] as [`Update::Model`] — once every watcher has finished its initial list, and
-//! only when the model changed.
+//! this node, Namespaces and this node's Node through kube-rs watchers (with their default
+//! backoff), keeps its own stores, and after each batch of events (debounced by [`DEBOUNCE`])
+//! sends a complete [`ClusterModel`] as [`Update::Model`] — once every watcher has finished its
+//! initial list, and only when the model changed.
 //!
-//! What becomes what:
+//! Watches (kube-proxy's, for the same reasons): Services and `EndpointSlices` with the label
+//! selector [`PROXY_LABEL_SELECTOR`], so objects of Services another proxy implements
+//! (`service.kubernetes.io/service-proxy-name`) and slices of headless Services
+//! (`service.kubernetes.io/headless`) never reach the agent; Pods with
+//! `fieldSelector=spec.nodeName=<node>`; the Node with `metadata.name=<node>`. Initial lists
+//! are served from the API server's watch cache (`resourceVersion=0`), and every object is
+//! slimmed before it is stored (`managedFields`, annotations other than ours, pod containers and
+//! statuses, node status dropped), so memory follows what the model uses.
+//!
+//! What becomes what (each rule is kube-proxy's unless said otherwise):
 //! - **Service** → [`model::Service`]: `spec.clusterIPs` (or `spec.clusterIP`); headless (`None`),
 //!   address-less and `ExternalName` services are left out. Ports: TCP and UDP (SCTP is skipped).
-//!   A numeric `targetPort` is the endpoints' port; a named one is resolved per endpoint from the
-//!   `EndpointSlice` ports (keyed by the service port name, into [`Endpoint::ports`]); where no
-//!   slice resolves it, the service port number is used.
+//!   `spec.internalTrafficPolicy: Local` → [`TrafficPolicy::Local`] (only this node's endpoints,
+//!   no fallback). The Service's `targetPort` is not used: it is the `EndpointSlice`
+//!   controller's input.
 //! - **`EndpointSlice`** → [`Endpoint`]s of the service named by its `kubernetes.io/service-name`
-//!   label (several slices merge; the same address and ports seen twice counts once). Each address
-//!   of each endpoint; `conditions.ready` (absent = ready); `nodeName`; a `Pod` `targetRef`.
-//!   `FQDN` slices are ignored.
+//!   label (several slices merge; the same address and ports seen twice counts once, the most
+//!   usable copy wins). An endpoint serves a service port only if its slice lists a port of the
+//!   same name and protocol, on the number listed there. Conditions: `ready` and `serving`
+//!   (absent = true), `terminating` (absent = false); [`ClusterModel::desired_specs`] uses
+//!   serving-and-terminating endpoints only when no endpoint is ready. `hints.forZones` /
+//!   `hints.forNodes` are the topology hints; for `trafficDistribution: PreferClose` /
+//!   `PreferSameZone` / `PreferSameNode` an endpoint without hints is hinted for its own zone
+//!   (node), as the `EndpointSlice` controller would (kube-proxy reads only hints). `nodeName`;
+//!   a `Pod` `targetRef`. `FQDN` slices are ignored.
 //! - **Pod** (only those with `spec.nodeName` = this node; terminal pods skipped) → [`model::Pod`]:
-//!   `spec.serviceAccountName` (default `default`) and `status.podIPs`.
+//!   `spec.serviceAccountName` (default `default`), `status.podIPs`, `spec.hostNetwork`
+//!   (host-network pods are never local pod endpoints).
 //! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
 //!   are left out, so deleting a namespace drops its services and pods at once.
+//! - **Node** (this one): its `topology.kubernetes.io/zone` label is
+//!   [`ClusterModel::node_zone`]; no Node object or no label means zone hints are not used.
 //!
 //! Per-service settings are annotations on the Service, all under the one prefix
 //! [`ANNOTATION_PREFIX`] (`mesh.example.io/`). Defaults are Envoy's
