@@ -11,16 +11,21 @@ What it adds to kmock (0.8):
 - the Namespace resource itself is routable: kmock 0.8 reads `/api/v1/namespaces[/NAME]` as a
   namespace prefix without a resource and fails with 500, so those paths are parsed here;
 - every create and patch stamps `metadata.resourceVersion` from one counter (kube-rs watchers
-  track it) and `metadata.uid`, and lists carry the current counter.
+  track it) and `metadata.uid`, and lists carry the current counter;
+- `labelSelector` (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`) and
+  `fieldSelector` (`a.b=v`, `a.b==v`, `a.b!=v` on any dotted field path) are honoured by lists
+  and watches as the API server does: a watched object that stops matching is sent as DELETED,
+  one that starts matching as ADDED. A malformed selector fails the request (kmock answers 500).
 
-As kmock does, every watch replays existing objects as ADDED, patches are plain merges, field and
-label selectors are ignored, and nothing runs controllers (tests post EndpointSlices themselves).
+As kmock does, every watch replays existing objects as ADDED, patches are plain merges, and
+nothing runs controllers (tests post EndpointSlices themselves).
 """
 
 import argparse
 import asyncio
 import itertools
 import sys
+import re
 import uuid
 
 import kmock
@@ -51,6 +56,7 @@ RESOURCES = {
     "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
     "v1/services": {"kind": "Service", "singular": "service", "namespaced": True},
     "v1/pods": {"kind": "Pod", "singular": "pod", "namespaced": True},
+    "v1/nodes": {"kind": "Node", "singular": "node", "namespaced": False},
     "discovery.k8s.io/v1/endpointslices": {
         "kind": "EndpointSlice",
         "singular": "endpointslice",
@@ -59,6 +65,93 @@ RESOURCES = {
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+
+
+class BadSelector(ValueError):
+    """A selector this stand-in (or the API server) cannot parse."""
+
+
+def split_requirements(selector: str) -> list[str]:
+    """Splits on commas outside parentheses (`a in (x,y),!b` → two requirements)."""
+    parts, depth, cur = [], 0, ""
+    for ch in selector:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+SET_REQ = re.compile(r"^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$")
+EQ_REQ = re.compile(r"^([\w./-]+)\s*(==|!=|=)\s*([\w./-]*)$")
+KEY = re.compile(r"^(!?)\s*([\w./-]+)$")
+
+
+def label_matcher(selector: str):
+    """A predicate on a labels dict for a Kubernetes label selector string."""
+    checks = []
+    for req in split_requirements(selector):
+        if m := SET_REQ.match(req):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if op == "in":
+                checks.append(lambda l, k=key, vs=values: l.get(k) in vs)
+            else:
+                checks.append(lambda l, k=key, vs=values: l.get(k) not in vs)
+        elif m := EQ_REQ.match(req):
+            key, op, value = m.groups()
+            if op == "!=":
+                checks.append(lambda l, k=key, v=value: l.get(k) != v)
+            else:
+                checks.append(lambda l, k=key, v=value: l.get(k) == v)
+        elif m := KEY.match(req):
+            negate, key = m.groups()
+            if negate:
+                checks.append(lambda l, k=key: k not in l)
+            else:
+                checks.append(lambda l, k=key: k in l)
+        else:
+            raise BadSelector(f"unable to parse requirement: {req!r}")
+    return lambda labels: all(c(labels) for c in checks)
+
+
+def field_value(obj: dict, path: str) -> str:
+    cur = obj
+    for part in path.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    if cur is None:
+        return ""
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    return str(cur)
+
+
+def field_matcher(selector: str):
+    """A predicate on an object for a field selector string."""
+    checks = []
+    for req in split_requirements(selector):
+        m = re.match(r"^([\w.]+)\s*(==|!=|=)\s*(.*)$", req)
+        if not m:
+            raise BadSelector(f"invalid field selector: {req!r}")
+        path, op, value = m.groups()
+        if op == "!=":
+            checks.append(lambda o, p=path, v=value: field_value(o, p) != v)
+        else:
+            checks.append(lambda o, p=path, v=value: field_value(o, p) == v)
+    return lambda obj: all(c(obj) for c in checks)
+
+
+def selection(request):
+    """The object predicate of a list/watch request's selectors, or None without selectors."""
+    labels = request.params.get("labelSelector") or ""
+    fields = request.params.get("fieldSelector") or ""
+    if not labels and not fields:
+        return None
+    by_labels = label_matcher(labels)
+    by_fields = field_matcher(fields)
+    return lambda obj: by_labels((obj.get("metadata") or {}).get("labels") or {}) and by_fields(obj)
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -79,9 +172,39 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
     async def _serve_list(self, request):
+        matches = selection(request)
         payload = await super()._serve_list(request)
+        if matches is not None:
+            payload["items"] = [o for o in payload["items"] if matches(o)]
         payload["metadata"]["resourceVersion"] = str(Emulator._current)
         return payload
+
+    async def _serve_watch(self, request):
+        matches = selection(request)
+        if matches is None:
+            async for item in super()._serve_watch(request):
+                yield item
+            return
+        # What this watcher was told exists, so a change of labels is a DELETED or an ADDED.
+        visible = set()
+        async for item in super()._serve_watch(request):
+            if not isinstance(item, dict):
+                yield item
+                continue
+            obj = item.get("object") or {}
+            meta = obj.get("metadata") or {}
+            key = (meta.get("namespace"), meta.get("name"))
+            if item.get("type") == "DELETED":
+                if key in visible:
+                    visible.discard(key)
+                    yield item
+            elif matches(obj):
+                kind = "MODIFIED" if key in visible else "ADDED"
+                visible.add(key)
+                yield {"type": kind, "object": obj}
+            elif key in visible:
+                visible.discard(key)
+                yield {"type": "DELETED", "object": obj}
 
 
 async def serve(port: int) -> None:
