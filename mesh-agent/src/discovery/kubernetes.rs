@@ -986,11 +986,35 @@ pub async fn run(
             pods = model.pods.len(),
             "sending the cluster model"
         );
+        if last_sent.is_none()
+            && let Some(ip) = api_server_cluster_ip(
+                std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+                &model,
+            )
+        {
+            warn!(
+                cluster_ip = %ip,
+                "the API server is reached through a ClusterIP this agent programs; an agent down \
+                 while the control plane moves could not list again: set k8s-service-host and \
+                 k8s-service-port (Helm: k8sServiceHost, k8sServicePort) to its direct address"
+            );
+        }
         if updates.send(Update::Model(model.clone())).await.is_err() {
             return Err(KubernetesError::ChannelClosed { node });
         }
         last_sent = Some(model);
     }
+}
+
+/// The cluster IP `host` is, if it is one the model programs: the agent would then reach the API
+/// server through its own data path (`KUBERNETES_SERVICE_HOST` left at the kubelet's value).
+fn api_server_cluster_ip(host: Option<&str>, model: &ClusterModel) -> Option<IpAddr> {
+    let ip: IpAddr = host?.trim().parse().ok()?;
+    model
+        .services
+        .values()
+        .any(|s| s.cluster_ips.contains(&ip))
+        .then_some(ip)
 }
 
 /// Records a `Warning` Event on the Service, in the background; failures are only logged.
@@ -1635,6 +1659,27 @@ mod tests {
         slim_node(&mut node);
         assert_eq!(node.labels().len(), 1);
         assert!(node.status.is_none());
+    }
+
+    #[test]
+    fn an_api_server_behind_a_programmed_cluster_ip_is_noticed() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        state.services.apply(watcher::Event::Apply(service(
+            "kubernetes",
+            &[],
+            "10.96.0.1",
+        )));
+        let (m, _) = state.build();
+        assert_eq!(
+            api_server_cluster_ip(Some("10.96.0.1"), &m),
+            Some("10.96.0.1".parse().unwrap())
+        );
+        assert_eq!(api_server_cluster_ip(Some("192.168.1.10"), &m), None);
+        assert_eq!(api_server_cluster_ip(Some("api.example.com"), &m), None);
+        assert_eq!(api_server_cluster_ip(None, &m), None);
     }
 
     #[test]
