@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kubernetes API stand-in for the mesh's kernel tests: kmock's KubernetesEmulator on 127.0.0.1.
 
-Usage: python3 tests/kmock/server.py --port PORT   (0 = any free port)
+Usage: python3 tests/kmock/server.py --port PORT [--log-requests FILE]   (0 = any free port)
 
 Prints one line `ready http://127.0.0.1:PORT` once listening, then serves until killed.
 
@@ -12,6 +12,8 @@ What it adds to kmock (0.8):
   namespace prefix without a resource and fails with 500, so those paths are parsed here;
 - every create and patch stamps `metadata.resourceVersion` from one counter (kube-rs watchers
   track it) and `metadata.uid`, and lists carry the current counter;
+- with `--log-requests FILE`, one JSON line per request (`method`, `path`, `params`), so tests
+  can check how clients list and watch;
 - `labelSelector` (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`) and
   `fieldSelector` (`a.b=v`, `a.b==v`, `a.b!=v` on any dotted field path) are honoured by lists
   and watches as the API server does: a watched object that stops matching is sent as DELETED,
@@ -24,6 +26,7 @@ nothing runs controllers (tests post EndpointSlices themselves).
 import argparse
 import asyncio
 import itertools
+import json
 import sys
 import re
 import uuid
@@ -159,8 +162,14 @@ class Emulator(kmock.KubernetesEmulator):
 
     _versions = itertools.count(1)
     _current = 0
+    log = None
 
     async def _handle(self, request):
+        if Emulator.log is not None:
+            method = str(getattr(request.method, "value", request.method)).upper()
+            line = {"method": method, "path": request.url.path, "params": dict(request.params)}
+            Emulator.log.write(json.dumps(line) + "\n")
+            Emulator.log.flush()
         action = request.action
         data = request.data
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):
@@ -219,7 +228,10 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any)")
+    parser.add_argument("--log-requests", help="append one JSON line per request to this file")
     args = parser.parse_args()
+    if args.log_requests:
+        Emulator.log = open(args.log_requests, "a", encoding="utf-8")
     try:
         asyncio.run(serve(args.port))
     except KeyboardInterrupt:
