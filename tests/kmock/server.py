@@ -228,10 +228,10 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any)")
-    parser.add_argument("--log-requests", help="append one JSON line per request to this file")
+    parser.add_argument("--log-requests", help="write one JSON line per request to this file")
     args = parser.parse_args()
     if args.log_requests:
-        Emulator.log = open(args.log_requests, "a", encoding="utf-8")
+        Emulator.log = open(args.log_requests, "w", encoding="utf-8")
     try:
         asyncio.run(serve(args.port))
     except KeyboardInterrupt:

@@ -793,7 +793,10 @@ type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
 
 /// One watch: initial lists from the API server's watch cache (`resourceVersion=0`, as
 /// informers list; a quorum read of every object would load etcd on each agent restart), each
-/// object slimmed to what the model reads before it is stored.
+/// object slimmed to what the model reads before it is stored. Unpaginated: kube-rs leaves
+/// `resourceVersion=0` out of a request with a `limit` (a paginated list is a quorum read), and
+/// the API server serves a `resourceVersion=0` list from its cache in one response anyway (as
+/// it does for client-go's informers, whose `limit` it ignores there).
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -804,7 +807,9 @@ where
     K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    watcher(api, config.any_semantic())
+    let mut config = config.any_semantic();
+    config.page_size = None;
+    watcher(api, config)
         .default_backoff()
         .modify(slim)
         .map(move |r| wrap(Box::new(r)))
