@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kubernetes API stand-in for the mesh's kernel tests: kmock's KubernetesEmulator on 127.0.0.1.
 
-Usage: python3 tests/kmock/server.py --port PORT [--log-requests FILE]   (0 = any free port)
+Usage: python3 tests/kmock/server.py --port PORT [--log-requests FILE] [--preload FILE]
+       (PORT 0 = any free port)
 
 Prints one line `ready http://127.0.0.1:PORT` once listening, then serves until killed.
 
@@ -12,15 +13,19 @@ What it adds to kmock (0.8):
   namespace prefix without a resource and fails with 500, so those paths are parsed here;
 - every create and patch stamps `metadata.resourceVersion` from one counter (kube-rs watchers
   track it) and `metadata.uid`, and lists carry the current counter;
-- with `--log-requests FILE`, one JSON line per request (`method`, `path`, `params`), so tests
-  can check how clients list and watch;
+- with `--log-requests FILE`, one JSON line per request (`t` in Unix seconds, `method`, `path`,
+  `params`), so tests can check how clients list and watch;
+- with `--preload FILE` (JSON lines `{"resource": "v1/pods", "object": {...}}`), objects are
+  stored before the server listens, without a request each (benchmarks load 100,000s);
+- a watch from a `resourceVersion` does not replay objects not changed since (kmock replays
+  every object as ADDED; the API server sends only later changes);
 - `labelSelector` (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`) and
   `fieldSelector` (`a.b=v`, `a.b==v`, `a.b!=v` on any dotted field path) are honoured by lists
   and watches as the API server does: a watched object that stops matching is sent as DELETED,
   one that starts matching as ADDED. A malformed selector fails the request (kmock answers 500).
 
-As kmock does, every watch replays existing objects as ADDED, patches are plain merges, and
-nothing runs controllers (tests post EndpointSlices themselves).
+As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
+plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
 """
 
 import argparse
@@ -28,6 +33,7 @@ import asyncio
 import itertools
 import json
 import sys
+import time
 import re
 import uuid
 
@@ -167,7 +173,12 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):
         if Emulator.log is not None:
             method = str(getattr(request.method, "value", request.method)).upper()
-            line = {"method": method, "path": request.url.path, "params": dict(request.params)}
+            line = {
+                "t": time.time(),
+                "method": method,
+                "path": request.url.path,
+                "params": dict(request.params),
+            }
             Emulator.log.write(json.dumps(line) + "\n")
             Emulator.log.flush()
         action = request.action
@@ -190,10 +201,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request):
         matches = selection(request)
-        if matches is None:
-            async for item in super()._serve_watch(request):
-                yield item
-            return
+        since = request.params.get("resourceVersion") or ""
+        since = int(since) if since.isdigit() else 0
         # What this watcher was told exists, so a change of labels is a DELETED or an ADDED.
         visible = set()
         async for item in super()._serve_watch(request):
@@ -202,6 +211,18 @@ class Emulator(kmock.KubernetesEmulator):
                 continue
             obj = item.get("object") or {}
             meta = obj.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or "")
+            if (
+                since
+                and item.get("type") == "ADDED"
+                and version.isdigit()
+                and int(version) <= since
+            ):
+                # kmock's replay of an object the client listed already.
+                continue
+            if matches is None:
+                yield item
+                continue
             key = (meta.get("namespace"), meta.get("name"))
             if item.get("type") == "DELETED":
                 if key in visible:
@@ -216,10 +237,27 @@ class Emulator(kmock.KubernetesEmulator):
                 yield {"type": "DELETED", "object": obj}
 
 
-async def serve(port: int) -> None:
+def preload(emulator: Emulator, path: str) -> None:
+    """Stores the objects of a JSON-lines file, stamped as creates are."""
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            obj = item["object"]
+            meta = obj.setdefault("metadata", {})
+            Emulator._current = next(Emulator._versions)
+            meta["resourceVersion"] = str(Emulator._current)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            emulator.objects[item["resource"], meta.get("namespace"), meta["name"]] = obj
+
+
+async def serve(port: int, preload_file: str | None) -> None:
     emulator = Emulator()
     for name, info in RESOURCES.items():
         emulator.resources[name] = kmock.ResourceInfo(verbs=VERBS, **info)
+    if preload_file:
+        preload(emulator, preload_file)
     async with emulator, kmock.Server(emulator, host="127.0.0.1", port=port) as server:
         print(f"ready http://127.0.0.1:{server.port}", flush=True)
         await asyncio.Event().wait()
@@ -229,11 +267,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any)")
     parser.add_argument("--log-requests", help="write one JSON line per request to this file")
+    parser.add_argument("--preload", help="store the objects of this JSON-lines file first")
     args = parser.parse_args()
     if args.log_requests:
         Emulator.log = open(args.log_requests, "w", encoding="utf-8")
     try:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, args.preload))
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -15,15 +15,12 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc as std_mpsc,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
 use mesh_agent::discovery::kubernetes::{
     ANN_LB_ALGORITHM, ANN_MAX_EJECTION_PERCENT, EVENT_REASON, PROXY_LABEL_SELECTOR,
     SERVICE_NAME_LABEL, ZONE_LABEL,
@@ -37,7 +34,9 @@ use mesh_agent::discovery::kubernetes::{
         api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     },
 };
-use mesh_tests::{Cluster, HitReport, NodeHandle, PodChild, PodHandle, agent::AgentProcess};
+use mesh_tests::{
+    Cluster, HitReport, NodeHandle, PodChild, PodHandle, agent::AgentProcess, kmock::Kmock,
+};
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
@@ -49,90 +48,6 @@ const CONVERGE: Duration = Duration::from_secs(20);
 
 fn vip() -> SocketAddr {
     SocketAddr::from((VIP, 80))
-}
-
-/// The kmock server, killed (by its pid) when dropped.
-struct Kmock {
-    child: Child,
-    url: String,
-    /// One JSON line per request the server received.
-    requests: PathBuf,
-}
-
-impl Kmock {
-    fn start(work: &Path) -> Result<Self> {
-        ensure_kmock()?;
-        let script = mesh_tests::workspace_root().join("tests/kmock/server.py");
-        let requests = work.join("kmock-requests.jsonl");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(["--port", "0", "--log-requests"])
-            .arg(&requests)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting python3 {}", script.display()))?;
-        let stdout = child.stdout.take().context("kmock stdout")?;
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut server = Self {
-            child,
-            url: String::new(),
-            requests,
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("kmock printed no ready line within 30 s")?;
-        let Some(url) = line.trim().strip_prefix("ready ") else {
-            bail!("kmock did not start: {line:?}");
-        };
-        url.clone_into(&mut server.url);
-        Ok(server)
-    }
-
-    /// The requests received so far.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.requests)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-impl Drop for Kmock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Installs kmock (from `PyPI`) when `python3` cannot import it; `cargo xtask install-deps` does too.
-fn ensure_kmock() -> Result<()> {
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import kmock"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if importable() {
-        return Ok(());
-    }
-    for extra in [&[][..], &["--break-system-packages"][..]] {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "kmock"])
-            .args(extra)
-            .output()
-            .context("running python3 -m pip")?;
-        if out.status.success() && importable() {
-            return Ok(());
-        }
-    }
-    bail!("kmock is not installed and `python3 -m pip install kmock` failed")
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
@@ -158,17 +73,9 @@ impl Harness {
         let cluster = Cluster::new(test).expect("cluster");
         let work = std::env::temp_dir().join(cluster.prefix());
         std::fs::create_dir_all(&work).expect("work dir");
-        let kmock = Kmock::start(&work).expect("kmock API stand-in");
+        let kmock = Kmock::start(&work, None).expect("kmock API stand-in");
         let node = cluster.add_node(NODE).expect("node");
-        let kubeconfig = work.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: kmock\n  cluster: {{ server: \"{}\" }}\ncontexts:\n- name: kmock\n  context: {{ cluster: kmock, user: test }}\ncurrent-context: kmock\nusers:\n- name: test\n  user: {{}}\n",
-                kmock.url
-            ),
-        )
-        .expect("kubeconfig");
+        let kubeconfig = kmock.kubeconfig(&work).expect("kubeconfig");
         let mut agent = AgentProcess::new(
             node,
             work.join("unused.yaml"),
