@@ -4,7 +4,9 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -34,7 +36,7 @@ impl fmt::Display for ObjectName {
 }
 
 /// One port of a service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     pub name: String,
     pub port: u16,
@@ -47,7 +49,7 @@ pub struct ServicePort {
 }
 
 /// Which endpoints traffic from inside the cluster may use (`spec.internalTrafficPolicy`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TrafficPolicy {
     /// Every usable endpoint in the cluster.
     #[default]
@@ -58,7 +60,7 @@ pub enum TrafficPolicy {
 
 /// Topology hints of an endpoint (`EndpointSlice` `hints`): the zones and nodes it should
 /// serve. Empty sets mean "no hint".
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hints {
     pub zones: BTreeSet<String>,
     pub nodes: BTreeSet<String>,
@@ -76,11 +78,13 @@ pub struct ServiceSettings {
 }
 
 /// One endpoint (a pod address) of a service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub ip: IpAddr,
     /// Port name → port number on this endpoint (empty: use the service port's target port).
-    pub ports: BTreeMap<String, u16>,
+    /// Shared: every endpoint of one `EndpointSlice` lists the same ports, and a 10,000-service
+    /// model has 100,000 endpoints.
+    pub ports: Arc<BTreeMap<String, u16>>,
     /// Not-ready endpoints get no new connections (unless no endpoint is ready, see `serving`).
     pub ready: bool,
     /// Whether the endpoint still serves, whatever its terminating state (KEP-1669). An endpoint
@@ -98,7 +102,7 @@ pub struct Endpoint {
 }
 
 /// A service: its addresses, ports, settings and endpoints.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Service {
     pub name: ObjectName,
     pub cluster_ips: Vec<IpAddr>,
@@ -110,7 +114,7 @@ pub struct Service {
 }
 
 /// A pod of interest (the ones on this node, for identity and same-node bypass).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pod {
     pub name: ObjectName,
     pub node: String,
@@ -124,7 +128,7 @@ pub struct Pod {
 }
 
 /// Everything the agent knows about the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClusterModel {
     /// The node this agent runs on.
     pub node: String,
@@ -132,6 +136,15 @@ pub struct ClusterModel {
     pub node_zone: Option<String>,
     pub services: BTreeMap<ObjectName, Service>,
     pub pods: BTreeMap<ObjectName, Pod>,
+}
+
+/// By their complete `Debug` form: the data-path setting types do not implement `Hash`, and
+/// their `Debug` output shows every field exactly (durations included), so equal settings hash
+/// equal, as `Hash` requires.
+impl Hash for ServiceSettings {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        format!("{self:?}").hash(state);
+    }
 }
 
 impl Endpoint {
@@ -159,6 +172,17 @@ enum Topology {
 }
 
 impl ClusterModel {
+    /// A 64-bit digest (`SipHash`) of the whole model: a source remembers this instead of a
+    /// copy of the last model it sent (100,000 endpoints are tens of MB). Two different models
+    /// share a digest with a chance of about 2^-64 per change; the next change would then go
+    /// out.
+    #[must_use]
+    pub fn digest(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+
     /// kube-proxy's topology mode: node hints when every ready endpoint has one and one is for
     /// this node, else zone hints when every ready endpoint has one and one is for this zone,
     /// else none (so hints never leave a node without endpoints while ready ones exist).
@@ -286,7 +310,7 @@ mod tests {
     fn ep(n: u8, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
             ip: IpAddr::from([10, 1, 0, n]),
-            ports: BTreeMap::from([("http".to_owned(), 8080)]),
+            ports: Arc::new(BTreeMap::from([("http".to_owned(), 8080)])),
             ready,
             serving,
             terminating,
@@ -449,7 +473,7 @@ mod tests {
             vec![ready(1, "b"), ready(2, "b")],
         );
         let svc = m.services.values_mut().next().unwrap();
-        svc.endpoints[1].ports.clear();
+        svc.endpoints[1].ports = Arc::default();
         assert_eq!(
             backends(&m),
             [1],

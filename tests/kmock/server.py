@@ -13,8 +13,10 @@ What it adds to kmock (0.8):
   namespace prefix without a resource and fails with 500, so those paths are parsed here;
 - every create and patch stamps `metadata.resourceVersion` from one counter (kube-rs watchers
   track it) and `metadata.uid`, and lists carry the current counter;
-- with `--log-requests FILE`, one JSON line per request (`t` in Unix seconds, `method`, `path`,
-  `params`), so tests can check how clients list and watch;
+- with `--log-requests FILE`, one JSON line per request (`t` in Unix seconds, `phase`
+  `request`, `method`, `path`, `params`) and one when a non-watch response is ready (`phase`
+  `response`), so tests can check how clients list and watch, and benchmarks when lists were
+  served;
 - with `--preload FILE` (JSON lines `{"resource": "v1/pods", "object": {...}}`), objects are
   stored before the server listens, without a request each (benchmarks load 100,000s);
 - a watch from a `resourceVersion` does not replay objects not changed since (kmock replays
@@ -171,16 +173,7 @@ class Emulator(kmock.KubernetesEmulator):
     log = None
 
     async def _handle(self, request):
-        if Emulator.log is not None:
-            method = str(getattr(request.method, "value", request.method)).upper()
-            line = {
-                "t": time.time(),
-                "method": method,
-                "path": request.url.path,
-                "params": dict(request.params),
-            }
-            Emulator.log.write(json.dumps(line) + "\n")
-            Emulator.log.flush()
+        self._log(request, "request")
         action = request.action
         data = request.data
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):
@@ -189,7 +182,25 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(Emulator._current)
             if action == enums.action.CREATE:
                 meta.setdefault("uid", str(uuid.uuid4()))
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if "watch" not in request.params:
+            self._log(request, "response")
+        return response
+
+    @staticmethod
+    def _log(request, phase: str) -> None:
+        if Emulator.log is None:
+            return
+        method = str(getattr(request.method, "value", request.method)).upper()
+        line = {
+            "t": time.time(),
+            "phase": phase,
+            "method": method,
+            "path": request.url.path,
+            "params": dict(request.params),
+        }
+        Emulator.log.write(json.dumps(line) + "\n")
+        Emulator.log.flush()
 
     async def _serve_list(self, request):
         matches = selection(request)

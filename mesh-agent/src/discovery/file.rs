@@ -171,7 +171,7 @@ impl FileEndpoint {
         let ready = self.ready.unwrap_or(true);
         Endpoint {
             ip: self.ip,
-            ports: self.ports.clone(),
+            ports: std::sync::Arc::new(self.ports.clone()),
             ready,
             serving: self.serving.unwrap_or(ready),
             terminating: self.terminating.unwrap_or(false),

@@ -67,6 +67,7 @@ use std::{
     fmt,
     net::IpAddr,
     pin::Pin,
+    sync::Arc,
     time::Duration,
 };
 
@@ -393,6 +394,204 @@ pub fn cluster_ips(spec: &K8sServiceSpec) -> Vec<IpAddr> {
     out
 }
 
+/// A Service reduced, when it arrives, to what the model and the Events read. Kept instead of
+/// the API object (whose metadata and spec structs alone are over a kilobyte each).
+#[derive(Clone, Debug)]
+struct StoredService {
+    /// Names the Service in the `Warning` Events about it.
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    /// This source's annotations only.
+    annotations: BTreeMap<String, String>,
+    /// The `spec` fields [`parse_settings`] reads (session affinity), only for `ClientIP`.
+    affinity: Option<Box<K8sServiceSpec>>,
+    /// Whether the Service had a spec at all.
+    has_spec: bool,
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+    internal_traffic_policy: TrafficPolicy,
+    traffic_distribution: Option<String>,
+}
+
+impl StoredService {
+    fn new(svc: &K8sService) -> Self {
+        let spec = svc.spec.as_ref();
+        Self {
+            reference: svc.object_ref(&()),
+            annotations: svc
+                .annotations()
+                .iter()
+                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            affinity: spec
+                .filter(|s| s.session_affinity.as_deref() == Some("ClientIP"))
+                .map(|s| {
+                    Box::new(K8sServiceSpec {
+                        session_affinity: s.session_affinity.clone(),
+                        session_affinity_config: s.session_affinity_config.clone(),
+                        ..K8sServiceSpec::default()
+                    })
+                }),
+            has_spec: spec.is_some(),
+            cluster_ips: spec.map(cluster_ips).unwrap_or_default(),
+            ports: spec.map(service_ports).unwrap_or_default(),
+            internal_traffic_policy: match spec.and_then(|s| s.internal_traffic_policy.as_deref()) {
+                Some("Local") => TrafficPolicy::Local,
+                _ => TrafficPolicy::Cluster,
+            },
+            traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
+        }
+    }
+}
+
+/// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SliceEndpoint {
+    ip: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+    pod: Option<ObjectName>,
+    zone: Option<String>,
+    hints: model::Hints,
+}
+
+/// An `EndpointSlice` reduced, when it arrives, to what the model reads: the service it belongs
+/// to, its ports and one entry per endpoint address. Kept instead of the API object, which
+/// carries several times more (every `targetRef` field, an `Option` per condition and hint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StoredSlice {
+    /// The `kubernetes.io/service-name` label.
+    service: Option<String>,
+    /// (name, protocol, port) as listed; SCTP and invalid numbers already dropped.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+impl StoredSlice {
+    /// Reads a slice (`FQDN` slices and unparsable addresses give no endpoints).
+    fn new(slice: &EndpointSlice) -> Self {
+        let mut out = Self {
+            service: slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        protocol(p.protocol.as_deref())?,
+                        port_number(p.port?)?,
+                    ))
+                })
+                .collect(),
+            endpoints: Vec::new(),
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            return out;
+        }
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        for ep in &slice.endpoints {
+            // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
+            let conditions = ep.conditions.as_ref();
+            let hinted = ep.hints.as_ref();
+            let hints = model::Hints {
+                zones: hinted
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: hinted
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
+                    Some(ObjectName::new(ns, r.name.clone()?))
+                });
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
+                    continue;
+                };
+                out.endpoints.push(SliceEndpoint {
+                    ip,
+                    ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    node: ep.node_name.clone(),
+                    pod: pod.clone(),
+                    zone: ep.zone.clone(),
+                    hints: hints.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The model endpoints of this slice for a service with `service_ports` (see
+    /// [`slice_endpoints`]).
+    fn endpoints(
+        &self,
+        service_ports: &[ServicePort],
+        traffic_distribution: Option<&str>,
+    ) -> Vec<Endpoint> {
+        // One map per slice, shared by its endpoints.
+        let ports: Arc<BTreeMap<String, u16>> = Arc::new(
+            self.ports
+                .iter()
+                .filter(|(name, protocol, _)| {
+                    service_ports
+                        .iter()
+                        .any(|sp| &sp.name == name && sp.protocol == *protocol)
+                })
+                .map(|(name, _, port)| (name.clone(), *port))
+                .collect(),
+        );
+        let same_node = traffic_distribution == Some("PreferSameNode");
+        let same_zone =
+            same_node || matches!(traffic_distribution, Some("PreferClose" | "PreferSameZone"));
+        self.endpoints
+            .iter()
+            .map(|ep| {
+                let mut hints = ep.hints.clone();
+                if same_zone
+                    && hints.zones.is_empty()
+                    && let Some(zone) = &ep.zone
+                {
+                    hints.zones.insert(zone.clone());
+                }
+                if same_node
+                    && hints.nodes.is_empty()
+                    && let Some(node) = &ep.node
+                {
+                    hints.nodes.insert(node.clone());
+                }
+                Endpoint {
+                    ip: ep.ip,
+                    ports: Arc::clone(&ports),
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    node: ep.node.clone(),
+                    pod: ep.pod.clone(),
+                    weight: 1,
+                    hints,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Endpoints of one `EndpointSlice` of a service with `service_ports` (`FQDN` slices and
 /// unparsable addresses skipped). An endpoint serves a service port only if the slice lists a
 /// port of the same name and protocol (kube-proxy's `ServicePortName` match), on the number the
@@ -407,88 +606,7 @@ pub fn slice_endpoints(
     service_ports: &[ServicePort],
     traffic_distribution: Option<&str>,
 ) -> Vec<Endpoint> {
-    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-        return Vec::new();
-    }
-    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-    let ports: BTreeMap<String, u16> = slice
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| {
-            let name = p.name.clone().unwrap_or_default();
-            let protocol = protocol(p.protocol.as_deref())?;
-            service_ports
-                .iter()
-                .any(|sp| sp.name == name && sp.protocol == protocol)
-                .then_some(())?;
-            Some((name, port_number(p.port?)?))
-        })
-        .collect();
-    let same_node = traffic_distribution == Some("PreferSameNode");
-    let same_zone =
-        same_node || matches!(traffic_distribution, Some("PreferClose" | "PreferSameZone"));
-    let mut out = Vec::new();
-    for ep in &slice.endpoints {
-        // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
-        let conditions = ep.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-        let hinted = ep.hints.as_ref();
-        let mut hints = model::Hints {
-            zones: hinted
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| z.name.clone())
-                .collect(),
-            nodes: hinted
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|n| n.name.clone())
-                .collect(),
-        };
-        if same_zone
-            && hints.zones.is_empty()
-            && let Some(zone) = &ep.zone
-        {
-            hints.zones.insert(zone.clone());
-        }
-        if same_node
-            && hints.nodes.is_empty()
-            && let Some(node) = &ep.node_name
-        {
-            hints.nodes.insert(node.clone());
-        }
-        let pod = ep
-            .target_ref
-            .as_ref()
-            .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| {
-                let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
-                Some(ObjectName::new(ns, r.name.clone()?))
-            });
-        for addr in &ep.addresses {
-            let Ok(ip) = addr.parse::<IpAddr>() else {
-                warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
-                continue;
-            };
-            out.push(Endpoint {
-                ip,
-                ports: ports.clone(),
-                ready,
-                serving,
-                terminating,
-                node: ep.node_name.clone(),
-                pod: pod.clone(),
-                weight: 1,
-                hints: hints.clone(),
-            });
-        }
-    }
-    out
+    StoredSlice::new(slice).endpoints(service_ports, traffic_distribution)
 }
 
 /// Merges endpoints of several slices: one entry per (address, ports), the most usable copy
@@ -496,9 +614,9 @@ pub fn slice_endpoints(
 /// rollout an address can sit in two slices at once, terminating in one and ready in another.
 #[must_use]
 pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint> {
-    let mut merged: BTreeMap<(IpAddr, BTreeMap<String, u16>), Endpoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, Arc<BTreeMap<String, u16>>), Endpoint> = BTreeMap::new();
     for ep in all {
-        match merged.entry((ep.ip, ep.ports.clone())) {
+        match merged.entry((ep.ip, Arc::clone(&ep.ports))) {
             Entry::Vacant(v) => {
                 v.insert(ep);
             }
@@ -559,16 +677,21 @@ pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
     })
 }
 
-/// Objects of one kind as the watcher last listed and updated them. During a (re)list the old
-/// contents stay visible until the list is complete, as kube-rs reflectors do.
-struct Store<K> {
-    objects: BTreeMap<ObjectName, K>,
-    relisting: Option<BTreeMap<ObjectName, K>>,
+/// Objects of one kind as the watcher last listed and updated them, each stored as `V` (the
+/// object itself, or what the model reads of it). During a (re)list the old contents stay
+/// visible until the list is complete, as kube-rs reflectors do.
+struct Store<V> {
+    objects: BTreeMap<ObjectName, V>,
+    relisting: Option<BTreeMap<ObjectName, V>>,
     /// Whether a first complete list arrived.
     ready: bool,
 }
 
-impl<K: Resource> Store<K> {
+fn key_of<K: Resource>(obj: &K) -> ObjectName {
+    ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl<V> Store<V> {
     fn new() -> Self {
         Self {
             objects: BTreeMap::new(),
@@ -577,18 +700,15 @@ impl<K: Resource> Store<K> {
         }
     }
 
-    fn key(obj: &K) -> ObjectName {
-        ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
-    }
-
-    fn apply(&mut self, event: watcher::Event<K>) {
+    /// Applies a watch event, storing each object as `convert` makes it.
+    fn apply_as<K: Resource>(&mut self, event: watcher::Event<K>, convert: impl Fn(K) -> V) {
         match event {
             watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
             watcher::Event::InitApply(obj) => {
-                let key = Self::key(&obj);
+                let key = key_of(&obj);
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key, obj);
+                    .insert(key, convert(obj));
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.relisting.take() {
@@ -597,12 +717,30 @@ impl<K: Resource> Store<K> {
                 self.ready = true;
             }
             watcher::Event::Apply(obj) => {
-                self.objects.insert(Self::key(&obj), obj);
+                self.objects.insert(key_of(&obj), convert(obj));
             }
             watcher::Event::Delete(obj) => {
-                self.objects.remove(&Self::key(&obj));
+                self.objects.remove(&key_of(&obj));
             }
         }
+    }
+}
+
+impl<K: Resource> Store<K> {
+    fn apply(&mut self, event: watcher::Event<K>) {
+        self.apply_as(event, |k| k);
+    }
+}
+
+impl Store<StoredService> {
+    fn apply_service(&mut self, event: watcher::Event<K8sService>) {
+        self.apply_as(event, |s| StoredService::new(&s));
+    }
+}
+
+impl Store<StoredSlice> {
+    fn apply_slice(&mut self, event: watcher::Event<EndpointSlice>) {
+        self.apply_as(event, |s| StoredSlice::new(&s));
     }
 }
 
@@ -624,8 +762,8 @@ impl fmt::Display for Rejection {
 /// Everything watched, plus what is remembered between models.
 struct State {
     node: String,
-    services: Store<K8sService>,
-    slices: Store<EndpointSlice>,
+    services: Store<StoredService>,
+    slices: Store<StoredSlice>,
     pods: Store<K8sPod>,
     namespaces: Store<K8sNamespace>,
     /// This node only (its zone).
@@ -680,9 +818,9 @@ impl State {
 
     /// The complete model, and the annotation problems not reported before.
     fn build(&mut self) -> (ClusterModel, Vec<Rejection>) {
-        let mut slices_by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut slices_by_service: BTreeMap<ObjectName, Vec<&StoredSlice>> = BTreeMap::new();
         for (key, slice) in &self.slices.objects {
-            if let Some(svc) = slice.labels().get(SERVICE_NAME_LABEL) {
+            if let Some(svc) = &slice.service {
                 slices_by_service
                     .entry(ObjectName::new(key.namespace.clone(), svc.clone()))
                     .or_default()
@@ -701,7 +839,7 @@ impl State {
                 continue;
             }
             seen.insert(name.clone());
-            let parsed = parse_settings(svc.annotations(), svc.spec.as_ref());
+            let parsed = parse_settings(&svc.annotations, svc.affinity.as_deref());
             let settings = match parsed.settings {
                 Some(s) => {
                     self.last_good.insert(name.clone(), s.clone());
@@ -723,34 +861,26 @@ impl State {
             if !messages.is_empty() {
                 self.reported.insert(name.clone(), messages);
             }
-            let Some(spec) = svc.spec.as_ref() else {
-                continue;
-            };
-            let ips = cluster_ips(spec);
-            if ips.is_empty() {
+            if !svc.has_spec || svc.cluster_ips.is_empty() {
                 continue;
             }
-            let ports = service_ports(spec);
+            let distribution = svc.traffic_distribution.as_deref();
             let endpoints = merge_endpoints(
                 slices_by_service
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| slice_endpoints(s, &ports, spec.traffic_distribution.as_deref())),
+                    .flat_map(|s| s.endpoints(&svc.ports, distribution)),
             );
-            let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
-                Some("Local") => TrafficPolicy::Local,
-                _ => TrafficPolicy::Cluster,
-            };
             model.services.insert(
                 name.clone(),
                 model::Service {
                     name: name.clone(),
-                    cluster_ips: ips,
-                    ports,
+                    cluster_ips: svc.cluster_ips.clone(),
+                    ports: svc.ports.clone(),
                     settings,
                     endpoints,
-                    internal_traffic_policy,
+                    internal_traffic_policy: svc.internal_traffic_policy,
                 },
             );
         }
@@ -897,8 +1027,8 @@ impl State {
     fn apply(&mut self, change: Change) {
         let kind = change.kind();
         let err = match change {
-            Change::Services(r) => (*r).map(|e| self.services.apply(e)).err(),
-            Change::Slices(r) => (*r).map(|e| self.slices.apply(e)).err(),
+            Change::Services(r) => (*r).map(|e| self.services.apply_service(e)).err(),
+            Change::Slices(r) => (*r).map(|e| self.slices.apply_slice(e)).err(),
             Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
             Change::Nodes(r) => (*r).map(|e| self.nodes.apply(e)).err(),
@@ -956,7 +1086,8 @@ pub async fn run(
         },
     );
     let mut state = State::new(node.clone());
-    let mut last_sent: Option<ClusterModel> = None;
+    // The digest of the last model sent, not a copy of it (see `ClusterModel::digest`).
+    let mut last_sent: Option<u64> = None;
     info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node");
     loop {
         let Some(first) = changes.next().await else {
@@ -983,7 +1114,8 @@ pub async fn run(
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }
-        if last_sent.as_ref() == Some(&model) {
+        let digest = model.digest();
+        if last_sent == Some(digest) {
             continue;
         }
         debug!(
@@ -1004,10 +1136,10 @@ pub async fn run(
                  k8s-service-port (Helm: k8sServiceHost, k8sServicePort) to its direct address"
             );
         }
-        if updates.send(Update::Model(model.clone())).await.is_err() {
+        if updates.send(Update::Model(model)).await.is_err() {
             return Err(KubernetesError::ChannelClosed { node });
         }
-        last_sent = Some(model);
+        last_sent = Some(digest);
     }
 }
 
@@ -1027,7 +1159,7 @@ fn record_event(recorder: &Recorder, state: &State, r: &Rejection) {
     let Some(svc) = state.services.objects.get(&r.service) else {
         return;
     };
-    let reference = svc.object_ref(&());
+    let reference = svc.reference.clone();
     let recorder = recorder.clone();
     let event = KubeEvent {
         type_: EventType::Warning,
@@ -1333,18 +1465,18 @@ mod tests {
         }
         state
             .services
-            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
-        state.slices.apply(watcher::Event::Apply(slice(
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+        state.slices.apply_slice(watcher::Event::Apply(slice(
             "web-1",
             "web",
             &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
         )));
-        state.slices.apply(watcher::Event::Apply(slice(
+        state.slices.apply_slice(watcher::Event::Apply(slice(
             "web-2",
             "web",
             &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
         )));
-        state.slices.apply(watcher::Event::Apply(slice(
+        state.slices.apply_slice(watcher::Event::Apply(slice(
             "other",
             "db",
             &[("10.1.0.9", None)],
@@ -1385,7 +1517,7 @@ mod tests {
             .namespaces
             .apply(watcher::Event::Apply(namespace("default")));
         let web = ObjectName::new("default", "web");
-        state.services.apply(watcher::Event::Apply(service(
+        state.services.apply_service(watcher::Event::Apply(service(
             "web",
             &[(ANN_LB_ALGORITHM, "round-robin")],
             "10.96.0.20",
@@ -1393,7 +1525,7 @@ mod tests {
         let (m, r) = state.build();
         assert!(r.is_empty());
         assert_eq!(m.services[&web].settings.algorithm, Algorithm::RoundRobin);
-        state.services.apply(watcher::Event::Apply(service(
+        state.services.apply_service(watcher::Event::Apply(service(
             "web",
             &[
                 (ANN_LB_ALGORITHM, "maglev"),
@@ -1415,7 +1547,7 @@ mod tests {
         let (_, r) = state.build();
         assert!(r.is_empty(), "reported once while it persists");
         // A service that never had good settings gets the defaults.
-        state.services.apply(watcher::Event::Apply(service(
+        state.services.apply_service(watcher::Event::Apply(service(
             "new",
             &[(ANN_LB_ALGORITHM, "nope")],
             "10.96.0.21",
@@ -1436,7 +1568,7 @@ mod tests {
             .apply(watcher::Event::Apply(namespace("default")));
         state
             .services
-            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
         let mut pod = K8sPod {
             metadata: ObjectMeta {
                 name: Some("p".to_owned()),
@@ -1543,7 +1675,7 @@ mod tests {
         // dns is UDP on the service but TCP in the slice; extra is not a service port.
         assert_eq!(
             eps[0].ports,
-            BTreeMap::from([("http".to_owned(), 8080)]),
+            Arc::new(BTreeMap::from([("http".to_owned(), 8080)])),
             "{eps:?}"
         );
         assert_eq!(eps[0].port_for(&ports[0]), Some(8080));
@@ -1672,7 +1804,7 @@ mod tests {
         state
             .namespaces
             .apply(watcher::Event::Apply(namespace("default")));
-        state.services.apply(watcher::Event::Apply(service(
+        state.services.apply_service(watcher::Event::Apply(service(
             "kubernetes",
             &[],
             "10.96.0.1",
@@ -1709,7 +1841,7 @@ mod tests {
         assert_eq!(state.build().0.node_zone.as_deref(), Some("z1"));
         let mut svc = service("web", &[], "10.96.0.20");
         svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".to_owned());
-        state.services.apply(watcher::Event::Apply(svc));
+        state.services.apply_service(watcher::Event::Apply(svc));
         let (m, _) = state.build();
         assert_eq!(
             m.services[&ObjectName::new("default", "web")].internal_traffic_policy,
