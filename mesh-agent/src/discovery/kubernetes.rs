@@ -74,8 +74,8 @@ use std::{
 use futures::{Stream, StreamExt as _, stream::select_all};
 use k8s_openapi::api::{
     core::v1::{
-        Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, PodSpec, PodStatus,
-        Service as K8sService, ServiceSpec as K8sServiceSpec,
+        Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService,
+        ServiceSpec as K8sServiceSpec,
     },
     discovery::v1::EndpointSlice,
 };
@@ -921,106 +921,268 @@ impl Change {
 
 type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
 
+/// What the watches parse: the API types cut down to the fields the source reads. Everything
+/// else in the JSON (`managedFields`, other tools' annotations such as `kubectl`'s copy of the
+/// whole object, pod containers and statuses, service status) is skipped by the parser without
+/// being allocated, so a 10,000-service list costs what the model needs, not what the API
+/// server stores. Each converts into the `k8s-openapi` type the conversion functions take.
+mod lean {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec},
+            discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        },
+        apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    };
+    use serde::{Deserialize, Deserializer};
+
+    use super::{ANNOTATION_PREFIX, ZONE_LABEL};
+
+    /// The metadata fields read; annotations only under [`ANNOTATION_PREFIX`].
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        deletion_timestamp: Option<Time>,
+        labels: Option<BTreeMap<String, String>>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+
+    fn meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+        let m = Meta::deserialize(d)?;
+        let ours: BTreeMap<String, String> = m
+            .annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+            .collect();
+        Ok(ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            deletion_timestamp: m.deletion_timestamp,
+            labels: m.labels,
+            annotations: (!ours.is_empty()).then_some(ours),
+            ..ObjectMeta::default()
+        })
+    }
+
+    /// Declares a lean type as the API resource it stands for, so `Api<Lean>` lists and watches
+    /// the same URLs.
+    macro_rules! resource {
+        ($lean:ident, $full:ty) => {
+            impl k8s_openapi::Resource for $lean {
+                const API_VERSION: &'static str = <$full as k8s_openapi::Resource>::API_VERSION;
+                const GROUP: &'static str = <$full as k8s_openapi::Resource>::GROUP;
+                const KIND: &'static str = <$full as k8s_openapi::Resource>::KIND;
+                const VERSION: &'static str = <$full as k8s_openapi::Resource>::VERSION;
+                const URL_PATH_SEGMENT: &'static str =
+                    <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+                type Scope = <$full as k8s_openapi::Resource>::Scope;
+            }
+            impl k8s_openapi::ListableResource for $lean {
+                const LIST_KIND: &'static str = <$full as k8s_openapi::ListableResource>::LIST_KIND;
+            }
+            impl k8s_openapi::Metadata for $lean {
+                type Ty = ObjectMeta;
+                fn metadata(&self) -> &ObjectMeta {
+                    &self.metadata
+                }
+                fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                    &mut self.metadata
+                }
+            }
+        };
+    }
+
+    /// A Service: metadata and spec (no status).
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanService {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        spec: Option<ServiceSpec>,
+    }
+    resource!(LeanService, Service);
+
+    impl LeanService {
+        pub fn into_full(self) -> Service {
+            Service {
+                metadata: self.metadata,
+                spec: self.spec,
+                status: None,
+            }
+        }
+    }
+
+    /// An `EndpointSlice` (all of its own fields are read).
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct LeanSlice {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        address_type: String,
+        #[serde(default)]
+        endpoints: Vec<Endpoint>,
+        ports: Option<Vec<EndpointPort>>,
+    }
+    resource!(LeanSlice, EndpointSlice);
+
+    impl LeanSlice {
+        pub fn into_full(self) -> EndpointSlice {
+            EndpointSlice {
+                metadata: self.metadata,
+                address_type: self.address_type,
+                endpoints: self.endpoints,
+                ports: self.ports,
+            }
+        }
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanPodSpec {
+        node_name: Option<String>,
+        service_account_name: Option<String>,
+        host_network: Option<bool>,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanPodStatus {
+        phase: Option<String>,
+        #[serde(rename = "podIP")]
+        pod_ip: Option<String>,
+        #[serde(rename = "podIPs")]
+        pod_ips: Option<Vec<PodIP>>,
+    }
+
+    /// A Pod: node, service account, host network, phase and addresses.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanPod {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        spec: Option<LeanPodSpec>,
+        status: Option<LeanPodStatus>,
+    }
+    resource!(LeanPod, Pod);
+
+    impl LeanPod {
+        pub fn into_full(self) -> Pod {
+            let mut metadata = self.metadata;
+            metadata.labels = None;
+            Pod {
+                metadata,
+                spec: self.spec.map(|s| PodSpec {
+                    node_name: s.node_name,
+                    service_account_name: s.service_account_name,
+                    host_network: s.host_network,
+                    ..PodSpec::default()
+                }),
+                status: self.status.map(|s| PodStatus {
+                    phase: s.phase,
+                    pod_ip: s.pod_ip,
+                    pod_ips: s.pod_ips,
+                    ..PodStatus::default()
+                }),
+            }
+        }
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    struct LeanNamespaceStatus {
+        phase: Option<String>,
+    }
+
+    /// A Namespace: its name, deletion mark and phase.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanNamespace {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        status: Option<LeanNamespaceStatus>,
+    }
+    resource!(LeanNamespace, Namespace);
+
+    impl LeanNamespace {
+        pub fn into_full(self) -> Namespace {
+            let mut metadata = self.metadata;
+            metadata.labels = None;
+            Namespace {
+                metadata,
+                spec: None,
+                status: self
+                    .status
+                    .map(|s| k8s_openapi::api::core::v1::NamespaceStatus {
+                        phase: s.phase,
+                        conditions: None,
+                    }),
+            }
+        }
+    }
+
+    /// A Node: only its zone label (its status lists every image on the node).
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanNode {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+    }
+    resource!(LeanNode, Node);
+
+    impl LeanNode {
+        pub fn into_full(self) -> Node {
+            let mut metadata = self.metadata;
+            if let Some(labels) = metadata.labels.as_mut() {
+                labels.retain(|k, _| k == ZONE_LABEL);
+            }
+            Node {
+                metadata,
+                spec: None,
+                status: None,
+            }
+        }
+    }
+}
+
+/// A watch event of a lean type as the event of its full type.
+fn full_event<L, K>(event: watcher::Event<L>, into: fn(L) -> K) -> watcher::Event<K> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(into(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(into(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(into(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 /// One watch: initial lists from the API server's watch cache (`resourceVersion=0`, as
 /// informers list; a quorum read of every object would load etcd on each agent restart), each
-/// object slimmed to what the model reads before it is stored. Unpaginated: kube-rs leaves
-/// `resourceVersion=0` out of a request with a `limit` (a paginated list is a quorum read), and
-/// the API server serves a `resourceVersion=0` list from its cache in one response anyway (as
-/// it does for client-go's informers, whose `limit` it ignores there).
-fn watch<K>(
-    api: Api<K>,
+/// object parsed as its lean type `L` (see [`lean`]) and turned into its full type `K`.
+/// Unpaginated: kube-rs leaves `resourceVersion=0` out of a request with a `limit` (a paginated
+/// list is a quorum read), and the API server serves a `resourceVersion=0` list from its cache
+/// in one response anyway (as it does for client-go's informers, whose `limit` it ignores
+/// there).
+fn watch<L, K>(
+    api: Api<L>,
     config: watcher::Config,
-    slim: fn(&mut K),
+    into: fn(L) -> K,
     wrap: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Change,
 ) -> ChangeStream
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
+    L: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+    L::DynamicType: Default,
+    K: 'static,
 {
     let mut config = config.any_semantic();
     config.page_size = None;
     watcher(api, config)
         .default_backoff()
-        .modify(slim)
-        .map(move |r| wrap(Box::new(r)))
+        .map(move |r| wrap(Box::new(r.map(|e| full_event(e, into)))))
         .boxed()
-}
-
-/// What every stored object loses: server-side-apply bookkeeping (often the biggest part of an
-/// object) and annotations (`kubectl`'s last-applied copy of the whole object among them).
-fn slim_meta(meta: &mut kube::api::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.annotations = None;
-}
-
-/// Services keep their spec and this source's annotations; status and selector go (the
-/// selector is the `EndpointSlice` controller's input, not ours).
-fn slim_service(svc: &mut K8sService) {
-    let ours: BTreeMap<String, String> = svc
-        .annotations()
-        .iter()
-        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    slim_meta(&mut svc.metadata);
-    svc.metadata.annotations = (!ours.is_empty()).then_some(ours);
-    svc.status = None;
-    if let Some(spec) = svc.spec.as_mut() {
-        spec.selector = None;
-    }
-}
-
-/// Slices keep their labels (the service name), ports and endpoints.
-fn slim_slice(slice: &mut EndpointSlice) {
-    slim_meta(&mut slice.metadata);
-    for ep in &mut slice.endpoints {
-        ep.deprecated_topology = None;
-        if let Some(r) = ep.target_ref.as_mut() {
-            r.uid = None;
-            r.resource_version = None;
-            r.field_path = None;
-            r.api_version = None;
-        }
-    }
-}
-
-/// Pods keep only what [`pod_of`] reads: no containers, volumes or container statuses.
-fn slim_pod(pod: &mut K8sPod) {
-    slim_meta(&mut pod.metadata);
-    pod.metadata.labels = None;
-    pod.metadata.owner_references = None;
-    pod.spec = pod.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        service_account_name: s.service_account_name,
-        host_network: s.host_network,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..PodStatus::default()
-    });
-}
-
-/// Namespaces keep their name, deletion mark and phase.
-fn slim_namespace(ns: &mut K8sNamespace) {
-    slim_meta(&mut ns.metadata);
-    ns.metadata.labels = None;
-    ns.spec = None;
-    if let Some(status) = ns.status.as_mut() {
-        status.conditions = None;
-    }
-}
-
-/// The Node keeps only its zone label (its status, with every image on the node, is large).
-fn slim_node(node: &mut K8sNode) {
-    slim_meta(&mut node.metadata);
-    if let Some(labels) = node.metadata.labels.as_mut() {
-        labels.retain(|k, _| k == ZONE_LABEL);
-    }
-    node.spec = None;
-    node.status = None;
 }
 
 impl State {
@@ -1048,33 +1210,33 @@ pub async fn run(
 ) -> Result<(), KubernetesError> {
     let mut changes = select_all([
         watch(
-            Api::<K8sService>::all(client.clone()),
+            Api::<lean::LeanService>::all(client.clone()),
             watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
-            slim_service,
+            lean::LeanService::into_full,
             Change::Services,
         ),
         watch(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<lean::LeanSlice>::all(client.clone()),
             watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
-            slim_slice,
+            lean::LeanSlice::into_full,
             Change::Slices,
         ),
         watch(
-            Api::<K8sPod>::all(client.clone()),
+            Api::<lean::LeanPod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-            slim_pod,
+            lean::LeanPod::into_full,
             Change::Pods,
         ),
         watch(
-            Api::<K8sNamespace>::all(client.clone()),
+            Api::<lean::LeanNamespace>::all(client.clone()),
             watcher::Config::default(),
-            slim_namespace,
+            lean::LeanNamespace::into_full,
             Change::Namespaces,
         ),
         watch(
-            Api::<K8sNode>::all(client.clone()),
+            Api::<lean::LeanNode>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
-            slim_node,
+            lean::LeanNode::into_full,
             Change::Nodes,
         ),
     ]);
@@ -1750,8 +1912,9 @@ mod tests {
     }
 
     #[test]
-    fn host_network_pods_are_marked_and_slimming_keeps_what_the_model_reads() {
-        let mut pod: K8sPod = serde_json::from_value(serde_json::json!({
+    fn lean_parsing_keeps_what_the_model_reads_and_drops_the_rest() {
+        let fat = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
             "metadata": { "name": "p", "namespace": "default", "uid": "u1",
                 "labels": { "app": "x" },
                 "annotations": { "big": "x".repeat(10_000) },
@@ -1760,42 +1923,62 @@ mod tests {
                 "containers": [{ "name": "c", "image": "i" }] },
             "status": { "phase": "Running", "podIPs": [{ "ip": "192.168.0.1" }],
                 "conditions": [{ "type": "Ready", "status": "True" }] },
-        }))
-        .unwrap();
-        let before = pod_of(&pod, "a").unwrap();
-        assert!(before.host_network);
-        slim_pod(&mut pod);
-        assert_eq!(pod_of(&pod, "a"), Some(before));
+        });
+        let full: K8sPod = serde_json::from_value(fat.clone()).unwrap();
+        let lean: lean::LeanPod = serde_json::from_value(fat).unwrap();
+        let pod = lean.into_full();
+        assert_eq!(pod_of(&pod, "a"), pod_of(&full, "a"));
+        assert!(pod_of(&pod, "a").unwrap().host_network);
         assert!(pod.metadata.managed_fields.is_none() && pod.metadata.annotations.is_none());
         assert!(pod.spec.as_ref().unwrap().containers.is_empty());
         assert!(pod.status.as_ref().unwrap().conditions.is_none());
 
-        let mut svc = service(
+        let mut fat = serde_json::to_value(service(
             "web",
             &[
                 (ANN_LB_ALGORITHM, "maglev"),
                 ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
             ],
             "10.96.0.20",
-        );
-        svc.metadata.managed_fields = Some(Vec::new());
-        let settings = parse_settings(svc.annotations(), svc.spec.as_ref());
-        slim_service(&mut svc);
+        ))
+        .unwrap();
+        fat["metadata"]["managedFields"] = serde_json::json!([{ "manager": "m" }]);
+        fat["status"] = serde_json::json!({ "loadBalancer": {} });
+        let full: K8sService = serde_json::from_value(fat.clone()).unwrap();
+        let svc = serde_json::from_value::<lean::LeanService>(fat)
+            .unwrap()
+            .into_full();
         assert_eq!(
             parse_settings(svc.annotations(), svc.spec.as_ref()),
-            settings
+            parse_settings(full.annotations(), full.spec.as_ref())
         );
-        assert_eq!(svc.annotations().len(), 1);
-        assert!(svc.metadata.managed_fields.is_none());
+        assert_eq!(svc.annotations().len(), 1, "only this source's annotations");
+        assert!(svc.metadata.managed_fields.is_none() && svc.status.is_none());
+        assert_eq!(svc.spec, full.spec);
 
-        let mut node: K8sNode = serde_json::from_value(serde_json::json!({
+        let fat = serde_json::to_value(slice("s", "web", &[("10.1.0.2", Some(false))])).unwrap();
+        let full: EndpointSlice = serde_json::from_value(fat.clone()).unwrap();
+        let lean = serde_json::from_value::<lean::LeanSlice>(fat)
+            .unwrap()
+            .into_full();
+        assert_eq!(StoredSlice::new(&lean), StoredSlice::new(&full));
+
+        let node = serde_json::from_value::<lean::LeanNode>(serde_json::json!({
             "metadata": { "name": "a", "labels": { ZONE_LABEL: "z1", "kubernetes.io/os": "linux" } },
             "status": { "images": [{ "names": ["x"] }] },
         }))
-        .unwrap();
-        slim_node(&mut node);
+        .unwrap()
+        .into_full();
         assert_eq!(node.labels().len(), 1);
         assert!(node.status.is_none());
+        let ns = serde_json::from_value::<lean::LeanNamespace>(serde_json::json!({
+            "metadata": { "name": "x", "deletionTimestamp": "2026-11-29T10:00:00Z" },
+            "status": { "phase": "Terminating" },
+        }))
+        .unwrap()
+        .into_full();
+        assert!(ns.metadata.deletion_timestamp.is_some());
+        assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Terminating"));
     }
 
     #[test]
