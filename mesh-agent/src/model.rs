@@ -93,7 +93,8 @@ pub struct Endpoint {
     pub serving: bool,
     /// The endpoint's pod is shutting down (the file source: never).
     pub terminating: bool,
-    pub node: Option<String>,
+    /// Shared: a few hundred node names for 100,000 endpoints.
+    pub node: Option<Arc<str>>,
     pub pod: Option<ObjectName>,
     /// Relative weight (for the weighted algorithm); 1 by default.
     pub weight: u32,
@@ -314,7 +315,7 @@ mod tests {
             ready,
             serving,
             terminating,
-            node: Some(node.to_owned()),
+            node: Some(node.into()),
             pod: None,
             weight: 1,
             hints: Hints::default(),
@@ -454,9 +455,9 @@ mod tests {
         );
         let mut by_node = hinted();
         for e in &mut by_node {
-            e.hints.nodes = e.node.iter().cloned().collect();
+            e.hints.nodes = e.node.iter().map(ToString::to_string).collect();
         }
-        by_node[1].node = Some(NODE.to_owned());
+        by_node[1].node = Some(NODE.into());
         by_node[1].hints.nodes = BTreeSet::from([NODE.to_owned()]);
         assert_eq!(
             backends(&model(TrafficPolicy::Cluster, Some("z1"), by_node)),

@@ -175,7 +175,7 @@ impl FileEndpoint {
             ready,
             serving: self.serving.unwrap_or(ready),
             terminating: self.terminating.unwrap_or(false),
-            node: self.node.clone(),
+            node: self.node.as_deref().map(std::sync::Arc::from),
             pod: self
                 .pod
                 .as_ref()

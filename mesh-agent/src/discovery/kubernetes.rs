@@ -444,17 +444,33 @@ impl StoredService {
     }
 }
 
-/// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]).
+/// Node and zone names, one allocation each however many endpoints name them.
+#[derive(Default)]
+struct Names(BTreeSet<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&n));
+        n
+    }
+}
+
+/// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]); 100,000 of
+/// them for 10,000 services, so names are shared and hints (rare) boxed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEndpoint {
     ip: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
-    node: Option<String>,
+    node: Option<Arc<str>>,
     pod: Option<ObjectName>,
-    zone: Option<String>,
-    hints: model::Hints,
+    zone: Option<Arc<str>>,
+    hints: Option<Box<model::Hints>>,
 }
 
 /// An `EndpointSlice` reduced, when it arrives, to what the model reads: the service it belongs
@@ -471,7 +487,7 @@ struct StoredSlice {
 
 impl StoredSlice {
     /// Reads a slice (`FQDN` slices and unparsable addresses give no endpoints).
-    fn new(slice: &EndpointSlice) -> Self {
+    fn new(slice: &EndpointSlice, names: &mut Names) -> Self {
         let mut out = Self {
             service: slice.labels().get(SERVICE_NAME_LABEL).cloned(),
             ports: slice
@@ -492,6 +508,7 @@ impl StoredSlice {
             return out;
         }
         let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        out.endpoints.reserve_exact(slice.endpoints.len());
         for ep in &slice.endpoints {
             // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
             let conditions = ep.conditions.as_ref();
@@ -528,13 +545,14 @@ impl StoredSlice {
                     ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                     serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                    node: ep.node_name.clone(),
+                    node: ep.node_name.as_deref().map(|n| names.get(n)),
                     pod: pod.clone(),
-                    zone: ep.zone.clone(),
-                    hints: hints.clone(),
+                    zone: ep.zone.as_deref().map(|z| names.get(z)),
+                    hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
                 });
             }
         }
+        out.endpoints.shrink_to_fit();
         out
     }
 
@@ -563,18 +581,18 @@ impl StoredSlice {
         self.endpoints
             .iter()
             .map(|ep| {
-                let mut hints = ep.hints.clone();
+                let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
                 if same_zone
                     && hints.zones.is_empty()
                     && let Some(zone) = &ep.zone
                 {
-                    hints.zones.insert(zone.clone());
+                    hints.zones.insert(zone.to_string());
                 }
                 if same_node
                     && hints.nodes.is_empty()
                     && let Some(node) = &ep.node
                 {
-                    hints.nodes.insert(node.clone());
+                    hints.nodes.insert(node.to_string());
                 }
                 Endpoint {
                     ip: ep.ip,
@@ -606,7 +624,7 @@ pub fn slice_endpoints(
     service_ports: &[ServicePort],
     traffic_distribution: Option<&str>,
 ) -> Vec<Endpoint> {
-    StoredSlice::new(slice).endpoints(service_ports, traffic_distribution)
+    StoredSlice::new(slice, &mut Names::default()).endpoints(service_ports, traffic_distribution)
 }
 
 /// Merges endpoints of several slices: one entry per (address, ports), the most usable copy
@@ -701,7 +719,7 @@ impl<V> Store<V> {
     }
 
     /// Applies a watch event, storing each object as `convert` makes it.
-    fn apply_as<K: Resource>(&mut self, event: watcher::Event<K>, convert: impl Fn(K) -> V) {
+    fn apply_as<K: Resource>(&mut self, event: watcher::Event<K>, mut convert: impl FnMut(K) -> V) {
         match event {
             watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
             watcher::Event::InitApply(obj) => {
@@ -739,8 +757,8 @@ impl Store<StoredService> {
 }
 
 impl Store<StoredSlice> {
-    fn apply_slice(&mut self, event: watcher::Event<EndpointSlice>) {
-        self.apply_as(event, |s| StoredSlice::new(&s));
+    fn apply_slice(&mut self, names: &mut Names, event: watcher::Event<EndpointSlice>) {
+        self.apply_as(event, |s| StoredSlice::new(&s, names));
     }
 }
 
@@ -764,6 +782,8 @@ struct State {
     node: String,
     services: Store<StoredService>,
     slices: Store<StoredSlice>,
+    /// Node and zone names the slices share.
+    names: Names,
     pods: Store<K8sPod>,
     namespaces: Store<K8sNamespace>,
     /// This node only (its zone).
@@ -780,6 +800,7 @@ impl State {
             node,
             services: Store::new(),
             slices: Store::new(),
+            names: Names::default(),
             pods: Store::new(),
             namespaces: Store::new(),
             nodes: Store::new(),
@@ -1190,7 +1211,9 @@ impl State {
         let kind = change.kind();
         let err = match change {
             Change::Services(r) => (*r).map(|e| self.services.apply_service(e)).err(),
-            Change::Slices(r) => (*r).map(|e| self.slices.apply_slice(e)).err(),
+            Change::Slices(r) => (*r)
+                .map(|e| self.slices.apply_slice(&mut self.names, e))
+                .err(),
             Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
             Change::Nodes(r) => (*r).map(|e| self.nodes.apply(e)).err(),
@@ -1628,21 +1651,26 @@ mod tests {
         state
             .services
             .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
-        state.slices.apply_slice(watcher::Event::Apply(slice(
-            "web-1",
-            "web",
-            &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
-        )));
-        state.slices.apply_slice(watcher::Event::Apply(slice(
-            "web-2",
-            "web",
-            &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
-        )));
-        state.slices.apply_slice(watcher::Event::Apply(slice(
-            "other",
-            "db",
-            &[("10.1.0.9", None)],
-        )));
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice(
+                "web-1",
+                "web",
+                &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
+            )),
+        );
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice(
+                "web-2",
+                "web",
+                &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
+            )),
+        );
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice("other", "db", &[("10.1.0.9", None)])),
+        );
         let (m, rejections) = state.build();
         assert!(rejections.is_empty());
         let svc = &m.services[&ObjectName::new("default", "web")];
@@ -1961,7 +1989,10 @@ mod tests {
         let lean = serde_json::from_value::<lean::LeanSlice>(fat)
             .unwrap()
             .into_full();
-        assert_eq!(StoredSlice::new(&lean), StoredSlice::new(&full));
+        assert_eq!(
+            StoredSlice::new(&lean, &mut Names::default()),
+            StoredSlice::new(&full, &mut Names::default())
+        );
 
         let node = serde_json::from_value::<lean::LeanNode>(serde_json::json!({
             "metadata": { "name": "a", "labels": { ZONE_LABEL: "z1", "kubernetes.io/os": "linux" } },
