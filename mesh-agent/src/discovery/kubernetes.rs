@@ -952,8 +952,11 @@ mod lean {
 
     use k8s_openapi::{
         api::{
+            core::v1::ObjectReference,
             core::v1::{Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec},
-            discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+            discovery::v1::{
+                Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+            },
         },
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
@@ -1041,7 +1044,29 @@ mod lean {
         }
     }
 
-    /// An `EndpointSlice` (all of its own fields are read).
+    /// The `targetRef` fields read.
+    #[derive(Clone, Debug, Deserialize)]
+    struct LeanRef {
+        kind: Option<String>,
+        name: Option<String>,
+        namespace: Option<String>,
+    }
+
+    /// An endpoint of a slice: a whole list of slices is held at once while it is parsed, so
+    /// `targetRef`'s other fields and `deprecatedTopology` are not.
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanEndpoint {
+        #[serde(default)]
+        addresses: Vec<String>,
+        conditions: Option<EndpointConditions>,
+        hints: Option<EndpointHints>,
+        node_name: Option<String>,
+        target_ref: Option<LeanRef>,
+        zone: Option<String>,
+    }
+
+    /// An `EndpointSlice`.
     #[derive(Clone, Debug, Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct LeanSlice {
@@ -1049,7 +1074,7 @@ mod lean {
         metadata: ObjectMeta,
         address_type: String,
         #[serde(default)]
-        endpoints: Vec<Endpoint>,
+        endpoints: Vec<LeanEndpoint>,
         ports: Option<Vec<EndpointPort>>,
     }
     resource!(LeanSlice, EndpointSlice);
@@ -1059,7 +1084,24 @@ mod lean {
             EndpointSlice {
                 metadata: self.metadata,
                 address_type: self.address_type,
-                endpoints: self.endpoints,
+                endpoints: self
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Endpoint {
+                        addresses: e.addresses,
+                        conditions: e.conditions,
+                        hints: e.hints,
+                        node_name: e.node_name,
+                        target_ref: e.target_ref.map(|r| ObjectReference {
+                            kind: r.kind,
+                            name: r.name,
+                            namespace: r.namespace,
+                            ..ObjectReference::default()
+                        }),
+                        zone: e.zone,
+                        ..Endpoint::default()
+                    })
+                    .collect(),
                 ports: self.ports,
             }
         }
