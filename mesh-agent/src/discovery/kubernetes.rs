@@ -1266,14 +1266,9 @@ impl State {
     }
 }
 
-/// Watches the API through `client` and sends a complete model for `node` after each batch of
-/// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
-pub async fn run(
-    client: kube::Client,
-    node: String,
-    updates: mpsc::Sender<Update>,
-) -> Result<(), KubernetesError> {
-    let mut changes = select_all([
+/// The five watches, merged (see the module docs for their selectors).
+fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<ChangeStream> {
+    select_all([
         watch(
             Api::<lean::LeanService>::all(client.clone()),
             watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
@@ -1304,7 +1299,17 @@ pub async fn run(
             lean::LeanNode::into_full,
             Change::Nodes,
         ),
-    ]);
+    ])
+}
+
+/// Watches the API through `client` and sends a complete model for `node` after each batch of
+/// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
+pub async fn run(
+    client: kube::Client,
+    node: String,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), KubernetesError> {
+    let mut changes = watches(&client, &node);
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -1331,6 +1336,15 @@ pub async fn run(
         }
         if !state.ready() {
             continue;
+        }
+        if last_sent.is_none() {
+            // The start of the first model: the control-plane benchmark times from here.
+            info!(
+                services = state.services.objects.len(),
+                slices = state.slices.objects.len(),
+                pods = state.pods.objects.len(),
+                "initial lists complete"
+            );
         }
         let (model, rejections) = state.build();
         for r in rejections {
