@@ -48,6 +48,8 @@ pub struct AgentProcess {
     /// agent then runs in the host's network namespace (where the API stand-in listens) while
     /// still attaching at the node's cgroup.
     pub kubeconfig: Option<PathBuf>,
+    /// Extra environment of the agent process (e.g. the downward API's `POD_NAMESPACE`).
+    pub env: Vec<(String, String)>,
     child: Option<PodChild>,
 }
 
@@ -63,6 +65,7 @@ impl AgentProcess {
             log_filter: "info,mesh_agent::app=debug".to_owned(),
             ready_timeout: Duration::from_secs(20),
             kubeconfig: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -94,7 +97,8 @@ impl AgentProcess {
             .arg(&self.pins)
             .arg("--admin-socket")
             .arg(&self.socket)
-            .env("RUST_LOG", &self.log_filter);
+            .env("RUST_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(self.node.spawn(cmd)?);
         let start = Instant::now();
         while start.elapsed() < self.ready_timeout {
