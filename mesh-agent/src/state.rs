@@ -318,6 +318,7 @@ mod tests {
                     service_account: "sa".into(),
                     ips: vec![ip.parse().unwrap()],
                     uid: uid.into(),
+                    host_network: false,
                 },
             );
         }
@@ -384,6 +385,7 @@ mod tests {
                     cluster_ips: vec![],
                     ports: vec![],
                     settings: crate::model::ServiceSettings::default(),
+                    internal_traffic_policy: crate::model::TrafficPolicy::default(),
                     endpoints: vec![],
                 },
             );

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kubernetes API stand-in for the mesh's kernel tests: kmock's KubernetesEmulator on 127.0.0.1.
 
-Usage: python3 tests/kmock/server.py --port PORT   (0 = any free port)
+Usage: python3 tests/kmock/server.py --port PORT [--log-requests FILE] [--preload FILE]
+       (PORT 0 = any free port)
 
 Prints one line `ready http://127.0.0.1:PORT` once listening, then serves until killed.
 
@@ -14,17 +15,32 @@ What it adds to kmock (0.8):
   track it) and `metadata.uid` (plus `metadata.creationTimestamp` and `generation` on create, as
   the API server does: policy precedence and status read them), and lists carry the current
   counter;
-- `TrafficPolicy` (with its status subresource, patched as the object itself) and `Lease`.
+- `TrafficPolicy` (with its status subresource, patched as the object itself) and `Lease`;
+- with `--log-requests FILE`, one JSON line per request (`t` in Unix seconds, `phase`
+  `request`, `method`, `path`, `params`) and one when a non-watch response is ready (`phase`
+  `response`), so tests can check how clients list and watch, and benchmarks when lists were
+  served;
+- with `--preload FILE` (JSON lines `{"resource": "v1/pods", "object": {...}}`), objects are
+  stored before the server listens, without a request each (benchmarks load 100,000s);
+- a watch from a `resourceVersion` does not replay objects not changed since (kmock replays
+  every object as ADDED; the API server sends only later changes);
+- `labelSelector` (`k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`) and
+  `fieldSelector` (`a.b=v`, `a.b==v`, `a.b!=v` on any dotted field path) are honoured by lists
+  and watches as the API server does: a watched object that stops matching is sent as DELETED,
+  one that starts matching as ADDED. A malformed selector fails the request (kmock answers 500).
 
-As kmock does, every watch replays existing objects as ADDED, patches are plain merges, field and
-label selectors are ignored, and nothing runs controllers (tests post EndpointSlices themselves).
+As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
+plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
 """
 
 import argparse
 import asyncio
 import datetime
 import itertools
+import json
 import sys
+import time
+import re
 import uuid
 
 import kmock
@@ -55,6 +71,7 @@ RESOURCES = {
     "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
     "v1/services": {"kind": "Service", "singular": "service", "namespaced": True},
     "v1/pods": {"kind": "Pod", "singular": "pod", "namespaced": True},
+    "v1/nodes": {"kind": "Node", "singular": "node", "namespaced": False},
     "discovery.k8s.io/v1/endpointslices": {
         "kind": "EndpointSlice",
         "singular": "endpointslice",
@@ -73,13 +90,111 @@ RESOURCES = {
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 
 
+class BadSelector(ValueError):
+    """A selector this stand-in (or the API server) cannot parse."""
+
+
+def split_requirements(selector: str) -> list[str]:
+    """Splits on commas outside parentheses (`a in (x,y),!b` → two requirements)."""
+    parts, depth, cur = [], 0, ""
+    for ch in selector:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+SET_REQ = re.compile(r"^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$")
+EQ_REQ = re.compile(r"^([\w./-]+)\s*(==|!=|=)\s*([\w./-]*)$")
+KEY = re.compile(r"^(!?)\s*([\w./-]+)$")
+
+
+def label_matcher(selector: str):
+    """A predicate on a labels dict for a Kubernetes label selector string."""
+    checks = []
+    for req in split_requirements(selector):
+        if m := SET_REQ.match(req):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if op == "in":
+                checks.append(lambda l, k=key, vs=values: l.get(k) in vs)
+            else:
+                checks.append(lambda l, k=key, vs=values: l.get(k) not in vs)
+        elif m := EQ_REQ.match(req):
+            key, op, value = m.groups()
+            if op == "!=":
+                checks.append(lambda l, k=key, v=value: l.get(k) != v)
+            else:
+                checks.append(lambda l, k=key, v=value: l.get(k) == v)
+        elif m := KEY.match(req):
+            negate, key = m.groups()
+            if negate:
+                checks.append(lambda l, k=key: k not in l)
+            else:
+                checks.append(lambda l, k=key: k in l)
+        else:
+            raise BadSelector(f"unable to parse requirement: {req!r}")
+    return lambda labels: all(c(labels) for c in checks)
+
+
+def field_value(obj: dict, path: str) -> str:
+    cur = obj
+    for part in path.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    if cur is None:
+        return ""
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    return str(cur)
+
+
+def field_matcher(selector: str):
+    """A predicate on an object for a field selector string."""
+    checks = []
+    for req in split_requirements(selector):
+        m = re.match(r"^([\w.]+)\s*(==|!=|=)\s*(.*)$", req)
+        if not m:
+            raise BadSelector(f"invalid field selector: {req!r}")
+        path, op, value = m.groups()
+        if op == "!=":
+            checks.append(lambda o, p=path, v=value: field_value(o, p) != v)
+        else:
+            checks.append(lambda o, p=path, v=value: field_value(o, p) == v)
+    return lambda obj: all(c(obj) for c in checks)
+
+
+def selection(request):
+    """The object predicate of a list/watch request's selectors, or None without selectors."""
+    labels = request.params.get("labelSelector") or ""
+    fields = request.params.get("fieldSelector") or ""
+    if not labels and not fields:
+        return None
+    by_labels = label_matcher(labels)
+    by_fields = field_matcher(fields)
+    return lambda obj: by_labels((obj.get("metadata") or {}).get("labels") or {}) and by_fields(obj)
+
+
+def stamp_created(meta: dict) -> None:
+    """What the API server sets on create besides uid and resourceVersion."""
+    meta.setdefault(
+        "creationTimestamp",
+        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    meta.setdefault("generation", 1)
+
+
 class Emulator(kmock.KubernetesEmulator):
     """KubernetesEmulator that stamps resource versions and uids on writes."""
 
     _versions = itertools.count(1)
     _current = 0
+    log = None
 
     async def _handle(self, request):
+        self._log(request, "request")
         action = request.action
         data = request.data
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):
@@ -88,23 +203,99 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(Emulator._current)
             if action == enums.action.CREATE:
                 meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault(
-                    "creationTimestamp",
-                    datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                )
-                meta.setdefault("generation", 1)
-        return await super()._handle(request)
+                stamp_created(meta)
+        response = await super()._handle(request)
+        if "watch" not in request.params:
+            self._log(request, "response")
+        return response
+
+    @staticmethod
+    def _log(request, phase: str) -> None:
+        if Emulator.log is None:
+            return
+        method = str(getattr(request.method, "value", request.method)).upper()
+        line = {
+            "t": time.time(),
+            "phase": phase,
+            "method": method,
+            "path": request.url.path,
+            "params": dict(request.params),
+        }
+        Emulator.log.write(json.dumps(line) + "\n")
+        Emulator.log.flush()
 
     async def _serve_list(self, request):
+        matches = selection(request)
         payload = await super()._serve_list(request)
+        if matches is not None:
+            payload["items"] = [o for o in payload["items"] if matches(o)]
         payload["metadata"]["resourceVersion"] = str(Emulator._current)
         return payload
 
+    async def _serve_watch(self, request):
+        matches = selection(request)
+        since = request.params.get("resourceVersion") or ""
+        since = int(since) if since.isdigit() else 0
+        # What this watcher was told exists, so a change of labels is a DELETED or an ADDED.
+        visible = set()
+        async for item in super()._serve_watch(request):
+            if not isinstance(item, dict):
+                yield item
+                continue
+            obj = item.get("object") or {}
+            meta = obj.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or "")
+            if (
+                since
+                and item.get("type") == "ADDED"
+                and version.isdigit()
+                and int(version) <= since
+            ):
+                # kmock's replay of an object the client listed already: not sent again, but
+                # known to the client if it matched, so its DELETED (or its leaving the
+                # selection) is sent even when it was never changed during this watch.
+                if matches is not None and matches(obj):
+                    visible.add((meta.get("namespace"), meta.get("name")))
+                continue
+            if matches is None:
+                yield item
+                continue
+            key = (meta.get("namespace"), meta.get("name"))
+            if item.get("type") == "DELETED":
+                if key in visible:
+                    visible.discard(key)
+                    yield item
+            elif matches(obj):
+                kind = "MODIFIED" if key in visible else "ADDED"
+                visible.add(key)
+                yield {"type": kind, "object": obj}
+            elif key in visible:
+                visible.discard(key)
+                yield {"type": "DELETED", "object": obj}
 
-async def serve(port: int) -> None:
+
+def preload(emulator: Emulator, path: str) -> None:
+    """Stores the objects of a JSON-lines file, stamped as creates are."""
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            obj = item["object"]
+            meta = obj.setdefault("metadata", {})
+            Emulator._current = next(Emulator._versions)
+            meta["resourceVersion"] = str(Emulator._current)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            stamp_created(meta)
+            emulator.objects[item["resource"], meta.get("namespace"), meta["name"]] = obj
+
+
+async def serve(port: int, preload_file: str | None) -> None:
     emulator = Emulator()
     for name, info in RESOURCES.items():
         emulator.resources[name] = kmock.ResourceInfo(verbs=VERBS, **info)
+    if preload_file:
+        preload(emulator, preload_file)
     async with emulator, kmock.Server(emulator, host="127.0.0.1", port=port) as server:
         print(f"ready http://127.0.0.1:{server.port}", flush=True)
         await asyncio.Event().wait()
@@ -113,9 +304,13 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any)")
+    parser.add_argument("--log-requests", help="write one JSON line per request to this file")
+    parser.add_argument("--preload", help="store the objects of this JSON-lines file first")
     args = parser.parse_args()
+    if args.log_requests:
+        Emulator.log = open(args.log_requests, "w", encoding="utf-8")
     try:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, args.preload))
     except KeyboardInterrupt:
         sys.exit(0)
 

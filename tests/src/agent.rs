@@ -50,6 +50,8 @@ pub struct AgentProcess {
     pub kubeconfig: Option<PathBuf>,
     /// `--readiness-addr` (default: `127.0.0.1:15021` in the node, `none` with a kubeconfig).
     pub readiness_addr: Option<String>,
+    /// Extra environment of the agent process (e.g. the downward API's `POD_NAMESPACE`).
+    pub env: Vec<(String, String)>,
     child: Option<PodChild>,
 }
 
@@ -66,6 +68,7 @@ impl AgentProcess {
             ready_timeout: Duration::from_secs(20),
             kubeconfig: None,
             readiness_addr: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -124,7 +127,8 @@ impl AgentProcess {
             .arg(&self.pins)
             .arg("--admin-socket")
             .arg(&self.socket)
-            .env("RUST_LOG", &self.log_filter);
+            .env("RUST_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(self.node.spawn(cmd)?);
         Ok(())
     }

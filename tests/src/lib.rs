@@ -22,6 +22,7 @@ pub mod env;
 pub mod exec;
 mod ip;
 pub mod kernel;
+pub mod kmock;
 pub mod meshpod;
 
 pub use cluster::{Cluster, NodeHandle, PodHandle};

@@ -503,6 +503,25 @@ fn agent_runs_in_kubernetes_mode_with_the_agreed_command_line() {
         Some("spec.nodeName"),
         "NODE_NAME comes from the downward API"
     );
+    // The API server is reached directly when the ConfigMap says where (optional keys).
+    for (name, key) in [
+        ("KUBERNETES_SERVICE_HOST", "k8s-service-host"),
+        ("KUBERNETES_SERVICE_PORT", "k8s-service-port"),
+    ] {
+        let from = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.config_map_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{name} comes from the ConfigMap"));
+        assert_eq!(
+            (from.key.as_str(), from.optional),
+            (key, Some(true)),
+            "{name}"
+        );
+    }
     let image = c.image.as_deref().expect("the agent has an image");
     assert!(
         image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
@@ -646,6 +665,7 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
         ("", "services"),
         ("", "pods"),
         ("", "namespaces"),
+        ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
     ] {
         for verb in ["get", "list", "watch"] {

@@ -1,56 +1,62 @@
-//! Kubernetes discovery with real traffic: the agent's Kubernetes source watches a Kubernetes API
-//! stand-in (kmock's `KubernetesEmulator`, `tests/kmock/server.py`), its models are reconciled
-//! into the kernel data path of a cluster-in-a-box node, and a client pod's connections to the
-//! Service's cluster IP follow what the test writes through the API: endpoints added, a
-//! `TrafficPolicy` that takes effect, an invalid one that is rejected whole while the service
-//! keeps what the valid one gives it, a conflict decided by age, the elected agent's status and
-//! Event, and deletion.
+//! Kubernetes discovery with real traffic: the real `mesh-agent --kubernetes` binary watches a
+//! Kubernetes API stand-in (kmock's `KubernetesEmulator`, `tests/kmock/server.py`, which honours
+//! label and field selectors) and programs the kernel of a cluster-in-a-box node; a client pod's
+//! connections to Service cluster IPs follow what the test writes through the API. Nothing of
+//! the agent's loop is re-implemented here: what the agent did is seen through traffic,
+//! `meshctl` and the pinned maps.
+//!
+//! - `agent_follows_the_kubernetes_api`: endpoints added, a `TrafficPolicy` that takes effect,
+//!   an invalid one that is rejected whole while the service keeps what the valid one gives it
+//!   (reported, written to its status and recorded as an Event by the elected agent), a
+//!   conflict decided by age, deletion of the Service and of its namespace.
+//! - `agent_applies_kube_proxy_semantics`: terminating endpoints, `internalTrafficPolicy: Local`,
+//!   named target ports, topology hints and `PreferClose`, Services of another proxy and
+//!   headless ones filtered by the watches' label selectors, host-network pods, and lists from
+//!   the watch cache.
+//! - `policy_status_has_one_writer_and_fails_over`: of two status writers only the Lease holder
+//!   writes, and the other takes over when it dies.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::{Child, Command, Stdio},
-    sync::mpsc as std_mpsc,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
 use mesh_agent::{
-    datapath::{Datapath, DatapathConfig, spec::Algorithm},
-    discovery::{
-        Update,
-        kubernetes::{
-            self, SERVICE_NAME_LABEL,
-            k8s_openapi::api::{
-                coordination::v1::Lease,
-                core::v1::{Namespace, Pod, Service},
-                discovery::v1::EndpointSlice,
-                events::v1::Event,
-            },
-            kube::{
-                self, Api,
-                api::{
-                    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams,
-                    PostParams,
-                },
+    discovery::kubernetes::{
+        PROXY_LABEL_SELECTOR, SERVICE_NAME_LABEL, ZONE_LABEL,
+        k8s_openapi::api::{
+            coordination::v1::Lease,
+            core::v1::{Namespace, Node, Pod, Service},
+            discovery::v1::EndpointSlice,
+            events::v1::Event,
+        },
+        kube::{
+            self, Api,
+            api::{
+                ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams,
+                PostParams,
             },
         },
     },
-    model::{ClusterModel, ObjectName},
+    model::ObjectName,
     policy::{
         TrafficPolicy,
         status::{EVENT_REASON_INVALID, LEASE_NAME, StatusConfig},
     },
-    reconcile::Reconciler,
 };
-use mesh_tests::{Cluster, HitReport, PodChild, PodHandle};
+use mesh_tests::{
+    Cluster, HitReport, NodeHandle, PodChild, PodHandle, agent::AgentProcess, kmock::Kmock,
+};
 use serde_json::{Value, json};
-use tokio::{runtime::Runtime, sync::mpsc, task::JoinHandle};
+use tokio::runtime::Runtime;
 
 const NS: &str = "shop";
 const NODE: &str = "a";
-/// The agent's namespace and identity for the policy-status Lease.
+/// The agent's namespace and identity for the policy-status Lease (the downward API's
+/// `POD_NAMESPACE` and `POD_NAME`).
 const AGENT_NS: &str = "mesh-system";
 const AGENT_ID: &str = "mesh-agent-a";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -61,166 +67,8 @@ fn vip() -> SocketAddr {
     SocketAddr::from((VIP, 80))
 }
 
-/// The kmock server, killed (by its pid) when dropped.
-struct Kmock {
-    child: Child,
-    url: String,
-}
-
-impl Kmock {
-    fn start() -> Result<Self> {
-        ensure_kmock()?;
-        let script = mesh_tests::workspace_root().join("tests/kmock/server.py");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting python3 {}", script.display()))?;
-        let stdout = child.stdout.take().context("kmock stdout")?;
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut server = Self {
-            child,
-            url: String::new(),
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("kmock printed no ready line within 30 s")?;
-        let Some(url) = line.trim().strip_prefix("ready ") else {
-            bail!("kmock did not start: {line:?}");
-        };
-        url.clone_into(&mut server.url);
-        Ok(server)
-    }
-}
-
-impl Drop for Kmock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Installs kmock (from `PyPI`) when `python3` cannot import it; `cargo xtask install-deps` does too.
-fn ensure_kmock() -> Result<()> {
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import kmock"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if importable() {
-        return Ok(());
-    }
-    for extra in [&[][..], &["--break-system-packages"][..]] {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "kmock"])
-            .args(extra)
-            .output()
-            .context("running python3 -m pip")?;
-        if out.status.success() && importable() {
-            return Ok(());
-        }
-    }
-    bail!("kmock is not installed and `python3 -m pip install kmock` failed")
-}
-
-/// Drives the discovery source and applies its models, as the agent's main loop will.
-struct Agent {
-    rt: Runtime,
-    source: JoinHandle<Result<(), kubernetes::KubernetesError>>,
-    updates: mpsc::Receiver<Update>,
-    reconciler: Reconciler,
-    model: Option<ClusterModel>,
-    rejected: Vec<String>,
-}
-
-impl Agent {
-    /// Receives updates, reconciling each model into `dp`, until `done` holds for the newest
-    /// model (and the rejections so far).
-    fn converge(
-        &mut self,
-        dp: &mut Datapath,
-        what: &str,
-        done: impl Fn(&ClusterModel, &[String]) -> bool,
-    ) -> ClusterModel {
-        let deadline = Instant::now() + CONVERGE;
-        loop {
-            if let Some(m) = &self.model
-                && done(m, &self.rejected)
-            {
-                return m.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{what}: not reached in {CONVERGE:?}; last model {:#?}; rejections {:?}",
-                self.model,
-                self.rejected
-            );
-            let updates = &mut self.updates;
-            let got = self
-                .rt
-                .block_on(async { tokio::time::timeout(left, updates.recv()).await });
-            match got {
-                Ok(Some(Update::Model(m))) => {
-                    let report = self.reconciler.reconcile(dp, &m);
-                    assert!(report.errors.is_empty(), "reconcile: {report:?}");
-                    self.model = Some(m);
-                }
-                Ok(Some(Update::Rejected(r))) => self.rejected.push(r.to_string()),
-                Ok(None) => panic!("{what}: the Kubernetes source stopped"),
-                Ok(Some(Update::Resolved(_))) | Err(_) => {}
-            }
-        }
-    }
-}
-
 fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("valid object")
-}
-
-fn slice(version: u32, backends: &[&PodHandle]) -> EndpointSlice {
-    let endpoints: Vec<Value> = backends
-        .iter()
-        .map(|p| {
-            json!({
-                "addresses": [p.ipv4().to_string()],
-                "conditions": { "ready": true },
-                "nodeName": NODE,
-                "targetRef": { "kind": "Pod", "namespace": NS, "name": p.name() },
-            })
-        })
-        .collect();
-    from_json(json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "web-x1",
-            "namespace": NS,
-            "labels": { SERVICE_NAME_LABEL: "web" },
-            "annotations": { "test/version": version.to_string() },
-        },
-        "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }],
-        "endpoints": endpoints,
-    }))
-}
-
-fn pod(name: &str, ip: Ipv4Addr, node: &str) -> Pod {
-    from_json(json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": name, "namespace": NS },
-        "spec": { "nodeName": node, "serviceAccountName": "shop", "containers": [] },
-        "status": { "phase": "Running", "podIPs": [{ "ip": ip.to_string() }] },
-    }))
 }
 
 /// A `TrafficPolicy` in [`NS`] targeting the Service `web`, with `spec` fields added.
@@ -241,189 +89,133 @@ fn count(r: &HitReport, name: &str) -> u64 {
     r.counts.get(name).copied().unwrap_or(0)
 }
 
-fn web() -> ObjectName {
-    ObjectName::new(NS, "web")
+/// kmock, a cluster, the API clients, and the real agent of node [`NODE`] (started later, so
+/// objects can exist before its first list). Field order is drop order: the agent first.
+struct Harness {
+    agent: AgentProcess,
+    rt: Runtime,
+    kube: kube::Client,
+    cluster: Cluster,
+    kmock: Kmock,
 }
 
-fn ready_endpoints(m: &ClusterModel) -> usize {
-    m.services
-        .get(&web())
-        .map_or(0, |s| s.endpoints.iter().filter(|e| e.ready).count())
-}
-
-/// The whole set-up; field order is drop order (the source and data path before the cluster).
-struct Scenario {
-    agent: Agent,
-    dp: Datapath,
-    namespaces: Api<Namespace>,
-    services: Api<Service>,
-    slices: Api<EndpointSlice>,
-    pods: Api<Pod>,
-    events: Api<Event>,
-    policies: Api<DynamicObject>,
-    leases: Api<Lease>,
-    _servers: Vec<PodChild>,
-    client: PodHandle,
-    backends: Vec<PodHandle>,
-    _cluster: Cluster,
-    _kmock: Kmock,
-}
-
-impl Scenario {
-    /// kmock, one node with a client and three backends serving on port 80, the data path, and
-    /// the Kubernetes source running against kmock.
-    fn new() -> Self {
-        let kmock = Kmock::start().expect("kmock API stand-in");
-        let cluster = Cluster::new("kubernetes_discovery").expect("cluster");
+impl Harness {
+    fn new(test: &str) -> Self {
+        let cluster = Cluster::new(test).expect("cluster");
+        let work = std::env::temp_dir().join(cluster.prefix());
+        std::fs::create_dir_all(&work).expect("work dir");
+        let kmock = Kmock::start(&work, None).expect("kmock API stand-in");
         let node = cluster.add_node(NODE).expect("node");
-        let client = cluster.add_pod(&node, "client").expect("client pod");
-        let (backends, servers) =
-            mesh_tests::meshpod::backend_pods(&cluster, &node, "b", 3, 80).expect("backend pods");
-        let dp = Datapath::load(&DatapathConfig {
-            cgroup: node.cgroup_dir().to_path_buf(),
-            pin_dir: cluster.bpffs_dir().expect("bpffs").join(NODE),
-        })
-        .expect("data path");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let kubeconfig = kmock.kubeconfig(&work).expect("kubeconfig");
+        let mut agent = AgentProcess::new(
+            node,
+            work.join("unused.yaml"),
+            cluster.bpffs_dir().expect("bpffs").join(NODE),
+            work.join("admin.sock"),
+        );
+        agent.kubeconfig = Some(kubeconfig);
+        // As in its DaemonSet: the agent stands for election as the policy status writer.
+        agent.env = vec![
+            ("POD_NAMESPACE".to_owned(), AGENT_NS.to_owned()),
+            ("POD_NAME".to_owned(), AGENT_ID.to_owned()),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let config = kube::Config::new(kmock.url.parse().expect("url"));
-        let kube_client = rt
+        let kube = rt
             .block_on(async { kube::Client::try_from(config) })
             .expect("kube client");
-        let (tx, updates) = mpsc::channel(16);
-        // This agent stands for election as the policy status writer (alone, so it wins).
-        let status = StatusConfig {
-            namespace: AGENT_NS.to_owned(),
-            identity: AGENT_ID.to_owned(),
-        };
-        let source = rt.spawn(kubernetes::run_with_status(
-            kube_client.clone(),
-            NODE.to_owned(),
-            Some(status),
-            tx,
-        ));
-        let resource = ApiResource::erase::<TrafficPolicy>(&());
         Self {
-            agent: Agent {
-                rt,
-                source,
-                updates,
-                reconciler: Reconciler::new(&dp),
-                model: None,
-                rejected: Vec::new(),
-            },
-            dp,
-            namespaces: Api::all(kube_client.clone()),
-            services: Api::namespaced(kube_client.clone(), NS),
-            slices: Api::namespaced(kube_client.clone(), NS),
-            pods: Api::namespaced(kube_client.clone(), NS),
-            events: Api::namespaced(kube_client.clone(), NS),
-            policies: Api::namespaced_with(kube_client.clone(), NS, &resource),
-            leases: Api::namespaced(kube_client, AGENT_NS),
-            _servers: servers,
-            client,
-            backends,
-            _cluster: cluster,
-            _kmock: kmock,
+            agent,
+            rt,
+            kube,
+            cluster,
+            kmock,
         }
     }
 
-    fn converge(
-        &mut self,
+    fn node(&self) -> NodeHandle {
+        self.agent.node.clone()
+    }
+
+    fn namespaced<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.kube.clone(), NS)
+    }
+
+    fn create<K>(&self, api: &Api<K>, obj: Value)
+    where
+        K: kube::Resource
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let obj: K = from_json(obj);
+        self.rt
+            .block_on(api.create(&PostParams::default(), &obj))
+            .expect("create");
+    }
+
+    fn patch<K>(&self, api: &Api<K>, name: &str, patch: Value)
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        self.rt
+            .block_on(api.patch(name, &PatchParams::default(), &Patch::Merge(patch)))
+            .expect("patch");
+    }
+
+    /// Hits `addr` from `client` (`n` connections, `args`) until `ok` holds for the report.
+    fn hit_until(
+        &self,
+        client: &PodHandle,
+        addr: SocketAddr,
         what: &str,
-        done: impl Fn(&ClusterModel, &[String]) -> bool,
-    ) -> ClusterModel {
-        self.agent.converge(&mut self.dp, what, done)
-    }
-
-    fn block_on<F: Future>(&self, f: F) -> F::Output {
-        self.agent.rt.block_on(f)
-    }
-
-    /// Namespace, Service (port 80 → targetPort 80), an `EndpointSlice` with b0 and b1, and Pod
-    /// objects: the backends on this node and one elsewhere.
-    fn create_service_with_two_endpoints(&mut self) {
-        let pp = PostParams::default();
-        let svc: Service = from_json(json!({
-            "metadata": { "name": "web", "namespace": NS },
-            "spec": {
-                "type": "ClusterIP",
-                "clusterIP": VIP.to_string(),
-                "clusterIPs": [VIP.to_string()],
-                "ports": [{ "name": "http", "port": 80, "targetPort": 80, "protocol": "TCP" }],
-            },
-        }));
-        let mut pods: Vec<Pod> = self
-            .backends
-            .iter()
-            .map(|p| pod(p.name(), p.ipv4(), NODE))
-            .collect();
-        pods.push(pod("remote", Ipv4Addr::new(10, 9, 9, 9), "b"));
-        self.block_on(async {
-            let ns = from_json(json!({ "metadata": { "name": NS } }));
-            self.namespaces.create(&pp, &ns).await.expect("namespace");
-            self.services.create(&pp, &svc).await.expect("service");
-            let two = slice(1, &[&self.backends[0], &self.backends[1]]);
-            self.slices.create(&pp, &two).await.expect("slice");
-            for p in &pods {
-                self.pods.create(&pp, p).await.expect("pod");
+        args: &[&str],
+        ok: &dyn Fn(&HitReport) -> bool,
+    ) -> HitReport {
+        let start = Instant::now();
+        loop {
+            let r = client.hit(addr, 20, args).expect("hit");
+            if ok(&r) {
+                return r;
             }
-        });
-        let m = self.converge("service with 2 endpoints", |m, _| {
-            ready_endpoints(m) == 2 && m.pods.len() == 3
-        });
-        let svc = &m.services[&web()];
-        assert_eq!(svc.cluster_ips, vec![IpAddr::from(VIP)]);
-        assert_eq!(svc.endpoints[0].pod, Some(ObjectName::new(NS, "b0")));
-        assert!(
-            !m.pods.contains_key(&ObjectName::new(NS, "remote")),
-            "a pod on another node is not this node's: {:?}",
-            m.pods.keys()
-        );
-        assert_eq!(m.pods[&ObjectName::new(NS, "b1")].service_account, "shop");
-        let r = self.client.hit(vip(), 60, &[]).expect("hit");
-        assert_eq!(
-            r.ok(),
-            60,
-            "every connection to the cluster IP succeeds: {r:?}"
-        );
-        assert!(
-            count(&r, "b0") > 0 && count(&r, "b1") > 0 && count(&r, "b2") == 0,
-            "both endpoints (and only they) get traffic: {r:?}"
-        );
-        assert_eq!(r.peer_mismatch, 0, "{r:?}");
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{what}: not reached in {CONVERGE:?}; last {r:?}\nagent log:\n{}",
+                self.agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
-    fn scale_to_three_endpoints(&mut self) {
-        let s = slice(2, &self.backends.iter().collect::<Vec<_>>());
-        let patch = json!({ "metadata": s.metadata, "endpoints": s.endpoints });
-        self.block_on(
-            self.slices
-                .patch("web-x1", &PatchParams::default(), &Patch::Merge(patch)),
+    fn policies(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.kube.clone(),
+            NS,
+            &ApiResource::erase::<TrafficPolicy>(&()),
         )
-        .expect("scale slice");
-        self.converge("service with 3 endpoints", |m, _| ready_endpoints(m) == 3);
-        let r = self.client.hit(vip(), 90, &[]).expect("hit");
-        assert_eq!(r.ok(), 90, "{r:?}");
-        for b in ["b0", "b1", "b2"] {
-            assert!(count(&r, b) > 0, "{b} gets traffic after scaling: {r:?}");
-        }
     }
 
     fn create_policy(&self, policy: &DynamicObject) {
-        self.block_on(self.policies.create(&PostParams::default(), policy))
+        self.rt
+            .block_on(self.policies().create(&PostParams::default(), policy))
             .expect("create TrafficPolicy");
     }
 
     /// The `Accepted` condition the elected agent wrote on a policy: (status, reason, message).
     fn wait_for_condition(&self, name: &str, reason: &str) -> (String, String, String) {
-        let deadline = Instant::now() + CONVERGE;
+        let start = Instant::now();
         loop {
             let obj = self
-                .block_on(self.policies.get(name))
+                .rt
+                .block_on(self.policies().get(name))
                 .expect("get TrafficPolicy");
             let c = &obj.data["status"]["conditions"][0];
             if c["reason"] == reason {
@@ -439,356 +231,281 @@ impl Scenario {
                 return (text("status"), text("reason"), text("message"));
             }
             assert!(
-                Instant::now() < deadline,
-                "TrafficPolicy {name}: no condition {reason} in {CONVERGE:?}; status {}",
-                obj.data["status"]
+                start.elapsed() < CONVERGE,
+                "TrafficPolicy {name}: no condition {reason} in {CONVERGE:?}; status {}\nagent \
+                 log:\n{}",
+                obj.data["status"],
+                self.agent.stderr()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    /// A valid policy (round robin, half the backends may be ejected): the distribution becomes
-    /// exact, and the elected agent marks it Accepted.
-    fn round_robin_policy_takes_effect(&mut self) {
-        self.create_policy(&traffic_policy(
-            "web-rr",
-            &json!({
-                "loadBalancer": { "simple": "ROUND_ROBIN" },
-                "outlierDetection": { "maxEjectionPercent": 50 },
-            }),
-        ));
-        let m = self.converge("round robin applied", |m, _| {
-            m.services
-                .get(&web())
-                .is_some_and(|s| s.settings.algorithm == Algorithm::RoundRobin)
-        });
-        assert_eq!(m.services[&web()].settings.circuit.max_ejection_percent, 50);
-        assert!(self.agent.rejected.is_empty(), "{:?}", self.agent.rejected);
-        self.assert_round_robin();
-        let (status, _, message) = self.wait_for_condition("web-rr", "Accepted");
-        assert_eq!(
-            (status.as_str(), message.as_str()),
-            ("True", "applies to its targets")
-        );
-        let lease = self
-            .block_on(self.leases.get(LEASE_NAME))
-            .expect("the election Lease exists");
-        assert_eq!(
-            lease.spec.and_then(|s| s.holder_identity).as_deref(),
-            Some(AGENT_ID),
-            "this agent holds the Lease"
-        );
-    }
-
-    fn assert_round_robin(&self) {
-        let r = self.client.hit(vip(), 90, &[]).expect("hit");
-        assert_eq!(r.ok(), 90, "{r:?}");
-        let shares: BTreeMap<&str, u64> = ["b0", "b1", "b2"]
-            .into_iter()
-            .map(|b| (b, count(&r, b)))
-            .collect();
-        assert!(
-            shares.values().all(|&c| (29..=31).contains(&c)),
-            "round robin gives each backend a third: {shares:?}"
-        );
-        assert!(
-            r.per_conn.windows(2).all(|w| w[0] != w[1]),
-            "round robin never repeats a backend back to back: {:?}",
-            r.per_conn
-        );
-    }
-
-    /// An invalid policy on the same Service: rejected whole, reported naming object, field and
-    /// reason, written to its status and recorded as a Warning Event; the service keeps what the
-    /// valid policy gives it, and traffic flows.
-    fn invalid_policy_is_rejected_and_the_valid_one_stays(&mut self) {
-        let before = self.agent.model.as_ref().expect("model").services[&web()]
-            .settings
-            .clone();
-        self.create_policy(&traffic_policy(
-            "web-bad",
-            &json!({
-                "loadBalancer": { "simple": "RANDOM" },
-                "outlierDetection": { "maxEjectionPercent": 150 },
-            }),
-        ));
-        let want = format!(
-            "TrafficPolicy {NS}/web-bad: spec.outlierDetection.maxEjectionPercent: 150 is not in \
-             0..=100; rejected as a whole"
-        );
-        let m = self.converge("rejection of maxEjectionPercent 150", |_, rejected| {
-            rejected.contains(&want)
-        });
-        assert_eq!(self.agent.rejected, vec![want.clone()], "reported once");
-        assert_eq!(m.services[&web()].settings, before, "nothing of it applies");
-        let state = &m.policies.policies[&ObjectName::new(NS, "web-bad")];
-        assert_eq!(state.message, want);
-        assert_eq!(ready_endpoints(&m), 3);
-        self.assert_round_robin();
-        let (status, _, message) = self.wait_for_condition("web-bad", "Invalid");
-        assert_eq!(
-            (status.as_str(), message.as_str()),
-            ("False", want.as_str())
-        );
-
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let event = loop {
-            let listed = self
-                .block_on(self.events.list(&ListParams::default()))
-                .map(|l| l.items)
-                .unwrap_or_default();
-            if let Some(e) = listed
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some(EVENT_REASON_INVALID))
-            {
-                break e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {EVENT_REASON_INVALID} Event recorded"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        assert_eq!(event.type_.as_deref(), Some("Warning"));
-        assert_eq!(event.note.as_deref(), Some(want.as_str()));
-        let regarding = event.regarding.expect("regarding");
-        assert_eq!(
-            (regarding.kind.as_deref(), regarding.name.as_deref()),
-            (Some("TrafficPolicy"), Some("web-bad"))
-        );
-    }
-
-    /// A second valid policy on the same Service is younger: Conflicted, and it takes over only
-    /// when the older one is deleted (the Gateway API's conflict rule).
-    fn the_oldest_policy_wins_a_conflict(&mut self) {
-        // creationTimestamp has a one-second resolution: make the age difference visible.
-        std::thread::sleep(Duration::from_millis(1100));
-        self.create_policy(&traffic_policy(
-            "web-young",
-            &json!({ "loadBalancer": { "simple": "RANDOM" } }),
-        ));
-        let (status, _, message) = self.wait_for_condition("web-young", "Conflicted");
-        assert_eq!(status, "False");
-        assert!(
-            message.contains(&format!("older policy {NS}/web-rr wins")),
-            "{message}"
-        );
-        let m = self.agent.model.clone().expect("model");
-        assert_eq!(m.services[&web()].settings.algorithm, Algorithm::RoundRobin);
-        self.block_on(self.policies.delete("web-rr", &DeleteParams::default()))
-            .expect("delete web-rr");
-        let m = self.converge("the younger policy applies", |m, _| {
-            m.services
-                .get(&web())
-                .is_some_and(|s| s.settings.algorithm == Algorithm::Random)
-        });
-        assert_eq!(
-            m.services[&web()].settings.circuit.max_ejection_percent,
-            10,
-            "web-young sets no outlier detection: the defaults, nothing merged from web-rr"
-        );
-        let (status, _, _) = self.wait_for_condition("web-young", "Accepted");
-        assert_eq!(status, "True");
-    }
-
-    /// Deleting the Service: connections to the cluster IP are no longer translated.
-    fn delete_service(&mut self) {
-        self.block_on(self.services.delete("web", &DeleteParams::default()))
-            .expect("delete service");
-        self.converge("service removed", |m, _| m.services.is_empty());
-        assert_eq!(
-            self.dp.service_keys().count(),
-            0,
-            "no service in the data path"
-        );
-        let r = self
-            .client
-            .hit(vip(), 3, &["--timeout-ms", "300"])
-            .expect("hit");
-        assert_eq!(
-            r.ok(),
-            0,
-            "nothing answers on the unrouted cluster IP: {r:?}"
-        );
-        assert_eq!(r.failed(), 3, "{r:?}");
-    }
-
-    /// Deleting the namespace drops its remaining objects (the pods) from the model.
-    fn delete_namespace(&mut self) {
-        self.block_on(self.namespaces.delete(NS, &DeleteParams::default()))
-            .expect("delete namespace");
-        self.converge("namespace gone", |m, _| m.pods.is_empty());
-        assert!(!self.agent.source.is_finished(), "the source keeps running");
-    }
-}
-
-#[test]
-fn kubernetes_discovery_drives_the_kernel_data_path() {
-    let Some(_k) = mesh_tests::kernel_test("kubernetes_discovery") else {
-        return;
-    };
-    let mut s = Scenario::new();
-    let m = s.converge("first (empty) model", |_, _| true);
-    assert!(m.services.is_empty() && m.pods.is_empty(), "{m:?}");
-    s.create_service_with_two_endpoints();
-    s.scale_to_three_endpoints();
-    s.round_robin_policy_takes_effect();
-    s.invalid_policy_is_rejected_and_the_valid_one_stays();
-    s.the_oldest_policy_wins_a_conflict();
-    s.delete_service();
-    s.delete_namespace();
-}
-
-/// The agent binary as a user starts it (`mesh-agent --kubernetes`, kubeconfig pointing at the
-/// API stand-in): objects written through the API drive the kernel, a `TrafficPolicy` applies,
-/// and an invalid one shows in `meshctl status` and `meshctl policies` without breaking the
-/// service.
-#[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one end-to-end scenario, read top to bottom"
-)]
-fn agent_binary_follows_the_kubernetes_api() {
-    let Some(_k) = mesh_tests::kernel_test("kubernetes_agent_binary") else {
-        return;
-    };
-    let kmock = Kmock::start().expect("kmock API stand-in");
-    let cluster = Cluster::new("kubernetes_agent_binary").expect("cluster");
-    let node = cluster.add_node(NODE).expect("node");
-    let client = cluster.add_pod(&node, "client").expect("client pod");
-    let (backends, _servers) =
-        mesh_tests::meshpod::backend_pods(&cluster, &node, "b", 3, 80).expect("backend pods");
-    let work = std::env::temp_dir().join(cluster.prefix());
-    std::fs::create_dir_all(&work).unwrap();
-    let kubeconfig = work.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: kmock\n  cluster: {{ server: \"{}\" }}\ncontexts:\n- name: kmock\n  context: {{ cluster: kmock, user: test }}\ncurrent-context: kmock\nusers:\n- name: test\n  user: {{}}\n",
-            kmock.url
-        ),
-    )
-    .unwrap();
-    let mut agent = mesh_tests::agent::AgentProcess::new(
-        node.clone(),
-        work.join("unused.yaml"),
-        cluster.bpffs_dir().unwrap().join(NODE),
-        work.join("admin.sock"),
-    );
-    agent.kubeconfig = Some(kubeconfig);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let kube_client = rt
-        .block_on(async { kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())) })
-        .unwrap();
-    let pp = PostParams::default();
-    let namespaces: Api<Namespace> = Api::all(kube_client.clone());
-    let services: Api<Service> = Api::namespaced(kube_client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(kube_client.clone(), NS);
-    let policies: Api<DynamicObject> =
-        Api::namespaced_with(kube_client, NS, &ApiResource::erase::<TrafficPolicy>(&()));
-    rt.block_on(async {
-        namespaces
-            .create(&pp, &from_json(json!({ "metadata": { "name": NS } })))
-            .await
-            .expect("namespace");
-        let svc: Service = from_json(json!({
-            "metadata": { "name": "web", "namespace": NS },
-            "spec": {
-                "clusterIP": VIP.to_string(),
-                "clusterIPs": [VIP.to_string()],
-                "ports": [{ "name": "http", "port": 80, "targetPort": 80, "protocol": "TCP" }],
-            },
-        }));
-        services.create(&pp, &svc).await.expect("service");
-        slices
-            .create(&pp, &slice(1, &[&backends[0], &backends[1]]))
-            .await
-            .expect("slice");
-    });
-    // The agent starts against the API (it is ready once the first model is in the kernel).
-    agent
-        .start()
-        .expect("mesh-agent --kubernetes becomes ready");
-    let hit_until = |what: &str, ok: &dyn Fn(&HitReport) -> bool, args: &[&str]| {
+    /// `meshctl services` of `web` until `ok` holds for it.
+    fn web_service_until(&self, what: &str, ok: &dyn Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
-            let r = client.hit(vip(), 30, args).expect("hit");
-            if ok(&r) {
-                return r;
+            let listed = self.agent.meshctl_json(&["services"]).expect("services");
+            if let Some(web) = listed
+                .as_array()
+                .and_then(|l| l.iter().find(|s| s["name"] == "web"))
+                && ok(web)
+            {
+                return web.clone();
             }
             assert!(
                 start.elapsed() < CONVERGE,
-                "{what}: last {r:?}\n{}",
-                agent.stderr()
+                "{what}: {listed}\nagent log:\n{}",
+                self.agent.stderr()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    };
-    hit_until(
-        "two endpoints",
-        &|r| r.ok() == 30 && count(r, "b0") > 0 && count(r, "b1") > 0 && count(r, "b2") == 0,
-        &[],
-    );
-    // Scale to three.
-    let s = slice(2, &backends.iter().collect::<Vec<_>>());
-    let patch = json!({ "metadata": s.metadata, "endpoints": s.endpoints });
-    rt.block_on(slices.patch("web-x1", &PatchParams::default(), &Patch::Merge(patch)))
-        .expect("scale");
-    hit_until(
-        "three endpoints",
-        &|r| r.ok() == 30 && count(r, "b2") > 0,
-        &[],
-    );
-    // A valid policy applies: round robin, visible in `meshctl policies`.
-    rt.block_on(policies.create(
-        &pp,
-        &traffic_policy(
-            "web",
-            &json!({ "loadBalancer": { "simple": "ROUND_ROBIN" } }),
-        ),
-    ))
-    .expect("create policy");
-    let applied = |what: &str, ok: &dyn Fn(&Value) -> bool| {
+    }
+
+    /// `meshctl policies` until `ok` holds for it.
+    fn policies_until(&self, what: &str, ok: &dyn Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
-            let p = agent.meshctl_json(&["policies"]).unwrap();
+            let p = self.agent.meshctl_json(&["policies"]).expect("policies");
             if ok(&p) {
                 return p;
             }
             assert!(
                 start.elapsed() < CONVERGE,
-                "{what}: {p}\n{}",
-                agent.stderr()
+                "{what}: {p}\nagent log:\n{}",
+                self.agent.stderr()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `meshctl services`: the programmed addresses by service name.
+    fn services(&self) -> BTreeMap<String, Vec<String>> {
+        let listed = self
+            .agent
+            .meshctl_json(&["services"])
+            .expect("meshctl services");
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in listed.as_array().expect("a list") {
+            out.entry(s["name"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .push(s["address"].as_str().unwrap_or_default().to_owned());
+        }
+        out
+    }
+}
+
+fn namespace_object() -> Value {
+    json!({ "metadata": { "name": NS } })
+}
+
+fn pod_object(name: &str, ip: Ipv4Addr, node: &str, host_network: bool) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": NS },
+        "spec": { "nodeName": node, "serviceAccountName": "shop", "hostNetwork": host_network,
+                  "containers": [] },
+        "status": { "phase": "Running", "podIPs": [{ "ip": ip.to_string() }] },
+    })
+}
+
+fn service_object(name: &str, vip: Ipv4Addr, spec: &Value, labels: &Value) -> Value {
+    let mut s = json!({
+        "metadata": { "name": name, "namespace": NS, "labels": labels },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": vip.to_string(),
+            "clusterIPs": [vip.to_string()],
+            "ports": [{ "name": "http", "port": 80, "targetPort": 80, "protocol": "TCP" }],
+        },
+    });
+    for (k, v) in spec.as_object().expect("spec fields") {
+        s["spec"][k] = v.clone();
+    }
+    s
+}
+
+/// One endpoint of `pod` on `node` with `extra` fields (conditions, zone, hints).
+fn endpoint(pod: &PodHandle, node: &str, extra: &Value) -> Value {
+    let mut e = json!({
+        "addresses": [pod.ipv4().to_string()],
+        "conditions": { "ready": true },
+        "nodeName": node,
+        "targetRef": { "kind": "Pod", "namespace": NS, "name": pod.name() },
+    });
+    for (k, v) in extra.as_object().expect("endpoint fields") {
+        e[k] = v.clone();
+    }
+    e
+}
+
+fn http_port() -> Value {
+    json!([{ "name": "http", "port": 80, "protocol": "TCP" }])
+}
+
+fn slice_object(name: &str, service: &str, endpoints: &[Value], ports: &Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": { "name": name, "namespace": NS, "labels": { SERVICE_NAME_LABEL: service } },
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
+/// Endpoints as kube-rs would have serialised them in a merge patch (the whole list replaces).
+fn endpoints_patch(endpoints: &[Value], ports: &Value) -> Value {
+    json!({ "endpoints": endpoints, "ports": ports })
+}
+
+/// The service `web` and its slice `web-x1` with `backends` (all ready, on [`NODE`]).
+fn web_slice(backends: &[&PodHandle]) -> Vec<Value> {
+    backends
+        .iter()
+        .map(|p| endpoint(p, NODE, &json!({})))
+        .collect()
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario, read top to bottom"
+)]
+fn agent_follows_the_kubernetes_api() {
+    let Some(_k) = mesh_tests::kernel_test("kubernetes_agent") else {
+        return;
     };
-    applied("round robin from policy shop/web", &|p| {
+    let mut h = Harness::new("kubernetes_agent");
+    let node = h.node();
+    let client = h.cluster.add_pod(&node, "client").expect("client pod");
+    let (backends, _servers) =
+        mesh_tests::meshpod::backend_pods(&h.cluster, &node, "b", 3, 80).expect("backend pods");
+    let namespaces: Api<Namespace> = Api::all(h.kube.clone());
+    let services: Api<Service> = h.namespaced();
+    let slices: Api<EndpointSlice> = h.namespaced();
+    let pods: Api<Pod> = h.namespaced();
+    let events: Api<Event> = h.namespaced();
+    h.create(&namespaces, namespace_object());
+    h.create(
+        &services,
+        service_object("web", VIP, &json!({}), &json!({})),
+    );
+    h.create(
+        &slices,
+        slice_object(
+            "web-x1",
+            "web",
+            &web_slice(&[&backends[0], &backends[1]]),
+            &http_port(),
+        ),
+    );
+    for b in &backends {
+        h.create(&pods, pod_object(b.name(), b.ipv4(), NODE, false));
+    }
+    h.create(
+        &pods,
+        pod_object("remote", Ipv4Addr::new(10, 9, 9, 9), "b", false),
+    );
+    h.agent
+        .start()
+        .expect("mesh-agent --kubernetes becomes ready");
+
+    // Two endpoints, and only they, get traffic; the application sees the service address.
+    let r = h.hit_until(&client, vip(), "two endpoints", &[], &|r| {
+        r.ok() == 20 && count(r, "b0") > 0 && count(r, "b1") > 0 && count(r, "b2") == 0
+    });
+    assert_eq!(r.peer_mismatch, 0, "{r:?}");
+    // The pods of this node are the agent's identities; the one elsewhere is not.
+    let ids = h.agent.meshctl_json(&["identities"]).expect("identities");
+    let mut names: Vec<&str> = ids
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|i| i["pod"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["b0", "b1", "b2"], "{ids}");
+
+    // Scale to three.
+    h.patch(
+        &slices,
+        "web-x1",
+        endpoints_patch(
+            &web_slice(&backends.iter().collect::<Vec<_>>()),
+            &http_port(),
+        ),
+    );
+    h.hit_until(&client, vip(), "three endpoints", &[], &|r| {
+        r.ok() == 20 && ["b0", "b1", "b2"].iter().all(|b| count(r, b) > 0)
+    });
+
+    // A valid policy (round robin, half the backends may be ejected): the distribution becomes
+    // exact, `meshctl policies` names it, and the elected agent marks it Accepted.
+    h.create_policy(&traffic_policy(
+        "web-rr",
+        &json!({
+            "loadBalancer": { "simple": "ROUND_ROBIN" },
+            "outlierDetection": { "maxEjectionPercent": 50 },
+        }),
+    ));
+    let web = h.web_service_until("round robin applied", &|s| s["algorithm"] == "round-robin");
+    assert_eq!(web["max_ejection_percent"], 50, "{web}");
+    let assert_round_robin = || {
+        let r = client.hit(vip(), 90, &[]).expect("hit");
+        assert_eq!(r.ok(), 90, "{r:?}");
+        for b in ["b0", "b1", "b2"] {
+            assert!(
+                (29..=31).contains(&count(&r, b)),
+                "round robin gives each backend a third: {r:?}"
+            );
+        }
+        assert!(
+            r.per_conn.windows(2).all(|w| w[0] != w[1]),
+            "round robin never repeats a backend back to back: {:?}",
+            r.per_conn
+        );
+    };
+    assert_round_robin();
+    h.policies_until("round robin from policy shop/web-rr", &|p| {
         p["services"][0]["service"] == "shop/web"
-            && p["services"][0]["policy"] == "shop/web"
+            && p["services"][0]["policy"] == "shop/web-rr"
             && p["services"][0]["algorithm"] == "round-robin"
     });
-    // An invalid one: reported by the agent, named in `meshctl policies`, service unharmed.
-    rt.block_on(policies.create(
-        &pp,
-        &traffic_policy(
-            "web-bad",
-            &json!({ "outlierDetection": { "maxEjectionPercent": 150 } }),
-        ),
-    ))
-    .expect("create invalid policy");
+    let (status, _, message) = h.wait_for_condition("web-rr", "Accepted");
+    assert_eq!(
+        (status.as_str(), message.as_str()),
+        ("True", "applies to its targets")
+    );
+    let leases: Api<Lease> = Api::namespaced(h.kube.clone(), AGENT_NS);
+    let lease =
+        h.rt.block_on(leases.get(LEASE_NAME))
+            .expect("the election Lease exists");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(AGENT_ID),
+        "this agent holds the Lease"
+    );
+
+    // An invalid policy on the same Service: rejected whole, reported naming object, field and
+    // reason, written to its status and recorded as a Warning Event; the service keeps what the
+    // valid policy gives it, and traffic flows.
+    h.create_policy(&traffic_policy(
+        "web-bad",
+        &json!({
+            "loadBalancer": { "simple": "RANDOM" },
+            "outlierDetection": { "maxEjectionPercent": 150 },
+        }),
+    ));
+    let want = format!(
+        "TrafficPolicy {NS}/web-bad: spec.outlierDetection.maxEjectionPercent: 150 is not in \
+         0..=100; rejected as a whole"
+    );
     let start = Instant::now();
     loop {
-        let status = agent.meshctl_json(&["status"]).unwrap();
-        let why = status["last_rejection"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if why.contains("spec.outlierDetection.maxEjectionPercent") && why.contains("shop/web-bad")
-        {
+        let status = h.agent.meshctl_json(&["status"]).expect("status");
+        if status["last_rejection"].as_str() == Some(want.as_str()) {
             break;
         }
         assert!(
@@ -797,29 +514,471 @@ fn agent_binary_follows_the_kubernetes_api() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let p = applied("the invalid policy listed", &|p| {
+    let web = h.web_service_until("settings of web", &|_| true);
+    assert_eq!(
+        (
+            web["algorithm"].as_str(),
+            web["max_ejection_percent"].as_u64()
+        ),
+        (Some("round-robin"), Some(50)),
+        "nothing of the invalid policy applies: {web}"
+    );
+    let p = h.policies_until("the invalid policy listed", &|p| {
         p["services"][0]["not_applied"][0]["policy"] == "shop/web-bad"
     });
-    assert_eq!(p["services"][0]["policy"], "shop/web", "{p}");
+    assert_eq!(p["services"][0]["policy"], "shop/web-rr", "{p}");
     assert_eq!(
         p["services"][0]["not_applied"][0]["reason"], "Invalid",
         "{p}"
     );
+    assert_round_robin();
+    let (status, _, message) = h.wait_for_condition("web-bad", "Invalid");
     assert_eq!(
-        client.hit(vip(), 30, &[]).unwrap().ok(),
-        30,
-        "the service keeps working"
+        (status.as_str(), message.as_str()),
+        ("False", want.as_str())
     );
+    let start = Instant::now();
+    let event = loop {
+        let listed =
+            h.rt.block_on(events.list(&ListParams::default()))
+                .map(|l| l.items)
+                .unwrap_or_default();
+        if let Some(e) = listed
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(EVENT_REASON_INVALID))
+        {
+            break e;
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "no {EVENT_REASON_INVALID} Event recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.note.as_deref(), Some(want.as_str()));
+    let regarding = event.regarding.expect("regarding");
+    assert_eq!(
+        (regarding.kind.as_deref(), regarding.name.as_deref()),
+        (Some("TrafficPolicy"), Some("web-bad"))
+    );
+
+    // A second valid policy on the same Service is younger: Conflicted, and it takes over only
+    // when the older one is deleted (the Gateway API's conflict rule).
+    // creationTimestamp has a one-second resolution: make the age difference visible.
+    std::thread::sleep(Duration::from_millis(1100));
+    h.create_policy(&traffic_policy(
+        "web-young",
+        &json!({ "loadBalancer": { "simple": "RANDOM" } }),
+    ));
+    let (status, _, message) = h.wait_for_condition("web-young", "Conflicted");
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!("older policy {NS}/web-rr wins")),
+        "{message}"
+    );
+    let web = h.web_service_until("settings of web", &|_| true);
+    assert_eq!(web["algorithm"], "round-robin", "{web}");
+    h.rt.block_on(h.policies().delete("web-rr", &DeleteParams::default()))
+        .expect("delete web-rr");
+    let web = h.web_service_until("the younger policy applies", &|s| {
+        s["algorithm"] == "random"
+    });
+    assert_eq!(
+        web["max_ejection_percent"], 10,
+        "web-young sets no outlier detection: the defaults, nothing merged from web-rr: {web}"
+    );
+    let (status, _, _) = h.wait_for_condition("web-young", "Accepted");
+    assert_eq!(status, "True");
+
     // Deleting the Service removes it from the kernel: the cluster IP no longer leads anywhere.
-    rt.block_on(services.delete("web", &DeleteParams::default()))
-        .expect("delete");
-    hit_until(
+    h.rt.block_on(services.delete("web", &DeleteParams::default()))
+        .expect("delete service");
+    h.hit_until(
+        &client,
+        vip(),
         "service deleted",
-        &|r| r.ok() == 0,
         &["--timeout-ms", "300"],
+        &|r| r.ok() == 0,
     );
-    let listed = agent.meshctl_json(&["services"]).unwrap();
-    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+    assert!(h.services().is_empty(), "{:?}", h.services());
+
+    // Deleting the namespace drops its remaining objects (the pods) from the agent's model.
+    h.rt.block_on(namespaces.delete(NS, &DeleteParams::default()))
+        .expect("delete namespace");
+    let start = Instant::now();
+    while !h
+        .agent
+        .meshctl_json(&["identities"])
+        .expect("identities")
+        .as_array()
+        .is_some_and(Vec::is_empty)
+    {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "pods of a deleted namespace stay"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(h.agent.pid().is_some(), "the agent keeps running");
+}
+
+/// The IPv4 addresses in the pinned `LOCAL_ENDPOINTS` map (same-node bypass candidates).
+fn local_endpoints(pins: &Path) -> Vec<Ipv4Addr> {
+    let path = pins.join("maps/LOCAL_ENDPOINTS");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map dump {}", path.display());
+    let entries: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    entries
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            // The key is `EndpointKey`: the address bytes in network order first.
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .expect("raw key bytes")
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap_or_default().trim_start_matches("0x"), 16)
+                        .expect("hex byte")
+                })
+                .collect();
+            Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+        })
+        .collect()
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario per kube-proxy rule, read top to bottom"
+)]
+fn agent_applies_kube_proxy_semantics() {
+    let Some(_k) = mesh_tests::kernel_test("kubernetes_semantics") else {
+        return;
+    };
+    let mut h = Harness::new("kubernetes_semantics");
+    let node_a = h.node();
+    let node_b = h.cluster.add_node("b").expect("node b");
+    let client = h.cluster.add_pod(&node_a, "client").expect("client pod");
+    let (local, _local_servers) =
+        mesh_tests::meshpod::backend_pods(&h.cluster, &node_a, "a", 2, 80).expect("pods on a");
+    let (remote, _remote_servers) =
+        mesh_tests::meshpod::backend_pods(&h.cluster, &node_b, "b", 1, 80).expect("pod on b");
+    let (a0, a1, b0) = (&local[0], &local[1], &remote[0]);
+    // a0 also serves port 8080, under another name, for the named-port case.
+    let _a0_8080: PodChild = a0
+        .serve("a0-8080", &[SocketAddr::new(a0.ipv4().into(), 8080)], &[])
+        .expect("a0 on 8080");
+
+    let vip = |n: u8| Ipv4Addr::new(10, 96, 1, n);
+    let at = |n: u8| SocketAddr::from((vip(n), 80));
+    let namespaces: Api<Namespace> = Api::all(h.kube.clone());
+    let nodes: Api<Node> = Api::all(h.kube.clone());
+    let services: Api<Service> = h.namespaced();
+    let slices: Api<EndpointSlice> = h.namespaced();
+    let pods: Api<Pod> = h.namespaced();
+    let none = json!({});
+    let ready = |p: &PodHandle, node: &str| endpoint(p, node, &none);
+    let terminating = |p: &PodHandle, node: &str, serving: bool| {
+        endpoint(
+            p,
+            node,
+            &json!({ "conditions": { "ready": false, "serving": serving, "terminating": true } }),
+        )
+    };
+    let zoned = |p: &PodHandle, node: &str, zone: &str, hint: Option<&str>| {
+        let mut extra = json!({ "zone": zone });
+        if let Some(hint) = hint {
+            extra["hints"] = json!({ "forZones": [{ "name": hint }] });
+        }
+        endpoint(p, node, &extra)
+    };
+
+    h.create(&namespaces, namespace_object());
+    for (name, zone) in [("a", "z1"), ("b", "z2")] {
+        h.create(
+            &nodes,
+            json!({ "metadata": { "name": name, "labels": { ZONE_LABEL: zone } } }),
+        );
+    }
+    // Pods of node a, and a host-network pod whose address is the node's.
+    for p in [&client, a0, a1] {
+        h.create(&pods, pod_object(p.name(), p.ipv4(), "a", false));
+    }
+    h.create(&pods, pod_object("hostnet", node_a.ipv4(), "a", true));
+    h.create(&pods, pod_object(b0.name(), b0.ipv4(), "b", false));
+
+    // 1: rollout — the only endpoint is terminating but still serving; b0 is not ready.
+    h.create(&services, service_object("rollout", vip(1), &none, &none));
+    let not_ready = endpoint(
+        b0,
+        "b",
+        &json!({ "conditions": { "ready": false, "serving": false, "terminating": false } }),
+    );
+    h.create(
+        &slices,
+        slice_object(
+            "rollout-1",
+            "rollout",
+            &[terminating(a0, "a", true), not_ready.clone()],
+            &http_port(),
+        ),
+    );
+    // 2: internalTrafficPolicy Local — ready endpoints on both nodes.
+    h.create(
+        &services,
+        service_object(
+            "local",
+            vip(2),
+            &json!({ "internalTrafficPolicy": "Local" }),
+            &none,
+        ),
+    );
+    h.create(
+        &slices,
+        slice_object(
+            "local-1",
+            "local",
+            &[ready(a1, "a"), ready(b0, "b")],
+            &http_port(),
+        ),
+    );
+    // 3: a named target port: the slice lists `http` on 8080; the Service's number is 80.
+    let mut named = service_object("named", vip(3), &none, &none);
+    named["spec"]["ports"][0]["targetPort"] = json!("web");
+    h.create(&services, named);
+    let port_8080 = json!([{ "name": "http", "port": 8080, "protocol": "TCP" }]);
+    h.create(
+        &slices,
+        slice_object("named-1", "named", &[ready(a0, "a")], &port_8080),
+    );
+    // 4: zone hints written by the EndpointSlice controller.
+    h.create(&services, service_object("zonal", vip(4), &none, &none));
+    h.create(
+        &slices,
+        slice_object(
+            "zonal-1",
+            "zonal",
+            &[
+                zoned(a0, "a", "z1", Some("z1")),
+                zoned(b0, "b", "z2", Some("z2")),
+            ],
+            &http_port(),
+        ),
+    );
+    // 5: PreferClose without hints (no controller wrote them): the agent prefers this zone.
+    h.create(
+        &services,
+        service_object(
+            "close",
+            vip(5),
+            &json!({ "trafficDistribution": "PreferClose" }),
+            &none,
+        ),
+    );
+    h.create(
+        &slices,
+        slice_object(
+            "close-1",
+            "close",
+            &[zoned(a1, "a", "z1", None), zoned(b0, "b", "z2", None)],
+            &http_port(),
+        ),
+    );
+    // 6: a Service another proxy implements, and a headless one: never watched.
+    let other_proxy = json!({ "service.kubernetes.io/service-proxy-name": "other-proxy" });
+    h.create(
+        &services,
+        service_object("other", vip(6), &none, &other_proxy),
+    );
+    let mut other_slice = slice_object("other-1", "other", &[ready(a0, "a")], &http_port());
+    other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
+        json!("other-proxy");
+    h.create(&slices, other_slice);
+    let mut headless = service_object("headless", vip(7), &none, &none);
+    headless["spec"]["clusterIP"] = json!("None");
+    headless["spec"]["clusterIPs"] = json!(["None"]);
+    h.create(&services, headless);
+    let mut headless_slice =
+        slice_object("headless-1", "headless", &[ready(a0, "a")], &http_port());
+    headless_slice["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    h.create(&slices, headless_slice);
+
+    h.agent
+        .start()
+        .expect("mesh-agent --kubernetes becomes ready");
+    let fail_fast = ["--timeout-ms", "300"];
+    let unreachable = |r: &HitReport| r.errors.get("EHOSTUNREACH").copied() == Some(20);
+
+    // Lists come from the watch cache, with kube-proxy's selector on Services and slices.
+    let requests = h.kmock.requests();
+    for (path, selector) in [
+        ("/api/v1/services", ("labelSelector", PROXY_LABEL_SELECTOR)),
+        (
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            ("labelSelector", PROXY_LABEL_SELECTOR),
+        ),
+        ("/api/v1/nodes", ("fieldSelector", "metadata.name=a")),
+        ("/api/v1/pods", ("fieldSelector", "spec.nodeName=a")),
+        (
+            "/apis/traffic.kernmesh.io/v1alpha1/trafficpolicies",
+            ("resourceVersion", "0"),
+        ),
+    ] {
+        let list = requests
+            .iter()
+            .find(|r| {
+                r["method"] == "GET" && r["path"] == path && r["params"].get("watch").is_none()
+            })
+            .unwrap_or_else(|| panic!("no list of {path}: {requests:?}"));
+        assert_eq!(list["params"]["resourceVersion"], "0", "{list}");
+        assert_eq!(list["params"][selector.0], selector.1, "{list}");
+    }
+
+    // 1: the terminating-but-serving endpoint keeps the service working.
+    let r = client.hit(at(1), 20, &[]).expect("hit");
+    assert_eq!(
+        count(&r, "a0"),
+        20,
+        "serving+terminating used with none ready: {r:?}"
+    );
+    // A ready endpoint appears: only it is used.
+    h.patch(
+        &slices,
+        "rollout-1",
+        endpoints_patch(&[terminating(a0, "a", true), ready(b0, "b")], &http_port()),
+    );
+    h.hit_until(&client, at(1), "ready endpoint preferred", &[], &|r| {
+        count(r, "b0") == 20
+    });
+    // Nothing serving: the connect fails at once, as with no endpoints.
+    h.patch(
+        &slices,
+        "rollout-1",
+        endpoints_patch(&[terminating(a0, "a", false), not_ready], &http_port()),
+    );
+    h.hit_until(&client, at(1), "nothing serving", &fail_fast, &unreachable);
+
+    // 2: Local: only this node's endpoint, never the remote one ...
+    let r = client.hit(at(2), 20, &[]).expect("hit");
+    assert_eq!(count(&r, "a1"), 20, "only the local endpoint: {r:?}");
+    // ... and none here means failure, not fallback.
+    h.patch(
+        &slices,
+        "local-1",
+        endpoints_patch(&[ready(b0, "b")], &http_port()),
+    );
+    h.hit_until(
+        &client,
+        at(2),
+        "no local endpoint",
+        &fail_fast,
+        &unreachable,
+    );
+    h.patch(
+        &services,
+        "local",
+        json!({ "spec": { "internalTrafficPolicy": "Cluster" } }),
+    );
+    h.hit_until(&client, at(2), "Cluster policy reaches b0", &[], &|r| {
+        count(r, "b0") == 20
+    });
+
+    // 3: the endpoint's port is the slice's (8080), not the Service's number.
+    let r = client.hit(at(3), 20, &[]).expect("hit");
+    assert_eq!(count(&r, "a0-8080"), 20, "slice port used: {r:?}");
+    // A slice port of another name: the endpoint does not serve `http` at all, even though a0
+    // listens on the Service's targetPort number 80.
+    h.patch(
+        &slices,
+        "named-1",
+        endpoints_patch(
+            &[ready(a0, "a")],
+            &json!([{ "name": "metrics", "port": 80, "protocol": "TCP" }]),
+        ),
+    );
+    h.hit_until(
+        &client,
+        at(3),
+        "port of another name",
+        &fail_fast,
+        &unreachable,
+    );
+    // The right name with another protocol does not serve it either.
+    h.patch(
+        &slices,
+        "named-1",
+        endpoints_patch(
+            &[ready(a0, "a")],
+            &json!([{ "name": "http", "port": 8080, "protocol": "UDP" }]),
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let r = client.hit(at(3), 20, &fail_fast).expect("hit");
+    assert!(
+        unreachable(&r),
+        "a UDP slice port does not serve a TCP service port: {r:?}"
+    );
+
+    // 5 (before the zone changes): PreferClose keeps traffic in zone z1.
+    let r = client.hit(at(5), 20, &[]).expect("hit");
+    assert_eq!(count(&r, "a1"), 20, "PreferClose: same zone only: {r:?}");
+    // 4: zone hints: this node is in z1, so only a0 (hinted for z1) ...
+    let r = client.hit(at(4), 20, &[]).expect("hit");
+    assert_eq!(count(&r, "a0"), 20, "zone hints followed: {r:?}");
+    // ... the Node moves to z2 (the agent watches its Node): only b0 ...
+    h.patch(
+        &nodes,
+        "a",
+        json!({ "metadata": { "labels": { ZONE_LABEL: "z2" } } }),
+    );
+    h.hit_until(&client, at(4), "zone z2", &[], &|r| count(r, "b0") == 20);
+    // ... a zone no endpoint is hinted for: every endpoint.
+    h.patch(
+        &nodes,
+        "a",
+        json!({ "metadata": { "labels": { ZONE_LABEL: "z9" } } }),
+    );
+    h.hit_until(&client, at(4), "no endpoint for zone z9", &[], &|r| {
+        r.ok() == 20 && count(r, "a0") > 0 && count(r, "b0") > 0
+    });
+
+    // 6: the other proxy's and the headless Service are not programmed ...
+    let programmed = h.services();
+    assert!(
+        !programmed.contains_key("other") && !programmed.contains_key("headless"),
+        "{programmed:?}"
+    );
+    assert!(programmed.contains_key("rollout"), "{programmed:?}");
+    let r = client.hit(at(6), 5, &fail_fast).expect("hit");
+    assert_eq!(r.ok(), 0, "another proxy's cluster IP is not ours: {r:?}");
+    // ... until the label goes: the watch (through its selector) then delivers them.
+    let unlabel = json!({ "metadata": { "labels": {
+        "service.kubernetes.io/service-proxy-name": null,
+    } } });
+    h.patch(&services, "other", unlabel.clone());
+    h.patch(&slices, "other-1", unlabel);
+    h.hit_until(&client, at(6), "unlabelled service", &[], &|r| {
+        count(r, "a0") == 20
+    });
+
+    // 7: the host-network pod (the node's address) is not a same-node bypass endpoint.
+    let mut bypass = local_endpoints(&h.agent.pins);
+    bypass.sort_unstable();
+    let mut want = vec![client.ipv4(), a0.ipv4(), a1.ipv4()];
+    want.sort_unstable();
+    assert_eq!(
+        bypass,
+        want,
+        "node address {} must not be there",
+        node_a.ipv4()
+    );
 }
 
 /// The policy status writer (no kernel needed): of two agents only the Lease holder writes; when
@@ -835,7 +994,9 @@ fn policy_status_has_one_writer_and_fails_over() {
     };
     use tokio::sync::watch;
 
-    let kmock = Kmock::start().expect("kmock API stand-in");
+    let work = std::env::temp_dir().join("kubernetes_policy_status");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let kmock = Kmock::start(&work, None).expect("kmock API stand-in");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

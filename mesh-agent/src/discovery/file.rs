@@ -14,8 +14,11 @@
 //!                                                  # Service's spec.sessionAffinityConfig
 //!     endpoints:
 //!       - { ip: 10.1.0.3, node: node-a, pod: web-0, ready: true, weight: 1 }
+//!       # optional: serving (default: ready), terminating (default: false); a serving and
+//!       # terminating endpoint is used only while no endpoint is ready (as kube-proxy)
 //! pods:                               # pods of interest (same-node bypass, identity)
 //!   - { name: web-0, namespace: default, node: node-a, serviceAccount: web, ips: [10.1.0.3] }
+//!   # optional: hostNetwork: true (the pod has the node's addresses: never a local pod endpoint)
 //! policies:                           # TrafficPolicy objects, exactly as in Kubernetes
 //!   - apiVersion: traffic.kernmesh.io/v1alpha1
 //!     kind: TrafficPolicy
@@ -143,9 +146,33 @@ struct FileEndpoint {
     #[serde(default)]
     ready: Option<bool>,
     #[serde(default)]
+    serving: Option<bool>,
+    #[serde(default)]
+    terminating: Option<bool>,
+    #[serde(default)]
     weight: Option<Spanned<u32>>,
     #[serde(default)]
     ports: BTreeMap<String, u16>,
+}
+
+impl FileEndpoint {
+    fn to_model(&self, namespace: &str, weight: u32) -> Endpoint {
+        let ready = self.ready.unwrap_or(true);
+        Endpoint {
+            ip: self.ip,
+            ports: std::sync::Arc::new(self.ports.clone()),
+            ready,
+            serving: self.serving.unwrap_or(ready),
+            terminating: self.terminating.unwrap_or(false),
+            node: self.node.as_deref().map(std::sync::Arc::from),
+            pod: self
+                .pod
+                .as_ref()
+                .map(|p| ObjectName::new(namespace, p.clone())),
+            weight,
+            hints: model::Hints::default(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -159,6 +186,8 @@ struct FilePod {
     service_account: Option<String>,
     #[serde(default)]
     ips: Vec<IpAddr>,
+    #[serde(default)]
+    host_network: bool,
 }
 
 /// Collects the first validation error with its position.
@@ -253,6 +282,7 @@ pub fn parse_full(
                     .unwrap_or_else(|| "default".to_owned()),
                 ips: p.value.ips.clone(),
                 uid: String::new(),
+                host_network: p.value.host_network,
             },
         );
     }
@@ -365,7 +395,7 @@ fn service(
             name: pname,
             port,
             protocol,
-            target_port,
+            target_port: Some(target_port),
         });
     }
     if ports.is_empty() {
@@ -385,18 +415,7 @@ fn service(
             Some(w) => w.value,
             None => 1,
         };
-        endpoints.push(Endpoint {
-            ip: e.value.ip,
-            ports: e.value.ports.clone(),
-            ready: e.value.ready.unwrap_or(true),
-            node: e.value.node.clone(),
-            pod: e
-                .value
-                .pod
-                .as_ref()
-                .map(|p| ObjectName::new(name.namespace.clone(), p.clone())),
-            weight,
-        });
+        endpoints.push(e.value.to_model(&name.namespace, weight));
     }
     Ok(model::Service {
         name,
@@ -404,6 +423,7 @@ fn service(
         ports,
         settings,
         endpoints,
+        internal_traffic_policy: model::TrafficPolicy::default(),
     })
 }
 

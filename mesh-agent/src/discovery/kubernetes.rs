@@ -1,24 +1,42 @@
 //! The Kubernetes source: watches Services, `EndpointSlices` (`discovery.k8s.io/v1`), the Pods of
-//! this node and Namespaces through kube-rs watchers (with their default backoff), keeps its own
-//! stores, and after each batch of events (debounced by [`DEBOUNCE`]) sends a complete
-//! [`ClusterModel`] as [`Update::Model`] — once every watcher has finished its initial list, and
-//! only when the model changed.
+//! this node, Namespaces and this node's Node through kube-rs watchers (with their default
+//! backoff), keeps its own stores, and after each batch of events (debounced by [`DEBOUNCE`])
+//! sends a complete [`ClusterModel`] as [`Update::Model`] — once every watcher has finished its
+//! initial list, and only when the model changed.
 //!
-//! What becomes what:
+//! Watches (kube-proxy's, for the same reasons): Services and `EndpointSlices` with the label
+//! selector [`PROXY_LABEL_SELECTOR`], so objects of Services another proxy implements
+//! (`service.kubernetes.io/service-proxy-name`) and slices of headless Services
+//! (`service.kubernetes.io/headless`) never reach the agent; Pods with
+//! `fieldSelector=spec.nodeName=<node>`; the Node with `metadata.name=<node>`. Initial lists
+//! are served from the API server's watch cache (`resourceVersion=0`), and every object is
+//! slimmed before it is stored (`managedFields`, annotations, pod containers and statuses, node
+//! status dropped), so memory follows what the model uses. `TrafficPolicy` objects (few, and
+//! read whole by the policy parser and the status writer) are watched and kept as they are.
+//!
+//! What becomes what (each rule is kube-proxy's unless said otherwise):
 //! - **Service** → [`model::Service`]: `spec.clusterIPs` (or `spec.clusterIP`); headless (`None`),
 //!   address-less and `ExternalName` services are left out. Ports: TCP and UDP (SCTP is skipped).
-//!   A numeric `targetPort` is the endpoints' port; a named one is resolved per endpoint from the
-//!   `EndpointSlice` ports (keyed by the service port name, into [`Endpoint::ports`]); where no
-//!   slice resolves it, the service port number is used.
+//!   `spec.internalTrafficPolicy: Local` → [`model::TrafficPolicy::Local`] (only this node's
+//!   endpoints, no fallback). The Service's `targetPort` is not used: it is the `EndpointSlice`
+//!   controller's input.
 //! - **`EndpointSlice`** → [`Endpoint`]s of the service named by its `kubernetes.io/service-name`
-//!   label (several slices merge; the same address and ports seen twice counts once). Each address
-//!   of each endpoint; `conditions.ready` (absent = ready); `nodeName`; a `Pod` `targetRef`.
-//!   `FQDN` slices are ignored.
+//!   label (several slices merge; the same address and ports seen twice counts once, the most
+//!   usable copy wins). An endpoint serves a service port only if its slice lists a port of the
+//!   same name and protocol, on the number listed there. Conditions: `ready` and `serving`
+//!   (absent = true), `terminating` (absent = false); [`ClusterModel::desired_specs`] uses
+//!   serving-and-terminating endpoints only when no endpoint is ready. `hints.forZones` /
+//!   `hints.forNodes` are the topology hints; for `trafficDistribution: PreferClose` /
+//!   `PreferSameZone` / `PreferSameNode` an endpoint without hints is hinted for its own zone
+//!   (node), as the `EndpointSlice` controller would (kube-proxy reads only hints). `nodeName`;
+//!   a `Pod` `targetRef`. `FQDN` slices are ignored.
 //! - **Pod** (only those with `spec.nodeName` = this node; terminal pods skipped) → [`model::Pod`]:
-//!   `spec.serviceAccountName` (default `default`) and `status.podIPs`.
+//!   `spec.serviceAccountName` (default `default`), `status.podIPs`, `spec.hostNetwork`
+//!   (host-network pods are never local pod endpoints).
 //! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
 //!   are left out, so deleting a namespace drops its services and pods at once.
-//!
+//! - **Node** (this one): its `topology.kubernetes.io/zone` label is
+//!   [`ClusterModel::node_zone`]; no Node object or no label means zone hints are not used.
 //! - **`TrafficPolicy`** (`traffic.kernmesh.io/v1alpha1`, watched as dynamic objects so one
 //!   malformed object cannot stall the watch): every policy goes through the one parser
 //!   ([`crate::policy::parse`]) and is resolved onto the Services ([`crate::policy::resolve`]:
@@ -39,19 +57,17 @@ use std::{
     fmt,
     net::IpAddr,
     pin::Pin,
+    sync::Arc,
     time::Duration,
 };
 
 use futures::{Stream, StreamExt as _, stream::select_all};
-use k8s_openapi::{
-    api::{
-        core::v1::{
-            Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService,
-            ServiceSpec as K8sServiceSpec,
-        },
-        discovery::v1::EndpointSlice,
+use k8s_openapi::api::{
+    core::v1::{
+        Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService,
+        ServiceSpec as K8sServiceSpec,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Resource, ResourceExt as _,
@@ -79,13 +95,22 @@ pub use {k8s_openapi, kube};
 
 /// Label joining an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of Services (and their slices) that another proxy implements.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller puts on the slices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// kube-proxy's label selector on its Service and `EndpointSlice` informers: objects of
+/// Services another proxy owns, and headless ones, never reach the agent at all.
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The Node label naming its zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Kubernetes' default `ClientIP` affinity timeout (`sessionAffinityConfig.clientIP.timeoutSeconds`).
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_hours(3);
 /// Quiet time that ends a batch of watch events.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Longest batch under continuous churn: a model goes out at least this often.
 pub const MAX_BATCH: Duration = Duration::from_secs(1);
-
 /// Why the Kubernetes source stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
@@ -127,35 +152,36 @@ fn spec_affinity(spec: Option<&K8sServiceSpec>) -> Option<Duration> {
 pub fn service_ports(spec: &K8sServiceSpec) -> Vec<ServicePort> {
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
-        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            other => {
-                debug!(
-                    protocol = other,
-                    port = p.port,
-                    "service port skipped: protocol not balanced"
-                );
-                continue;
-            }
+        let Some(protocol) = protocol(p.protocol.as_deref()) else {
+            debug!(
+                protocol = p.protocol.as_deref(),
+                port = p.port,
+                "service port skipped: protocol not balanced"
+            );
+            continue;
         };
         let Some(port) = port_number(p.port) else {
             continue;
         };
-        let target_port = match &p.target_port {
-            Some(IntOrString::Int(n)) => port_number(*n).unwrap_or(port),
-            // Named: resolved per endpoint from the EndpointSlice ports; this is the fallback.
-            Some(IntOrString::String(s)) => s.parse().ok().filter(|&n| n != 0).unwrap_or(port),
-            None => port,
-        };
+        // The Service's `targetPort` (number or name) is the EndpointSlice controller's input;
+        // the port an endpoint serves on is the one its slice lists (kube-proxy reads only that).
         out.push(ServicePort {
             name: p.name.clone().unwrap_or_default(),
             port,
             protocol,
-            target_port,
+            target_port: None,
         });
     }
     out
+}
+
+/// A port's protocol (absent = TCP, as the API defaults it); `None` for SCTP.
+fn protocol(name: Option<&str>) -> Option<Protocol> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
 }
 
 fn port_number(n: i32) -> Option<u16> {
@@ -185,61 +211,236 @@ pub fn cluster_ips(spec: &K8sServiceSpec) -> Vec<IpAddr> {
     out
 }
 
-/// Endpoints of one `EndpointSlice` (`FQDN` slices and unparsable addresses skipped).
-#[must_use]
-pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
-    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-        return Vec::new();
-    }
-    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-    let ports: BTreeMap<String, u16> = slice
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
-        .collect();
-    let mut out = Vec::new();
-    for ep in &slice.endpoints {
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        let pod = ep
-            .target_ref
-            .as_ref()
-            .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| {
-                let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
-                Some(ObjectName::new(ns, r.name.clone()?))
-            });
-        for addr in &ep.addresses {
-            let Ok(ip) = addr.parse::<IpAddr>() else {
-                warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
-                continue;
-            };
-            out.push(Endpoint {
-                ip,
-                ports: ports.clone(),
-                ready,
-                node: ep.node_name.clone(),
-                pod: pod.clone(),
-                weight: 1,
-            });
-        }
-    }
-    out
+/// A Service reduced, when it arrives, to what the model reads. Kept instead of the API object
+/// (whose metadata and spec structs alone are over a kilobyte each). No annotations: settings
+/// come only from `TrafficPolicy` objects.
+#[derive(Clone, Debug)]
+struct StoredService {
+    /// The Service's own settings ([`service_settings`]: `ClientIP` affinity from its spec).
+    settings: ServiceSettings,
+    /// Whether the Service had a spec at all.
+    has_spec: bool,
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+    internal_traffic_policy: model::TrafficPolicy,
+    traffic_distribution: Option<String>,
 }
 
-/// Merges endpoints of several slices: one entry per (address, ports), ready if any copy is,
-/// sorted so the model does not depend on slice order.
+impl StoredService {
+    fn new(svc: &K8sService) -> Self {
+        let spec = svc.spec.as_ref();
+        Self {
+            settings: service_settings(spec),
+            has_spec: spec.is_some(),
+            cluster_ips: spec.map(cluster_ips).unwrap_or_default(),
+            ports: spec.map(service_ports).unwrap_or_default(),
+            internal_traffic_policy: match spec.and_then(|s| s.internal_traffic_policy.as_deref()) {
+                Some("Local") => model::TrafficPolicy::Local,
+                _ => model::TrafficPolicy::Cluster,
+            },
+            traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
+        }
+    }
+}
+
+/// Node and zone names, one allocation each however many endpoints name them.
+#[derive(Default)]
+struct Names(BTreeSet<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&n));
+        n
+    }
+}
+
+/// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]); 100,000 of
+/// them for 10,000 services, so names are shared and hints (rare) boxed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SliceEndpoint {
+    ip: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<Arc<str>>,
+    pod: Option<ObjectName>,
+    zone: Option<Arc<str>>,
+    hints: Option<Box<model::Hints>>,
+}
+
+/// An `EndpointSlice` reduced, when it arrives, to what the model reads: the service it belongs
+/// to, its ports and one entry per endpoint address. Kept instead of the API object, which
+/// carries several times more (every `targetRef` field, an `Option` per condition and hint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StoredSlice {
+    /// The `kubernetes.io/service-name` label.
+    service: Option<String>,
+    /// (name, protocol, port) as listed; SCTP and invalid numbers already dropped.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+impl StoredSlice {
+    /// Reads a slice (`FQDN` slices and unparsable addresses give no endpoints).
+    fn new(slice: &EndpointSlice, names: &mut Names) -> Self {
+        let mut out = Self {
+            service: slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        protocol(p.protocol.as_deref())?,
+                        port_number(p.port?)?,
+                    ))
+                })
+                .collect(),
+            endpoints: Vec::new(),
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            return out;
+        }
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        out.endpoints.reserve_exact(slice.endpoints.len());
+        for ep in &slice.endpoints {
+            // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
+            let conditions = ep.conditions.as_ref();
+            let hinted = ep.hints.as_ref();
+            let hints = model::Hints {
+                zones: hinted
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: hinted
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
+                    Some(ObjectName::new(ns, r.name.clone()?))
+                });
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
+                    continue;
+                };
+                out.endpoints.push(SliceEndpoint {
+                    ip,
+                    ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    node: ep.node_name.as_deref().map(|n| names.get(n)),
+                    pod: pod.clone(),
+                    zone: ep.zone.as_deref().map(|z| names.get(z)),
+                    hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
+                });
+            }
+        }
+        out.endpoints.shrink_to_fit();
+        out
+    }
+
+    /// The model endpoints of this slice for a service with `service_ports` (see
+    /// [`slice_endpoints`]).
+    fn endpoints(
+        &self,
+        service_ports: &[ServicePort],
+        traffic_distribution: Option<&str>,
+    ) -> Vec<Endpoint> {
+        // One map per slice, shared by its endpoints.
+        let ports: Arc<BTreeMap<String, u16>> = Arc::new(
+            self.ports
+                .iter()
+                .filter(|(name, protocol, _)| {
+                    service_ports
+                        .iter()
+                        .any(|sp| &sp.name == name && sp.protocol == *protocol)
+                })
+                .map(|(name, _, port)| (name.clone(), *port))
+                .collect(),
+        );
+        let same_node = traffic_distribution == Some("PreferSameNode");
+        let same_zone =
+            same_node || matches!(traffic_distribution, Some("PreferClose" | "PreferSameZone"));
+        self.endpoints
+            .iter()
+            .map(|ep| {
+                let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
+                if same_zone
+                    && hints.zones.is_empty()
+                    && let Some(zone) = &ep.zone
+                {
+                    hints.zones.insert(zone.to_string());
+                }
+                if same_node
+                    && hints.nodes.is_empty()
+                    && let Some(node) = &ep.node
+                {
+                    hints.nodes.insert(node.to_string());
+                }
+                Endpoint {
+                    ip: ep.ip,
+                    ports: Arc::clone(&ports),
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    node: ep.node.clone(),
+                    pod: ep.pod.clone(),
+                    weight: 1,
+                    hints,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Endpoints of one `EndpointSlice` of a service with `service_ports` (`FQDN` slices and
+/// unparsable addresses skipped). An endpoint serves a service port only if the slice lists a
+/// port of the same name and protocol (kube-proxy's `ServicePortName` match), on the number the
+/// slice gives; a slice port the service does not have is dropped. With `trafficDistribution`
+/// `PreferClose`/`PreferSameZone` (`PreferSameNode`), an endpoint without zone (node) hints gets
+/// its own zone (node) as hint — what the `EndpointSlice` controller writes for these values;
+/// kube-proxy reads only the hints, so without the controller (or before it caught up) it would
+/// not prefer close endpoints.
+#[must_use]
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    service_ports: &[ServicePort],
+    traffic_distribution: Option<&str>,
+) -> Vec<Endpoint> {
+    StoredSlice::new(slice, &mut Names::default()).endpoints(service_ports, traffic_distribution)
+}
+
+/// Merges endpoints of several slices: one entry per (address, ports), the most usable copy
+/// (ready, then serving), sorted so the model does not depend on slice order. During a
+/// rollout an address can sit in two slices at once, terminating in one and ready in another.
 #[must_use]
 pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint> {
-    let mut merged: BTreeMap<(IpAddr, BTreeMap<String, u16>), Endpoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, Arc<BTreeMap<String, u16>>), Endpoint> = BTreeMap::new();
     for ep in all {
-        match merged.entry((ep.ip, ep.ports.clone())) {
+        match merged.entry((ep.ip, Arc::clone(&ep.ports))) {
             Entry::Vacant(v) => {
                 v.insert(ep);
             }
             Entry::Occupied(mut o) => {
+                let rank = |e: &Endpoint| (e.ready, e.serving);
                 let cur = o.get_mut();
-                if ep.ready && !cur.ready {
+                if rank(&ep) > rank(cur) {
                     *cur = ep;
                 }
             }
@@ -289,19 +490,25 @@ pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
             .unwrap_or_else(|| "default".to_owned()),
         ips,
         uid: pod.metadata.uid.clone().unwrap_or_default(),
+        host_network: spec.host_network.unwrap_or(false),
     })
 }
 
-/// Objects of one kind as the watcher last listed and updated them. During a (re)list the old
-/// contents stay visible until the list is complete, as kube-rs reflectors do.
-struct Store<K> {
-    objects: BTreeMap<ObjectName, K>,
-    relisting: Option<BTreeMap<ObjectName, K>>,
+/// Objects of one kind as the watcher last listed and updated them, each stored as `V` (the
+/// object itself, or what the model reads of it). During a (re)list the old contents stay
+/// visible until the list is complete, as kube-rs reflectors do.
+struct Store<V> {
+    objects: BTreeMap<ObjectName, V>,
+    relisting: Option<BTreeMap<ObjectName, V>>,
     /// Whether a first complete list arrived.
     ready: bool,
 }
 
-impl<K: Resource> Store<K> {
+fn key_of<K: Resource>(obj: &K) -> ObjectName {
+    ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl<V> Store<V> {
     fn new() -> Self {
         Self {
             objects: BTreeMap::new(),
@@ -310,18 +517,15 @@ impl<K: Resource> Store<K> {
         }
     }
 
-    fn key(obj: &K) -> ObjectName {
-        ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
-    }
-
-    fn apply(&mut self, event: watcher::Event<K>) {
+    /// Applies a watch event, storing each object as `convert` makes it.
+    fn apply_as<K: Resource>(&mut self, event: watcher::Event<K>, mut convert: impl FnMut(K) -> V) {
         match event {
             watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
             watcher::Event::InitApply(obj) => {
-                let key = Self::key(&obj);
+                let key = key_of(&obj);
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key, obj);
+                    .insert(key, convert(obj));
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.relisting.take() {
@@ -330,12 +534,30 @@ impl<K: Resource> Store<K> {
                 self.ready = true;
             }
             watcher::Event::Apply(obj) => {
-                self.objects.insert(Self::key(&obj), obj);
+                self.objects.insert(key_of(&obj), convert(obj));
             }
             watcher::Event::Delete(obj) => {
-                self.objects.remove(&Self::key(&obj));
+                self.objects.remove(&key_of(&obj));
             }
         }
+    }
+}
+
+impl<K: Resource> Store<K> {
+    fn apply(&mut self, event: watcher::Event<K>) {
+        self.apply_as(event, |k| k);
+    }
+}
+
+impl Store<StoredService> {
+    fn apply_service(&mut self, event: watcher::Event<K8sService>) {
+        self.apply_as(event, |s| StoredService::new(&s));
+    }
+}
+
+impl Store<StoredSlice> {
+    fn apply_slice(&mut self, names: &mut Names, event: watcher::Event<EndpointSlice>) {
+        self.apply_as(event, |s| StoredSlice::new(&s, names));
     }
 }
 
@@ -368,10 +590,14 @@ impl From<Rejection> for discovery::Rejection {
 /// Everything watched, plus what is remembered between models.
 struct State {
     node: String,
-    services: Store<K8sService>,
-    slices: Store<EndpointSlice>,
+    services: Store<StoredService>,
+    slices: Store<StoredSlice>,
+    /// Node and zone names the slices share.
+    names: Names,
     pods: Store<K8sPod>,
     namespaces: Store<K8sNamespace>,
+    /// This node only (its zone).
+    nodes: Store<K8sNode>,
     policies: Store<DynamicObject>,
     /// Whether the `TrafficPolicy` CRD was found missing (logged once per absence).
     policy_crd_missing: bool,
@@ -387,8 +613,10 @@ impl State {
             node,
             services: Store::new(),
             slices: Store::new(),
+            names: Names::default(),
             pods: Store::new(),
             namespaces: Store::new(),
+            nodes: Store::new(),
             policies: Store::new(),
             policy_crd_missing: false,
             reported: BTreeMap::new(),
@@ -401,7 +629,18 @@ impl State {
             && self.slices.ready
             && self.pods.ready
             && self.namespaces.ready
+            && self.nodes.ready
             && self.policies.ready
+    }
+
+    /// This node's zone label, if its Node object has one.
+    fn zone(&self) -> Option<String> {
+        self.nodes
+            .objects
+            .get(&ObjectName::new("", self.node.clone()))
+            .and_then(|n| n.labels().get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned()
     }
 
     fn namespace_live(&self, ns: &str) -> bool {
@@ -476,9 +715,9 @@ impl State {
     /// The complete model, and the policy rejections not reported before.
     fn build(&mut self) -> (ClusterModel, Vec<Rejection>) {
         let (resolution, fresh) = self.resolve_policies();
-        let mut slices_by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut slices_by_service: BTreeMap<ObjectName, Vec<&StoredSlice>> = BTreeMap::new();
         for (key, slice) in &self.slices.objects {
-            if let Some(svc) = slice.labels().get(SERVICE_NAME_LABEL) {
+            if let Some(svc) = &slice.service {
                 slices_by_service
                     .entry(ObjectName::new(key.namespace.clone(), svc.clone()))
                     .or_default()
@@ -487,38 +726,37 @@ impl State {
         }
         let mut model = ClusterModel {
             node: self.node.clone(),
+            node_zone: self.zone(),
             ..ClusterModel::default()
         };
         for (name, svc) in &self.services.objects {
             if !self.namespace_live(&name.namespace) {
                 continue;
             }
-            let mut settings = service_settings(svc.spec.as_ref());
+            let mut settings = svc.settings.clone();
             if let Some(p) = resolution.settings.get(name) {
                 p.apply(&mut settings);
             }
-            let Some(spec) = svc.spec.as_ref() else {
-                continue;
-            };
-            let ips = cluster_ips(spec);
-            if ips.is_empty() {
+            if !svc.has_spec || svc.cluster_ips.is_empty() {
                 continue;
             }
+            let distribution = svc.traffic_distribution.as_deref();
             let endpoints = merge_endpoints(
                 slices_by_service
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| slice_endpoints(s)),
+                    .flat_map(|s| s.endpoints(&svc.ports, distribution)),
             );
             model.services.insert(
                 name.clone(),
                 model::Service {
                     name: name.clone(),
-                    cluster_ips: ips,
-                    ports: service_ports(spec),
+                    cluster_ips: svc.cluster_ips.clone(),
+                    ports: svc.ports.clone(),
                     settings,
                     endpoints,
+                    internal_traffic_policy: svc.internal_traffic_policy,
                 },
             );
         }
@@ -540,6 +778,7 @@ enum Change {
     Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
     Pods(Box<Result<watcher::Event<K8sPod>, watcher::Error>>),
     Namespaces(Box<Result<watcher::Event<K8sNamespace>, watcher::Error>>),
+    Nodes(Box<Result<watcher::Event<K8sNode>, watcher::Error>>),
     Policies(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
 }
 
@@ -550,6 +789,7 @@ impl Change {
             Self::Slices(_) => "EndpointSlices",
             Self::Pods(_) => "Pods",
             Self::Namespaces(_) => "Namespaces",
+            Self::Nodes(_) => "Nodes",
             Self::Policies(_) => "TrafficPolicies",
         }
     }
@@ -557,18 +797,301 @@ impl Change {
 
 type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
 
-fn watch<K>(
-    api: Api<K>,
+/// What the watches parse: the API types cut down to the fields the source reads. Everything
+/// else in the JSON (`managedFields`, annotations such as `kubectl`'s copy of the whole
+/// object, pod containers and statuses, service status) is skipped by the parser without
+/// being allocated, so a 10,000-service list costs what the model needs, not what the API
+/// server stores. Each converts into the `k8s-openapi` type the conversion functions take.
+mod lean {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::{
+            core::v1::ObjectReference,
+            core::v1::{Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec},
+            discovery::v1::{
+                Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+            },
+        },
+        apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    };
+    use serde::{Deserialize, Deserializer};
+
+    use super::ZONE_LABEL;
+
+    /// The metadata fields read (no annotations: settings come only from `TrafficPolicy`).
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        deletion_timestamp: Option<Time>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+
+    fn meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+        let m = Meta::deserialize(d)?;
+        Ok(ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            deletion_timestamp: m.deletion_timestamp,
+            labels: m.labels,
+            ..ObjectMeta::default()
+        })
+    }
+
+    /// Declares a lean type as the API resource it stands for, so `Api<Lean>` lists and watches
+    /// the same URLs.
+    macro_rules! resource {
+        ($lean:ident, $full:ty) => {
+            impl k8s_openapi::Resource for $lean {
+                const API_VERSION: &'static str = <$full as k8s_openapi::Resource>::API_VERSION;
+                const GROUP: &'static str = <$full as k8s_openapi::Resource>::GROUP;
+                const KIND: &'static str = <$full as k8s_openapi::Resource>::KIND;
+                const VERSION: &'static str = <$full as k8s_openapi::Resource>::VERSION;
+                const URL_PATH_SEGMENT: &'static str =
+                    <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+                type Scope = <$full as k8s_openapi::Resource>::Scope;
+            }
+            impl k8s_openapi::ListableResource for $lean {
+                const LIST_KIND: &'static str = <$full as k8s_openapi::ListableResource>::LIST_KIND;
+            }
+            impl k8s_openapi::Metadata for $lean {
+                type Ty = ObjectMeta;
+                fn metadata(&self) -> &ObjectMeta {
+                    &self.metadata
+                }
+                fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                    &mut self.metadata
+                }
+            }
+        };
+    }
+
+    /// A Service: metadata and spec (no status).
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanService {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        spec: Option<ServiceSpec>,
+    }
+    resource!(LeanService, Service);
+
+    impl LeanService {
+        pub fn into_full(self) -> Service {
+            Service {
+                metadata: self.metadata,
+                spec: self.spec,
+                status: None,
+            }
+        }
+    }
+
+    /// The `targetRef` fields read.
+    #[derive(Clone, Debug, Deserialize)]
+    struct LeanRef {
+        kind: Option<String>,
+        name: Option<String>,
+        namespace: Option<String>,
+    }
+
+    /// An endpoint of a slice: a whole list of slices is held at once while it is parsed, so
+    /// `targetRef`'s other fields and `deprecatedTopology` are not.
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanEndpoint {
+        #[serde(default)]
+        addresses: Vec<String>,
+        conditions: Option<EndpointConditions>,
+        hints: Option<EndpointHints>,
+        node_name: Option<String>,
+        target_ref: Option<LeanRef>,
+        zone: Option<String>,
+    }
+
+    /// An `EndpointSlice`.
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct LeanSlice {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        address_type: String,
+        #[serde(default)]
+        endpoints: Vec<LeanEndpoint>,
+        ports: Option<Vec<EndpointPort>>,
+    }
+    resource!(LeanSlice, EndpointSlice);
+
+    impl LeanSlice {
+        pub fn into_full(self) -> EndpointSlice {
+            EndpointSlice {
+                metadata: self.metadata,
+                address_type: self.address_type,
+                endpoints: self
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Endpoint {
+                        addresses: e.addresses,
+                        conditions: e.conditions,
+                        hints: e.hints,
+                        node_name: e.node_name,
+                        target_ref: e.target_ref.map(|r| ObjectReference {
+                            kind: r.kind,
+                            name: r.name,
+                            namespace: r.namespace,
+                            ..ObjectReference::default()
+                        }),
+                        zone: e.zone,
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+                ports: self.ports,
+            }
+        }
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanPodSpec {
+        node_name: Option<String>,
+        service_account_name: Option<String>,
+        host_network: Option<bool>,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanPodStatus {
+        phase: Option<String>,
+        #[serde(rename = "podIP")]
+        pod_ip: Option<String>,
+        #[serde(rename = "podIPs")]
+        pod_ips: Option<Vec<PodIP>>,
+    }
+
+    /// A Pod: node, service account, host network, phase and addresses.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanPod {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        spec: Option<LeanPodSpec>,
+        status: Option<LeanPodStatus>,
+    }
+    resource!(LeanPod, Pod);
+
+    impl LeanPod {
+        pub fn into_full(self) -> Pod {
+            let mut metadata = self.metadata;
+            metadata.labels = None;
+            Pod {
+                metadata,
+                spec: self.spec.map(|s| PodSpec {
+                    node_name: s.node_name,
+                    service_account_name: s.service_account_name,
+                    host_network: s.host_network,
+                    ..PodSpec::default()
+                }),
+                status: self.status.map(|s| PodStatus {
+                    phase: s.phase,
+                    pod_ip: s.pod_ip,
+                    pod_ips: s.pod_ips,
+                    ..PodStatus::default()
+                }),
+            }
+        }
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    struct LeanNamespaceStatus {
+        phase: Option<String>,
+    }
+
+    /// A Namespace: its name, deletion mark and phase.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanNamespace {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+        status: Option<LeanNamespaceStatus>,
+    }
+    resource!(LeanNamespace, Namespace);
+
+    impl LeanNamespace {
+        pub fn into_full(self) -> Namespace {
+            let mut metadata = self.metadata;
+            metadata.labels = None;
+            Namespace {
+                metadata,
+                spec: None,
+                status: self
+                    .status
+                    .map(|s| k8s_openapi::api::core::v1::NamespaceStatus {
+                        phase: s.phase,
+                        conditions: None,
+                    }),
+            }
+        }
+    }
+
+    /// A Node: only its zone label (its status lists every image on the node).
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct LeanNode {
+        #[serde(deserialize_with = "meta")]
+        metadata: ObjectMeta,
+    }
+    resource!(LeanNode, Node);
+
+    impl LeanNode {
+        pub fn into_full(self) -> Node {
+            let mut metadata = self.metadata;
+            if let Some(labels) = metadata.labels.as_mut() {
+                labels.retain(|k, _| k == ZONE_LABEL);
+            }
+            Node {
+                metadata,
+                spec: None,
+                status: None,
+            }
+        }
+    }
+}
+
+/// A watch event of a lean type as the event of its full type.
+fn full_event<L, K>(event: watcher::Event<L>, into: fn(L) -> K) -> watcher::Event<K> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(into(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(into(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(into(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// One watch: initial lists from the API server's watch cache (`resourceVersion=0`, as
+/// informers list; a quorum read of every object would load etcd on each agent restart), each
+/// object parsed as its lean type `L` (see [`lean`]) and turned into its full type `K`.
+/// Unpaginated: kube-rs leaves `resourceVersion=0` out of a request with a `limit` (a paginated
+/// list is a quorum read), and the API server serves a `resourceVersion=0` list from its cache
+/// in one response anyway (as it does for client-go's informers, whose `limit` it ignores
+/// there).
+fn watch<L, K>(
+    api: Api<L>,
     config: watcher::Config,
+    into: fn(L) -> K,
     wrap: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Change,
 ) -> ChangeStream
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
+    L: Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+    L::DynamicType: Default,
+    K: 'static,
 {
+    let mut config = config.any_semantic();
+    config.page_size = None;
     watcher(api, config)
         .default_backoff()
-        .map(move |r| wrap(Box::new(r)))
+        .map(move |r| wrap(Box::new(r.map(|e| full_event(e, into)))))
         .boxed()
 }
 
@@ -576,10 +1099,13 @@ impl State {
     fn apply(&mut self, change: Change) {
         let kind = change.kind();
         let err = match change {
-            Change::Services(r) => (*r).map(|e| self.services.apply(e)).err(),
-            Change::Slices(r) => (*r).map(|e| self.slices.apply(e)).err(),
+            Change::Services(r) => (*r).map(|e| self.services.apply_service(e)).err(),
+            Change::Slices(r) => (*r)
+                .map(|e| self.slices.apply_slice(&mut self.names, e))
+                .err(),
             Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
+            Change::Nodes(r) => (*r).map(|e| self.nodes.apply(e)).err(),
             Change::Policies(r) => match *r {
                 Ok(e) => {
                     self.policy_crd_missing = false;
@@ -621,6 +1147,58 @@ fn crd_missing(e: &watcher::Error) -> bool {
     }
 }
 
+/// The six watches, merged (see the module docs for their selectors).
+fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<ChangeStream> {
+    select_all([
+        watch(
+            Api::<lean::LeanService>::all(client.clone()),
+            watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            lean::LeanService::into_full,
+            Change::Services,
+        ),
+        watch(
+            Api::<lean::LeanSlice>::all(client.clone()),
+            watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            lean::LeanSlice::into_full,
+            Change::Slices,
+        ),
+        watch(
+            Api::<lean::LeanPod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            lean::LeanPod::into_full,
+            Change::Pods,
+        ),
+        watch(
+            Api::<lean::LeanNamespace>::all(client.clone()),
+            watcher::Config::default(),
+            lean::LeanNamespace::into_full,
+            Change::Namespaces,
+        ),
+        watch(
+            Api::<lean::LeanNode>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            lean::LeanNode::into_full,
+            Change::Nodes,
+        ),
+        // Whole dynamic objects, not a lean type: the policy parser reports every field of a
+        // malformed policy, and the status writer reads its conditions. Policies are few.
+        // Listed from the watch cache, unpaginated, as the other watches (see [`watch`]).
+        watcher(
+            Api::<DynamicObject>::all_with(
+                client.clone(),
+                &ApiResource::erase::<TrafficPolicy>(&()),
+            ),
+            watcher::Config {
+                page_size: None,
+                ..watcher::Config::default().any_semantic()
+            },
+        )
+        .default_backoff()
+        .map(|r| Change::Policies(Box::new(r)))
+        .boxed(),
+    ])
+}
+
 /// Watches the API through `client` and sends a complete model for `node` after each batch of
 /// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
 /// Policy status is written by the elected agent when the downward API names the agent's pod
@@ -641,44 +1219,15 @@ pub async fn run_with_status(
     status: Option<StatusConfig>,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
-    let (desired_tx, desired_rx) =
-        watch_channel::channel(std::sync::Arc::new(DesiredStatus::new()));
+    let (desired_tx, desired_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
     if let Some(config) = status {
         tokio::spawn(policy::status::run(client.clone(), config, desired_rx));
     }
-    let policy_resource = ApiResource::erase::<TrafficPolicy>(&());
-    let mut changes = select_all([
-        watch(
-            Api::<K8sService>::all(client.clone()),
-            watcher::Config::default(),
-            Change::Services,
-        ),
-        watch(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-            Change::Slices,
-        ),
-        watch(
-            Api::<K8sPod>::all(client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-            Change::Pods,
-        ),
-        watch(
-            Api::<K8sNamespace>::all(client.clone()),
-            watcher::Config::default(),
-            Change::Namespaces,
-        ),
-        watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &policy_resource),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .map(|r| Change::Policies(Box::new(r)))
-        .boxed(),
-    ]);
+    let mut changes = watches(&client, &node);
     let mut state = State::new(node.clone());
-    let mut last_sent: Option<ClusterModel> = None;
-    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, TrafficPolicies");
+    // The digest of the last model sent, not a copy of it (see `ClusterModel::digest`).
+    let mut last_sent: Option<u64> = None;
+    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node, TrafficPolicies");
     loop {
         let Some(first) = changes.next().await else {
             return Err(KubernetesError::WatchEnded { kind: "all" });
@@ -696,25 +1245,50 @@ pub async fn run_with_status(
             continue;
         }
         let had_problems: Vec<ObjectName> = state.reported.keys().cloned().collect();
+        if last_sent.is_none() {
+            // The start of the first model: the control-plane benchmark times from here.
+            info!(
+                services = state.services.objects.len(),
+                slices = state.slices.objects.len(),
+                pods = state.pods.objects.len(),
+                policies = state.policies.objects.len(),
+                "initial lists complete"
+            );
+        }
         let (model, rejections) = state.build();
         desired_tx.send_if_modified(|d| {
             let differs = **d != state.desired_status;
             if differs {
-                *d = std::sync::Arc::new(state.desired_status.clone());
+                *d = Arc::new(state.desired_status.clone());
             }
             differs
         });
-        if last_sent.as_ref() != Some(&model) {
+        let digest = model.digest();
+        if last_sent != Some(digest) {
             debug!(
                 services = model.services.len(),
                 pods = model.pods.len(),
                 policies = model.policies.policies.len(),
                 "sending the cluster model"
             );
-            if updates.send(Update::Model(model.clone())).await.is_err() {
+            if last_sent.is_none()
+                && let Some(ip) = api_server_cluster_ip(
+                    std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+                    &model,
+                )
+            {
+                warn!(
+                    cluster_ip = %ip,
+                    "the API server is reached through a ClusterIP this agent programs; an agent \
+                     down while the control plane moves could not list again: set \
+                     k8s-service-host and k8s-service-port (Helm: k8sServiceHost, \
+                     k8sServicePort) to its direct address"
+                );
+            }
+            if updates.send(Update::Model(model)).await.is_err() {
                 return Err(KubernetesError::ChannelClosed { node });
             }
-            last_sent = Some(model);
+            last_sent = Some(digest);
         }
         // A policy that was rejected and is now valid (or gone) clears its rejection.
         for name in had_problems {
@@ -734,6 +1308,17 @@ pub async fn run_with_status(
     }
 }
 
+/// The cluster IP `host` is, if it is one the model programs: the agent would then reach the API
+/// server through its own data path (`KUBERNETES_SERVICE_HOST` left at the kubelet's value).
+fn api_server_cluster_ip(host: Option<&str>, model: &ClusterModel) -> Option<IpAddr> {
+    let ip: IpAddr = host?.trim().parse().ok()?;
+    model
+        .services
+        .values()
+        .any(|s| s.cluster_ips.contains(&ip))
+        .then_some(ip)
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::{
@@ -742,6 +1327,7 @@ mod tests {
         },
         discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort},
     };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use kube::api::ObjectMeta;
 
     use super::*;
@@ -888,13 +1474,13 @@ mod tests {
                     name: "dns".to_owned(),
                     port: 53,
                     protocol: Protocol::Udp,
-                    target_port: 53
+                    target_port: None
                 },
                 ServicePort {
                     name: "http".to_owned(),
                     port: 80,
                     protocol: Protocol::Tcp,
-                    target_port: 8080
+                    target_port: None
                 },
             ]
         );
@@ -911,22 +1497,27 @@ mod tests {
         }
         state
             .services
-            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
-        state.slices.apply(watcher::Event::Apply(slice(
-            "web-1",
-            "web",
-            &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
-        )));
-        state.slices.apply(watcher::Event::Apply(slice(
-            "web-2",
-            "web",
-            &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
-        )));
-        state.slices.apply(watcher::Event::Apply(slice(
-            "other",
-            "db",
-            &[("10.1.0.9", None)],
-        )));
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice(
+                "web-1",
+                "web",
+                &[("10.1.0.2", None), ("10.1.0.3", Some(false))],
+            )),
+        );
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice(
+                "web-2",
+                "web",
+                &[("10.1.0.4", Some(true)), ("10.1.0.2", None)],
+            )),
+        );
+        state.slices.apply_slice(
+            &mut Names::default(),
+            watcher::Event::Apply(slice("other", "db", &[("10.1.0.9", None)])),
+        );
         let (m, rejections) = state.build();
         assert!(rejections.is_empty());
         let svc = &m.services[&ObjectName::new("default", "web")];
@@ -975,10 +1566,10 @@ mod tests {
         let web = ObjectName::new("default", "web");
         state
             .services
-            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
         state
             .services
-            .apply(watcher::Event::Apply(service("db", &[], "10.96.0.21")));
+            .apply_service(watcher::Event::Apply(service("db", &[], "10.96.0.21")));
         state.policies.apply(watcher::Event::Apply(traffic_policy(
             "ns",
             "2026-01-01T00:00:00Z",
@@ -1090,7 +1681,7 @@ mod tests {
             .apply(watcher::Event::Apply(namespace("default")));
         state
             .services
-            .apply(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
         let mut pod = K8sPod {
             metadata: ObjectMeta {
                 name: Some("p".to_owned()),
@@ -1156,6 +1747,247 @@ mod tests {
         assert_eq!(
             store.objects.keys().cloned().collect::<Vec<_>>(),
             [ObjectName::new("", "new")]
+        );
+    }
+
+    fn port(name: &str, protocol: Protocol) -> ServicePort {
+        ServicePort {
+            name: name.to_owned(),
+            port: 80,
+            protocol,
+            target_port: None,
+        }
+    }
+
+    fn one_endpoint_slice(
+        endpoint: &serde_json::Value,
+        ports: &serde_json::Value,
+    ) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "s", "namespace": "default" },
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": [endpoint],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_serves_only_the_ports_its_slice_lists_by_name_and_protocol() {
+        let s = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"] }),
+            &serde_json::json!([
+                { "name": "http", "port": 8080, "protocol": "TCP" },
+                { "name": "dns", "port": 5353, "protocol": "TCP" },
+                { "name": "extra", "port": 9000 },
+            ]),
+        );
+        let ports = [port("http", Protocol::Tcp), port("dns", Protocol::Udp)];
+        let eps = slice_endpoints(&s, &ports, None);
+        assert_eq!(eps.len(), 1);
+        // dns is UDP on the service but TCP in the slice; extra is not a service port.
+        assert_eq!(
+            eps[0].ports,
+            Arc::new(BTreeMap::from([("http".to_owned(), 8080)])),
+            "{eps:?}"
+        );
+        assert_eq!(eps[0].port_for(&ports[0]), Some(8080));
+        assert_eq!(
+            eps[0].port_for(&ports[1]),
+            None,
+            "no fallback to any number"
+        );
+        // Conditions absent: ready and serving, not terminating (kube-proxy's reading).
+        assert!(eps[0].ready && eps[0].serving && !eps[0].terminating);
+    }
+
+    #[test]
+    fn conditions_and_hints_are_read_and_prefer_close_hints_own_zones() {
+        let ports = [port("", Protocol::Tcp)];
+        let listed = serde_json::json!([{ "port": 80 }]);
+        let s = one_endpoint_slice(
+            &serde_json::json!({
+                "addresses": ["10.1.0.2"], "zone": "z1", "nodeName": "n1",
+                "conditions": { "ready": false, "serving": true, "terminating": true },
+                "hints": { "forZones": [{ "name": "z2" }], "forNodes": [{ "name": "n2" }] },
+            }),
+            &listed,
+        );
+        let e = &slice_endpoints(&s, &ports, Some("PreferClose"))[0];
+        assert!(!e.ready && e.serving && e.terminating);
+        assert_eq!(
+            (e.hints.zones.clone(), e.hints.nodes.clone()),
+            (
+                BTreeSet::from(["z2".to_owned()]),
+                BTreeSet::from(["n2".to_owned()])
+            ),
+            "hints written by the controller win"
+        );
+        let bare = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.3"], "zone": "z1", "nodeName": "n1" }),
+            &listed,
+        );
+        assert_eq!(
+            slice_endpoints(&bare, &ports, None)[0].hints,
+            model::Hints::default()
+        );
+        let e = &slice_endpoints(&bare, &ports, Some("PreferClose"))[0];
+        assert_eq!(e.hints.zones, BTreeSet::from(["z1".to_owned()]));
+        assert!(e.hints.nodes.is_empty());
+        let e = &slice_endpoints(&bare, &ports, Some("PreferSameNode"))[0];
+        assert_eq!(e.hints.nodes, BTreeSet::from(["n1".to_owned()]));
+        assert_eq!(e.hints.zones, BTreeSet::from(["z1".to_owned()]));
+    }
+
+    #[test]
+    fn merge_keeps_the_most_usable_copy() {
+        let ports = [port("", Protocol::Tcp)];
+        let listed = serde_json::json!([{ "port": 80 }]);
+        let terminating = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"],
+                "conditions": { "ready": false, "serving": true, "terminating": true } }),
+            &listed,
+        );
+        let gone = one_endpoint_slice(
+            &serde_json::json!({ "addresses": ["10.1.0.2"],
+                "conditions": { "ready": false, "serving": false, "terminating": true } }),
+            &listed,
+        );
+        let merged = merge_endpoints(
+            slice_endpoints(&gone, &ports, None)
+                .into_iter()
+                .chain(slice_endpoints(&terminating, &ports, None)),
+        );
+        assert_eq!(merged.len(), 1);
+        assert!(merged[0].serving);
+    }
+
+    #[test]
+    fn lean_parsing_keeps_what_the_model_reads_and_drops_the_rest() {
+        let fat = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "p", "namespace": "default", "uid": "u1",
+                "labels": { "app": "x" },
+                "annotations": { "big": "x".repeat(10_000) },
+                "managedFields": [{ "manager": "kubectl", "operation": "Apply" }] },
+            "spec": { "nodeName": "a", "hostNetwork": true, "serviceAccountName": "sa",
+                "containers": [{ "name": "c", "image": "i" }] },
+            "status": { "phase": "Running", "podIPs": [{ "ip": "192.168.0.1" }],
+                "conditions": [{ "type": "Ready", "status": "True" }] },
+        });
+        let full: K8sPod = serde_json::from_value(fat.clone()).unwrap();
+        let lean: lean::LeanPod = serde_json::from_value(fat).unwrap();
+        let pod = lean.into_full();
+        assert_eq!(pod_of(&pod, "a"), pod_of(&full, "a"));
+        assert!(pod_of(&pod, "a").unwrap().host_network);
+        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.annotations.is_none());
+        assert!(pod.spec.as_ref().unwrap().containers.is_empty());
+        assert!(pod.status.as_ref().unwrap().conditions.is_none());
+
+        let mut fat = serde_json::to_value(service(
+            "web",
+            &[("kubectl.kubernetes.io/last-applied-configuration", "{}")],
+            "10.96.0.20",
+        ))
+        .unwrap();
+        fat["spec"]["sessionAffinity"] = serde_json::json!("ClientIP");
+        fat["metadata"]["managedFields"] = serde_json::json!([{ "manager": "m" }]);
+        fat["status"] = serde_json::json!({ "loadBalancer": {} });
+        let full: K8sService = serde_json::from_value(fat.clone()).unwrap();
+        let svc = serde_json::from_value::<lean::LeanService>(fat)
+            .unwrap()
+            .into_full();
+        assert_eq!(
+            service_settings(svc.spec.as_ref()),
+            service_settings(full.spec.as_ref())
+        );
+        assert_eq!(
+            service_settings(svc.spec.as_ref()).affinity_timeout,
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        );
+        assert!(
+            svc.metadata.annotations.is_none(),
+            "no annotations kept: settings come only from TrafficPolicy"
+        );
+        assert!(svc.metadata.managed_fields.is_none() && svc.status.is_none());
+        assert_eq!(svc.spec, full.spec);
+
+        let fat = serde_json::to_value(slice("s", "web", &[("10.1.0.2", Some(false))])).unwrap();
+        let full: EndpointSlice = serde_json::from_value(fat.clone()).unwrap();
+        let lean = serde_json::from_value::<lean::LeanSlice>(fat)
+            .unwrap()
+            .into_full();
+        assert_eq!(
+            StoredSlice::new(&lean, &mut Names::default()),
+            StoredSlice::new(&full, &mut Names::default())
+        );
+
+        let node = serde_json::from_value::<lean::LeanNode>(serde_json::json!({
+            "metadata": { "name": "a", "labels": { ZONE_LABEL: "z1", "kubernetes.io/os": "linux" } },
+            "status": { "images": [{ "names": ["x"] }] },
+        }))
+        .unwrap()
+        .into_full();
+        assert_eq!(node.labels().len(), 1);
+        assert!(node.status.is_none());
+        let ns = serde_json::from_value::<lean::LeanNamespace>(serde_json::json!({
+            "metadata": { "name": "x", "deletionTimestamp": "2026-11-29T10:00:00Z" },
+            "status": { "phase": "Terminating" },
+        }))
+        .unwrap()
+        .into_full();
+        assert!(ns.metadata.deletion_timestamp.is_some());
+        assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Terminating"));
+    }
+
+    #[test]
+    fn an_api_server_behind_a_programmed_cluster_ip_is_noticed() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        state.services.apply_service(watcher::Event::Apply(service(
+            "kubernetes",
+            &[],
+            "10.96.0.1",
+        )));
+        let (m, _) = state.build();
+        assert_eq!(
+            api_server_cluster_ip(Some("10.96.0.1"), &m),
+            Some("10.96.0.1".parse().unwrap())
+        );
+        assert_eq!(api_server_cluster_ip(Some("192.168.1.10"), &m), None);
+        assert_eq!(api_server_cluster_ip(Some("api.example.com"), &m), None);
+        assert_eq!(api_server_cluster_ip(None, &m), None);
+    }
+
+    #[test]
+    fn the_zone_comes_from_this_nodes_object_and_policy_from_the_spec() {
+        let mut state = State::new("a".to_owned());
+        state
+            .namespaces
+            .apply(watcher::Event::Apply(namespace("default")));
+        let node = |name: &str, zone: &str| -> K8sNode {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "labels": { ZONE_LABEL: zone } },
+            }))
+            .unwrap()
+        };
+        state.nodes.apply(watcher::Event::Apply(node("b", "z2")));
+        assert_eq!(
+            state.build().0.node_zone,
+            None,
+            "another node's zone is not ours"
+        );
+        state.nodes.apply(watcher::Event::Apply(node("a", "z1")));
+        assert_eq!(state.build().0.node_zone.as_deref(), Some("z1"));
+        let mut svc = service("web", &[], "10.96.0.20");
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".to_owned());
+        state.services.apply_service(watcher::Event::Apply(svc));
+        let (m, _) = state.build();
+        assert_eq!(
+            m.services[&ObjectName::new("default", "web")].internal_traffic_policy,
+            model::TrafficPolicy::Local
         );
     }
 }

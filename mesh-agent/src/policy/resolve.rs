@@ -24,7 +24,7 @@ use super::parse::{ParsedPolicy, PolicySettings, Target, TargetKind};
 use crate::model::ObjectName;
 
 /// The `Accepted` condition's reasons (Gateway API policy status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Reason {
     Accepted,
     Invalid,
@@ -51,7 +51,7 @@ impl fmt::Display for Reason {
 }
 
 /// How one policy stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyState {
     /// `Accepted` condition status: true only for `Reason::Accepted`.
     pub accepted: bool,
@@ -65,7 +65,7 @@ pub struct PolicyState {
 }
 
 /// A policy that targets a Service but does not apply to it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NotApplied {
     pub policy: ObjectName,
     pub reason: Reason,
@@ -73,7 +73,7 @@ pub struct NotApplied {
 }
 
 /// What applies to one Service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServicePolicy {
     /// The winning policy and through which target kind; `None` = the defaults.
     pub applied: Option<(ObjectName, TargetKind)>,
@@ -82,7 +82,7 @@ pub struct ServicePolicy {
 
 /// Every policy's state, and the Services some policy targets (a Service absent here has the
 /// defaults and no policy names it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Report {
     pub policies: BTreeMap<ObjectName, PolicyState>,
     pub services: BTreeMap<ObjectName, ServicePolicy>,

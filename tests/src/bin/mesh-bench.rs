@@ -106,6 +106,9 @@ struct ControlPlaneArgs {
     /// Where to write the JSON (default `<workspace>/target/bench/control-plane.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only one discovery source: `file` or `kubernetes` (default: both).
+    #[arg(long, value_parser = ["file", "kubernetes"])]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -176,14 +179,18 @@ fn control_plane(args: &ControlPlaneArgs) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     println!(
-        "control-plane benchmark: {} services x 10 endpoints from a static file, real agent ({})",
+        "control-plane benchmark: {} services x 10 endpoints from a static file, then from the Kubernetes API stand-in, real agent ({})",
         if args.quick { "1,000" } else { "10,000" },
         std::env::var("MESH_BENCH_COMMAND")
             .unwrap_or_else(|_| "mesh-bench control-plane".to_owned())
     );
-    let metrics: BTreeMap<String, f64> = mesh_tests::control_plane::run(args.quick)?
-        .into_iter()
-        .collect();
+    let mut metrics = BTreeMap::new();
+    if args.only.as_deref() != Some("kubernetes") {
+        metrics.extend(mesh_tests::control_plane::run(args.quick)?);
+    }
+    if args.only.as_deref() != Some("file") {
+        metrics.extend(mesh_tests::control_plane::run_kubernetes(args.quick)?);
+    }
     for (k, v) in &metrics {
         println!("  {k:<40} {v:>12.1}");
     }
