@@ -1528,6 +1528,45 @@ impl Bench {
     }
 }
 
+/// The busiest eligible endpoint's share ÷ its fair share when `connects` independent draws go
+/// to the [`LB_ENDPOINTS`] endpoints outside `ejected`, in proportion to weights cycling through
+/// `weights`: what a perfect balancer scores by chance alone.
+fn ideal_max_share(
+    connects: usize,
+    weights: &[u64],
+    ejected: std::ops::Range<u16>,
+    seed: u64,
+) -> f64 {
+    let eligible: Vec<(usize, u64)> = (0..LB_ENDPOINTS)
+        .filter(|i| !ejected.contains(i))
+        .map(|i| (usize::from(i), weights[usize::from(i) % weights.len()]))
+        .collect();
+    // Cumulative weights: a draw in 0..total picks the first entry above it.
+    let mut cumulative = Vec::with_capacity(eligible.len());
+    let mut total = 0;
+    for (_, w) in &eligible {
+        total += w;
+        cumulative.push(total);
+    }
+    let mut state = seed;
+    let mut counts = vec![0u64; eligible.len()];
+    for _ in 0..connects {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let r = z % total;
+        counts[cumulative.partition_point(|c| *c <= r)] += 1;
+    }
+    eligible
+        .iter()
+        .zip(&counts)
+        .map(|((_, w), c)| *c as f64 / (connects as f64 * *w as f64 / total as f64))
+        .fold(0.0, f64::max)
+}
+
 /// Sums over every load-spread run (at least one backend eligible in each).
 #[derive(Debug, Default, Clone, Copy)]
 struct SpreadTotals {
@@ -1548,9 +1587,26 @@ impl Bench {
     fn endpoints(&mut self, s: &mut Samples) -> Result<SpreadTotals> {
         let pod = self.backends[1].clone();
         let first = SocketAddr::new(pod.ipv4().into(), LB_FIRST_PORT);
-        let server = pod
-            .serve_ports("lb", first, WIDE_ENDPOINTS)
+        // `meshpod serve --tcp-ports`, pinned with the echo servers: unpinned, its accepting
+        // threads sit on the other CPU and every connect() pays a cross-CPU wake-up (≈ 20 µs on
+        // this VM, see BENCHMARKS.md).
+        let mut cmd = match self.server_cpu {
+            Some(cpu) => {
+                let mut c = pod.command("taskset");
+                c.args(["-c", &cpu.to_string()])
+                    .arg(mesh_tests::meshpod_path()?);
+                c
+            }
+            None => pod.meshpod()?,
+        };
+        cmd.args(["serve", "--name", "lb", "--tcp", &first.to_string()])
+            .args(["--tcp-ports", &WIDE_ENDPOINTS.to_string()]);
+        let mut server = pod
+            .spawn(cmd)
             .context("failed to start the many-endpoint server")?;
+        server
+            .wait_ready(Duration::from_secs(30))
+            .context("the many-endpoint server never became ready")?;
         let totals = self.lb_spread(s)?;
         self.connect_scale_endpoints(s)?;
         for vip in [LB_VIP, WIDE_VIP, NARROW_VIP] {
@@ -1695,6 +1751,18 @@ impl Bench {
                 }
             }
             s.push(key, headline);
+            // The same statistic for ideal balancers (independent draws, uniform or
+            // weight-proportional over the eligible endpoints): the sampling-noise floor of
+            // 100,000 connects, for reading the measured ratios.
+            let seed = 0x5eed_0000 + rep as u64;
+            s.push(
+                format!("{key}_ideal_uniform"),
+                ideal_max_share(self.plan.lb_connects, &[1], LB_EJECTED, seed),
+            );
+            s.push(
+                format!("{key}_ideal_weighted"),
+                ideal_max_share(self.plan.lb_connects, &[1, 2, 3, 4], LB_EJECTED, seed),
+            );
             let ratio = self.spread_run(Algorithm::Random, LB_EJECTED_MOST, &mut totals)?;
             s.push(
                 "lb_max_share_ratio_1k_endpoints_90pct_ejected_random",
@@ -1710,14 +1778,14 @@ impl Bench {
         println!(
             "\n== connect latency, mesh: {NARROW_ENDPOINTS} vs {WIDE_ENDPOINTS} endpoints ({} ejected), {} repetitions",
             WIDE_EJECTED.len(),
-            self.plan.scale_reps
+            self.plan.reps
         );
         let wide = self.endpoint_service(WIDE_VIP, WIDE_ENDPOINTS, Algorithm::Random);
         self.apply_ejected(&wide, WIDE_EJECTED)?;
         let narrow = self.endpoint_service(NARROW_VIP, NARROW_ENDPOINTS, Algorithm::Random);
         self.dp.apply_service(&narrow)?;
         let (warmup, time) = (self.plan.crr_warmup, self.plan.scale_time);
-        for rep in 0..self.plan.scale_reps {
+        for rep in 0..self.plan.reps {
             let mut got = BTreeMap::new();
             for k in 0..2 {
                 let (vip, n) =
@@ -1728,7 +1796,7 @@ impl Bench {
                 println!(
                     "rep {}/{} mesh {n:>5} endpoints: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({} connects)",
                     rep + 1,
-                    self.plan.scale_reps,
+                    self.plan.reps,
                     c.p50_us,
                     c.p99_us,
                     c.samples
@@ -2073,6 +2141,17 @@ mod tests {
         assert_eq!(s.median("a"), Some(2.0));
         assert_eq!(s.median("b"), Some(2.5));
         assert_eq!(s.range("a"), Some((1.0, 3.0)));
+    }
+
+    #[test]
+    fn an_ideal_balancer_scores_near_one() {
+        let uniform = ideal_max_share(100_000, &[1], LB_EJECTED, 1);
+        let weighted = ideal_max_share(100_000, &[1, 2, 3, 4], LB_EJECTED, 1);
+        assert!((1.0..1.5).contains(&uniform), "{uniform}");
+        assert!((1.0..1.8).contains(&weighted), "{weighted}");
+        // With few endpoints and many draws, chance nearly vanishes.
+        let few = ideal_max_share(10_000_000, &[1], 0..990, 2);
+        assert!((1.0..1.01).contains(&few), "{few}");
     }
 
     #[test]
