@@ -598,17 +598,23 @@ fn spread_client(addr: SocketAddr, slots: usize, count: usize) -> Result<Spread,
     Ok(all)
 }
 
-/// `connect()` latency of short connections to a many-endpoint service, one at a time, for
-/// `time` after `warmup` (dropped). Any failed connection is an error.
+/// `connect()` latency of short connections, one at a time, for `time` after `warmup`
+/// (dropped), each to one of `targets` drawn at random (a service VIP, or endpoints directly).
+/// Any failed connection is an error.
 fn banner_latency_client(
-    addr: SocketAddr,
+    targets: &[SocketAddr],
     warmup: Duration,
     time: Duration,
 ) -> Result<Lat, String> {
-    let one = || match banner_connect(addr) {
-        Ok((_, took)) => Ok(nanos(took)),
-        Err(Fail::Refused) => Err(format!("connect {addr}: refused")),
-        Err(Fail::Other(e)) => Err(e),
+    let mut state = 0x5eed_u64;
+    let mut one = || {
+        let i = splitmix64(&mut state) % targets.len() as u64;
+        let addr = targets[usize::try_from(i).unwrap_or(0)];
+        match banner_connect(addr) {
+            Ok((_, took)) => Ok(nanos(took)),
+            Err(Fail::Refused) => Err(format!("connect {addr}: refused")),
+            Err(Fail::Other(e)) => Err(e),
+        }
     };
     let start = Instant::now();
     while start.elapsed() < warmup {
@@ -1551,13 +1557,7 @@ fn ideal_max_share(
     let mut state = seed;
     let mut counts = vec![0u64; eligible.len()];
     for _ in 0..connects {
-        // splitmix64
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        let r = z % total;
+        let r = splitmix64(&mut state) % total;
         counts[cumulative.partition_point(|c| *c <= r)] += 1;
     }
     eligible
@@ -1565,6 +1565,15 @@ fn ideal_max_share(
         .zip(&counts)
         .map(|((_, w), c)| *c as f64 / (connects as f64 * *w as f64 / total as f64))
         .fold(0.0, f64::max)
+}
+
+/// The next number of the splitmix64 sequence (a statistically sound, dependency-free PRNG).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Sums over every load-spread run (at least one backend eligible in each).
@@ -1773,7 +1782,11 @@ impl Bench {
     }
 
     /// p50 `connect()` latency to a service of 10,000 endpoints with a contiguous 10 % ejected
-    /// against one of 10 endpoints, both applied throughout, order alternated every repetition.
+    /// against one of 10 endpoints, both applied throughout, order alternated every repetition;
+    /// then the same two sets of endpoints connected to directly (each connect to a random one of
+    /// them), which shows the server's and the network stack's own part of the difference (a
+    /// connect()'s time includes the server's accept work that preempts the client on its CPU,
+    /// and 9,000 listeners are colder in cache than 10).
     fn connect_scale_endpoints(&mut self, s: &mut Samples) -> Result<()> {
         println!(
             "\n== connect latency, mesh: {NARROW_ENDPOINTS} vs {WIDE_ENDPOINTS} endpoints ({} ejected), {} repetitions",
@@ -1785,30 +1798,53 @@ impl Bench {
         let narrow = self.endpoint_service(NARROW_VIP, NARROW_ENDPOINTS, Algorithm::Random);
         self.dp.apply_service(&narrow)?;
         let (warmup, time) = (self.plan.crr_warmup, self.plan.scale_time);
+        let eligible = |spec: &ServiceSpec, ejected: std::ops::Range<u16>| -> Vec<SocketAddr> {
+            spec.backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| u16::try_from(*i).map_or(true, |i| !ejected.contains(&i)))
+                .map(|(_, b)| b.addr)
+                .collect()
+        };
+        let direct = [eligible(&narrow, 0..0), eligible(&wide, WIDE_EJECTED)];
         for rep in 0..self.plan.reps {
             let mut got = BTreeMap::new();
-            for k in 0..2 {
-                let (vip, n) =
-                    [(NARROW_VIP, NARROW_ENDPOINTS), (WIDE_VIP, WIDE_ENDPOINTS)][(rep + k) % 2];
+            for (k, how) in [(0, "mesh"), (1, "mesh"), (0, "direct"), (1, "direct")] {
+                let which = (rep + k) % 2;
+                let n = [NARROW_ENDPOINTS, WIDE_ENDPOINTS][which];
+                let targets = if how == "mesh" {
+                    vec![[NARROW_VIP, WIDE_VIP][which]]
+                } else {
+                    direct[which].clone()
+                };
                 let c = self.in_pod(&self.client, move || {
-                    banner_latency_client(vip, warmup, time)
+                    banner_latency_client(&targets, warmup, time)
                 })?;
                 println!(
-                    "rep {}/{} mesh {n:>5} endpoints: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({} connects)",
+                    "rep {}/{} {how:<6} {n:>5} endpoints: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({} connects)",
                     rep + 1,
                     self.plan.reps,
                     c.p50_us,
                     c.p99_us,
                     c.samples
                 );
-                got.insert(n, c);
+                got.insert((how, n), c.p50_us);
             }
-            let (few, many) = (got[&NARROW_ENDPOINTS], got[&WIDE_ENDPOINTS]);
-            s.push("connect_latency_us_10_endpoints", few.p50_us);
-            s.push("connect_latency_us_10k_endpoints", many.p50_us);
+            for how in ["mesh", "direct"] {
+                let (few, many) = (got[&(how, NARROW_ENDPOINTS)], got[&(how, WIDE_ENDPOINTS)]);
+                let suffix = if how == "mesh" { "" } else { "_direct" };
+                s.push(format!("connect_latency_us_10_endpoints{suffix}"), few);
+                s.push(format!("connect_latency_us_10k_endpoints{suffix}"), many);
+                s.push(
+                    format!("connect_latency_ratio_10k_vs_10_endpoints{suffix}"),
+                    many / few,
+                );
+            }
+            // The mesh's own part: its ratio over the same endpoints' ratio without it.
             s.push(
-                "connect_latency_ratio_10k_vs_10_endpoints",
-                many.p50_us / few.p50_us,
+                "connect_latency_ratio_10k_vs_10_endpoints_mesh_over_direct",
+                (got[&("mesh", WIDE_ENDPOINTS)] / got[&("mesh", NARROW_ENDPOINTS)])
+                    / (got[&("direct", WIDE_ENDPOINTS)] / got[&("direct", NARROW_ENDPOINTS)]),
             );
         }
         Ok(())
@@ -2082,9 +2118,11 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
         get("closed_port_connect_us")
     );
     println!(
-        "endpoints: connect p50 {:.2} µs ({NARROW_ENDPOINTS}) → {:.2} µs ({WIDE_ENDPOINTS}, 10 % ejected); load spread: {} connects refused while eligible, {} to ejected endpoints, {} eligible never chosen, {} other failures (totals over all runs)",
+        "endpoints: connect p50 mesh {:.2} µs ({NARROW_ENDPOINTS}) → {:.2} µs ({WIDE_ENDPOINTS}, 10 % ejected), direct {:.2} → {:.2} µs; load spread: {} connects refused while eligible, {} to ejected endpoints, {} eligible never chosen, {} other failures (totals over all runs)",
         get("connect_latency_us_10_endpoints"),
         get("connect_latency_us_10k_endpoints"),
+        get("connect_latency_us_10_endpoints_direct"),
+        get("connect_latency_us_10k_endpoints_direct"),
         get("lb_refused_while_eligible"),
         get("lb_connects_to_ejected"),
         get("lb_eligible_never_chosen"),
