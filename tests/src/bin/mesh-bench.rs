@@ -548,7 +548,7 @@ fn spread_client(addr: SocketAddr, slots: usize, count: usize) -> Result<Spread,
             .map(|t| {
                 let n = count / LB_THREADS + usize::from(t < count % LB_THREADS);
                 scope.spawn(move || {
-                    let mut part = Spread {
+                    let mut tally = Spread {
                         per_slot: vec![0; slots],
                         ..Spread::default()
                     };
@@ -556,22 +556,23 @@ fn spread_client(addr: SocketAddr, slots: usize, count: usize) -> Result<Spread,
                         match banner_connect(addr) {
                             Ok((port, _)) => {
                                 let i = usize::from(port.wrapping_sub(LB_FIRST_PORT));
-                                if let Some(c) = part.per_slot.get_mut(i) {
+                                if let Some(c) = tally.per_slot.get_mut(i) {
                                     *c += 1;
                                 } else {
-                                    part.other += 1;
-                                    part.first_other
+                                    tally.other += 1;
+                                    tally
+                                        .first_other
                                         .get_or_insert_with(|| format!("answer from port {port}"));
                                 }
                             }
-                            Err(Fail::Refused) => part.refused += 1,
+                            Err(Fail::Refused) => tally.refused += 1,
                             Err(Fail::Other(e)) => {
-                                part.other += 1;
-                                part.first_other.get_or_insert(e);
+                                tally.other += 1;
+                                tally.first_other.get_or_insert(e);
                             }
                         }
                     }
-                    part
+                    tally
                 })
             })
             .collect();
@@ -1785,7 +1786,7 @@ impl Bench {
     /// against one of 10 endpoints, both applied throughout, order alternated every repetition;
     /// then the same two sets of endpoints connected to directly (each connect to a random one of
     /// them), which shows the server's and the network stack's own part of the difference (a
-    /// connect()'s time includes the server's accept work that preempts the client on its CPU,
+    /// `connect()`'s time includes the server's accept work that preempts the client on its CPU,
     /// and 9,000 listeners are colder in cache than 10).
     fn connect_scale_endpoints(&mut self, s: &mut Samples) -> Result<()> {
         println!(
@@ -1802,7 +1803,7 @@ impl Bench {
             spec.backends
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| u16::try_from(*i).map_or(true, |i| !ejected.contains(&i)))
+                .filter(|(i, _)| !u16::try_from(*i).is_ok_and(|i| ejected.contains(&i)))
                 .map(|(_, b)| b.addr)
                 .collect()
         };
