@@ -1597,9 +1597,8 @@ impl Bench {
     fn endpoints(&mut self, s: &mut Samples) -> Result<SpreadTotals> {
         let pod = self.backends[1].clone();
         let first = SocketAddr::new(pod.ipv4().into(), LB_FIRST_PORT);
-        // `meshpod serve --tcp-ports`, pinned with the echo servers: unpinned, its accepting
-        // threads sit on the other CPU and every connect() pays a cross-CPU wake-up (≈ 20 µs on
-        // this VM, see BENCHMARKS.md).
+        // `meshpod serve --tcp-ports`, pinned with the echo servers so the layout's CPU
+        // placement holds for every server (on a VM a cross-CPU wake-up is costly and noisy).
         let mut cmd = match self.server_cpu {
             Some(cpu) => {
                 let mut c = pod.command("taskset");
