@@ -279,6 +279,18 @@ fn remember_choice(svc: &Service, st: &SockState, cookie: u64, netns: u64, now: 
 /// Returns true when a UDP socket got its first translation (a new UDP flow).
 #[inline(always)]
 fn remember_socket(ctx: &SockAddrContext, st: &mut SockState) -> bool {
+    if st.proto != PROTO_UDP {
+        // TCP: one helper call; its flow events come from sockops.
+        // SAFETY: `ctx` is a sock_addr context, as the helper requires.
+        let p = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, None) };
+        if p.is_null() {
+            count(CTR_SOCK_STORAGE_FAILED);
+        } else {
+            // SAFETY: non-null storage owned by this socket.
+            unsafe { *p = *st };
+        }
+        return false;
+    }
     // SAFETY: `ctx` is a sock_addr context, as the helper requires; lookup only.
     let old = unsafe { SOCK_STATE.get_ptr_mut(ctx) };
     let existed = !old.is_null();
@@ -471,6 +483,10 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
     if let Some(hit) = first {
         return Ok(hit);
     }
+    // Every circuit open or half-open (and no panic): random draws cannot find a closed one, so
+    // go straight to the pass over the slots, which finds a probe if one is due (fail fast stays
+    // fast).
+    let all_ejected = u64::from(n) <= ejected;
     // Retries and the scan run in `bpf_loop`, so the verifier checks each body once; their state
     // lives in a per-CPU scratch slot (the stack is 512 bytes). Everything read back from it is
     // validated again (`backend`, `try_id`), so even a preempting connect on this CPU that reused
@@ -498,7 +514,7 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
     // SAFETY: `retry_step` has the callback signature `bpf_loop` expects; `search` outlives it.
     unsafe {
         bpf_loop(
-            RANDOM_TRIES,
+            if all_ejected { 0 } else { RANDOM_TRIES },
             retry_step as *mut c_void,
             (&raw mut stack_ctx).cast(),
             0,
