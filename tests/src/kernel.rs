@@ -93,18 +93,9 @@ fn marker_file_name(name: &str) -> String {
     }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads, so a test can hand the
-/// data path a "now" (e.g. `Datapath::report_failure`).
-#[must_use]
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock `bpf_ktime_get_ns` reads), so a test can hand the
+/// data path a "now" (e.g. `Datapath::report_failure`): the agent's own helper.
+pub use mesh_agent::flows::monotonic_ns;
 
 #[cfg(test)]
 mod tests {
