@@ -68,6 +68,16 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // At most two malloc arenas: every thread that allocates under contention (tokio workers, the
+    // data-path owner, blocking parses) would otherwise get its own, and each keeps the
+    // high-water mark of a 10,000-service model resident after the model is freed. A fixed mmap
+    // threshold keeps large buffers (a parsed model's vectors) in mmap, returned on free, instead
+    // of glibc raising the threshold after the first free and carving them from the heap.
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     let args = Args::parse();
     logging::init(args.log_json);
     if let Some(Command::Cleanup) = args.command {
