@@ -6,7 +6,8 @@ use crate::{AddrBe, assert_size, user_pod};
 /// Map name: backend id → [`Backend`] (hash). A backend id names one endpoint *of one service*,
 /// so its circuit state is per service, as Envoy keeps outlier state per cluster host.
 ///
-/// Ids are never reused (the agent allocates them from a pinned counter, [`crate::ids`]) and an
+/// Ids are not reused before the 32-bit counter wraps (the agent allocates them from a pinned
+/// counter, [`crate::ids`]; after a wrap it skips ids still in use) and an
 /// entry is written once, when its id is created, and deleted once: so a kernel reader that still
 /// finds the key after copying the value knows the copy came from that one entry, never from a
 /// recycled element (see `ARCHITECTURE.md`, "No torn reads").

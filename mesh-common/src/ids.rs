@@ -1,5 +1,6 @@
 //! The id allocator's persistent state (`ID_ALLOC`): ids of services, backends and service
-//! configurations are never handed out twice, across agent restarts included.
+//! configurations are not handed out twice — across agent restarts included — until the 32-bit
+//! counter wraps (2³² allocations), after which ids still in use are skipped.
 
 /// Map name: array of `u64` counters, indexed by the `ID_*` constants; the next id of each kind.
 /// Pinned with the other maps, so a restarted agent continues where the last one stopped instead of
