@@ -139,8 +139,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     info!(adopted = dp.service_keys().count(), "kernel state adopted");
     let stores = Arc::new(Stores::default());
-    let (datapath, _owner_thread) =
-        owner::spawn(dp, Arc::clone(&stores)).context("starting the data-path owner thread")?;
+    let (datapath, _owner_thread) = owner::spawn(dp, Arc::clone(&stores), config.datapath.bypass)
+        .context("starting the data-path owner thread")?;
     let shared = Arc::new(Shared {
         drain: Arc::new(Drain::new(config.proxy.drain_period)),
         config,

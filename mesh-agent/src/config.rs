@@ -29,6 +29,8 @@ pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 pub const KEY_RESTART_BACKOFF_MAX: &str = "discovery.restartBackoffMax";
 /// Key: how long subscribers of the drain signal get to finish at shutdown.
 pub const KEY_DRAIN_PERIOD: &str = "proxy.drainPeriod";
+/// Key: whether this node's pod-to-pod connections may skip the TCP/IP stack (`sk_msg`).
+pub const KEY_BYPASS: &str = "datapath.bypass";
 
 /// Default readiness address (ztunnel's port).
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
@@ -38,6 +40,8 @@ pub const DEFAULT_METRICS_ADDR: &str = "none";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
 /// Default bpffs directory for pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
+/// Same-node bypass is on unless a node turns it off (only pod addresses ever take part).
+pub const DEFAULT_BYPASS: bool = true;
 /// Default first restart delay of a failed discovery source (doubled per failure). kube-rs'
 /// watcher default backoff also starts below a second.
 pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(500);
@@ -85,6 +89,8 @@ pub struct RawConfig {
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
     pub drain_period: Option<String>,
+    /// `true` / `false`.
+    pub bypass: Option<String>,
 }
 
 /// Where the cluster model comes from.
@@ -112,6 +118,9 @@ impl Source {
 pub struct DatapathSection {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
+    /// Same-node pod-to-pod bypass (`sk_msg`); off: this node's pod addresses are never put in
+    /// `LOCAL_ENDPOINTS`, so every connection takes the TCP/IP stack.
+    pub bypass: bool,
 }
 
 /// Discovery sources and their supervision.
@@ -208,6 +217,14 @@ impl AgentConfig {
             datapath: DatapathSection {
                 cgroup,
                 pin_dir: raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+                bypass: match raw.bypass.as_deref() {
+                    None => DEFAULT_BYPASS,
+                    Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                        key: KEY_BYPASS,
+                        value: v.to_owned(),
+                        reason: "not `true` or `false`".to_owned(),
+                    })?,
+                },
             },
             discovery: DiscoverySection {
                 source,
@@ -398,6 +415,22 @@ mod tests {
         assert_eq!(c.metrics.addr, None);
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
+        assert!(c.datapath.bypass);
+        let off = AgentConfig::from_raw(RawConfig {
+            bypass: Some("false".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert!(!off.datapath.bypass);
+        let bad = AgentConfig::from_raw(RawConfig {
+            bypass: Some("sometimes".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "datapath.bypass \"sometimes\": not `true` or `false`"
+        );
         let dump = serde_json::to_value(&c).unwrap();
         for section in [
             "datapath",

@@ -54,6 +54,10 @@ struct Args {
     /// How long the proxies get to finish at shutdown (Istio's `terminationDrainDuration`).
     #[arg(long, env = "MESH_DRAIN_PERIOD")]
     drain_period: Option<String>,
+    /// Same-node pod-to-pod bypass (`true`/`false`): `false` makes every connection of this node
+    /// take the TCP/IP stack.
+    #[arg(long, env = "MESH_BYPASS")]
+    bypass: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,
+        bypass: args.bypass,
     })?;
     if !args.coexist {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;

@@ -133,11 +133,12 @@ impl DatapathHandle {
 pub fn spawn(
     dp: Datapath,
     stores: Arc<Stores>,
+    bypass: bool,
 ) -> std::io::Result<(DatapathHandle, thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let join = thread::Builder::new()
         .name(THREAD_NAME.to_owned())
-        .spawn(move || Owner::new(dp, stores).run(&rx))?;
+        .spawn(move || Owner::new(dp, stores, bypass).run(&rx))?;
     Ok((DatapathHandle { tx }, join))
 }
 
@@ -149,9 +150,9 @@ struct Owner {
 }
 
 impl Owner {
-    fn new(dp: Datapath, stores: Arc<Stores>) -> Self {
+    fn new(dp: Datapath, stores: Arc<Stores>, bypass: bool) -> Self {
         Self {
-            reconciler: Reconciler::new(&dp),
+            reconciler: Reconciler::new(&dp).with_bypass(bypass),
             dp,
             stores,
             generation: 0,

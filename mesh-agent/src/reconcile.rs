@@ -90,7 +90,11 @@ pub struct Reconciler {
     /// Kernel entries found at start (a restart) whose content is not known yet: each is either
     /// rewritten from the model or removed as stale on the first reconciliation.
     adopted: Vec<ServiceKey>,
-    local_ips: Vec<IpAddr>,
+    /// What `LOCAL_ENDPOINTS` holds (`None` until the first write: a previous agent may have left
+    /// other addresses pinned).
+    local_ips: Option<Vec<IpAddr>>,
+    /// Same-node bypass off: `LOCAL_ENDPOINTS` is kept empty.
+    no_bypass: bool,
 }
 
 impl Reconciler {
@@ -102,6 +106,13 @@ impl Reconciler {
             adopted: dp.service_keys().copied().collect(),
             ..Self::default()
         }
+    }
+
+    /// Turns same-node bypass on or off for this node.
+    #[must_use]
+    pub fn with_bypass(mut self, on: bool) -> Self {
+        self.no_bypass = !on;
+        self
     }
 
     /// Brings the data path to `model`.
@@ -160,11 +171,15 @@ impl Reconciler {
             self.applied.remove(&key);
         }
         self.adopted.clear();
-        let mut local = model.local_pod_ips();
+        let mut local = if self.no_bypass {
+            Vec::new()
+        } else {
+            model.local_pod_ips()
+        };
         local.sort_unstable();
-        if local != self.local_ips {
+        if self.local_ips.as_ref() != Some(&local) {
             match dp.set_local_endpoints(&local) {
-                Ok(()) => self.local_ips = local,
+                Ok(()) => self.local_ips = Some(local),
                 Err(source) => report.errors.push(ReconcileError::LocalEndpoints {
                     count: local.len(),
                     source,

@@ -554,3 +554,43 @@ fn a_failing_source_makes_the_agent_unready_and_is_restarted_with_backoff() {
     let (exit, log) = s.agent.terminate(Duration::from_secs(10)).unwrap();
     assert!(exit.success(), "{exit}: {log}");
 }
+
+/// Entries in the node's pinned `LOCAL_ENDPOINTS` map (the same-node bypass candidates).
+fn local_endpoints(pins: &Path) -> usize {
+    let data = aya::maps::MapData::from_pin(pins.join("maps/LOCAL_ENDPOINTS")).unwrap();
+    let map: aya::maps::HashMap<
+        _,
+        mesh_common::bypass::EndpointKey,
+        mesh_common::bypass::LocalEndpoint,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    map.keys().count()
+}
+
+#[test]
+fn same_node_bypass_can_be_turned_off_per_node() {
+    let Some(_k) = mesh_tests::kernel_test("agent_bypass_off") else {
+        return;
+    };
+    let mut s = setup("agent_bypass_off");
+    s.agent.start().unwrap();
+    assert!(
+        local_endpoints(&s.agent.pins) > 0,
+        "bypass on by default: this node's pods are candidates"
+    );
+    s.agent.terminate(Duration::from_secs(10)).unwrap();
+    // The same node restarted with bypass off: its pinned candidates are cleared at once.
+    s.agent.env.push(("MESH_BYPASS".into(), "false".into()));
+    s.agent.start().unwrap();
+    let start = Instant::now();
+    while local_endpoints(&s.agent.pins) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "LOCAL_ENDPOINTS still has this node's pods with bypass off"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let config = s.agent.meshctl_json(&["config"]).unwrap();
+    assert_eq!(config["config"]["datapath"]["bypass"], false, "{config}");
+    let r = s.client.hit(VIP, 10, &[]).unwrap();
+    assert_eq!(r.ok(), 10, "traffic still flows, through the stack: {r:?}");
+}
