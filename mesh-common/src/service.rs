@@ -9,7 +9,7 @@ pub const SERVICES_MAP: &str = "SERVICES";
 /// Capacity of [`SERVICES_MAP`] and [`SERVICE_STATE_MAP`]; a power of two (see [`service_slot`]).
 pub const SERVICES_CAPACITY: u32 = 65_536;
 /// Map name: configuration id → [`Service`]. Every change of a service is written under a new,
-/// never reused configuration id, then published by switching [`SERVICES_MAP`], then the old one
+/// configuration id (not reused before its 32-bit counter wraps), then published by switching [`SERVICES_MAP`], then the old one
 /// is deleted: entries are never updated in place, so a reader that still finds its key after
 /// copying the value has an untorn copy.
 pub const SERVICE_CONF_MAP: &str = "SERVICE_CONF";

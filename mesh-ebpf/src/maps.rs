@@ -94,7 +94,7 @@ pub fn count(idx: u32) {
 }
 
 /// The current configuration of the service at `key`, copied out and validated: the copy is used
-/// only if its entry still exists after the copy (configuration ids are never reused and entries
+/// only if its entry still exists after the copy (configuration ids are not reused before their 32-bit counter wraps, and entries
 /// never rewritten, so the copy is not torn) and belongs to `key`. One retry covers an agent
 /// switch in between. A function of its own (a BPF-to-BPF call) so its copies stay off the
 /// callers' frames.

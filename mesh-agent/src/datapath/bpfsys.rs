@@ -358,17 +358,19 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     sys_bpf(cmd::LINK_DETACH, &mut attr).map(|_| ())
 }
 
+/// The `bpf_attr` prefix of `BPF_LINK_CREATE` this module uses.
+#[repr(C)]
+struct Create {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
 /// `BPF_LINK_CREATE` exists (Linux 5.7): with an invalid program fd the kernel answers `EBADF`
 /// when it knows the command and `EINVAL` when it does not.
 #[must_use]
 pub fn link_create_supported() -> bool {
-    #[repr(C)]
-    struct Create {
-        prog_fd: u32,
-        target_fd: u32,
-        attach_type: u32,
-        flags: u32,
-    }
     let mut attr = Create {
         prog_fd: u32::MAX,
         target_fd: u32::MAX,
@@ -483,13 +485,6 @@ pub fn cgroup_link_create(
     cgroup: BorrowedFd<'_>,
     attach_type: u32,
 ) -> std::io::Result<OwnedFd> {
-    #[repr(C)]
-    struct Create {
-        prog_fd: u32,
-        target_fd: u32,
-        attach_type: u32,
-        flags: u32,
-    }
     let mut attr = Create {
         prog_fd: prog.as_raw_fd().cast_unsigned(),
         target_fd: cgroup.as_raw_fd().cast_unsigned(),
