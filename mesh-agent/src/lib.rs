@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod drain;
 pub mod flows;
 pub mod health;
+pub mod identity;
 pub mod logging;
 pub mod model;
 pub mod owner;
