@@ -49,14 +49,17 @@ impl SpiffeId {
         })
     }
 
+    #[must_use]
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
+    #[must_use]
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
 
+    #[must_use]
     pub fn service_account(&self) -> &str {
         &self.service_account
     }
