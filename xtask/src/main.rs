@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod deps;
 mod ebpf;
+mod fuzz;
 mod linker;
 mod lint;
 mod step;
@@ -60,6 +61,15 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Coverage-guided fuzzing: every libFuzzer target in `fuzz/` (or the named ones) for SECS
+    /// seconds each, via the pinned cargo-fuzz; writes `target/fuzz/summary.json`.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// install-deps, build-ebpf, then run the `mesh-demo` binary as root (re-runs under sudo).
     Demo {
         /// Arguments for mesh-demo.
@@ -81,6 +91,7 @@ fn main() -> ExitCode {
         Command::InstallDeps => ("install-deps", deps::install()),
         Command::Lint => ("lint", lint::run()),
         Command::Test { cargo_args } => ("test", test_suite::run(&cargo_args)),
+        Command::Fuzz { secs, targets } => ("fuzz", fuzz::run(&targets, secs)),
         Command::Demo { demo_args } => ("demo", demo::run(&demo_args)),
         Command::Bench { suite, quick } => ("bench", bench::run(suite, quick)),
     };
