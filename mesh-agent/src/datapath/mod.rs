@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 mod link;
 pub mod probe;
+pub mod sockets;
 pub mod spec;
 pub mod table;
 
@@ -25,7 +26,7 @@ use aya::{
     programs::{BtfTracePoint, CgroupAttachMode, SkMsg, links::FdLink},
 };
 use mesh_common::{
-    AddrBe, FAMILY_V4, FAMILY_V6,
+    AddrBe, FAMILY_V4, FAMILY_V6, PROTO_UDP,
     backend::{
         BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, state_slot,
     },
@@ -46,7 +47,7 @@ use mesh_common::{
     },
     sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_STATE_MAP},
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use self::error::DatapathError;
 use self::spec::{BackendSpec, Protocol, ServiceSpec};
@@ -264,6 +265,16 @@ pub struct Datapath {
     used_slots: usize,
     /// Lookup-table chunks in `LB_TABLES` over all services.
     table_chunks: usize,
+    /// The cgroup the programs serve (whose processes' network namespaces hold its sockets).
+    cgroup: PathBuf,
+    /// `SOCK_STATE` and its kernel id: sock_diag returns each socket's record from it.
+    sock_state: MapData,
+    sock_state_id: u32,
+    /// Backends removed from UDP services since the last [`Datapath::end_stale_udp_sockets`].
+    stale_udp: Vec<sockets::Stale>,
+    /// Connected UDP sockets destroyed because their backend left the service, and failures.
+    udp_destroyed: u64,
+    udp_destroy_failed: u64,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -454,6 +465,21 @@ impl Datapath {
                 })?;
             std::mem::forget(link);
         }
+        let sock_state = match ebpf.take_map(SOCK_STATE_MAP) {
+            Some(aya::maps::Map::SkStorage(m)) => m,
+            None => return Err(DatapathError::MissingMap { name: SOCK_STATE_MAP }),
+            Some(_) => {
+                return Err(DatapathError::Map {
+                    op: "open",
+                    name: SOCK_STATE_MAP,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            }
+        };
+        let sock_state_id = sock_state
+            .info()
+            .map_err(map_err("read the id of", SOCK_STATE_MAP))?
+            .id();
         let mut dp = Self {
             services: take(&mut ebpf, SERVICES_MAP)?,
             confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
@@ -466,6 +492,12 @@ impl Datapath {
             local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
             revnat: take(&mut ebpf, REVNAT_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
+            sock_state,
+            sock_state_id,
+            cgroup: cfg.cgroup.clone(),
+            stale_udp: Vec::new(),
+            udp_destroyed: 0,
+            udp_destroy_failed: 0,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
             logger,
             _ebpf: ebpf,
@@ -740,7 +772,7 @@ impl Datapath {
                 });
             }
             for id in old.backends.iter().filter(|id| !ids.contains(id)) {
-                self.retire_backend(*id);
+                self.retire_backend(*id, key.proto);
             }
         }
         self.used_slots = self.used_slots + ids.len() - old_len;
@@ -908,8 +940,20 @@ impl Datapath {
     }
 
     /// Takes a backend out of `BACKENDS` (no new connection can pick it) and quarantines its
-    /// state slot (see [`STATE_QUARANTINE`]).
-    fn retire_backend(&mut self, id: u32) {
+    /// state slot (see [`STATE_QUARANTINE`]). A UDP service's backend is remembered so that
+    /// [`Self::end_stale_udp_sockets`] ends the connected sockets still sending to it.
+    fn retire_backend(&mut self, id: u32, proto: u8) {
+        if proto == PROTO_UDP
+            && let Ok(b) = self.backends.get(&id, 0)
+        {
+            self.stale_udp.push(sockets::Stale {
+                backend_id: id,
+                service_id: b.service_id,
+                addr_be: b.addr_be,
+                port_be: b.port_be,
+                family: b.family,
+            });
+        }
         let _ = self.backends.remove(&id);
         self.backend_total -= 1;
         self.retired.push((id, Instant::now()));
@@ -954,6 +998,52 @@ impl Datapath {
     #[must_use]
     pub fn revnat_entries(&self) -> usize {
         self.revnat.keys().flatten().count()
+    }
+
+    /// Destroys every connected UDP socket that the connect program translated to a backend
+    /// removed (from its service, or with its service) since the last call, in every network
+    /// namespace of the node ([`sockets`]): kube-proxy clears such a backend's conntrack entries,
+    /// Cilium destroys such sockets. The owner calls it after each reconciliation, once for all
+    /// the removals: one pass over the namespaces however many backends left.
+    pub fn end_stale_udp_sockets(&mut self) -> sockets::SweepReport {
+        if self.stale_udp.is_empty() {
+            return sockets::SweepReport::default();
+        }
+        let stale = std::mem::take(&mut self.stale_udp);
+        let started = Instant::now();
+        let namespaces = sockets::namespaces(&self.cgroup, Path::new(sockets::NETNS_DIR));
+        let report = sockets::sweep(
+            self.sock_state.fd().as_fd(),
+            self.sock_state_id,
+            &stale,
+            &namespaces,
+        );
+        self.udp_destroyed += report.destroyed;
+        self.udp_destroy_failed += report.failed;
+        for e in &report.errors {
+            warn!(error = %e, "ending UDP sockets of removed backends");
+        }
+        info!(
+            backends = stale.len(),
+            namespaces = report.namespaces,
+            destroyed = report.destroyed,
+            failed = report.failed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ended connected UDP sockets of removed backends"
+        );
+        report
+    }
+
+    /// Connected UDP sockets destroyed because their backend left its service (since start).
+    #[must_use]
+    pub fn udp_sockets_destroyed(&self) -> u64 {
+        self.udp_destroyed
+    }
+
+    /// Such sockets that could not be destroyed, and namespaces that could not be searched.
+    #[must_use]
+    pub fn udp_socket_destroy_failures(&self) -> u64 {
+        self.udp_destroy_failed
     }
 
     /// Removed backends still in quarantine (their state slots are not reused yet).
@@ -1056,7 +1146,7 @@ impl Datapath {
             });
         }
         for id in applied.backends {
-            self.retire_backend(id);
+            self.retire_backend(id, key.proto);
         }
         let slot = service_slot(applied.id);
         let _ = self.service_state.set(slot, ServiceState::default(), 0);
