@@ -65,10 +65,11 @@ fn wait_for(path: &Path) -> bool {
 /// One request/reply on a connected socket: the name of the server that answered, or the errno
 /// of the first call that failed.
 fn ask(s: &UdpSocket) -> Result<String, i32> {
-    s.send(b"q\n")
-        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    s.send(b"q\n").map_err(|e| e.raw_os_error().unwrap_or(-1))?;
     let mut buf = [0u8; 64];
-    let n = s.recv(&mut buf).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let n = s
+        .recv(&mut buf)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
 }
 
@@ -119,7 +120,10 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     // Only A first, so the held socket is translated to A; then B joins.
     m.dp.apply_service(&udp_service(dns, vec![a])).unwrap();
     let mut ring = m.dp.take_events().unwrap();
-    let marks = PathBuf::from(format!("/tmp/mesh-test-udp_sockets_end-{}", std::process::id()));
+    let marks = PathBuf::from(format!(
+        "/tmp/mesh-test-udp_sockets_end-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&marks);
     std::fs::create_dir_all(&marks).unwrap();
     let (connected, removed) = (marks.join("connected"), marks.join("removed"));
@@ -163,7 +167,11 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     };
     assert!(wait_for(&connected), "the client never connected");
     m.dp.apply_service(&udp_service(dns, vec![a, b])).unwrap();
-    assert_eq!(m.dp.end_stale_udp_sockets().destroyed, 0, "nothing removed yet");
+    assert_eq!(
+        m.dp.end_stale_udp_sockets().destroyed,
+        0,
+        "nothing removed yet"
+    );
     // A leaves the service.
     let started = Instant::now();
     m.dp.apply_service(&udp_service(dns, vec![b])).unwrap();
@@ -189,7 +197,11 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     assert_eq!(seen.send_after, Some(libc::EDESTADDRREQ), "{seen:?}");
     assert_eq!(seen.recv_after, Some(libc::ECONNABORTED), "{seen:?}");
     assert_eq!(seen.later_sends_ok, 0, "{seen:?}");
-    assert_eq!(seen.fresh.as_deref(), Ok("b1"), "a new socket reaches B: {seen:?}");
+    assert_eq!(
+        seen.fresh.as_deref(),
+        Ok("b1"),
+        "a new socket reaches B: {seen:?}"
+    );
     // The direct socket to A's pod address is not ours to end.
     assert_eq!(seen.direct_before.as_deref(), Ok("b0"), "{seen:?}");
     assert_eq!(seen.direct_after.as_deref(), Ok("b0"), "{seen:?}");
@@ -209,7 +221,11 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     let kinds: Vec<u8> = evs.iter().map(|e| e.kind).collect();
     assert_eq!(kinds, vec![EV_OPEN, EV_CLOSE], "{evs:?}");
     assert!(evs.iter().all(|e| e.backend_addr_be[0] == a_be), "{evs:?}");
-    assert_eq!(m.dp.revnat_entries(), 0, "reverse translations left with the sockets");
+    assert_eq!(
+        m.dp.revnat_entries(),
+        0,
+        "reverse translations left with the sockets"
+    );
 }
 
 #[test]

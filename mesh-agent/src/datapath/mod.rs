@@ -267,9 +267,6 @@ pub struct Datapath {
     table_chunks: usize,
     /// The cgroup the programs serve (whose processes' network namespaces hold its sockets).
     cgroup: PathBuf,
-    /// `SOCK_STATE` and its kernel id: sock_diag returns each socket's record from it.
-    sock_state: MapData,
-    sock_state_id: u32,
     /// Backends removed from UDP services since the last [`Datapath::end_stale_udp_sockets`].
     stale_udp: Vec<sockets::Stale>,
     /// Connected UDP sockets destroyed because their backend left the service, and failures.
@@ -465,21 +462,6 @@ impl Datapath {
                 })?;
             std::mem::forget(link);
         }
-        let sock_state = match ebpf.take_map(SOCK_STATE_MAP) {
-            Some(aya::maps::Map::SkStorage(m)) => m,
-            None => return Err(DatapathError::MissingMap { name: SOCK_STATE_MAP }),
-            Some(_) => {
-                return Err(DatapathError::Map {
-                    op: "open",
-                    name: SOCK_STATE_MAP,
-                    source: MapError::InvalidMapType { map_type: 0 },
-                });
-            }
-        };
-        let sock_state_id = sock_state
-            .info()
-            .map_err(map_err("read the id of", SOCK_STATE_MAP))?
-            .id();
         let mut dp = Self {
             services: take(&mut ebpf, SERVICES_MAP)?,
             confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
@@ -492,8 +474,6 @@ impl Datapath {
             local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
             revnat: take(&mut ebpf, REVNAT_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
-            sock_state,
-            sock_state_id,
             cgroup: cfg.cgroup.clone(),
             stale_udp: Vec::new(),
             udp_destroyed: 0,
@@ -772,7 +752,7 @@ impl Datapath {
                 });
             }
             for id in old.backends.iter().filter(|id| !ids.contains(id)) {
-                self.retire_backend(*id, key.proto);
+                self.retire_backend(*id, &key);
             }
         }
         self.used_slots = self.used_slots + ids.len() - old_len;
@@ -942,16 +922,17 @@ impl Datapath {
     /// Takes a backend out of `BACKENDS` (no new connection can pick it) and quarantines its
     /// state slot (see [`STATE_QUARANTINE`]). A UDP service's backend is remembered so that
     /// [`Self::end_stale_udp_sockets`] ends the connected sockets still sending to it.
-    fn retire_backend(&mut self, id: u32, proto: u8) {
-        if proto == PROTO_UDP
+    fn retire_backend(&mut self, id: u32, key: &ServiceKey) {
+        if key.proto == PROTO_UDP
             && let Ok(b) = self.backends.get(&id, 0)
         {
             self.stale_udp.push(sockets::Stale {
                 backend_id: id,
-                service_id: b.service_id,
                 addr_be: b.addr_be,
                 port_be: b.port_be,
                 family: b.family,
+                svc_addr_be: key.addr_be,
+                svc_port_be: key.port_be,
             });
         }
         let _ = self.backends.remove(&id);
@@ -1009,15 +990,42 @@ impl Datapath {
         if self.stale_udp.is_empty() {
             return sockets::SweepReport::default();
         }
-        let stale = std::mem::take(&mut self.stale_udp);
+        let mut stale = std::mem::take(&mut self.stale_udp);
+        // An address that is (again) a backend of the same service keeps its sockets: only its
+        // id changed (a new weight), or it came back before this sweep.
+        stale.retain(|s| {
+            let key = ServiceKey {
+                addr_be: s.svc_addr_be,
+                port_be: s.svc_port_be,
+                proto: PROTO_UDP,
+                family: s.family,
+            };
+            let ip = ip_from_be(s.addr_be, s.family);
+            let addr = SocketAddr::new(ip, u16::from_be(s.port_be));
+            !self
+                .applied
+                .get(&key)
+                .is_some_and(|a| a.addrs.iter().any(|(x, _)| *x == addr))
+        });
+        if stale.is_empty() {
+            return sockets::SweepReport::default();
+        }
         let started = Instant::now();
         let namespaces = sockets::namespaces(&self.cgroup, Path::new(sockets::NETNS_DIR));
-        let report = sockets::sweep(
-            self.sock_state.fd().as_fd(),
-            self.sock_state_id,
-            &stale,
-            &namespaces,
-        );
+        let revnat = &self.revnat;
+        let lookup = move |cookie, backend_addr_be, backend_port_be| {
+            let k = RevNatKey {
+                cookie,
+                backend_addr_be,
+                backend_port_be,
+                ..RevNatKey::default()
+            };
+            revnat
+                .get(&k, 0)
+                .ok()
+                .map(|v| (v.svc_addr_be, v.svc_port_be))
+        };
+        let report = sockets::sweep(&lookup, &stale, &namespaces);
         self.udp_destroyed += report.destroyed;
         self.udp_destroy_failed += report.failed;
         for e in &report.errors {
@@ -1146,7 +1154,7 @@ impl Datapath {
             });
         }
         for id in applied.backends {
-            self.retire_backend(id, key.proto);
+            self.retire_backend(id, key);
         }
         let slot = service_slot(applied.id);
         let _ = self.service_state.set(slot, ServiceState::default(), 0);

@@ -9,23 +9,25 @@
 //! application's next `recv` fails with `ECONNABORTED`, its next `send` with `EDESTADDRREQ`
 //! (or the pending `ECONNABORTED`), and a new socket is balanced over the current backends.
 //!
-//! Which sockets: a sock_diag dump returns each connected UDP socket's `SOCK_STATE` socket
-//! storage (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux ≥ 5.7), the record our connect program wrote
-//! when it translated that socket. A socket is destroyed only when that record names a removed
-//! backend id of its service (ids are never reused) and the socket is connected to exactly that
-//! backend's address and port. A socket connected to the pod address directly carries no record
-//! of ours and is never touched.
+//! Which sockets: the connect program records every UDP translation in `REVNAT` under the
+//! socket's cookie and the backend's address (the reverse translation its replies need), and a
+//! sock_diag dump names each connected UDP socket by its cookie and peer. A socket is destroyed
+//! only when it is connected to a removed backend's address and port **and** `REVNAT` holds,
+//! under its cookie and that address, the removed backend's service. A socket connected to the pod
+//! address directly has no such entry and is never touched. (sock_diag could return the
+//! `SOCK_STATE` socket storage instead, but `inet_sk_diag_fill` skips socket storage for sockets
+//! without a connection sock, i.e. for every UDP socket.)
 
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use mesh_common::{AddrBe, FAMILY_V4, FAMILY_V6, PROTO_UDP, sock::SockState};
+use mesh_common::{AddrBe, FAMILY_V4, FAMILY_V6};
 
 /// Where `ip netns` and the container runtimes (containerd's CRI plugin, CRI-O) bind-mount the
 /// network namespaces of pod sandboxes.
@@ -35,12 +37,17 @@ pub const NETNS_DIR: &str = "/run/netns";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stale {
     pub backend_id: u32,
-    pub service_id: u32,
-    /// The backend's address in its service's family, as `SockState` records it.
+    /// The backend's address in its service's family, as `REVNAT` keys it.
     pub addr_be: AddrBe,
     pub port_be: u16,
     pub family: u8,
+    /// The service it left: what `REVNAT` holds for a socket translated to it.
+    pub svc_addr_be: AddrBe,
+    pub svc_port_be: u16,
 }
+
+/// `REVNAT`'s service address and port for (socket cookie, backend address, backend port).
+pub type RevNatLookup<'a> = &'a (dyn Fn(u64, AddrBe, u16) -> Option<(AddrBe, u16)> + Sync);
 
 /// What one sweep did.
 #[derive(Debug, Default)]
@@ -94,7 +101,10 @@ pub fn namespaces(cgroup: &Path, netns_dir: &Path) -> Vec<(PathBuf, File)> {
         // A process that exited or a mount that went away in between is simply not there.
         let Ok(f) = File::open(&path) else { return };
         let Ok(meta) = f.metadata() else { return };
-        if seen.insert((std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))) {
+        if seen.insert((
+            std::os::unix::fs::MetadataExt::dev(&meta),
+            std::os::unix::fs::MetadataExt::ino(&meta),
+        )) {
             out.push((path, f));
         }
     };
@@ -125,19 +135,21 @@ pub fn namespaces(cgroup: &Path, netns_dir: &Path) -> Vec<(PathBuf, File)> {
     out
 }
 
-/// Destroys, in each of `namespaces`, every connected UDP socket whose `SOCK_STATE` record (the
-/// socket storage map `sock_state`, id `sock_state_id`) names one of `stale`.
+/// Destroys, in each of `namespaces`, every connected UDP socket that `revnat` shows was
+/// translated to one of `stale` (see the module doc).
 ///
 /// Runs on a thread of its own that enters each namespace in turn (`setns` changes only the
 /// calling thread, and that thread ends with the sweep), so the caller's namespace never changes.
 #[must_use]
 pub fn sweep(
-    sock_state: BorrowedFd<'_>,
-    sock_state_id: u32,
+    revnat: RevNatLookup<'_>,
     stale: &[Stale],
     namespaces: &[(PathBuf, File)],
 ) -> SweepReport {
-    let by_id: HashMap<u32, Stale> = stale.iter().map(|s| (s.backend_id, *s)).collect();
+    let mut by_addr: HashMap<(AddrBe, u16), Vec<Stale>> = HashMap::new();
+    for s in stale {
+        by_addr.entry((s.addr_be, s.port_be)).or_default().push(*s);
+    }
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -156,7 +168,7 @@ pub fn sweep(
                         });
                         continue;
                     }
-                    sweep_here(path, sock_state, sock_state_id, &by_id, &mut report);
+                    sweep_here(path, revnat, &by_addr, &mut report);
                 }
                 report
             })
@@ -171,9 +183,8 @@ pub fn sweep(
 /// One namespace (the calling thread's), both families.
 fn sweep_here(
     path: &Path,
-    sock_state: BorrowedFd<'_>,
-    sock_state_id: u32,
-    stale: &HashMap<u32, Stale>,
+    revnat: RevNatLookup<'_>,
+    stale: &HashMap<(AddrBe, u16), Vec<Stale>>,
     report: &mut SweepReport,
 ) {
     let sock = match DiagSocket::open() {
@@ -189,7 +200,7 @@ fn sweep_here(
         }
     };
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let sockets = match sock.dump(family, sock_state, sock_state_id, path) {
+        let sockets = match sock.dump(family, path) {
             Ok(s) => s,
             Err(e) => {
                 report.failed += 1;
@@ -197,7 +208,7 @@ fn sweep_here(
                 continue;
             }
         };
-        for s in sockets.iter().filter(|s| s.is_translated_to(stale)) {
+        for s in sockets.iter().filter(|s| s.is_translated_to(stale, revnat)) {
             match sock.destroy(family, &s.id_raw) {
                 Ok(()) => report.destroyed += 1,
                 // Closed by the application between the dump and now: nothing left to end.
@@ -225,14 +236,6 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_TYPE_MASK: u16 = !(3 << 14);
-const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
-const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
-const SK_DIAG_BPF_STORAGE: u16 = 1;
-const SK_DIAG_BPF_STORAGE_MAP_ID: u16 = 2;
-const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 /// `TCP_ESTABLISHED`: the state of a connected UDP socket.
 const STATE_ESTABLISHED: u8 = 1;
 const NLMSG_HDR: usize = 16;
@@ -251,27 +254,27 @@ struct Dumped {
     local: SocketAddr,
     peer: SocketAddr,
     cookie: u64,
-    /// The connect program's record, if the socket has one in our map.
-    state: Option<SockState>,
 }
 
 impl Dumped {
-    /// True when our connect program translated this socket to a removed backend and it is
-    /// still connected to that backend.
-    fn is_translated_to(&self, stale: &HashMap<u32, Stale>) -> bool {
-        let Some(st) = self.state else { return false };
-        let Some(s) = stale.get(&st.backend_id) else {
+    /// True when the socket is connected to a removed backend and our connect program translated
+    /// it there from that backend's service.
+    fn is_translated_to(
+        &self,
+        stale: &HashMap<(AddrBe, u16), Vec<Stale>>,
+        revnat: RevNatLookup<'_>,
+    ) -> bool {
+        let (family, addr_be) = addr_be_of(self.peer.ip());
+        let port_be = self.peer.port().to_be();
+        let Some(candidates) = stale.get(&(addr_be, port_be)) else {
             return false;
         };
-        let (family, addr_be) = addr_be_of(self.peer.ip());
-        st.proto == PROTO_UDP
-            && st.service_id == s.service_id
-            && st.family == s.family
-            && st.backend_addr_be == s.addr_be
-            && st.backend_port_be == s.port_be
-            && family == s.family
-            && addr_be == s.addr_be
-            && self.peer.port().to_be() == s.port_be
+        let Some(svc) = revnat(self.cookie, addr_be, port_be) else {
+            return false;
+        };
+        candidates
+            .iter()
+            .any(|s| s.family == family && (s.svc_addr_be, s.svc_port_be) == svc)
     }
 }
 
@@ -314,21 +317,14 @@ fn request_body(b: &mut Vec<u8>, family: u8, states: u32, id: &[u8; SOCKID_LEN])
     b.extend_from_slice(id);
 }
 
-/// The dump request: connected UDP sockets of `family`, with their storage in map `map_fd`.
-fn dump_request(family: u8, map_fd: i32) -> Vec<u8> {
-    let len = NLMSG_HDR + REQ_LEN + 4 + 8;
-    let mut b = netlink_header(len, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP);
-    request_body(
-        &mut b,
-        family,
-        1 << STATE_ESTABLISHED,
-        &[0; SOCKID_LEN],
+/// The dump request: connected UDP sockets of `family`.
+fn dump_request(family: u8) -> Vec<u8> {
+    let mut b = netlink_header(
+        NLMSG_HDR + REQ_LEN,
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST | NLM_F_DUMP,
     );
-    b.extend_from_slice(&12u16.to_ne_bytes());
-    b.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
-    b.extend_from_slice(&8u16.to_ne_bytes());
-    b.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
-    b.extend_from_slice(&map_fd.to_ne_bytes());
+    request_body(&mut b, family, 1 << STATE_ESTABLISHED, &[0; SOCKID_LEN]);
     b
 }
 
@@ -346,43 +342,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Netlink attributes in `b`: (type without flags, payload).
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16_at(b, 0));
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let item = (u16_at(b, 2) & NLA_TYPE_MASK, &b[4..len]);
-        b = &b[len.next_multiple_of(4).min(b.len())..];
-        Some(item)
-    })
-}
-
-/// The `SOCK_STATE` value in a message's attributes, if map `map_id` has one for the socket.
-fn storage_value(attrs: &[u8], map_id: u32) -> Option<SockState> {
-    let (_, stgs) = attributes(attrs).find(|(t, _)| *t == INET_DIAG_SK_BPF_STORAGES)?;
-    attributes(stgs)
-        .filter(|(t, _)| *t == SK_DIAG_BPF_STORAGE)
-        .find_map(|(_, stg)| {
-            let id = attributes(stg)
-                .find(|(t, p)| *t == SK_DIAG_BPF_STORAGE_MAP_ID && p.len() == 4)
-                .map(|(_, p)| u32_at(p, 0))?;
-            let (_, value) =
-                attributes(stg).find(|(t, _)| *t == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
-            (id == map_id && value.len() >= size_of::<SockState>()).then(|| {
-                // SAFETY: `SockState` is `repr(C)` plain integers (any bit pattern is valid) and
-                // `value` holds at least its size; the read is unaligned-safe.
-                unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<SockState>()) }
-            })
-        })
-}
-
 /// Decodes one `inet_diag_msg` (with its attributes) of a dump.
-fn parse_message(msg: &[u8], map_id: u32) -> Option<Dumped> {
+fn parse_message(msg: &[u8]) -> Option<Dumped> {
     if msg.len() < MSG_LEN {
         return None;
     }
@@ -409,7 +370,6 @@ fn parse_message(msg: &[u8], map_id: u32) -> Option<Dumped> {
         local: SocketAddr::new(ip(4), sport),
         peer: SocketAddr::new(ip(20), dport),
         cookie,
-        state: storage_value(&msg[MSG_LEN..], map_id),
         id_raw,
     })
 }
@@ -466,13 +426,7 @@ impl DiagSocket {
     }
 
     /// Connected UDP sockets of `family` in this namespace.
-    fn dump(
-        &self,
-        family: u8,
-        sock_state: BorrowedFd<'_>,
-        map_id: u32,
-        path: &Path,
-    ) -> Result<Vec<Dumped>, SocketsError> {
+    fn dump(&self, family: u8, path: &Path) -> Result<Vec<Dumped>, SocketsError> {
         let netlink = |op, source| SocketsError::Netlink {
             op,
             path: path.to_path_buf(),
@@ -482,7 +436,7 @@ impl DiagSocket {
             path: path.to_path_buf(),
             reason,
         };
-        self.send(&dump_request(family, sock_state.as_raw_fd()))
+        self.send(&dump_request(family))
             .map_err(|e| netlink("dump request", e))?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
@@ -498,10 +452,14 @@ impl DiagSocket {
                 match u16_at(rest, 4) {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let errno = if body.len() >= 4 { u32_at(body, 0) as i32 } else { 0 };
+                        let errno = if body.len() >= 4 {
+                            u32_at(body, 0) as i32
+                        } else {
+                            0
+                        };
                         return Err(netlink("dump", io::Error::from_raw_os_error(-errno)));
                     }
-                    SOCK_DIAG_BY_FAMILY => out.extend(parse_message(body, map_id)),
+                    SOCK_DIAG_BY_FAMILY => out.extend(parse_message(body)),
                     _ => {}
                 }
                 rest = &rest[len.next_multiple_of(4).min(rest.len())..];
@@ -532,64 +490,61 @@ impl DiagSocket {
 mod tests {
     use super::*;
 
-    fn stale() -> HashMap<u32, Stale> {
-        let (family, addr_be) = addr_be_of("10.0.0.7".parse().unwrap());
-        HashMap::from([(
-            9,
-            Stale {
-                backend_id: 9,
-                service_id: 3,
-                addr_be,
-                port_be: 53u16.to_be(),
-                family,
-            },
-        )])
+    const VIP: [u8; 4] = [10, 96, 0, 10];
+
+    fn v4(o: [u8; 4]) -> AddrBe {
+        [u32::from_ne_bytes(o), 0, 0, 0]
     }
 
-    fn dumped(peer: &str, state: Option<SockState>) -> Dumped {
+    fn stale() -> HashMap<(AddrBe, u16), Vec<Stale>> {
+        let s = Stale {
+            backend_id: 9,
+            addr_be: v4([10, 0, 0, 7]),
+            port_be: 53u16.to_be(),
+            family: FAMILY_V4,
+            svc_addr_be: v4(VIP),
+            svc_port_be: 53u16.to_be(),
+        };
+        HashMap::from([((s.addr_be, s.port_be), vec![s])])
+    }
+
+    fn dumped(peer: &str, cookie: u64) -> Dumped {
         Dumped {
             id_raw: [0; SOCKID_LEN],
             local: "10.0.1.2:40000".parse().unwrap(),
             peer: peer.parse().unwrap(),
-            cookie: 1,
-            state,
+            cookie,
         }
     }
 
-    fn translated(backend_id: u32) -> SockState {
-        let (family, addr_be) = addr_be_of("10.0.0.7".parse().unwrap());
-        SockState {
-            service_id: 3,
-            backend_id,
-            backend_addr_be: addr_be,
-            backend_port_be: 53u16.to_be(),
-            family,
-            proto: PROTO_UDP,
-            ..SockState::default()
+    /// `REVNAT` with one entry: socket 1 was translated from the VIP to 10.0.0.7:53; socket 2
+    /// from another service to the same backend.
+    fn revnat(cookie: u64, addr: AddrBe, port: u16) -> Option<(AddrBe, u16)> {
+        let backend = (v4([10, 0, 0, 7]), 53u16.to_be());
+        match cookie {
+            1 if (addr, port) == backend => Some((v4(VIP), 53u16.to_be())),
+            2 if (addr, port) == backend => Some((v4([10, 96, 0, 11]), 53u16.to_be())),
+            _ => None,
         }
     }
 
     #[test]
     fn only_sockets_we_translated_to_the_removed_backend_match() {
         let s = stale();
-        assert!(dumped("10.0.0.7:53", Some(translated(9))).is_translated_to(&s));
+        assert!(dumped("10.0.0.7:53", 1).is_translated_to(&s, &revnat));
         // Dual-stack socket: the kernel reports the IPv4-mapped peer.
-        assert!(dumped("[::ffff:10.0.0.7]:53", Some(translated(9))).is_translated_to(&s));
-        // Connected straight to the pod address: no record of ours.
-        assert!(!dumped("10.0.0.7:53", None).is_translated_to(&s));
-        // Translated to a backend that is still there.
-        assert!(!dumped("10.0.0.7:53", Some(translated(8))).is_translated_to(&s));
-        // Reconnected elsewhere since (the record is of an older translation).
-        assert!(!dumped("10.0.0.8:53", Some(translated(9))).is_translated_to(&s));
-        assert!(!dumped("10.0.0.7:54", Some(translated(9))).is_translated_to(&s));
-        // A TCP record (never, but the check does not rely on it).
-        let mut tcp = translated(9);
-        tcp.proto = mesh_common::PROTO_TCP;
-        assert!(!dumped("10.0.0.7:53", Some(tcp)).is_translated_to(&s));
+        assert!(dumped("[::ffff:10.0.0.7]:53", 1).is_translated_to(&s, &revnat));
+        // Connected straight to the pod address: no reverse translation of ours.
+        assert!(!dumped("10.0.0.7:53", 3).is_translated_to(&s, &revnat));
+        // Translated to the same backend by another service it still belongs to.
+        assert!(!dumped("10.0.0.7:53", 2).is_translated_to(&s, &revnat));
+        // Connected elsewhere.
+        assert!(!dumped("10.0.0.8:53", 1).is_translated_to(&s, &revnat));
+        assert!(!dumped("10.0.0.7:54", 1).is_translated_to(&s, &revnat));
     }
 
-    /// A dump message as the kernel builds it (`inet_sk_diag_fill` + `bpf_sk_storage_diag_put`).
-    fn message(map_id: u32, value: &SockState) -> Vec<u8> {
+    /// A dump message as `inet_sk_diag_fill` builds it.
+    fn message() -> Vec<u8> {
         let mut m = vec![libc::AF_INET as u8, STATE_ESTABLISHED, 0, 0];
         let mut id = [0u8; SOCKID_LEN];
         id[0..2].copy_from_slice(&40000u16.to_be_bytes());
@@ -600,52 +555,37 @@ mod tests {
         id[44..48].copy_from_slice(&1u32.to_ne_bytes());
         m.extend_from_slice(&id);
         m.extend_from_slice(&[0; 20]);
-        // An unrelated attribute first (INET_DIAG_SHUTDOWN, one byte, padded).
+        // An attribute (INET_DIAG_SHUTDOWN), ignored.
         m.extend_from_slice(&5u16.to_ne_bytes());
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&[0, 0, 0, 0]);
-        let size = size_of::<SockState>();
-        // SAFETY: test-only view of a plain `repr(C)` value's bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size) };
-        let stg_len = 4 + 8 + 4 + size;
-        m.extend_from_slice(&((4 + stg_len) as u16).to_ne_bytes());
-        m.extend_from_slice(&INET_DIAG_SK_BPF_STORAGES.to_ne_bytes());
-        m.extend_from_slice(&(stg_len as u16).to_ne_bytes());
-        m.extend_from_slice(&(SK_DIAG_BPF_STORAGE | NLA_F_NESTED).to_ne_bytes());
-        m.extend_from_slice(&8u16.to_ne_bytes());
-        m.extend_from_slice(&SK_DIAG_BPF_STORAGE_MAP_ID.to_ne_bytes());
-        m.extend_from_slice(&map_id.to_ne_bytes());
-        m.extend_from_slice(&((4 + size) as u16).to_ne_bytes());
-        m.extend_from_slice(&SK_DIAG_BPF_STORAGE_MAP_VALUE.to_ne_bytes());
-        m.extend_from_slice(bytes);
         m
     }
 
     #[test]
-    fn a_dump_message_yields_the_socket_and_our_record() {
-        let st = translated(9);
-        let d = parse_message(&message(77, &st), 77).unwrap();
+    fn a_dump_message_yields_the_socket() {
+        let d = parse_message(&message()).unwrap();
         assert_eq!(d.local, "10.0.1.2:40000".parse().unwrap());
         assert_eq!(d.peer, "10.0.0.7:53".parse().unwrap());
         assert_eq!(d.cookie, 0x1_0000_1234);
-        assert_eq!(d.state, Some(st));
-        assert!(d.is_translated_to(&stale()));
-        // Storage of another map is not ours.
-        assert_eq!(parse_message(&message(78, &st), 77).unwrap().state, None);
+        assert_eq!(&d.id_raw[..], &message()[4..4 + SOCKID_LEN]);
         // Truncated messages are skipped, not read past their end.
-        assert!(parse_message(&message(77, &st)[..40], 77).is_none());
+        assert!(parse_message(&message()[..40]).is_none());
+        // Unconnected sockets are not candidates.
+        let mut m = message();
+        m[1] = 7;
+        assert!(parse_message(&m).is_none());
     }
 
     #[test]
     fn requests_have_the_kernel_layout() {
-        let d = dump_request(libc::AF_INET as u8, 7);
-        assert_eq!(d.len(), 16 + 56 + 12);
+        let d = dump_request(libc::AF_INET as u8);
+        assert_eq!(d.len(), 16 + 56);
         assert_eq!(u32_at(&d, 0) as usize, d.len());
         assert_eq!(u16_at(&d, 4), SOCK_DIAG_BY_FAMILY);
+        assert_eq!(u16_at(&d, 6), NLM_F_REQUEST | NLM_F_DUMP);
         assert_eq!(d[17], libc::IPPROTO_UDP as u8);
         assert_eq!(u32_at(&d, 20), 1 << STATE_ESTABLISHED);
-        assert_eq!(u32_at(&d, d.len() - 4), 7);
         let x = destroy_request(libc::AF_INET6 as u8, &[1; SOCKID_LEN]);
         assert_eq!(x.len(), 16 + 56);
         assert_eq!(u16_at(&x, 4), SOCK_DESTROY);
