@@ -1,5 +1,5 @@
 //! Connected UDP follows its backend: a socket our connect program translated to a backend that
-//! leaves the service is destroyed (sock_diag `SOCK_DESTROY`) so the application reconnects to a
+//! leaves the service is destroyed (`sock_diag` `SOCK_DESTROY`) so the application reconnects to a
 //! current one, as kube-proxy's conntrack flush and Cilium's socket termination do; a socket
 //! connected to the pod address directly is left alone; the destroyed socket's flow closes; a
 //! reply without its reverse translation is counted.
@@ -108,6 +108,39 @@ struct Seen {
     cookie: u64,
 }
 
+/// In the client pod: a socket connected through the service (to A) and one connected to A's
+/// pod address; after the test removed A, what each of them and a new socket see.
+fn hold_sockets(dns: SocketAddr, a: SocketAddr, connected: &Path, removed: &Path) -> Seen {
+    let open = |to: SocketAddr| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.connect(to).unwrap();
+        s
+    };
+    let old = open(dns);
+    let direct = open(a);
+    let before = ask(&old);
+    let direct_before = ask(&direct);
+    std::fs::write(connected, b"").unwrap();
+    assert!(wait_for(removed), "the test never removed A");
+    let send_after = old.send(b"q\n").err().and_then(|e| e.raw_os_error());
+    let mut buf = [0u8; 64];
+    let recv_after = old.recv(&mut buf).err().and_then(|e| e.raw_os_error());
+    let later_sends_ok = (0..5).filter(|_| old.send(b"q\n").is_ok()).count() as u32;
+    let direct_after = ask(&direct);
+    let fresh = ask(&open(dns));
+    Seen {
+        before,
+        send_after,
+        recv_after,
+        later_sends_ok,
+        direct_before,
+        direct_after,
+        fresh,
+        cookie: cookie(&old),
+    }
+}
+
 #[test]
 fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not() {
     let Some(_k) = mesh_tests::kernel_test("udp_sockets_end") else {
@@ -132,36 +165,7 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
         let (connected, removed) = (connected.clone(), removed.clone());
         thread::spawn(move || {
             client
-                .run(move || {
-                    let open = |to: SocketAddr| {
-                        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                        s.connect(to).unwrap();
-                        s
-                    };
-                    let old = open(dns);
-                    let direct = open(a);
-                    let before = ask(&old);
-                    let direct_before = ask(&direct);
-                    std::fs::write(&connected, b"").unwrap();
-                    assert!(wait_for(&removed), "the test never removed A");
-                    let send_after = old.send(b"q\n").err().and_then(|e| e.raw_os_error());
-                    let mut buf = [0u8; 64];
-                    let recv_after = old.recv(&mut buf).err().and_then(|e| e.raw_os_error());
-                    let later_sends_ok = (0..5).filter(|_| old.send(b"q\n").is_ok()).count() as u32;
-                    let direct_after = ask(&direct);
-                    let fresh = ask(&open(dns));
-                    Seen {
-                        before,
-                        send_after,
-                        recv_after,
-                        later_sends_ok,
-                        direct_before,
-                        direct_after,
-                        fresh,
-                        cookie: cookie(&old),
-                    }
-                })
+                .run(move || hold_sockets(dns, a, &connected, &removed))
                 .unwrap()
         })
     };
@@ -272,4 +276,123 @@ fn a_reply_without_its_reverse_translation_is_counted() {
         "without its entry the reply shows the backend: {froms:?}"
     );
     assert_eq!(m.dp.counter(CTR_REVNAT_MISS).unwrap(), before + 1);
+}
+
+/// The static model: UDP service `dns` at 10.96.0.10:53 with `backends`.
+fn dns_model(backends: &[&mesh_tests::PodHandle]) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|p| {
+            format!(
+                "      - {{ ip: {}, node: a, pod: {} }}\n",
+                p.ipv4(),
+                p.name()
+            )
+        })
+        .collect();
+    format!(
+        "node: a\nservices:\n  - name: dns\n    clusterIPs: [10.96.0.10]\n    ports:\n      - {{ name: dns, port: 53, protocol: UDP }}\n    endpoints:\n{}",
+        endpoints.concat()
+    )
+}
+
+/// The same through the agent binary: the owner sweeps after the reconciliation that removed the
+/// endpoint from the static file, and `meshctl status` counts the destroyed socket.
+#[test]
+fn the_agent_ends_the_socket_when_the_endpoint_leaves_and_counts_it() {
+    let Some(_k) = mesh_tests::kernel_test("udp_sockets_agent") else {
+        return;
+    };
+    let cluster = mesh_tests::Cluster::new("udp_sockets_agent").unwrap();
+    let node = cluster.add_node("a").unwrap();
+    let client = cluster.add_pod(&node, "client").unwrap();
+    let mut pods = Vec::new();
+    let mut servers = Vec::new();
+    for name in ["b0", "b1"] {
+        let pod = cluster.add_pod(&node, name).unwrap();
+        servers.push(
+            pod.serve(name, &[], &[SocketAddr::new(pod.ipv4().into(), 53)])
+                .unwrap(),
+        );
+        pods.push(pod);
+    }
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work).unwrap();
+    let config = work.join("mesh.yaml");
+    mesh_tests::agent::write_atomically(&config, &dns_model(&[&pods[0]])).unwrap();
+    let mut agent = mesh_tests::agent::AgentProcess::new(
+        node.clone(),
+        config.clone(),
+        cluster.bpffs_dir().unwrap().join("a"),
+        work.join("admin.sock"),
+    );
+    agent.start().unwrap();
+    let dns = vip4(53);
+    let (connected, removed) = (work.join("connected"), work.join("removed"));
+    let child = {
+        let (client, connected, removed) = (client.clone(), connected.clone(), removed.clone());
+        thread::spawn(move || {
+            client
+                .run(move || {
+                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    s.connect(dns).unwrap();
+                    let before = ask(&s);
+                    std::fs::write(&connected, b"").unwrap();
+                    assert!(wait_for(&removed), "the test never removed b0");
+                    let start = Instant::now();
+                    // The file is polled every 500 ms; until the agent acts, b0 still answers.
+                    let mut failed = None;
+                    while start.elapsed() < Duration::from_secs(5) {
+                        match ask(&s) {
+                            Err(e) if e != libc::EAGAIN => {
+                                failed = Some((e, start.elapsed().as_millis() as u64));
+                                break;
+                            }
+                            _ => thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                    let fresh = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    fresh
+                        .set_read_timeout(Some(Duration::from_secs(1)))
+                        .unwrap();
+                    fresh.connect(dns).unwrap();
+                    (before, failed, ask(&fresh))
+                })
+                .unwrap()
+        })
+    };
+    assert!(wait_for(&connected), "the client never connected");
+    mesh_tests::agent::write_atomically(&config, &dns_model(&[&pods[1]])).unwrap();
+    std::fs::write(&removed, b"").unwrap();
+    let (before, failed, fresh) = child.join().unwrap();
+    println!("before {before:?}, failed {failed:?}, fresh {fresh:?}");
+    assert_eq!(before.as_deref(), Ok("b0"));
+    let (errno, after_ms) = failed.expect("the old socket failed");
+    assert_eq!(errno, libc::EDESTADDRREQ, "the socket was disconnected");
+    assert!(
+        after_ms < 2_000,
+        "file poll (500 ms) + reconcile + sweep: {after_ms} ms"
+    );
+    assert_eq!(fresh.as_deref(), Ok("b1"));
+    // Agent-side counters reach `meshctl status` with the kernel's (about once a second).
+    let start = Instant::now();
+    loop {
+        let s = agent.meshctl_json(&["status"]).unwrap();
+        if s["counters"]["udp_sockets_destroyed"] == 1 {
+            assert!(
+                s["counters"]["udp_socket_destroy_failed"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    == 0,
+                "{s}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{s}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+    drop(servers);
 }

@@ -1,5 +1,5 @@
 //! Ends connected UDP sockets that our connect program translated to a backend since removed:
-//! netlink sock_diag (`SOCK_DESTROY`) in every network namespace of the node, as Cilium does.
+//! netlink `sock_diag` (`SOCK_DESTROY`) in every network namespace of the node, as Cilium does.
 //!
 //! kube-proxy deletes the conntrack entries of a removed UDP endpoint so the next datagram is
 //! balanced again; with socket-level translation there is no conntrack entry, the socket itself
@@ -11,10 +11,10 @@
 //!
 //! Which sockets: the connect program records every UDP translation in `REVNAT` under the
 //! socket's cookie and the backend's address (the reverse translation its replies need), and a
-//! sock_diag dump names each connected UDP socket by its cookie and peer. A socket is destroyed
+//! `sock_diag` dump names each connected UDP socket by its cookie and peer. A socket is destroyed
 //! only when it is connected to a removed backend's address and port **and** `REVNAT` holds,
 //! under its cookie and that address, the removed backend's service. A socket connected to the pod
-//! address directly has no such entry and is never touched. (sock_diag could return the
+//! address directly has no such entry and is never touched. (`sock_diag` could return the
 //! `SOCK_STATE` socket storage instead, but `inet_sk_diag_fill` skips socket storage for sockets
 //! without a connection sock, i.e. for every UDP socket.)
 
@@ -422,7 +422,7 @@ impl DiagSocket {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(n as usize)
+        Ok(n.cast_unsigned())
     }
 
     /// Connected UDP sockets of `family` in this namespace.
@@ -453,7 +453,7 @@ impl DiagSocket {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
                         let errno = if body.len() >= 4 {
-                            u32_at(body, 0) as i32
+                            u32_at(body, 0).cast_signed()
                         } else {
                             0
                         };
@@ -473,7 +473,7 @@ impl DiagSocket {
         let mut buf = [0u8; 1024];
         let n = self.recv(&mut buf)?;
         if n >= NLMSG_HDR + 4 && u16_at(&buf, 4) == NLMSG_ERROR {
-            let errno = u32_at(&buf, NLMSG_HDR) as i32;
+            let errno = u32_at(&buf, NLMSG_HDR).cast_signed();
             if errno != 0 {
                 return Err(io::Error::from_raw_os_error(-errno));
             }
