@@ -7,7 +7,7 @@
 mod fixture;
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     thread,
@@ -106,6 +106,10 @@ struct Seen {
     /// A new socket to the service.
     fresh: Result<String, i32>,
     cookie: u64,
+    /// An `AF_INET6` socket connected to the service's IPv4-mapped address (Java's and .NET's
+    /// default), before the removal and the errno of its first `send` after.
+    mapped_before: Result<String, i32>,
+    mapped_send_after: Option<i32>,
 }
 
 /// In the client pod: a socket connected through the service (to A) and one connected to A's
@@ -119,14 +123,26 @@ fn hold_sockets(dns: SocketAddr, a: SocketAddr, connected: &Path, removed: &Path
     };
     let old = open(dns);
     let direct = open(a);
+    let mapped = UdpSocket::bind("[::]:0").unwrap();
+    mapped
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let IpAddr::V4(vip) = dns.ip() else {
+        unreachable!("an IPv4 service")
+    };
+    mapped
+        .connect(SocketAddr::new(vip.to_ipv6_mapped().into(), dns.port()))
+        .unwrap();
     let before = ask(&old);
     let direct_before = ask(&direct);
+    let mapped_before = ask(&mapped);
     std::fs::write(connected, b"").unwrap();
     assert!(wait_for(removed), "the test never removed A");
     let send_after = old.send(b"q\n").err().and_then(|e| e.raw_os_error());
     let mut buf = [0u8; 64];
     let recv_after = old.recv(&mut buf).err().and_then(|e| e.raw_os_error());
     let later_sends_ok = (0..5).filter(|_| old.send(b"q\n").is_ok()).count() as u32;
+    let mapped_send_after = mapped.send(b"q\n").err().and_then(|e| e.raw_os_error());
     let direct_after = ask(&direct);
     let fresh = ask(&open(dns));
     Seen {
@@ -138,6 +154,8 @@ fn hold_sockets(dns: SocketAddr, a: SocketAddr, connected: &Path, removed: &Path
         direct_after,
         fresh,
         cookie: cookie(&old),
+        mapped_before,
+        mapped_send_after,
     }
 }
 
@@ -189,11 +207,11 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(
         (report.destroyed, report.failed),
-        (1, 0),
-        "exactly the translated socket"
+        (2, 0),
+        "exactly the two translated sockets (AF_INET and dual-stack AF_INET6)"
     );
     assert!(took < Duration::from_secs(1), "ended within 1 s: {took:?}");
-    assert_eq!(m.dp.udp_sockets_destroyed(), 1);
+    assert_eq!(m.dp.udp_sockets_destroyed(), 2);
     assert_eq!(m.dp.udp_socket_destroy_failures(), 0);
     assert_eq!(seen.before.as_deref(), Ok("b0"), "{seen:?}");
     // udp_abort disconnected the socket and left ECONNABORTED pending: the next send finds no
@@ -201,6 +219,8 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     assert_eq!(seen.send_after, Some(libc::EDESTADDRREQ), "{seen:?}");
     assert_eq!(seen.recv_after, Some(libc::ECONNABORTED), "{seen:?}");
     assert_eq!(seen.later_sends_ok, 0, "{seen:?}");
+    assert_eq!(seen.mapped_before.as_deref(), Ok("b0"), "{seen:?}");
+    assert_eq!(seen.mapped_send_after, Some(libc::EDESTADDRREQ), "{seen:?}");
     assert_eq!(
         seen.fresh.as_deref(),
         Ok("b1"),
@@ -213,7 +233,7 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_a_direct_one_is_not(
     assert_eq!(
         datagrams_to_53(&m.backends[0]),
         at_a + 1,
-        "the old socket never again delivered to A"
+        "the old sockets never again delivered to A"
     );
     // The destroyed socket's flow: opened at connect to A, closed when the application closed it.
     thread::sleep(Duration::from_millis(300));
