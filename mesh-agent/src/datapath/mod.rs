@@ -1012,6 +1012,15 @@ impl Datapath {
         }
         let started = Instant::now();
         let namespaces = sockets::namespaces(&self.cgroup, Path::new(sockets::NETNS_DIR));
+        if namespaces.is_empty() {
+            // A containerised agent without the host's process ids and without /run/netns.
+            warn!(
+                cgroup = %self.cgroup.display(),
+                netns_dir = sockets::NETNS_DIR,
+                "no pod network namespace is visible (run with hostPID or mount the host's /run/netns): connected UDP sockets of removed backends are not ended"
+            );
+            self.udp_destroy_failed += 1;
+        }
         let revnat = &self.revnat;
         let lookup = move |cookie, backend_addr_be, backend_port_be| {
             let k = RevNatKey {
