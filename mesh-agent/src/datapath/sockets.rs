@@ -6,8 +6,9 @@
 //! holds the backend's address, so the socket has to go. Cilium destroys such sockets
 //! (`bpf_sock_destroy` from an `iter/udp` program since Linux 6.5, netlink `SOCK_DESTROY` before).
 //! The kernel's `udp_abort` sets `ECONNABORTED` on the socket and disconnects it: the
-//! application's next `recv` fails with `ECONNABORTED`, its next `send` with `EDESTADDRREQ`
-//! (or the pending `ECONNABORTED`), and a new socket is balanced over the current backends.
+//! application's next `recv` fails with `ECONNABORTED`, its next `send` with `EDESTADDRREQ` (the
+//! socket has no destination any more; measured on 6.18 by `tests/tests/udp_sockets.rs`), and a
+//! new socket is balanced over the current backends.
 //!
 //! Which sockets: the connect program records every UDP translation in `REVNAT` under the
 //! socket's cookie and the backend's address (the reverse translation its replies need), and a
