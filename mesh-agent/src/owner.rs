@@ -206,6 +206,9 @@ impl Owner {
     fn reconcile(&mut self, model: ClusterModel) -> ReconcileOutcome {
         let started = Instant::now();
         let report = self.reconciler.reconcile(&mut self.dp, &model);
+        // Connected UDP sockets still sending to a backend this reconciliation removed end now,
+        // so their applications reconnect to a current one (kube-proxy's conntrack flush).
+        let _ = self.dp.end_stale_udp_sockets();
         self.generation += 1;
         let snapshot = Snapshot::build(
             self.generation,
@@ -242,7 +245,15 @@ impl Owner {
 
     fn publish_kernel_stats(&self) {
         let (counters, error) = match self.dp.counters() {
-            Ok(c) => (c, None),
+            Ok(mut c) => {
+                // Counted by the agent, not the kernel; shown beside the kernel's reasons.
+                c.push(("udp_sockets_destroyed", self.dp.udp_sockets_destroyed()));
+                c.push((
+                    "udp_socket_destroy_failed",
+                    self.dp.udp_socket_destroy_failures(),
+                ));
+                (c, None)
+            }
             Err(e) => {
                 warn!(error = %e, "reading the kernel counters");
                 (

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 mod link;
 pub mod probe;
+pub mod sockets;
 pub mod spec;
 pub mod table;
 
@@ -25,7 +26,7 @@ use aya::{
     programs::{BtfTracePoint, CgroupAttachMode, SkMsg, links::FdLink},
 };
 use mesh_common::{
-    AddrBe, FAMILY_V4, FAMILY_V6,
+    AddrBe, FAMILY_V4, FAMILY_V6, PROTO_UDP,
     backend::{
         BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, state_slot,
     },
@@ -46,7 +47,7 @@ use mesh_common::{
     },
     sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_STATE_MAP},
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use self::error::DatapathError;
 use self::spec::{BackendSpec, Protocol, ServiceSpec};
@@ -264,6 +265,13 @@ pub struct Datapath {
     used_slots: usize,
     /// Lookup-table chunks in `LB_TABLES` over all services.
     table_chunks: usize,
+    /// The cgroup the programs serve (whose processes' network namespaces hold its sockets).
+    cgroup: PathBuf,
+    /// Backends removed from UDP services since the last [`Datapath::end_stale_udp_sockets`].
+    stale_udp: Vec<sockets::Stale>,
+    /// Connected UDP sockets destroyed because their backend left the service, and failures.
+    udp_destroyed: u64,
+    udp_destroy_failed: u64,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -466,6 +474,10 @@ impl Datapath {
             local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
             revnat: take(&mut ebpf, REVNAT_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
+            cgroup: cfg.cgroup.clone(),
+            stale_udp: Vec::new(),
+            udp_destroyed: 0,
+            udp_destroy_failed: 0,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
             logger,
             _ebpf: ebpf,
@@ -740,7 +752,7 @@ impl Datapath {
                 });
             }
             for id in old.backends.iter().filter(|id| !ids.contains(id)) {
-                self.retire_backend(*id);
+                self.retire_backend(*id, &key);
             }
         }
         self.used_slots = self.used_slots + ids.len() - old_len;
@@ -908,8 +920,21 @@ impl Datapath {
     }
 
     /// Takes a backend out of `BACKENDS` (no new connection can pick it) and quarantines its
-    /// state slot (see [`STATE_QUARANTINE`]).
-    fn retire_backend(&mut self, id: u32) {
+    /// state slot (see [`STATE_QUARANTINE`]). A UDP service's backend is remembered so that
+    /// [`Self::end_stale_udp_sockets`] ends the connected sockets still sending to it.
+    fn retire_backend(&mut self, id: u32, key: &ServiceKey) {
+        if key.proto == PROTO_UDP
+            && let Ok(b) = self.backends.get(&id, 0)
+        {
+            self.stale_udp.push(sockets::Stale {
+                backend_id: id,
+                addr_be: b.addr_be,
+                port_be: b.port_be,
+                family: b.family,
+                svc_addr_be: key.addr_be,
+                svc_port_be: key.port_be,
+            });
+        }
         let _ = self.backends.remove(&id);
         self.backend_total -= 1;
         self.retired.push((id, Instant::now()));
@@ -954,6 +979,88 @@ impl Datapath {
     #[must_use]
     pub fn revnat_entries(&self) -> usize {
         self.revnat.keys().flatten().count()
+    }
+
+    /// Destroys every connected UDP socket that the connect program translated to a backend
+    /// removed (from its service, or with its service) since the last call, in every network
+    /// namespace of the node ([`sockets`]): kube-proxy clears such a backend's conntrack entries,
+    /// Cilium destroys such sockets. The owner calls it after each reconciliation, once for all
+    /// the removals: one pass over the namespaces however many backends left.
+    pub fn end_stale_udp_sockets(&mut self) -> sockets::SweepReport {
+        if self.stale_udp.is_empty() {
+            return sockets::SweepReport::default();
+        }
+        let mut stale = std::mem::take(&mut self.stale_udp);
+        // An address that is (again) a backend of the same service keeps its sockets: only its
+        // id changed (a new weight), or it came back before this sweep.
+        stale.retain(|s| {
+            let key = ServiceKey {
+                addr_be: s.svc_addr_be,
+                port_be: s.svc_port_be,
+                proto: PROTO_UDP,
+                family: s.family,
+            };
+            let ip = ip_from_be(s.addr_be, s.family);
+            let addr = SocketAddr::new(ip, u16::from_be(s.port_be));
+            !self
+                .applied
+                .get(&key)
+                .is_some_and(|a| a.addrs.iter().any(|(x, _)| *x == addr))
+        });
+        if stale.is_empty() {
+            return sockets::SweepReport::default();
+        }
+        let started = Instant::now();
+        let namespaces = sockets::namespaces(&self.cgroup, Path::new(sockets::NETNS_DIR));
+        if namespaces.is_empty() {
+            // A containerised agent without the host's process ids and without /run/netns.
+            warn!(
+                cgroup = %self.cgroup.display(),
+                netns_dir = sockets::NETNS_DIR,
+                "no pod network namespace is visible (run with hostPID or mount the host's /run/netns): connected UDP sockets of removed backends are not ended"
+            );
+            self.udp_destroy_failed += 1;
+        }
+        let revnat = &self.revnat;
+        let lookup = move |cookie, backend_addr_be, backend_port_be| {
+            let k = RevNatKey {
+                cookie,
+                backend_addr_be,
+                backend_port_be,
+                ..RevNatKey::default()
+            };
+            revnat
+                .get(&k, 0)
+                .ok()
+                .map(|v| (v.svc_addr_be, v.svc_port_be))
+        };
+        let report = sockets::sweep(&lookup, &stale, &namespaces);
+        self.udp_destroyed += report.destroyed;
+        self.udp_destroy_failed += report.failed;
+        for e in &report.errors {
+            warn!(error = %e, "ending UDP sockets of removed backends");
+        }
+        info!(
+            backends = stale.len(),
+            namespaces = report.namespaces,
+            destroyed = report.destroyed,
+            failed = report.failed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ended connected UDP sockets of removed backends"
+        );
+        report
+    }
+
+    /// Connected UDP sockets destroyed because their backend left its service (since start).
+    #[must_use]
+    pub fn udp_sockets_destroyed(&self) -> u64 {
+        self.udp_destroyed
+    }
+
+    /// Such sockets that could not be destroyed, and namespaces that could not be searched.
+    #[must_use]
+    pub fn udp_socket_destroy_failures(&self) -> u64 {
+        self.udp_destroy_failed
     }
 
     /// Removed backends still in quarantine (their state slots are not reused yet).
@@ -1056,7 +1163,7 @@ impl Datapath {
             });
         }
         for id in applied.backends {
-            self.retire_backend(id);
+            self.retire_backend(id, key);
         }
         let slot = service_slot(applied.id);
         let _ = self.service_state.set(slot, ServiceState::default(), 0);
