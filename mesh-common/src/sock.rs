@@ -55,8 +55,13 @@ pub struct SockState {
     pub family: u8,
     pub proto: u8,
     pub _pad: u8,
+    /// `rcv_nxt` when the connection entered `FIN_WAIT2` (0 before): if it advanced by the time
+    /// the socket closes from there, the peer's FIN came (the close then counts one sequence
+    /// number that is not payload); if not, the application closed first and no FIN came.
+    pub rcv_nxt_fin_wait2: u32,
+    pub _pad2: u32,
 }
-assert_size!(SockState, 72);
+assert_size!(SockState, 80);
 
 /// Key of [`REVNAT_MAP`]: a socket and the backend it sent to.
 #[repr(C)]

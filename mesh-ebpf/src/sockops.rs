@@ -8,7 +8,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
+        BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_sk_storage_get},
     programs::{BtfTracePointContext, SockContext, SockOpsContext},
@@ -16,6 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_common::{
     AddrBe, FAMILY_V4, PROTO_UDP,
+    bypass::BypassBytes,
     counters::{
         CTR_BACKEND_FAILURE, CTR_CONNECT_ABANDONED, CTR_PEER_RESET, CTR_STATE_STALE,
         CTR_SYN_RETRY_RECOVERED,
@@ -46,6 +48,13 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
         }
         _ => {}
     }
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    // Every closing socket, translated or not: a bypassed one's count goes with it.
+    let bypassed = if closing {
+        bypass::on_close(ctx)
+    } else {
+        BypassBytes::default()
+    };
     let Some(st) = storage(ctx) else {
         return 1;
     };
@@ -65,7 +74,11 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
                 fail(ctx, st, FAIL_SYN_TIMEOUT);
             }
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx, st, ctx.arg(0)),
+        BPF_SOCK_OPS_STATE_CB if closing => on_close(ctx, st, ctx.arg(0), &bypassed),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_FIN_WAIT2 => {
+            // SAFETY: a permitted 4-byte context load.
+            st.rcv_nxt_fin_wait2 = unsafe { read_volatile(&raw const (*ctx.ops).rcv_nxt) };
+        }
         _ => {}
     }
     1
@@ -310,7 +323,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
 }
 
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
+fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32, bypassed: &BypassBytes) {
     if st.flags & SOCK_F_COUNTED != 0 {
         st.flags &= !SOCK_F_COUNTED;
         // The agent keeps a removed backend's slot until its active count is back to 0, so the
@@ -348,12 +361,20 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
     if st.flags & SOCK_F_ESTABLISHED != 0 {
         let ops: *const bpf_sock_ops = ctx.ops;
         // SAFETY: permitted context loads.
-        let (sent, received) = unsafe {
+        let (acked, received, rcv_nxt) = unsafe {
             (
                 read_volatile(&raw const (*ops).bytes_acked),
                 read_volatile(&raw const (*ops).bytes_received),
+                read_volatile(&raw const (*ops).rcv_nxt),
             )
         };
+        let (fin_acked, fin_received) = fins(st, old_state, rcv_nxt);
+        // Payload only, as Envoy's and Cilium's byte counts: TCP's counters also hold the SYN
+        // (always acked once established) and each FIN, one sequence number apiece. Plus what
+        // `sk_msg` moved socket to socket, which TCP never saw: the same totals with bypass on
+        // or off.
+        let sent = acked.saturating_sub(1 + u64::from(fin_acked)) + bypassed.sent;
+        let received = received.saturating_sub(u64::from(fin_received)) + bypassed.received;
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         let start = st.start_ns;
@@ -364,5 +385,25 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
             ev.bytes_received = received;
             ev.duration_ns = now.saturating_sub(start);
         });
+    }
+}
+
+/// Whether this socket's own FIN was acked, and whether the peer's FIN arrived, for a socket
+/// closing from `old_state` (each is one sequence number in TCP's byte counters, not payload).
+#[inline(always)]
+fn fins(st: &SockState, old_state: u32, rcv_nxt: u32) -> (bool, bool) {
+    let reset = st.flags & (SOCK_F_PEER_RESET | SOCK_F_ERROR) != 0;
+    match old_state {
+        // Only an ACK of our FIN leads to FIN_WAIT2; from there the peer's FIN (→ TIME_WAIT)
+        // moves `rcv_nxt`, while the application closing first (an orphaned FIN_WAIT2 goes
+        // straight to TIME_WAIT) does not. Data that arrived in FIN_WAIT2 before such a close is
+        // taken for a FIN (one byte short): only when the peer sent data and no FIN after our
+        // shutdown and the application closed before it did.
+        BPF_TCP_FIN_WAIT2 => (true, !reset && rcv_nxt != st.rcv_nxt_fin_wait2),
+        // Both sides' FINs were exchanged; CLOSE follows the ACK of ours unless reset.
+        BPF_TCP_LAST_ACK | BPF_TCP_CLOSING => (!reset, true),
+        // The peer's FIN came; ours was never sent (reset or abortive close).
+        BPF_TCP_CLOSE_WAIT => (false, true),
+        _ => (false, false),
     }
 }

@@ -1,0 +1,111 @@
+//! Bypassed connections report their payload bytes (issue 7.11): a same-node connection whose
+//! payload `sk_msg` carries socket to socket closes with the same byte counts as the same
+//! connection through TCP — what flows and metrics show must not depend on the bypass.
+
+mod fixture;
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use fixture::{Mesh, vip4};
+use mesh_agent::datapath::{events, spec::ServiceSpec};
+use mesh_common::{counters::CTR_BYPASS_ESTABLISHED, event::EV_CLOSE};
+
+/// Client → server payload: `meshpod transfer` sends it, the server echoes it back after its
+/// name line, so the server → client payload is `UP + BANNER` (directions differ: a swap fails).
+const UP: u64 = 1 << 20;
+/// The server's name line (`b0\n`), sent before the echo.
+const BANNER: u64 = 3;
+/// The service port (the fixture's `meshpod serve` listens on 80).
+const PORT: u16 = 80;
+
+/// One connection client → `vip` → the server pod: `UP` bytes up, echoed back, closed. Returns
+/// (bytes sent, bytes received) as the client counted them.
+fn exchange(m: &Mesh, vip: SocketAddr) -> (u64, u64) {
+    let t = m.client.transfer(vip, UP).expect("transfer");
+    assert_eq!(t.sha256_sent, t.sha256_received, "{t:?}");
+    (t.sent, t.received + BANNER)
+}
+
+/// The close events of connections to `vip`'s port among the ring's pending events (waits until
+/// at least one arrived).
+fn close_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    vip: SocketAddr,
+) -> Vec<mesh_common::event::FlowEvent> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut found = Vec::new();
+    while found.is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        found.extend(
+            events::drain(ring)
+                .into_iter()
+                .filter(|e| e.kind == EV_CLOSE && u16::from_be(e.svc_port_be) == vip.port()),
+        );
+    }
+    found
+}
+
+#[test]
+fn a_bypassed_connection_closes_with_the_bytes_it_carried() {
+    let Some(_k) = mesh_tests::kernel_test("bypass_bytes") else {
+        return;
+    };
+    let mut m = Mesh::new("bypass_bytes", 1).expect("cluster");
+    let mut ring = m.dp.take_events().expect("event ring");
+    let vip = vip4(PORT);
+    m.dp.apply_service(&ServiceSpec::tcp(vip, m.backend_addrs(PORT)))
+        .expect("apply");
+    let iface = m.client.host_ifname().to_owned();
+    let wire = |m: &Mesh| {
+        let s = m.node.iface_stats(&iface).expect("veth counters");
+        s.rx_bytes + s.tx_bytes
+    };
+
+    // Bypass off (what `--bypass false` does: no local endpoints): TCP carries the payload.
+    let bypassed0 = m.dp.counter(CTR_BYPASS_ESTABLISHED).unwrap();
+    let w0 = wire(&m);
+    assert_eq!(exchange(&m, vip), (UP, UP + BANNER), "the exchange itself");
+    let stack_wire = wire(&m) - w0;
+    assert_eq!(
+        m.dp.counter(CTR_BYPASS_ESTABLISHED).unwrap(),
+        bypassed0,
+        "bypass off: no socket entered the bypass"
+    );
+    let off = close_events(&mut ring, vip);
+    assert_eq!(off.len(), 1, "one close event without bypass: {off:?}");
+    assert_eq!(
+        (off[0].bytes_sent, off[0].bytes_received),
+        (UP, UP + BANNER),
+        "without bypass the close event counts the payload exactly: {:?}",
+        off[0]
+    );
+
+    // Bypass on: both pods are local endpoints; the payload never touches TCP.
+    m.dp.set_local_endpoints(&[m.client.ipv4().into(), m.backends[0].ipv4().into()])
+        .unwrap();
+    let w1 = wire(&m);
+    assert_eq!(exchange(&m, vip), (UP, UP + BANNER), "the exchange itself");
+    let bypass_wire = wire(&m) - w1;
+    assert_eq!(
+        m.dp.counter(CTR_BYPASS_ESTABLISHED).unwrap() - bypassed0,
+        2,
+        "bypass on: both ends entered the bypass"
+    );
+    assert!(
+        stack_wire > 2 * UP && bypass_wire < 64 << 10,
+        "the payload crossed the veth without bypass ({stack_wire} B) and not with it \
+         ({bypass_wire} B)"
+    );
+    let on = close_events(&mut ring, vip);
+    assert_eq!(on.len(), 1, "one close event with bypass: {on:?}");
+    assert_eq!(
+        (on[0].bytes_sent, on[0].bytes_received),
+        (off[0].bytes_sent, off[0].bytes_received),
+        "a bypassed connection reports what the same connection reports through TCP: {:?}",
+        on[0]
+    );
+}
