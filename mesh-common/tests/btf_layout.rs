@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use mesh_common::{
     backend::{Backend, BackendState},
-    bypass::{EndpointKey, LocalEndpoint, SockKey},
+    bypass::{BypassBytes, EndpointKey, LocalEndpoint, SockKey},
     event::FlowEvent,
     service::{
         AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, SlotKey, TableKey,
@@ -162,7 +162,9 @@ fn every_shared_type_matches_the_objects_btf() {
             flags,
             family,
             proto,
-            _pad
+            _pad,
+            rcv_nxt_fin_wait2,
+            _pad2
         }),
         layout!(RevNatKey {
             cookie,
@@ -185,6 +187,7 @@ fn every_shared_type_matches_the_objects_btf() {
             family,
             _pad
         }),
+        layout!(BypassBytes { sent, received }),
         layout!(FlowEvent {
             ts_ns,
             cookie,
