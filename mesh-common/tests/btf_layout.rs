@@ -162,9 +162,7 @@ fn every_shared_type_matches_the_objects_btf() {
             flags,
             family,
             proto,
-            _pad,
-            rcv_nxt_fin_wait2,
-            _pad2
+            _pad
         }),
         layout!(RevNatKey {
             cookie,

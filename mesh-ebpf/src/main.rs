@@ -93,7 +93,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 /// value that carries the outcome back.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp")]
-pub fn mesh_l7_report(ctx: *mut core::ffi::c_void) -> u32 {
+pub extern "C" fn mesh_l7_report(ctx: *mut core::ffi::c_void) -> u32 {
     report::run(&RawTracePointContext::new(ctx))
 }
 

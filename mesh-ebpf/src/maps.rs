@@ -61,6 +61,9 @@ pub static ID_ALLOC: Array<u64, { ID_ALLOC_CAPACITY as usize }> = Array::new();
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 #[btf_map]
+pub static SOCK_FIN_WAIT2: SkStorage<u32> = SkStorage::new();
+
+#[btf_map]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue, { REVNAT_CAPACITY as usize }> =
     LruHashMap::new();
 

@@ -75,8 +75,6 @@ pub fn run(ctx: &RawTracePointContext) -> u32 {
         family: svc.key.family,
         proto: svc.key.proto,
         _pad: 0,
-        rcv_nxt_fin_wait2: 0,
-        _pad2: 0,
     };
     events::emit(0, &st, EV_EJECT, FAIL_L7, |_| {});
     REPORT_R_EJECTED

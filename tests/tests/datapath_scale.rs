@@ -476,12 +476,23 @@ fn one_probe_per_ejection_under_contention() {
         "{recovered} recoveries, {probes} probes"
     );
     assert!(recovered >= 5, "b1 came back often: {recovered} recoveries");
-    // Counts consistent: every failure the kernel saw is in its backend's count, the service's
-    // ejected count is its circuits that are not closed, every connection is closed.
+    assert_counts_consistent(&m.dp, &key, l4_failures, ok);
+}
+
+/// Counts consistent: every failure the kernel saw is in its backend's count, the service's
+/// ejected count is its circuits that are not closed, every answered connection was established,
+/// every connection is closed.
+fn assert_counts_consistent(
+    dp: &Datapath,
+    key: &mesh_common::service::ServiceKey,
+    l4_failures: u64,
+    ok: u64,
+) {
+    let status = dp.backend_status(key).unwrap();
     let failures: u64 = status.iter().map(|b| b.state.failures).sum();
     assert_eq!(failures, l4_failures, "{status:?}");
     assert_eq!(
-        m.dp.ejected_count(&key).unwrap(),
+        dp.ejected_count(key).unwrap(),
         status
             .iter()
             .filter(|b| b.state.circuit != CIRCUIT_CLOSED)

@@ -134,18 +134,7 @@ fn reports_racing_failing_connects_give_one_probe_per_ejection() {
         c(&m, CTR_BACKEND_FAILURE),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop) = (m.client.clone(), Arc::clone(&stop));
-            thread::spawn(move || {
-                let mut ok = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    ok += client.hit(vip, 100, &["--timeout-ms", "500"]).unwrap().ok();
-                }
-                ok
-            })
-        })
-        .collect();
+    let clients = connect_until(&m, vip, 4, &stop);
     // b1 flaps every 400 ms for 6 s; this thread reports L7 failures of b1 all along, racing the
     // clients' refused connects (and their probes) for every transition of b1's circuit.
     let b1 = m.backends[1].clone();
@@ -221,4 +210,26 @@ fn reports_racing_failing_connects_give_one_probe_per_ejection() {
     for b in &status {
         assert_eq!(b.state.active, 0, "{b:?}");
     }
+}
+
+/// `threads` clients connecting to `vip` in batches of 100 until `stop`; each returns how many
+/// connections were answered.
+fn connect_until(
+    m: &Mesh,
+    vip: SocketAddr,
+    threads: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<u64>> {
+    (0..threads)
+        .map(|_| {
+            let (client, stop) = (m.client.clone(), Arc::clone(stop));
+            thread::spawn(move || {
+                let mut ok = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    ok += client.hit(vip, 100, &["--timeout-ms", "500"]).unwrap().ok();
+                }
+                ok
+            })
+        })
+        .collect()
 }

@@ -52,7 +52,7 @@ use mesh_common::{
         SERVICES_MAP, SVC_F_AFFINITY, Service, ServiceKey, ServiceState, SlotKey, TableKey,
         service_slot,
     },
-    sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_STATE_MAP},
+    sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_FIN_WAIT2_MAP, SOCK_STATE_MAP},
 };
 use tracing::{debug, info};
 
@@ -63,7 +63,7 @@ use self::spec::{BackendSpec, Protocol, ServiceSpec};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map of the object, pinned under the pin directory so a restarted agent adopts them.
-pub const MAP_NAMES: [&str; 16] = [
+pub const MAP_NAMES: [&str; 17] = [
     SERVICES_MAP,
     SERVICE_CONF_MAP,
     BACKEND_SLOTS_MAP,
@@ -74,6 +74,7 @@ pub const MAP_NAMES: [&str; 16] = [
     BACKEND_STATE_MAP,
     ID_ALLOC_MAP,
     SOCK_STATE_MAP,
+    SOCK_FIN_WAIT2_MAP,
     REVNAT_MAP,
     LOCAL_ENDPOINTS_MAP,
     BYPASS_SOCKS_MAP,
