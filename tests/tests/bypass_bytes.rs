@@ -30,6 +30,39 @@ fn exchange(m: &Mesh, vip: SocketAddr) -> (u64, u64) {
     (t.sent, t.received + BANNER)
 }
 
+/// 50 connections that read the server's name line and close (the client closes first, so its
+/// socket closes from `FIN_WAIT2` with or without the server's FIN, whichever comes first), then 20
+/// that close with a reset (`SO_LINGER` 0): every close event shows 0 bytes sent and exactly the
+/// name line received.
+fn short_connections_count_exactly(
+    m: &Mesh,
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    vip: SocketAddr,
+    what: &str,
+) {
+    let r = m.client.hit(vip, 50, &[]).expect("hit");
+    assert_eq!(r.ok(), 50, "{r:?}");
+    let r = m
+        .client
+        .hit(vip, 20, &["--bind-port-base", "31000"])
+        .expect("hit with resets");
+    assert_eq!(r.ok(), 20, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut closes = Vec::new();
+    while closes.len() < 70 && Instant::now() < deadline {
+        closes.extend(close_events(ring, vip));
+    }
+    assert_eq!(closes.len(), 70, "{what}: one close event per connection");
+    let wrong: Vec<_> = closes
+        .iter()
+        .filter(|e| (e.bytes_sent, e.bytes_received) != (0, BANNER))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{what}: connections that only read the name line report exactly it: {wrong:?}"
+    );
+}
+
 /// The close events of connections to `vip`'s port among the ring's pending events (waits until
 /// at least one arrived).
 fn close_events(
@@ -84,6 +117,8 @@ fn a_bypassed_connection_closes_with_the_bytes_it_carried() {
         off[0]
     );
 
+    short_connections_count_exactly(&m, &mut ring, vip, "bypass off");
+
     // Bypass on: both pods are local endpoints; the payload never touches TCP.
     m.dp.set_local_endpoints(&[m.client.ipv4().into(), m.backends[0].ipv4().into()])
         .unwrap();
@@ -108,4 +143,5 @@ fn a_bypassed_connection_closes_with_the_bytes_it_carried() {
         "a bypassed connection reports what the same connection reports through TCP: {:?}",
         on[0]
     );
+    short_connections_count_exactly(&m, &mut ring, vip, "bypass on");
 }
