@@ -13,6 +13,10 @@ use std::{
 use fixture::{Mesh, vip4};
 use mesh_agent::datapath::{events, spec::ServiceSpec};
 use mesh_common::{counters::CTR_BYPASS_ESTABLISHED, event::EV_CLOSE};
+use mesh_tests::{
+    Cluster,
+    agent::{AgentProcess, write_atomically},
+};
 
 /// Client → server payload: `meshpod transfer` sends it, the server echoes it back after its
 /// name line, so the server → client payload is `UP + BANNER` (directions differ: a swap fails).
@@ -144,4 +148,86 @@ fn a_bypassed_connection_closes_with_the_bytes_it_carried() {
         on[0]
     );
     short_connections_count_exactly(&m, &mut ring, vip, "bypass on");
+}
+
+/// The real agent and `meshctl flows`: one connection echoing 1 MiB through the service, once with
+/// bypass on (the default) and once with the agent restarted with `MESH_BYPASS=false`; both flows
+/// show exactly the payload.
+#[test]
+fn the_agent_shows_the_same_flow_bytes_with_bypass_on_and_off() {
+    let Some(_k) = mesh_tests::kernel_test("bypass_bytes_agent") else {
+        return;
+    };
+    let cluster = Cluster::new("bypass_bytes_agent").expect("cluster");
+    let node = cluster.add_node("a").expect("node");
+    let client = cluster.add_pod(&node, "client").expect("client pod");
+    let (backends, _servers) =
+        mesh_tests::meshpod::backend_pods(&cluster, &node, "web-", 1, PORT).expect("backend");
+    let vip = vip4(PORT);
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work).expect("work dir");
+    let config = work.join("mesh.yaml");
+    write_atomically(
+        &config,
+        &format!(
+            "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: \
+             http, port: {PORT} }}\n    endpoints:\n      - {{ ip: {}, node: a, pod: {} }}\npods:\n  \
+             - {{ name: client, node: a, serviceAccount: frontend, ips: [{}] }}\n  - {{ name: {}, \
+             node: a, serviceAccount: web, ips: [{}] }}\n",
+            vip.ip(),
+            backends[0].ipv4(),
+            backends[0].name(),
+            client.ipv4(),
+            backends[0].name(),
+            backends[0].ipv4()
+        ),
+    )
+    .expect("model");
+    let pins = cluster.bpffs_dir().expect("bpffs").join("a");
+    let mut agent = AgentProcess::new(node.clone(), config, pins, work.join("admin.sock"));
+    let iface = client.host_ifname().to_owned();
+    for bypass in [true, false] {
+        if !bypass {
+            agent.env.push(("MESH_BYPASS".into(), "false".into()));
+        }
+        agent.start().expect("agent starts");
+        let w0 = node.iface_stats(&iface).expect("veth counters");
+        let t = client.transfer(vip, UP).expect("transfer");
+        assert_eq!((t.sent, t.received), (UP, UP), "{t:?}");
+        let w1 = node.iface_stats(&iface).expect("veth counters");
+        let wire = (w1.rx_bytes + w1.tx_bytes) - (w0.rx_bytes + w0.tx_bytes);
+        assert_eq!(
+            wire < 64 << 10,
+            bypass,
+            "bypass {bypass}: {wire} bytes crossed the client's veth"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let flows = loop {
+            let out = agent
+                .meshctl(&["flows", "--since", "1m", "--verdict", "close", "-o", "json"])
+                .expect("meshctl flows");
+            let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|f: &serde_json::Value| f["service_address"] == vip.to_string())
+                .collect();
+            if !flows.is_empty() || Instant::now() > deadline {
+                break flows;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(flows.len(), 1, "bypass {bypass}: {flows:?}");
+        assert_eq!(
+            (&flows[0]["bytes_sent"], &flows[0]["bytes_received"]),
+            (
+                &serde_json::Value::from(UP),
+                &serde_json::Value::from(UP + t.name.len() as u64 + 1)
+            ),
+            "bypass {bypass}: the flow shows the payload each way: {}",
+            flows[0]
+        );
+        agent
+            .terminate(Duration::from_secs(10))
+            .expect("agent stops");
+    }
 }
