@@ -16,8 +16,8 @@ use mesh_common::{
     PROTO_UDP,
     counters::COUNTER_NAMES,
     event::{
-        EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, EV_REJECT, FAIL_REFUSED, FAIL_RESET,
-        FAIL_SYN_TIMEOUT, FlowEvent,
+        EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, EV_REJECT, FAIL_L7, FAIL_REFUSED,
+        FAIL_RESET, FAIL_SYN_TIMEOUT, FlowEvent,
     },
 };
 use tokio::sync::broadcast;
@@ -203,6 +203,7 @@ fn reason(kind: u8, reason: u8) -> String {
         (_, FAIL_REFUSED) => "refused".to_owned(),
         (_, FAIL_SYN_TIMEOUT) => "syn-timeout".to_owned(),
         (_, FAIL_RESET) => "reset".to_owned(),
+        (_, FAIL_L7) => "l7".to_owned(),
         (_, r) => r.to_string(),
     }
 }

@@ -1,5 +1,6 @@
-//! Same-node bypass: pod addresses on this node (`LOCAL_ENDPOINTS`) and the sockhash of their
-//! established sockets (`BYPASS_SOCKS`) that `sk_msg` redirects between.
+//! Same-node bypass: pod addresses on this node (`LOCAL_ENDPOINTS`), the sockhash of their
+//! established sockets (`BYPASS_SOCKS`) that `sk_msg` redirects between, and the payload bytes
+//! each bypassed socket sent and received that way (`BYPASS_BYTES`).
 
 use crate::{AddrBe, assert_size, user_pod};
 
@@ -42,4 +43,27 @@ pub struct SockKey {
 }
 assert_size!(SockKey, 40);
 
-user_pod!(EndpointKey, LocalEndpoint, SockKey);
+/// Map name: [`SockKey`] (a bypassed socket, as seen from itself) → [`BypassBytes`] (LRU).
+///
+/// Payload redirected by `sk_msg` never passes through TCP, so the socket's own `bytes_acked` and
+/// `bytes_received` miss it; the close event adds these counts. An entry is created (zeroed) when
+/// its socket enters [`BYPASS_SOCKS_MAP`] and removed when the socket closes; LRU, so an entry
+/// whose close was never seen cannot fill the map.
+pub const BYPASS_BYTES_MAP: &str = "BYPASS_BYTES";
+/// Capacity of [`BYPASS_BYTES_MAP`]: one entry per socket [`BYPASS_SOCKS_MAP`] can hold.
+pub const BYPASS_BYTES_CAPACITY: u32 = BYPASS_SOCKS_CAPACITY;
+
+/// Value of [`BYPASS_BYTES_MAP`]: payload bytes that went socket to socket, changed only with
+/// atomic adds (the two ends of a connection send on two CPUs at once, and each adds to both
+/// entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassBytes {
+    /// Bytes this socket sent that `sk_msg` redirected to its peer.
+    pub sent: u64,
+    /// Bytes its peer sent that `sk_msg` redirected into this socket.
+    pub received: u64,
+}
+assert_size!(BypassBytes, 16);
+
+user_pod!(EndpointKey, LocalEndpoint, SockKey, BypassBytes);

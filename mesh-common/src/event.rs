@@ -29,6 +29,9 @@ pub const FAIL_REFUSED: u8 = 1;
 pub const FAIL_SYN_TIMEOUT: u8 = 2;
 /// [`EV_CLOSE`] reason: the connection ended with a reset (either side).
 pub const FAIL_RESET: u8 = 3;
+/// [`EV_EJECT`] reason: L7 failures reported by a proxy (HTTP 5xx, gRPC `UNAVAILABLE`) ejected
+/// the backend (`crate::report`).
+pub const FAIL_L7: u8 = 4;
 
 /// One flow event.
 #[repr(C)]

@@ -5,6 +5,12 @@ use crate::{AddrBe, assert_size, user_pod};
 
 /// Map name: socket-local storage of [`SockState`] (dies with the socket, so nothing leaks).
 pub const SOCK_STATE_MAP: &str = "SOCK_STATE";
+/// Map name: socket-local storage of a `u32`: a translated connection's `rcv_nxt` when it entered
+/// `FIN_WAIT2`. If `rcv_nxt` moved by the time the socket closes from there, the peer's FIN came
+/// (one sequence number TCP counts as received that is not payload); if not, the application
+/// closed first and no FIN came. A map of its own, not a [`SockState`] field: a pinned storage
+/// map keeps its value size across agent upgrades, so [`SockState`]'s layout must not grow.
+pub const SOCK_FIN_WAIT2_MAP: &str = "SOCK_FIN_WAIT2";
 /// Map name: [`RevNatKey`] → [`RevNatValue`] (LRU), for UDP replies.
 pub const REVNAT_MAP: &str = "REVNAT";
 /// Capacity of [`REVNAT_MAP`].

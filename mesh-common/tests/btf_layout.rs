@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use mesh_common::{
     backend::{Backend, BackendState},
-    bypass::{EndpointKey, LocalEndpoint, SockKey},
+    bypass::{BypassBytes, EndpointKey, LocalEndpoint, SockKey},
     event::FlowEvent,
     service::{
         AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, SlotKey, TableKey,
@@ -185,6 +185,7 @@ fn every_shared_type_matches_the_objects_btf() {
             family,
             _pad
         }),
+        layout!(BypassBytes { sent, received }),
         layout!(FlowEvent {
             ts_ns,
             cookie,

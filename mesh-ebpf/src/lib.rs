@@ -20,4 +20,5 @@ pub mod circuit;
 pub mod connect;
 pub mod events;
 pub mod maps;
+pub mod report;
 pub mod sockops;

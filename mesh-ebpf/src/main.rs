@@ -8,13 +8,16 @@
 
 use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{BtfTracePointContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{
+        BtfTracePointContext, RawTracePointContext, SkMsgContext, SockAddrContext, SockContext,
+        SockOpsContext,
+    },
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 use mesh_ebpf::{
     bypass,
     connect::{self, Hook},
-    sockops,
+    report, sockops,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -83,6 +86,15 @@ pub fn mesh_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     bypass::on_msg(&ctx)
+}
+
+/// An L7 outcome report (`mesh_common::report`): never attached; the agent runs it with
+/// `BPF_PROG_TEST_RUN`. Written without aya's `raw_tracepoint` macro, which discards the return
+/// value that carries the outcome back.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp")]
+pub extern "C" fn mesh_l7_report(ctx: *mut core::ffi::c_void) -> u32 {
+    report::run(&RawTracePointContext::new(ctx))
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,8 @@ use aya_ebpf::{
 use mesh_common::{
     backend::{BACKENDS_CAPACITY, Backend, BackendState, state_slot},
     bypass::{
-        BYPASS_SOCKS_CAPACITY, EndpointKey, LOCAL_ENDPOINTS_CAPACITY, LocalEndpoint, SockKey,
+        BYPASS_BYTES_CAPACITY, BYPASS_SOCKS_CAPACITY, BypassBytes, EndpointKey,
+        LOCAL_ENDPOINTS_CAPACITY, LocalEndpoint, SockKey,
     },
     counters::{COUNTERS_CAPACITY, CTR_BACKEND_MISSING, CTR_CONF_STALE},
     event::{EVENTS_BYTES, FlowEvent},
@@ -60,6 +61,9 @@ pub static ID_ALLOC: Array<u64, { ID_ALLOC_CAPACITY as usize }> = Array::new();
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 #[btf_map]
+pub static SOCK_FIN_WAIT2: SkStorage<u32> = SkStorage::new();
+
+#[btf_map]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue, { REVNAT_CAPACITY as usize }> =
     LruHashMap::new();
 
@@ -72,6 +76,10 @@ pub static LOCAL_ENDPOINTS: HashMap<
 
 #[btf_map]
 pub static BYPASS_SOCKS: SockHash<SockKey, { BYPASS_SOCKS_CAPACITY as usize }> = SockHash::new();
+
+#[btf_map]
+pub static BYPASS_BYTES: LruHashMap<SockKey, BypassBytes, { BYPASS_BYTES_CAPACITY as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { COUNTERS_CAPACITY as usize }> = PerCpuArray::new();
@@ -115,6 +123,16 @@ pub fn service(key: &ServiceKey) -> Option<Service> {
         count(CTR_CONF_STALE);
     }
     None
+}
+
+/// Configuration `conf_id` as written by the agent, copied out and validated as in [`service`]
+/// (its entry still exists after the copy, and names itself).
+#[inline(never)]
+pub fn service_conf(conf_id: u32) -> Option<Service> {
+    let p = SERVICE_CONF.get_ptr(conf_id)?;
+    // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
+    let svc = unsafe { core::ptr::read_volatile(p) };
+    (SERVICE_CONF.get_ptr(conf_id).is_some() && svc.conf_id == conf_id).then_some(svc)
 }
 
 /// Backend `id` if it exists, its copy is untorn (validated as in [`service`]) and it belongs to

@@ -5,10 +5,11 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_sk_storage_get},
     programs::{BtfTracePointContext, SockContext, SockOpsContext},
@@ -16,6 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_common::{
     AddrBe, FAMILY_V4, PROTO_UDP,
+    bypass::BypassBytes,
     counters::{
         CTR_BACKEND_FAILURE, CTR_CONNECT_ABANDONED, CTR_PEER_RESET, CTR_STATE_STALE,
         CTR_SYN_RETRY_RECOVERED,
@@ -33,7 +35,7 @@ use mesh_common::{
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{BACKEND_SLOTS, REVNAT, SOCK_STATE, backend_state, count},
+    maps::{BACKEND_SLOTS, REVNAT, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count},
 };
 
 /// Entry for every sockops callback; always lets the socket go on.
@@ -46,6 +48,13 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
         }
         _ => {}
     }
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    // Every closing socket, translated or not: a bypassed one's count goes with it.
+    let bypassed = if closing {
+        bypass::on_close(ctx)
+    } else {
+        BypassBytes::default()
+    };
     let Some(st) = storage(ctx) else {
         return 1;
     };
@@ -65,7 +74,8 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
                 fail(ctx, st, FAIL_SYN_TIMEOUT);
             }
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx, st, ctx.arg(0)),
+        BPF_SOCK_OPS_STATE_CB if closing => on_close(ctx, st, ctx.arg(0), &bypassed),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_FIN_WAIT2 => remember_fin_wait2(ctx),
         _ => {}
     }
     1
@@ -310,7 +320,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
 }
 
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
+fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32, bypassed: &BypassBytes) {
     if st.flags & SOCK_F_COUNTED != 0 {
         st.flags &= !SOCK_F_COUNTED;
         // The agent keeps a removed backend's slot until its active count is back to 0, so the
@@ -348,12 +358,25 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
     if st.flags & SOCK_F_ESTABLISHED != 0 {
         let ops: *const bpf_sock_ops = ctx.ops;
         // SAFETY: permitted context loads.
-        let (sent, received) = unsafe {
+        let (acked, received, rcv_nxt) = unsafe {
             (
                 read_volatile(&raw const (*ops).bytes_acked),
                 read_volatile(&raw const (*ops).bytes_received),
+                read_volatile(&raw const (*ops).rcv_nxt),
             )
         };
+        let fin_wait2 = if old_state == BPF_TCP_FIN_WAIT2 {
+            rcv_nxt_at_fin_wait2(ctx)
+        } else {
+            None
+        };
+        let (fin_acked, fin_received) = fins(st, old_state, rcv_nxt, fin_wait2);
+        // Payload only, as Envoy's and Cilium's byte counts: TCP's counters also hold the SYN
+        // (always acked once established) and each FIN, one sequence number apiece. Plus what
+        // `sk_msg` moved socket to socket, which TCP never saw: the same totals with bypass on
+        // or off.
+        let sent = acked.saturating_sub(1 + u64::from(fin_acked)) + bypassed.sent;
+        let received = received.saturating_sub(u64::from(fin_received)) + bypassed.received;
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         let start = st.start_ns;
@@ -365,4 +388,70 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32) {
             ev.duration_ns = now.saturating_sub(start);
         });
     }
+}
+
+/// Whether this socket's own FIN was acked, and whether the peer's FIN arrived, for a socket
+/// closing from `old_state` (each is one sequence number in TCP's byte counters, not payload).
+#[inline(always)]
+fn fins(st: &SockState, old_state: u32, rcv_nxt: u32, fin_wait2: Option<u32>) -> (bool, bool) {
+    let reset = st.flags & (SOCK_F_PEER_RESET | SOCK_F_ERROR) != 0;
+    match old_state {
+        // Only an ACK of our FIN leads to FIN_WAIT2; from there the peer's FIN (→ TIME_WAIT)
+        // moves `rcv_nxt`, while the application closing first (an orphaned FIN_WAIT2 goes
+        // straight to TIME_WAIT) does not. Data that arrived in FIN_WAIT2 before such a close is
+        // taken for a FIN (one byte short): only when the peer sent data and no FIN after our
+        // shutdown and the application closed before it did.
+        // (No record: its storage could not be made; count the FIN as the common case.)
+        BPF_TCP_FIN_WAIT2 => (true, !reset && fin_wait2 != Some(rcv_nxt)),
+        // Both sides' FINs were exchanged; CLOSE follows the ACK of ours unless reset.
+        BPF_TCP_LAST_ACK | BPF_TCP_CLOSING => (!reset, true),
+        // The peer's FIN came; ours was never sent (reset or abortive close).
+        BPF_TCP_CLOSE_WAIT => (false, true),
+        _ => (false, false),
+    }
+}
+
+/// Entering `FIN_WAIT2` (our FIN was acked): records `rcv_nxt` in `SOCK_FIN_WAIT2`.
+#[inline(always)]
+fn remember_fin_wait2(ctx: &SockOpsContext) {
+    // SAFETY: permitted context loads; `sk` is null-checked.
+    let (mut rcv_nxt, sk) = unsafe {
+        (
+            read_volatile(&raw const (*ctx.ops).rcv_nxt),
+            (*ctx.ops).__bindgen_anon_2.sk,
+        )
+    };
+    if sk.is_null() {
+        return;
+    }
+    let map = (&raw const SOCK_FIN_WAIT2).cast_mut().cast();
+    // SAFETY: a socket pointer from the context; `rcv_nxt` is the (4-byte) initial value.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            (&raw mut rcv_nxt).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    if !p.is_null() {
+        // SAFETY: the socket's own 4-byte storage (existing storage is not overwritten by the
+        // helper's initial value).
+        unsafe { core::ptr::write_volatile(p.cast::<u32>(), rcv_nxt) };
+    }
+}
+
+/// What [`remember_fin_wait2`] recorded for this socket, if anything.
+#[inline(always)]
+fn rcv_nxt_at_fin_wait2(ctx: &SockOpsContext) -> Option<u32> {
+    // SAFETY: a permitted context load.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let map = (&raw const SOCK_FIN_WAIT2).cast_mut().cast();
+    // SAFETY: a socket pointer from the context; no create flag.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    // SAFETY: non-null: the socket's own 4-byte storage.
+    (!p.is_null()).then(|| unsafe { core::ptr::read_volatile(p.cast::<u32>()) })
 }

@@ -30,7 +30,10 @@ use mesh_agent::datapath::{
 };
 use mesh_common::{
     backend::{CIRCUIT_CLOSED, CIRCUIT_OPEN},
-    counters::{CTR_CONNECT_ABANDONED, CTR_EJECTION, CTR_PANIC, CTR_PROBE, CTR_V4_MAPPED},
+    counters::{
+        CTR_BACKEND_FAILURE, CTR_CONNECT_ABANDONED, CTR_EJECTION, CTR_PANIC, CTR_PROBE,
+        CTR_RECOVERED, CTR_V4_MAPPED,
+    },
     event::EV_OPEN,
 };
 use mesh_tests::HitReport;
@@ -372,6 +375,10 @@ fn connects_land_on_their_own_service_while_endpoints_are_rewritten() {
     assert!(total > 10_000, "{total} connections during the rewrites");
 }
 
+/// Issue 7.7's stress test: 8 threads connect for 30 s to a service whose backend flaps. The one
+/// kernel test allowed over 10 s (the issue asks for 30 s: long enough for ~40 ejections, each a
+/// race of up to 8 CPUs for the probe). Every ejection admits exactly one probe and the counters
+/// agree with each other.
 #[test]
 fn one_probe_per_ejection_under_contention() {
     let Some(_k) = mesh_tests::kernel_test("scale_probes") else {
@@ -387,27 +394,32 @@ fn one_probe_per_ejection_under_contention() {
         ..eject_at_once()
     };
     m.dp.apply_service(&spec).unwrap();
-    let (probes0, ejections0) = (
-        m.dp.counter(CTR_PROBE).unwrap(),
-        m.dp.counter(CTR_EJECTION).unwrap(),
+    let c = |m: &Mesh, i| m.dp.counter(i).unwrap();
+    let (probes0, ejections0, recovered0, failures0) = (
+        c(&m, CTR_PROBE),
+        c(&m, CTR_EJECTION),
+        c(&m, CTR_RECOVERED),
+        c(&m, CTR_BACKEND_FAILURE),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for _ in 0..8 {
         let (client, stop) = (m.client.clone(), Arc::clone(&stop));
         threads.push(thread::spawn(move || {
-            let mut n = 0;
+            let (mut ok, mut failed) = (0, 0);
             while !stop.load(Ordering::Relaxed) {
-                n += client.hit(vip, 200, &["--timeout-ms", "500"]).unwrap().ok();
+                let r = client.hit(vip, 200, &["--timeout-ms", "500"]).unwrap();
+                ok += r.ok();
+                failed += r.failed();
             }
-            n
+            (ok, failed)
         }));
     }
-    // b1 flaps: down and up every 700 ms for 8 s.
+    // b1 flaps: down and up every 700 ms for 30 s.
     let b1 = m.backends[1].clone();
     let mut server = Some(m.servers.remove(1));
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(8) {
+    while start.elapsed() < Duration::from_secs(30) {
         thread::sleep(Duration::from_millis(700));
         server = match server.take() {
             Some(s) => {
@@ -421,26 +433,78 @@ fn one_probe_per_ejection_under_contention() {
         };
     }
     stop.store(true, Ordering::Relaxed);
-    let ok: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let (ok, failed) = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     drop(server);
-    let probes = m.dp.counter(CTR_PROBE).unwrap() - probes0;
-    let ejections = m.dp.counter(CTR_EJECTION).unwrap() - ejections0;
+    thread::sleep(Duration::from_millis(500));
+    let probes = c(&m, CTR_PROBE) - probes0;
+    let ejections = c(&m, CTR_EJECTION) - ejections0;
+    let recovered = c(&m, CTR_RECOVERED) - recovered0;
+    let l4_failures = c(&m, CTR_BACKEND_FAILURE) - failures0;
+    let status = m.dp.backend_status(&key).unwrap();
     let all: Vec<(&str, u64)> =
         m.dp.counters()
             .unwrap()
             .into_iter()
             .filter(|(_, v)| *v != 0)
             .collect();
-    println!("{ok} connections, {ejections} ejections, {probes} probes; {all:?}");
-    assert!(ejections >= 3, "b1 flapped: {ejections} ejections");
-    // Each ejection (first or re-opened after a failed probe) admits exactly one probe; the last
-    // may still be waiting for its time.
-    assert!(
-        probes <= ejections && probes + 1 >= ejections,
-        "{probes} probes for {ejections} ejections"
+    println!(
+        "{ok} connections ({failed} failed), {ejections} ejections, {probes} probes, {recovered} \
+         recovered; {status:?}; {all:?}"
     );
-    thread::sleep(Duration::from_millis(500));
-    for b in m.dp.backend_status(&key).unwrap() {
+    assert!(
+        ejections >= 20,
+        "b1 flapped for 30 s: {ejections} ejections"
+    );
+    // Each ejection (first or re-opened after a failed probe) admits exactly one probe, and each
+    // probe either closes the circuit or re-opens it (the next ejection): so ejections = probes +
+    // circuits still open and waiting for their probe. (A probe whose client gave up would be
+    // replaced only after 30 s of silence, PROBE_TIMEOUT_NS: later than any probe of this run.)
+    let open = status
+        .iter()
+        .filter(|b| b.state.circuit == CIRCUIT_OPEN)
+        .count() as u64;
+    assert_eq!(
+        ejections,
+        probes + open,
+        "{probes} probes for {ejections} ejections, {open} circuits open now"
+    );
+    assert!(
+        recovered <= probes,
+        "{recovered} recoveries, {probes} probes"
+    );
+    assert!(recovered >= 5, "b1 came back often: {recovered} recoveries");
+    assert_counts_consistent(&m.dp, &key, l4_failures, ok);
+}
+
+/// Counts consistent: every failure the kernel saw is in its backend's count, the service's
+/// ejected count is its circuits that are not closed, every answered connection was established,
+/// every connection is closed.
+fn assert_counts_consistent(
+    dp: &Datapath,
+    key: &mesh_common::service::ServiceKey,
+    l4_failures: u64,
+    ok: u64,
+) {
+    let status = dp.backend_status(key).unwrap();
+    let failures: u64 = status.iter().map(|b| b.state.failures).sum();
+    assert_eq!(failures, l4_failures, "{status:?}");
+    assert_eq!(
+        dp.ejected_count(key).unwrap(),
+        status
+            .iter()
+            .filter(|b| b.state.circuit != CIRCUIT_CLOSED)
+            .count() as u64,
+        "{status:?}"
+    );
+    let established: u64 = status.iter().map(|b| b.state.total).sum();
+    assert!(
+        established >= ok,
+        "{ok} connections answered, {established} established"
+    );
+    for b in &status {
         assert_eq!(b.state.active, 0, "{b:?}");
     }
 }

@@ -1385,3 +1385,57 @@ fn coexistence_is_off_by_default_and_a_value_adds_only_the_flag() {
         "the plain manifest refuses to share the socket hooks"
     );
 }
+
+#[test]
+fn bypass_is_on_by_default_and_a_value_switches_it_through_the_config_map() {
+    // Chart: values.bypass → ConfigMap key `bypass` → env MESH_BYPASS (`datapath.bypass`).
+    assert_eq!(values()["bypass"], Value::Bool(true), "values.bypass");
+    let cm_template = read(&chart_dir().join("templates/configmap.yaml"));
+    assert!(
+        cm_template.contains("  bypass: {{ .Values.bypass | quote }}\n"),
+        "templates/configmap.yaml writes values.bypass as the string the agent parses"
+    );
+    let ds_template = read(&chart_dir().join("templates/daemonset.yaml"));
+    assert!(
+        ds_template.contains(
+            "- name: MESH_BYPASS\n              valueFrom:\n                configMapKeyRef:\n                  \
+             name: {{ include \"mesh.fullname\" . }}\n                  key: bypass\n"
+        ),
+        "templates/daemonset.yaml feeds MESH_BYPASS from the ConfigMap's `bypass`"
+    );
+    // Plain manifests: the same key and env, and the agent accepts the value they carry.
+    let m = Manifests::load();
+    let cm = only(&m.config_maps, "ConfigMap");
+    let c = agent(only(&m.daemon_sets, "DaemonSet"));
+    let from = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "MESH_BYPASS")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("MESH_BYPASS comes from the ConfigMap");
+    assert_eq!(
+        (Some(&from.name), from.key.as_str(), from.optional),
+        (cm.metadata.name.as_ref(), "bypass", None),
+        "MESH_BYPASS: a required key of the agent's ConfigMap"
+    );
+    let value = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("bypass"))
+        .cloned()
+        .expect("the ConfigMap has a `bypass` key");
+    assert_eq!(value, "true", "bypass on by default, as values.bypass");
+    for (given, on) in [(value.as_str(), true), ("false", false)] {
+        let config = mesh_agent::config::AgentConfig::from_raw(mesh_agent::config::RawConfig {
+            node: Some("node-a".into()),
+            kubernetes: true,
+            cgroup: Some("/sys/fs/cgroup".into()),
+            bypass: Some(given.to_owned()),
+            ..mesh_agent::config::RawConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("the agent rejects bypass {given:?}: {e}"));
+        assert_eq!(config.datapath.bypass, on, "bypass {given:?}");
+    }
+}

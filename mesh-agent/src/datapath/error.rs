@@ -43,6 +43,12 @@ pub enum DatapathError {
     },
     #[error("invalid service {service}: {reason}")]
     InvalidService { service: String, reason: String },
+    #[error("L7 report on backend {backend_id}: the kernel answered {verdict}: {reason}")]
+    Report {
+        backend_id: u32,
+        verdict: u32,
+        reason: &'static str,
+    },
     #[error("failed to set up kernel log forwarding: {0}")]
     Log(String),
     #[error(transparent)]

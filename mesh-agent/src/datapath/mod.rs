@@ -23,7 +23,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
-    programs::{BtfTracePoint, CgroupAttachMode, SkMsg, links::FdLink},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, RawTracePoint, RawTracePointRunOptions, SkMsg, TestRun,
+        links::FdLink,
+    },
 };
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6, PROTO_UDP,
@@ -31,13 +34,18 @@ use mesh_common::{
         BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, state_slot,
     },
     bypass::{
-        BYPASS_SOCKS_MAP, EndpointKey, LOCAL_ENDPOINTS_CAPACITY, LOCAL_ENDPOINTS_MAP,
-        LocalEndpoint, SockKey,
+        BYPASS_BYTES_MAP, BYPASS_SOCKS_MAP, EndpointKey, LOCAL_ENDPOINTS_CAPACITY,
+        LOCAL_ENDPOINTS_MAP, LocalEndpoint, SockKey,
     },
     counters::{COUNTER_NAMES, COUNTERS_MAP},
     event::EVENTS_MAP,
     ids::{ID_ALLOC_MAP, ID_BACKEND, ID_CONF, ID_SERVICE},
     logic::circuit,
+    report::{
+        REPORT_ARG_BACKEND, REPORT_ARG_CONF, REPORT_ARG_KIND, REPORT_ARG_NOW, REPORT_KIND_FAILURE,
+        REPORT_KIND_SUCCESS, REPORT_PROGRAM, REPORT_R_BAD_KIND, REPORT_R_COUNTED, REPORT_R_EJECTED,
+        REPORT_R_UNKNOWN_BACKEND, REPORT_R_UNKNOWN_SERVICE,
+    },
     service::{
         AFFINITY_MAP, BACKEND_SLOTS_CAPACITY, BACKEND_SLOTS_MAP, LB_CHUNK, LB_TABLE_MAX,
         LB_TABLE_MIN, LB_TABLES_CAPACITY, LB_TABLES_MAP, LbChunk, MAX_BACKENDS_PER_SERVICE,
@@ -45,7 +53,7 @@ use mesh_common::{
         SERVICES_MAP, SVC_F_AFFINITY, Service, ServiceKey, ServiceState, SlotKey, TableKey,
         service_slot,
     },
-    sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_STATE_MAP},
+    sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_FIN_WAIT2_MAP, SOCK_STATE_MAP},
 };
 use tracing::{debug, info, warn};
 
@@ -56,7 +64,7 @@ use self::spec::{BackendSpec, Protocol, ServiceSpec};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map of the object, pinned under the pin directory so a restarted agent adopts them.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 17] = [
     SERVICES_MAP,
     SERVICE_CONF_MAP,
     BACKEND_SLOTS_MAP,
@@ -67,9 +75,11 @@ pub const MAP_NAMES: [&str; 15] = [
     BACKEND_STATE_MAP,
     ID_ALLOC_MAP,
     SOCK_STATE_MAP,
+    SOCK_FIN_WAIT2_MAP,
     REVNAT_MAP,
     LOCAL_ENDPOINTS_MAP,
     BYPASS_SOCKS_MAP,
+    BYPASS_BYTES_MAP,
     COUNTERS_MAP,
     EVENTS_MAP,
 ];
@@ -238,7 +248,8 @@ impl Ids {
 
 /// The loaded, attached data path and typed access to its maps.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    /// The object; owns the programs, among them the L7 report program this type runs.
+    ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, u32>,
     confs: HashMap<MapData, u32, Service>,
@@ -462,6 +473,14 @@ impl Datapath {
                 })?;
             std::mem::forget(link);
         }
+        // Never attached: `report` runs it with `BPF_PROG_TEST_RUN`.
+        program::<RawTracePoint>(&mut ebpf, REPORT_PROGRAM)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                op: "load",
+                name: REPORT_PROGRAM,
+                source,
+            })?;
         let mut dp = Self {
             services: take(&mut ebpf, SERVICES_MAP)?,
             confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
@@ -480,7 +499,7 @@ impl Datapath {
             udp_destroy_failed: 0,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
             logger,
-            _ebpf: ebpf,
+            ebpf,
             pin_dir: cfg.pin_dir.clone(),
             applied: BTreeMap::new(),
             ids: Ids::new(),
@@ -1258,63 +1277,82 @@ impl Datapath {
         Ok(v.iter().sum())
     }
 
-    /// An L7 failure seen by a proxy (HTTP 5xx, gRPC UNAVAILABLE…) feeds the same circuit as the
-    /// kernel's L4 signals, with the same decisions (`mesh_common::logic`). A read-modify-write
-    /// from userspace: a race with a kernel update can lose one count, and the service's ejected
-    /// count is repaired right after; the kernel's compare-and-swap transitions are not shared.
+    /// An L7 failure seen by a proxy (HTTP 5xx, gRPC UNAVAILABLE…) at `now_monotonic_ns`
+    /// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`; 0 = the kernel's now): counted against
+    /// the backend's circuit by the kernel's own code — `mesh_l7_report` runs `circuit::on_failure`,
+    /// the function sockops calls for a refused connect, with its compare-and-swap transitions and
+    /// the atomic ejection cap — so a report racing with connections on other CPUs can neither
+    /// lose a count nor open a circuit twice. Envoy counts a 5xx toward `consecutive_5xx` the
+    /// same way it counts a connect failure toward `consecutive_gateway_failure`.
+    ///
+    /// Returns true when this report ejected the backend; false when it was only counted, or when
+    /// `backend_id` is not a current backend (a report about an endpoint just removed is moot).
     pub fn report_failure(
         &mut self,
         backend_id: u32,
         now_monotonic_ns: u64,
     ) -> Result<bool, DatapathError> {
-        let slot = state_slot(backend_id);
-        let Ok(mut st) = self.backend_state.get(&slot, 0) else {
-            return Ok(false);
-        };
-        if st.id != backend_id {
-            return Ok(false);
-        }
-        let Some((key, applied)) = self
+        self.report(backend_id, REPORT_KIND_FAILURE, now_monotonic_ns)
+            .map(|r| r == REPORT_R_EJECTED)
+    }
+
+    /// An L7 success (a response that is not a failure): resets the backend's consecutive
+    /// failures, as a cleanly closed connection does (Envoy resets `consecutive_5xx` on any
+    /// non-5xx). Returns false when `backend_id` is not a current backend.
+    pub fn report_success(
+        &mut self,
+        backend_id: u32,
+        now_monotonic_ns: u64,
+    ) -> Result<bool, DatapathError> {
+        self.report(backend_id, REPORT_KIND_SUCCESS, now_monotonic_ns)
+            .map(|r| r == REPORT_R_COUNTED)
+    }
+
+    /// Runs `mesh_l7_report` once with (backend, configuration of its service, kind, now);
+    /// returns its `REPORT_R_*` verdict.
+    fn report(&self, backend_id: u32, kind: u64, now_ns: u64) -> Result<u32, DatapathError> {
+        let Some(conf_id) = self
             .applied
-            .iter()
-            .find(|(_, a)| a.backends.contains(&backend_id))
+            .values()
+            .find(|a| a.backends.contains(&backend_id))
+            .map(|a| a.conf.conf_id)
         else {
-            return Ok(false);
+            return Ok(REPORT_R_UNKNOWN_BACKEND);
         };
-        let (key, svc) = (*key, applied.conf);
-        let ejected = self.ejected_count(&key)?;
-        st.failures += 1;
-        st.consecutive_failures += 1;
-        let eject = svc.consecutive_failures != 0
-            && circuit::is_closed(st.circuit)
-            && st.consecutive_failures >= u64::from(svc.consecutive_failures)
-            && mesh_common::logic::may_eject(ejected, svc.backend_count, svc.max_ejection_pct);
-        if eject {
-            let ms = mesh_common::logic::ejection_ms(
-                svc.base_ejection_ms,
-                svc.max_ejection_ms,
-                st.ejections,
-            );
-            st.circuit = circuit::open(now_monotonic_ns, ms);
-            st.ejections += 1;
+        let run_err = |source| DatapathError::Program {
+            op: "run (BPF_PROG_TEST_RUN)",
+            name: REPORT_PROGRAM,
+            source,
+        };
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program(REPORT_PROGRAM)
+            .ok_or(DatapathError::MissingProgram {
+                name: REPORT_PROGRAM,
+            })?
+            .try_into()
+            .map_err(run_err)?;
+        let mut opts = RawTracePointRunOptions::new();
+        opts.args[REPORT_ARG_BACKEND] = u64::from(backend_id);
+        opts.args[REPORT_ARG_CONF] = u64::from(conf_id);
+        opts.args[REPORT_ARG_KIND] = kind;
+        opts.args[REPORT_ARG_NOW] = now_ns;
+        let verdict = prog.test_run(opts).map_err(run_err)?.return_value;
+        match verdict {
+            REPORT_R_COUNTED
+            | REPORT_R_EJECTED
+            | REPORT_R_UNKNOWN_BACKEND
+            | REPORT_R_UNKNOWN_SERVICE => Ok(verdict),
+            other => Err(DatapathError::Report {
+                backend_id,
+                verdict: other,
+                reason: if other == REPORT_R_BAD_KIND {
+                    "the kernel object does not know this report kind (built from an older mesh-ebpf?)"
+                } else {
+                    "unknown verdict"
+                },
+            }),
         }
-        self.backend_state
-            .set(slot, st, 0)
-            .map_err(map_err("write", BACKEND_STATE_MAP))?;
-        if eject {
-            let slot = service_slot(svc.id);
-            let mut ss = self
-                .service_state
-                .get(&slot, 0)
-                .map_err(map_err("read", SERVICE_STATE_MAP))?;
-            if ss.id == svc.id {
-                ss.ejected += 1;
-                self.service_state
-                    .set(slot, ss, 0)
-                    .map_err(map_err("write", SERVICE_STATE_MAP))?;
-            }
-        }
-        Ok(eject)
     }
 
     /// Takes the flow-event ring (exactly one reader may own it: two readers break it).
