@@ -16,8 +16,10 @@
 
 pub mod atomic;
 pub mod bypass;
+pub mod capture;
 pub mod circuit;
 pub mod connect;
 pub mod events;
 pub mod maps;
 pub mod sockops;
+pub mod strict;

@@ -7,14 +7,16 @@
 )]
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{BtfTracePointContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, classifier, sk_msg, sock_ops},
+    programs::{
+        BtfTracePointContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, TcContext,
+    },
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 use mesh_ebpf::{
     bypass,
     connect::{self, Hook},
-    sockops,
+    sockops, strict,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -83,6 +85,12 @@ pub fn mesh_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     bypass::on_msg(&ctx)
+}
+
+/// `tc` (tcx) ingress on the node's uplink: `STRICT` pods refuse plaintext from off the node.
+#[classifier]
+pub fn mesh_strict_ingress(ctx: TcContext) -> i32 {
+    strict::ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,6 +7,7 @@ pub mod coexist;
 pub mod error;
 pub mod events;
 mod link;
+pub mod mesh;
 pub mod probe;
 pub mod spec;
 pub mod table;
@@ -55,7 +56,7 @@ use self::spec::{BackendSpec, Protocol, ServiceSpec};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map of the object, pinned under the pin directory so a restarted agent adopts them.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 21] = [
     SERVICES_MAP,
     SERVICE_CONF_MAP,
     BACKEND_SLOTS_MAP,
@@ -71,6 +72,12 @@ pub const MAP_NAMES: [&str; 15] = [
     BYPASS_SOCKS_MAP,
     COUNTERS_MAP,
     EVENTS_MAP,
+    mesh_common::mesh::MESH_WORKLOADS_MAP,
+    mesh_common::mesh::MESH_ENDPOINTS_MAP,
+    mesh_common::mesh::IDENTITY_VERDICTS_MAP,
+    mesh_common::mesh::CAPTURE_CONFIG_MAP,
+    mesh_common::mesh::CAPTURE_PENDING_MAP,
+    mesh_common::mesh::CAPTURED_MAP,
 ];
 
 /// Programs attached to the cgroup through pinned links (function name = link pin name).
@@ -251,6 +258,8 @@ pub struct Datapath {
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// Enrollment, identity verdicts and capture (`mesh`).
+    mesh: mesh::MeshMaps,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     applied: BTreeMap<ServiceKey, Applied>,
     ids: Ids,
@@ -467,6 +476,7 @@ impl Datapath {
             revnat: take(&mut ebpf, REVNAT_MAP)?,
             counters: take(&mut ebpf, COUNTERS_MAP)?,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
+            mesh: mesh::MeshMaps::take(&mut ebpf)?,
             logger,
             _ebpf: ebpf,
             pin_dir: cfg.pin_dir.clone(),
