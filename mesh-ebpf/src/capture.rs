@@ -30,9 +30,9 @@ use mesh_common::{
     event::{EV_REJECT, EVENTS_WAKEUP_BYTES},
     mesh::{
         CAPTURED_CAPACITY, CAPTURED_F_SERVICE, CaptureConfig, CaptureKey, Captured,
-        IDENTITY_VERDICTS_CAPACITY, MESH_ENDPOINTS_CAPACITY, MESH_F_DEFAULT_DENY,
-        MESH_F_ENROLLED, MESH_F_LOCAL, MESH_F_STRICT, MESH_WORKLOADS_CAPACITY, MeshEndpoint,
-        MeshEndpointKey, MeshWorkload, VERDICT_ALLOW, VERDICT_ANY_PORT, VERDICT_DENY, VerdictKey,
+        IDENTITY_VERDICTS_CAPACITY, MESH_ENDPOINTS_CAPACITY, MESH_F_DEFAULT_DENY, MESH_F_ENROLLED,
+        MESH_F_LOCAL, MESH_F_STRICT, MESH_WORKLOADS_CAPACITY, MeshEndpoint, MeshEndpointKey,
+        MeshWorkload, VERDICT_ALLOW, VERDICT_ANY_PORT, VERDICT_DENY, VerdictKey,
     },
     sock::{SOCK_F_CAPTURED, SOCK_F_V4_MAPPED, SockState},
 };
@@ -390,7 +390,10 @@ fn client_key(ctx: &SockOpsContext) -> CaptureKey {
         // `local_port` is in host byte order.
         let port_be = (read_volatile(&raw const (*ops).local_port) as u16).to_be();
         let (addr_be, fam): (AddrBe, u8) = if family == u32::from(FAMILY_V4) {
-            ([read_volatile(&raw const (*ops).local_ip4), 0, 0, 0], FAMILY_V4)
+            (
+                [read_volatile(&raw const (*ops).local_ip4), 0, 0, 0],
+                FAMILY_V4,
+            )
         } else {
             let a = [
                 read_volatile(&raw const (*ops).local_ip6[0]),

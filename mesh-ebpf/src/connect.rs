@@ -225,7 +225,11 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             count(CTR_TRANSLATED);
             if hook == Hook::Connect && proto == PROTO_TCP {
                 // The pod is chosen: capture, identity policy, STRICT (`capture`).
-                return capture::after_translate(ctx.sock_addr, &raw const st, u32::from(sock_family));
+                return capture::after_translate(
+                    ctx.sock_addr,
+                    &raw const st,
+                    u32::from(sock_family),
+                );
             }
             1
         }

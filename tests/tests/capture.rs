@@ -109,16 +109,15 @@ impl Two {
 
     /// What the agents would write from the model: workloads, mesh pods, capture address.
     fn program(&mut self) -> Result<()> {
-        let ep = |pod: &PodHandle, identity: u32, node: &NodeHandle, strict: bool| {
-            MeshEndpointSpec {
+        let ep =
+            |pod: &PodHandle, identity: u32, node: &NodeHandle, strict: bool| MeshEndpointSpec {
                 addr: pod.ipv4().into(),
                 identity,
                 enrolled: identity != 0,
                 local: pod.node() == node,
                 strict,
                 default_deny: false,
-            }
-        };
+            };
         for node in [self.a.clone(), self.b.clone()] {
             let endpoints = [
                 ep(&self.client, ID_CLIENT, &node, false),
@@ -192,11 +191,14 @@ fn connect_from(pod: &PodHandle, to: SocketAddr, limit: Duration) -> Connect {
                 }
             }
             Err(e) => Connect {
-                errno: Some(e.raw_os_error().unwrap_or(if e.kind() == ErrorKind::TimedOut {
-                    libc::ETIMEDOUT
-                } else {
-                    -1
-                })),
+                errno: Some(
+                    e.raw_os_error()
+                        .unwrap_or(if e.kind() == ErrorKind::TimedOut {
+                            libc::ETIMEDOUT
+                        } else {
+                            -1
+                        }),
+                ),
                 elapsed_us: start.elapsed().as_micros() as u64,
                 peer: None,
                 line: None,
@@ -392,7 +394,11 @@ fn same_node_identity_verdicts_deny_with_eacces_and_allow_again() {
         .iter()
         .find(|e| e.kind == EV_REJECT && u32::from(e.reason) == CTR_SAME_NODE_DENY)
         .expect("a reject event for the denial");
-    assert_eq!(reject.cgroup_id, cgroup_id(&t.client), "names the source pod");
+    assert_eq!(
+        reject.cgroup_id,
+        cgroup_id(&t.client),
+        "names the source pod"
+    );
     assert_eq!(
         mesh_agent::datapath::ip_from_be(reject.backend_addr_be, reject.family),
         IpAddr::from(t.near.ipv4()),
@@ -426,7 +432,11 @@ fn same_node_identity_verdicts_deny_with_eacces_and_allow_again() {
         }])
         .unwrap();
     let c = connect_from(&t.client, near, Duration::from_secs(2));
-    assert_eq!(c.line.as_deref(), Some("near"), "allowed on any port: {c:?}");
+    assert_eq!(
+        c.line.as_deref(),
+        Some("near"),
+        "allowed on any port: {c:?}"
+    );
     assert_eq!(t.dp_a.counter(CTR_SAME_NODE_DENY).unwrap(), 2);
 }
 
@@ -478,7 +488,12 @@ fn strict_pods_refuse_plaintext_locally_and_from_other_nodes() {
     // PERMISSIVE `far` is reachable by everyone, from both nodes.
     for from in [&t.plain, &t.bplain] {
         let c = connect_from(from, at(&t.far), Duration::from_secs(2));
-        assert_eq!(c.line.as_deref(), Some("far"), "{} → far: {c:?}", from.name());
+        assert_eq!(
+            c.line.as_deref(),
+            Some("far"),
+            "{} → far: {c:?}",
+            from.name()
+        );
     }
     // The STRICT pod's own outbound connections get their replies through the uplink.
     let c = connect_from(&t.strict, at(&t.plain), Duration::from_secs(2));
