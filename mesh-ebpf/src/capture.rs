@@ -16,7 +16,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ringbuf_query,
-        bpf_set_retval,
+        bpf_set_retval, bpf_sk_storage_get,
     },
     macros::btf_map,
     programs::{SockAddrContext, SockOpsContext},
@@ -372,11 +372,30 @@ pub fn on_sockops(ctx: &SockOpsContext, op: u32) -> bool {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG.cast_signed());
         return true;
     }
-    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        // Sockets that were not captured have no entry: the delete is a miss.
+    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE && captured_socket(ctx) {
+        // Only a captured socket deletes: another socket may share its source port (Linux reuses
+        // an ephemeral port towards a different destination), and its close must not drop this
+        // record.
         let _ = CAPTURED.remove(client_key(ctx));
     }
     false
+}
+
+/// Whether the sockops socket was captured at connect (`SOCK_F_CAPTURED` in its storage).
+#[inline(always)]
+fn captured_socket(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `sk` is a socket pointer in the context (null-checked below).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    let map = (&raw const SOCK_STATE).cast_mut().cast();
+    // SAFETY: the helper takes a non-null socket pointer; no create flag.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    // SAFETY: non-null storage of this socket; a u8 field.
+    !p.is_null()
+        && unsafe { read_volatile(&raw const (*p.cast::<SockState>()).flags) } & SOCK_F_CAPTURED
+            != 0
 }
 
 /// The socket's own address and port as the peer (the agent) sees them: an IPv4-mapped IPv6
