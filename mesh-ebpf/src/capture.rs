@@ -83,9 +83,17 @@ const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
 /// After the service translation of a TCP `connect()` picked pod `st.backend_*`: the mesh
 /// decision for it. Returns 1 to let the connect go on (perhaps rewritten to the agent), 0 when it
 /// was refused (errno set).
+///
+/// # Safety
+/// `ctx` must be the running `cgroup/connect{4,6}` program's context and `st` point at an
+/// initialised [`SockState`].
 #[inline(never)]
-pub fn after_translate(ctx: *mut bpf_sock_addr, st: *const SockState, sock_family: u32) -> i32 {
-    // SAFETY: `st` points at the caller's initialised state.
+pub unsafe fn after_translate(
+    ctx: *mut bpf_sock_addr,
+    st: *const SockState,
+    sock_family: u32,
+) -> i32 {
+    // SAFETY: `st` points at the caller's initialised state (the contract above).
     let st = unsafe { &*st };
     let mut c = Captured {
         dst_addr_be: st.backend_addr_be,
@@ -101,8 +109,11 @@ pub fn after_translate(ctx: *mut bpf_sock_addr, st: *const SockState, sock_famil
 
 /// A TCP `connect()` to an address that is not a service: the mesh decision for the pod (if it
 /// is one). Same return as [`after_translate`].
+///
+/// # Safety
+/// `ctx` must be the running `cgroup/connect{4,6}` program's context.
 #[inline(never)]
-pub fn direct(ctx: *mut bpf_sock_addr, sock_family: u32) -> i32 {
+pub unsafe fn direct(ctx: *mut bpf_sock_addr, sock_family: u32) -> i32 {
     // SAFETY: `ctx` is the program's context; permitted 4-byte loads.
     let (addr, port) = unsafe {
         let addr = if sock_family == u32::from(FAMILY_V4) {

@@ -172,7 +172,8 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
     let Some(svc) = service(&key) else {
         // Not a service: a connect straight to a pod may still be a mesh decision.
         if hook == Hook::Connect && proto == PROTO_TCP {
-            return capture::direct(ctx.sock_addr, u32::from(sock_family));
+            // SAFETY: `ctx.sock_addr` is this connect program's context.
+            return unsafe { capture::direct(ctx.sock_addr, u32::from(sock_family)) };
         }
         return 1;
     };
@@ -225,11 +226,10 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             count(CTR_TRANSLATED);
             if hook == Hook::Connect && proto == PROTO_TCP {
                 // The pod is chosen: capture, identity policy, STRICT (`capture`).
-                return capture::after_translate(
-                    ctx.sock_addr,
-                    &raw const st,
-                    u32::from(sock_family),
-                );
+                // SAFETY: this connect program's context and its initialised state.
+                return unsafe {
+                    capture::after_translate(ctx.sock_addr, &raw const st, u32::from(sock_family))
+                };
             }
             1
         }

@@ -27,7 +27,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     match refuse(ctx) {
         Some(true) => {
             count(CTR_STRICT_REFUSE_REMOTE);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
         _ => TC_ACT_UNSPEC,
     }

@@ -14,7 +14,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use mesh_agent::datapath::{
     Datapath, DatapathConfig, events,
-    mesh::{IdentityVerdict, MeshEndpointSpec, MeshWorkloadSpec, OriginalDstTable},
+    mesh::{
+        IdentityVerdict, MeshEndpointSpec, MeshWorkloadSpec, OriginalDstTable, PeerAuthentication,
+    },
     spec::ServiceSpec,
 };
 use mesh_common::{
@@ -115,7 +117,11 @@ impl Two {
                 identity,
                 enrolled: identity != 0,
                 local: pod.node() == node,
-                strict,
+                peer_auth: if strict {
+                    PeerAuthentication::Strict
+                } else {
+                    PeerAuthentication::Permissive
+                },
                 default_deny: false,
             };
         for node in [self.a.clone(), self.b.clone()] {
@@ -451,7 +457,11 @@ impl Two {
                 identity: v.identity,
                 enrolled: v.flags & mesh_common::mesh::MESH_F_ENROLLED != 0,
                 local: v.flags & mesh_common::mesh::MESH_F_LOCAL != 0,
-                strict: v.flags & mesh_common::mesh::MESH_F_STRICT != 0,
+                peer_auth: if v.flags & mesh_common::mesh::MESH_F_STRICT != 0 {
+                    PeerAuthentication::Strict
+                } else {
+                    PeerAuthentication::Permissive
+                },
                 default_deny: v.flags & mesh_common::mesh::MESH_F_DEFAULT_DENY != 0,
             })
             .collect()
@@ -508,7 +518,7 @@ fn strict_pods_refuse_plaintext_locally_and_from_other_nodes() {
             identity: v.identity,
             enrolled: true,
             local: v.flags & mesh_common::mesh::MESH_F_LOCAL != 0,
-            strict: false,
+            peer_auth: PeerAuthentication::Permissive,
             default_deny: false,
         });
     }

@@ -77,11 +77,20 @@ pub struct MeshEndpointSpec {
     pub enrolled: bool,
     /// The pod runs on this node.
     pub local: bool,
-    /// Peer authentication `STRICT` (else `PERMISSIVE`).
-    pub strict: bool,
+    pub peer_auth: PeerAuthentication,
     /// An `ALLOW` authorization policy selects the pod: same-node connects need an allowing
     /// verdict (Istio: "if any ALLOW policy selects the workload, something must allow").
     pub default_deny: bool,
+}
+
+/// Peer authentication of a pod (Istio's `PeerAuthentication` modes; default `PERMISSIVE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PeerAuthentication {
+    /// Plaintext and mesh traffic are both accepted.
+    #[default]
+    Permissive,
+    /// Plaintext from outside the mesh is refused (in the kernel).
+    Strict,
 }
 
 /// One same-node identity verdict: source identity → destination identity on a port.
@@ -290,7 +299,7 @@ impl Datapath {
                         identity: e.identity,
                         flags: flag(e.enrolled, MESH_F_ENROLLED)
                             | flag(e.local, MESH_F_LOCAL)
-                            | flag(e.strict, MESH_F_STRICT)
+                            | flag(e.peer_auth == PeerAuthentication::Strict, MESH_F_STRICT)
                             | flag(e.default_deny, MESH_F_DEFAULT_DENY),
                     },
                 )
@@ -363,7 +372,7 @@ impl Datapath {
             .pin_dir
             .join("links")
             .join(format!("{name}_{}", ifname.replace('.', "_")));
-        let prog: &mut SchedClassifier = super::program(&mut self._ebpf, name)?;
+        let prog: &mut SchedClassifier = super::program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(prog_err("load"))?;
         }

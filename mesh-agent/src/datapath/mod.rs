@@ -244,7 +244,7 @@ impl Ids {
 
 /// The loaded, attached data path and typed access to its maps.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, u32>,
     confs: HashMap<MapData, u32, Service>,
@@ -478,7 +478,7 @@ impl Datapath {
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
             mesh: mesh::MeshMaps::take(&mut ebpf)?,
             logger,
-            _ebpf: ebpf,
+            ebpf,
             pin_dir: cfg.pin_dir.clone(),
             applied: BTreeMap::new(),
             ids: Ids::new(),
