@@ -160,19 +160,45 @@ impl OriginalDstTable {
     /// returned), if the kernel captured it and it has not closed.
     #[must_use]
     pub fn original_dst(&self, peer: SocketAddr) -> Option<CapturedConnection> {
-        let ip = match peer.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 @ IpAddr::V4(_) => v4,
-        };
-        let (addr_be, family) = addr_be(ip);
-        let key = CaptureKey {
-            addr_be,
-            port_be: peer.port().to_be(),
-            family,
-            _pad: 0,
-        };
+        let key = capture_key(peer);
         self.map.get(&key, 0).ok().map(CapturedConnection::from)
     }
+}
+
+/// The `CAPTURED` key of an accepted peer: an IPv4-mapped IPv6 peer (a dual-stack listener) is
+/// the IPv4 client the kernel filed it under.
+fn capture_key(peer: SocketAddr) -> CaptureKey {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    };
+    let (addr_be, family) = addr_be(ip);
+    CaptureKey {
+        addr_be,
+        port_be: peer.port().to_be(),
+        family,
+        _pad: 0,
+    }
+}
+
+/// The `IDENTITY_VERDICTS` entries for `want`; two verdicts for one key: deny wins (Istio: any
+/// DENY match denies).
+fn verdict_entries(want: &[IdentityVerdict]) -> StdHashMap<VerdictKey, u32> {
+    let mut out: StdHashMap<VerdictKey, u32> = StdHashMap::with_capacity(want.len());
+    for v in want {
+        let key = VerdictKey {
+            src_identity: v.src_identity,
+            dst_identity: v.dst_identity,
+            port_be: v.port.map_or(VERDICT_ANY_PORT, u16::to_be),
+            _pad: 0,
+        };
+        let verdict = if v.allow { VERDICT_ALLOW } else { VERDICT_DENY };
+        let e = out.entry(key).or_insert(verdict);
+        if verdict == VERDICT_DENY {
+            *e = VERDICT_DENY;
+        }
+    }
+    out
 }
 
 /// The key of a pod address in `MESH_ENDPOINTS`.
@@ -332,21 +358,7 @@ impl Datapath {
                 what: format!("{} identity verdicts", want.len()),
             });
         }
-        let mut wanted: StdHashMap<VerdictKey, u32> = StdHashMap::with_capacity(want.len());
-        for v in want {
-            let key = VerdictKey {
-                src_identity: v.src_identity,
-                dst_identity: v.dst_identity,
-                port_be: v.port.map_or(VERDICT_ANY_PORT, u16::to_be),
-                _pad: 0,
-            };
-            let verdict = if v.allow { VERDICT_ALLOW } else { VERDICT_DENY };
-            // Two verdicts for one key: deny wins (Istio: any DENY match denies).
-            let e = wanted.entry(key).or_insert(verdict);
-            if verdict == VERDICT_DENY {
-                *e = VERDICT_DENY;
-            }
-        }
+        let wanted = verdict_entries(want);
         let map = &mut self.mesh.verdicts;
         let have: StdHashMap<VerdictKey, u32> = map.iter().filter_map(Result::ok).collect();
         for (k, v) in &wanted {
@@ -416,5 +428,73 @@ impl Datapath {
             .filter_map(Result::ok)
             .map(|(k, v)| (ip_from_be(k.addr_be, k.family), v))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_common::{FAMILY_V4, FAMILY_V6};
+
+    use super::*;
+
+    #[test]
+    fn deny_wins_and_any_port_is_zero() {
+        let v = |port, allow| IdentityVerdict {
+            src_identity: 1,
+            dst_identity: 2,
+            port,
+            allow,
+        };
+        let e = verdict_entries(&[v(Some(80), true), v(Some(80), false), v(None, true)]);
+        assert_eq!(e.len(), 2);
+        let key = |port_be| VerdictKey {
+            src_identity: 1,
+            dst_identity: 2,
+            port_be,
+            _pad: 0,
+        };
+        assert_eq!(e[&key(80u16.to_be())], VERDICT_DENY);
+        assert_eq!(e[&key(VERDICT_ANY_PORT)], VERDICT_ALLOW);
+    }
+
+    #[test]
+    fn mapped_peers_are_looked_up_as_ipv4() {
+        let v4: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.0.2]:40000".parse().unwrap();
+        assert_eq!(capture_key(v4), capture_key(mapped));
+        assert_eq!(capture_key(v4).family, FAMILY_V4);
+        assert_eq!(capture_key(v4).port_be, 40000u16.to_be());
+        let v6: SocketAddr = "[fd00:1::2]:40000".parse().unwrap();
+        assert_eq!(capture_key(v6).family, FAMILY_V6);
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_destination_and_service() {
+        let (dst, _) = addr_be("10.2.0.2".parse().unwrap());
+        let (vip, _) = addr_be("10.96.0.10".parse().unwrap());
+        let c = Captured {
+            cgroup_id: 7,
+            dst_addr_be: dst,
+            svc_addr_be: vip,
+            dst_port_be: 8080u16.to_be(),
+            svc_port_be: 80u16.to_be(),
+            family: FAMILY_V4,
+            flags: CAPTURED_F_SERVICE,
+            src_identity: 3,
+            dst_identity: 4,
+            ..Captured::default()
+        };
+        let got = CapturedConnection::from(c);
+        assert_eq!(got.dst, "10.2.0.2:8080".parse().unwrap());
+        assert_eq!(got.service, Some("10.96.0.10:80".parse().unwrap()));
+        assert_eq!(
+            (got.src_cgroup_id, got.src_identity, got.dst_identity),
+            (7, 3, 4)
+        );
+        let direct = CapturedConnection::from(Captured { flags: 0, ..c });
+        assert_eq!(
+            direct.service, None,
+            "a pod dialled directly has no service"
+        );
     }
 }
