@@ -53,6 +53,9 @@ pub const VERDICT_DENY: u32 = 2;
 /// the exact port).
 pub const VERDICT_ANY_PORT: u16 = 0;
 
+/// Identity number of a source outside the mesh (plaintext, unauthenticated).
+pub const UNAUTHENTICATED: u32 = 0;
+
 /// [`Captured::flags`]: the application connected to a service address (`svc_*` is the VIP).
 pub const CAPTURED_F_SERVICE: u8 = 1;
 
@@ -92,6 +95,7 @@ pub struct MeshEndpoint {
 assert_size!(MeshEndpoint, 8);
 
 /// Key of [`IDENTITY_VERDICTS_MAP`]: (source identity, destination identity, destination port).
+/// Source identity [`UNAUTHENTICATED`] stands for every local source outside the mesh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {

@@ -152,8 +152,9 @@ pub unsafe fn direct(ctx: *mut bpf_sock_addr, sock_family: u32) -> i32 {
 
 /// The mesh decision for a connect from the current cgroup to pod `c.dst_*`:
 /// - destination not an enrolled mesh pod → untouched (plain L4, as today);
-/// - destination on this node: an enrolled source is judged by the identity verdicts (deny →
-///   `EACCES`); a non-enrolled source is refused (`EACCES`) if the pod is `STRICT`;
+/// - destination on this node: a non-enrolled source is refused (`EACCES`) if the pod is
+///   `STRICT`; otherwise the identity verdicts judge the pair (a non-enrolled source as identity
+///   0, unauthenticated), deny → `EACCES`;
 /// - destination on another node, enrolled source → captured: rewritten to the agent's
 ///   outbound listener and recorded; if that is impossible → `ECONNREFUSED` (fail closed);
 /// - destination on another node, source not enrolled → untouched: plaintext, which the
@@ -183,12 +184,13 @@ fn decide(ctx: *mut bpf_sock_addr, c: &mut Captured, sock_family: u32, mapped: b
     let src_enrolled = src.flags & MESH_F_ENROLLED != 0 && src.identity != 0;
     c.src_identity = if src_enrolled { src.identity } else { 0 };
     if dst.flags & MESH_F_LOCAL != 0 {
-        if src_enrolled {
-            if !allowed(src.identity, &dst, c.dst_port_be) {
-                return reject(ctx, c, CTR_SAME_NODE_DENY, ERRNO_DENIED);
-            }
-        } else if dst.flags & MESH_F_STRICT != 0 {
+        if !src_enrolled && dst.flags & MESH_F_STRICT != 0 {
             return reject(ctx, c, CTR_STRICT_REFUSE_LOCAL, ERRNO_DENIED);
+        }
+        // A source outside the mesh is judged as identity 0 (unauthenticated), as ztunnel
+        // judges plaintext it intercepted: an ALLOW policy that names principals refuses it.
+        if !allowed(c.src_identity, &dst, c.dst_port_be) {
+            return reject(ctx, c, CTR_SAME_NODE_DENY, ERRNO_DENIED);
         }
         return 1;
     }

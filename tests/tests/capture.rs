@@ -411,9 +411,24 @@ fn same_node_identity_verdicts_deny_with_eacces_and_allow_again() {
         "names the destination pod"
     );
     assert_eq!(u16::from_be(reject.backend_port_be), 80);
-    // Another source on the node is not affected; nor is another port of the pair.
+    // Another source on the node is not affected.
     let c = connect_from(&t.plain, near, Duration::from_secs(2));
     assert_eq!(c.line.as_deref(), Some("near"), "{c:?}");
+    // Sources outside the mesh are judged as identity 0 (unauthenticated).
+    let unauthenticated = IdentityVerdict {
+        src_identity: mesh_common::mesh::UNAUTHENTICATED,
+        ..deny
+    };
+    t.dp_a
+        .set_identity_verdicts(&[deny, unauthenticated])
+        .unwrap();
+    let c = connect_from(&t.plain, near, Duration::from_secs(2));
+    assert_eq!(
+        c.errno,
+        Some(libc::EACCES),
+        "plaintext source denied: {c:?}"
+    );
+    assert_eq!(t.dp_a.counter(CTR_SAME_NODE_DENY).unwrap(), 2);
 
     t.dp_a.set_identity_verdicts(&[]).unwrap();
     let c = connect_from(&t.client, near, Duration::from_secs(2));
@@ -443,7 +458,7 @@ fn same_node_identity_verdicts_deny_with_eacces_and_allow_again() {
         Some("near"),
         "allowed on any port: {c:?}"
     );
-    assert_eq!(t.dp_a.counter(CTR_SAME_NODE_DENY).unwrap(), 2);
+    assert_eq!(t.dp_a.counter(CTR_SAME_NODE_DENY).unwrap(), 3);
 }
 
 impl Two {
