@@ -67,6 +67,10 @@ fn at(pod: &PodHandle) -> SocketAddr {
     SocketAddr::new(pod.ipv4().into(), 80)
 }
 
+fn at6(pod: &PodHandle) -> SocketAddr {
+    SocketAddr::new(pod.ipv6().into(), 80)
+}
+
 impl Two {
     fn new(test: &str) -> Result<Self> {
         let cluster = Cluster::new(test)?;
@@ -80,7 +84,7 @@ impl Two {
         let bplain = cluster.add_pod(&b, "bplain")?;
         let mut servers = Vec::new();
         for p in [&plain, &near, &far, &strict, &bplain] {
-            servers.push(p.serve(p.name(), &[at(p)], &[])?);
+            servers.push(p.serve(p.name(), &[at(p), at6(p)], &[])?);
         }
         let load = |node: &NodeHandle| -> Result<Datapath> {
             Datapath::load(&DatapathConfig {
@@ -111,9 +115,13 @@ impl Two {
 
     /// What the agents would write from the model: workloads, mesh pods, capture address.
     fn program(&mut self) -> Result<()> {
-        let ep =
-            |pod: &PodHandle, identity: u32, node: &NodeHandle, strict: bool| MeshEndpointSpec {
-                addr: pod.ipv4().into(),
+        let ep = |pod: &PodHandle, identity: u32, node: &NodeHandle, strict: bool, v6: bool| {
+            MeshEndpointSpec {
+                addr: if v6 {
+                    pod.ipv6().into()
+                } else {
+                    pod.ipv4().into()
+                },
                 identity,
                 enrolled: identity != 0,
                 local: pod.node() == node,
@@ -123,14 +131,18 @@ impl Two {
                     PeerAuthentication::Permissive
                 },
                 default_deny: false,
-            };
+            }
+        };
         for node in [self.a.clone(), self.b.clone()] {
-            let endpoints = [
-                ep(&self.client, ID_CLIENT, &node, false),
-                ep(&self.near, ID_NEAR, &node, false),
-                ep(&self.far, ID_FAR, &node, false),
-                ep(&self.strict, ID_STRICT, &node, true),
-            ];
+            let mut endpoints = Vec::new();
+            for v6 in [false, true] {
+                endpoints.extend([
+                    ep(&self.client, ID_CLIENT, &node, false, v6),
+                    ep(&self.near, ID_NEAR, &node, false, v6),
+                    ep(&self.far, ID_FAR, &node, false, v6),
+                    ep(&self.strict, ID_STRICT, &node, true, v6),
+                ]);
+            }
             let wl = |pod: &PodHandle, identity: u32| MeshWorkloadSpec {
                 cgroup_id: cgroup_id(pod),
                 identity,
@@ -156,7 +168,11 @@ impl Two {
             };
             dp.set_mesh_endpoints(&endpoints)?;
             dp.set_mesh_workloads(&workloads)?;
-            dp.set_capture(Some(node.gateway_v4()), None, CAPTURE_PORT)?;
+            dp.set_capture(
+                Some(node.gateway_v4()),
+                Some(node.gateway_v6()),
+                CAPTURE_PORT,
+            )?;
         }
         Ok(())
     }
@@ -226,7 +242,13 @@ fn in_netns<T>(node: &NodeHandle, f: impl FnOnce() -> T) -> T {
 
 /// The stand-in for the agent's outbound listener, bound in node a's namespace.
 fn capture_listener(node: &NodeHandle) -> TcpListener {
-    let addr = SocketAddr::new(node.gateway_v4().into(), CAPTURE_PORT);
+    listener_at(
+        node,
+        SocketAddr::new(node.gateway_v4().into(), CAPTURE_PORT),
+    )
+}
+
+fn listener_at(node: &NodeHandle, addr: SocketAddr) -> TcpListener {
     let l = in_netns(node, || TcpListener::bind(addr)).expect("bind the capture listener");
     l.set_nonblocking(true).expect("nonblocking");
     l
@@ -541,4 +563,32 @@ fn strict_pods_refuse_plaintext_locally_and_from_other_nodes() {
     let c = connect_from(&t.plain, strict, Duration::from_secs(2));
     assert_eq!(c.line.as_deref(), Some("strict"), "{c:?}");
     assert_eq!(t.dp_b.counter(CTR_STRICT_REFUSE_REMOTE).unwrap(), drops);
+}
+
+#[test]
+fn ipv6_enrolled_connects_are_captured_too() {
+    let Some(_k) = mesh_tests::kernel_test("capture_ipv6") else {
+        return;
+    };
+    let t = Two::new("capture_ipv6").expect("cluster");
+    let listener = listener_at(&t.a, SocketAddr::new(t.a.gateway_v6().into(), CAPTURE_PORT));
+    let table = t.dp_a.original_dst_table().expect("table");
+    let client = t.client.clone();
+    let far = at6(&t.far);
+    let pending = thread::spawn(move || connect_from(&client, far, Duration::from_secs(2)));
+    let (mut conn, peer) =
+        accept_within(&listener, Duration::from_secs(3)).expect("the IPv6 listener accepts");
+    assert_eq!(peer.ip(), IpAddr::from(t.client.ipv6()), "client address");
+    let got = table.original_dst(peer).expect("record");
+    assert_eq!((got.dst, got.service), (far, None), "{got:?}");
+    assert_eq!((got.src_identity, got.dst_identity), (ID_CLIENT, ID_FAR));
+    conn.write_all(b"agent\n").unwrap();
+    drop(conn);
+    let c = pending.join().unwrap();
+    assert_eq!(c.line.as_deref(), Some("agent"), "{c:?}");
+    assert_eq!(c.peer, Some(far), "getpeername shows the pod: {c:?}");
+    // Same node over IPv6 is not captured.
+    let c = connect_from(&t.client, at6(&t.near), Duration::from_secs(2));
+    assert_eq!(c.line.as_deref(), Some("near"), "{c:?}");
+    assert_eq!(t.dp_a.counter(CTR_CAPTURED).unwrap(), 1);
 }

@@ -103,6 +103,19 @@ pub struct IdentityVerdict {
     pub allow: bool,
 }
 
+/// From the authorization engine's kernel entries (`authz::engine::kernel_entries`: key
+/// (source identity, destination identity, port or 0 = any) → allowed).
+impl From<((u32, u32, u16), bool)> for IdentityVerdict {
+    fn from(((src_identity, dst_identity, port), allow): ((u32, u32, u16), bool)) -> Self {
+        Self {
+            src_identity,
+            dst_identity,
+            port: (port != VERDICT_ANY_PORT).then_some(port),
+            allow,
+        }
+    }
+}
+
 /// Where a captured connection was going, looked up by the client address the agent's
 /// outbound listener accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,6 +468,15 @@ mod tests {
         };
         assert_eq!(e[&key(80u16.to_be())], VERDICT_DENY);
         assert_eq!(e[&key(VERDICT_ANY_PORT)], VERDICT_ALLOW);
+    }
+
+    #[test]
+    fn engine_entries_convert_with_port_zero_as_any() {
+        let any = IdentityVerdict::from(((1, 2, 0), false));
+        assert_eq!((any.port, any.allow), (None, false));
+        let exact = IdentityVerdict::from(((1, 2, 443), true));
+        assert_eq!((exact.src_identity, exact.dst_identity), (1, 2));
+        assert_eq!((exact.port, exact.allow), (Some(443), true));
     }
 
     #[test]
