@@ -69,9 +69,22 @@ pub const CTR_V4_MAPPED: u32 = 28;
 pub const CTR_CONNECT_ABANDONED: u32 = 29;
 /// A connection established after a SYN retransmit: counted as the success it is.
 pub const CTR_SYN_RETRY_RECOVERED: u32 = 30;
+/// An enrolled pod's connect to an enrolled pod on another node was sent to the agent's outbound
+/// listener (capture, `mesh::CAPTURE_PORT`).
+pub const CTR_CAPTURED: u32 = 31;
+/// An enrolled connect that had to be captured could not be (capture not configured, IPv6 without
+/// a listener address, the record could not be written): refused with `ECONNREFUSED`, never sent
+/// in plaintext.
+pub const CTR_CAPTURE_MISS: u32 = 32;
+/// A same-node enrolled connect denied by the identity policy (`EACCES`).
+pub const CTR_SAME_NODE_DENY: u32 = 33;
+/// Plaintext from a non-enrolled local pod to a `STRICT` pod refused at `connect()` (`EACCES`).
+pub const CTR_STRICT_REFUSE_LOCAL: u32 = 34;
+/// A new TCP connection (SYN) from the uplink to a `STRICT` pod dropped at ingress.
+pub const CTR_STRICT_REFUSE_REMOTE: u32 = 35;
 
 /// Names for each counter index, in order, for metrics and the CLI.
-pub const COUNTER_NAMES: [&str; 31] = [
+pub const COUNTER_NAMES: [&str; 36] = [
     "translated",
     "reject_no_backends",
     "reject_circuit_open",
@@ -103,4 +116,9 @@ pub const COUNTER_NAMES: [&str; 31] = [
     "v4_mapped",
     "connect_abandoned",
     "syn_retry_recovered",
+    "captured",
+    "capture_miss",
+    "same_node_deny",
+    "strict_refuse_local",
+    "strict_refuse_remote",
 ];

@@ -14,3 +14,6 @@ pub const ID_SERVICE: u32 = 0;
 pub const ID_BACKEND: u32 = 1;
 /// [`ID_ALLOC_MAP`] index: next service-configuration id.
 pub const ID_CONF: u32 = 2;
+/// [`ID_ALLOC_MAP`] index: next identity number (`mesh::MeshWorkload::identity`); starts at 1
+/// (0 = no identity).
+pub const ID_IDENTITY: u32 = 3;

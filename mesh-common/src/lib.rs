@@ -13,6 +13,7 @@ pub mod counters;
 pub mod event;
 pub mod ids;
 pub mod logic;
+pub mod mesh;
 pub mod report;
 pub mod service;
 pub mod sock;

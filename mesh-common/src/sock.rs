@@ -18,6 +18,10 @@ pub const REVNAT_CAPACITY: u32 = 65_536;
 
 /// [`SockState::flags`]: the connection is counted in its backend's `active`.
 pub const SOCK_F_COUNTED: u8 = 1;
+/// [`SockState::flags`]: the connection was captured (sent to the agent's outbound listener,
+/// `mesh::CAPTURE_PORT`): `getpeername` shows the original destination, and sockops does not
+/// account it against the backend (its peer is the agent).
+pub const SOCK_F_CAPTURED: u8 = 2;
 /// [`SockState::flags`]: a failure was already counted for this connection.
 pub const SOCK_F_FAILED: u8 = 4;
 /// [`SockState::flags`]: the connection was established.

@@ -8,6 +8,10 @@ use mesh_common::{
     backend::{Backend, BackendState},
     bypass::{BypassBytes, EndpointKey, LocalEndpoint, SockKey},
     event::FlowEvent,
+    mesh::{
+        CaptureConfig, CaptureKey, Captured, MeshEndpoint, MeshEndpointKey, MeshWorkload,
+        VerdictKey,
+    },
     service::{
         AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, SlotKey, TableKey,
     },
@@ -89,6 +93,43 @@ macro_rules! layout {
 fn every_shared_type_matches_the_objects_btf() {
     let btf = btf_structs();
     let expected = [
+        layout!(MeshWorkload { identity, flags }),
+        layout!(MeshEndpointKey {
+            addr_be,
+            family,
+            _pad
+        }),
+        layout!(MeshEndpoint { identity, flags }),
+        layout!(VerdictKey {
+            src_identity,
+            dst_identity,
+            port_be,
+            _pad
+        }),
+        layout!(CaptureConfig {
+            addr6_be,
+            addr4_be,
+            port_be,
+            _pad
+        }),
+        layout!(CaptureKey {
+            addr_be,
+            port_be,
+            family,
+            _pad
+        }),
+        layout!(Captured {
+            cgroup_id,
+            dst_addr_be,
+            svc_addr_be,
+            dst_port_be,
+            svc_port_be,
+            family,
+            flags,
+            _pad,
+            src_identity,
+            dst_identity
+        }),
         layout!(ServiceKey {
             addr_be,
             port_be,

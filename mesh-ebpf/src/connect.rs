@@ -36,7 +36,7 @@ use mesh_common::{
 };
 
 use crate::{
-    atomic,
+    atomic, capture,
     circuit::{self, Ineligible},
     events,
     maps::{
@@ -170,6 +170,11 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
         family,
     };
     let Some(svc) = service(&key) else {
+        // Not a service: a connect straight to a pod may still be a mesh decision.
+        if hook == Hook::Connect && proto == PROTO_TCP {
+            // SAFETY: `ctx.sock_addr` is this connect program's context.
+            return unsafe { capture::direct(ctx.sock_addr, u32::from(sock_family)) };
+        }
         return 1;
     };
     // SAFETY: helpers valid in sock_addr programs.
@@ -219,6 +224,13 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             }
             remember_choice(&svc, &st, cookie, netns, now);
             count(CTR_TRANSLATED);
+            if hook == Hook::Connect && proto == PROTO_TCP {
+                // The pod is chosen: capture, identity policy, STRICT (`capture`).
+                // SAFETY: this connect program's context and its initialised state.
+                return unsafe {
+                    capture::after_translate(ctx.sock_addr, &raw const st, u32::from(sock_family))
+                };
+            }
             1
         }
         Err(reason) => {
@@ -654,7 +666,7 @@ pub fn getpeername(ctx: &SockAddrContext, sock_family: u8) -> i32 {
         let st = unsafe { *p };
         let mapped = st.flags & SOCK_F_V4_MAPPED != 0;
         let family = if mapped { FAMILY_V6 } else { st.family };
-        if family == sock_family && st.service_id != 0 {
+        if family == sock_family && (st.service_id != 0 || capture::is_captured(&st)) {
             write_addr(
                 ctx,
                 sock_family,

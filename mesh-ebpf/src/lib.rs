@@ -16,9 +16,11 @@
 
 pub mod atomic;
 pub mod bypass;
+pub mod capture;
 pub mod circuit;
 pub mod connect;
 pub mod events;
 pub mod maps;
 pub mod report;
 pub mod sockops;
+pub mod strict;

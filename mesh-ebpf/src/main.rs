@@ -7,17 +7,17 @@
 )]
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, classifier, sk_msg, sock_ops},
     programs::{
         BtfTracePointContext, RawTracePointContext, SkMsgContext, SockAddrContext, SockContext,
-        SockOpsContext,
+        SockOpsContext, TcContext,
     },
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 use mesh_ebpf::{
     bypass,
     connect::{self, Hook},
-    report, sockops,
+    report, sockops, strict,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -95,6 +95,12 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 #[unsafe(link_section = "raw_tp")]
 pub extern "C" fn mesh_l7_report(ctx: *mut core::ffi::c_void) -> u32 {
     report::run(&RawTracePointContext::new(ctx))
+}
+
+/// `tc` (tcx) ingress on the node's uplink: `STRICT` pods refuse plaintext from off the node.
+#[classifier]
+pub fn mesh_strict_ingress(ctx: TcContext) -> i32 {
+    strict::ingress(&ctx)
 }
 
 #[cfg(not(test))]

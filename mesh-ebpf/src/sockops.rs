@@ -55,12 +55,15 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
     } else {
         BypassBytes::default()
     };
+    if crate::capture::on_sockops(ctx, op) {
+        return 1;
+    }
     let Some(st) = storage(ctx) else {
         return 1;
     };
     // SAFETY: non-null socket storage, owned by this socket for its whole life.
     let st = unsafe { &mut *st };
-    if st.service_id == 0 {
+    if st.service_id == 0 || crate::capture::is_captured(st) {
         return 1;
     }
     match op {

@@ -7,6 +7,7 @@ pub mod coexist;
 pub mod error;
 pub mod events;
 mod link;
+pub mod mesh;
 pub mod probe;
 pub mod sockets;
 pub mod spec;
@@ -64,7 +65,7 @@ use self::spec::{BackendSpec, Protocol, ServiceSpec};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map of the object, pinned under the pin directory so a restarted agent adopts them.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 23] = [
     SERVICES_MAP,
     SERVICE_CONF_MAP,
     BACKEND_SLOTS_MAP,
@@ -82,6 +83,12 @@ pub const MAP_NAMES: [&str; 17] = [
     BYPASS_BYTES_MAP,
     COUNTERS_MAP,
     EVENTS_MAP,
+    mesh_common::mesh::MESH_WORKLOADS_MAP,
+    mesh_common::mesh::MESH_ENDPOINTS_MAP,
+    mesh_common::mesh::IDENTITY_VERDICTS_MAP,
+    mesh_common::mesh::CAPTURE_CONFIG_MAP,
+    mesh_common::mesh::CAPTURE_PENDING_MAP,
+    mesh_common::mesh::CAPTURED_MAP,
 ];
 
 /// Programs attached to the cgroup through pinned links (function name = link pin name).
@@ -263,6 +270,8 @@ pub struct Datapath {
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// Enrollment, identity verdicts and capture (`mesh`).
+    mesh: mesh::MeshMaps,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     applied: BTreeMap<ServiceKey, Applied>,
     ids: Ids,
@@ -498,6 +507,7 @@ impl Datapath {
             udp_destroyed: 0,
             udp_destroy_failed: 0,
             events: Some(take(&mut ebpf, EVENTS_MAP)?),
+            mesh: mesh::MeshMaps::take(&mut ebpf)?,
             logger,
             ebpf,
             pin_dir: cfg.pin_dir.clone(),
