@@ -350,8 +350,8 @@ pub fn parse_full(
             model.mesh.opted_out_services.insert(name);
         }
     }
-    let mut rejected = apply_policies(&chk, &doc.policies, &mut model)?;
-    rejected.extend(apply_mesh(&chk, &doc, &mut model)?);
+    let rejected = apply_policies(&chk, &doc.policies, &mut model)?;
+    apply_mesh(&chk, &doc, &mut model)?;
     Ok((model, rejected))
 }
 
@@ -396,14 +396,11 @@ fn apply_policies(
     Ok(rejected)
 }
 
-/// Reads the enrollment and the security objects (each through the one parser Kubernetes uses);
-/// returns the objects rejected on their own. A duplicate object or namespace, or an unknown
-/// `dataplaneMode`, rejects the file.
-fn apply_mesh(
-    chk: &Check<'_>,
-    doc: &FileDoc,
-    model: &mut ClusterModel,
-) -> Result<Vec<ConfigError>, ConfigError> {
+/// Reads the enrollment and the security objects (each through the one parser Kubernetes uses).
+/// Unlike a `TrafficPolicy`, an invalid security object rejects the whole file, so the last good
+/// file keeps serving: dropping one DENY policy because of a typo would open what it closed
+/// (the Kubernetes source keeps the object's last valid version for the same reason).
+fn apply_mesh(chk: &Check<'_>, doc: &FileDoc, model: &mut ClusterModel) -> Result<(), ConfigError> {
     for (i, n) in doc.namespaces.iter().enumerate() {
         let mode = match n.value.dataplane_mode.as_ref() {
             None => None,
@@ -436,7 +433,6 @@ fn apply_mesh(
                 .insert(n.value.name.clone(), mode);
         }
     }
-    let mut rejected = Vec::new();
     for (i, d) in doc.authorization_policies.iter().enumerate() {
         let p = authz::parse_authorization(&d.value);
         if model.mesh.authorization.iter().any(|q| q.name == p.name) {
@@ -447,7 +443,7 @@ fn apply_mesh(
             ));
         }
         if let Err(e) = &p.outcome {
-            rejected.push(chk.err(d, format!("authorizationPolicies[{i}]"), e.to_string()));
+            return Err(chk.err(d, format!("authorizationPolicies[{i}]"), e.to_string()));
         }
         model.mesh.authorization.push(p);
     }
@@ -466,11 +462,11 @@ fn apply_mesh(
             ));
         }
         if let Err(e) = &p.outcome {
-            rejected.push(chk.err(d, format!("peerAuthentications[{i}]"), e.to_string()));
+            return Err(chk.err(d, format!("peerAuthentications[{i}]"), e.to_string()));
         }
         model.mesh.peer_authentication.push(p);
     }
-    Ok(rejected)
+    Ok(())
 }
 
 fn service(
@@ -890,34 +886,25 @@ peerAuthentications:
     }
 
     #[test]
-    fn an_invalid_security_object_is_rejected_alone_with_file_line_and_column() {
+    fn an_invalid_security_object_rejects_the_file_with_file_line_and_column() {
         let text = MESH.replace(
             "rules: [{ from: [{ source: { namespaces: [shop] } }] }]",
             "rules: [{ to: [{ operation: { methods: [GET] } }] }]",
         );
-        let (m, rejected) = parse_full(Path::new("mesh.yaml"), &text, None).unwrap();
-        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        let e = parse_full(Path::new("mesh.yaml"), &text, None).unwrap_err();
         assert_eq!(
-            rejected[0].to_string(),
+            e.to_string(),
             "mesh.yaml:17:5: authorizationPolicies[0]: AuthorizationPolicy shop/web: \
              spec.rules[0].to[0].operation.methods: L7 fields are not supported by this L4 \
              policy (Istio ambient needs a waypoint proxy for them); rejected as a whole"
         );
-        let v = authz::MeshView::build(&m, &authz::MeshSettings::default());
-        assert!(
-            v.enrolled[&ObjectName::new("shop", "web-0")]
-                .policies
-                .is_empty(),
-            "an invalid policy applies nowhere"
-        );
         let text = MESH.replace("mode: STRICT", "mode: DISABLE");
-        let (_, rejected) = parse_full(Path::new("mesh.yaml"), &text, None).unwrap();
+        let e = parse_full(Path::new("mesh.yaml"), &text, None).unwrap_err();
         assert!(
-            rejected[0].to_string().starts_with(
+            e.to_string().starts_with(
                 "mesh.yaml:24:5: peerAuthentications[0]: PeerAuthentication shop/default: spec.mtls.mode: DISABLE is not supported"
             ),
-            "{}",
-            rejected[0]
+            "{e}"
         );
         let e =
             parse_str(&MESH.replace("dataplaneMode: mesh", "dataplaneMode: ambient")).unwrap_err();
