@@ -74,10 +74,14 @@ pub struct MeshInputs {
     pub authorization: Vec<ParsedAuthz>,
     /// Every `PeerAuthentication`, valid or not.
     pub peer_authentication: Vec<ParsedPeerAuthn>,
+    /// Trust domain and root namespace: set by the agent from its config when a model arrives
+    /// (sources leave the default), so the snapshot builds [`MeshView`] with them.
+    pub settings: MeshSettings,
 }
 
-/// The settings the view needs (config `mesh.trustDomain`, the root namespace).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The settings the view needs (config `mesh.trustDomain` and `mesh.rootNamespace`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MeshSettings {
     pub trust_domain: String,
     pub root_namespace: String,
