@@ -140,8 +140,9 @@ pub struct ClusterModel {
     /// Which `TrafficPolicy` applies to each service and how every policy stands.
     pub policies: crate::policy::Report,
     /// Enrollment labels and security objects (`authz::MeshView::build` turns them into each
-    /// pod's identity, mTLS mode and authorization policies).
-    pub mesh: crate::authz::MeshInputs,
+    /// pod's identity, mTLS mode and authorization policies). Boxed: the model moves through
+    /// channels and commands, and most clusters have few of these.
+    pub mesh: Box<crate::authz::MeshInputs>,
 }
 
 /// By their complete `Debug` form: the data-path setting types do not implement `Hash`, and
@@ -397,7 +398,7 @@ mod tests {
             services: BTreeMap::from([(name, svc)]),
             pods: BTreeMap::new(),
             policies: crate::policy::Report::default(),
-            mesh: crate::authz::MeshInputs::default(),
+            mesh: Box::default(),
         }
     }
 

@@ -78,6 +78,7 @@ fn object(kind: &str, spec: &Value) -> Value {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn cel_rules_and_the_parser_agree() {
     let validator = Validator::new();
     let az = schema(&crd::authorization_crd().unwrap());

@@ -7,7 +7,7 @@
 //!   field) is rejected with object, field and reason in `meshctl status` while the last valid
 //!   version keeps applying; fixing it clears the rejection.
 //! - `agent_reads_security_objects_from_the_file`: the same objects through the static file; a
-//!   bad one rejects the file with file:line:col and the last good file keeps serving.
+//!   bad one rejects the file with `file:line:col` and the last good file keeps serving.
 //!
 //! Enforcement (HBONE inbound, the kernel's same-node verdicts) is tested where it is built.
 

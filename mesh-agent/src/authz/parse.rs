@@ -76,8 +76,8 @@ impl fmt::Display for Pattern {
     }
 }
 
-/// One compiled `from[].source`: every non-empty list must match (Istio: fields are ANDed,
-/// values within a field ORed; an empty list is an unset field).
+/// One compiled `from[].source`: every non-empty list must match (Istio: all fields must match,
+/// any value within a field may; an empty list is an unset field).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceMatch {
     /// Matched against the peer's SPIFFE id without `spiffe://` (`cluster.local/ns/a/sa/b`).

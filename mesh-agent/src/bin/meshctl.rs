@@ -485,6 +485,12 @@ fn policies_tables(r: &ListPoliciesResponse) -> String {
             })
             .collect(),
     );
+    format!("{services}\n{policies}\n{}", security_tables(r))
+}
+
+/// Each pod's enrollment, identity, mTLS mode and authorization policies, every security
+/// object, and the services out of the mesh (issue 9).
+fn security_tables(r: &ListPoliciesResponse) -> String {
     let workloads = table(
         &[
             "POD",
@@ -543,7 +549,7 @@ fn policies_tables(r: &ListPoliciesResponse) -> String {
             opted_out.join(", ")
         )
     };
-    format!("{services}\n{policies}\n{workloads}\n{security}{opted_out}")
+    format!("{workloads}\n{security}{opted_out}")
 }
 
 fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {
