@@ -293,6 +293,8 @@ fn ids() -> Vec<SpiffeId> {
 
 /// Objects the parser accepted (so the engine ran on them).
 static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+/// Inputs checked (counted, not assumed from the configured case count).
+static CASES: AtomicU64 = AtomicU64::new(0);
 
 fn check(input: &Input) {
     let value = match input {
@@ -344,25 +346,27 @@ fn policy_objects_never_panic_the_parser_or_the_engine() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut runner = TestRunner::new(Config {
-        cases: 2_000,
-        failure_persistence: None,
-        ..Config::default()
-    });
     let started = Instant::now();
-    let mut cases = 0_u64;
     loop {
+        // A fresh runner per round: a runner that finished its cases does not run again, and
+        // each new one draws a new random seed.
+        let mut runner = TestRunner::new(Config {
+            cases: 2_000,
+            failure_persistence: None,
+            ..Config::default()
+        });
         runner
             .run(&input(), |i| {
                 check(&i);
+                CASES.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             })
             .unwrap();
-        cases += 2_000;
         if Instant::now() >= deadline {
             break;
         }
     }
+    let cases = CASES.load(Ordering::Relaxed);
     let accepted = ACCEPTED.load(Ordering::Relaxed);
     println!(
         "authz_fuzz: {cases} cases ({accepted} accepted policies evaluated) in {:.1} s, no panic",
