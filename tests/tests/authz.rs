@@ -93,7 +93,11 @@ fn agent_reads_security_objects_from_kubernetes() {
         work.join("admin.sock"),
     );
     agent.kubeconfig = Some(kmock.kubeconfig(&work).expect("kubeconfig"));
-    agent.env = vec![("POD_NAMESPACE".to_owned(), "mesh-system".to_owned())];
+    // As in its DaemonSet: the agent stands for election as the status writer.
+    agent.env = vec![
+        ("POD_NAMESPACE".to_owned(), "mesh-system".to_owned()),
+        ("POD_NAME".to_owned(), "mesh-agent-a".to_owned()),
+    ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -233,6 +237,33 @@ fn agent_reads_security_objects_from_kubernetes() {
         "shop/deny-other",
         "last good kept: {p}"
     );
+    // The elected agent writes the rejection into the object's status.
+    let condition = |api: &Api<DynamicObject>, name: &str, reason: &str| {
+        let start = Instant::now();
+        loop {
+            let obj = rt.block_on(api.get(name)).expect("get");
+            let c = obj.data["status"]["conditions"][0].clone();
+            if c["reason"] == reason {
+                return c;
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{name}: no {reason} condition: {}\nagent log:\n{}",
+                obj.data["status"],
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let c = condition(&authz, "deny-other", "Invalid");
+    assert_eq!(
+        (c["type"].as_str(), c["status"].as_str()),
+        (Some("Accepted"), Some("False")),
+        "{c}"
+    );
+    assert_eq!(c["message"], want, "{c}");
+    let c = condition(&peers, "db-strict", "Accepted");
+    assert_eq!(c["status"], "True", "{c}");
 
     // Fixed: the rejection clears.
     let mut fixed = deny.clone();
@@ -246,6 +277,10 @@ fn agent_reads_security_objects_from_kubernetes() {
     meshctl_until(&agent, &["status"], "rejection cleared", &|s| {
         !s.to_string().contains("deny-other")
     });
+    assert_eq!(
+        condition(&authz, "deny-other", "Accepted")["status"],
+        "True"
+    );
 }
 
 #[test]

@@ -693,6 +693,16 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             expected.insert(("security.kernmesh.io", resource, verb));
         }
     }
+    expected.insert((
+        "security.kernmesh.io",
+        "authorizationpolicies/status",
+        "patch",
+    ));
+    expected.insert((
+        "security.kernmesh.io",
+        "peerauthentications/status",
+        "patch",
+    ));
     // Written by the agent holding the policy-status Lease.
     expected.insert(("traffic.kernmesh.io", "trafficpolicies/status", "patch"));
     // Both groups serve the same Event objects (core/v1 and events.k8s.io/v1).

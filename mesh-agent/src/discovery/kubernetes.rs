@@ -622,6 +622,9 @@ struct State {
     /// has a typo would open what it closed. An object never valid applies nowhere.
     last_good_authz: BTreeMap<ObjectName, crate::authz::ParsedAuthz>,
     last_good_peer: BTreeMap<ObjectName, crate::authz::ParsedPeerAuthn>,
+    /// What each security object's status should say (`Accepted` or `Invalid`), per kind.
+    authz_status: DesiredStatus,
+    peer_status: DesiredStatus,
 }
 
 impl State {
@@ -644,6 +647,8 @@ impl State {
             security_reported: BTreeMap::new(),
             last_good_authz: BTreeMap::new(),
             last_good_peer: BTreeMap::new(),
+            authz_status: DesiredStatus::new(),
+            peer_status: DesiredStatus::new(),
         }
     }
 
@@ -846,9 +851,14 @@ impl State {
             reported.insert(key, message);
         };
         let mut good_authz = BTreeMap::new();
+        let mut authz_status = DesiredStatus::new();
         for (name, obj) in &self.authz_policies.objects {
             if self.namespace_live(&name.namespace) {
                 let p = crate::authz::parse_authorization(&typed(obj, &authz_resource));
+                authz_status.insert(
+                    p.name.clone(),
+                    security_desired(obj, &authz_resource, p.generation, p.outcome.as_ref().err()),
+                );
                 note(
                     crate::authz::types::AUTHZ_KIND,
                     &p.name,
@@ -860,9 +870,14 @@ impl State {
         }
         self.last_good_authz = good_authz;
         let mut good_peer = BTreeMap::new();
+        let mut peer_status = DesiredStatus::new();
         for (name, obj) in &self.peer_authns.objects {
             if self.namespace_live(&name.namespace) {
                 let p = crate::authz::parse_peer_authentication(&typed(obj, &peer_resource));
+                peer_status.insert(
+                    p.name.clone(),
+                    security_desired(obj, &peer_resource, p.generation, p.outcome.as_ref().err()),
+                );
                 note(
                     crate::authz::types::PEER_AUTHN_KIND,
                     &p.name,
@@ -873,6 +888,8 @@ impl State {
             }
         }
         self.last_good_peer = good_peer;
+        self.authz_status = authz_status;
+        self.peer_status = peer_status;
         let resolved = self
             .security_reported
             .keys()
@@ -1274,6 +1291,32 @@ impl State {
     }
 }
 
+/// The `Accepted` condition a security object's status should carry: `True`/`Accepted`, or
+/// `False`/`Invalid` with the problems (the last valid version, if any, keeps applying).
+fn security_desired(
+    obj: &DynamicObject,
+    resource: &ApiResource,
+    generation: Option<i64>,
+    error: Option<&crate::authz::ObjectError>,
+) -> Desired {
+    let (status, reason, message) = match error {
+        None => ("True", policy::Reason::Accepted, String::new()),
+        Some(e) => ("False", policy::Reason::Invalid, e.to_string()),
+    };
+    Desired {
+        condition: policy::types::PolicyCondition {
+            type_: policy::status::CONDITION_ACCEPTED.to_owned(),
+            status: status.to_owned(),
+            reason: reason.as_str().to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time: String::new(),
+        },
+        current: policy::status::current_condition(obj),
+        reference: obj.object_ref(resource),
+    }
+}
+
 /// A rejected object's problems (`field: reason; …; rejected as a whole`), without the object's
 /// name, which the rejection carries.
 fn problems_text(e: &crate::authz::ObjectError) -> String {
@@ -1434,8 +1477,24 @@ pub async fn run_with_status(
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
     let (desired_tx, desired_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+    let (authz_tx, authz_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+    let (peer_tx, peer_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
     if let Some(config) = status {
-        tokio::spawn(policy::status::run(client.clone(), config, desired_rx));
+        tokio::spawn(policy::status::run_many(
+            client.clone(),
+            config,
+            vec![
+                (ApiResource::erase::<TrafficPolicy>(&()), desired_rx),
+                (
+                    ApiResource::erase::<crate::authz::types::AuthorizationPolicy>(&()),
+                    authz_rx,
+                ),
+                (
+                    ApiResource::erase::<crate::authz::types::PeerAuthentication>(&()),
+                    peer_rx,
+                ),
+            ],
+        ));
     }
     let mut changes = watches(&client, &node);
     let mut state = State::new(node.clone());
@@ -1471,6 +1530,18 @@ pub async fn run_with_status(
         }
         let (mut model, rejections) = state.build();
         let (security_rejections, security_resolved) = state.security(&mut model);
+        for (tx, now) in [
+            (&authz_tx, &state.authz_status),
+            (&peer_tx, &state.peer_status),
+        ] {
+            tx.send_if_modified(|d| {
+                let differs = **d != *now;
+                if differs {
+                    *d = Arc::new(now.clone());
+                }
+                differs
+            });
+        }
         desired_tx.send_if_modified(|d| {
             let differs = **d != state.desired_status;
             if differs {
