@@ -237,6 +237,17 @@ fn agent_reads_security_objects_from_kubernetes() {
         "shop/deny-other",
         "last good kept: {p}"
     );
+    let state = p["security"]
+        .as_array()
+        .and_then(|l| l.iter().find(|o| o["object"] == "shop/deny-other"))
+        .expect("deny-other listed");
+    assert_eq!(state["accepted"], false, "{p}");
+    assert!(
+        state["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("the last valid version still applies")),
+        "{p}"
+    );
     // The elected agent writes the rejection into the object's status.
     let condition = |api: &Api<DynamicObject>, name: &str, reason: &str| {
         let start = Instant::now();

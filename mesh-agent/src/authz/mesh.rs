@@ -281,6 +281,16 @@ pub fn peer_mode(
     (MtlsMode::Permissive, ModeSource::Default)
 }
 
+/// Why an object is not accepted: its rejection, or its newer version's (the last valid one
+/// still applies).
+fn state_message<T>(p: &super::parse::Parsed<T>) -> String {
+    match (&p.outcome, &p.superseded_by) {
+        (Err(e), _) => e.to_string(),
+        (Ok(_), Some(e)) => format!("{e}; the last valid version still applies"),
+        (Ok(_), None) => String::new(),
+    }
+}
+
 fn object_states(
     inputs: &MeshInputs,
     view: &MeshView,
@@ -296,13 +306,8 @@ fn object_states(
         out.insert(
             (super::types::AUTHZ_KIND, p.name.clone()),
             ObjectState {
-                accepted: p.outcome.is_ok(),
-                message: p
-                    .outcome
-                    .as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                accepted: p.outcome.is_ok() && p.superseded_by.is_none(),
+                message: state_message(p),
                 selects,
             },
         );
@@ -324,13 +329,8 @@ fn object_states(
         out.insert(
             (super::types::PEER_AUTHN_KIND, p.name.clone()),
             ObjectState {
-                accepted: p.outcome.is_ok(),
-                message: p
-                    .outcome
-                    .as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                accepted: p.outcome.is_ok() && p.superseded_by.is_none(),
+                message: state_message(p),
                 selects,
             },
         );

@@ -176,6 +176,9 @@ pub struct Parsed<T> {
     pub created: Option<String>,
     pub generation: Option<i64>,
     pub outcome: Result<T, ObjectError>,
+    /// Set on a last valid version kept applying (the Kubernetes source): why the object's
+    /// current version was rejected.
+    pub superseded_by: Option<ObjectError>,
 }
 
 impl<T> Parsed<T> {
@@ -290,6 +293,7 @@ impl Reader {
             created: self.created,
             generation: self.generation,
             outcome,
+            superseded_by: None,
         }
     }
 

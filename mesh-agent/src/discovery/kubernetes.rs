@@ -1338,7 +1338,9 @@ fn keep_last_good<T: Clone>(
     match last.get(&p.name) {
         Some(good) => {
             next.insert(p.name.clone(), good.clone());
-            good.clone()
+            let mut kept = good.clone();
+            kept.superseded_by = p.outcome.err();
+            kept
         }
         None => p,
     }
@@ -2368,6 +2370,7 @@ mod tests {
             "AuthorizationPolicy default/deny-other: spec.rules[0].to[0].operation.methods: L7 fields are not supported by this L4 \
              policy (Istio ambient needs a waypoint proxy for them); rejected as a whole"
         );
+        assert!(m.mesh.authorization[0].superseded_by.is_some());
         let kept = m.mesh.authorization[0].outcome.as_ref().unwrap();
         assert_eq!(
             kept.action,
