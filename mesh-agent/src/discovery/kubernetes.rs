@@ -1478,26 +1478,7 @@ pub async fn run_with_status(
     status: Option<StatusConfig>,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
-    let (desired_tx, desired_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
-    let (authz_tx, authz_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
-    let (peer_tx, peer_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
-    if let Some(config) = status {
-        tokio::spawn(policy::status::run_many(
-            client.clone(),
-            config,
-            vec![
-                (ApiResource::erase::<TrafficPolicy>(&()), desired_rx),
-                (
-                    ApiResource::erase::<crate::authz::types::AuthorizationPolicy>(&()),
-                    authz_rx,
-                ),
-                (
-                    ApiResource::erase::<crate::authz::types::PeerAuthentication>(&()),
-                    peer_rx,
-                ),
-            ],
-        ));
-    }
+    let statuses = StatusSenders::start(&client, status);
     let mut changes = watches(&client, &node);
     let mut state = State::new(node.clone());
     // The digest of the last model sent, not a copy of it (see `ClusterModel::digest`).
@@ -1532,25 +1513,7 @@ pub async fn run_with_status(
         }
         let (mut model, rejections) = state.build();
         let (security_rejections, security_resolved) = state.security(&mut model);
-        for (tx, now) in [
-            (&authz_tx, &state.authz_status),
-            (&peer_tx, &state.peer_status),
-        ] {
-            tx.send_if_modified(|d| {
-                let differs = **d != *now;
-                if differs {
-                    *d = Arc::new(now.clone());
-                }
-                differs
-            });
-        }
-        desired_tx.send_if_modified(|d| {
-            let differs = **d != state.desired_status;
-            if differs {
-                *d = Arc::new(state.desired_status.clone());
-            }
-            differs
-        });
+        statuses.publish(&state);
         let digest = model.digest();
         if last_sent != Some(digest) {
             debug!(
@@ -1593,19 +1556,86 @@ pub async fn run_with_status(
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }
-        for (kind, name) in security_resolved {
-            let resolved = Update::Resolved(ObjectRef::new(kind, name));
-            if updates.send(resolved).await.is_err() {
-                return Err(KubernetesError::ChannelClosed { node });
-            }
-        }
-        for r in security_rejections {
-            warn!("{r}; the last valid objects keep applying");
-            if updates.send(Update::Rejected(r)).await.is_err() {
-                return Err(KubernetesError::ChannelClosed { node });
-            }
+        if send_security(&updates, security_resolved, security_rejections)
+            .await
+            .is_err()
+        {
+            return Err(KubernetesError::ChannelClosed { node });
         }
     }
+}
+
+/// The desired statuses per kind, sent to the elected writer.
+struct StatusSenders {
+    traffic: watch_channel::Sender<Arc<DesiredStatus>>,
+    authz: watch_channel::Sender<Arc<DesiredStatus>>,
+    peer: watch_channel::Sender<Arc<DesiredStatus>>,
+}
+
+impl StatusSenders {
+    /// Starts the writer (one election for every kind) when `status` names this agent's pod.
+    fn start(client: &kube::Client, status: Option<StatusConfig>) -> Self {
+        let (traffic, traffic_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        let (authz, authz_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        let (peer, peer_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        if let Some(config) = status {
+            tokio::spawn(policy::status::run_many(
+                client.clone(),
+                config,
+                vec![
+                    (ApiResource::erase::<TrafficPolicy>(&()), traffic_rx),
+                    (
+                        ApiResource::erase::<crate::authz::types::AuthorizationPolicy>(&()),
+                        authz_rx,
+                    ),
+                    (
+                        ApiResource::erase::<crate::authz::types::PeerAuthentication>(&()),
+                        peer_rx,
+                    ),
+                ],
+            ));
+        }
+        Self {
+            traffic,
+            authz,
+            peer,
+        }
+    }
+
+    /// Sends each kind's desired status if it changed.
+    fn publish(&self, state: &State) {
+        for (tx, now) in [
+            (&self.traffic, &state.desired_status),
+            (&self.authz, &state.authz_status),
+            (&self.peer, &state.peer_status),
+        ] {
+            tx.send_if_modified(|d| {
+                let differs = **d != *now;
+                if differs {
+                    *d = Arc::new(now.clone());
+                }
+                differs
+            });
+        }
+    }
+}
+
+/// Reports security objects whose rejection is over, then the new rejections; `Err` when the
+/// agent stopped listening.
+async fn send_security(
+    updates: &mpsc::Sender<Update>,
+    resolved: Vec<(&'static str, ObjectName)>,
+    rejections: Vec<discovery::Rejection>,
+) -> Result<(), ()> {
+    for (kind, name) in resolved {
+        let resolved = Update::Resolved(ObjectRef::new(kind, name));
+        updates.send(resolved).await.map_err(|_| ())?;
+    }
+    for r in rejections {
+        warn!("{r}; its last valid version, if it had one, keeps applying");
+        updates.send(Update::Rejected(r)).await.map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// The cluster IP `host` is, if it is one the model programs: the agent would then reach the API
