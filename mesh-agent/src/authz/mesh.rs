@@ -20,7 +20,8 @@ use std::{
 
 use super::{
     engine::{
-        AuthzIndex, Decision, DecisionReason, Peer, WorkloadPolicies, evaluate_peer, selects,
+        AuthzIndex, Decision, DecisionReason, KernelKey, Peer, UNAUTHENTICATED, WorkloadPolicies,
+        evaluate_peer, kernel_entries, selects,
     },
     parse::{MtlsMode, ParsedAuthz, ParsedPeerAuthn},
 };
@@ -232,6 +233,34 @@ impl MeshView {
                 reason: DecisionReason::UnknownDestination,
             },
         }
+    }
+
+    /// The same-node kernel verdicts for this view: every enrolled pod of `model.node` as a
+    /// destination (numbered by `destination_number`, which must give pods with different
+    /// policies different numbers — policies select by labels, so numbering destinations by
+    /// SPIFFE id alone would be wrong), every distinct enrolled identity of the model as a source
+    /// (`source_number`) plus [`UNAUTHENTICATED`]. See [`kernel_entries`] for the lookup.
+    #[must_use]
+    pub fn kernel_entries(
+        &self,
+        model: &ClusterModel,
+        source_number: &dyn Fn(&SpiffeId) -> u32,
+        destination_number: &dyn Fn(&ObjectName) -> u32,
+    ) -> BTreeMap<KernelKey, bool> {
+        let destinations: Vec<(u32, &WorkloadPolicies)> = self
+            .enrolled
+            .iter()
+            .filter(|(name, _)| model.pods.get(*name).is_some_and(|p| p.node == model.node))
+            .map(|(name, pod)| (destination_number(name), &pod.policies))
+            .collect();
+        let identities: BTreeSet<&SpiffeId> = self.enrolled.values().map(|p| &p.identity).collect();
+        let mut sources: Vec<(u32, Option<&SpiffeId>)> = vec![(UNAUTHENTICATED, None)];
+        sources.extend(
+            identities
+                .into_iter()
+                .map(|id| (source_number(id), Some(id))),
+        );
+        kernel_entries(&destinations, &sources)
     }
 
     /// Whether traffic to a service stays out of the mesh (labelled `none`).
@@ -538,6 +567,34 @@ mod tests {
         assert_eq!(
             v.objects[&("AuthorizationPolicy", ObjectName::new("shop", "deny-other"))].selects,
             2
+        );
+        // The kernel's same-node verdicts: pods numbered by their last address octet + 100,
+        // identities by namespace (shop = 1, other = 2).
+        m.node = "a".into();
+        let number = |id: &SpiffeId| if id.namespace() == "shop" { 1 } else { 2 };
+        let pod_number = |n: &ObjectName| match m.pods[n].ips[0] {
+            IpAddr::V4(v4) => u32::from(v4.octets()[3]) + 100,
+            IpAddr::V6(_) => 0,
+        };
+        let entries = v.kernel_entries(&m, &number, &pod_number);
+        assert!(
+            !crate::authz::kernel_lookup(&entries, 2, 101, 80),
+            "other → web denied"
+        );
+        assert!(
+            crate::authz::kernel_lookup(&entries, 1, 101, 80),
+            "shop → web allowed"
+        );
+        assert!(crate::authz::kernel_lookup(
+            &entries,
+            UNAUTHENTICATED,
+            101,
+            80
+        ));
+        assert!(entries.keys().any(|k| k.1 == 101));
+        assert!(
+            entries.keys().all(|k| k.1 != 103),
+            "opted-out pod: no entries"
         );
     }
 }
