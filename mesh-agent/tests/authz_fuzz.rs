@@ -377,3 +377,77 @@ fn policy_objects_never_panic_the_parser_or_the_engine() {
         "no generated policy was valid: the engine was never exercised"
     );
 }
+
+/// Istio's evaluation order as properties over generated policy sets:
+/// - adding a DENY policy never allows what was denied (DENY only takes away);
+/// - adding `ALLOW rules: [{}]` leaves exactly the DENY policies' verdicts (it allows
+///   everything no DENY matches, whatever the other ALLOW policies say).
+#[test]
+fn evaluation_order_properties() {
+    let mut runner = TestRunner::new(Config {
+        cases: 500,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let set = prop::collection::vec(generated(), 0..5);
+    runner
+        .run(&(set, generated()), |(objects, extra)| {
+            let parsed: Vec<_> = objects
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let mut v = v.clone();
+                    v["metadata"]["name"] = json!(format!("p{i}"));
+                    parse_authorization(&v)
+                })
+                .filter(|p| p.outcome.is_ok())
+                .collect();
+            let labels = [("app", "web")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into();
+            let ids = ids();
+            let peers: Vec<Option<&SpiffeId>> =
+                std::iter::once(None).chain(ids.iter().map(Some)).collect();
+            let verdicts = |ps: &[mesh_agent::authz::ParsedAuthz]| {
+                let w = AuthzIndex::new(ps, "mesh-system").for_workload("shop", &labels);
+                peers
+                    .iter()
+                    .flat_map(|id| [22, 80, 8080].map(|port| evaluate(&w, *id, port).allowed))
+                    .collect::<Vec<bool>>()
+            };
+            let before = verdicts(&parsed);
+            let mut extra = extra;
+            extra["metadata"]["name"] = json!("extra");
+            let mut with_deny = parsed.clone();
+            extra["spec"]["action"] = json!("DENY");
+            with_deny.push(parse_authorization(&extra));
+            let after = verdicts(&with_deny);
+            for (b, a) in before.iter().zip(&after) {
+                prop_assert!(*b || !*a, "a DENY allowed something");
+            }
+            let denies: Vec<_> = parsed
+                .iter()
+                .filter(|p| {
+                    p.outcome
+                        .as_ref()
+                        .is_ok_and(|s| s.action == mesh_agent::authz::Action::Deny)
+                })
+                .cloned()
+                .collect();
+            let deny_verdicts = verdicts(&denies);
+            let mut allow_all = parsed.clone();
+            allow_all.push(parse_authorization(&json!({
+                "apiVersion": "security.kernmesh.io/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": { "name": "allow-all", "namespace": "shop" },
+                "spec": { "rules": [{}] },
+            })));
+            prop_assert_eq!(
+                verdicts(&allow_all),
+                deny_verdicts,
+                "allow-all leaves only DENY"
+            );
+            Ok(())
+        })
+        .unwrap();
+}
