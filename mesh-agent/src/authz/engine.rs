@@ -303,37 +303,48 @@ pub const UNAUTHENTICATED: u32 = 0;
 /// number, destination port or [`ANY_PORT`]).
 pub type KernelKey = (u32, u32, u16);
 
-/// The same-node verdicts the kernel needs, compactly: for each local destination that some
-/// policy selects and each known source, an [`ANY_PORT`] entry with the verdict for ports no
+/// The same-node verdicts the kernel needs, compactly: for each local destination number that
+/// some policy selects and each known source, an [`ANY_PORT`] entry with the verdict for ports no
 /// policy names, plus an entry per named port whose verdict differs. The kernel looks up the
 /// exact port, then [`ANY_PORT`]; a destination without entries has no policy (allow). Sources
 /// the caller cannot number map to [`UNAUTHENTICATED`], which should be among `sources`.
-/// Size: destinations-with-policies × sources × (1 + differing named ports).
+///
+/// Destinations sharing a number (numbered by SPIFFE id while policies select pods by label)
+/// get the conjunction of their verdicts, port by port over the union of their named ports:
+/// deny wins, never a verdict one of them would not give. Numbered per pod, the entries are
+/// exactly the engine's. Size: destination numbers with policies × sources × (1 + differing
+/// named ports).
 #[must_use]
 pub fn kernel_entries(
     destinations: &[(u32, &WorkloadPolicies)],
     sources: &[(u32, Option<&SpiffeId>)],
 ) -> BTreeMap<KernelKey, bool> {
     let peers: Vec<(u32, Peer)> = sources.iter().map(|(n, id)| (*n, Peer::new(*id))).collect();
-    let mut out = BTreeMap::new();
+    let mut groups: BTreeMap<u32, Vec<&WorkloadPolicies>> = BTreeMap::new();
     for (dst, policies) in destinations {
-        if policies.is_empty() {
+        groups.entry(*dst).or_default().push(policies);
+    }
+    let mut out = BTreeMap::new();
+    for (dst, group) in groups {
+        if group.iter().all(|p| p.is_empty()) {
             continue;
         }
-        let named = policies.named_ports();
+        let named: BTreeSet<u16> = group.iter().flat_map(|p| p.named_ports()).collect();
         // A port no policy names stands for all of them. Should every port be named, `other`
         // is a named port and still correct: each named port whose verdict differs from it
         // gets its own entry.
         let other = (1..=u16::MAX)
             .find(|p| !named.contains(p))
             .unwrap_or(u16::MAX);
+        let verdict =
+            |peer: &Peer, port: u16| group.iter().all(|p| evaluate_peer(p, peer, port).allowed);
         for (src, peer) in &peers {
-            let default = evaluate_peer(policies, peer, other).allowed;
-            out.insert((*src, *dst, ANY_PORT), default);
+            let default = verdict(peer, other);
+            out.insert((*src, dst, ANY_PORT), default);
             for &port in &named {
-                let v = evaluate_peer(policies, peer, port).allowed;
+                let v = verdict(peer, port);
                 if v != default {
-                    out.insert((*src, *dst, port), v);
+                    out.insert((*src, dst, port), v);
                 }
             }
         }
@@ -741,6 +752,45 @@ mod tests {
             "a destination without policy has no entries"
         );
         assert!(entries.len() <= sources.len() * 3, "compact: {entries:?}");
+    }
+
+    /// Two pods under one destination number (numbered by SPIFFE id) with policies naming
+    /// different ports: each port gets the conjunction, never one pod's allow for the other.
+    #[test]
+    fn destinations_sharing_a_number_get_the_deny_wins_conjunction() {
+        let ps = [
+            policy(
+                "foo",
+                "a-80",
+                &json!({
+                    "selector": { "matchLabels": { "app": "a" } },
+                    "rules": [{ "to": [{ "operation": { "ports": ["80"] } }] }],
+                }),
+            ),
+            policy(
+                "foo",
+                "b-443",
+                &json!({
+                    "selector": { "matchLabels": { "app": "b" } },
+                    "rules": [{ "to": [{ "operation": { "ports": ["443"] } }] }],
+                }),
+            ),
+        ];
+        let index = AuthzIndex::new(&ps, ROOT);
+        let a = index.for_workload("foo", &labels(&[("app", "a")]));
+        let b = index.for_workload("foo", &labels(&[("app", "b")]));
+        let c = index.for_workload("foo", &labels(&[("app", "c")]));
+        let sources = [(UNAUTHENTICATED, None)];
+        let shared = kernel_entries(&[(5, &a), (5, &b), (5, &c)], &sources);
+        for port in [80, 443, 8080] {
+            let each = [&a, &b, &c].iter().all(|w| evaluate(w, None, port).allowed);
+            assert_eq!(kernel_lookup(&shared, 0, 5, port), each, "port {port}");
+            assert!(!each, "port {port}: one of them denies");
+        }
+        let own = kernel_entries(&[(1, &a), (2, &b), (3, &c)], &sources);
+        assert!(kernel_lookup(&own, 0, 1, 80) && !kernel_lookup(&own, 0, 1, 443));
+        assert!(kernel_lookup(&own, 0, 2, 443) && !kernel_lookup(&own, 0, 2, 80));
+        assert!(kernel_lookup(&own, 0, 3, 22), "no policy selects c");
     }
 
     #[test]

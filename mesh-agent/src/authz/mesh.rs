@@ -236,10 +236,10 @@ impl MeshView {
     }
 
     /// The same-node kernel verdicts for this view: every enrolled pod of `model.node` as a
-    /// destination (numbered by `destination_number`, which must give pods with different
-    /// policies different numbers — policies select by labels, so numbering destinations by
-    /// SPIFFE id alone would be wrong), every distinct enrolled identity of the model as a source
-    /// (`source_number`) plus [`UNAUTHENTICATED`]. See [`kernel_entries`] for the lookup.
+    /// destination (`destination_number`), every distinct enrolled identity of the model as a
+    /// source (`source_number`) plus [`UNAUTHENTICATED`]. Pods sharing a destination number
+    /// (numbered by SPIFFE id, while policies select by label) get the conjunction of their
+    /// verdicts: deny wins. See [`kernel_entries`] for the lookup.
     #[must_use]
     pub fn kernel_entries(
         &self,
