@@ -15,13 +15,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use super::{
     engine::{
-        AuthzIndex, Decision, DecisionReason, KernelKey, Peer, UNAUTHENTICATED, WorkloadPolicies,
-        evaluate_peer, kernel_entries, selects,
+        AuthzIndex, Decision, DecisionReason, Denial, EnforcementPoint, KernelKey, Peer,
+        UNAUTHENTICATED, WorkloadPolicies, evaluate_peer, kernel_entries, selects,
     },
     parse::{MtlsMode, ParsedAuthz, ParsedPeerAuthn},
 };
@@ -233,6 +233,48 @@ impl MeshView {
                 reason: DecisionReason::UnknownDestination,
             },
         }
+    }
+
+    /// The enrolled pod at `ip` (this node's pods, in Kubernetes) and its mesh view.
+    #[must_use]
+    pub fn pod_at(&self, ip: IpAddr) -> Option<(&ObjectName, &PodMesh)> {
+        let name = self.by_ip.get(&ip)?;
+        Some((name, self.enrolled.get(name)?))
+    }
+
+    /// The inbound HBONE proxy's hook, in the shape its `Authorizer` takes (verified client
+    /// identity, the destination identity the client asked for, the destination pod address):
+    /// denied unless `dst` is an enrolled pod whose identity is `dst_id` and the pod's policies
+    /// allow `source` on `dst`'s port. A denial is logged ([`Denial`], both identities).
+    #[must_use]
+    pub fn authorize_inbound(
+        &self,
+        source: &SpiffeId,
+        dst_id: &SpiffeId,
+        dst: SocketAddr,
+    ) -> Decision {
+        let found = self.pod_at(dst.ip()).filter(|(_, p)| &p.identity == dst_id);
+        let decision = match found {
+            Some((_, pod)) => evaluate_peer(&pod.policies, &Peer::new(Some(source)), dst.port()),
+            None => Decision {
+                allowed: false,
+                policy: None,
+                reason: DecisionReason::UnknownDestination,
+            },
+        };
+        if !decision.allowed {
+            Denial {
+                source: Some(source),
+                source_addr: None,
+                destination: Some(dst_id),
+                destination_pod: found.map(|(n, _)| n),
+                destination_addr: dst,
+                point: EnforcementPoint::Hbone,
+                decision: &decision,
+            }
+            .log();
+        }
+        decision
     }
 
     /// The same-node kernel verdicts for this view: every enrolled pod of `model.node` as a
@@ -558,6 +600,17 @@ mod tests {
         let web = IpAddr::from([10, 1, 0, 1]);
         assert!(!v.authorize(Some(&joined), web, 80).allowed);
         assert!(v.authorize(None, web, 80).allowed);
+        let web_id = v.enrolled[&ObjectName::new("shop", "web")].identity.clone();
+        let web_addr = SocketAddr::new(web, 80);
+        assert!(!v.authorize_inbound(&joined, &web_id, web_addr).allowed);
+        let shop = SpiffeId::new("cluster.local", "shop", "x").unwrap();
+        assert!(v.authorize_inbound(&shop, &web_id, web_addr).allowed);
+        let d = v.authorize_inbound(&shop, &joined, web_addr);
+        assert_eq!(
+            d.reason,
+            DecisionReason::UnknownDestination,
+            "the identity asked for is not the pod's"
+        );
         let d = v.authorize(None, IpAddr::from([10, 1, 0, 3]), 80);
         assert_eq!(
             d.reason,
