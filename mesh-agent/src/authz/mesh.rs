@@ -80,6 +80,22 @@ pub struct MeshInputs {
     pub settings: MeshSettings,
 }
 
+impl MeshInputs {
+    /// Whether an endpoint in `namespace` is in the mesh as far as this node can tell: its
+    /// namespace is labelled `mesh` and, if the pod is one this node knows (`pod_labels`), the
+    /// pod is not labelled `none`. Remote pods' own labels are not watched (only this node's
+    /// pods are), so a remote pod enrolled by its own label alone, or opted out by it, is
+    /// judged by its namespace here (ztunnel learns every workload from istiod instead).
+    #[must_use]
+    pub fn endpoint_enrolled(&self, namespace: &str, pod: Option<&ObjectName>) -> bool {
+        let labels = pod.and_then(|p| self.pod_labels.get(p));
+        match labels.and_then(DataplaneMode::from_labels) {
+            Some(mode) => mode == DataplaneMode::Mesh,
+            None => self.namespace_modes.get(namespace) == Some(&DataplaneMode::Mesh),
+        }
+    }
+}
+
 /// The settings the view needs (config `mesh.trustDomain` and `mesh.rootNamespace`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

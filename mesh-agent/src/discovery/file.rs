@@ -878,6 +878,19 @@ peerAuthentications:
                 .opted_out_services
                 .contains(&ObjectName::new("shop", "web"))
         );
+        assert!(
+            m.mesh
+                .endpoint_enrolled("shop", Some(&ObjectName::new("shop", "web-0")))
+        );
+        assert!(
+            !m.mesh
+                .endpoint_enrolled("shop", Some(&ObjectName::new("shop", "old-0")))
+        );
+        assert!(
+            m.mesh.endpoint_enrolled("shop", None),
+            "a remote pod: by its namespace"
+        );
+        assert!(!m.mesh.endpoint_enrolled("default", None));
         let other = crate::identity::SpiffeId::new("cluster.local", "other", "x").unwrap();
         assert!(
             !v.authorize(Some(&other), IpAddr::from([10, 1, 0, 3]), 80)
