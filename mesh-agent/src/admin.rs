@@ -334,7 +334,9 @@ impl Admin for AdminService {
         _: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
         let snap = self.shared.stores.snapshot.load();
-        Ok(Response::new(policies_response(&snap.model)))
+        let mut response = policies_response(&snap.model);
+        security_response(&snap.model, &snap.mesh, &mut response);
+        Ok(Response::new(response))
     }
 
     async fn watch_flows(
@@ -416,6 +418,60 @@ impl FlowFilter {
     }
 }
 
+/// Enrollment, identity, mode and authorization policies per pod, and every security object's
+/// state (issue 9).
+fn security_response(
+    model: &crate::model::ClusterModel,
+    mesh: &crate::authz::MeshView,
+    out: &mut ListPoliciesResponse,
+) {
+    use crate::authz::{ModeSource, NotEnrolled};
+    use proto::{SecurityObjectInfo, WorkloadSecurityInfo};
+    for name in model.pods.keys() {
+        let mut w = WorkloadSecurityInfo {
+            pod: name.to_string(),
+            ..WorkloadSecurityInfo::default()
+        };
+        if let Some(p) = mesh.enrolled.get(name) {
+            w.enrolled = true;
+            w.identity = p.identity.to_string();
+            w.mtls_mode = p.mode.to_string();
+            w.mode_from = match &p.mode_from {
+                ModeSource::Default => "default".to_owned(),
+                ModeSource::Workload(n) => format!("workload {n}"),
+                ModeSource::Namespace(n) => format!("namespace {n}"),
+                ModeSource::Mesh(n) => format!("mesh {n}"),
+            };
+            w.deny_policies = p.policies.deny.iter().map(|q| q.name.to_string()).collect();
+            w.allow_policies = p
+                .policies
+                .allow
+                .iter()
+                .map(|q| q.name.to_string())
+                .collect();
+        } else if let Some(why) = mesh.not_enrolled.get(name) {
+            w.not_enrolled = match why {
+                NotEnrolled::NotLabelled => "not_labelled".to_owned(),
+                NotEnrolled::OptedOut => "opted_out".to_owned(),
+                NotEnrolled::HostNetwork => "host_network".to_owned(),
+                NotEnrolled::BadIdentity(e) => format!("bad_identity: {e}"),
+            };
+        }
+        out.workloads.push(w);
+    }
+    out.security = mesh
+        .objects
+        .iter()
+        .map(|((kind, name), st)| SecurityObjectInfo {
+            kind: (*kind).to_owned(),
+            object: name.to_string(),
+            accepted: st.accepted,
+            message: st.message.clone(),
+            selects: u32::try_from(st.selects).unwrap_or(u32::MAX),
+        })
+        .collect();
+}
+
 /// What applies to each service of `model` and why, and every policy's state.
 fn policies_response(model: &crate::model::ClusterModel) -> ListPoliciesResponse {
     use proto::{PolicyInfo, PolicyNotApplied, ServicePolicyInfo};
@@ -449,6 +505,7 @@ fn policies_response(model: &crate::model::ClusterModel) -> ListPoliciesResponse
                         why: n.why.clone(),
                     })
                     .collect(),
+                mesh_opt_out: model.mesh.opted_out_services.contains(&svc.name),
             }
         })
         .collect();
@@ -464,5 +521,9 @@ fn policies_response(model: &crate::model::ClusterModel) -> ListPoliciesResponse
             services: u32::try_from(p.applies_to).unwrap_or(u32::MAX),
         })
         .collect();
-    ListPoliciesResponse { services, policies }
+    ListPoliciesResponse {
+        services,
+        policies,
+        ..ListPoliciesResponse::default()
+    }
 }

@@ -338,7 +338,9 @@ impl MainLoop {
 
     fn on_update(&mut self, source: &'static str, update: Update) {
         match update {
-            Update::Model(model) => {
+            Update::Model(mut model) => {
+                // The lens the snapshot's mesh view reads the model through (issue 9).
+                model.mesh.settings = self.shared.config.mesh.clone();
                 self.status.accept_model(source, &model);
                 if self.waiting.is_some() {
                     debug!(source, "a newer model supersedes one still waiting");

@@ -31,6 +31,11 @@ pub const KEY_RESTART_BACKOFF_MAX: &str = "discovery.restartBackoffMax";
 pub const KEY_DRAIN_PERIOD: &str = "proxy.drainPeriod";
 /// Key: whether this node's pod-to-pod connections may skip the TCP/IP stack (`sk_msg`).
 pub const KEY_BYPASS: &str = "datapath.bypass";
+/// Trust domain of workload SPIFFE ids (default `cluster.local`, Istio's).
+pub const KEY_TRUST_DOMAIN: &str = "mesh.trustDomain";
+/// Root namespace: its namespace-wide security policies apply mesh-wide (default: the agent's
+/// namespace from the downward API, else `mesh-system`; Istio's `istio-system` role).
+pub const KEY_ROOT_NAMESPACE: &str = "mesh.rootNamespace";
 
 /// Default readiness address (ztunnel's port).
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
@@ -91,6 +96,8 @@ pub struct RawConfig {
     pub drain_period: Option<String>,
     /// `true` / `false`.
     pub bypass: Option<String>,
+    pub trust_domain: Option<String>,
+    pub root_namespace: Option<String>,
 }
 
 /// Where the cluster model comes from.
@@ -170,6 +177,8 @@ pub struct AgentConfig {
     pub metrics: MetricsSection,
     pub proxy: ProxySection,
     pub gateway: GatewaySection,
+    /// Enrollment and identity settings (issue 9).
+    pub mesh: crate::authz::MeshSettings,
 }
 
 impl AgentConfig {
@@ -264,6 +273,7 @@ impl AgentConfig {
                 drain_period: duration(KEY_DRAIN_PERIOD, raw.drain_period, DEFAULT_DRAIN_PERIOD)?,
             },
             gateway: GatewaySection { enabled: false },
+            mesh: mesh_settings(raw.trust_domain, raw.root_namespace)?,
         };
         config.validate()?;
         Ok(config)
@@ -301,6 +311,38 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// Trust domain and root namespace, checked as the SPIFFE id parts they become.
+fn mesh_settings(
+    trust_domain: Option<String>,
+    root_namespace: Option<String>,
+) -> Result<crate::authz::MeshSettings, ConfigError> {
+    let defaults = crate::authz::MeshSettings::default();
+    let trust_domain = trust_domain
+        .filter(|s| !s.is_empty())
+        .unwrap_or(defaults.trust_domain);
+    let root_namespace = root_namespace
+        .filter(|s| !s.is_empty())
+        .unwrap_or(defaults.root_namespace);
+    if let Err(e) = crate::identity::SpiffeId::new(&trust_domain, "ns", "sa") {
+        return Err(ConfigError::Invalid {
+            key: KEY_TRUST_DOMAIN,
+            value: trust_domain,
+            reason: format!("is not a SPIFFE trust domain: {e}"),
+        });
+    }
+    if let Err(e) = crate::identity::SpiffeId::new("td", &root_namespace, "sa") {
+        return Err(ConfigError::Invalid {
+            key: KEY_ROOT_NAMESPACE,
+            value: root_namespace,
+            reason: format!("is not a namespace name: {e}"),
+        });
+    }
+    Ok(crate::authz::MeshSettings {
+        trust_domain,
+        root_namespace,
+    })
 }
 
 /// `address:port`, or `none` for off.
@@ -393,6 +435,33 @@ pub fn parse_positive_duration(value: &str) -> Result<Duration, SettingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_settings_default_and_are_checked() {
+        let c = AgentConfig::from_raw(raw()).unwrap();
+        assert_eq!(c.mesh, crate::authz::MeshSettings::default());
+        assert_eq!(c.mesh.trust_domain, "cluster.local");
+        let e = AgentConfig::from_raw(RawConfig {
+            trust_domain: Some("Cluster.Local".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("mesh.trustDomain \"Cluster.Local\": is not a SPIFFE trust domain"),
+            "{e}"
+        );
+        let c = AgentConfig::from_raw(RawConfig {
+            trust_domain: Some("example.org".into()),
+            root_namespace: Some("istio-system".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.mesh.trust_domain.as_str(), c.mesh.root_namespace.as_str()),
+            ("example.org", "istio-system")
+        );
+    }
 
     fn raw() -> RawConfig {
         RawConfig {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod datapath;
 pub mod discovery;

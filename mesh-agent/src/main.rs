@@ -58,6 +58,13 @@ struct Args {
     /// take the TCP/IP stack.
     #[arg(long, env = "MESH_BYPASS")]
     bypass: Option<String>,
+    /// Trust domain of workload SPIFFE ids (default cluster.local).
+    #[arg(long, env = "MESH_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// Root namespace: its namespace-wide security policies are mesh-wide (default: the agent's
+    /// own namespace from the downward API, else mesh-system).
+    #[arg(long, env = "POD_NAMESPACE")]
+    root_namespace: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -111,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,
         bypass: args.bypass,
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
     })?;
     if !args.coexist {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;

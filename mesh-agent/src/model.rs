@@ -139,6 +139,10 @@ pub struct ClusterModel {
     pub pods: BTreeMap<ObjectName, Pod>,
     /// Which `TrafficPolicy` applies to each service and how every policy stands.
     pub policies: crate::policy::Report,
+    /// Enrollment labels and security objects (`authz::MeshView::build` turns them into each
+    /// pod's identity, mTLS mode and authorization policies). Boxed: the model moves through
+    /// channels and commands, and most clusters have few of these.
+    pub mesh: Box<crate::authz::MeshInputs>,
 }
 
 /// By their complete `Debug` form: the data-path setting types do not implement `Hash`, and
@@ -394,6 +398,7 @@ mod tests {
             services: BTreeMap::from([(name, svc)]),
             pods: BTreeMap::new(),
             policies: crate::policy::Report::default(),
+            mesh: Box::default(),
         }
     }
 

@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub pod_by_name: HashMap<String, ObjectName>,
     /// Pod → identity.
     pub identities: BTreeMap<ObjectName, Identity>,
+    /// Enrollment, SPIFFE id, mTLS mode and authorization policies of every pod (issue 9):
+    /// what the proxies' authorization hook and `meshctl policies` read.
+    pub mesh: Arc<crate::authz::MeshView>,
 }
 
 impl Snapshot {
@@ -76,7 +79,9 @@ impl Snapshot {
                 },
             );
         }
+        let mesh = Arc::new(crate::authz::MeshView::build(&model, &model.mesh.settings));
         Self {
+            mesh,
             generation,
             published: Some(Instant::now()),
             backends: services.values().map(|s| s.spec.backends.len()).sum(),

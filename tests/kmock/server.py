@@ -16,6 +16,7 @@ What it adds to kmock (0.8):
   the API server does: policy precedence and status read them), and lists carry the current
   counter;
 - `TrafficPolicy` (with its status subresource, patched as the object itself) and `Lease`;
+- `AuthorizationPolicy` and `PeerAuthentication` (`security.kernmesh.io/v1alpha1`);
 - with `--log-requests FILE`, one JSON line per request (`t` in Unix seconds, `phase`
   `request`, `method`, `path`, `params`) and one when a non-watch response is ready (`phase`
   `response`), so tests can check how clients list and watch, and benchmarks when lists were
@@ -86,6 +87,19 @@ RESOURCES = {
         "subresources": ["status"],
     },
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease", "namespaced": True},
+    # Issue 9's security API (its CRDs, as if installed).
+    "security.kernmesh.io/v1alpha1/authorizationpolicies": {
+        "kind": "AuthorizationPolicy",
+        "singular": "authorizationpolicy",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "security.kernmesh.io/v1alpha1/peerauthentications": {
+        "kind": "PeerAuthentication",
+        "singular": "peerauthentication",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 

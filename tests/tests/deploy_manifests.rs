@@ -307,7 +307,20 @@ fn every_document_is_a_known_kubernetes_object_in_one_namespace() {
     only(&m.daemon_sets, "DaemonSet");
     only(&m.roles, "Role");
     only(&m.role_bindings, "RoleBinding");
-    only(&m.crds, "CustomResourceDefinition");
+    let mut crds: Vec<&str> = m
+        .crds
+        .iter()
+        .filter_map(|c| c.metadata.name.as_deref())
+        .collect();
+    crds.sort_unstable();
+    assert_eq!(
+        crds,
+        [
+            "authorizationpolicies.security.kernmesh.io",
+            "peerauthentications.security.kernmesh.io",
+            "trafficpolicies.traffic.kernmesh.io"
+        ]
+    );
     only(&m.admission_policies, "ValidatingAdmissionPolicy");
     only(&m.admission_bindings, "ValidatingAdmissionPolicyBinding");
     let namespaced = m
@@ -675,6 +688,21 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
     for verb in ["get", "list", "watch"] {
         expected.insert(("traffic.kernmesh.io", "trafficpolicies", verb));
     }
+    for resource in ["authorizationpolicies", "peerauthentications"] {
+        for verb in ["get", "list", "watch"] {
+            expected.insert(("security.kernmesh.io", resource, verb));
+        }
+    }
+    expected.insert((
+        "security.kernmesh.io",
+        "authorizationpolicies/status",
+        "patch",
+    ));
+    expected.insert((
+        "security.kernmesh.io",
+        "peerauthentications/status",
+        "patch",
+    ));
     // Written by the agent holding the policy-status Lease.
     expected.insert(("traffic.kernmesh.io", "trafficpolicies/status", "patch"));
     // Both groups serve the same Event objects (core/v1 and events.k8s.io/v1).

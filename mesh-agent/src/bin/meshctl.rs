@@ -485,7 +485,71 @@ fn policies_tables(r: &ListPoliciesResponse) -> String {
             })
             .collect(),
     );
-    format!("{services}\n{policies}")
+    format!("{services}\n{policies}\n{}", security_tables(r))
+}
+
+/// Each pod's enrollment, identity, mTLS mode and authorization policies, every security
+/// object, and the services out of the mesh (issue 9).
+fn security_tables(r: &ListPoliciesResponse) -> String {
+    let workloads = table(
+        &[
+            "POD",
+            "MESH",
+            "IDENTITY",
+            "MTLS",
+            "MODE FROM",
+            "DENY",
+            "ALLOW",
+        ],
+        r.workloads
+            .iter()
+            .map(|w| {
+                vec![
+                    w.pod.clone(),
+                    if w.enrolled {
+                        "yes".to_owned()
+                    } else {
+                        format!("no ({})", w.not_enrolled)
+                    },
+                    w.identity.clone(),
+                    w.mtls_mode.clone(),
+                    w.mode_from.clone(),
+                    w.deny_policies.join(","),
+                    w.allow_policies.join(","),
+                ]
+            })
+            .collect(),
+    );
+    let security = table(
+        &["KIND", "OBJECT", "ACCEPTED", "SELECTS", "MESSAGE"],
+        r.security
+            .iter()
+            .map(|o| {
+                vec![
+                    o.kind.clone(),
+                    o.object.clone(),
+                    if o.accepted { "True" } else { "False" }.to_owned(),
+                    o.selects.to_string(),
+                    o.message.clone(),
+                ]
+            })
+            .collect(),
+    );
+    let opted_out: Vec<&str> = r
+        .services
+        .iter()
+        .filter(|s| s.mesh_opt_out)
+        .map(|s| s.service.as_str())
+        .collect();
+    let opted_out = if opted_out.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nservices out of the mesh (kernmesh.io/dataplane-mode=none): {}\n",
+            opted_out.join(", ")
+        )
+    };
+    format!("{workloads}\n{security}{opted_out}")
 }
 
 fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {

@@ -19,6 +19,21 @@
 //! pods:                               # pods of interest (same-node bypass, identity)
 //!   - { name: web-0, namespace: default, node: node-a, serviceAccount: web, ips: [10.1.0.3] }
 //!   # optional: hostNetwork: true (the pod has the node's addresses: never a local pod endpoint)
+//!   # optional: labels: { app: web, kernmesh.io/dataplane-mode: none }   (selectors, opt-out)
+//! namespaces:                         # enrollment (a Namespace's kernmesh.io/dataplane-mode label)
+//!   - { name: default, dataplaneMode: mesh }   # mesh | none
+//! authorizationPolicies:              # AuthorizationPolicy objects, exactly as in Kubernetes
+//!   - apiVersion: security.kernmesh.io/v1alpha1
+//!     kind: AuthorizationPolicy
+//!     metadata: { name: web-from-shop, namespace: default }
+//!     spec:
+//!       selector: { matchLabels: { app: web } }
+//!       rules: [{ from: [{ source: { namespaces: [shop] } }], to: [{ operation: { ports: ["8080"] } }] }]
+//! peerAuthentications:                # PeerAuthentication objects, exactly as in Kubernetes
+//!   - apiVersion: security.kernmesh.io/v1alpha1
+//!     kind: PeerAuthentication
+//!     metadata: { name: default, namespace: default }
+//!     spec: { mtls: { mode: STRICT } }
 //! policies:                           # TrafficPolicy objects, exactly as in Kubernetes
 //!   - apiVersion: traffic.kernmesh.io/v1alpha1
 //!     kind: TrafficPolicy
@@ -28,6 +43,8 @@
 //!       loadBalancer: { simple: ROUND_ROBIN }
 //!       outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 30s }
 //! ```
+//!
+//! Services take `labels:` too (`kernmesh.io/dataplane-mode: none` opts a service out).
 //!
 //! Policies go through the same parser, validation and resolution as in Kubernetes
 //! ([`crate::policy`]): an invalid policy is rejected alone (reported as [`Update::Rejected`]
@@ -50,6 +67,7 @@ use tracing::{info, warn};
 
 use super::Update;
 use crate::{
+    authz,
     datapath::spec::Protocol,
     model::{self, ClusterModel, Endpoint, ObjectName, Pod, ServicePort, ServiceSettings},
     policy,
@@ -99,6 +117,24 @@ struct FileDoc {
     /// `TrafficPolicy` objects, read as plain data and judged by [`policy::parse`].
     #[serde(default)]
     policies: Vec<Spanned<serde_json::Value>>,
+    /// Enrollment per namespace.
+    #[serde(default)]
+    namespaces: Vec<Spanned<FileNamespace>>,
+    /// `AuthorizationPolicy` objects, judged by [`authz::parse_authorization`].
+    #[serde(default)]
+    authorization_policies: Vec<Spanned<serde_json::Value>>,
+    /// `PeerAuthentication` objects, judged by [`authz::parse_peer_authentication`].
+    #[serde(default)]
+    peer_authentications: Vec<Spanned<serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileNamespace {
+    name: String,
+    /// `mesh` or `none` (a Namespace's `kernmesh.io/dataplane-mode` label).
+    #[serde(default)]
+    dataplane_mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +151,9 @@ struct FileService {
     session_affinity: Option<FileAffinity>,
     #[serde(default)]
     endpoints: Vec<Spanned<FileEndpoint>>,
+    /// The Service's labels (`kernmesh.io/dataplane-mode: none` opts it out of the mesh).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +227,9 @@ struct FilePod {
     ips: Vec<IpAddr>,
     #[serde(default)]
     host_network: bool,
+    /// The pod's labels (authorization selectors, `kernmesh.io/dataplane-mode`).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// Collects the first validation error with its position.
@@ -240,7 +282,10 @@ pub fn parse_full(
     })?;
     let chk = Check { file };
     let mut model = ClusterModel {
-        node: node.map(str::to_owned).or(doc.node).unwrap_or_default(),
+        node: node
+            .map(str::to_owned)
+            .or_else(|| doc.node.clone())
+            .unwrap_or_default(),
         ..ClusterModel::default()
     };
     let mut vips: BTreeMap<(IpAddr, u16, Protocol), ObjectName> = BTreeMap::new();
@@ -273,7 +318,7 @@ pub fn parse_full(
         model.pods.insert(
             name.clone(),
             Pod {
-                name,
+                name: name.clone(),
                 node: p.value.node.clone(),
                 service_account: p
                     .value
@@ -285,8 +330,28 @@ pub fn parse_full(
                 host_network: p.value.host_network,
             },
         );
+        if !p.value.labels.is_empty() {
+            model.mesh.pod_labels.insert(name, p.value.labels.clone());
+        }
+    }
+    for (i, s) in doc.services.iter().enumerate() {
+        if authz::DataplaneMode::from_labels(&s.value.labels) == Some(authz::DataplaneMode::None) {
+            let name = ObjectName::new(
+                s.value
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+                s.value.name.value.clone(),
+            );
+            debug_assert!(
+                model.services.contains_key(&name),
+                "services[{i}] was added"
+            );
+            model.mesh.opted_out_services.insert(name);
+        }
     }
     let rejected = apply_policies(&chk, &doc.policies, &mut model)?;
+    apply_mesh(&chk, &doc, &mut model)?;
     Ok((model, rejected))
 }
 
@@ -329,6 +394,79 @@ fn apply_policies(
     }
     model.policies = resolution.report;
     Ok(rejected)
+}
+
+/// Reads the enrollment and the security objects (each through the one parser Kubernetes uses).
+/// Unlike a `TrafficPolicy`, an invalid security object rejects the whole file, so the last good
+/// file keeps serving: dropping one DENY policy because of a typo would open what it closed
+/// (the Kubernetes source keeps the object's last valid version for the same reason).
+fn apply_mesh(chk: &Check<'_>, doc: &FileDoc, model: &mut ClusterModel) -> Result<(), ConfigError> {
+    for (i, n) in doc.namespaces.iter().enumerate() {
+        let mode = match n.value.dataplane_mode.as_ref() {
+            None => None,
+            Some(m) => match m.value.as_str() {
+                authz::mesh::MODE_MESH => Some(authz::DataplaneMode::Mesh),
+                authz::mesh::MODE_NONE => Some(authz::DataplaneMode::None),
+                other => {
+                    return Err(chk.err(
+                        m,
+                        format!("namespaces[{i}].dataplaneMode"),
+                        format!("{other:?} is not mesh or none"),
+                    ));
+                }
+            },
+        };
+        if doc.namespaces[..i]
+            .iter()
+            .any(|o| o.value.name == n.value.name)
+        {
+            return Err(chk.err(
+                n,
+                format!("namespaces[{i}].name"),
+                format!("duplicate namespace {}", n.value.name),
+            ));
+        }
+        if let Some(mode) = mode {
+            model
+                .mesh
+                .namespace_modes
+                .insert(n.value.name.clone(), mode);
+        }
+    }
+    for (i, d) in doc.authorization_policies.iter().enumerate() {
+        let p = authz::parse_authorization(&d.value);
+        if model.mesh.authorization.iter().any(|q| q.name == p.name) {
+            return Err(chk.err(
+                d,
+                format!("authorizationPolicies[{i}].metadata.name"),
+                format!("duplicate AuthorizationPolicy {}", p.name),
+            ));
+        }
+        if let Err(e) = &p.outcome {
+            return Err(chk.err(d, format!("authorizationPolicies[{i}]"), e.to_string()));
+        }
+        model.mesh.authorization.push(p);
+    }
+    for (i, d) in doc.peer_authentications.iter().enumerate() {
+        let p = authz::parse_peer_authentication(&d.value);
+        if model
+            .mesh
+            .peer_authentication
+            .iter()
+            .any(|q| q.name == p.name)
+        {
+            return Err(chk.err(
+                d,
+                format!("peerAuthentications[{i}].metadata.name"),
+                format!("duplicate PeerAuthentication {}", p.name),
+            ));
+        }
+        if let Err(e) = &p.outcome {
+            return Err(chk.err(d, format!("peerAuthentications[{i}]"), e.to_string()));
+        }
+        model.mesh.peer_authentication.push(p);
+    }
+    Ok(())
 }
 
 fn service(
@@ -666,7 +804,7 @@ policies:
 
     #[test]
     fn duplicate_policies_reject_the_file() {
-        let dup = GOOD.split_once("policies:\n").unwrap().1;
+        let dup = GOOD.split_once("\npolicies:\n").unwrap().1;
         let e = parse_str(&format!("{GOOD}{dup}")).unwrap_err();
         assert_eq!(e.field, "policies[1].metadata.name", "{e}");
         assert!(
@@ -681,6 +819,111 @@ policies:
         let e = parse_str(text).unwrap_err();
         assert!(
             e.reason.contains("already used by service default/a"),
+            "{e}"
+        );
+    }
+
+    const MESH: &str = "\
+services:
+  - name: web
+    namespace: shop
+    clusterIPs: [10.96.0.10]
+    ports: [{ port: 80 }]
+  - name: legacy
+    namespace: shop
+    labels: { kernmesh.io/dataplane-mode: none }
+    clusterIPs: [10.96.0.11]
+    ports: [{ port: 80 }]
+pods:
+  - { name: web-0, namespace: shop, node: a, serviceAccount: web, ips: [10.1.0.3], labels: { app: web } }
+  - { name: old-0, namespace: shop, node: a, ips: [10.1.0.4], labels: { kernmesh.io/dataplane-mode: none } }
+namespaces:
+  - { name: shop, dataplaneMode: mesh }
+authorizationPolicies:
+  - apiVersion: security.kernmesh.io/v1alpha1
+    kind: AuthorizationPolicy
+    metadata: { name: web, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: web } }
+      rules: [{ from: [{ source: { namespaces: [shop] } }] }]
+peerAuthentications:
+  - apiVersion: security.kernmesh.io/v1alpha1
+    kind: PeerAuthentication
+    metadata: { name: default, namespace: shop }
+    spec: { mtls: { mode: STRICT } }
+";
+
+    #[test]
+    fn enrollment_and_security_objects_come_from_the_file() {
+        let m = parse_str(MESH).unwrap();
+        let v = authz::MeshView::build(&m, &authz::MeshSettings::default());
+        let web = &v.enrolled[&ObjectName::new("shop", "web-0")];
+        assert_eq!(
+            web.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(web.mode, authz::MtlsMode::Strict);
+        assert_eq!(web.policies.allow.len(), 1);
+        assert_eq!(
+            v.not_enrolled[&ObjectName::new("shop", "old-0")],
+            authz::NotEnrolled::OptedOut
+        );
+        assert!(
+            m.mesh
+                .opted_out_services
+                .contains(&ObjectName::new("shop", "legacy"))
+        );
+        assert!(
+            !m.mesh
+                .opted_out_services
+                .contains(&ObjectName::new("shop", "web"))
+        );
+        assert!(
+            m.mesh
+                .endpoint_enrolled("shop", Some(&ObjectName::new("shop", "web-0")))
+        );
+        assert!(
+            !m.mesh
+                .endpoint_enrolled("shop", Some(&ObjectName::new("shop", "old-0")))
+        );
+        assert!(
+            m.mesh.endpoint_enrolled("shop", None),
+            "a remote pod: by its namespace"
+        );
+        assert!(!m.mesh.endpoint_enrolled("default", None));
+        let other = crate::identity::SpiffeId::new("cluster.local", "other", "x").unwrap();
+        assert!(
+            !v.authorize(Some(&other), IpAddr::from([10, 1, 0, 3]), 80)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn an_invalid_security_object_rejects_the_file_with_file_line_and_column() {
+        let text = MESH.replace(
+            "rules: [{ from: [{ source: { namespaces: [shop] } }] }]",
+            "rules: [{ to: [{ operation: { methods: [GET] } }] }]",
+        );
+        let e = parse_full(Path::new("mesh.yaml"), &text, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mesh.yaml:17:5: authorizationPolicies[0]: AuthorizationPolicy shop/web: \
+             spec.rules[0].to[0].operation.methods: L7 fields are not supported by this L4 \
+             policy (Istio ambient needs a waypoint proxy for them); rejected as a whole"
+        );
+        let text = MESH.replace("mode: STRICT", "mode: DISABLE");
+        let e = parse_full(Path::new("mesh.yaml"), &text, None).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "mesh.yaml:24:5: peerAuthentications[0]: PeerAuthentication shop/default: spec.mtls.mode: DISABLE is not supported"
+            ),
+            "{e}"
+        );
+        let e =
+            parse_str(&MESH.replace("dataplaneMode: mesh", "dataplaneMode: ambient")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (15, "namespaces[0].dataplaneMode"),
             "{e}"
         );
     }

@@ -224,6 +224,8 @@ struct StoredService {
     ports: Vec<ServicePort>,
     internal_traffic_policy: model::TrafficPolicy,
     traffic_distribution: Option<String>,
+    /// Labelled `kernmesh.io/dataplane-mode=none`: traffic to it stays out of the mesh.
+    mesh_opt_out: bool,
 }
 
 impl StoredService {
@@ -239,6 +241,8 @@ impl StoredService {
                 _ => model::TrafficPolicy::Cluster,
             },
             traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
+            mesh_opt_out: crate::authz::DataplaneMode::from_labels(svc.labels())
+                == Some(crate::authz::DataplaneMode::None),
         }
     }
 }
@@ -605,6 +609,22 @@ struct State {
     reported: BTreeMap<ObjectName, String>,
     /// What each policy's status should say, for the elected writer.
     desired_status: DesiredStatus,
+    /// `AuthorizationPolicy` and `PeerAuthentication` objects, whole (few; the parser names
+    /// every field of a malformed one).
+    authz_policies: Store<DynamicObject>,
+    peer_authns: Store<DynamicObject>,
+    /// Which security CRDs were found missing (logged once per absence).
+    security_crd_missing: BTreeSet<&'static str>,
+    /// Security-object rejections already reported (kind, object) → message.
+    security_reported: BTreeMap<(&'static str, ObjectName), String>,
+    /// The last valid version of each security object: an update that is invalid leaves it
+    /// applying (Envoy's NACK keeps the last good config) — dropping a DENY because its edit
+    /// has a typo would open what it closed. An object never valid applies nowhere.
+    last_good_authz: BTreeMap<ObjectName, crate::authz::ParsedAuthz>,
+    last_good_peer: BTreeMap<ObjectName, crate::authz::ParsedPeerAuthn>,
+    /// What each security object's status should say (`Accepted` or `Invalid`), per kind.
+    authz_status: DesiredStatus,
+    peer_status: DesiredStatus,
 }
 
 impl State {
@@ -621,6 +641,14 @@ impl State {
             policy_crd_missing: false,
             reported: BTreeMap::new(),
             desired_status: DesiredStatus::new(),
+            authz_policies: Store::new(),
+            peer_authns: Store::new(),
+            security_crd_missing: BTreeSet::new(),
+            security_reported: BTreeMap::new(),
+            last_good_authz: BTreeMap::new(),
+            last_good_peer: BTreeMap::new(),
+            authz_status: DesiredStatus::new(),
+            peer_status: DesiredStatus::new(),
         }
     }
 
@@ -631,6 +659,8 @@ impl State {
             && self.namespaces.ready
             && self.nodes.ready
             && self.policies.ready
+            && self.authz_policies.ready
+            && self.peer_authns.ready
     }
 
     /// This node's zone label, if its Node object has one.
@@ -765,10 +795,109 @@ impl State {
             if let Some(p) = pod_of(pod, &self.node)
                 && self.namespace_live(&p.name.namespace)
             {
+                let labels = pod.labels();
+                if !labels.is_empty() {
+                    model.mesh.pod_labels.insert(p.name.clone(), labels.clone());
+                }
                 model.pods.insert(p.name.clone(), p);
             }
         }
+        for (name, svc) in &self.services.objects {
+            if svc.mesh_opt_out && model.services.contains_key(name) {
+                model.mesh.opted_out_services.insert(name.clone());
+            }
+        }
+        for (name, ns) in &self.namespaces.objects {
+            if self.namespace_live(&name.name)
+                && let Some(mode) = crate::authz::DataplaneMode::from_labels(ns.labels())
+            {
+                model.mesh.namespace_modes.insert(name.name.clone(), mode);
+            }
+        }
         (model, fresh)
+    }
+
+    /// Parses every `AuthorizationPolicy` and `PeerAuthentication` of a live namespace into the
+    /// model; returns the rejections not reported before and the objects that were rejected
+    /// and no longer are (valid again, or gone).
+    fn security(
+        &mut self,
+        model: &mut ClusterModel,
+    ) -> (Vec<discovery::Rejection>, Vec<(&'static str, ObjectName)>) {
+        let authz_resource = ApiResource::erase::<crate::authz::types::AuthorizationPolicy>(&());
+        let peer_resource = ApiResource::erase::<crate::authz::types::PeerAuthentication>(&());
+        let mut reported = BTreeMap::new();
+        let mut fresh = Vec::new();
+        let typed = |obj: &DynamicObject, r: &ApiResource| {
+            let mut value = serde_json::to_value(obj).unwrap_or_default();
+            // List items may come without their type; each watch is of one kind.
+            if let Some(map) = value.as_object_mut() {
+                map.entry("apiVersion")
+                    .or_insert_with(|| r.api_version.clone().into());
+                map.entry("kind").or_insert_with(|| r.kind.clone().into());
+            }
+            value
+        };
+        let mut note = |kind: &'static str, name: &ObjectName, error: Option<String>| {
+            let Some(message) = error else { return };
+            let key = (kind, name.clone());
+            if self.security_reported.get(&key) != Some(&message) {
+                fresh.push(discovery::Rejection::InvalidField {
+                    object: ObjectRef::new(kind, name.clone()),
+                    field: "spec".to_owned(),
+                    message: message.clone(),
+                });
+            }
+            reported.insert(key, message);
+        };
+        let mut good_authz = BTreeMap::new();
+        let mut authz_status = DesiredStatus::new();
+        for (name, obj) in &self.authz_policies.objects {
+            if self.namespace_live(&name.namespace) {
+                let p = crate::authz::parse_authorization(&typed(obj, &authz_resource));
+                authz_status.insert(
+                    p.name.clone(),
+                    security_desired(obj, &authz_resource, p.generation, p.outcome.as_ref().err()),
+                );
+                note(
+                    crate::authz::types::AUTHZ_KIND,
+                    &p.name,
+                    p.outcome.as_ref().err().map(problems_text),
+                );
+                let p = keep_last_good(p, &self.last_good_authz, &mut good_authz);
+                model.mesh.authorization.push(p);
+            }
+        }
+        self.last_good_authz = good_authz;
+        let mut good_peer = BTreeMap::new();
+        let mut peer_status = DesiredStatus::new();
+        for (name, obj) in &self.peer_authns.objects {
+            if self.namespace_live(&name.namespace) {
+                let p = crate::authz::parse_peer_authentication(&typed(obj, &peer_resource));
+                peer_status.insert(
+                    p.name.clone(),
+                    security_desired(obj, &peer_resource, p.generation, p.outcome.as_ref().err()),
+                );
+                note(
+                    crate::authz::types::PEER_AUTHN_KIND,
+                    &p.name,
+                    p.outcome.as_ref().err().map(problems_text),
+                );
+                let p = keep_last_good(p, &self.last_good_peer, &mut good_peer);
+                model.mesh.peer_authentication.push(p);
+            }
+        }
+        self.last_good_peer = good_peer;
+        self.authz_status = authz_status;
+        self.peer_status = peer_status;
+        let resolved = self
+            .security_reported
+            .keys()
+            .filter(|k| !reported.contains_key(*k))
+            .cloned()
+            .collect();
+        self.security_reported = reported;
+        (fresh, resolved)
     }
 }
 
@@ -780,6 +909,10 @@ enum Change {
     Namespaces(Box<Result<watcher::Event<K8sNamespace>, watcher::Error>>),
     Nodes(Box<Result<watcher::Event<K8sNode>, watcher::Error>>),
     Policies(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
+    /// `AuthorizationPolicy` objects (issue 9).
+    AuthzPolicies(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
+    /// `PeerAuthentication` objects (issue 9).
+    PeerAuthns(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
 }
 
 impl Change {
@@ -791,6 +924,8 @@ impl Change {
             Self::Namespaces(_) => "Namespaces",
             Self::Nodes(_) => "Nodes",
             Self::Policies(_) => "TrafficPolicies",
+            Self::AuthzPolicies(_) => "AuthorizationPolicies",
+            Self::PeerAuthns(_) => "PeerAuthentications",
         }
     }
 }
@@ -983,11 +1118,11 @@ mod lean {
     resource!(LeanPod, Pod);
 
     impl LeanPod {
+        /// Labels are kept: authorization and peer-authentication selectors match them (only
+        /// this node's pods are watched).
         pub fn into_full(self) -> Pod {
-            let mut metadata = self.metadata;
-            metadata.labels = None;
             Pod {
-                metadata,
+                metadata: self.metadata,
                 spec: self.spec.map(|s| PodSpec {
                     node_name: s.node_name,
                     service_account_name: s.service_account_name,
@@ -1021,7 +1156,9 @@ mod lean {
     impl LeanNamespace {
         pub fn into_full(self) -> Namespace {
             let mut metadata = self.metadata;
-            metadata.labels = None;
+            if let Some(labels) = metadata.labels.as_mut() {
+                labels.retain(|k, _| k == crate::authz::DATAPLANE_MODE_LABEL);
+            }
             Namespace {
                 metadata,
                 spec: None,
@@ -1129,10 +1266,110 @@ impl State {
                 }
                 Err(e) => Some(e),
             },
+            Change::AuthzPolicies(r) => {
+                let crd = "authorizationpolicies.security.kernmesh.io";
+                security_change(
+                    &mut self.authz_policies,
+                    &mut self.security_crd_missing,
+                    crd,
+                    *r,
+                )
+            }
+            Change::PeerAuthns(r) => {
+                let crd = "peerauthentications.security.kernmesh.io";
+                security_change(
+                    &mut self.peer_authns,
+                    &mut self.security_crd_missing,
+                    crd,
+                    *r,
+                )
+            }
         };
         if let Some(e) = err {
             warn!(kind, error = %e, "watch error; retrying with backoff");
         }
+    }
+}
+
+/// The `Accepted` condition a security object's status should carry: `True`/`Accepted`, or
+/// `False`/`Invalid` with the problems (the last valid version, if any, keeps applying).
+fn security_desired(
+    obj: &DynamicObject,
+    resource: &ApiResource,
+    generation: Option<i64>,
+    error: Option<&crate::authz::ObjectError>,
+) -> Desired {
+    let (status, reason, message) = match error {
+        None => ("True", policy::Reason::Accepted, String::new()),
+        Some(e) => ("False", policy::Reason::Invalid, e.to_string()),
+    };
+    Desired {
+        condition: policy::types::PolicyCondition {
+            type_: policy::status::CONDITION_ACCEPTED.to_owned(),
+            status: status.to_owned(),
+            reason: reason.as_str().to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time: String::new(),
+        },
+        current: policy::status::current_condition(obj),
+        reference: obj.object_ref(resource),
+    }
+}
+
+/// A rejected object's problems (`field: reason; …; rejected as a whole`), without the object's
+/// name, which the rejection carries.
+fn problems_text(e: &crate::authz::ObjectError) -> String {
+    let problems: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+    format!("{}; rejected as a whole", problems.join("; "))
+}
+
+/// The object to apply: `p` if valid (remembered in `next`), else its last valid version if it
+/// had one (kept in `next`), else `p` itself (invalid: applies nowhere).
+fn keep_last_good<T: Clone>(
+    p: crate::authz::parse::Parsed<T>,
+    last: &BTreeMap<ObjectName, crate::authz::parse::Parsed<T>>,
+    next: &mut BTreeMap<ObjectName, crate::authz::parse::Parsed<T>>,
+) -> crate::authz::parse::Parsed<T> {
+    if p.outcome.is_ok() {
+        next.insert(p.name.clone(), p.clone());
+        return p;
+    }
+    match last.get(&p.name) {
+        Some(good) => {
+            next.insert(p.name.clone(), good.clone());
+            let mut kept = good.clone();
+            kept.superseded_by = p.outcome.err();
+            kept
+        }
+        None => p,
+    }
+}
+
+/// Applies a security-object watch event; a missing CRD means no such objects (not an outage),
+/// as for `TrafficPolicy`.
+fn security_change(
+    store: &mut Store<DynamicObject>,
+    missing: &mut BTreeSet<&'static str>,
+    crd: &'static str,
+    r: Result<watcher::Event<DynamicObject>, watcher::Error>,
+) -> Option<watcher::Error> {
+    match r {
+        Ok(e) => {
+            missing.remove(crd);
+            store.apply(e);
+            None
+        }
+        Err(e) if crd_missing(&e) => {
+            if missing.insert(crd) {
+                warn!(crd, "CRD not installed; no such objects apply");
+            }
+            store.objects.clear();
+            store.relisting = None;
+            store.ready = true;
+            None
+        }
+        Err(e) => Some(e),
     }
 }
 
@@ -1196,7 +1433,29 @@ fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<Chan
         .default_backoff()
         .map(|r| Change::Policies(Box::new(r)))
         .boxed(),
+        dynamic_watch::<crate::authz::types::AuthorizationPolicy>(client, Change::AuthzPolicies),
+        dynamic_watch::<crate::authz::types::PeerAuthentication>(client, Change::PeerAuthns),
     ])
+}
+
+/// A watch of whole dynamic objects of a custom resource `K` (as the `TrafficPolicy` one).
+fn dynamic_watch<K>(
+    client: &kube::Client,
+    wrap: fn(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>) -> Change,
+) -> ChangeStream
+where
+    K: Resource<DynamicType = ()>,
+{
+    watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<K>(&())),
+        watcher::Config {
+            page_size: None,
+            ..watcher::Config::default().any_semantic()
+        },
+    )
+    .default_backoff()
+    .map(move |r| wrap(Box::new(r)))
+    .boxed()
 }
 
 /// Watches the API through `client` and sends a complete model for `node` after each batch of
@@ -1219,15 +1478,12 @@ pub async fn run_with_status(
     status: Option<StatusConfig>,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
-    let (desired_tx, desired_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
-    if let Some(config) = status {
-        tokio::spawn(policy::status::run(client.clone(), config, desired_rx));
-    }
+    let statuses = StatusSenders::start(&client, status);
     let mut changes = watches(&client, &node);
     let mut state = State::new(node.clone());
     // The digest of the last model sent, not a copy of it (see `ClusterModel::digest`).
     let mut last_sent: Option<u64> = None;
-    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node, TrafficPolicies");
+    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node, TrafficPolicies, AuthorizationPolicies, PeerAuthentications");
     loop {
         let Some(first) = changes.next().await else {
             return Err(KubernetesError::WatchEnded { kind: "all" });
@@ -1255,14 +1511,9 @@ pub async fn run_with_status(
                 "initial lists complete"
             );
         }
-        let (model, rejections) = state.build();
-        desired_tx.send_if_modified(|d| {
-            let differs = **d != state.desired_status;
-            if differs {
-                *d = Arc::new(state.desired_status.clone());
-            }
-            differs
-        });
+        let (mut model, rejections) = state.build();
+        let (security_rejections, security_resolved) = state.security(&mut model);
+        statuses.publish(&state);
         let digest = model.digest();
         if last_sent != Some(digest) {
             debug!(
@@ -1305,7 +1556,86 @@ pub async fn run_with_status(
                 return Err(KubernetesError::ChannelClosed { node });
             }
         }
+        if send_security(&updates, security_resolved, security_rejections)
+            .await
+            .is_err()
+        {
+            return Err(KubernetesError::ChannelClosed { node });
+        }
     }
+}
+
+/// The desired statuses per kind, sent to the elected writer.
+struct StatusSenders {
+    traffic: watch_channel::Sender<Arc<DesiredStatus>>,
+    authz: watch_channel::Sender<Arc<DesiredStatus>>,
+    peer: watch_channel::Sender<Arc<DesiredStatus>>,
+}
+
+impl StatusSenders {
+    /// Starts the writer (one election for every kind) when `status` names this agent's pod.
+    fn start(client: &kube::Client, status: Option<StatusConfig>) -> Self {
+        let (traffic, traffic_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        let (authz, authz_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        let (peer, peer_rx) = watch_channel::channel(Arc::new(DesiredStatus::new()));
+        if let Some(config) = status {
+            tokio::spawn(policy::status::run_many(
+                client.clone(),
+                config,
+                vec![
+                    (ApiResource::erase::<TrafficPolicy>(&()), traffic_rx),
+                    (
+                        ApiResource::erase::<crate::authz::types::AuthorizationPolicy>(&()),
+                        authz_rx,
+                    ),
+                    (
+                        ApiResource::erase::<crate::authz::types::PeerAuthentication>(&()),
+                        peer_rx,
+                    ),
+                ],
+            ));
+        }
+        Self {
+            traffic,
+            authz,
+            peer,
+        }
+    }
+
+    /// Sends each kind's desired status if it changed.
+    fn publish(&self, state: &State) {
+        for (tx, now) in [
+            (&self.traffic, &state.desired_status),
+            (&self.authz, &state.authz_status),
+            (&self.peer, &state.peer_status),
+        ] {
+            tx.send_if_modified(|d| {
+                let differs = **d != *now;
+                if differs {
+                    *d = Arc::new(now.clone());
+                }
+                differs
+            });
+        }
+    }
+}
+
+/// Reports security objects whose rejection is over, then the new rejections; `Err` when the
+/// agent stopped listening.
+async fn send_security(
+    updates: &mpsc::Sender<Update>,
+    resolved: Vec<(&'static str, ObjectName)>,
+    rejections: Vec<discovery::Rejection>,
+) -> Result<(), ()> {
+    for (kind, name) in resolved {
+        let resolved = Update::Resolved(ObjectRef::new(kind, name));
+        updates.send(resolved).await.map_err(|_| ())?;
+    }
+    for r in rejections {
+        warn!("{r}; its last valid version, if it had one, keeps applying");
+        updates.send(Update::Rejected(r)).await.map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// The cluster IP `host` is, if it is one the model programs: the agent would then reach the API
@@ -1988,6 +2318,113 @@ mod tests {
         assert_eq!(
             m.services[&ObjectName::new("default", "web")].internal_traffic_policy,
             model::TrafficPolicy::Local
+        );
+    }
+
+    fn security_object(kind: &str, name: &str, spec: &serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "security.kernmesh.io/v1alpha1",
+            "kind": kind,
+            "metadata": { "name": name, "namespace": "default" },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn enrollment_labels_and_security_objects_reach_the_model_and_the_last_good_stays() {
+        let mut state = State::new("a".to_owned());
+        let mut ns = namespace("default");
+        ns.metadata.labels = Some(ann(&[(crate::authz::DATAPLANE_MODE_LABEL, "mesh")]));
+        state.namespaces.apply(watcher::Event::Apply(ns));
+        let mut legacy = service("legacy", &[], "10.96.0.30");
+        legacy.metadata.labels = Some(ann(&[(crate::authz::DATAPLANE_MODE_LABEL, "none")]));
+        state.services.apply_service(watcher::Event::Apply(legacy));
+        state
+            .services
+            .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.31")));
+        let deny = serde_json::json!({
+            "action": "DENY",
+            "rules": [{ "from": [{ "source": { "namespaces": ["other"] } }] }],
+        });
+        state
+            .authz_policies
+            .apply(watcher::Event::Apply(security_object(
+                "AuthorizationPolicy",
+                "deny-other",
+                &deny,
+            )));
+        state
+            .peer_authns
+            .apply(watcher::Event::Apply(security_object(
+                "PeerAuthentication",
+                "default",
+                &serde_json::json!({ "mtls": { "mode": "STRICT" } }),
+            )));
+        let (mut m, _) = state.build();
+        let (rejected, resolved) = state.security(&mut m);
+        assert!(rejected.is_empty() && resolved.is_empty(), "{rejected:?}");
+        assert_eq!(
+            m.mesh.namespace_modes.get("default"),
+            Some(&crate::authz::DataplaneMode::Mesh)
+        );
+        assert!(
+            m.mesh
+                .opted_out_services
+                .contains(&ObjectName::new("default", "legacy"))
+        );
+        assert!(
+            !m.mesh
+                .opted_out_services
+                .contains(&ObjectName::new("default", "web"))
+        );
+        assert_eq!(m.mesh.authorization.len(), 1);
+        assert_eq!(m.mesh.peer_authentication.len(), 1);
+
+        // An edit adds an L7 field: rejected (once) with object, field and reason, and the
+        // last valid version keeps applying.
+        let mut bad = deny.clone();
+        bad["rules"][0]["to"] = serde_json::json!([{ "operation": { "methods": ["GET"] } }]);
+        state
+            .authz_policies
+            .apply(watcher::Event::Apply(security_object(
+                "AuthorizationPolicy",
+                "deny-other",
+                &bad,
+            )));
+        let (mut m, _) = state.build();
+        let (rejected, _) = state.security(&mut m);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(
+            rejected[0].to_string(),
+            "AuthorizationPolicy default/deny-other: spec.rules[0].to[0].operation.methods: L7 fields are not supported by this L4 \
+             policy (Istio ambient needs a waypoint proxy for them); rejected as a whole"
+        );
+        assert!(m.mesh.authorization[0].superseded_by.is_some());
+        let kept = m.mesh.authorization[0].outcome.as_ref().unwrap();
+        assert_eq!(
+            kept.action,
+            crate::authz::Action::Deny,
+            "the last good DENY still applies"
+        );
+        let (mut m, _) = state.build();
+        assert!(state.security(&mut m).0.is_empty(), "reported once");
+        // Fixed: the rejection is resolved.
+        state
+            .authz_policies
+            .apply(watcher::Event::Apply(security_object(
+                "AuthorizationPolicy",
+                "deny-other",
+                &deny,
+            )));
+        let (mut m, _) = state.build();
+        let (_, resolved) = state.security(&mut m);
+        assert_eq!(
+            resolved,
+            vec![(
+                "AuthorizationPolicy",
+                ObjectName::new("default", "deny-other")
+            )]
         );
     }
 }

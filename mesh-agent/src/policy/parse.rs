@@ -91,7 +91,7 @@ impl PolicySettings {
 }
 
 /// One problem of a policy: its field and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FieldProblem {
     /// Path of the field (`spec.targetRefs[1].kind`); empty for the object as a whole.
     pub field: String,

@@ -233,10 +233,27 @@ impl Elector {
 pub async fn run(
     client: kube::Client,
     config: StatusConfig,
-    mut desired: watch::Receiver<Arc<DesiredStatus>>,
+    desired: watch::Receiver<Arc<DesiredStatus>>,
 ) {
+    run_many(
+        client,
+        config,
+        vec![(ApiResource::erase::<TrafficPolicy>(&()), desired)],
+    )
+    .await;
+}
+
+/// [`run`] for several kinds at once (`TrafficPolicy` and issue 9's security objects): one
+/// election, one Lease, a desired status per kind. Returns when any sender is gone.
+pub async fn run_many(
+    client: kube::Client,
+    config: StatusConfig,
+    mut kinds: Vec<(ApiResource, watch::Receiver<Arc<DesiredStatus>>)>,
+) {
+    if kinds.is_empty() {
+        return;
+    }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
-    let resource = ApiResource::erase::<TrafficPolicy>(&());
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -249,8 +266,10 @@ pub async fn run(
         observed: None,
         renewed: None,
     };
-    // What this agent wrote last per policy, so a write is not repeated before the watch shows it.
-    let mut written: BTreeMap<ObjectName, PolicyCondition> = BTreeMap::new();
+    // What this agent wrote last per kind and object, so a write is not repeated before the
+    // watch shows it.
+    let mut written: Vec<BTreeMap<ObjectName, PolicyCondition>> =
+        vec![BTreeMap::new(); kinds.len()];
     let mut last_try: Option<Instant> = None;
     info!(namespace = %config.namespace, identity = %config.identity, lease = LEASE_NAME, "policy status: standing for election");
     loop {
@@ -267,15 +286,22 @@ pub async fn run(
             }
             if was && !elector.leading() {
                 info!(lease = LEASE_NAME, "policy status: no longer the writer");
-                written.clear();
+                written.iter_mut().for_each(BTreeMap::clear);
             }
         }
         if elector.leading() {
-            let snapshot = Arc::clone(&desired.borrow_and_update());
-            write(&client, &resource, &recorder, &snapshot, &mut written).await;
+            for ((resource, desired), written) in kinds.iter_mut().zip(&mut written) {
+                let snapshot = Arc::clone(&desired.borrow_and_update());
+                write(&client, resource, &recorder, &snapshot, written).await;
+            }
         }
+        let changed = futures::future::select_all(
+            kinds
+                .iter_mut()
+                .map(|(_, desired)| Box::pin(desired.changed())),
+        );
         tokio::select! {
-            changed = desired.changed() => if changed.is_err() { return; },
+            (changed, _, _) = changed => if changed.is_err() { return; },
             () = tokio::time::sleep(RETRY_INTERVAL) => {}
         }
     }
