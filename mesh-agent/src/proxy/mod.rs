@@ -1,0 +1,105 @@
+//! HBONE proxies: TCP carried as HTTP/2 `CONNECT` streams over mutual TLS between node agents
+//! (outbound capture on 15001, the tunnel client and its pool, the inbound server on 15008).
+//!
+//! Wire format as Istio's ztunnel (`../shared/hbone.md`); where we differ, `ARCHITECTURE.md`
+//! ("HBONE proxies") says so.
+
+pub mod client;
+pub mod connect;
+pub mod inbound;
+pub mod outbound;
+pub mod splice;
+pub mod stats;
+pub mod testing;
+pub mod tls;
+pub mod transparent;
+
+use std::net::SocketAddr;
+
+use crate::identity::SpiffeId;
+
+pub use client::{ClientConfig, HboneClient, HboneStream};
+pub use inbound::{InboundConfig, InboundServer};
+pub use outbound::OutboundListener;
+pub use stats::{ProxyStats, TunnelInfo};
+
+/// Outbound capture port (ztunnel's).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// HBONE port (ztunnel's).
+pub const HBONE_PORT: u16 = 15008;
+
+/// HTTP/2 stream window: ztunnel's 4 MiB.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 connection window: ztunnel's 16 MiB, larger than a stream's so one stream cannot starve
+/// the others of the connection's window.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 maximum frame size: ztunnel's 1 MiB.
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams per pooled connection before the pool opens another (ztunnel's
+/// `POOL_MAX_STREAMS_PER_CONNECTION` default, 100).
+pub const DEFAULT_MAX_STREAMS_PER_CONN: usize = 100;
+
+/// Why the authorization hook refused a connection; logged and sent nowhere but the log (the
+/// client sees a bare 401, as from ztunnel).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("denied: {reason}")]
+pub struct Denied {
+    pub reason: String,
+}
+
+/// The inbound side's authorization decision, asked once per `CONNECT` after mTLS. The policy
+/// engine (issue 9's AuthorizationPolicy) implements it; `AllowAll` admits every mesh peer.
+pub trait Authorizer: Send + Sync + 'static {
+    /// May `source` (the verified client identity) reach `dst` (a pod on this node whose identity
+    /// is `dst_id`)?
+    fn authorize(&self, source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr)
+    -> Result<(), Denied>;
+}
+
+/// Admits every peer that passed mTLS (Istio's behaviour with no AuthorizationPolicy).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _: &SpiffeId, _: &SpiffeId, _: SocketAddr) -> Result<(), Denied> {
+        Ok(())
+    }
+}
+
+impl<F> Authorizer for F
+where
+    F: Fn(&SpiffeId, &SpiffeId, SocketAddr) -> Result<(), Denied> + Send + Sync + 'static,
+{
+    fn authorize(&self, source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr) -> Result<(), Denied> {
+        self(source, dst_id, dst)
+    }
+}
+
+/// The pods of this node the inbound side may connect to, with their identities: a `CONNECT` to
+/// an address that is not one of them, or whose identity is not the one the client asked for in
+/// its handshake, is refused (400) so a certificate for one workload never opens another.
+pub trait LocalWorkloads: Send + Sync + 'static {
+    fn identity_of(&self, pod: std::net::IpAddr) -> Option<SpiffeId>;
+}
+
+/// What the kernel recorded for a captured connection: where the pod meant to go and who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The pod address the application connected to (after service translation).
+    pub dst_pod: SocketAddr,
+    /// The agent of the node that runs it (its HBONE port).
+    pub dst_node: SocketAddr,
+    /// The identity the destination must prove.
+    pub dst_identity: SpiffeId,
+    /// The source pod's identity (its certificate is the client certificate).
+    pub src_identity: SpiffeId,
+}
+
+/// The capture side's lookup: the kernel records the original destination keyed by the client's
+/// (source address, source port) as the agent's accepted socket sees it. Kept to one call so the
+/// kernel helper and tests can implement it without knowing the proxy.
+pub trait OriginalDst: Send + Sync + 'static {
+    /// `None` if nothing was recorded for `client` (the connection is closed, counted
+    /// `no_original_dst`).
+    fn lookup(&self, client: SocketAddr) -> Option<Redirect>;
+}
