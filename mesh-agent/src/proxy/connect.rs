@@ -94,7 +94,10 @@ pub fn parse_forwarded(value: &[u8]) -> Result<(Option<SocketAddr>, Option<Strin
         match k.trim().to_ascii_lowercase().as_str() {
             "for" => {
                 let parsed = v.parse::<SocketAddr>().ok().or_else(|| {
-                    let bare = v.strip_prefix('[').and_then(|b| b.strip_suffix(']')).unwrap_or(v);
+                    let bare = v
+                        .strip_prefix('[')
+                        .and_then(|b| b.strip_suffix(']'))
+                        .unwrap_or(v);
                     bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
                 });
                 addr = Some(parsed.ok_or_else(|| err("for= is not an address"))?);
@@ -169,7 +172,9 @@ pub fn parse_request<B>(req: &Request<B>) -> Result<ConnectRequest, BadRequest> 
         Some(v) => parse_forwarded(v)?,
         None => (None, None),
     };
-    let baggage = header(headers, BAGGAGE)?.map(parse_baggage).unwrap_or_default();
+    let baggage = header(headers, BAGGAGE)?
+        .map(parse_baggage)
+        .unwrap_or_default();
     let traceparent = header(headers, TRACEPARENT)?.and_then(parse_traceparent);
     Ok(ConnectRequest {
         authority,
@@ -261,16 +266,35 @@ mod tests {
         let parsed = parse_request(&req).unwrap();
         assert_eq!(parsed.authority, "10.2.0.3:8080".parse().unwrap());
         assert_eq!(parsed.forwarded_for, info.addr);
-        assert_eq!(parsed.forwarded_host.as_deref(), Some("cart.shop.svc.cluster.local"));
-        assert!(parsed.baggage.contains(&("k8s.namespace.name".into(), "shop".into())));
+        assert_eq!(
+            parsed.forwarded_host.as_deref(),
+            Some("cart.shop.svc.cluster.local")
+        );
+        assert!(
+            parsed
+                .baggage
+                .contains(&("k8s.namespace.name".into(), "shop".into()))
+        );
         assert!(parsed.traceparent.is_some());
         let v6 = build_request("[fd00:2::3]:80".parse().unwrap(), &src, &info).unwrap();
-        assert_eq!(parse_request(&v6).unwrap().authority, "[fd00:2::3]:80".parse().unwrap());
+        assert_eq!(
+            parse_request(&v6).unwrap().authority,
+            "[fd00:2::3]:80".parse().unwrap()
+        );
     }
 
     #[test]
     fn refuses_malformed_authorities() {
-        for bad in ["example.com:80", "10.0.0.1", "10.0.0.1:0", "0.0.0.0:80", "[::1]", "224.0.0.1:5", "1.2.3.4:70000", ""] {
+        for bad in [
+            "example.com:80",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "0.0.0.0:80",
+            "[::1]",
+            "224.0.0.1:5",
+            "1.2.3.4:70000",
+            "",
+        ] {
             assert!(parse_authority(bad).is_err(), "{bad}");
         }
         let req = Request::builder()
@@ -279,14 +303,22 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(parse_request(&req), Err(BadRequest::Authority(_))));
-        let get = Request::builder().uri("http://10.0.0.1:80/").body(()).unwrap();
+        let get = Request::builder()
+            .uri("http://10.0.0.1:80/")
+            .body(())
+            .unwrap();
         assert!(matches!(parse_request(&get), Err(BadRequest::Method(_))));
         assert!(parse_forwarded(b"for=nope").is_err());
         assert_eq!(
-            parse_forwarded(b"for=\"[fd00::1]\";proto=http, for=1.2.3.4").unwrap().0,
+            parse_forwarded(b"for=\"[fd00::1]\";proto=http, for=1.2.3.4")
+                .unwrap()
+                .0,
             Some("[fd00::1]:0".parse().unwrap())
         );
-        assert_eq!(parse_traceparent(b"00-00000000000000000000000000000000-0000000000000001-01"), None);
+        assert_eq!(
+            parse_traceparent(b"00-00000000000000000000000000000000-0000000000000001-01"),
+            None
+        );
     }
 
     /// Bytes a hostile client could put in each field: printable noise, the grammar's own

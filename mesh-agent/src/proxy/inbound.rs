@@ -109,24 +109,22 @@ impl InboundServer {
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, mut drain: DrainWatch) {
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(
-            self.config.handshake_timeout,
-            self.acceptor.accept(tcp),
-        )
-        .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                bump(&self.stats.counters.inbound_tls_failed);
-                warn!(error = %e, "HBONE handshake refused");
-                return;
-            }
-            Err(_) => {
-                bump(&self.stats.counters.inbound_tls_failed);
-                warn!("HBONE handshake timed out");
-                return;
-            }
-        };
+        let tls =
+            match tokio::time::timeout(self.config.handshake_timeout, self.acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    bump(&self.stats.counters.inbound_tls_failed);
+                    warn!(error = %e, "HBONE handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    bump(&self.stats.counters.inbound_tls_failed);
+                    warn!("HBONE handshake timed out");
+                    return;
+                }
+            };
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
             bump(&self.stats.counters.inbound_not_h2);
@@ -147,7 +145,9 @@ impl InboundServer {
                 return;
             }
         };
-        let tunnel = self.stats.tunnel(Direction::Inbound, peer, source.clone(), local.clone());
+        let tunnel = self
+            .stats
+            .tunnel(Direction::Inbound, peer, source.clone(), local.clone());
         let mut conn = match h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

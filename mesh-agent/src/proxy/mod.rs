@@ -52,8 +52,12 @@ pub struct Denied {
 pub trait Authorizer: Send + Sync + 'static {
     /// May `source` (the verified client identity) reach `dst` (a pod on this node whose identity
     /// is `dst_id`)?
-    fn authorize(&self, source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr)
-    -> Result<(), Denied>;
+    fn authorize(
+        &self,
+        source: &SpiffeId,
+        dst_id: &SpiffeId,
+        dst: SocketAddr,
+    ) -> Result<(), Denied>;
 }
 
 /// Admits every peer that passed mTLS (Istio's behaviour with no AuthorizationPolicy).
@@ -70,7 +74,12 @@ impl<F> Authorizer for F
 where
     F: Fn(&SpiffeId, &SpiffeId, SocketAddr) -> Result<(), Denied> + Send + Sync + 'static,
 {
-    fn authorize(&self, source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr) -> Result<(), Denied> {
+    fn authorize(
+        &self,
+        source: &SpiffeId,
+        dst_id: &SpiffeId,
+        dst: SocketAddr,
+    ) -> Result<(), Denied> {
         self(source, dst_id, dst)
     }
 }
@@ -103,3 +112,6 @@ pub trait OriginalDst: Send + Sync + 'static {
     /// `no_original_dst`).
     fn lookup(&self, client: SocketAddr) -> Option<Redirect>;
 }
+
+#[cfg(test)]
+mod tests;

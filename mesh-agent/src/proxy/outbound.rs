@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, debug, info_span, warn};
 
+use super::OriginalDst;
 use super::client::HboneClient;
 use super::connect::SourceInfo;
 use super::stats::bump;
-use super::OriginalDst;
 use crate::drain::DrainWatch;
 
 /// The outbound capture side.

@@ -318,7 +318,8 @@ struct WorkloadCertResolver {
 
 impl std::fmt::Debug for WorkloadCertResolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadCertResolver").finish_non_exhaustive()
+        f.debug_struct("WorkloadCertResolver")
+            .finish_non_exhaustive()
     }
 }
 

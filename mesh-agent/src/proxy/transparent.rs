@@ -106,10 +106,8 @@ fn args(s: &str) -> Vec<String> {
 }
 
 /// The (ip family flag, iptables binary, local route) of each family.
-const FAMILIES: [(&str, &str, &str); 2] = [
-    ("-4", "iptables", "0.0.0.0/0"),
-    ("-6", "ip6tables", "::/0"),
-];
+const FAMILIES: [(&str, &str, &str); 2] =
+    [("-4", "iptables", "0.0.0.0/0"), ("-6", "ip6tables", "::/0")];
 
 /// Installs the reply routing in the current network namespace (the node's). Idempotent: removes
 /// what an earlier run left first. IPv6 is best effort (a node without `ip6tables` gets IPv4 only,
@@ -118,17 +116,29 @@ pub fn install() -> Result<(), RoutingError> {
     uninstall();
     for (i, (family, iptables, any)) in FAMILIES.into_iter().enumerate() {
         let result = (|| {
-            run("ip", &args(&format!(
-                "{family} rule add fwmark {REPLY_MARK:#x}/{REPLY_MARK:#x} lookup {REPLY_TABLE} priority {RULE_PRIORITY}"
-            )))?;
-            run("ip", &args(&format!(
-                "{family} route replace local {any} dev lo table {REPLY_TABLE}"
-            )))?;
+            run(
+                "ip",
+                &args(&format!(
+                    "{family} rule add fwmark {REPLY_MARK:#x}/{REPLY_MARK:#x} lookup {REPLY_TABLE} priority {RULE_PRIORITY}"
+                )),
+            )?;
+            run(
+                "ip",
+                &args(&format!(
+                    "{family} route replace local {any} dev lo table {REPLY_TABLE}"
+                )),
+            )?;
             run(iptables, &args(&format!("-w -t mangle -N {CHAIN}")))?;
-            run(iptables, &args(&format!(
-                "-w -t mangle -A {CHAIN} -p tcp -m socket --transparent -j MARK --set-xmark {REPLY_MARK:#x}/{REPLY_MARK:#x}"
-            )))?;
-            run(iptables, &args(&format!("-w -t mangle -I PREROUTING -j {CHAIN}")))
+            run(
+                iptables,
+                &args(&format!(
+                    "-w -t mangle -A {CHAIN} -p tcp -m socket --transparent -j MARK --set-xmark {REPLY_MARK:#x}/{REPLY_MARK:#x}"
+                )),
+            )?;
+            run(
+                iptables,
+                &args(&format!("-w -t mangle -I PREROUTING -j {CHAIN}")),
+            )
         })();
         if let Err(e) = result {
             if i == 0 {
@@ -144,7 +154,10 @@ pub fn install() -> Result<(), RoutingError> {
 /// Removes the reply routing (what exists of it); never fails — cleanup runs on broken nodes too.
 pub fn uninstall() {
     for (family, iptables, any) in FAMILIES {
-        let _ = run(iptables, &args(&format!("-w -t mangle -D PREROUTING -j {CHAIN}")));
+        let _ = run(
+            iptables,
+            &args(&format!("-w -t mangle -D PREROUTING -j {CHAIN}")),
+        );
         let _ = run(iptables, &args(&format!("-w -t mangle -F {CHAIN}")));
         let _ = run(iptables, &args(&format!("-w -t mangle -X {CHAIN}")));
         while run("ip", &args(&format!(
@@ -152,8 +165,11 @@ pub fn uninstall() {
         )))
         .is_ok()
         {}
-        let _ = run("ip", &args(&format!(
-            "{family} route del local {any} dev lo table {REPLY_TABLE}"
-        )));
+        let _ = run(
+            "ip",
+            &args(&format!(
+                "{family} route del local {any} dev lo table {REPLY_TABLE}"
+            )),
+        );
     }
 }
