@@ -8,6 +8,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use mesh_agent::proxy::{
     AllowAll, ClientConfig, HboneClient, InboundConfig, InboundServer, LocalWorkloads, OriginalDst,
     OutboundListener, ProxyStats, Redirect, transparent,
 };
-use mesh_tests::{Cluster, kernel_test};
+use mesh_tests::{Cluster, NodeHandle, PodHandle, kernel_test};
 use nix::sched::CloneFlags;
 use tokio::sync::oneshot;
 
@@ -69,6 +70,272 @@ impl OriginalDst for CapturedFrom {
     }
 }
 
+/// Frames seen on a node's fabric interface (`eth0`) while a capture runs.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    /// Starts an `AF_PACKET` capture of every frame on `eth0` in `netns`.
+    fn start(netns: &Path) -> Result<Self> {
+        let netns = netns.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<Vec<Vec<u8>>> {
+            enter(&netns)?;
+            let proto = u16::try_from(libc::ETH_P_ALL)?.to_be();
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+            ensure!(ifindex > 0, "no eth0");
+            // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = u16::try_from(libc::AF_PACKET)?;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = i32::try_from(ifindex)?;
+            // SAFETY: bind with a sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
+                )
+            };
+            ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: SO_RCVTIMEO with a timeval.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    u32::try_from(std::mem::size_of::<libc::timeval>())?,
+                );
+            }
+            ready_tx.send(())?;
+            let mut frames = Vec::new();
+            let mut buf = vec![0_u8; 65_536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: recv into a buffer of the length given.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if let Ok(n) = usize::try_from(n) {
+                    frames.push(buf[..n].to_vec());
+                }
+            }
+            Ok(frames)
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> Result<Vec<Vec<u8>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("capture thread")
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A server pod that reads to EOF (the client's half-close), then answers with the peer it saw
+/// and what it read. Records every peer.
+struct ServerPod {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<SocketAddr>>>,
+    thread: JoinHandle<Result<()>>,
+}
+
+impl ServerPod {
+    fn start(pod: &PodHandle) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (flag, peers, netns) = (stop.clone(), seen.clone(), pod.netns_path().to_owned());
+        let thread = std::thread::spawn(move || -> Result<()> {
+            enter(&netns)?;
+            let listener = StdListener::bind(("0.0.0.0", APP_PORT))?;
+            listener.set_nonblocking(true)?;
+            ready_tx.send(())?;
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        peers.lock().unwrap().push(peer);
+                        std::thread::spawn(move || {
+                            s.set_nonblocking(false).ok();
+                            let mut buf = Vec::new();
+                            if s.read_to_end(&mut buf).is_ok() {
+                                let _ = write!(s, "peer={peer} echo:");
+                                let _ = s.write_all(&buf);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            Ok(())
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(Self { stop, seen, thread })
+    }
+
+    fn finish(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("server thread")
+    }
+}
+
+/// A node's proxy thread: stopped (drained) by [`NodeProxy::finish`].
+struct NodeProxy {
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<Result<()>>,
+}
+
+impl NodeProxy {
+    fn finish(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.thread.join().expect("node proxy thread")
+    }
+}
+
+/// Node 2: reply routing + inbound on 15008, serving `pod` as `id`.
+fn start_inbound(
+    node: &NodeHandle,
+    certs: Arc<StaticCertProvider>,
+    stats: Arc<ProxyStats>,
+    pod: &PodHandle,
+    id: SpiffeId,
+) -> Result<NodeProxy> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (up_tx, up) = std::sync::mpsc::channel();
+    let workloads = PodIdentities(IpAddr::V4(pod.ipv4()), id);
+    let thread = spawn_in(node.netns_path(), move || async move {
+        transparent::install()?;
+        let drain = Drain::new(Duration::from_secs(1));
+        let server = InboundServer::new(
+            certs,
+            Arc::new(AllowAll),
+            Arc::new(workloads),
+            stats,
+            InboundConfig::default(),
+        )?;
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15008)).await?;
+        tokio::spawn(server.serve(listener, drain.watch()));
+        up_tx.send(())?;
+        let _ = stopped.await;
+        drain.drain().await;
+        let _ = transparent::uninstall();
+        Ok(())
+    });
+    up.recv_timeout(Duration::from_secs(10))
+        .context("inbound did not start")?;
+    Ok(NodeProxy { stop, thread })
+}
+
+/// Node 1: the outbound listener on 15001, with what the capture would record.
+fn start_outbound(
+    node: &NodeHandle,
+    client: Arc<HboneClient>,
+    captured: CapturedFrom,
+) -> Result<NodeProxy> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (up_tx, up) = std::sync::mpsc::channel();
+    let thread = spawn_in(node.netns_path(), move || async move {
+        let drain = Drain::new(Duration::from_secs(1));
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15001)).await?;
+        tokio::spawn(
+            OutboundListener::new(client, Arc::new(captured)).serve(listener, drain.watch()),
+        );
+        up_tx.send(())?;
+        let _ = stopped.await;
+        drain.drain().await;
+        Ok(())
+    });
+    up.recv_timeout(Duration::from_secs(10))
+        .context("outbound did not start")?;
+    Ok(NodeProxy { stop, thread })
+}
+
+/// From the client pod: `n` concurrent connections to `outbound`; each writes, half-closes and
+/// reads the answer. Returns (local address, payload, answer) per connection.
+fn run_clients(
+    pod: &PodHandle,
+    outbound: SocketAddr,
+    n: usize,
+) -> Result<Vec<(SocketAddr, String, String)>> {
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let netns = pod.netns_path().to_owned();
+            std::thread::spawn(move || -> Result<(SocketAddr, String, String)> {
+                enter(&netns)?;
+                let mut s = StdStream::connect_timeout(&outbound, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let me = s.local_addr()?;
+                let payload = format!("request {i} ").repeat(2_000);
+                s.write_all(payload.as_bytes())?;
+                s.shutdown(Shutdown::Write)?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok((me, payload, answer))
+            })
+        })
+        .collect();
+    clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect()
+}
+
+fn counter(stats: &ProxyStats, name: &str) -> u64 {
+    stats
+        .counters
+        .snapshot()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0, |(_, v)| v)
+}
+
+/// The link between the nodes carried TLS 1.3 (`ServerHello`'s `supported_versions` = 0x0304),
+/// application data records, and none of the payload.
+fn assert_encrypted(frames: &[Vec<u8>]) -> Result<()> {
+    let wire: usize = frames.iter().map(Vec::len).sum();
+    ensure!(
+        wire > 20 * 20_000,
+        "captured only {wire} bytes on node 1's link"
+    );
+    ensure!(
+        frames
+            .iter()
+            .any(|f| contains(f, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04])),
+        "no TLS 1.3 ServerHello on the link"
+    );
+    ensure!(
+        frames.iter().any(|f| contains(f, &[0x17, 0x03, 0x03])),
+        "no TLS application data on the link"
+    );
+    ensure!(
+        !frames.iter().any(|f| contains(f, b"request 1")),
+        "payload visible on the link"
+    );
+
+    Ok(())
+}
+
 #[test]
 fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Result<()> {
     let Some(_k) = kernel_test("hbone_tunnel") else {
@@ -88,126 +355,36 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     let n2_certs = StaticCertProvider::new(TD, ca.roots()?);
     n2_certs.insert(ca.issue(&dst)?);
 
-    // Server pod: reads to EOF (the client's half-close), then answers with the peer it saw.
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = {
-        let (stop, seen, netns) = (
-            stop.clone(),
-            seen.clone(),
-            server_pod.netns_path().to_owned(),
-        );
-        std::thread::spawn(move || -> Result<()> {
-            enter(&netns)?;
-            let listener = StdListener::bind(("0.0.0.0", APP_PORT))?;
-            listener.set_nonblocking(true)?;
-            ready_tx.send(())?;
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, peer)) => {
-                        seen.lock().unwrap().push(peer);
-                        std::thread::spawn(move || {
-                            s.set_nonblocking(false).ok();
-                            let mut buf = Vec::new();
-                            if s.read_to_end(&mut buf).is_ok() {
-                                let _ = write!(s, "peer={peer} echo:");
-                                let _ = s.write_all(&buf);
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            Ok(())
-        })
-    };
-    ready_rx.recv_timeout(Duration::from_secs(5))?;
-
-    // Node 2: reply routing + inbound on 15008.
+    let server = ServerPod::start(&server_pod)?;
     let n2_stats = ProxyStats::new();
-    let (stop2, stopped2) = oneshot::channel::<()>();
-    let (up2_tx, up2) = std::sync::mpsc::channel();
-    let node2 = {
-        let (certs, stats) = (n2_certs.clone(), n2_stats.clone());
-        let workloads = PodIdentities(IpAddr::V4(server_pod.ipv4()), dst.clone());
-        spawn_in(n2.netns_path(), move || async move {
-            transparent::install()?;
-            let drain = Drain::new(Duration::from_secs(1));
-            let server = InboundServer::new(
-                certs,
-                Arc::new(AllowAll),
-                Arc::new(workloads),
-                stats,
-                InboundConfig::default(),
-            )?;
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15008)).await?;
-            tokio::spawn(server.serve(listener, drain.watch()));
-            up2_tx.send(())?;
-            let _ = stopped2.await;
-            drain.drain().await;
-            transparent::uninstall();
-            Ok(())
-        })
-    };
-    up2.recv_timeout(Duration::from_secs(10))
-        .context("node 2 inbound did not start")?;
+    let inbound = start_inbound(&n2, n2_certs, n2_stats.clone(), &server_pod, dst.clone())?;
     let rules = n2.exec("ip", ["rule"])?;
     ensure!(
         rules.contains("lookup 15008"),
         "reply rule missing: {rules}"
     );
-
-    // Node 1: outbound listener on 15001 with the capture's answer for the client pod.
-    let client = HboneClient::new(n1_certs.clone(), ProxyStats::new(), ClientConfig::default());
-    let (stop1, stopped1) = oneshot::channel::<()>();
-    let (up1_tx, up1) = std::sync::mpsc::channel();
-    let node1 = {
-        let client = client.clone();
-        let redirect = Redirect {
-            dst_pod: SocketAddr::new(server_pod.ipv4().into(), APP_PORT),
-            dst_node: SocketAddr::new(n2.ipv4().into(), 15008),
-            dst_identity: dst.clone(),
-            src_identity: src.clone(),
-        };
-        let captured = CapturedFrom(IpAddr::V4(client_pod.ipv4()), redirect);
-        spawn_in(n1.netns_path(), move || async move {
-            let drain = Drain::new(Duration::from_secs(1));
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15001)).await?;
-            tokio::spawn(
-                OutboundListener::new(client, Arc::new(captured)).serve(listener, drain.watch()),
-            );
-            up1_tx.send(())?;
-            let _ = stopped1.await;
-            drain.drain().await;
-            Ok(())
-        })
+    let client = HboneClient::new(n1_certs, ProxyStats::new(), ClientConfig::default());
+    let redirect = Redirect {
+        dst_pod: SocketAddr::new(server_pod.ipv4().into(), APP_PORT),
+        dst_node: SocketAddr::new(n2.ipv4().into(), 15008),
+        dst_identity: dst.clone(),
+        src_identity: src.clone(),
     };
-    up1.recv_timeout(Duration::from_secs(10))
-        .context("node 1 outbound did not start")?;
+    let outbound = start_outbound(
+        &n1,
+        client.clone(),
+        CapturedFrom(IpAddr::V4(client_pod.ipv4()), redirect),
+    )?;
 
-    // Client pod: 20 concurrent connections, each writes, half-closes, reads the answer.
-    let outbound = SocketAddr::new(n1.gateway_v4().into(), 15001);
-    let clients: Vec<_> = (0..20)
-        .map(|i| {
-            let netns = client_pod.netns_path().to_owned();
-            std::thread::spawn(move || -> Result<(SocketAddr, String, String)> {
-                enter(&netns)?;
-                let mut s = StdStream::connect_timeout(&outbound, Duration::from_secs(5))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let me = s.local_addr()?;
-                let payload = format!("request {i} ").repeat(2_000);
-                s.write_all(payload.as_bytes())?;
-                s.shutdown(Shutdown::Write)?;
-                let mut answer = String::new();
-                s.read_to_string(&mut answer)?;
-                Ok((me, payload, answer))
-            })
-        })
-        .collect();
+    let capture = Capture::start(n1.netns_path())?;
+    let results = run_clients(
+        &client_pod,
+        SocketAddr::new(n1.gateway_v4().into(), 15001),
+        20,
+    )?;
+    let frames = capture.finish()?;
     let client_ip = client_pod.ipv4().to_string();
-    for c in clients {
-        let (me, payload, answer) = c.join().expect("client thread")?;
+    for (me, payload, answer) in &results {
         ensure!(me.ip().to_string() == client_ip, "client bound {me}");
         let (peer, echoed) = answer
             .split_once(" echo:")
@@ -223,7 +400,9 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
             payload.len()
         );
     }
-    ensure!(seen.lock().unwrap().len() == 20);
+    ensure!(server.seen.lock().unwrap().len() == 20);
+
+    assert_encrypted(&frames)?;
 
     let out: Vec<_> = client
         .stats()
@@ -237,20 +416,11 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     );
     ensure!(out[0].streams_total == 20, "{out:?}");
     ensure!(out[0].peer == SocketAddr::new(n2.ipv4().into(), 15008));
-    let inbound: u64 = n2_stats
-        .counters
-        .snapshot()
-        .into_iter()
-        .find(|(n, _)| *n == "inbound_streams")
-        .map_or(0, |(_, v)| v);
-    ensure!(inbound == 20, "inbound streams {inbound}");
+    ensure!(counter(&n2_stats, "inbound_streams") == 20);
 
-    let _ = stop1.send(());
-    let _ = stop2.send(());
-    node1.join().expect("node 1 thread")?;
-    node2.join().expect("node 2 thread")?;
-    stop.store(true, Ordering::Relaxed);
-    server.join().expect("server thread")?;
+    outbound.finish()?;
+    inbound.finish()?;
+    server.finish()?;
     let rules = n2.exec("ip", ["rule"])?;
     ensure!(
         !rules.contains("lookup 15008"),

@@ -3,6 +3,7 @@
 //!
 //! Everything here parses bytes from the network; `tests::parser_never_panics` fuzzes it.
 
+use std::fmt::Write as _;
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -202,7 +203,7 @@ pub const CLUSTER_NAME: &str = "Kubernetes";
 static TRACE_SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh random-looking trace context; ids need uniqueness, not secrecy, so a randomly keyed
-/// SipHash of a counter and the clock serves (no RNG dependency).
+/// `SipHash` of a counter and the clock serves (no RNG dependency).
 fn new_traceparent() -> String {
     let state = std::collections::hash_map::RandomState::new();
     let seq = TRACE_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +231,7 @@ pub fn build_request(
         source.namespace()
     );
     if let Some((kind, name)) = &info.workload {
-        baggage.push_str(&format!(",k8s.{kind}.name={name},service.name={name}"));
+        let _ = write!(baggage, ",k8s.{kind}.name={name},service.name={name}");
     }
     let mut builder = Request::builder()
         .method(Method::CONNECT)
@@ -242,7 +243,7 @@ pub fn build_request(
         if let Some(host) = &info.service_host
             && HeaderValue::from_str(host).is_ok()
         {
-            fwd.push_str(&format!(";host={host}"));
+            let _ = write!(fwd, ";host={host}");
         }
         builder = builder.header(HeaderName::from_static(FORWARDED), fwd);
     }

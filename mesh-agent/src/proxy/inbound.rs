@@ -25,7 +25,7 @@ use crate::identity::{CertProvider, SpiffeId};
 #[derive(Debug, Clone)]
 pub struct InboundConfig {
     /// Connect to pods from the caller's address (needs `transparent::install` on the node and
-    /// CAP_NET_ADMIN); off, pods see the node's address.
+    /// `CAP_NET_ADMIN`); off, pods see the node's address.
     pub transparent: bool,
     /// TLS handshake deadline: a peer that stalls is dropped.
     pub handshake_timeout: Duration,
@@ -137,13 +137,10 @@ impl InboundServer {
             .and_then(|c| c.first())
             .map(spiffe_id_of)
             .zip(session.server_name().map(id_from_sni));
-        let (source, local) = match ids {
-            Some((Ok(s), Ok(l))) => (s, l),
-            _ => {
-                bump(&self.stats.counters.inbound_tls_failed);
-                warn!("HBONE session without a peer identity or SNI");
-                return;
-            }
+        let Some((Ok(source), Ok(local))) = ids else {
+            bump(&self.stats.counters.inbound_tls_failed);
+            warn!("HBONE session without a peer identity or SNI");
+            return;
         };
         let tunnel = self
             .stats

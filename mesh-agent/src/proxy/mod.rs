@@ -15,8 +15,9 @@ pub mod tls;
 pub mod transparent;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use crate::identity::SpiffeId;
+use crate::identity::{CertProvider, SpiffeId};
 
 pub use client::{ClientConfig, HboneClient, HboneStream};
 pub use inbound::{InboundConfig, InboundServer};
@@ -48,7 +49,7 @@ pub struct Denied {
 }
 
 /// The inbound side's authorization decision, asked once per `CONNECT` after mTLS. The policy
-/// engine (issue 9's AuthorizationPolicy) implements it; `AllowAll` admits every mesh peer.
+/// engine (issue 9's `AuthorizationPolicy`) implements it; `AllowAll` admits every mesh peer.
 pub trait Authorizer: Send + Sync + 'static {
     /// May `source` (the verified client identity) reach `dst` (a pod on this node whose identity
     /// is `dst_id`)?
@@ -60,7 +61,7 @@ pub trait Authorizer: Send + Sync + 'static {
     ) -> Result<(), Denied>;
 }
 
-/// Admits every peer that passed mTLS (Istio's behaviour with no AuthorizationPolicy).
+/// Admits every peer that passed mTLS (Istio's behaviour with no `AuthorizationPolicy`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AllowAll;
 
@@ -111,6 +112,70 @@ pub trait OriginalDst: Send + Sync + 'static {
     /// `None` if nothing was recorded for `client` (the connection is closed, counted
     /// `no_original_dst`).
     fn lookup(&self, client: SocketAddr) -> Option<Redirect>;
+}
+
+/// Everything [`start`] needs; the agent's wiring fills it from the identity side (certificates),
+/// the policy engine (authorization), the model (local workloads) and the capture (original
+/// destinations).
+pub struct ProxyParts {
+    pub provider: Arc<dyn CertProvider>,
+    pub authorizer: Arc<dyn Authorizer>,
+    pub workloads: Arc<dyn LocalWorkloads>,
+    pub original_dst: Arc<dyn OriginalDst>,
+    pub stats: Arc<ProxyStats>,
+    /// Usually `0.0.0.0:15001` / `[::]:15001`.
+    pub outbound_addr: SocketAddr,
+    /// Usually `0.0.0.0:15008` / `[::]:15008`.
+    pub inbound_addr: SocketAddr,
+    pub client: ClientConfig,
+    pub inbound: InboundConfig,
+}
+
+/// Why the proxies did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {what} listener {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("installing the reply routing for transparent pod connections: {0}")]
+    Routing(#[from] transparent::RoutingError),
+}
+
+/// Installs the reply routing (when `inbound.transparent`), binds 15001 and 15008 and serves
+/// both until the drain starts. Must run in the node's network namespace.
+pub async fn start(
+    parts: ProxyParts,
+    drain: &crate::drain::Drain,
+) -> Result<Arc<HboneClient>, StartError> {
+    if parts.inbound.transparent {
+        transparent::install()?;
+    }
+    let bind = |what, addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let inbound_listener = bind("HBONE inbound", parts.inbound_addr).await?;
+    let outbound_listener = bind("outbound capture", parts.outbound_addr).await?;
+    let inbound = InboundServer::new(
+        parts.provider.clone(),
+        parts.authorizer,
+        parts.workloads,
+        parts.stats.clone(),
+        parts.inbound,
+    )?;
+    let client = HboneClient::new(parts.provider, parts.stats, parts.client);
+    tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
+    tokio::spawn(
+        OutboundListener::new(client.clone(), parts.original_dst)
+            .serve(outbound_listener, drain.watch()),
+    );
+    Ok(client)
 }
 
 #[cfg(test)]

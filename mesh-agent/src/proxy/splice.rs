@@ -1,7 +1,7 @@
 //! Copies one TCP connection to and from one HBONE stream with backpressure both ways: at most
 //! one read buffer (64 KiB) waits for HTTP/2 send window, and received DATA is acknowledged
 //! (window released) only after the pod's socket took it, so a slow reader stalls the sender
-//! instead of filling our memory. END_STREAM ↔ TCP FIN (half-close), RST_STREAM ↔ TCP RST.
+//! instead of filling our memory. `END_STREAM` ↔ TCP FIN (half-close), `RST_STREAM` ↔ TCP RST.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -115,7 +115,7 @@ async fn tunnel_to_tcp(
 }
 
 /// Splices `tcp` with the stream (`send`, `recv`) until both directions have ended. The first
-/// error aborts both: the stream is reset (dropping its handles sends RST_STREAM CANCEL) and the
+/// error aborts both: the stream is reset (dropping its handles sends `RST_STREAM` CANCEL) and the
 /// socket closed with a TCP reset.
 pub async fn splice(
     tcp: TcpStream,

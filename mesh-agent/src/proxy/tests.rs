@@ -134,7 +134,7 @@ impl Env {
     }
 }
 
-/// Sends `data`, half-closes, reads everything back until the peer's END_STREAM.
+/// Sends `data`, half-closes, reads everything back until the peer's `END_STREAM`.
 async fn exchange(mut s: HboneStream, data: &[u8]) -> Vec<u8> {
     s.send.reserve_capacity(data.len());
     s.send

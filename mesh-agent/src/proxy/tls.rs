@@ -91,7 +91,7 @@ pub fn id_from_sni(sni: &str) -> Result<SpiffeId, TlsError> {
         .and_then(|h| h.strip_suffix('.'))
         .ok_or_else(bad)?;
     let hex: String = hex.split('.').collect();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..hex.len())
@@ -222,13 +222,16 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The roots a verifier was built for, and the verifier.
+type CachedVerifier = (Arc<RootCertStore>, Arc<dyn ClientCertVerifier>);
+
 /// The server's check of clients: chain to the provider's current roots (re-read at every
 /// handshake, so a root rotation applies at once), client-auth usage, and a SPIFFE id of our
 /// trust domain.
 struct ClientIdVerifier {
     provider: Arc<dyn CertProvider>,
     /// The webpki verifier for the last roots seen (rebuilt when the provider hands out others).
-    cache: Mutex<Option<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>>,
+    cache: Mutex<Option<CachedVerifier>>,
     algs: WebPkiSupportedAlgorithms,
 }
 

@@ -113,7 +113,7 @@ const FAMILIES: [(&str, &str, &str); 2] =
 /// what an earlier run left first. IPv6 is best effort (a node without `ip6tables` gets IPv4 only,
 /// and the error says so).
 pub fn install() -> Result<(), RoutingError> {
-    uninstall();
+    let _ = uninstall();
     for (i, (family, iptables, any)) in FAMILIES.into_iter().enumerate() {
         let result = (|| {
             run(
@@ -142,7 +142,7 @@ pub fn install() -> Result<(), RoutingError> {
         })();
         if let Err(e) = result {
             if i == 0 {
-                uninstall();
+                let _ = uninstall();
                 return Err(e);
             }
             tracing::warn!(error = %e, "IPv6 reply routing for transparent HBONE sockets not installed");
@@ -151,25 +151,47 @@ pub fn install() -> Result<(), RoutingError> {
     Ok(())
 }
 
-/// Removes the reply routing (what exists of it); never fails — cleanup runs on broken nodes too.
-pub fn uninstall() {
+/// Removes the reply routing (what exists of it) and says what it removed; never fails —
+/// cleanup runs on broken nodes too.
+#[must_use = "says what was removed"]
+pub fn uninstall() -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut undo = |program: &str, line: String, what: String| {
+        if run(program, &args(&line)).is_ok() {
+            removed.push(what);
+            true
+        } else {
+            false
+        }
+    };
     for (family, iptables, any) in FAMILIES {
-        let _ = run(
+        undo(
             iptables,
-            &args(&format!("-w -t mangle -D PREROUTING -j {CHAIN}")),
+            format!("-w -t mangle -D PREROUTING -j {CHAIN}"),
+            format!("{iptables} mangle PREROUTING jump to {CHAIN}"),
         );
-        let _ = run(iptables, &args(&format!("-w -t mangle -F {CHAIN}")));
-        let _ = run(iptables, &args(&format!("-w -t mangle -X {CHAIN}")));
-        while run("ip", &args(&format!(
-            "{family} rule del fwmark {REPLY_MARK:#x}/{REPLY_MARK:#x} lookup {REPLY_TABLE} priority {RULE_PRIORITY}"
-        )))
-        .is_ok()
-        {}
-        let _ = run(
+        undo(
+            iptables,
+            format!("-w -t mangle -F {CHAIN}"),
+            format!("{iptables} mangle chain {CHAIN} rules"),
+        );
+        undo(
+            iptables,
+            format!("-w -t mangle -X {CHAIN}"),
+            format!("{iptables} mangle chain {CHAIN}"),
+        );
+        while undo(
             "ip",
-            &args(&format!(
-                "{family} route del local {any} dev lo table {REPLY_TABLE}"
-            )),
+            format!(
+                "{family} rule del fwmark {REPLY_MARK:#x}/{REPLY_MARK:#x} lookup {REPLY_TABLE} priority {RULE_PRIORITY}"
+            ),
+            format!("ip {family} rule fwmark {REPLY_MARK:#x} lookup {REPLY_TABLE}"),
+        ) {}
+        undo(
+            "ip",
+            format!("{family} route del local {any} dev lo table {REPLY_TABLE}"),
+            format!("ip {family} route local {any} table {REPLY_TABLE}"),
         );
     }
+    removed
 }
