@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -34,6 +34,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// From sending `CONNECT` to its response (the inbound side connects to the pod meanwhile).
     pub response_timeout: Duration,
+    /// A pooled connection with no stream for this long is released (ztunnel releases unused
+    /// pooled connections after a timeout too, `POOL_UNUSED_RELEASE_TIMEOUT`).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +45,7 @@ impl Default for ClientConfig {
             max_streams_per_conn: DEFAULT_MAX_STREAMS_PER_CONN,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -90,8 +94,11 @@ struct Conn {
     tunnel: Arc<TunnelStats>,
     /// Streams open or being opened on it (checked against the cap).
     reserved: AtomicUsize,
-    /// Set by its driver task when the connection ended; it is then never picked again.
+    /// Set by its driver task when the connection ended, or by the idle reaper; it is then never
+    /// picked again, and leaves the pool at the next pick.
     closed: Arc<AtomicBool>,
+    /// When its last stream ended.
+    last_used: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -106,7 +113,41 @@ struct Reservation(Arc<Conn>);
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        *self
+            .0
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         self.0.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Marks `conn` closed once it has had no stream for `idle`; dropping it from the pool drops its
+/// `SendRequest`, and h2 then closes the connection (GOAWAY).
+async fn reap_when_idle(conn: Weak<Conn>, idle: Duration) {
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(c) = conn.upgrade() else { return };
+        if c.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let since = c
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        // One step takes `reserved` from 0 to a value no pick accepts, so a stream that took the
+        // connection meanwhile makes the exchange fail and the connection stays.
+        if since >= idle
+            && c.reserved
+                .compare_exchange(0, usize::MAX / 2, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            c.closed.store(true, Ordering::Release);
+            debug!(peer = %c.tunnel.peer, "idle pooled HBONE connection released");
+            return;
+        }
     }
 }
 
@@ -261,6 +302,10 @@ impl HboneClient {
             })??;
         conn.reserved.store(1, Ordering::Release);
         let conn = Arc::new(conn);
+        tokio::spawn(reap_when_idle(
+            Arc::downgrade(&conn),
+            self.config.idle_timeout,
+        ));
         entry
             .conns
             .lock()
@@ -324,6 +369,7 @@ impl HboneClient {
             tunnel,
             reserved: AtomicUsize::new(0),
             closed,
+            last_used: Mutex::new(Instant::now()),
         })
     }
 }

@@ -224,6 +224,36 @@ async fn the_stream_cap_opens_another_connection() {
     }
 }
 
+#[tokio::test]
+async fn an_idle_pooled_connection_is_released() {
+    let env = env().await;
+    let client = HboneClient::new(
+        env.client_certs.clone(),
+        ProxyStats::new(),
+        ClientConfig {
+            idle_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
+        },
+    );
+    let info = SourceInfo::default();
+    let s = client
+        .connect(&env.src, env.pod, env.hbone, &env.dst, &info)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // In use: kept however long it has been open.
+    assert_eq!(exchange(s, b"a").await, b"echo:a");
+    assert_eq!(client.stats().tunnels().len(), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Idle: released; the next stream dials a new connection.
+    let s = client
+        .connect(&env.src, env.pod, env.hbone, &env.dst, &info)
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, b"b").await, b"echo:b");
+    assert_eq!(counter(&env.server_stats, "inbound_connections"), 2);
+}
+
 struct FixedDst(Redirect);
 impl OriginalDst for FixedDst {
     fn lookup(&self, _: SocketAddr) -> Option<Redirect> {
