@@ -21,6 +21,9 @@ use super::{Authorizer, CONNECTION_WINDOW, LocalWorkloads, MAX_FRAME, STREAM_WIN
 use crate::drain::DrainWatch;
 use crate::identity::{CertProvider, SpiffeId};
 
+/// Largest header block of one request we accept (h2 answers 431 above it).
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+
 /// Inbound settings.
 #[derive(Debug, Clone)]
 pub struct InboundConfig {
@@ -145,18 +148,23 @@ impl InboundServer {
         let tunnel = self
             .stats
             .tunnel(Direction::Inbound, peer, source.clone(), local.clone());
-        let mut conn = match h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(STREAM_WINDOW as usize)
             .max_concurrent_streams(self.config.max_concurrent_streams)
-            .handshake::<_, Bytes>(tls)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
+            // A CONNECT carries a few short headers; this bounds what a peer can make us hold.
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls);
+        let mut conn = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 warn!(%source, error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(%source, "HTTP/2 handshake timed out");
                 return;
             }
         };
