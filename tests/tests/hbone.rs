@@ -1,13 +1,10 @@
 //! HBONE across two harness nodes: client pod on node 1 → outbound listener → mTLS HTTP/2 tunnel →
 //! inbound on node 2 → server pod, with the client pod's address preserved (transparent socket
-//! and the reply routing the agent installs). The proxies run in this process, each node's on a
-//! thread that joined the node's network namespace (sockets belong to the namespace they were
-//! made in), with certificates from an rcgen CA.
+//! and the reply routing the agent installs). The proxies run in this process
+//! (`mesh_tests::hbone`), with certificates from an rcgen CA.
 
-use std::fs::File;
-use std::future::Future;
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{Shutdown, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,59 +13,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use mesh_agent::drain::Drain;
-use mesh_agent::identity::SpiffeId;
 use mesh_agent::proxy::stats::Direction;
-use mesh_agent::proxy::testing::{StaticCertProvider, TestCa};
-use mesh_agent::proxy::{
-    AllowAll, ClientConfig, HboneClient, InboundConfig, InboundServer, LocalWorkloads, OriginalDst,
-    OutboundListener, ProxyStats, Redirect, transparent,
-};
-use mesh_tests::{Cluster, NodeHandle, PodHandle, kernel_test};
-use nix::sched::CloneFlags;
-use tokio::sync::oneshot;
+use mesh_agent::proxy::{ProxyStats, transparent};
+use mesh_tests::hbone::{Tunnel, enter};
+use mesh_tests::{Cluster, PodHandle, kernel_test};
 
-const TD: &str = "cluster.local";
 const APP_PORT: u16 = 8080;
-
-/// Runs `f` on a new thread inside the network namespace at `netns`, on its own runtime.
-fn spawn_in<F, Fut>(netns: &Path, f: F) -> JoinHandle<Result<()>>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<()>>,
-{
-    let path = netns.to_owned();
-    std::thread::spawn(move || {
-        let ns = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).context("setns")?;
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(f())
-    })
-}
-
-/// Joins this thread to `netns` (for the blocking pod workloads).
-fn enter(netns: &Path) -> Result<()> {
-    let ns = File::open(netns)?;
-    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).context("setns")?;
-    Ok(())
-}
-
-struct PodIdentities(IpAddr, SpiffeId);
-impl LocalWorkloads for PodIdentities {
-    fn identity_of(&self, pod: IpAddr) -> Option<SpiffeId> {
-        (pod == self.0).then(|| self.1.clone())
-    }
-}
-
-/// What the kernel would have recorded for the client pod's connections.
-struct CapturedFrom(IpAddr, Redirect);
-impl OriginalDst for CapturedFrom {
-    fn lookup(&self, client: SocketAddr) -> Option<Redirect> {
-        (client.ip() == self.0).then(|| self.1.clone())
-    }
-}
 
 /// Frames seen on a node's fabric interface (`eth0`) while a capture runs.
 struct Capture {
@@ -200,77 +150,6 @@ impl ServerPod {
     }
 }
 
-/// A node's proxy thread: stopped (drained) by [`NodeProxy::finish`].
-struct NodeProxy {
-    stop: oneshot::Sender<()>,
-    thread: JoinHandle<Result<()>>,
-}
-
-impl NodeProxy {
-    fn finish(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.thread.join().expect("node proxy thread")
-    }
-}
-
-/// Node 2: reply routing + inbound on 15008, serving `pod` as `id`.
-fn start_inbound(
-    node: &NodeHandle,
-    certs: Arc<StaticCertProvider>,
-    stats: Arc<ProxyStats>,
-    pod: &PodHandle,
-    id: SpiffeId,
-) -> Result<NodeProxy> {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (up_tx, up) = std::sync::mpsc::channel();
-    let workloads = PodIdentities(IpAddr::V4(pod.ipv4()), id);
-    let thread = spawn_in(node.netns_path(), move || async move {
-        transparent::install()?;
-        let drain = Drain::new(Duration::from_secs(1));
-        let server = InboundServer::new(
-            certs,
-            Arc::new(AllowAll),
-            Arc::new(workloads),
-            stats,
-            InboundConfig::default(),
-        )?;
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15008)).await?;
-        tokio::spawn(server.serve(listener, drain.watch()));
-        up_tx.send(())?;
-        let _ = stopped.await;
-        drain.drain().await;
-        let _ = transparent::uninstall();
-        Ok(())
-    });
-    up.recv_timeout(Duration::from_secs(10))
-        .context("inbound did not start")?;
-    Ok(NodeProxy { stop, thread })
-}
-
-/// Node 1: the outbound listener on 15001, with what the capture would record.
-fn start_outbound(
-    node: &NodeHandle,
-    client: Arc<HboneClient>,
-    captured: CapturedFrom,
-) -> Result<NodeProxy> {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (up_tx, up) = std::sync::mpsc::channel();
-    let thread = spawn_in(node.netns_path(), move || async move {
-        let drain = Drain::new(Duration::from_secs(1));
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15001)).await?;
-        tokio::spawn(
-            OutboundListener::new(client, Arc::new(captured)).serve(listener, drain.watch()),
-        );
-        up_tx.send(())?;
-        let _ = stopped.await;
-        drain.drain().await;
-        Ok(())
-    });
-    up.recv_timeout(Duration::from_secs(10))
-        .context("outbound did not start")?;
-    Ok(NodeProxy { stop, thread })
-}
-
 /// From the client pod: `n` concurrent connections to `outbound`; each writes, half-closes and
 /// reads the answer. Returns (local address, payload, answer) per connection.
 fn run_clients(
@@ -347,34 +226,13 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     let client_pod = cluster.add_pod(&n1, "client")?;
     let server_pod = cluster.add_pod(&n2, "server")?;
 
-    let ca = TestCa::new("hbone test root")?;
-    let src: SpiffeId = format!("spiffe://{TD}/ns/a/sa/client").parse()?;
-    let dst: SpiffeId = format!("spiffe://{TD}/ns/b/sa/server").parse()?;
-    let n1_certs = StaticCertProvider::new(TD, ca.roots()?);
-    n1_certs.insert(ca.issue(&src)?);
-    let n2_certs = StaticCertProvider::new(TD, ca.roots()?);
-    n2_certs.insert(ca.issue(&dst)?);
-
     let server = ServerPod::start(&server_pod)?;
-    let n2_stats = ProxyStats::new();
-    let inbound = start_inbound(&n2, n2_certs, n2_stats.clone(), &server_pod, dst.clone())?;
+    let tunnel = Tunnel::start(&client_pod, &server_pod, APP_PORT)?;
     let rules = n2.exec("ip", ["rule"])?;
     ensure!(
         rules.contains("lookup 15008"),
         "reply rule missing: {rules}"
     );
-    let client = HboneClient::new(n1_certs, ProxyStats::new(), ClientConfig::default());
-    let redirect = Redirect {
-        dst_pod: SocketAddr::new(server_pod.ipv4().into(), APP_PORT),
-        dst_node: SocketAddr::new(n2.ipv4().into(), 15008),
-        dst_identity: dst.clone(),
-        src_identity: src.clone(),
-    };
-    let outbound = start_outbound(
-        &n1,
-        client.clone(),
-        CapturedFrom(IpAddr::V4(client_pod.ipv4()), redirect),
-    )?;
 
     let capture = Capture::start(n1.netns_path())?;
     let results = run_clients(
@@ -404,7 +262,8 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
 
     assert_encrypted(&frames)?;
 
-    let out: Vec<_> = client
+    let out: Vec<_> = tunnel
+        .client
         .stats()
         .tunnels()
         .into_iter()
@@ -416,10 +275,9 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     );
     ensure!(out[0].streams_total == 20, "{out:?}");
     ensure!(out[0].peer == SocketAddr::new(n2.ipv4().into(), 15008));
-    ensure!(counter(&n2_stats, "inbound_streams") == 20);
+    ensure!(counter(&tunnel.inbound_stats, "inbound_streams") == 20);
 
-    outbound.finish()?;
-    inbound.finish()?;
+    tunnel.finish()?;
     server.finish()?;
     let rules = n2.exec("ip", ["rule"])?;
     ensure!(

@@ -45,7 +45,7 @@ impl Default for ClientConfig {
             max_streams_per_conn: DEFAULT_MAX_STREAMS_PER_CONN,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_mins(5),
         }
     }
 }
