@@ -254,6 +254,67 @@ async fn an_idle_pooled_connection_is_released() {
     assert_eq!(counter(&env.server_stats, "inbound_connections"), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_does_not_read_stalls_the_sender() {
+    let env = env().await;
+    // A pod that reads nothing until told, then counts everything to EOF.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pod = listener.local_addr().unwrap();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (total_tx, total_rx) = tokio::sync::oneshot::channel();
+    let start = go.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        start.notified().await;
+        let mut n = 0_usize;
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            match s.read(&mut buf).await.unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        let _ = total_tx.send(n);
+    });
+    let mut s = env
+        .client
+        .connect(&env.src, pod, env.hbone, &env.dst, &SourceInfo::default())
+        .await
+        .unwrap();
+    let chunk = Bytes::from(vec![1_u8; 64 * 1024]);
+    let mut sent = 0_usize;
+    loop {
+        s.send.reserve_capacity(chunk.len());
+        let cap = tokio::time::timeout(
+            Duration::from_secs(1),
+            std::future::poll_fn(|cx| s.send.poll_capacity(cx)),
+        )
+        .await;
+        let Ok(Some(Ok(cap))) = cap else { break };
+        if cap == 0 {
+            continue;
+        }
+        s.send
+            .send_data(chunk.slice(..cap.min(chunk.len())), false)
+            .unwrap();
+        sent += cap.min(chunk.len());
+        assert!(
+            sent < 64 << 20,
+            "64 MiB accepted by a tunnel whose pod reads nothing"
+        );
+    }
+    // Held somewhere: our send window (4 MiB), the inbound side's unreleased DATA (at most one
+    // window) and the kernel's socket buffers; nothing grows without bound.
+    assert!(sent >= 1 << 20, "stalled too early: {sent}");
+    assert!(
+        sent < 32 << 20,
+        "{sent} bytes accepted while the pod reads nothing"
+    );
+    go.notify_one();
+    s.send.send_data(Bytes::new(), true).unwrap();
+    assert_eq!(total_rx.await.unwrap(), sent);
+}
+
 struct FixedDst(Redirect);
 impl OriginalDst for FixedDst {
     fn lookup(&self, _: SocketAddr) -> Option<Redirect> {
