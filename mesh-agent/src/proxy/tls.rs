@@ -388,6 +388,26 @@ pub fn server_config(provider: Arc<dyn CertProvider>) -> Result<rustls::ServerCo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("HBONE_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(4_000),
+            ..ProptestConfig::default()
+        })]
+        /// The SNI a client sends is network input: decoding never panics, and whatever decodes
+        /// encodes back to the same name.
+        #[test]
+        fn sni_decoding_never_panics(name in prop_oneof![
+            "[0-9a-f.]{0,200}\\.hbone\\.kernmesh",
+            "[ -~]{0,300}",
+        ]) {
+            if let Ok(id) = id_from_sni(&name) {
+                let ServerName::DnsName(again) = sni_for(&id).unwrap() else { panic!("not DNS") };
+                prop_assert_eq!(id_from_sni(again.as_ref()).unwrap(), id);
+            }
+        }
+    }
 
     #[test]
     fn sni_round_trips_and_is_a_dns_name() {
