@@ -291,3 +291,48 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     );
     cluster.teardown()
 }
+
+/// `meshctl tunnels` reaches the agent's `ListTunnels`: the table's columns and every proxy
+/// counter by name in JSON (no tunnel yet: the agent's wiring of the proxies comes with the CA).
+#[test]
+fn meshctl_tunnels_lists_connections_and_counters() -> Result<()> {
+    let Some(_k) = kernel_test("hbone_meshctl_tunnels") else {
+        return Ok(());
+    };
+    let cluster = Cluster::new("hbone_meshctl_tunnels")?;
+    let node = cluster.add_node("a")?;
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work)?;
+    let config = work.join("mesh.yaml");
+    mesh_tests::agent::write_atomically(&config, "node: a\nservices: []\n")?;
+    let mut agent = mesh_tests::agent::AgentProcess::new(
+        node,
+        config,
+        cluster.bpffs_dir()?.join("a"),
+        work.join("admin.sock"),
+    );
+    agent.start()?;
+    let json = agent.meshctl_json(&["tunnels"])?;
+    ensure!(
+        json["tunnels"].as_array().is_some_and(Vec::is_empty),
+        "{json}"
+    );
+    for name in [
+        "inbound_tls_failed",
+        "inbound_denied",
+        "outbound_streams",
+        "stream_resets",
+    ] {
+        ensure!(
+            json["counters"][name] == 0,
+            "counter {name} missing: {json}"
+        );
+    }
+    let table = String::from_utf8_lossy(&agent.meshctl(&["tunnels"])?.stdout).into_owned();
+    ensure!(
+        table.contains("DIRECTION") && table.contains("RECEIVED"),
+        "{table}"
+    );
+    agent.terminate(Duration::from_secs(10))?;
+    cluster.teardown()
+}
