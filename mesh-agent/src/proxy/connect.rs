@@ -331,34 +331,74 @@ mod tests {
         ]
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: std::env::var("HBONE_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(4_000),
-            ..ProptestConfig::default()
-        })]
-        /// The CONNECT parser (authority and every header) returns, never panics, on any input;
-        /// what it accepts is within its stated bounds.
-        #[test]
-        fn parser_never_panics(authority in noise(), forwarded in noise(), baggage in noise(), trace in noise()) {
-            let auth_text = String::from_utf8_lossy(&authority).into_owned();
-            if let Ok(addr) = parse_authority(&auth_text) {
-                prop_assert!(addr.port() != 0);
-            }
-            let _ = parse_forwarded(&forwarded);
-            prop_assert!(parse_baggage(&baggage).len() <= MAX_BAGGAGE);
-            if let Some(t) = parse_traceparent(&trace) {
-                prop_assert_eq!(t.len(), 55);
-            }
-            // The whole request, whenever http can even represent it.
-            let mut builder = Request::builder().method(Method::CONNECT).uri(auth_text.as_str());
-            for (name, value) in [(FORWARDED, &forwarded), (BAGGAGE, &baggage), (TRACEPARENT, &trace)] {
-                if let Ok(v) = HeaderValue::from_bytes(value) {
-                    builder = builder.header(name, v);
-                }
-            }
-            if let Ok(req) = builder.body(()) {
-                let _ = parse_request(&req);
+    fn fields() -> impl Strategy<Value = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> {
+        (noise(), noise(), noise(), noise())
+    }
+
+    /// One case: the CONNECT parser (authority and every header) and the SNI decoder return, never panics, on any
+    /// input, and what it accepts is within its stated bounds.
+    fn check(
+        (authority, forwarded, baggage, trace): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>),
+    ) -> Result<(), TestCaseError> {
+        let auth_text = String::from_utf8_lossy(&authority).into_owned();
+        if let Ok(addr) = parse_authority(&auth_text) {
+            prop_assert!(addr.port() != 0);
+        }
+        let _ = parse_forwarded(&forwarded);
+        // The SNI name the server decodes is network input too.
+        let _ = crate::proxy::tls::id_from_sni(&auth_text);
+        prop_assert!(parse_baggage(&baggage).len() <= MAX_BAGGAGE);
+        if let Some(t) = parse_traceparent(&trace) {
+            prop_assert_eq!(t.len(), 55);
+        }
+        // The whole request, whenever http can even represent it.
+        let mut builder = Request::builder()
+            .method(Method::CONNECT)
+            .uri(auth_text.as_str());
+        for (name, value) in [
+            (FORWARDED, &forwarded),
+            (BAGGAGE, &baggage),
+            (TRACEPARENT, &trace),
+        ] {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                builder = builder.header(name, v);
             }
         }
+        if let Ok(req) = builder.body(()) {
+            let _ = parse_request(&req);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4_000, ..ProptestConfig::default() })]
+        #[test]
+        fn parser_never_panics(case in fields()) {
+            check(case)?;
+        }
+    }
+
+    /// The long run recorded in `BENCHMARKS.md`: `HBONE_FUZZ_SECS` (600) of cases, then prints
+    /// how many. `cargo test -p mesh-agent --lib parser_fuzz_timed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a 10-minute fuzz run; run on purpose"]
+    fn parser_fuzz_timed() {
+        use proptest::test_runner::TestRunner;
+        let secs = std::env::var("HBONE_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let batch = 5_000;
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: batch,
+            ..ProptestConfig::default()
+        });
+        let mut cases = 0_u64;
+        while std::time::Instant::now() < deadline {
+            runner.run(&fields(), check).unwrap();
+            cases += u64::from(batch);
+        }
+        println!("parser_fuzz_timed: {cases} cases in {secs} s, no panic");
     }
 }
