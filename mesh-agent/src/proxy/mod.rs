@@ -146,15 +146,29 @@ pub enum StartError {
     Routing(#[from] transparent::RoutingError),
 }
 
+/// The running proxies.
+#[derive(Debug)]
+pub struct Proxies {
+    pub client: Arc<HboneClient>,
+    routing: bool,
+}
+
+impl Proxies {
+    /// Removes the reply routing [`start`] installed; call it after the drain (earlier, replies
+    /// to streams still open would be forwarded away instead of reaching their sockets).
+    #[must_use = "says what was removed"]
+    pub fn remove_routing(&self) -> Vec<String> {
+        if self.routing {
+            transparent::uninstall()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// Installs the reply routing (when `inbound.transparent`), binds 15001 and 15008 and serves
 /// both until the drain starts. Must run in the node's network namespace.
-pub async fn start(
-    parts: ProxyParts,
-    drain: &crate::drain::Drain,
-) -> Result<Arc<HboneClient>, StartError> {
-    if parts.inbound.transparent {
-        transparent::install()?;
-    }
+pub async fn start(parts: ProxyParts, drain: &crate::drain::Drain) -> Result<Proxies, StartError> {
     let bind = |what, addr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -167,15 +181,20 @@ pub async fn start(
         parts.authorizer,
         parts.workloads,
         parts.stats.clone(),
-        parts.inbound,
+        parts.inbound.clone(),
     )?;
+    // Last, so a port in use or a bad TLS setup leaves no routing behind.
+    let routing = parts.inbound.transparent;
+    if routing {
+        transparent::install()?;
+    }
     let client = HboneClient::new(parts.provider, parts.stats, parts.client);
     tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
     tokio::spawn(
         OutboundListener::new(client.clone(), parts.original_dst)
             .serve(outbound_listener, drain.watch()),
     );
-    Ok(client)
+    Ok(Proxies { client, routing })
 }
 
 #[cfg(test)]
