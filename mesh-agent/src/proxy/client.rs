@@ -229,22 +229,36 @@ impl HboneClient {
             node: dst_node,
             destination: expected_peer.clone(),
         };
-        let slot = self.checkout(&key).await?;
-        let conn = slot.0.clone();
-        let req = build_request(dst_pod, source, info)?;
         let h2_err = |source| ConnectError::H2 {
             node: dst_node,
             source,
         };
-        let open = async {
-            let mut sender = conn.send.clone().ready().await.map_err(h2_err)?;
-            let (response, send) = sender.send_request(req, false).map_err(h2_err)?;
-            let response = response.await.map_err(h2_err)?;
-            Ok::<_, ConnectError>((response, send))
+        let mut retried = false;
+        let (slot, response, send) = loop {
+            let (slot, fresh) = self.checkout(&key).await?;
+            let conn = slot.0.clone();
+            let req = build_request(dst_pod, source, info)?;
+            let open = async {
+                let mut sender = conn.send.clone().ready().await.map_err(h2_err)?;
+                let (response, send) = sender.send_request(req, false).map_err(h2_err)?;
+                let response = response.await.map_err(h2_err)?;
+                Ok::<_, ConnectError>((response, send))
+            };
+            match tokio::time::timeout(self.config.response_timeout, open).await {
+                Ok(Ok((response, send))) => break (slot, response, send),
+                // A pooled connection the server is closing (GOAWAY on drain) or that died under
+                // us: take it out of the pool and try once more on another, as a client of any
+                // HTTP/2 pool does. A freshly dialled one is not retried: its error is the answer.
+                Ok(Err(ConnectError::H2 { source: e, .. })) if !fresh && !retried => {
+                    debug!(node = %dst_node, error = %e, "pooled HBONE connection unusable; retrying on another");
+                    conn.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(ConnectError::Timeout(dst_node)),
+            }
         };
-        let (response, send) = tokio::time::timeout(self.config.response_timeout, open)
-            .await
-            .map_err(|_| ConnectError::Timeout(dst_node))??;
+        let conn = slot.0.clone();
         if response.status() != StatusCode::OK {
             bump(&self.stats.counters.outbound_refused);
             return Err(ConnectError::Refused {
@@ -285,14 +299,15 @@ impl HboneClient {
         })
     }
 
-    async fn checkout(&self, key: &PoolKey) -> Result<Reservation, ConnectError> {
+    /// A slot on a pooled connection, and whether that connection was dialled for it.
+    async fn checkout(&self, key: &PoolKey) -> Result<(Reservation, bool), ConnectError> {
         let entry = self.entry(key);
         if let Some(slot) = self.pick(&entry) {
-            return Ok(slot);
+            return Ok((slot, false));
         }
         let _dialling = entry.dial.lock().await;
         if let Some(slot) = self.pick(&entry) {
-            return Ok(slot);
+            return Ok((slot, false));
         }
         let conn = tokio::time::timeout(self.config.connect_timeout, self.dial(key))
             .await
@@ -311,7 +326,7 @@ impl HboneClient {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(conn.clone());
-        Ok(Reservation(conn))
+        Ok((Reservation(conn), true))
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Conn, ConnectError> {

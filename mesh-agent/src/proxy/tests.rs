@@ -315,6 +315,64 @@ async fn a_pod_that_does_not_read_stalls_the_sender() {
     assert_eq!(total_rx.await.unwrap(), sent);
 }
 
+/// The server of the first pooled connection sends GOAWAY (it drains); the next stream must not
+/// fail on it but go over a new connection.
+#[tokio::test]
+async fn a_stream_on_a_connection_going_away_is_retried_on_a_new_one() {
+    let env = env().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(
+        super::tls::server_config(env.server_certs.clone()).unwrap(),
+    ));
+    let real = InboundServer::new(
+        env.server_certs.clone(),
+        Arc::new(AllowAll),
+        Arc::new(OneWorkload(env.dst.clone())),
+        env.server_stats.clone(),
+        InboundConfig {
+            transparent: false,
+            ..InboundConfig::default()
+        },
+    )
+    .unwrap();
+    let drain = Drain::new(Duration::from_secs(1));
+    let watch = drain.watch();
+    tokio::spawn(async move {
+        // First connection: answer one CONNECT, then GOAWAY (keeping that stream).
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(tls.accept(tcp).await.unwrap())
+            .await
+            .unwrap();
+        let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+        let open_stream = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        conn.graceful_shutdown();
+        tokio::spawn(async move {
+            while conn.accept().await.is_some() {}
+            drop(open_stream);
+        });
+        // Every later connection: the real inbound server.
+        real.serve(listener, watch).await;
+    });
+    let info = SourceInfo::default();
+    let first = env
+        .client
+        .connect(&env.src, env.pod, addr, &env.dst, &info)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = env
+        .client
+        .connect(&env.src, env.pod, addr, &env.dst, &info)
+        .await
+        .unwrap();
+    assert_eq!(exchange(second, b"again").await, b"echo:again");
+    assert_eq!(counter(&env.server_stats, "inbound_streams"), 1);
+    drop(first);
+}
+
 struct FixedDst(Redirect);
 impl OriginalDst for FixedDst {
     fn lookup(&self, _: SocketAddr) -> Option<Redirect> {
