@@ -63,7 +63,7 @@ impl LocalWorkloads for PodIdentities {
 pub struct CapturedFrom(pub IpAddr, pub Redirect);
 impl OriginalDst for CapturedFrom {
     fn lookup(&self, client: SocketAddr) -> Option<Redirect> {
-        (client.ip() == self.0).then(|| self.1.clone())
+        (client.ip().to_canonical() == self.0).then(|| self.1.clone())
     }
 }
 
@@ -80,17 +80,15 @@ impl NodeProxy {
     }
 }
 
-/// Node 2: reply routing + inbound on 15008, serving `pod` as `id`.
+/// The server's node: reply routing + inbound on 15008 (dual-stack), serving `workloads`.
 pub fn start_inbound(
     node: &NodeHandle,
     certs: Arc<StaticCertProvider>,
     stats: Arc<ProxyStats>,
-    pod: &PodHandle,
-    id: SpiffeId,
+    workloads: PodIdentities,
 ) -> Result<NodeProxy> {
     let (stop, stopped) = oneshot::channel::<()>();
     let (up_tx, up) = std::sync::mpsc::channel();
-    let workloads = PodIdentities(IpAddr::V4(pod.ipv4()), id);
     let thread = spawn_in(node.netns_path(), move || async move {
         transparent::install()?;
         let drain = Drain::new(Duration::from_secs(1));
@@ -101,7 +99,7 @@ pub fn start_inbound(
             stats,
             InboundConfig::default(),
         )?;
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15008)).await?;
+        let listener = tokio::net::TcpListener::bind(("::", 15008)).await?;
         tokio::spawn(server.serve(listener, drain.watch()));
         up_tx.send(())?;
         let _ = stopped.await;
@@ -114,7 +112,7 @@ pub fn start_inbound(
     Ok(NodeProxy { stop, thread })
 }
 
-/// Node 1: the outbound listener on 15001, with what the capture would record.
+/// The client's node: the outbound listener on 15001 (dual-stack), with what the capture would record.
 pub fn start_outbound(
     node: &NodeHandle,
     client: Arc<HboneClient>,
@@ -124,7 +122,7 @@ pub fn start_outbound(
     let (up_tx, up) = std::sync::mpsc::channel();
     let thread = spawn_in(node.netns_path(), move || async move {
         let drain = Drain::new(Duration::from_secs(1));
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", 15001)).await?;
+        let listener = tokio::net::TcpListener::bind(("::", 15001)).await?;
         tokio::spawn(
             OutboundListener::new(client, Arc::new(captured)).serve(listener, drain.watch()),
         );
@@ -152,9 +150,36 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Starts both sides; the client pod's connections to [`Self::outbound_addr`] go to
+    /// Starts both sides (IPv4); the client pod's connections to [`Self::outbound_addr`] go to
     /// `server_pod:port`.
     pub fn start(client_pod: &PodHandle, server_pod: &PodHandle, port: u16) -> Result<Self> {
+        Self::start_family(client_pod, server_pod, port, false)
+    }
+
+    /// [`Self::start`] with IPv6 pod and node addresses (the listeners are dual-stack either way).
+    pub fn start_v6(client_pod: &PodHandle, server_pod: &PodHandle, port: u16) -> Result<Self> {
+        Self::start_family(client_pod, server_pod, port, true)
+    }
+
+    fn start_family(
+        client_pod: &PodHandle,
+        server_pod: &PodHandle,
+        port: u16,
+        v6: bool,
+    ) -> Result<Self> {
+        let ip = |p: &PodHandle| -> IpAddr { if v6 { p.ipv6().into() } else { p.ipv4().into() } };
+        let node_ip = |p: &PodHandle| -> IpAddr {
+            if v6 {
+                p.node_ipv6().into()
+            } else {
+                p.node_ipv4().into()
+            }
+        };
+        let gateway = if v6 {
+            IpAddr::from(client_pod.node().gateway_v6())
+        } else {
+            IpAddr::from(client_pod.node().gateway_v4())
+        };
         let ca = TestCa::new("hbone test root")?;
         let src: SpiffeId = format!("spiffe://{TRUST_DOMAIN}/ns/a/sa/client").parse()?;
         let dst: SpiffeId = format!("spiffe://{TRUST_DOMAIN}/ns/b/sa/server").parse()?;
@@ -167,30 +192,26 @@ impl Tunnel {
             server_pod.node(),
             server_certs,
             inbound_stats.clone(),
-            server_pod,
-            dst.clone(),
+            PodIdentities(ip(server_pod), dst.clone()),
         )?;
         let client = HboneClient::new(client_certs, ProxyStats::new(), ClientConfig::default());
         let redirect = Redirect {
-            dst_pod: SocketAddr::new(server_pod.ipv4().into(), port),
-            dst_node: SocketAddr::new(server_pod.node_ipv4().into(), mesh_agent::proxy::HBONE_PORT),
+            dst_pod: SocketAddr::new(ip(server_pod), port),
+            dst_node: SocketAddr::new(node_ip(server_pod), mesh_agent::proxy::HBONE_PORT),
             dst_identity: dst.clone(),
             src_identity: src.clone(),
         };
         let outbound = start_outbound(
             client_pod.node(),
             client.clone(),
-            CapturedFrom(IpAddr::V4(client_pod.ipv4()), redirect),
+            CapturedFrom(ip(client_pod), redirect),
         )?;
         Ok(Self {
             src,
             dst,
             client,
             inbound_stats,
-            outbound_addr: SocketAddr::new(
-                client_pod.node().gateway_v4().into(),
-                mesh_agent::proxy::OUTBOUND_PORT,
-            ),
+            outbound_addr: SocketAddr::new(gateway, mesh_agent::proxy::OUTBOUND_PORT),
             outbound,
             inbound,
         })

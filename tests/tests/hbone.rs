@@ -112,14 +112,18 @@ struct ServerPod {
 }
 
 impl ServerPod {
-    fn start(pod: &PodHandle) -> Result<Self> {
+    fn start(pod: &PodHandle, v6: bool) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (flag, peers, netns) = (stop.clone(), seen.clone(), pod.netns_path().to_owned());
         let thread = std::thread::spawn(move || -> Result<()> {
             enter(&netns)?;
-            let listener = StdListener::bind(("0.0.0.0", APP_PORT))?;
+            let listener = if v6 {
+                StdListener::bind(("::", APP_PORT))?
+            } else {
+                StdListener::bind(("0.0.0.0", APP_PORT))?
+            };
             listener.set_nonblocking(true)?;
             ready_tx.send(())?;
             while !flag.load(Ordering::Relaxed) {
@@ -226,7 +230,7 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
     let client_pod = cluster.add_pod(&n1, "client")?;
     let server_pod = cluster.add_pod(&n2, "server")?;
 
-    let server = ServerPod::start(&server_pod)?;
+    let server = ServerPod::start(&server_pod, false)?;
     let tunnel = Tunnel::start(&client_pod, &server_pod, APP_PORT)?;
     let rules = n2.exec("ip", ["rule"])?;
     ensure!(
@@ -289,6 +293,36 @@ fn client_pod_reaches_server_pod_through_the_tunnel_with_its_own_address() -> Re
         !mangle.contains(transparent::CHAIN),
         "chain left behind: {mangle}"
     );
+    cluster.teardown()
+}
+
+/// The same over IPv6: pod and node addresses v6, the server pod sees the client pod's v6
+/// address (the reply routing's IPv6 half).
+#[test]
+fn the_tunnel_preserves_the_client_address_over_ipv6() -> Result<()> {
+    let Some(_k) = kernel_test("hbone_tunnel_v6") else {
+        return Ok(());
+    };
+    let cluster = Cluster::new("hbone_tunnel_v6")?;
+    let n1 = cluster.add_node("n1")?;
+    let n2 = cluster.add_node("n2")?;
+    let client_pod = cluster.add_pod(&n1, "client")?;
+    let server_pod = cluster.add_pod(&n2, "server")?;
+    let server = ServerPod::start(&server_pod, true)?;
+    let tunnel = Tunnel::start_v6(&client_pod, &server_pod, APP_PORT)?;
+    let results = run_clients(&client_pod, tunnel.outbound_addr, 5)?;
+    let want = format!("peer=[{}]:", client_pod.ipv6());
+    for (_, payload, answer) in &results {
+        ensure!(
+            answer.starts_with(&want),
+            "server saw {:?}",
+            &answer[..answer.len().min(60)]
+        );
+        ensure!(answer.ends_with(payload.as_str()), "payload corrupted");
+    }
+    ensure!(tunnel.client.stats().tunnels()[0].peer.is_ipv6());
+    tunnel.finish()?;
+    server.finish()?;
     cluster.teardown()
 }
 

@@ -223,7 +223,10 @@ impl InboundServer {
                 return;
             }
         };
-        let dst = parsed.authority;
+        let dst = SocketAddr::new(
+            parsed.authority.ip().to_canonical(),
+            parsed.authority.port(),
+        );
         match self.workloads.identity_of(dst.ip()) {
             Some(id) if id == ctx.local => {}
             other => {
@@ -243,7 +246,10 @@ impl InboundServer {
         }
         // The caller's pod address, as ztunnel takes it: `forwarded: for=` from an authenticated
         // peer, else the peer's own address.
-        let src_ip = parsed.forwarded_for.map_or(ctx.peer.ip(), |a| a.ip());
+        let src_ip = parsed
+            .forwarded_for
+            .map_or(ctx.peer.ip(), |a| a.ip())
+            .to_canonical();
         let src = self.config.transparent.then_some(src_ip);
         let pod = match tokio::time::timeout(
             self.config.pod_connect_timeout,

@@ -66,6 +66,9 @@ impl OutboundListener {
     }
 
     async fn handle(&self, tcp: TcpStream, peer: SocketAddr) {
+        // A dual-stack listener shows IPv4 clients as `::ffff:a.b.c.d`; the capture recorded,
+        // and the pod has, the IPv4 address.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let counters = &self.client.stats().counters;
         let Some(redirect) = self.original_dst.lookup(peer) else {
             bump(&counters.outbound_no_original_dst);
