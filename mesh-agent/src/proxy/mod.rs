@@ -92,6 +92,16 @@ pub trait LocalWorkloads: Send + Sync + 'static {
     fn identity_of(&self, pod: std::net::IpAddr) -> Option<SpiffeId>;
 }
 
+/// Any `Fn(pod ip) -> Option<SpiffeId>` (e.g. a closure over the model's snapshot).
+impl<F> LocalWorkloads for F
+where
+    F: Fn(std::net::IpAddr) -> Option<SpiffeId> + Send + Sync + 'static,
+{
+    fn identity_of(&self, pod: std::net::IpAddr) -> Option<SpiffeId> {
+        self(pod)
+    }
+}
+
 /// What the kernel recorded for a captured connection: where the pod meant to go and who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
@@ -112,6 +122,18 @@ pub trait OriginalDst: Send + Sync + 'static {
     /// `None` if nothing was recorded for `client` (the connection is closed, counted
     /// `no_original_dst`).
     fn lookup(&self, client: SocketAddr) -> Option<Redirect>;
+}
+
+/// Any `Fn(client) -> Option<Redirect>`: the agent's glue over the capture's `CAPTURED` table
+/// (`datapath::OriginalDstTable::original_dst`: destination pod and identity numbers) and the
+/// model (the pod's node, the numbers' SPIFFE ids) is one closure.
+impl<F> OriginalDst for F
+where
+    F: Fn(SocketAddr) -> Option<Redirect> + Send + Sync + 'static,
+{
+    fn lookup(&self, client: SocketAddr) -> Option<Redirect> {
+        self(client)
+    }
 }
 
 /// Everything [`start`] needs; the agent's wiring fills it from the identity side (certificates),
