@@ -39,7 +39,8 @@ use proto::{
     BackendInfo, ConfigDumpRequest, ConfigDumpResponse, CurrentRejection, Flow, IdentityInfo,
     ListBackendsRequest, ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse,
     ListPoliciesRequest, ListPoliciesResponse, ListServicesRequest, ListServicesResponse,
-    ServiceInfo, SourceStatus, StatusRequest, StatusResponse, WatchFlowsRequest,
+    ListTunnelsRequest, ListTunnelsResponse, ServiceInfo, SourceStatus, StatusRequest,
+    StatusResponse, WatchFlowsRequest,
     admin_client::AdminClient,
     admin_server::{Admin, AdminServer},
 };
@@ -267,6 +268,39 @@ impl Admin for AdminService {
             }
         }
         Ok(Response::new(ListBackendsResponse { backends }))
+    }
+
+    async fn list_tunnels(
+        &self,
+        _: Request<ListTunnelsRequest>,
+    ) -> Result<Response<ListTunnelsResponse>, Status> {
+        let stats = &self.shared.proxy_stats;
+        let tunnels = stats
+            .tunnels()
+            .into_iter()
+            .map(|t| proto::TunnelInfo {
+                direction: match t.direction {
+                    crate::proxy::stats::Direction::Outbound => "outbound",
+                    crate::proxy::stats::Direction::Inbound => "inbound",
+                }
+                .to_owned(),
+                peer: t.peer.to_string(),
+                source_identity: t.source.to_string(),
+                destination_identity: t.destination.to_string(),
+                age_seconds: t.age.as_secs(),
+                streams_open: t.streams_open,
+                streams_total: t.streams_total,
+                bytes_sent: t.bytes_sent,
+                bytes_received: t.bytes_received,
+            })
+            .collect();
+        let counters = stats
+            .counters
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        Ok(Response::new(ListTunnelsResponse { tunnels, counters }))
     }
 
     async fn list_identities(

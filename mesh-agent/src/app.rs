@@ -44,6 +44,8 @@ pub struct Shared {
     pub flows: Arc<FlowHub>,
     /// Proxies subscribe here (`drain.watch()`) and finish within the drain period at shutdown.
     pub drain: Arc<Drain>,
+    /// The HBONE proxies' counters and tunnel table (`meshctl tunnels`).
+    pub proxy_stats: Arc<crate::proxy::ProxyStats>,
 }
 
 /// Resolves names for flows from the current snapshot's indexes, and cgroup ids through a
@@ -148,6 +150,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         stores,
         datapath,
         flows: Arc::new(FlowHub::new()),
+        proxy_stats: crate::proxy::ProxyStats::new(),
     });
     if let Some(ring) = ring {
         tokio::spawn(

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod model;
 pub mod owner;
 pub mod policy;
+pub mod proxy;
 pub mod reconcile;
 pub mod state;
 pub mod supervisor;

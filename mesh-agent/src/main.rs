@@ -143,6 +143,10 @@ fn run_cleanup(args: Args) -> anyhow::Result<()> {
     for line in &report.removed {
         println!("removed {line}");
     }
+    // The HBONE reply routing (ip rule, local route table, mangle chain) of this netns.
+    for line in mesh_agent::proxy::transparent::uninstall() {
+        println!("removed {line}");
+    }
     println!("cleanup done: {} objects removed", report.removed.len());
     Ok(())
 }

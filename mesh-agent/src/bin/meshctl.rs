@@ -7,8 +7,8 @@ use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use mesh_agent::admin::proto::{
     ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListPoliciesRequest,
-    ListPoliciesResponse, ListServicesRequest, StatusRequest, WatchFlowsRequest,
-    admin_client::AdminClient,
+    ListPoliciesResponse, ListServicesRequest, ListTunnelsRequest, StatusRequest,
+    WatchFlowsRequest, admin_client::AdminClient,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -73,6 +73,9 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// HBONE tunnels: pooled connections (peer node, identities, age), streams open/total,
+    /// bytes each way, and the proxies' counters.
+    Tunnels,
     /// The agent's running configuration (JSON).
     Config,
     /// Print a shell completion script.
@@ -184,6 +187,49 @@ async fn run(cli: Cli) -> Result<()> {
                         })
                         .collect(),
                 )
+            })
+        }
+        Command::Tunnels => {
+            let r = client
+                .list_tunnels(ListTunnelsRequest {})
+                .await?
+                .into_inner();
+            print(out, &r, || {
+                let mut text = table(
+                    &[
+                        "DIRECTION",
+                        "PEER",
+                        "SOURCE",
+                        "DESTINATION",
+                        "AGE",
+                        "STREAMS",
+                        "TOTAL",
+                        "SENT",
+                        "RECEIVED",
+                    ],
+                    r.tunnels
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.direction.clone(),
+                                t.peer.clone(),
+                                t.source_identity.clone(),
+                                t.destination_identity.clone(),
+                                format!("{}s", t.age_seconds),
+                                t.streams_open.to_string(),
+                                t.streams_total.to_string(),
+                                t.bytes_sent.to_string(),
+                                t.bytes_received.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+                let mut counters: Vec<_> = r.counters.iter().filter(|(_, v)| **v > 0).collect();
+                counters.sort();
+                for (name, value) in counters {
+                    let _ = writeln!(text, "{name}: {value}");
+                }
+                text
             })
         }
         Command::Policies => {
