@@ -147,7 +147,9 @@ fn counter(agent: &AgentProcess, name: &str) -> Result<u64> {
     Ok(s["counters"][name].as_u64().unwrap_or(0))
 }
 
-/// `ListServices` over the admin socket in a loop until `stop`; the latency of each call (ms).
+/// `ListServices` over the admin socket in a loop until `stop`, paging through every service as
+/// `meshctl services` does (the default page, 500) and starting over after the last page; the
+/// latency of each call — one page — in ms.
 fn list_services_loop(socket: std::path::PathBuf, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -155,18 +157,21 @@ fn list_services_loop(socket: std::path::PathBuf, stop: Arc<AtomicBool>) -> Resu
     rt.block_on(async move {
         let mut client = mesh_agent::admin::connect(&socket).await?;
         let mut samples = Vec::new();
+        let mut continue_token = String::new();
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            let n = client
-                .list_services(ListServicesRequest {})
+            let page = client
+                .list_services(ListServicesRequest {
+                    limit: 0,
+                    continue_token,
+                })
                 .await?
-                .into_inner()
-                .services
-                .len();
+                .into_inner();
             samples.push(t.elapsed().as_secs_f64() * 1000.0);
-            if n == 0 {
-                bail!("ListServices returned nothing");
+            if page.services.is_empty() {
+                bail!("ListServices returned an empty page");
             }
+            continue_token = page.continue_token;
         }
         Ok(samples)
     })
