@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use crate::{
     app::Shared,
     config::{Source, algorithm_name},
-    flows::monotonic_ns,
+    flows::{FlowRecord, monotonic_ns},
     reconcile::{AppliedService, AppliedServices},
     state::SourceState,
 };
@@ -467,17 +467,18 @@ impl Admin for AdminService {
             .shared
             .flows
             .recent()
-            .into_iter()
+            .iter()
             .filter(|f| filter.matches(f))
-            .map(Ok)
+            .map(|f| Ok(f.to_proto()))
             .collect();
         let history = tokio_stream::iter(history);
         if !req.follow {
             return Ok(Response::new(Box::pin(history)));
         }
         let flows = Arc::clone(&self.shared.flows);
+        // Text is made here, per watcher and only for the flows it is sent.
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(f) if filter.matches(&f) => Some(Ok(f)),
+            Ok(f) if filter.matches(&f) => Some(Ok(f.to_proto())),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "a flow watcher fell behind");
@@ -489,12 +490,13 @@ impl Admin for AdminService {
     }
 }
 
-/// Server-side filters of `WatchFlows`.
+/// Server-side filters of `WatchFlows`, matched against the kept records without making text.
 #[derive(Clone)]
 struct FlowFilter {
     namespace: String,
     pod: String,
-    service: String,
+    /// `(namespace, name)`.
+    service: Option<(String, String)>,
     verdict: String,
     since_unix_nano: u64,
 }
@@ -510,26 +512,31 @@ impl FlowFilter {
             now.saturating_sub(Duration::from_secs(req.since_seconds))
                 .as_nanos() as u64
         };
+        let service = (!req.service.is_empty()).then(|| {
+            let q = qualified(&req.service);
+            let (ns, name) = q.split_once('/').unwrap_or(("default", q.as_str()));
+            (ns.to_owned(), name.to_owned())
+        });
         Self {
             namespace: req.namespace.clone(),
             pod: req.pod.clone(),
-            service: if req.service.is_empty() {
-                String::new()
-            } else {
-                qualified(&req.service)
-            },
+            service,
             verdict: req.verdict.clone(),
             since_unix_nano,
         }
     }
 
-    fn matches(&self, f: &Flow) -> bool {
+    fn matches(&self, f: &FlowRecord) -> bool {
+        let source = f.source.as_deref();
+        let service = f.service.as_deref();
         (self.namespace.is_empty()
-            || f.source_namespace == self.namespace
-            || f.service.starts_with(&format!("{}/", self.namespace)))
-            && (self.pod.is_empty() || f.source_pod == self.pod)
-            && (self.service.is_empty() || f.service == self.service)
-            && (self.verdict.is_empty() || f.verdict == self.verdict)
+            || source.is_some_and(|p| p.namespace == self.namespace)
+            || service.is_some_and(|s| s.namespace == self.namespace))
+            && (self.pod.is_empty() || source.is_some_and(|p| p.name == self.pod))
+            && self.service.as_ref().is_none_or(|(ns, name)| {
+                service.is_some_and(|s| s.namespace == *ns && s.name == *name)
+            })
+            && (self.verdict.is_empty() || f.verdict() == self.verdict)
             && f.time_unix_nano >= self.since_unix_nano
     }
 }
@@ -601,7 +608,7 @@ mod tests {
         services.insert(
             service_key(spec.vip, spec.protocol),
             Arc::new(AppliedService {
-                name: ObjectName::new("default", format!("svc-{i}")),
+                name: Arc::new(ObjectName::new("default", format!("svc-{i}"))),
                 spec,
             }),
         );
