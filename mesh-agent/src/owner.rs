@@ -207,11 +207,7 @@ impl Owner {
         let started = Instant::now();
         let report = self.reconciler.reconcile(&mut self.dp, &model);
         self.generation += 1;
-        let snapshot = Snapshot::build(
-            self.generation,
-            Arc::new(model),
-            self.reconciler.applied().clone(),
-        );
+        let snapshot = Snapshot::build(self.generation, model, self.reconciler.applied().clone());
         // The previous snapshot is freed here, or by its last reader.
         self.stores.snapshot.store(Arc::new(snapshot));
         // Parsing and diffing a large model frees far more than it keeps; hand the freed heap

@@ -34,6 +34,10 @@ pub struct Snapshot {
     pub generation: u64,
     /// When it was published.
     pub published: Option<Instant>,
+    /// The model without its services' endpoints: what the kernel got from them is in
+    /// `services` (the applied specs); a 10,000-service model's 100,000 endpoints would
+    /// otherwise be held twice for as long as the snapshot lives. Pods, policies, service
+    /// settings and ports stay.
     pub model: Arc<ClusterModel>,
     /// Service addresses in the kernel by their map key (service by VIP).
     pub services: AppliedServices,
@@ -52,9 +56,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Indexes `model` and the services the reconciler holds.
+    /// Indexes `model` and the services the reconciler holds; drops the model's endpoints (see
+    /// [`Snapshot::model`]).
     #[must_use]
-    pub fn build(generation: u64, model: Arc<ClusterModel>, services: AppliedServices) -> Self {
+    pub fn build(generation: u64, mut model: ClusterModel, services: AppliedServices) -> Self {
+        for service in model.services.values_mut() {
+            service.endpoints = Vec::new();
+        }
+        let model = Arc::new(model);
         let mut pod_by_ip = HashMap::new();
         let mut pod_by_uid = HashMap::new();
         let mut pod_by_name = HashMap::new();
@@ -328,8 +337,39 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_keeps_services_but_not_their_endpoints() {
+        let mut m = model();
+        let name = ObjectName::new("shop", "web");
+        m.services.insert(
+            name.clone(),
+            crate::model::Service {
+                name: name.clone(),
+                cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+                ports: Vec::new(),
+                settings: crate::model::ServiceSettings::default(),
+                endpoints: vec![crate::model::Endpoint {
+                    ip: "10.1.0.3".parse().unwrap(),
+                    ports: Arc::default(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node: None,
+                    pod: None,
+                    weight: 1,
+                    hints: crate::model::Hints::default(),
+                }],
+                internal_traffic_policy: crate::model::TrafficPolicy::default(),
+            },
+        );
+        let s = Snapshot::build(1, m, AppliedServices::new());
+        assert!(s.model.services[&name].endpoints.is_empty());
+        assert_eq!(s.model.services[&name].cluster_ips.len(), 1);
+        assert_eq!(s.model.pods.len(), 3);
+    }
+
+    #[test]
     fn indexes_find_pods_by_address_uid_and_name() {
-        let s = Snapshot::build(1, Arc::new(model()), AppliedServices::new());
+        let s = Snapshot::build(1, model(), AppliedServices::new());
         assert_eq!(
             s.pod_by_ip("10.1.0.3".parse().unwrap()).map(AsRef::as_ref),
             Some(&ObjectName::new("shop", "web-0"))
