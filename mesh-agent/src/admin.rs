@@ -668,7 +668,7 @@ mod tests {
         let names = list_all(&mut services, 100, |s, page| {
             let page = u32::try_from(page).unwrap();
             for i in 0..30 {
-                insert(s, (page * 97 + i * 41) % 2_400 | 1);
+                insert(s, ((page * 97 + i * 41) % 2_400) | 1);
             }
             let odd: Vec<_> = s
                 .iter()
@@ -680,9 +680,9 @@ mod tests {
                 .map(|(k, _)| *k)
                 .take(10)
                 .collect();
-            odd.iter().for_each(|k| {
+            for k in &odd {
                 s.remove(k);
-            });
+            }
         });
         let mut seen = std::collections::BTreeMap::<&str, usize>::new();
         for n in &names {

@@ -90,14 +90,14 @@ fn meshctl_pages_through_1200_services_exactly_once_while_services_change() {
 
     // Then while a writer rewrites the model every 30 ms (100 services in, others out).
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let (stop, writes, config) = (Arc::clone(&stop), Arc::clone(&writes), config.clone());
+        let (stop, written, config) = (Arc::clone(&stop), Arc::clone(&written), config.clone());
         thread::spawn(move || {
             let mut g = 1;
             while !stop.load(Ordering::Relaxed) {
                 write_atomically(&config, &model(g)).unwrap();
-                writes.fetch_add(1, Ordering::Relaxed);
+                written.fetch_add(1, Ordering::Relaxed);
                 g += 1;
                 thread::sleep(Duration::from_millis(30));
             }
@@ -147,6 +147,6 @@ fn meshctl_pages_through_1200_services_exactly_once_while_services_change() {
     assert!(
         spanning >= 3,
         "only {spanning} of {listings} listings spanned a reconciliation ({} writes): the test did not test paging under change",
-        writes.load(Ordering::Relaxed)
+        written.load(Ordering::Relaxed)
     );
 }
