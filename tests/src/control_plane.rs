@@ -353,7 +353,6 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     }
     let batch = f64::from(u32::try_from(changed)?);
     let per_s = batch / (churn_ms.max(1.0) / 1000.0);
-    let (cpu_per_flow_us, cpu_flow_events) = agent_cpu_per_flow(&agent, &client)?;
 
     // Every service changes at once while admin calls and a steady connection load go on.
     let dropped_before = counter(&agent, "event_dropped")?;
@@ -404,6 +403,8 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     if failed > 0 {
         bail!("{failed} of the load's connections failed during the reconciliation");
     }
+    // After the reconciliation phase: its watcher must see none of these flows in its history.
+    let (cpu_per_flow_us, cpu_flow_events) = agent_cpu_per_flow(&agent, &client)?;
     let label = if quick { "1k" } else { "10k" };
     let calls = admin_ms.len() as f64;
     Ok(vec![
