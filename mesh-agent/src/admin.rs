@@ -3,6 +3,7 @@
 //! reconciliation; `ListBackends` reads live circuit state through the data-path owner.
 
 use std::{
+    ops::Bound,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     pin::Pin,
@@ -11,7 +12,10 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use mesh_common::backend::{CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN};
+use mesh_common::{
+    backend::{CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN},
+    service::ServiceKey,
+};
 use tokio_stream::{
     Stream, StreamExt as _,
     wrappers::{BroadcastStream, UnixListenerStream},
@@ -25,7 +29,8 @@ use tracing::{info, warn};
 use crate::{
     app::Shared,
     config::{Source, algorithm_name},
-    flows::monotonic_ns,
+    flows::{FlowRecord, monotonic_ns},
+    reconcile::{AppliedService, AppliedServices},
     state::SourceState,
 };
 
@@ -100,6 +105,108 @@ fn qualified(service: &str) -> String {
         service.to_owned()
     } else {
         format!("default/{service}")
+    }
+}
+
+/// Items per page when a request sets no `limit` (kubectl's `--chunk-size`).
+pub const DEFAULT_PAGE: usize = 500;
+/// The largest page served, whatever `limit` asks: bounds the cost of one call.
+pub const MAX_PAGE: usize = 5_000;
+/// Prefix of a continue token (its format's version).
+const CONTINUE_V1: &str = "v1.";
+
+/// A request's `limit` → the page size served.
+fn page_limit(limit: u32) -> usize {
+    match usize::try_from(limit) {
+        Ok(0) => DEFAULT_PAGE,
+        Ok(n) => n.min(MAX_PAGE),
+        Err(_) => MAX_PAGE,
+    }
+}
+
+/// The continue token naming `key` (the last service address of a page): the address, port,
+/// protocol and family as the kernel key holds them, in hex.
+fn encode_continue(key: &ServiceKey) -> String {
+    let [a, b, c, d] = key.addr_be;
+    format!(
+        "{CONTINUE_V1}{a:08x}{b:08x}{c:08x}{d:08x}{:04x}{:02x}{:02x}",
+        key.port_be, key.proto, key.family
+    )
+}
+
+/// A request's continue token → the service address to list after (`None`: from the start).
+fn decode_continue(token: &str) -> Result<Option<ServiceKey>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        Status::invalid_argument(format!(
+            "continue_token {token:?}: {why}; pass the continue_token of the previous page unchanged, or none to start over"
+        ))
+    };
+    let hex = token
+        .strip_prefix(CONTINUE_V1)
+        .ok_or_else(|| bad("unknown format"))?;
+    if hex.len() != 40 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad("not 40 hex digits after the prefix"));
+    }
+    let field = |from: usize, len: usize| u32::from_str_radix(&hex[from..from + len], 16);
+    let parsed = (|| -> Result<ServiceKey, std::num::ParseIntError> {
+        Ok(ServiceKey {
+            addr_be: [field(0, 8)?, field(8, 8)?, field(16, 8)?, field(24, 8)?],
+            port_be: u16::from_str_radix(&hex[32..36], 16)?,
+            proto: u8::from_str_radix(&hex[36..38], 16)?,
+            family: u8::from_str_radix(&hex[38..40], 16)?,
+        })
+    })();
+    parsed.map(Some).map_err(|_| bad("not hex"))
+}
+
+/// The range of a snapshot's services after `after` (all of them for `None`).
+fn after_bound(after: Option<ServiceKey>) -> (Bound<ServiceKey>, Bound<ServiceKey>) {
+    (
+        after.map_or(Bound::Unbounded, Bound::Excluded),
+        Bound::Unbounded,
+    )
+}
+
+/// The page of `services` after `after`: at most `limit` of them, and the continue token for
+/// the next page ("" after the last). Only this page is built: a range over the snapshot's
+/// ordered map, nothing cloned but the fields sent.
+fn services_page(
+    services: &AppliedServices,
+    after: Option<ServiceKey>,
+    limit: usize,
+) -> (Vec<ServiceInfo>, String) {
+    let mut rest = services.range(after_bound(after));
+    let mut page = Vec::with_capacity(limit.min(services.len()));
+    let mut last = None;
+    for (key, a) in rest.by_ref().take(limit) {
+        page.push(service_info(a));
+        last = Some(key);
+    }
+    let continue_token = match (last, rest.next()) {
+        (Some(key), Some(_)) => encode_continue(key),
+        _ => String::new(),
+    };
+    (page, continue_token)
+}
+
+/// One service address as `ListServices` shows it.
+fn service_info(a: &AppliedService) -> ServiceInfo {
+    let spec = &a.spec;
+    ServiceInfo {
+        namespace: a.name.namespace.clone(),
+        name: a.name.name.clone(),
+        address: spec.vip.to_string(),
+        protocol: format!("{:?}", spec.protocol).to_uppercase(),
+        algorithm: algorithm_name(spec.algorithm).to_owned(),
+        backends: spec.backends.len() as u32,
+        max_connections: spec.circuit.max_connections,
+        consecutive_failures: spec.circuit.consecutive_failures,
+        base_ejection_ms: spec.circuit.base_ejection.as_millis() as u64,
+        max_ejection_percent: spec.circuit.max_ejection_percent,
+        affinity_timeout_seconds: spec.affinity_timeout.map_or(0, |d| d.as_secs()),
     }
 }
 
@@ -180,30 +287,19 @@ impl Admin for AdminService {
 
     async fn list_services(
         &self,
-        _: Request<ListServicesRequest>,
+        req: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        let req = req.into_inner();
+        let limit = page_limit(req.limit);
+        let after = decode_continue(&req.continue_token)?;
         let snap = self.shared.stores.snapshot.load();
-        let services = snap
-            .services
-            .values()
-            .map(|a| {
-                let spec = &a.spec;
-                ServiceInfo {
-                    namespace: a.name.namespace.clone(),
-                    name: a.name.name.clone(),
-                    address: spec.vip.to_string(),
-                    protocol: format!("{:?}", spec.protocol).to_uppercase(),
-                    algorithm: algorithm_name(spec.algorithm).to_owned(),
-                    backends: spec.backends.len() as u32,
-                    max_connections: spec.circuit.max_connections,
-                    consecutive_failures: spec.circuit.consecutive_failures,
-                    base_ejection_ms: spec.circuit.base_ejection.as_millis() as u64,
-                    max_ejection_percent: spec.circuit.max_ejection_percent,
-                    affinity_timeout_seconds: spec.affinity_timeout.map_or(0, |d| d.as_secs()),
-                }
-            })
-            .collect();
-        Ok(Response::new(ListServicesResponse { services }))
+        let (services, continue_token) = services_page(&snap.services, after, limit);
+        Ok(Response::new(ListServicesResponse {
+            services,
+            continue_token,
+            total: u32::try_from(snap.services.len()).unwrap_or(u32::MAX),
+            model_generation: snap.generation,
+        }))
     }
 
     async fn list_backends(
@@ -212,14 +308,33 @@ impl Admin for AdminService {
     ) -> Result<Response<ListBackendsResponse>, Status> {
         let req = req.into_inner();
         let want = (!req.service.is_empty()).then(|| qualified(&req.service));
+        let want_name = want.as_deref().and_then(|w| w.split_once('/'));
+        let limit = page_limit(req.limit);
+        let after = decode_continue(&req.continue_token)?;
         let snap = self.shared.stores.snapshot.load_full();
-        let keys: Vec<_> = snap
-            .services
-            .iter()
-            .filter(|(_, a)| want.as_ref().is_none_or(|w| *w == a.name.to_string()))
-            .map(|(k, _)| *k)
-            .collect();
+        // Whole services until the page holds `limit` backends; only their circuits are read
+        // from the kernel.
+        let mut keys = Vec::new();
+        let mut counted = 0;
+        let mut continue_token = String::new();
+        let mut matching = snap.services.range(after_bound(after)).filter(|(_, a)| {
+            want_name.is_none_or(|(ns, name)| a.name.namespace == ns && a.name.name == name)
+        });
+        for (key, a) in matching.by_ref() {
+            keys.push(*key);
+            counted += a.spec.backends.len();
+            if counted >= limit {
+                break;
+            }
+        }
+        if counted >= limit
+            && matching.next().is_some()
+            && let Some(last) = keys.last()
+        {
+            continue_token = encode_continue(last);
+        }
         if keys.is_empty()
+            && after.is_none()
             && let Some(w) = want
         {
             return Err(Status::not_found(format!("no service {w}")));
@@ -267,7 +382,10 @@ impl Admin for AdminService {
                 });
             }
         }
-        Ok(Response::new(ListBackendsResponse { backends }))
+        Ok(Response::new(ListBackendsResponse {
+            backends,
+            continue_token,
+        }))
     }
 
     async fn list_tunnels(
@@ -385,17 +503,18 @@ impl Admin for AdminService {
             .shared
             .flows
             .recent()
-            .into_iter()
+            .iter()
             .filter(|f| filter.matches(f))
-            .map(Ok)
+            .map(|f| Ok(f.to_proto()))
             .collect();
         let history = tokio_stream::iter(history);
         if !req.follow {
             return Ok(Response::new(Box::pin(history)));
         }
         let flows = Arc::clone(&self.shared.flows);
+        // Text is made here, per watcher and only for the flows it is sent.
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(f) if filter.matches(&f) => Some(Ok(f)),
+            Ok(f) if filter.matches(&f) => Some(Ok(f.to_proto())),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "a flow watcher fell behind");
@@ -407,12 +526,13 @@ impl Admin for AdminService {
     }
 }
 
-/// Server-side filters of `WatchFlows`.
+/// Server-side filters of `WatchFlows`, matched against the kept records without making text.
 #[derive(Clone)]
 struct FlowFilter {
     namespace: String,
     pod: String,
-    service: String,
+    /// `(namespace, name)`.
+    service: Option<(String, String)>,
     verdict: String,
     since_unix_nano: u64,
 }
@@ -428,26 +548,31 @@ impl FlowFilter {
             now.saturating_sub(Duration::from_secs(req.since_seconds))
                 .as_nanos() as u64
         };
+        let service = (!req.service.is_empty()).then(|| {
+            let q = qualified(&req.service);
+            let (ns, name) = q.split_once('/').unwrap_or(("default", q.as_str()));
+            (ns.to_owned(), name.to_owned())
+        });
         Self {
             namespace: req.namespace.clone(),
             pod: req.pod.clone(),
-            service: if req.service.is_empty() {
-                String::new()
-            } else {
-                qualified(&req.service)
-            },
+            service,
             verdict: req.verdict.clone(),
             since_unix_nano,
         }
     }
 
-    fn matches(&self, f: &Flow) -> bool {
+    fn matches(&self, f: &FlowRecord) -> bool {
+        let source = f.source.as_deref();
+        let service = f.service.as_deref();
         (self.namespace.is_empty()
-            || f.source_namespace == self.namespace
-            || f.service.starts_with(&format!("{}/", self.namespace)))
-            && (self.pod.is_empty() || f.source_pod == self.pod)
-            && (self.service.is_empty() || f.service == self.service)
-            && (self.verdict.is_empty() || f.verdict == self.verdict)
+            || source.is_some_and(|p| p.namespace == self.namespace)
+            || service.is_some_and(|s| s.namespace == self.namespace))
+            && (self.pod.is_empty() || source.is_some_and(|p| p.name == self.pod))
+            && self.service.as_ref().is_none_or(|(ns, name)| {
+                service.is_some_and(|s| s.namespace == *ns && s.name == *name)
+            })
+            && (self.verdict.is_empty() || f.verdict() == self.verdict)
             && f.time_unix_nano >= self.since_unix_nano
     }
 }
@@ -559,5 +684,128 @@ fn policies_response(model: &crate::model::ClusterModel) -> ListPoliciesResponse
         services,
         policies,
         ..ListPoliciesResponse::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use super::*;
+    use crate::{datapath::service_key, datapath::spec::ServiceSpec, model::ObjectName};
+
+    fn vip(i: u32) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(0x0a60_0000 + i), 80))
+    }
+
+    fn insert(services: &mut AppliedServices, i: u32) {
+        let spec = ServiceSpec::tcp(vip(i), [SocketAddr::from(([10, 1, 0, 1], 8080))]);
+        services.insert(
+            service_key(spec.vip, spec.protocol),
+            Arc::new(AppliedService {
+                name: Arc::new(ObjectName::new("default", format!("svc-{i}"))),
+                spec,
+            }),
+        );
+    }
+
+    /// Pages through `services` (`change` runs between pages); the names listed, in order.
+    fn list_all(
+        services: &mut AppliedServices,
+        limit: usize,
+        mut change: impl FnMut(&mut AppliedServices, usize),
+    ) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut token = String::new();
+        for page in 0.. {
+            let after = decode_continue(&token).unwrap();
+            let (items, next) = services_page(services, after, limit);
+            assert!(items.len() <= limit);
+            names.extend(items.into_iter().map(|s| s.name));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+            change(services, page);
+        }
+        names
+    }
+
+    #[test]
+    fn pages_list_every_service_exactly_once() {
+        let mut services = AppliedServices::new();
+        (0..1_200).for_each(|i| insert(&mut services, i));
+        let mut pages = 0;
+        let mut names = list_all(&mut services, DEFAULT_PAGE, |_, _| pages += 1);
+        assert_eq!(pages, 2, "1,200 services in pages of 500: three pages");
+        // In the kernel key's order (not the names'); each name once.
+        names.sort();
+        let mut want: Vec<String> = (0..1_200).map(|i| format!("svc-{i}")).collect();
+        want.sort();
+        assert!(
+            names == want,
+            "{} listed, not each of the 1,200 once",
+            names.len()
+        );
+        // A page exactly the size of what is left ends the listing without an empty page.
+        let (page, next) = services_page(&services, None, 1_200);
+        assert_eq!((page.len(), next.as_str()), (1_200, ""));
+        assert_eq!(page_limit(0), DEFAULT_PAGE);
+        assert_eq!(page_limit(u32::MAX), MAX_PAGE);
+    }
+
+    #[test]
+    fn a_listing_across_changes_returns_the_stable_services_exactly_once() {
+        let mut services = AppliedServices::new();
+        // Stable services on even addresses; the changes below touch only odd ones, before and
+        // after the position of every page.
+        (0..1_200).for_each(|i| insert(&mut services, i * 2));
+        let names = list_all(&mut services, 100, |s, page| {
+            let page = u32::try_from(page).unwrap();
+            for i in 0..30 {
+                insert(s, ((page * 97 + i * 41) % 2_400) | 1);
+            }
+            let odd: Vec<_> = s
+                .iter()
+                .filter(|(_, a)| {
+                    a.name.name["svc-".len()..]
+                        .parse::<u32>()
+                        .is_ok_and(|i| i % 2 == 1)
+                })
+                .map(|(k, _)| *k)
+                .take(10)
+                .collect();
+            for k in &odd {
+                s.remove(k);
+            }
+        });
+        let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+        for n in &names {
+            *seen.entry(n.as_str()).or_default() += 1;
+        }
+        assert!(seen.values().all(|&n| n == 1), "a service listed twice");
+        for i in 0..1_200 {
+            assert_eq!(seen.get(format!("svc-{}", i * 2).as_str()), Some(&1));
+        }
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_bad_ones_name_the_field() {
+        let key = service_key(
+            SocketAddr::from(([10, 96, 1, 2], 443)),
+            crate::datapath::spec::Protocol::Udp,
+        );
+        assert_eq!(decode_continue(&encode_continue(&key)).unwrap(), Some(key));
+        let v6 = service_key(
+            "[fd00::1]:53".parse().unwrap(),
+            crate::datapath::spec::Protocol::Tcp,
+        );
+        assert_eq!(decode_continue(&encode_continue(&v6)).unwrap(), Some(v6));
+        assert_eq!(decode_continue("").unwrap(), None);
+        for bad in ["v2.00", "v1.xyz", "v1.0000", "garbage"] {
+            let e = decode_continue(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains("continue_token"), "{}", e.message());
+        }
     }
 }

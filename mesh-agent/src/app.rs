@@ -28,7 +28,7 @@ use crate::{
     discovery::{self, DiscoveryError, Update},
     drain::{Drain, DrainOutcome},
     flows::{FlowHub, Names},
-    model::ClusterModel,
+    model::{ClusterModel, ObjectName},
     owner::{self, DatapathHandle, OwnerError, ReconcileOutcome},
     state::{AgentStatus, SourceHealth, SourceState, Stores},
     supervisor::{self, Backoff, SourceEvent},
@@ -95,27 +95,24 @@ fn index_cgroups(dir: &Path, depth: usize, index: &mut StdHashMap<u64, PathBuf>)
 }
 
 impl Names for SnapshotNames {
-    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<(String, String)> {
+    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<Arc<ObjectName>> {
         let Some(path) = self.cgroup_path(cgroup_id) else {
             debug!(cgroup_id, under = %self.shared.config.datapath.cgroup.display(), "cgroup id not found");
             return None;
         };
         let snap = self.shared.stores.snapshot.load();
-        snap.pod_by_cgroup_path(&path)
-            .map(|p| (p.namespace.clone(), p.name.clone()))
+        snap.pod_by_cgroup_path(&path).cloned()
     }
 
-    fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)> {
-        let snap = self.shared.stores.snapshot.load();
-        snap.pod_by_ip(ip)
-            .map(|p| (p.namespace.clone(), p.name.clone()))
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<ObjectName>> {
+        self.shared.stores.snapshot.load().pod_by_ip(ip).cloned()
     }
 
-    fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<String> {
+    fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<Arc<ObjectName>> {
         let proto = if udp { Protocol::Udp } else { Protocol::Tcp };
         let snap = self.shared.stores.snapshot.load();
         snap.service_by_addr(addr, proto)
-            .map(|s| s.name.to_string())
+            .map(|s| Arc::clone(&s.name))
     }
 }
 

@@ -1,5 +1,9 @@
-//! Flow events from the kernel ring, enriched with pod and service names, kept in a bounded
+//! Flow events from the kernel ring, named (pod and service) as they arrive, kept in a bounded
 //! recent-history buffer and broadcast live to `meshctl flows --follow` watchers.
+//!
+//! The per-event path allocates nothing: a [`FlowRecord`] is the kernel's event plus `Arc`s of
+//! the names the published snapshot already holds; text (addresses, verdicts, the protobuf
+//! [`Flow`]) is made only when a watcher asks, and only for the flows it is sent.
 
 use std::{
     collections::VecDeque,
@@ -22,27 +26,98 @@ use mesh_common::{
 };
 use tokio::sync::broadcast;
 
-use crate::{admin::proto::Flow, datapath::events, datapath::ip_from_be};
+use crate::{admin::proto::Flow, datapath::events, datapath::ip_from_be, model::ObjectName};
 
 /// Flows kept for `meshctl flows` without `--follow`.
 pub const RECENT_CAPACITY: usize = 10_000;
 /// Live subscribers that fall this far behind lose the oldest flows (and are told how many).
 pub const BROADCAST_CAPACITY: usize = 4096;
 
-/// Names for what the kernel reports by address or cgroup; filled from the cluster model.
+/// Names for what the kernel reports by address or cgroup; filled from the cluster model. The
+/// names are shared (`Arc`), so naming a flow copies no string.
 pub trait Names {
-    /// `(namespace, pod)` of a pod address.
-    fn pod_by_ip(&self, ip: IpAddr) -> Option<(String, String)>;
-    /// `namespace/name` of the service owning an address and protocol.
-    fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<String>;
-    /// `(namespace, pod)` of a cgroup v2 id (for rejects, where no address is bound yet).
-    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<(String, String)>;
+    /// The pod owning an address.
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<ObjectName>>;
+    /// The service owning an address and protocol.
+    fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<Arc<ObjectName>>;
+    /// The pod of a cgroup v2 id (for rejects, where no address is bound yet).
+    fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<Arc<ObjectName>>;
+}
+
+/// One flow as the agent keeps it: the kernel's event, its wall-clock time, and the names it
+/// had when it arrived (a pod deleted later still names its old flows, as Hubble's do).
+#[derive(Clone, Debug)]
+pub struct FlowRecord {
+    pub event: FlowEvent,
+    /// Unix time in nanoseconds.
+    pub time_unix_nano: u64,
+    /// The client pod (by address, else by cgroup).
+    pub source: Option<Arc<ObjectName>>,
+    pub service: Option<Arc<ObjectName>>,
+}
+
+impl FlowRecord {
+    /// `open`, `close`, …
+    #[must_use]
+    pub fn verdict(&self) -> &'static str {
+        verdict(self.event.kind)
+    }
+
+    /// The client's own address, if the kernel knew it (not for rejects: not bound yet).
+    #[must_use]
+    pub fn client(&self) -> Option<IpAddr> {
+        let ip = ip_from_be(self.event.client_addr_be, self.event.family);
+        (!ip.is_unspecified()).then_some(ip)
+    }
+
+    /// The protobuf form `WatchFlows` sends.
+    #[must_use]
+    pub fn to_proto(&self) -> Flow {
+        let e = &self.event;
+        let svc = SocketAddr::new(
+            ip_from_be(e.svc_addr_be, e.family),
+            u16::from_be(e.svc_port_be),
+        );
+        let backend = SocketAddr::new(
+            ip_from_be(e.backend_addr_be, e.family),
+            u16::from_be(e.backend_port_be),
+        );
+        let (source_namespace, source_pod) = self
+            .source
+            .as_deref()
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .unwrap_or_default();
+        Flow {
+            time_unix_nano: self.time_unix_nano,
+            verdict: self.verdict().to_owned(),
+            reason: reason(e.kind, e.reason),
+            source_namespace,
+            source_pod,
+            source_address: self.client().map(|c| c.to_string()).unwrap_or_default(),
+            service: self
+                .service
+                .as_deref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            service_address: svc.to_string(),
+            backend_address: if e.backend_id != 0 {
+                backend.to_string()
+            } else {
+                String::new()
+            },
+            protocol: if e.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_owned(),
+            bytes_sent: e.bytes_sent,
+            bytes_received: e.bytes_received,
+            duration_us: e.duration_ns / 1000,
+            cgroup_id: e.cgroup_id,
+        }
+    }
 }
 
 /// Recent flows and live subscribers.
 pub struct FlowHub {
-    recent: Mutex<VecDeque<Flow>>,
-    live: broadcast::Sender<Flow>,
+    recent: Mutex<VecDeque<FlowRecord>>,
+    live: broadcast::Sender<FlowRecord>,
     /// Wall-clock minus monotonic, to stamp kernel times (`bpf_ktime_get_ns`) as Unix time.
     wall_offset_ns: u64,
     /// Flows a live watcher missed because it fell behind (the agent's own drops; the kernel
@@ -73,53 +148,28 @@ impl FlowHub {
         }
     }
 
-    /// Turns a kernel event into a named flow.
-    pub fn enrich(&self, e: &FlowEvent, names: &dyn Names) -> Flow {
+    /// Names a kernel event: the client pod by its address (else its cgroup), the service by
+    /// its address. Hash lookups and `Arc` clones only.
+    pub fn enrich(&self, e: &FlowEvent, names: &dyn Names) -> FlowRecord {
+        let client = ip_from_be(e.client_addr_be, e.family);
+        let source = (!client.is_unspecified())
+            .then(|| names.pod_by_ip(client))
+            .flatten()
+            .or_else(|| names.pod_by_cgroup(e.cgroup_id));
         let svc = SocketAddr::new(
             ip_from_be(e.svc_addr_be, e.family),
             u16::from_be(e.svc_port_be),
         );
-        let backend = SocketAddr::new(
-            ip_from_be(e.backend_addr_be, e.family),
-            u16::from_be(e.backend_port_be),
-        );
-        let client = ip_from_be(e.client_addr_be, e.family);
-        let known_client = !client.is_unspecified();
-        let (ns, pod) = known_client
-            .then(|| names.pod_by_ip(client))
-            .flatten()
-            .or_else(|| names.pod_by_cgroup(e.cgroup_id))
-            .unwrap_or_default();
-        Flow {
+        FlowRecord {
+            event: *e,
             time_unix_nano: e.ts_ns + self.wall_offset_ns,
-            verdict: verdict(e.kind).to_owned(),
-            reason: reason(e.kind, e.reason),
-            source_namespace: ns,
-            source_pod: pod,
-            source_address: if known_client {
-                client.to_string()
-            } else {
-                String::new()
-            },
-            service: names
-                .service_by_addr(svc, e.proto == PROTO_UDP)
-                .unwrap_or_default(),
-            service_address: svc.to_string(),
-            backend_address: if e.backend_id != 0 {
-                backend.to_string()
-            } else {
-                String::new()
-            },
-            protocol: if e.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_owned(),
-            bytes_sent: e.bytes_sent,
-            bytes_received: e.bytes_received,
-            duration_us: e.duration_ns / 1000,
-            cgroup_id: e.cgroup_id,
+            source,
+            service: names.service_by_addr(svc, e.proto == PROTO_UDP),
         }
     }
 
     /// Records a flow and sends it to live watchers.
-    pub fn publish(&self, flow: Flow) {
+    pub fn publish(&self, flow: FlowRecord) {
         {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             if recent.len() == RECENT_CAPACITY {
@@ -132,7 +182,7 @@ impl FlowHub {
 
     /// A copy of the recent flows, oldest first.
     #[must_use]
-    pub fn recent(&self) -> Vec<Flow> {
+    pub fn recent(&self) -> Vec<FlowRecord> {
         self.recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -160,7 +210,7 @@ impl FlowHub {
 
     /// A live subscription.
     #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<Flow> {
+    pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
         self.live.subscribe()
     }
 
@@ -173,9 +223,11 @@ impl FlowHub {
         names: Arc<dyn Names + Send + Sync>,
     ) {
         crate::logging::on_readable("flow event ring", ring, |ring| {
-            for e in events::drain(ring) {
-                self.received_total.fetch_add(1, Ordering::Relaxed);
-                self.publish(self.enrich(&e, names.as_ref()));
+            let batch = events::drain(ring);
+            self.received_total
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for e in &batch {
+                self.publish(self.enrich(e, names.as_ref()));
             }
         })
         .await;
@@ -218,4 +270,148 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer for clock_gettime.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec.cast_unsigned() * 1_000_000_000 + ts.tv_nsec.cast_unsigned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+        net::Ipv4Addr,
+    };
+
+    use mesh_common::{FAMILY_V4, PROTO_TCP};
+
+    use super::*;
+
+    /// Counts this thread's allocations, so a test can assert that a path makes none (other
+    /// tests run on other threads and do not disturb the count).
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn allocations() -> u64 {
+        ALLOCATIONS.try_with(Cell::get).unwrap_or(0)
+    }
+
+    // SAFETY: forwards to the system allocator unchanged; only counts.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    struct Fixed {
+        client: Arc<ObjectName>,
+        service: Arc<ObjectName>,
+    }
+
+    impl Names for Fixed {
+        fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<ObjectName>> {
+            (ip == IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2))).then(|| Arc::clone(&self.client))
+        }
+        fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<Arc<ObjectName>> {
+            (addr.port() == 80 && !udp).then(|| Arc::clone(&self.service))
+        }
+        fn pod_by_cgroup(&self, _: u64) -> Option<Arc<ObjectName>> {
+            None
+        }
+    }
+
+    fn be(ip: [u8; 4]) -> mesh_common::AddrBe {
+        [u32::from_ne_bytes(ip), 0, 0, 0]
+    }
+
+    fn event(kind: u8, i: u64) -> FlowEvent {
+        FlowEvent {
+            ts_ns: i,
+            cookie: i,
+            kind,
+            family: FAMILY_V4,
+            proto: PROTO_TCP,
+            svc_addr_be: be([10, 96, 0, 10]),
+            svc_port_be: 80u16.to_be(),
+            backend_addr_be: be([10, 1, 0, 7]),
+            backend_port_be: 8080u16.to_be(),
+            backend_id: 3,
+            client_addr_be: be([10, 1, 0, 2]),
+            bytes_sent: 64,
+            duration_ns: 5_000,
+            ..FlowEvent::default()
+        }
+    }
+
+    #[test]
+    fn naming_and_keeping_a_flow_allocates_nothing_and_the_text_comes_on_request() {
+        let names = Fixed {
+            client: Arc::new(ObjectName::new("shop", "client")),
+            service: Arc::new(ObjectName::new("shop", "web")),
+        };
+        let hub = FlowHub::new();
+        let mut live = hub.subscribe();
+        // Fill the history past its capacity first: the steady state drops the oldest.
+        for i in 0..=RECENT_CAPACITY as u64 {
+            hub.publish(hub.enrich(&event(EV_OPEN, i), &names));
+        }
+        let before = allocations();
+        for i in 0..2_000 {
+            let kind = if i % 2 == 0 { EV_OPEN } else { EV_CLOSE };
+            hub.publish(hub.enrich(&event(kind, i), &names));
+        }
+        assert_eq!(
+            allocations() - before,
+            0,
+            "the per-event path (name, keep, broadcast) allocated"
+        );
+        assert_eq!(hub.recent().len(), RECENT_CAPACITY);
+        let last = hub.recent().pop().unwrap().to_proto();
+        assert_eq!(
+            (
+                last.verdict.as_str(),
+                last.source_namespace.as_str(),
+                last.source_pod.as_str(),
+                last.source_address.as_str(),
+                last.service.as_str(),
+                last.service_address.as_str(),
+                last.backend_address.as_str(),
+                last.protocol.as_str(),
+                last.duration_us,
+            ),
+            (
+                "close",
+                "shop",
+                "client",
+                "10.1.0.2",
+                "shop/web",
+                "10.96.0.10:80",
+                "10.1.0.7:8080",
+                "TCP",
+                5,
+            )
+        );
+        // A live watcher gets the same records (it fell behind here: the hub kept sending).
+        assert!(
+            live.try_recv()
+                .is_err_and(|e| matches!(e, broadcast::error::TryRecvError::Lagged(_)))
+        );
+        assert!(live.try_recv().is_ok_and(|f| f.service.is_some()));
+    }
 }

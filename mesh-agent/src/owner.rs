@@ -210,11 +210,7 @@ impl Owner {
         // so their applications reconnect to a current one (kube-proxy's conntrack flush).
         let _ = self.dp.end_stale_udp_sockets();
         self.generation += 1;
-        let snapshot = Snapshot::build(
-            self.generation,
-            Arc::new(model),
-            self.reconciler.applied().clone(),
-        );
+        let snapshot = Snapshot::build(self.generation, model, self.reconciler.applied().clone());
         // The previous snapshot is freed here, or by its last reader.
         self.stores.snapshot.store(Arc::new(snapshot));
         // Parsing and diffing a large model frees far more than it keeps; hand the freed heap

@@ -76,7 +76,8 @@ pub struct Report {
 /// (`Arc`) with the read snapshots, so publishing them copies pointers, not specs.
 #[derive(Debug, PartialEq, Eq)]
 pub struct AppliedService {
-    pub name: ObjectName,
+    /// Shared (`Arc`) so flows name their service without copying strings per event.
+    pub name: Arc<ObjectName>,
     pub spec: ServiceSpec,
 }
 
@@ -126,7 +127,7 @@ impl Reconciler {
             if self
                 .applied
                 .get(key)
-                .is_some_and(|a| a.spec == *spec && a.name == *name)
+                .is_some_and(|a| a.spec == *spec && *a.name == *name)
             {
                 report.unchanged += 1;
                 continue;
@@ -134,7 +135,7 @@ impl Reconciler {
             match dp.apply_service(spec) {
                 Ok(_) => {
                     let entry = AppliedService {
-                        name: name.clone(),
+                        name: Arc::new(name.clone()),
                         spec: std::mem::replace(spec, ServiceSpec::tcp(spec.vip, [])),
                     };
                     self.applied.insert(*key, Arc::new(entry));

@@ -34,18 +34,23 @@ pub struct Snapshot {
     pub generation: u64,
     /// When it was published.
     pub published: Option<Instant>,
+    /// The model without its services' endpoints: what the kernel got from them is in
+    /// `services` (the applied specs); a 10,000-service model's 100,000 endpoints would
+    /// otherwise be held twice for as long as the snapshot lives. Pods, policies, service
+    /// settings and ports stay.
     pub model: Arc<ClusterModel>,
     /// Service addresses in the kernel by their map key (service by VIP).
     pub services: AppliedServices,
     /// Backends over all service addresses.
     pub backends: usize,
-    /// Pod by any of its addresses.
-    pub pod_by_ip: HashMap<IpAddr, ObjectName>,
+    /// Pod by any of its addresses. The three pod indexes share one `Arc` per pod (no string
+    /// copies), which flows keep to name their pods without allocating per event.
+    pub pod_by_ip: HashMap<IpAddr, Arc<ObjectName>>,
     /// Pod by Kubernetes UID (`-` form), as the kubelet names its cgroup.
-    pub pod_by_uid: HashMap<String, ObjectName>,
+    pub pod_by_uid: HashMap<String, Arc<ObjectName>>,
     /// Pod by bare name (static setups name a pod's cgroup after the pod); the first in
     /// namespace order wins, as a scan of the model did.
-    pub pod_by_name: HashMap<String, ObjectName>,
+    pub pod_by_name: HashMap<String, Arc<ObjectName>>,
     /// Pod → identity.
     pub identities: BTreeMap<ObjectName, Identity>,
     /// Enrollment, SPIFFE id, mTLS mode and authorization policies of every pod (issue 9):
@@ -54,23 +59,29 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Indexes `model` and the services the reconciler holds.
+    /// Indexes `model` and the services the reconciler holds; drops the model's endpoints (see
+    /// [`Snapshot::model`]).
     #[must_use]
-    pub fn build(generation: u64, model: Arc<ClusterModel>, services: AppliedServices) -> Self {
+    pub fn build(generation: u64, mut model: ClusterModel, services: AppliedServices) -> Self {
+        for service in model.services.values_mut() {
+            service.endpoints = Vec::new();
+        }
+        let model = Arc::new(model);
         let mut pod_by_ip = HashMap::new();
         let mut pod_by_uid = HashMap::new();
         let mut pod_by_name = HashMap::new();
         let mut identities = BTreeMap::new();
         for (name, pod) in &model.pods {
+            let shared = Arc::new(name.clone());
             for ip in &pod.ips {
-                pod_by_ip.entry(*ip).or_insert_with(|| name.clone());
+                pod_by_ip.entry(*ip).or_insert_with(|| Arc::clone(&shared));
             }
             if !pod.uid.is_empty() {
-                pod_by_uid.insert(pod.uid.replace('_', "-"), name.clone());
+                pod_by_uid.insert(pod.uid.replace('_', "-"), Arc::clone(&shared));
             }
             pod_by_name
                 .entry(name.name.clone())
-                .or_insert_with(|| name.clone());
+                .or_insert_with(|| Arc::clone(&shared));
             identities.insert(
                 name.clone(),
                 Identity {
@@ -96,7 +107,7 @@ impl Snapshot {
 
     /// The pod owning an address.
     #[must_use]
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&ObjectName> {
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<ObjectName>> {
         self.pod_by_ip.get(&ip)
     }
 
@@ -112,7 +123,7 @@ impl Snapshot {
     /// pod — the kubelet's `pod<uid>` (systemd driver: `…-pod<uid with _>.slice`), or the pod's
     /// name (static setups, the test harness).
     #[must_use]
-    pub fn pod_by_cgroup_path(&self, path: &Path) -> Option<&ObjectName> {
+    pub fn pod_by_cgroup_path(&self, path: &Path) -> Option<&Arc<ObjectName>> {
         path.components().rev().find_map(|c| {
             let c = c.as_os_str().to_string_lossy();
             uid_in_cgroup_name(&c)
@@ -331,10 +342,41 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_keeps_services_but_not_their_endpoints() {
+        let mut m = model();
+        let name = ObjectName::new("shop", "web");
+        m.services.insert(
+            name.clone(),
+            crate::model::Service {
+                name: name.clone(),
+                cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+                ports: Vec::new(),
+                settings: crate::model::ServiceSettings::default(),
+                endpoints: vec![crate::model::Endpoint {
+                    ip: "10.1.0.3".parse().unwrap(),
+                    ports: Arc::default(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node: None,
+                    pod: None,
+                    weight: 1,
+                    hints: crate::model::Hints::default(),
+                }],
+                internal_traffic_policy: crate::model::TrafficPolicy::default(),
+            },
+        );
+        let s = Snapshot::build(1, m, AppliedServices::new());
+        assert!(s.model.services[&name].endpoints.is_empty());
+        assert_eq!(s.model.services[&name].cluster_ips.len(), 1);
+        assert_eq!(s.model.pods.len(), 3);
+    }
+
+    #[test]
     fn indexes_find_pods_by_address_uid_and_name() {
-        let s = Snapshot::build(1, Arc::new(model()), AppliedServices::new());
+        let s = Snapshot::build(1, model(), AppliedServices::new());
         assert_eq!(
-            s.pod_by_ip("10.1.0.3".parse().unwrap()),
+            s.pod_by_ip("10.1.0.3".parse().unwrap()).map(AsRef::as_ref),
             Some(&ObjectName::new("shop", "web-0"))
         );
         assert_eq!(s.pod_by_ip("10.1.0.4".parse().unwrap()), None);
@@ -343,11 +385,16 @@ mod tests {
             "/sys/fs/cgroup/kubepods/burstable/pod0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e/abc",
             "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b7c6f0e_1c1a_4e2b_9a8d_2f0c3b4a5d6e.slice/cri-containerd-1.scope",
         ] {
-            assert_eq!(s.pod_by_cgroup_path(Path::new(path)), web, "{path}");
+            assert_eq!(
+                s.pod_by_cgroup_path(Path::new(path)).map(AsRef::as_ref),
+                web,
+                "{path}"
+            );
         }
         // A bare name: the first namespace in order, as the scan it replaces.
         assert_eq!(
-            s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/node-a/client")),
+            s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/node-a/client"))
+                .map(AsRef::as_ref),
             Some(&ObjectName::new("default", "client"))
         );
         assert_eq!(

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use mesh_agent::admin::proto::{
     ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListPoliciesRequest,
-    ListPoliciesResponse, ListServicesRequest, ListTunnelsRequest, StatusRequest,
+    ListPoliciesResponse, ListServicesRequest, ListTunnelsRequest, ServiceInfo, StatusRequest,
     WatchFlowsRequest, admin_client::AdminClient,
 };
 use serde::Serialize;
@@ -23,6 +23,10 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Services (or backends) fetched per call; lists page through transparently, as
+    /// `kubectl get --chunk-size` (0 = the agent's default, 500).
+    #[arg(long, global = true, default_value_t = 500)]
+    chunk_size: u32,
     #[command(subcommand)]
     command: Command,
 }
@@ -119,14 +123,12 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let mut client = connect(cli.socket).await?;
     let out = cli.output;
+    let chunk = cli.chunk_size;
     match cli.command {
         Command::Status => status(&mut client, out).await,
         Command::Services => {
-            let r = client
-                .list_services(ListServicesRequest {})
-                .await?
-                .into_inner();
-            print(out, &r.services, || {
+            let services = list_services(&mut client, chunk).await?;
+            print(out, &services, || {
                 table(
                     &[
                         "NAMESPACE",
@@ -139,7 +141,7 @@ async fn run(cli: Cli) -> Result<()> {
                         "EJECT-AFTER",
                         "EJECT-TIME",
                     ],
-                    r.services
+                    services
                         .iter()
                         .map(|s| {
                             vec![
@@ -158,8 +160,8 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             })
         }
-        Command::Backends { service } => backends(&mut client, out, service, false).await,
-        Command::Circuits { all } => backends(&mut client, out, String::new(), !all).await,
+        Command::Backends { service } => backends(&mut client, out, chunk, service, false).await,
+        Command::Circuits { all } => backends(&mut client, out, chunk, String::new(), !all).await,
         Command::Identities => {
             let r = client
                 .list_identities(ListIdentitiesRequest {})
@@ -375,17 +377,52 @@ async fn status(client: &mut AdminClient<Channel>, out: Output) -> Result<()> {
     })
 }
 
+/// Every service, page by page (`limit` per call) until the agent returns no continue token.
+async fn list_services(client: &mut AdminClient<Channel>, limit: u32) -> Result<Vec<ServiceInfo>> {
+    let mut services = Vec::new();
+    let mut continue_token = String::new();
+    loop {
+        let page = client
+            .list_services(ListServicesRequest {
+                limit,
+                continue_token,
+            })
+            .await?
+            .into_inner();
+        services.extend(page.services);
+        if page.continue_token.is_empty() {
+            return Ok(services);
+        }
+        continue_token = page.continue_token;
+    }
+}
+
 async fn backends(
     client: &mut AdminClient<Channel>,
     out: Output,
+    limit: u32,
     service: String,
     open_only: bool,
 ) -> Result<()> {
-    let r = client
-        .list_backends(ListBackendsRequest { service, open_only })
-        .await?
-        .into_inner();
-    print(out, &r.backends, || {
+    let mut all = Vec::new();
+    let mut continue_token = String::new();
+    loop {
+        let page = client
+            .list_backends(ListBackendsRequest {
+                service: service.clone(),
+                open_only,
+                limit,
+                continue_token,
+            })
+            .await?
+            .into_inner();
+        all.extend(page.backends);
+        if page.continue_token.is_empty() {
+            break;
+        }
+        continue_token = page.continue_token;
+    }
+    print(out, &all, || {
         table(
             &[
                 "SERVICE",
@@ -398,8 +435,7 @@ async fn backends(
                 "EJECTIONS",
                 "EJECTED-FOR",
             ],
-            r.backends
-                .iter()
+            all.iter()
                 .map(|b| {
                     vec![
                         b.service.clone(),

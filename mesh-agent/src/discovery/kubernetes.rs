@@ -120,6 +120,9 @@ pub enum KubernetesError {
     /// A watcher stream ended, which kube-rs watchers never do by design.
     #[error("watching {kind}: the watch stream ended")]
     WatchEnded { kind: &'static str },
+    /// The blocking thread building the model was cancelled (the runtime is shutting down).
+    #[error("building the cluster model of node {node}: the blocking task was cancelled")]
+    BuildCancelled { node: String },
 }
 
 /// A Service's own settings: `ClientIP` affinity from its `spec` (policies add the rest).
@@ -1511,10 +1514,27 @@ pub async fn run_with_status(
                 "initial lists complete"
             );
         }
-        let (mut model, rejections) = state.build();
-        let (security_rejections, security_resolved) = state.security(&mut model);
+        // Building (and hashing) a 10,000-service model takes hundreds of milliseconds of CPU:
+        // on a blocking thread, so the runtime's workers keep serving the admin API and
+        // draining flow events meanwhile (the file source parses the same way). The state
+        // moves there and back; nothing else uses it meanwhile.
+        let built = tokio::task::spawn_blocking(move || {
+            let (mut model, rejections) = state.build();
+            let security = state.security(&mut model);
+            let digest = model.digest();
+            (state, model, rejections, security, digest)
+        })
+        .await;
+        let (model, rejections, security, digest);
+        (state, model, rejections, security, digest) = match built {
+            Ok(built) => built,
+            // A panic in the build stays a panic of this source: the supervisor reports it and
+            // restarts the source with backoff.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(KubernetesError::BuildCancelled { node }),
+        };
+        let (security_rejections, security_resolved) = security;
         statuses.publish(&state);
-        let digest = model.digest();
         if last_sent != Some(digest) {
             debug!(
                 services = model.services.len(),

@@ -25,6 +25,9 @@ impl DiscoveryError {
             Self::KubernetesClient(_) => "kubernetes_client",
             Self::Kubernetes(kubernetes::KubernetesError::ChannelClosed { .. }) => "channel_closed",
             Self::Kubernetes(kubernetes::KubernetesError::WatchEnded { .. }) => "watch_ended",
+            Self::Kubernetes(kubernetes::KubernetesError::BuildCancelled { .. }) => {
+                "build_cancelled"
+            }
         }
     }
 }

@@ -75,6 +75,14 @@ const WIDE_ENDPOINTS: u16 = 10_000;
 /// A contiguous 10 % of [`WIDE_ENDPOINTS`].
 const WIDE_EJECTED: std::ops::Range<u16> = 4_500..5_500;
 const NARROW_ENDPOINTS: u16 = 10;
+/// Endpoint addresses of the connect-latency-at-scale runs: `10.250.<i / 250>.<1 + i % 250>`,
+/// all local to backend b1 (an `ip route add local` there, routed to b1 by the node) and served
+/// by ONE listener on [`SAME_PORT`]. So 10 and 10,000 endpoints reach the same server socket
+/// and the server's side of a connect is the same for both: the ratio is the mesh's (with a
+/// listener per endpoint, 9,000 cold listeners cost the server ≈ 10 % more per connect, direct
+/// connects included — see BENCHMARKS.md).
+const SAME_NET: &str = "10.250.0.0/16";
+const SAME_PORT: u16 = 30_000;
 /// Client threads of a load-spread run (connections in flight at once, so least-connections has
 /// counts to compare).
 const LB_THREADS: usize = 4;
@@ -145,6 +153,9 @@ struct DatapathArgs {
     /// Where client, server and proxy run.
     #[arg(long, value_enum, default_value_t = Layout::SameCpu)]
     cpus: Layout,
+    /// Only one part: `endpoints` (load spread and connect latency over 10,000 endpoints).
+    #[arg(long, value_parser = ["endpoints"])]
+    only: Option<String>,
 }
 
 /// CPU placement of the processes that carry traffic.
@@ -660,6 +671,11 @@ struct Plan {
     crr_time: Duration,
     scale_reps: usize,
     scale_time: Duration,
+    /// Interleaved rounds of the 10 vs 10,000 endpoint connect-latency runs, and each run's
+    /// warm-up (dropped) and measured time.
+    endpoint_rounds: usize,
+    endpoint_warmup: Duration,
+    endpoint_time: Duration,
     failfast_count: usize,
     /// Repetitions of the load-spread runs (each: four algorithms and the 90 %-ejected run).
     lb_reps: usize,
@@ -678,6 +694,9 @@ impl Plan {
                 crr_time: Duration::from_millis(300),
                 scale_reps: 1,
                 scale_time: Duration::from_millis(300),
+                endpoint_rounds: 4,
+                endpoint_warmup: Duration::from_millis(50),
+                endpoint_time: Duration::from_millis(150),
                 failfast_count: 2_000,
                 lb_reps: 1,
                 lb_connects: 100_000,
@@ -691,6 +710,9 @@ impl Plan {
                 crr_time: Duration::from_millis(1_500),
                 scale_reps: 3,
                 scale_time: Duration::from_secs(1),
+                endpoint_rounds: 21,
+                endpoint_warmup: Duration::from_millis(100),
+                endpoint_time: Duration::from_millis(300),
                 failfast_count: 10_000,
                 lb_reps: 3,
                 lb_connects: 100_000,
@@ -876,13 +898,18 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
     let mut bench = Bench::setup(plan, args.cpus, machine.cpus, out_dir)?;
     let mut s = Samples::default();
     let failures_before = bench.dp.counter(CTR_BACKEND_FAILURE)?;
-    bench.matrix(&mut s)?;
-    bench.bypass(&mut s)?;
+    let everything = args.only.is_none();
+    if everything {
+        bench.matrix(&mut s)?;
+        bench.bypass(&mut s)?;
+    }
     let failures = bench.dp.counter(CTR_BACKEND_FAILURE)? - failures_before;
-    bench.connect_scale_mesh(&mut s)?;
-    bench.connect_scale_iptables(&mut s)?;
-    bench.failfast(&mut s)?;
-    bench.events_off(&mut s)?;
+    if everything {
+        bench.connect_scale_mesh(&mut s)?;
+        bench.connect_scale_iptables(&mut s)?;
+        bench.failfast(&mut s)?;
+        bench.events_off(&mut s)?;
+    }
     let spread = bench.endpoints(&mut s)?;
     let dropped_events = bench.dp.counter(CTR_EVENT_DROPPED)?;
     let read_events = bench.events.read();
@@ -1624,7 +1651,9 @@ impl Bench {
             .wait_ready(Duration::from_secs(30))
             .context("the many-endpoint server never became ready")?;
         let totals = self.lb_spread(s)?;
+        let same = self.same_listener_server()?;
         self.connect_scale_endpoints(s)?;
+        drop(same);
         for vip in [LB_VIP, WIDE_VIP, NARROW_VIP] {
             self.dp.remove_service(&service_key(vip, Protocol::Tcp))?;
         }
@@ -1789,22 +1818,27 @@ impl Bench {
     }
 
     /// p50 `connect()` latency to a service of 10,000 endpoints with a contiguous 10 % ejected
-    /// against one of 10 endpoints, both applied throughout, order alternated every repetition;
-    /// then the same two sets of endpoints connected to directly (each connect to a random one of
-    /// them), which shows the server's and the network stack's own part of the difference (a
-    /// `connect()`'s time includes the server's accept work that preempts the client on its CPU,
-    /// and 9,000 listeners are colder in cache than 10).
+    /// against one of 10 endpoints, both applied throughout, every endpoint served by one
+    /// listener ([`SAME_NET`]). Measured in interleaved rounds: each round times the mesh to 10
+    /// and to 10,000 endpoints, the same endpoint sets connected to directly (each connect to a
+    /// random eligible address), and direct to the 10 once more — an A/A pair, the noise floor —
+    /// in an order that rotates every round, each run after the same warm-up. Every key is the
+    /// median of per-round values, so CPU frequency, cache and load drift hit both sides of
+    /// each ratio alike.
     fn connect_scale_endpoints(&mut self, s: &mut Samples) -> Result<()> {
+        let plan = self.plan;
         println!(
-            "\n== connect latency, mesh: {NARROW_ENDPOINTS} vs {WIDE_ENDPOINTS} endpoints ({} ejected), {} repetitions",
+            "\n== connect latency: {NARROW_ENDPOINTS} vs {WIDE_ENDPOINTS} endpoints ({} ejected), one listener, {} interleaved rounds of {} ms runs",
             WIDE_EJECTED.len(),
-            self.plan.reps
+            plan.endpoint_rounds,
+            plan.endpoint_time.as_millis()
         );
-        let wide = self.endpoint_service(WIDE_VIP, WIDE_ENDPOINTS, Algorithm::Random);
+        let wide = self.same_listener_service(WIDE_VIP, WIDE_ENDPOINTS);
         self.apply_ejected(&wide, WIDE_EJECTED)?;
-        let narrow = self.endpoint_service(NARROW_VIP, NARROW_ENDPOINTS, Algorithm::Random);
+        let narrow = self.same_listener_service(NARROW_VIP, NARROW_ENDPOINTS);
+        self.dp
+            .remove_service(&service_key(NARROW_VIP, Protocol::Tcp))?;
         self.dp.apply_service(&narrow)?;
-        let (warmup, time) = (self.plan.crr_warmup, self.plan.scale_time);
         let eligible = |spec: &ServiceSpec, ejected: std::ops::Range<u16>| -> Vec<SocketAddr> {
             spec.backends
                 .iter()
@@ -1813,48 +1847,128 @@ impl Bench {
                 .map(|(_, b)| b.addr)
                 .collect()
         };
-        let direct = [eligible(&narrow, 0..0), eligible(&wide, WIDE_EJECTED)];
-        for rep in 0..self.plan.reps {
-            let mut got = BTreeMap::new();
-            for (k, how) in [(0, "mesh"), (1, "mesh"), (0, "direct"), (1, "direct")] {
-                let which = (rep + k) % 2;
-                let n = [NARROW_ENDPOINTS, WIDE_ENDPOINTS][which];
-                let targets = if how == "mesh" {
-                    vec![[NARROW_VIP, WIDE_VIP][which]]
-                } else {
-                    direct[which].clone()
-                };
+        // (name, targets): the runs of one round.
+        let runs: [(&str, Vec<SocketAddr>); 5] = [
+            ("mesh_10", vec![NARROW_VIP]),
+            ("mesh_10k", vec![WIDE_VIP]),
+            ("direct_10", eligible(&narrow, 0..0)),
+            ("direct_10k", eligible(&wide, WIDE_EJECTED)),
+            ("direct_10_again", eligible(&narrow, 0..0)),
+        ];
+        for round in 0..plan.endpoint_rounds {
+            let mut p50 = BTreeMap::new();
+            for k in 0..runs.len() {
+                let (name, targets) = &runs[(round + k) % runs.len()];
+                let targets = targets.clone();
                 let c = self.in_pod(&self.client, move || {
-                    banner_latency_client(&targets, warmup, time)
+                    banner_latency_client(&targets, plan.endpoint_warmup, plan.endpoint_time)
                 })?;
-                println!(
-                    "rep {}/{} {how:<6} {n:>5} endpoints: connect p50 {:>6.2} µs  p99 {:>6.2} µs  ({} connects)",
-                    rep + 1,
-                    self.plan.reps,
-                    c.p50_us,
-                    c.p99_us,
-                    c.samples
-                );
-                got.insert((how, n), c.p50_us);
+                p50.insert(*name, c.p50_us);
             }
-            for how in ["mesh", "direct"] {
-                let (few, many) = (got[&(how, NARROW_ENDPOINTS)], got[&(how, WIDE_ENDPOINTS)]);
-                let suffix = if how == "mesh" { "" } else { "_direct" };
-                s.push(format!("connect_latency_us_10_endpoints{suffix}"), few);
-                s.push(format!("connect_latency_us_10k_endpoints{suffix}"), many);
-                s.push(
-                    format!("connect_latency_ratio_10k_vs_10_endpoints{suffix}"),
-                    many / few,
-                );
-            }
+            let ratio = |a: &str, b: &str| p50[b] / p50[a];
+            println!(
+                "round {:>2}/{}: p50 µs mesh {:.2} → {:.2} ({:.3}), direct {:.2} → {:.2} ({:.3}), direct A/A {:.3}",
+                round + 1,
+                plan.endpoint_rounds,
+                p50["mesh_10"],
+                p50["mesh_10k"],
+                ratio("mesh_10", "mesh_10k"),
+                p50["direct_10"],
+                p50["direct_10k"],
+                ratio("direct_10", "direct_10k"),
+                ratio("direct_10", "direct_10_again"),
+            );
+            s.push("connect_latency_us_10_endpoints", p50["mesh_10"]);
+            s.push("connect_latency_us_10k_endpoints", p50["mesh_10k"]);
+            s.push("connect_latency_us_10_endpoints_direct", p50["direct_10"]);
+            s.push("connect_latency_us_10k_endpoints_direct", p50["direct_10k"]);
+            s.push(
+                "connect_latency_ratio_10k_vs_10_endpoints",
+                ratio("mesh_10", "mesh_10k"),
+            );
+            s.push(
+                "connect_latency_ratio_10k_vs_10_endpoints_direct",
+                ratio("direct_10", "direct_10k"),
+            );
+            // The noise floor: the same run twice in one round.
+            s.push(
+                "connect_latency_ratio_10_vs_10_endpoints_direct_aa",
+                ratio("direct_10", "direct_10_again"),
+            );
             // The mesh's own part: its ratio over the same endpoints' ratio without it.
             s.push(
                 "connect_latency_ratio_10k_vs_10_endpoints_mesh_over_direct",
-                (got[&("mesh", WIDE_ENDPOINTS)] / got[&("mesh", NARROW_ENDPOINTS)])
-                    / (got[&("direct", WIDE_ENDPOINTS)] / got[&("direct", NARROW_ENDPOINTS)]),
+                ratio("mesh_10", "mesh_10k") / ratio("direct_10", "direct_10k"),
             );
         }
         Ok(())
+    }
+
+    /// A service of the first `n` of the [`SAME_NET`] endpoint addresses (one listener behind
+    /// them all), with the circuit settings of [`Self::endpoint_service`].
+    fn same_listener_service(&self, vip: SocketAddr, n: u16) -> ServiceSpec {
+        let mut spec = self.endpoint_service(vip, n, Algorithm::Random);
+        for (i, b) in (0u16..).zip(spec.backends.iter_mut()) {
+            b.addr = v4(10, 250, (i / 250) as u8, (1 + i % 250) as u8, SAME_PORT);
+        }
+        spec
+    }
+
+    /// Makes every [`SAME_NET`] address local to backend b1 and routes the net to it through
+    /// the node (via b1's own address, so the node keeps one neighbour entry, not 10,000), and
+    /// starts the one listener behind them: `meshpod serve` on `0.0.0.0:SAME_PORT`, answering
+    /// `same:SAME_PORT` (the banner the client reads), pinned like the other servers.
+    fn same_listener_server(&self) -> Result<PodChild> {
+        let pod = &self.backends[1];
+        let ip = |netns: &str, args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new("ip")
+                .args(["-n", netns])
+                .args(args)
+                .output()
+                .context("running ip")?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "ip -n {netns} {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        ip(
+            pod.netns(),
+            &["route", "replace", "local", SAME_NET, "dev", "lo"],
+        )?;
+        ip(
+            self.node.netns(),
+            &[
+                "route",
+                "replace",
+                SAME_NET,
+                "via",
+                &pod.ipv4().to_string(),
+                "dev",
+                pod.host_ifname(),
+            ],
+        )?;
+        let mut cmd = match self.server_cpu {
+            Some(cpu) => {
+                let mut c = pod.command("taskset");
+                c.args(["-c", &cpu.to_string()])
+                    .arg(mesh_tests::meshpod_path()?);
+                c
+            }
+            None => pod.meshpod()?,
+        };
+        cmd.args(["serve", "--name", &format!("same:{SAME_PORT}")])
+            .args(["--tcp", &format!("0.0.0.0:{SAME_PORT}")]);
+        let mut server = pod
+            .spawn(cmd)
+            .context("failed to start the one-listener server")?;
+        server
+            .wait_ready(Duration::from_secs(30))
+            .context("the one-listener server never became ready")?;
+        Ok(server)
     }
 }
 
