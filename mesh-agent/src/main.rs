@@ -68,6 +68,8 @@ enum Command {
     /// Remove every program, link, map and pin the agent made (uninstall); refuses while an
     /// agent runs. Uses --pin-dir, --cgroup and --admin-socket.
     Cleanup,
+    /// The mesh CA (gRPC over TLS 1.3 on 15012): signs workload certificates for node agents.
+    Ca(mesh_agent::identity::cli::CaArgs),
 }
 
 #[tokio::main]
@@ -86,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
     logging::init(args.log_json);
     if let Some(Command::Cleanup) = args.command {
         return run_cleanup(args);
+    }
+    if let Some(Command::Ca(ca)) = args.command {
+        return Ok(mesh_agent::identity::cli::run(ca).await?);
     }
     let node = match args.node_name {
         Some(n) => n,

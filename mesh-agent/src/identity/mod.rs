@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod csr;
 pub mod manager;
