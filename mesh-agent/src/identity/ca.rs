@@ -134,6 +134,67 @@ impl CaMaterial {
         })
     }
 
+    /// A new intermediate CA signed by this CA's key (5 years, capped by this certificate), for
+    /// running the mesh CA under a root of your own: the result's chain is this certificate
+    /// and the chain above it, so the root stays where it is (offline if you like).
+    pub fn issue_intermediate(&self, trust_domain: &str) -> Result<Self, CaError> {
+        let signing = parse_certs(&self.origin, &self.cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| material(&self.origin, "empty"))?;
+        let parent_key = KeyPair::from_pem(&self.key_pem).map_err(|e| material(&self.origin, e))?;
+        let (_, parent_not_after, _) =
+            cert_facts(&signing).map_err(|e| material(&self.origin, e))?;
+        let issuer = Issuer::from_ca_cert_der(&signing, parent_key)
+            .map_err(|e| material(&self.origin, e))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "kernmesh intermediate CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_hours(1)).into();
+        params.not_after = (now + Duration::from_hours(5 * 365 * 24))
+            .min(parent_not_after)
+            .into();
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &issuer)?;
+        let mut chain = self.cert_pem.trim_end().to_owned();
+        chain.push('\n');
+        if let Some(above) = &self.chain_pem {
+            chain.push_str(above);
+        }
+        Ok(Self {
+            origin: "generated intermediate".to_owned(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain_pem: Some(chain),
+        })
+    }
+
+    /// Writes `ca-cert.pem`, `ca-key.pem` (0600) and `cert-chain.pem` into a new directory.
+    pub fn write_dir(&self, dir: &Path) -> Result<(), CaError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| file_err(dir, e))?;
+        write_new(&dir.join(CA_CERT), &self.cert_pem, 0o644)?;
+        write_new(&dir.join(CA_KEY), &self.key_pem, 0o600)?;
+        if let Some(chain) = &self.chain_pem {
+            write_new(&dir.join(CERT_CHAIN), chain, 0o644)?;
+        }
+        Ok(())
+    }
+
     /// A CA directory's material: read if `ca-key.pem` exists, otherwise a new root is generated
     /// and written (directory 0700, key 0600 created exclusively, so two CAs starting at once
     /// cannot both write one: the loser fails and its restart reads the winner's).
@@ -141,14 +202,8 @@ impl CaMaterial {
         if dir.join(CA_KEY).exists() {
             return Ok((Self::read_dir(dir)?, false));
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| file_err(dir, e))?;
         let generated = Self::generate_root(trust_domain)?;
-        write_new(&dir.join(CA_CERT), &generated.cert_pem, 0o644)?;
-        write_new(&dir.join(CA_KEY), &generated.key_pem, 0o600)?;
+        generated.write_dir(dir)?;
         Ok((
             Self {
                 origin: dir.display().to_string(),
@@ -421,5 +476,66 @@ impl CertificateAuthority {
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         Ok((chain, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca(m: &CaMaterial) -> Result<CertificateAuthority, CaError> {
+        CertificateAuthority::new(m, None, "cluster.local", Lifetimes::default())
+    }
+
+    #[test]
+    fn refuses_a_key_that_is_not_the_certificates_and_a_chain_that_does_not_link() {
+        let a = CaMaterial::generate_root("cluster.local").unwrap();
+        let b = CaMaterial::generate_root("cluster.local").unwrap();
+        let mixed = CaMaterial {
+            key_pem: b.key_pem.clone(),
+            ..a.clone()
+        };
+        let e = ca(&mixed).unwrap_err().to_string();
+        assert!(
+            e.contains("ca-key.pem") && e.contains("does not match"),
+            "{e}"
+        );
+        // An intermediate of `a` presented with `b` as its chain.
+        let mut inter = a.issue_intermediate("cluster.local").unwrap();
+        assert_eq!(ca(&inter).unwrap().roots().len(), 1);
+        inter.chain_pem = Some(b.cert_pem.clone());
+        let e = ca(&inter).unwrap_err().to_string();
+        assert!(e.contains("not signed by certificate 1"), "{e}");
+        // An intermediate without its chain is not a root.
+        inter.chain_pem = None;
+        let e = ca(&inter).unwrap_err().to_string();
+        assert!(e.contains("not a self-signed root"), "{e}");
+    }
+
+    #[test]
+    fn workload_certificates_never_outlive_the_max_or_the_issuer() {
+        let m = CaMaterial::generate_root("cluster.local").unwrap();
+        let authority = CertificateAuthority::new(
+            &m,
+            None,
+            "cluster.local",
+            Lifetimes {
+                default: Duration::from_hours(24),
+                max: Duration::from_hours(48),
+            },
+        )
+        .unwrap();
+        let id = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let der = super::super::csr::request(&id, &key).unwrap();
+        let csr = super::super::csr::check(&der, &id).unwrap();
+        let issued = authority
+            .sign(&csr, &id, Some(Duration::from_hours(1000)))
+            .unwrap();
+        let life = issued.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(life <= Duration::from_hours(48), "{life:?}");
+        let a = authority.sign(&csr, &id, None).unwrap();
+        let b = authority.sign(&csr, &id, None).unwrap();
+        assert_ne!(a.serial, b.serial, "serials are random");
     }
 }

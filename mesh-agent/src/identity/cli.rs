@@ -47,6 +47,10 @@ pub enum CaCommand {
         dir: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Make an intermediate signed by the CA in this directory instead of a root (its
+        /// cert-chain.pem then holds the parent's certificate and chain).
+        #[arg(long)]
+        signed_by: Option<PathBuf>,
     },
 }
 
@@ -136,14 +140,25 @@ pub async fn run(args: CaArgs) -> Result<(), CliError> {
             println!("{token}");
             Ok(())
         }
-        Some(CaCommand::Init { dir, trust_domain }) => {
+        Some(CaCommand::Init {
+            dir,
+            trust_domain,
+            signed_by,
+        }) => {
             if dir.join(super::ca::CA_KEY).exists() {
                 return Err(CliError::Other(format!(
                     "{}: already holds a CA key; refusing to overwrite it",
                     dir.display()
                 )));
             }
-            CaMaterial::load_or_generate(&dir, &trust_domain)?;
+            match signed_by {
+                Some(parent) => CaMaterial::read_dir(&parent)?
+                    .issue_intermediate(&trust_domain)?
+                    .write_dir(&dir)?,
+                None => {
+                    CaMaterial::load_or_generate(&dir, &trust_domain)?;
+                }
+            }
             println!("{}", dir.join(super::ca::CA_CERT).display());
             Ok(())
         }
@@ -181,8 +196,9 @@ async fn secret_material(client: kube::Client, name: &ObjectName) -> Result<CaMa
     let field = |key: &str| -> Result<Option<String>, CliError> {
         data.get(key)
             .map(|b| {
-                String::from_utf8(b.0.clone())
-                    .map_err(|_| CliError::Other(format!("secret {name}: data.{key} is not UTF-8 PEM")))
+                String::from_utf8(b.0.clone()).map_err(|_| {
+                    CliError::Other(format!("secret {name}: data.{key} is not UTF-8 PEM"))
+                })
             })
             .transpose()
     };
@@ -200,11 +216,7 @@ async fn secret_material(client: kube::Client, name: &ObjectName) -> Result<CaMa
 /// Builds the CA and its authenticator from `a`.
 pub async fn build(a: &ServeArgs) -> Result<(Arc<CertificateAuthority>, NodeAuth), CliError> {
     let m = material(a).await?;
-    let extra = a
-        .extra_roots
-        .as_deref()
-        .map(|p| read(p))
-        .transpose()?;
+    let extra = a.extra_roots.as_deref().map(|p| read(p)).transpose()?;
     let lifetimes = Lifetimes {
         default: Duration::from(a.workload_ttl),
         max: Duration::from(a.max_workload_ttl),
@@ -282,7 +294,9 @@ async fn serve_metrics(addr: SocketAddr, counters: Arc<CaCounters>) {
         tokio::spawn(async move {
             let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
                 let body = counters.render();
-                async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

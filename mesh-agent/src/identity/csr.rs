@@ -111,7 +111,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_another_identity_extra_sans_no_sans_rsa_and_bad_signatures() {
+    fn refuses_another_identity_extra_sans_no_sans_and_bad_signatures() {
         let key = KeyPair::generate().unwrap();
         assert!(matches!(
             check(&request(&id("db"), &key).unwrap(), &id("web")),
