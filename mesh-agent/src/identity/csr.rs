@@ -3,8 +3,10 @@
 //! Bytes from the network: every path returns an error, never panics (fuzzed by
 //! `csr_check_never_panics` with arbitrary and mutated DER).
 
+/// The key type agents generate workload keys with (ECDSA P-256 by default).
+pub use rcgen::KeyPair;
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, KeyPair, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, CertificateSigningRequestParams, PKCS_ECDSA_P256_SHA256,
     PKCS_ECDSA_P384_SHA384, PKCS_ED25519, SanType, SignatureAlgorithm,
 };
 use rustls_pki_types::CertificateSigningRequestDer;
