@@ -61,6 +61,8 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    identity: mesh_agent::identity::cli::AgentCaArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +123,9 @@ async fn main() -> anyhow::Result<()> {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
+    if let Some(manager) = args.identity.manager()? {
+        mesh_agent::identity::manager::install(manager);
+    }
     app::run(config).await
 }
 

@@ -743,3 +743,138 @@ fn intermediate_ca_under_the_users_own_root() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+/// The real binaries on a harness node: `mesh-agent ca` (static mode, 6 s certificates) and an
+/// agent pointed at it. `meshctl identities` shows each pod's certificate (serial, validity,
+/// state) and the serial changes as it renews; the CA refuses, logs (node and identity) and counts
+/// the request for a pod its own file places on another node.
+#[test]
+fn agent_binary_gets_renews_and_lists_certificates() {
+    use mesh_tests::{Cluster, agent::AgentProcess, agent::workspace_binary};
+    let Some(_k) = mesh_tests::kernel_test("identity_agent") else {
+        return;
+    };
+    let cluster = Cluster::new("identity_agent").unwrap();
+    let node = cluster.add_node("a").unwrap();
+    let work = std::env::temp_dir().join(cluster.prefix());
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let pods =
+        "  - { name: web-0, namespace: shop, node: a, serviceAccount: web, ips: [10.1.0.3] }\n";
+    // The agent believes rogue-0 runs on it; the CA's file (the truth) says node b.
+    let agent_file = work.join("mesh.yaml");
+    std::fs::write(
+        &agent_file,
+        format!("node: a\npods:\n{pods}  - {{ name: rogue-0, namespace: shop, node: a, serviceAccount: rogue, ips: [10.1.0.9] }}\n"),
+    )
+    .unwrap();
+    let ca_file = work.join("ca-cluster.yaml");
+    std::fs::write(
+        &ca_file,
+        format!("pods:\n{pods}  - {{ name: rogue-0, namespace: shop, node: b, serviceAccount: rogue, ips: [10.2.0.9] }}\n"),
+    )
+    .unwrap();
+    let agent_bin = workspace_binary("mesh-agent").unwrap();
+    let ca_dir = work.join("ca");
+    let out = std::process::Command::new(&agent_bin)
+        .args(["ca", "bootstrap", "--node", "a", "--dir"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_file = work.join("token");
+    std::fs::write(&token_file, &out.stdout).unwrap();
+
+    let mut cmd = node.command(&agent_bin);
+    cmd.args([
+        "ca",
+        "--listen",
+        "127.0.0.1:15012",
+        "--metrics-addr",
+        "none",
+        "--workload-ttl",
+        "6s",
+        "--dir",
+    ])
+    .arg(&ca_dir)
+    .arg("--static-pods")
+    .arg(&ca_file)
+    .env("RUST_LOG", "info");
+    let mut ca = node.spawn(cmd).unwrap();
+    ca.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(20))
+        .unwrap();
+
+    let pins = cluster.bpffs_dir().unwrap();
+    let mut agent = AgentProcess::new(
+        node.clone(),
+        agent_file,
+        pins.join("a"),
+        work.join("admin.sock"),
+    );
+    agent.env = vec![
+        ("MESH_CA_ADDRESS".into(), "127.0.0.1:15012".into()),
+        ("MESH_CA_SERVER_NAME".into(), "localhost".into()),
+        (
+            "MESH_CA_ROOT_FILE".into(),
+            ca_dir.join(ca::CA_CERT).display().to_string(),
+        ),
+        (
+            "MESH_CA_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        ),
+    ];
+    agent.start().unwrap();
+
+    let row = |v: &serde_json::Value, pod: &str| -> serde_json::Value {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["pod"] == pod)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut serials = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serials.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "serials seen: {serials:?}; agent: {}",
+            agent.stderr()
+        );
+        let v = agent.meshctl_json(&["identities"]).unwrap();
+        let web = row(&v, "web-0");
+        if web["cert_state"] == "valid" || web["cert_state"] == "renewing" {
+            assert_eq!(web["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+            assert!(!web["not_before"].as_str().unwrap().is_empty());
+            assert!(!web["not_after"].as_str().unwrap().is_empty());
+            serials.insert(web["serial"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            row(&v, "rogue-0")["cert_state"],
+            "pending",
+            "the CA never signs rogue"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The table form has the columns.
+    let table = String::from_utf8(agent.meshctl(&["identities"]).unwrap().stdout).unwrap();
+    assert!(
+        table.contains("SERIAL") && table.contains("NOT-AFTER") && table.contains("STATE"),
+        "{table}"
+    );
+    let log = ca.stderr_text();
+    assert!(
+        log.lines().any(|l| l.contains("certificate refused")
+            && l.contains("node=\"a\"")
+            && l.contains("spiffe://cluster.local/ns/shop/sa/rogue")
+            && l.contains("node \\\"b\\\"")),
+        "CA log: {log}"
+    );
+    let _ = agent.terminate(Duration::from_secs(10));
+    ca.kill();
+    let _ = std::fs::remove_dir_all(&work);
+}

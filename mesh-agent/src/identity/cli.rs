@@ -304,3 +304,66 @@ async fn serve_metrics(addr: SocketAddr, counters: Arc<CaCounters>) {
         });
     }
 }
+
+/// The agent's flags for reaching the CA (workload certificates are managed only when
+/// `--ca-address` is given).
+#[derive(Args, Debug, Default)]
+pub struct AgentCaArgs {
+    /// The CA (`host:port`, e.g. `mesh-ca.mesh-system.svc:15012`).
+    #[arg(long, env = "MESH_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Name the CA's certificate must carry (default: the host of --ca-address).
+    #[arg(long, env = "MESH_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// PEM roots trusted for the CA before it sends its bundle (Kubernetes: a ConfigMap).
+    #[arg(long, env = "MESH_CA_ROOT_FILE")]
+    pub ca_root_file: Option<PathBuf>,
+    /// The node's credential: a projected service-account token (re-read at every request) or
+    /// a static bootstrap token (`mesh-agent ca bootstrap`).
+    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// Trust domain of this node's workload identities (must be the CA's).
+    #[arg(
+        long = "trust-domain",
+        env = "MESH_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub agent_trust_domain: String,
+    /// Lifetime asked for workload certificates (default: the CA's, 24 h).
+    #[arg(long, env = "MESH_WORKLOAD_CERT_TTL")]
+    pub workload_cert_ttl: Option<humantime::Duration>,
+}
+
+impl AgentCaArgs {
+    /// The manager these flags describe, or `None` without `--ca-address`.
+    pub fn manager(&self) -> Result<Option<super::manager::IdentityManager>, CliError> {
+        let Some(addr) = &self.ca_address else {
+            return Ok(None);
+        };
+        let root_file = self.ca_root_file.as_ref().ok_or_else(|| {
+            CliError::Other("--ca-address needs --ca-root-file (the CA's root, PEM)".to_owned())
+        })?;
+        let token = self.ca_token_file.clone().ok_or_else(|| {
+            CliError::Other("--ca-address needs --ca-token-file (the node's credential)".to_owned())
+        })?;
+        let anchors = super::ca::parse_certs(&root_file.display().to_string(), &read(root_file)?)?;
+        let server_name = match &self.ca_server_name {
+            Some(n) => n.clone(),
+            None => addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_owned(),
+        };
+        let mut config = super::manager::ManagerConfig::new(&self.agent_trust_domain, anchors);
+        config.requested_ttl = self.workload_cert_ttl.map(Duration::from);
+        Ok(Some(super::manager::IdentityManager::new(
+            config,
+            super::client::CaEndpoint {
+                addr: addr.clone(),
+                server_name,
+                token: super::client::TokenSource::File(token),
+            },
+        )))
+    }
+}

@@ -424,6 +424,39 @@ pub fn local_workloads(model: &ClusterModel, trust_domain: &str) -> BTreeMap<Obj
         .collect()
 }
 
+/// The agent process's manager, set once by `main` when a CA is configured (`--ca-address`).
+/// A process-wide slot rather than a field of `app::Shared` so the admin API, the proxies and
+/// the model follower reach it without every part's constructor changing in this round; the
+/// set-once `OnceLock` is what makes "one manager per agent" hold.
+static GLOBAL: std::sync::OnceLock<IdentityManager> = std::sync::OnceLock::new();
+
+/// Installs the agent's manager; `false` if one was installed already (the first stays).
+pub fn install(manager: IdentityManager) -> bool {
+    GLOBAL.set(manager).is_ok()
+}
+
+/// The agent's manager, if a CA is configured.
+#[must_use]
+pub fn global() -> Option<&'static IdentityManager> {
+    GLOBAL.get()
+}
+
+impl IdentityManager {
+    /// Keeps the managed identities equal to the local pods of the published model: checks the
+    /// snapshot every 500 ms and recomputes only when the model changed (a new `Arc`).
+    pub async fn follow(self, stores: Arc<crate::state::Stores>) {
+        let mut last: Option<Arc<ClusterModel>> = None;
+        loop {
+            let model = Arc::clone(&stores.snapshot.load().model);
+            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &model)) {
+                self.set_workloads(&local_workloads(&model, &self.inner.config.trust_domain));
+                last = Some(model);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
