@@ -35,7 +35,7 @@ What it adds to kmock (0.8):
   carry `authentication.kubernetes.io/node-name`) and its audiences; an unknown token, a token for
   another audience, or one whose bound pod was deleted reviews as not authenticated. The service
   account itself need not exist (the API server would require it);
-- `Secret` (the CA's plug-in key pair).
+- `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes).
 
 As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
 plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
@@ -96,6 +96,7 @@ RESOURCES = {
     },
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease", "namespaced": True},
     "v1/secrets": {"kind": "Secret", "singular": "secret", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "namespaced": True},
 }
 
 TOKEN_REQUEST = re.compile(r"^/api/v1/namespaces/([^/]+)/serviceaccounts/([^/]+)/token$")

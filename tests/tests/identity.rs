@@ -878,3 +878,59 @@ fn agent_binary_gets_renews_and_lists_certificates() {
     ca.kill();
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// `mesh-agent ca --kubernetes --ca-secret …`: the first start generates the root and stores it
+/// in the Secret; a restart (another replica) reads the same root; the bundle is published in a
+/// ConfigMap for agents to mount.
+#[test]
+fn kubernetes_ca_keeps_its_root_in_a_secret_and_publishes_the_bundle() {
+    use clap::Parser;
+    use mesh_agent::discovery::kubernetes::k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use mesh_agent::identity::cli::{ServeArgs, build};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    runtime().block_on(async {
+        let dir = work_dir("ca-secret");
+        let kmock = Kmock::start(&dir, None).unwrap();
+        let kubeconfig = kmock.kubeconfig(&dir).unwrap();
+        let args = || {
+            Cli::parse_from([
+                "ca",
+                "--kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--ca-secret",
+                "mesh-system/mesh-ca",
+                "--root-configmap",
+                "mesh-system/mesh-ca-root",
+            ])
+            .serve
+        };
+        let (first, _) = build(&args()).await.unwrap();
+        let (second, _) = build(&args()).await.unwrap();
+        assert_eq!(
+            first.roots(),
+            second.roots(),
+            "the restarted CA has the same root"
+        );
+        let client = auth::kube_client(Some(&kubeconfig)).await.unwrap();
+        let secret = Api::<Secret>::namespaced(client.clone(), "mesh-system")
+            .get("mesh-ca")
+            .await
+            .unwrap();
+        let data = secret.data.unwrap();
+        assert!(data.contains_key(ca::CA_KEY) && data.contains_key(ca::CA_CERT));
+        let cm = Api::<ConfigMap>::namespaced(client, "mesh-system")
+            .get("mesh-ca-root")
+            .await
+            .unwrap();
+        let pem = &cm.data.unwrap()["root-cert.pem"];
+        assert_eq!(ca::parse_certs("configmap", pem).unwrap(), first.roots());
+        assert!(!pem.contains("PRIVATE"), "only certificates are published");
+        drop(kmock);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

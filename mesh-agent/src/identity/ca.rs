@@ -247,6 +247,33 @@ pub fn cert_facts(der: &[u8]) -> Result<(SystemTime, SystemTime, String), String
     ))
 }
 
+/// A DER certificate as PEM (base64 in 64-column lines, RFC 7468).
+#[must_use]
+pub fn pem_certificate(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 /// PEM certificates → DER, naming `what` when one does not parse.
 pub fn parse_certs(what: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -510,6 +537,26 @@ mod tests {
         inter.chain_pem = None;
         let e = ca(&inter).unwrap_err().to_string();
         assert!(e.contains("not a self-signed root"), "{e}");
+    }
+
+    #[test]
+    fn pem_round_trips() {
+        let m = CaMaterial::generate_root("cluster.local").unwrap();
+        let der = parse_certs("root", &m.cert_pem).unwrap();
+        assert_eq!(
+            parse_certs("again", &pem_certificate(&der[0])).unwrap(),
+            der
+        );
+        for len in 0..7 {
+            let bytes: Vec<u8> = (0..len).collect();
+            let pem = pem_certificate(&bytes);
+            let back: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+            if len > 0 {
+                assert_eq!(back[0].as_ref(), bytes.as_slice());
+            }
+        }
     }
 
     #[test]

@@ -78,9 +78,16 @@ pub struct ServeArgs {
     /// Certificates above --ca-cert up to and including your root (intermediate mode).
     #[arg(long, requires = "ca_cert")]
     pub ca_chain: Option<PathBuf>,
-    /// Read ca-cert.pem, ca-key.pem (and cert-chain.pem) from this Secret (`namespace/name`).
+    /// Read ca-cert.pem, ca-key.pem (and cert-chain.pem) from this Secret (`namespace/name`);
+    /// if it does not exist, generate a root and create it (as istiod's `istio-ca-secret`), so a
+    /// CA Deployment keeps its root across restarts without a volume.
     #[arg(long)]
     pub ca_secret: Option<String>,
+    /// Kubernetes: publish the trust bundle (`root-cert.pem`) in this ConfigMap
+    /// (`namespace/name`) at start, for agents to mount as --ca-root-file (Istio's
+    /// `istio-ca-root-cert`).
+    #[arg(long)]
+    pub root_configmap: Option<String>,
     /// Extra roots (PEM) sent in the trust bundle: the other root during a rotation.
     #[arg(long)]
     pub extra_roots: Option<PathBuf>,
@@ -175,7 +182,7 @@ async fn material(a: &ServeArgs) -> Result<CaMaterial, CliError> {
         let client = auth::kube_client(a.kubeconfig.as_deref())
             .await
             .map_err(|e| CliError::Other(format!("Kubernetes client: {e}")))?;
-        return secret_material(client, &name).await;
+        return secret_material(client, &name, &a.trust_domain).await;
     }
     let (m, generated) = CaMaterial::load_or_generate(&a.dir, &a.trust_domain)?;
     if generated {
@@ -184,14 +191,59 @@ async fn material(a: &ServeArgs) -> Result<CaMaterial, CliError> {
     Ok(m)
 }
 
-/// The Secret's `ca-cert.pem`, `ca-key.pem` and optional `cert-chain.pem` (Istio's `cacerts`).
-async fn secret_material(client: kube::Client, name: &ObjectName) -> Result<CaMaterial, CliError> {
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client, &name.namespace);
-    let secret = api
-        .get(&name.name)
-        .await
-        .map_err(|e| CliError::Other(format!("secret {name}: {e}")))?;
+/// The Secret's `ca-cert.pem`, `ca-key.pem` and optional `cert-chain.pem` (Istio's `cacerts`
+/// names); a missing Secret is created with a generated root. Two replicas starting at once:
+/// the loser's create fails with a conflict and it reads the winner's.
+async fn secret_material(
+    client: kube::Client,
+    name: &ObjectName,
+    trust_domain: &str,
+) -> Result<CaMaterial, CliError> {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, &name.namespace);
+    let secret = match api.get(&name.name).await {
+        Ok(s) => s,
+        Err(kube::Error::Api(s)) if s.code == 404 || s.is_not_found() => {
+            let root = CaMaterial::generate_root(trust_domain)?;
+            let new = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.name.clone()),
+                    namespace: Some(name.namespace.clone()),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".to_owned()),
+                data: Some(
+                    [
+                        (
+                            super::ca::CA_CERT.to_owned(),
+                            ByteString(root.cert_pem.clone().into_bytes()),
+                        ),
+                        (
+                            super::ca::CA_KEY.to_owned(),
+                            ByteString(root.key_pem.clone().into_bytes()),
+                        ),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            };
+            match api.create(&kube::api::PostParams::default(), &new).await {
+                Ok(_) => {
+                    info!(secret = %name, "generated a new root CA and stored it");
+                    return Ok(CaMaterial {
+                        origin: format!("secret {name}"),
+                        ..root
+                    });
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => api
+                    .get(&name.name)
+                    .await
+                    .map_err(|e| CliError::Other(format!("secret {name}: {e}")))?,
+                Err(e) => return Err(CliError::Other(format!("creating secret {name}: {e}"))),
+            }
+        }
+        Err(e) => return Err(CliError::Other(format!("secret {name}: {e}"))),
+    };
     let data = secret.data.unwrap_or_default();
     let field = |key: &str| -> Result<Option<String>, CliError> {
         data.get(key)
@@ -213,6 +265,52 @@ async fn secret_material(client: kube::Client, name: &ObjectName) -> Result<CaMa
     })
 }
 
+/// Writes the CA's trust bundle into a ConfigMap: created, or its `data` merge-patched when it
+/// exists (a restart after a rotation step replaces the bundle).
+pub async fn publish_roots(
+    client: kube::Client,
+    name: &ObjectName,
+    ca: &CertificateAuthority,
+) -> Result<(), CliError> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let pem: String = ca
+        .roots()
+        .iter()
+        .map(|r| super::ca::pem_certificate(r))
+        .collect();
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, &name.namespace);
+    let err =
+        |e: kube::Error| CliError::Other(format!("publishing roots to configmap {name}: {e}"));
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.name.clone()),
+            namespace: Some(name.namespace.clone()),
+            ..Default::default()
+        },
+        data: Some([(ROOT_CERT_KEY.to_owned(), pem.clone())].into()),
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &cm).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let patch = serde_json::json!({ "data": { ROOT_CERT_KEY: pem } });
+            api.patch(
+                &name.name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(patch),
+            )
+            .await
+            .map_err(err)?;
+        }
+        Err(e) => return Err(err(e)),
+    }
+    info!(configmap = %name, roots = ca.roots().len(), "trust bundle published");
+    Ok(())
+}
+
+/// The key of the published bundle (Istio's `istio-ca-root-cert` uses the same).
+pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+
 /// Builds the CA and its authenticator from `a`.
 pub async fn build(a: &ServeArgs) -> Result<(Arc<CertificateAuthority>, NodeAuth), CliError> {
     let m = material(a).await?;
@@ -232,6 +330,9 @@ pub async fn build(a: &ServeArgs) -> Result<(Arc<CertificateAuthority>, NodeAuth
             .await
             .map_err(|e| CliError::Other(format!("Kubernetes client: {e}")))?;
         let sa = split_name("--agent-service-account", &a.agent_service_account)?;
+        if let Some(cm) = &a.root_configmap {
+            publish_roots(client.clone(), &split_name("--root-configmap", cm)?, &ca).await?;
+        }
         NodeAuth::Kubernetes(KubeAuth::new(client, &sa))
     } else {
         let pods = a
