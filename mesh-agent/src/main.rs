@@ -71,7 +71,7 @@ enum Command {
     /// agent runs. Uses --pin-dir, --cgroup and --admin-socket.
     Cleanup,
     /// The mesh CA (gRPC over TLS 1.3 on 15012): signs workload certificates for node agents.
-    Ca(mesh_agent::identity::cli::CaArgs),
+    Ca(Box<mesh_agent::identity::cli::CaArgs>),
 }
 
 #[tokio::main]
@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         return run_cleanup(args);
     }
     if let Some(Command::Ca(ca)) = args.command {
-        return Ok(mesh_agent::identity::cli::run(ca).await?);
+        return Ok(mesh_agent::identity::cli::run(*ca).await?);
     }
     let node = match args.node_name {
         Some(n) => n,

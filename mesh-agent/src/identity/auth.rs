@@ -120,13 +120,16 @@ pub fn bootstrap(file: &Path, node: &str) -> Result<String, std::io::Error> {
     Ok(token)
 }
 
+/// The static file as last parsed, with the modification time it had.
+type ParsedPods = (SystemTime, Arc<ClusterModel>);
+
 /// Static mode: bootstrap tokens and the static cluster file's pods.
 #[derive(Clone)]
 pub struct StaticAuth {
     tokens: PathBuf,
     pods: PathBuf,
     /// The last parsed pods file, by modification time: reparsed only when it changes.
-    cache: Arc<Mutex<Option<(SystemTime, Arc<ClusterModel>)>>>,
+    cache: Arc<Mutex<Option<ParsedPods>>>,
 }
 
 impl StaticAuth {

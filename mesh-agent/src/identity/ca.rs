@@ -45,14 +45,14 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
 }
 
-fn file_err(path: &Path, reason: impl ToString) -> CaError {
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> CaError {
     CaError::File {
         path: path.to_owned(),
         reason: reason.to_string(),
     }
 }
 
-fn material(what: &str, reason: impl ToString) -> CaError {
+fn material(what: &str, reason: impl std::fmt::Display) -> CaError {
     CaError::Material {
         what: what.to_owned(),
         reason: reason.to_string(),

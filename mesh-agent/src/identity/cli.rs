@@ -83,7 +83,7 @@ pub struct ServeArgs {
     /// CA Deployment keeps its root across restarts without a volume.
     #[arg(long)]
     pub ca_secret: Option<String>,
-    /// Kubernetes: publish the trust bundle (`root-cert.pem`) in this ConfigMap
+    /// Kubernetes: publish the trust bundle (`root-cert.pem`) in this `ConfigMap`
     /// (`namespace/name`) at start, for agents to mount as --ca-root-file (Istio's
     /// `istio-ca-root-cert`).
     #[arg(long)]
@@ -100,7 +100,7 @@ pub struct ServeArgs {
     /// Longest lifetime an agent may ask for.
     #[arg(long, default_value = "90days")]
     pub max_workload_ttl: humantime::Duration,
-    /// Kubernetes mode: TokenReview for nodes, the API for pods.
+    /// Kubernetes mode: `TokenReview` for nodes, the API for pods.
     #[arg(long)]
     pub kubernetes: bool,
     /// Kubeconfig (default: in-cluster or $KUBECONFIG).
@@ -265,7 +265,7 @@ async fn secret_material(
     })
 }
 
-/// Writes the CA's trust bundle into a ConfigMap: created, or its `data` merge-patched when it
+/// Writes the CA's trust bundle into a `ConfigMap`: created, or its `data` merge-patched when it
 /// exists (a restart after a rotation step replaces the bundle).
 pub async fn publish_roots(
     client: kube::Client,
@@ -314,7 +314,7 @@ pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// Builds the CA and its authenticator from `a`.
 pub async fn build(a: &ServeArgs) -> Result<(Arc<CertificateAuthority>, NodeAuth), CliError> {
     let m = material(a).await?;
-    let extra = a.extra_roots.as_deref().map(|p| read(p)).transpose()?;
+    let extra = a.extra_roots.as_deref().map(read).transpose()?;
     let lifetimes = Lifetimes {
         default: Duration::from(a.workload_ttl),
         max: Duration::from(a.max_workload_ttl),
@@ -416,7 +416,7 @@ pub struct AgentCaArgs {
     /// Name the CA's certificate must carry (default: the host of --ca-address).
     #[arg(long, env = "MESH_CA_SERVER_NAME")]
     pub ca_server_name: Option<String>,
-    /// PEM roots trusted for the CA before it sends its bundle (Kubernetes: a ConfigMap).
+    /// PEM roots trusted for the CA before it sends its bundle (Kubernetes: a `ConfigMap`).
     #[arg(long, env = "MESH_CA_ROOT_FILE")]
     pub ca_root_file: Option<PathBuf>,
     /// The node's credential: a projected service-account token (re-read at every request) or

@@ -41,8 +41,7 @@ fn allowed(alg: &SignatureAlgorithm) -> bool {
         &PKCS_ECDSA_P384_SHA384,
         &PKCS_ED25519,
     ]
-    .iter()
-    .any(|a| *a == alg)
+    .contains(&alg)
 }
 
 /// Parses `der`, verifies its self-signature (proof the requester holds the key), and checks that
@@ -62,17 +61,15 @@ pub fn check(der: &[u8], expected: &SpiffeId) -> Result<CertificateSigningReques
         )));
     }
     let sans = &csr.params.subject_alt_names;
-    let uri = match sans.as_slice() {
-        [SanType::URI(uri)] => uri.as_str(),
-        _ => {
-            let found: Vec<String> = sans.iter().map(|s| format!("{s:?}")).collect();
-            return Err(CsrError::Sans(if found.is_empty() {
-                "none".to_owned()
-            } else {
-                found.join(", ")
-            }));
-        }
+    let [SanType::URI(uri)] = sans.as_slice() else {
+        let found: Vec<String> = sans.iter().map(|s| format!("{s:?}")).collect();
+        return Err(CsrError::Sans(if found.is_empty() {
+            "none".to_owned()
+        } else {
+            found.join(", ")
+        }));
     };
+    let uri = uri.as_str();
     if uri != expected.to_string() {
         return Err(CsrError::WrongIdentity {
             found: uri.to_owned(),

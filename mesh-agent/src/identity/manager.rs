@@ -39,7 +39,7 @@ pub struct ManagerConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Roots trusted before the CA has sent a bundle (and always: the CA's certificate is
-    /// checked against them and the bundle together), e.g. a mounted ConfigMap.
+    /// checked against them and the bundle together), e.g. a mounted `ConfigMap`.
     pub anchors: Vec<CertificateDer<'static>>,
 }
 
@@ -287,9 +287,16 @@ impl Inner {
                     let renew_at = renewal_time(cert.not_before, cert.not_after);
                     info!(identity = %id, serial = cert.serial, not_after = %humantime::format_rfc3339_seconds(cert.not_after), "certificate received");
                     self.counters.issued.fetch_add(1, Ordering::Relaxed);
-                    self.write_certs().insert(id.clone(), Arc::new(cert));
-                    if let Some(e) = self.lock_entries().get_mut(&id) {
+                    {
+                        // Stored under the entries lock, and only while the identity is still
+                        // wanted: `set_workloads` removes entry and certificate under the same
+                        // lock, so a certificate arriving as its last pod leaves is never kept.
+                        let mut entries = self.lock_entries();
+                        let Some(e) = entries.get_mut(&id) else {
+                            return;
+                        };
                         e.renew_at = Some(renew_at);
+                        self.write_certs().insert(id.clone(), Arc::new(cert));
                     }
                     let wait = renew_at
                         .duration_since(SystemTime::now())
@@ -394,8 +401,14 @@ impl CertProvider for IdentityManager {
         &self.inner.config.trust_domain
     }
 
+    /// An expired certificate is not offered (a peer would refuse it); the renewal task keeps
+    /// retrying and the next handshake after it succeeds gets the new one.
     fn workload(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
-        self.inner.read_certs().get(id).cloned()
+        self.inner
+            .read_certs()
+            .get(id)
+            .filter(|c| c.not_after > SystemTime::now())
+            .cloned()
     }
 
     fn roots(&self) -> Arc<rustls::RootCertStore> {

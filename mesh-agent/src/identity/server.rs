@@ -3,6 +3,7 @@
 //! answered with the gRPC code and the reason (as istiod does).
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -64,10 +65,11 @@ impl CaCounters {
             ("invalid", &self.invalid),
             ("unavailable", &self.unavailable),
         ] {
-            out.push_str(&format!(
-                "kernmesh_ca_requests_total{{outcome=\"{outcome}\"}} {}\n",
+            let _ = writeln!(
+                out,
+                "kernmesh_ca_requests_total{{outcome=\"{outcome}\"}} {}",
                 c.load(Ordering::Relaxed)
-            ));
+            );
         }
         out
     }
@@ -86,7 +88,7 @@ impl CaService {
         Self { ca, auth, counters }
     }
 
-    fn refuse(&self, counter: &AtomicU64, status: Status, node: &str, id: &str) -> Status {
+    fn refuse(counter: &AtomicU64, status: Status, node: &str, id: &str) -> Status {
         counter.fetch_add(1, Ordering::Relaxed);
         warn!(node, identity = id, code = ?status.code(), reason = status.message(), "certificate refused");
         status
@@ -109,7 +111,7 @@ impl CertificateService for CaService {
         let r = req.into_inner();
         let id_text = r.spiffe_id.clone();
         let Some(token) = token else {
-            return Err(self.refuse(
+            return Err(Self::refuse(
                 &self.counters.unauthenticated,
                 Status::unauthenticated("no bearer token in the authorization metadata"),
                 "-",
@@ -119,7 +121,7 @@ impl CertificateService for CaService {
         let node = match self.auth.authenticate(&token).await {
             Ok(n) => n,
             Err(e) => {
-                return Err(self.refuse(
+                return Err(Self::refuse(
                     &self.counters.unauthenticated,
                     Status::unauthenticated(e.0),
                     "-",
@@ -128,7 +130,7 @@ impl CertificateService for CaService {
             }
         };
         let invalid = |msg: String| {
-            self.refuse(
+            Self::refuse(
                 &self.counters.invalid,
                 Status::invalid_argument(msg),
                 &node,
@@ -140,7 +142,7 @@ impl CertificateService for CaService {
             .parse()
             .map_err(|e| invalid(format!("spiffe_id {:?}: {e}", r.spiffe_id)))?;
         if id.trust_domain() != self.ca.trust_domain() {
-            return Err(self.refuse(
+            return Err(Self::refuse(
                 &self.counters.denied,
                 Status::permission_denied(format!(
                     "trust domain {} is not this CA's {}",
@@ -160,7 +162,7 @@ impl CertificateService for CaService {
         match self.auth.authorize(&node, &pod, &id).await {
             Ok(()) => {}
             Err(Refusal::Denied(reason)) => {
-                return Err(self.refuse(
+                return Err(Self::refuse(
                     &self.counters.denied,
                     Status::permission_denied(reason),
                     &node,
@@ -168,7 +170,7 @@ impl CertificateService for CaService {
                 ));
             }
             Err(Refusal::Unavailable(reason)) => {
-                return Err(self.refuse(
+                return Err(Self::refuse(
                     &self.counters.unavailable,
                     Status::unavailable(reason),
                     &node,
@@ -255,13 +257,12 @@ impl CaServer {
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
+            tonic::transport::Server::builder()
                 .add_service(CertificateServiceServer::new(service))
                 .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), async {
                     let _ = rx.await;
                 })
-                .await;
-            r
+                .await
         });
         info!(%addr, "CA serving");
         Ok(Self {
