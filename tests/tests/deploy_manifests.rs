@@ -106,7 +106,7 @@ struct Manifests {
 }
 
 /// The CA's manifests (`ca*.yaml`) are checked on their own (`Manifests::load_ca`): they add a
-/// second ServiceAccount, ClusterRole and Role that the agent's checks must not see.
+/// second `ServiceAccount`, `ClusterRole` and `Role` that the agent's checks must not see.
 fn is_ca_manifest(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
@@ -1572,8 +1572,8 @@ fn ca_deployment_serves_15012_with_a_command_line_the_binary_accepts() {
     );
     // The Service reaches the container's 15012 and selects the Deployment's pods.
     let svc = only(&m.services, "Service");
-    let sspec = svc.spec.as_ref().unwrap();
-    let grpc = sspec
+    let service_spec = svc.spec.as_ref().unwrap();
+    let grpc = service_spec
         .ports
         .iter()
         .flatten()
@@ -1589,7 +1589,7 @@ fn ca_deployment_serves_15012_with_a_command_line_the_binary_accepts() {
         .labels
         .clone()
         .unwrap_or_default();
-    for (k, v) in sspec.selector.clone().unwrap_or_default() {
+    for (k, v) in service_spec.selector.clone().unwrap_or_default() {
         assert_eq!(labels.get(&k), Some(&v), "selector {k}={v}");
     }
 }

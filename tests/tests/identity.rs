@@ -3,7 +3,11 @@
 //! others; unauthenticated nodes are refused (static bootstrap tokens, and Kubernetes
 //! `TokenReview` against the kmock API stand-in); certificates renew at half-life across a CA
 //! restart; a root rotation's overlap keeps old and new certificates verifying; an intermediate
-//! under the user's own root chains to that root. Not kernel tests: no root needed.
+//! under the user's own root chains to that root. Not kernel tests (no root needed), except
+//! `agent_binary_gets_renews_and_lists_certificates`, which runs the binaries on a harness node.
+
+// Each test is one scenario told in order; splitting it would hide the story.
+#![allow(clippy::too_many_lines)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,6 +43,7 @@ use mesh_agent::{
 };
 use mesh_tests::kmock::Kmock;
 use rustls_pki_types::CertificateDer;
+use std::os::unix::fs::PermissionsExt as _;
 
 const TD: &str = "cluster.local";
 
@@ -171,7 +176,6 @@ fn static_node_gets_certificates_for_its_own_pods_only() {
         let pods = write_pods(&dir);
         let (m, generated) = CaMaterial::load_or_generate(&dir.join("ca"), TD).unwrap();
         assert!(generated);
-        use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(dir.join("ca").join(ca::CA_KEY))
             .unwrap()
             .permissions()
@@ -254,7 +258,7 @@ fn static_node_gets_certificates_for_its_own_pods_only() {
         .await;
         match e {
             Err(CaClientError::Denied(m)) => {
-                assert!(m.contains("node-b") && m.contains("node-a"), "{m}")
+                assert!(m.contains("node-b") && m.contains("node-a"), "{m}");
             }
             other => panic!("expected PERMISSION_DENIED, got {other:?}"),
         }
@@ -881,7 +885,7 @@ fn agent_binary_gets_renews_and_lists_certificates() {
 
 /// `mesh-agent ca --kubernetes --ca-secret …`: the first start generates the root and stores it
 /// in the Secret; a restart (another replica) reads the same root; the bundle is published in a
-/// ConfigMap for agents to mount.
+/// `ConfigMap` for agents to mount.
 #[test]
 fn kubernetes_ca_keeps_its_root_in_a_secret_and_publishes_the_bundle() {
     use clap::Parser;
