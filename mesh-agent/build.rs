@@ -1,6 +1,6 @@
 //! Locates the kernel object built by `cargo xtask build-ebpf` so the agent can embed it (only
-//! with the `datapath` feature), and generates the admin API from `proto/admin.proto` (with a
-//! vendored `protoc`).
+//! with the `datapath` feature), and generates the admin API from `proto/admin.proto` and the CA's from `proto/ca.proto`
+//! (with a vendored `protoc`).
 
 use std::path::PathBuf;
 
@@ -42,9 +42,14 @@ fn compile_protos() {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto/admin.proto");
+    println!("cargo:rerun-if-changed=proto/ca.proto");
     tonic_prost_build::configure()
         // meshctl prints the same messages as JSON and YAML.
         .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/admin.proto"], &["proto"])
         .expect("compiling proto/admin.proto");
+    // The CA's API (`identity::ca`): node agents are its only clients.
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/ca.proto"], &["proto"])
+        .expect("compiling proto/ca.proto");
 }

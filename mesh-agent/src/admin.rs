@@ -426,21 +426,46 @@ impl Admin for AdminService {
         _: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
         let snap = self.shared.stores.snapshot.load();
+        let certs: std::collections::HashMap<String, crate::identity::manager::CertStatus> =
+            crate::identity::manager::global()
+                .map(|m| {
+                    m.status()
+                        .into_iter()
+                        .map(|c| (c.id.to_string(), c))
+                        .collect()
+                })
+                .unwrap_or_default();
+        let rfc3339 = |t: Option<std::time::SystemTime>| {
+            t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_default()
+        };
         let identities = snap
             .model
             .pods
             .iter()
             .filter(|(_, p)| p.node == snap.model.node)
             .filter_map(|(name, p)| Some((p, snap.identities.get(name)?)))
-            .map(|(p, id)| IdentityInfo {
-                namespace: id.namespace.clone(),
-                pod: p.name.name.clone(),
-                service_account: id.service_account.clone(),
-                spiffe_id: format!(
+            .map(|(p, id)| {
+                let spiffe_id = format!(
                     "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
                     id.namespace, id.service_account
-                ),
-                addresses: p.ips.iter().map(ToString::to_string).collect(),
+                );
+                let cert = certs.get(&spiffe_id);
+                IdentityInfo {
+                    namespace: id.namespace.clone(),
+                    pod: p.name.name.clone(),
+                    service_account: id.service_account.clone(),
+                    addresses: p.ips.iter().map(ToString::to_string).collect(),
+                    serial: cert.and_then(|c| c.serial.clone()).unwrap_or_default(),
+                    not_before: rfc3339(cert.and_then(|c| c.not_before)),
+                    not_after: rfc3339(cert.and_then(|c| c.not_after)),
+                    cert_state: match (crate::identity::manager::global(), cert) {
+                        (None, _) => "none".to_owned(),
+                        (Some(_), None) => "pending".to_owned(),
+                        (Some(_), Some(c)) => c.state.as_str().to_owned(),
+                    },
+                    spiffe_id,
+                }
             })
             .collect();
         Ok(Response::new(ListIdentitiesResponse { identities }))

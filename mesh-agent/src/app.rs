@@ -149,6 +149,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         flows: Arc::new(FlowHub::new()),
         proxy_stats: crate::proxy::ProxyStats::new(),
     });
+    // Workload certificates follow this node's pods (only when a CA is configured).
+    if let Some(identities) = crate::identity::manager::global() {
+        tokio::spawn(identities.clone().follow(Arc::clone(&shared.stores)));
+    }
     if let Some(ring) = ring {
         tokio::spawn(
             Arc::clone(&shared.flows).pump(ring, Arc::new(SnapshotNames::new(Arc::clone(&shared)))),

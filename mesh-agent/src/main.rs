@@ -68,6 +68,8 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    identity: mesh_agent::identity::cli::AgentCaArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,6 +77,8 @@ enum Command {
     /// Remove every program, link, map and pin the agent made (uninstall); refuses while an
     /// agent runs. Uses --pin-dir, --cgroup and --admin-socket.
     Cleanup,
+    /// The mesh CA (gRPC over TLS 1.3 on 15012): signs workload certificates for node agents.
+    Ca(Box<mesh_agent::identity::cli::CaArgs>),
 }
 
 #[tokio::main]
@@ -93,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
     logging::init(args.log_json);
     if let Some(Command::Cleanup) = args.command {
         return run_cleanup(args);
+    }
+    if let Some(Command::Ca(ca)) = args.command {
+        return Ok(mesh_agent::identity::cli::run(*ca).await?);
     }
     let node = match args.node_name {
         Some(n) => n,
@@ -125,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
+    if let Some(manager) = args.identity.manager()? {
+        mesh_agent::identity::manager::install(manager);
+    }
     app::run(config).await
 }
 

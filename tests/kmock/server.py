@@ -30,6 +30,14 @@ What it adds to kmock (0.8):
   and watches as the API server does: a watched object that stops matching is sent as DELETED,
   one that starts matching as ADDED. A malformed selector fails the request (kmock answers 500).
 
+- `TokenRequest` (`POST .../serviceaccounts/NAME/token`, as the kubelet mints projected tokens)
+  and `TokenReview` (`POST /apis/authentication.k8s.io/v1/tokenreviews`): a minted token reviews
+  as its service account with the bound pod's name, uid and node in `user.extra` (as bound tokens
+  carry `authentication.kubernetes.io/node-name`) and its audiences; an unknown token, a token for
+  another audience, or one whose bound pod was deleted reviews as not authenticated. The service
+  account itself need not exist (the API server would require it);
+- `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes).
+
 As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
 plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
 """
@@ -44,6 +52,7 @@ import time
 import re
 import uuid
 
+import aiohttp.web
 import kmock
 from kmock._internal import enums, parsing
 
@@ -100,7 +109,13 @@ RESOURCES = {
         "namespaced": True,
         "subresources": ["status"],
     },
+    "v1/secrets": {"kind": "Secret", "singular": "secret", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "namespaced": True},
 }
+
+TOKEN_REQUEST = re.compile(r"^/api/v1/namespaces/([^/]+)/serviceaccounts/([^/]+)/token$")
+TOKEN_REVIEW = "/apis/authentication.k8s.io/v1/tokenreviews"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 
 
@@ -207,8 +222,94 @@ class Emulator(kmock.KubernetesEmulator):
     _current = 0
     log = None
 
+    # Minted tokens: token → (namespace, service account, bound pod namespace/name/uid, node, audiences).
+    tokens = {}
+
+    def _pod(self, namespace, name):
+        """The stored pod (a plain dict), or None if absent or deleted."""
+        for key, obj in self.objects.items():
+            res, ns, n = key
+            if "pods" in str(res) and ns == namespace and n == name:
+                if getattr(obj, "deleted", False):
+                    return None
+                return dict(getattr(obj, "raw", obj))
+        return None
+
+    async def _token_request(self, request, namespace, sa):
+        body = request.data if isinstance(request.data, dict) else {}
+        spec = body.get("spec") or {}
+        ref = spec.get("boundObjectRef") or {}
+        pod = None
+        if ref.get("kind") == "Pod":
+            pod = self._pod(namespace, ref.get("name"))
+            if pod is None:
+                return aiohttp.web.json_response(
+                    {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                     "reason": "NotFound", "message": f"pods \"{ref.get('name')}\" not found"},
+                    status=404)
+        token = "kmock-token." + uuid.uuid4().hex
+        audiences = spec.get("audiences") or ["https://kubernetes.default.svc"]
+        meta = (pod or {}).get("metadata") or {}
+        Emulator.tokens[token] = {
+            "namespace": namespace,
+            "serviceAccount": sa,
+            "pod": (namespace, meta.get("name")) if pod else None,
+            "podUid": meta.get("uid", ""),
+            "node": ((pod or {}).get("spec") or {}).get("nodeName", ""),
+            "audiences": audiences,
+        }
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=int(spec.get("expirationSeconds") or 3600))
+        out = dict(body)
+        out.update({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                    "status": {"token": token,
+                               "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}})
+        return aiohttp.web.json_response(out, status=201)
+
+    async def _token_review(self, request):
+        body = request.data if isinstance(request.data, dict) else {}
+        spec = body.get("spec") or {}
+        info = Emulator.tokens.get(spec.get("token") or "")
+        wanted = spec.get("audiences") or []
+        status = {"authenticated": False, "user": {}}
+        if info is None:
+            status["error"] = "invalid bearer token"
+        elif wanted and not set(wanted) & set(info["audiences"]):
+            status["error"] = "token audiences is invalid for the target audiences"
+        elif info["pod"] is not None and self._pod(*info["pod"]) is None:
+            status["error"] = "pod the token is bound to does not exist"
+        else:
+            ns, sa = info["namespace"], info["serviceAccount"]
+            extra = {}
+            if info["pod"] is not None:
+                extra = {
+                    "authentication.kubernetes.io/pod-name": [info["pod"][1]],
+                    "authentication.kubernetes.io/pod-uid": [info["podUid"]],
+                    NODE_NAME_EXTRA: [info["node"]],
+                }
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": f"system:serviceaccount:{ns}:{sa}",
+                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}",
+                               "system:authenticated"],
+                    "extra": extra,
+                },
+                "audiences": [a for a in info["audiences"] if not wanted or a in wanted],
+            }
+        return aiohttp.web.json_response(
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+             "metadata": {}, "spec": spec, "status": status}, status=201)
+
     async def _handle(self, request):
         self._log(request, "request")
+        method = str(getattr(request.method, "value", request.method)).upper()
+        if method == "POST":
+            path = request.url.path
+            if path == TOKEN_REVIEW:
+                return await self._token_review(request)
+            if m := TOKEN_REQUEST.match(path):
+                return await self._token_request(request, m.group(1), m.group(2))
         action = request.action
         data = request.data
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):

@@ -20,9 +20,9 @@ use k8s_openapi::{
     Resource,
     api::{
         admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{
-            ConfigMap, Container, HostPathVolumeSource, Namespace, PodSpec, ResourceQuota,
+            ConfigMap, Container, HostPathVolumeSource, Namespace, PodSpec, ResourceQuota, Service,
             ServiceAccount, Volume, VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -101,12 +101,33 @@ struct Manifests {
     crds: Vec<CustomResourceDefinition>,
     admission_policies: Vec<ValidatingAdmissionPolicy>,
     admission_bindings: Vec<ValidatingAdmissionPolicyBinding>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+}
+
+/// The CA's manifests (`ca*.yaml`) are checked on their own (`Manifests::load_ca`): they add a
+/// second `ServiceAccount`, `ClusterRole` and `Role` that the agent's checks must not see.
+fn is_ca_manifest(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ca"))
 }
 
 impl Manifests {
     fn load() -> Self {
+        Self::load_where(|p| !is_ca_manifest(p))
+    }
+
+    fn load_ca() -> Self {
+        Self::load_where(is_ca_manifest)
+    }
+
+    fn load_where(keep: impl Fn(&Path) -> bool) -> Self {
         let dir = deploy_dir().join("kubernetes");
-        let paths = files(&dir, &[".yaml", ".yml"]);
+        let paths: Vec<PathBuf> = files(&dir, &[".yaml", ".yml"])
+            .into_iter()
+            .filter(|p| keep(p))
+            .collect();
         assert!(!paths.is_empty(), "no manifests in {}", dir.display());
         let mut m = Self::default();
         for path in paths {
@@ -157,6 +178,10 @@ impl Manifests {
             ValidatingAdmissionPolicyBinding::KIND,
         ) {
             self.admission_bindings.push(typed(at, doc));
+        } else if is(Deployment::API_VERSION, Deployment::KIND) {
+            self.deployments.push(typed(at, doc));
+        } else if is(Service::API_VERSION, Service::KIND) {
+            self.services.push(typed(at, doc));
         } else {
             panic!(
                 "{at}: unexpected object `{api_version}` `{kind}` (a typo, or a new kind this test \
@@ -1465,5 +1490,218 @@ fn bypass_is_on_by_default_and_a_value_switches_it_through_the_config_map() {
         })
         .unwrap_or_else(|e| panic!("the agent rejects bypass {given:?}: {e}"));
         assert_eq!(config.datapath.bypass, on, "bypass {given:?}");
+    }
+}
+
+// --- the CA (issue 9) -------------------------------------------------------------------------
+
+/// `mesh-agent ca …` as the agent binary parses it.
+#[derive(clap::Parser)]
+struct AgentCli {
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    Ca(mesh_agent::identity::cli::CaArgs),
+}
+
+#[test]
+fn ca_objects_are_typed_and_live_in_the_mesh_namespace() {
+    let m = Manifests::load_ca();
+    let sa = only(&m.service_accounts, "ServiceAccount");
+    assert_eq!(sa.metadata.name.as_deref(), Some("mesh-ca"));
+    only(&m.cluster_roles, "ClusterRole");
+    only(&m.bindings, "ClusterRoleBinding");
+    only(&m.roles, "Role");
+    only(&m.role_bindings, "RoleBinding");
+    only(&m.deployments, "Deployment");
+    only(&m.services, "Service");
+    let namespaced = m
+        .service_accounts
+        .iter()
+        .map(|o| &o.metadata)
+        .chain(m.roles.iter().map(|o| &o.metadata))
+        .chain(m.role_bindings.iter().map(|o| &o.metadata))
+        .chain(m.deployments.iter().map(|o| &o.metadata))
+        .chain(m.services.iter().map(|o| &o.metadata));
+    for meta in namespaced {
+        assert_eq!(
+            meta.namespace.as_deref(),
+            Some("mesh-system"),
+            "{:?}",
+            meta.name
+        );
+    }
+}
+
+#[test]
+fn ca_may_review_tokens_and_get_pods_and_keep_only_its_own_secret() {
+    let m = Manifests::load_ca();
+    let rules = |rules: &[k8s_openapi::api::rbac::v1::PolicyRule]| -> BTreeSet<(String, String, String, Vec<String>)> {
+        let mut out = BTreeSet::new();
+        for rule in rules {
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        out.insert((
+                            group.clone(),
+                            resource.clone(),
+                            verb.clone(),
+                            rule.resource_names.clone().unwrap_or_default(),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let t = |g: &str, r: &str, v: &str, n: &[&str]| {
+        (
+            g.to_owned(),
+            r.to_owned(),
+            v.to_owned(),
+            n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+        )
+    };
+    let cluster = only(&m.cluster_roles, "ClusterRole");
+    assert_eq!(
+        rules(cluster.rules.as_deref().unwrap_or_default()),
+        BTreeSet::from([
+            t("authentication.k8s.io", "tokenreviews", "create", &[]),
+            t("", "pods", "get", &[]),
+        ])
+    );
+    let role = only(&m.roles, "Role");
+    assert_eq!(
+        rules(role.rules.as_deref().unwrap_or_default()),
+        BTreeSet::from([
+            t("", "secrets", "create", &[]),
+            t("", "secrets", "get", &["mesh-ca"]),
+            t("", "configmaps", "create", &[]),
+            t("", "configmaps", "patch", &["mesh-ca-root"]),
+        ])
+    );
+    for (kind, role_ref, subjects) in [
+        (
+            "ClusterRoleBinding",
+            &only(&m.bindings, "ClusterRoleBinding").role_ref,
+            &only(&m.bindings, "ClusterRoleBinding").subjects,
+        ),
+        (
+            "RoleBinding",
+            &only(&m.role_bindings, "RoleBinding").role_ref,
+            &only(&m.role_bindings, "RoleBinding").subjects,
+        ),
+    ] {
+        assert_eq!(role_ref.name, "mesh-ca", "{kind}");
+        let s = subjects.as_deref().unwrap_or_default();
+        assert_eq!(s.len(), 1, "{kind}");
+        assert_eq!(
+            (s[0].kind.as_str(), s[0].name.as_str()),
+            ("ServiceAccount", "mesh-ca"),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn ca_deployment_serves_15012_with_a_command_line_the_binary_accepts() {
+    use clap::Parser as _;
+    let m = Manifests::load_ca();
+    let dep = only(&m.deployments, "Deployment");
+    let spec = dep.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("mesh-ca"));
+    let c = only(&pod.containers, "container");
+    let args = c.args.clone().unwrap_or_default();
+    let cli =
+        AgentCli::try_parse_from(std::iter::once("mesh-agent".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("mesh-agent {args:?}: {e}"));
+    let AgentCommand::Ca(ca) = cli.command;
+    assert!(ca.command.is_none(), "the Deployment serves");
+    assert!(ca.serve.kubernetes, "Kubernetes mode (TokenReview)");
+    assert_eq!(ca.serve.listen.port(), 15012);
+    assert_eq!(ca.serve.ca_secret.as_deref(), Some("mesh-system/mesh-ca"));
+    // Only the agents' own service account may ask.
+    let agents = Manifests::load();
+    let agent_sa = only(&agents.service_accounts, "ServiceAccount");
+    assert_eq!(
+        ca.serve.agent_service_account,
+        format!(
+            "{}/{}",
+            agent_sa.metadata.namespace.as_deref().unwrap(),
+            agent_sa.metadata.name.as_deref().unwrap()
+        )
+    );
+    assert!(
+        ca.serve
+            .server_names
+            .iter()
+            .any(|n| n == "mesh-ca.mesh-system.svc")
+    );
+    // Not privileged: no capabilities, non-root.
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    assert_eq!(
+        pod.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
+    // The Service reaches the container's 15012 and selects the Deployment's pods.
+    let svc = only(&m.services, "Service");
+    let service_spec = svc.spec.as_ref().unwrap();
+    let grpc = service_spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.port == 15012)
+        .expect("port 15012");
+    assert_eq!(grpc.target_port, Some(IntOrString::Int(15012)));
+    assert!(c.ports.iter().flatten().any(|p| p.container_port == 15012));
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap_or_default();
+    for (k, v) in service_spec.selector.clone().unwrap_or_default() {
+        assert_eq!(labels.get(&k), Some(&v), "selector {k}={v}");
+    }
+}
+
+#[test]
+fn helm_ca_template_matches_the_plain_manifest() {
+    let text = read(&chart_dir().join("templates/ca.yaml"));
+    let m = Manifests::load_ca();
+    let dep = only(&m.deployments, "Deployment");
+    let c = only(
+        &dep.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers,
+        "container",
+    );
+    for arg in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
+        assert!(text.contains(arg.as_str()), "templates/ca.yaml lacks {arg}");
+    }
+    for needle in [
+        "tokenreviews",
+        "kind: Deployment",
+        "kind: Service",
+        "15012",
+        ".Values.ca.enabled",
+    ] {
+        assert!(text.contains(needle), "templates/ca.yaml lacks {needle}");
     }
 }

@@ -175,6 +175,10 @@ async fn run(cli: Cli) -> Result<()> {
                         "SERVICE-ACCOUNT",
                         "SPIFFE-ID",
                         "ADDRESSES",
+                        "SERIAL",
+                        "NOT-BEFORE",
+                        "NOT-AFTER",
+                        "STATE",
                     ],
                     r.identities
                         .iter()
@@ -185,6 +189,10 @@ async fn run(cli: Cli) -> Result<()> {
                                 i.service_account.clone(),
                                 i.spiffe_id.clone(),
                                 i.addresses.join(","),
+                                i.serial.clone(),
+                                i.not_before.clone(),
+                                i.not_after.clone(),
+                                i.cert_state.clone(),
                             ]
                         })
                         .collect(),
