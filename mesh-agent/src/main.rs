@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
-    if let Some(manager) = args.identity.manager()? {
+    if let Some(manager) = args.identity.manager(&config.mesh.trust_domain)? {
         mesh_agent::identity::manager::install(manager);
     }
     app::run(config).await

@@ -423,21 +423,18 @@ pub struct AgentCaArgs {
     /// a static bootstrap token (`mesh-agent ca bootstrap`).
     #[arg(long, env = "MESH_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
-    /// Trust domain of this node's workload identities (must be the CA's).
-    #[arg(
-        long = "trust-domain",
-        env = "MESH_TRUST_DOMAIN",
-        default_value = "cluster.local"
-    )]
-    pub agent_trust_domain: String,
     /// Lifetime asked for workload certificates (default: the CA's, 24 h).
     #[arg(long, env = "MESH_WORKLOAD_CERT_TTL")]
     pub workload_cert_ttl: Option<humantime::Duration>,
 }
 
 impl AgentCaArgs {
-    /// The manager these flags describe, or `None` without `--ca-address`.
-    pub fn manager(&self) -> Result<Option<super::manager::IdentityManager>, CliError> {
+    /// The manager these flags describe, or `None` without `--ca-address`. The trust domain is
+    /// the agent's one setting (`mesh.trustDomain`, `--trust-domain`), which must be the CA's.
+    pub fn manager(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<super::manager::IdentityManager>, CliError> {
         let Some(addr) = &self.ca_address else {
             return Ok(None);
         };
@@ -456,7 +453,7 @@ impl AgentCaArgs {
                 .trim_matches(['[', ']'])
                 .to_owned(),
         };
-        let mut config = super::manager::ManagerConfig::new(&self.agent_trust_domain, anchors);
+        let mut config = super::manager::ManagerConfig::new(trust_domain, anchors);
         config.requested_ttl = self.workload_cert_ttl.map(Duration::from);
         Ok(Some(super::manager::IdentityManager::new(
             config,
