@@ -5,9 +5,8 @@ use std::sync::LazyLock;
 
 use mesh_agent::identity::SpiffeId;
 
-static EXPECTED: LazyLock<SpiffeId> = LazyLock::new(|| {
-    SpiffeId::new("cluster.local", "default", "fuzz").expect("a valid SPIFFE id")
-});
+static EXPECTED: LazyLock<SpiffeId> =
+    LazyLock::new(|| SpiffeId::new("cluster.local", "default", "fuzz").expect("a valid SPIFFE id"));
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = mesh_agent::identity::csr::check(data, &EXPECTED);
