@@ -378,16 +378,15 @@ mod tests {
         }
     }
 
-    /// The long run recorded in `BENCHMARKS.md`: `HBONE_FUZZ_SECS` (600) of cases, then prints
-    /// how many. `cargo test -p mesh-agent --lib parser_fuzz_timed -- --ignored --nocapture`.
+    /// A timed run: 1 s in every `cargo test`; the long run recorded in `BENCHMARKS.md` sets
+    /// `HBONE_FUZZ_SECS=600`: `cargo test -p mesh-agent --lib parser_fuzz_timed -- --nocapture`.
     #[test]
-    #[ignore = "a 10-minute fuzz run; run on purpose"]
     fn parser_fuzz_timed() {
         use proptest::test_runner::TestRunner;
         let secs = std::env::var("HBONE_FUZZ_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(600);
+            .unwrap_or(1);
         let started = std::time::Instant::now();
         let deadline = started + std::time::Duration::from_secs(secs);
         let batch = 5_000;
