@@ -9,14 +9,12 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
-        bpf_sock_ops,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
     },
     btf_maps::{Array, HashMap, LruHashMap},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ringbuf_query,
-        bpf_set_retval, bpf_sk_storage_get,
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
     },
     macros::btf_map,
     programs::{SockAddrContext, SockOpsContext},
@@ -24,10 +22,10 @@ use aya_ebpf::{
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP,
     counters::{
-        CTR_CAPTURE_MISS, CTR_CAPTURED, CTR_EVENT_DROPPED, CTR_SAME_NODE_DENY,
-        CTR_SOCK_STORAGE_FAILED, CTR_STRICT_REFUSE_LOCAL,
+        CTR_CAPTURE_MISS, CTR_CAPTURED, CTR_SAME_NODE_DENY, CTR_SOCK_STORAGE_FAILED,
+        CTR_STRICT_REFUSE_LOCAL,
     },
-    event::{EV_REJECT, EVENTS_WAKEUP_BYTES},
+    event::EV_REJECT,
     mesh::{
         CAPTURED_CAPACITY, CAPTURED_F_SERVICE, CaptureConfig, CaptureKey, Captured,
         IDENTITY_VERDICTS_CAPACITY, MESH_ENDPOINTS_CAPACITY, MESH_F_DEFAULT_DENY, MESH_F_ENROLLED,
@@ -37,7 +35,7 @@ use mesh_common::{
     sock::{SOCK_F_CAPTURED, SOCK_F_V4_MAPPED, SockState},
 };
 
-use crate::maps::{EVENTS, SOCK_STATE, count};
+use crate::maps::{SOCK_STATE, count};
 
 /// Local workloads by cgroup id (agent).
 #[btf_map]
@@ -332,16 +330,7 @@ fn reject(ctx: *mut bpf_sock_addr, c: &Captured, reason: u32, errno: i32) -> i32
 /// A reject event straight into the ring (no `SockState` on this stack).
 #[inline(always)]
 fn emit_reject(cookie: u64, c: &Captured, reason: u8) {
-    let Some(mut entry) = EVENTS.reserve(0) else {
-        count(CTR_EVENT_DROPPED);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, writable ring slot of the right size.
-    unsafe {
-        core::ptr::write_bytes(ev, 0, 1);
-        let ev = &mut *ev;
-        ev.ts_ns = bpf_ktime_get_ns();
+    crate::events::emit_with(|ev| {
         ev.cookie = cookie;
         ev.cgroup_id = c.cgroup_id;
         ev.svc_addr_be = c.svc_addr_be;
@@ -352,16 +341,7 @@ fn emit_reject(cookie: u64, c: &Captured, reason: u8) {
         ev.reason = reason;
         ev.family = c.family;
         ev.proto = PROTO_TCP;
-    }
-    let map = (&raw const EVENTS).cast_mut().cast();
-    // SAFETY: `map` is the ring buffer map; query has no side effects.
-    let pending = unsafe { bpf_ringbuf_query(map, u64::from(BPF_RB_AVAIL_DATA)) };
-    let flags = if pending >= EVENTS_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(u64::from(flags));
+    });
 }
 
 /// sockops: a captured socket's SYN is about to leave (its source port is now known), so its

@@ -12,21 +12,10 @@ use mesh_common::{
 
 use crate::maps::{EVENTS, count};
 
-/// Sends one event built from a socket's state; `fill` sets the kind-specific fields. Fields are
-/// written straight into the ring slot: a whole-struct literal would first be built on the stack,
-/// which the connect path cannot spare.
+/// Sends one event built from a socket's state; `fill` sets the kind-specific fields.
 #[inline(always)]
 pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce(&mut FlowEvent)) {
-    let Some(mut entry) = EVENTS.reserve(0) else {
-        count(CTR_EVENT_DROPPED);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, writable ring slot of the right size.
-    unsafe {
-        core::ptr::write_bytes(ev, 0, 1);
-        let ev = &mut *ev;
-        ev.ts_ns = bpf_ktime_get_ns();
+    emit_with(|ev| {
         ev.cookie = cookie;
         ev.cgroup_id = st.cgroup_id;
         ev.service_id = st.service_id;
@@ -41,6 +30,25 @@ pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce
         // backend was removed.
         ev.backend_addr_be = st.backend_addr_be;
         ev.backend_port_be = st.backend_port_be;
+        fill(ev);
+    });
+}
+
+/// The one writer of the ring: reserves a slot, zeroes it, stamps the time, lets `fill` set the
+/// fields and submits. Fields are written straight into the ring slot: a whole-struct literal
+/// would first be built on the stack, which the connect path cannot spare.
+#[inline(always)]
+pub fn emit_with(fill: impl FnOnce(&mut FlowEvent)) {
+    let Some(mut entry) = EVENTS.reserve(0) else {
+        count(CTR_EVENT_DROPPED);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, writable ring slot of the right size.
+    unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        let ev = &mut *ev;
+        ev.ts_ns = bpf_ktime_get_ns();
         fill(ev);
     }
     // Waking the reader costs ~10 µs per event (an IRQ-work and a futex/epoll wakeup on the
