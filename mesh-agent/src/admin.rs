@@ -66,9 +66,6 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, tonic::trans
     Ok(AdminClient::new(channel))
 }
 
-/// Default SPIFFE trust domain (Istio's).
-pub const TRUST_DOMAIN: &str = "cluster.local";
-
 /// Serves the admin API on `socket` (mode 0600) until the process ends.
 pub async fn serve(socket: PathBuf, shared: Arc<Shared>) {
     if let Some(dir) = socket.parent() {
@@ -447,10 +444,11 @@ impl Admin for AdminService {
             .filter_map(|(name, p)| Some((p, snap.identities.get(name)?)))
             .map(|(p, id)| {
                 let spiffe_id = format!(
-                    "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
-                    id.namespace, id.service_account
+                    "spiffe://{}/ns/{}/sa/{}",
+                    snap.mesh.settings.trust_domain, id.namespace, id.service_account
                 );
-                let cert = certs.get(&spiffe_id);
+                let enrolled = snap.mesh.enrolled.contains_key(&p.name);
+                let cert = certs.get(&spiffe_id).filter(|_| enrolled);
                 IdentityInfo {
                     namespace: id.namespace.clone(),
                     pod: p.name.name.clone(),
@@ -460,6 +458,8 @@ impl Admin for AdminService {
                     not_before: rfc3339(cert.and_then(|c| c.not_before)),
                     not_after: rfc3339(cert.and_then(|c| c.not_after)),
                     cert_state: match (crate::identity::manager::global(), cert) {
+                        // Only pods in the mesh get certificates (ztunnel: ambient pods only).
+                        _ if !enrolled => "not-enrolled".to_owned(),
                         (None, _) => "none".to_owned(),
                         (Some(_), None) => "pending".to_owned(),
                         (Some(_), Some(c)) => c.state.as_str().to_owned(),

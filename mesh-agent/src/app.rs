@@ -24,10 +24,11 @@ pub use crate::config::{
     AgentConfig, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_DIR, DEFAULT_READINESS_ADDR, Source,
 };
 use crate::{
-    datapath::{Datapath, DatapathConfig, spec::Protocol},
+    datapath::{Datapath, DatapathConfig, mesh::OriginalDstTable, spec::Protocol},
     discovery::{self, DiscoveryError, Update},
     drain::{Drain, DrainOutcome},
     flows::{FlowHub, Names},
+    identity::SpiffeId,
     model::{ClusterModel, ObjectName},
     owner::{self, DatapathHandle, OwnerError, ReconcileOutcome},
     state::{AgentStatus, SourceHealth, SourceState, Stores},
@@ -137,9 +138,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(crate::logging::forward_kernel_logs(logger));
     }
     info!(adopted = dp.service_keys().count(), "kernel state adopted");
+    let original_dst = prepare_mesh(&mut dp, &config)?;
     let stores = Arc::new(Stores::default());
-    let (datapath, _owner_thread) = owner::spawn(dp, Arc::clone(&stores), config.datapath.bypass)
-        .context("starting the data-path owner thread")?;
+    let (datapath, _owner_thread) = owner::spawn(
+        dp,
+        Arc::clone(&stores),
+        config.datapath.bypass,
+        config.datapath.cgroup.clone(),
+    )
+    .context("starting the data-path owner thread")?;
     let shared = Arc::new(Shared {
         drain: Arc::new(Drain::new(config.proxy.drain_period)),
         config,
@@ -153,6 +160,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(identities) = crate::identity::manager::global() {
         tokio::spawn(identities.clone().follow(Arc::clone(&shared.stores)));
     }
+    let proxies = match original_dst {
+        Some(table) => Some(start_proxies(&shared, table).await?),
+        None => None,
+    };
     if let Some(ring) = ring {
         tokio::spawn(
             Arc::clone(&shared.flows).pump(ring, Arc::new(SnapshotNames::new(Arc::clone(&shared)))),
@@ -184,10 +195,154 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = term.recv() => warn!("second SIGTERM: stopping without waiting for the drain"),
         _ = int.recv() => warn!("second SIGINT: stopping without waiting for the drain"),
     }
+    if let Some(p) = &proxies {
+        for line in p.remove_routing() {
+            debug!(removed = %line, "HBONE reply routing");
+        }
+    }
     shared.datapath.shutdown();
     let _ = std::fs::remove_file(&shared.config.admin.socket);
     info!("stopped; programs stay attached through their pinned links");
     result
+}
+
+/// Points the kernel's capture at this agent's outbound listener and, when the proxies run,
+/// attaches the `STRICT` ingress program to the uplinks; returns the captured-connection table
+/// the outbound proxy reads (`None` when the proxies are off).
+fn prepare_mesh(
+    dp: &mut Datapath,
+    config: &AgentConfig,
+) -> anyhow::Result<Option<OriginalDstTable>> {
+    let p = &config.proxy;
+    if !p.enabled {
+        // No CA, no certificates: enrolled cross-node connects fail at once (never plaintext).
+        dp.set_capture(None, None, 0)?;
+        return Ok(None);
+    }
+    let v4 = p.capture_addresses.iter().find_map(|a| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    });
+    let v6 = p.capture_addresses.iter().find_map(|a| match a {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    });
+    if v4.is_none() && v6.is_none() {
+        warn!(
+            key = crate::config::KEY_CAPTURE_ADDRESS,
+            "no capture address: enrolled connects to other nodes will be refused"
+        );
+    }
+    dp.set_capture(v4, v6, p.outbound_port)?;
+    let uplinks = p.uplinks.clone().unwrap_or_else(default_route_interfaces);
+    if uplinks.is_empty() {
+        warn!(
+            key = crate::config::KEY_UPLINKS,
+            "no uplink: plaintext from other nodes to STRICT pods is not dropped in the kernel"
+        );
+    }
+    for ifname in &uplinks {
+        dp.attach_uplink(ifname)
+            .with_context(|| format!("attaching the STRICT ingress program to {ifname}"))?;
+        info!(interface = %ifname, "STRICT ingress attached");
+    }
+    Ok(Some(dp.original_dst_table()?))
+}
+
+/// Interfaces of this network namespace's IPv4 default routes (`/proc/net/route`).
+fn default_route_interfaces() -> Vec<String> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/route") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let ifname = f.next()?;
+            (f.next()? == "00000000").then(|| ifname.to_owned())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Starts the HBONE proxies: certificates from the identity manager, authorization from the
+/// snapshot's mesh view, local workloads and captured destinations from the snapshot and the
+/// kernel's record.
+async fn start_proxies(
+    shared: &Arc<Shared>,
+    table: OriginalDstTable,
+) -> anyhow::Result<crate::proxy::Proxies> {
+    use crate::proxy::{ClientConfig, Denied, InboundConfig, ProxyParts, Redirect};
+    let Some(manager) = crate::identity::manager::global() else {
+        bail!("the proxies need the identity manager (--ca-address)");
+    };
+    let stores = Arc::clone(&shared.stores);
+    let authorizer = move |source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr| {
+        let d = stores
+            .snapshot
+            .load()
+            .mesh
+            .authorize_inbound(source, dst_id, dst);
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(Denied {
+                reason: d.reason.as_str().to_owned(),
+            })
+        }
+    };
+    let stores = Arc::clone(&shared.stores);
+    let workloads = move |ip: IpAddr| {
+        let snap = stores.snapshot.load();
+        let (name, pod) = snap.mesh.pod_at(ip)?;
+        let local = snap
+            .model
+            .pods
+            .get(name)
+            .is_some_and(|p| p.node == snap.model.node);
+        local.then(|| pod.identity.clone())
+    };
+    let stores = Arc::clone(&shared.stores);
+    let hbone_port = shared.config.proxy.hbone_port;
+    let original_dst = move |client: SocketAddr| {
+        let c = table.original_dst(client)?;
+        let numbers = stores.identity_numbers.load();
+        let snap = stores.snapshot.load();
+        let pod = snap.pod_by_ip(c.dst.ip())?;
+        let node = &snap.model.pods.get(pod)?.node;
+        let node_ip = crate::meshsync::node_address(&snap, node, c.dst.ip());
+        if node_ip.is_none() {
+            warn!(pod = %pod, node = %node, "no address for the destination's node");
+        }
+        Some(Redirect {
+            dst_pod: c.dst,
+            dst_node: SocketAddr::new(node_ip?, hbone_port),
+            dst_identity: numbers.id(c.dst_identity)?.clone(),
+            src_identity: numbers.id(c.src_identity)?.clone(),
+        })
+    };
+    let unspecified = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+    let parts = ProxyParts {
+        provider: Arc::new(manager.clone()),
+        authorizer: Arc::new(authorizer),
+        workloads: Arc::new(workloads),
+        original_dst: Arc::new(original_dst),
+        stats: Arc::clone(&shared.proxy_stats),
+        outbound_addr: SocketAddr::new(unspecified, shared.config.proxy.outbound_port),
+        inbound_addr: SocketAddr::new(unspecified, hbone_port),
+        client: ClientConfig::default(),
+        inbound: InboundConfig::default(),
+    };
+    let proxies = crate::proxy::start(parts, &shared.drain).await?;
+    info!(
+        outbound = shared.config.proxy.outbound_port,
+        hbone = hbone_port,
+        "HBONE proxies serving"
+    );
+    Ok(proxies)
 }
 
 /// Spawns the configured discovery source under supervision; returns its name.

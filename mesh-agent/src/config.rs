@@ -3,7 +3,11 @@
 //! at start and by the admin API's `ConfigDump`. Also the one parser of every per-service value
 //! (algorithm names, durations, limits) that both discovery sources call.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -29,6 +33,13 @@ pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 pub const KEY_RESTART_BACKOFF_MAX: &str = "discovery.restartBackoffMax";
 /// Key: how long subscribers of the drain signal get to finish at shutdown.
 pub const KEY_DRAIN_PERIOD: &str = "proxy.drainPeriod";
+/// Key: the node addresses pods reach the agent's outbound listener at (one IPv4 and/or one
+/// IPv6, comma-separated); enrolled cross-node connects are sent there (the `DaemonSet` passes the
+/// node's `status.hostIP`).
+pub const KEY_CAPTURE_ADDRESS: &str = "proxy.captureAddress";
+/// Key: the node's uplink interfaces (comma-separated), where `STRICT` plaintext from other nodes
+/// is dropped; default: the interfaces of the default routes.
+pub const KEY_UPLINKS: &str = "proxy.uplinks";
 /// Key: whether this node's pod-to-pod connections may skip the TCP/IP stack (`sk_msg`).
 pub const KEY_BYPASS: &str = "datapath.bypass";
 /// Trust domain of workload SPIFFE ids (default `cluster.local`, Istio's).
@@ -98,6 +109,8 @@ pub struct RawConfig {
     pub bypass: Option<String>,
     pub trust_domain: Option<String>,
     pub root_namespace: Option<String>,
+    pub capture_address: Option<String>,
+    pub uplinks: Option<String>,
 }
 
 /// Where the cluster model comes from.
@@ -155,10 +168,16 @@ pub struct MetricsSection {
 /// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProxySection {
+    /// The HBONE proxies run (a CA is configured: workloads can get certificates).
     pub enabled: bool,
     pub outbound_port: u16,
     pub hbone_port: u16,
     pub drain_period: Duration,
+    /// Where the kernel sends enrolled cross-node connects (the outbound listener's address as
+    /// pods reach it); empty = capture unconfigured, so such connects fail at once.
+    pub capture_addresses: Vec<IpAddr>,
+    /// Interfaces the `STRICT` ingress program is attached to; `None` = the default routes'.
+    pub uplinks: Option<Vec<String>>,
 }
 
 /// The gateway (a later stage): not served yet.
@@ -179,6 +198,38 @@ pub struct AgentConfig {
     pub gateway: GatewaySection,
     /// Enrollment and identity settings (issue 9).
     pub mesh: crate::authz::MeshSettings,
+}
+
+/// `proxy.captureAddress`: at most one IPv4 and one IPv6 address, comma-separated.
+fn parse_capture_addresses(raw: Option<&str>) -> Result<Vec<IpAddr>, ConfigError> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for part in raw
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: KEY_CAPTURE_ADDRESS,
+            value: raw.unwrap_or("").to_owned(),
+            reason,
+        };
+        let ip: IpAddr = part
+            .parse()
+            .map_err(|_| invalid(format!("{part:?} is not an IP address")))?;
+        if ip.is_unspecified() {
+            return Err(invalid(format!(
+                "{ip} is not an address pods can connect to"
+            )));
+        }
+        if out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(invalid(
+                "give at most one IPv4 and one IPv6 address".to_owned(),
+            ));
+        }
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 impl AgentConfig {
@@ -271,6 +322,14 @@ impl AgentConfig {
                 outbound_port: DEFAULT_OUTBOUND_PORT,
                 hbone_port: DEFAULT_HBONE_PORT,
                 drain_period: duration(KEY_DRAIN_PERIOD, raw.drain_period, DEFAULT_DRAIN_PERIOD)?,
+                capture_addresses: parse_capture_addresses(raw.capture_address.as_deref())?,
+                uplinks: raw.uplinks.map(|u| {
+                    u.split(',')
+                        .map(str::trim)
+                        .filter(|i| !i.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }),
             },
             gateway: GatewaySection { enabled: false },
             mesh: mesh_settings(raw.trust_domain, raw.root_namespace)?,

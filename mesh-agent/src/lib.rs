@@ -12,6 +12,7 @@ pub mod flows;
 pub mod health;
 pub mod identity;
 pub mod logging;
+pub mod meshsync;
 pub mod model;
 pub mod owner;
 pub mod policy;

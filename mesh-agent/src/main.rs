@@ -65,6 +65,15 @@ struct Args {
     /// own namespace from the downward API, else mesh-system).
     #[arg(long, env = "POD_NAMESPACE")]
     root_namespace: Option<String>,
+    /// Node addresses pods reach the outbound listener (15001) at, one IPv4 and/or one IPv6,
+    /// comma-separated (the `DaemonSet` gives the node's `status.hostIP`). Unset: enrolled
+    /// cross-node connects fail at once (never plaintext).
+    #[arg(long, env = "MESH_CAPTURE_ADDRESS")]
+    capture_address: Option<String>,
+    /// Interfaces where plaintext from other nodes to STRICT pods is dropped, comma-separated
+    /// (default: the interfaces of the default routes).
+    #[arg(long, env = "MESH_UPLINKS")]
+    uplinks: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -127,14 +136,19 @@ async fn main() -> anyhow::Result<()> {
         bypass: args.bypass,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
+        capture_address: args.capture_address,
+        uplinks: args.uplinks,
     })?;
     if !args.coexist {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }
-    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
+    let mut config = config;
     if let Some(manager) = args.identity.manager(&config.mesh.trust_domain)? {
         mesh_agent::identity::manager::install(manager);
+        // Workloads can get certificates: the HBONE proxies serve them.
+        config.proxy.enabled = true;
     }
+    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
     app::run(config).await
 }
 

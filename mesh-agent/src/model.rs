@@ -137,6 +137,9 @@ pub struct ClusterModel {
     pub node_zone: Option<String>,
     pub services: BTreeMap<ObjectName, Service>,
     pub pods: BTreeMap<ObjectName, Pod>,
+    /// Node name → the addresses its agent is reached at (a Node's `InternalIP`s; in Kubernetes
+    /// from pods' `status.hostIPs`): where the HBONE tunnel to a pod on that node goes.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
     /// Which `TrafficPolicy` applies to each service and how every policy stands.
     pub policies: crate::policy::Report,
     /// Enrollment labels and security objects (`authz::MeshView::build` turns them into each
@@ -397,6 +400,7 @@ mod tests {
             node_zone: zone.map(str::to_owned),
             services: BTreeMap::from([(name, svc)]),
             pods: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             policies: crate::policy::Report::default(),
             mesh: Box::default(),
         }

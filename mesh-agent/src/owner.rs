@@ -4,6 +4,7 @@
 //! about once a second (and after each command) it publishes the kernel counters.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, mpsc},
     thread,
     time::{Duration, Instant},
@@ -11,10 +12,11 @@ use std::{
 
 use mesh_common::service::ServiceKey;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{BackendStatus, Datapath, DatapathError},
+    meshsync::{MeshSync, MeshSyncReport},
     model::ClusterModel,
     reconcile::{ReconcileError, Reconciler},
     state::{KernelStats, Snapshot, Stores},
@@ -134,25 +136,28 @@ pub fn spawn(
     dp: Datapath,
     stores: Arc<Stores>,
     bypass: bool,
+    cgroup_root: std::path::PathBuf,
 ) -> std::io::Result<(DatapathHandle, thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let join = thread::Builder::new()
         .name(THREAD_NAME.to_owned())
-        .spawn(move || Owner::new(dp, stores, bypass).run(&rx))?;
+        .spawn(move || Owner::new(dp, stores, bypass, cgroup_root).run(&rx))?;
     Ok((DatapathHandle { tx }, join))
 }
 
 struct Owner {
     dp: Datapath,
     reconciler: Reconciler,
+    mesh: MeshSync,
     stores: Arc<Stores>,
     generation: u64,
 }
 
 impl Owner {
-    fn new(dp: Datapath, stores: Arc<Stores>, bypass: bool) -> Self {
+    fn new(dp: Datapath, stores: Arc<Stores>, bypass: bool, cgroup_root: PathBuf) -> Self {
         Self {
             reconciler: Reconciler::new(&dp).with_bypass(bypass),
+            mesh: MeshSync::new(cgroup_root, Arc::clone(&stores)),
             dp,
             stores,
             generation: 0,
@@ -169,6 +174,11 @@ impl Owner {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if stats_at.elapsed() >= KERNEL_STATS_INTERVAL {
+                // Pods whose cgroup appeared since the last reconciliation join the mesh now.
+                let snap = self.stores.snapshot.load_full();
+                if let Err(e) = self.mesh.rescan(&mut self.dp, &snap) {
+                    warn!(error = %e, "writing the mesh workloads");
+                }
                 self.publish_kernel_stats();
                 stats_at = Instant::now();
             }
@@ -210,9 +220,26 @@ impl Owner {
         // so their applications reconnect to a current one (kube-proxy's conntrack flush).
         let _ = self.dp.end_stale_udp_sockets();
         self.generation += 1;
-        let snapshot = Snapshot::build(self.generation, model, self.reconciler.applied().clone());
+        let snapshot = Arc::new(Snapshot::build(
+            self.generation,
+            model,
+            self.reconciler.applied().clone(),
+        ));
+        let mut errors = report.errors;
+        // Before the snapshot is published: the proxies name identities from the numbers this
+        // writes, and authorize from the snapshot's view.
+        match self.mesh.sync(&mut self.dp, &snapshot) {
+            Ok(r) if r != MeshSyncReport::default() => debug!(
+                endpoints = r.endpoints,
+                workloads = r.workloads,
+                verdicts = r.verdicts,
+                "mesh maps written"
+            ),
+            Ok(_) => {}
+            Err(source) => errors.push(ReconcileError::Mesh { source }),
+        }
         // The previous snapshot is freed here, or by its last reader.
-        self.stores.snapshot.store(Arc::new(snapshot));
+        self.stores.snapshot.store(snapshot);
         // Parsing and diffing a large model frees far more than it keeps; hand the freed heap
         // back to the kernel so the agent's resident size reflects what it holds (glibc keeps
         // it otherwise).
@@ -224,7 +251,7 @@ impl Owner {
             applied = report.applied,
             removed = report.removed,
             unchanged = report.unchanged,
-            errors = report.errors.len(),
+            errors = errors.len(),
             took_ms = took.as_millis() as u64,
             "reconciled"
         );
@@ -234,7 +261,7 @@ impl Owner {
             applied: report.applied,
             removed: report.removed,
             unchanged: report.unchanged,
-            errors: report.errors,
+            errors,
             took,
         }
     }

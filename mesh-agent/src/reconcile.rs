@@ -38,6 +38,8 @@ pub enum ReconcileError {
     },
     #[error("local endpoints ({count} pod addresses): {source}")]
     LocalEndpoints { count: usize, source: DatapathError },
+    #[error("mesh maps (enrolled pods, workloads, identity verdicts): {source}")]
+    Mesh { source: DatapathError },
 }
 
 impl ReconcileError {
@@ -48,6 +50,7 @@ impl ReconcileError {
             Self::ApplyService { source, .. }
             | Self::RemoveService { source, .. }
             | Self::LocalEndpoints { source, .. }
+            | Self::Mesh { source }
                 if matches!(source, DatapathError::MapFull { .. }) =>
             {
                 "map_full"
@@ -55,6 +58,7 @@ impl ReconcileError {
             Self::ApplyService { .. } => "apply_service",
             Self::RemoveService { .. } => "remove_service",
             Self::LocalEndpoints { .. } => "local_endpoints",
+            Self::Mesh { .. } => "mesh",
         }
     }
 }

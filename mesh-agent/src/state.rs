@@ -303,6 +303,9 @@ pub struct Stores {
     pub snapshot: ArcSwap<Snapshot>,
     pub kernel: ArcSwap<KernelStats>,
     pub status: ArcSwap<AgentStatus>,
+    /// The kernel's identity numbers of the current mesh identities (the owner's mesh sync
+    /// writes them; the outbound proxy names a captured connection's ends with them).
+    pub identity_numbers: ArcSwap<crate::meshsync::IdentityNumbers>,
 }
 
 #[cfg(test)]

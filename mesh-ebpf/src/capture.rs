@@ -14,7 +14,8 @@ use aya_ebpf::{
     },
     btf_maps::{Array, HashMap, LruHashMap},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_set_retval, bpf_sk_storage_get,
     },
     macros::btf_map,
     programs::{SockAddrContext, SockOpsContext},
@@ -175,10 +176,7 @@ fn decide(ctx: *mut bpf_sock_addr, c: &mut Captured, sock_family: u32, mapped: b
     // SAFETY: helper without arguments.
     c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     c.dst_identity = dst.identity;
-    let src = MESH_WORKLOADS
-        .get_ptr(c.cgroup_id)
-        // SAFETY: copied out.
-        .map_or(MeshWorkload::default(), |p| unsafe { read_volatile(p) });
+    let src = current_workload(c.cgroup_id);
     let src_enrolled = src.flags & MESH_F_ENROLLED != 0 && src.identity != 0;
     c.src_identity = if src_enrolled { src.identity } else { 0 };
     if dst.flags & MESH_F_LOCAL != 0 {
@@ -196,6 +194,34 @@ fn decide(ctx: *mut bpf_sock_addr, c: &mut Captured, sock_family: u32, mapped: b
         return 1;
     }
     capture(ctx, c, sock_family, mapped)
+}
+
+/// Deepest cgroup level searched for a listed ancestor (the kubelet's pod cgroups sit at 3–4:
+/// `kubepods.slice/kubepods-burstable.slice/…-pod<uid>.slice`, containers one below).
+const MAX_CGROUP_LEVEL: i32 = 12;
+
+/// The workload of the calling cgroup `leaf`: its own entry, else that of its deepest listed
+/// ancestor. The agent lists each pod's cgroup, and the pod's processes run in the container
+/// cgroups below it, which appear (container restarts) without the agent knowing their ids.
+#[inline(always)]
+fn current_workload(leaf: u64) -> MeshWorkload {
+    if let Some(p) = MESH_WORKLOADS.get_ptr(leaf) {
+        // SAFETY: copied out.
+        return unsafe { read_volatile(p) };
+    }
+    let mut found = MeshWorkload::default();
+    for level in 1..MAX_CGROUP_LEVEL {
+        // SAFETY: helper taking a plain integer; 0 past the current cgroup's depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == leaf {
+            break;
+        }
+        if let Some(p) = MESH_WORKLOADS.get_ptr(id) {
+            // SAFETY: copied out.
+            found = unsafe { read_volatile(p) };
+        }
+    }
+    found
 }
 
 /// The identity policy for an enrolled same-node pair: the verdict for the exact port, else for

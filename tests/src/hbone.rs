@@ -6,12 +6,14 @@
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use mesh_agent::drain::Drain;
 use mesh_agent::identity::SpiffeId;
 use mesh_agent::proxy::testing::{StaticCertProvider, TestCa};
@@ -222,4 +224,89 @@ impl Tunnel {
         self.outbound.finish()?;
         self.inbound.finish()
     }
+}
+
+/// Frames seen on a node's fabric interface (`eth0`) while a capture runs.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    /// Starts an `AF_PACKET` capture of every frame on `eth0` in `netns`.
+    pub fn start(netns: &Path) -> Result<Self> {
+        let netns = netns.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<Vec<Vec<u8>>> {
+            enter(&netns)?;
+            let proto = u16::try_from(libc::ETH_P_ALL)?.to_be();
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+            ensure!(ifindex > 0, "no eth0");
+            // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = u16::try_from(libc::AF_PACKET)?;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = i32::try_from(ifindex)?;
+            // SAFETY: bind with a sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
+                )
+            };
+            ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: SO_RCVTIMEO with a timeval.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    u32::try_from(std::mem::size_of::<libc::timeval>())?,
+                );
+            }
+            ready_tx.send(())?;
+            let mut frames = Vec::new();
+            let mut buf = vec![0_u8; 65_536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: recv into a buffer of the length given.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if let Ok(n) = usize::try_from(n) {
+                    frames.push(buf[..n].to_vec());
+                }
+            }
+            Ok(frames)
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(Self { stop, thread })
+    }
+
+    pub fn finish(self) -> Result<Vec<Vec<u8>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("capture thread")
+    }
+}
+
+/// Whether `needle` occurs in `hay`.
+#[must_use]
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }

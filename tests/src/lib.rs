@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod connect;
 pub mod control_plane;
 pub mod env;
 pub mod exec;

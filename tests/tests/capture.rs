@@ -4,7 +4,7 @@
 //! `10.1.0.1:15001`.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
+    io::{ErrorKind, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd as _,
     thread,
@@ -27,8 +27,8 @@ use mesh_common::{
     event::EV_REJECT,
     mesh::CAPTURE_PORT,
 };
+use mesh_tests::connect::{connect_from, tcp_in_segs};
 use mesh_tests::{Cluster, NodeHandle, PodChild, PodHandle};
-use serde::{Deserialize, Serialize};
 
 /// Identity numbers the tests give the pods (the agent would assign them per SPIFFE id).
 const ID_CLIENT: u32 = 11;
@@ -178,58 +178,6 @@ impl Two {
     }
 }
 
-/// What a connect from inside a pod saw.
-#[derive(Debug, Serialize, Deserialize)]
-struct Connect {
-    /// `None` on success, else the OS error number.
-    errno: Option<i32>,
-    elapsed_us: u64,
-    /// `getpeername()` after a successful connect.
-    peer: Option<SocketAddr>,
-    /// The first line the server sent (its name), if any.
-    line: Option<String>,
-}
-
-/// Connects from `pod` to `to` (timeout `limit`), reads the server's first line.
-fn connect_from(pod: &PodHandle, to: SocketAddr, limit: Duration) -> Connect {
-    pod.run(move || {
-        let start = Instant::now();
-        match TcpStream::connect_timeout(&to, limit) {
-            Ok(mut s) => {
-                let elapsed_us = start.elapsed().as_micros() as u64;
-                let peer = s.peer_addr().ok();
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 64];
-                let n = s.read(&mut buf).unwrap_or(0);
-                let line = String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .next()
-                    .map(str::to_owned);
-                Connect {
-                    errno: None,
-                    elapsed_us,
-                    peer,
-                    line,
-                }
-            }
-            Err(e) => Connect {
-                errno: Some(
-                    e.raw_os_error()
-                        .unwrap_or(if e.kind() == ErrorKind::TimedOut {
-                            libc::ETIMEDOUT
-                        } else {
-                            -1
-                        }),
-                ),
-                elapsed_us: start.elapsed().as_micros() as u64,
-                peer: None,
-                line: None,
-            },
-        }
-    })
-    .expect("pod closure runs")
-}
-
 /// Runs `f` with the calling thread in `node`'s network namespace, then returns to ours.
 fn in_netns<T>(node: &NodeHandle, f: impl FnOnce() -> T) -> T {
     let ours = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
@@ -269,23 +217,6 @@ fn accept_within(l: &TcpListener, limit: Duration) -> Option<(TcpStream, SocketA
 }
 
 /// TCP segments received in `pod`'s namespace so far (`/proc/net/snmp`, `Tcp: InSegs`).
-fn tcp_in_segs(pod: &PodHandle) -> u64 {
-    pod.run(|| {
-        let snmp = std::fs::read_to_string("/proc/self/net/snmp").unwrap_or_default();
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-            return 0;
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "InSegs")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0)
-    })
-    .expect("pod closure runs")
-}
-
 #[test]
 fn enrolled_cross_node_connects_are_captured_with_their_original_destination() {
     let Some(_k) = mesh_tests::kernel_test("capture_lookup") else {
@@ -333,6 +264,35 @@ fn enrolled_cross_node_connects_are_captured_with_their_original_destination() {
     let c = pending.join().unwrap();
     assert_eq!(c.peer, Some(far), "getpeername shows the pod: {c:?}");
     assert_eq!(t.dp_a.counter(CTR_CAPTURED).unwrap(), 2);
+
+    // From a container cgroup below the pod's (the kubelet's layout; the agent lists only the
+    // pod's cgroup): the pod's workload all the same.
+    let ctr = t.client.cgroup_dir().join("ctr");
+    std::fs::create_dir_all(&ctr).unwrap();
+    let ctr_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&ctr).unwrap());
+    let (client, procs) = (t.client.clone(), ctr.join("cgroup.procs"));
+    let pending = thread::spawn(move || {
+        client
+            .run(move || {
+                std::fs::write(&procs, "0").expect("join the container cgroup");
+                // Open until the test has looked the record up and answered.
+                let mut s = TcpStream::connect_timeout(&far, Duration::from_secs(2)).ok()?;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut b = [0_u8; 6];
+                std::io::Read::read_exact(&mut s, &mut b).ok().map(|()| b)
+            })
+            .unwrap()
+    });
+    let (conn, ctr_peer) = accept_within(&listener, Duration::from_secs(3)).expect("accepts");
+    let got = table.original_dst(ctr_peer).expect("record");
+    assert_eq!(got.src_cgroup_id, ctr_id, "{got:?}");
+    assert_eq!(got.src_identity, ID_CLIENT, "the pod's identity: {got:?}");
+    let mut conn = conn;
+    conn.write_all(b"agent\n").unwrap();
+    drop(conn);
+    assert_eq!(pending.join().unwrap(), Some(*b"agent\n"));
+    std::fs::remove_dir(&ctr).expect("the container cgroup is empty again");
+    assert_eq!(t.dp_a.counter(CTR_CAPTURED).unwrap(), 3);
     // The record goes when the client socket closes.
     thread::sleep(Duration::from_millis(100));
     assert!(
@@ -359,7 +319,7 @@ fn enrolled_cross_node_connects_are_captured_with_their_original_destination() {
         accept_within(&listener, Duration::from_millis(50)).is_none(),
         "nothing else reached the capture listener"
     );
-    assert_eq!(t.dp_a.counter(CTR_CAPTURED).unwrap(), 2);
+    assert_eq!(t.dp_a.counter(CTR_CAPTURED).unwrap(), 3);
 }
 
 #[test]

@@ -769,7 +769,7 @@ fn agent_binary_gets_renews_and_lists_certificates() {
     let agent_file = work.join("mesh.yaml");
     std::fs::write(
         &agent_file,
-        format!("node: a\npods:\n{pods}  - {{ name: rogue-0, namespace: shop, node: a, serviceAccount: rogue, ips: [10.1.0.9] }}\n"),
+        format!("node: a\nnamespaces:\n  - {{ name: shop, dataplaneMode: mesh }}\npods:\n{pods}  - {{ name: rogue-0, namespace: shop, node: a, serviceAccount: rogue, ips: [10.1.0.9] }}\n"),
     )
     .unwrap();
     let ca_file = work.join("ca-cluster.yaml");

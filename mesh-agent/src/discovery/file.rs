@@ -20,6 +20,8 @@
 //!   - { name: web-0, namespace: default, node: node-a, serviceAccount: web, ips: [10.1.0.3] }
 //!   # optional: hostNetwork: true (the pod has the node's addresses: never a local pod endpoint)
 //!   # optional: labels: { app: web, kernmesh.io/dataplane-mode: none }   (selectors, opt-out)
+//! nodes:                              # where each node's agent is reached (HBONE, 15008)
+//!   - { name: node-a, addresses: [192.168.0.1] }
 //! namespaces:                         # enrollment (a Namespace's kernmesh.io/dataplane-mode label)
 //!   - { name: default, dataplaneMode: mesh }   # mesh | none
 //! authorizationPolicies:              # AuthorizationPolicy objects, exactly as in Kubernetes
@@ -114,6 +116,9 @@ struct FileDoc {
     services: Vec<Spanned<FileService>>,
     #[serde(default)]
     pods: Vec<Spanned<FilePod>>,
+    /// Nodes and the addresses their agents are reached at (HBONE tunnels, port 15008).
+    #[serde(default)]
+    nodes: Vec<Spanned<FileNode>>,
     /// `TrafficPolicy` objects, read as plain data and judged by [`policy::parse`].
     #[serde(default)]
     policies: Vec<Spanned<serde_json::Value>>,
@@ -126,6 +131,14 @@ struct FileDoc {
     /// `PeerAuthentication` objects, judged by [`authz::parse_peer_authentication`].
     #[serde(default)]
     peer_authentications: Vec<Spanned<serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileNode {
+    name: String,
+    /// The node's `InternalIP`s (IPv4 and/or IPv6).
+    addresses: Vec<IpAddr>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +267,34 @@ pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<ClusterModel
     parse_full(file, text, node).map(|(model, _)| model)
 }
 
+/// The `nodes:` section: node name → addresses, each node once with at least one address.
+fn parse_nodes(
+    chk: &Check<'_>,
+    nodes: &[Spanned<FileNode>],
+) -> Result<BTreeMap<String, Vec<IpAddr>>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.value.addresses.is_empty() {
+            return Err(chk.err(
+                n,
+                format!("nodes[{i}].addresses"),
+                "a node needs at least one address".to_owned(),
+            ));
+        }
+        if out
+            .insert(n.value.name.clone(), n.value.addresses.clone())
+            .is_some()
+        {
+            return Err(chk.err(
+                n,
+                format!("nodes[{i}].name"),
+                format!("duplicate node {}", n.value.name),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// [`parse`], plus the policies rejected on their own (the model is valid without them).
 pub fn parse_full(
     file: &Path,
@@ -300,6 +341,7 @@ pub fn parse_full(
         }
         model.services.insert(svc.name.clone(), svc);
     }
+    model.nodes = parse_nodes(&chk, &doc.nodes)?;
     for (i, p) in doc.pods.iter().enumerate() {
         let name = ObjectName::new(
             p.value

@@ -437,6 +437,24 @@ pub fn local_workloads(model: &ClusterModel, trust_domain: &str) -> BTreeMap<Obj
         .collect()
 }
 
+/// The identities of this node's enrolled pods (namespace labelled into the mesh, pod not opted
+/// out), as the snapshot's mesh view names them: only these get certificates, as ztunnel
+/// fetches certificates only for workloads in ambient mode.
+#[must_use]
+pub fn enrolled_local_workloads(snap: &crate::state::Snapshot) -> BTreeMap<ObjectName, SpiffeId> {
+    snap.mesh
+        .enrolled
+        .iter()
+        .filter(|(name, _)| {
+            snap.model
+                .pods
+                .get(*name)
+                .is_some_and(|p| p.node == snap.model.node && !p.host_network)
+        })
+        .map(|(name, p)| (name.clone(), p.identity.clone()))
+        .collect()
+}
+
 /// The agent process's manager, set once by `main` when a CA is configured (`--ca-address`).
 /// A process-wide slot rather than a field of `app::Shared` so the admin API, the proxies and
 /// the model follower reach it without every part's constructor changing in this round; the
@@ -455,15 +473,15 @@ pub fn global() -> Option<&'static IdentityManager> {
 }
 
 impl IdentityManager {
-    /// Keeps the managed identities equal to the local pods of the published model: checks the
+    /// Keeps the managed identities equal to the enrolled local pods of the published snapshot: checks the
     /// snapshot every 500 ms and recomputes only when the model changed (a new `Arc`).
     pub async fn follow(self, stores: Arc<crate::state::Stores>) {
         let mut last: Option<Arc<ClusterModel>> = None;
         loop {
-            let model = Arc::clone(&stores.snapshot.load().model);
-            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &model)) {
-                self.set_workloads(&local_workloads(&model, &self.inner.config.trust_domain));
-                last = Some(model);
+            let snap = stores.snapshot.load_full();
+            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snap.model)) {
+                self.set_workloads(&enrolled_local_workloads(&snap));
+                last = Some(Arc::clone(&snap.model));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

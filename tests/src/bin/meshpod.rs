@@ -63,6 +63,9 @@ struct ServeArgs {
     /// itself `NAME:PORT` (one process standing in for thousands of endpoints).
     #[arg(long, default_value_t = 1)]
     tcp_ports: u16,
+    /// TCP: write `NAME peer=ADDR\n` instead, ADDR being the client address the server saw.
+    #[arg(long)]
+    show_peer: bool,
 }
 
 #[derive(Args, Clone)]
@@ -120,6 +123,9 @@ struct RrArgs {
     /// Deadline for connecting and for each round trip.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Pause between round trips (a long-lived, mostly idle connection).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -199,7 +205,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             } else {
                 Arc::clone(&banner)
             };
-            tokio::spawn(accept_loop(listener, banner));
+            tokio::spawn(accept_loop(listener, banner, args.show_peer));
         }
     }
     for addr in args.udp {
@@ -318,11 +324,19 @@ fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-async fn accept_loop(listener: TcpListener, banner: Arc<[u8]>) {
+async fn accept_loop(listener: TcpListener, banner: Arc<[u8]>, show_peer: bool) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(echo(stream, Arc::clone(&banner)));
+            Ok((stream, peer)) => {
+                let banner = if show_peer {
+                    let name = banner.strip_suffix(b"\n").unwrap_or(&banner);
+                    let mut b = name.to_vec();
+                    b.extend_from_slice(format!(" peer={peer}\n").as_bytes());
+                    Arc::from(b)
+                } else {
+                    Arc::clone(&banner)
+                };
+                tokio::spawn(echo(stream, banner));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -774,6 +788,9 @@ async fn rr(args: RrArgs) -> Result<ExitCode> {
             ensure!(response == request, "round trip {i}: echo differs");
             rtts.push(micros(start.elapsed()));
             report.ok += 1;
+            if args.pause_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+            }
         }
         Ok(())
     }

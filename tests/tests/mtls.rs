@@ -1,0 +1,504 @@
+//! Issue 9 end to end: two harness nodes, each with the real agent binary (static file source),
+//! a real CA (`mesh-agent ca`), real programs and real TCP. Enrolled pods reach each other over
+//! HBONE (mTLS, TLS 1.3 on the link, the caller's address preserved), authorization policy
+//! decides both across nodes (inbound proxy) and on one node (the kernel, `EACCES`), the agent's
+//! absence fails closed, and a connection outlives certificate rotations and a CA restart.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use mesh_agent::identity::ca;
+use mesh_tests::{
+    Cluster, NodeHandle, PodChild, PodHandle, RrReport,
+    agent::{AgentProcess, workspace_binary, write_atomically},
+    connect::{connect_from, tcp_in_segs},
+    hbone::{Capture, contains},
+};
+
+const APP_PORT: u16 = 8080;
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 1);
+const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 2);
+const CA_PORT: u16 = 15012;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
+
+/// The two-node mesh: `client` and `near` (same node) on a, `server` on b, `outsider` (a
+/// namespace not in the mesh) on a; the CA runs in node a's namespace.
+struct Mesh {
+    cluster: Cluster,
+    a: NodeHandle,
+    b: NodeHandle,
+    client: PodHandle,
+    near: PodHandle,
+    server: PodHandle,
+    outsider: PodHandle,
+    work: PathBuf,
+    ca_dir: PathBuf,
+    ca: Option<PodChild>,
+    ca_ttl: &'static str,
+    agents: Vec<AgentProcess>,
+    _servers: Vec<PodChild>,
+}
+
+impl Mesh {
+    fn new(test: &str, workload_ttl: &'static str) -> Result<Self> {
+        let cluster = Cluster::new(test)?;
+        let a = cluster.add_node("a")?;
+        let b = cluster.add_node("b")?;
+        let client = cluster.add_pod(&a, "client")?;
+        let near = cluster.add_pod(&a, "near")?;
+        let outsider = cluster.add_pod(&a, "outsider")?;
+        let server = cluster.add_pod(&b, "server")?;
+        let mut servers = Vec::new();
+        for p in [&near, &server] {
+            let mut cmd = p.meshpod()?;
+            cmd.args(["serve", "--show-peer", "--name", p.name(), "--tcp"])
+                .arg(SocketAddr::new(p.ipv4().into(), APP_PORT).to_string());
+            let mut child = p.spawn(cmd)?;
+            child.wait_ready(Duration::from_secs(10))?;
+            servers.push(child);
+        }
+        let work = std::env::temp_dir().join(cluster.prefix());
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let ca_dir = work.join("ca");
+        let mut mesh = Self {
+            cluster,
+            a,
+            b,
+            client,
+            near,
+            server,
+            outsider,
+            ca_dir,
+            work,
+            ca: None,
+            ca_ttl: workload_ttl,
+            agents: Vec::new(),
+            _servers: servers,
+        };
+        mesh.write_cluster("", "")?;
+        mesh.start_ca()?;
+        for node in [mesh.a.clone(), mesh.b.clone()] {
+            let agent = mesh.start_agent(&node)?;
+            mesh.agents.push(agent);
+        }
+        Ok(mesh)
+    }
+
+    /// The cluster as both agents' files (and the CA's truth) describe it, with extra
+    /// authorization and peer-authentication objects.
+    fn cluster_yaml(&self, node: &str, authz: &str, peer_authn: &str) -> String {
+        let pod = |p: &PodHandle, ns: &str, sa: &str| {
+            format!(
+                "  - {{ name: {}, namespace: {ns}, node: {}, serviceAccount: {sa}, ips: [{}], labels: {{ app: {} }} }}\n",
+                p.name(),
+                p.node().name(),
+                p.ipv4(),
+                p.name()
+            )
+        };
+        let svc = |name: &str, vip: Ipv4Addr, p: &PodHandle| {
+            format!(
+                "  - name: {name}\n    namespace: shop\n    clusterIPs: [{vip}]\n    ports: [{{ name: http, port: 80, targetPort: {APP_PORT}, protocol: TCP }}]\n    endpoints: [{{ ip: {}, node: {}, pod: {} }}]\n",
+                p.ipv4(),
+                p.node().name(),
+                p.name()
+            )
+        };
+        format!(
+            "node: {node}\nnodes:\n  - {{ name: a, addresses: [{}] }}\n  - {{ name: b, addresses: [{}] }}\nnamespaces:\n  - {{ name: shop, dataplaneMode: mesh }}\npods:\n{}{}{}{}services:\n{}{}{authz}{peer_authn}",
+            self.a.ipv4(),
+            self.b.ipv4(),
+            pod(&self.client, "shop", "client"),
+            pod(&self.near, "shop", "web"),
+            pod(&self.server, "shop", "web"),
+            pod(&self.outsider, "plain", "default"),
+            svc("web", WEB_VIP, &self.server),
+            svc("near", NEAR_VIP, &self.near),
+        )
+    }
+
+    fn file(&self, node: &str) -> PathBuf {
+        self.work.join(format!("mesh-{node}.yaml"))
+    }
+
+    fn write_cluster(&self, authz: &str, peer_authn: &str) -> Result<()> {
+        for node in ["a", "b", "ca"] {
+            write_atomically(
+                &self.file(node),
+                &self.cluster_yaml(node, authz, peer_authn),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_ca(&mut self) -> Result<()> {
+        let bin = workspace_binary("mesh-agent")?;
+        let mut cmd = self.a.command(&bin);
+        cmd.args(["ca", "--listen"])
+            .arg(SocketAddr::new(self.a.ipv4().into(), CA_PORT).to_string())
+            .args(["--metrics-addr", "none", "--workload-ttl", self.ca_ttl])
+            .arg("--dir")
+            .arg(&self.ca_dir)
+            .arg("--static-pods")
+            .arg(self.file("ca"))
+            .env("RUST_LOG", "info");
+        let mut ca = self.a.spawn(cmd)?;
+        ca.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(20))?;
+        self.ca = Some(ca);
+        Ok(())
+    }
+
+    fn start_agent(&self, node: &NodeHandle) -> Result<AgentProcess> {
+        let bin = workspace_binary("mesh-agent")?;
+        let out = std::process::Command::new(&bin)
+            .args(["ca", "bootstrap", "--node", node.name(), "--dir"])
+            .arg(&self.ca_dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = self.work.join(format!("token-{}", node.name()));
+        std::fs::write(&token, &out.stdout)?;
+        let mut agent = AgentProcess::new(
+            node.clone(),
+            self.file(node.name()),
+            self.cluster.bpffs_dir()?.join(node.name()),
+            self.work.join(format!("admin-{}.sock", node.name())),
+        );
+        "info".clone_into(&mut agent.log_filter);
+        agent.env = vec![
+            (
+                "MESH_CA_ADDRESS".into(),
+                SocketAddr::new(self.a.ipv4().into(), CA_PORT).to_string(),
+            ),
+            ("MESH_CA_SERVER_NAME".into(), "localhost".into()),
+            (
+                "MESH_CA_ROOT_FILE".into(),
+                self.ca_dir.join(ca::CA_CERT).display().to_string(),
+            ),
+            ("MESH_CA_TOKEN_FILE".into(), token.display().to_string()),
+            (
+                "MESH_CAPTURE_ADDRESS".into(),
+                format!("{},{}", node.gateway_v4(), node.gateway_v6()),
+            ),
+            ("MESH_UPLINKS".into(), node.fabric_ifname().into()),
+        ];
+        agent.start()?;
+        Ok(agent)
+    }
+
+    /// Waits until every enrolled pod of each node has a valid certificate.
+    fn wait_for_certificates(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for agent in &self.agents {
+            loop {
+                let v = agent.meshctl_json(&["identities"])?;
+                let rows = v.as_array().context("identities is a list")?;
+                let pending: Vec<&serde_json::Value> = rows
+                    .iter()
+                    .filter(|r| {
+                        r["cert_state"] != "valid"
+                            && r["cert_state"] != "renewing"
+                            && r["cert_state"] != "not-enrolled"
+                    })
+                    .collect();
+                if !rows.is_empty() && pending.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("certificates not issued: {v}\n{}", agent.stderr());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    fn counter(&self, node: usize, name: &str) -> u64 {
+        self.agents[node]
+            .meshctl_json(&["status"])
+            .ok()
+            .and_then(|s| s["counters"][name].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits for a kernel counter to reach `min` (status reads counters about once a second).
+    fn counted(&self, node: usize, name: &str, min: u64) -> Result<()> {
+        Self::eventually(&format!("{name} >= {min} on node {node}"), || {
+            self.counter(node, name) >= min
+        })
+    }
+
+    fn proxy_counter(&self, node: usize, name: &str) -> u64 {
+        self.agents[node]
+            .meshctl_json(&["tunnels"])
+            .ok()
+            .and_then(|s| s["counters"][name].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Polls `f` every 100 ms for up to 10 s (agents reload their file every 500 ms).
+    fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if f() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("timed out waiting until {what}")
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+        }
+        if let Some(ca) = self.ca.as_mut() {
+            ca.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// Sends `payload` from `pod` to `to` and reads the banner and echo back.
+fn exchange(pod: &PodHandle, to: SocketAddr, payload: &'static str) -> Result<String> {
+    pod.run(move || -> std::result::Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(payload.as_bytes()).map_err(|e| e.to_string())?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(out)
+    })?
+    .map_err(anyhow::Error::msg)
+}
+
+fn deny_client() -> &'static str {
+    "authorizationPolicies:\n  - apiVersion: security.kernmesh.io/v1alpha1\n    kind: AuthorizationPolicy\n    metadata: { name: no-client, namespace: shop }\n    spec:\n      action: DENY\n      rules: [{ from: [{ source: { principals: [cluster.local/ns/shop/sa/client] } }] }]\n"
+}
+
+#[test]
+fn enrolled_pods_talk_mtls_across_nodes_and_policy_decides_on_both_paths() -> Result<()> {
+    let Some(_k) = mesh_tests::kernel_test("mtls_e2e") else {
+        return Ok(());
+    };
+    let mesh = Mesh::new("mtls_e2e", "24h")?;
+    mesh.wait_for_certificates()?;
+    let web = SocketAddr::new(WEB_VIP.into(), 80);
+    let near = SocketAddr::new(NEAR_VIP.into(), 80);
+
+    // Across nodes: through the tunnel, the server sees the client pod's own address, and the
+    // link carries TLS 1.3 and none of the payload.
+    let capture = Capture::start(mesh.b.netns_path())?;
+    let answer = exchange(&mesh.client, web, "secret-payload-across")?;
+    let frames = capture.finish()?;
+    let client_ip = mesh.client.ipv4();
+    ensure!(
+        answer.starts_with(&format!("server peer={client_ip}:")),
+        "the server saw {answer:?}"
+    );
+    ensure!(answer.ends_with("secret-payload-across"), "{answer:?}");
+    ensure!(
+        frames
+            .iter()
+            .any(|f| contains(f, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04])),
+        "no TLS 1.3 ServerHello on the link"
+    );
+    ensure!(
+        !frames.iter().any(|f| contains(f, b"secret-payload-across")),
+        "payload visible on the link"
+    );
+    mesh.counted(0, "captured", 1)?;
+    let b_log = mesh.agents[1].stderr();
+    ensure!(
+        b_log
+            .lines()
+            .any(|l| l.contains("HBONE stream admitted") && l.contains(CLIENT_ID)),
+        "B's agent did not log the caller's identity: {b_log}"
+    );
+    let tunnels = mesh.agents[0].meshctl_json(&["tunnels"])?;
+    ensure!(
+        tunnels["tunnels"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["source_identity"] == CLIENT_ID)),
+        "meshctl tunnels on a: {tunnels}"
+    );
+    // Same node: no tunnel, plain connect; a pod outside the mesh still reaches mesh pods
+    // (PERMISSIVE).
+    ensure!(exchange(&mesh.client, near, "x")?.starts_with("near peer="));
+    ensure!(
+        exchange(
+            &mesh.outsider,
+            SocketAddr::new(mesh.server.ipv4().into(), APP_PORT),
+            "x"
+        )?
+        .starts_with("server peer="),
+        "plaintext from outside the mesh (PERMISSIVE)"
+    );
+
+    // DENY on the client's identity: refused across nodes by the inbound proxy, on the same
+    // node by the kernel at connect() with EACCES; both counted.
+    mesh.write_cluster(deny_client(), "")?;
+    Mesh::eventually("the cross-node connect is denied", || {
+        !exchange(&mesh.client, web, "denied?").is_ok_and(|a| a.starts_with("server"))
+    })?;
+    ensure!(
+        mesh.proxy_counter(1, "inbound_denied") >= 1,
+        "denial counted on b"
+    );
+    let b_log = mesh.agents[1].stderr();
+    ensure!(
+        b_log.lines().any(|l| l.contains("denied")
+            && l.contains(CLIENT_ID)
+            && l.contains("spiffe://cluster.local/ns/shop/sa/web")),
+        "denial logged with both identities: {b_log}"
+    );
+    Mesh::eventually("the same-node connect is denied", || {
+        connect_from(&mesh.client, near, Duration::from_secs(2)).errno == Some(libc::EACCES)
+    })?;
+    let c = connect_from(&mesh.client, near, Duration::from_secs(2));
+    ensure!(c.elapsed_us < 100_000, "denied at once: {c:?}");
+    mesh.counted(0, "same_node_deny", 1)?;
+
+    // Removing it restores both.
+    mesh.write_cluster("", "")?;
+    Mesh::eventually("both paths are allowed again", || {
+        exchange(&mesh.client, web, "back").is_ok_and(|a| a.starts_with("server peer="))
+            && exchange(&mesh.client, near, "back").is_ok_and(|a| a.starts_with("near peer="))
+    })?;
+
+    // STRICT in the namespace: plaintext from outside the mesh is refused, on the same node
+    // at connect() and from the other node at b's uplink; mesh traffic keeps flowing.
+    mesh.write_cluster(
+        "",
+        "peerAuthentications:\n  - apiVersion: security.kernmesh.io/v1alpha1\n    kind: PeerAuthentication\n    metadata: { name: default, namespace: shop }\n    spec: { mtls: { mode: STRICT } }\n",
+    )?;
+    let near_pod = SocketAddr::new(mesh.near.ipv4().into(), APP_PORT);
+    let server_pod = SocketAddr::new(mesh.server.ipv4().into(), APP_PORT);
+    Mesh::eventually("plaintext to STRICT pods is refused", || {
+        connect_from(&mesh.outsider, near_pod, Duration::from_secs(1)).errno == Some(libc::EACCES)
+            && connect_from(&mesh.outsider, server_pod, Duration::from_secs(1))
+                .line
+                .is_none()
+    })?;
+    mesh.counted(0, "strict_refuse_local", 1)?;
+    mesh.counted(1, "strict_refuse_remote", 1)?;
+    ensure!(exchange(&mesh.client, web, "strict")?.starts_with("server peer="));
+    Ok(())
+}
+
+#[test]
+fn without_its_agent_a_node_fails_enrolled_connects_at_once_and_recovers() -> Result<()> {
+    let Some(_k) = mesh_tests::kernel_test("mtls_sigkill") else {
+        return Ok(());
+    };
+    let mut mesh = Mesh::new("mtls_sigkill", "24h")?;
+    mesh.wait_for_certificates()?;
+    let web = SocketAddr::new(WEB_VIP.into(), 80);
+    ensure!(exchange(&mesh.client, web, "before")?.starts_with("server peer="));
+    let before = tcp_in_segs(&mesh.server);
+    mesh.agents[0].kill();
+    for _ in 0..5 {
+        let c = connect_from(&mesh.client, web, Duration::from_secs(2));
+        ensure!(c.errno == Some(libc::ECONNREFUSED), "{c:?}");
+        ensure!(c.elapsed_us < 100_000, "refused at once: {c:?}");
+    }
+    ensure!(
+        tcp_in_segs(&mesh.server) == before,
+        "the server pod received packets while a's agent was down (plaintext?)"
+    );
+    let a = mesh.a.clone();
+    let agent = mesh.start_agent(&a)?;
+    mesh.agents[0] = agent;
+    mesh.wait_for_certificates()?;
+    Mesh::eventually("enrolled connects work again", || {
+        exchange(&mesh.client, web, "after").is_ok_and(|a| a.starts_with("server peer="))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_connection_outlives_three_certificate_rotations_and_a_ca_restart() -> Result<()> {
+    let Some(_k) = mesh_tests::kernel_test("mtls_rotation") else {
+        return Ok(());
+    };
+    let mut mesh = Mesh::new("mtls_rotation", "4s")?;
+    mesh.wait_for_certificates()?;
+    let web = SocketAddr::new(WEB_VIP.into(), 80);
+    // One connection held open, a round trip every 200 ms, while certificates rotate at half
+    // life (2 s) and the CA restarts in the middle.
+    let mut cmd = mesh.client.meshpod()?;
+    cmd.args(["rr", "--addr", &web.to_string()]).args([
+        "--count",
+        "65",
+        "--size",
+        "32",
+        "--pause-ms",
+        "200",
+    ]);
+    let holder = mesh.client.spawn(cmd)?;
+    let serial = |mesh: &Mesh| -> Option<String> {
+        let v = match mesh.agents[0].meshctl_json(&["identities"]) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("meshctl identities: {e:#}");
+                return None;
+            }
+        };
+        v.as_array()?
+            .iter()
+            .find(|r| r["spiffe_id"] == CLIENT_ID)
+            .and_then(|r| r["serial"].as_str().map(str::to_owned))
+    };
+    let mut serials = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let mut restarted = false;
+    while start.elapsed() < Duration::from_secs(13) {
+        if let Some(s) = serial(&mesh) {
+            serials.insert(s);
+        }
+        if !restarted && start.elapsed() > Duration::from_secs(5) {
+            if let Some(mut ca) = mesh.ca.take() {
+                ca.kill();
+            }
+            mesh.start_ca()?;
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = holder.finish(Duration::from_secs(20))?;
+    let report: RrReport = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("rr report: {}", String::from_utf8_lossy(&out.stdout)))?;
+    ensure!(
+        report.error.is_none() && report.ok == 65 && report.name.starts_with("server"),
+        "the held connection broke: {report:?}"
+    );
+    ensure!(
+        serials.len() >= 4,
+        "the client's certificate rotated {} times: {serials:?}\nagent a: {}\nCA: {}",
+        serials.len().saturating_sub(1),
+        mesh.agents[0].stderr(),
+        mesh.ca
+            .as_ref()
+            .map(PodChild::stderr_text)
+            .unwrap_or_default()
+    );
+    // A new connection after the rotations handshakes with the current certificates.
+    ensure!(exchange(&mesh.client, web, "fresh")?.starts_with("server peer="));
+    Ok(())
+}
