@@ -600,7 +600,7 @@ fn probes_and_ports_are_the_ztunnel_ones() {
     let ports: BTreeSet<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(
         ports,
-        BTreeSet::from([METRICS_PORT, READINESS_PORT]),
+        BTreeSet::from([15001, 15008, METRICS_PORT, READINESS_PORT]),
         "container ports"
     );
 }
@@ -871,6 +871,7 @@ fn config_map_feeds_the_agent_and_its_static_model_is_valid() {
             volume(ds, &mnt.name)
                 .config_map
                 .as_ref()
+                .filter(|cfg| Some(&cfg.name) == cm.metadata.name.as_ref())
                 .map(|cfg| (mnt, cfg))
         })
         .expect("the ConfigMap is mounted");
@@ -1704,4 +1705,62 @@ fn helm_ca_template_matches_the_plain_manifest() {
     ] {
         assert!(text.contains(needle), "templates/ca.yaml lacks {needle}");
     }
+}
+
+/// The agent reaches the CA as the CA expects: a projected token for the CA's audience, the
+/// published bundle, and the node address pods reach the outbound listener at.
+#[test]
+fn the_agent_gets_what_mtls_needs() {
+    let m = Manifests::load();
+    let ds = only(&m.daemon_sets, "DaemonSet");
+    let c = agent(ds);
+    let env = |name: &str| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("env {name}"))
+    };
+    let host_ip = env("MESH_CAPTURE_ADDRESS")
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(host_ip.as_deref(), Some("status.hostIP"));
+    let token_file = env("MESH_CA_TOKEN_FILE").value.clone().unwrap();
+    let root_file = env("MESH_CA_ROOT_FILE").value.clone().unwrap();
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let mounted = |file: &str| {
+        let mnt = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|v| file.starts_with(&format!("{}/", v.mount_path)))
+            .unwrap_or_else(|| panic!("{file} is not under a mount"));
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mnt.name)
+            .unwrap();
+        (file[mnt.mount_path.len() + 1..].to_owned(), vol.clone())
+    };
+    let (path, vol) = mounted(&token_file);
+    let token = vol
+        .projected
+        .and_then(|p| p.sources)
+        .into_iter()
+        .flatten()
+        .find_map(|s| s.service_account_token)
+        .expect("a projected service-account token");
+    assert_eq!(token.path, path);
+    assert_eq!(
+        token.audience.as_deref(),
+        Some(mesh_agent::identity::auth::CA_AUDIENCE)
+    );
+    let (key, vol) = mounted(&root_file);
+    assert_eq!(key, mesh_agent::identity::cli::ROOT_CERT_KEY);
+    let cm = vol.config_map.expect("the bundle comes from a ConfigMap");
+    assert_eq!(cm.name, "mesh-ca-root");
+    assert_eq!(cm.optional, Some(true), "the agent starts before the CA");
 }

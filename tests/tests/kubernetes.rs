@@ -825,7 +825,8 @@ fn agent_applies_kube_proxy_semantics() {
             ("labelSelector", PROXY_LABEL_SELECTOR),
         ),
         ("/api/v1/nodes", ("fieldSelector", "metadata.name=a")),
-        ("/api/v1/pods", ("fieldSelector", "spec.nodeName=a")),
+        // Every node's pods (tunnel destinations' identities and nodes), from the cache.
+        ("/api/v1/pods", ("resourceVersion", "0")),
         (
             "/apis/traffic.kernmesh.io/v1alpha1/trafficpolicies",
             ("resourceVersion", "0"),

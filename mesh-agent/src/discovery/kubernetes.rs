@@ -8,7 +8,7 @@
 //! selector [`PROXY_LABEL_SELECTOR`], so objects of Services another proxy implements
 //! (`service.kubernetes.io/service-proxy-name`) and slices of headless Services
 //! (`service.kubernetes.io/headless`) never reach the agent; Pods with
-//! `fieldSelector=spec.nodeName=<node>`; the Node with `metadata.name=<node>`. Initial lists
+//! no selector (every node's: tunnel destinations); the Node with `metadata.name=<node>`. Initial lists
 //! are served from the API server's watch cache (`resourceVersion=0`), and every object is
 //! slimmed before it is stored (`managedFields`, annotations, pod containers and statuses, node
 //! status dropped), so memory follows what the model uses. `TrafficPolicy` objects (few, and
@@ -30,9 +30,11 @@
 //!   `PreferSameZone` / `PreferSameNode` an endpoint without hints is hinted for its own zone
 //!   (node), as the `EndpointSlice` controller would (kube-proxy reads only hints). `nodeName`;
 //!   a `Pod` `targetRef`. `FQDN` slices are ignored.
-//! - **Pod** (only those with `spec.nodeName` = this node; terminal pods skipped) → [`model::Pod`]:
-//!   `spec.serviceAccountName` (default `default`), `status.podIPs`, `spec.hostNetwork`
-//!   (host-network pods are never local pod endpoints).
+//! - **Pod** (scheduled on any node; terminal pods skipped) → [`model::Pod`]:
+//!   `spec.nodeName`, `spec.serviceAccountName` (default `default`), `status.podIPs`,
+//!   `spec.hostNetwork` (host-network pods are never local pod endpoints); `status.hostIPs` →
+//!   [`ClusterModel::nodes`](model::ClusterModel::nodes) (where a node's agent is reached).
+//!   Other nodes' pods keep only the enrollment label.
 //! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
 //!   are left out, so deleting a namespace drops its services and pods at once.
 //! - **Node** (this one): its `topology.kubernetes.io/zone` label is
@@ -456,13 +458,31 @@ pub fn merge_endpoints(all: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint>
     merged.into_values().collect()
 }
 
-/// A pod of the model, if it runs on `node` and is not finished.
+/// The node addresses a pod's status names (`status.hostIPs`, else `status.hostIP`): where
+/// the agent of its node is reached.
+fn host_ips(pod: &K8sPod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = status
+        .host_ips
+        .iter()
+        .flatten()
+        .map(|h| h.ip.as_str())
+        .collect();
+    let raw = if listed.is_empty() {
+        status.host_ip.as_deref().into_iter().collect()
+    } else {
+        listed
+    };
+    raw.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+/// A pod of the model, if it is scheduled (on any node) and not finished.
 #[must_use]
-pub fn pod_of(pod: &K8sPod, node: &str) -> Option<model::Pod> {
+pub fn pod_of(pod: &K8sPod) -> Option<model::Pod> {
     let spec = pod.spec.as_ref()?;
-    if spec.node_name.as_deref() != Some(node) {
-        return None;
-    }
+    let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
     let status = pod.status.as_ref();
     if matches!(
         status.and_then(|s| s.phase.as_deref()),
@@ -795,12 +815,30 @@ impl State {
         }
         model.policies = resolution.report;
         for pod in self.pods.objects.values() {
-            if let Some(p) = pod_of(pod, &self.node)
+            if let Some(p) = pod_of(pod)
                 && self.namespace_live(&p.name.namespace)
             {
+                // This node's pods keep every label (policy selectors); others only the
+                // enrollment label (a pod elsewhere may opt out of the mesh).
                 let labels = pod.labels();
-                if !labels.is_empty() {
-                    model.mesh.pod_labels.insert(p.name.clone(), labels.clone());
+                if p.node == self.node {
+                    if !labels.is_empty() {
+                        model.mesh.pod_labels.insert(p.name.clone(), labels.clone());
+                    }
+                } else if let Some(mode) = labels.get(crate::authz::DATAPLANE_MODE_LABEL) {
+                    model.mesh.pod_labels.insert(
+                        p.name.clone(),
+                        BTreeMap::from([(
+                            crate::authz::DATAPLANE_MODE_LABEL.to_owned(),
+                            mode.clone(),
+                        )]),
+                    );
+                }
+                for ip in host_ips(pod) {
+                    let addrs = model.nodes.entry(p.node.clone()).or_default();
+                    if !addrs.contains(&ip) {
+                        addrs.push(ip);
+                    }
                 }
                 model.pods.insert(p.name.clone(), p);
             }
@@ -946,7 +984,9 @@ mod lean {
     use k8s_openapi::{
         api::{
             core::v1::ObjectReference,
-            core::v1::{Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec},
+            core::v1::{
+                HostIP, Namespace, Node, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
+            },
             discovery::v1::{
                 Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
             },
@@ -1104,6 +1144,10 @@ mod lean {
     #[serde(rename_all = "camelCase")]
     struct LeanPodStatus {
         phase: Option<String>,
+        #[serde(rename = "hostIP")]
+        host_ip: Option<String>,
+        #[serde(rename = "hostIPs")]
+        host_ips: Option<Vec<HostIP>>,
         #[serde(rename = "podIP")]
         pod_ip: Option<String>,
         #[serde(rename = "podIPs")]
@@ -1134,6 +1178,8 @@ mod lean {
                 }),
                 status: self.status.map(|s| PodStatus {
                     phase: s.phase,
+                    host_ip: s.host_ip,
+                    host_ips: s.host_ips,
                     pod_ip: s.pod_ip,
                     pod_ips: s.pod_ips,
                     ..PodStatus::default()
@@ -1403,8 +1449,11 @@ fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<Chan
             Change::Slices,
         ),
         watch(
+            // Every node's pods: a pod elsewhere in the mesh is a tunnel destination whose
+            // identity (service account) and node the capture needs, as ztunnel learns every
+            // workload from istiod. Slimmed to what the model reads.
             Api::<lean::LeanPod>::all(client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            watcher::Config::default(),
             lean::LeanPod::into_full,
             Change::Pods,
         ),
@@ -2046,16 +2095,32 @@ mod tests {
                 pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP {
                     ip: "10.1.0.7".to_owned(),
                 }]),
+                host_ip: Some("192.168.0.1".to_owned()),
                 ..Default::default()
             }),
         };
         state.pods.apply(watcher::Event::Apply(pod.clone()));
         pod.metadata.name = Some("elsewhere".to_owned());
         pod.spec.as_mut().unwrap().node_name = Some("b".to_owned());
+        pod.status.as_mut().unwrap().host_ips = Some(vec![
+            k8s_openapi::api::core::v1::HostIP {
+                ip: "192.168.0.2".to_owned(),
+            },
+            k8s_openapi::api::core::v1::HostIP {
+                ip: "fd00::2".to_owned(),
+            },
+        ]);
         state.pods.apply(watcher::Event::Apply(pod));
         let (m, _) = state.build();
         assert_eq!(m.services.len(), 1);
-        assert_eq!(m.pods.len(), 1);
+        // Both are in the model (the other node's is a tunnel destination); only this node's
+        // is a local pod.
+        assert_eq!(m.pods.len(), 2);
+        assert_eq!(m.pods[&ObjectName::new("default", "elsewhere")].node, "b");
+        // Where each node's agent is reached: `status.hostIPs`, else `status.hostIP`.
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(m.nodes["a"], vec![ip("192.168.0.1")]);
+        assert_eq!(m.nodes["b"], vec![ip("192.168.0.2"), ip("fd00::2")]);
         let p = &m.pods[&ObjectName::new("default", "p")];
         assert_eq!(p.service_account, "default");
         assert_eq!(p.ips, vec!["10.1.0.7".parse::<IpAddr>().unwrap()]);
@@ -2228,8 +2293,8 @@ mod tests {
         let full: K8sPod = serde_json::from_value(fat.clone()).unwrap();
         let lean: lean::LeanPod = serde_json::from_value(fat).unwrap();
         let pod = lean.into_full();
-        assert_eq!(pod_of(&pod, "a"), pod_of(&full, "a"));
-        assert!(pod_of(&pod, "a").unwrap().host_network);
+        assert_eq!(pod_of(&pod), pod_of(&full));
+        assert!(pod_of(&pod).unwrap().host_network);
         assert!(pod.metadata.managed_fields.is_none() && pod.metadata.annotations.is_none());
         assert!(pod.spec.as_ref().unwrap().containers.is_empty());
         assert!(pod.status.as_ref().unwrap().conditions.is_none());

@@ -444,6 +444,16 @@ impl AgentCaArgs {
         let token = self.ca_token_file.clone().ok_or_else(|| {
             CliError::Other("--ca-address needs --ca-token-file (the node's credential)".to_owned())
         })?;
+        if !root_file.exists() {
+            // The DaemonSet mounts the CA's bundle from an optional ConfigMap: before the CA
+            // has published it the node runs L4 only (enrolled cross-node connects are refused,
+            // never plaintext) instead of crash-looping.
+            tracing::warn!(
+                file = %root_file.display(),
+                "no CA root bundle yet: mTLS is off on this node until the agent restarts with one"
+            );
+            return Ok(None);
+        }
         let anchors = super::ca::parse_certs(&root_file.display().to_string(), &read(root_file)?)?;
         let server_name = match &self.ca_server_name {
             Some(n) => n.clone(),
