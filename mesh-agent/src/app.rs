@@ -275,25 +275,11 @@ async fn start_proxies(
     shared: &Arc<Shared>,
     table: OriginalDstTable,
 ) -> anyhow::Result<crate::proxy::Proxies> {
-    use crate::proxy::{ClientConfig, Denied, InboundConfig, ProxyParts, Redirect};
+    use crate::proxy::{ClientConfig, InboundConfig, ProxyParts, Redirect};
     let Some(manager) = crate::identity::manager::global() else {
         bail!("the proxies need the identity manager (--ca-address)");
     };
-    let stores = Arc::clone(&shared.stores);
-    let authorizer = move |source: &SpiffeId, dst_id: &SpiffeId, dst: SocketAddr| {
-        let d = stores
-            .snapshot
-            .load()
-            .mesh
-            .authorize_inbound(source, dst_id, dst);
-        if d.allowed {
-            Ok(())
-        } else {
-            Err(Denied {
-                reason: d.reason.as_str().to_owned(),
-            })
-        }
-    };
+    let authorizer = SnapshotAuthorizer(Arc::clone(&shared.stores));
     let stores = Arc::clone(&shared.stores);
     let workloads = move |ip: IpAddr| {
         let snap = stores.snapshot.load();
@@ -343,6 +329,75 @@ async fn start_proxies(
         "HBONE proxies serving"
     );
     Ok(proxies)
+}
+
+/// The inbound proxy's authorization, from the current snapshot: the policy view decides, and a
+/// client identity must run on the calling node (the CA signs a node only its own pods, so a
+/// certificate used from another node is stolen or misissued).
+struct SnapshotAuthorizer(Arc<Stores>);
+
+impl crate::proxy::Authorizer for SnapshotAuthorizer {
+    fn authorize(
+        &self,
+        source: &SpiffeId,
+        dst_id: &SpiffeId,
+        dst: SocketAddr,
+    ) -> Result<(), crate::proxy::Denied> {
+        let d = self
+            .0
+            .snapshot
+            .load()
+            .mesh
+            .authorize_inbound(source, dst_id, dst);
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(crate::proxy::Denied {
+                reason: d.reason.as_str().to_owned(),
+            })
+        }
+    }
+
+    fn check_peer(
+        &self,
+        source: &SpiffeId,
+        node: IpAddr,
+        claimed_src: Option<IpAddr>,
+    ) -> Result<(), crate::proxy::Denied> {
+        let snap = self.0.snapshot.load();
+        let deny = |reason: String| Err(crate::proxy::Denied { reason });
+        let node_names: Vec<&String> = snap
+            .model
+            .nodes
+            .iter()
+            .filter(|(_, addrs)| addrs.contains(&node))
+            .map(|(n, _)| n)
+            .collect();
+        if node_names.is_empty() {
+            return deny(format!("{node} is not a node of the cluster"));
+        }
+        let on_node = |name: &ObjectName| {
+            snap.model
+                .pods
+                .get(name)
+                .is_some_and(|p| node_names.contains(&&p.node))
+                && snap
+                    .mesh
+                    .enrolled
+                    .get(name)
+                    .is_some_and(|p| &p.identity == source)
+        };
+        match claimed_src {
+            Some(ip) => match snap.pod_by_ip(ip) {
+                Some(pod) if on_node(pod) => Ok(()),
+                _ => deny(format!(
+                    "source {ip} is no pod of node {node} with identity {source}"
+                )),
+            },
+            None if snap.mesh.enrolled.keys().any(on_node) => Ok(()),
+            None => deny(format!("no pod of node {node} has identity {source}")),
+        }
+    }
 }
 
 /// Spawns the configured discovery source under supervision; returns its name.
@@ -520,5 +575,74 @@ impl MainLoop {
             error!(kind = e.kind(), error = %e, "reconciliation error; the rest converged");
         }
         self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{authz::DataplaneMode, model::Pod, proxy::Authorizer as _, state::Snapshot};
+
+    /// Two nodes; `client` (sa client) on a, `server` (sa web) on b, both in the mesh.
+    fn stores() -> Arc<Stores> {
+        let mut m = ClusterModel {
+            node: "b".into(),
+            ..ClusterModel::default()
+        };
+        m.nodes
+            .insert("a".into(), vec!["192.0.2.1".parse().unwrap()]);
+        m.nodes
+            .insert("b".into(), vec!["192.0.2.2".parse().unwrap()]);
+        for (name, node, sa, ip) in [
+            ("client", "a", "client", "10.1.0.2"),
+            ("server", "b", "web", "10.2.0.2"),
+        ] {
+            let name = ObjectName::new("shop", name);
+            m.pods.insert(
+                name.clone(),
+                Pod {
+                    name,
+                    node: node.into(),
+                    service_account: sa.into(),
+                    ips: vec![ip.parse().unwrap()],
+                    uid: String::new(),
+                    host_network: false,
+                },
+            );
+        }
+        m.mesh
+            .namespace_modes
+            .insert("shop".into(), DataplaneMode::Mesh);
+        let stores = Arc::new(Stores::default());
+        stores.snapshot.store(Arc::new(Snapshot::build(
+            1,
+            m,
+            crate::reconcile::AppliedServices::default(),
+        )));
+        stores
+    }
+
+    #[test]
+    fn a_client_identity_must_run_on_the_calling_node() {
+        let auth = SnapshotAuthorizer(stores());
+        let client: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let client_pod = Some("10.1.0.2".parse().unwrap());
+        assert!(auth.check_peer(&client, a, client_pod).is_ok());
+        assert!(auth.check_peer(&client, a, None).is_ok());
+        // The same certificate used from node b, or naming a pod that is not the client.
+        assert!(auth.check_peer(&client, b, client_pod).is_err());
+        assert!(auth.check_peer(&client, b, None).is_err());
+        assert!(
+            auth.check_peer(&client, a, Some("10.2.0.2".parse().unwrap()))
+                .is_err()
+        );
+        // web runs only on b; a node that is not in the cluster is refused outright.
+        assert!(auth.check_peer(&web, a, None).is_err());
+        assert!(
+            auth.check_peer(&client, "198.51.100.1".parse().unwrap(), None)
+                .is_err()
+        );
     }
 }

@@ -237,6 +237,17 @@ impl InboundServer {
                 return;
             }
         }
+        if let Err(denied) = self.authorizer.check_peer(
+            &ctx.source,
+            ctx.peer.ip().to_canonical(),
+            parsed.forwarded_for.map(|a| a.ip().to_canonical()),
+        ) {
+            bump(&counters.inbound_wrong_node);
+            warn!(source = %ctx.source, peer = %ctx.peer, reason = %denied.reason,
+                "HBONE CONNECT refused: 401 (client identity does not fit the calling node)");
+            reply(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
         if let Err(denied) = self.authorizer.authorize(&ctx.source, &ctx.local, dst) {
             bump(&counters.inbound_denied);
             warn!(source = %ctx.source, destination = %ctx.local, %dst, reason = %denied.reason,

@@ -59,6 +59,20 @@ pub trait Authorizer: Send + Sync + 'static {
         dst_id: &SpiffeId,
         dst: SocketAddr,
     ) -> Result<(), Denied>;
+
+    /// Does the certificate fit the connection it came on? `node` is the calling node's
+    /// address (the TLS peer), `claimed_src` the source pod the client named (`Forwarded`).
+    /// The agent refuses an identity that runs on no pod of that node, and a claimed source
+    /// pod that is not one of them (a stolen certificate used from elsewhere, or a node
+    /// posing as another pod's address). Default: no check.
+    fn check_peer(
+        &self,
+        _source: &SpiffeId,
+        _node: std::net::IpAddr,
+        _claimed_src: Option<std::net::IpAddr>,
+    ) -> Result<(), Denied> {
+        Ok(())
+    }
 }
 
 /// Admits every peer that passed mTLS (Istio's behaviour with no `AuthorizationPolicy`).

@@ -32,6 +32,7 @@ counters! {
     inbound_bad_request: "400: malformed CONNECT",
     inbound_wrong_workload: "400: authority is not a pod on this node with the identity the client asked for",
     inbound_denied: "401: the authorization hook refused",
+    inbound_wrong_node: "401: the client identity runs on no pod of the calling node, or the claimed source pod is not it",
     inbound_unreachable: "503: the pod refused or did not answer",
     outbound_connections: "captured connections accepted on 15001",
     outbound_no_original_dst: "captured connections with no recorded destination (closed)",

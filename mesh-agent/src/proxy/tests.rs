@@ -593,6 +593,46 @@ async fn an_authorization_denial_gets_401_and_reaches_no_pod() {
     assert_eq!(env.pod_accepts.load(Ordering::SeqCst), 0);
 }
 
+/// Denies every connection that does not come from `node` (the agent's check: the client
+/// identity must run on the calling node).
+struct OnlyFrom(std::net::IpAddr);
+
+impl Authorizer for OnlyFrom {
+    fn authorize(&self, _: &SpiffeId, _: &SpiffeId, _: SocketAddr) -> Result<(), Denied> {
+        Ok(())
+    }
+
+    fn check_peer(
+        &self,
+        source: &SpiffeId,
+        node: std::net::IpAddr,
+        _: Option<std::net::IpAddr>,
+    ) -> Result<(), Denied> {
+        if node == self.0 {
+            Ok(())
+        } else {
+            Err(Denied {
+                reason: format!("no pod of {node} has identity {source}"),
+            })
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_used_from_another_node_gets_401_and_reaches_no_pod() {
+    let env = env_with(Arc::new(OnlyFrom("192.0.2.1".parse().unwrap()))).await;
+    match env.open().await.unwrap_err() {
+        ConnectError::Refused { status, .. } => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        e => panic!("{e}"),
+    }
+    assert_eq!(counter(&env.server_stats, "inbound_wrong_node"), 1);
+    assert_eq!(counter(&env.server_stats, "inbound_denied"), 0);
+    assert_eq!(env.pod_accepts.load(Ordering::SeqCst), 0);
+    // From the node the identity runs on (the test's loopback), admitted.
+    let env = env_with(Arc::new(OnlyFrom("127.0.0.1".parse().unwrap()))).await;
+    env.open().await.expect("admitted from its own node");
+}
+
 #[tokio::test]
 async fn an_unreachable_pod_gets_503() {
     let env = env().await;
