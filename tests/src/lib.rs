@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod env;
 pub mod exec;
+pub mod gateway;
 pub mod hbone;
 mod ip;
 pub mod kernel;

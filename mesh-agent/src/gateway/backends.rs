@@ -111,11 +111,7 @@ pub struct Backends {
 impl Backends {
     /// Resolves `wanted` from `model`, keeping the live state of endpoints `previous` had.
     #[must_use]
-    pub fn build(
-        model: &ClusterModel,
-        wanted: &BTreeSet<ServiceRef>,
-        previous: &Self,
-    ) -> Self {
+    pub fn build(model: &ClusterModel, wanted: &BTreeSet<ServiceRef>, previous: &Self) -> Self {
         let mut old: HashMap<SocketAddr, Arc<EndpointState>> = HashMap::new();
         for s in previous.services.values() {
             for e in &s.endpoints {
@@ -152,14 +148,19 @@ impl Backends {
             }
         }
         Self {
-            services: services.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            services: services
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
         }
     }
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "not ejected").
 fn now_ms(epoch: Instant, now: Instant) -> u64 {
-    u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(now.saturating_duration_since(epoch).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl ServiceBackends {
@@ -186,7 +187,8 @@ impl ServiceBackends {
             .iter()
             .filter(|e| !self.ejected(e, now, kernel))
             .collect();
-        let panic = (healthy.len() * 100) < self.endpoints.len() * self.circuit.panic_threshold_percent as usize;
+        let panic = (healthy.len() * 100)
+            < self.endpoints.len() * self.circuit.panic_threshold_percent as usize;
         let pool: Vec<&Arc<EndpointState>> = if panic {
             self.endpoints.iter().collect()
         } else {
@@ -302,7 +304,10 @@ mod tests {
         for e in s.endpoints.clone() {
             assert!(s.failure(&e, epoch));
         }
-        assert_eq!(s.pick(None, epoch, &NoKernelCircuits).unwrap_err(), NoEndpoint::AllEjected);
+        assert_eq!(
+            s.pick(None, epoch, &NoKernelCircuits).unwrap_err(),
+            NoEndpoint::AllEjected
+        );
     }
 
     #[test]
@@ -317,9 +322,15 @@ mod tests {
         let epoch = Instant::now();
         let eps = s.endpoints.clone();
         assert!(s.failure(&eps[0], epoch));
-        assert!(!s.failure(&eps[1], epoch), "10 % of 3 rounds to the floor of one");
+        assert!(
+            !s.failure(&eps[1], epoch),
+            "10 % of 3 rounds to the floor of one"
+        );
         for _ in 0..10 {
-            assert_ne!(s.pick(None, epoch, &NoKernelCircuits).unwrap().addr, eps[0].addr);
+            assert_ne!(
+                s.pick(None, epoch, &NoKernelCircuits).unwrap().addr,
+                eps[0].addr
+            );
         }
     }
 }

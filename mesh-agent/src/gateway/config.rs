@@ -468,7 +468,10 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<T, GatewayConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
-        at.err(if field == "." { String::new() } else { field }, e.into_inner().to_string())
+        at.err(
+            if field == "." { String::new() } else { field },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -478,7 +481,8 @@ fn header_name(at: &At<'_>, field: &str, n: &str) -> Result<HeaderName, GatewayC
 }
 
 fn header_value(at: &At<'_>, field: &str, v: &str) -> Result<HeaderValue, GatewayConfigError> {
-    HeaderValue::from_str(v).map_err(|_| at.err(field, format!("{v:?} is not a valid header value")))
+    HeaderValue::from_str(v)
+        .map_err(|_| at.err(field, format!("{v:?} is not a valid header value")))
 }
 
 fn regex(at: &At<'_>, field: &str, r: &str) -> Result<Regex, GatewayConfigError> {
@@ -550,7 +554,9 @@ fn mirror_share(
         (None, Some((n, d))) => {
             let d = d.unwrap_or(100);
             if d <= 0 || n < 0 || n > d {
-                return Err(bad("fraction needs 0 <= numerator <= denominator, denominator > 0"));
+                return Err(bad(
+                    "fraction needs 0 <= numerator <= denominator, denominator > 0",
+                ));
             }
             Ok(u32::try_from(i64::from(n) * 1_000_000 / i64::from(d)).unwrap_or(1_000_000))
         }
@@ -673,7 +679,10 @@ fn load_cert(at: &At<'_>, s: &SecretDoc) -> Result<Arc<CertifiedKey>, GatewayCon
 }
 
 /// Turns the objects into the table.
-#[expect(clippy::too_many_lines, reason = "one pass over the object kinds, in order")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the object kinds, in order"
+)]
 fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigError> {
     let mut cfg = GatewayConfig::default();
     let mut gateways: Vec<(At<'_>, ObjectName, Gateway)> = Vec::new();
@@ -690,7 +699,11 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
         if !seen.insert((d.kind.clone(), d.name.clone())) {
             return Err(at.err("metadata.name", "defined twice in this file"));
         }
-        let api = d.value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+        let api = d
+            .value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let group = api.rsplit_once('/').map_or("", |(g, _)| g);
         match (d.kind.as_str(), group) {
             ("Gateway", GATEWAY_GROUP) => {
@@ -715,10 +728,17 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                     .get("spec")
                     .cloned()
                     .ok_or_else(|| at.err("spec", "required"))?;
-                let spec: RoutePolicySpec = serde_path_to_error::deserialize(spec).map_err(|e| {
-                    at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
-                })?;
-                compile_policy(&at, &d.name.namespace, spec, &mut policies, &mut cfg.extra_files)?;
+                let spec: RoutePolicySpec =
+                    serde_path_to_error::deserialize(spec).map_err(|e| {
+                        at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
+                    })?;
+                compile_policy(
+                    &at,
+                    &d.name.namespace,
+                    spec,
+                    &mut policies,
+                    &mut cfg.extra_files,
+                )?;
             }
             (kind, _) => {
                 return Err(at.err(
@@ -758,34 +778,51 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                 }
             }
             pc.tls = protocol == ListenerProtocol::Https;
-            let host = l.hostname.as_deref().map_or(HostPattern::Any, HostPattern::parse);
+            let host = l
+                .hostname
+                .as_deref()
+                .map_or(HostPattern::Any, HostPattern::parse);
             if protocol == ListenerProtocol::Https {
                 let tls = l
                     .tls
                     .as_ref()
                     .ok_or_else(|| at.err(format!("{field}.tls"), "required for HTTPS"))?;
                 if tls.mode.as_ref().is_some_and(|m| {
-                    matches!(m, gateway_api::gateways::GatewayListenersTlsMode::Passthrough)
+                    matches!(
+                        m,
+                        gateway_api::gateways::GatewayListenersTlsMode::Passthrough
+                    )
                 }) {
-                    return Err(at.err(format!("{field}.tls.mode"), "Passthrough is not served (Terminate)"));
+                    return Err(at.err(
+                        format!("{field}.tls.mode"),
+                        "Passthrough is not served (Terminate)",
+                    ));
                 }
                 let refs = tls.certificate_refs.as_deref().unwrap_or_default();
                 if refs.is_empty() {
-                    return Err(at.err(format!("{field}.tls.certificateRefs"), "at least one Secret is required"));
+                    return Err(at.err(
+                        format!("{field}.tls.certificateRefs"),
+                        "at least one Secret is required",
+                    ));
                 }
                 for (j, r) in refs.iter().enumerate() {
                     let f = format!("{field}.tls.certificateRefs[{j}]");
                     if r.kind.as_deref().is_some_and(|k| k != "Secret")
                         || r.group.as_deref().is_some_and(|g| !g.is_empty())
                     {
-                        return Err(at.err(f, "only core Secrets are supported (InvalidCertificateRef)"));
+                        return Err(
+                            at.err(f, "only core Secrets are supported (InvalidCertificateRef)")
+                        );
                     }
                     let sname = ObjectName::new(
                         r.namespace.as_deref().unwrap_or(&gname.namespace),
                         &r.name,
                     );
                     let (sat, secret) = secrets.get(&sname).ok_or_else(|| {
-                        at.err(&f, format!("Secret {sname} is not in this file (InvalidCertificateRef)"))
+                        at.err(
+                            &f,
+                            format!("Secret {sname} is not in this file (InvalidCertificateRef)"),
+                        )
                     })?;
                     pc.certs.push(Cert {
                         host: host.clone(),
@@ -821,13 +858,19 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                 {
                     continue;
                 }
-                let lhost = l.hostname.as_deref().map_or(HostPattern::Any, HostPattern::parse);
+                let lhost = l
+                    .hostname
+                    .as_deref()
+                    .map_or(HostPattern::Any, HostPattern::parse);
                 let rhosts: Vec<HostPattern> = if hostnames.is_empty() {
                     vec![HostPattern::Any]
                 } else {
                     hostnames.iter().map(|h| HostPattern::parse(h)).collect()
                 };
-                let pc = cfg.ports.get_mut(&l.port).expect("every listener's port has a config");
+                let pc = cfg
+                    .ports
+                    .get_mut(&l.port)
+                    .expect("every listener's port has a config");
                 for rh in &rhosts {
                     let Some(h) = HostPattern::intersect(&lhost, rh) else {
                         continue;
@@ -877,32 +920,56 @@ enum RouteKind {
 type CompiledRules = Vec<(Vec<RouteMatch>, Arc<RuleAction>)>;
 
 impl RouteKind {
-    fn header(&self, name: &ObjectName) -> (&'static str, Option<String>, Vec<Parent>, Vec<String>) {
-        let parent = |gname: &str, ns: Option<&str>, section: Option<&String>, port: Option<i32>| Parent {
-            gateway: ObjectName::new(ns.unwrap_or(&name.namespace), gname),
-            section: section.cloned(),
-            port,
-        };
+    fn header(
+        &self,
+        name: &ObjectName,
+    ) -> (&'static str, Option<String>, Vec<Parent>, Vec<String>) {
+        let parent =
+            |gname: &str, ns: Option<&str>, section: Option<&String>, port: Option<i32>| Parent {
+                gateway: ObjectName::new(ns.unwrap_or(&name.namespace), gname),
+                section: section.cloned(),
+                port,
+            };
         match self {
             Self::Http(r) => (
                 "HTTPRoute",
-                r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+                r.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string()),
                 r.spec
                     .parent_refs
                     .iter()
                     .flatten()
-                    .map(|p| parent(&p.name, p.namespace.as_deref(), p.section_name.as_ref(), p.port))
+                    .map(|p| {
+                        parent(
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.section_name.as_ref(),
+                            p.port,
+                        )
+                    })
                     .collect(),
                 r.spec.hostnames.clone().unwrap_or_default(),
             ),
             Self::Grpc(r) => (
                 "GRPCRoute",
-                r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+                r.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string()),
                 r.spec
                     .parent_refs
                     .iter()
                     .flatten()
-                    .map(|p| parent(&p.name, p.namespace.as_deref(), p.section_name.as_ref(), p.port))
+                    .map(|p| {
+                        parent(
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.section_name.as_ref(),
+                            p.port,
+                        )
+                    })
                     .collect(),
                 r.spec.hostnames.clone().unwrap_or_default(),
             ),
@@ -954,14 +1021,17 @@ fn modifier<'a>(
     let mut m = HeaderModifier::default();
     for (i, (n, v)) in set.enumerate() {
         let f = format!("{field}.set[{i}]");
-        m.set.push((header_name(at, &f, n)?, header_value(at, &f, v)?));
+        m.set
+            .push((header_name(at, &f, n)?, header_value(at, &f, v)?));
     }
     for (i, (n, v)) in add.enumerate() {
         let f = format!("{field}.add[{i}]");
-        m.add.push((header_name(at, &f, n)?, header_value(at, &f, v)?));
+        m.add
+            .push((header_name(at, &f, n)?, header_value(at, &f, v)?));
     }
     for (i, n) in remove.enumerate() {
-        m.remove.push(header_name(at, &format!("{field}.remove[{i}]"), n)?);
+        m.remove
+            .push(header_name(at, &format!("{field}.remove[{i}]"), n)?);
     }
     Ok(m)
 }
@@ -989,7 +1059,10 @@ fn path_change(
     }
 }
 
-#[expect(clippy::too_many_lines, reason = "one field of the HTTPRoute rule after the other")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the HTTPRoute rule after the other"
+)]
 fn compile_http(
     at: &At<'_>,
     name: &ObjectName,
@@ -1012,16 +1085,23 @@ fn compile_http(
         let mut matches = Vec::new();
         let given = rule.matches.as_deref().unwrap_or_default();
         let default_match = [Default::default()];
-        let given = if given.is_empty() { &default_match[..] } else { given };
+        let given = if given.is_empty() {
+            &default_match[..]
+        } else {
+            given
+        };
         let mut all_prefix = true;
         for (mi, m) in given.iter().enumerate() {
             let mf = format!("{rf}.matches[{mi}]");
-            let (ptype, pvalue) = m
-                .path
-                .as_ref()
-                .map_or((PType::PathPrefix, "/".to_owned()), |p| {
-                    (p.r#type.clone().unwrap_or(PType::PathPrefix), p.value.clone().unwrap_or_else(|| "/".into()))
-                });
+            let (ptype, pvalue) =
+                m.path
+                    .as_ref()
+                    .map_or((PType::PathPrefix, "/".to_owned()), |p| {
+                        (
+                            p.r#type.clone().unwrap_or(PType::PathPrefix),
+                            p.value.clone().unwrap_or_else(|| "/".into()),
+                        )
+                    });
             let path = match ptype {
                 PType::Exact | PType::PathPrefix if !pvalue.starts_with('/') => {
                     return Err(at.err(format!("{mf}.path.value"), "must start with /"));
@@ -1040,7 +1120,9 @@ fn compile_http(
                 .method
                 .as_ref()
                 .map(|m| {
-                    let s = serde_json::to_value(m).ok().and_then(|v| v.as_str().map(str::to_owned));
+                    let s = serde_json::to_value(m)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned));
                     s.and_then(|s| Method::from_bytes(s.as_bytes()).ok())
                         .ok_or_else(|| at.err(format!("{mf}.method"), "not a method"))
                 })
@@ -1061,9 +1143,11 @@ fn compile_http(
             for (qi, q) in m.query_params.iter().flatten().enumerate() {
                 let v = match q.r#type.as_ref().unwrap_or(&QType::Exact) {
                     QType::Exact => ValueMatch::Exact(q.value.clone()),
-                    QType::RegularExpression => {
-                        ValueMatch::Regex(regex(at, &format!("{mf}.queryParams[{qi}].value"), &q.value)?)
-                    }
+                    QType::RegularExpression => ValueMatch::Regex(regex(
+                        at,
+                        &format!("{mf}.queryParams[{qi}].value"),
+                        &q.value,
+                    )?),
                 };
                 query.push((q.name.clone(), v));
             }
@@ -1077,33 +1161,64 @@ fn compile_http(
         let mut action = new_action(format!("HTTPRoute {name} rule {ri}"), false, policy);
         for (fi, f) in rule.filters.iter().flatten().enumerate() {
             let ff = format!("{rf}.filters[{fi}]");
-            let missing = |what: &str| at.err(format!("{ff}.{what}"), format!("required by type {:?}", f.r#type));
+            let missing = |what: &str| {
+                at.err(
+                    format!("{ff}.{what}"),
+                    format!("required by type {:?}", f.r#type),
+                )
+            };
             match f.r#type {
                 F::RequestHeaderModifier => {
-                    let m = f.request_header_modifier.as_ref().ok_or_else(|| missing("requestHeaderModifier"))?;
+                    let m = f
+                        .request_header_modifier
+                        .as_ref()
+                        .ok_or_else(|| missing("requestHeaderModifier"))?;
                     action.request_headers = Some(modifier(
                         at,
                         &format!("{ff}.requestHeaderModifier"),
-                        m.set.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
-                        m.add.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.set
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.add
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
                         m.remove.iter().flatten().map(String::as_str),
                     )?);
                 }
                 F::ResponseHeaderModifier => {
-                    let m = f.response_header_modifier.as_ref().ok_or_else(|| missing("responseHeaderModifier"))?;
+                    let m = f
+                        .response_header_modifier
+                        .as_ref()
+                        .ok_or_else(|| missing("responseHeaderModifier"))?;
                     action.response_headers = Some(modifier(
                         at,
                         &format!("{ff}.responseHeaderModifier"),
-                        m.set.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
-                        m.add.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.set
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.add
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
                         m.remove.iter().flatten().map(String::as_str),
                     )?);
                 }
                 F::RequestRedirect => {
-                    let rr = f.request_redirect.as_ref().ok_or_else(|| missing("requestRedirect"))?;
+                    let rr = f
+                        .request_redirect
+                        .as_ref()
+                        .ok_or_else(|| missing("requestRedirect"))?;
                     let status = match rr.status_code.unwrap_or(302) {
                         s @ (301 | 302 | 303 | 307 | 308) => u16::try_from(s).unwrap_or(302),
-                        s => return Err(at.err(format!("{ff}.requestRedirect.statusCode"), format!("{s} is not 301, 302, 303, 307 or 308"))),
+                        s => {
+                            return Err(at.err(
+                                format!("{ff}.requestRedirect.statusCode"),
+                                format!("{s} is not 301, 302, 303, 307 or 308"),
+                            ));
+                        }
                     };
                     let path = rr
                         .path
@@ -1128,13 +1243,20 @@ fn compile_http(
                         path,
                         port: rr
                             .port
-                            .map(|p| u16::try_from(p).map_err(|_| at.err(format!("{ff}.requestRedirect.port"), "not a port")))
+                            .map(|p| {
+                                u16::try_from(p).map_err(|_| {
+                                    at.err(format!("{ff}.requestRedirect.port"), "not a port")
+                                })
+                            })
                             .transpose()?,
                         status,
                     });
                 }
                 F::UrlRewrite => {
-                    let u = f.url_rewrite.as_ref().ok_or_else(|| missing("urlRewrite"))?;
+                    let u = f
+                        .url_rewrite
+                        .as_ref()
+                        .ok_or_else(|| missing("urlRewrite"))?;
                     let path = u
                         .path
                         .as_ref()
@@ -1155,7 +1277,10 @@ fn compile_http(
                     });
                 }
                 F::RequestMirror => {
-                    let m = f.request_mirror.as_ref().ok_or_else(|| missing("requestMirror"))?;
+                    let m = f
+                        .request_mirror
+                        .as_ref()
+                        .ok_or_else(|| missing("requestMirror"))?;
                     let b = &m.backend_ref;
                     let mf = format!("{ff}.requestMirror.backendRef");
                     let target = backend_ref(
@@ -1181,17 +1306,26 @@ fn compile_http(
                     });
                 }
                 F::ExtensionRef | F::Cors => {
-                    return Err(at.err(format!("{ff}.type"), format!("{:?} filters are not served", f.r#type)));
+                    return Err(at.err(
+                        format!("{ff}.type"),
+                        format!("{:?} filters are not served", f.r#type),
+                    ));
                 }
             }
         }
         if action.redirect.is_some() && action.rewrite.is_some() {
-            return Err(at.err(format!("{rf}.filters"), "RequestRedirect and URLRewrite cannot be used together"));
+            return Err(at.err(
+                format!("{rf}.filters"),
+                "RequestRedirect and URLRewrite cannot be used together",
+            ));
         }
         for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
             let bf = format!("{rf}.backendRefs[{bi}]");
             if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                return Err(at.err(format!("{bf}.filters"), "per-backend filters are not served"));
+                return Err(at.err(
+                    format!("{bf}.filters"),
+                    "per-backend filters are not served",
+                ));
             }
             let weight = u32::try_from(b.weight.unwrap_or(1))
                 .map_err(|_| at.err(format!("{bf}.weight"), "must be 0 or more"))?;
@@ -1213,17 +1347,22 @@ fn compile_http(
         }
         if let Some(t) = &rule.timeouts {
             if let Some(v) = &t.request {
-                let d = parse_duration(v).map_err(|e| at.err(format!("{rf}.timeouts.request"), e))?;
+                let d =
+                    parse_duration(v).map_err(|e| at.err(format!("{rf}.timeouts.request"), e))?;
                 action.request_timeout = (!d.is_zero()).then_some(d);
             }
             if let Some(v) = &t.backend_request {
-                let d = parse_duration(v).map_err(|e| at.err(format!("{rf}.timeouts.backendRequest"), e))?;
+                let d = parse_duration(v)
+                    .map_err(|e| at.err(format!("{rf}.timeouts.backendRequest"), e))?;
                 action.backend_timeout = (!d.is_zero()).then_some(d);
             }
             if let (Some(req), Some(be)) = (action.request_timeout, action.backend_timeout)
                 && be > req
             {
-                return Err(at.err(format!("{rf}.timeouts.backendRequest"), "must not exceed timeouts.request"));
+                return Err(at.err(
+                    format!("{rf}.timeouts.backendRequest"),
+                    "must not exceed timeouts.request",
+                ));
             }
         }
         out.push((matches, Arc::new(action)));
@@ -1250,7 +1389,11 @@ fn compile_grpc(
         let mut matches = Vec::new();
         let given = rule.matches.as_deref().unwrap_or_default();
         let default_match = [Default::default()];
-        let given = if given.is_empty() { &default_match[..] } else { given };
+        let given = if given.is_empty() {
+            &default_match[..]
+        } else {
+            given
+        };
         for (mi, m) in given.iter().enumerate() {
             let mf = format!("{rf}.matches[{mi}]");
             // gRPC calls are `POST /{service}/{method}`: a method match is a path match.
@@ -1265,7 +1408,11 @@ fn compile_grpc(
                         MType::Exact => match (s, meth) {
                             (Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
                             (Some(s), None) => PathMatch::Prefix(format!("/{s}")),
-                            (None, Some(m)) => PathMatch::Regex(regex(at, &format!("{mf}.method"), &format!("/[^/]+/{}", regex_escape(m)))?),
+                            (None, Some(m)) => PathMatch::Regex(regex(
+                                at,
+                                &format!("{mf}.method"),
+                                &format!("/[^/]+/{}", regex_escape(m)),
+                            )?),
                             (None, None) => unreachable!("checked above"),
                         },
                         MType::RegularExpression => PathMatch::Regex(regex(
@@ -1282,7 +1429,9 @@ fn compile_grpc(
                 let n = header_name(at, &format!("{hf}.name"), &h.name)?;
                 let v = match h.r#type.as_ref().unwrap_or(&HType::Exact) {
                     HType::Exact => ValueMatch::Exact(h.value.clone()),
-                    HType::RegularExpression => ValueMatch::Regex(regex(at, &format!("{hf}.value"), &h.value)?),
+                    HType::RegularExpression => {
+                        ValueMatch::Regex(regex(at, &format!("{hf}.value"), &h.value)?)
+                    }
                 };
                 headers.push((n, v));
             }
@@ -1302,8 +1451,14 @@ fn compile_grpc(
                         action.request_headers = Some(modifier(
                             at,
                             &format!("{ff}.requestHeaderModifier"),
-                            m.set.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
-                            m.add.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
                             m.remove.iter().flatten().map(String::as_str),
                         )?);
                     }
@@ -1313,14 +1468,23 @@ fn compile_grpc(
                         action.response_headers = Some(modifier(
                             at,
                             &format!("{ff}.responseHeaderModifier"),
-                            m.set.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
-                            m.add.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
                             m.remove.iter().flatten().map(String::as_str),
                         )?);
                     }
                 }
                 F::RequestMirror | F::ExtensionRef => {
-                    return Err(at.err(format!("{ff}.type"), format!("{:?} filters are not served on GRPCRoute", f.r#type)));
+                    return Err(at.err(
+                        format!("{ff}.type"),
+                        format!("{:?} filters are not served on GRPCRoute", f.r#type),
+                    ));
                 }
             }
         }

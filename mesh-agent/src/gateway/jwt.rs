@@ -113,11 +113,17 @@ impl JwtRule {
     /// Checks the `Authorization: Bearer` header value.
     pub fn check(&self, authorization: Option<&str>) -> Result<(), Denied> {
         let token = authorization
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| Denied::Unauthenticated("Jwt is missing".into()))?;
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| Denied::Unauthenticated(format!("Jwt is not in the form of Header.Payload.Signature: {e}")))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            Denied::Unauthenticated(format!(
+                "Jwt is not in the form of Header.Payload.Signature: {e}"
+            ))
+        })?;
         if !ALGORITHMS.contains(&header.alg) {
             return Err(Denied::Unauthenticated(format!(
                 "Jwt algorithm {:?} is not allowed",
@@ -125,9 +131,11 @@ impl JwtRule {
             )));
         }
         let mut last = String::from("Jwks doesn't have key to match kid or alg from Jwt");
-        for k in self.keys.iter().filter(|k| {
-            k.alg == header.alg && (header.kid.is_none() || k.kid == header.kid)
-        }) {
+        for k in self
+            .keys
+            .iter()
+            .filter(|k| k.alg == header.alg && (header.kid.is_none() || k.kid == header.kid))
+        {
             let mut v = Validation::new(k.alg);
             v.set_issuer(&[&self.issuer]);
             v.set_required_spec_claims(&["exp", "iss"]);

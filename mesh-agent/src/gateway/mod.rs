@@ -185,11 +185,15 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
                 log_config(&cfg);
                 shared.config.store(Arc::new(cfg));
                 let _ = reloaded_tx.try_send(());
-                if let Err(e) = sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits) {
+                if let Err(e) =
+                    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)
+                {
                     tracing::error!(error = %e, "a new listener could not be opened");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving"),
+            Err(e) => {
+                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving")
+            }
         }
     }
     tracing::info!("stopping");
@@ -281,7 +285,10 @@ async fn backends_loop(
             .map(|s| format!("{}:{}", s.service, s.port))
             .collect();
         if !missing.is_empty() {
-            tracing::warn!(?missing, "Service ports without endpoints (requests to them get 503)");
+            tracing::warn!(
+                ?missing,
+                "Service ports without endpoints (requests to them get 503)"
+            );
         }
         shared.backends.store(Arc::new(next));
     }

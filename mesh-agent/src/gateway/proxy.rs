@@ -117,7 +117,9 @@ pub fn plain(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 fn empty() -> Body {
-    Empty::new().map_err(|e: Infallible| match e {}).boxed_unsync()
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
 }
 
 /// What the access log records besides the request.
@@ -183,7 +185,9 @@ fn traceparent(headers: &HeaderMap) -> String {
             && parts[1].len() == 32
             && parts[2].len() == 16
             && parts[3].len() == 2
-            && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+            && parts
+                .iter()
+                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
             && parts[1] != "00000000000000000000000000000000"
             && parts[2] != "0000000000000000"
         {
@@ -221,7 +225,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for n in named {
         if !(keep_upgrade && n == header::UPGRADE) {
             headers.remove(n);
@@ -262,13 +269,20 @@ fn changed_path(path: &str, matched: &PathMatch, change: &PathChange) -> String 
             } else {
                 format!("{repl}/{rest}")
             };
-            if joined.is_empty() { "/".to_owned() } else { joined }
+            if joined.is_empty() {
+                "/".to_owned()
+            } else {
+                joined
+            }
         }
     }
 }
 
 /// Routes and serves one request.
-#[expect(clippy::too_many_lines, reason = "the request path in order, one step after the other")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the request path in order, one step after the other"
+)]
 async fn route(
     shared: &Arc<Shared>,
     conn: ConnInfo,
@@ -343,7 +357,8 @@ async fn route(
     if let Some(wait) = limited {
         let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "rate limited");
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         return r;
     }
     if let Some(rd) = &action.redirect {
@@ -364,7 +379,11 @@ async fn route(
             || req.uri().path().to_owned(),
             |c| changed_path(req.uri().path(), &entry.matcher.path, c),
         );
-        let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let location = if port == default_port {
             format!("{scheme}://{hostname}{path}{query}")
         } else {
@@ -399,7 +418,10 @@ async fn route(
             Ok(t) => t.clone(),
             Err(why) => {
                 out.detail = Some(why.clone());
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, "invalid backend reference");
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "invalid backend reference",
+                );
             }
         }
     };
@@ -413,10 +435,12 @@ async fn route(
         m.apply(&mut headers);
     }
     let mut path = parts.uri.path().to_owned();
-    let mut host_header = headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let mut host_header = headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     if let Some(rw) = &action.rewrite {
         if let Some(c) = &rw.path {
             path = changed_path(&path, &entry.matcher.path, c);
@@ -459,18 +483,28 @@ async fn route(
         h2: grpc,
     };
     // Buffer small bodies of idempotent requests so they can be retried and mirrored.
-    let limited = Limited::new(body, usize::try_from(shared.limits.max_body).unwrap_or(usize::MAX));
+    let limited = Limited::new(
+        body,
+        usize::try_from(shared.limits.max_body).unwrap_or(usize::MAX),
+    );
     let small = limited.is_end_stream()
-        || limited.size_hint().exact().is_some_and(|n| n <= RETRY_BUFFER)
+        || limited
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= RETRY_BUFFER)
         || declared.is_some_and(|n| n <= RETRY_BUFFER);
-    let buffer = small && !upgrade && (is_idempotent(&template.method) || !action.mirrors.is_empty());
+    let buffer =
+        small && !upgrade && (is_idempotent(&template.method) || !action.mirrors.is_empty());
     let (mut streaming, buffered): (Option<Body>, Option<Bytes>) = if buffer {
         match limited.collect().await {
             Ok(c) => (None, Some(c.to_bytes())),
             Err(e) => return body_error(&*e),
         }
     } else {
-        (Some(limited.map_err(|e| e as BoxError).boxed_unsync()), None)
+        (
+            Some(limited.map_err(|e| e as BoxError).boxed_unsync()),
+            None,
+        )
     };
     for m in &action.mirrors {
         if fastrand::u32(..1_000_000) >= m.per_million {
@@ -483,7 +517,10 @@ async fn route(
     }
     let backends = shared.backends.load();
     let Some(svc) = backends.services.get(&target).cloned() else {
-        out.detail = Some(format!("Service {} port {} has no endpoints", target.service, target.port));
+        out.detail = Some(format!(
+            "Service {} port {} has no endpoints",
+            target.service, target.port
+        ));
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     drop(backends);
@@ -498,7 +535,9 @@ async fn route(
         out.attempts = attempt;
         let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
             Ok(ep) => ep,
-            Err(NoEndpoint::Empty) => return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+            Err(NoEndpoint::Empty) => {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
             Err(NoEndpoint::AllEjected) => {
                 out.detail = Some("every endpoint ejected".into());
                 return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
@@ -506,12 +545,18 @@ async fn route(
         };
         out.backend = Some(ep.addr);
         let body = match (&buffered, streaming.take()) {
-            (Some(b), _) => Full::new(b.clone()).map_err(|e: Infallible| match e {}).boxed_unsync(),
+            (Some(b), _) => Full::new(b.clone())
+                .map_err(|e: Infallible| match e {})
+                .boxed_unsync(),
             (None, Some(s)) => s,
             (None, None) => empty(),
         };
         let request = template.build(ep.addr, body);
-        let client = if template.h2 { &shared.http2 } else { &shared.http1 };
+        let client = if template.h2 {
+            &shared.http2
+        } else {
+            &shared.http1
+        };
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let limit = match (remaining, action.backend_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -534,7 +579,18 @@ async fn route(
                     (None, Some(resp))
                 }
             }
-            Ok(Err(e)) => (Some(if e.is_connect() { format!("connect: {e}") } else { format!("reset: {e}") }), None),
+            Ok(Err(e)) if too_large(&e) => {
+                // The client's streamed body passed the limit: its fault, not the backend's.
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            }
+            Ok(Err(e)) => (
+                Some(if e.is_connect() {
+                    format!("connect: {e}")
+                } else {
+                    format!("reset: {e}")
+                }),
+                None,
+            ),
             Err(()) => (Some("timeout".to_owned()), None),
         };
         match &failed {
@@ -558,7 +614,11 @@ async fn route(
                 _retrying = Some(guard);
                 exclude = Some(ep.addr);
                 // Fully jittered exponential backoff (Envoy's: base 25 ms, cap 10× base).
-                let cap = action.retry.backoff.saturating_mul(1 << attempt.min(3)).min(action.retry.backoff * 10);
+                let cap = action
+                    .retry
+                    .backoff
+                    .saturating_mul(1 << attempt.min(3))
+                    .min(action.retry.backoff * 10);
                 let wait = cap.mul_f64(fastrand::f64());
                 tokio::time::sleep(wait).await;
                 continue;
@@ -573,8 +633,6 @@ async fn route(
                     plain(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
                 } else if why.starts_with("connect") {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
-                } else if why.contains("length limit") {
-                    plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
                 } else {
                     plain(StatusCode::BAD_GATEWAY, "upstream reset")
                 }
@@ -582,6 +640,18 @@ async fn route(
             (None, None) => plain(StatusCode::BAD_GATEWAY, "no response"),
         };
     }
+}
+
+/// Whether a failed forward was the request body passing the size limit.
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn body_error(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
@@ -633,10 +703,21 @@ fn mirror(shared: &Arc<Shared>, target: &ServiceRef, t: &Template, body: Bytes) 
     let Ok(ep) = svc.pick(None, shared.epoch, &*shared.kernel) else {
         return;
     };
-    let req = t.build(ep.addr, Full::new(body).map_err(|e: Infallible| match e {}).boxed_unsync());
-    let client = if t.h2 { shared.http2.clone() } else { shared.http1.clone() };
+    let req = t.build(
+        ep.addr,
+        Full::new(body)
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    let client = if t.h2 {
+        shared.http2.clone()
+    } else {
+        shared.http1.clone()
+    };
     tokio::spawn(async move {
-        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_secs(30), client.request(req)).await
+        {
             let _ = resp.into_body().collect().await;
         }
     });
@@ -706,7 +787,9 @@ impl http_body::Body for Observed {
             && let Some((shared, svc, ep)) = self.watch.take()
         {
             svc.failure(&ep, shared.epoch);
-            shared.feedback.failure(&svc.name, ep.addr, "grpc-status 14");
+            shared
+                .feedback
+                .failure(&svc.name, ep.addr, "grpc-status 14");
         }
         polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
@@ -738,7 +821,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("x-secret, keep-alive"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("x-secret, keep-alive"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("5"));
         h.insert("te", HeaderValue::from_static("trailers"));

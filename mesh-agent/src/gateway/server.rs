@@ -59,7 +59,10 @@ impl ResolvesServerCert for SniResolver {
 
 /// The TLS acceptor of `port`. Built once: the resolver reads the configuration at each
 /// handshake, so certificates change without a restart and without dropping connections.
-fn tls_acceptor(shared: &Arc<Shared>, port: u16) -> Result<tokio_rustls::TlsAcceptor, rustls::Error> {
+fn tls_acceptor(
+    shared: &Arc<Shared>,
+    port: u16,
+) -> Result<tokio_rustls::TlsAcceptor, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -110,9 +113,23 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
                     return;
                 };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                serve_conn(shared, conn, IdleIo::new(stream, limits.idle_timeout), limits, Some(h2)).await;
+                serve_conn(
+                    shared,
+                    conn,
+                    IdleIo::new(stream, limits.idle_timeout),
+                    limits,
+                    Some(h2),
+                )
+                .await;
             } else {
-                serve_conn(shared, conn, IdleIo::new(stream, limits.idle_timeout), limits, None).await;
+                serve_conn(
+                    shared,
+                    conn,
+                    IdleIo::new(stream, limits.idle_timeout),
+                    limits,
+                    None,
+                )
+                .await;
             }
         });
     }
@@ -120,8 +137,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
 
 /// Serves one connection; `alpn_h2` is what TLS negotiated (`None`: plain, HTTP/1.1 or h2c by
 /// prior knowledge, told apart by the preface).
-async fn serve_conn<I>(shared: Arc<Shared>, conn: ConnInfo, io: I, limits: ConnLimits, alpn_h2: Option<bool>)
-where
+async fn serve_conn<I>(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    io: I,
+    limits: ConnLimits,
+    alpn_h2: Option<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -149,7 +171,10 @@ where
         None => b,
     };
     let svc = service_fn(move |req| handle(shared.clone(), conn, req));
-    if let Err(e) = b.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+    if let Err(e) = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
     }
 }
@@ -184,7 +209,9 @@ impl<S> IdleIo<S> {
             if Instant::now() >= due {
                 return true;
             }
-            self.timer.as_mut().reset(tokio::time::Instant::from_std(due));
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(due));
         }
     }
 }
@@ -194,7 +221,11 @@ fn timed_out() -> io::Error {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 self.last = Instant::now();
@@ -207,7 +238,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write(cx, buf) {
             Poll::Ready(r) => {
                 self.last = Instant::now();
