@@ -4,6 +4,7 @@
 
 use std::{
     convert::Infallible,
+    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -114,7 +115,7 @@ async fn echo(
         .into_body()
         .collect()
         .await
-        .map(|c| c.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let text = if body.is_empty() {
         line
@@ -207,12 +208,13 @@ where
 pub fn services_yaml(services: &[(&str, u16, &[&str], u16, &str)]) -> String {
     let mut s = String::from("node: gateway\nservices:\n");
     for (i, (name, port, ips, target, _)) in services.iter().enumerate() {
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             "  - name: {name}\n    clusterIPs: [10.96.9.{}]\n    ports: [{{ name: http, port: {port}, targetPort: {target} }}]\n    endpoints:\n",
             i + 1
-        ));
+        );
         for ip in *ips {
-            s.push_str(&format!("      - {{ ip: {ip}, ready: true }}\n"));
+            let _ = writeln!(s, "      - {{ ip: {ip}, ready: true }}");
         }
     }
     let policies: Vec<&str> = services

@@ -2,7 +2,15 @@
 //! clients (curl over HTTP/1.1, h2c and HTTP/2 over TLS; hyper; raw TCP for hostile input and
 //! upgrades). No kernel needed. Build first: `cargo build -p mesh-agent --bins`.
 
+#![expect(
+    clippy::too_many_lines,
+    clippy::many_single_char_names,
+    clippy::type_complexity,
+    reason = "end-to-end scenarios read best as one sequence with short backend names and inline case tables"
+)]
+
 use std::{
+    fmt::Write as _,
     process::Command,
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -99,7 +107,7 @@ async fn raw(port: u16, bytes: &[u8]) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(0) | Err(_)) => break,
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
             Err(_) if !got.is_empty() => break,
             Err(_) => {}
@@ -315,7 +323,7 @@ spec:
     let s = stable.hits.load(Ordering::Relaxed) - s0;
     let k = canary.hits.load(Ordering::Relaxed) - c0;
     assert_eq!(s + k, 2000);
-    let share = s as f64 / 2000.0;
+    let share = f64::from(u32::try_from(s)?) / 2000.0;
     assert!(
         (0.87..=0.93).contains(&share),
         "stable got {share:.3} ({s}/{k})"
@@ -398,9 +406,9 @@ spec:
         loop {
             // Keep trickling a byte now and then, as slowloris does.
             let _ = s.write_all(b"X").await;
-            match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
-                Ok(r) => return r,
-                Err(_) => continue,
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+            {
+                return r;
             }
         }
     })
@@ -574,12 +582,18 @@ fn tls_sni_chooses_the_certificate_and_speaks_h2() -> Result<()> {
             let key = rcgen::KeyPair::generate()?;
             let cert = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
             std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-            let indent = |s: String| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
-            secrets.push_str(&format!(
+            let indent = |s: String| {
+                s.lines().fold(String::new(), |mut out, l| {
+                    let _ = writeln!(out, "    {l}");
+                    out
+                })
+            };
+            let _ = write!(
+                secrets,
                 "---\napiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
                 indent(cert.pem()),
                 indent(key.serialize_pem())
-            ));
+            );
         }
         let routes = format!(
             "apiVersion: gateway.networking.k8s.io/v1

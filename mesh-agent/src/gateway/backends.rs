@@ -164,7 +164,7 @@ fn now_ms(epoch: Instant, now: Instant) -> u64 {
 }
 
 impl ServiceBackends {
-    fn ejected(&self, e: &EndpointState, now: u64, kernel: &dyn CircuitView) -> bool {
+    fn ejected(e: &EndpointState, now: u64, kernel: &dyn CircuitView) -> bool {
         e.ejected_until_ms.load(Ordering::Relaxed) > now || kernel.is_open(e.addr)
     }
 
@@ -185,7 +185,7 @@ impl ServiceBackends {
         let healthy: Vec<&Arc<EndpointState>> = self
             .endpoints
             .iter()
-            .filter(|e| !self.ejected(e, now, kernel))
+            .filter(|e| !Self::ejected(e, now, kernel))
             .collect();
         let panic = (healthy.len() * 100)
             < self.endpoints.len() * self.circuit.panic_threshold_percent as usize;

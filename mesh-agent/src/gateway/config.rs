@@ -359,9 +359,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         } else if rest.starts_with('s') {
             (Duration::from_secs(1), 1)
         } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
+            (Duration::from_mins(1), 1)
         } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
+            (Duration::from_hours(1), 1)
         } else {
             return Err(bad());
         };
@@ -508,6 +508,10 @@ struct Parent {
     port: Option<i32>,
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of three generated backendRef types"
+)]
 /// Resolves a `backendRef` (kind Service; same namespace unless a `ReferenceGrant` would allow
 /// it, which this gateway does not read yet: such a ref is refused as the spec's
 /// `RefNotPermitted`, and requests for it get 500).
@@ -769,13 +773,13 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                 }
             };
             let pc = cfg.ports.entry(port).or_default();
-            if !pc.hosts.vhosts.is_empty() || !cfg.listeners.iter().all(|x| x.port != port) {
-                if pc.tls != (protocol == ListenerProtocol::Https) {
-                    return Err(at.err(
-                        format!("{field}.protocol"),
-                        format!("port {port} already has a listener of the other protocol"),
-                    ));
-                }
+            if cfg.listeners.iter().any(|x| x.port == port)
+                && pc.tls != (protocol == ListenerProtocol::Https)
+            {
+                return Err(at.err(
+                    format!("{field}.protocol"),
+                    format!("port {port} already has a listener of the other protocol"),
+                ));
             }
             pc.tls = protocol == ListenerProtocol::Https;
             let host = l
@@ -1078,13 +1082,13 @@ fn compile_http(
         HttpRouteRulesMatchesQueryParamsType as QType,
     };
     let mut out = Vec::new();
-    let default_rule = [Default::default()];
+    let default_rule = [gateway_api::httproutes::HttpRouteRules::default()];
     let rules = r.spec.rules.as_deref().unwrap_or(&default_rule);
     for (ri, rule) in rules.iter().enumerate() {
         let rf = format!("spec.rules[{ri}]");
         let mut matches = Vec::new();
         let given = rule.matches.as_deref().unwrap_or_default();
-        let default_match = [Default::default()];
+        let default_match = [gateway_api::httproutes::HttpRouteRulesMatches::default()];
         let given = if given.is_empty() {
             &default_match[..]
         } else {
@@ -1370,6 +1374,10 @@ fn compile_http(
     Ok(out)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the GRPCRoute rule after the other"
+)]
 fn compile_grpc(
     at: &At<'_>,
     name: &ObjectName,
@@ -1382,13 +1390,13 @@ fn compile_grpc(
         GrpcRouteRulesMatchesMethodType as MType,
     };
     let mut out = Vec::new();
-    let default_rule = [Default::default()];
+    let default_rule = [gateway_api::grpcroutes::GrpcRouteRules::default()];
     let rules = r.spec.rules.as_deref().unwrap_or(&default_rule);
     for (ri, rule) in rules.iter().enumerate() {
         let rf = format!("spec.rules[{ri}]");
         let mut matches = Vec::new();
         let given = rule.matches.as_deref().unwrap_or_default();
-        let default_match = [Default::default()];
+        let default_match = [gateway_api::grpcroutes::GrpcRouteRulesMatches::default()];
         let given = if given.is_empty() {
             &default_match[..]
         } else {

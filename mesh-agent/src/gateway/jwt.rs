@@ -1,4 +1,4 @@
-//! JWT authentication of a route: RS256, ES256 and EdDSA tokens checked against a JWKS file
+//! JWT authentication of a route: RS256, ES256 and `EdDSA` tokens checked against a JWKS file
 //! (issuer, audience, expiry), then claim rules. 401 without a valid token, 403 when the claims
 //! do not allow the request; the backend is never called for either (Envoy's `jwt_authn` +
 //! RBAC, Envoy Gateway's `SecurityPolicy`).
@@ -45,7 +45,7 @@ pub enum Denied {
 struct Key {
     kid: Option<String>,
     alg: Algorithm,
-    key: DecodingKey,
+    decoding: DecodingKey,
 }
 
 /// A route's JWT requirement, keys loaded.
@@ -96,7 +96,7 @@ impl JwtRule {
             keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 alg,
-                key,
+                decoding: key,
             });
         }
         if keys.is_empty() {
@@ -144,7 +144,7 @@ impl JwtRule {
             } else {
                 v.set_audience(&self.audiences);
             }
-            match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &v) {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &k.decoding, &v) {
                 Ok(data) => return self.allow(&data.claims),
                 Err(e) => last = format!("Jwt verification fails: {e}"),
             }

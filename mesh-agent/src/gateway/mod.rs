@@ -47,21 +47,21 @@ pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle timeout (nginx's `keepalive_timeout` 75 s; Envoy's 1 h is generous for an
 /// edge that faces the internet).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_mins(5);
 /// Default limit of request head bytes (Envoy's 60 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 
 /// `mesh-agent gateway` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayArgs {
-    /// Gateway API objects (Gateway, HTTPRoute, GRPCRoute, TLS Secrets, RoutePolicy) as a
+    /// Gateway API objects (`Gateway`, `HTTPRoute`, `GRPCRoute`, TLS `Secret`s, `RoutePolicy`) as a
     /// multi-document YAML file, reloaded on change.
     #[arg(long)]
     pub routes: PathBuf,
     /// Services and endpoints from this static model file (the agent's `--config-file` schema).
     #[arg(long, conflicts_with = "kubernetes")]
     pub config_file: Option<PathBuf>,
-    /// Services and endpoints from the Kubernetes API (EndpointSlices), as the agent reads them.
+    /// Services and endpoints from the Kubernetes API (`EndpointSlices`), as the agent reads them.
     #[arg(long)]
     pub kubernetes: bool,
     /// Node name for topology-aware endpoint choice (downward API).
@@ -155,7 +155,8 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     }
     let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
     tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
-    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> = Default::default();
+    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
+        std::collections::BTreeMap::new();
     sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
     let mut last = digest(&args.routes, &shared.config.load());
     let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
@@ -192,7 +193,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving")
+                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
             }
         }
     }

@@ -166,12 +166,11 @@ pub async fn handle(
 
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
 fn host_of<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host().to_owned(),
-        None => {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            h.parse::<http::uri::Authority>().ok()?.host().to_owned()
-        }
+    let raw = if let Some(a) = req.uri().authority() {
+        a.host().to_owned()
+    } else {
+        let h = req.headers().get(header::HOST)?.to_str().ok()?;
+        h.parse::<http::uri::Authority>().ok()?.host().to_owned()
     };
     Some(raw.to_ascii_lowercase())
 }
@@ -510,9 +509,10 @@ async fn route(
         if fastrand::u32(..1_000_000) >= m.per_million {
             continue;
         }
-        match &buffered {
-            Some(b) => mirror(shared, &m.target, &template, b.clone()),
-            None => tracing::debug!(route = %action.route, "streaming request body: not mirrored"),
+        if let Some(b) = &buffered {
+            mirror(shared, &m.target, &template, b.clone());
+        } else {
+            tracing::debug!(route = %action.route, "streaming request body: not mirrored");
         }
     }
     let backends = shared.backends.load();
@@ -593,15 +593,12 @@ async fn route(
             ),
             Err(()) => (Some("timeout".to_owned()), None),
         };
-        match &failed {
-            Some(why) => {
-                svc.failure(&ep, shared.epoch);
-                shared.feedback.failure(&svc.name, ep.addr, why);
-            }
-            None => {
-                ServiceBackends::success(&ep);
-                shared.feedback.success(&svc.name, ep.addr);
-            }
+        if let Some(why) = &failed {
+            svc.failure(&ep, shared.epoch);
+            shared.feedback.failure(&svc.name, ep.addr, why);
+        } else {
+            ServiceBackends::success(&ep);
+            shared.feedback.success(&svc.name, ep.addr);
         }
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|r| {
@@ -640,6 +637,33 @@ async fn route(
             (None, None) => plain(StatusCode::BAD_GATEWAY, "no response"),
         };
     }
+}
+
+/// The header-only part of the request path, without I/O: host, route match, header filters,
+/// rewrites, hop-by-hop removal and trace context. The fuzz target drives it with arbitrary
+/// request heads; returns the matched route and the headers a backend would get.
+pub fn process_head<B>(
+    config: &GatewayConfig,
+    port: u16,
+    req: &Request<B>,
+) -> Option<(String, HeaderMap)> {
+    let host = host_of(req)?;
+    let vhost = config.ports.get(&port)?.hosts.vhost(&host)?;
+    let query = query_pairs(req.uri().query());
+    let entry = vhost.find(req.method(), req.uri().path(), &query, req.headers())?;
+    let mut headers = req.headers().clone();
+    strip_hop_by_hop(&mut headers, req.headers().contains_key(header::UPGRADE));
+    if let Some(m) = &entry.action.request_headers {
+        m.apply(&mut headers);
+    }
+    if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+        let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
+    }
+    let tp = traceparent(req.headers());
+    if let Ok(v) = HeaderValue::from_str(&tp) {
+        headers.insert("traceparent", v);
+    }
+    Some((entry.action.route.clone(), headers))
 }
 
 /// Whether a failed forward was the request body passing the size limit.

@@ -265,8 +265,7 @@ impl HostTable {
 
     /// Orders hosts by specificity and each host's rules by precedence.
     pub fn finish(&mut self) {
-        self.vhosts
-            .sort_by(|a, b| a.host.specificity().cmp(&b.host.specificity()));
+        self.vhosts.sort_by_key(|v| v.host.specificity());
         for v in &mut self.vhosts {
             v.sort();
         }
