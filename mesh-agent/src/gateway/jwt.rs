@@ -173,3 +173,104 @@ impl JwtRule {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    use super::*;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    /// An Ed25519 key pair: (encoding key, its JWKS entry).
+    fn ed25519(kid: &str) -> (EncodingKey, serde_json::Value) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key_raw());
+        (
+            EncodingKey::from_ed_der(&kp.serialize_der()),
+            serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA" }),
+        )
+    }
+
+    fn token(key: &EncodingKey, kid: &str, claims: &serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&h, claims, key).unwrap()
+    }
+
+    #[test]
+    fn valid_expired_wrong_signature_wrong_issuer_missing_and_claims() {
+        let (key, jwk) = ed25519("k1");
+        let (other, _) = ed25519("k1");
+        let dir = std::env::temp_dir().join(format!("jwks-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+        let rule = JwtRule::load(&JwtSpec {
+            issuer: "https://issuer.test".into(),
+            audiences: vec!["api".into()],
+            jwks_file: jwks,
+            claims: vec![ClaimSpec {
+                name: "role".into(),
+                values: vec!["admin".into()],
+            }],
+        })
+        .unwrap();
+        let claims = |iss: &str, exp: u64, role: &str| serde_json::json!({ "iss": iss, "aud": "api", "exp": exp, "role": role });
+        let bearer = |t: String| format!("Bearer {t}");
+        let good = token(
+            &key,
+            "k1",
+            &claims("https://issuer.test", now() + 600, "admin"),
+        );
+        assert_eq!(rule.check(Some(&bearer(good))), Ok(()));
+        let expired = token(
+            &key,
+            "k1",
+            &claims("https://issuer.test", now() - 3600, "admin"),
+        );
+        assert!(matches!(
+            rule.check(Some(&bearer(expired))),
+            Err(Denied::Unauthenticated(_))
+        ));
+        let forged = token(
+            &other,
+            "k1",
+            &claims("https://issuer.test", now() + 600, "admin"),
+        );
+        assert!(matches!(
+            rule.check(Some(&bearer(forged))),
+            Err(Denied::Unauthenticated(_))
+        ));
+        let issuer = token(
+            &key,
+            "k1",
+            &claims("https://evil.test", now() + 600, "admin"),
+        );
+        assert!(matches!(
+            rule.check(Some(&bearer(issuer))),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(matches!(rule.check(None), Err(Denied::Unauthenticated(_))));
+        assert!(matches!(
+            rule.check(Some("Bearer nonsense")),
+            Err(Denied::Unauthenticated(_))
+        ));
+        let viewer = token(
+            &key,
+            "k1",
+            &claims("https://issuer.test", now() + 600, "viewer"),
+        );
+        assert!(matches!(
+            rule.check(Some(&bearer(viewer))),
+            Err(Denied::Forbidden(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
