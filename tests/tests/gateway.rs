@@ -640,3 +640,48 @@ spec:
     })?;
     Ok(())
 }
+
+#[test]
+fn the_gateway_deployment_parses_and_its_routes_compile() -> Result<()> {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;
+    let mut kinds = Vec::new();
+    for d in docs {
+        let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            "ServiceAccount" => drop(serde_json::from_value::<ServiceAccount>(d)?),
+            "ClusterRole" => drop(serde_json::from_value::<ClusterRole>(d)?),
+            "ClusterRoleBinding" => drop(serde_json::from_value::<ClusterRoleBinding>(d)?),
+            "Service" => drop(serde_json::from_value::<Service>(d)?),
+            "ConfigMap" => {
+                let cm: ConfigMap = serde_json::from_value(d)?;
+                let routes = &cm.data.unwrap_or_default()["routes.yaml"];
+                let cfg = mesh_agent::gateway::config::parse(
+                    std::path::Path::new("routes.yaml"),
+                    routes,
+                )?;
+                assert_eq!(cfg.listeners.len(), 1);
+            }
+            "Deployment" => {
+                let dep: Deployment = serde_json::from_value(d)?;
+                let pod = dep.spec.unwrap().template.spec.unwrap();
+                let args = pod.containers[0].args.clone().unwrap_or_default();
+                assert_eq!(
+                    args[..2],
+                    ["--log-json", "gateway"],
+                    "--log-json is the agent's flag, before the subcommand"
+                );
+            }
+            other => anyhow::bail!("unexpected kind {other}"),
+        }
+        kinds.push(kind);
+    }
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    Ok(())
+}
