@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod discovery;
 pub mod drain;
 pub mod flows;
+pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod logging;

@@ -88,6 +88,9 @@ enum Command {
     Cleanup,
     /// The mesh CA (gRPC over TLS 1.3 on 15012): signs workload certificates for node agents.
     Ca(Box<mesh_agent::identity::cli::CaArgs>),
+    /// The ingress gateway: Gateway API routes (`--routes FILE`), backends from the same
+    /// discovery sources as the agent (`--config-file` or `--kubernetes`). Stateless.
+    Gateway(Box<mesh_agent::gateway::GatewayArgs>),
 }
 
 #[tokio::main]
@@ -109,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(Command::Ca(ca)) = args.command {
         return Ok(mesh_agent::identity::cli::run(*ca).await?);
+    }
+    if let Some(Command::Gateway(gw)) = args.command {
+        return Ok(mesh_agent::gateway::run(*gw).await?);
     }
     let node = match args.node_name {
         Some(n) => n,

@@ -21,6 +21,7 @@ pub mod connect;
 pub mod control_plane;
 pub mod env;
 pub mod exec;
+pub mod gateway;
 pub mod hbone;
 mod ip;
 pub mod kernel;

@@ -1,0 +1,1578 @@
+//! The gateway's configuration: Gateway API objects (`Gateway`, `HTTPRoute`, `GRPCRoute`), TLS
+//! `Secret`s and `RoutePolicy` objects read from a multi-document YAML file, judged with the
+//! `gateway-api` crate's types, and compiled into an immutable routing table that the proxy
+//! swaps in whole. Any bad object rejects the whole version of the file with the file, line,
+//! object, field and reason; the previous table keeps serving.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use base64::Engine as _;
+use gateway_api::{gateways::Gateway, grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use http::{HeaderName, HeaderValue, Method};
+use regex_lite::Regex;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use serde::Deserialize;
+
+use super::{
+    jwt::JwtRule,
+    limits::{RateLimit, TokenBucket},
+    routes::{Entry, HostPattern, HostTable, PathMatch, RouteMatch, RouteOrigin, ValueMatch},
+};
+use crate::model::ObjectName;
+
+/// Group of the Gateway API kinds.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// API version of the gateway's own `RoutePolicy`.
+pub const POLICY_API_VERSION: &str = "gateway.kernmesh.io/v1alpha1";
+/// Most bytes of a request body buffered so it can be retried or mirrored (Envoy's
+/// `per_connection_buffer_limit_bytes` default is 1 MiB; requests over this stream through).
+pub const RETRY_BUFFER: u64 = 64 * 1024;
+/// Istio's default retries: 2 more attempts.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Envoy's retry budget default: retries in flight ≤ 20 % of requests in flight.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Envoy's retry backoff base interval (25 ms; the cap is 10×).
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// A rejected configuration: where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct GatewayConfigError {
+    pub file: PathBuf,
+    /// 1-based line of the object (0: unknown).
+    pub line: u64,
+    /// `HTTPRoute shop/web` (empty for the file itself).
+    pub object: String,
+    /// Dotted field path (`spec.rules[0].matches[0].path.value`), empty when none.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for GatewayConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.object.is_empty() {
+            write!(f, ": {}", self.object)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// A listener's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ListenerProtocol {
+    Http,
+    Https,
+}
+
+/// One listener of one Gateway.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listener {
+    pub gateway: String,
+    pub name: String,
+    pub port: u16,
+    pub protocol: ListenerProtocol,
+    pub hostname: Option<String>,
+}
+
+/// A certificate with the names it is served for.
+#[derive(Clone, Debug)]
+pub struct Cert {
+    /// The listener's hostname (`None`: the port's default certificate).
+    pub host: HostPattern,
+    pub key: Arc<CertifiedKey>,
+    /// `Secret ns/name`.
+    pub source: String,
+}
+
+/// What is served on one port.
+#[derive(Clone, Debug, Default)]
+pub struct PortConfig {
+    pub tls: bool,
+    pub hosts: HostTable,
+    /// SNI choices, in listener order (the first one is the default).
+    pub certs: Vec<Cert>,
+}
+
+impl PortConfig {
+    /// The certificate for `sni`: exact name, then the longest wildcard, then the first one.
+    #[must_use]
+    pub fn cert_for(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let sni = sni.map(str::to_ascii_lowercase);
+        let by = |want: &dyn Fn(&HostPattern) -> bool| {
+            self.certs
+                .iter()
+                .filter(|c| want(&c.host))
+                .max_by_key(|c| match &c.host {
+                    HostPattern::Wildcard(s) => s.len(),
+                    _ => 0,
+                })
+                .map(|c| c.key.clone())
+        };
+        if let Some(sni) = sni.as_deref() {
+            if let Some(k) = by(&|h| matches!(h, HostPattern::Exact(e) if e == sni)) {
+                return Some(k);
+            }
+            if let Some(k) = by(&|h| matches!(h, HostPattern::Wildcard(_)) && h.matches(sni)) {
+                return Some(k);
+            }
+        }
+        self.certs.first().map(|c| c.key.clone())
+    }
+}
+
+/// Header changes of `RequestHeaderModifier` / `ResponseHeaderModifier`.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    /// Applies the changes: set replaces, add appends, remove deletes (the spec's order).
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+}
+
+/// A path change (redirect or rewrite).
+#[derive(Clone, Debug)]
+pub enum PathChange {
+    Full(String),
+    /// Replace the matched prefix.
+    Prefix(String),
+}
+
+/// `RequestRedirect`.
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathChange>,
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+/// `URLRewrite`.
+#[derive(Clone, Debug, Default)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathChange>,
+}
+
+/// A Service port a rule sends to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub service: ObjectName,
+    pub port: u16,
+}
+
+/// One `backendRef`: a Service port, or a reference the gateway cannot use (the spec's 500).
+#[derive(Clone, Debug)]
+pub struct WeightedBackend {
+    pub target: Result<ServiceRef, String>,
+    pub weight: u32,
+}
+
+/// `RequestMirror`.
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub target: ServiceRef,
+    /// Share of requests mirrored, in millionths.
+    pub per_million: u32,
+}
+
+/// Retries of a rule (`RoutePolicy.spec.retry`; Istio's defaults otherwise).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub budget_percent: u32,
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+            budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            backoff: DEFAULT_RETRY_BACKOFF,
+        }
+    }
+}
+
+/// What a matched rule does.
+#[derive(Debug)]
+pub struct RuleAction {
+    /// `HTTPRoute shop/web` rule 0.
+    pub route: String,
+    pub grpc: bool,
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<Rewrite>,
+    pub mirrors: Vec<Mirror>,
+    pub backends: Vec<WeightedBackend>,
+    pub total_weight: u32,
+    /// `timeouts.request`: the whole request, retries included.
+    pub request_timeout: Option<Duration>,
+    /// `timeouts.backendRequest`: one try.
+    pub backend_timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub jwt: Option<Arc<JwtRule>>,
+    /// One bucket for the rule (Envoy Gateway's local rate limit is per route too).
+    pub route_limit: Option<TokenBucket>,
+    /// A bucket per client address.
+    pub client_limit: Option<super::limits::ClientBuckets>,
+}
+
+/// The whole compiled configuration, swapped in at once.
+#[derive(Debug, Default)]
+pub struct GatewayConfig {
+    pub listeners: Vec<Listener>,
+    pub ports: BTreeMap<u16, PortConfig>,
+    /// Every Service port a rule can send to (the backends snapshot is built for these).
+    pub services: BTreeSet<ServiceRef>,
+    /// Files the configuration read besides itself (JWKS): a change reloads it.
+    pub extra_files: Vec<PathBuf>,
+    /// Routes that attach to no listener, with why (Accepted=False in the spec's status).
+    pub unattached: Vec<String>,
+}
+
+/// Our own policy kind: JWT, rate limits and retries per route (Envoy Gateway splits these
+/// into `SecurityPolicy` and `BackendTrafficPolicy`).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RoutePolicySpec {
+    target_refs: Vec<PolicyTargetRef>,
+    #[serde(default)]
+    jwt: Option<JwtSpec>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    retry: Option<RetrySpec>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PolicyTargetRef {
+    #[serde(default)]
+    group: Option<String>,
+    kind: String,
+    name: String,
+}
+
+/// `spec.jwt` (Envoy Gateway's `SecurityPolicy.jwt.providers[]` with `localJWKS`, and its
+/// `authorization.rules[].principal.jwt.claims`).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtSpec {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_file: PathBuf,
+    /// Every entry must hold; an entry holds when the claim has one of the values.
+    #[serde(default)]
+    pub claims: Vec<ClaimSpec>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimSpec {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RateLimitSpec {
+    #[serde(default)]
+    route: Option<RateSpec>,
+    #[serde(default)]
+    client: Option<RateSpec>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RateSpec {
+    requests: u32,
+    per: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetrySpec {
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    budget_percent: Option<u32>,
+    #[serde(default)]
+    backoff: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct SecretDoc {
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    string_data: BTreeMap<String, String>,
+}
+
+/// A Gateway API duration (GEP-2257: `1h`, `10s`, `500ms`, `1m30s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a Gateway API duration (like 10s, 500ms, 1m30s)");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_mins(1), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_hours(1), 1)
+        } else {
+            return Err(bad());
+        };
+        total += unit * u32::try_from(n).map_err(|_| bad())?;
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
+/// Reads and compiles `path`.
+pub fn load(path: &Path) -> Result<GatewayConfig, GatewayConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| GatewayConfigError {
+        file: path.to_owned(),
+        line: 0,
+        object: String::new(),
+        field: String::new(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// One object of the file, with where it starts.
+struct Doc {
+    line: u64,
+    kind: String,
+    name: ObjectName,
+    value: serde_json::Value,
+}
+
+/// Builds errors about one object.
+struct At<'a> {
+    file: &'a Path,
+    line: u64,
+    object: String,
+}
+
+impl At<'_> {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> GatewayConfigError {
+        GatewayConfigError {
+            file: self.file.to_owned(),
+            line: self.line,
+            object: self.object.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Most YAML nodes a gateway file may have: routes are operator input, but a fuzzer (or a
+/// typo'd anchor) must not make the parser allocate without bound.
+const MAX_NODES: usize = 2_000_000;
+
+/// Parses and compiles a multi-document YAML text.
+pub fn parse(file: &Path, text: &str) -> Result<GatewayConfig, GatewayConfigError> {
+    let whole = |reason: String, line: u64| GatewayConfigError {
+        file: file.to_owned(),
+        line,
+        object: String::new(),
+        field: String::new(),
+        reason,
+    };
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! { max_nodes: MAX_NODES, max_events: 4 * MAX_NODES },
+    };
+    let raw: Vec<serde_saphyr::Spanned<serde_json::Value>> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+            let line = e.location().map_or(0, |l| l.line());
+            whole(e.to_string(), line)
+        })?;
+    let mut docs = Vec::new();
+    for d in raw {
+        let line = d.referenced.line();
+        if d.value.is_null() {
+            continue;
+        }
+        let kind = d.value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let meta = d.value.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str());
+        let ns = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default");
+        let Some(name) = name else {
+            return Err(GatewayConfigError {
+                object: kind.to_owned(),
+                field: "metadata.name".into(),
+                ..whole("required".into(), line)
+            });
+        };
+        docs.push(Doc {
+            line,
+            kind: kind.to_owned(),
+            name: ObjectName::new(ns, name),
+            value: d.value,
+        });
+    }
+    compile(file, docs)
+}
+
+/// Deserializes `value` as `T`, naming the field that does not fit.
+fn typed<T: serde::de::DeserializeOwned>(
+    at: &At<'_>,
+    value: serde_json::Value,
+) -> Result<T, GatewayConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        at.err(
+            if field == "." { String::new() } else { field },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+fn header_name(at: &At<'_>, field: &str, n: &str) -> Result<HeaderName, GatewayConfigError> {
+    HeaderName::from_bytes(n.as_bytes())
+        .map_err(|_| at.err(field, format!("{n:?} is not a valid header name")))
+}
+
+fn header_value(at: &At<'_>, field: &str, v: &str) -> Result<HeaderValue, GatewayConfigError> {
+    HeaderValue::from_str(v)
+        .map_err(|_| at.err(field, format!("{v:?} is not a valid header value")))
+}
+
+fn regex(at: &At<'_>, field: &str, r: &str) -> Result<Regex, GatewayConfigError> {
+    // Anchored: Gateway API regex matches are full matches (RE2 `FullMatch` in Envoy).
+    regex_lite::RegexBuilder::new(&format!("^(?:{r})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| at.err(field, format!("invalid regular expression: {e}")))
+}
+
+fn port(at: &At<'_>, field: &str, p: Option<i32>) -> Result<u16, GatewayConfigError> {
+    let p = p.ok_or_else(|| at.err(field, "required when the backend is a Service"))?;
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| at.err(field, format!("{p} is not a port (1-65535)")))
+}
+
+/// A parent reference, reduced to what attachment needs.
+struct Parent {
+    gateway: ObjectName,
+    section: Option<String>,
+    port: Option<i32>,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of three generated backendRef types"
+)]
+/// Resolves a `backendRef` (kind Service; same namespace unless a `ReferenceGrant` would allow
+/// it, which this gateway does not read yet: such a ref is refused as the spec's
+/// `RefNotPermitted`, and requests for it get 500).
+fn backend_ref(
+    at: &At<'_>,
+    field: &str,
+    route_ns: &str,
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    p: Option<i32>,
+) -> Result<Result<ServiceRef, String>, GatewayConfigError> {
+    if group.is_some_and(|g| !g.is_empty()) || kind.is_some_and(|k| k != "Service") {
+        return Ok(Err(format!(
+            "backendRef {name}: only core Services are supported (InvalidKind)"
+        )));
+    }
+    if namespace.is_some_and(|n| n != route_ns) {
+        return Ok(Err(format!(
+            "backendRef {name}: cross-namespace references need a ReferenceGrant, which this gateway does not read (RefNotPermitted)"
+        )));
+    }
+    Ok(Ok(ServiceRef {
+        service: ObjectName::new(route_ns, name),
+        port: port(at, &format!("{field}.port"), p)?,
+    }))
+}
+
+fn mirror_share(
+    at: &At<'_>,
+    field: &str,
+    percent: Option<i32>,
+    fraction: Option<(i32, Option<i32>)>,
+) -> Result<u32, GatewayConfigError> {
+    let bad = |r: &str| at.err(field, r.to_owned());
+    match (percent, fraction) {
+        (Some(_), Some(_)) => Err(bad("set percent or fraction, not both")),
+        (Some(p), None) => u32::try_from(p)
+            .ok()
+            .filter(|p| *p <= 100)
+            .map(|p| p * 10_000)
+            .ok_or_else(|| bad("percent must be 0-100")),
+        (None, Some((n, d))) => {
+            let d = d.unwrap_or(100);
+            if d <= 0 || n < 0 || n > d {
+                return Err(bad(
+                    "fraction needs 0 <= numerator <= denominator, denominator > 0",
+                ));
+            }
+            Ok(u32::try_from(i64::from(n) * 1_000_000 / i64::from(d)).unwrap_or(1_000_000))
+        }
+        (None, None) => Ok(1_000_000),
+    }
+}
+
+/// Policies by the route they target.
+#[derive(Default)]
+struct Policies {
+    by_route: BTreeMap<(String, ObjectName), PolicyParts>,
+}
+
+#[derive(Default, Clone)]
+struct PolicyParts {
+    jwt: Option<Arc<JwtRule>>,
+    route_limit: Option<RateLimit>,
+    client_limit: Option<RateLimit>,
+    retry: RetryPolicy,
+}
+
+fn rate(at: &At<'_>, field: &str, r: &RateSpec) -> Result<RateLimit, GatewayConfigError> {
+    let per = parse_duration(&r.per).map_err(|e| at.err(format!("{field}.per"), e))?;
+    if r.requests == 0 || per.is_zero() {
+        return Err(at.err(field, "requests and per must be positive"));
+    }
+    Ok(RateLimit {
+        requests: r.requests,
+        per,
+    })
+}
+
+fn compile_policy(
+    at: &At<'_>,
+    ns: &str,
+    spec: RoutePolicySpec,
+    policies: &mut Policies,
+    extra_files: &mut Vec<PathBuf>,
+) -> Result<(), GatewayConfigError> {
+    let mut parts = PolicyParts::default();
+    if let Some(j) = spec.jwt {
+        extra_files.push(j.jwks_file.clone());
+        let rule = JwtRule::load(&j).map_err(|e| at.err("spec.jwt.jwksFile", e.to_string()))?;
+        parts.jwt = Some(Arc::new(rule));
+    }
+    if let Some(r) = spec.rate_limit {
+        if let Some(route) = &r.route {
+            parts.route_limit = Some(rate(at, "spec.rateLimit.route", route)?);
+        }
+        if let Some(client) = &r.client {
+            parts.client_limit = Some(rate(at, "spec.rateLimit.client", client)?);
+        }
+    }
+    if let Some(r) = spec.retry {
+        if r.budget_percent.is_some_and(|p| p > 100) {
+            return Err(at.err("spec.retry.budgetPercent", "must be 0-100"));
+        }
+        parts.retry = RetryPolicy {
+            attempts: r.attempts.unwrap_or(DEFAULT_RETRY_ATTEMPTS).min(10),
+            budget_percent: r.budget_percent.unwrap_or(DEFAULT_RETRY_BUDGET_PERCENT),
+            backoff: match r.backoff {
+                Some(b) => parse_duration(&b).map_err(|e| at.err("spec.retry.backoff", e))?,
+                None => DEFAULT_RETRY_BACKOFF,
+            },
+        };
+    }
+    if spec.target_refs.is_empty() {
+        return Err(at.err("spec.targetRefs", "at least one target is required"));
+    }
+    for (i, t) in spec.target_refs.iter().enumerate() {
+        if t.group.as_deref().is_some_and(|g| g != GATEWAY_GROUP)
+            || !matches!(t.kind.as_str(), "HTTPRoute" | "GRPCRoute")
+        {
+            return Err(at.err(
+                format!("spec.targetRefs[{i}]"),
+                "targets are HTTPRoute or GRPCRoute (group gateway.networking.k8s.io)",
+            ));
+        }
+        let key = (t.kind.clone(), ObjectName::new(ns, &t.name));
+        if policies.by_route.contains_key(&key) {
+            return Err(at.err(
+                format!("spec.targetRefs[{i}]"),
+                format!("{} {} already has a RoutePolicy", t.kind, key.1),
+            ));
+        }
+        policies.by_route.insert(key, parts.clone());
+    }
+    Ok(())
+}
+
+fn load_cert(at: &At<'_>, s: &SecretDoc) -> Result<Arc<CertifiedKey>, GatewayConfigError> {
+    let get = |k: &str| -> Result<Vec<u8>, GatewayConfigError> {
+        if let Some(v) = s.string_data.get(k) {
+            return Ok(v.clone().into_bytes());
+        }
+        let v = s
+            .data
+            .get(k)
+            .ok_or_else(|| at.err(format!("data.{k}"), "required for a TLS Secret"))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(v.trim())
+            .map_err(|e| at.err(format!("data.{k}"), format!("not base64: {e}")))
+    };
+    let crt = get("tls.crt")?;
+    let key = get("tls.key")?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt)
+        .collect::<Result<_, _>>()
+        .map_err(|e| at.err("data.tls.crt", format!("not PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(at.err("data.tls.crt", "no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key)
+        .map_err(|e| at.err("data.tls.key", format!("not a PEM private key: {e}")))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| at.err("data.tls.key", format!("unsupported key: {e}")))?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match()
+        .map_err(|e| at.err("data.tls.key", format!("does not match tls.crt: {e}")))?;
+    Ok(Arc::new(ck))
+}
+
+/// Turns the objects into the table.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the object kinds, in order"
+)]
+fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigError> {
+    let mut cfg = GatewayConfig::default();
+    let mut gateways: Vec<(At<'_>, ObjectName, Gateway)> = Vec::new();
+    let mut routes: Vec<(At<'_>, ObjectName, RouteKind)> = Vec::new();
+    let mut secrets: BTreeMap<ObjectName, (At<'_>, SecretDoc)> = BTreeMap::new();
+    let mut policies = Policies::default();
+    let mut seen = BTreeSet::new();
+    for d in docs {
+        let at = At {
+            file,
+            line: d.line,
+            object: format!("{} {}", d.kind, d.name),
+        };
+        if !seen.insert((d.kind.clone(), d.name.clone())) {
+            return Err(at.err("metadata.name", "defined twice in this file"));
+        }
+        let api = d
+            .value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let group = api.rsplit_once('/').map_or("", |(g, _)| g);
+        match (d.kind.as_str(), group) {
+            ("Gateway", GATEWAY_GROUP) => {
+                let g: Gateway = typed(&at, d.value)?;
+                gateways.push((at, d.name, g));
+            }
+            ("HTTPRoute", GATEWAY_GROUP) => {
+                let r: HttpRoute = typed(&at, d.value)?;
+                routes.push((at, d.name, RouteKind::Http(Box::new(r))));
+            }
+            ("GRPCRoute", GATEWAY_GROUP) => {
+                let r: GrpcRoute = typed(&at, d.value)?;
+                routes.push((at, d.name, RouteKind::Grpc(Box::new(r))));
+            }
+            ("Secret", "") => {
+                let s: SecretDoc = typed(&at, d.value)?;
+                secrets.insert(d.name, (at, s));
+            }
+            ("RoutePolicy", "gateway.kernmesh.io") => {
+                let spec = d
+                    .value
+                    .get("spec")
+                    .cloned()
+                    .ok_or_else(|| at.err("spec", "required"))?;
+                let spec: RoutePolicySpec =
+                    serde_path_to_error::deserialize(spec).map_err(|e| {
+                        at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
+                    })?;
+                compile_policy(
+                    &at,
+                    &d.name.namespace,
+                    spec,
+                    &mut policies,
+                    &mut cfg.extra_files,
+                )?;
+            }
+            (kind, _) => {
+                return Err(at.err(
+                    "kind",
+                    format!(
+                        "{kind:?} ({api}) is not served: use Gateway, HTTPRoute, GRPCRoute ({GATEWAY_GROUP}/v1), Secret (v1) or RoutePolicy ({POLICY_API_VERSION})"
+                    ),
+                ));
+            }
+        }
+    }
+    // Listeners, with their certificates.
+    for (at, gname, g) in &gateways {
+        for (i, l) in g.spec.listeners.iter().enumerate() {
+            let field = format!("spec.listeners[{i}]");
+            let port = u16::try_from(l.port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at.err(format!("{field}.port"), "not a port (1-65535)"))?;
+            let protocol = match l.protocol.as_str() {
+                "HTTP" => ListenerProtocol::Http,
+                "HTTPS" => ListenerProtocol::Https,
+                other => {
+                    return Err(at.err(
+                        format!("{field}.protocol"),
+                        format!("{other:?} is not served (HTTP or HTTPS)"),
+                    ));
+                }
+            };
+            let pc = cfg.ports.entry(port).or_default();
+            if cfg.listeners.iter().any(|x| x.port == port)
+                && pc.tls != (protocol == ListenerProtocol::Https)
+            {
+                return Err(at.err(
+                    format!("{field}.protocol"),
+                    format!("port {port} already has a listener of the other protocol"),
+                ));
+            }
+            pc.tls = protocol == ListenerProtocol::Https;
+            let host = l
+                .hostname
+                .as_deref()
+                .map_or(HostPattern::Any, HostPattern::parse);
+            if protocol == ListenerProtocol::Https {
+                let tls = l
+                    .tls
+                    .as_ref()
+                    .ok_or_else(|| at.err(format!("{field}.tls"), "required for HTTPS"))?;
+                if tls.mode.as_ref().is_some_and(|m| {
+                    matches!(
+                        m,
+                        gateway_api::gateways::GatewayListenersTlsMode::Passthrough
+                    )
+                }) {
+                    return Err(at.err(
+                        format!("{field}.tls.mode"),
+                        "Passthrough is not served (Terminate)",
+                    ));
+                }
+                let refs = tls.certificate_refs.as_deref().unwrap_or_default();
+                if refs.is_empty() {
+                    return Err(at.err(
+                        format!("{field}.tls.certificateRefs"),
+                        "at least one Secret is required",
+                    ));
+                }
+                for (j, r) in refs.iter().enumerate() {
+                    let f = format!("{field}.tls.certificateRefs[{j}]");
+                    if r.kind.as_deref().is_some_and(|k| k != "Secret")
+                        || r.group.as_deref().is_some_and(|g| !g.is_empty())
+                    {
+                        return Err(
+                            at.err(f, "only core Secrets are supported (InvalidCertificateRef)")
+                        );
+                    }
+                    let sname = ObjectName::new(
+                        r.namespace.as_deref().unwrap_or(&gname.namespace),
+                        &r.name,
+                    );
+                    let (sat, secret) = secrets.get(&sname).ok_or_else(|| {
+                        at.err(
+                            &f,
+                            format!("Secret {sname} is not in this file (InvalidCertificateRef)"),
+                        )
+                    })?;
+                    pc.certs.push(Cert {
+                        host: host.clone(),
+                        key: load_cert(sat, secret)?,
+                        source: format!("Secret {sname}"),
+                    });
+                }
+            }
+            cfg.listeners.push(Listener {
+                gateway: gname.to_string(),
+                name: l.name.clone(),
+                port,
+                protocol,
+                hostname: l.hostname.clone(),
+            });
+        }
+    }
+    // Routes, attached to the listeners their parentRefs select.
+    for (at, rname, route) in &routes {
+        let (kind, created, parents, hostnames) = route.header(rname);
+        let policy = policies
+            .by_route
+            .get(&(kind.to_owned(), rname.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let mut attached = false;
+        let rules = route.compile(at, rname, &policy, &mut cfg.services)?;
+        for (pi, p) in parents.iter().enumerate() {
+            for l in &cfg.listeners {
+                if l.gateway != p.gateway.to_string()
+                    || p.section.as_deref().is_some_and(|s| s != l.name)
+                    || p.port.is_some_and(|port| port != i32::from(l.port))
+                {
+                    continue;
+                }
+                let lhost = l
+                    .hostname
+                    .as_deref()
+                    .map_or(HostPattern::Any, HostPattern::parse);
+                let rhosts: Vec<HostPattern> = if hostnames.is_empty() {
+                    vec![HostPattern::Any]
+                } else {
+                    hostnames.iter().map(|h| HostPattern::parse(h)).collect()
+                };
+                let pc = cfg
+                    .ports
+                    .get_mut(&l.port)
+                    .expect("every listener's port has a config");
+                for rh in &rhosts {
+                    let Some(h) = HostPattern::intersect(&lhost, rh) else {
+                        continue;
+                    };
+                    attached = true;
+                    for (ri, (matches, action)) in rules.iter().enumerate() {
+                        for (mi, m) in matches.iter().enumerate() {
+                            pc.hosts.add(
+                                h.clone(),
+                                Entry {
+                                    matcher: m.clone(),
+                                    origin: RouteOrigin {
+                                        created: created.clone(),
+                                        name: rname.to_string(),
+                                        rule: ri,
+                                        matched: mi,
+                                    },
+                                    action: action.clone(),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            if !attached && pi + 1 == parents.len() {
+                cfg.unattached.push(format!(
+                    "{kind} {rname}: no listener accepts it (NoMatchingParent / NoMatchingListenerHostname)"
+                ));
+            }
+        }
+    }
+    for pc in cfg.ports.values_mut() {
+        pc.hosts.finish();
+        // Two listeners of one port with the same hostname would have to share a
+        // certificate; the first one's certificate is served (listed first).
+        // Entries whose hostname is more specific than any certificate use the default.
+    }
+    Ok(cfg)
+}
+
+/// An `HTTPRoute` or a `GRPCRoute`.
+enum RouteKind {
+    Http(Box<HttpRoute>),
+    Grpc(Box<GrpcRoute>),
+}
+
+type CompiledRules = Vec<(Vec<RouteMatch>, Arc<RuleAction>)>;
+
+impl RouteKind {
+    fn header(
+        &self,
+        name: &ObjectName,
+    ) -> (&'static str, Option<String>, Vec<Parent>, Vec<String>) {
+        let parent =
+            |gname: &str, ns: Option<&str>, section: Option<&String>, port: Option<i32>| Parent {
+                gateway: ObjectName::new(ns.unwrap_or(&name.namespace), gname),
+                section: section.cloned(),
+                port,
+            };
+        match self {
+            Self::Http(r) => (
+                "HTTPRoute",
+                r.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string()),
+                r.spec
+                    .parent_refs
+                    .iter()
+                    .flatten()
+                    .map(|p| {
+                        parent(
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.section_name.as_ref(),
+                            p.port,
+                        )
+                    })
+                    .collect(),
+                r.spec.hostnames.clone().unwrap_or_default(),
+            ),
+            Self::Grpc(r) => (
+                "GRPCRoute",
+                r.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string()),
+                r.spec
+                    .parent_refs
+                    .iter()
+                    .flatten()
+                    .map(|p| {
+                        parent(
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.section_name.as_ref(),
+                            p.port,
+                        )
+                    })
+                    .collect(),
+                r.spec.hostnames.clone().unwrap_or_default(),
+            ),
+        }
+    }
+
+    fn compile(
+        &self,
+        at: &At<'_>,
+        name: &ObjectName,
+        policy: &PolicyParts,
+        services: &mut BTreeSet<ServiceRef>,
+    ) -> Result<CompiledRules, GatewayConfigError> {
+        match self {
+            Self::Http(r) => compile_http(at, name, r, policy, services),
+            Self::Grpc(r) => compile_grpc(at, name, r, policy, services),
+        }
+    }
+}
+
+fn new_action(route: String, grpc: bool, policy: &PolicyParts) -> RuleAction {
+    RuleAction {
+        route,
+        grpc,
+        request_headers: None,
+        response_headers: None,
+        redirect: None,
+        rewrite: None,
+        mirrors: Vec::new(),
+        backends: Vec::new(),
+        total_weight: 0,
+        request_timeout: None,
+        backend_timeout: None,
+        retry: policy.retry,
+        jwt: policy.jwt.clone(),
+        route_limit: policy.route_limit.map(TokenBucket::new),
+        client_limit: policy.client_limit.map(super::limits::ClientBuckets::new),
+    }
+}
+
+/// `set`/`add`/`remove` lists of a header modifier, with the field prefix for errors.
+fn modifier<'a>(
+    at: &At<'_>,
+    field: &str,
+    set: impl Iterator<Item = (&'a str, &'a str)>,
+    add: impl Iterator<Item = (&'a str, &'a str)>,
+    remove: impl Iterator<Item = &'a str>,
+) -> Result<HeaderModifier, GatewayConfigError> {
+    let mut m = HeaderModifier::default();
+    for (i, (n, v)) in set.enumerate() {
+        let f = format!("{field}.set[{i}]");
+        m.set
+            .push((header_name(at, &f, n)?, header_value(at, &f, v)?));
+    }
+    for (i, (n, v)) in add.enumerate() {
+        let f = format!("{field}.add[{i}]");
+        m.add
+            .push((header_name(at, &f, n)?, header_value(at, &f, v)?));
+    }
+    for (i, n) in remove.enumerate() {
+        m.remove
+            .push(header_name(at, &format!("{field}.remove[{i}]"), n)?);
+    }
+    Ok(m)
+}
+
+fn path_change(
+    at: &At<'_>,
+    field: &str,
+    full: Option<&String>,
+    prefix: Option<&String>,
+    prefix_type: bool,
+    has_prefix_match: bool,
+) -> Result<PathChange, GatewayConfigError> {
+    if prefix_type {
+        if !has_prefix_match {
+            return Err(at.err(
+                field,
+                "ReplacePrefixMatch needs a PathPrefix match in every match of the rule",
+            ));
+        }
+        let p = prefix.ok_or_else(|| at.err(format!("{field}.replacePrefixMatch"), "required"))?;
+        Ok(PathChange::Prefix(p.clone()))
+    } else {
+        let p = full.ok_or_else(|| at.err(format!("{field}.replaceFullPath"), "required"))?;
+        Ok(PathChange::Full(p.clone()))
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the HTTPRoute rule after the other"
+)]
+fn compile_http(
+    at: &At<'_>,
+    name: &ObjectName,
+    r: &HttpRoute,
+    policy: &PolicyParts,
+    services: &mut BTreeSet<ServiceRef>,
+) -> Result<CompiledRules, GatewayConfigError> {
+    use gateway_api::httproutes::{
+        HttpRouteRulesFiltersRequestRedirectPathType as RedirectPathType,
+        HttpRouteRulesFiltersRequestRedirectScheme as Scheme, HttpRouteRulesFiltersType as F,
+        HttpRouteRulesFiltersUrlRewritePathType as RewritePathType,
+        HttpRouteRulesMatchesHeadersType as HType, HttpRouteRulesMatchesPathType as PType,
+        HttpRouteRulesMatchesQueryParamsType as QType,
+    };
+    let mut out = Vec::new();
+    let default_rule = [gateway_api::httproutes::HttpRouteRules::default()];
+    let rules = r.spec.rules.as_deref().unwrap_or(&default_rule);
+    for (ri, rule) in rules.iter().enumerate() {
+        let rf = format!("spec.rules[{ri}]");
+        let mut matches = Vec::new();
+        let given = rule.matches.as_deref().unwrap_or_default();
+        let default_match = [gateway_api::httproutes::HttpRouteRulesMatches::default()];
+        let given = if given.is_empty() {
+            &default_match[..]
+        } else {
+            given
+        };
+        let mut all_prefix = true;
+        for (mi, m) in given.iter().enumerate() {
+            let mf = format!("{rf}.matches[{mi}]");
+            let (ptype, pvalue) =
+                m.path
+                    .as_ref()
+                    .map_or((PType::PathPrefix, "/".to_owned()), |p| {
+                        (
+                            p.r#type.clone().unwrap_or(PType::PathPrefix),
+                            p.value.clone().unwrap_or_else(|| "/".into()),
+                        )
+                    });
+            let path = match ptype {
+                PType::Exact | PType::PathPrefix if !pvalue.starts_with('/') => {
+                    return Err(at.err(format!("{mf}.path.value"), "must start with /"));
+                }
+                PType::Exact => {
+                    all_prefix = false;
+                    PathMatch::Exact(pvalue)
+                }
+                PType::PathPrefix => PathMatch::Prefix(pvalue.trim_end_matches('/').to_owned()),
+                PType::RegularExpression => {
+                    all_prefix = false;
+                    PathMatch::Regex(regex(at, &format!("{mf}.path.value"), &pvalue)?)
+                }
+            };
+            let method = m
+                .method
+                .as_ref()
+                .map(|m| {
+                    let s = serde_json::to_value(m)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned));
+                    s.and_then(|s| Method::from_bytes(s.as_bytes()).ok())
+                        .ok_or_else(|| at.err(format!("{mf}.method"), "not a method"))
+                })
+                .transpose()?;
+            let mut headers = Vec::new();
+            for (hi, h) in m.headers.iter().flatten().enumerate() {
+                let hf = format!("{mf}.headers[{hi}]");
+                let n = header_name(at, &format!("{hf}.name"), &h.name)?;
+                let v = match h.r#type.as_ref().unwrap_or(&HType::Exact) {
+                    HType::Exact => ValueMatch::Exact(h.value.clone()),
+                    HType::RegularExpression => {
+                        ValueMatch::Regex(regex(at, &format!("{hf}.value"), &h.value)?)
+                    }
+                };
+                headers.push((n, v));
+            }
+            let mut query = Vec::new();
+            for (qi, q) in m.query_params.iter().flatten().enumerate() {
+                let v = match q.r#type.as_ref().unwrap_or(&QType::Exact) {
+                    QType::Exact => ValueMatch::Exact(q.value.clone()),
+                    QType::RegularExpression => ValueMatch::Regex(regex(
+                        at,
+                        &format!("{mf}.queryParams[{qi}].value"),
+                        &q.value,
+                    )?),
+                };
+                query.push((q.name.clone(), v));
+            }
+            matches.push(RouteMatch {
+                path,
+                method,
+                headers,
+                query,
+            });
+        }
+        let mut action = new_action(format!("HTTPRoute {name} rule {ri}"), false, policy);
+        for (fi, f) in rule.filters.iter().flatten().enumerate() {
+            let ff = format!("{rf}.filters[{fi}]");
+            let missing = |what: &str| {
+                at.err(
+                    format!("{ff}.{what}"),
+                    format!("required by type {:?}", f.r#type),
+                )
+            };
+            match f.r#type {
+                F::RequestHeaderModifier => {
+                    let m = f
+                        .request_header_modifier
+                        .as_ref()
+                        .ok_or_else(|| missing("requestHeaderModifier"))?;
+                    action.request_headers = Some(modifier(
+                        at,
+                        &format!("{ff}.requestHeaderModifier"),
+                        m.set
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.add
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.remove.iter().flatten().map(String::as_str),
+                    )?);
+                }
+                F::ResponseHeaderModifier => {
+                    let m = f
+                        .response_header_modifier
+                        .as_ref()
+                        .ok_or_else(|| missing("responseHeaderModifier"))?;
+                    action.response_headers = Some(modifier(
+                        at,
+                        &format!("{ff}.responseHeaderModifier"),
+                        m.set
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.add
+                            .iter()
+                            .flatten()
+                            .map(|h| (h.name.as_str(), h.value.as_str())),
+                        m.remove.iter().flatten().map(String::as_str),
+                    )?);
+                }
+                F::RequestRedirect => {
+                    let rr = f
+                        .request_redirect
+                        .as_ref()
+                        .ok_or_else(|| missing("requestRedirect"))?;
+                    let status = match rr.status_code.unwrap_or(302) {
+                        s @ (301 | 302 | 303 | 307 | 308) => u16::try_from(s).unwrap_or(302),
+                        s => {
+                            return Err(at.err(
+                                format!("{ff}.requestRedirect.statusCode"),
+                                format!("{s} is not 301, 302, 303, 307 or 308"),
+                            ));
+                        }
+                    };
+                    let path = rr
+                        .path
+                        .as_ref()
+                        .map(|p| {
+                            path_change(
+                                at,
+                                &format!("{ff}.requestRedirect.path"),
+                                p.replace_full_path.as_ref(),
+                                p.replace_prefix_match.as_ref(),
+                                matches!(p.r#type, RedirectPathType::ReplacePrefixMatch),
+                                all_prefix,
+                            )
+                        })
+                        .transpose()?;
+                    action.redirect = Some(Redirect {
+                        scheme: rr.scheme.as_ref().map(|s| match s {
+                            Scheme::Http => "http".to_owned(),
+                            Scheme::Https => "https".to_owned(),
+                        }),
+                        hostname: rr.hostname.clone(),
+                        path,
+                        port: rr
+                            .port
+                            .map(|p| {
+                                u16::try_from(p).map_err(|_| {
+                                    at.err(format!("{ff}.requestRedirect.port"), "not a port")
+                                })
+                            })
+                            .transpose()?,
+                        status,
+                    });
+                }
+                F::UrlRewrite => {
+                    let u = f
+                        .url_rewrite
+                        .as_ref()
+                        .ok_or_else(|| missing("urlRewrite"))?;
+                    let path = u
+                        .path
+                        .as_ref()
+                        .map(|p| {
+                            path_change(
+                                at,
+                                &format!("{ff}.urlRewrite.path"),
+                                p.replace_full_path.as_ref(),
+                                p.replace_prefix_match.as_ref(),
+                                matches!(p.r#type, RewritePathType::ReplacePrefixMatch),
+                                all_prefix,
+                            )
+                        })
+                        .transpose()?;
+                    action.rewrite = Some(Rewrite {
+                        hostname: u.hostname.clone(),
+                        path,
+                    });
+                }
+                F::RequestMirror => {
+                    let m = f
+                        .request_mirror
+                        .as_ref()
+                        .ok_or_else(|| missing("requestMirror"))?;
+                    let b = &m.backend_ref;
+                    let mf = format!("{ff}.requestMirror.backendRef");
+                    let target = backend_ref(
+                        at,
+                        &mf,
+                        &name.namespace,
+                        b.group.as_deref(),
+                        b.kind.as_deref(),
+                        &b.name,
+                        b.namespace.as_deref(),
+                        b.port,
+                    )?
+                    .map_err(|e| at.err(&mf, e))?;
+                    services.insert(target.clone());
+                    action.mirrors.push(Mirror {
+                        target,
+                        per_million: mirror_share(
+                            at,
+                            &format!("{ff}.requestMirror"),
+                            m.percent,
+                            m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
+                        )?,
+                    });
+                }
+                F::ExtensionRef | F::Cors => {
+                    return Err(at.err(
+                        format!("{ff}.type"),
+                        format!("{:?} filters are not served", f.r#type),
+                    ));
+                }
+            }
+        }
+        if action.redirect.is_some() && action.rewrite.is_some() {
+            return Err(at.err(
+                format!("{rf}.filters"),
+                "RequestRedirect and URLRewrite cannot be used together",
+            ));
+        }
+        for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
+            let bf = format!("{rf}.backendRefs[{bi}]");
+            if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                return Err(at.err(
+                    format!("{bf}.filters"),
+                    "per-backend filters are not served",
+                ));
+            }
+            let weight = u32::try_from(b.weight.unwrap_or(1))
+                .map_err(|_| at.err(format!("{bf}.weight"), "must be 0 or more"))?;
+            let target = backend_ref(
+                at,
+                &bf,
+                &name.namespace,
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                &b.name,
+                b.namespace.as_deref(),
+                b.port,
+            )?;
+            if let Ok(t) = &target {
+                services.insert(t.clone());
+            }
+            action.total_weight += weight;
+            action.backends.push(WeightedBackend { target, weight });
+        }
+        if let Some(t) = &rule.timeouts {
+            if let Some(v) = &t.request {
+                let d =
+                    parse_duration(v).map_err(|e| at.err(format!("{rf}.timeouts.request"), e))?;
+                action.request_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let Some(v) = &t.backend_request {
+                let d = parse_duration(v)
+                    .map_err(|e| at.err(format!("{rf}.timeouts.backendRequest"), e))?;
+                action.backend_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let (Some(req), Some(be)) = (action.request_timeout, action.backend_timeout)
+                && be > req
+            {
+                return Err(at.err(
+                    format!("{rf}.timeouts.backendRequest"),
+                    "must not exceed timeouts.request",
+                ));
+            }
+        }
+        out.push((matches, Arc::new(action)));
+    }
+    Ok(out)
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the GRPCRoute rule after the other"
+)]
+fn compile_grpc(
+    at: &At<'_>,
+    name: &ObjectName,
+    r: &GrpcRoute,
+    policy: &PolicyParts,
+    services: &mut BTreeSet<ServiceRef>,
+) -> Result<CompiledRules, GatewayConfigError> {
+    use gateway_api::grpcroutes::{
+        GrpcRouteRulesFiltersType as F, GrpcRouteRulesMatchesHeadersType as HType,
+        GrpcRouteRulesMatchesMethodType as MType,
+    };
+    let mut out = Vec::new();
+    let default_rule = [gateway_api::grpcroutes::GrpcRouteRules::default()];
+    let rules = r.spec.rules.as_deref().unwrap_or(&default_rule);
+    for (ri, rule) in rules.iter().enumerate() {
+        let rf = format!("spec.rules[{ri}]");
+        let mut matches = Vec::new();
+        let given = rule.matches.as_deref().unwrap_or_default();
+        let default_match = [gateway_api::grpcroutes::GrpcRouteRulesMatches::default()];
+        let given = if given.is_empty() {
+            &default_match[..]
+        } else {
+            given
+        };
+        for (mi, m) in given.iter().enumerate() {
+            let mf = format!("{rf}.matches[{mi}]");
+            // gRPC calls are `POST /{service}/{method}`: a method match is a path match.
+            let path = match &m.method {
+                None => PathMatch::Prefix(String::new()),
+                Some(mm) => {
+                    let (s, meth) = (mm.service.as_deref(), mm.method.as_deref());
+                    if s.is_none() && meth.is_none() {
+                        return Err(at.err(format!("{mf}.method"), "set service, method or both"));
+                    }
+                    match mm.r#type.as_ref().unwrap_or(&MType::Exact) {
+                        MType::Exact => match (s, meth) {
+                            (Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
+                            (Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                            (None, Some(m)) => PathMatch::Regex(regex(
+                                at,
+                                &format!("{mf}.method"),
+                                &format!("/[^/]+/{}", regex_escape(m)),
+                            )?),
+                            (None, None) => unreachable!("checked above"),
+                        },
+                        MType::RegularExpression => PathMatch::Regex(regex(
+                            at,
+                            &format!("{mf}.method"),
+                            &format!("/{}/{}", s.unwrap_or("[^/]+"), meth.unwrap_or("[^/]+")),
+                        )?),
+                    }
+                }
+            };
+            let mut headers = Vec::new();
+            for (hi, h) in m.headers.iter().flatten().enumerate() {
+                let hf = format!("{mf}.headers[{hi}]");
+                let n = header_name(at, &format!("{hf}.name"), &h.name)?;
+                let v = match h.r#type.as_ref().unwrap_or(&HType::Exact) {
+                    HType::Exact => ValueMatch::Exact(h.value.clone()),
+                    HType::RegularExpression => {
+                        ValueMatch::Regex(regex(at, &format!("{hf}.value"), &h.value)?)
+                    }
+                };
+                headers.push((n, v));
+            }
+            matches.push(RouteMatch {
+                path,
+                method: None,
+                headers,
+                query: Vec::new(),
+            });
+        }
+        let mut action = new_action(format!("GRPCRoute {name} rule {ri}"), true, policy);
+        for (fi, f) in rule.filters.iter().flatten().enumerate() {
+            let ff = format!("{rf}.filters[{fi}]");
+            match f.r#type {
+                F::RequestHeaderModifier => {
+                    if let Some(m) = &f.request_header_modifier {
+                        action.request_headers = Some(modifier(
+                            at,
+                            &format!("{ff}.requestHeaderModifier"),
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.remove.iter().flatten().map(String::as_str),
+                        )?);
+                    }
+                }
+                F::ResponseHeaderModifier => {
+                    if let Some(m) = &f.response_header_modifier {
+                        action.response_headers = Some(modifier(
+                            at,
+                            &format!("{ff}.responseHeaderModifier"),
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.as_str(), h.value.as_str())),
+                            m.remove.iter().flatten().map(String::as_str),
+                        )?);
+                    }
+                }
+                F::RequestMirror | F::ExtensionRef => {
+                    return Err(at.err(
+                        format!("{ff}.type"),
+                        format!("{:?} filters are not served on GRPCRoute", f.r#type),
+                    ));
+                }
+            }
+        }
+        for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
+            let bf = format!("{rf}.backendRefs[{bi}]");
+            let weight = u32::try_from(b.weight.unwrap_or(1))
+                .map_err(|_| at.err(format!("{bf}.weight"), "must be 0 or more"))?;
+            let target = backend_ref(
+                at,
+                &bf,
+                &name.namespace,
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                &b.name,
+                b.namespace.as_deref(),
+                b.port,
+            )?;
+            if let Ok(t) = &target {
+                services.insert(t.clone());
+            }
+            action.total_weight += weight;
+            action.backends.push(WeightedBackend { target, weight });
+        }
+        out.push((matches, Arc::new(action)));
+    }
+    Ok(out)
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_gep_2257() {
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn a_bad_object_names_file_line_object_field_and_reason() {
+        let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw }
+spec:
+  gatewayClassName: mesh
+  listeners: [{ name: http, port: 8080, protocol: HTTP }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: default }
+spec:
+  parentRefs: [{ name: gw }]
+  rules:
+    - matches: [{ path: { type: Exact, value: nope } }]
+";
+        let e = parse(Path::new("routes.yaml"), text).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert_eq!(e.object, "HTTPRoute default/web");
+        assert_eq!(e.field, "spec.rules[0].matches[0].path.value");
+        assert!(e.to_string().contains("must start with /"), "{e}");
+        let e = parse(
+            Path::new("routes.yaml"),
+            &text.replace("type: Exact", "type: Bogus"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].matches[0].path.type", "{e}");
+    }
+}

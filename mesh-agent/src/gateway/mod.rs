@@ -1,0 +1,296 @@
+//! The ingress gateway (`mesh-agent gateway`): a stateless HTTP/1.1, HTTP/2 and gRPC reverse
+//! proxy configured with Gateway API objects, whose backends come from the agent's own
+//! discovery sources and model.
+//!
+//! Tasks: one accept loop per listener port (a task per connection, hyper-util's auto server);
+//! one task that turns cluster models into the backends snapshot; one that reloads the routes
+//! file. The routing table and the backends are immutable snapshots behind `arc-swap`, so a
+//! reload never blocks or drops a request in flight.
+
+pub mod backends;
+pub mod config;
+pub mod jwt;
+pub mod limits;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+
+use std::{
+    collections::BTreeSet,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use self::{
+    backends::{Backends, CircuitView, HealthFeedback, LogFeedback, NoKernelCircuits},
+    config::GatewayConfig,
+    proxy::{RequestLimits, Shared},
+    server::ConnLimits,
+};
+use crate::{
+    config::parse_duration,
+    discovery::{self, Update},
+    model::ClusterModel,
+};
+
+/// How often the routes file is checked for changes.
+pub const ROUTES_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Default request body limit: 10 MiB (Envoy Gateway's `ClientTrafficPolicy` has none; nginx's
+/// default 1 MiB is too small for API uploads).
+pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+/// Default header-read (and TLS handshake) timeout.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout (nginx's `keepalive_timeout` 75 s; Envoy's 1 h is generous for an
+/// edge that faces the internet).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_mins(5);
+/// Default limit of request head bytes (Envoy's 60 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
+
+/// `mesh-agent gateway` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Gateway API objects (`Gateway`, `HTTPRoute`, `GRPCRoute`, TLS `Secret`s, `RoutePolicy`) as a
+    /// multi-document YAML file, reloaded on change.
+    #[arg(long)]
+    pub routes: PathBuf,
+    /// Services and endpoints from this static model file (the agent's `--config-file` schema).
+    #[arg(long, conflicts_with = "kubernetes")]
+    pub config_file: Option<PathBuf>,
+    /// Services and endpoints from the Kubernetes API (`EndpointSlices`), as the agent reads them.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Node name for topology-aware endpoint choice (downward API).
+    #[arg(long, env = "NODE_NAME", default_value = "gateway")]
+    pub node_name: String,
+    /// Address the listeners bind (each on its Gateway listener's port).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+    /// Largest request body accepted (bytes).
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY)]
+    pub max_body: u64,
+    /// Time allowed to send request headers (and to finish a TLS handshake).
+    #[arg(long, default_value = "10s")]
+    pub header_read_timeout: String,
+    /// Connections idle this long are closed.
+    #[arg(long, default_value = "300s")]
+    pub idle_timeout: String,
+    /// Largest request head (request line + headers), bytes: 431 past it.
+    #[arg(long, default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+}
+
+/// Why the gateway cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("routes: {0}")]
+    Config(#[from] config::GatewayConfigError),
+    #[error("--{flag} {value:?}: {reason}")]
+    Flag {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("choose where Services come from: --config-file FILE or --kubernetes")]
+    NoSource,
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("building the Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+fn duration_flag(flag: &'static str, v: &str) -> Result<Duration, GatewayError> {
+    parse_duration(v).map_err(|e| GatewayError::Flag {
+        flag,
+        value: v.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs the gateway until SIGINT/SIGTERM.
+pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
+    let conn_limits = ConnLimits {
+        header_read_timeout: duration_flag("header-read-timeout", &args.header_read_timeout)?,
+        idle_timeout: duration_flag("idle-timeout", &args.idle_timeout)?,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: 100,
+        max_concurrent_streams: 100,
+    };
+    let limits = RequestLimits {
+        max_body: args.max_body,
+    };
+    let config = config::load(&args.routes)?;
+    let kernel: Arc<dyn CircuitView> = Arc::new(NoKernelCircuits);
+    let feedback: Arc<dyn HealthFeedback> = Arc::new(LogFeedback);
+    tracing::info!(circuits = kernel.describe(), "kernel circuit view");
+    log_config(&config);
+    let shared = Arc::new(Shared::new(config, limits, kernel, feedback));
+    let (updates, models) = mpsc::channel(16);
+    match (&args.config_file, args.kubernetes) {
+        (Some(path), false) => {
+            tokio::spawn(discovery::file::watch(
+                path.clone(),
+                Some(args.node_name.clone()),
+                discovery::file::DEFAULT_POLL_INTERVAL,
+                updates,
+            ));
+        }
+        (None, true) => {
+            let client = kube::Client::try_default().await?;
+            let node = args.node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = discovery::kubernetes::run(client, node, updates).await {
+                    tracing::error!(error = %e, "Kubernetes discovery ended");
+                }
+            });
+        }
+        _ => return Err(GatewayError::NoSource),
+    }
+    let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
+    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
+    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
+        std::collections::BTreeMap::new();
+    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
+    let mut last = digest(&args.routes, &shared.config.load());
+    let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| GatewayError::Flag {
+            flag: "signal",
+            value: "SIGTERM".into(),
+            reason: e.to_string(),
+        })?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        let now = digest(&args.routes, &shared.config.load());
+        if now == last {
+            continue;
+        }
+        last = now;
+        let path = args.routes.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match loaded {
+            Ok(cfg) => {
+                log_config(&cfg);
+                shared.config.store(Arc::new(cfg));
+                let _ = reloaded_tx.try_send(());
+                if let Err(e) =
+                    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)
+                {
+                    tracing::error!(error = %e, "a new listener could not be opened");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
+            }
+        }
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
+
+fn log_config(cfg: &GatewayConfig) {
+    let routes: usize = cfg
+        .ports
+        .values()
+        .flat_map(|p| &p.hosts.vhosts)
+        .map(|v| v.entries.len())
+        .sum();
+    tracing::info!(
+        listeners = %serde_json::to_string(&cfg.listeners).unwrap_or_default(),
+        matches = routes,
+        services = cfg.services.len(),
+        "gateway configuration loaded"
+    );
+    for u in &cfg.unattached {
+        tracing::warn!("{u}");
+    }
+}
+
+/// A digest of the routes file and the files it names (JWKS).
+fn digest(path: &std::path::Path, cfg: &GatewayConfig) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    std::fs::read(path).ok()?.hash(&mut h);
+    for f in &cfg.extra_files {
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+/// Opens a listener for every configured port not served yet, and stops the ones no longer
+/// configured (their open connections finish on their own).
+fn sync_listeners(
+    shared: &Arc<Shared>,
+    listeners: &mut std::collections::BTreeMap<u16, JoinHandle<()>>,
+    ip: IpAddr,
+    limits: ConnLimits,
+) -> Result<(), GatewayError> {
+    let ports: BTreeSet<u16> = shared.config.load().ports.keys().copied().collect();
+    listeners.retain(|port, task| {
+        let keep = ports.contains(port);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for port in ports {
+        if listeners.contains_key(&port) {
+            continue;
+        }
+        let addr = SocketAddr::new(ip, port);
+        let l = server::bind(addr).map_err(|source| GatewayError::Bind { addr, source })?;
+        tracing::info!(%addr, "listening");
+        listeners.insert(port, tokio::spawn(server::serve(shared.clone(), l, limits)));
+    }
+    Ok(())
+}
+
+/// Keeps the backends snapshot in step with the newest model and the routes' Service ports.
+async fn backends_loop(
+    shared: Arc<Shared>,
+    mut models: mpsc::Receiver<Update>,
+    mut reloaded: mpsc::Receiver<()>,
+) {
+    let mut model: Option<ClusterModel> = None;
+    loop {
+        tokio::select! {
+            u = models.recv() => match u {
+                Some(Update::Model(m)) => model = Some(m),
+                Some(Update::Rejected(r)) => {
+                    tracing::warn!(error = %r, "discovery input rejected; the last good Services stay");
+                    continue;
+                }
+                Some(Update::Resolved(_)) => continue,
+                None => return,
+            },
+            r = reloaded.recv() => if r.is_none() { return },
+        }
+        let Some(m) = &model else { continue };
+        let wanted = shared.config.load().services.clone();
+        let next = Backends::build(m, &wanted, &shared.backends.load());
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|s| !next.services.contains_key(*s))
+            .map(|s| format!("{}:{}", s.service, s.port))
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                ?missing,
+                "Service ports without endpoints (requests to them get 503)"
+            );
+        }
+        shared.backends.store(Arc::new(next));
+    }
+}

@@ -1,0 +1,861 @@
+//! The request path: route, authenticate, limit, rewrite, pick an endpoint, forward (with
+//! retries, timeouts and mirroring), observe the outcome, and log one access line.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderName},
+};
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+
+use super::{
+    backends::{Backends, CircuitView, EndpointState, HealthFeedback, NoEndpoint, ServiceBackends},
+    config::{GatewayConfig, PathChange, RETRY_BUFFER, RuleAction, ServiceRef},
+    jwt::Denied,
+    limits::RetryBudget,
+    routes::{Entry, PathMatch, query_pairs},
+};
+
+/// Errors of bodies in flight.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies the gateway sends (to clients and backends).
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request limits against hostile or broken clients.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct RequestLimits {
+    /// Largest request body (413 past it). Envoy has no default limit; nginx's
+    /// `client_max_body_size` is 1 MiB.
+    pub max_body: u64,
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ArcSwap<GatewayConfig>,
+    pub backends: ArcSwap<Backends>,
+    pub epoch: Instant,
+    pub limits: RequestLimits,
+    pub kernel: Arc<dyn CircuitView>,
+    pub feedback: Arc<dyn HealthFeedback>,
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
+    budget: RetryBudget,
+}
+
+/// Idle backend connections are closed after this (Envoy's upstream idle timeout is 1 h;
+/// shorter here so a scaled-down backend's sockets go soon).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl Shared {
+    #[must_use]
+    pub fn new(
+        config: GatewayConfig,
+        limits: RequestLimits,
+        kernel: Arc<dyn CircuitView>,
+        feedback: Arc<dyn HealthFeedback>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_max_idle_per_host(1024);
+        let http1 = b.build(connector.clone());
+        let http2 = b.http2_only(true).build(connector);
+        Self {
+            config: ArcSwap::from_pointee(config),
+            backends: ArcSwap::from_pointee(Backends::default()),
+            epoch: Instant::now(),
+            limits,
+            kernel,
+            feedback,
+            http1,
+            http2,
+            budget: RetryBudget::default(),
+        }
+    }
+}
+
+/// The connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local_port: u16,
+    pub tls: bool,
+}
+
+/// A plain response.
+#[must_use]
+pub fn plain(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+/// What the access log records besides the request.
+#[derive(Default)]
+struct Outcome {
+    route: Option<String>,
+    backend: Option<SocketAddr>,
+    attempts: u32,
+    detail: Option<String>,
+}
+
+/// Handles one request (never fails: every problem is an HTTP answer).
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let version = req.version();
+    let trace = traceparent(req.headers());
+    let mut out = Outcome::default();
+    let host = host_of(&req);
+    let resp = route(&shared, conn, req, host.as_deref(), &trace, &mut out).await;
+    tracing::info!(
+        target: "mesh_agent::gateway::access",
+        peer = %conn.peer,
+        method = %method,
+        host = host.as_deref().unwrap_or("-"),
+        path = %path,
+        version = ?version,
+        status = resp.status().as_u16(),
+        route = out.route.as_deref().unwrap_or("-"),
+        backend = %out.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
+        attempts = out.attempts,
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        traceparent = %trace,
+        detail = out.detail.as_deref().unwrap_or(""),
+        "request"
+    );
+    Ok(resp)
+}
+
+/// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    let raw = if let Some(a) = req.uri().authority() {
+        a.host().to_owned()
+    } else {
+        let h = req.headers().get(header::HOST)?.to_str().ok()?;
+        h.parse::<http::uri::Authority>().ok()?.host().to_owned()
+    };
+    Some(raw.to_ascii_lowercase())
+}
+
+/// W3C trace context: a valid incoming `traceparent` is passed on; otherwise one is started.
+fn traceparent(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = v.split('-').collect();
+        if parts.len() == 4
+            && parts[0].len() == 2
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[3].len() == 2
+            && parts
+                .iter()
+                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+            && parts[1] != "00000000000000000000000000000000"
+            && parts[2] != "0000000000000000"
+        {
+            return v.to_owned();
+        }
+    }
+    format!(
+        "00-{:016x}{:016x}-{:016x}-01",
+        fastrand::u64(1..),
+        fastrand::u64(..),
+        fastrand::u64(1..)
+    )
+}
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in named {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (n == "upgrade" || n == "connection") {
+            continue;
+        }
+        headers.remove(n);
+    }
+    if te_trailers {
+        // gRPC needs `te: trailers` end to end (the one TE value HTTP/2 allows).
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The request path after a `ReplacePrefixMatch`/`ReplaceFullPath` change.
+fn changed_path(path: &str, matched: &PathMatch, change: &PathChange) -> String {
+    match change {
+        PathChange::Full(p) => p.clone(),
+        PathChange::Prefix(repl) => {
+            let prefix_len = match matched {
+                PathMatch::Prefix(p) => p.len(),
+                _ => 0,
+            };
+            let rest = &path[prefix_len.min(path.len())..];
+            let repl = repl.trim_end_matches('/');
+            let joined = if rest.is_empty() || rest.starts_with('/') {
+                format!("{repl}{rest}")
+            } else {
+                format!("{repl}/{rest}")
+            };
+            if joined.is_empty() {
+                "/".to_owned()
+            } else {
+                joined
+            }
+        }
+    }
+}
+
+/// Routes and serves one request.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the request path in order, one step after the other"
+)]
+async fn route(
+    shared: &Arc<Shared>,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+    host: Option<&str>,
+    trace: &str,
+    out: &mut Outcome,
+) -> Response<Body> {
+    let Some(host) = host else {
+        return plain(StatusCode::BAD_REQUEST, "missing host");
+    };
+    let config = shared.config.load();
+    let Some(port) = config.ports.get(&conn.local_port) else {
+        return plain(StatusCode::NOT_FOUND, "no listener");
+    };
+    let Some(vhost) = port.hosts.vhost(host) else {
+        return plain(StatusCode::NOT_FOUND, "unknown host");
+    };
+    let entry: Entry = {
+        let query = query_pairs(req.uri().query());
+        match vhost.find(req.method(), req.uri().path(), &query, req.headers()) {
+            Some(e) => e.clone(),
+            None => return plain(StatusCode::NOT_FOUND, "no route"),
+        }
+    };
+    drop(config);
+    let action = entry.action.clone();
+    out.route = Some(action.route.clone());
+    // Body size, before anything is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > shared.limits.max_body) {
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    // Authentication and limits answer without calling a backend.
+    if let Some(jwt) = &action.jwt {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match jwt.check(auth) {
+            Ok(()) => {}
+            Err(Denied::Unauthenticated(why)) => {
+                out.detail = Some(why.clone());
+                let mut r = plain(StatusCode::UNAUTHORIZED, &why);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"gateway\""),
+                );
+                return r;
+            }
+            Err(Denied::Forbidden(why)) => {
+                out.detail = Some(why.clone());
+                return plain(StatusCode::FORBIDDEN, &why);
+            }
+        }
+    }
+    let now = Instant::now();
+    let limited = action
+        .route_limit
+        .as_ref()
+        .and_then(|b| b.take(now).err())
+        .or_else(|| {
+            action
+                .client_limit
+                .as_ref()
+                .and_then(|b| b.take(conn.peer.ip(), now).err())
+        });
+    if let Some(wait) = limited {
+        let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "rate limited");
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return r;
+    }
+    if let Some(rd) = &action.redirect {
+        let scheme = rd
+            .scheme
+            .clone()
+            .unwrap_or_else(|| if conn.tls { "https" } else { "http" }.to_owned());
+        let hostname = rd.hostname.clone().unwrap_or_else(|| host.to_owned());
+        // Gateway API: no port given → the scheme's well-known port when the scheme is set,
+        // else the listener's; a well-known port is left out of Location.
+        let port = rd.port.unwrap_or(if rd.scheme.is_some() {
+            if scheme == "https" { 443 } else { 80 }
+        } else {
+            conn.local_port
+        });
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let path = rd.path.as_ref().map_or_else(
+            || req.uri().path().to_owned(),
+            |c| changed_path(req.uri().path(), &entry.matcher.path, c),
+        );
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let location = if port == default_port {
+            format!("{scheme}://{hostname}{path}{query}")
+        } else {
+            format!("{scheme}://{hostname}:{port}{path}{query}")
+        };
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
+        match HeaderValue::from_str(&location) {
+            Ok(v) => {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "cannot redirect this path"),
+        }
+        return r;
+    }
+    if action.total_weight == 0 {
+        // Gateway API: a rule without usable backendRefs answers 500.
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "no backend");
+    }
+    // The backendRef, by weight; retries stay on it (Envoy picks the cluster once).
+    let target = {
+        let mut n = fastrand::u32(..action.total_weight);
+        let mut chosen = &action.backends[0];
+        for b in &action.backends {
+            if n < b.weight {
+                chosen = b;
+                break;
+            }
+            n -= b.weight;
+        }
+        match &chosen.target {
+            Ok(t) => t.clone(),
+            Err(why) => {
+                out.detail = Some(why.clone());
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "invalid backend reference",
+                );
+            }
+        }
+    };
+    // The request as every try sends it.
+    let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, upgrade);
+    if let Some(m) = &action.request_headers {
+        m.apply(&mut headers);
+    }
+    let mut path = parts.uri.path().to_owned();
+    let mut host_header = headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(rw) = &action.rewrite {
+        if let Some(c) = &rw.path {
+            path = changed_path(&path, &entry.matcher.path, c);
+        }
+        if let Some(h) = &rw.hostname {
+            host_header = HeaderValue::from_str(h).ok();
+        }
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    if let Some(h) = host_header {
+        headers.insert(header::HOST, h);
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", conn.peer.ip()),
+        None => conn.peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(trace) {
+        headers.insert("traceparent", v);
+    }
+    // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c.
+    let grpc = action.grpc
+        || headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+    let template = Template {
+        method: parts.method,
+        path_and_query,
+        headers,
+        h2: grpc,
+    };
+    // Buffer small bodies of idempotent requests so they can be retried and mirrored.
+    let limited = Limited::new(
+        body,
+        usize::try_from(shared.limits.max_body).unwrap_or(usize::MAX),
+    );
+    let small = limited.is_end_stream()
+        || limited
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= RETRY_BUFFER)
+        || declared.is_some_and(|n| n <= RETRY_BUFFER);
+    let buffer =
+        small && !upgrade && (is_idempotent(&template.method) || !action.mirrors.is_empty());
+    let (mut streaming, buffered): (Option<Body>, Option<Bytes>) = if buffer {
+        match limited.collect().await {
+            Ok(c) => (None, Some(c.to_bytes())),
+            Err(e) => return body_error(&*e),
+        }
+    } else {
+        (
+            Some(limited.map_err(|e| e as BoxError).boxed_unsync()),
+            None,
+        )
+    };
+    for m in &action.mirrors {
+        if fastrand::u32(..1_000_000) >= m.per_million {
+            continue;
+        }
+        if let Some(b) = &buffered {
+            mirror(shared, &m.target, &template, b.clone());
+        } else {
+            tracing::debug!(route = %action.route, "streaming request body: not mirrored");
+        }
+    }
+    let backends = shared.backends.load();
+    let Some(svc) = backends.services.get(&target).cloned() else {
+        out.detail = Some(format!(
+            "Service {} port {} has no endpoints",
+            target.service, target.port
+        ));
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    drop(backends);
+    let _active = shared.budget.start();
+    let deadline = action.request_timeout.map(|t| Instant::now() + t);
+    let retry = is_idempotent(&template.method) && buffered.is_some();
+    let mut exclude = None;
+    let mut _retrying = None;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        out.attempts = attempt;
+        let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
+            Ok(ep) => ep,
+            Err(NoEndpoint::Empty) => {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
+            Err(NoEndpoint::AllEjected) => {
+                out.detail = Some("every endpoint ejected".into());
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
+        };
+        out.backend = Some(ep.addr);
+        let body = match (&buffered, streaming.take()) {
+            (Some(b), _) => Full::new(b.clone())
+                .map_err(|e: Infallible| match e {})
+                .boxed_unsync(),
+            (None, Some(s)) => s,
+            (None, None) => empty(),
+        };
+        let request = template.build(ep.addr, body);
+        let client = if template.h2 {
+            &shared.http2
+        } else {
+            &shared.http1
+        };
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (remaining, action.backend_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ep.active.fetch_add(1, Ordering::Relaxed);
+        let fut = client.request(request);
+        let result = match limit {
+            Some(l) => tokio::time::timeout(l, fut).await.map_err(|_| ()),
+            None => Ok(fut.await),
+        };
+        ep.active.fetch_sub(1, Ordering::Relaxed);
+        let (failed, answer): (Option<String>, Option<Response<Incoming>>) = match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let grpc_unavailable = resp.headers().get("grpc-status").is_some_and(|v| v == "14");
+                if status.is_server_error() || grpc_unavailable {
+                    (Some(format!("status {}", status.as_u16())), Some(resp))
+                } else {
+                    (None, Some(resp))
+                }
+            }
+            Ok(Err(e)) if too_large(&e) => {
+                // The client's streamed body passed the limit: its fault, not the backend's.
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            }
+            Ok(Err(e)) => (
+                Some(if e.is_connect() {
+                    format!("connect: {e}")
+                } else {
+                    format!("reset: {e}")
+                }),
+                None,
+            ),
+            Err(()) => (Some("timeout".to_owned()), None),
+        };
+        if let Some(why) = &failed {
+            svc.failure(&ep, shared.epoch);
+            shared.feedback.failure(&svc.name, ep.addr, why);
+        } else {
+            ServiceBackends::success(&ep);
+            shared.feedback.success(&svc.name, ep.addr);
+        }
+        let retriable = failed.is_some()
+            && answer.as_ref().is_none_or(|r| {
+                matches!(r.status().as_u16(), 502..=504)
+                    || r.headers().get("grpc-status").is_some_and(|v| v == "14")
+            });
+        let time_left = deadline.is_none_or(|d| Instant::now() < d);
+        if retriable && retry && attempt <= action.retry.attempts && time_left {
+            if let Some(guard) = shared.budget.try_retry(action.retry.budget_percent) {
+                _retrying = Some(guard);
+                exclude = Some(ep.addr);
+                // Fully jittered exponential backoff (Envoy's: base 25 ms, cap 10× base).
+                let cap = action
+                    .retry
+                    .backoff
+                    .saturating_mul(1 << attempt.min(3))
+                    .min(action.retry.backoff * 10);
+                let wait = cap.mul_f64(fastrand::f64());
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            out.detail = Some("retry budget exhausted".into());
+        }
+        return match (answer, failed) {
+            (Some(resp), _) => respond(shared, &svc, &ep, &action, resp, client_upgrade),
+            (None, Some(why)) => {
+                out.detail = Some(why.clone());
+                if why == "timeout" {
+                    plain(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+                } else if why.starts_with("connect") {
+                    plain(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+                } else {
+                    plain(StatusCode::BAD_GATEWAY, "upstream reset")
+                }
+            }
+            (None, None) => plain(StatusCode::BAD_GATEWAY, "no response"),
+        };
+    }
+}
+
+/// The header-only part of the request path, without I/O: host, route match, header filters,
+/// rewrites, hop-by-hop removal and trace context. The fuzz target drives it with arbitrary
+/// request heads; returns the matched route and the headers a backend would get.
+pub fn process_head<B>(
+    config: &GatewayConfig,
+    port: u16,
+    req: &Request<B>,
+) -> Option<(String, HeaderMap)> {
+    let host = host_of(req)?;
+    let vhost = config.ports.get(&port)?.hosts.vhost(&host)?;
+    let query = query_pairs(req.uri().query());
+    let entry = vhost.find(req.method(), req.uri().path(), &query, req.headers())?;
+    let mut headers = req.headers().clone();
+    strip_hop_by_hop(&mut headers, req.headers().contains_key(header::UPGRADE));
+    if let Some(m) = &entry.action.request_headers {
+        m.apply(&mut headers);
+    }
+    if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+        let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
+    }
+    let tp = traceparent(req.headers());
+    if let Ok(v) = HeaderValue::from_str(&tp) {
+        headers.insert("traceparent", v);
+    }
+    Some((entry.action.route.clone(), headers))
+}
+
+/// Whether a failed forward was the request body passing the size limit.
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn body_error(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
+    if e.is::<http_body_util::LengthLimitError>() {
+        plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+    } else {
+        plain(StatusCode::BAD_REQUEST, "cannot read the request body")
+    }
+}
+
+/// The parts of the upstream request every try shares.
+struct Template {
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    h2: bool,
+}
+
+impl Template {
+    fn build(&self, addr: SocketAddr, body: Body) -> Request<Body> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query(self.path_and_query.as_str())
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("http://invalid/"));
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = uri;
+        *r.headers_mut() = self.headers.clone();
+        if self.h2 {
+            *r.version_mut() = Version::HTTP_2;
+            // HTTP/2 carries the authority in `:authority` (the URI).
+            r.headers_mut().remove(header::HOST);
+        } else {
+            *r.version_mut() = Version::HTTP_11;
+        }
+        r
+    }
+}
+
+/// Sends a copy to the mirror's backend and forgets it (Gateway API `RequestMirror`: the
+/// mirror's answer is ignored).
+fn mirror(shared: &Arc<Shared>, target: &ServiceRef, t: &Template, body: Bytes) {
+    let backends = shared.backends.load();
+    let Some(svc) = backends.services.get(target).cloned() else {
+        return;
+    };
+    let Ok(ep) = svc.pick(None, shared.epoch, &*shared.kernel) else {
+        return;
+    };
+    let req = t.build(
+        ep.addr,
+        Full::new(body)
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    let client = if t.h2 {
+        shared.http2.clone()
+    } else {
+        shared.http1.clone()
+    };
+    tokio::spawn(async move {
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_secs(30), client.request(req)).await
+        {
+            let _ = resp.into_body().collect().await;
+        }
+    });
+}
+
+/// The backend's answer, changed for the client.
+fn respond(
+    shared: &Arc<Shared>,
+    svc: &Arc<ServiceBackends>,
+    ep: &Arc<EndpointState>,
+    action: &Arc<RuleAction>,
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_upgrade
+    {
+        let backend_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, backend_side) {
+                Ok((c, b)) => {
+                    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    if let Some(m) = &action.response_headers {
+        m.apply(&mut parts.headers);
+    }
+    let body = if action.grpc {
+        Observed {
+            inner: body,
+            watch: Some((shared.clone(), svc.clone(), ep.clone())),
+        }
+        .boxed_unsync()
+    } else {
+        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A gRPC response body that reports `grpc-status: 14` (UNAVAILABLE) in its trailers as a
+/// failure of the endpoint (Envoy's outlier detection counts it as a gateway failure).
+struct Observed {
+    inner: Incoming,
+    watch: Option<(Arc<Shared>, Arc<ServiceBackends>, Arc<EndpointState>)>,
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(t) = f.trailers_ref()
+            && t.get("grpc-status").is_some_and(|v| v == "14")
+            && let Some((shared, svc, ep)) = self.watch.take()
+        {
+            svc.failure(&ep, shared.epoch);
+            shared
+                .feedback
+                .failure(&svc.name, ep.addr, "grpc-status 14");
+        }
+        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites_replace_whole_elements() {
+        let m = PathMatch::Prefix("/foo".into());
+        let c = PathChange::Prefix("/bar".into());
+        assert_eq!(changed_path("/foo/baz", &m, &c), "/bar/baz");
+        assert_eq!(changed_path("/foo", &m, &c), "/bar");
+        let root = PathChange::Prefix("/".into());
+        assert_eq!(changed_path("/foo/baz", &m, &root), "/baz");
+        assert_eq!(changed_path("/foo", &m, &root), "/");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("x-secret, keep-alive"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("ok"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("connection").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("x-app").unwrap(), "ok");
+    }
+}

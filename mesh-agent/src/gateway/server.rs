@@ -1,0 +1,295 @@
+//! Listeners: TCP accept loops per configured port, TLS (rustls, TLS 1.2 and 1.3, certificate
+//! by SNI from the current configuration, ALPN h2 / http/1.1), HTTP/1.1 and HTTP/2 (h2c by
+//! prior knowledge on plain ports) through hyper-util's auto connection, with the limits that
+//! bound hostile clients.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+};
+
+use super::proxy::{ConnInfo, Shared, handle};
+
+/// Connection limits (Envoy's defaults where it has them).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ConnLimits {
+    /// Time to receive a request's headers (HTTP/1.1) and to finish a TLS handshake: Envoy's
+    /// `request_headers_timeout` is off by default; nginx's `client_header_timeout` is 60 s.
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed (Envoy's
+    /// `idle_timeout`, 1 h by default; nginx's `keepalive_timeout`, 75 s).
+    pub idle_timeout: Duration,
+    /// Bytes of request line + headers (431 past it). Envoy's `max_request_headers_kb`: 60 KiB.
+    pub max_header_bytes: usize,
+    /// Header lines per request (Envoy's `max_headers_count`: 100).
+    pub max_headers: usize,
+    /// HTTP/2 streams per connection (Envoy: 100 for the gateway's downstream in Istio).
+    pub max_concurrent_streams: u32,
+}
+
+/// Serves the certificate the current configuration has for the SNI name on `port`.
+#[derive(Debug)]
+struct SniResolver {
+    shared: Arc<Shared>,
+    port: u16,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let cfg = self.shared.config.load();
+        cfg.ports.get(&self.port)?.cert_for(hello.server_name())
+    }
+}
+
+/// The TLS acceptor of `port`. Built once: the resolver reads the configuration at each
+/// handshake, so certificates change without a restart and without dropping connections.
+fn tls_acceptor(
+    shared: &Arc<Shared>,
+    port: u16,
+) -> Result<tokio_rustls::TlsAcceptor, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver {
+            shared: shared.clone(),
+            port,
+        }));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Accepts connections on `listener` until the task is aborted.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimits) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let acceptor = match tls_acceptor(&shared, port) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(port, error = %e, "TLS setup failed");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                tracing::warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let tls = shared.config.load().ports.get(&port).is_some_and(|p| p.tls);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let conn = ConnInfo {
+                peer,
+                local_port: port,
+                tls,
+            };
+            if tls {
+                let accepted =
+                    tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+                let Ok(Ok(stream)) = accepted else {
+                    tracing::debug!(%peer, "TLS handshake failed or timed out");
+                    return;
+                };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_conn(
+                    shared,
+                    conn,
+                    IdleIo::new(stream, limits.idle_timeout),
+                    limits,
+                    Some(h2),
+                )
+                .await;
+            } else {
+                serve_conn(
+                    shared,
+                    conn,
+                    IdleIo::new(stream, limits.idle_timeout),
+                    limits,
+                    None,
+                )
+                .await;
+            }
+        });
+    }
+}
+
+/// Serves one connection; `alpn_h2` is what TLS negotiated (`None`: plain, HTTP/1.1 or h2c by
+/// prior knowledge, told apart by the preface).
+async fn serve_conn<I>(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    io: I,
+    limits: ConnLimits,
+    alpn_h2: Option<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // HPACK bombs and CONTINUATION floods: the decoded header list is bounded, and h2
+        // (≥ 0.4.4) stops reading CONTINUATION frames past it.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): streams the client resets before we answer count
+        // against this; past it the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let b = match alpn_h2 {
+        Some(true) => b.http2_only(),
+        Some(false) => b.http1_only(),
+        None => b,
+    };
+    let svc = service_fn(move |req| handle(shared.clone(), conn, req));
+    if let Err(e) = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A stream closed after `idle` without a byte read or written: slow or silent clients
+/// (slowloris) cannot hold a connection forever. The deadline moves lazily — each I/O only
+/// records the time — so the timer is re-armed at most once per idle period, not per read.
+pub struct IdleIo<S> {
+    inner: S,
+    idle: Duration,
+    last: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleIo<S> {
+    pub fn new(inner: S, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            last: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    /// Pending I/O: has the connection been idle too long?
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last + self.idle;
+            if Instant::now() >= due {
+                return true;
+            }
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(due));
+        }
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "idle timeout")
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.last = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.last = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                self.last = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Binds `addr` (`SO_REUSEADDR`, a deep backlog for connection bursts).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}

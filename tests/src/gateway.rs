@@ -1,0 +1,232 @@
+//! Harness for the ingress gateway: echo backends (HTTP/1.1, h2c and upgrades, each naming
+//! itself in its answers) on loopback addresses, and the real `mesh-agent gateway` process
+//! with a routes file and a Services file of its own.
+
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+
+use crate::agent::{workspace_binary, write_atomically};
+
+/// An echo backend: answers `{name} {method} {path}` and copies `x-*` request headers back as
+/// `seen-x-*`; fails with 503 while `failing` is set; echoes bytes after an `Upgrade`.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub failing: Arc<AtomicBool>,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Starts one on `addr` (a loopback address and port).
+    pub async fn start(name: &str, addr: SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding backend {name} on {addr}"))?;
+        let failing = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (n, f, h) = (name.to_owned(), failing.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (n, f, h) = (n.clone(), f.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| echo(n.clone(), f.clone(), h.clone(), req));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+            failing,
+            hits,
+            task,
+        })
+    }
+}
+
+async fn echo(
+    name: String,
+    failing: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    hits.fetch_add(1, Ordering::Relaxed);
+    if failing.load(Ordering::Relaxed) {
+        let mut r = Response::new(Full::new(Bytes::from(format!("{name} failing"))));
+        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(r);
+    }
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, "upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert(hyper::header::UPGRADE, "websocket".parse().unwrap());
+        return Ok(r);
+    }
+    let line = format!("{name} {} {}", req.method(), req.uri());
+    let mut r = Response::builder();
+    for (k, v) in req.headers() {
+        if k.as_str().starts_with("x-") || k == "host" || k == "traceparent" {
+            r = r.header(format!("seen-{k}"), v.clone());
+        }
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
+    let text = if body.is_empty() {
+        line
+    } else {
+        format!("{line} body={}", body.len())
+    };
+    Ok(r.body(Full::new(Bytes::from(text))).unwrap())
+}
+
+/// The gateway process, killed on drop.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub routes: PathBuf,
+    pub services: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl GatewayProcess {
+    /// Starts `mesh-agent gateway` with these files in `dir`; `extra` flags are appended.
+    pub fn start(dir: &Path, routes: &str, services: &str, extra: &[&str]) -> Result<Self> {
+        let routes_path = dir.join("routes.yaml");
+        let services_path = dir.join("services.yaml");
+        write_atomically(&routes_path, routes)?;
+        write_atomically(&services_path, services)?;
+        let log = dir.join("gateway.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(workspace_binary("mesh-agent")?)
+            .arg("gateway")
+            .arg("--routes")
+            .arg(&routes_path)
+            .arg("--config-file")
+            .arg(&services_path)
+            .args(["--listen-address", "127.0.0.1"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting mesh-agent gateway")?;
+        Ok(Self {
+            child,
+            routes: routes_path,
+            services: services_path,
+            log,
+        })
+    }
+
+    /// The process's log so far.
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces the routes file.
+    pub fn set_routes(&self, text: &str) -> Result<()> {
+        write_atomically(&self.routes, text)
+    }
+}
+
+/// Waits until `check` holds (polling), or fails after `timeout` with `what`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("timed out waiting for {what}")
+}
+
+/// A Services file: each `(name, port, endpoint IPs, targetPort, extra)`; cluster IPs are
+/// made up (the gateway dials endpoints, never the cluster IP).
+#[must_use]
+pub fn services_yaml(services: &[(&str, u16, &[&str], u16, &str)]) -> String {
+    let mut s = String::from("node: gateway\nservices:\n");
+    for (i, (name, port, ips, target, _)) in services.iter().enumerate() {
+        let _ = write!(
+            s,
+            "  - name: {name}\n    clusterIPs: [10.96.9.{}]\n    ports: [{{ name: http, port: {port}, targetPort: {target} }}]\n    endpoints:\n",
+            i + 1
+        );
+        for ip in *ips {
+            let _ = writeln!(s, "      - {{ ip: {ip}, ready: true }}");
+        }
+    }
+    let policies: Vec<&str> = services
+        .iter()
+        .map(|s| s.4)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if !policies.is_empty() {
+        s.push_str("policies:\n");
+        for p in policies {
+            s.push_str(p);
+        }
+    }
+    s
+}
