@@ -27,6 +27,7 @@ mod ip;
 pub mod kernel;
 pub mod kmock;
 pub mod meshpod;
+pub mod mtls;
 
 pub use cluster::{Cluster, NodeHandle, PodHandle};
 pub use env::{cgroup2_root, ensure_bpffs, is_root, workspace_root};

@@ -129,7 +129,26 @@ fn the_demo_runs_and_shows_what_it_promises() {
         .expect("bytes crossed");
     assert!(crossed < 1 << 20, "bypass: {same}");
     assert!(same.ends_with("sha256 intact: true"), "{same}");
-    // [9] The agent reports itself ready.
+    // [9] mTLS across nodes, then a DENY on the client's identity on both paths.
+    assert_eq!(
+        line(&lines, "client → web-2 (node-b) directly:", &text),
+        r#"client → web-2 (node-b) directly: answers {"web-2": 10}, errors {}"#
+    );
+    assert!(
+        line(&lines, "node-b's agent:", &text)
+            .contains("HBONE stream admitted source=spiffe://cluster.local/ns/default/sa/frontend"),
+        "{text}"
+    );
+    assert!(
+        line(&lines, "client → web-0 (same node", &text)
+            .ends_with(r#"answers {}, errors {"EACCES": 5}"#),
+        "{text}"
+    );
+    assert!(
+        line(&lines, "client → web-2 (other node", &text).contains("answers {}, errors {\""),
+        "{text}"
+    );
+    // [10] The agent reports itself ready.
     assert!(
         lines
             .iter()

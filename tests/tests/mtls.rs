@@ -12,18 +12,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use mesh_agent::identity::ca;
 use mesh_tests::{
     Cluster, NodeHandle, PodChild, PodHandle, RrReport,
-    agent::{AgentProcess, workspace_binary, write_atomically},
+    agent::{AgentProcess, write_atomically},
     connect::{connect_from, tcp_in_segs},
     hbone::{Capture, contains},
+    mtls::CaSetup,
 };
 
 const APP_PORT: u16 = 8080;
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 1);
 const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 2);
-const CA_PORT: u16 = 15012;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
 
 /// The two-node mesh: `client` and `near` (same node) on a, `server` on b, `outsider` (a
@@ -137,36 +136,21 @@ impl Mesh {
         Ok(())
     }
 
+    fn ca_setup(&self) -> CaSetup {
+        CaSetup {
+            node: self.a.clone(),
+            dir: self.ca_dir.clone(),
+            static_pods: self.file("ca"),
+            ttl: self.ca_ttl.to_owned(),
+        }
+    }
+
     fn start_ca(&mut self) -> Result<()> {
-        let bin = workspace_binary("mesh-agent")?;
-        let mut cmd = self.a.command(&bin);
-        cmd.args(["ca", "--listen"])
-            .arg(SocketAddr::new(self.a.ipv4().into(), CA_PORT).to_string())
-            .args(["--metrics-addr", "none", "--workload-ttl", self.ca_ttl])
-            .arg("--dir")
-            .arg(&self.ca_dir)
-            .arg("--static-pods")
-            .arg(self.file("ca"))
-            .env("RUST_LOG", "info");
-        let mut ca = self.a.spawn(cmd)?;
-        ca.wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(20))?;
-        self.ca = Some(ca);
+        self.ca = Some(self.ca_setup().start()?);
         Ok(())
     }
 
     fn start_agent(&self, node: &NodeHandle) -> Result<AgentProcess> {
-        let bin = workspace_binary("mesh-agent")?;
-        let out = std::process::Command::new(&bin)
-            .args(["ca", "bootstrap", "--node", node.name(), "--dir"])
-            .arg(&self.ca_dir)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "bootstrap: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = self.work.join(format!("token-{}", node.name()));
-        std::fs::write(&token, &out.stdout)?;
         let mut agent = AgentProcess::new(
             node.clone(),
             self.file(node.name()),
@@ -174,23 +158,7 @@ impl Mesh {
             self.work.join(format!("admin-{}.sock", node.name())),
         );
         "info".clone_into(&mut agent.log_filter);
-        agent.env = vec![
-            (
-                "MESH_CA_ADDRESS".into(),
-                SocketAddr::new(self.a.ipv4().into(), CA_PORT).to_string(),
-            ),
-            ("MESH_CA_SERVER_NAME".into(), "localhost".into()),
-            (
-                "MESH_CA_ROOT_FILE".into(),
-                self.ca_dir.join(ca::CA_CERT).display().to_string(),
-            ),
-            ("MESH_CA_TOKEN_FILE".into(), token.display().to_string()),
-            (
-                "MESH_CAPTURE_ADDRESS".into(),
-                format!("{},{}", node.gateway_v4(), node.gateway_v6()),
-            ),
-            ("MESH_UPLINKS".into(), node.fabric_ifname().into()),
-        ];
+        agent.env = self.ca_setup().agent_env(node, &self.work)?;
         agent.start()?;
         Ok(agent)
     }

@@ -18,6 +18,7 @@ use anyhow::{Context as _, Result, ensure};
 use mesh_tests::{
     Cluster, PodChild, PodHandle,
     agent::{AgentProcess, write_atomically},
+    mtls::CaSetup,
 };
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
@@ -214,7 +215,73 @@ fn main() -> Result<()> {
         ));
     }
 
-    step(9, "Agent status and kernel counters on node-a");
+    step(
+        9,
+        "mTLS: enroll the namespace; a CA signs each node's pods; client → web-2 crosses nodes in an HBONE tunnel",
+    );
+    let ca = CaSetup {
+        node: node_a.clone(),
+        dir: work.join("ca"),
+        static_pods: model_file.clone(),
+        ttl: "24h".to_owned(),
+    };
+    let _ca = ca.start()?;
+    let enrolled = format!(
+        "{}nodes:\n  - {{ name: node-a, addresses: [{}] }}\n  - {{ name: node-b, addresses: [{}] }}\nnamespaces:\n  - {{ name: default, dataplaneMode: mesh }}\n",
+        model.replace("ROUND_ROBIN", "LEAST_REQUEST"),
+        node_a.ipv4(),
+        node_b.ipv4()
+    );
+    write_atomically(&model_file, &enrolled)?;
+    say(
+        "CA listening; namespace default labelled dataplaneMode: mesh; agents restarted with the CA",
+    );
+    for agent in [&mut agent_a, &mut agent_b] {
+        agent.kill();
+        agent.env = ca.agent_env(&agent.node.clone(), &work)?;
+        agent.start()?;
+    }
+    wait_for_certificates(&agent_a)?;
+    wait_for_certificates(&agent_b)?;
+    meshctl(&agent_a, &["identities"])?;
+    let r = client.hit(SocketAddr::new(web[2].ipv4().into(), 80), 10, &[])?;
+    say(&format!(
+        "client → web-2 (node-b) directly: answers {:?}, errors {:?}",
+        r.counts, r.errors
+    ));
+    meshctl(&agent_a, &["tunnels"])?;
+    if let Some(line) = agent_b
+        .stderr()
+        .lines()
+        .find(|l| l.contains("HBONE stream admitted"))
+    {
+        say(&format!("node-b's agent: {}", line.trim()));
+    }
+    say("a DENY policy on the client's identity (cluster.local/ns/default/sa/frontend):");
+    write_atomically(
+        &model_file,
+        &format!(
+            "{enrolled}authorizationPolicies:\n  - apiVersion: security.kernmesh.io/v1alpha1\n    kind: AuthorizationPolicy\n    metadata: {{ name: no-frontend, namespace: default }}\n    spec:\n      action: DENY\n      rules: [{{ from: [{{ source: {{ principals: [cluster.local/ns/default/sa/frontend] }} }}] }}]\n"
+        ),
+    )?;
+    thread::sleep(Duration::from_millis(1500));
+    for target in [&web[0], &web[2]] {
+        let r = client.hit(SocketAddr::new(target.ipv4().into(), 80), 5, &[])?;
+        say(&format!(
+            "client → {} ({}): answers {:?}, errors {:?}",
+            target.name(),
+            if target.node().name() == "node-a" {
+                "same node: the kernel refuses at connect()"
+            } else {
+                "other node: node-b's agent answers 401"
+            },
+            r.counts,
+            r.errors
+        ));
+    }
+    write_atomically(&model_file, &enrolled)?;
+
+    step(10, "Agent status and kernel counters on node-a");
     meshctl(&agent_a, &["status"])?;
     drop(watcher);
     println!(
@@ -222,6 +289,27 @@ fn main() -> Result<()> {
         started.elapsed()
     );
     Ok(())
+}
+
+/// Waits (at most 20 s) until every enrolled pod of `agent`'s node has a valid certificate.
+fn wait_for_certificates(agent: &AgentProcess) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = agent.meshctl_json(&["identities"])?;
+        let ready = v.as_array().is_some_and(|rows| {
+            rows.iter()
+                .all(|r| r["cert_state"] == "valid" || r["cert_state"] == "not-enrolled")
+        });
+        if ready {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "certificates not issued: {v}\n{}",
+            agent.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn model_yaml(client: &PodHandle, web: &[PodHandle]) -> String {
