@@ -130,24 +130,7 @@ fn the_demo_runs_and_shows_what_it_promises() {
     assert!(crossed < 1 << 20, "bypass: {same}");
     assert!(same.ends_with("sha256 intact: true"), "{same}");
     // [9] mTLS across nodes, then a DENY on the client's identity on both paths.
-    assert_eq!(
-        line(&lines, "client → web-2 (node-b) directly:", &text),
-        r#"client → web-2 (node-b) directly: answers {"web-2": 10}, errors {}"#
-    );
-    assert!(
-        line(&lines, "node-b's agent:", &text)
-            .contains("HBONE stream admitted source=spiffe://cluster.local/ns/default/sa/frontend"),
-        "{text}"
-    );
-    assert!(
-        line(&lines, "client → web-0 (same node", &text)
-            .ends_with(r#"answers {}, errors {"EACCES": 5}"#),
-        "{text}"
-    );
-    assert!(
-        line(&lines, "client → web-2 (other node", &text).contains("answers {}, errors {\""),
-        "{text}"
-    );
+    mtls_step(&lines, &text);
     // [10] The agent reports itself ready.
     assert!(
         lines
@@ -157,6 +140,29 @@ fn the_demo_runs_and_shows_what_it_promises() {
     );
     assert!(
         text.lines().any(|l| l.starts_with("demo finished in ")),
+        "{text}"
+    );
+}
+
+/// Step 9: the client's connections to the other node's pod travel over HBONE (node b's agent
+/// logs the caller's identity); a DENY refuses it in the kernel on the same node and at node b.
+fn mtls_step(lines: &[&str], text: &str) {
+    assert_eq!(
+        line(lines, "client → web-2 (node-b) directly:", text),
+        r#"client → web-2 (node-b) directly: answers {"web-2": 10}, errors {}"#
+    );
+    assert!(
+        line(lines, "node-b's agent:", text)
+            .contains("HBONE stream admitted source=spiffe://cluster.local/ns/default/sa/frontend"),
+        "{text}"
+    );
+    assert!(
+        line(lines, "client → web-0 (same node", text)
+            .ends_with(r#"answers {}, errors {"EACCES": 5}"#),
+        "{text}"
+    );
+    assert!(
+        line(lines, "client → web-2 (other node", text).contains("answers {}, errors {\""),
         "{text}"
     );
 }
