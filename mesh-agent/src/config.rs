@@ -23,6 +23,8 @@ pub const KEY_ADMIN_SOCKET: &str = "admin.socket";
 pub const KEY_READINESS_ADDR: &str = "admin.readinessAddr";
 /// Key: metrics address.
 pub const KEY_METRICS_ADDR: &str = "metrics.addr";
+/// Key: one JSON access-log line per finished connection (`telemetry::access_log`).
+pub const KEY_ACCESS_LOG: &str = "telemetry.accessLog";
 /// Key: first delay before a failed discovery source is restarted.
 pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 /// Key: longest delay between restarts of a failing source.
@@ -39,8 +41,14 @@ pub const KEY_ROOT_NAMESPACE: &str = "mesh.rootNamespace";
 
 /// Default readiness address (ztunnel's port).
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
-/// Default metrics address: off until the telemetry stage serves it (ztunnel's port is 15020).
-pub const DEFAULT_METRICS_ADDR: &str = "none";
+/// Default metrics address: on, on every address, ztunnel's port (`:15020/metrics` and
+/// `/stats/prometheus`), as Istio's proxies serve it by default for Prometheus' pod scraping.
+/// It serves counters and workload names, never keys or payload; `none` turns it off. A bind
+/// failure is logged, not fatal (as the readiness endpoint).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+/// Connection access logs are off by default, as Istio's (`meshConfig.accessLogFile` unset):
+/// one line per connection is a lot of log volume on a busy node.
+pub const DEFAULT_ACCESS_LOG: bool = false;
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
 /// Default bpffs directory for pins.
@@ -91,6 +99,8 @@ pub struct RawConfig {
     pub admin_socket: Option<PathBuf>,
     pub readiness_addr: Option<String>,
     pub metrics_addr: Option<String>,
+    /// `true` / `false`.
+    pub access_log: Option<String>,
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
     pub drain_period: Option<String>,
@@ -146,10 +156,17 @@ pub struct AdminSection {
     pub readiness_addr: Option<SocketAddr>,
 }
 
-/// Prometheus metrics (served with the telemetry stage).
+/// Prometheus metrics (`telemetry::server`).
 #[derive(Clone, Debug, Serialize)]
 pub struct MetricsSection {
     pub addr: Option<SocketAddr>,
+}
+
+/// Logs beyond the agent's own (`telemetry::access_log`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TelemetrySection {
+    /// One JSON line per finished connection on stdout (tracing target `mesh_access`).
+    pub access_log: bool,
 }
 
 /// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
@@ -175,6 +192,7 @@ pub struct AgentConfig {
     pub discovery: DiscoverySection,
     pub admin: AdminSection,
     pub metrics: MetricsSection,
+    pub telemetry: TelemetrySection,
     pub proxy: ProxySection,
     pub gateway: GatewaySection,
     /// Enrollment and identity settings (issue 9).
@@ -265,6 +283,16 @@ impl AgentConfig {
                     KEY_METRICS_ADDR,
                     raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
                 )?,
+            },
+            telemetry: TelemetrySection {
+                access_log: match raw.access_log.as_deref() {
+                    None => DEFAULT_ACCESS_LOG,
+                    Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                        key: KEY_ACCESS_LOG,
+                        value: v.to_owned(),
+                        reason: "not `true` or `false`".to_owned(),
+                    })?,
+                },
             },
             proxy: ProxySection {
                 enabled: false,
@@ -481,7 +509,12 @@ mod tests {
             c.admin.readiness_addr,
             Some(DEFAULT_READINESS_ADDR.parse().unwrap())
         );
-        assert_eq!(c.metrics.addr, None);
+        assert_eq!(
+            c.metrics.addr,
+            Some(DEFAULT_METRICS_ADDR.parse().unwrap()),
+            "served by default, as Istio's :15020"
+        );
+        assert!(!c.telemetry.access_log, "off by default, as Istio's");
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
         assert!(c.datapath.bypass);
@@ -506,6 +539,7 @@ mod tests {
             "discovery",
             "admin",
             "metrics",
+            "telemetry",
             "proxy",
             "gateway",
         ] {

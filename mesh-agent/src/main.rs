@@ -42,9 +42,13 @@ struct Args {
     /// Readiness endpoint (`GET /healthz/ready`); `none` to disable.
     #[arg(long, default_value = config::DEFAULT_READINESS_ADDR)]
     readiness_addr: String,
-    /// Prometheus metrics endpoint (served with the telemetry stage); `none` to disable.
-    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
+    /// Prometheus metrics endpoint (`/metrics`, `/stats/prometheus`); `none` to disable.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = config::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// One JSON line per finished connection on stdout (`true`/`false`; default false, as
+    /// Istio's access logs).
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    access_log: Option<String>,
     /// First delay before a failed discovery source is restarted (doubled per failure).
     #[arg(long, env = "MESH_RESTART_BACKOFF")]
     restart_backoff: Option<String>,
@@ -121,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         admin_socket: Some(args.admin_socket),
         readiness_addr: Some(args.readiness_addr),
         metrics_addr: Some(args.metrics_addr),
+        access_log: args.access_log,
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,
