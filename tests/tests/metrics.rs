@@ -264,6 +264,48 @@ fn dashboard_is_valid_json_with_a_query_in_every_panel() {
     }
 }
 
+#[test]
+fn helm_chart_wires_the_access_log_and_the_scrape_annotations() {
+    let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/mesh");
+    let read = |p: &str| std::fs::read_to_string(chart.join(p)).unwrap();
+    let values = read("values.yaml");
+    assert!(
+        values.contains("\naccessLog: false\n"),
+        "off by default, as Istio's"
+    );
+    assert!(values.contains("\nmetrics:\n  # "), "metrics section");
+    assert!(values.contains("  podAnnotations: true\n"));
+    assert!(
+        read("templates/configmap.yaml")
+            .contains("  access-log: {{ .Values.accessLog | quote }}\n")
+    );
+    let ds = read("templates/daemonset.yaml");
+    for needle in [
+        "- name: MESH_ACCESS_LOG\n              valueFrom:\n                configMapKeyRef:\n                  name: {{ include \"mesh.fullname\" . }}\n                  key: access-log\n",
+        "prometheus.io/scrape: \"true\"",
+        "prometheus.io/port: \"15020\"",
+        "prometheus.io/path: /stats/prometheus",
+        "- --metrics-addr\n            - 0.0.0.0:15020\n",
+    ] {
+        assert!(
+            ds.contains(needle),
+            "templates/daemonset.yaml lacks {needle}"
+        );
+    }
+    // The values the ConfigMap can carry are ones the agent accepts.
+    for (given, on) in [("true", true), ("false", false)] {
+        let c = mesh_agent::config::AgentConfig::from_raw(mesh_agent::config::RawConfig {
+            node: Some("a".into()),
+            kubernetes: true,
+            cgroup: Some("/sys/fs/cgroup".into()),
+            access_log: Some(given.into()),
+            ..mesh_agent::config::RawConfig::default()
+        })
+        .unwrap();
+        assert_eq!(c.telemetry.access_log, on);
+    }
+}
+
 struct Setup {
     a: NodeHandle,
     b: NodeHandle,

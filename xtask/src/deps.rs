@@ -47,6 +47,11 @@ const PACKAGES: &[Package] = &[
         why: "TCP throughput benchmark",
         fallback: &[],
     },
+    Package {
+        name: "prometheus",
+        why: "telemetry test: promtool check metrics and a real Prometheus scraping the agents",
+        fallback: &[],
+    },
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
