@@ -244,14 +244,7 @@ impl AgentConfig {
             datapath: DatapathSection {
                 cgroup,
                 pin_dir: raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
-                bypass: match raw.bypass.as_deref() {
-                    None => DEFAULT_BYPASS,
-                    Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                        key: KEY_BYPASS,
-                        value: v.to_owned(),
-                        reason: "not `true` or `false`".to_owned(),
-                    })?,
-                },
+                bypass: parse_bool(KEY_BYPASS, raw.bypass.as_deref(), DEFAULT_BYPASS)?,
             },
             discovery: DiscoverySection {
                 source,
@@ -285,14 +278,11 @@ impl AgentConfig {
                 )?,
             },
             telemetry: TelemetrySection {
-                access_log: match raw.access_log.as_deref() {
-                    None => DEFAULT_ACCESS_LOG,
-                    Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                        key: KEY_ACCESS_LOG,
-                        value: v.to_owned(),
-                        reason: "not `true` or `false`".to_owned(),
-                    })?,
-                },
+                access_log: parse_bool(
+                    KEY_ACCESS_LOG,
+                    raw.access_log.as_deref(),
+                    DEFAULT_ACCESS_LOG,
+                )?,
             },
             proxy: ProxySection {
                 enabled: false,
@@ -370,6 +360,17 @@ fn mesh_settings(
     Ok(crate::authz::MeshSettings {
         trust_domain,
         root_namespace,
+    })
+}
+
+/// `true` or `false` (absent: `default`).
+fn parse_bool(key: &'static str, value: Option<&str>, default: bool) -> Result<bool, ConfigError> {
+    value.map_or(Ok(default), |v| {
+        v.parse().map_err(|_| ConfigError::Invalid {
+            key,
+            value: v.to_owned(),
+            reason: "not `true` or `false`".to_owned(),
+        })
     })
 }
 

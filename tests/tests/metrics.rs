@@ -1,11 +1,17 @@
 //! Telemetry end to end (issue 11): two real agents on two harness nodes carry real TCP through
 //! the kernel; their `:15020/metrics` give exact `istio_tcp_*` values with Istio's labels, kernel
 //! counters equal to `meshctl status`, a scrape `promtool check metrics` accepts, one JSON access
-//! line per connection, and a real Prometheus scraping both agents answers PromQL with exactly
+//! line per connection, and a real Prometheus scraping both agents answers `PromQL` with exactly
 //! the connections made — and every query of `deploy/grafana-dashboard.json` evaluates.
+
+#![expect(
+    clippy::float_cmp,
+    reason = "samples are whole counts carried as f64: exact equality is what is asserted"
+)]
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -23,10 +29,10 @@ use serde_json::Value;
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
 const METRICS_PORT: u16 = 15020;
 const PROMETHEUS: &str = "127.0.0.1:9090";
-const FROM_A: u64 = 10;
-const FROM_B: u64 = 6;
+const FROM_A: u32 = 10;
+const FROM_B: u32 = 6;
 /// `meshpod serve` sends its name and a newline; `hit` sends nothing and reads that line.
-const BANNER_BYTES: u64 = "web-0\n".len() as u64;
+const BANNER_BYTES: u32 = "web-0\n".len() as u32;
 const SERVICE_FQDN: &str = "web.default.svc.cluster.local";
 
 /// A plain HTTP/1.1 GET; (status, body).
@@ -105,29 +111,27 @@ fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
 }
 
 fn model(node: &str, pods: &[(&PodHandle, &str)], backends: &[(&PodHandle, &str)]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|(p, n)| {
-            format!(
-                "      - {{ ip: {}, node: {n}, pod: {} }}\n",
-                p.ipv4(),
-                p.name()
-            )
-        })
-        .collect();
-    let pods: String = pods
-        .iter()
-        .map(|(p, n)| {
-            format!(
-                "  - {{ name: {}, node: {n}, serviceAccount: {}, ips: [{}] }}\n",
-                p.name(),
-                p.name(),
-                p.ipv4()
-            )
-        })
-        .collect();
+    let mut endpoints = String::new();
+    for (p, n) in backends {
+        let _ = writeln!(
+            endpoints,
+            "      - {{ ip: {}, node: {n}, pod: {} }}",
+            p.ipv4(),
+            p.name()
+        );
+    }
+    let mut pod_list = String::new();
+    for (p, n) in pods {
+        let _ = writeln!(
+            pod_list,
+            "  - {{ name: {}, node: {n}, serviceAccount: {}, ips: [{}] }}",
+            p.name(),
+            p.name(),
+            p.ipv4()
+        );
+    }
     format!(
-        "node: {node}\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{endpoints}pods:\n{pods}",
+        "node: {node}\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{endpoints}pods:\n{pod_list}",
         VIP.ip()
     )
 }
@@ -172,7 +176,7 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// Runs an instant PromQL query against the Prometheus in node `a`: the `data.result` array.
+/// Runs an instant `PromQL` query against the Prometheus in node `a`: the `data.result` array.
 fn promql(a: &NodeHandle, query: &str) -> Vec<Value> {
     let (code, body) = get_in(
         a,
@@ -374,6 +378,10 @@ fn setup(test: &str) -> Setup {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one story: traffic, each agent's scrape, the access log, Prometheus, the dashboard"
+)]
 fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_agree() {
     let Some(_k) = mesh_tests::kernel_test("metrics_two_agents") else {
         return;
@@ -384,7 +392,11 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
     // Real connections through the kernel: node a's client and node b's batch job.
     let ra = s.client.hit(VIP, FROM_A as usize, &[]).unwrap();
     let rb = s.batch.hit(VIP, FROM_B as usize, &[]).unwrap();
-    assert_eq!((ra.ok(), rb.ok()), (FROM_A, FROM_B), "{ra:?} {rb:?}");
+    assert_eq!(
+        (ra.ok(), rb.ok()),
+        (u64::from(FROM_A), u64::from(FROM_B)),
+        "{ra:?} {rb:?}"
+    );
 
     // Node a's scrape: exact counts with Istio's labels, once every close event arrived.
     let labels = [
@@ -400,19 +412,19 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
     ];
     let text = wait_for("node a's closes", Duration::from_secs(15), || {
         let t = scrape(&s.a);
-        (sum(&t, "istio_tcp_connections_closed_total", &labels) >= FROM_A as f64).then_some(t)
+        (sum(&t, "istio_tcp_connections_closed_total", &labels) >= f64::from(FROM_A)).then_some(t)
     });
     assert_eq!(
         sum(&text, "istio_tcp_connections_opened_total", &labels),
-        FROM_A as f64
+        f64::from(FROM_A)
     );
     assert_eq!(
         sum(&text, "istio_tcp_connections_closed_total", &labels),
-        FROM_A as f64
+        f64::from(FROM_A)
     );
     assert_eq!(
         sum(&text, "istio_tcp_received_bytes_total", &labels),
-        (FROM_A * BANNER_BYTES) as f64,
+        f64::from(FROM_A * BANNER_BYTES),
         "payload bytes only: each connection received one banner"
     );
     assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &labels), 0.0);
@@ -430,7 +442,7 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
             )
         })
         .sum();
-    assert_eq!(per_backend, FROM_A as f64, "{text}");
+    assert_eq!(per_backend, f64::from(FROM_A), "{text}");
     // Node a reports only its own pods' connections: batch's are node b's.
     assert_eq!(
         sum(
@@ -453,8 +465,8 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
             &t,
             "istio_tcp_connections_closed_total",
             &[("source_workload", "batch")],
-        ) >= FROM_B as f64)
-            .then_some(t)
+        ) >= f64::from(FROM_B))
+        .then_some(t)
     });
     assert_eq!(
         sum(
@@ -465,7 +477,7 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
                 ("destination_service", SERVICE_FQDN)
             ]
         ),
-        FROM_B as f64
+        f64::from(FROM_B)
     );
     assert_eq!(
         sum(
@@ -491,7 +503,7 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
         let status = s.agent_a.meshctl_json(&["status"]).unwrap();
         (status["counters"]["translated"].as_f64() == Some(scraped)).then_some((scraped, status))
     });
-    assert!(scraped >= FROM_A as f64, "{scraped} {status}");
+    assert!(scraped >= f64::from(FROM_A), "{scraped} {status}");
 
     // The exposition format is what Prometheus' own checker accepts.
     promtool_check(&text, &s.work);
@@ -526,8 +538,8 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
 
     // Prometheus scraping both agents: PromQL gives exactly the connections made, per source.
     let want = BTreeMap::from([
-        ("batch".to_owned(), FROM_B as f64),
-        ("client".to_owned(), FROM_A as f64),
+        ("batch".to_owned(), f64::from(FROM_B)),
+        ("client".to_owned(), f64::from(FROM_A)),
     ]);
     let q = format!(
         "sum by (source_workload) (istio_tcp_connections_opened_total{{destination_service=\"{SERVICE_FQDN}\"}})"

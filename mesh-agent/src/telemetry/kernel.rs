@@ -121,6 +121,46 @@ impl Scrape {
                 u64::from(LB_TABLES_CAPACITY),
             ),
         ];
+        s.read_backends(shared, &snapshot).await;
+        s.flows_received = shared.flows.received_total();
+        s.flows_lagged = shared.flows.lagged_total();
+        if let Some(m) = crate::identity::manager::global() {
+            let c = m.counters();
+            s.certs = Some((
+                m.status(),
+                c.issued.load(std::sync::atomic::Ordering::Relaxed),
+                c.failures.load(std::sync::atomic::Ordering::Relaxed),
+            ));
+        }
+        s.proxy = shared.proxy_stats.counters.snapshot();
+        for t in shared.proxy_stats.tunnels() {
+            match t.direction {
+                crate::proxy::stats::Direction::Outbound => s.tunnels.0 += 1,
+                crate::proxy::stats::Direction::Inbound => s.tunnels.1 += 1,
+            }
+        }
+        s.ready = status.ready;
+        s.generation = snapshot.generation;
+        s.rejections = status.rejections.len() as u64;
+        s.reconcile_errors = status.reconcile_errors.len() as u64;
+        s.sources = status
+            .sources
+            .iter()
+            .map(|(name, h)| {
+                (
+                    name.clone(),
+                    matches!(h.state, crate::state::SourceState::Running { .. }),
+                    h.restarts(),
+                )
+            })
+            .collect();
+        s.process = process::read();
+        s
+    }
+
+    /// Circuit state of every backend (through the owner), bounded per-backend rows.
+    async fn read_backends(&mut self, shared: &Shared, snapshot: &crate::state::Snapshot) {
+        let s = self;
         let keys: Vec<_> = snapshot.services.keys().copied().collect();
         if let Ok(Ok(all)) =
             tokio::time::timeout(OWNER_TIMEOUT, shared.datapath.backend_status(keys)).await
@@ -160,40 +200,6 @@ impl Scrape {
                 }
             }
         }
-        s.flows_received = shared.flows.received_total();
-        s.flows_lagged = shared.flows.lagged_total();
-        if let Some(m) = crate::identity::manager::global() {
-            let c = m.counters();
-            s.certs = Some((
-                m.status(),
-                c.issued.load(std::sync::atomic::Ordering::Relaxed),
-                c.failures.load(std::sync::atomic::Ordering::Relaxed),
-            ));
-        }
-        s.proxy = shared.proxy_stats.counters.snapshot();
-        for t in shared.proxy_stats.tunnels() {
-            match t.direction {
-                crate::proxy::stats::Direction::Outbound => s.tunnels.0 += 1,
-                crate::proxy::stats::Direction::Inbound => s.tunnels.1 += 1,
-            }
-        }
-        s.ready = status.ready;
-        s.generation = snapshot.generation;
-        s.rejections = status.rejections.len() as u64;
-        s.reconcile_errors = status.reconcile_errors.len() as u64;
-        s.sources = status
-            .sources
-            .iter()
-            .map(|(name, h)| {
-                (
-                    name.clone(),
-                    matches!(h.state, crate::state::SourceState::Running { .. }),
-                    h.restarts(),
-                )
-            })
-            .collect();
-        s.process = process::read();
-        s
     }
 }
 

@@ -8,6 +8,11 @@
 //! (`istio_requests_total`, …); [`access_log`] writes the connection lines; [`process`] reads
 //! `/proc/self` and the tokio runtime; [`labels`] builds Istio's label values.
 
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "Prometheus samples are f64: a count past 2^53 loses its lowest bits there anyway"
+)]
+
 pub mod access_log;
 pub mod kernel;
 pub mod labels;

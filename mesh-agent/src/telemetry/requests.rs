@@ -319,6 +319,9 @@ impl RequestMetrics {
     }
 }
 
+/// Reads one histogram of a series: (sum, count, per-bucket counts).
+type HistogramOf = fn(&Series) -> (f64, u64, Vec<(f64, u64)>);
+
 /// Label names of the request families: Istio's common ones, then the response's.
 fn label_names() -> impl Iterator<Item = &'static str> {
     super::labels::COMMON_LABELS
@@ -339,7 +342,7 @@ impl Collector for RequestMetrics {
             "Requests (Istio standard metric; recorded by the gateway and the HBONE proxies).",
             all.iter().map(|(l, s)| (labelled(l), s.duration.count())),
         )?;
-        let histograms: [(&str, &str, fn(&Series) -> (f64, u64, Vec<(f64, u64)>)); 3] = [
+        let histograms: [(&str, &str, HistogramOf); 3] = [
             (
                 "istio_request_duration_milliseconds",
                 "Request duration in milliseconds (Istio standard metric).",

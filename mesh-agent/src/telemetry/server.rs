@@ -1,5 +1,5 @@
 //! The metrics endpoint: `GET /metrics` (and `/stats/prometheus`, the path Istio's proxies
-//! serve on 15020) in the Prometheus text format 0.0.4, or OpenMetrics when the scraper asks
+//! serve on 15020) in the Prometheus text format 0.0.4, or `OpenMetrics` when the scraper asks
 //! for it (`Accept: application/openmetrics-text`, as Prometheus does). Served with hyper, one
 //! task per connection; each scrape reads the kernel now ([`super::kernel::Scrape`]).
 
@@ -22,7 +22,7 @@ use crate::app::Shared;
 
 /// Paths that answer a scrape.
 pub const METRICS_PATHS: [&str; 2] = ["/metrics", "/stats/prometheus"];
-/// `Content-Type` of OpenMetrics text.
+/// `Content-Type` of `OpenMetrics` text.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
