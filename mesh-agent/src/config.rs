@@ -25,6 +25,8 @@ pub const KEY_READINESS_ADDR: &str = "admin.readinessAddr";
 pub const KEY_METRICS_ADDR: &str = "metrics.addr";
 /// Key: one JSON access-log line per finished connection (`telemetry::access_log`).
 pub const KEY_ACCESS_LOG: &str = "telemetry.accessLog";
+/// Key: OTLP/gRPC collector the connection logs are exported to (`telemetry::otlp`).
+pub const KEY_OTLP_ENDPOINT: &str = "telemetry.otlpEndpoint";
 /// Key: first delay before a failed discovery source is restarted.
 pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 /// Key: longest delay between restarts of a failing source.
@@ -101,6 +103,8 @@ pub struct RawConfig {
     pub metrics_addr: Option<String>,
     /// `true` / `false`.
     pub access_log: Option<String>,
+    /// `http(s)://host:port`, or `none`.
+    pub otlp_endpoint: Option<String>,
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
     pub drain_period: Option<String>,
@@ -167,6 +171,8 @@ pub struct MetricsSection {
 pub struct TelemetrySection {
     /// One JSON line per finished connection on stdout (tracing target `mesh_access`).
     pub access_log: bool,
+    /// OTLP/gRPC collector of connection logs (`None`: no export, the default).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
@@ -283,6 +289,7 @@ impl AgentConfig {
                     raw.access_log.as_deref(),
                     DEFAULT_ACCESS_LOG,
                 )?,
+                otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, raw.otlp_endpoint)?,
             },
             proxy: ProxySection {
                 enabled: false,
@@ -361,6 +368,19 @@ fn mesh_settings(
         trust_domain,
         root_namespace,
     })
+}
+
+/// `http://…` or `https://…`; absent, empty or `none`: off.
+fn parse_endpoint(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value.as_deref() {
+        None | Some("" | "none") => Ok(None),
+        Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(value),
+        Some(v) => Err(ConfigError::Invalid {
+            key,
+            value: v.to_owned(),
+            reason: "is not an http:// or https:// URL (or `none`)".to_owned(),
+        }),
+    }
 }
 
 /// `true` or `false` (absent: `default`).
@@ -516,6 +536,16 @@ mod tests {
             "served by default, as Istio's :15020"
         );
         assert!(!c.telemetry.access_log, "off by default, as Istio's");
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        let e = AgentConfig::from_raw(RawConfig {
+            otlp_endpoint: Some("collector:4317".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "telemetry.otlpEndpoint \"collector:4317\": is not an http:// or https:// URL (or `none`)"
+        );
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
         assert!(c.datapath.bypass);

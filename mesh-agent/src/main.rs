@@ -49,6 +49,10 @@ struct Args {
     /// Istio's access logs).
     #[arg(long, env = "MESH_ACCESS_LOG")]
     access_log: Option<String>,
+    /// OTLP/gRPC collector the connection logs are exported to (`http://host:4317`); none by
+    /// default.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// First delay before a failed discovery source is restarted (doubled per failure).
     #[arg(long, env = "MESH_RESTART_BACKOFF")]
     restart_backoff: Option<String>,
@@ -126,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         readiness_addr: Some(args.readiness_addr),
         metrics_addr: Some(args.metrics_addr),
         access_log: args.access_log,
+        otlp_endpoint: args.otlp_endpoint,
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,

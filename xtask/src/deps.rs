@@ -57,10 +57,16 @@ const PACKAGES: &[Package] = &[
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Python packages (module name = package name) and why: installed with `python3 -m pip`.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[(
-    "kmock",
-    "Kubernetes API stand-in of the discovery test (no kube-apiserver is installable)",
-)];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    (
+        "kmock",
+        "Kubernetes API stand-in of the discovery test (no kube-apiserver is installable)",
+    ),
+    (
+        "rotel",
+        "OTLP collector (`rotel-agent`) the telemetry test exports connection logs to",
+    ),
+];
 
 /// `cargo xtask install-deps`: installs the missing packages and mounts bpffs.
 pub fn install() -> Result<()> {

@@ -16,6 +16,7 @@
 pub mod access_log;
 pub mod kernel;
 pub mod labels;
+pub mod otlp;
 pub mod process;
 pub mod requests;
 pub mod server;
@@ -49,6 +50,7 @@ pub struct Telemetry {
     pub tcp: Arc<tcp::TcpMetrics>,
     pub requests: Arc<requests::RequestMetrics>,
     pub reconcile: Arc<ReconcileMetrics>,
+    pub otlp: Arc<otlp::OtlpStats>,
 }
 
 static GLOBAL: OnceLock<Telemetry> = OnceLock::new();
@@ -59,6 +61,7 @@ pub fn global() -> &'static Telemetry {
         tcp: Arc::new(tcp::TcpMetrics::new(tcp::MAX_SERIES)),
         requests: Arc::new(requests::RequestMetrics::new(requests::MAX_SERIES)),
         reconcile: Arc::new(ReconcileMetrics::default()),
+        otlp: Arc::new(otlp::OtlpStats::default()),
     })
 }
 
@@ -71,15 +74,38 @@ pub fn start(shared: &Arc<Shared>) {
         tokio::spawn(server::serve(addr, Arc::clone(shared)));
     }
     let access_log = shared.config.telemetry.access_log;
+    // A bad endpoint was refused by the config; one tonic cannot dial is logged and not used.
+    let otlp = shared
+        .config
+        .telemetry
+        .otlp_endpoint
+        .as_deref()
+        .and_then(|endpoint| {
+            otlp::OtlpLogs::start(endpoint, &shared.config.node, Arc::clone(&telemetry.otlp))
+                .map_err(|e| tracing::warn!(error = %e, "OTLP export off"))
+                .ok()
+        });
     info!(
         metrics = ?shared.config.metrics.addr,
-        access_log, "telemetry started"
+        access_log,
+        otlp = ?shared.config.telemetry.otlp_endpoint,
+        "telemetry started"
     );
-    tokio::spawn(follow_flows(Arc::clone(shared), telemetry, access_log));
+    tokio::spawn(follow_flows(
+        Arc::clone(shared),
+        telemetry,
+        access_log,
+        otlp,
+    ));
 }
 
 /// Subscribes to the flow hub (as `WatchFlows` does) for as long as the agent runs.
-async fn follow_flows(shared: Arc<Shared>, telemetry: &'static Telemetry, access_log: bool) {
+async fn follow_flows(
+    shared: Arc<Shared>,
+    telemetry: &'static Telemetry,
+    access_log: bool,
+    otlp: Option<otlp::OtlpLogs>,
+) {
     let tcp = &telemetry.tcp;
     let mut flows = shared.flows.subscribe();
     let mut expire = tokio::time::interval(tcp::EXPIRE_INTERVAL);
@@ -93,6 +119,9 @@ async fn follow_flows(shared: Arc<Shared>, telemetry: &'static Telemetry, access
                     tcp.observe(&flow, destination.as_ref());
                     if access_log {
                         access_log::log(&flow, destination.as_deref(), &snapshot);
+                    }
+                    if let Some(otlp) = &otlp {
+                        otlp.record(&flow, destination.as_deref(), &snapshot);
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {

@@ -97,6 +97,7 @@ pub async fn render(shared: &Shared, openmetrics: bool) -> Result<String, std::f
     registry.register_collector(Box::new(Arc::clone(&t.reconcile)));
     registry.register_collector(Box::new(Arc::clone(&t.tcp)));
     registry.register_collector(Box::new(Arc::clone(&t.requests)));
+    registry.register_collector(Box::new(Arc::clone(&t.otlp)));
     registry.register_collector(Box::new(Bounds(vec![t.tcp.bound(), t.requests.bound()])));
     let mut out = String::with_capacity(64 * 1024);
     if openmetrics {
