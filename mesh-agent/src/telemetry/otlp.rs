@@ -269,16 +269,16 @@ async fn run(
                     stats.exported.fetch_add(n, Ordering::Relaxed);
                     break;
                 }
-                Err(status) if attempt < RETRIES => {
+                Err(failure) if attempt < RETRIES => {
                     attempt += 1;
                     stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%status, attempt, "OTLP export failed; retrying");
+                    tracing::debug!(%failure, attempt, "OTLP export failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                Err(status) => {
+                Err(failure) => {
                     stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
-                    warn!(%status, records = n, "OTLP export failed after retries; records dropped");
+                    warn!(%failure, records = n, "OTLP export failed after retries; records dropped");
                     break;
                 }
             }
