@@ -279,6 +279,7 @@ fn helm_chart_wires_the_access_log_and_the_scrape_annotations() {
     );
     assert!(values.contains("\nmetrics:\n  # "), "metrics section");
     assert!(values.contains("  podAnnotations: true\n"));
+    assert!(values.contains("\notlpEndpoint: \"\"\n"), "no export by default");
     assert!(
         read("templates/configmap.yaml")
             .contains("  access-log: {{ .Values.accessLog | quote }}\n")
@@ -286,6 +287,7 @@ fn helm_chart_wires_the_access_log_and_the_scrape_annotations() {
     let ds = read("templates/daemonset.yaml");
     for needle in [
         "- name: MESH_ACCESS_LOG\n              valueFrom:\n                configMapKeyRef:\n                  name: {{ include \"mesh.fullname\" . }}\n                  key: access-log\n",
+        "- name: MESH_OTLP_ENDPOINT\n              valueFrom:\n                configMapKeyRef:\n                  name: {{ include \"mesh.fullname\" . }}\n                  key: otlp-endpoint\n                  optional: true\n",
         "prometheus.io/scrape: \"true\"",
         "prometheus.io/port: \"15020\"",
         "prometheus.io/path: /stats/prometheus",
