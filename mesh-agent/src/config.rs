@@ -27,6 +27,10 @@ pub const KEY_METRICS_ADDR: &str = "metrics.addr";
 pub const KEY_ACCESS_LOG: &str = "telemetry.accessLog";
 /// Key: OTLP/gRPC collector the connection logs are exported to (`telemetry::otlp`).
 pub const KEY_OTLP_ENDPOINT: &str = "telemetry.otlpEndpoint";
+/// Key: share of new traces sampled (`telemetry::traces`), 0..=1.
+pub const KEY_TRACE_SAMPLING: &str = "telemetry.traceSampling";
+/// Default trace sampling: Istio's default of 1 % (`meshConfig.defaultConfig.tracing.sampling`).
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
 /// Key: first delay before a failed discovery source is restarted.
 pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 /// Key: longest delay between restarts of a failing source.
@@ -105,6 +109,8 @@ pub struct RawConfig {
     pub access_log: Option<String>,
     /// `http(s)://host:port`, or `none`.
     pub otlp_endpoint: Option<String>,
+    /// 0..=1.
+    pub trace_sampling: Option<String>,
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
     pub drain_period: Option<String>,
@@ -173,6 +179,8 @@ pub struct TelemetrySection {
     pub access_log: bool,
     /// OTLP/gRPC collector of connection logs (`None`: no export, the default).
     pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (children follow their parent's decision).
+    pub trace_sampling: f64,
 }
 
 /// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
@@ -290,6 +298,18 @@ impl AgentConfig {
                     DEFAULT_ACCESS_LOG,
                 )?,
                 otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, raw.otlp_endpoint)?,
+                trace_sampling: match raw.trace_sampling.as_deref() {
+                    None => DEFAULT_TRACE_SAMPLING,
+                    Some(v) => v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| ConfigError::Invalid {
+                            key: KEY_TRACE_SAMPLING,
+                            value: v.to_owned(),
+                            reason: "is not a number from 0 to 1".to_owned(),
+                        })?,
+                },
             },
             proxy: ProxySection {
                 enabled: false,
@@ -537,6 +557,16 @@ mod tests {
         );
         assert!(!c.telemetry.access_log, "off by default, as Istio's");
         assert_eq!(c.telemetry.otlp_endpoint, None);
+        assert!((c.telemetry.trace_sampling - DEFAULT_TRACE_SAMPLING).abs() < f64::EPSILON);
+        let e = AgentConfig::from_raw(RawConfig {
+            trace_sampling: Some("2".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "telemetry.traceSampling \"2\": is not a number from 0 to 1"
+        );
         let e = AgentConfig::from_raw(RawConfig {
             otlp_endpoint: Some("collector:4317".into()),
             ..raw()

@@ -53,6 +53,9 @@ struct Args {
     /// default.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0..=1 (default 0.01, Istio's); children follow their parent.
+    #[arg(long, env = "MESH_TRACE_SAMPLING")]
+    trace_sampling: Option<String>,
     /// First delay before a failed discovery source is restarted (doubled per failure).
     #[arg(long, env = "MESH_RESTART_BACKOFF")]
     restart_backoff: Option<String>,
@@ -131,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         access_log: args.access_log,
         otlp_endpoint: args.otlp_endpoint,
+        trace_sampling: args.trace_sampling,
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,

@@ -279,7 +279,10 @@ fn helm_chart_wires_the_access_log_and_the_scrape_annotations() {
     );
     assert!(values.contains("\nmetrics:\n  # "), "metrics section");
     assert!(values.contains("  podAnnotations: true\n"));
-    assert!(values.contains("\notlpEndpoint: \"\"\n"), "no export by default");
+    assert!(
+        values.contains("\notlpEndpoint: \"\"\n"),
+        "no export by default"
+    );
     assert!(
         read("templates/configmap.yaml")
             .contains("  access-log: {{ .Values.accessLog | quote }}\n")

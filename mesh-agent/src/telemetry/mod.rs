@@ -21,6 +21,7 @@ pub mod process;
 pub mod requests;
 pub mod server;
 pub mod tcp;
+pub mod traces;
 
 use std::{
     fmt,
@@ -85,6 +86,19 @@ pub fn start(shared: &Arc<Shared>) {
                 .map_err(|e| tracing::warn!(error = %e, "OTLP export off"))
                 .ok()
         });
+    if let Some(endpoint) = shared.config.telemetry.otlp_endpoint.as_deref() {
+        match traces::Tracer::start(
+            endpoint,
+            &shared.config.node,
+            shared.config.telemetry.trace_sampling,
+            Arc::clone(&telemetry.otlp),
+        ) {
+            Ok(t) => {
+                t.install();
+            }
+            Err(e) => tracing::warn!(error = %e, "OTLP span export off"),
+        }
+    }
     info!(
         metrics = ?shared.config.metrics.addr,
         access_log,

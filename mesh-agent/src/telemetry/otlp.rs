@@ -1,6 +1,7 @@
-//! OTLP/gRPC export of connection logs (issue 11, second part, logs only): the same record as the
-//! stdout access line ([`super::access_log`]), as an OTLP `LogRecord`, batched to a collector
-//! (`--otlp-endpoint http://collector:4317`, `MESH_OTLP_ENDPOINT`, `telemetry.otlpEndpoint`).
+//! OTLP/gRPC export (issue 11, second part): connection logs — the same record as the stdout
+//! access line ([`super::access_log`]) as an OTLP `LogRecord` — and spans ([`super::traces`]),
+//! batched to a collector (`--otlp-endpoint http://collector:4317`, `MESH_OTLP_ENDPOINT`,
+//! `telemetry.otlpEndpoint`).
 //!
 //! Never blocks the flow path: records go into a bounded queue ([`QUEUE`]); a full queue drops
 //! the record and counts it. One task sends batches of up to [`BATCH`] records (or what arrived
@@ -10,6 +11,7 @@
 
 use std::{
     fmt,
+    future::Future,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -53,45 +55,88 @@ pub enum OtlpError {
     },
 }
 
-/// What the exporter did (exported as `mesh_otlp_*`).
+/// What the exporter of one signal did.
 #[derive(Debug, Default)]
-pub struct OtlpStats {
+pub struct SignalStats {
     pub exported: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_export_failed: AtomicU64,
     pub retries: AtomicU64,
 }
 
+/// What the exporters did (exported as `mesh_otlp_*`).
+#[derive(Debug, Default)]
+pub struct OtlpStats {
+    pub logs: SignalStats,
+    pub traces: SignalStats,
+}
+
 impl Collector for OtlpStats {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let signals = [("logs", &self.logs), ("traces", &self.traces)];
         super::counter_family(
             &mut enc,
             "mesh_otlp_exported",
             "Records the OTLP collector accepted.",
-            [([("signal", "logs")], load(&self.exported))],
+            signals.map(|(n, s)| ([("signal", n)], load(&s.exported))),
         )?;
         super::counter_family(
             &mut enc,
             "mesh_otlp_dropped",
             "Records dropped: the export queue was full, or the export failed after its retries.",
-            [
-                (
-                    [("signal", "logs"), ("reason", "queue_full")],
-                    load(&self.dropped_queue_full),
-                ),
-                (
-                    [("signal", "logs"), ("reason", "export_failed")],
-                    load(&self.dropped_export_failed),
-                ),
-            ],
+            signals.into_iter().flat_map(|(n, s)| {
+                [
+                    (
+                        [("signal", n), ("reason", "queue_full")],
+                        load(&s.dropped_queue_full),
+                    ),
+                    (
+                        [("signal", n), ("reason", "export_failed")],
+                        load(&s.dropped_export_failed),
+                    ),
+                ]
+            }),
         )?;
         super::counter_family(
             &mut enc,
             "mesh_otlp_retries",
             "Export attempts retried after a failure.",
-            [([("signal", "logs")], load(&self.retries))],
+            signals.map(|(n, s)| ([("signal", n)], load(&s.retries))),
         )
+    }
+}
+
+/// A lazily connected channel to `endpoint`.
+pub(crate) fn channel(endpoint: &str) -> Result<tonic::transport::Channel, OtlpError> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|source| OtlpError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?
+        .connect_timeout(EXPORT_TIMEOUT)
+        .timeout(EXPORT_TIMEOUT)
+        .connect_lazy())
+}
+
+/// The resource every record of this agent carries.
+pub(crate) fn resource(node: &str) -> Resource {
+    Resource {
+        attributes: vec![
+            kv("service.name", "mesh-agent"),
+            kv("k8s.node.name", node),
+            kv("service.version", env!("CARGO_PKG_VERSION")),
+        ],
+        ..Resource::default()
+    }
+}
+
+/// The instrumentation scope of this agent's records.
+pub(crate) fn scope(name: &str) -> InstrumentationScope {
+    InstrumentationScope {
+        name: name.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..InstrumentationScope::default()
     }
 }
 
@@ -106,30 +151,29 @@ impl OtlpLogs {
     /// Starts the export task towards `endpoint` (connects lazily, so a collector that starts
     /// later is reached); `node` names this agent in the resource.
     pub fn start(endpoint: &str, node: &str, stats: Arc<OtlpStats>) -> Result<Self, OtlpError> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|source| OtlpError::Endpoint {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?
-            .connect_timeout(EXPORT_TIMEOUT)
-            .timeout(EXPORT_TIMEOUT)
-            .connect_lazy();
+        let client = LogsServiceClient::new(channel(endpoint)?);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let resource = Resource {
-            attributes: vec![
-                kv("service.name", "mesh-agent"),
-                kv("k8s.node.name", node),
-                kv("service.version", env!("CARGO_PKG_VERSION")),
-            ],
-            ..Resource::default()
-        };
+        let resource = resource(node);
         info!(endpoint, "exporting connection logs over OTLP/gRPC");
-        tokio::spawn(run(
-            rx,
-            LogsServiceClient::new(channel),
-            resource,
-            Arc::clone(&stats),
-        ));
+        let task_stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            batch_loop(rx, &task_stats.logs, "logs", |records| {
+                let mut client = client.clone();
+                let request = ExportLogsServiceRequest {
+                    resource_logs: vec![ResourceLogs {
+                        resource: Some(resource.clone()),
+                        scope_logs: vec![ScopeLogs {
+                            scope: Some(scope("mesh-agent/connections")),
+                            log_records: records,
+                            ..ScopeLogs::default()
+                        }],
+                        ..ResourceLogs::default()
+                    }],
+                };
+                async move { client.export(request).await.map(|_| ()) }
+            })
+            .await;
+        });
         Ok(Self { tx, stats })
     }
 
@@ -140,13 +184,14 @@ impl OtlpLogs {
         };
         if self.tx.try_send(record).is_err() {
             self.stats
+                .logs
                 .dropped_queue_full
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-fn kv(key: &str, value: impl Into<String>) -> KeyValue {
+pub(crate) fn kv(key: &str, value: impl Into<String>) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue {
@@ -156,7 +201,7 @@ fn kv(key: &str, value: impl Into<String>) -> KeyValue {
     }
 }
 
-fn kv_int(key: &str, value: u64) -> KeyValue {
+pub(crate) fn kv_int(key: &str, value: u64) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue {
@@ -223,13 +268,17 @@ pub fn log_record(
     })
 }
 
-/// The export task: batches, sends, retries, counts.
-async fn run(
-    mut rx: mpsc::Receiver<LogRecord>,
-    mut client: LogsServiceClient<tonic::transport::Channel>,
-    resource: Resource,
-    stats: Arc<OtlpStats>,
-) {
+/// An export task: takes records from `rx`, sends batches through `export`, retries, counts.
+pub(crate) async fn batch_loop<T, F, Fut>(
+    mut rx: mpsc::Receiver<T>,
+    stats: &SignalStats,
+    signal: &'static str,
+    mut export: F,
+) where
+    T: Clone,
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         // Wait for the first record, then take what arrives until the batch is full or the
@@ -245,40 +294,26 @@ async fn run(
                 Ok(None) | Err(_) => break,
             }
         }
-        let n = batch.len() as u64;
-        let request = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(resource.clone()),
-                scope_logs: vec![ScopeLogs {
-                    scope: Some(InstrumentationScope {
-                        name: "mesh-agent/connections".to_owned(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        ..InstrumentationScope::default()
-                    }),
-                    log_records: std::mem::take(&mut batch),
-                    ..ScopeLogs::default()
-                }],
-                ..ResourceLogs::default()
-            }],
-        };
+        let records = std::mem::take(&mut batch);
+        let n = records.len() as u64;
         let mut backoff = RETRY_BACKOFF;
         let mut attempt = 0;
         loop {
-            match client.export(request.clone()).await {
-                Ok(_) => {
+            match export(records.clone()).await {
+                Ok(()) => {
                     stats.exported.fetch_add(n, Ordering::Relaxed);
                     break;
                 }
                 Err(failure) if attempt < RETRIES => {
                     attempt += 1;
                     stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%failure, attempt, "OTLP export failed; retrying");
+                    tracing::debug!(%failure, attempt, signal, "OTLP export failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
                 Err(failure) => {
                     stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
-                    warn!(%failure, records = n, "OTLP export failed after retries; records dropped");
+                    warn!(%failure, records = n, signal, "OTLP export failed after retries; records dropped");
                     break;
                 }
             }
@@ -346,6 +381,7 @@ mod tests {
             logs.record(&flow(EV_CLOSE), None, &snap);
         }
         // Past the flush and every retry (paused time advances while the task sleeps).
+        let stats = &stats.logs;
         for _ in 0..200 {
             if stats.dropped_export_failed.load(Ordering::Relaxed) == 3 {
                 break;
