@@ -291,26 +291,11 @@ impl AgentConfig {
                     raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
                 )?,
             },
-            telemetry: TelemetrySection {
-                access_log: parse_bool(
-                    KEY_ACCESS_LOG,
-                    raw.access_log.as_deref(),
-                    DEFAULT_ACCESS_LOG,
-                )?,
-                otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, raw.otlp_endpoint)?,
-                trace_sampling: match raw.trace_sampling.as_deref() {
-                    None => DEFAULT_TRACE_SAMPLING,
-                    Some(v) => v
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|r| (0.0..=1.0).contains(r))
-                        .ok_or_else(|| ConfigError::Invalid {
-                            key: KEY_TRACE_SAMPLING,
-                            value: v.to_owned(),
-                            reason: "is not a number from 0 to 1".to_owned(),
-                        })?,
-                },
-            },
+            telemetry: telemetry_section(
+                raw.access_log.as_deref(),
+                raw.otlp_endpoint,
+                raw.trace_sampling.as_deref(),
+            )?,
             proxy: ProxySection {
                 enabled: false,
                 outbound_port: DEFAULT_OUTBOUND_PORT,
@@ -387,6 +372,30 @@ fn mesh_settings(
     Ok(crate::authz::MeshSettings {
         trust_domain,
         root_namespace,
+    })
+}
+
+/// The telemetry settings: access log, OTLP endpoint, trace sampling.
+fn telemetry_section(
+    access_log: Option<&str>,
+    otlp_endpoint: Option<String>,
+    trace_sampling: Option<&str>,
+) -> Result<TelemetrySection, ConfigError> {
+    Ok(TelemetrySection {
+        access_log: parse_bool(KEY_ACCESS_LOG, access_log, DEFAULT_ACCESS_LOG)?,
+        otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, otlp_endpoint)?,
+        trace_sampling: match trace_sampling {
+            None => DEFAULT_TRACE_SAMPLING,
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: KEY_TRACE_SAMPLING,
+                    value: v.to_owned(),
+                    reason: "is not a number from 0 to 1".to_owned(),
+                })?,
+        },
     })
 }
 

@@ -171,3 +171,147 @@ fn connection_logs_reach_a_real_otlp_collector() {
         thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A loopback port for this test process's collector (other sessions may run their own).
+fn collector_port() -> u16 {
+    20_000 + (std::process::id() % 20_000) as u16
+}
+
+/// `rotel-agent` on loopback `port` (gRPC) printing the spans it receives, and what it printed.
+fn spawn_host_collector(
+    rotel: &str,
+    port: u16,
+) -> (
+    std::process::Child,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use std::sync::Arc;
+    let grpc = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(rotel);
+    cmd.args([
+        "start",
+        "--otlp-grpc-endpoint",
+        &grpc,
+        "--otlp-http-endpoint",
+        &format!("127.0.0.1:{}", port + 1),
+        "--exporter",
+        "blackhole",
+        "--debug-log",
+        "traces",
+        "--debug-log-verbosity",
+        "detailed",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut collector = cmd.spawn().expect("starting rotel-agent");
+    let stdout = collector.stdout.take().unwrap();
+    let printed = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = Arc::clone(&printed);
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    (collector, printed)
+}
+
+/// Lower-case hex, as the collector prints ids.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[test]
+fn spans_keep_their_parent_links_from_gateway_through_tunnel_to_destination() {
+    use mesh_agent::telemetry::{
+        otlp::OtlpStats,
+        traces::{Kind, TraceContext, Tracer, start_span},
+    };
+    use std::sync::{Arc, atomic::Ordering};
+    let Some(rotel) = rotel_agent() else {
+        panic!("rotel-agent (python3 -m pip install rotel)");
+    };
+    let port = collector_port();
+    let grpc = format!("127.0.0.1:{port}");
+    let (mut collector, printed) = spawn_host_collector(&rotel, port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = Arc::new(OtlpStats::default());
+    let (gateway, tunnel, inbound) = rt.block_on(async {
+        let tracer =
+            Tracer::start(&format!("http://{grpc}"), "node-a", 1.0, Arc::clone(&stats)).unwrap();
+        assert!(tracer.install());
+        // The gateway receives a request without trace context: a new, sampled root.
+        let mut gateway = start_span("gateway GET /", Kind::Server, None);
+        gateway.set("http.request.method", "GET");
+        // It opens the tunnel with its context; the tunnel sends its own as `traceparent`.
+        let tunnel = start_span("hbone connect", Kind::Client, Some(gateway.context()));
+        let header = tunnel.traceparent();
+        // The destination node parses the header it received.
+        let received = TraceContext::parse(&header).unwrap();
+        let inbound = start_span("hbone inbound", Kind::Server, Some(&received));
+        let ids = (*gateway.context(), *tunnel.context(), *inbound.context());
+        inbound.finish(None);
+        tunnel.finish(None);
+        gateway.finish(Some("upstream reset"));
+        let start = Instant::now();
+        while stats.traces.exported.load(Ordering::Relaxed) < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "not exported: retries {}, dropped {}",
+                stats.traces.retries.load(Ordering::Relaxed),
+                stats.traces.dropped_export_failed.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ids
+    });
+    assert_eq!(stats.traces.exported.load(Ordering::Relaxed), 3);
+    assert_eq!(gateway.trace_id, tunnel.trace_id);
+    assert_eq!(tunnel.trace_id, inbound.trace_id);
+    // The collector printed the three spans of one trace, each child naming its parent.
+    let start = Instant::now();
+    loop {
+        let out = printed.lock().unwrap().clone();
+        let ok = out.matches(&hex(&gateway.trace_id)).count() >= 3
+            && ["gateway GET /", "hbone connect", "hbone inbound"]
+                .iter()
+                .all(|n| out.contains(n))
+            && out.contains(&hex(&gateway.span_id))
+            && out.contains(&hex(&tunnel.span_id));
+        if ok {
+            // rotel prints `Parent ID      : <hex>` per span: the tunnel's parent is the
+            // gateway, the destination's parent is the tunnel, the gateway is a root.
+            let mut parents: Vec<String> = out
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Parent ID"))
+                .map(|l| l.trim_start_matches([' ', ':']).trim().to_owned())
+                .collect();
+            parents.sort();
+            let mut want = vec![String::new(), hex(&gateway.span_id), hex(&tunnel.span_id)];
+            want.sort();
+            assert_eq!(parents, want, "{out}");
+            assert_eq!(inbound.span_id.len(), 8);
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = collector.kill();
+            panic!("the collector did not print the linked spans: {out}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let _ = collector.kill();
+    let _ = collector.wait();
+}

@@ -172,13 +172,12 @@ fn now_unix_nano() -> u64 {
 /// the installed tracer's ratio (all sampled when none is installed: nothing is exported then).
 #[must_use]
 pub fn start_span(name: &str, kind: Kind, parent: Option<&TraceContext>) -> ActiveSpan {
-    let (trace_id, sampled, parent_span_id) = match parent {
-        Some(p) => (p.trace_id, p.sampled, Some(p.span_id)),
-        None => {
-            let id = random::<16>();
-            let sampled = TRACER.get().is_none_or(|t| t.sampler.samples(&id));
-            (id, sampled, None)
-        }
+    let (trace_id, sampled, parent_span_id) = if let Some(p) = parent {
+        (p.trace_id, p.sampled, Some(p.span_id))
+    } else {
+        let id = random::<16>();
+        let sampled = TRACER.get().is_none_or(|t| t.sampler.samples(&id));
+        (id, sampled, None)
     };
     ActiveSpan {
         context: TraceContext {
