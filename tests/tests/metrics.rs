@@ -284,6 +284,14 @@ fn helm_chart_wires_the_access_log_and_the_scrape_annotations() {
         "no export by default"
     );
     assert!(
+        values.contains("\ntraceSampling: \"0.01\"\n"),
+        "Istio's 1 %"
+    );
+    assert!(
+        read("templates/configmap.yaml")
+            .contains("  trace-sampling: {{ .Values.traceSampling | quote }}\n")
+    );
+    assert!(
         read("templates/configmap.yaml")
             .contains("  access-log: {{ .Values.accessLog | quote }}\n")
     );
