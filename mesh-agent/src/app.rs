@@ -172,6 +172,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(addr) = shared.config.admin.readiness_addr {
         tokio::spawn(crate::health::serve_readiness(addr, Arc::clone(&shared)));
     }
+    crate::telemetry::start(&shared);
     tokio::spawn(crate::admin::serve(
         shared.config.admin.socket.clone(),
         Arc::clone(&shared),
@@ -571,6 +572,7 @@ impl MainLoop {
         self.health(source).last_sync = Some(now);
         self.status.first_sync.get_or_insert(now);
         self.status.reconcile_errors = outcome.errors.iter().map(ToString::to_string).collect();
+        crate::telemetry::reconciled(outcome);
         for e in &outcome.errors {
             error!(kind = e.kind(), error = %e, "reconciliation error; the rest converged");
         }

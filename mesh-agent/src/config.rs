@@ -27,6 +27,14 @@ pub const KEY_ADMIN_SOCKET: &str = "admin.socket";
 pub const KEY_READINESS_ADDR: &str = "admin.readinessAddr";
 /// Key: metrics address.
 pub const KEY_METRICS_ADDR: &str = "metrics.addr";
+/// Key: one JSON access-log line per finished connection (`telemetry::access_log`).
+pub const KEY_ACCESS_LOG: &str = "telemetry.accessLog";
+/// Key: OTLP/gRPC collector the connection logs are exported to (`telemetry::otlp`).
+pub const KEY_OTLP_ENDPOINT: &str = "telemetry.otlpEndpoint";
+/// Key: share of new traces sampled (`telemetry::traces`), 0..=1.
+pub const KEY_TRACE_SAMPLING: &str = "telemetry.traceSampling";
+/// Default trace sampling: Istio's default of 1 % (`meshConfig.defaultConfig.tracing.sampling`).
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
 /// Key: first delay before a failed discovery source is restarted.
 pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 /// Key: longest delay between restarts of a failing source.
@@ -50,8 +58,14 @@ pub const KEY_ROOT_NAMESPACE: &str = "mesh.rootNamespace";
 
 /// Default readiness address (ztunnel's port).
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
-/// Default metrics address: off until the telemetry stage serves it (ztunnel's port is 15020).
-pub const DEFAULT_METRICS_ADDR: &str = "none";
+/// Default metrics address: on, on every address, ztunnel's port (`:15020/metrics` and
+/// `/stats/prometheus`), as Istio's proxies serve it by default for Prometheus' pod scraping.
+/// It serves counters and workload names, never keys or payload; `none` turns it off. A bind
+/// failure is logged, not fatal (as the readiness endpoint).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+/// Connection access logs are off by default, as Istio's (`meshConfig.accessLogFile` unset):
+/// one line per connection is a lot of log volume on a busy node.
+pub const DEFAULT_ACCESS_LOG: bool = false;
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
 /// Default bpffs directory for pins.
@@ -102,6 +116,12 @@ pub struct RawConfig {
     pub admin_socket: Option<PathBuf>,
     pub readiness_addr: Option<String>,
     pub metrics_addr: Option<String>,
+    /// `true` / `false`.
+    pub access_log: Option<String>,
+    /// `http(s)://host:port`, or `none`.
+    pub otlp_endpoint: Option<String>,
+    /// 0..=1.
+    pub trace_sampling: Option<String>,
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
     pub drain_period: Option<String>,
@@ -159,10 +179,21 @@ pub struct AdminSection {
     pub readiness_addr: Option<SocketAddr>,
 }
 
-/// Prometheus metrics (served with the telemetry stage).
+/// Prometheus metrics (`telemetry::server`).
 #[derive(Clone, Debug, Serialize)]
 pub struct MetricsSection {
     pub addr: Option<SocketAddr>,
+}
+
+/// Logs beyond the agent's own (`telemetry::access_log`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TelemetrySection {
+    /// One JSON line per finished connection on stdout (tracing target `mesh_access`).
+    pub access_log: bool,
+    /// OTLP/gRPC collector of connection logs (`None`: no export, the default).
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (children follow their parent's decision).
+    pub trace_sampling: f64,
 }
 
 /// The node proxies (mTLS stage): not served yet; the drain period already governs shutdown.
@@ -194,6 +225,7 @@ pub struct AgentConfig {
     pub discovery: DiscoverySection,
     pub admin: AdminSection,
     pub metrics: MetricsSection,
+    pub telemetry: TelemetrySection,
     pub proxy: ProxySection,
     pub gateway: GatewaySection,
     /// Enrollment and identity settings (issue 9).
@@ -277,14 +309,7 @@ impl AgentConfig {
             datapath: DatapathSection {
                 cgroup,
                 pin_dir: raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
-                bypass: match raw.bypass.as_deref() {
-                    None => DEFAULT_BYPASS,
-                    Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                        key: KEY_BYPASS,
-                        value: v.to_owned(),
-                        reason: "not `true` or `false`".to_owned(),
-                    })?,
-                },
+                bypass: parse_bool(KEY_BYPASS, raw.bypass.as_deref(), DEFAULT_BYPASS)?,
             },
             discovery: DiscoverySection {
                 source,
@@ -317,6 +342,11 @@ impl AgentConfig {
                     raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
                 )?,
             },
+            telemetry: telemetry_section(
+                raw.access_log.as_deref(),
+                raw.otlp_endpoint,
+                raw.trace_sampling.as_deref(),
+            )?,
             proxy: ProxySection {
                 enabled: false,
                 outbound_port: DEFAULT_OUTBOUND_PORT,
@@ -401,6 +431,54 @@ fn mesh_settings(
     Ok(crate::authz::MeshSettings {
         trust_domain,
         root_namespace,
+    })
+}
+
+/// The telemetry settings: access log, OTLP endpoint, trace sampling.
+fn telemetry_section(
+    access_log: Option<&str>,
+    otlp_endpoint: Option<String>,
+    trace_sampling: Option<&str>,
+) -> Result<TelemetrySection, ConfigError> {
+    Ok(TelemetrySection {
+        access_log: parse_bool(KEY_ACCESS_LOG, access_log, DEFAULT_ACCESS_LOG)?,
+        otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, otlp_endpoint)?,
+        trace_sampling: match trace_sampling {
+            None => DEFAULT_TRACE_SAMPLING,
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: KEY_TRACE_SAMPLING,
+                    value: v.to_owned(),
+                    reason: "is not a number from 0 to 1".to_owned(),
+                })?,
+        },
+    })
+}
+
+/// `http://…` or `https://…`; absent, empty or `none`: off.
+fn parse_endpoint(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value.as_deref() {
+        None | Some("" | "none") => Ok(None),
+        Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(value),
+        Some(v) => Err(ConfigError::Invalid {
+            key,
+            value: v.to_owned(),
+            reason: "is not an http:// or https:// URL (or `none`)".to_owned(),
+        }),
+    }
+}
+
+/// `true` or `false` (absent: `default`).
+fn parse_bool(key: &'static str, value: Option<&str>, default: bool) -> Result<bool, ConfigError> {
+    value.map_or(Ok(default), |v| {
+        v.parse().map_err(|_| ConfigError::Invalid {
+            key,
+            value: v.to_owned(),
+            reason: "not `true` or `false`".to_owned(),
+        })
     })
 }
 
@@ -540,7 +618,32 @@ mod tests {
             c.admin.readiness_addr,
             Some(DEFAULT_READINESS_ADDR.parse().unwrap())
         );
-        assert_eq!(c.metrics.addr, None);
+        assert_eq!(
+            c.metrics.addr,
+            Some(DEFAULT_METRICS_ADDR.parse().unwrap()),
+            "served by default, as Istio's :15020"
+        );
+        assert!(!c.telemetry.access_log, "off by default, as Istio's");
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        assert!((c.telemetry.trace_sampling - DEFAULT_TRACE_SAMPLING).abs() < f64::EPSILON);
+        let e = AgentConfig::from_raw(RawConfig {
+            trace_sampling: Some("2".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "telemetry.traceSampling \"2\": is not a number from 0 to 1"
+        );
+        let e = AgentConfig::from_raw(RawConfig {
+            otlp_endpoint: Some("collector:4317".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "telemetry.otlpEndpoint \"collector:4317\": is not an http:// or https:// URL (or `none`)"
+        );
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
         assert!(c.datapath.bypass);
@@ -565,6 +668,7 @@ mod tests {
             "discovery",
             "admin",
             "metrics",
+            "telemetry",
             "proxy",
             "gateway",
         ] {

@@ -22,3 +22,4 @@ pub mod reconcile;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+pub mod telemetry;

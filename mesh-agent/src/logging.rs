@@ -3,27 +3,56 @@
 
 use tracing_subscriber::{EnvFilter, fmt, fmt::MakeWriter};
 
-/// Installs the global subscriber once, writing to stderr; later calls are ignored.
+/// Installs the global subscriber once, writing to stderr; later calls are ignored. Connection
+/// access logs (target [`ACCESS_TARGET`]) go to stdout as JSON lines instead.
 pub fn init(json: bool) {
     init_with_writer(json, std::io::stderr);
 }
 
-/// [`init`] with another destination (tests capture the output this way).
+/// The `tracing` target of connection access logs (`telemetry::access_log`): written as one JSON
+/// object per line to stdout, what a fluent-bit/EFK pipeline collects, and never mixed into
+/// the agent's own log (ztunnel logs its connections under the target `access` the same way).
+pub const ACCESS_TARGET: &str = "mesh_access";
+
+/// [`init`] with another destination for the agent's own log (tests capture the output this way).
 pub fn init_with_writer<W>(json: bool, writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(false);
-    // `try_init` also installs the `log` → `tracing` bridge used by aya-log.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    use tracing_subscriber::{
+        Layer as _, filter::filter_fn, layer::SubscriberExt as _, util::SubscriberInitExt as _,
     };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let own = filter_fn(|m| m.target() != ACCESS_TARGET);
+    let main = if json {
+        fmt::layer()
+            .json()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_filter(own)
+            .boxed()
+    } else {
+        fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_filter(own)
+            .boxed()
+    };
+    // Access lines are emitted only when `telemetry.accessLog` is on, so no level filter here:
+    // `RUST_LOG` tunes the agent's own log without silencing them.
+    let access = fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(std::io::stdout)
+        .with_ansi(false)
+        .with_filter(filter_fn(|m| m.target() == ACCESS_TARGET));
+    // `try_init` also installs the `log` → `tracing` bridge used by aya-log.
+    let _ = tracing_subscriber::registry()
+        .with(main.with_filter(filter))
+        .with(access)
+        .try_init();
 }
 
 /// Drains kernel-side aya-log records into `log` (hence `tracing`) whenever the ring has data;

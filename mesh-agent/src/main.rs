@@ -42,9 +42,20 @@ struct Args {
     /// Readiness endpoint (`GET /healthz/ready`); `none` to disable.
     #[arg(long, default_value = config::DEFAULT_READINESS_ADDR)]
     readiness_addr: String,
-    /// Prometheus metrics endpoint (served with the telemetry stage); `none` to disable.
-    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
+    /// Prometheus metrics endpoint (`/metrics`, `/stats/prometheus`); `none` to disable.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = config::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// One JSON line per finished connection on stdout (`true`/`false`; default false, as
+    /// Istio's access logs).
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    access_log: Option<String>,
+    /// OTLP/gRPC collector the connection logs are exported to (`http://host:4317`); none by
+    /// default.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0..=1 (default 0.01, Istio's); children follow their parent.
+    #[arg(long, env = "MESH_TRACE_SAMPLING")]
+    trace_sampling: Option<String>,
     /// First delay before a failed discovery source is restarted (doubled per failure).
     #[arg(long, env = "MESH_RESTART_BACKOFF")]
     restart_backoff: Option<String>,
@@ -136,6 +147,9 @@ async fn main() -> anyhow::Result<()> {
         admin_socket: Some(args.admin_socket),
         readiness_addr: Some(args.readiness_addr),
         metrics_addr: Some(args.metrics_addr),
+        access_log: args.access_log,
+        otlp_endpoint: args.otlp_endpoint,
+        trace_sampling: args.trace_sampling,
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
         drain_period: args.drain_period,

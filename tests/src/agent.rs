@@ -166,6 +166,14 @@ impl AgentProcess {
             .unwrap_or_default()
     }
 
+    /// The agent's next stdout line (its access log, `--access-log true`).
+    pub fn stdout_line(&mut self, timeout: Duration) -> Result<String> {
+        self.child
+            .as_mut()
+            .context("the agent is not running")?
+            .next_line(timeout)
+    }
+
     /// A `meshctl` command aimed at this agent.
     pub fn meshctl_command(&self) -> Result<Command> {
         let mut cmd = Command::new(workspace_binary("meshctl")?);

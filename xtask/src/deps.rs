@@ -47,15 +47,26 @@ const PACKAGES: &[Package] = &[
         why: "TCP throughput benchmark",
         fallback: &[],
     },
+    Package {
+        name: "prometheus",
+        why: "telemetry test: promtool check metrics and a real Prometheus scraping the agents",
+        fallback: &[],
+    },
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Python packages (module name = package name) and why: installed with `python3 -m pip`.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[(
-    "kmock",
-    "Kubernetes API stand-in of the discovery test (no kube-apiserver is installable)",
-)];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    (
+        "kmock",
+        "Kubernetes API stand-in of the discovery test (no kube-apiserver is installable)",
+    ),
+    (
+        "rotel",
+        "OTLP collector (`rotel-agent`) the telemetry test exports connection logs to",
+    ),
+];
 
 /// `cargo xtask install-deps`: installs the missing packages and mounts bpffs.
 pub fn install() -> Result<()> {

@@ -1,0 +1,478 @@
+//! Istio's standard request metrics — `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes` — behind
+//! one call, [`record`], that the gateway and the HBONE proxies make per finished request.
+//!
+//! Keys are the `Arc`s the callers already hold (pods and services from the snapshot, SPIFFE
+//! ids), the status code and a few enums, so recording allocates nothing once a series exists.
+//! Label strings are made at scrape time. At most [`MAX_SERIES`] keys (a request past it is
+//! dropped and counted in `mesh_telemetry_series_dropped_total{family="requests"}`); keys of
+//! deleted pods or services idle for [`super::tcp::IDLE_EXPIRY`] are removed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+};
+
+use super::labels::{Common, Peer, Reporter, Security};
+use crate::{model::ObjectName, state::Snapshot};
+
+/// Most keys kept (each key is 4 exported families, 3 of them histograms).
+pub const MAX_SERIES: usize = 5_000;
+
+/// `istio_request_duration_milliseconds` buckets: Istio's defaults.
+pub const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    10000.0,
+    30000.0,
+    60000.0,
+    300_000.0,
+    600_000.0,
+    1_800_000.0,
+    3_600_000.0,
+];
+/// `istio_request_bytes` / `istio_response_bytes` buckets: Istio's (powers of ten to 1 GB).
+pub const SIZE_BUCKETS: [f64; 10] = [
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+    10_000_000.0,
+    100_000_000.0,
+    1_000_000_000.0,
+];
+
+/// `request_protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// One finished request, as the proxy or the gateway saw it.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    pub reporter: Reporter,
+    pub source: Option<&'a Arc<ObjectName>>,
+    /// The client's proven SPIFFE id (mTLS); `None` in plaintext.
+    pub source_principal: Option<&'a Arc<str>>,
+    pub service: Option<&'a Arc<ObjectName>>,
+    pub destination: Option<&'a Arc<ObjectName>>,
+    pub destination_principal: Option<&'a Arc<str>>,
+    pub protocol: Protocol,
+    /// HTTP status sent to the client (0: none was, e.g. the connection failed).
+    pub response_code: u16,
+    /// `grpc-status` of a gRPC response.
+    pub grpc_status: Option<u16>,
+    pub security: Security,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// Records one request in the process's metrics.
+pub fn record(r: &Request<'_>) {
+    super::global().requests.record(r);
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    reporter: Reporter,
+    source: Option<Arc<ObjectName>>,
+    source_principal: Option<Arc<str>>,
+    service: Option<Arc<ObjectName>>,
+    destination: Option<Arc<ObjectName>>,
+    destination_principal: Option<Arc<str>>,
+    protocol: Protocol,
+    response_code: u16,
+    grpc_status: Option<u16>,
+    security: Security,
+}
+
+/// A fixed-bucket histogram (per-bucket counts; the last slot is `+Inf`).
+#[derive(Clone, Debug)]
+struct Hist<const N: usize> {
+    buckets: [u64; N],
+    overflow: u64,
+    sum: f64,
+}
+
+impl<const N: usize> Hist<N> {
+    fn new() -> Self {
+        Self {
+            buckets: [0; N],
+            overflow: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, bounds: &[f64; N], v: f64) {
+        self.sum += v;
+        match bounds.iter().position(|b| v <= *b) {
+            Some(i) => self.buckets[i] += 1,
+            None => self.overflow += 1,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().sum::<u64>() + self.overflow
+    }
+
+    fn add(&mut self, other: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.overflow += other.overflow;
+        self.sum += other.sum;
+    }
+
+    fn pairs(&self, bounds: &[f64; N]) -> Vec<(f64, u64)> {
+        bounds.iter().copied().zip(self.buckets).collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Series {
+    duration: Hist<19>,
+    request_bytes: Hist<10>,
+    response_bytes: Hist<10>,
+    last: Instant,
+}
+
+impl Series {
+    fn new(now: Instant) -> Self {
+        Self {
+            duration: Hist::new(),
+            request_bytes: Hist::new(),
+            response_bytes: Hist::new(),
+            last: now,
+        }
+    }
+}
+
+/// The request metrics of this process.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    series: Mutex<HashMap<Key, Series>>,
+    max: usize,
+    dropped: AtomicU64,
+    expired: AtomicU64,
+}
+
+impl RequestMetrics {
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self {
+            series: Mutex::new(HashMap::new()),
+            max,
+            dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one request.
+    pub fn record(&self, r: &Request<'_>) {
+        let key = Key {
+            reporter: r.reporter,
+            source: r.source.cloned(),
+            source_principal: r.source_principal.cloned(),
+            service: r.service.cloned(),
+            destination: r.destination.cloned(),
+            destination_principal: r.destination_principal.cloned(),
+            protocol: r.protocol,
+            response_code: r.response_code,
+            grpc_status: r.grpc_status,
+            security: r.security,
+        };
+        let now = Instant::now();
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = series.len();
+        let s = match series.get_mut(&key) {
+            Some(s) => s,
+            None if len >= self.max => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            None => series.entry(key).or_insert_with(|| Series::new(now)),
+        };
+        s.last = now;
+        s.duration
+            .observe(&DURATION_BUCKETS_MS, r.duration.as_secs_f64() * 1000.0);
+        s.request_bytes
+            .observe(&SIZE_BUCKETS, r.request_bytes as f64);
+        s.response_bytes
+            .observe(&SIZE_BUCKETS, r.response_bytes as f64);
+    }
+
+    /// Removes keys naming a deleted pod or service, idle for the TCP metrics' expiry.
+    pub fn expire(&self, snapshot: &Snapshot, now: Instant) {
+        let gone = |p: &Option<Arc<ObjectName>>, services: bool| {
+            p.as_deref().is_some_and(|p| {
+                if services {
+                    !snapshot.model.services.contains_key(p)
+                } else {
+                    !snapshot.model.pods.contains_key(p)
+                }
+            })
+        };
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = series.len();
+        series.retain(|k, s| {
+            now.duration_since(s.last) < super::tcp::IDLE_EXPIRY
+                || !(gone(&k.source, false)
+                    || gone(&k.destination, false)
+                    || gone(&k.service, true))
+        });
+        self.expired
+            .fetch_add((before - series.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// Its cardinality bound and what it cost.
+    #[must_use]
+    pub fn bound(&self) -> super::Bound {
+        super::Bound {
+            family: "requests",
+            len: self
+                .series
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            max: self.max,
+            dropped: self.dropped.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+        }
+    }
+
+    fn by_labels(&self) -> BTreeMap<Vec<String>, Series> {
+        let copy: Vec<(Key, Series)> = self
+            .series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        let mut out: BTreeMap<Vec<String>, Series> = BTreeMap::new();
+        for (k, s) in copy {
+            let mut values = Common::new(
+                k.reporter,
+                Peer {
+                    pod: k.source.as_deref(),
+                    principal: k.source_principal.as_deref(),
+                },
+                k.service.as_deref(),
+                Peer {
+                    pod: k.destination.as_deref(),
+                    principal: k.destination_principal.as_deref(),
+                },
+                k.protocol.as_str(),
+                k.security,
+            )
+            .values;
+            values.push(k.response_code.to_string());
+            values.push(k.grpc_status.map(|g| g.to_string()).unwrap_or_default());
+            match out.get_mut(&values) {
+                Some(sum) => {
+                    sum.duration.add(&s.duration);
+                    sum.request_bytes.add(&s.request_bytes);
+                    sum.response_bytes.add(&s.response_bytes);
+                }
+                None => {
+                    out.insert(values, s);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Reads one histogram of a series: (sum, count, per-bucket counts).
+type HistogramOf = fn(&Series) -> (f64, u64, Vec<(f64, u64)>);
+
+/// Label names of the request families: Istio's common ones, then the response's.
+fn label_names() -> impl Iterator<Item = &'static str> {
+    super::labels::COMMON_LABELS
+        .iter()
+        .copied()
+        .chain(["response_code", "grpc_response_status"])
+}
+
+impl Collector for RequestMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let all = self.by_labels();
+        let labelled = |values: &Vec<String>| -> Vec<(&'static str, String)> {
+            label_names().zip(values.iter().cloned()).collect()
+        };
+        super::counter_family(
+            &mut enc,
+            "istio_requests",
+            "Requests (Istio standard metric; recorded by the gateway and the HBONE proxies).",
+            all.iter().map(|(l, s)| (labelled(l), s.duration.count())),
+        )?;
+        let histograms: [(&str, &str, HistogramOf); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Request duration in milliseconds (Istio standard metric).",
+                |s| {
+                    (
+                        s.duration.sum,
+                        s.duration.count(),
+                        s.duration.pairs(&DURATION_BUCKETS_MS),
+                    )
+                },
+            ),
+            (
+                "istio_request_bytes",
+                "Request body sizes in bytes (Istio standard metric).",
+                |s| {
+                    (
+                        s.request_bytes.sum,
+                        s.request_bytes.count(),
+                        s.request_bytes.pairs(&SIZE_BUCKETS),
+                    )
+                },
+            ),
+            (
+                "istio_response_bytes",
+                "Response body sizes in bytes (Istio standard metric).",
+                |s| {
+                    (
+                        s.response_bytes.sum,
+                        s.response_bytes.count(),
+                        s.response_bytes.pairs(&SIZE_BUCKETS),
+                    )
+                },
+            ),
+        ];
+        for (name, help, get) in histograms {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (l, s) in &all {
+                let (sum, count, buckets) = get(s);
+                let labels = labelled(l);
+                m.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_per_status_and_histograms_bucket_like_istio() {
+        let m = Arc::new(RequestMetrics::new(3));
+        let client = Arc::new(ObjectName::new("shop", "client"));
+        let web = Arc::new(ObjectName::new("shop", "web"));
+        let principal: Arc<str> = Arc::from("spiffe://cluster.local/ns/shop/sa/client");
+        let req = |code, ms| Request {
+            reporter: Reporter::Destination,
+            source: Some(&client),
+            source_principal: Some(&principal),
+            service: Some(&web),
+            destination: None,
+            destination_principal: None,
+            protocol: Protocol::Http,
+            response_code: code,
+            grpc_status: None,
+            security: Security::MutualTls,
+            duration: Duration::from_millis(ms),
+            request_bytes: 10,
+            response_bytes: 5000,
+        };
+        for _ in 0..3 {
+            m.record(&req(200, 3));
+        }
+        m.record(&req(503, 70));
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(Arc::clone(&m)));
+        let mut t = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut t, &r).unwrap();
+        let value = |prefix: &str, code: &str, extra: &str| {
+            t.lines()
+                .find(|l| {
+                    l.starts_with(prefix)
+                        && l.contains(&format!("response_code=\"{code}\""))
+                        && l.contains(extra)
+                })
+                .unwrap_or_else(|| panic!("{prefix} {code} {extra} in {t}"))
+                .rsplit_once(' ')
+                .unwrap()
+                .1
+                .to_owned()
+        };
+        assert_eq!(value("istio_requests_total{", "200", ""), "3");
+        assert_eq!(value("istio_requests_total{", "503", ""), "1");
+        assert_eq!(
+            value(
+                "istio_request_duration_milliseconds_bucket{",
+                "200",
+                "le=\"5\""
+            ),
+            "3"
+        );
+        assert_eq!(
+            value(
+                "istio_request_duration_milliseconds_bucket{",
+                "503",
+                "le=\"50\""
+            ),
+            "0"
+        );
+        assert_eq!(
+            value(
+                "istio_request_duration_milliseconds_bucket{",
+                "503",
+                "le=\"100\""
+            ),
+            "1"
+        );
+        assert_eq!(
+            value("istio_response_bytes_bucket{", "200", "le=\"10000\""),
+            "3"
+        );
+        assert!(
+            t.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\""),
+            "{t}"
+        );
+        assert!(
+            t.contains("connection_security_policy=\"mutual_tls\""),
+            "{t}"
+        );
+    }
+}

@@ -1,0 +1,386 @@
+//! Istio's standard TCP metrics (`istio_tcp_connections_opened_total`, `…_closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`) from the kernel's flow events:
+//! an open event opens, a close event closes and carries the payload bytes each way (same-node
+//! bypassed connections included: the kernel adds what `sk_msg` moved).
+//!
+//! Per event: one hash lookup keyed by the `Arc`s the flow already holds (client pod, service)
+//! plus the destination pod's `Arc` from the snapshot — no allocation once the series exists.
+//! Label strings are made at scrape time, where pods of one workload are summed.
+//!
+//! Cardinality: at most [`MAX_SERIES`] (client pod, service, destination pod) keys; a flow that
+//! would add one more is not counted and `mesh_telemetry_series_dropped_total{family="tcp"}`
+//! says how many were lost. A key whose pod or service is gone from the model and that saw no
+//! flow for [`IDLE_EXPIRY`] is removed (`mesh_telemetry_series_expired_total`), so deleted
+//! workloads do not hold series forever; Prometheus treats the vanished series as stale.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_common::{
+    PROTO_UDP,
+    event::{EV_CLOSE, EV_OPEN},
+};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::labels::{Common, Peer, Reporter, Security};
+use crate::{datapath::ip_from_be, flows::FlowRecord, model::ObjectName, state::Snapshot};
+
+/// Most (client pod, service, destination pod) keys kept. 10,000 × 4 families ≈ 40,000
+/// exported series at most, what one Prometheus scrape of a node handles comfortably.
+pub const MAX_SERIES: usize = 10_000;
+/// A key of a deleted pod or service is removed after this long without a flow (Istio's
+/// proxies keep a deleted peer's series until they restart; Prometheus' own staleness is 5 min).
+pub const IDLE_EXPIRY: Duration = Duration::from_mins(5);
+/// How often keys are checked for expiry.
+pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What a series is counted under: the names a flow carries, shared with the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    source: Option<Arc<ObjectName>>,
+    service: Option<Arc<ObjectName>>,
+    destination: Option<Arc<ObjectName>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Series {
+    opened: u64,
+    closed: u64,
+    sent: u64,
+    received: u64,
+    last: Instant,
+}
+
+/// The TCP metrics of the node's connections.
+#[derive(Debug)]
+pub struct TcpMetrics {
+    series: Mutex<HashMap<Key, Series>>,
+    max: usize,
+    dropped: AtomicU64,
+    expired: AtomicU64,
+    missed: AtomicU64,
+}
+
+/// The pod behind the backend address of a flow (the destination workload).
+#[must_use]
+pub fn destination_pod(flow: &FlowRecord, snapshot: &Snapshot) -> Option<Arc<ObjectName>> {
+    let e = &flow.event;
+    (e.backend_id != 0)
+        .then(|| snapshot.pod_by_ip(ip_from_be(e.backend_addr_be, e.family)))
+        .flatten()
+        .cloned()
+}
+
+/// The backend address of a flow, when it has one.
+#[must_use]
+pub fn backend_addr(flow: &FlowRecord) -> Option<SocketAddr> {
+    let e = &flow.event;
+    let ip: IpAddr = ip_from_be(e.backend_addr_be, e.family);
+    (e.backend_id != 0).then(|| SocketAddr::new(ip, u16::from_be(e.backend_port_be)))
+}
+
+impl TcpMetrics {
+    /// Empty, keeping at most `max` keys.
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self {
+            series: Mutex::new(HashMap::new()),
+            max,
+            dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one flow event (TCP opens and closes; other kinds and UDP are not Istio's TCP
+    /// metrics).
+    pub fn observe(&self, flow: &FlowRecord, destination: Option<&Arc<ObjectName>>) {
+        let e = &flow.event;
+        if e.proto == PROTO_UDP || (e.kind != EV_OPEN && e.kind != EV_CLOSE) {
+            return;
+        }
+        let key = Key {
+            source: flow.source.clone(),
+            service: flow.service.clone(),
+            destination: destination.cloned(),
+        };
+        let now = Instant::now();
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = series.len();
+        let s = match series.get_mut(&key) {
+            Some(s) => s,
+            None if len >= self.max => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            None => series.entry(key).or_insert(Series {
+                opened: 0,
+                closed: 0,
+                sent: 0,
+                received: 0,
+                last: now,
+            }),
+        };
+        s.last = now;
+        if e.kind == EV_OPEN {
+            s.opened += 1;
+        } else {
+            s.closed += 1;
+            s.sent += e.bytes_sent;
+            s.received += e.bytes_received;
+        }
+    }
+
+    /// Flow events the subscriber missed (it fell behind the hub): not in these metrics.
+    pub fn note_missed(&self, n: u64) {
+        self.missed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Removes keys naming a pod or service that `snapshot` no longer has, idle for
+    /// [`IDLE_EXPIRY`] at `now`.
+    pub fn expire(&self, snapshot: &Snapshot, now: Instant) {
+        let gone_pod = |p: &Option<Arc<ObjectName>>| {
+            p.as_deref()
+                .is_some_and(|p| !snapshot.model.pods.contains_key(p))
+        };
+        let gone_service = |s: &Option<Arc<ObjectName>>| {
+            s.as_deref()
+                .is_some_and(|s| !snapshot.model.services.contains_key(s))
+        };
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = series.len();
+        series.retain(|k, s| {
+            now.duration_since(s.last) < IDLE_EXPIRY
+                || !(gone_pod(&k.source) || gone_pod(&k.destination) || gone_service(&k.service))
+        });
+        self.expired
+            .fetch_add((before - series.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// Keys held now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// No key held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The series by Istio label values (pods of one workload summed):
+    /// (labels, [opened, closed, sent, received]).
+    /// Its cardinality bound and what it cost.
+    #[must_use]
+    pub fn bound(&self) -> super::Bound {
+        super::Bound {
+            family: "tcp",
+            len: self
+                .series
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            max: self.max,
+            dropped: self.dropped.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+        }
+    }
+
+    fn by_labels(&self) -> BTreeMap<Common, [u64; 4]> {
+        let copy: Vec<(Key, Series)> = self
+            .series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, s)| (k.clone(), *s))
+            .collect();
+        let mut out: BTreeMap<Common, [u64; 4]> = BTreeMap::new();
+        for (k, s) in copy {
+            let labels = Common::new(
+                Reporter::Source,
+                Peer {
+                    pod: k.source.as_deref(),
+                    principal: None,
+                },
+                k.service.as_deref(),
+                Peer {
+                    pod: k.destination.as_deref(),
+                    principal: None,
+                },
+                "tcp",
+                // The kernel sees the plaintext connection of a pod; the tunnel's own
+                // connections are reported by the proxies as `mutual_tls`.
+                Security::None,
+            );
+            let sum = out.entry(labels).or_default();
+            for (a, b) in sum.iter_mut().zip([s.opened, s.closed, s.sent, s.received]) {
+                *a += b;
+            }
+        }
+        out
+    }
+}
+
+impl Collector for TcpMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let all = self.by_labels();
+        let families = [
+            (
+                "istio_tcp_connections_opened",
+                "TCP connections opened (Istio standard metric; from the kernel's flow events).",
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "TCP connections closed (Istio standard metric; from the kernel's flow events).",
+            ),
+            (
+                "istio_tcp_sent_bytes",
+                "Payload bytes the client sent, counted at close (Istio standard metric).",
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Payload bytes the client received, counted at close (Istio standard metric).",
+            ),
+        ];
+        for (i, (name, help)) in families.into_iter().enumerate() {
+            super::counter_family(
+                &mut enc,
+                name,
+                help,
+                all.iter()
+                    .map(|(l, v)| (l.pairs().collect::<Vec<_>>(), v[i])),
+            )?;
+        }
+        super::counter(
+            &mut enc,
+            "mesh_telemetry_flow_events_missed",
+            "Flow events telemetry missed because it fell behind the flow hub (not in istio_tcp_*).",
+            self.missed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_common::{FAMILY_V4, PROTO_TCP, event::FlowEvent};
+
+    use super::*;
+    use crate::model::{ClusterModel, Pod};
+
+    fn flow(kind: u8, source: &Arc<ObjectName>, service: &Arc<ObjectName>) -> FlowRecord {
+        FlowRecord {
+            event: FlowEvent {
+                kind,
+                family: FAMILY_V4,
+                proto: PROTO_TCP,
+                backend_id: 1,
+                bytes_sent: 100,
+                bytes_received: 7,
+                ..FlowEvent::default()
+            },
+            time_unix_nano: 0,
+            source: Some(Arc::clone(source)),
+            service: Some(Arc::clone(service)),
+        }
+    }
+
+    fn text(m: &Arc<TcpMetrics>) -> String {
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(Arc::clone(m)));
+        let mut s = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut s, &r).unwrap();
+        s
+    }
+
+    #[test]
+    fn opens_closes_and_bytes_sum_per_workload_and_the_bound_drops_and_counts() {
+        let m = Arc::new(TcpMetrics::new(2));
+        let a = Arc::new(ObjectName::new("shop", "client-5f6b7c9d8-zt2p4"));
+        let b = Arc::new(ObjectName::new("shop", "client-5f6b7c9d8-xx2p4"));
+        let web = Arc::new(ObjectName::new("shop", "web"));
+        let db = Arc::new(ObjectName::new("shop", "db"));
+        for (src, kind) in [(&a, EV_OPEN), (&a, EV_CLOSE), (&b, EV_OPEN), (&b, EV_CLOSE)] {
+            m.observe(&flow(kind, src, &web), None);
+        }
+        // A third key is over the bound of 2.
+        m.observe(&flow(EV_OPEN, &a, &db), None);
+        // UDP and other kinds are not counted at all.
+        let mut udp = flow(EV_OPEN, &a, &web);
+        udp.event.proto = PROTO_UDP;
+        m.observe(&udp, None);
+        m.observe(&flow(mesh_common::event::EV_REJECT, &a, &web), None);
+        let t = text(&m);
+        let line = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(name) && l.contains("destination_service_name=\"web\""))
+                .unwrap_or_else(|| panic!("{name} in {t}"))
+                .rsplit_once(' ')
+                .unwrap()
+                .1
+                .to_owned()
+        };
+        // Two pods of the Deployment `client` are one workload: one series.
+        assert_eq!(line("istio_tcp_connections_opened_total{"), "2");
+        assert_eq!(line("istio_tcp_connections_closed_total{"), "2");
+        assert_eq!(line("istio_tcp_sent_bytes_total{"), "200");
+        assert_eq!(line("istio_tcp_received_bytes_total{"), "14");
+        assert!(t.contains("source_workload=\"client\""), "{t}");
+        assert!(!t.contains("destination_service_name=\"db\""), "{t}");
+        assert_eq!((m.bound().len, m.bound().dropped), (2, 1));
+    }
+
+    #[test]
+    fn series_of_deleted_pods_expire_after_idling_and_live_ones_stay() {
+        let m = TcpMetrics::new(10);
+        let live = Arc::new(ObjectName::new("shop", "live"));
+        let gone = Arc::new(ObjectName::new("shop", "gone"));
+        let web = Arc::new(ObjectName::new("shop", "web"));
+        m.observe(&flow(EV_OPEN, &live, &web), None);
+        m.observe(&flow(EV_OPEN, &gone, &web), None);
+        let mut model = ClusterModel::default();
+        model.pods.insert(
+            (*live).clone(),
+            Pod {
+                name: (*live).clone(),
+                node: "a".into(),
+                service_account: "default".into(),
+                ips: vec![],
+                uid: String::new(),
+                host_network: false,
+            },
+        );
+        model.services.insert(
+            (*web).clone(),
+            crate::model::Service {
+                name: (*web).clone(),
+                cluster_ips: vec![],
+                ports: vec![],
+                settings: crate::model::ServiceSettings::default(),
+                endpoints: vec![],
+                internal_traffic_policy: crate::model::TrafficPolicy::default(),
+            },
+        );
+        let snap = Snapshot::build(1, model, crate::reconcile::AppliedServices::new());
+        m.expire(&snap, Instant::now());
+        assert_eq!(m.len(), 2, "not idle yet");
+        m.expire(&snap, Instant::now() + IDLE_EXPIRY);
+        assert_eq!(
+            m.len(),
+            1,
+            "the deleted pod's series went, the live one stayed"
+        );
+        assert_eq!(m.expired.load(Ordering::Relaxed), 1);
+    }
+}
