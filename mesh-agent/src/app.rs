@@ -306,6 +306,7 @@ async fn start_proxies(
         }
         Some(Redirect {
             dst_pod: c.dst,
+            service: c.service,
             dst_node: SocketAddr::new(node_ip?, hbone_port),
             dst_identity: numbers.id(c.dst_identity)?.clone(),
             src_identity: numbers.id(c.src_identity)?.clone(),
@@ -323,6 +324,7 @@ async fn start_proxies(
         client: ClientConfig::default(),
         inbound: InboundConfig::default(),
     };
+    crate::proxy::set_stream_observer(Arc::new(TunnelTelemetry(Arc::clone(&shared.stores))));
     let proxies = crate::proxy::start(parts, &shared.drain).await?;
     info!(
         outbound = shared.config.proxy.outbound_port,
@@ -330,6 +332,53 @@ async fn start_proxies(
         "HBONE proxies serving"
     );
     Ok(proxies)
+}
+
+/// Tunnelled streams into Istio's TCP metrics (`mutual_tls`), named from the snapshot: the
+/// kernel's flows do not cover captured connections.
+struct TunnelTelemetry(Arc<Stores>);
+
+impl TunnelTelemetry {
+    fn count(&self, ends: &crate::proxy::StreamEnds, event: crate::telemetry::tcp::TunnelEvent) {
+        let snap = self.0.snapshot.load();
+        let service = ends.service.and_then(|a| {
+            snap.service_by_addr(a, Protocol::Tcp)
+                .map(|s| Arc::clone(&s.name))
+        });
+        crate::telemetry::global().tcp.observe_tunnel(
+            if ends.outbound {
+                crate::telemetry::labels::Reporter::Source
+            } else {
+                crate::telemetry::labels::Reporter::Destination
+            },
+            snap.pod_by_ip(ends.src).cloned(),
+            service,
+            snap.pod_by_ip(ends.dst.ip()).cloned(),
+            &ends.src_id,
+            &ends.dst_id,
+            event,
+        );
+    }
+}
+
+impl crate::proxy::StreamObserver for TunnelTelemetry {
+    fn opened(&self, ends: &crate::proxy::StreamEnds) {
+        self.count(ends, crate::telemetry::tcp::TunnelEvent::Open);
+    }
+
+    fn closed(&self, ends: &crate::proxy::StreamEnds, sent: u64, received: u64) {
+        // `sent`/`received` here are the proxy's local socket's view (into / out of the
+        // tunnel); Istio's `sent` is the response (server → client), `received` the request.
+        let (sent, received) = if ends.outbound {
+            (received, sent)
+        } else {
+            (sent, received)
+        };
+        self.count(
+            ends,
+            crate::telemetry::tcp::TunnelEvent::Close { sent, received },
+        );
+    }
 }
 
 /// The inbound proxy's authorization, from the current snapshot: the policy view decides, and a

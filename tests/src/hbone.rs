@@ -199,6 +199,7 @@ impl Tunnel {
         let client = HboneClient::new(client_certs, ProxyStats::new(), ClientConfig::default());
         let redirect = Redirect {
             dst_pod: SocketAddr::new(ip(server_pod), port),
+            service: None,
             dst_node: SocketAddr::new(node_ip(server_pod), mesh_agent::proxy::HBONE_PORT),
             dst_identity: dst.clone(),
             src_identity: src.clone(),

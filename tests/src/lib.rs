@@ -28,6 +28,7 @@ pub mod kernel;
 pub mod kmock;
 pub mod meshpod;
 pub mod mtls;
+pub mod prom;
 
 pub use cluster::{Cluster, NodeHandle, PodHandle};
 pub use env::{cgroup2_root, ensure_bpffs, is_root, workspace_root};

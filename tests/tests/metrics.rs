@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -23,92 +22,17 @@ use std::{
 use mesh_tests::{
     Cluster, NodeHandle, PodChild, PodHandle,
     agent::{AgentProcess, write_atomically},
+    prom::{METRICS_PORT, get_in, http_get, scrape, sum},
 };
 use serde_json::Value;
 
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
-const METRICS_PORT: u16 = 15020;
 const PROMETHEUS: &str = "127.0.0.1:9090";
 const FROM_A: u32 = 10;
 const FROM_B: u32 = 6;
 /// `meshpod serve` sends its name and a newline; `hit` sends nothing and reads that line.
 const BANNER_BYTES: u32 = "web-0\n".len() as u32;
 const SERVICE_FQDN: &str = "web.default.svc.cluster.local";
-
-/// A plain HTTP/1.1 GET; (status, body).
-fn http_get(addr: &str, path: &str, accept: &str) -> Result<(u16, String), String> {
-    let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut resp = Vec::new();
-    c.read_to_end(&mut resp).map_err(|e| e.to_string())?;
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status")?;
-    // hyper answers `Connection: close` requests without chunking (a `Full` body has a length).
-    Ok((code, body.to_owned()))
-}
-
-/// GET inside `node`'s network namespace.
-fn get_in(node: &NodeHandle, addr: &str, path: &str) -> (u16, String) {
-    let (addr, target) = (addr.to_owned(), path.to_owned());
-    node.run(move || http_get(&addr, &target, "text/plain"))
-        .expect("running in the node")
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-/// One agent's scrape.
-fn scrape(node: &NodeHandle) -> String {
-    let (code, body) = get_in(node, &format!("{}:{METRICS_PORT}", node.ipv4()), "/metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// Parses `name{labels} value` lines: (name, labels, value).
-fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|kv| !kv.is_empty())
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once("=\"")?;
-                    Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
-                })
-                .collect();
-            Some((name.to_owned(), labels, value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The sum of `name` over the series whose labels include every pair of `want`.
-fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    samples(text)
-        .into_iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
-}
 
 fn model(node: &str, pods: &[(&PodHandle, &str)], backends: &[(&PodHandle, &str)]) -> String {
     let mut endpoints = String::new();
@@ -435,12 +359,14 @@ fn two_agents_report_exact_istio_tcp_metrics_and_prometheus_and_the_dashboard_ag
         sum(&text, "istio_tcp_connections_closed_total", &labels),
         f64::from(FROM_A)
     );
+    // Istio's directions: `sent` is the response (each connection's banner), `received` the
+    // request (nothing).
     assert_eq!(
-        sum(&text, "istio_tcp_received_bytes_total", &labels),
+        sum(&text, "istio_tcp_sent_bytes_total", &labels),
         f64::from(FROM_A * BANNER_BYTES),
-        "payload bytes only: each connection received one banner"
+        "payload bytes only: each connection's response is one banner"
     );
-    assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &labels), 0.0);
+    assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &labels), 0.0);
     // Each backend is a destination workload of its own; together they are all the connections.
     let per_backend: f64 = ["web-0", "web-1"]
         .iter()

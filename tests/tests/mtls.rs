@@ -18,12 +18,16 @@ use mesh_tests::{
     connect::{connect_from, tcp_in_segs},
     hbone::{Capture, contains},
     mtls::CaSetup,
+    prom::{scrape, sum},
 };
 
 const APP_PORT: u16 = 8080;
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 1);
 const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 2);
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+/// What the client sends across nodes; the link must never show it.
+const PAYLOAD: &str = "secret-payload-across";
 
 /// The two-node mesh: `client` and `near` (same node) on a, `server` on b, `outsider` (a
 /// namespace not in the mesh) on a; the CA runs in node a's namespace.
@@ -213,6 +217,32 @@ impl Mesh {
             .unwrap_or(0)
     }
 
+    /// Istio's TCP metrics of the client → server tunnel on both nodes: reported by each proxy
+    /// (`reporter` source on a, destination on b) as `mutual_tls` with both principals — the
+    /// kernel does not see captured connections — with the request (`payload` bytes) and the
+    /// response (banner and echo) counted.
+    fn tunnel_metrics_reported(&self, payload: usize) -> Result<()> {
+        let payload = f64::from(u32::try_from(payload)?);
+        for (node, reporter) in [(&self.a, "source"), (&self.b, "destination")] {
+            let labels = [
+                ("reporter", reporter),
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", CLIENT_ID),
+                ("destination_principal", WEB_ID),
+                ("source_workload", "client"),
+                ("destination_workload", "server"),
+            ];
+            Self::eventually(&format!("{reporter}'s tunnel metrics"), || {
+                let text = scrape(node);
+                sum(&text, "istio_tcp_connections_opened_total", &labels) >= 1.0
+                    && sum(&text, "istio_tcp_connections_closed_total", &labels) >= 1.0
+                    && sum(&text, "istio_tcp_received_bytes_total", &labels) >= payload
+                    && sum(&text, "istio_tcp_sent_bytes_total", &labels) >= payload
+            })?;
+        }
+        Ok(())
+    }
+
     /// Polls `f` every 100 ms for up to 10 s (agents reload their file every 500 ms).
     fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -243,14 +273,14 @@ fn exchange(pod: &PodHandle, to: SocketAddr, payload: &'static str) -> Result<St
     pod.run(move || -> std::result::Result<String, String> {
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
             .map_err(|e| format!("connect {to}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))
+        s.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
         s.write_all(payload.as_bytes()).map_err(|e| e.to_string())?;
         s.shutdown(std::net::Shutdown::Write)
             .map_err(|e| e.to_string())?;
         let mut out = String::new();
         s.read_to_string(&mut out)
-            .map_err(|e| format!("read: {e}"))?;
+            .map_err(|e| format!("read from {to}: {e} (got {out:?})"))?;
         Ok(out)
     })?
     .map_err(anyhow::Error::msg)
@@ -273,14 +303,14 @@ fn enrolled_pods_talk_mtls_across_nodes_and_policy_decides_on_both_paths() -> Re
     // Across nodes: through the tunnel, the server sees the client pod's own address, and the
     // link carries TLS 1.3 and none of the payload.
     let capture = Capture::start(mesh.b.netns_path())?;
-    let answer = exchange(&mesh.client, web, "secret-payload-across")?;
+    let answer = exchange(&mesh.client, web, PAYLOAD)?;
     let frames = capture.finish()?;
     let client_ip = mesh.client.ipv4();
     ensure!(
         answer.starts_with(&format!("server peer={client_ip}:")),
         "the server saw {answer:?}"
     );
-    ensure!(answer.ends_with("secret-payload-across"), "{answer:?}");
+    ensure!(answer.ends_with(PAYLOAD), "{answer:?}");
     ensure!(
         frames
             .iter()
@@ -288,7 +318,7 @@ fn enrolled_pods_talk_mtls_across_nodes_and_policy_decides_on_both_paths() -> Re
         "no TLS 1.3 ServerHello on the link"
     );
     ensure!(
-        !frames.iter().any(|f| contains(f, b"secret-payload-across")),
+        !frames.iter().any(|f| contains(f, PAYLOAD.as_bytes())),
         "payload visible on the link"
     );
     mesh.counted(0, "captured", 1)?;
@@ -306,6 +336,8 @@ fn enrolled_pods_talk_mtls_across_nodes_and_policy_decides_on_both_paths() -> Re
             .is_some_and(|t| t.iter().any(|t| t["source_identity"] == CLIENT_ID)),
         "meshctl tunnels on a: {tunnels}"
     );
+    // The tunnelled connection in Istio's TCP metrics, from both proxies.
+    mesh.tunnel_metrics_reported(PAYLOAD.len())?;
     // Same node: no tunnel, plain connect; a pod outside the mesh still reaches mesh pods
     // (PERMISSIVE).
     ensure!(exchange(&mesh.client, near, "x")?.starts_with("near peer="));
@@ -331,9 +363,9 @@ fn enrolled_pods_talk_mtls_across_nodes_and_policy_decides_on_both_paths() -> Re
     );
     let b_log = mesh.agents[1].stderr();
     ensure!(
-        b_log.lines().any(|l| l.contains("denied")
-            && l.contains(CLIENT_ID)
-            && l.contains("spiffe://cluster.local/ns/shop/sa/web")),
+        b_log
+            .lines()
+            .any(|l| l.contains("denied") && l.contains(CLIENT_ID) && l.contains(WEB_ID)),
         "denial logged with both identities: {b_log}"
     );
     Mesh::eventually("the same-node connect is denied", || {

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::connect::{SourceInfo, build_request};
-use super::splice::{SpliceError, splice};
+use super::splice::{SpliceError, StreamBytes, splice};
 use super::stats::{Direction, ProxyStats, StreamGuard, TunnelStats, bump};
 use super::tls::{ALPN_H2, TlsError, client_config, sni_for};
 use super::{CONNECTION_WINDOW, DEFAULT_MAX_STREAMS_PER_CONN, MAX_FRAME, STREAM_WINDOW};
@@ -169,9 +169,9 @@ impl std::fmt::Debug for HboneStream {
 
 impl HboneStream {
     /// Carries `tcp` over the stream until both directions end.
-    pub async fn splice(self, tcp: TcpStream) -> Result<(), SpliceError> {
+    pub async fn splice(self, tcp: TcpStream, bytes: &StreamBytes) -> Result<(), SpliceError> {
         let tunnel = self.guard.0.clone();
-        let result = splice(tcp, self.send, self.recv, &tunnel).await;
+        let result = splice(tcp, self.send, self.recv, &tunnel, bytes).await;
         drop(self.guard);
         result
     }

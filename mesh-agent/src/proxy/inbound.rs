@@ -292,7 +292,16 @@ impl InboundServer {
         bump(&counters.inbound_streams);
         info!(source = %ctx.source, destination = %ctx.local, %dst, from = %src_ip, "HBONE stream admitted");
         let guard = StreamGuard::new(ctx.tunnel.clone());
-        if let Err(e) = splice(pod, send, req.into_body(), &ctx.tunnel).await {
+        // Bytes from the pod go into the tunnel: the server's "sent".
+        let observed = super::ObservedStream::open(super::StreamEnds {
+            outbound: false,
+            src: src_ip,
+            dst,
+            service: None,
+            src_id: ctx.source.clone(),
+            dst_id: ctx.local.clone(),
+        });
+        if let Err(e) = splice(pod, send, req.into_body(), &ctx.tunnel, &observed.bytes).await {
             if e.is_reset() {
                 bump(&counters.stream_resets);
             }

@@ -99,6 +99,69 @@ where
     }
 }
 
+/// One tunnelled stream as the telemetry sees it: which side reports, the two pods and their
+/// proven identities.
+#[derive(Debug, Clone)]
+pub struct StreamEnds {
+    /// `true` on the client's node (Istio's `reporter="source"`), `false` on the server's.
+    pub outbound: bool,
+    /// The client pod's address.
+    pub src: std::net::IpAddr,
+    /// The server pod's address and port.
+    pub dst: SocketAddr,
+    /// The service the client connected to, if it went through one.
+    pub service: Option<SocketAddr>,
+    pub src_id: SpiffeId,
+    pub dst_id: SpiffeId,
+}
+
+/// Told when a tunnelled stream opens and when it ends, with its payload bytes each way (the
+/// kernel does not see captured connections: their flows are the proxies' to report).
+pub trait StreamObserver: Send + Sync + 'static {
+    fn opened(&self, ends: &StreamEnds);
+    fn closed(&self, ends: &StreamEnds, sent: u64, received: u64);
+}
+
+/// The agent's observer, set once at start (tests and benchmarks run the proxies without one).
+static OBSERVER: std::sync::OnceLock<Arc<dyn StreamObserver>> = std::sync::OnceLock::new();
+
+/// Installs the process's stream observer; `false` if one was installed already.
+pub fn set_stream_observer(o: Arc<dyn StreamObserver>) -> bool {
+    OBSERVER.set(o).is_ok()
+}
+
+/// Reports a stream's open now and its close (with the bytes in `bytes`) when dropped.
+pub(crate) struct ObservedStream {
+    ends: Option<StreamEnds>,
+    pub(crate) bytes: splice::StreamBytes,
+}
+
+impl ObservedStream {
+    pub(crate) fn open(ends: StreamEnds) -> Self {
+        let ends = OBSERVER.get().map(|o| {
+            o.opened(&ends);
+            ends
+        });
+        Self {
+            ends,
+            bytes: splice::StreamBytes::default(),
+        }
+    }
+}
+
+impl Drop for ObservedStream {
+    fn drop(&mut self) {
+        if let (Some(o), Some(ends)) = (OBSERVER.get(), &self.ends) {
+            use std::sync::atomic::Ordering::Relaxed;
+            o.closed(
+                ends,
+                self.bytes.sent.load(Relaxed),
+                self.bytes.received.load(Relaxed),
+            );
+        }
+    }
+}
+
 /// The pods of this node the inbound side may connect to, with their identities: a `CONNECT` to
 /// an address that is not one of them, or whose identity is not the one the client asked for in
 /// its handshake, is refused (400) so a certificate for one workload never opens another.
@@ -121,6 +184,8 @@ where
 pub struct Redirect {
     /// The pod address the application connected to (after service translation).
     pub dst_pod: SocketAddr,
+    /// The service address it connected to, if any.
+    pub service: Option<SocketAddr>,
     /// The agent of the node that runs it (its HBONE port).
     pub dst_node: SocketAddr,
     /// The identity the destination must prove.

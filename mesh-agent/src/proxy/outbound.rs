@@ -99,7 +99,15 @@ impl OutboundListener {
                 return;
             }
         };
-        if let Err(e) = stream.splice(tcp).await {
+        let observed = super::ObservedStream::open(super::StreamEnds {
+            outbound: true,
+            src: peer.ip(),
+            dst: redirect.dst_pod,
+            service: redirect.service,
+            src_id: redirect.src_identity.clone(),
+            dst_id: redirect.dst_identity.clone(),
+        });
+        if let Err(e) = stream.splice(tcp, &observed.bytes).await {
             if e.is_reset() {
                 bump(&counters.stream_resets);
             }

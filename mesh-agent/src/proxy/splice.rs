@@ -44,10 +44,20 @@ impl SpliceError {
     }
 }
 
+/// Payload bytes one stream carried each way (the tunnel's totals count them too).
+#[derive(Debug, Default)]
+pub struct StreamBytes {
+    /// From the local socket into the tunnel.
+    pub sent: AtomicU64,
+    /// From the tunnel to the local socket.
+    pub received: AtomicU64,
+}
+
 async fn tcp_to_tunnel(
     mut rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     bytes: &AtomicU64,
+    stream: &AtomicU64,
 ) -> Result<(), SpliceError> {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
@@ -85,6 +95,7 @@ async fn tcp_to_tunnel(
             send.send_data(part, false)?;
         }
         bytes.fetch_add(n as u64, Ordering::Relaxed);
+        stream.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -92,6 +103,7 @@ async fn tunnel_to_tcp(
     mut recv: RecvStream,
     mut wr: OwnedWriteHalf,
     bytes: &AtomicU64,
+    stream: &AtomicU64,
 ) -> Result<(), SpliceError> {
     while let Some(data) = recv.data().await {
         let data = match data {
@@ -109,6 +121,7 @@ async fn tunnel_to_tcp(
         // Only now is the window given back: the sender waits for our pod.
         let _ = recv.flow_control().release_capacity(n);
         bytes.fetch_add(n as u64, Ordering::Relaxed);
+        stream.fetch_add(n as u64, Ordering::Relaxed);
     }
     // END_STREAM: half-close towards the pod; the other direction goes on.
     wr.shutdown().await.map_err(SpliceError::LocalWrite)
@@ -122,12 +135,13 @@ pub async fn splice(
     send: SendStream<Bytes>,
     recv: RecvStream,
     tunnel: &TunnelStats,
+    stream: &StreamBytes,
 ) -> Result<(), SpliceError> {
     let _ = tcp.set_nodelay(true);
     let (rd, wr) = tcp.into_split();
     futures::future::try_join(
-        tcp_to_tunnel(rd, send, &tunnel.bytes_sent),
-        tunnel_to_tcp(recv, wr, &tunnel.bytes_received),
+        tcp_to_tunnel(rd, send, &tunnel.bytes_sent, &stream.sent),
+        tunnel_to_tcp(recv, wr, &tunnel.bytes_received, &stream.received),
     )
     .await
     .map(|_| ())

@@ -385,6 +385,7 @@ async fn the_outbound_listener_tunnels_a_captured_connection() {
     let env = env().await;
     let redirect = Redirect {
         dst_pod: env.pod,
+        service: None,
         dst_node: env.hbone,
         dst_identity: env.dst.clone(),
         src_identity: env.src.clone(),

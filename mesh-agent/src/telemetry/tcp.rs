@@ -48,6 +48,27 @@ struct Key {
     source: Option<Arc<ObjectName>>,
     service: Option<Arc<ObjectName>>,
     destination: Option<Arc<ObjectName>>,
+    /// Set for a stream of an HBONE tunnel (the proxies report it, `mutual_tls`): who reports
+    /// and the two proven identities. `None` for the kernel's plaintext flows.
+    tunnel: Option<Arc<TunnelKey>>,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TunnelKey {
+    reporter: Reporter,
+    source_principal: String,
+    destination_principal: String,
+}
+
+/// A tunnelled stream's open or close, as a proxy reports it.
+#[derive(Clone, Copy, Debug)]
+pub enum TunnelEvent {
+    Open,
+    /// `sent`: the response's bytes (server → client); `received`: the request's (Istio's).
+    Close {
+        sent: u64,
+        received: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -111,7 +132,50 @@ impl TcpMetrics {
             source: flow.source.clone(),
             service: flow.service.clone(),
             destination: destination.cloned(),
+            tunnel: None,
         };
+        if e.kind == EV_OPEN {
+            self.count(key, TunnelEvent::Open);
+        } else {
+            // Istio's `sent` is the response (server → client), `received` the request: the
+            // client socket's received and sent bytes.
+            self.count(
+                key,
+                TunnelEvent::Close {
+                    sent: e.bytes_received,
+                    received: e.bytes_sent,
+                },
+            );
+        }
+    }
+
+    /// Counts one stream of an HBONE tunnel: `reporter` is the proxy's side, the pods and
+    /// service as the snapshot names them, the identities as mTLS proved them.
+    #[allow(clippy::too_many_arguments, reason = "one per Istio label source")]
+    pub fn observe_tunnel(
+        &self,
+        reporter: Reporter,
+        source: Option<Arc<ObjectName>>,
+        service: Option<Arc<ObjectName>>,
+        destination: Option<Arc<ObjectName>>,
+        source_principal: &crate::identity::SpiffeId,
+        destination_principal: &crate::identity::SpiffeId,
+        event: TunnelEvent,
+    ) {
+        let key = Key {
+            source,
+            service,
+            destination,
+            tunnel: Some(Arc::new(TunnelKey {
+                reporter,
+                source_principal: source_principal.to_string(),
+                destination_principal: destination_principal.to_string(),
+            })),
+        };
+        self.count(key, event);
+    }
+
+    fn count(&self, key: Key, event: TunnelEvent) {
         let now = Instant::now();
         let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let len = series.len();
@@ -130,12 +194,13 @@ impl TcpMetrics {
             }),
         };
         s.last = now;
-        if e.kind == EV_OPEN {
-            s.opened += 1;
-        } else {
-            s.closed += 1;
-            s.sent += e.bytes_sent;
-            s.received += e.bytes_received;
+        match event {
+            TunnelEvent::Open => s.opened += 1,
+            TunnelEvent::Close { sent, received } => {
+                s.closed += 1;
+                s.sent += sent;
+                s.received += received;
+            }
         }
     }
 
@@ -208,21 +273,26 @@ impl TcpMetrics {
             .collect();
         let mut out: BTreeMap<Common, [u64; 4]> = BTreeMap::new();
         for (k, s) in copy {
+            let t = k.tunnel.as_deref();
             let labels = Common::new(
-                Reporter::Source,
+                t.map_or(Reporter::Source, |t| t.reporter),
                 Peer {
                     pod: k.source.as_deref(),
-                    principal: None,
+                    principal: t.map(|t| t.source_principal.as_str()),
                 },
                 k.service.as_deref(),
                 Peer {
                     pod: k.destination.as_deref(),
-                    principal: None,
+                    principal: t.map(|t| t.destination_principal.as_str()),
                 },
                 "tcp",
-                // The kernel sees the plaintext connection of a pod; the tunnel's own
-                // connections are reported by the proxies as `mutual_tls`.
-                Security::None,
+                // The kernel sees the plaintext connections of pods; the tunnels' streams are
+                // the proxies' to report, as `mutual_tls`.
+                if t.is_some() {
+                    Security::MutualTls
+                } else {
+                    Security::None
+                },
             );
             let sum = out.entry(labels).or_default();
             for (a, b) in sum.iter_mut().zip([s.opened, s.closed, s.sent, s.received]) {
@@ -247,11 +317,11 @@ impl Collector for TcpMetrics {
             ),
             (
                 "istio_tcp_sent_bytes",
-                "Payload bytes the client sent, counted at close (Istio standard metric).",
+                "Payload bytes sent during the response (server to client), counted at close (Istio standard metric).",
             ),
             (
                 "istio_tcp_received_bytes",
-                "Payload bytes the client received, counted at close (Istio standard metric).",
+                "Payload bytes received during the request (client to server), counted at close (Istio standard metric).",
             ),
         ];
         for (i, (name, help)) in families.into_iter().enumerate() {
@@ -334,8 +404,10 @@ mod tests {
         // Two pods of the Deployment `client` are one workload: one series.
         assert_eq!(line("istio_tcp_connections_opened_total{"), "2");
         assert_eq!(line("istio_tcp_connections_closed_total{"), "2");
-        assert_eq!(line("istio_tcp_sent_bytes_total{"), "200");
-        assert_eq!(line("istio_tcp_received_bytes_total{"), "14");
+        // Istio's directions: sent = the response (what the client received), received = the
+        // request (what the client sent).
+        assert_eq!(line("istio_tcp_sent_bytes_total{"), "14");
+        assert_eq!(line("istio_tcp_received_bytes_total{"), "200");
         assert!(t.contains("source_workload=\"client\""), "{t}");
         assert!(!t.contains("destination_service_name=\"db\""), "{t}");
         assert_eq!((m.bound().len, m.bound().dropped), (2, 1));
