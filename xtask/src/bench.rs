@@ -17,6 +17,9 @@ pub enum Suite {
     /// The real agent reconciling 10,000 services x 10 endpoints from a static file: time, RSS,
     /// endpoint updates per second (`target/bench/control-plane.json`).
     ControlPlane,
+    /// HBONE tunnel vs plaintext vs an nginx `stream` TLS pair between two nodes; the proxies'
+    /// CPU per request and RSS; rustls vs kernel TLS for one stream (`target/bench/mtls.json`).
+    Mtls,
 }
 
 impl Suite {
@@ -24,6 +27,7 @@ impl Suite {
         match self {
             Self::Datapath => "datapath",
             Self::ControlPlane => "control-plane",
+            Self::Mtls => "mtls",
         }
     }
 }

@@ -124,6 +124,8 @@ enum Cmd {
     Datapath(DatapathArgs),
     /// Run the control-plane benchmark: the agent reconciling 10,000 services (root).
     ControlPlane(ControlPlaneArgs),
+    /// Run the mtls benchmark: HBONE tunnel vs plaintext vs an nginx TLS pair (root).
+    Mtls(MtlsArgs),
     /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -140,6 +142,16 @@ struct ControlPlaneArgs {
     /// Only one discovery source: `file` or `kubernetes` (default: both).
     #[arg(long, value_parser = ["file", "kubernetes"])]
     only: Option<String>,
+}
+
+#[derive(Args)]
+struct MtlsArgs {
+    /// One repetition, shorter runs, 1,000 idle streams (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/mtls.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -186,6 +198,11 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Datapath(a) => datapath(&a),
         Cmd::ControlPlane(a) => control_plane(&a),
+        Cmd::Mtls(a) => mesh_tests::bench_mtls::run(
+            a.quick,
+            &a.out
+                .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
+        ),
         Cmd::Serve(a) => serve(&a),
     };
     match result {
