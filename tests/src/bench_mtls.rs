@@ -123,20 +123,38 @@ pub struct NodeProxyConfig {
     pub services: Vec<ServiceRoute>,
 }
 
-/// Raises `RLIMIT_NOFILE` (soft and hard) to [`NOFILE`]; children inherit it.
-pub fn raise_fd_limit() -> Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: NOFILE,
-        rlim_max: NOFILE,
+/// Raises `RLIMIT_NOFILE` to [`NOFILE`] (children inherit it); where raising the hard limit is
+/// not permitted (a container without `CAP_SYS_RESOURCE`), the soft limit to the hard one.
+/// Returns the limit in force.
+pub fn raise_fd_limit() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
-        bail!(
-            "setrlimit(RLIMIT_NOFILE, {NOFILE}): {}",
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: getrlimit into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        bail!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
     }
-    Ok(())
+    for want in [
+        libc::rlimit {
+            rlim_cur: NOFILE.max(lim.rlim_max),
+            rlim_max: NOFILE.max(lim.rlim_max),
+        },
+        libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        },
+    ] {
+        // SAFETY: setrlimit with a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) } == 0 {
+            return Ok(want.rlim_cur);
+        }
+    }
+    bail!(
+        "setrlimit(RLIMIT_NOFILE, {}): {}",
+        lim.rlim_max,
+        std::io::Error::last_os_error()
+    )
 }
 
 /// A binary built next to the running one (`cargo build --bins` puts them together).
@@ -275,8 +293,8 @@ fn nginx_head(dir: &Path, name: &str, stream: bool) -> String {
     };
     format!(
         "# mesh-bench mtls: {name}\n{module}daemon off;\nmaster_process off;\nworker_processes 1;\n\
-         worker_rlimit_nofile {NOFILE};\nerror_log stderr error;\npid {dir}/{name}.pid;\n\
-         events {{ worker_connections 30000; }}\n",
+ error_log stderr error;\npid {dir}/{name}.pid;\n\
+         events {{ worker_connections 15000; }}\n",
         dir = dir.display()
     )
 }
@@ -611,7 +629,7 @@ async fn open_loop(targets: Vec<SocketAddr>, rate: u32, time: Duration) -> Resul
 }
 
 /// Opens `n` connections from inside `netns` to `target` and holds them until `release` is
-/// dropped; returns once all are established (at most `batch` connects in flight).
+/// dropped; returns once all are established (at most 100 connects in flight).
 fn hold_connections(
     netns: &Path,
     target: SocketAddr,
@@ -629,7 +647,7 @@ fn hold_connections(
             let mut held = Vec::with_capacity(n);
             let mut opened = 0;
             while opened < n {
-                let batch = (n - opened).min(200);
+                let batch = (n - opened).min(100);
                 let mut set = tokio::task::JoinSet::new();
                 for _ in 0..batch {
                     set.spawn(tokio::net::TcpStream::connect(target));
@@ -660,11 +678,16 @@ fn hold_connections(
     Ok((release, thread))
 }
 
-/// Established TCP connections to `port` (the server side) in `place`, from `ss`.
-fn established_to(place: &crate::Sandbox, port: u16) -> Result<usize> {
+/// Established TCP connections to `port` from `peer` in `place` (the server side), from `ss`.
+fn established_from(place: &crate::Sandbox, port: u16, peer: IpAddr) -> Result<usize> {
     let out = place.exec(
         "ss",
-        ["-Htn", "state", "established", &format!("( sport = :{port} )")],
+        [
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} and dst {peer} )"),
+        ],
     )?;
     Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
 }
@@ -920,7 +943,7 @@ struct Bench {
 }
 
 /// Runs the suite and writes `out` (flat JSON `{"metric": number}`).
-pub fn run(quick: bool, out: &Path) -> Result<()> {
+pub fn run(quick: bool, only: Option<&str>, out: &Path) -> Result<()> {
     ensure!(
         crate::is_root(),
         "the mtls benchmark needs root (namespaces, cgroups): run `cargo xtask bench mtls` as root"
@@ -932,7 +955,12 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         .join("mtls");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    raise_fd_limit()?;
+    let nofile = raise_fd_limit()?;
+    ensure!(
+        nofile > 2 * plan.idle_streams as u64 + 1_000,
+        "RLIMIT_NOFILE is {nofile}: too few for {} idle streams",
+        plan.idle_streams
+    );
     println!(
         "mesh-bench mtls{}\ncommand:  {}\nmachine:  Linux {}, {} CPUs\nnginx:    {} (stream, one worker per side, TLS 1.3, client certificates)\nplan:     {} reps; wrk -t2 -c32 {} s; iperf3 one stream {} s; {RATE} req/s open loop {} s over {SERVICES} services; {} idle tunnelled connections",
         if quick { " (quick)" } else { "" },
@@ -950,12 +978,26 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     );
     let mut bench = Bench::setup(plan, dir)?;
     let mut s = Samples::default();
-    for rep in 0..plan.reps {
-        println!("rep {}/{}", rep + 1, plan.reps);
-        bench.rep(rep, &mut s)?;
+    let part = |name: &str| only.is_none_or(|o| o == name);
+    if part("paths") {
+        for rep in 0..plan.reps {
+            println!("rep {}/{}", rep + 1, plan.reps);
+            bench.rep(rep, &mut s)?;
+        }
     }
-    let idle = bench.idle_streams(&mut s);
-    let tls = tls_stream(&bench.pki, plan, &mut s);
+    let idle = if part("idle") {
+        bench.idle_streams(&mut s)
+    } else {
+        Ok(())
+    };
+    if let Err(e) = &idle {
+        println!("  idle streams: {e:#}");
+    }
+    let tls = if part("tls") {
+        tls_stream(&bench.pki, plan, &mut s)
+    } else {
+        Ok(())
+    };
     let mut metrics = s.medians();
     metrics.insert("bench_reps".to_owned(), plan.reps as f64);
     metrics.insert(
@@ -1108,9 +1150,10 @@ impl Bench {
             cluster,
             ..
         } = self;
-        for mut p in proxies {
+        for (node, mut p) in ["node 1", "node 2"].into_iter().zip(proxies) {
             p.close_stdin();
             let _ = p.wait_timeout(Duration::from_secs(5));
+            println!("{node} proxy: {}", tail(&p.stderr_text()));
         }
         drop((nginx_pair, _app, _iperf));
         cluster.teardown()
@@ -1278,8 +1321,16 @@ impl Bench {
     fn idle_streams(&self, s: &mut Samples) -> Result<()> {
         let n = self.plan.idle_streams;
         let pids = self.pids("tunnel");
+        // The pod sees the client pod's address on tunnelled connections (transparent
+        // inbound): wait until the earlier runs' connections are gone, then count ours.
+        let client_ip = IpAddr::from(self.client.ipv4());
+        let settle = Instant::now() + Duration::from_secs(20);
+        while established_from(&self.server, HTTP_PORT, client_ip)? > 0 && Instant::now() < settle
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let base = established_from(&self.server, HTTP_PORT, client_ip)?;
         let before: Vec<f64> = pids.iter().map(|p| rss_kb(*p)).collect::<Result<_>>()?;
-        let base = established_to(&self.server, HTTP_PORT)?;
         let target = SocketAddr::new(
             self.n1.gateway_v4().into(),
             mesh_agent::proxy::OUTBOUND_PORT,
@@ -1289,7 +1340,7 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_mins(1);
         let mut reached = 0;
         while Instant::now() < deadline {
-            reached = established_to(&self.server, HTTP_PORT)?.saturating_sub(base);
+            reached = established_from(&self.server, HTTP_PORT, client_ip)?.saturating_sub(base);
             if reached >= n {
                 break;
             }
@@ -1301,9 +1352,31 @@ impl Bench {
         holder
             .join()
             .map_err(|_| anyhow::anyhow!("idle holder panicked"))??;
+        s.push("idle_streams_reached", reached as f64);
+        let listen = self.n1.exec("ss", ["-Hltn", "( sport = :15001 )"]).unwrap_or_default();
+        let nstat = |p: &crate::Sandbox| {
+            p.exec(
+                "nstat",
+                [
+                    "-az",
+                    "TcpExtListenOverflows",
+                    "TcpExtListenDrops",
+                    "TcpExtSyncookiesSent",
+                    "TcpExtTCPReqQFullDrop",
+                ],
+            )
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
         ensure!(
             reached >= n,
-            "only {reached} of {n} idle tunnelled connections reached the server pod"
+            "only {reached} of {n} idle tunnelled connections reached the server pod ({base} before); node 1 listener: {listen}; node 1: {}; client pod: {}",
+            nstat(&self.n1),
+            nstat(&self.client)
         );
         let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         s.push("idle_streams", n as f64);
@@ -1319,6 +1392,12 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// The last lines of a process's stderr, for errors.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 /// Userspace rustls vs kTLS for one bulk stream: rustls always; kTLS only where the kernel has

@@ -152,6 +152,9 @@ struct MtlsArgs {
     /// Where to write the JSON (default `<workspace>/target/bench/mtls.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only one part: `paths` (plain/tunnel/nginx), `idle` (idle streams) or `tls` (one stream).
+    #[arg(long, value_parser = ["paths", "idle", "tls"])]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -200,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::ControlPlane(a) => control_plane(&a),
         Cmd::Mtls(a) => mesh_tests::bench_mtls::run(
             a.quick,
+            a.only.as_deref(),
             &a.out
                 .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
         ),

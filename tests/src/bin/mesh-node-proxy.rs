@@ -71,6 +71,7 @@ async fn run(config: NodeProxyConfig) -> Result<()> {
         .transpose()?;
     let drain = Drain::new(Duration::from_secs(1));
     let stats = ProxyStats::new();
+    let counters = stats.clone();
     let wildcard = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
     let lid = id.clone();
     let proxies = proxy::start(
@@ -124,5 +125,14 @@ async fn run(config: NodeProxyConfig) -> Result<()> {
     }
     drain.drain().await;
     let _ = proxies.remove_routing();
+    // Non-zero counters to stderr: the benchmark shows them (failed streams, resets).
+    let nonzero: Vec<String> = counters
+        .counters
+        .snapshot()
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    eprintln!("counters: {}", nonzero.join(" "));
     Ok(())
 }
