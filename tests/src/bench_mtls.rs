@@ -930,6 +930,7 @@ const PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
 
 struct Bench {
     plan: Plan,
+    diag: Option<Diag>,
     // Field order is drop order: processes before the cluster.
     proxies: [PodChild; 2],
     nginx_pair: [PodChild; 2],
@@ -943,7 +944,7 @@ struct Bench {
 }
 
 /// Runs the suite and writes `out` (flat JSON `{"metric": number}`).
-pub fn run(quick: bool, only: Option<&str>, out: &Path) -> Result<()> {
+pub fn run(quick: bool, only: Option<&str>, diag: Option<Diag>, out: &Path) -> Result<()> {
     ensure!(
         crate::is_root(),
         "the mtls benchmark needs root (namespaces, cgroups): run `cargo xtask bench mtls` as root"
@@ -977,6 +978,7 @@ pub fn run(quick: bool, only: Option<&str>, out: &Path) -> Result<()> {
         plan.idle_streams,
     );
     let mut bench = Bench::setup(plan, dir)?;
+    bench.diag = diag;
     let mut s = Samples::default();
     let part = |name: &str| only.is_none_or(|o| o == name);
     if part("paths") {
@@ -1111,6 +1113,7 @@ impl Bench {
 
         let bench = Self {
             plan,
+            diag: None,
             proxies: [p1, p2],
             nginx_pair: [ng1, ng2],
             _app: app,
@@ -1251,7 +1254,14 @@ impl Bench {
                 .collect();
             let pids = self.pids(p);
             let before = self.cpu(p)?;
+            let attached = match self.diag {
+                Some(d) if *p == "tunnel" => Some(Attached::start(d, &pids)?),
+                _ => None,
+            };
             let r = self.rate_sampling_rss(&targets, &pids)?;
+            if let Some(a) = attached {
+                a.report(r.0.sent)?;
+            }
             let after = self.cpu(p)?;
             let (r, rss) = r;
             ensure!(
@@ -1421,6 +1431,95 @@ fn tls_stream(pki: &NginxPki, plan: Plan, s: &mut Samples) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A diagnostic tool attached to both proxy processes during the tunnel's fixed-rate run
+/// (`mesh-bench mtls --diag strace|perf`). It slows them down: numbers of such a run are not results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Diag {
+    /// `strace -c -f`: system calls per request, per process.
+    Strace,
+    /// `perf record -g`: where each process spends its CPU.
+    Perf,
+}
+
+impl std::str::FromStr for Diag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strace" => Ok(Self::Strace),
+            "perf" => Ok(Self::Perf),
+            _ => Err(format!("unknown diagnostic {s:?}: strace or perf")),
+        }
+    }
+}
+
+struct Attached {
+    diag: Diag,
+    children: Vec<(std::process::Child, PathBuf)>,
+}
+
+impl Attached {
+    fn start(diag: Diag, pids: &[u32]) -> Result<Self> {
+        let mut children = Vec::new();
+        for pid in pids {
+            let out = std::env::temp_dir().join(format!("mesh-bench-mtls-{pid}.{diag:?}"));
+            let mut cmd = match diag {
+                Diag::Strace => {
+                    let mut c = std::process::Command::new("strace");
+                    c.args(["-c", "-f", "-q", "-o"]).arg(&out);
+                    c
+                }
+                Diag::Perf => {
+                    let mut c = std::process::Command::new("perf");
+                    c.args(["record", "-q", "-g", "-o"]).arg(&out);
+                    c
+                }
+            };
+            cmd.args(["-p", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            children.push((cmd.spawn().with_context(|| format!("starting {diag:?}"))?, out));
+        }
+        // Attaching takes a moment; requests before it are not counted.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self { diag, children })
+    }
+
+    /// Stops the tools (SIGINT) and prints their summaries, per request where it applies.
+    fn report(self, requests: usize) -> Result<()> {
+        for ((mut child, out), node) in self.children.into_iter().zip(["node 1", "node 2"]) {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+            let text = match self.diag {
+                Diag::Strace => std::fs::read_to_string(&out).unwrap_or_default(),
+                Diag::Perf => {
+                    let o = std::process::Command::new("perf")
+                        .args(["report", "--stdio", "--no-children", "-g", "none", "--percent-limit", "1", "-i"])
+                        .arg(&out)
+                        .output()?;
+                    String::from_utf8_lossy(&o.stdout).into_owned()
+                }
+            };
+            println!("  {:?} of the {node} proxy ({requests} requests sent in the run):", self.diag);
+            for l in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).take(40) {
+                println!("    {l}");
+            }
+            if self.diag == Diag::Strace
+                && let Some(total) = text
+                    .lines()
+                    .find(|l| l.trim_end().ends_with("total"))
+                    .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+            {
+                println!(
+                    "    => {:.1} system calls per request",
+                    total / requests as f64
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Waits until `ports` listen in `place` (or a process exits).

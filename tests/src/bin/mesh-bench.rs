@@ -155,6 +155,10 @@ struct MtlsArgs {
     /// Only one part: `paths` (plain/tunnel/nginx), `idle` (idle streams) or `tls` (one stream).
     #[arg(long, value_parser = ["paths", "idle", "tls"])]
     only: Option<String>,
+    /// Attach `strace -c` or `perf record` to both proxy processes during the tunnel's
+    /// fixed-rate run and print where the time goes (slows them: not a results run).
+    #[arg(long)]
+    diag: Option<mesh_tests::bench_mtls::Diag>,
 }
 
 #[derive(Args)]
@@ -204,6 +208,7 @@ fn main() -> ExitCode {
         Cmd::Mtls(a) => mesh_tests::bench_mtls::run(
             a.quick,
             a.only.as_deref(),
+            a.diag,
             &a.out
                 .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
         ),
