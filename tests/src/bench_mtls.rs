@@ -17,13 +17,11 @@
     reason = "request, byte and tick counts shown as f64 are far below 2^52"
 )]
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +29,6 @@ use anyhow::{Context as _, Result, bail, ensure};
 use mesh_agent::identity::SpiffeId;
 use mesh_agent::proxy::testing::TestCa;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{Cluster, NodeHandle, PodChild, PodHandle};
 
@@ -121,6 +118,10 @@ pub struct NodeProxyConfig {
     pub local_pod: IpAddr,
     pub client_pod: IpAddr,
     pub services: Vec<ServiceRoute>,
+    /// Runtime worker threads; 0 is the agent's (`#[tokio::main]`: one per CPU), 1 a
+    /// current-thread runtime.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 /// Raises `RLIMIT_NOFILE` to [`NOFILE`] (children inherit it); where raising the hard limit is
@@ -463,15 +464,17 @@ fn iperf(pod: &PodHandle, target: SocketAddr, time: Duration) -> Result<f64> {
 
 /// A fixed-rate run's latencies, measured from each request's scheduled start (open loop: a
 /// slow answer delays no later request, so coordinated omission cannot hide it).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RateReport {
     pub sent: usize,
     pub errors: usize,
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
-    /// Connections opened (the pool grows only when every connection is busy).
+    /// Keep-alive connections the client held (one per worker and target).
     pub connections: usize,
+    /// Every answered request's latency, sorted.
+    pub latencies_us: Vec<u64>,
 }
 
 /// Nearest-rank percentile of sorted `v`.
@@ -483,15 +486,17 @@ fn percentile(v: &[u64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1] as f64
 }
 
+/// A keep-alive HTTP/1.1 connection of the fixed-rate client (blocking).
 struct Conn {
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    async fn open(to: SocketAddr) -> std::io::Result<Self> {
-        let stream = tokio::net::TcpStream::connect(to).await?;
+    fn open(to: SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
         stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Self {
             stream,
             buf: Vec::with_capacity(1024),
@@ -499,15 +504,14 @@ impl Conn {
     }
 
     /// One `GET /` and its whole answer (headers, then `Content-Length` bytes of body).
-    async fn get(&mut self) -> std::io::Result<()> {
+    fn get(&mut self) -> std::io::Result<()> {
         use std::io::{Error, ErrorKind};
         self.stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-            .await?;
+            .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
         self.buf.clear();
         let mut chunk = [0_u8; 2048];
         loop {
-            let n = self.stream.read(&mut chunk).await?;
+            let n = self.stream.read(&mut chunk)?;
             if n == 0 {
                 return Err(ErrorKind::UnexpectedEof.into());
             }
@@ -517,7 +521,10 @@ impl Conn {
             };
             let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
             if !head.starts_with("http/1.1 200") {
-                return Err(Error::other(format!("status {}", head.lines().next().unwrap_or(""))));
+                return Err(Error::other(format!(
+                    "status {}",
+                    head.lines().next().unwrap_or("")
+                )));
             }
             let len: usize = head
                 .lines()
@@ -531,100 +538,107 @@ impl Conn {
     }
 }
 
+/// Workers of the fixed-rate client: requests in flight at once before one waits for a worker
+/// (its wait still counts: latency runs from the scheduled start).
+const RATE_WORKERS: usize = 16;
+
 /// Sends `rate` requests per second for `time` from inside `netns`, spread round-robin over
-/// `targets`, each on an idle keep-alive connection to its target (a new one when all are busy).
+/// `targets`. A pacer thread (timer slack 1 ns, absolute schedule) hands each request's scheduled
+/// start to [`RATE_WORKERS`] blocking workers, each with one keep-alive connection per target
+/// (opened before the run). Open loop: a slow answer delays no later request's schedule, and
+/// latency is measured from the schedule, so coordinated omission cannot hide a stall.
 pub fn fixed_rate(
     netns: &Path,
     targets: &[SocketAddr],
     rate: u32,
     time: Duration,
 ) -> Result<RateReport> {
-    let netns = netns.to_owned();
-    let targets = targets.to_vec();
-    std::thread::spawn(move || -> Result<RateReport> {
-        crate::hbone::enter(&netns)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, open_loop(targets, rate, time))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("fixed-rate client panicked"))?
-}
-
-async fn open_loop(targets: Vec<SocketAddr>, rate: u32, time: Duration) -> Result<RateReport> {
     let period = Duration::from_secs(1) / rate;
     let total = usize::try_from(u128::from(rate) * time.as_millis() / 1000)?;
-    let pools: Rc<RefCell<Vec<Vec<Conn>>>> =
-        Rc::new(RefCell::new(targets.iter().map(|_| Vec::new()).collect()));
-    let lat: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(Vec::with_capacity(total)));
-    let errors = Rc::new(RefCell::new(0_usize));
-    let opened = Rc::new(RefCell::new(0_usize));
-    // Warm every target's pool with one connection (not timed).
-    for (i, t) in targets.iter().enumerate() {
-        let c = Conn::open(*t)
-            .await
-            .with_context(|| format!("connect {t}"))?;
-        pools.borrow_mut()[i].push(c);
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<(usize, Instant)>();
+    let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let workers: Vec<_> = (0..RATE_WORKERS.min(total.max(1)))
+        .map(|_| {
+            let (netns, targets, jobs, ready) = (
+                netns.to_owned(),
+                targets.to_vec(),
+                jobs_rx.clone(),
+                ready_tx.clone(),
+            );
+            std::thread::spawn(move || -> (Vec<u64>, usize) {
+                let conns: Result<Vec<Conn>> = crate::hbone::enter(&netns).and_then(|()| {
+                    targets
+                        .iter()
+                        .map(|t| Conn::open(*t).with_context(|| format!("connect {t}")))
+                        .collect()
+                });
+                let mut conns = match conns {
+                    Ok(c) => {
+                        let _ = ready.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return (Vec::new(), 0);
+                    }
+                };
+                let (mut lat, mut errors) = (Vec::new(), 0);
+                loop {
+                    let job = jobs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .recv();
+                    let Ok((i, due)) = job else { break };
+                    let t = i % conns.len();
+                    let ok = conns[t].get().is_ok()
+                        || Conn::open(targets[t]).is_ok_and(|c| {
+                            conns[t] = c;
+                            conns[t].get().is_ok()
+                        });
+                    if ok {
+                        lat.push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    drop(ready_tx);
+    for r in ready_rx.iter().take(workers.len()) {
+        r?;
     }
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
-    let mut tasks = Vec::with_capacity(total);
+    // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread only.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_u64, 0_u64, 0_u64, 0_u64) };
+    let start = Instant::now() + Duration::from_millis(10);
     for i in 0..total {
         let due = start + period * u32::try_from(i)?;
-        tokio::time::sleep_until(due).await;
-        let t = i % targets.len();
-        let to = targets[t];
-        let (pools, lat, errors, opened) = (
-            pools.clone(),
-            lat.clone(),
-            errors.clone(),
-            opened.clone(),
-        );
-        tasks.push(tokio::task::spawn_local(async move {
-            let idle = pools.borrow_mut()[t].pop();
-            let conn = match idle {
-                Some(c) => Ok(c),
-                None => {
-                    *opened.borrow_mut() += 1;
-                    Conn::open(to).await
-                }
-            };
-            let done = match conn {
-                Ok(mut c) => match c.get().await {
-                    Ok(()) => {
-                        pools.borrow_mut()[t].push(c);
-                        true
-                    }
-                    Err(_) => false,
-                },
-                Err(_) => false,
-            };
-            if done {
-                let us = due.elapsed().as_micros();
-                lat.borrow_mut().push(u64::try_from(us).unwrap_or(u64::MAX));
-            } else {
-                *errors.borrow_mut() += 1;
-            }
-        }));
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for t in tasks {
-        if tokio::time::timeout_at(deadline, t).await.is_err() {
-            *errors.borrow_mut() += 1;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
         }
+        jobs_tx.send((i, due))?;
     }
-    let mut v = lat.borrow().clone();
+    drop(jobs_tx);
+    let (mut v, mut errors) = (Vec::with_capacity(total), 0);
+    for w in workers {
+        let (lat, e) = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("fixed-rate worker panicked"))?;
+        v.extend(lat);
+        errors += e;
+    }
     v.sort_unstable();
-    let errors = *errors.borrow();
-    let connections = *opened.borrow() + targets.len();
     Ok(RateReport {
         sent: total,
         errors,
         p50_us: percentile(&v, 50.0),
         p99_us: percentile(&v, 99.0),
         max_us: v.last().map_or(f64::NAN, |m| *m as f64),
-        connections,
+        connections: RATE_WORKERS * targets.len(),
+        latencies_us: v,
     })
 }
 
@@ -943,8 +957,21 @@ struct Bench {
     pki: NginxPki,
 }
 
-/// Runs the suite and writes `out` (flat JSON `{"metric": number}`).
-pub fn run(quick: bool, only: Option<&str>, diag: Option<Diag>, out: &Path) -> Result<()> {
+/// What `mesh-bench mtls` was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub quick: bool,
+    /// `paths`, `idle` or `tls`; all when `None`.
+    pub only: Option<String>,
+    pub diag: Option<Diag>,
+    /// The proxies' runtime worker threads (0: the agent's default).
+    pub proxy_threads: usize,
+    pub out: PathBuf,
+}
+
+/// Runs the suite and writes `opts.out` (flat JSON `{"metric": number}`).
+pub fn run(opts: &Options) -> Result<()> {
+    let (quick, only, diag, out) = (opts.quick, opts.only.as_deref(), opts.diag, opts.out.as_path());
     ensure!(
         crate::is_root(),
         "the mtls benchmark needs root (namespaces, cgroups): run `cargo xtask bench mtls` as root"
@@ -977,7 +1004,7 @@ pub fn run(quick: bool, only: Option<&str>, diag: Option<Diag>, out: &Path) -> R
         plan.rate.as_secs(),
         plan.idle_streams,
     );
-    let mut bench = Bench::setup(plan, dir)?;
+    let mut bench = Bench::setup(plan, dir, opts.proxy_threads)?;
     bench.diag = diag;
     let mut s = Samples::default();
     let part = |name: &str| only.is_none_or(|o| o == name);
@@ -1002,6 +1029,7 @@ pub fn run(quick: bool, only: Option<&str>, diag: Option<Diag>, out: &Path) -> R
     };
     let mut metrics = s.medians();
     metrics.insert("bench_reps".to_owned(), plan.reps as f64);
+    metrics.insert("bench_proxy_threads".to_owned(), opts.proxy_threads as f64);
     metrics.insert(
         "bench_cpus".to_owned(),
         std::thread::available_parallelism().map_or(1, usize::from) as f64,
@@ -1036,7 +1064,7 @@ fn first_line(program: &str, args: &[&str]) -> String {
 }
 
 impl Bench {
-    fn setup(plan: Plan, dir: PathBuf) -> Result<Self> {
+    fn setup(plan: Plan, dir: PathBuf, proxy_threads: usize) -> Result<Self> {
         let cluster = Cluster::new("bench_mtls")?;
         let n1 = cluster.add_node("n1")?;
         let n2 = cluster.add_node("n2")?;
@@ -1083,6 +1111,7 @@ impl Bench {
                 local_pod,
                 client_pod: client_ip,
                 services,
+                worker_threads: proxy_threads,
             })
         };
         let p1 = start_node_proxies(&n1, &config(&src, client_ip, services)?, &dir)?;
@@ -1240,63 +1269,87 @@ impl Bench {
             bps["tunnel"] / bps["nginx"],
         );
         s.push("nginx_throughput_ratio_vs_plain", bps["nginx"] / bps["plain"]);
-        // Fixed rate over ten services: plain and tunnel (nginx has one service here).
-        let mut p99 = BTreeMap::new();
-        for p in order.iter().filter(|p| **p != "nginx") {
-            let targets: Vec<SocketAddr> = (0..SERVICES)
-                .map(|i| match *p {
-                    "tunnel" => SocketAddr::new(
-                        self.n1.gateway_v4().into(),
-                        TUNNEL_SERVICE_PORT + i,
-                    ),
-                    _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
-                })
-                .collect();
-            let pids = self.pids(p);
-            let before = self.cpu(p)?;
-            let attached = match self.diag {
-                Some(d) if *p == "tunnel" => Some(Attached::start(d, &pids)?),
-                _ => None,
-            };
-            let r = self.rate_sampling_rss(&targets, &pids)?;
-            if let Some(a) = attached {
-                a.report(r.0.sent)?;
-            }
-            let after = self.cpu(p)?;
-            let (r, rss) = r;
-            ensure!(
-                r.errors == 0,
-                "{p} at {RATE} req/s: {} of {} requests failed",
-                r.errors,
-                r.sent
-            );
-            p99.insert(*p, r.p99_us);
-            s.push(format!("latency_p50_us_at_1000rps_{p}"), r.p50_us);
-            s.push(format!("latency_p99_us_at_1000rps_{p}"), r.p99_us);
-            s.push(format!("latency_max_us_at_1000rps_{p}"), r.max_us);
-            s.push(format!("connections_at_1000rps_{p}"), r.connections as f64);
-            if *p == "tunnel" {
-                let per: Vec<f64> = after
-                    .iter()
-                    .zip(&before)
-                    .map(|(a, b)| (a - b) / r.sent as f64)
+        // Fixed rate over ten services, plain and tunnel (nginx has one service here), in
+        // alternating one-second rounds so that load from outside the benchmark falls on both
+        // alike; percentiles over all of a path's rounds.
+        let mut lat: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        let mut tunnel_cpu = [0.0_f64; 2];
+        let mut tunnel_sent = 0;
+        let mut tunnel_rss = [0.0_f64; 2];
+        let mut connections = 0;
+        let rounds = self.plan.rate.as_secs().max(1);
+        for round in 0..rounds {
+            let first = usize::try_from(round).unwrap_or(0) % 2;
+            for p in [["plain", "tunnel"][first], ["plain", "tunnel"][1 - first]] {
+                let targets: Vec<SocketAddr> = (0..SERVICES)
+                    .map(|i| match p {
+                        "tunnel" => SocketAddr::new(
+                            self.n1.gateway_v4().into(),
+                            TUNNEL_SERVICE_PORT + i,
+                        ),
+                        _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
+                    })
                     .collect();
-                s.push("agent_cpu_us_per_req", per.iter().sum::<f64>());
-                s.push("agent_cpu_us_per_req_outbound", per[0]);
-                s.push("agent_cpu_us_per_req_inbound", per[1]);
-                s.push("agent_rss_mb_outbound", rss[0] / 1024.0);
-                s.push("agent_rss_mb_inbound", rss[1] / 1024.0);
-                s.push("agent_rss_mb", rss[0].max(rss[1]) / 1024.0);
+                let pids = self.pids(p);
+                let attached = match self.diag {
+                    Some(d) if p == "tunnel" && round == 0 => Some(Attached::start(d, &pids)?),
+                    _ => None,
+                };
+                let before = self.cpu(p)?;
+                let (r, rss) = self.rate_sampling_rss(&targets, &pids, Duration::from_secs(1))?;
+                let after = self.cpu(p)?;
+                if let Some(a) = attached {
+                    a.report(r.sent)?;
+                }
+                ensure!(
+                    r.errors == 0,
+                    "{p} at {RATE} req/s: {} of {} requests failed",
+                    r.errors,
+                    r.sent
+                );
+                connections = r.connections;
+                lat.entry(p).or_default().extend(&r.latencies_us);
+                if p == "tunnel" {
+                    for i in 0..2 {
+                        tunnel_cpu[i] += after[i] - before[i];
+                        tunnel_rss[i] = tunnel_rss[i].max(rss[i]);
+                    }
+                    tunnel_sent += r.sent;
+                }
             }
+        }
+        let mut p99 = BTreeMap::new();
+        for (p, v) in &mut lat {
+            v.sort_unstable();
+            let (p50, p99v) = (percentile(v, 50.0), percentile(v, 99.0));
+            p99.insert(*p, p99v);
+            s.push(format!("latency_p50_us_at_1000rps_{p}"), p50);
+            s.push(format!("latency_p99_us_at_1000rps_{p}"), p99v);
+            s.push(
+                format!("latency_max_us_at_1000rps_{p}"),
+                v.last().map_or(f64::NAN, |m| *m as f64),
+            );
             println!(
-                "  {RATE}/s  {p:<7} p50 {:>7.0} µs  p99 {:>7.0} µs  ({} connections)",
-                r.p50_us, r.p99_us, r.connections
+                "  {RATE}/s  {p:<7} p50 {p50:>7.0} µs  p99 {p99v:>7.0} µs  ({} requests, {connections} keep-alive connections, {rounds} rounds)",
+                v.len()
             );
         }
+        s.push(
+            "added_latency_p50_us_at_1000rps",
+            s.0["latency_p50_us_at_1000rps_tunnel"].last().copied().unwrap_or(f64::NAN)
+                - s.0["latency_p50_us_at_1000rps_plain"].last().copied().unwrap_or(f64::NAN),
+        );
         s.push(
             "added_latency_p99_us_at_1000rps",
             p99["tunnel"] - p99["plain"],
         );
+        let per = tunnel_cpu.map(|c| c / tunnel_sent as f64);
+        s.push("agent_cpu_us_per_req", per[0] + per[1]);
+        s.push("agent_cpu_us_per_req_outbound", per[0]);
+        s.push("agent_cpu_us_per_req_inbound", per[1]);
+        s.push("agent_rss_mb_outbound", tunnel_rss[0] / 1024.0);
+        s.push("agent_rss_mb_inbound", tunnel_rss[1] / 1024.0);
+        s.push("agent_rss_mb", tunnel_rss[0].max(tunnel_rss[1]) / 1024.0);
         Ok(())
     }
 
@@ -1305,6 +1358,7 @@ impl Bench {
         &self,
         targets: &[SocketAddr],
         pids: &[u32],
+        time: Duration,
     ) -> Result<(RateReport, Vec<f64>)> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
@@ -1319,7 +1373,7 @@ impl Bench {
             }
             peak
         });
-        let r = fixed_rate(self.client.netns_path(), targets, RATE, self.plan.rate);
+        let r = fixed_rate(self.client.netns_path(), targets, RATE, time);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let peak = sampler
             .join()

@@ -159,6 +159,10 @@ struct MtlsArgs {
     /// fixed-rate run and print where the time goes (slows them: not a results run).
     #[arg(long)]
     diag: Option<mesh_tests::bench_mtls::Diag>,
+    /// The proxies' runtime worker threads (default 0: one per CPU, as the agent's
+    /// `#[tokio::main]`; 1: a current-thread runtime).
+    #[arg(long, default_value_t = 0)]
+    proxy_threads: usize,
 }
 
 #[derive(Args)]
@@ -205,13 +209,15 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Datapath(a) => datapath(&a),
         Cmd::ControlPlane(a) => control_plane(&a),
-        Cmd::Mtls(a) => mesh_tests::bench_mtls::run(
-            a.quick,
-            a.only.as_deref(),
-            a.diag,
-            &a.out
+        Cmd::Mtls(a) => mesh_tests::bench_mtls::run(&mesh_tests::bench_mtls::Options {
+            quick: a.quick,
+            only: a.only,
+            diag: a.diag,
+            proxy_threads: a.proxy_threads,
+            out: a
+                .out
                 .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
-        ),
+        }),
         Cmd::Serve(a) => serve(&a),
     };
     match result {

@@ -31,11 +31,18 @@ fn main() -> Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
     // 10,000 idle tunnelled connections are 10,000 sockets on each side.
     raise_fd_limit()?;
-    // The agent's runtime: `#[tokio::main]`, one worker per CPU.
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(config))
+    // The agent's runtime by default: `#[tokio::main]`, one worker per CPU.
+    let runtime = match config.worker_threads {
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(config))
 }
 
 async fn run(config: NodeProxyConfig) -> Result<()> {
