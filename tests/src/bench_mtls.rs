@@ -1218,6 +1218,14 @@ impl Bench {
         }
     }
 
+    /// The `--diag` tool on both proxies, for the tunnel's runs of the first repetition.
+    fn attach(&self, path: &str, rep: usize) -> Result<Option<Attached>> {
+        match self.diag {
+            Some(d) if path == "tunnel" && rep == 0 => Ok(Some(Attached::start(d, &self.pids(path))?)),
+            _ => Ok(None),
+        }
+    }
+
     fn cpu(&self, path: &str) -> Result<Vec<f64>> {
         self.pids(path).into_iter().map(cpu_us).collect()
     }
@@ -1229,9 +1237,13 @@ impl Bench {
         // Keep-alive requests per second, 32 connections.
         let mut rps = BTreeMap::new();
         for p in &order {
+            let attached = self.attach(p, rep)?;
             let before = self.cpu(p)?;
             let r = wrk(&self.client, self.http_target(p), self.plan.wrk)?;
             let after = self.cpu(p)?;
+            if let Some(a) = attached {
+                a.report(r.requests, "request (wrk, 32 connections)")?;
+            }
             let cpu: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
             rps.insert(*p, r.rps);
             s.push(format!("rps_{p}"), r.rps);
@@ -1248,9 +1260,14 @@ impl Bench {
         // One bulk stream.
         let mut bps = BTreeMap::new();
         for p in &order {
+            let attached = self.attach(p, rep)?;
             let before = self.cpu(p)?;
             let b = iperf(&self.client, self.iperf_target(p), self.plan.iperf)?;
             let after = self.cpu(p)?;
+            if let Some(a) = attached {
+                let mib = b / 8.0 * self.plan.iperf.as_secs_f64() / f64::from(1_u32 << 20);
+                a.report(mib, "MiB (iperf3, one stream)")?;
+            }
             let cpu: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
             bps.insert(*p, b);
             s.push(format!("throughput_gbps_{p}"), b / 1e9);
@@ -1291,15 +1308,16 @@ impl Bench {
                     })
                     .collect();
                 let pids = self.pids(p);
-                let attached = match self.diag {
-                    Some(d) if p == "tunnel" && round == 0 => Some(Attached::start(d, &pids)?),
-                    _ => None,
+                let attached = if round == 0 {
+                    self.attach(p, rep)?
+                } else {
+                    None
                 };
                 let before = self.cpu(p)?;
                 let (r, rss) = self.rate_sampling_rss(&targets, &pids, Duration::from_secs(1))?;
                 let after = self.cpu(p)?;
                 if let Some(a) = attached {
-                    a.report(r.sent)?;
+                    a.report(r.sent as f64, "request (1,000/s)")?;
                 }
                 ensure!(
                     r.errors == 0,
@@ -1540,8 +1558,8 @@ impl Attached {
         Ok(Self { diag, children })
     }
 
-    /// Stops the tools (SIGINT) and prints their summaries, per request where it applies.
-    fn report(self, requests: usize) -> Result<()> {
+    /// Stops the tools (SIGINT) and prints their summaries; system calls per `unit`.
+    fn report(self, units: f64, unit: &str) -> Result<()> {
         for ((mut child, out), node) in self.children.into_iter().zip(["node 1", "node 2"]) {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
@@ -1556,7 +1574,7 @@ impl Attached {
                     String::from_utf8_lossy(&o.stdout).into_owned()
                 }
             };
-            println!("  {:?} of the {node} proxy ({requests} requests sent in the run):", self.diag);
+            println!("  {:?} of the {node} proxy ({units:.0} × {unit}):", self.diag);
             for l in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).take(40) {
                 println!("    {l}");
             }
@@ -1566,10 +1584,7 @@ impl Attached {
                     .find(|l| l.trim_end().ends_with("total"))
                     .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
             {
-                println!(
-                    "    => {:.1} system calls per request",
-                    total / requests as f64
-                );
+                println!("    => {:.1} system calls per {unit}", total / units);
             }
         }
         Ok(())
