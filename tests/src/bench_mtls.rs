@@ -134,7 +134,10 @@ pub fn raise_fd_limit() -> Result<u64> {
     };
     // SAFETY: getrlimit into a valid rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
-        bail!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        bail!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
     }
     for want in [
         libc::rlimit {
@@ -246,8 +249,7 @@ const SERVER_NAME: &str = "bench-server";
 
 fn nginx_pki() -> Result<NginxPki> {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     };
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -545,7 +547,7 @@ const RATE_WORKERS: usize = 16;
 /// Sends `rate` requests per second for `time` from inside `netns`, spread round-robin over
 /// `targets`. A pacer thread (timer slack 1 ns, absolute schedule) hands each request's scheduled
 /// start to [`RATE_WORKERS`] blocking workers, each with one keep-alive connection per target
-/// (opened before the run). Open loop: a slow answer delays no later request's schedule, and
+/// (opened, and one request sent on it, before the run). Open loop: a slow answer delays no later request's schedule, and
 /// latency is measured from the schedule, so coordinated omission cannot hide a stall.
 pub fn fixed_rate(
     netns: &Path,
@@ -567,10 +569,17 @@ pub fn fixed_rate(
                 ready_tx.clone(),
             );
             std::thread::spawn(move || -> (Vec<u64>, usize) {
+                // One untimed request per connection: through the tunnel, a new connection's
+                // first request also waits for its CONNECT stream (and, past 100 streams, a new
+                // pooled connection); the run measures the steady state.
                 let conns: Result<Vec<Conn>> = crate::hbone::enter(&netns).and_then(|()| {
                     targets
                         .iter()
-                        .map(|t| Conn::open(*t).with_context(|| format!("connect {t}")))
+                        .map(|t| {
+                            let mut c = Conn::open(*t).with_context(|| format!("connect {t}"))?;
+                            c.get().with_context(|| format!("first request to {t}"))?;
+                            Ok(c)
+                        })
                         .collect()
                 });
                 let mut conns = match conns {
@@ -648,7 +657,10 @@ fn hold_connections(
     netns: &Path,
     target: SocketAddr,
     n: usize,
-) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<Result<()>>)> {
+) -> Result<(
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+)> {
     let netns = netns.to_owned();
     let (up_tx, up_rx) = std::sync::mpsc::channel::<Result<()>>();
     let (release, released) = std::sync::mpsc::channel::<()>();
@@ -730,8 +742,8 @@ pub fn ktls_probe() -> Result<(), String> {
         Ok(())
     } else {
         let e = std::io::Error::last_os_error();
-        let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-            .unwrap_or_default();
+        let ulps =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
         Err(format!(
             "setsockopt(TCP_ULP, \"tls\"): {e} (tcp_available_ulp: {:?}; `modprobe tls` needs a kernel built with CONFIG_TLS)",
             ulps.trim()
@@ -977,7 +989,12 @@ pub struct Options {
 
 /// Runs the suite and writes `opts.out` (flat JSON `{"metric": number}`).
 pub fn run(opts: &Options) -> Result<()> {
-    let (quick, only, diag, out) = (opts.quick, opts.only.as_deref(), opts.diag, opts.out.as_path());
+    let (quick, only, diag, out) = (
+        opts.quick,
+        opts.only.as_deref(),
+        opts.diag,
+        opts.out.as_path(),
+    );
     ensure!(
         crate::is_root(),
         "the mtls benchmark needs root (namespaces, cgroups): run `cargo xtask bench mtls` as root"
@@ -1058,7 +1075,11 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .map_or_else(
             |_| format!("{program}: not found"),
             |o| {
-                let t = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+                let t = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
                 String::from_utf8_lossy(&t)
                     .lines()
                     .next()
@@ -1088,7 +1109,11 @@ impl Bench {
             c.args(["-s", "-p", &IPERF_PORT.to_string()]);
             c
         })?;
-        wait_listening(&server, &[HTTP_PORT, IPERF_PORT], &mut [&mut app, &mut iperf])?;
+        wait_listening(
+            &server,
+            &[HTTP_PORT, IPERF_PORT],
+            &mut [&mut app, &mut iperf],
+        )?;
 
         // HBONE: each node's proxies in their own process.
         let ca = TestCa::new("mesh-bench mtls root")?;
@@ -1227,7 +1252,9 @@ impl Bench {
     /// The `--diag` tool on both proxies, for the tunnel's runs of the first repetition.
     fn attach(&self, path: &str, rep: usize) -> Result<Option<Attached>> {
         match self.diag {
-            Some(d) if path == "tunnel" && rep == 0 => Ok(Some(Attached::start(d, &self.pids(path))?)),
+            Some(d) if path == "tunnel" && rep == 0 => {
+                Ok(Some(Attached::start(d, &self.pids(path))?))
+            }
             _ => Ok(None),
         }
     }
@@ -1291,7 +1318,10 @@ impl Bench {
             "tunnel_throughput_ratio_vs_nginx_pair",
             bps["tunnel"] / bps["nginx"],
         );
-        s.push("nginx_throughput_ratio_vs_plain", bps["nginx"] / bps["plain"]);
+        s.push(
+            "nginx_throughput_ratio_vs_plain",
+            bps["nginx"] / bps["plain"],
+        );
         // Fixed rate over ten services, plain and tunnel (nginx has one service here), in
         // alternating one-second rounds so that load from outside the benchmark falls on both
         // alike; percentiles over all of a path's rounds.
@@ -1306,10 +1336,9 @@ impl Bench {
             for p in [["plain", "tunnel"][first], ["plain", "tunnel"][1 - first]] {
                 let targets: Vec<SocketAddr> = (0..SERVICES)
                     .map(|i| match p {
-                        "tunnel" => SocketAddr::new(
-                            self.n1.gateway_v4().into(),
-                            TUNNEL_SERVICE_PORT + i,
-                        ),
+                        "tunnel" => {
+                            SocketAddr::new(self.n1.gateway_v4().into(), TUNNEL_SERVICE_PORT + i)
+                        }
                         _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
                     })
                     .collect();
@@ -1360,8 +1389,14 @@ impl Bench {
         }
         s.push(
             "added_latency_p50_us_at_1000rps",
-            s.0["latency_p50_us_at_1000rps_tunnel"].last().copied().unwrap_or(f64::NAN)
-                - s.0["latency_p50_us_at_1000rps_plain"].last().copied().unwrap_or(f64::NAN),
+            s.0["latency_p50_us_at_1000rps_tunnel"]
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN)
+                - s.0["latency_p50_us_at_1000rps_plain"]
+                    .last()
+                    .copied()
+                    .unwrap_or(f64::NAN),
         );
         s.push(
             "added_latency_p99_us_at_1000rps",
@@ -1413,8 +1448,7 @@ impl Bench {
         // inbound): wait until the earlier runs' connections are gone, then count ours.
         let client_ip = IpAddr::from(self.client.ipv4());
         let settle = Instant::now() + Duration::from_secs(20);
-        while established_from(&self.server, HTTP_PORT, client_ip)? > 0 && Instant::now() < settle
-        {
+        while established_from(&self.server, HTTP_PORT, client_ip)? > 0 && Instant::now() < settle {
             std::thread::sleep(Duration::from_millis(200));
         }
         let base = established_from(&self.server, HTTP_PORT, client_ip)?;
@@ -1441,7 +1475,10 @@ impl Bench {
             .join()
             .map_err(|_| anyhow::anyhow!("idle holder panicked"))??;
         s.push("idle_streams_reached", reached as f64);
-        let listen = self.n1.exec("ss", ["-Hltn", "( sport = :15001 )"]).unwrap_or_default();
+        let listen = self
+            .n1
+            .exec("ss", ["-Hltn", "( sport = :15001 )"])
+            .unwrap_or_default();
         let nstat = |p: &crate::Sandbox| {
             p.exec(
                 "nstat",
@@ -1470,7 +1507,10 @@ impl Bench {
         s.push("idle_streams", n as f64);
         s.push("idle_rss_delta_mb_outbound", delta[0] / 1024.0);
         s.push("idle_rss_delta_mb_inbound", delta[1] / 1024.0);
-        s.push("rss_kb_per_idle_stream", delta.iter().sum::<f64>() / n as f64);
+        s.push(
+            "rss_kb_per_idle_stream",
+            delta.iter().sum::<f64>() / n as f64,
+        );
         println!(
             "  idle   {n} streams: RSS {:.1} → {:.1} MB (node 1), {:.1} → {:.1} MB (node 2)",
             before[0] / 1024.0,
@@ -1557,7 +1597,10 @@ impl Attached {
             cmd.args(["-p", &pid.to_string()])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
-            children.push((cmd.spawn().with_context(|| format!("starting {diag:?}"))?, out));
+            children.push((
+                cmd.spawn().with_context(|| format!("starting {diag:?}"))?,
+                out,
+            ));
         }
         // Attaching takes a moment; requests before it are not counted.
         std::thread::sleep(Duration::from_millis(500));
@@ -1574,14 +1617,30 @@ impl Attached {
                 Diag::Strace => std::fs::read_to_string(&out).unwrap_or_default(),
                 Diag::Perf => {
                     let o = std::process::Command::new("perf")
-                        .args(["report", "--stdio", "--no-children", "-g", "none", "--percent-limit", "1", "-i"])
+                        .args([
+                            "report",
+                            "--stdio",
+                            "--no-children",
+                            "-g",
+                            "none",
+                            "--percent-limit",
+                            "1",
+                            "-i",
+                        ])
                         .arg(&out)
                         .output()?;
                     String::from_utf8_lossy(&o.stdout).into_owned()
                 }
             };
-            println!("  {:?} of the {node} proxy ({units:.0} × {unit}):", self.diag);
-            for l in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).take(40) {
+            println!(
+                "  {:?} of the {node} proxy ({units:.0} × {unit}):",
+                self.diag
+            );
+            for l in text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .take(40)
+            {
                 println!("    {l}");
             }
             if self.diag == Diag::Strace
@@ -1606,10 +1665,7 @@ fn wait_listening(
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = place.exec("ss", ["-Hltn"])?;
-        if ports
-            .iter()
-            .all(|p| out.contains(&format!(":{p} ")))
-        {
+        if ports.iter().all(|p| out.contains(&format!(":{p} "))) {
             return Ok(());
         }
         for p in procs.iter_mut() {
@@ -1667,7 +1723,11 @@ mod tests {
     #[test]
     fn nginx_configs_load_the_stream_module_and_verify_both_ends() {
         let dir = Path::new("/tmp/x");
-        let c = nginx_client_conf(dir, "10.1.0.1".parse().unwrap(), "172.30.0.2".parse().unwrap());
+        let c = nginx_client_conf(
+            dir,
+            "10.1.0.1".parse().unwrap(),
+            "172.30.0.2".parse().unwrap(),
+        );
         assert!(c.starts_with("# mesh-bench"));
         assert!(c.contains("load_module /usr/lib/nginx/modules/ngx_stream_module.so;"));
         assert!(c.contains("proxy_ssl_protocols TLSv1.2 TLSv1.3;"));

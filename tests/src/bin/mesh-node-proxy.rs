@@ -33,7 +33,9 @@ fn main() -> Result<()> {
     raise_fd_limit()?;
     // The agent's runtime by default: `#[tokio::main]`, one worker per CPU.
     let runtime = match config.worker_threads {
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
@@ -109,8 +111,7 @@ async fn run(config: NodeProxyConfig) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(wildcard(s.listen))
             .await
             .with_context(|| format!("binding service listener {}", s.listen))?;
-        let lookup =
-            move |c: SocketAddr| (c.ip().to_canonical() == client_pod).then(|| r.clone());
+        let lookup = move |c: SocketAddr| (c.ip().to_canonical() == client_pod).then(|| r.clone());
         tokio::spawn(
             OutboundListener::new(proxies.client.clone(), Arc::new(lookup))
                 .serve(listener, drain.watch()),
