@@ -358,8 +358,7 @@ fn nginx_server_side_conf(dir: &Path, pod: IpAddr) -> String {
     for (i, port) in [HTTP_PORT, IPERF_PORT].iter().enumerate() {
         let _ = writeln!(
             c,
-            "  server {{ listen {}:{} ssl backlog=4096; proxy_pass {pod}:{port}; }}",
-            "0.0.0.0",
+            "  server {{ listen 0.0.0.0:{} ssl backlog=4096; proxy_pass {pod}:{port}; }}",
             NGINX_TLS_PORT + u16::try_from(i).unwrap_or(0)
         );
     }
@@ -480,6 +479,10 @@ pub struct RateReport {
 }
 
 /// Nearest-rank percentile of sorted `v`.
+#[expect(
+    clippy::cast_sign_loss,
+    reason = "p in 0..=100 times a length: never negative"
+)]
 fn percentile(v: &[u64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -547,8 +550,9 @@ const RATE_WORKERS: usize = 16;
 /// Sends `rate` requests per second for `time` from inside `netns`, spread round-robin over
 /// `targets`. A pacer thread (timer slack 1 ns, absolute schedule) hands each request's scheduled
 /// start to [`RATE_WORKERS`] blocking workers, each with one keep-alive connection per target
-/// (opened, and one request sent on it, before the run). Open loop: a slow answer delays no later request's schedule, and
-/// latency is measured from the schedule, so coordinated omission cannot hide a stall.
+/// (opened, and one request sent on it, before the run). Open loop: a slow answer delays no
+/// later request's schedule, and latency is measured from the schedule, so coordinated omission
+/// cannot hide a stall.
 pub fn fixed_rate(
     netns: &Path,
     targets: &[SocketAddr],
@@ -966,8 +970,8 @@ struct Bench {
     // Field order is drop order: processes before the cluster.
     proxies: [PodChild; 2],
     nginx_pair: [PodChild; 2],
-    _app: PodChild,
-    _iperf: PodChild,
+    app: PodChild,
+    iperf: PodChild,
     client: PodHandle,
     server: PodHandle,
     n1: NodeHandle,
@@ -1027,7 +1031,7 @@ pub fn run(opts: &Options) -> Result<()> {
         plan.rate.as_secs(),
         plan.idle_streams,
     );
-    let mut bench = Bench::setup(plan, dir, opts.proxy_threads)?;
+    let mut bench = Bench::setup(plan, &dir, opts.proxy_threads)?;
     bench.diag = diag;
     let mut s = Samples::default();
     let part = |name: &str| only.is_none_or(|o| o == name);
@@ -1091,7 +1095,7 @@ fn first_line(program: &str, args: &[&str]) -> String {
 }
 
 impl Bench {
-    fn setup(plan: Plan, dir: PathBuf, proxy_threads: usize) -> Result<Self> {
+    fn setup(plan: Plan, dir: &Path, proxy_threads: usize) -> Result<Self> {
         let cluster = Cluster::new("bench_mtls")?;
         let n1 = cluster.add_node("n1")?;
         let n2 = cluster.add_node("n2")?;
@@ -1102,7 +1106,7 @@ impl Bench {
 
         // The server pod: nginx on the service ports, iperf3.
         let conf = dir.join("nginx-app.conf");
-        std::fs::write(&conf, nginx_server_conf(&dir))?;
+        std::fs::write(&conf, nginx_server_conf(dir))?;
         let mut app = spawn_nginx(&server, &conf)?;
         let mut iperf = server.spawn({
             let mut c = server.command("iperf3");
@@ -1145,39 +1149,18 @@ impl Bench {
                 worker_threads: proxy_threads,
             })
         };
-        let p1 = start_node_proxies(&n1, &config(&src, client_ip, services)?, &dir)?;
-        let p2 = start_node_proxies(&n2, &config(&dst, server_ip, Vec::new())?, &dir)?;
+        let p1 = start_node_proxies(&n1, &config(&src, client_ip, services)?, dir)?;
+        let p2 = start_node_proxies(&n2, &config(&dst, server_ip, Vec::new())?, dir)?;
 
-        // The nginx pair.
-        let pki = nginx_pki()?;
-        for (name, text) in [
-            ("ca.pem", &pki.ca),
-            ("server.pem", &pki.server.cert),
-            ("server.key", &pki.server.key),
-            ("client.pem", &pki.client.cert),
-            ("client.key", &pki.client.key),
-        ] {
-            std::fs::write(dir.join(name), text)?;
-        }
-        let c1 = dir.join("nginx-client.conf");
-        std::fs::write(
-            &c1,
-            nginx_client_conf(&dir, n1.gateway_v4().into(), n2.ipv4().into()),
-        )?;
-        let c2 = dir.join("nginx-server.conf");
-        std::fs::write(&c2, nginx_server_side_conf(&dir, server_ip))?;
-        let mut ng2 = spawn_nginx(&n2, &c2)?;
-        let mut ng1 = spawn_nginx(&n1, &c1)?;
-        wait_listening(&n2, &[NGINX_TLS_PORT, NGINX_TLS_PORT + 1], &mut [&mut ng2])?;
-        wait_listening(&n1, &[NGINX_HTTP_PORT, NGINX_IPERF_PORT], &mut [&mut ng1])?;
+        let (ng1, ng2, pki) = start_nginx_pair(&n1, &n2, server_ip, dir)?;
 
         let bench = Self {
             plan,
             diag: None,
             proxies: [p1, p2],
             nginx_pair: [ng1, ng2],
-            _app: app,
-            _iperf: iperf,
+            app,
+            iperf,
             client,
             server,
             n1,
@@ -1208,8 +1191,8 @@ impl Bench {
         let Self {
             proxies,
             nginx_pair,
-            _app,
-            _iperf,
+            app,
+            iperf,
             cluster,
             ..
         } = self;
@@ -1218,7 +1201,7 @@ impl Bench {
             let _ = p.wait_timeout(Duration::from_secs(5));
             println!("{node} proxy: {}", tail(&p.stderr_text()));
         }
-        drop((nginx_pair, _app, _iperf));
+        drop((nginx_pair, app, iperf));
         cluster.teardown()
     }
 
@@ -1290,9 +1273,15 @@ impl Bench {
         }
         s.push("tunnel_rps_ratio_vs_plain", rps["tunnel"] / rps["plain"]);
         s.push("nginx_rps_ratio_vs_plain", rps["nginx"] / rps["plain"]);
+        self.bulk(rep, &order, s)?;
+        self.rate(rep, s)
+    }
+
+    /// One bulk stream per path.
+    fn bulk(&self, rep: usize, order: &[&str], s: &mut Samples) -> Result<()> {
         // One bulk stream.
         let mut bps = BTreeMap::new();
-        for p in &order {
+        for p in order {
             let attached = self.attach(p, rep)?;
             let before = self.cpu(p)?;
             let b = iperf(&self.client, self.iperf_target(p), self.plan.iperf)?;
@@ -1322,6 +1311,11 @@ impl Bench {
             "nginx_throughput_ratio_vs_plain",
             bps["nginx"] / bps["plain"],
         );
+        Ok(())
+    }
+
+    /// The fixed-rate runs.
+    fn rate(&self, rep: usize, s: &mut Samples) -> Result<()> {
         // Fixed rate over ten services, plain and tunnel (nginx has one service here), in
         // alternating one-second rounds so that load from outside the benchmark falls on both
         // alike; percentiles over all of a path's rounds.
@@ -1654,6 +1648,38 @@ impl Attached {
         }
         Ok(())
     }
+}
+
+/// The sidecar-style pair: nginx `stream` on node 1 originating TLS, on node 2 terminating it.
+/// Returns node 1's and node 2's process and the certificates.
+fn start_nginx_pair(
+    n1: &NodeHandle,
+    n2: &NodeHandle,
+    server_ip: IpAddr,
+    dir: &Path,
+) -> Result<(PodChild, PodChild, NginxPki)> {
+    let pki = nginx_pki()?;
+    for (name, text) in [
+        ("ca.pem", &pki.ca),
+        ("server.pem", &pki.server.cert),
+        ("server.key", &pki.server.key),
+        ("client.pem", &pki.client.cert),
+        ("client.key", &pki.client.key),
+    ] {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let c1 = dir.join("nginx-client.conf");
+    std::fs::write(
+        &c1,
+        nginx_client_conf(dir, n1.gateway_v4().into(), n2.ipv4().into()),
+    )?;
+    let c2 = dir.join("nginx-server.conf");
+    std::fs::write(&c2, nginx_server_side_conf(dir, server_ip))?;
+    let mut ng2 = spawn_nginx(n2, &c2)?;
+    let mut ng1 = spawn_nginx(n1, &c1)?;
+    wait_listening(n2, &[NGINX_TLS_PORT, NGINX_TLS_PORT + 1], &mut [&mut ng2])?;
+    wait_listening(n1, &[NGINX_HTTP_PORT, NGINX_IPERF_PORT], &mut [&mut ng1])?;
+    Ok((ng1, ng2, pki))
 }
 
 /// Waits until `ports` listen in `place` (or a process exits).
