@@ -547,12 +547,12 @@ impl Conn {
 /// (its wait still counts: latency runs from the scheduled start).
 const RATE_WORKERS: usize = 16;
 
-/// Sends `rate` requests per second for `time` from inside `netns` (this one if `None`), spread round-robin over
-/// `targets`. A pacer thread (timer slack 1 ns, absolute schedule) hands each request's scheduled
-/// start to [`RATE_WORKERS`] blocking workers, each with one keep-alive connection per target
-/// (opened, and one request sent on it, before the run). Open loop: a slow answer delays no
-/// later request's schedule, and latency is measured from the schedule, so coordinated omission
-/// cannot hide a stall.
+/// Sends `rate` requests per second for `time` from inside `netns` (this one if `None`), spread
+/// round-robin over `targets`. A pacer thread (timer slack 1 ns, absolute schedule) hands each
+/// request's scheduled start to [`RATE_WORKERS`] blocking workers, each with one keep-alive
+/// connection per target (opened, and one request sent on it, before the run). Open loop: a slow
+/// answer delays no later request's schedule, and latency is measured from the schedule, so
+/// coordinated omission cannot hide a stall.
 pub fn fixed_rate(
     netns: Option<&Path>,
     targets: &[SocketAddr],
