@@ -934,10 +934,10 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
         "one TLS stream on loopback, rustls in userspace: {:.2} Gbit/s, {:.0} µs CPU/MiB (both ends); kTLS available: {}",
         get("rustls_stream_gbps"),
         get("rustls_stream_cpu_us_per_mib"),
-        if get("ktls_available") > 0.0 {
-            "yes"
-        } else {
-            "no"
+        match get("ktls_available") {
+            v if v.is_nan() => "not probed",
+            v if v > 0.0 => "yes",
+            _ => "no",
         },
     );
     println!(
