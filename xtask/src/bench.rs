@@ -1,5 +1,6 @@
-//! `cargo xtask bench <suite>`: install-deps, build-ebpf, then the suite's benchmark binary in
-//! release mode, as root (network namespaces, cgroups, eBPF). Results land in `target/bench/`.
+//! `cargo xtask bench <suite>`: install-deps, build-ebpf, the release binaries, then the suite's
+//! benchmark binary (`target/release/mesh-bench`), as root (network namespaces, cgroups, eBPF).
+//! Results land in `target/bench/`.
 
 use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
@@ -17,6 +18,9 @@ pub enum Suite {
     /// The real agent reconciling 10,000 services x 10 endpoints from a static file: time, RSS,
     /// endpoint updates per second (`target/bench/control-plane.json`).
     ControlPlane,
+    /// HBONE tunnel vs plaintext vs an nginx `stream` TLS pair between two nodes; the proxies'
+    /// CPU per request and RSS; rustls vs kernel TLS for one stream (`target/bench/mtls.json`).
+    Mtls,
 }
 
 impl Suite {
@@ -24,11 +28,13 @@ impl Suite {
         match self {
             Self::Datapath => "datapath",
             Self::ControlPlane => "control-plane",
+            Self::Mtls => "mtls",
         }
     }
 }
 
-/// Runs install-deps, build-ebpf and `mesh-bench <suite> [--quick]` (release).
+/// Runs install-deps, build-ebpf, builds the release binaries and runs `mesh-bench <suite>
+/// [--quick]`.
 pub fn run(suite: Suite, quick: bool) -> Result<()> {
     if !cmd::is_root() {
         bail!(
@@ -43,24 +49,21 @@ pub fn run(suite: Suite, quick: bool) -> Result<()> {
     workspace::build_release_binaries()?;
     let step = Step::loud(format!("running mesh-bench {}", suite.name()));
     let mut shown = format!("cargo xtask bench {}", suite.name());
-    let mut cargo = workspace::cargo();
-    cargo.args([
-        "run",
-        "--release",
-        "-p",
-        "mesh-tests",
-        "--bin",
-        "mesh-bench",
-        "--",
-        suite.name(),
-    ]);
+    // The binary build_release_binaries just made: `cargo run -p mesh-tests` would build
+    // mesh-agent again with another feature set (minutes) and replace the siblings' neighbour.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace::root().join("target"),
+        std::path::PathBuf::from,
+    );
+    let mut bench = std::process::Command::new(target.join("release/mesh-bench"));
+    bench.current_dir(workspace::root()).arg(suite.name());
     if quick {
-        cargo.arg("--quick");
+        bench.arg("--quick");
         shown.push_str(" --quick");
     }
     // mesh-bench prints the command that produced its numbers.
-    cargo.env("MESH_BENCH_COMMAND", shown);
-    cmd::run(&mut cargo).context("mesh-bench failed: see its output above")?;
+    bench.env("MESH_BENCH_COMMAND", shown);
+    cmd::run(&mut bench).context("mesh-bench failed: see its output above")?;
     step.done();
     Ok(())
 }

@@ -52,6 +52,22 @@ const PACKAGES: &[Package] = &[
         why: "telemetry test: promtool check metrics and a real Prometheus scraping the agents",
         fallback: &[],
     },
+    Package {
+        name: "nginx-light",
+        why: "mtls benchmark: HTTP server in the server pod, sidecar-style TLS proxy pair",
+        // Distributions that dropped the flavours ship one `nginx` package.
+        fallback: &["nginx"],
+    },
+    Package {
+        name: "libnginx-mod-stream",
+        why: "mtls benchmark: nginx `stream` TLS proxies",
+        fallback: &[],
+    },
+    Package {
+        name: "wrk",
+        why: "mtls benchmark: HTTP/1.1 keep-alive requests per second",
+        fallback: &[],
+    },
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -124,6 +124,8 @@ enum Cmd {
     Datapath(DatapathArgs),
     /// Run the control-plane benchmark: the agent reconciling 10,000 services (root).
     ControlPlane(ControlPlaneArgs),
+    /// Run the mtls benchmark: HBONE tunnel vs plaintext vs an nginx TLS pair (root).
+    Mtls(MtlsArgs),
     /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -140,6 +142,27 @@ struct ControlPlaneArgs {
     /// Only one discovery source: `file` or `kubernetes` (default: both).
     #[arg(long, value_parser = ["file", "kubernetes"])]
     only: Option<String>,
+}
+
+#[derive(Args)]
+struct MtlsArgs {
+    /// One repetition, shorter runs, 1,000 idle streams (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/mtls.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only one part: `paths` (plain/tunnel/nginx), `idle` (idle streams) or `tls` (one stream).
+    #[arg(long, value_parser = ["paths", "idle", "tls"])]
+    only: Option<String>,
+    /// Attach `strace -c` or `perf record` to both proxy processes during the tunnel's
+    /// fixed-rate run and print where the time goes (slows them: not a results run).
+    #[arg(long)]
+    diag: Option<mesh_tests::bench_mtls::Diag>,
+    /// The proxies' runtime worker threads (default 0: one per CPU, as the agent's
+    /// `#[tokio::main]`; 1: a current-thread runtime).
+    #[arg(long, default_value_t = 0)]
+    proxy_threads: usize,
 }
 
 #[derive(Args)]
@@ -186,6 +209,15 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Datapath(a) => datapath(&a),
         Cmd::ControlPlane(a) => control_plane(&a),
+        Cmd::Mtls(a) => mesh_tests::bench_mtls::run(&mesh_tests::bench_mtls::Options {
+            quick: a.quick,
+            only: a.only,
+            diag: a.diag,
+            proxy_threads: a.proxy_threads,
+            out: a
+                .out
+                .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
+        }),
         Cmd::Serve(a) => serve(&a),
     };
     match result {
