@@ -23,6 +23,9 @@ use crate::{
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// The pod behind the address, when the model names it (`destination_workload` of the
+    /// request metrics).
+    pub pod: Option<Arc<ObjectName>>,
     /// Requests in flight (least-request).
     pub active: AtomicU32,
     consecutive_failures: AtomicU32,
@@ -32,9 +35,10 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, pod: Option<Arc<ObjectName>>) -> Self {
         Self {
             addr,
+            pod,
             active: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -47,6 +51,8 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct ServiceBackends {
     pub name: ObjectName,
+    /// The same name, shared with the request metrics' keys (`destination_service`).
+    pub label: Arc<ObjectName>,
     pub algorithm: Algorithm,
     pub circuit: CircuitSettings,
     pub endpoints: Vec<Arc<EndpointState>>,
@@ -118,6 +124,21 @@ impl Backends {
                 old.insert(e.addr, e.clone());
             }
         }
+        // Endpoint address → its pod (the metrics' destination workload).
+        let mut pods: HashMap<std::net::IpAddr, Arc<ObjectName>> = HashMap::new();
+        for p in model.pods.values() {
+            let name = Arc::new(p.name.clone());
+            for ip in &p.ips {
+                pods.insert(*ip, name.clone());
+            }
+        }
+        for s in model.services.values() {
+            for e in &s.endpoints {
+                if let Some(p) = &e.pod {
+                    pods.entry(e.ip).or_insert_with(|| Arc::new(p.clone()));
+                }
+            }
+        }
         let mut services = HashMap::new();
         // desired_specs applies kube-proxy's endpoint rules (readiness, terminating
         // fallback, topology, internalTrafficPolicy) per cluster IP and port.
@@ -131,6 +152,7 @@ impl Backends {
             }
             let entry = services.entry(key).or_insert_with(|| ServiceBackends {
                 name: name.clone(),
+                label: Arc::new(name.clone()),
                 algorithm: spec.algorithm,
                 circuit: spec.circuit,
                 endpoints: Vec::new(),
@@ -140,10 +162,13 @@ impl Backends {
                 if entry.endpoints.iter().any(|e| e.addr == b.addr) {
                     continue;
                 }
+                let pod = pods.get(&b.addr.ip()).cloned();
+                // A new pod at an old address is a new backend: its own failure history.
                 let state = old
                     .get(&b.addr)
+                    .filter(|o| o.pod == pod)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(EndpointState::new(b.addr)));
+                    .unwrap_or_else(|| Arc::new(EndpointState::new(b.addr, pod)));
                 entry.endpoints.push(state);
             }
         }
@@ -280,10 +305,16 @@ mod tests {
     fn svc(n: u8, circuit: CircuitSettings) -> ServiceBackends {
         ServiceBackends {
             name: ObjectName::new("default", "web"),
+            label: Arc::new(ObjectName::new("default", "web")),
             algorithm: Algorithm::RoundRobin,
             circuit,
             endpoints: (1..=n)
-                .map(|i| Arc::new(EndpointState::new(SocketAddr::from(([127, 0, 0, i], 80)))))
+                .map(|i| {
+                    Arc::new(EndpointState::new(
+                        SocketAddr::from(([127, 0, 0, i], 80)),
+                        None,
+                    ))
+                })
                 .collect(),
             rr: AtomicUsize::new(0),
         }
