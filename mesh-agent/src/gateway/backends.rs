@@ -53,6 +53,9 @@ pub struct ServiceBackends {
     pub name: ObjectName,
     /// The same name, shared with the request metrics' keys (`destination_service`).
     pub label: Arc<ObjectName>,
+    /// The Service's cluster IPs with this port (one per family): the kernel's service keys,
+    /// which L7 reports to the node agent name.
+    pub vips: Vec<SocketAddr>,
     pub algorithm: Algorithm,
     pub circuit: CircuitSettings,
     pub endpoints: Vec<Arc<EndpointState>>,
@@ -89,12 +92,12 @@ impl CircuitView for NoKernelCircuits {
     }
 }
 
-/// Where the gateway's L7 outcomes go so the kernel's circuits count them (the node agent's
-/// data-path owner, `Datapath::report_failure`/`report_success`). Not wired across processes
-/// yet: [`LogFeedback`] records them in the log.
+/// Where the gateway's L7 outcomes go so the kernel's circuits count them: the node agent's
+/// data-path owner through its admin API (`super::kernel::AdminFeedback`, `--agent-socket`),
+/// or only the log ([`LogFeedback`]) when the gateway has no agent beside it.
 pub trait HealthFeedback: Send + Sync + std::fmt::Debug {
-    fn failure(&self, service: &ObjectName, addr: SocketAddr, why: &str);
-    fn success(&self, service: &ObjectName, addr: SocketAddr);
+    fn failure(&self, service: &ServiceBackends, addr: SocketAddr, why: &str);
+    fn success(&self, service: &ServiceBackends, addr: SocketAddr);
 }
 
 /// Logs failures at debug level.
@@ -102,10 +105,10 @@ pub trait HealthFeedback: Send + Sync + std::fmt::Debug {
 pub struct LogFeedback;
 
 impl HealthFeedback for LogFeedback {
-    fn failure(&self, service: &ObjectName, addr: SocketAddr, why: &str) {
-        tracing::debug!(%service, %addr, why, "L7 failure");
+    fn failure(&self, service: &ServiceBackends, addr: SocketAddr, why: &str) {
+        tracing::debug!(service = %service.name, %addr, why, "L7 failure");
     }
-    fn success(&self, _: &ObjectName, _: SocketAddr) {}
+    fn success(&self, _: &ServiceBackends, _: SocketAddr) {}
 }
 
 /// The snapshot the proxy reads: every Service port the routes name.
@@ -153,11 +156,15 @@ impl Backends {
             let entry = services.entry(key).or_insert_with(|| ServiceBackends {
                 name: name.clone(),
                 label: Arc::new(name.clone()),
+                vips: Vec::new(),
                 algorithm: spec.algorithm,
                 circuit: spec.circuit,
                 endpoints: Vec::new(),
                 rr: AtomicUsize::new(0),
             });
+            if !entry.vips.contains(&spec.vip) {
+                entry.vips.push(spec.vip);
+            }
             for b in &spec.backends {
                 if entry.endpoints.iter().any(|e| e.addr == b.addr) {
                     continue;
@@ -189,6 +196,15 @@ fn now_ms(epoch: Instant, now: Instant) -> u64 {
 }
 
 impl ServiceBackends {
+    /// The cluster IP (with this port) of `backend`'s address family.
+    #[must_use]
+    pub fn vip_for(&self, backend: SocketAddr) -> Option<SocketAddr> {
+        self.vips
+            .iter()
+            .copied()
+            .find(|v| v.is_ipv4() == backend.is_ipv4())
+    }
+
     fn ejected(e: &EndpointState, now: u64, kernel: &dyn CircuitView) -> bool {
         e.ejected_until_ms.load(Ordering::Relaxed) > now || kernel.is_open(e.addr)
     }
@@ -306,6 +322,7 @@ mod tests {
         ServiceBackends {
             name: ObjectName::new("default", "web"),
             label: Arc::new(ObjectName::new("default", "web")),
+            vips: Vec::new(),
             algorithm: Algorithm::RoundRobin,
             circuit,
             endpoints: (1..=n)

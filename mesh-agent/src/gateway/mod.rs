@@ -10,6 +10,7 @@
 pub mod backends;
 pub mod config;
 pub mod jwt;
+pub mod kernel;
 pub mod limits;
 pub mod observe;
 pub mod proxy;
@@ -101,6 +102,14 @@ pub struct GatewayArgs {
     /// This gateway's pod (downward API), the `source_workload` of its request metrics.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// The node agent's pin directory (its `--pin-dir`, mounted read-only): backends whose
+    /// kernel circuit is open are skipped. Unset: gateway-local outlier detection only.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// The node agent's admin socket: 5xx, resets and gRPC UNAVAILABLE are reported to the
+    /// kernel's outlier detection (`ReportBackendResult`). Unset: they stay in the gateway.
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
     /// This gateway's namespace (downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub pod_namespace: String,
@@ -124,6 +133,8 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--pin-dir: {0}")]
+    Kernel(#[from] kernel::KernelViewError),
     #[error("building the Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -150,8 +161,14 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     };
     let config = config::load(&args.routes)?;
     let telemetry = start_telemetry(&args)?;
-    let kernel: Arc<dyn CircuitView> = Arc::new(NoKernelCircuits);
-    let feedback: Arc<dyn HealthFeedback> = Arc::new(LogFeedback);
+    let kernel: Arc<dyn CircuitView> = match &args.pin_dir {
+        Some(dir) => Arc::new(kernel::PinnedCircuits::start(dir)?),
+        None => Arc::new(NoKernelCircuits),
+    };
+    let feedback: Arc<dyn HealthFeedback> = match &args.agent_socket {
+        Some(socket) => Arc::new(kernel::AdminFeedback::start(socket.clone())),
+        None => Arc::new(LogFeedback),
+    };
     tracing::info!(circuits = kernel.describe(), "kernel circuit view");
     log_config(&config);
     let shared = Arc::new(Shared::new(config, limits, kernel, feedback, telemetry));

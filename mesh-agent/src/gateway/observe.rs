@@ -166,7 +166,7 @@ impl Finish {
                 path = %r.path,
                 protocol = ?r.version,
                 status,
-                grpc_status = self.grpc_status.map(i64::from).unwrap_or(-1),
+                grpc_status = self.grpc_status.map_or(-1, i64::from),
                 route = r.route.as_deref().unwrap_or("-"),
                 upstream = %r.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 upstream_service = %r.service.as_deref().map_or_else(|| "-".to_owned(), ToString::to_string),

@@ -570,10 +570,10 @@ async fn route(
         };
         if let Some(why) = &failed {
             svc.failure(&ep, shared.epoch);
-            shared.feedback.failure(&svc.name, ep.addr, why);
+            shared.feedback.failure(&svc, ep.addr, why);
         } else {
             ServiceBackends::success(&ep);
-            shared.feedback.success(&svc.name, ep.addr);
+            shared.feedback.success(&svc, ep.addr);
         }
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|r| {
@@ -786,9 +786,7 @@ impl http_body::Body for Observed {
             && let Some((shared, svc, ep)) = self.watch.take()
         {
             svc.failure(&ep, shared.epoch);
-            shared
-                .feedback
-                .failure(&svc.name, ep.addr, "grpc-status 14");
+            shared.feedback.failure(&svc, ep.addr, "grpc-status 14");
         }
         polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
