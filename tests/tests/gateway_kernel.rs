@@ -209,7 +209,7 @@ fn gateway_5xx_eject_in_the_kernel_and_every_client_avoids_the_backend() -> Resu
         &work,
         GW_PORT,
         &config,
-        &["--agent-socket", &socket, "--pin-dir", &pin_dir],
+        &["--agent-socket", &socket, "--node-pin-dir", &pin_dir],
     )?;
     let gw_url = format!("http://127.0.0.1:{GW_PORT}/");
     wait_until("the gateway to route", Duration::from_secs(20), || {
@@ -248,7 +248,7 @@ fn gateway_5xx_eject_in_the_kernel_and_every_client_avoids_the_backend() -> Resu
 
     // A second gateway, which never saw web-1 fail, reads the kernel's circuit from the pinned
     // maps and skips it too (without them, round robin would send it every other request).
-    let gw2 = start_gateway(&node, &work, GW2_PORT, &config, &["--pin-dir", &pin_dir])?;
+    let gw2 = start_gateway(&node, &work, GW2_PORT, &config, &["--node-pin-dir", &pin_dir])?;
     let gw2_url = format!("http://127.0.0.1:{GW2_PORT}/");
     wait_until("gateway 2 to route", Duration::from_secs(20), || {
         Ok(curl(&node, &gw2_url, 1)?[0].0 == "200")

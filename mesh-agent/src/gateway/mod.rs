@@ -103,13 +103,18 @@ pub struct GatewayArgs {
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
     /// The node agent's pin directory (its `--pin-dir`, mounted read-only): backends whose
-    /// kernel circuit is open are skipped. Unset: gateway-local outlier detection only.
+    /// kernel circuit is open are skipped. Unset: gateway-local outlier detection only. (Not
+    /// `--pin-dir`: that global flag of the agent always has a value.)
     #[arg(long)]
-    pub pin_dir: Option<PathBuf>,
+    pub node_pin_dir: Option<PathBuf>,
     /// The node agent's admin socket: 5xx, resets and gRPC UNAVAILABLE are reported to the
     /// kernel's outlier detection (`ReportBackendResult`). Unset: they stay in the gateway.
     #[arg(long)]
     pub agent_socket: Option<PathBuf>,
+    /// At SIGTERM/SIGINT: stop accepting, let requests in flight finish for at most this long,
+    /// then exit (within Kubernetes' default 30 s grace period).
+    #[arg(long, default_value = "25s")]
+    pub drain_period: String,
     /// This gateway's namespace (downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub pod_namespace: String,
@@ -133,7 +138,7 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("--pin-dir: {0}")]
+    #[error("--node-pin-dir: {0}")]
     Kernel(#[from] kernel::KernelViewError),
     #[error("building the Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
@@ -156,12 +161,13 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         max_headers: 100,
         max_concurrent_streams: 100,
     };
+    let drain_period = duration_flag("drain-period", &args.drain_period)?;
     let limits = RequestLimits {
         max_body: args.max_body,
     };
     let config = config::load(&args.routes)?;
     let telemetry = start_telemetry(&args)?;
-    let kernel: Arc<dyn CircuitView> = match &args.pin_dir {
+    let kernel: Arc<dyn CircuitView> = match &args.node_pin_dir {
         Some(dir) => Arc::new(kernel::PinnedCircuits::start(dir)?),
         None => Arc::new(NoKernelCircuits),
     };
@@ -237,8 +243,44 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             }
         }
     }
-    tracing::info!("stopping");
+    drain(&shared, listeners, drain_period).await;
     Ok(())
+}
+
+/// Graceful drain: the listening sockets close (new connections are refused, so a load
+/// balancer fails over at once), open connections finish the request in flight and close,
+/// and the process waits for them at most `period`. Spliced upgrades (WebSocket) are not
+/// waited for. Envoy Gateway drains the same way (its `shutdown.drainTimeout`, 60 s by default,
+/// under a longer termination grace period).
+async fn drain(
+    shared: &Arc<Shared>,
+    listeners: std::collections::BTreeMap<u16, JoinHandle<()>>,
+    period: Duration,
+) {
+    for task in listeners.values() {
+        task.abort();
+    }
+    for task in listeners.into_values() {
+        let _ = task.await;
+    }
+    shared.drain.send_replace(true);
+    let open = || {
+        shared
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tracing::info!(connections = open(), period = ?period, "draining: not accepting; finishing requests in flight");
+    let deadline = tokio::time::Instant::now() + period;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match open() {
+        0 => tracing::info!("drained; stopping"),
+        n => tracing::warn!(
+            connections = n,
+            "drain period over; stopping with connections open"
+        ),
+    }
 }
 
 /// The metrics endpoint and the span exporter, as the agent's `telemetry::start` does for it.

@@ -57,6 +57,10 @@ pub struct Shared {
     pub kernel: Arc<dyn CircuitView>,
     pub feedback: Arc<dyn HealthFeedback>,
     pub telemetry: GatewayTelemetry,
+    /// Set at SIGTERM: connections finish their request in flight and close.
+    pub drain: tokio::sync::watch::Sender<bool>,
+    /// Client connections open (from accept to close), what the drain waits for.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
     budget: RetryBudget,
@@ -92,6 +96,8 @@ impl Shared {
             kernel,
             feedback,
             telemetry,
+            drain: tokio::sync::watch::Sender::new(false),
+            connections: Arc::default(),
             http1,
             http2,
             budget: RetryBudget::default(),
