@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
@@ -41,16 +42,15 @@ http.server.ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
 "#;
 
 fn model(backends: &[&PodHandle]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|p| {
-            format!(
-                "      - {{ ip: {}, node: a, pod: {}, ready: true }}\n",
-                p.ipv4(),
-                p.name()
-            )
-        })
-        .collect();
+    let endpoints = backends.iter().fold(String::new(), |mut s, p| {
+        let _ = writeln!(
+            s,
+            "      - {{ ip: {}, node: a, pod: {}, ready: true }}",
+            p.ipv4(),
+            p.name()
+        );
+        s
+    });
     format!(
         "node: a
 services:
@@ -157,6 +157,10 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario in order: eject through the gateway, then every client avoids it"
+)]
 fn gateway_5xx_eject_in_the_kernel_and_every_client_avoids_the_backend() -> Result<()> {
     let Some(_k) = mesh_tests::kernel_test("gateway_kernel") else {
         return Ok(());
@@ -248,21 +252,27 @@ fn gateway_5xx_eject_in_the_kernel_and_every_client_avoids_the_backend() -> Resu
 
     // A second gateway, which never saw web-1 fail, reads the kernel's circuit from the pinned
     // maps and skips it too (without them, round robin would send it every other request).
-    let gw2 = start_gateway(&node, &work, GW2_PORT, &config, &["--node-pin-dir", &pin_dir])?;
-    let gw2_url = format!("http://127.0.0.1:{GW2_PORT}/");
+    let second = start_gateway(
+        &node,
+        &work,
+        GW2_PORT,
+        &config,
+        &["--node-pin-dir", &pin_dir],
+    )?;
+    let second_url = format!("http://127.0.0.1:{GW2_PORT}/");
     wait_until("gateway 2 to route", Duration::from_secs(20), || {
-        Ok(curl(&node, &gw2_url, 1)?[0].0 == "200")
+        Ok(curl(&node, &second_url, 1)?[0].0 == "200")
     })
-    .with_context(|| gw2.stderr_text())?;
+    .with_context(|| second.stderr_text())?;
     // Its circuit reader refreshes every 500 ms; give it one round.
     std::thread::sleep(Duration::from_secs(1));
-    let via2 = by_body(&curl(&node, &gw2_url, 10)?);
+    let via2 = by_body(&curl(&node, &second_url, 10)?);
     assert_eq!(via2.get("200 web-0"), Some(&10), "{via2:?}");
     assert!(
-        gw2.stderr_text().contains("pinned maps"),
+        second.stderr_text().contains("pinned maps"),
         "{}",
-        gw2.stderr_text()
+        second.stderr_text()
     );
-    drop((gw, gw2, servers));
+    drop((gw, second, servers));
     Ok(())
 }

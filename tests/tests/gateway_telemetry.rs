@@ -64,6 +64,10 @@ fn sample(scrape: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: known requests, then the metrics, the log and the traces they left"
+)]
 async fn requests_are_counted_logged_and_traced() -> Result<()> {
     let backend = Backend::start("web", "127.0.6.1:9006".parse()?).await?;
     let services = format!(
@@ -223,7 +227,7 @@ spec:
     );
     let response_bytes = n("istio_response_bytes_sum", &[]).context("response bytes")?;
     assert!(
-        response_bytes >= (5 * body_len) as f64,
+        response_bytes >= f64::from(u32::try_from(5 * body_len)?),
         "5 × {body_len} bytes at least:\n{text}"
     );
 

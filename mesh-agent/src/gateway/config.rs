@@ -1157,17 +1157,17 @@ fn compile_http(
     grants: &Grants,
     services: &mut BTreeSet<ServiceRef>,
 ) -> Result<CompiledRules, GatewayConfigError> {
-    let route = RouteRef {
-        kind: "HTTPRoute",
-        namespace: &name.namespace,
-        grants,
-    };
     use gateway_api::httproutes::{
         HttpRouteRulesFiltersRequestRedirectPathType as RedirectPathType,
         HttpRouteRulesFiltersRequestRedirectScheme as Scheme, HttpRouteRulesFiltersType as F,
         HttpRouteRulesFiltersUrlRewritePathType as RewritePathType,
         HttpRouteRulesMatchesHeadersType as HType, HttpRouteRulesMatchesPathType as PType,
         HttpRouteRulesMatchesQueryParamsType as QType,
+    };
+    let route = RouteRef {
+        kind: "HTTPRoute",
+        namespace: &name.namespace,
+        grants,
     };
     let mut out = Vec::new();
     let default_rule = [gateway_api::httproutes::HttpRouteRules::default()];
@@ -1474,14 +1474,14 @@ fn compile_grpc(
     grants: &Grants,
     services: &mut BTreeSet<ServiceRef>,
 ) -> Result<CompiledRules, GatewayConfigError> {
+    use gateway_api::grpcroutes::{
+        GrpcRouteRulesFiltersType as F, GrpcRouteRulesMatchesHeadersType as HType,
+        GrpcRouteRulesMatchesMethodType as MType,
+    };
     let route = RouteRef {
         kind: "GRPCRoute",
         namespace: &name.namespace,
         grants,
-    };
-    use gateway_api::grpcroutes::{
-        GrpcRouteRulesFiltersType as F, GrpcRouteRulesMatchesHeadersType as HType,
-        GrpcRouteRulesMatchesMethodType as MType,
     };
     let mut out = Vec::new();
     let default_rule = [gateway_api::grpcroutes::GrpcRouteRules::default()];
