@@ -44,8 +44,9 @@ use proto::{
     BackendInfo, ConfigDumpRequest, ConfigDumpResponse, CurrentRejection, Flow, IdentityInfo,
     ListBackendsRequest, ListBackendsResponse, ListIdentitiesRequest, ListIdentitiesResponse,
     ListPoliciesRequest, ListPoliciesResponse, ListServicesRequest, ListServicesResponse,
-    ListTunnelsRequest, ListTunnelsResponse, ServiceInfo, SourceStatus, StatusRequest,
-    StatusResponse, WatchFlowsRequest,
+    ListTunnelsRequest, ListTunnelsResponse, ReportBackendResultRequest,
+    ReportBackendResultResponse, ServiceInfo, SourceStatus, StatusRequest, StatusResponse,
+    WatchFlowsRequest,
     admin_client::AdminClient,
     admin_server::{Admin, AdminServer},
 };
@@ -382,6 +383,49 @@ impl Admin for AdminService {
         Ok(Response::new(ListBackendsResponse {
             backends,
             continue_token,
+        }))
+    }
+
+    async fn report_backend_result(
+        &self,
+        req: Request<ReportBackendResultRequest>,
+    ) -> Result<Response<ReportBackendResultResponse>, Status> {
+        let req = req.into_inner();
+        let parse = |field: &str, v: &str| {
+            v.parse::<std::net::SocketAddr>().map_err(|e| {
+                Status::invalid_argument(format!("{field} {v:?}: {e} (want addr:port)"))
+            })
+        };
+        let vip = parse("service_address", &req.service_address)?;
+        let backend = parse("backend_address", &req.backend_address)?;
+        // L7 outcomes are about TCP services (HTTP, gRPC).
+        let key = crate::datapath::service_key(vip, crate::datapath::spec::Protocol::Tcp);
+        let live = self
+            .shared
+            .datapath
+            .backend_status(vec![key])
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(id) = live
+            .iter()
+            .flat_map(|(_, b)| b)
+            .find(|b| b.addr == backend)
+            .map(|b| b.id)
+        else {
+            return Err(Status::not_found(format!(
+                "no backend {backend} of service {vip} in the kernel"
+            )));
+        };
+        let dp = &self.shared.datapath;
+        let ejected = if req.success {
+            dp.report_success(id).await.map(|_| false)
+        } else {
+            dp.report_failure(id).await
+        }
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ReportBackendResultResponse {
+            backend_id: id,
+            ejected,
         }))
     }
 

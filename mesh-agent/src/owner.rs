@@ -53,6 +53,12 @@ pub enum Command {
         now_monotonic_ns: u64,
         reply: oneshot::Sender<Result<bool, DatapathError>>,
     },
+    /// An L7 success of one backend after failures: resets its consecutive failures.
+    ReportSuccess {
+        backend_id: u32,
+        now_monotonic_ns: u64,
+        reply: oneshot::Sender<Result<bool, DatapathError>>,
+    },
     /// Stop: the thread ends; programs and maps stay pinned.
     Shutdown,
 }
@@ -118,6 +124,17 @@ impl DatapathHandle {
     pub async fn report_failure(&self, backend_id: u32) -> Result<bool, OwnerError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::ReportFailure {
+            backend_id,
+            now_monotonic_ns: crate::flows::monotonic_ns(),
+            reply,
+        })?;
+        Ok(rx.await.map_err(|_| OwnerError::Stopped)??)
+    }
+
+    /// Reports an L7 success of `backend_id`; `false` when it is not a current backend.
+    pub async fn report_success(&self, backend_id: u32) -> Result<bool, OwnerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ReportSuccess {
             backend_id,
             now_monotonic_ns: crate::flows::monotonic_ns(),
             reply,
@@ -208,6 +225,13 @@ impl Owner {
                 reply,
             } => {
                 let _ = reply.send(self.dp.report_failure(backend_id, now_monotonic_ns));
+            }
+            Command::ReportSuccess {
+                backend_id,
+                now_monotonic_ns,
+                reply,
+            } => {
+                let _ = reply.send(self.dp.report_success(backend_id, now_monotonic_ns));
             }
             Command::Shutdown => {}
         }

@@ -23,6 +23,9 @@ use crate::{
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// The pod behind the address, when the model names it (`destination_workload` of the
+    /// request metrics).
+    pub pod: Option<Arc<ObjectName>>,
     /// Requests in flight (least-request).
     pub active: AtomicU32,
     consecutive_failures: AtomicU32,
@@ -32,9 +35,10 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, pod: Option<Arc<ObjectName>>) -> Self {
         Self {
             addr,
+            pod,
             active: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -47,6 +51,11 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct ServiceBackends {
     pub name: ObjectName,
+    /// The same name, shared with the request metrics' keys (`destination_service`).
+    pub label: Arc<ObjectName>,
+    /// The Service's cluster IPs with this port (one per family): the kernel's service keys,
+    /// which L7 reports to the node agent name.
+    pub vips: Vec<SocketAddr>,
     pub algorithm: Algorithm,
     pub circuit: CircuitSettings,
     pub endpoints: Vec<Arc<EndpointState>>,
@@ -83,12 +92,12 @@ impl CircuitView for NoKernelCircuits {
     }
 }
 
-/// Where the gateway's L7 outcomes go so the kernel's circuits count them (the node agent's
-/// data-path owner, `Datapath::report_failure`/`report_success`). Not wired across processes
-/// yet: [`LogFeedback`] records them in the log.
+/// Where the gateway's L7 outcomes go so the kernel's circuits count them: the node agent's
+/// data-path owner through its admin API (`super::kernel::AdminFeedback`, `--agent-socket`),
+/// or only the log ([`LogFeedback`]) when the gateway has no agent beside it.
 pub trait HealthFeedback: Send + Sync + std::fmt::Debug {
-    fn failure(&self, service: &ObjectName, addr: SocketAddr, why: &str);
-    fn success(&self, service: &ObjectName, addr: SocketAddr);
+    fn failure(&self, service: &ServiceBackends, addr: SocketAddr, why: &str);
+    fn success(&self, service: &ServiceBackends, addr: SocketAddr);
 }
 
 /// Logs failures at debug level.
@@ -96,10 +105,10 @@ pub trait HealthFeedback: Send + Sync + std::fmt::Debug {
 pub struct LogFeedback;
 
 impl HealthFeedback for LogFeedback {
-    fn failure(&self, service: &ObjectName, addr: SocketAddr, why: &str) {
-        tracing::debug!(%service, %addr, why, "L7 failure");
+    fn failure(&self, service: &ServiceBackends, addr: SocketAddr, why: &str) {
+        tracing::debug!(service = %service.name, %addr, why, "L7 failure");
     }
-    fn success(&self, _: &ObjectName, _: SocketAddr) {}
+    fn success(&self, _: &ServiceBackends, _: SocketAddr) {}
 }
 
 /// The snapshot the proxy reads: every Service port the routes name.
@@ -118,6 +127,21 @@ impl Backends {
                 old.insert(e.addr, e.clone());
             }
         }
+        // Endpoint address → its pod (the metrics' destination workload).
+        let mut pods: HashMap<std::net::IpAddr, Arc<ObjectName>> = HashMap::new();
+        for p in model.pods.values() {
+            let name = Arc::new(p.name.clone());
+            for ip in &p.ips {
+                pods.insert(*ip, name.clone());
+            }
+        }
+        for s in model.services.values() {
+            for e in &s.endpoints {
+                if let Some(p) = &e.pod {
+                    pods.entry(e.ip).or_insert_with(|| Arc::new(p.clone()));
+                }
+            }
+        }
         let mut services = HashMap::new();
         // desired_specs applies kube-proxy's endpoint rules (readiness, terminating
         // fallback, topology, internalTrafficPolicy) per cluster IP and port.
@@ -131,19 +155,27 @@ impl Backends {
             }
             let entry = services.entry(key).or_insert_with(|| ServiceBackends {
                 name: name.clone(),
+                label: Arc::new(name.clone()),
+                vips: Vec::new(),
                 algorithm: spec.algorithm,
                 circuit: spec.circuit,
                 endpoints: Vec::new(),
                 rr: AtomicUsize::new(0),
             });
+            if !entry.vips.contains(&spec.vip) {
+                entry.vips.push(spec.vip);
+            }
             for b in &spec.backends {
                 if entry.endpoints.iter().any(|e| e.addr == b.addr) {
                     continue;
                 }
+                let pod = pods.get(&b.addr.ip()).cloned();
+                // A new pod at an old address is a new backend: its own failure history.
                 let state = old
                     .get(&b.addr)
+                    .filter(|o| o.pod == pod)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(EndpointState::new(b.addr)));
+                    .unwrap_or_else(|| Arc::new(EndpointState::new(b.addr, pod)));
                 entry.endpoints.push(state);
             }
         }
@@ -164,6 +196,15 @@ fn now_ms(epoch: Instant, now: Instant) -> u64 {
 }
 
 impl ServiceBackends {
+    /// The cluster IP (with this port) of `backend`'s address family.
+    #[must_use]
+    pub fn vip_for(&self, backend: SocketAddr) -> Option<SocketAddr> {
+        self.vips
+            .iter()
+            .copied()
+            .find(|v| v.is_ipv4() == backend.is_ipv4())
+    }
+
     fn ejected(e: &EndpointState, now: u64, kernel: &dyn CircuitView) -> bool {
         e.ejected_until_ms.load(Ordering::Relaxed) > now || kernel.is_open(e.addr)
     }
@@ -280,10 +321,17 @@ mod tests {
     fn svc(n: u8, circuit: CircuitSettings) -> ServiceBackends {
         ServiceBackends {
             name: ObjectName::new("default", "web"),
+            label: Arc::new(ObjectName::new("default", "web")),
+            vips: Vec::new(),
             algorithm: Algorithm::RoundRobin,
             circuit,
             endpoints: (1..=n)
-                .map(|i| Arc::new(EndpointState::new(SocketAddr::from(([127, 0, 0, i], 80)))))
+                .map(|i| {
+                    Arc::new(EndpointState::new(
+                        SocketAddr::from(([127, 0, 0, i], 80)),
+                        None,
+                    ))
+                })
                 .collect(),
             rr: AtomicUsize::new(0),
         }

@@ -330,6 +330,64 @@ struct RetrySpec {
     backoff: Option<String>,
 }
 
+/// `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`): lets routes of the `from`
+/// namespaces refer to the `to` objects of the grant's own namespace.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ReferenceGrantSpec {
+    from: Vec<GrantFrom>,
+    to: Vec<GrantTo>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GrantFrom {
+    group: String,
+    kind: String,
+    namespace: String,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GrantTo {
+    group: String,
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// Every `ReferenceGrant`, by the namespace it lives in (the target namespace).
+#[derive(Default, Debug)]
+struct Grants {
+    by_namespace: BTreeMap<String, Vec<ReferenceGrantSpec>>,
+}
+
+impl Grants {
+    /// Whether a `from_kind` route in `from_ns` may refer to Service `name` in `to_ns` (the
+    /// spec: a grant in the target namespace naming the route's group, kind and namespace, and
+    /// the core Service kind, with no name or this name).
+    fn allows(&self, from_kind: &str, from_ns: &str, to_ns: &str, name: &str) -> bool {
+        self.by_namespace.get(to_ns).is_some_and(|grants| {
+            grants.iter().any(|g| {
+                g.from.iter().any(|f| {
+                    f.group == GATEWAY_GROUP && f.kind == from_kind && f.namespace == from_ns
+                }) && g.to.iter().any(|t| {
+                    t.group.is_empty()
+                        && t.kind == "Service"
+                        && t.name.as_deref().is_none_or(|n| n == name)
+                })
+            })
+        })
+    }
+}
+
+/// The route a `backendRef` is resolved for.
+struct RouteRef<'a> {
+    kind: &'static str,
+    namespace: &'a str,
+    grants: &'a Grants,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 struct SecretDoc {
@@ -512,13 +570,13 @@ struct Parent {
     clippy::too_many_arguments,
     reason = "the fields of three generated backendRef types"
 )]
-/// Resolves a `backendRef` (kind Service; same namespace unless a `ReferenceGrant` would allow
-/// it, which this gateway does not read yet: such a ref is refused as the spec's
-/// `RefNotPermitted`, and requests for it get 500).
+/// Resolves a `backendRef` (kind Service; same namespace unless a `ReferenceGrant` in the
+/// Service's namespace allows it: otherwise the spec's `RefNotPermitted`, and requests for it
+/// get 500).
 fn backend_ref(
     at: &At<'_>,
     field: &str,
-    route_ns: &str,
+    route: &RouteRef<'_>,
     group: Option<&str>,
     kind: Option<&str>,
     name: &str,
@@ -530,13 +588,19 @@ fn backend_ref(
             "backendRef {name}: only core Services are supported (InvalidKind)"
         )));
     }
-    if namespace.is_some_and(|n| n != route_ns) {
+    let target_ns = namespace.unwrap_or(route.namespace);
+    if target_ns != route.namespace
+        && !route
+            .grants
+            .allows(route.kind, route.namespace, target_ns, name)
+    {
         return Ok(Err(format!(
-            "backendRef {name}: cross-namespace references need a ReferenceGrant, which this gateway does not read (RefNotPermitted)"
+            "backendRef {target_ns}/{name}: no ReferenceGrant in {target_ns} lets {} of {} refer to it (RefNotPermitted)",
+            route.kind, route.namespace
         )));
     }
     Ok(Ok(ServiceRef {
-        service: ObjectName::new(route_ns, name),
+        service: ObjectName::new(target_ns, name),
         port: port(at, &format!("{field}.port"), p)?,
     }))
 }
@@ -693,6 +757,7 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
     let mut routes: Vec<(At<'_>, ObjectName, RouteKind)> = Vec::new();
     let mut secrets: BTreeMap<ObjectName, (At<'_>, SecretDoc)> = BTreeMap::new();
     let mut policies = Policies::default();
+    let mut grants = Grants::default();
     let mut seen = BTreeSet::new();
     for d in docs {
         let at = At {
@@ -722,6 +787,22 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                 let r: GrpcRoute = typed(&at, d.value)?;
                 routes.push((at, d.name, RouteKind::Grpc(Box::new(r))));
             }
+            ("ReferenceGrant", GATEWAY_GROUP) => {
+                let spec = d
+                    .value
+                    .get("spec")
+                    .cloned()
+                    .ok_or_else(|| at.err("spec", "required"))?;
+                let spec: ReferenceGrantSpec =
+                    serde_path_to_error::deserialize(spec).map_err(|e| {
+                        at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
+                    })?;
+                grants
+                    .by_namespace
+                    .entry(d.name.namespace.clone())
+                    .or_default()
+                    .push(spec);
+            }
             ("Secret", "") => {
                 let s: SecretDoc = typed(&at, d.value)?;
                 secrets.insert(d.name, (at, s));
@@ -748,7 +829,7 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
                 return Err(at.err(
                     "kind",
                     format!(
-                        "{kind:?} ({api}) is not served: use Gateway, HTTPRoute, GRPCRoute ({GATEWAY_GROUP}/v1), Secret (v1) or RoutePolicy ({POLICY_API_VERSION})"
+                        "{kind:?} ({api}) is not served: use Gateway, HTTPRoute, GRPCRoute ({GATEWAY_GROUP}/v1), ReferenceGrant ({GATEWAY_GROUP}/v1beta1), Secret (v1) or RoutePolicy ({POLICY_API_VERSION})"
                     ),
                 ));
             }
@@ -853,7 +934,7 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
             .cloned()
             .unwrap_or_default();
         let mut attached = false;
-        let rules = route.compile(at, rname, &policy, &mut cfg.services)?;
+        let rules = route.compile(at, rname, &policy, &grants, &mut cfg.services)?;
         for (pi, p) in parents.iter().enumerate() {
             for l in &cfg.listeners {
                 if l.gateway != p.gateway.to_string()
@@ -985,11 +1066,12 @@ impl RouteKind {
         at: &At<'_>,
         name: &ObjectName,
         policy: &PolicyParts,
+        grants: &Grants,
         services: &mut BTreeSet<ServiceRef>,
     ) -> Result<CompiledRules, GatewayConfigError> {
         match self {
-            Self::Http(r) => compile_http(at, name, r, policy, services),
-            Self::Grpc(r) => compile_grpc(at, name, r, policy, services),
+            Self::Http(r) => compile_http(at, name, r, policy, grants, services),
+            Self::Grpc(r) => compile_grpc(at, name, r, policy, grants, services),
         }
     }
 }
@@ -1072,6 +1154,7 @@ fn compile_http(
     name: &ObjectName,
     r: &HttpRoute,
     policy: &PolicyParts,
+    grants: &Grants,
     services: &mut BTreeSet<ServiceRef>,
 ) -> Result<CompiledRules, GatewayConfigError> {
     use gateway_api::httproutes::{
@@ -1080,6 +1163,11 @@ fn compile_http(
         HttpRouteRulesFiltersUrlRewritePathType as RewritePathType,
         HttpRouteRulesMatchesHeadersType as HType, HttpRouteRulesMatchesPathType as PType,
         HttpRouteRulesMatchesQueryParamsType as QType,
+    };
+    let route = RouteRef {
+        kind: "HTTPRoute",
+        namespace: &name.namespace,
+        grants,
     };
     let mut out = Vec::new();
     let default_rule = [gateway_api::httproutes::HttpRouteRules::default()];
@@ -1290,7 +1378,7 @@ fn compile_http(
                     let target = backend_ref(
                         at,
                         &mf,
-                        &name.namespace,
+                        &route,
                         b.group.as_deref(),
                         b.kind.as_deref(),
                         &b.name,
@@ -1336,7 +1424,7 @@ fn compile_http(
             let target = backend_ref(
                 at,
                 &bf,
-                &name.namespace,
+                &route,
                 b.group.as_deref(),
                 b.kind.as_deref(),
                 &b.name,
@@ -1383,11 +1471,17 @@ fn compile_grpc(
     name: &ObjectName,
     r: &GrpcRoute,
     policy: &PolicyParts,
+    grants: &Grants,
     services: &mut BTreeSet<ServiceRef>,
 ) -> Result<CompiledRules, GatewayConfigError> {
     use gateway_api::grpcroutes::{
         GrpcRouteRulesFiltersType as F, GrpcRouteRulesMatchesHeadersType as HType,
         GrpcRouteRulesMatchesMethodType as MType,
+    };
+    let route = RouteRef {
+        kind: "GRPCRoute",
+        namespace: &name.namespace,
+        grants,
     };
     let mut out = Vec::new();
     let default_rule = [gateway_api::grpcroutes::GrpcRouteRules::default()];
@@ -1503,7 +1597,7 @@ fn compile_grpc(
             let target = backend_ref(
                 at,
                 &bf,
-                &name.namespace,
+                &route,
                 b.group.as_deref(),
                 b.kind.as_deref(),
                 &b.name,
@@ -1574,5 +1668,66 @@ spec:
         )
         .unwrap_err();
         assert_eq!(e.field, "spec.rules[0].matches[0].path.type", "{e}");
+    }
+
+    #[test]
+    fn cross_namespace_backend_refs_need_a_reference_grant() {
+        let routes = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw }
+spec:
+  gatewayClassName: mesh
+  listeners: [{ name: http, port: 8080, protocol: HTTP }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: default }
+spec:
+  parentRefs: [{ name: gw }]
+  rules:
+    - backendRefs: [{ name: api, namespace: shop, port: 80 }]
+";
+        let target = |text: &str| {
+            let cfg = parse(Path::new("routes.yaml"), text).unwrap();
+            cfg.ports
+                .values()
+                .flat_map(|p| &p.hosts.vhosts)
+                .flat_map(|v| &v.entries)
+                .map(|e| e.action.backends[0].target.clone())
+                .next()
+                .unwrap()
+        };
+        let refused = target(routes).unwrap_err();
+        assert!(refused.contains("RefNotPermitted"), "{refused}");
+        let grant = |from_ns: &str, to_name: &str| {
+            format!(
+                "---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {{ name: from-default, namespace: shop }}
+spec:
+  from: [{{ group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {from_ns} }}]
+  to: [{{ group: \"\", kind: Service{to_name} }}]
+"
+            )
+        };
+        // Granted: the route's namespace and kind, any Service or this one by name.
+        for name in ["", ", name: api"] {
+            let ok = target(&format!("{routes}{}", grant("default", name))).unwrap();
+            assert_eq!(ok.service, ObjectName::new("shop", "api"));
+            assert_eq!(ok.port, 80);
+        }
+        // Another namespace, or another Service's name: still refused.
+        assert!(target(&format!("{routes}{}", grant("other", ""))).is_err());
+        assert!(target(&format!("{routes}{}", grant("default", ", name: db"))).is_err());
+        // A grant with a typo is an error naming its field, not silently ignored.
+        let e = parse(
+            Path::new("routes.yaml"),
+            &format!("{routes}{}", grant("default", ""))
+                .replace("kind: Service", "kind: Service, nmae: x"),
+        )
+        .unwrap_err();
+        assert_eq!(e.object, "ReferenceGrant shop/from-default", "{e}");
     }
 }

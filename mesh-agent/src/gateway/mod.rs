@@ -10,7 +10,9 @@
 pub mod backends;
 pub mod config;
 pub mod jwt;
+pub mod kernel;
 pub mod limits;
+pub mod observe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
@@ -29,6 +31,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use self::{
     backends::{Backends, CircuitView, HealthFeedback, LogFeedback, NoKernelCircuits},
     config::GatewayConfig,
+    observe::GatewayTelemetry,
     proxy::{RequestLimits, Shared},
     server::ConnLimits,
 };
@@ -82,6 +85,39 @@ pub struct GatewayArgs {
     /// Largest request head (request line + headers), bytes: 431 past it.
     #[arg(long, default_value_t = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
+    /// Prometheus endpoint of the gateway's request metrics (`/metrics`, `/stats/prometheus`);
+    /// `none`: off.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: String,
+    /// One JSON line per request on stdout (target `mesh_access`); on by default, as Envoy
+    /// Gateway's default access log.
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+    /// OTLP/gRPC collector for spans (`http://collector:4317`); none: spans only propagate.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0..=1); a sampled incoming parent is always followed.
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 0.01)]
+    pub trace_sampling: f64,
+    /// This gateway's pod (downward API), the `source_workload` of its request metrics.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The node agent's pin directory (its `--pin-dir`, mounted read-only): backends whose
+    /// kernel circuit is open are skipped. Unset: gateway-local outlier detection only. (Not
+    /// `--pin-dir`: that global flag of the agent always has a value.)
+    #[arg(long)]
+    pub node_pin_dir: Option<PathBuf>,
+    /// The node agent's admin socket: 5xx, resets and gRPC UNAVAILABLE are reported to the
+    /// kernel's outlier detection (`ReportBackendResult`). Unset: they stay in the gateway.
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
+    /// At SIGTERM/SIGINT: stop accepting, let requests in flight finish for at most this long,
+    /// then exit (within Kubernetes' default 30 s grace period).
+    #[arg(long, default_value = "25s")]
+    pub drain_period: String,
+    /// This gateway's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub pod_namespace: String,
 }
 
 /// Why the gateway cannot start.
@@ -102,6 +138,8 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--node-pin-dir: {0}")]
+    Kernel(#[from] kernel::KernelViewError),
     #[error("building the Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -123,15 +161,23 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         max_headers: 100,
         max_concurrent_streams: 100,
     };
+    let drain_period = duration_flag("drain-period", &args.drain_period)?;
     let limits = RequestLimits {
         max_body: args.max_body,
     };
     let config = config::load(&args.routes)?;
-    let kernel: Arc<dyn CircuitView> = Arc::new(NoKernelCircuits);
-    let feedback: Arc<dyn HealthFeedback> = Arc::new(LogFeedback);
+    let telemetry = start_telemetry(&args)?;
+    let kernel: Arc<dyn CircuitView> = match &args.node_pin_dir {
+        Some(dir) => Arc::new(kernel::PinnedCircuits::start(dir)?),
+        None => Arc::new(NoKernelCircuits),
+    };
+    let feedback: Arc<dyn HealthFeedback> = match &args.agent_socket {
+        Some(socket) => Arc::new(kernel::AdminFeedback::start(socket.clone())),
+        None => Arc::new(LogFeedback),
+    };
     tracing::info!(circuits = kernel.describe(), "kernel circuit view");
     log_config(&config);
-    let shared = Arc::new(Shared::new(config, limits, kernel, feedback));
+    let shared = Arc::new(Shared::new(config, limits, kernel, feedback, telemetry));
     let (updates, models) = mpsc::channel(16);
     match (&args.config_file, args.kubernetes) {
         (Some(path), false) => {
@@ -197,8 +243,90 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             }
         }
     }
-    tracing::info!("stopping");
+    drain(&shared, listeners, drain_period).await;
     Ok(())
+}
+
+/// Graceful drain: the listening sockets close (new connections are refused, so a load
+/// balancer fails over at once), open connections finish the request in flight and close,
+/// and the process waits for them at most `period`. Spliced upgrades (WebSocket) are not
+/// waited for. Envoy Gateway drains the same way (its `shutdown.drainTimeout`, 60 s by default,
+/// under a longer termination grace period).
+async fn drain(
+    shared: &Arc<Shared>,
+    listeners: std::collections::BTreeMap<u16, JoinHandle<()>>,
+    period: Duration,
+) {
+    for task in listeners.values() {
+        task.abort();
+    }
+    for task in listeners.into_values() {
+        let _ = task.await;
+    }
+    shared.drain.send_replace(true);
+    let open = || {
+        shared
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tracing::info!(connections = open(), period = ?period, "draining: not accepting; finishing requests in flight");
+    let deadline = tokio::time::Instant::now() + period;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match open() {
+        0 => tracing::info!("drained; stopping"),
+        n => tracing::warn!(
+            connections = n,
+            "drain period over; stopping with connections open"
+        ),
+    }
+}
+
+/// The metrics endpoint and the span exporter, as the agent's `telemetry::start` does for it.
+fn start_telemetry(args: &GatewayArgs) -> Result<GatewayTelemetry, GatewayError> {
+    let flag = |flag, value: &str, reason: String| GatewayError::Flag {
+        flag,
+        value: value.to_owned(),
+        reason,
+    };
+    if args.metrics_addr != "none" {
+        let addr: SocketAddr =
+            args.metrics_addr
+                .parse()
+                .map_err(|e: std::net::AddrParseError| {
+                    flag("metrics-addr", &args.metrics_addr, e.to_string())
+                })?;
+        tokio::spawn(observe::serve_metrics(addr));
+    }
+    if !(0.0..=1.0).contains(&args.trace_sampling) {
+        return Err(flag(
+            "trace-sampling",
+            &args.trace_sampling.to_string(),
+            "a share between 0 and 1".into(),
+        ));
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        let stats = Arc::clone(&crate::telemetry::global().otlp);
+        match crate::telemetry::traces::Tracer::start(
+            endpoint,
+            &args.node_name,
+            args.trace_sampling,
+            stats,
+        ) {
+            Ok(t) => {
+                t.install();
+            }
+            Err(e) => return Err(flag("otlp-endpoint", endpoint, e.to_string())),
+        }
+    }
+    Ok(GatewayTelemetry {
+        source: args
+            .pod_name
+            .as_ref()
+            .map(|n| Arc::new(crate::model::ObjectName::new(&args.pod_namespace, n))),
+        access_log: args.access_log,
+    })
 }
 
 fn log_config(cfg: &GatewayConfig) {

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::telemetry::traces;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{
@@ -29,6 +30,7 @@ use super::{
     config::{GatewayConfig, PathChange, RETRY_BUFFER, RuleAction, ServiceRef},
     jwt::Denied,
     limits::RetryBudget,
+    observe::{Counted, GatewayTelemetry, RequestRecord},
     routes::{Entry, PathMatch, query_pairs},
 };
 
@@ -54,6 +56,11 @@ pub struct Shared {
     pub limits: RequestLimits,
     pub kernel: Arc<dyn CircuitView>,
     pub feedback: Arc<dyn HealthFeedback>,
+    pub telemetry: GatewayTelemetry,
+    /// Set at SIGTERM: connections finish their request in flight and close.
+    pub drain: tokio::sync::watch::Sender<bool>,
+    /// Client connections open (from accept to close), what the drain waits for.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
     budget: RetryBudget,
@@ -70,6 +77,7 @@ impl Shared {
         limits: RequestLimits,
         kernel: Arc<dyn CircuitView>,
         feedback: Arc<dyn HealthFeedback>,
+        telemetry: GatewayTelemetry,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -87,6 +95,9 @@ impl Shared {
             limits,
             kernel,
             feedback,
+            telemetry,
+            drain: tokio::sync::watch::Sender::new(false),
+            connections: Arc::default(),
             http1,
             http2,
             budget: RetryBudget::default(),
@@ -122,46 +133,28 @@ fn empty() -> Body {
         .boxed_unsync()
 }
 
-/// What the access log records besides the request.
-#[derive(Default)]
-struct Outcome {
-    route: Option<String>,
-    backend: Option<SocketAddr>,
-    attempts: u32,
-    detail: Option<String>,
-}
-
-/// Handles one request (never fails: every problem is an HTTP answer).
+/// Handles one request (never fails: every problem is an HTTP answer). Its metrics, access
+/// line and span are written when the response body ends (`observe::Finish`).
 pub async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let version = req.version();
-    let trace = traceparent(req.headers());
-    let mut out = Outcome::default();
-    let host = host_of(&req);
-    let resp = route(&shared, conn, req, host.as_deref(), &trace, &mut out).await;
-    tracing::info!(
-        target: "mesh_agent::gateway::access",
-        peer = %conn.peer,
-        method = %method,
-        host = host.as_deref().unwrap_or("-"),
-        path = %path,
-        version = ?version,
-        status = resp.status().as_u16(),
-        route = out.route.as_deref().unwrap_or("-"),
-        backend = %out.backend.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-        attempts = out.attempts,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        traceparent = %trace,
-        detail = out.detail.as_deref().unwrap_or(""),
-        "request"
+    let mut out = RequestRecord::new(
+        conn.peer,
+        req.method().clone(),
+        req.uri().path().to_owned(),
+        req.version(),
     );
-    Ok(resp)
+    // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
+    // starts one otherwise; the backend sees this span as its parent.
+    let span = start_span(req.headers());
+    let trace = span.traceparent();
+    out.span = Some(span);
+    let host = host_of(&req);
+    out.authority.clone_from(&host);
+    let resp = route(&shared, conn, req, host.as_deref(), &trace, &mut out).await;
+    Ok(super::observe::finish(resp, out, &shared.telemetry))
 }
 
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
@@ -175,30 +168,14 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
     Some(raw.to_ascii_lowercase())
 }
 
-/// W3C trace context: a valid incoming `traceparent` is passed on; otherwise one is started.
-fn traceparent(headers: &HeaderMap) -> String {
-    if let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        let parts: Vec<&str> = v.split('-').collect();
-        if parts.len() == 4
-            && parts[0].len() == 2
-            && parts[1].len() == 32
-            && parts[2].len() == 16
-            && parts[3].len() == 2
-            && parts
-                .iter()
-                .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
-            && parts[1] != "00000000000000000000000000000000"
-            && parts[2] != "0000000000000000"
-        {
-            return v.to_owned();
-        }
-    }
-    format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        fastrand::u64(1..),
-        fastrand::u64(..),
-        fastrand::u64(1..)
-    )
+/// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
+/// invalid one starts a new trace, as W3C Trace Context says a receiver must).
+fn start_span(headers: &HeaderMap) -> traces::ActiveSpan {
+    let parent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(traces::TraceContext::parse);
+    traces::start_span("gateway", traces::Kind::Server, parent.as_ref())
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
@@ -288,7 +265,7 @@ async fn route(
     mut req: Request<Incoming>,
     host: Option<&str>,
     trace: &str,
-    out: &mut Outcome,
+    out: &mut RequestRecord,
 ) -> Response<Body> {
     let Some(host) = host else {
         return plain(StatusCode::BAD_REQUEST, "missing host");
@@ -428,6 +405,7 @@ async fn route(
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let body = Counted::new(body, out.request_bytes.clone());
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(m) = &action.request_headers {
@@ -475,6 +453,7 @@ async fn route(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
+    out.grpc = grpc;
     let template = Template {
         method: parts.method,
         path_and_query,
@@ -524,6 +503,7 @@ async fn route(
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     drop(backends);
+    out.service = Some(svc.label.clone());
     let _active = shared.budget.start();
     let deadline = action.request_timeout.map(|t| Instant::now() + t);
     let retry = is_idempotent(&template.method) && buffered.is_some();
@@ -543,7 +523,8 @@ async fn route(
                 return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             }
         };
-        out.backend = Some(ep.addr);
+        out.upstream = Some(ep.addr);
+        out.pod.clone_from(&ep.pod);
         let body = match (&buffered, streaming.take()) {
             (Some(b), _) => Full::new(b.clone())
                 .map_err(|e: Infallible| match e {})
@@ -595,10 +576,10 @@ async fn route(
         };
         if let Some(why) = &failed {
             svc.failure(&ep, shared.epoch);
-            shared.feedback.failure(&svc.name, ep.addr, why);
+            shared.feedback.failure(&svc, ep.addr, why);
         } else {
             ServiceBackends::success(&ep);
-            shared.feedback.success(&svc.name, ep.addr);
+            shared.feedback.success(&svc, ep.addr);
         }
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|r| {
@@ -659,7 +640,7 @@ pub fn process_head<B>(
     if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
         let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
     }
-    let tp = traceparent(req.headers());
+    let tp = start_span(req.headers()).traceparent();
     if let Ok(v) = HeaderValue::from_str(&tp) {
         headers.insert("traceparent", v);
     }
@@ -811,9 +792,7 @@ impl http_body::Body for Observed {
             && let Some((shared, svc, ep)) = self.watch.take()
         {
             svc.failure(&ep, shared.epoch);
-            shared
-                .feedback
-                .failure(&svc.name, ep.addr, "grpc-status 14");
+            shared.feedback.failure(&svc, ep.addr, "grpc-status 14");
         }
         polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }

@@ -99,7 +99,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
         let tls = shared.config.load().ports.get(&port).is_some_and(|p| p.tls);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
+        let open = OpenConn::new(&shared.connections);
         tokio::spawn(async move {
+            let _open = open;
             let conn = ConnInfo {
                 peer,
                 local_port: port,
@@ -132,6 +134,22 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
                 .await;
             }
         });
+    }
+}
+
+/// Counts a client connection as open until dropped (the drain waits for the count to reach 0).
+struct OpenConn(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConn {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -170,11 +188,20 @@ async fn serve_conn<I>(
         Some(false) => b.http1_only(),
         None => b,
     };
+    let mut drain = shared.drain.subscribe();
     let svc = service_fn(move |req| handle(shared.clone(), conn, req));
-    if let Err(e) = b
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    let served = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = async { drop(drain.wait_for(|d| *d).await) } => {
+            // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams in flight
+            // finish (what Envoy does when it drains a listener).
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
     }
 }

@@ -1,0 +1,377 @@
+//! Per-request telemetry of the gateway: Istio's request metrics (`telemetry::requests::record`),
+//! one JSON access line on the `mesh_access` target, and a server span (`telemetry::traces`),
+//! all written once, when the response body is finished or dropped (so bytes and duration cover
+//! the whole exchange, as Envoy's access log and Istio's metrics do); plus the gateway's own
+//! `:15020/metrics` endpoint.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt as _, Full};
+
+use super::proxy::{Body, BoxError};
+use crate::{
+    model::ObjectName,
+    telemetry::{
+        Bounds, global,
+        labels::{Reporter, Security},
+        requests::{Protocol, Request},
+        server::{METRICS_PATHS, OPENMETRICS_CONTENT_TYPE},
+        traces::ActiveSpan,
+    },
+};
+
+/// What the gateway's telemetry knows of itself.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayTelemetry {
+    /// The gateway's pod (`source_workload` of its request metrics); `None`: Istio's `unknown`.
+    pub source: Option<Arc<ObjectName>>,
+    /// Whether the per-request access line is written.
+    pub access_log: bool,
+}
+
+/// Everything one request's telemetry records, filled in along the request path.
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub start: Instant,
+    pub peer: SocketAddr,
+    pub method: Method,
+    pub authority: Option<String>,
+    pub path: String,
+    pub version: http::Version,
+    pub route: Option<String>,
+    pub service: Option<Arc<ObjectName>>,
+    pub upstream: Option<SocketAddr>,
+    pub pod: Option<Arc<ObjectName>>,
+    pub attempts: u32,
+    pub detail: Option<String>,
+    pub grpc: bool,
+    /// Request body bytes read from the client (shared with the counting body).
+    pub request_bytes: Arc<AtomicU64>,
+    pub span: Option<ActiveSpan>,
+}
+
+impl RequestRecord {
+    #[must_use]
+    pub fn new(peer: SocketAddr, method: Method, path: String, version: http::Version) -> Self {
+        Self {
+            start: Instant::now(),
+            peer,
+            method,
+            authority: None,
+            path,
+            version,
+            route: None,
+            service: None,
+            upstream: None,
+            pod: None,
+            attempts: 0,
+            detail: None,
+            grpc: false,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            span: None,
+        }
+    }
+}
+
+/// `grpc-status` of a header block, when it has a valid one.
+fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The response body to the client, which writes the request's telemetry when it ends (or is
+/// dropped: a client gone mid-body is still one request, recorded with what was sent).
+pub struct Finish {
+    inner: Body,
+    status: StatusCode,
+    grpc_status: Option<u16>,
+    sent: u64,
+    record: Option<RequestRecord>,
+    telemetry: GatewayTelemetry,
+}
+
+impl Finish {
+    /// Wraps `inner`, the body of a response with `status` and `headers`.
+    #[must_use]
+    pub fn new(
+        inner: Body,
+        status: StatusCode,
+        headers: &HeaderMap,
+        record: RequestRecord,
+        telemetry: GatewayTelemetry,
+    ) -> Self {
+        Self {
+            inner,
+            status,
+            // A trailers-only gRPC answer carries its status in the headers.
+            grpc_status: grpc_status(headers),
+            sent: 0,
+            record: Some(record),
+            telemetry,
+        }
+    }
+
+    fn done(&mut self) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        let duration = r.start.elapsed();
+        let status = self.status.as_u16();
+        let request_bytes = r.request_bytes.load(Ordering::Relaxed);
+        // Istio's gateway reports as `source` (it is the client of the backend).
+        crate::telemetry::requests::record(&Request {
+            reporter: Reporter::Source,
+            source: self.telemetry.source.as_ref(),
+            source_principal: None,
+            service: r.service.as_ref(),
+            destination: r.pod.as_ref(),
+            destination_principal: None,
+            protocol: if r.grpc {
+                Protocol::Grpc
+            } else {
+                Protocol::Http
+            },
+            response_code: status,
+            grpc_status: self.grpc_status,
+            security: Security::None,
+            duration,
+            request_bytes,
+            response_bytes: self.sent,
+        });
+        let trace_id = r
+            .span
+            .as_ref()
+            .map(|s| s.context().trace_id_hex())
+            .unwrap_or_default();
+        if self.telemetry.access_log {
+            tracing::info!(
+                target: crate::telemetry::access_log::ACCESS_TARGET,
+                direction = "inbound",
+                reporter = "gateway",
+                peer = %r.peer,
+                method = %r.method,
+                authority = r.authority.as_deref().unwrap_or("-"),
+                path = %r.path,
+                protocol = ?r.version,
+                status,
+                grpc_status = self.grpc_status.map_or(-1, i64::from),
+                route = r.route.as_deref().unwrap_or("-"),
+                upstream = %r.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                upstream_service = %r.service.as_deref().map_or_else(|| "-".to_owned(), ToString::to_string),
+                attempts = r.attempts,
+                bytes_received = request_bytes,
+                bytes_sent = self.sent,
+                duration_ms = duration.as_secs_f64() * 1000.0,
+                trace_id = %trace_id,
+                detail = r.detail.as_deref().unwrap_or(""),
+                "request complete"
+            );
+        }
+        if let Some(mut span) = r.span.take() {
+            span.set("http.request.method", r.method.as_str());
+            span.set("url.path", r.path.clone());
+            if let Some(a) = &r.authority {
+                span.set("server.address", a.clone());
+            }
+            span.set("client.address", r.peer.ip().to_string());
+            if let Some(route) = &r.route {
+                span.set("http.route", route.clone());
+            }
+            if let Some(u) = r.upstream {
+                span.set("upstream_address", u.to_string());
+            }
+            span.set_int("http.response.status_code", u64::from(status));
+            span.set_int("http.request.body.size", request_bytes);
+            span.set_int("http.response.body.size", self.sent);
+            // OpenTelemetry's HTTP server convention: 5xx are errors, 4xx are the client's.
+            let error = (status >= 500).then(|| format!("status {status}"));
+            span.finish(error.as_deref());
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl http_body::Body for Finish {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.sent += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(g) = grpc_status(t)
+                {
+                    self.grpc_status = Some(g);
+                }
+            }
+            Poll::Ready(None) => self.done(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body from the client, counting its bytes for `istio_request_bytes`.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `GET /metrics` (and `/stats/prometheus`) with the gateway's request metrics and
+/// exporter counters until the process ends; a bind failure is logged, not fatal (metrics are
+/// worth less than traffic), as the agent's endpoint.
+pub async fn serve_metrics(addr: SocketAddr) {
+    use hyper::{server::conn::http1, service::service_fn};
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "gateway metrics endpoint not served");
+            return;
+        }
+    };
+    tracing::info!(%addr, "gateway metrics endpoint listening");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                Ok::<_, Infallible>(metrics_answer(&req))
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn metrics_answer<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
+    let text = |code, body: String, ct: &'static str| {
+        let mut r = http::Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ct),
+        );
+        r
+    };
+    if !METRICS_PATHS.contains(&req.uri().path()) {
+        return text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain");
+    }
+    let openmetrics = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    match render(openmetrics) {
+        Ok(body) if openmetrics => text(StatusCode::OK, body, OPENMETRICS_CONTENT_TYPE),
+        Ok(body) => text(
+            StatusCode::OK,
+            body,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        ),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed\n".into(),
+            "text/plain",
+        ),
+    }
+}
+
+/// One scrape of the gateway process: request metrics, their bound, OTLP exporter counters.
+pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
+    use prometheus_client::{encoding, registry::Registry};
+    let t = global();
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Arc::clone(&t.requests)));
+    registry.register_collector(Box::new(Arc::clone(&t.otlp)));
+    registry.register_collector(Box::new(Bounds(vec![t.requests.bound()])));
+    let mut out = String::with_capacity(16 * 1024);
+    if openmetrics {
+        encoding::text::encode(&mut out, &registry)?;
+    } else {
+        encoding::prometheus_text::encode(&mut out, &registry)?;
+    }
+    Ok(out)
+}
+
+/// Wraps a finished response's body so its telemetry is written when the body ends.
+#[must_use]
+pub fn finish(
+    resp: http::Response<Body>,
+    record: RequestRecord,
+    telemetry: &GatewayTelemetry,
+) -> http::Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let body = Finish::new(
+        body,
+        parts.status,
+        &parts.headers,
+        record,
+        telemetry.clone(),
+    );
+    http::Response::from_parts(parts, body.boxed_unsync())
+}
