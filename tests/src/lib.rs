@@ -16,6 +16,7 @@
 //! ```
 
 pub mod agent;
+pub mod bench_gateway;
 pub mod cluster;
 pub mod connect;
 pub mod control_plane;

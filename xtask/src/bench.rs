@@ -17,6 +17,9 @@ pub enum Suite {
     /// The real agent reconciling 10,000 services x 10 endpoints from a static file: time, RSS,
     /// endpoint updates per second (`target/bench/control-plane.json`).
     ControlPlane,
+    /// `mesh-agent gateway` vs nginx, `HAProxy` and direct: HTTP/1.1 keep-alive (wrk), HTTP/2
+    /// over TLS and gRPC unary (h2load), the gateway's RSS (`target/bench/gateway.json`).
+    Gateway,
 }
 
 impl Suite {
@@ -24,6 +27,7 @@ impl Suite {
         match self {
             Self::Datapath => "datapath",
             Self::ControlPlane => "control-plane",
+            Self::Gateway => "gateway",
         }
     }
 }
