@@ -138,6 +138,19 @@ struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: nginx's master stops its workers only when it is told to stop
+        // (a killed master leaves them running, holding the ports).
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -228,7 +241,7 @@ fn make_certificate(dir: &Path) -> Result<()> {
             "-newkey",
             "ec",
             "-pkeyopt",
-            "ec_paramgroup_name:prime256v1",
+            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
             "2",
@@ -325,7 +338,7 @@ fn haproxy_conf(dir: &Path) -> String {
     format!(
         "global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
