@@ -359,10 +359,12 @@ backend grpc
 }
 
 fn gateway_routes(dir: &Path) -> Result<String> {
-    let indent = |s: &str| s.lines().fold(String::new(), |mut o, l| {
-        let _ = writeln!(o, "    {l}");
-        o
-    });
+    let indent = |s: &str| {
+        s.lines().fold(String::new(), |mut o, l| {
+            let _ = writeln!(o, "    {l}");
+            o
+        })
+    };
     let cert = std::fs::read_to_string(dir.join("cert.pem"))?;
     let key = std::fs::read_to_string(dir.join("key.pem"))?;
     let (http, tls) = GATEWAY_PORTS;
@@ -410,7 +412,11 @@ fn wrk(url: &str, plan: &Plan, seconds: u32) -> Result<LoadResult> {
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(out.status.success(), "wrk {url} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "wrk {url} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_wrk(&text).with_context(|| format!("parsing wrk's output for {url}:\n{text}"))
 }
 
@@ -478,7 +484,9 @@ fn h2load(
             .args(["-H", "content-type: application/grpc"])
             .args(["-H", "te: trailers"]);
     }
-    let out = cmd.output().context("running h2load (apt-get install nghttp2-client)")?;
+    let out = cmd
+        .output()
+        .context("running h2load (apt-get install nghttp2-client)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success(),
@@ -494,7 +502,10 @@ fn parse_h2load(text: &str) -> Result<LoadResult> {
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("finished in ") {
             // "finished in 8.00s, 12345.60 req/s, 1.23MB/s"
-            let rps = rest.split(", ").nth(1).and_then(|s| s.strip_suffix(" req/s"));
+            let rps = rest
+                .split(", ")
+                .nth(1)
+                .and_then(|s| s.strip_suffix(" req/s"));
             r.rps = rps.context("req/s")?.parse()?;
         } else if let Some(rest) = line.strip_prefix("requests: ") {
             // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, 0 timeout"
@@ -635,7 +646,11 @@ impl Rig {
             ("nginx (backend)", nginx_backend_conf(&dir)),
             ("nginx (proxy)", nginx_proxy_conf(&dir)),
         ] {
-            let stem = if name.contains("backend") { "nginx-backend" } else { "nginx-proxy" };
+            let stem = if name.contains("backend") {
+                "nginx-backend"
+            } else {
+                "nginx-proxy"
+            };
             let conf_path = dir.join(format!("{stem}.conf"));
             std::fs::write(&conf_path, conf)?;
             let log = dir.join(format!("{stem}.log"));
@@ -654,7 +669,11 @@ impl Rig {
         let conf_path = dir.join("haproxy.cfg");
         std::fs::write(&conf_path, haproxy_conf(&dir))?;
         let log = dir.join("haproxy.log");
-        let p = Proc::spawn("haproxy", Command::new("haproxy").arg("-db").arg("-f").arg(&conf_path), &log)?;
+        let p = Proc::spawn(
+            "haproxy",
+            Command::new("haproxy").arg("-db").arg("-f").arg(&conf_path),
+            &log,
+        )?;
         procs.push((p, log));
 
         let services = services_yaml(&[
@@ -683,7 +702,12 @@ impl Rig {
                 (target.http1_url(), Vec::new()),
                 (
                     format!("https://{HOST}:{port}/"),
-                    vec!["--http2".to_owned(), "-k".to_owned(), "--resolve".to_owned(), format!("{HOST}:{port}:{ip}")],
+                    vec![
+                        "--http2".to_owned(),
+                        "-k".to_owned(),
+                        "--resolve".to_owned(),
+                        format!("{HOST}:{port}:{ip}"),
+                    ],
                 ),
             ];
             for (url, extra) in urls {
@@ -695,7 +719,15 @@ impl Rig {
                         bail!("the gateway exited ({status}): {}", self.gateway.log_text());
                     }
                     let out = Command::new("curl")
-                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"])
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "--max-time",
+                            "2",
+                        ])
                         .args(&extra)
                         .arg(&url)
                         .output()
@@ -789,29 +821,56 @@ pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
             }
         }
         println!("{line} (req/s http1/h2/grpc)");
-        let gw = (r1[&Target::Gateway], r2[&Target::Gateway], rg[&Target::Gateway]);
+        let gw = (
+            r1[&Target::Gateway],
+            r2[&Target::Gateway],
+            rg[&Target::Gateway],
+        );
         for base in [Target::Nginx, Target::Haproxy] {
             let n = base.name();
             s.push(format!("rps_ratio_vs_{n}_http1"), gw.0.rps / r1[&base].rps);
-            s.push(format!("p99_ratio_vs_{n}_http1"), gw.0.p99_us / r1[&base].p99_us);
+            s.push(
+                format!("p99_ratio_vs_{n}_http1"),
+                gw.0.p99_us / r1[&base].p99_us,
+            );
             s.push(format!("rps_ratio_vs_{n}_h2"), gw.1.rps / r2[&base].rps);
-            s.push(format!("grpc_unary_rps_ratio_vs_{n}"), gw.2.rps / rg[&base].rps);
-            s.push(format!("{n}_rps_ratio_vs_direct_http1"), r1[&base].rps / r1[&Target::Direct].rps);
-            s.push(format!("{n}_rps_ratio_vs_direct_h2"), r2[&base].rps / r2[&Target::Direct].rps);
-            s.push(format!("{n}_p99_ratio_vs_direct_http1"), r1[&base].p99_us / r1[&Target::Direct].p99_us);
+            s.push(
+                format!("grpc_unary_rps_ratio_vs_{n}"),
+                gw.2.rps / rg[&base].rps,
+            );
+            s.push(
+                format!("{n}_rps_ratio_vs_direct_http1"),
+                r1[&base].rps / r1[&Target::Direct].rps,
+            );
+            s.push(
+                format!("{n}_rps_ratio_vs_direct_h2"),
+                r2[&base].rps / r2[&Target::Direct].rps,
+            );
+            s.push(
+                format!("{n}_p99_ratio_vs_direct_http1"),
+                r1[&base].p99_us / r1[&Target::Direct].p99_us,
+            );
         }
-        s.push("rps_ratio_vs_direct_http1", gw.0.rps / r1[&Target::Direct].rps);
+        s.push(
+            "rps_ratio_vs_direct_http1",
+            gw.0.rps / r1[&Target::Direct].rps,
+        );
         s.push("rps_ratio_vs_direct_h2", gw.1.rps / r2[&Target::Direct].rps);
-        s.push("p99_ratio_vs_direct_http1", gw.0.p99_us / r1[&Target::Direct].p99_us);
+        s.push(
+            "p99_ratio_vs_direct_http1",
+            gw.0.p99_us / r1[&Target::Direct].p99_us,
+        );
     }
 
-    let mut m: BTreeMap<String, f64> = s
-        .0
-        .keys()
-        .filter_map(|k| Some((k.clone(), s.median(k)?)))
-        .collect();
+    let mut m: BTreeMap<String, f64> =
+        s.0.keys()
+            .filter_map(|k| Some((k.clone(), s.median(k)?)))
+            .collect();
     m.insert("gateway_rss_mib_idle".into(), idle_rss as f64 / 1024.0);
-    m.insert("gateway_rss_mib_under_load_peak".into(), peak_rss as f64 / 1024.0);
+    m.insert(
+        "gateway_rss_mib_under_load_peak".into(),
+        peak_rss as f64 / 1024.0,
+    );
     let total_errors: u64 = errors.values().sum();
     for (k, v) in &errors {
         m.insert(format!("errors_{k}"), *v as f64);
@@ -916,13 +975,19 @@ time for request:      120us     10.00ms      300us      100us    90.00%
         assert_eq!(r.requests, 60001);
         assert_eq!(r.errors, 11);
         assert!((r.p50_us - 300.0).abs() < 1e-9);
-        assert!(parse_h2load("finished in 1s, 0 req/s\nstatus codes: 0 2xx, 0 3xx, 0 4xx, 9 5xx\n").is_err());
+        assert!(
+            parse_h2load("finished in 1s, 0 req/s\nstatus codes: 0 2xx, 0 3xx, 0 4xx, 9 5xx\n")
+                .is_err()
+        );
     }
 
     #[test]
     fn grpc_body_is_one_framed_message() {
         let b = grpc_request_body();
         assert_eq!(b[0], 0);
-        assert_eq!(u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize, b.len() - 5);
+        assert_eq!(
+            u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize,
+            b.len() - 5
+        );
     }
 }

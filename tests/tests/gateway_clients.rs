@@ -21,9 +21,9 @@ mod echo {
     tonic::include_proto!("echo");
 }
 
+use echo::Msg;
 use echo::echo_client::EchoClient;
 use echo::echo_server::{Echo, EchoServer};
-use echo::Msg;
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -301,7 +301,10 @@ async fn grpc_calls(port: u16) -> Result<()> {
             .await
             .with_context(|| format!("no answer to ping {i} within 5 s: a direction is buffered"))??
             .context("the answer stream ended early")?;
-        ensure!(a == msg(format!("echo ping {i}"), i), "bidi answer {i}: {a:?}");
+        ensure!(
+            a == msg(format!("echo ping {i}"), i),
+            "bidi answer {i}: {a:?}"
+        );
     }
     drop(tx);
     ensure!(
@@ -356,11 +359,7 @@ fn websocket_client_exchanges_messages_through_the_gateway() -> Result<()> {
 async fn websocket_exchange(port: u16) -> Result<()> {
     let (mut ws, resp) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/chat")).await?;
-    ensure!(
-        resp.status() == 101,
-        "handshake answer: {}",
-        resp.status()
-    );
+    ensure!(resp.status() == 101, "handshake answer: {}", resp.status());
     for i in 0..20 {
         ws.send(Message::text(format!("message {i}"))).await?;
         let m = tokio::time::timeout(Duration::from_secs(5), ws.next())

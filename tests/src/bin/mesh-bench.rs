@@ -262,7 +262,10 @@ fn gateway(args: &GatewayArgs) -> Result<()> {
     let plan = Plan::new(args.quick);
     let command = std::env::var("MESH_BENCH_COMMAND")
         .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
-    println!("mesh-bench gateway{}", if args.quick { " (quick)" } else { "" });
+    println!(
+        "mesh-bench gateway{}",
+        if args.quick { " (quick)" } else { "" }
+    );
     println!("command:  {command}");
     let machine = Machine::probe();
     println!(
@@ -270,7 +273,9 @@ fn gateway(args: &GatewayArgs) -> Result<()> {
         machine.kernel,
         machine.cpus,
         machine.cpu_model,
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     println!(
         "proxies:  mesh-agent gateway ({}), {}, {} — each with 2 workers/threads, keep-alive to one nginx backend",
