@@ -750,6 +750,72 @@ impl Rig {
     }
 }
 
+/// One round's results into the samples (raw values and the gateway's ratios), and a line.
+fn record_round(
+    s: &mut Samples,
+    round: usize,
+    rounds: usize,
+    r1: &BTreeMap<Target, LoadResult>,
+    r2: &BTreeMap<Target, LoadResult>,
+    rg: &BTreeMap<Target, LoadResult>,
+) {
+    let mut line = format!("round {}/{}:", round + 1, rounds);
+    for t in Target::ALL {
+        let (a, b) = (r1[&t], r2[&t]);
+        let n = t.name();
+        s.push(format!("http1_rps_{n}"), a.rps);
+        s.push(format!("http1_p50_us_{n}"), a.p50_us);
+        s.push(format!("http1_p99_us_{n}"), a.p99_us);
+        s.push(format!("h2_rps_{n}"), b.rps);
+        s.push(format!("h2_mean_us_{n}"), b.p50_us);
+        let _ = write!(line, " {n} {:.0}/{:.0}", a.rps, b.rps);
+        if let Some(g) = rg.get(&t) {
+            s.push(format!("grpc_unary_rps_{n}"), g.rps);
+            let _ = write!(line, "/{:.0}", g.rps);
+        }
+    }
+    println!("{line} (req/s http1/h2/grpc)");
+    let gw = (
+        r1[&Target::Gateway],
+        r2[&Target::Gateway],
+        rg[&Target::Gateway],
+    );
+    for base in [Target::Nginx, Target::Haproxy] {
+        let n = base.name();
+        s.push(format!("rps_ratio_vs_{n}_http1"), gw.0.rps / r1[&base].rps);
+        s.push(
+            format!("p99_ratio_vs_{n}_http1"),
+            gw.0.p99_us / r1[&base].p99_us,
+        );
+        s.push(format!("rps_ratio_vs_{n}_h2"), gw.1.rps / r2[&base].rps);
+        s.push(
+            format!("grpc_unary_rps_ratio_vs_{n}"),
+            gw.2.rps / rg[&base].rps,
+        );
+        s.push(
+            format!("{n}_rps_ratio_vs_direct_http1"),
+            r1[&base].rps / r1[&Target::Direct].rps,
+        );
+        s.push(
+            format!("{n}_rps_ratio_vs_direct_h2"),
+            r2[&base].rps / r2[&Target::Direct].rps,
+        );
+        s.push(
+            format!("{n}_p99_ratio_vs_direct_http1"),
+            r1[&base].p99_us / r1[&Target::Direct].p99_us,
+        );
+    }
+    s.push(
+        "rps_ratio_vs_direct_http1",
+        gw.0.rps / r1[&Target::Direct].rps,
+    );
+    s.push("rps_ratio_vs_direct_h2", gw.1.rps / r2[&Target::Direct].rps);
+    s.push(
+        "p99_ratio_vs_direct_http1",
+        gw.0.p99_us / r1[&Target::Direct].p99_us,
+    );
+}
+
 /// Runs the benchmark: returns the flat metrics (medians) and the per-round samples.
 pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
     let mut rig = Rig::start()?;
@@ -805,61 +871,7 @@ pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
         for (p, log) in &mut rig.procs {
             p.check_alive(log)?;
         }
-        let mut line = format!("round {}/{}:", round + 1, plan.rounds);
-        for t in Target::ALL {
-            let (a, b) = (r1[&t], r2[&t]);
-            let n = t.name();
-            s.push(format!("http1_rps_{n}"), a.rps);
-            s.push(format!("http1_p50_us_{n}"), a.p50_us);
-            s.push(format!("http1_p99_us_{n}"), a.p99_us);
-            s.push(format!("h2_rps_{n}"), b.rps);
-            s.push(format!("h2_mean_us_{n}"), b.p50_us);
-            let _ = write!(line, " {n} {:.0}/{:.0}", a.rps, b.rps);
-            if let Some(g) = rg.get(&t) {
-                s.push(format!("grpc_unary_rps_{n}"), g.rps);
-                let _ = write!(line, "/{:.0}", g.rps);
-            }
-        }
-        println!("{line} (req/s http1/h2/grpc)");
-        let gw = (
-            r1[&Target::Gateway],
-            r2[&Target::Gateway],
-            rg[&Target::Gateway],
-        );
-        for base in [Target::Nginx, Target::Haproxy] {
-            let n = base.name();
-            s.push(format!("rps_ratio_vs_{n}_http1"), gw.0.rps / r1[&base].rps);
-            s.push(
-                format!("p99_ratio_vs_{n}_http1"),
-                gw.0.p99_us / r1[&base].p99_us,
-            );
-            s.push(format!("rps_ratio_vs_{n}_h2"), gw.1.rps / r2[&base].rps);
-            s.push(
-                format!("grpc_unary_rps_ratio_vs_{n}"),
-                gw.2.rps / rg[&base].rps,
-            );
-            s.push(
-                format!("{n}_rps_ratio_vs_direct_http1"),
-                r1[&base].rps / r1[&Target::Direct].rps,
-            );
-            s.push(
-                format!("{n}_rps_ratio_vs_direct_h2"),
-                r2[&base].rps / r2[&Target::Direct].rps,
-            );
-            s.push(
-                format!("{n}_p99_ratio_vs_direct_http1"),
-                r1[&base].p99_us / r1[&Target::Direct].p99_us,
-            );
-        }
-        s.push(
-            "rps_ratio_vs_direct_http1",
-            gw.0.rps / r1[&Target::Direct].rps,
-        );
-        s.push("rps_ratio_vs_direct_h2", gw.1.rps / r2[&Target::Direct].rps);
-        s.push(
-            "p99_ratio_vs_direct_http1",
-            gw.0.p99_us / r1[&Target::Direct].p99_us,
-        );
+        record_round(&mut s, round, plan.rounds, &r1, &r2, &rg);
     }
 
     let mut m: BTreeMap<String, f64> =

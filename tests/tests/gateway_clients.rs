@@ -372,7 +372,7 @@ async fn websocket_exchange(port: u16) -> Result<()> {
         );
     }
     // A 200 KiB binary message: several frames' worth of bytes spliced both ways.
-    let big: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0u8..=250).cycle().take(200 * 1024).collect();
     ws.send(Message::binary(big.clone())).await?;
     let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
