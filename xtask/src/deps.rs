@@ -38,7 +38,7 @@ const PACKAGES: &[Package] = &[
         fallback: &[],
     },
     Package {
-        name: "nginx-light",
+        name: "nginx",
         why: "gateway benchmark: nginx as the reverse-proxy baseline and the backend",
         fallback: &[],
     },
