@@ -16,6 +16,7 @@
 //! ```
 
 pub mod agent;
+pub mod bench_gateway;
 pub mod bench_mtls;
 pub mod cluster;
 pub mod connect;

@@ -21,6 +21,9 @@ pub enum Suite {
     /// HBONE tunnel vs plaintext vs an nginx `stream` TLS pair between two nodes; the proxies'
     /// CPU per request and RSS; rustls vs kernel TLS for one stream (`target/bench/mtls.json`).
     Mtls,
+    /// `mesh-agent gateway` vs nginx, `HAProxy` and direct: HTTP/1.1 keep-alive (wrk), HTTP/2
+    /// over TLS and gRPC unary (h2load), the gateway's RSS (`target/bench/gateway.json`).
+    Gateway,
 }
 
 impl Suite {
@@ -29,6 +32,7 @@ impl Suite {
             Self::Datapath => "datapath",
             Self::ControlPlane => "control-plane",
             Self::Mtls => "mtls",
+            Self::Gateway => "gateway",
         }
     }
 }

@@ -38,6 +38,26 @@ const PACKAGES: &[Package] = &[
         fallback: &[],
     },
     Package {
+        name: "nginx",
+        why: "gateway benchmark: nginx as the reverse-proxy baseline and the backend",
+        fallback: &[],
+    },
+    Package {
+        name: "wrk",
+        why: "gateway benchmark: HTTP/1.1 keep-alive load with latency percentiles",
+        fallback: &[],
+    },
+    Package {
+        name: "nghttp2-client",
+        why: "gateway benchmark and tests: h2load (HTTP/2 over TLS, gRPC unary)",
+        fallback: &[],
+    },
+    Package {
+        name: "openssl",
+        why: "gateway benchmark: the certificate the three proxies share",
+        fallback: &[],
+    },
+    Package {
         name: "sockperf",
         why: "TCP latency benchmark",
         fallback: &[],

@@ -126,6 +126,8 @@ enum Cmd {
     ControlPlane(ControlPlaneArgs),
     /// Run the mtls benchmark: HBONE tunnel vs plaintext vs an nginx TLS pair (root).
     Mtls(MtlsArgs),
+    /// Run the gateway benchmark: `mesh-agent gateway` vs nginx, `HAProxy` and direct (wrk, h2load).
+    Gateway(GatewayArgs),
     /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -163,6 +165,16 @@ struct MtlsArgs {
     /// `#[tokio::main]`; 1: a current-thread runtime).
     #[arg(long, default_value_t = 0)]
     proxy_threads: usize,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// One round of 2 s runs instead of 5 rounds of 8 s (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/gateway.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -218,6 +230,7 @@ fn main() -> ExitCode {
                 .out
                 .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
         }),
+        Cmd::Gateway(a) => gateway(&a),
         Cmd::Serve(a) => serve(&a),
     };
     match result {
@@ -260,6 +273,67 @@ fn control_plane(args: &ControlPlaneArgs) -> Result<()> {
     for (k, v) in &metrics {
         println!("  {k:<40} {v:>12.1}");
     }
+    std::fs::write(&out, serde_json::to_string_pretty(&metrics)? + "\n")
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway (`mesh_tests::bench_gateway`: the real `mesh-agent gateway`, nginx, HAProxy, wrk, h2load)
+
+fn gateway(args: &GatewayArgs) -> Result<()> {
+    use mesh_tests::bench_gateway::{self, GOALS, Plan};
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench/gateway.json"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let plan = Plan::new(args.quick);
+    let command = std::env::var("MESH_BENCH_COMMAND")
+        .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    println!(
+        "mesh-bench gateway{}",
+        if args.quick { " (quick)" } else { "" }
+    );
+    println!("command:  {command}");
+    let machine = Machine::probe();
+    println!(
+        "machine:  Linux {}, {} CPUs ({}); load average {}",
+        machine.kernel,
+        machine.cpus,
+        machine.cpu_model,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "proxies:  mesh-agent gateway ({}), {}, {} — each with 2 workers/threads, keep-alive to one nginx backend",
+        mesh_tests::agent::workspace_binary("mesh-agent")?.display(),
+        first_line("nginx", &["-v"]),
+        machine.haproxy
+    );
+    println!(
+        "load:     {} rounds × {} s per target, order rotated per round; wrk -t{} -c{} --latency (HTTP/1.1 keep-alive); h2load -c{} -m{} over TLS (HTTP/2, gRPC unary)",
+        plan.rounds,
+        plan.seconds,
+        plan.http1_threads,
+        plan.http1_connections,
+        plan.h2_clients,
+        plan.h2_streams
+    );
+    let (mut metrics, samples) = bench_gateway::run(&plan)?;
+    bench_gateway::print_report(&metrics, &samples);
+    for (key, upper, bound) in GOALS {
+        let Some(v) = metrics.get(key).copied() else {
+            continue;
+        };
+        let met = if upper { v <= bound } else { v >= bound };
+        metrics.insert(format!("{key}_goal_met"), f64::from(u8::from(met)));
+    }
+    // Flat `{"metric": number}` like the other suites; the command is printed above.
     std::fs::write(&out, serde_json::to_string_pretty(&metrics)? + "\n")
         .with_context(|| format!("failed to write {}", out.display()))?;
     println!("wrote {}", out.display());
