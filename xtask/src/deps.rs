@@ -52,6 +52,11 @@ const PACKAGES: &[Package] = &[
         why: "telemetry test: promtool check metrics and a real Prometheus scraping the agents",
         fallback: &[],
     },
+    Package {
+        name: "chromium",
+        why: "relay test: the live service map page rendered headless, read from its DOM",
+        fallback: &[],
+    },
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
