@@ -28,6 +28,16 @@ const FROM_CLIENT: usize = 10;
 const FROM_BATCH: usize = 6;
 const REFUSED: usize = 3;
 
+/// `down` ejects its only backend after two refusals, so its circuit opens during the test.
+const POLICY: &str = "policies:
+  - apiVersion: traffic.kernmesh.io/v1alpha1
+    kind: TrafficPolicy
+    metadata: { name: down }
+    spec:
+      targetRefs: [{ group: \"\", kind: Service, name: down }]
+      outlierDetection: { consecutiveFailures: 2, baseEjectionTime: 300s, maxEjectionPercent: 100, healthyPanicThreshold: 0 }
+";
+
 /// PEM files of a CA and the certificates it signs.
 struct Pki {
     ca: PathBuf,
@@ -45,7 +55,10 @@ fn pki(dir: &Path, name: &str) -> Pki {
     let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
     let ca_file = dir.join(format!("{name}-ca.crt"));
     std::fs::write(&ca_file, ca.pem()).unwrap();
-    for (who, san) in [("agent", "flows.mesh-system.svc"), ("relay", "relay.mesh-system.svc")] {
+    for (who, san) in [
+        ("agent", "flows.mesh-system.svc"),
+        ("relay", "relay.mesh-system.svc"),
+    ] {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec![san.to_owned()])
             .unwrap()
@@ -70,10 +83,14 @@ fn model(node: &str, pods: &[(&PodHandle, &str)]) -> String {
     }
     let endpoint = |name: &str| {
         let (p, n) = pods.iter().find(|(p, _)| p.name() == name).unwrap();
-        format!("      - {{ ip: {}, node: {n}, pod: {} }}\n", p.ipv4(), p.name())
+        format!(
+            "      - {{ ip: {}, node: {n}, pod: {} }}\n",
+            p.ipv4(),
+            p.name()
+        )
     };
     format!(
-        "node: {node}\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{}{}  - name: down\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{}pods:\n{pod_list}",
+        "node: {node}\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{}{}  - name: down\n    clusterIPs: [{}]\n    ports:\n      - {{ name: tcp, port: 80 }}\n    endpoints:\n{}pods:\n{pod_list}{POLICY}",
         WEB.ip(),
         endpoint("web-0"),
         endpoint("web-1"),
@@ -115,7 +132,14 @@ fn meshctl_json(a: &NodeHandle, server: &str, args: &[&str]) -> Result<Value, St
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
-fn relay(a: &NodeHandle, b: &NodeHandle, dir: &Path, name: &str, listen: &str, web: &str) -> PodChild {
+fn relay(
+    a: &NodeHandle,
+    b: &NodeHandle,
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    web: &str,
+) -> PodChild {
     let mut cmd = a.command(workspace_binary("mesh-agent").unwrap());
     cmd.arg("relay")
         .arg("--agents")
@@ -192,7 +216,10 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
         );
         let file = |f: &str| work.join(f).display().to_string();
         agent.env.extend([
-            ("MESH_FLOW_API_LISTEN".into(), format!("{}:4244", node.ipv4())),
+            (
+                "MESH_FLOW_API_LISTEN".into(),
+                format!("{}:4244", node.ipv4()),
+            ),
             ("MESH_FLOW_API_CERT".into(), file("mesh-agent.crt")),
             ("MESH_FLOW_API_KEY".into(), file("mesh-agent.key")),
             ("MESH_FLOW_API_CA".into(), good.ca.display().to_string()),
@@ -204,13 +231,17 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
     let _rogue_relay = relay(&a, &b, &work, "rogue", ROGUE_RELAY, "none");
 
     // Both agents followed: one source per agent, named by its node.
-    let status = wait_for("the relay to follow both agents", Duration::from_secs(20), || {
-        let s = meshctl_json(&a, RELAY, &["status"])?;
-        let running = s["sources"]
-            .as_array()
-            .map_or(0, |v| v.iter().filter(|x| x["state"] == "running").count());
-        Ok((running == 2).then_some(s))
-    });
+    let status = wait_for(
+        "the relay to follow both agents",
+        Duration::from_secs(20),
+        || {
+            let s = meshctl_json(&a, RELAY, &["status"])?;
+            let running = s["sources"]
+                .as_array()
+                .map_or(0, |v| v.iter().filter(|x| x["state"] == "running").count());
+            Ok((running == 2).then_some(s))
+        },
+    );
     let names: Vec<&str> = status["sources"]
         .as_array()
         .unwrap()
@@ -235,9 +266,16 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
     // node a's client and node b's batch in one graph.
     let map = wait_for("the merged map", Duration::from_secs(20), || {
         let m = meshctl_json(&a, RELAY, &["map", "--window", "10m"])?;
-        let done = edge(&m, "default/client", "default/web").is_some_and(|e| e["attempts"] == FROM_CLIENT)
-            && edge(&m, "default/batch", "default/web").is_some_and(|e| e["attempts"] == FROM_BATCH)
-            && edge(&m, "default/client", "default/down").is_some_and(|e| errors(e) == REFUSED as u64);
+        let done = edge(&m, "default/client", "default/web")
+            .is_some_and(|e| e["attempts"] == FROM_CLIENT)
+            && edge(&m, "default/batch", "default/web")
+                .is_some_and(|e| e["attempts"] == FROM_BATCH)
+            && edge(&m, "default/client", "default/down")
+                .is_some_and(|e| errors(e) == REFUSED as u64)
+            && m["nodes"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n["id"] == "default/down" && n["open_circuits"] == 1)
+            });
         Ok(done.then_some(m))
     });
     let down = edge(&map, "default/client", "default/down").unwrap();
@@ -251,11 +289,19 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
         "refused at connect, or rejected once the circuit opened: {down}"
     );
     let web = edge(&map, "default/client", "default/web").unwrap();
-    assert_eq!((errors(web), &web["opened"]), (0, &Value::from(FROM_CLIENT)), "{web}");
+    assert_eq!(
+        (errors(web), &web["opened"]),
+        (0, &Value::from(FROM_CLIENT)),
+        "{web}"
+    );
 
     // `flows` through the relay carries the node each flow came from.
     let out = meshctl(&a, RELAY, &["flows", "--verdict", "open", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -275,11 +321,21 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
     // `top` lists the busiest pair first and the failing one.
     let out = meshctl(&a, RELAY, &["top", "--window", "10m"]);
     let top = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (busiest, failing) = top.split_once("FAILING").unwrap();
     let first = busiest.lines().nth(2).unwrap_or_default();
-    assert!(first.starts_with("default/client") && first.contains("default/web"), "{top}");
-    assert!(failing.contains("default/down") && !failing.contains("default/web"), "{top}");
+    assert!(
+        first.starts_with("default/client") && first.contains("default/web"),
+        "{top}"
+    );
+    assert!(
+        failing.contains("default/down") && !failing.contains("default/web"),
+        "{top}"
+    );
 
     // The rogue relay's certificate chains to another CA: the agents refuse it (and it
     // refuses theirs), so it never gets a flow.
@@ -309,7 +365,10 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
             "--virtual-time-budget=5000",
             "--window-size=1000,700",
         ])
-        .arg(format!("--user-data-dir={}", work.join("chromium").display()))
+        .arg(format!(
+            "--user-data-dir={}",
+            work.join("chromium").display()
+        ))
         .args(extra)
         .arg(&url);
         cmd.output()
@@ -324,8 +383,9 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
         format!("class=\"edge error\" data-source=\"default/client\" data-destination=\"default/down\" data-attempts=\"{REFUSED}\" data-errors=\"{REFUSED}\""),
         "data-id=\"default/client\" data-kind=\"workload\"".to_owned(),
         "data-id=\"default/batch\" data-kind=\"workload\"".to_owned(),
-        "data-id=\"default/web\" data-kind=\"service\"".to_owned(),
-        "data-id=\"default/down\" data-kind=\"service\"".to_owned(),
+        "class=\"node service\" data-id=\"default/web\" data-kind=\"service\" data-open-circuits=\"0\"".to_owned(),
+        "class=\"node service circuit-open\" data-id=\"default/down\" data-kind=\"service\" data-open-circuits=\"1\"".to_owned(),
+        "default/down (1 open circuit)".to_owned(),
         "<tr class=\"error\"><td>default/client</td><td>default/down</td>".to_owned(),
     ] {
         assert!(dom.contains(&needle), "the rendered page lacks {needle}:\n{dom}");

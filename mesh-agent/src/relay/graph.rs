@@ -299,8 +299,9 @@ impl Graph {
             let _ = writeln!(
                 s,
                 "<line x1=\"{x1}\" y1=\"{y1}\" x2=\"{x2}\" y2=\"{y2}\" stroke=\"{color}\"/><text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
-                (x1 + x2) / 2 - 80,
-                (y1 + y2) / 2 - 4,
+                x1 + (x2 - x1) / 3,
+                // A third of the way from the source, as the page: signed, edges go up or down.
+                y1 as i64 + (y2 as i64 - y1 as i64) / 3 - 4,
                 xml(&edge_label(e))
             );
         }
