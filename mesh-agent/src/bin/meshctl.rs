@@ -365,7 +365,7 @@ async fn graph(client: &mut AdminClient<Channel>, window: &str) -> Result<Graph>
     while let Some(f) = stream.message().await? {
         flows.push(f);
     }
-    Ok(relay::graph::build(&flows, since_seconds as f64))
+    Ok(relay::graph::build(&flows, window.as_secs_f64().max(1.0)))
 }
 
 fn edge_rows(edges: &[&Edge], limit: usize) -> Vec<Vec<String>> {

@@ -104,6 +104,10 @@ fn destination_of(f: &Flow) -> (String, &'static str) {
 
 /// Builds the graph of `flows` seen over `window_seconds` (rates divide by it; at least 1s).
 #[must_use]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts far below 2^52 turned into rates and ratios"
+)]
 pub fn build(flows: &[Flow], window_seconds: f64) -> Graph {
     let window = window_seconds.max(1.0);
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
@@ -300,8 +304,13 @@ impl Graph {
                 s,
                 "<line x1=\"{x1}\" y1=\"{y1}\" x2=\"{x2}\" y2=\"{y2}\" stroke=\"{color}\"/><text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
                 x1 + (x2 - x1) / 3,
-                // A third of the way from the source, as the page: signed, edges go up or down.
-                y1 as i64 + (y2 as i64 - y1 as i64) / 3 - 4,
+                // A third of the way from the source, as the page (edges go up or down).
+                if y2 >= y1 {
+                    y1 + (y2 - y1) / 3
+                } else {
+                    y1 - (y1 - y2) / 3
+                }
+                .saturating_sub(4),
                 xml(&edge_label(e))
             );
         }

@@ -42,8 +42,16 @@ pub const RECENT_CAPACITY: usize = 50_000;
 #[derive(Clone, Debug, clap::Args)]
 pub struct RelayArgs {
     /// The agents' flow APIs (`host:port`, comma-separated; port 4244 when omitted).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "agent_pods")]
     pub agents: Vec<String>,
+    /// Kubernetes: follow the running agent pods `namespace/label-selector` (e.g.
+    /// `mesh-system/app.kubernetes.io/name=mesh-agent`), watched as they come and go, on their
+    /// pod IP and --agent-port (Hubble Relay finds agents through its peer service instead).
+    #[arg(long, conflicts_with = "agents")]
+    pub agent_pods: Option<String>,
+    /// The agents' flow API port (with --agent-pods).
+    #[arg(long, default_value_t = flow_api::DEFAULT_PORT)]
+    pub agent_port: u16,
     /// The name every agent's flow API certificate carries.
     #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
     pub agent_server_name: String,
@@ -68,6 +76,10 @@ pub enum RelayError {
     ServerName(String),
     #[error("--web-listen {0:?}: not an address or `none`")]
     WebListen(String),
+    #[error("--agent-pods {0:?}: expected namespace/label-selector")]
+    AgentPods(String),
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -90,24 +102,17 @@ struct AgentState {
 pub struct Hub {
     recent: Mutex<VecDeque<Flow>>,
     live: broadcast::Sender<Flow>,
-    agents: Mutex<Vec<AgentState>>,
+    /// By address; a Kubernetes agent pod that went away is dropped with its task.
+    agents: Mutex<std::collections::BTreeMap<String, AgentState>>,
     started: Instant,
 }
 
 impl Hub {
-    fn new(addresses: &[String]) -> Self {
+    fn new() -> Self {
         Self {
             recent: Mutex::new(VecDeque::new()),
             live: broadcast::channel(crate::flows::BROADCAST_CAPACITY).0,
-            agents: Mutex::new(
-                addresses
-                    .iter()
-                    .map(|a| AgentState {
-                        address: a.clone(),
-                        ..AgentState::default()
-                    })
-                    .collect(),
-            ),
+            agents: Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
         }
     }
@@ -136,12 +141,12 @@ impl Hub {
         v
     }
 
-    fn agent(&self, i: usize, f: impl FnOnce(&mut AgentState)) {
+    fn agent(&self, addr: &str, f: impl FnOnce(&mut AgentState)) {
         if let Some(a) = self
             .agents
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(i)
+            .get_mut(addr)
         {
             f(a);
         }
@@ -174,29 +179,35 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         "none" => None,
         s => Some(s.parse().map_err(|_| RelayError::WebListen(s.to_owned()))?),
     };
-    let agents: Vec<String> = args
-        .agents
-        .iter()
-        .map(|a| {
-            if a.rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-                && !a.ends_with(']')
-            {
-                a.clone()
-            } else {
-                format!("{a}:{}", flow_api::DEFAULT_PORT)
-            }
-        })
-        .collect();
-    let hub = Arc::new(Hub::new(&agents));
-    for (i, addr) in agents.iter().enumerate() {
-        tokio::spawn(follow_agent(
-            Arc::clone(&hub),
-            i,
-            addr.clone(),
-            name.clone(),
-            Arc::clone(&client),
+    let hub = Arc::new(Hub::new());
+    let followers = Followers {
+        hub: Arc::clone(&hub),
+        name,
+        config: client,
+        tasks: std::collections::BTreeMap::new(),
+    };
+    if let Some(pods) = &args.agent_pods {
+        let (namespace, selector) = pods
+            .split_once('/')
+            .filter(|(ns, sel)| !ns.is_empty() && !sel.is_empty())
+            .ok_or_else(|| RelayError::AgentPods(pods.clone()))?;
+        let kube = kube::Client::try_default().await?;
+        tokio::spawn(watch_agent_pods(
+            kube,
+            namespace.to_owned(),
+            selector.to_owned(),
+            args.agent_port,
+            followers,
         ));
+    } else {
+        // A static set: dropping the abort handles afterwards leaves the tasks running.
+        let mut followers = followers;
+        followers.set(
+            args.agents
+                .iter()
+                .map(|a| with_port(a, args.agent_port))
+                .collect(),
+        );
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -211,7 +222,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         info!(%addr, "relay map page listening");
         tokio::spawn(web::serve(listener, Arc::clone(&hub)));
     }
-    info!(addr = %args.listen, agents = agents.len(), "relay listening");
+    info!(addr = %args.listen, "relay listening");
     let result = tonic::transport::Server::builder()
         .add_service(AdminServer::new(RelayService { hub }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
@@ -305,11 +316,128 @@ fn agent_channel(
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
+/// `host` → `host:port`; `host:port` and `[v6]:port` kept.
+fn with_port(a: &str, port: u16) -> String {
+    let has_port = a
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
+    if has_port {
+        a.to_owned()
+    } else if a.contains(':') && !a.starts_with('[') {
+        format!("[{a}]:{port}")
+    } else {
+        format!("{a}:{port}")
+    }
+}
+
+/// The agents followed now: one task each, started and stopped as the set changes.
+struct Followers {
+    hub: Arc<Hub>,
+    name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+    tasks: std::collections::BTreeMap<String, tokio::task::AbortHandle>,
+}
+
+impl Followers {
+    /// Follows exactly `addresses`: new ones start, gone ones stop (their flows stay kept).
+    fn set(&mut self, addresses: std::collections::BTreeSet<String>) {
+        let gone: Vec<String> = self
+            .tasks
+            .keys()
+            .filter(|a| !addresses.contains(*a))
+            .cloned()
+            .collect();
+        let mut agents = self
+            .hub
+            .agents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for addr in gone {
+            if let Some(t) = self.tasks.remove(&addr) {
+                t.abort();
+            }
+            agents.remove(&addr);
+            info!(agent = %addr, "agent gone: no longer followed");
+        }
+        for addr in addresses {
+            if self.tasks.contains_key(&addr) {
+                continue;
+            }
+            agents.insert(
+                addr.clone(),
+                AgentState {
+                    address: addr.clone(),
+                    ..AgentState::default()
+                },
+            );
+            let task = tokio::spawn(follow_agent(
+                Arc::clone(&self.hub),
+                addr.clone(),
+                self.name.clone(),
+                Arc::clone(&self.config),
+            ));
+            self.tasks.insert(addr, task.abort_handle());
+        }
+    }
+}
+
+/// Follows the running agent pods matching `selector` in `namespace` (a pod counts once it has
+/// an IP and is not terminating), as a watch: a restart or a new node is picked up at once.
+async fn watch_agent_pods(
+    kube: kube::Client,
+    namespace: String,
+    selector: String,
+    port: u16,
+    mut followers: Followers,
+) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let api: kube::Api<Pod> = kube::Api::namespaced(kube, &namespace);
+    let address = |p: &Pod| -> Option<(String, String)> {
+        let name = p.metadata.name.clone()?;
+        if p.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let ip = p.status.as_ref()?.pod_ip.clone()?;
+        Some((name, with_port(&ip, port)))
+    };
+    let mut pods: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let mut relisting: Option<std::collections::BTreeMap<String, String>> = None;
+    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relisting = Some(std::collections::BTreeMap::new()),
+            Ok(watcher::Event::InitApply(p)) => {
+                if let (Some(r), Some((n, a))) = (relisting.as_mut(), address(&p)) {
+                    r.insert(n, a);
+                }
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => pods = relisting.take().unwrap_or_default(),
+            Ok(watcher::Event::Apply(p)) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                match address(&p) {
+                    Some((n, a)) => pods.insert(n, a),
+                    None => pods.remove(&name),
+                };
+            }
+            Ok(watcher::Event::Delete(p)) => {
+                pods.remove(&p.metadata.name.clone().unwrap_or_default());
+            }
+            Err(e) => {
+                warn!(%namespace, %selector, error = %e, "agent pod watch failed (retrying)");
+                continue;
+            }
+        }
+        followers.set(pods.values().cloned().collect());
+    }
+}
+
 /// Follows one agent's flows forever, reconnecting with backoff. After a reconnect the agent
 /// sends its history again: flows not newer than the last one kept are skipped.
 async fn follow_agent(
     hub: Arc<Hub>,
-    i: usize,
     addr: String,
     name: ServerName<'static>,
     config: Arc<rustls::ClientConfig>,
@@ -317,18 +445,18 @@ async fn follow_agent(
     let mut last_seen = 0u64;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Err(error) = stream_agent(&hub, i, &addr, &name, &config, &mut last_seen).await;
+        let Err(error) = stream_agent(&hub, &addr, &name, &config, &mut last_seen).await;
         let was_connected = hub
             .agents
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(i)
+            .get(&addr)
             .is_some_and(|a| a.connected);
         if was_connected {
             backoff = Duration::from_millis(200);
         }
         warn!(agent = %addr, %error, retry_in = ?backoff, "agent flow stream down");
-        hub.agent(i, |a| {
+        hub.agent(&addr, |a| {
             a.connected = false;
             a.last_error.clone_from(&error);
             a.reconnects += 1;
@@ -353,7 +481,6 @@ fn describe(e: &Status) -> String {
 /// One connection to an agent: its node name, then its flows until the stream breaks.
 async fn stream_agent(
     hub: &Hub,
-    i: usize,
     addr: &str,
     name: &ServerName<'static>,
     config: &Arc<rustls::ClientConfig>,
@@ -375,7 +502,7 @@ async fn stream_agent(
         .await
         .map_err(|e| describe(&e))?
         .into_inner();
-    hub.agent(i, |a| {
+    hub.agent(addr, |a| {
         a.node.clone_from(&node);
         a.connected = true;
         a.connected_at = Some(Instant::now());
@@ -462,7 +589,9 @@ impl Admin for RelayService {
             .agents
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .values()
+            .cloned()
+            .collect::<Vec<_>>();
         let connected = agents.iter().filter(|a| a.connected).count();
         Ok(Response::new(StatusResponse {
             node: "relay".to_owned(),
@@ -569,5 +698,60 @@ impl Admin for RelayService {
         _: Request<ListTunnelsRequest>,
     ) -> Result<Response<ListTunnelsResponse>, Status> {
         Err(relay_only())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_addresses_get_the_default_port_only_when_they_have_none() {
+        assert_eq!(with_port("10.0.0.1", 4244), "10.0.0.1:4244");
+        assert_eq!(with_port("10.0.0.1:9000", 4244), "10.0.0.1:9000");
+        assert_eq!(with_port("node-a", 4244), "node-a:4244");
+        assert_eq!(with_port("fd00::1", 4244), "[fd00::1]:4244");
+        assert_eq!(with_port("[fd00::1]:9000", 4244), "[fd00::1]:9000");
+    }
+
+    #[test]
+    fn the_relay_filter_matches_as_the_agents_does() {
+        let f = Flow {
+            verdict: "open".to_owned(),
+            source_namespace: "shop".to_owned(),
+            source_pod: "client".to_owned(),
+            service: "default/web".to_owned(),
+            time_unix_nano: unix_nanos(),
+            ..Flow::default()
+        };
+        let req = |service: &str, namespace: &str, verdict: &str| WatchFlowsRequest {
+            service: service.to_owned(),
+            namespace: namespace.to_owned(),
+            verdict: verdict.to_owned(),
+            since_seconds: 60,
+            ..WatchFlowsRequest::default()
+        };
+        assert!(
+            Filter::new(&req("web", "", "")).matches(&f),
+            "name = default/name"
+        );
+        assert!(
+            Filter::new(&req("", "default", "open")).matches(&f),
+            "the service's namespace"
+        );
+        assert!(
+            Filter::new(&req("", "shop", "")).matches(&f),
+            "the source's namespace"
+        );
+        assert!(!Filter::new(&req("", "other", "")).matches(&f));
+        assert!(!Filter::new(&req("", "", "close")).matches(&f));
+        let old = Flow {
+            time_unix_nano: 1,
+            ..f.clone()
+        };
+        assert!(
+            !Filter::new(&req("", "", "")).matches(&old),
+            "older than since"
+        );
     }
 }

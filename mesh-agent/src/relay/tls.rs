@@ -37,7 +37,7 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-fn file_err(file: &std::path::Path, reason: impl ToString) -> TlsError {
+fn file_err(file: &std::path::Path, reason: &dyn std::fmt::Display) -> TlsError {
     TlsError::File {
         file: file.display().to_string(),
         reason: reason.to_string(),
@@ -45,15 +45,15 @@ fn file_err(file: &std::path::Path, reason: impl ToString) -> TlsError {
 }
 
 fn read(file: &std::path::Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(file).map_err(|e| file_err(file, e))
+    std::fs::read(file).map_err(|e| file_err(file, &e))
 }
 
 fn certs(file: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(&read(file)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(file, format!("not PEM certificates: {e}")))?;
+        .map_err(|e| file_err(file, &format!("not PEM certificates: {e}")))?;
     if certs.is_empty() {
-        return Err(file_err(file, "no CERTIFICATE block"));
+        return Err(file_err(file, &"no CERTIFICATE block"));
     }
     Ok(certs)
 }
@@ -71,12 +71,12 @@ impl TlsFiles {
     > {
         let chain = certs(&self.cert)?;
         let key = PrivateKeyDer::from_pem_slice(&read(&self.key)?)
-            .map_err(|e| file_err(&self.key, format!("not a PEM private key: {e}")))?;
+            .map_err(|e| file_err(&self.key, &format!("not a PEM private key: {e}")))?;
         let mut roots = RootCertStore::empty();
         for c in certs(&self.ca)? {
             roots
                 .add(c)
-                .map_err(|e| file_err(&self.ca, format!("not a usable root: {e}")))?;
+                .map_err(|e| file_err(&self.ca, &format!("not a usable root: {e}")))?;
         }
         Ok((chain, key, Arc::new(roots)))
     }
@@ -91,7 +91,7 @@ impl TlsFiles {
             Arc::clone(&provider),
         )
         .build()
-        .map_err(|e| file_err(&self.ca, e))?;
+        .map_err(|e| file_err(&self.ca, &e))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)

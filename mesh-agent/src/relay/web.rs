@@ -78,7 +78,7 @@ fn answer<B>(req: &Request<B>, hub: &Hub) -> Response<Full<Bytes>> {
 /// `window=SECONDS` (1..=3600, default 60).
 fn window(query: &str) -> Result<Duration, String> {
     let Some(v) = query.split('&').find_map(|kv| kv.strip_prefix("window=")) else {
-        return Ok(Duration::from_secs(60));
+        return Ok(Duration::from_mins(1));
     };
     match v.parse::<u64>() {
         Ok(s @ 1..=3600) => Ok(Duration::from_secs(s)),
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn window_is_bounded_and_named_when_wrong() {
-        assert_eq!(window(""), Ok(Duration::from_secs(60)));
+        assert_eq!(window(""), Ok(Duration::from_mins(1)));
         assert_eq!(window("a=1&window=5"), Ok(Duration::from_secs(5)));
         assert!(window("window=0").is_err_and(|e| e.contains("window=\"0\"")));
         assert!(window("window=x").is_err());
