@@ -1795,14 +1795,24 @@ fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
     let role = only(&m.roles, "Role");
     let rules = role.rules.as_ref().unwrap();
     assert_eq!(rules.len(), 1);
-    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_owned()][..]));
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
     assert_eq!(
         rules[0].verbs,
         ["get", "list", "watch"].map(str::to_owned).to_vec()
     );
     let dep = only(&m.deployments, "Deployment");
     let c = only(
-        &dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers,
+        &dep.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers,
         "container",
     );
     let args = c.args.clone().unwrap();
@@ -1817,7 +1827,10 @@ fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
     assert_eq!(parsed.listen.port(), 4245);
     let text = read(&chart_dir().join("templates/relay.yaml"));
     for arg in args.iter().filter(|a| a.starts_with("--")) {
-        assert!(text.contains(arg.as_str()), "templates/relay.yaml lacks {arg}");
+        assert!(
+            text.contains(arg.as_str()),
+            "templates/relay.yaml lacks {arg}"
+        );
     }
     assert!(text.contains(".Values.relay.enabled"));
 }
