@@ -150,4 +150,6 @@ fn relay_follows_the_agent_pods_a_watch_finds_and_drops_deleted_ones() {
     wait_for_set(&["127.0.0.3:14244", "127.0.0.5:14244"]);
     let _ = relay.kill();
     let _ = relay.wait();
+    drop(kmock);
+    let _ = std::fs::remove_dir_all(&work);
 }
