@@ -93,8 +93,15 @@ pub async fn serve(socket: PathBuf, shared: Arc<Shared>) {
     }
 }
 
-struct AdminService {
+/// The admin API's implementation (also behind the relay's mTLS flow API, `relay::flow_api`).
+pub(crate) struct AdminService {
     shared: Arc<Shared>,
+}
+
+impl AdminService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
 }
 
 /// `name` or `namespace/name` → `namespace/name`.

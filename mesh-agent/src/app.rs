@@ -177,6 +177,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         shared.config.admin.socket.clone(),
         Arc::clone(&shared),
     ));
+    crate::relay::flow_api::spawn(&shared);
     let (events_tx, events) = mpsc::channel(64);
     let source = start_source(&shared, events_tx);
     let mut main = MainLoop::new(Arc::clone(&shared), source);

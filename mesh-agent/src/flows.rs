@@ -110,6 +110,7 @@ impl FlowRecord {
             bytes_received: e.bytes_received,
             duration_us: e.duration_ns / 1000,
             cgroup_id: e.cgroup_id,
+            node: String::new(),
         }
     }
 }

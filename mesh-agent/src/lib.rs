@@ -19,6 +19,7 @@ pub mod owner;
 pub mod policy;
 pub mod proxy;
 pub mod reconcile;
+pub mod relay;
 pub mod state;
 pub mod supervisor;
 pub mod sys;

@@ -90,6 +90,9 @@ struct Args {
     log_json: bool,
     #[command(flatten)]
     identity: mesh_agent::identity::cli::AgentCaArgs,
+    /// The flow API for the relay (TCP + mTLS; off by default).
+    #[command(flatten)]
+    flow_api: mesh_agent::relay::flow_api::FlowApiArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +105,9 @@ enum Command {
     /// The ingress gateway: Gateway API routes (`--routes FILE`), backends from the same
     /// discovery sources as the agent (`--config-file` or `--kubernetes`). Stateless.
     Gateway(Box<mesh_agent::gateway::GatewayArgs>),
+    /// The relay (a Deployment, as Hubble Relay): follows every agent's flows over mTLS and
+    /// serves them merged on 4245 (`meshctl --server`), and a live service map page on 8081.
+    Relay(Box<mesh_agent::relay::RelayArgs>),
 }
 
 #[tokio::main]
@@ -127,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Gateway(gw)) = args.command {
         return Ok(mesh_agent::gateway::run(*gw).await?);
     }
+    if let Some(Command::Relay(relay)) = args.command {
+        return Ok(mesh_agent::relay::run(*relay).await?);
+    }
+    args.flow_api.install()?;
     let node = match args.node_name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")

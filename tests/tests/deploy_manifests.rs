@@ -113,9 +113,16 @@ fn is_ca_manifest(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("ca"))
 }
 
+/// The relay's manifest (`relay.yaml`) is checked on its own, as the CA's.
+fn is_relay_manifest(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("relay"))
+}
+
 impl Manifests {
     fn load() -> Self {
-        Self::load_where(|p| !is_ca_manifest(p))
+        Self::load_where(|p| !is_ca_manifest(p) && !is_relay_manifest(p))
     }
 
     fn load_ca() -> Self {
@@ -1763,4 +1770,67 @@ fn the_agent_gets_what_mtls_needs() {
     let cm = vol.config_map.expect("the bundle comes from a ConfigMap");
     assert_eq!(cm.name, "mesh-ca-root");
     assert_eq!(cm.optional, Some(true), "the agent starts before the CA");
+}
+
+#[derive(clap::Parser)]
+struct RelayCli {
+    #[command(subcommand)]
+    command: RelayCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum RelayCommand {
+    Relay(mesh_agent::relay::RelayArgs),
+}
+
+/// The relay's objects are typed, its arguments are ones `mesh-agent relay` accepts, it may only
+/// read pods, and the Helm template carries the same arguments.
+#[test]
+fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
+    use clap::Parser as _;
+    let m = Manifests::load_where(is_relay_manifest);
+    only(&m.service_accounts, "ServiceAccount");
+    only(&m.role_bindings, "RoleBinding");
+    only(&m.services, "Service");
+    let role = only(&m.roles, "Role");
+    let rules = role.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].verbs,
+        ["get", "list", "watch"].map(str::to_owned).to_vec()
+    );
+    let dep = only(&m.deployments, "Deployment");
+    let c = only(
+        &dep.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers,
+        "container",
+    );
+    let args = c.args.clone().unwrap();
+    let RelayCommand::Relay(parsed) =
+        RelayCli::try_parse_from(std::iter::once("mesh-agent".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("relay.yaml args: {e}"))
+            .command;
+    assert_eq!(
+        parsed.agent_pods.as_deref(),
+        Some("mesh-system/app.kubernetes.io/name=mesh-agent")
+    );
+    assert_eq!(parsed.listen.port(), 4245);
+    let text = read(&chart_dir().join("templates/relay.yaml"));
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            text.contains(arg.as_str()),
+            "templates/relay.yaml lacks {arg}"
+        );
+    }
+    assert!(text.contains(".Values.relay.enabled"));
 }

@@ -39,12 +39,12 @@ const PACKAGES: &[Package] = &[
     },
     Package {
         name: "nginx",
-        why: "gateway benchmark: nginx as the reverse-proxy baseline and the backend",
+        why: "gateway and mtls benchmarks: the reverse-proxy baseline, the backend, the sidecar-style TLS pair",
         fallback: &[],
     },
     Package {
         name: "wrk",
-        why: "gateway benchmark: HTTP/1.1 keep-alive load with latency percentiles",
+        why: "gateway and mtls benchmarks: HTTP/1.1 keep-alive load with latency percentiles",
         fallback: &[],
     },
     Package {
@@ -73,19 +73,13 @@ const PACKAGES: &[Package] = &[
         fallback: &[],
     },
     Package {
-        name: "nginx-light",
-        why: "mtls benchmark: HTTP server in the server pod, sidecar-style TLS proxy pair",
-        // Distributions that dropped the flavours ship one `nginx` package.
-        fallback: &["nginx"],
-    },
-    Package {
         name: "libnginx-mod-stream",
         why: "mtls benchmark: nginx `stream` TLS proxies",
         fallback: &[],
     },
     Package {
-        name: "wrk",
-        why: "mtls benchmark: HTTP/1.1 keep-alive requests per second",
+        name: "chromium",
+        why: "relay test: the live service map page rendered headless, read from its DOM",
         fallback: &[],
     },
 ];

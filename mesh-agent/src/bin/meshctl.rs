@@ -1,5 +1,6 @@
 //! `meshctl`: inspect the node agent — status, services, backends, circuits, identities, config
-//! and live flows — over its admin socket. Habits of `kubectl get` and `hubble observe`.
+//! and live flows — over its admin socket, or cluster-wide through the relay (`--server`). Habits
+//! of `kubectl get`, `hubble observe` and `istioctl`/Kiali's graph (`top`, `map`).
 
 use std::{fmt::Write as _, io::Write as _, path::PathBuf};
 
@@ -9,6 +10,10 @@ use mesh_agent::admin::proto::{
     ConfigDumpRequest, Flow, ListBackendsRequest, ListIdentitiesRequest, ListPoliciesRequest,
     ListPoliciesResponse, ListServicesRequest, ListTunnelsRequest, ServiceInfo, StatusRequest,
     WatchFlowsRequest, admin_client::AdminClient,
+};
+use mesh_agent::relay::{
+    self,
+    graph::{Edge, Graph},
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -20,7 +25,11 @@ struct Cli {
     /// The agent's admin socket.
     #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = mesh_agent::config::DEFAULT_ADMIN_SOCKET)]
     socket: PathBuf,
-    /// Output format.
+    /// Talk to a relay (or an agent's TCP flow API) at `host:port` instead of the local socket,
+    /// as `hubble --server relay:4245`: `flows`, `top` and `map` then cover the whole cluster.
+    #[arg(long, global = true, env = "MESH_SERVER")]
+    server: Option<String>,
+    /// Output format (`dot` and `svg` for `map`).
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     /// Services (or backends) fetched per call; lists page through transparently, as
@@ -36,6 +45,8 @@ enum Output {
     Table,
     Json,
     Yaml,
+    Dot,
+    Svg,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +88,21 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Busiest and failing workload → service pairs over a window (from the flows).
+    Top {
+        /// The window (e.g. 30s, 5m): flows newer than this count.
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// Rows per table.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// The service graph over a window: workloads and services with connection rate, error
+    /// rate and p99 per edge (`-o dot|svg|json` for a picture or a program).
+    Map {
+        #[arg(long, default_value = "1m")]
+        window: String,
+    },
     /// HBONE tunnels: pooled connections (peer node, identities, age), streams open/total,
     /// bytes each way, and the proxies' counters.
     Tunnels,
@@ -98,7 +124,16 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn connect(socket: PathBuf) -> Result<AdminClient<Channel>> {
+async fn connect(socket: PathBuf, server: Option<String>) -> Result<AdminClient<Channel>> {
+    if let Some(server) = server {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+            .with_context(|| format!("--server {server:?}"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the relay at {server}"))?;
+        return Ok(AdminClient::new(channel));
+    }
     mesh_agent::admin::connect(&socket).await.with_context(|| {
         format!(
             "cannot reach the mesh agent at {} (is it running on this node, and are you root?)",
@@ -121,7 +156,7 @@ async fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let mut client = connect(cli.socket).await?;
+    let mut client = connect(cli.socket, cli.server).await?;
     let out = cli.output;
     let chunk = cli.chunk_size;
     match cli.command {
@@ -287,7 +322,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             while let Some(flow) = stream.message().await? {
                 match out {
-                    Output::Table => println!("{}", flow_row(Some(&flow))),
+                    Output::Table | Output::Dot | Output::Svg => {
+                        println!("{}", flow_row(Some(&flow)));
+                    }
                     Output::Json => println!("{}", serde_json::to_string(&flow)?),
                     Output::Yaml => print!("---\n{}", serde_saphyr::to_string(&flow)?),
                 }
@@ -295,7 +332,120 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Top { window, limit } => {
+            let graph = graph(&mut client, &window).await?;
+            print(out, &graph, || top_tables(&graph, limit))
+        }
+        Command::Map { window } => {
+            let graph = graph(&mut client, &window).await?;
+            match out {
+                Output::Dot => print!("{}", graph.to_dot()),
+                Output::Svg => print!("{}", svg(&graph)),
+                _ => print(out, &graph, || map_table(&graph))?,
+            }
+            Ok(())
+        }
         Command::Completion { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The graph of the flows newer than `window` (the agent's, or the relay's whole cluster).
+async fn graph(client: &mut AdminClient<Channel>, window: &str) -> Result<Graph> {
+    let window =
+        humantime::parse_duration(window).with_context(|| format!("--window {window:?}"))?;
+    let since_seconds = window.as_secs().max(1);
+    let mut stream = client
+        .watch_flows(WatchFlowsRequest {
+            since_seconds,
+            ..WatchFlowsRequest::default()
+        })
+        .await?
+        .into_inner();
+    let mut flows = Vec::new();
+    while let Some(f) = stream.message().await? {
+        flows.push(f);
+    }
+    Ok(relay::graph::build(&flows, window.as_secs_f64().max(1.0)))
+}
+
+fn edge_rows(edges: &[&Edge], limit: usize) -> Vec<Vec<String>> {
+    edges
+        .iter()
+        .take(limit)
+        .map(|e| {
+            vec![
+                e.source.clone(),
+                e.destination.clone(),
+                e.attempts.to_string(),
+                format!("{:.2}", e.connection_rate),
+                e.error_total().to_string(),
+                format!("{:.1}%", e.error_rate * 100.0),
+                e.errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{:.1}ms", e.p99_duration_ms),
+            ]
+        })
+        .collect()
+}
+
+const EDGE_HEADERS: [&str; 8] = [
+    "SOURCE",
+    "DESTINATION",
+    "CONNS",
+    "CONN/S",
+    "ERRORS",
+    "ERR%",
+    "REASONS",
+    "P99",
+];
+
+/// `meshctl top`: the busiest pairs, then the failing ones.
+fn top_tables(g: &Graph, limit: usize) -> String {
+    format!(
+        "BUSIEST ({} flows over {}s)\n{}\nFAILING\n{}",
+        g.flows,
+        g.window_seconds,
+        table(&EDGE_HEADERS, edge_rows(&g.busiest(), limit)),
+        table(&EDGE_HEADERS, edge_rows(&g.failing(), limit))
+    )
+}
+
+/// `meshctl map`: nodes (with open circuits), then every edge.
+fn map_table(g: &Graph) -> String {
+    let nodes = table(
+        &["NODE", "KIND", "OPEN-CIRCUITS"],
+        g.nodes
+            .iter()
+            .map(|n| vec![n.id.clone(), n.kind.to_owned(), n.open_circuits.to_string()])
+            .collect(),
+    );
+    let edges: Vec<&Edge> = g.edges.iter().collect();
+    format!(
+        "{nodes}\n{}",
+        table(&EDGE_HEADERS, edge_rows(&edges, usize::MAX))
+    )
+}
+
+/// SVG by Graphviz when `dot` is installed (better layout), else our own.
+fn svg(g: &Graph) -> String {
+    let rendered = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(g.to_dot().as_bytes())?;
+            }
+            child.wait_with_output()
+        });
+    match rendered {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => g.to_svg(),
     }
 }
 
@@ -644,7 +794,7 @@ fn security_tables(r: &ListPoliciesResponse) -> String {
 
 fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {
     match out {
-        Output::Table => print!("{}", table()),
+        Output::Table | Output::Dot | Output::Svg => print!("{}", table()),
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Output::Yaml => print!("{}", serde_saphyr::to_string(value)?),
     }
