@@ -150,4 +150,10 @@ impl Admin for FlowsOnly {
     ) -> Result<Response<ListTunnelsResponse>, Status> {
         Err(socket_only())
     }
+    async fn report_backend_result(
+        &self,
+        _: Request<crate::admin::proto::ReportBackendResultRequest>,
+    ) -> Result<Response<crate::admin::proto::ReportBackendResultResponse>, Status> {
+        Err(socket_only())
+    }
 }

@@ -699,6 +699,12 @@ impl Admin for RelayService {
     ) -> Result<Response<ListTunnelsResponse>, Status> {
         Err(relay_only())
     }
+    async fn report_backend_result(
+        &self,
+        _: Request<crate::admin::proto::ReportBackendResultRequest>,
+    ) -> Result<Response<crate::admin::proto::ReportBackendResultResponse>, Status> {
+        Err(relay_only())
+    }
 }
 
 #[cfg(test)]
