@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -54,16 +54,26 @@ pub struct StreamBytes {
 }
 
 async fn tcp_to_tunnel(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     bytes: &AtomicU64,
     stream: &AtomicU64,
 ) -> Result<(), SpliceError> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut buf = BytesMut::new();
     loop {
-        buf.reserve(CHUNK);
-        let n = match rd.read_buf(&mut buf).await {
+        // No chunk is held while the socket is idle: the buffer is taken once data is there,
+        // and what a read left unused is given back before the next wait (10,000 idle
+        // tunnelled connections would otherwise each keep a chunk's pages).
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
+        let ready = rd.readable().await;
+        let n = match ready.and_then(|()| {
+            buf.reserve(CHUNK);
+            rd.try_read_buf(&mut buf)
+        }) {
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 // The pod's side was reset or failed: abort the stream too.
                 send.send_reset(Reason::CANCEL);
