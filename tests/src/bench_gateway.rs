@@ -31,6 +31,7 @@ use hyper_util::{
 };
 
 use crate::gateway::{GatewayProcess, services_yaml};
+pub use crate::samples::Samples;
 
 /// The backend: nginx answering a small body over HTTP/1.1 (and HTTP/2 over TLS for "direct").
 const WEB_IP: &str = "127.0.20.2";
@@ -566,39 +567,6 @@ impl RssSampler {
     fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or(0)
-    }
-}
-
-/// Per-round values, by key, and their medians.
-#[derive(Default)]
-pub struct Samples(pub BTreeMap<String, Vec<f64>>);
-
-impl Samples {
-    fn push(&mut self, key: impl Into<String>, v: f64) {
-        self.0.entry(key.into()).or_default().push(v);
-    }
-
-    #[must_use]
-    pub fn median(&self, key: &str) -> Option<f64> {
-        let mut v = self.0.get(key)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            f64::midpoint(v[n / 2 - 1], v[n / 2])
-        })
-    }
-
-    #[must_use]
-    pub fn range(&self, key: &str) -> Option<(f64, f64)> {
-        let v = self.0.get(key)?;
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Some((lo, hi))
     }
 }
 

@@ -30,6 +30,7 @@ use mesh_agent::identity::SpiffeId;
 use mesh_agent::proxy::testing::TestCa;
 use serde::{Deserialize, Serialize};
 
+pub use crate::samples::Samples;
 use crate::{Cluster, NodeHandle, PodChild, PodHandle};
 
 /// First of the server pod's HTTP ports (nginx, a 64-byte body), one per service.
@@ -831,46 +832,6 @@ fn rustls_stream(pki: &NginxPki, bytes: usize) -> Result<(f64, f64)> {
 
 // ---------------------------------------------------------------------------------------------
 // Bookkeeping and report
-
-/// Per-repetition values; the report is their medians.
-#[derive(Debug, Default)]
-pub struct Samples(pub BTreeMap<String, Vec<f64>>);
-
-impl Samples {
-    pub fn push(&mut self, key: impl Into<String>, v: f64) {
-        self.0.entry(key.into()).or_default().push(v);
-    }
-
-    #[must_use]
-    pub fn median(&self, key: &str) -> Option<f64> {
-        let mut v = self.0.get(key)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            f64::midpoint(v[n / 2 - 1], v[n / 2])
-        })
-    }
-
-    fn range(&self, key: &str) -> Option<(f64, f64)> {
-        let v = self.0.get(key)?;
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (v.len() > 1).then_some((lo, hi))
-    }
-
-    #[must_use]
-    pub fn medians(&self) -> BTreeMap<String, f64> {
-        self.0
-            .keys()
-            .filter_map(|k| Some((k.clone(), self.median(k)?)))
-            .collect()
-    }
-}
 
 /// Goals of issue 9: (metric, is an upper bound, bound).
 pub const GOALS: [(&str, bool, f64); 9] = [

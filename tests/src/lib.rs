@@ -31,6 +31,7 @@ pub mod kmock;
 pub mod meshpod;
 pub mod mtls;
 pub mod prom;
+pub mod samples;
 
 pub use cluster::{Cluster, NodeHandle, PodHandle};
 pub use env::{cgroup2_root, ensure_bpffs, is_root, workspace_root};

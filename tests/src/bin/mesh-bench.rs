@@ -36,6 +36,7 @@ use mesh_common::counters::{
     CTR_BACKEND_FAILURE, CTR_BYPASS_ESTABLISHED, CTR_BYPASS_MISS, CTR_EVENT_DROPPED,
     CTR_REJECT_CIRCUIT_OPEN, CTR_TRANSLATED,
 };
+use mesh_tests::samples::Samples;
 use mesh_tests::{Cluster, NodeHandle, PodChild, PodHandle, workspace_root};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -824,44 +825,6 @@ impl Plan {
                 lb_connects: 100_000,
             }
         }
-    }
-}
-
-/// Per-repetition values of every metric; the report is their medians.
-#[derive(Debug, Default)]
-struct Samples(BTreeMap<String, Vec<f64>>);
-
-impl Samples {
-    fn push(&mut self, key: impl Into<String>, v: f64) {
-        self.0.entry(key.into()).or_default().push(v);
-    }
-
-    fn median(&self, key: &str) -> Option<f64> {
-        let mut v = self.0.get(key)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            f64::midpoint(v[n / 2 - 1], v[n / 2])
-        })
-    }
-
-    fn range(&self, key: &str) -> Option<(f64, f64)> {
-        let v = self.0.get(key)?;
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (v.len() > 1).then_some((lo, hi))
-    }
-
-    fn medians(&self) -> BTreeMap<String, f64> {
-        self.0
-            .keys()
-            .filter_map(|k| Some((k.clone(), self.median(k)?)))
-            .collect()
     }
 }
 
