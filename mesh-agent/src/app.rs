@@ -161,7 +161,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(identities.clone().follow(Arc::clone(&shared.stores)));
     }
     let proxies = match original_dst {
-        Some(table) => Some(start_proxies(&shared, table).await?),
+        Some(table) => Some(start_proxies(&shared, table)?),
         None => None,
     };
     if let Some(ring) = ring {
@@ -273,7 +273,7 @@ fn default_route_interfaces() -> Vec<String> {
 /// Starts the HBONE proxies: certificates from the identity manager, authorization from the
 /// snapshot's mesh view, local workloads and captured destinations from the snapshot and the
 /// kernel's record.
-async fn start_proxies(
+fn start_proxies(
     shared: &Arc<Shared>,
     table: OriginalDstTable,
 ) -> anyhow::Result<crate::proxy::Proxies> {
@@ -318,18 +318,22 @@ async fn start_proxies(
         provider: Arc::new(manager.clone()),
         authorizer: Arc::new(authorizer),
         workloads: Arc::new(workloads),
-        original_dst: Arc::new(original_dst),
         stats: Arc::clone(&shared.proxy_stats),
-        outbound_addr: SocketAddr::new(unspecified, shared.config.proxy.outbound_port),
+        outbound: vec![(
+            SocketAddr::new(unspecified, shared.config.proxy.outbound_port),
+            Arc::new(original_dst),
+        )],
         inbound_addr: SocketAddr::new(unspecified, hbone_port),
         client: ClientConfig::default(),
         inbound: InboundConfig::default(),
+        workers: shared.config.proxy.workers,
     };
     crate::proxy::set_stream_observer(Arc::new(TunnelTelemetry(Arc::clone(&shared.stores))));
-    let proxies = crate::proxy::start(parts, &shared.drain).await?;
+    let proxies = crate::proxy::start(parts, &shared.drain)?;
     info!(
         outbound = shared.config.proxy.outbound_port,
         hbone = hbone_port,
+        workers = shared.config.proxy.workers,
         "HBONE proxies serving"
     );
     Ok(proxies)

@@ -48,6 +48,13 @@ pub const KEY_CAPTURE_ADDRESS: &str = "proxy.captureAddress";
 /// Key: the node's uplink interfaces (comma-separated), where `STRICT` plaintext from other nodes
 /// is dropped; default: the interfaces of the default routes.
 pub const KEY_UPLINKS: &str = "proxy.uplinks";
+/// Key: HBONE proxy worker threads (each a single-threaded runtime with its own listeners and
+/// tunnel pool); default ztunnel's 2, at most the CPUs.
+pub const KEY_PROXY_WORKERS: &str = "proxy.workers";
+/// Default proxy workers: ztunnel's `ZTUNNEL_WORKER_THREADS` default.
+pub const DEFAULT_PROXY_WORKERS: usize = 2;
+/// Most proxy workers accepted (each holds a pool of tunnels to every peer node).
+pub const MAX_PROXY_WORKERS: usize = 64;
 /// Key: whether this node's pod-to-pod connections may skip the TCP/IP stack (`sk_msg`).
 pub const KEY_BYPASS: &str = "datapath.bypass";
 /// Trust domain of workload SPIFFE ids (default `cluster.local`, Istio's).
@@ -131,6 +138,7 @@ pub struct RawConfig {
     pub root_namespace: Option<String>,
     pub capture_address: Option<String>,
     pub uplinks: Option<String>,
+    pub proxy_workers: Option<String>,
 }
 
 /// Where the cluster model comes from.
@@ -209,6 +217,8 @@ pub struct ProxySection {
     pub capture_addresses: Vec<IpAddr>,
     /// Interfaces the `STRICT` ingress program is attached to; `None` = the default routes'.
     pub uplinks: Option<Vec<String>>,
+    /// Worker threads of the proxies (`proxy::ProxyParts::workers`), ≥ 1.
+    pub workers: usize,
 }
 
 /// The gateway (a later stage): not served yet.
@@ -230,6 +240,22 @@ pub struct AgentConfig {
     pub gateway: GatewaySection,
     /// Enrollment and identity settings (issue 9).
     pub mesh: crate::authz::MeshSettings,
+}
+
+/// `proxy.workers`: 1..=64; unset: ztunnel's 2, or the CPUs when fewer.
+fn proxy_workers(raw: Option<&str>) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        return Ok(DEFAULT_PROXY_WORKERS.min(cpus));
+    };
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_PROXY_WORKERS).contains(&n) => Ok(n),
+        _ => Err(ConfigError::Invalid {
+            key: KEY_PROXY_WORKERS,
+            value: raw.to_owned(),
+            reason: format!("must be a whole number from 1 to {MAX_PROXY_WORKERS}"),
+        }),
+    }
 }
 
 /// `proxy.captureAddress`: at most one IPv4 and one IPv6 address, comma-separated.
@@ -360,6 +386,7 @@ impl AgentConfig {
                         .map(str::to_owned)
                         .collect()
                 }),
+                workers: proxy_workers(raw.proxy_workers.as_deref())?,
             },
             gateway: GatewaySection { enabled: false },
             mesh: mesh_settings(raw.trust_domain, raw.root_namespace)?,
@@ -673,6 +700,30 @@ mod tests {
             "gateway",
         ] {
             assert!(dump.get(section).is_some(), "{section} in {dump}");
+        }
+    }
+
+    #[test]
+    fn proxy_workers_default_to_ztunnels_two_and_are_bounded() {
+        let c = AgentConfig::from_raw(raw()).unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(c.proxy.workers, DEFAULT_PROXY_WORKERS.min(cpus));
+        let four = AgentConfig::from_raw(RawConfig {
+            proxy_workers: Some("4".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(four.proxy.workers, 4);
+        for bad in ["0", "65", "two"] {
+            let e = AgentConfig::from_raw(RawConfig {
+                proxy_workers: Some(bad.into()),
+                ..raw()
+            })
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("proxy.workers \"{bad}\": must be a whole number from 1 to 64")
+            );
         }
     }
 

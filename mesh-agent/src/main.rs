@@ -85,6 +85,9 @@ struct Args {
     /// (default: the interfaces of the default routes).
     #[arg(long, env = "MESH_UPLINKS")]
     uplinks: Option<String>,
+    /// HBONE proxy worker threads, 1..=64 (default 2, as ztunnel, or the CPUs when fewer).
+    #[arg(long, env = "MESH_PROXY_WORKERS")]
+    proxy_workers: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -168,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         capture_address: args.capture_address,
         uplinks: args.uplinks,
+        proxy_workers: args.proxy_workers,
     })?;
     if !args.coexist {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;

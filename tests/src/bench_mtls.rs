@@ -119,8 +119,8 @@ pub struct NodeProxyConfig {
     pub local_pod: IpAddr,
     pub client_pod: IpAddr,
     pub services: Vec<ServiceRoute>,
-    /// Runtime worker threads; 0 is the agent's (`#[tokio::main]`: one per CPU), 1 a
-    /// current-thread runtime.
+    /// The proxies' workers (`ProxyParts::workers`, the agent's `proxy.workers`); 0: the proxies
+    /// on one multi-thread runtime with one tunnel pool (the layout before workers).
     #[serde(default)]
     pub worker_threads: usize,
 }
@@ -948,8 +948,8 @@ pub struct Options {
     /// `paths`, `idle` or `tls`; all when `None`.
     pub only: Option<String>,
     pub diag: Option<Diag>,
-    /// The proxies' runtime worker threads (0: the agent's default).
-    pub proxy_threads: usize,
+    /// The proxies' workers; `None`: the agent's default (`proxy.workers`).
+    pub proxy_threads: Option<usize>,
     pub out: PathBuf,
 }
 
@@ -993,7 +993,11 @@ pub fn run(opts: &Options) -> Result<()> {
         plan.rate.as_secs(),
         plan.idle_streams,
     );
-    let mut bench = Bench::setup(plan, &dir, opts.proxy_threads)?;
+    let proxy_threads = opts.proxy_threads.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        mesh_agent::config::DEFAULT_PROXY_WORKERS.min(cpus)
+    });
+    let mut bench = Bench::setup(plan, &dir, proxy_threads)?;
     bench.diag = diag;
     let mut s = Samples::default();
     let part = |name: &str| only.is_none_or(|o| o == name);
@@ -1018,7 +1022,7 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let mut metrics = s.medians();
     metrics.insert("bench_reps".to_owned(), plan.reps as f64);
-    metrics.insert("bench_proxy_threads".to_owned(), opts.proxy_threads as f64);
+    metrics.insert("bench_proxy_threads".to_owned(), proxy_threads as f64);
     metrics.insert(
         "bench_cpus".to_owned(),
         std::thread::available_parallelism().map_or(1, usize::from) as f64,

@@ -208,6 +208,21 @@ impl HboneClient {
         })
     }
 
+    /// Open pooled connections (tunnels) of this client.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.values()
+            .map(|e| {
+                let conns = e.conns.lock().unwrap_or_else(PoisonError::into_inner);
+                conns
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Acquire))
+                    .count()
+            })
+            .sum()
+    }
+
     /// The counters and tunnel table this client reports to.
     #[must_use]
     pub fn stats(&self) -> &Arc<ProxyStats> {

@@ -222,14 +222,19 @@ pub struct ProxyParts {
     pub provider: Arc<dyn CertProvider>,
     pub authorizer: Arc<dyn Authorizer>,
     pub workloads: Arc<dyn LocalWorkloads>,
-    pub original_dst: Arc<dyn OriginalDst>,
     pub stats: Arc<ProxyStats>,
-    /// Usually `0.0.0.0:15001` / `[::]:15001`.
-    pub outbound_addr: SocketAddr,
+    /// The outbound listeners and where each one's connections meant to go: the agent has one,
+    /// usually `[::]:15001` with the capture's record; the benchmark stands one in per service.
+    pub outbound: Vec<(SocketAddr, Arc<dyn OriginalDst>)>,
     /// Usually `0.0.0.0:15008` / `[::]:15008`.
     pub inbound_addr: SocketAddr,
     pub client: ClientConfig,
     pub inbound: InboundConfig,
+    /// Worker threads, each a single-threaded runtime with its own `SO_REUSEPORT` copy of every
+    /// listener and its own tunnel pool, so a connection and the tunnel carrying it run on one
+    /// thread (Envoy's workers, nginx's worker processes). `0`: serve on the caller's runtime
+    /// with one pool (tests).
+    pub workers: usize,
 }
 
 /// Why the proxies did not start.
@@ -247,11 +252,15 @@ pub enum StartError {
     Routing(#[from] transparent::RoutingError),
 }
 
-/// The running proxies.
+/// The running proxies. Dropping it stops the worker threads (after the drain: streams still
+/// open then are cut).
 #[derive(Debug)]
 pub struct Proxies {
-    pub client: Arc<HboneClient>,
+    /// One tunnel client (pool) per worker.
+    pub clients: Vec<Arc<HboneClient>>,
     routing: bool,
+    /// Dropped with `Proxies`: each worker's runtime ends when its receiver sees that.
+    _stop: Option<tokio::sync::watch::Sender<()>>,
 }
 
 impl Proxies {
@@ -267,16 +276,50 @@ impl Proxies {
     }
 }
 
+/// Binds `addr` with `SO_REUSEPORT` (when `shared`), so each worker can hold its own listener
+/// on the same port and the kernel spreads connections over them by their 4-tuple's hash.
+fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    shared: bool,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    if shared {
+        socket.set_reuseport(true).map_err(err)?;
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+/// What one worker serves: its copy of each listener.
+struct WorkerListeners {
+    inbound: std::net::TcpListener,
+    outbound: Vec<(std::net::TcpListener, Arc<dyn OriginalDst>)>,
+}
+
 /// Installs the reply routing (when `inbound.transparent`), binds 15001 and 15008 and serves
-/// both until the drain starts. Must run in the node's network namespace.
-pub async fn start(parts: ProxyParts, drain: &crate::drain::Drain) -> Result<Proxies, StartError> {
-    let bind = |what, addr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
-    };
-    let inbound_listener = bind("HBONE inbound", parts.inbound_addr).await?;
-    let outbound_listener = bind("outbound capture", parts.outbound_addr).await?;
+/// both until the drain starts. Must run in the node's network namespace (worker threads
+/// inherit it: they are spawned from here). Call it on a Tokio runtime.
+pub fn start(parts: ProxyParts, drain: &crate::drain::Drain) -> Result<Proxies, StartError> {
+    let shared = parts.workers > 0;
+    // Every listener of every worker is bound before anything starts, so a port in use fails
+    // the start as a whole.
+    let mut per_worker = Vec::new();
+    for _ in 0..parts.workers.max(1) {
+        let inbound = bind("HBONE inbound", parts.inbound_addr, shared)?;
+        let mut outbound = Vec::new();
+        for (addr, dst) in &parts.outbound {
+            outbound.push((bind("outbound capture", *addr, shared)?, dst.clone()));
+        }
+        per_worker.push((inbound, outbound));
+    }
     let inbound = InboundServer::new(
         parts.provider.clone(),
         parts.authorizer,
@@ -289,13 +332,102 @@ pub async fn start(parts: ProxyParts, drain: &crate::drain::Drain) -> Result<Pro
     if routing {
         transparent::install()?;
     }
-    let client = HboneClient::new(parts.provider, parts.stats, parts.client);
-    tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
-    tokio::spawn(
-        OutboundListener::new(client.clone(), parts.original_dst)
-            .serve(outbound_listener, drain.watch()),
-    );
-    Ok(Proxies { client, routing })
+    let new_client = || {
+        HboneClient::new(
+            parts.provider.clone(),
+            parts.stats.clone(),
+            parts.client.clone(),
+        )
+    };
+    if !shared {
+        let client = new_client();
+        for (l_in, outbound) in per_worker {
+            tokio::spawn(inbound.clone().serve(l_in, drain.watch()));
+            for (l, dst) in outbound {
+                tokio::spawn(OutboundListener::new(client.clone(), dst).serve(l, drain.watch()));
+            }
+        }
+        return Ok(Proxies {
+            clients: vec![client],
+            routing,
+            _stop: None,
+        });
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let mut clients = Vec::new();
+    for (i, (l_in, outbound)) in per_worker.into_iter().enumerate() {
+        let std_listener = |l: tokio::net::TcpListener| {
+            l.into_std().map_err(|source| StartError::Bind {
+                what: "worker listener",
+                addr: parts.inbound_addr,
+                source,
+            })
+        };
+        let listeners = WorkerListeners {
+            inbound: std_listener(l_in)?,
+            outbound: outbound
+                .into_iter()
+                .map(|(l, dst)| Ok((std_listener(l)?, dst)))
+                .collect::<Result<_, StartError>>()?,
+        };
+        let client = new_client();
+        clients.push(client.clone());
+        let inbound = inbound.clone();
+        let drain = drain.watch();
+        let mut stop = stop_rx.clone();
+        std::thread::Builder::new()
+            .name(format!("hbone-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "HBONE worker runtime failed");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let served = serve_worker(listeners, &inbound, &client, &drain);
+                    // The accept loops hold clones; this one must not outlive them, or the drain
+                    // would wait for it.
+                    drop(drain);
+                    if let Err(e) = served {
+                        tracing::error!(worker = i, error = %e, "HBONE worker cannot listen");
+                        return;
+                    }
+                    // Until `Proxies` is dropped (after the drain): streams keep running here.
+                    let _ = stop.changed().await;
+                });
+            })
+            .map_err(|source| StartError::Bind {
+                what: "worker thread",
+                addr: parts.inbound_addr,
+                source,
+            })?;
+    }
+    Ok(Proxies {
+        clients,
+        routing,
+        _stop: Some(stop_tx),
+    })
+}
+
+/// One worker's accept loops, on the worker's own runtime.
+fn serve_worker(
+    listeners: WorkerListeners,
+    inbound: &Arc<InboundServer>,
+    client: &Arc<HboneClient>,
+    drain: &crate::drain::DrainWatch,
+) -> std::io::Result<()> {
+    let l_in = tokio::net::TcpListener::from_std(listeners.inbound)?;
+    tokio::spawn(inbound.clone().serve(l_in, drain.clone()));
+    for (l, dst) in listeners.outbound {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tokio::spawn(OutboundListener::new(client.clone(), dst).serve(l, drain.clone()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

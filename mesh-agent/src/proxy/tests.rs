@@ -707,3 +707,101 @@ async fn drain_stops_accepting_but_lets_open_streams_finish() {
             .map_or(true, |r| r.is_err())
     );
 }
+
+/// A loopback port free at the time of asking (workers bind it several times with
+/// `SO_REUSEPORT`, so it cannot be port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `start` with two workers: connections spread over both workers' listeners and pools, each
+/// carried end to end; the drain waits for a stream open on either worker and completes when it
+/// ends (a worker's own handle on the drain must not hold it up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_ports_keep_their_own_pools_and_drain_together() {
+    let ca = TestCa::new("mesh root").unwrap();
+    let (src, dst) = (id("ns/a/sa/client"), id("ns/b/sa/server"));
+    let certs = StaticCertProvider::new(TD, ca.roots().unwrap());
+    certs.insert(ca.issue(&src).unwrap());
+    certs.insert(ca.issue(&dst).unwrap());
+    let (pod, pod_accepts) = echo_pod().await;
+    let (out_port, in_port) = (free_port(), free_port());
+    let hbone = SocketAddr::from(([127, 0, 0, 1], in_port));
+    let redirect = Redirect {
+        dst_pod: pod,
+        service: None,
+        dst_node: hbone,
+        dst_identity: dst.clone(),
+        src_identity: src,
+    };
+    let drain = Drain::new(Duration::from_secs(10));
+    let proxies = start(
+        ProxyParts {
+            provider: certs,
+            authorizer: Arc::new(AllowAll),
+            workloads: Arc::new(OneWorkload(dst)),
+            stats: ProxyStats::new(),
+            outbound: vec![(
+                SocketAddr::from(([127, 0, 0, 1], out_port)),
+                Arc::new(move |_| Some(redirect.clone())),
+            )],
+            inbound_addr: hbone,
+            client: ClientConfig::default(),
+            inbound: InboundConfig {
+                transparent: false,
+                ..InboundConfig::default()
+            },
+            workers: 2,
+        },
+        &drain,
+    )
+    .unwrap();
+    assert_eq!(proxies.clients.len(), 2);
+    let outbound = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        calls.spawn(async move {
+            let mut s = TcpStream::connect(outbound).await.unwrap();
+            s.write_all(format!("hi {i}").as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).await.unwrap();
+            assert_eq!(reply, format!("echo:hi {i}"));
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap();
+    }
+    // 32 connections hashed over two listeners all on one: odds 2^-31.
+    for (i, c) in proxies.clients.iter().enumerate() {
+        assert!(c.connections() >= 1, "worker {i} carried no connection");
+    }
+    // A stream held open across the drain signal.
+    let mut held = TcpStream::connect(outbound).await.unwrap();
+    held.write_all(b"late").await.unwrap();
+    // Carried through to the pod before the drain starts.
+    while pod_accepts.load(Ordering::SeqCst) < 33 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let draining = tokio::spawn(async move { drain.drain().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !draining.is_finished(),
+        "the drain did not wait for the open stream"
+    );
+    held.shutdown().await.unwrap();
+    let mut reply = String::new();
+    held.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, "echo:late");
+    drop(held);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("the drain ends once the stream has")
+        .unwrap();
+    assert_eq!(outcome, crate::drain::DrainOutcome::Complete);
+    drop(proxies);
+}

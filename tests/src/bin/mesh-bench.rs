@@ -162,10 +162,10 @@ struct MtlsArgs {
     /// fixed-rate run and print where the time goes (slows them: not a results run).
     #[arg(long)]
     diag: Option<mesh_tests::bench_mtls::Diag>,
-    /// The proxies' runtime worker threads (default 0: one per CPU, as the agent's
-    /// `#[tokio::main]`; 1: a current-thread runtime).
-    #[arg(long, default_value_t = 0)]
-    proxy_threads: usize,
+    /// The proxies' worker threads, as the agent's `proxy.workers` (default: the agent's
+    /// default); 0: the layout before workers, one multi-thread runtime with one tunnel pool.
+    #[arg(long)]
+    proxy_threads: Option<usize>,
 }
 
 #[derive(Args)]

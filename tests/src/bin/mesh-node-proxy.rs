@@ -17,7 +17,7 @@ use mesh_agent::drain::Drain;
 use mesh_agent::identity::{SpiffeId, WorkloadCert};
 use mesh_agent::proxy::testing::StaticCertProvider;
 use mesh_agent::proxy::{
-    self, AllowAll, ClientConfig, InboundConfig, OutboundListener, ProxyParts, ProxyStats, Redirect,
+    self, AllowAll, ClientConfig, InboundConfig, ProxyParts, ProxyStats, Redirect,
 };
 use mesh_tests::bench_mtls::{NodeProxyConfig, raise_fd_limit};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -31,18 +31,16 @@ fn main() -> Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
     // 10,000 idle tunnelled connections are 10,000 sockets on each side.
     raise_fd_limit()?;
-    // The agent's runtime by default: `#[tokio::main]`, one worker per CPU.
-    let runtime = match config.worker_threads {
-        0 => tokio::runtime::Builder::new_multi_thread()
+    // With workers the proxies run on their own threads (as in the agent, whose main runtime
+    // does the rest); without, on this multi-thread runtime (the layout before workers).
+    let runtime = if config.worker_threads == 0 {
+        tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .build()?,
-        1 => tokio::runtime::Builder::new_current_thread()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
+            .build()?
     };
     runtime.block_on(run(config))
 }
@@ -73,51 +71,41 @@ async fn run(config: NodeProxyConfig) -> Result<()> {
             src_identity: id.clone(),
         })
     };
-    let first = config
-        .services
-        .iter()
-        .position(|s| s.listen == proxy::OUTBOUND_PORT)
-        .map(redirect)
-        .transpose()?;
     let drain = Drain::new(Duration::from_secs(1));
     let stats = ProxyStats::new();
     let counters = stats.clone();
     let wildcard = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
     let lid = id.clone();
+    // One outbound listener per service (the capture stood in for), all sharing each worker's
+    // tunnel pool: 15001 for the first, the service's own port for the others.
+    let outbound = config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let r = redirect(i)?;
+            let lookup =
+                move |c: SocketAddr| (c.ip().to_canonical() == client_pod).then(|| r.clone());
+            Ok((
+                wildcard(s.listen),
+                Arc::new(lookup) as Arc<dyn proxy::OriginalDst>,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let proxies = proxy::start(
         ProxyParts {
             provider: certs,
             authorizer: Arc::new(AllowAll),
             workloads: Arc::new(move |pod| (pod == local_pod).then(|| lid.clone())),
-            original_dst: Arc::new(move |c: SocketAddr| {
-                (c.ip().to_canonical() == client_pod)
-                    .then(|| first.clone())
-                    .flatten()
-            }),
             stats,
-            outbound_addr: wildcard(proxy::OUTBOUND_PORT),
+            outbound,
             inbound_addr: wildcard(proxy::HBONE_PORT),
             client: ClientConfig::default(),
             inbound: InboundConfig::default(),
+            workers: config.worker_threads,
         },
         &drain,
-    )
-    .await?;
-    // The other services: one more outbound listener each, sharing the node's connection pool.
-    for (i, s) in config.services.iter().enumerate() {
-        if s.listen == proxy::OUTBOUND_PORT {
-            continue;
-        }
-        let r = redirect(i)?;
-        let listener = tokio::net::TcpListener::bind(wildcard(s.listen))
-            .await
-            .with_context(|| format!("binding service listener {}", s.listen))?;
-        let lookup = move |c: SocketAddr| (c.ip().to_canonical() == client_pod).then(|| r.clone());
-        tokio::spawn(
-            OutboundListener::new(proxies.client.clone(), Arc::new(lookup))
-                .serve(listener, drain.watch()),
-        );
-    }
+    )?;
     println!("ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // stdin closing (the benchmark dropping its end) is the other stop signal.
