@@ -359,6 +359,7 @@ impl HboneClient {
             ConnectError::Dial { node, source }
         })?;
         let _ = tcp.set_nodelay(true);
+        let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
         let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(sni, tcp)
             .await

@@ -112,6 +112,7 @@ impl InboundServer {
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, mut drain: DrainWatch) {
         let _ = tcp.set_nodelay(true);
+        let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
         let tls =
             match tokio::time::timeout(self.config.handshake_timeout, self.acceptor.accept(tcp))
                 .await

@@ -36,6 +36,11 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 maximum frame size: ztunnel's 1 MiB.
 pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Read buffer in front of each tunnel's TLS: rustls asks the socket for about one record
+/// (16 KiB) per read; with this buffer one `recvfrom` takes up to four records of a bulk stream
+/// (measured: one read per record was the inbound's most frequent system call, BENCHMARKS.md).
+/// Per tunnel, not per stream: a node has a few tunnels per peer node.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
 /// Streams per pooled connection before the pool opens another (ztunnel's
 /// `POOL_MAX_STREAMS_PER_CONNECTION` default, 100).
 pub const DEFAULT_MAX_STREAMS_PER_CONN: usize = 100;
