@@ -22,15 +22,37 @@ use mesh_tests::{
 };
 
 const APP_PORT: u16 = 8080;
+/// The server pod's HTTP port (behind service `api`), for the gateway.
+const HTTP_PORT: u16 = 8081;
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 1);
 const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 2);
+const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 3);
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/shop/sa/gateway";
+/// The gateway's HTTP listener in its pod.
+const GW_PORT: u16 = 8000;
+/// An HTTP/1.0 backend (one connection per request, so each request is a new captured connect
+/// and a new authorization decision) answering `NAME\n`.
+const HTTP_SERVER: &str = r#"
+import http.server, sys
+name, port = sys.argv[1], int(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
+"#;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// What the client sends across nodes; the link must never show it.
 const PAYLOAD: &str = "secret-payload-across";
 
-/// The two-node mesh: `client` and `near` (same node) on a, `server` on b, `outsider` (a
-/// namespace not in the mesh) on a; the CA runs in node a's namespace.
+/// The two-node mesh: `client`, `near` (same node) and `gateway` on a, `server` on b,
+/// `outsider` (a namespace not in the mesh) on a; the CA runs in node a's namespace.
 struct Mesh {
     cluster: Cluster,
     a: NodeHandle,
@@ -39,6 +61,7 @@ struct Mesh {
     near: PodHandle,
     server: PodHandle,
     outsider: PodHandle,
+    gateway: PodHandle,
     work: PathBuf,
     ca_dir: PathBuf,
     ca: Option<PodChild>,
@@ -55,8 +78,12 @@ impl Mesh {
         let client = cluster.add_pod(&a, "client")?;
         let near = cluster.add_pod(&a, "near")?;
         let outsider = cluster.add_pod(&a, "outsider")?;
+        let gateway = cluster.add_pod(&a, "gateway")?;
         let server = cluster.add_pod(&b, "server")?;
         let mut servers = Vec::new();
+        let mut http = server.command("python3");
+        http.args(["-c", HTTP_SERVER, "api", &HTTP_PORT.to_string()]);
+        servers.push(server.spawn(http)?);
         for p in [&near, &server] {
             let mut cmd = p.meshpod()?;
             cmd.args(["serve", "--show-peer", "--name", p.name(), "--tcp"])
@@ -77,6 +104,7 @@ impl Mesh {
             near,
             server,
             outsider,
+            gateway,
             ca_dir,
             work,
             ca: None,
@@ -105,24 +133,26 @@ impl Mesh {
                 p.name()
             )
         };
-        let svc = |name: &str, vip: Ipv4Addr, p: &PodHandle| {
+        let svc = |name: &str, vip: Ipv4Addr, p: &PodHandle, target: u16| {
             format!(
-                "  - name: {name}\n    namespace: shop\n    clusterIPs: [{vip}]\n    ports: [{{ name: http, port: 80, targetPort: {APP_PORT}, protocol: TCP }}]\n    endpoints: [{{ ip: {}, node: {}, pod: {} }}]\n",
+                "  - name: {name}\n    namespace: shop\n    clusterIPs: [{vip}]\n    ports: [{{ name: http, port: 80, targetPort: {target}, protocol: TCP }}]\n    endpoints: [{{ ip: {}, node: {}, pod: {} }}]\n",
                 p.ipv4(),
                 p.node().name(),
                 p.name()
             )
         };
         format!(
-            "node: {node}\nnodes:\n  - {{ name: a, addresses: [{}] }}\n  - {{ name: b, addresses: [{}] }}\nnamespaces:\n  - {{ name: shop, dataplaneMode: mesh }}\npods:\n{}{}{}{}services:\n{}{}{authz}{peer_authn}",
+            "node: {node}\nnodes:\n  - {{ name: a, addresses: [{}] }}\n  - {{ name: b, addresses: [{}] }}\nnamespaces:\n  - {{ name: shop, dataplaneMode: mesh }}\npods:\n{}{}{}{}{}services:\n{}{}{}{authz}{peer_authn}",
             self.a.ipv4(),
             self.b.ipv4(),
             pod(&self.client, "shop", "client"),
             pod(&self.near, "shop", "web"),
             pod(&self.server, "shop", "web"),
             pod(&self.outsider, "plain", "default"),
-            svc("web", WEB_VIP, &self.server),
-            svc("near", NEAR_VIP, &self.near),
+            pod(&self.gateway, "shop", "gateway"),
+            svc("web", WEB_VIP, &self.server, APP_PORT),
+            svc("near", NEAR_VIP, &self.near, APP_PORT),
+            svc("api", API_VIP, &self.server, HTTP_PORT),
         )
     }
 
@@ -284,6 +314,103 @@ fn exchange(pod: &PodHandle, to: SocketAddr, payload: &'static str) -> Result<St
         Ok(out)
     })?
     .map_err(anyhow::Error::msg)
+}
+
+/// `curl` from node a (outside the mesh, as a client of a `LoadBalancer`) to the gateway:
+/// (status, body).
+fn via_gateway(mesh: &Mesh) -> Result<(String, String)> {
+    let mut cmd = mesh.a.command("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-H",
+        "Host: api",
+        "-w",
+        " %{http_code}",
+    ])
+    .arg(format!("http://{}:{GW_PORT}/", mesh.gateway.ipv4()));
+    let o = mesh.a.output(cmd)?;
+    let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let (body, code) = text.rsplit_once(' ').unwrap_or(("", &text));
+    Ok((code.to_owned(), body.trim().to_owned()))
+}
+
+fn deny_gateway() -> &'static str {
+    "authorizationPolicies:\n  - apiVersion: security.kernmesh.io/v1alpha1\n    kind: AuthorizationPolicy\n    metadata: { name: no-gateway, namespace: shop }\n    spec:\n      action: DENY\n      rules: [{ from: [{ source: { principals: [cluster.local/ns/shop/sa/gateway] } }] }]\n"
+}
+
+/// Issue 10's "enrolled backends are reached over the mesh's mTLS with the gateway's own
+/// identity, so authorization policy applies": the gateway runs as a pod of an enrolled
+/// namespace (as an Istio ambient ingress gateway in an ambient namespace), so the kernel
+/// captures its connects to backends on other nodes and the node's proxy tunnels them with
+/// the gateway's workload certificate. The backend's node logs that identity, and a DENY on it
+/// turns the gateway's answers into 5xx while the client pod keeps its access.
+#[test]
+fn the_gateway_reaches_enrolled_backends_with_its_own_identity() -> Result<()> {
+    let Some(_k) = mesh_tests::kernel_test("mtls_gateway") else {
+        return Ok(());
+    };
+    let mesh = Mesh::new("mtls_gateway", "24h")?;
+    mesh.wait_for_certificates()?;
+    let routes = mesh.work.join("routes.yaml");
+    write_atomically(
+        &routes,
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{ name: gw, namespace: shop }}\nspec:\n  gatewayClassName: mesh\n  listeners:\n    - {{ name: http, port: {GW_PORT}, protocol: HTTP }}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: api, namespace: shop }}\nspec:\n  parentRefs: [{{ name: gw }}]\n  hostnames: [api]\n  rules:\n    - backendRefs: [{{ name: api, port: 80 }}]\n"
+        ),
+    )?;
+    let mut cmd = mesh
+        .gateway
+        .command(mesh_tests::agent::workspace_binary("mesh-agent")?);
+    cmd.arg("gateway")
+        .arg("--routes")
+        .arg(&routes)
+        .arg("--config-file")
+        .arg(mesh.file("a"))
+        .args(["--listen-address", &mesh.gateway.ipv4().to_string()])
+        .args(["--metrics-addr", "none", "--access-log", "false"])
+        .env("RUST_LOG", "info");
+    let _gw = mesh.gateway.spawn(cmd)?;
+    Mesh::eventually("the gateway answers through the tunnel", || {
+        via_gateway(&mesh).is_ok_and(|(code, body)| code == "200" && body == "api")
+    })?;
+    let b_log = mesh.agents[1].stderr();
+    ensure!(
+        b_log
+            .lines()
+            .any(|l| l.contains("HBONE stream admitted") && l.contains(GATEWAY_ID)),
+        "B's agent did not admit the gateway's identity: {b_log}"
+    );
+    ensure!(
+        mesh.agents[0].meshctl_json(&["tunnels"])?["tunnels"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["source_identity"] == GATEWAY_ID)),
+        "no tunnel with the gateway's identity on a"
+    );
+
+    // A DENY on the gateway's principal: its requests fail, the client pod's do not.
+    mesh.write_cluster(deny_gateway(), "")?;
+    Mesh::eventually("the gateway's backend connects are denied", || {
+        via_gateway(&mesh).is_ok_and(|(code, _)| code.starts_with('5'))
+    })?;
+    ensure!(
+        mesh.agents[1]
+            .stderr()
+            .lines()
+            .any(|l| l.contains("denied") && l.contains(GATEWAY_ID)),
+        "the denial names the gateway"
+    );
+    ensure!(
+        exchange(&mesh.client, SocketAddr::new(WEB_VIP.into(), 80), "still")?
+            .starts_with("server peer="),
+        "the client pod is not affected"
+    );
+    mesh.write_cluster("", "")?;
+    Mesh::eventually("the gateway is allowed again", || {
+        via_gateway(&mesh).is_ok_and(|(code, body)| code == "200" && body == "api")
+    })?;
+    Ok(())
 }
 
 fn deny_client() -> &'static str {
