@@ -11,11 +11,14 @@ pub mod backends;
 pub mod config;
 pub mod jwt;
 pub mod kernel;
+pub mod kube_source;
 pub mod limits;
 pub mod observe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod status;
+pub mod status_writer;
 
 use std::{
     collections::BTreeSet,
@@ -58,9 +61,20 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayArgs {
     /// Gateway API objects (`Gateway`, `HTTPRoute`, `GRPCRoute`, TLS `Secret`s, `RoutePolicy`) as a
-    /// multi-document YAML file, reloaded on change.
+    /// multi-document YAML file, reloaded on change. Without it (and with `--kubernetes`) they
+    /// are watched from the Kubernetes API, and route status is written.
     #[arg(long)]
-    pub routes: PathBuf,
+    pub routes: Option<PathBuf>,
+    /// `GatewayClass.spec.controllerName` served: only Gateways of such classes are ours.
+    #[arg(long, default_value = status::DEFAULT_CONTROLLER_NAME)]
+    pub controller_name: String,
+    /// The Lease (in `--pod-namespace`) electing the one instance that writes status.
+    #[arg(long, default_value = status_writer::DEFAULT_LEASE)]
+    pub status_lease: String,
+    /// Addresses written to our Gateways' `status.addresses` (IPs or hostnames: the
+    /// LoadBalancer's), repeatable; none: not written.
+    #[arg(long)]
+    pub status_address: Vec<String>,
     /// Services and endpoints from this static model file (the agent's `--config-file` schema).
     #[arg(long, conflicts_with = "kubernetes")]
     pub config_file: Option<PathBuf>,
@@ -133,6 +147,8 @@ pub enum GatewayError {
     },
     #[error("choose where Services come from: --config-file FILE or --kubernetes")]
     NoSource,
+    #[error("choose where routes come from: --routes FILE, or --kubernetes without --routes")]
+    NoRoutes,
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -165,7 +181,11 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let limits = RequestLimits {
         max_body: args.max_body,
     };
-    let config = config::load(&args.routes)?;
+    let config = match &args.routes {
+        Some(path) => config::load(path)?,
+        None if args.kubernetes => GatewayConfig::default(),
+        None => return Err(GatewayError::NoRoutes),
+    };
     let telemetry = start_telemetry(&args)?;
     let kernel: Arc<dyn CircuitView> = match &args.node_pin_dir {
         Some(dir) => Arc::new(kernel::PinnedCircuits::start(dir)?),
@@ -179,6 +199,12 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     log_config(&config);
     let shared = Arc::new(Shared::new(config, limits, kernel, feedback, telemetry));
     let (updates, models) = mpsc::channel(16);
+    let client = if args.kubernetes {
+        Some(kube::Client::try_default().await?)
+    } else {
+        None
+    };
+    let mut kube_configs = start_kube_routes(&args, client.as_ref());
     match (&args.config_file, args.kubernetes) {
         (Some(path), false) => {
             tokio::spawn(discovery::file::watch(
@@ -189,7 +215,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             ));
         }
         (None, true) => {
-            let client = kube::Client::try_default().await?;
+            let client = client.clone().ok_or(GatewayError::NoSource)?;
             let node = args.node_name.clone();
             tokio::spawn(async move {
                 if let Err(e) = discovery::kubernetes::run(client, node, updates).await {
@@ -200,11 +226,36 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         _ => return Err(GatewayError::NoSource),
     }
     let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
-    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
+    let (known_tx, known_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx, known_tx));
+    let (configs_tx, configs_rx) = tokio::sync::watch::channel(shared.config.load_full());
+    let (reports_tx, _) = tokio::sync::watch::channel(Arc::default());
+    let source = if kube_configs.is_some() { "kubernetes" } else { "file" };
+    tokio::spawn(status::report_loop(source, configs_rx, known_rx, reports_tx.clone()));
+    if let (Some((_, observed)), Some(client)) = (&kube_configs, &client) {
+        tokio::spawn(status_writer::run(
+            client.clone(),
+            status_writer::WriterConfig {
+                namespace: args.pod_namespace.clone(),
+                identity: args
+                    .pod_name
+                    .clone()
+                    .unwrap_or_else(|| args.node_name.clone()),
+                lease: args.status_lease.clone(),
+                controller: args.controller_name.clone(),
+                addresses: args.status_address.clone(),
+            },
+            reports_tx.subscribe(),
+            observed.clone(),
+        ));
+    }
     let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
         std::collections::BTreeMap::new();
     sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
-    let mut last = digest(&args.routes, &shared.config.load());
+    let mut last = args
+        .routes
+        .as_deref()
+        .and_then(|p| digest(p, &shared.config.load()));
     let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| GatewayError::Flag {
@@ -213,38 +264,82 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             reason: e.to_string(),
         })?;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let next = tokio::select! {
+            _ = tick.tick() => match &args.routes {
+                Some(path) => reload_file(path, &shared, &mut last).await,
+                None => None,
+            },
+            Some(cfg) = recv_config(&mut kube_configs) => Some(cfg),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-        }
-        let now = digest(&args.routes, &shared.config.load());
-        if now == last {
-            continue;
-        }
-        last = now;
-        let path = args.routes.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        match loaded {
-            Ok(cfg) => {
-                log_config(&cfg);
-                shared.config.store(Arc::new(cfg));
-                let _ = reloaded_tx.try_send(());
-                if let Err(e) =
-                    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)
-                {
-                    tracing::error!(error = %e, "a new listener could not be opened");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
-            }
+        };
+        let Some(cfg) = next else { continue };
+        log_config(&cfg);
+        shared.config.store(Arc::new(cfg));
+        configs_tx.send_replace(shared.config.load_full());
+        let _ = reloaded_tx.try_send(());
+        if let Err(e) = sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits) {
+            tracing::error!(error = %e, "a new listener could not be opened");
         }
     }
     drain(&shared, listeners, drain_period).await;
     Ok(())
+}
+
+/// Rereads the routes file when it (or a file it names) changed: the new configuration, or
+/// `None` when unchanged or rejected (the last good one keeps serving).
+async fn reload_file(
+    path: &std::path::Path,
+    shared: &Arc<Shared>,
+    last: &mut Option<u64>,
+) -> Option<GatewayConfig> {
+    let now = digest(path, &shared.config.load());
+    if now == *last {
+        return None;
+    }
+    *last = now;
+    let path = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    match loaded {
+        Ok(cfg) => Some(cfg),
+        Err(e) => {
+            tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
+            None
+        }
+    }
+}
+
+/// The Kubernetes source of Gateway API objects (`--kubernetes` without `--routes`): its
+/// compiled configurations, and the objects' current status for the status writer.
+type KubeRoutes = (
+    mpsc::Receiver<GatewayConfig>,
+    tokio::sync::watch::Receiver<Arc<kube_source::Observed>>,
+);
+
+fn start_kube_routes(args: &GatewayArgs, client: Option<&kube::Client>) -> Option<KubeRoutes> {
+    if args.routes.is_some() {
+        return None;
+    }
+    let client = client?.clone();
+    let (tx, rx) = mpsc::channel(4);
+    let (observed_tx, observed_rx) = tokio::sync::watch::channel(Arc::default());
+    let controller = args.controller_name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = kube_source::run(client, controller, tx, observed_tx).await {
+            tracing::error!(error = %e, "Gateway API watch ended");
+        }
+    });
+    Some((rx, observed_rx))
+}
+
+/// The next configuration from the Kubernetes source (never, without one).
+async fn recv_config(source: &mut Option<KubeRoutes>) -> Option<GatewayConfig> {
+    match source {
+        Some((rx, _)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Graceful drain: the listening sockets close (new connections are refused, so a load
@@ -390,6 +485,7 @@ async fn backends_loop(
     shared: Arc<Shared>,
     mut models: mpsc::Receiver<Update>,
     mut reloaded: mpsc::Receiver<()>,
+    known: tokio::sync::watch::Sender<Option<Arc<status::KnownServices>>>,
 ) {
     let mut model: Option<ClusterModel> = None;
     loop {
@@ -406,6 +502,14 @@ async fn backends_loop(
             r = reloaded.recv() => if r.is_none() { return },
         }
         let Some(m) = &model else { continue };
+        let k = status::KnownServices::of(m);
+        known.send_if_modified(|old| {
+            let changed = old.as_deref() != Some(&k);
+            if changed {
+                *old = Some(Arc::new(k));
+            }
+            changed
+        });
         let wanted = shared.config.load().services.clone();
         let next = Backends::build(m, &wanted, &shared.backends.load());
         let missing: Vec<String> = wanted
