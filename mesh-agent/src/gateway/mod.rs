@@ -218,7 +218,11 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             let client = client.clone().ok_or(GatewayError::NoSource)?;
             let node = args.node_name.clone();
             tokio::spawn(async move {
-                if let Err(e) = discovery::kubernetes::run(client, node, updates).await {
+                // No TrafficPolicy status from gateways (`None`): the node agents elect that
+                // writer; the gateway's POD_NAMESPACE must not make it a candidate.
+                if let Err(e) =
+                    discovery::kubernetes::run_with_status(client, node, None, updates).await
+                {
                     tracing::error!(error = %e, "Kubernetes discovery ended");
                 }
             });
