@@ -86,7 +86,7 @@ impl Gateway {
             .args(["gateway", "--kubernetes", "--listen-address", listen])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--pod-name", id, "--pod-namespace", GW_NS, "--node-name", "gateway"])
-            .args(["--status-address", "192.0.2.10"])
+            .args(["--status-address", "192.0.2.10", "--access-log", "false"])
             .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",
@@ -361,13 +361,13 @@ async fn routes_and_status_from_kubernetes() {
         ("nolistener", "False/NoMatchingParent", "True/ResolvedRefs"),
     ];
     for (name, accepted, resolved) in expect {
-        let mut seen = None;
         wait_for(&format!("status of {name}"), CONVERGE, || async {
-            seen = route_reasons(&api, name).await;
-            seen.as_ref().is_some_and(|(a, r, _)| a == accepted && r == resolved)
+            route_reasons(&api, name)
+                .await
+                .is_some_and(|(a, r, _)| a == accepted && r == resolved)
         })
         .await;
-        let (_, _, p) = seen.unwrap();
+        let (_, _, p) = route_reasons(&api, name).await.unwrap();
         assert_eq!(p["parentRef"]["name"], "gw", "{p}");
         for c in p["conditions"].as_array().unwrap() {
             assert_eq!(c["observedGeneration"], 1, "{c}");

@@ -1418,7 +1418,7 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
             } else {
                 Cond::yes(R::ACCEPTED)
             };
-            if !accepted.status {
+            if !accepted.status && (!lenient || gateway_names.contains(&p.gateway)) {
                 cfg.unattached.push(format!(
                     "{kind} {rname}: parent {}: {} ({})",
                     p.gateway, accepted.message, accepted.reason

@@ -279,9 +279,13 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         };
         let Some(cfg) = next else { continue };
         log_config(&cfg);
-        shared.config.store(Arc::new(cfg));
+        // The backends loop installs it: backends for its Services first, then the table.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if reloaded_tx.send((Arc::new(cfg), done_tx)).await.is_err() {
+            break;
+        }
+        let _ = done_rx.await;
         configs_tx.send_replace(shared.config.load_full());
-        let _ = reloaded_tx.try_send(());
         if let Err(e) = sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits) {
             tracing::error!(error = %e, "a new listener could not be opened");
         }
@@ -484,15 +488,21 @@ fn sync_listeners(
     Ok(())
 }
 
+/// A new routing table to install, and who waits for it.
+type Reload = (Arc<GatewayConfig>, tokio::sync::oneshot::Sender<()>);
+
 /// Keeps the backends snapshot in step with the newest model and the routes' Service ports.
+/// A new table is installed here, after the backends of its Service ports: a request never
+/// meets a route whose new Service has no backends yet (that would be a spurious 503).
 async fn backends_loop(
     shared: Arc<Shared>,
     mut models: mpsc::Receiver<Update>,
-    mut reloaded: mpsc::Receiver<()>,
+    mut reloaded: mpsc::Receiver<Reload>,
     known: tokio::sync::watch::Sender<Option<Arc<status::KnownServices>>>,
 ) {
     let mut model: Option<ClusterModel> = None;
     loop {
+        let mut reload: Option<Reload> = None;
         tokio::select! {
             u = models.recv() => match u {
                 Some(Update::Model(m)) => model = Some(m),
@@ -503,9 +513,18 @@ async fn backends_loop(
                 Some(Update::Resolved(_)) => continue,
                 None => return,
             },
-            r = reloaded.recv() => if r.is_none() { return },
+            r = reloaded.recv() => match r {
+                Some(r) => reload = Some(r),
+                None => return,
+            },
         }
-        let Some(m) = &model else { continue };
+        let Some(m) = &model else {
+            if let Some((cfg, done)) = reload {
+                shared.config.store(cfg);
+                let _ = done.send(());
+            }
+            continue;
+        };
         let k = status::KnownServices::of(m);
         known.send_if_modified(|old| {
             let changed = old.as_deref() != Some(&k);
@@ -514,7 +533,10 @@ async fn backends_loop(
             }
             changed
         });
-        let wanted = shared.config.load().services.clone();
+        let wanted = match &reload {
+            Some((cfg, _)) => cfg.services.clone(),
+            None => shared.config.load().services.clone(),
+        };
         let next = Backends::build(m, &wanted, &shared.backends.load());
         let missing: Vec<String> = wanted
             .iter()
@@ -528,5 +550,9 @@ async fn backends_loop(
             );
         }
         shared.backends.store(Arc::new(next));
+        if let Some((cfg, done)) = reload {
+            shared.config.store(cfg);
+            let _ = done.send(());
+        }
     }
 }
