@@ -299,7 +299,21 @@ pub struct JwtSpec {
     pub issuer: String,
     #[serde(default)]
     pub audiences: Vec<String>,
-    pub jwks_file: PathBuf,
+    /// Keys from a file (reloaded with the routes). One of `jwksFile` and `jwksUri`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Keys from an `https://` URL (Envoy Gateway's `remoteJWKS.uri`), cached, refreshed every
+    /// `jwksRefresh` and when a token names an unknown `kid` (at most every 10 s); the last good
+    /// keys stay when a fetch fails.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// CA certificates (PEM) that `jwksUri`'s server must chain to; unset: the system's roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often `jwksUri` is fetched again (Gateway API duration; default 5m, Envoy Gateway's
+    /// `cacheDuration`).
+    #[serde(default)]
+    pub jwks_refresh: Option<String>,
     /// Every entry must hold; an entry holds when the claim has one of the values.
     #[serde(default)]
     pub claims: Vec<ClaimSpec>,
@@ -677,8 +691,13 @@ fn compile_policy(
 ) -> Result<(), GatewayConfigError> {
     let mut parts = PolicyParts::default();
     if let Some(j) = spec.jwt {
-        extra_files.push(j.jwks_file.clone());
-        let rule = JwtRule::load(&j).map_err(|e| at.err("spec.jwt.jwksFile", e.to_string()))?;
+        extra_files.extend(j.jwks_file.iter().chain(&j.jwks_ca_file).cloned());
+        let field = if j.jwks_uri.is_some() {
+            "spec.jwt.jwksUri"
+        } else {
+            "spec.jwt.jwksFile"
+        };
+        let rule = JwtRule::load(&j).map_err(|e| at.err(field, e.to_string()))?;
         parts.jwt = Some(Arc::new(rule));
     }
     if let Some(r) = spec.rate_limit {
