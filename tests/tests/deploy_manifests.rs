@@ -1851,9 +1851,13 @@ enum GatewayCommand {
 /// The gateway's objects (`deploy/gateway.yaml`) are typed; its arguments are ones `mesh-agent
 /// gateway` accepts (Gateway API objects from Kubernetes, our controller name and Lease); RBAC
 /// grants every kind the Kubernetes source watches, the status subresources it writes and the
-/// Lease; its GatewayClass and Gateway compile with the gateway's own compiler; the Helm
+/// Lease; its `GatewayClass` and Gateway compile with the gateway's own compiler; the Helm
 /// template renders the same objects behind `gateway.enabled` with the same defaults.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one manifest checked object by object, then its Helm twin"
+)]
 fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_matches() {
     use clap::Parser as _;
     use mesh_agent::gateway::{kube_source::Kind, status, status_writer};
@@ -1884,12 +1888,18 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
             .unwrap_or_else(|e| panic!("gateway.yaml args: {e}"))
             .command;
     assert!(parsed.kubernetes, "Services from Kubernetes");
-    assert!(parsed.routes.is_none(), "Gateway API objects from Kubernetes, not a file");
+    assert!(
+        parsed.routes.is_none(),
+        "Gateway API objects from Kubernetes, not a file"
+    );
     assert_eq!(parsed.controller_name, status::DEFAULT_CONTROLLER_NAME);
     assert_eq!(parsed.status_lease, status_writer::DEFAULT_LEASE);
     let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     for want in ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"] {
-        assert!(env.contains(want), "env {want} (the Lease identity and namespace)");
+        assert!(
+            env.contains(want),
+            "env {want} (the Lease identity and namespace)"
+        );
     }
 
     // RBAC: every watched kind, the status it writes, the Lease.
@@ -1904,7 +1914,10 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
     for kind in Kind::ALL {
         let (group, _, _, plural) = kind.gvk();
         for verb in ["get", "list", "watch"] {
-            assert!(grants(group, plural, verb), "ClusterRole lacks {verb} {group}/{plural}");
+            assert!(
+                grants(group, plural, verb),
+                "ClusterRole lacks {verb} {group}/{plural}"
+            );
         }
         if !matches!(kind, Kind::ReferenceGrant | Kind::Secret) {
             assert!(
@@ -1915,17 +1928,34 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
     }
     let lease_role = only(&m.roles, "Role");
     let lease_rules = lease_role.rules.as_ref().unwrap();
-    assert!(lease_rules.iter().all(|r| r.resources.as_deref() == Some(&["leases".to_owned()][..])));
-    assert!(lease_rules.iter().any(|r| r.verbs.contains(&"create".to_owned())));
+    assert!(
+        lease_rules
+            .iter()
+            .all(|r| r.resources.as_deref() == Some(&["leases".to_owned()][..]))
+    );
+    assert!(
+        lease_rules
+            .iter()
+            .any(|r| r.verbs.contains(&"create".to_owned()))
+    );
     assert!(lease_rules.iter().any(|r| {
         r.verbs.contains(&"patch".to_owned())
             && r.resource_names.as_deref() == Some(&[status_writer::DEFAULT_LEASE.to_owned()][..])
     }));
 
     // The GatewayClass names our controller; the Gateway is of that class and compiles.
-    let class = gateway_api.iter().find(|d| d["kind"] == "GatewayClass").expect("GatewayClass");
-    assert_eq!(class["spec"]["controllerName"], status::DEFAULT_CONTROLLER_NAME);
-    let gw = gateway_api.iter().find(|d| d["kind"] == "Gateway").expect("Gateway");
+    let class = gateway_api
+        .iter()
+        .find(|d| d["kind"] == "GatewayClass")
+        .expect("GatewayClass");
+    assert_eq!(
+        class["spec"]["controllerName"],
+        status::DEFAULT_CONTROLLER_NAME
+    );
+    let gw = gateway_api
+        .iter()
+        .find(|d| d["kind"] == "Gateway")
+        .expect("Gateway");
     assert_eq!(gw["spec"]["gatewayClassName"], class["metadata"]["name"]);
     let cfg = mesh_agent::gateway::config::parse(
         Path::new("gateway.yaml"),
@@ -1939,7 +1969,10 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
         .flatten()
         .find(|p| p.name.as_deref() == Some("http"))
         .expect("container port http");
-    assert_eq!(http.container_port, listen, "container port = the Gateway's listener");
+    assert_eq!(
+        http.container_port, listen,
+        "container port = the Gateway's listener"
+    );
     let spec = svc.spec.as_ref().unwrap();
     assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
     assert_eq!(
@@ -1965,7 +1998,10 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
         "gatewayclasses, gateways, httproutes, grpcroutes, referencegrants",
         "NodePort",
     ] {
-        assert!(text.contains(needle), "templates/gateway.yaml lacks {needle:?}");
+        assert!(
+            text.contains(needle),
+            "templates/gateway.yaml lacks {needle:?}"
+        );
     }
     let values = values();
     let g = &values["gateway"];
@@ -1975,7 +2011,11 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
     assert_eq!(g["className"], class["metadata"]["name"]);
     assert_eq!(g["httpPort"], listen);
     assert_eq!(g["replicas"], dep.spec.as_ref().unwrap().replicas.unwrap());
-    assert_eq!(g["resources"], json(&c.resources), "values.gateway.resources");
+    assert_eq!(
+        g["resources"],
+        json(&c.resources),
+        "values.gateway.resources"
+    );
     assert_eq!(g["service"]["type"].as_str(), spec.type_.as_deref());
     assert_eq!(g["service"]["port"], spec.ports.as_ref().unwrap()[0].port);
 }

@@ -85,7 +85,14 @@ impl Gateway {
         let child = Command::new(workspace_binary("mesh-agent").unwrap())
             .args(["gateway", "--kubernetes", "--listen-address", listen])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-            .args(["--pod-name", id, "--pod-namespace", GW_NS, "--node-name", "gateway"])
+            .args([
+                "--pod-name",
+                id,
+                "--pod-namespace",
+                GW_NS,
+                "--node-name",
+                "gateway",
+            ])
             .args(["--status-address", "192.0.2.10", "--access-log", "false"])
             .env("KUBECONFIG", kubeconfig)
             .env(
@@ -160,7 +167,7 @@ impl Api2 {
     }
 }
 
-fn gateway_api(group_version: &str, kind: &str, name: &str, ns: &str, spec: Value) -> Value {
+fn gateway_api(group_version: &str, kind: &str, name: &str, ns: &str, spec: &Value) -> Value {
     json!({
         "apiVersion": group_version,
         "kind": kind,
@@ -169,8 +176,12 @@ fn gateway_api(group_version: &str, kind: &str, name: &str, ns: &str, spec: Valu
     })
 }
 
-fn route(name: &str, spec: Value) -> Value {
-    gateway_api("gateway.networking.k8s.io/v1", "HTTPRoute", name, NS, spec)
+fn route(name: &str, spec: &Value) -> Value {
+    route_in(NS, name, spec)
+}
+
+fn route_in(ns: &str, name: &str, spec: &Value) -> Value {
+    gateway_api("gateway.networking.k8s.io/v1", "HTTPRoute", name, ns, spec)
 }
 
 /// Service `name` (port 80) with one slice whose endpoints are `backends` (port `port`).
@@ -238,7 +249,7 @@ async fn gateway(api: &Api2, name: &str, class: &str, port: u16) {
             "Gateway",
             name,
             NS,
-            json!({ "gatewayClassName": class,
+            &json!({ "gatewayClassName": class,
                     "listeners": [{ "name": "http", "port": port, "protocol": "HTTP" }] }),
         ),
     )
@@ -256,7 +267,12 @@ async fn get(c: &HttpClient, addr: &str, port: u16, host: &str) -> (u16, String)
     match c.request(req).await {
         Ok(r) => {
             let status = r.status().as_u16();
-            let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(http_body_util::Collected::to_bytes)
+                .unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         Err(e) => (0, e.to_string()),
@@ -277,7 +293,11 @@ where
 
 /// Our entry of `status.parents` of route `name`, as `(Accepted reason, ResolvedRefs reason)`.
 async fn route_reasons(api: &Api2, name: &str) -> Option<(String, String, Value)> {
-    let r = api.get("HTTPRoute", Some(NS), name).await;
+    route_reasons_in(api, NS, name).await
+}
+
+async fn route_reasons_in(api: &Api2, ns: &str, name: &str) -> Option<(String, String, Value)> {
+    let r = api.get("HTTPRoute", Some(ns), name).await;
     let p = r["status"]["parents"]
         .as_array()?
         .iter()
@@ -289,7 +309,13 @@ async fn route_reasons(api: &Api2, name: &str) -> Option<(String, String, Value)
             .into_iter()
             .flatten()
             .find(|c| c["type"] == t)
-            .map(|c| format!("{}/{}", c["status"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or("")))
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    c["status"].as_str().unwrap_or(""),
+                    c["reason"].as_str().unwrap_or("")
+                )
+            })
             .unwrap_or_default()
     };
     Some((reason("Accepted"), reason("ResolvedRefs"), p))
@@ -303,8 +329,12 @@ async fn routes_and_status_from_kubernetes() {
     let api = Api2 {
         client: kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())).unwrap(),
     };
-    let v1 = Backend::start("v1", "127.0.61.1:18080".parse().unwrap()).await.unwrap();
-    let v2 = Backend::start("v2", "127.0.61.2:18080".parse().unwrap()).await.unwrap();
+    let v1 = Backend::start("v1", "127.0.61.1:18080".parse().unwrap())
+        .await
+        .unwrap();
+    let v2 = Backend::start("v2", "127.0.61.2:18080".parse().unwrap())
+        .await
+        .unwrap();
     base(&api).await;
     service(&api, "web-v1", "10.96.61.1", &[v1.addr]).await;
     service(&api, "web-v2", "10.96.61.2", &[v2.addr]).await;
@@ -313,31 +343,94 @@ async fn routes_and_status_from_kubernetes() {
     gateway(&api, "gw", "kernmesh", port).await;
     gateway(&api, "foreign", "other", foreign_port).await;
     let parent = json!([{ "name": "gw" }]);
-    api.create("HTTPRoute", Some(NS), route("web", json!({
-        "parentRefs": parent, "hostnames": ["web.example"],
-        "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
-    }))).await;
-    api.create("HTTPRoute", Some(NS), route("bad", json!({
-        "parentRefs": parent, "hostnames": ["bad.example"],
-        "rules": [{ "matches": [{ "path": { "type": "Exact", "value": "nope" } }],
-                    "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
-    }))).await;
-    api.create("HTTPRoute", Some(NS), route("ghost", json!({
-        "parentRefs": parent, "hostnames": ["ghost.example"],
-        "rules": [{ "backendRefs": [{ "name": "ghost", "port": 80 }] }],
-    }))).await;
-    api.create("HTTPRoute", Some(NS), route("cross", json!({
-        "parentRefs": parent, "hostnames": ["cross.example"],
-        "rules": [{ "backendRefs": [{ "name": "api", "namespace": "other", "port": 80 }] }],
-    }))).await;
-    api.create("HTTPRoute", Some(NS), route("nolistener", json!({
-        "parentRefs": [{ "name": "gw", "sectionName": "https" }],
-        "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
-    }))).await;
-    api.create("HTTPRoute", Some(NS), route("theirs", json!({
-        "parentRefs": [{ "name": "foreign" }],
-        "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
-    }))).await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "web",
+            &json!({
+                "parentRefs": parent, "hostnames": ["web.example"],
+                "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "bad",
+            &json!({
+                "parentRefs": parent, "hostnames": ["bad.example"],
+                "rules": [{ "matches": [{ "path": { "type": "Exact", "value": "nope" } }],
+                            "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "ghost",
+            &json!({
+                "parentRefs": parent, "hostnames": ["ghost.example"],
+                "rules": [{ "backendRefs": [{ "name": "ghost", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "cross",
+            &json!({
+                "parentRefs": parent, "hostnames": ["cross.example"],
+                "rules": [{ "backendRefs": [{ "name": "api", "namespace": "other", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "nolistener",
+            &json!({
+                "parentRefs": [{ "name": "gw", "sectionName": "https" }],
+                "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    // From another namespace: the listener admits its own namespace only (the default).
+    api.create(
+        "HTTPRoute",
+        Some("other"),
+        route_in(
+            "other",
+            "elsewhere",
+            &json!({
+                "parentRefs": [{ "name": "gw", "namespace": NS }],
+                "hostnames": ["elsewhere.example"],
+                "rules": [{ "backendRefs": [{ "name": "web-v1", "namespace": NS, "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "theirs",
+            &json!({
+                "parentRefs": [{ "name": "foreign" }],
+                "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
 
     let gw = Gateway::start(&dir, &kubeconfig, "gw-a", "127.0.0.1");
     let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
@@ -371,20 +464,42 @@ async fn routes_and_status_from_kubernetes() {
         assert_eq!(p["parentRef"]["name"], "gw", "{p}");
         for c in p["conditions"].as_array().unwrap() {
             assert_eq!(c["observedGeneration"], 1, "{c}");
-            assert!(c["lastTransitionTime"].as_str().is_some_and(|t| !t.is_empty()), "{c}");
+            assert!(
+                c["lastTransitionTime"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty()),
+                "{c}"
+            );
         }
     }
+    wait_for("status of elsewhere", CONVERGE, || async {
+        route_reasons_in(&api, "other", "elsewhere")
+            .await
+            .is_some_and(|(a, _, _)| a == "False/NotAllowedByListeners")
+    })
+    .await;
+    assert_eq!(get(&c, "127.0.0.1", port, "elsewhere.example").await.0, 404);
     let bad = route_reasons(&api, "bad").await.unwrap().2;
     let message = bad["conditions"][0]["message"].as_str().unwrap();
     assert!(
-        message.contains("HTTPRoute shop/bad") && message.contains("spec.rules[0].matches[0].path.value") && message.contains("must start with /"),
+        message.contains("HTTPRoute shop/bad")
+            && message.contains("spec.rules[0].matches[0].path.value")
+            && message.contains("must start with /"),
         "{message}"
     );
     // The foreign Gateway's route and the foreign Gateway get nothing from us.
     let theirs = api.get("HTTPRoute", Some(NS), "theirs").await;
-    assert!(theirs["status"]["parents"].as_array().is_none_or(Vec::is_empty), "{theirs}");
+    assert!(
+        theirs["status"]["parents"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{theirs}"
+    );
     let foreign = api.get("Gateway", Some(NS), "foreign").await;
-    assert!(foreign["status"].is_null() || foreign["status"]["conditions"].is_null(), "{foreign}");
+    assert!(
+        foreign["status"].is_null() || foreign["status"]["conditions"].is_null(),
+        "{foreign}"
+    );
     // Our Gateway: Accepted/Programmed, the listener with its attached routes (web, ghost,
     // cross: the bad route and the one naming another listener are not attached), addresses.
     wait_for("Gateway status", CONVERGE, || async {
@@ -394,13 +509,35 @@ async fn routes_and_status_from_kubernetes() {
     .await;
     let g = api.get("Gateway", Some(NS), "gw").await;
     let conds = |v: &Value| -> Vec<String> {
-        v.as_array().into_iter().flatten().map(|c| format!("{}={}", c["type"].as_str().unwrap(), c["status"].as_str().unwrap())).collect()
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "{}={}",
+                    c["type"].as_str().unwrap(),
+                    c["status"].as_str().unwrap()
+                )
+            })
+            .collect()
     };
-    assert_eq!(conds(&g["status"]["conditions"]), ["Accepted=True", "Programmed=True"], "{g}");
-    assert_eq!(conds(&g["status"]["listeners"][0]["conditions"]), ["Accepted=True", "Programmed=True", "ResolvedRefs=True"], "{g}");
+    assert_eq!(
+        conds(&g["status"]["conditions"]),
+        ["Accepted=True", "Programmed=True"],
+        "{g}"
+    );
+    assert_eq!(
+        conds(&g["status"]["listeners"][0]["conditions"]),
+        ["Accepted=True", "Programmed=True", "ResolvedRefs=True"],
+        "{g}"
+    );
     assert_eq!(g["status"]["addresses"][0]["value"], "192.0.2.10");
     let class = api.get("GatewayClass", None, "kernmesh").await;
-    assert_eq!(conds(&class["status"]["conditions"]), ["Accepted=True"], "{class}");
+    assert_eq!(
+        conds(&class["status"]["conditions"]),
+        ["Accepted=True"],
+        "{class}"
+    );
     let other = api.get("GatewayClass", None, "other").await;
     assert!(other["status"].is_null(), "{other}");
 
@@ -410,8 +547,14 @@ async fn routes_and_status_from_kubernetes() {
     let gw_before = version(&api.get("Gateway", Some(NS), "gw").await);
     let writes = gw.writes();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(before, version(&api.get("HTTPRoute", Some(NS), "web").await));
-    assert_eq!(gw_before, version(&api.get("Gateway", Some(NS), "gw").await));
+    assert_eq!(
+        before,
+        version(&api.get("HTTPRoute", Some(NS), "web").await)
+    );
+    assert_eq!(
+        gw_before,
+        version(&api.get("Gateway", Some(NS), "gw").await)
+    );
     assert_eq!(writes, gw.writes(), "status rewritten without a change");
 
     // The same report on the admin endpoint, and through `meshctl routes`.
@@ -421,19 +564,54 @@ async fn routes_and_status_from_kubernetes() {
         .uri(format!("http://127.0.0.1:{}/routes", gw.metrics))
         .body(Empty::new())
         .unwrap();
-    let body = c.request(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
     let report: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(report["source"], "kubernetes");
-    let web = report["routes"].as_array().unwrap().iter().find(|r| r["name"] == "shop/web").unwrap();
-    assert_eq!(web["rules"][0]["backends"][0]["target"], "shop/web-v1:80", "{web}");
+    let web = report["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "shop/web")
+        .unwrap();
+    assert_eq!(
+        web["rules"][0]["backends"][0]["target"], "shop/web-v1:80",
+        "{web}"
+    );
     let out = Command::new(workspace_binary("meshctl").unwrap())
-        .args(["routes", "--gateway", &format!("http://127.0.0.1:{}", gw.metrics)])
+        .args([
+            "routes",
+            "--gateway",
+            &format!("http://127.0.0.1:{}", gw.metrics),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    for want in ["HTTPRoute shop/web", "shop/web-v1:80", "BackendNotFound", "UnsupportedValue", "NoMatchingParent", "RefNotPermitted", "web.example"] {
-        assert!(text.contains(want), "meshctl routes lacks {want:?}:\n{text}");
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "HTTPRoute shop/web",
+        "shop/web-v1:80",
+        "BackendNotFound",
+        "UnsupportedValue",
+        "NoMatchingParent",
+        "RefNotPermitted",
+        "web.example",
+    ] {
+        assert!(
+            text.contains(want),
+            "meshctl routes lacks {want:?}:\n{text}"
+        );
     }
 
     // A route changed under load: v1 → weights 0/1 (all to v2); no request fails.
@@ -462,11 +640,23 @@ async fn routes_and_status_from_kubernetes() {
     })
     .await;
     // A bad version of the same route: rejected, the rest of the table keeps serving.
-    api.patch("HTTPRoute", Some(NS), "bad", json!({ "spec": { "rules": [{ "backendRefs": [{ "name": "web-v2", "port": 80 }] }] } })).await;
-    wait_for("the fixed route serves and is Accepted", CONVERGE, || async {
-        get(&c, "127.0.0.1", port, "bad.example").await.1 == "v2 GET /"
-            && route_reasons(&api, "bad").await.is_some_and(|(a, _, _)| a == "True/Accepted")
-    })
+    api.patch(
+        "HTTPRoute",
+        Some(NS),
+        "bad",
+        json!({ "spec": { "rules": [{ "backendRefs": [{ "name": "web-v2", "port": 80 }] }] } }),
+    )
+    .await;
+    wait_for(
+        "the fixed route serves and is Accepted",
+        CONVERGE,
+        || async {
+            get(&c, "127.0.0.1", port, "bad.example").await.1 == "v2 GET /"
+                && route_reasons(&api, "bad")
+                    .await
+                    .is_some_and(|(a, _, _)| a == "True/Accepted")
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -475,7 +665,11 @@ async fn routes_and_status_from_kubernetes() {
     }
     let n = done.load(Ordering::Relaxed);
     assert!(n > 100, "only {n} requests under load");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {n} requests under route changes");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "of {n} requests under route changes"
+    );
     drop(gw);
 }
 
@@ -485,17 +679,29 @@ async fn route_status_has_one_writer_and_fails_over() {
     let kmock = Kmock::start(&dir, None).expect("kmock");
     let kubeconfig = kmock.kubeconfig(&dir).unwrap();
     let client = kube::Client::try_from(kube::Config::new(kmock.url.parse().unwrap())).unwrap();
-    let api = Api2 { client: client.clone() };
+    let api = Api2 {
+        client: client.clone(),
+    };
     let leases: Api<Lease> = Api::namespaced(client, GW_NS);
-    let v1 = Backend::start("v1", "127.0.62.1:18080".parse().unwrap()).await.unwrap();
+    let v1 = Backend::start("v1", "127.0.62.1:18080".parse().unwrap())
+        .await
+        .unwrap();
     base(&api).await;
     service(&api, "web-v1", "10.96.62.1", &[v1.addr]).await;
     let port = free_port();
     gateway(&api, "gw", "kernmesh", port).await;
-    api.create("HTTPRoute", Some(NS), route("web", json!({
-        "parentRefs": [{ "name": "gw" }],
-        "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
-    }))).await;
+    api.create(
+        "HTTPRoute",
+        Some(NS),
+        route(
+            "web",
+            &json!({
+                "parentRefs": [{ "name": "gw" }],
+                "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
     let holder = || async {
         leases
             .get("kernmesh-gateway-status")
@@ -507,7 +713,9 @@ async fn route_status_has_one_writer_and_fails_over() {
     };
     let a = Gateway::start(&dir, &kubeconfig, "gw-a", "127.0.0.1");
     wait_for("gw-a writes status", CONVERGE, || async {
-        route_reasons(&api, "web").await.is_some_and(|(a, r, _)| a == "True/Accepted" && r == "True/ResolvedRefs")
+        route_reasons(&api, "web")
+            .await
+            .is_some_and(|(a, r, _)| a == "True/Accepted" && r == "True/ResolvedRefs")
     })
     .await;
     assert_eq!(holder().await, "gw-a");
@@ -518,28 +726,137 @@ async fn route_status_has_one_writer_and_fails_over() {
     })
     .await;
     // A change both see: only the holder writes it.
-    api.patch("HTTPRoute", Some(NS), "web", json!({ "spec": { "rules": [{ "backendRefs": [
-        { "name": "web-v1", "port": 80 }, { "name": "missing", "port": 80 }] }] } })).await;
+    api.patch(
+        "HTTPRoute",
+        Some(NS),
+        "web",
+        json!({ "spec": { "rules": [{ "backendRefs": [
+        { "name": "web-v1", "port": 80 }, { "name": "missing", "port": 80 }] }] } }),
+    )
+    .await;
     wait_for("the change is written", CONVERGE, || async {
-        route_reasons(&api, "web").await.is_some_and(|(_, r, _)| r == "False/BackendNotFound")
+        route_reasons(&api, "web")
+            .await
+            .is_some_and(|(_, r, _)| r == "False/BackendNotFound")
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(a.writes() >= 2, "gw-a:\n{}", a.log_text());
-    assert_eq!(b.writes(), 0, "gw-b wrote while gw-a held the Lease:\n{}", b.log_text());
+    assert_eq!(
+        b.writes(),
+        0,
+        "gw-b wrote while gw-a held the Lease:\n{}",
+        b.log_text()
+    );
     assert_eq!(holder().await, "gw-a");
     // gw-a dies without releasing: gw-b takes over after the Lease expires and writes the
     // next change.
     drop(a);
-    wait_for("gw-b takes the Lease over", Duration::from_secs(15) + CONVERGE, || async {
-        holder().await == "gw-b"
-    })
+    wait_for(
+        "gw-b takes the Lease over",
+        Duration::from_secs(15) + CONVERGE,
+        || async { holder().await == "gw-b" },
+    )
     .await;
-    api.patch("HTTPRoute", Some(NS), "web", json!({ "spec": { "rules": [{ "backendRefs": [
-        { "name": "web-v1", "port": 80 }] }] } })).await;
+    api.patch(
+        "HTTPRoute",
+        Some(NS),
+        "web",
+        json!({ "spec": { "rules": [{ "backendRefs": [
+        { "name": "web-v1", "port": 80 }] }] } }),
+    )
+    .await;
     wait_for("gw-b writes the next change", CONVERGE, || async {
-        route_reasons(&api, "web").await.is_some_and(|(_, r, _)| r == "True/ResolvedRefs")
+        route_reasons(&api, "web")
+            .await
+            .is_some_and(|(_, r, _)| r == "True/ResolvedRefs")
     })
     .await;
     assert!(b.writes() >= 1, "gw-b:\n{}", b.log_text());
+}
+
+/// File mode: `meshctl routes` shows what the same compiler judged (no API server, no status
+/// written): an accepted route with its weighted backends, and a cross-namespace reference
+/// refused as `RefNotPermitted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_routes_in_file_mode() {
+    let dir = work("file");
+    let port = free_port();
+    let metrics = free_port();
+    let routes = format!(
+        "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw, namespace: default }}
+spec:
+  gatewayClassName: kernmesh
+  listeners: [{{ name: http, port: {port}, protocol: HTTP }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: canary, namespace: default }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [canary.example]
+  rules:
+    - matches: [{{ path: {{ type: PathPrefix, value: /api }}, headers: [{{ name: x-canary, value: \"1\" }}] }}]
+      backendRefs: [{{ name: web, port: 80, weight: 90 }}, {{ name: web2, port: 80, weight: 10 }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: cross, namespace: default }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  rules: [{{ backendRefs: [{{ name: api, namespace: shop, port: 80 }}] }}]
+"
+    );
+    let services = mesh_tests::gateway::services_yaml(&[
+        ("web", 80, &["127.0.63.1"], 18080, ""),
+        ("web2", 80, &["127.0.63.2"], 18080, ""),
+    ]);
+    let gw = mesh_tests::gateway::GatewayProcess::start(
+        &dir,
+        &routes,
+        &services,
+        &["--metrics-addr", &format!("127.0.0.1:{metrics}")],
+    )
+    .unwrap();
+    let meshctl = |extra: &[&str]| {
+        Command::new(workspace_binary("meshctl").unwrap())
+            .arg("routes")
+            .args(extra)
+            .args(["--gateway", &format!("http://127.0.0.1:{metrics}")])
+            .output()
+            .unwrap()
+    };
+    wait_for("the gateway's /routes", CONVERGE, || async {
+        let out = meshctl(&[]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("default/web:80")
+    })
+    .await;
+    let text = String::from_utf8_lossy(&meshctl(&[]).stdout).into_owned();
+    for want in [
+        "HTTPRoute default/canary",
+        "default/gw",
+        "canary.example",
+        "path /api*, header x-canary=1",
+        "default/web:80 w90",
+        "default/web2:80 w10",
+        "True/Accepted",
+        "False/RefNotPermitted",
+        "HTTPRoute default/cross: ResolvedRefs=False RefNotPermitted",
+    ] {
+        assert!(
+            text.contains(want),
+            "meshctl routes lacks {want:?}:\n{text}\n{}",
+            gw.log_text()
+        );
+    }
+    let json = meshctl(&["-o", "json"]);
+    let report: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["source"], "file");
+    assert_eq!(
+        report["gateways"][0]["listeners"][0]["attached_routes"], 2,
+        "{report}"
+    );
 }

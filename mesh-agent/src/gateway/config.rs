@@ -22,9 +22,9 @@ use serde::Deserialize;
 
 use super::{
     jwt::JwtRule,
-    status,
     limits::{RateLimit, TokenBucket},
     routes::{Entry, HostPattern, HostTable, PathMatch, RouteMatch, RouteOrigin, ValueMatch},
+    status,
 };
 use crate::model::ObjectName;
 
@@ -809,9 +809,18 @@ pub struct Allowed {
 }
 
 /// The facts of one listener that compiled, or why it did not.
-type ListenerOutcome = Result<(Listener, Vec<Cert>), (&'static str, &'static str, GatewayConfigError)>;
+type ListenerOutcome =
+    Result<(Listener, Vec<Cert>), (&'static str, &'static str, GatewayConfigError)>;
 
 /// Compiles listener `i` of Gateway `gname`.
+#[expect(
+    clippy::result_large_err,
+    reason = "once per listener per configuration version, never per request"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the listener after the other"
+)]
 fn compile_listener(
     at: &At<'_>,
     gname: &ObjectName,
@@ -852,7 +861,13 @@ fn compile_listener(
         .map_or(HostPattern::Any, HostPattern::parse);
     let mut certs = Vec::new();
     if protocol == ListenerProtocol::Https {
-        let cert_err = |f: String, reason: String| (R::INVALID_CERTIFICATE_REF, R::RESOLVED_REFS, at.err(f, reason));
+        let cert_err = |f: String, reason: String| {
+            (
+                R::INVALID_CERTIFICATE_REF,
+                R::RESOLVED_REFS,
+                at.err(f, reason),
+            )
+        };
         let tls = l
             .tls
             .as_ref()
@@ -898,7 +913,10 @@ fn compile_listener(
                 )
             })?;
             let key = load_cert(sat, secret).map_err(|e| {
-                cert_err(f.clone(), format!("Secret {sname}: {}: {}", e.field, e.reason))
+                cert_err(
+                    f.clone(),
+                    format!("Secret {sname}: {}: {}", e.field, e.reason),
+                )
             })?;
             certs.push(Cert {
                 host: host.clone(),
@@ -907,20 +925,23 @@ fn compile_listener(
             });
         }
     }
-    let allowed = l.allowed_routes.as_ref().map_or_else(Allowed::default, |a| Allowed {
-        from: match a.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
-            None | Some(From::Same) => AllowedFrom::Same,
-            Some(From::All) => AllowedFrom::All,
-            Some(From::Selector) => AllowedFrom::Selector,
-        },
-        kinds: a
-            .kinds
-            .iter()
-            .flatten()
-            .filter(|k| k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
-            .map(|k| k.kind.clone())
-            .collect(),
-    });
+    let allowed = l
+        .allowed_routes
+        .as_ref()
+        .map_or_else(Allowed::default, |a| Allowed {
+            from: match a.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
+                None | Some(From::Same) => AllowedFrom::Same,
+                Some(From::All) => AllowedFrom::All,
+                Some(From::Selector) => AllowedFrom::Selector,
+            },
+            kinds: a
+                .kinds
+                .iter()
+                .flatten()
+                .filter(|k| k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
+                .map(|k| k.kind.clone())
+                .collect(),
+        });
     Ok((
         Listener {
             gateway: gname.to_string(),
@@ -976,6 +997,7 @@ fn ref_problem(message: &str) -> status::Cond {
 
 /// A match for people (`meshctl routes`).
 fn describe_match(m: &RouteMatch) -> String {
+    use std::fmt::Write as _;
     let unanchor = |r: &Regex| {
         let s = r.as_str();
         s.strip_prefix("^(?:")
@@ -989,18 +1011,26 @@ fn describe_match(m: &RouteMatch) -> String {
         PathMatch::Regex(r) => format!("path ~ {}", unanchor(r)),
     };
     if let Some(method) = &m.method {
-        out.push_str(&format!(", method {method}"));
+        let _ = write!(out, ", method {method}");
     }
     for (n, v) in &m.headers {
         match v {
-            ValueMatch::Exact(v) => out.push_str(&format!(", header {n}={v}")),
-            ValueMatch::Regex(r) => out.push_str(&format!(", header {n}~{}", unanchor(r))),
+            ValueMatch::Exact(v) => {
+                let _ = write!(out, ", header {n}={v}");
+            }
+            ValueMatch::Regex(r) => {
+                let _ = write!(out, ", header {n}~{}", unanchor(r));
+            }
         }
     }
     for (n, v) in &m.query {
         match v {
-            ValueMatch::Exact(v) => out.push_str(&format!(", query {n}={v}")),
-            ValueMatch::Regex(r) => out.push_str(&format!(", query {n}~{}", unanchor(r))),
+            ValueMatch::Exact(v) => {
+                let _ = write!(out, ", query {n}={v}");
+            }
+            ValueMatch::Regex(r) => {
+                let _ = write!(out, ", query {n}~{}", unanchor(r));
+            }
         }
     }
     out
@@ -1134,7 +1164,10 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
             object: format!("{} {}", d.kind, d.name),
         };
         if !seen.insert((d.kind.clone(), d.name.clone())) {
-            reject(&mut cfg, at.err("metadata.name", "defined twice in this file"))?;
+            reject(
+                &mut cfg,
+                at.err("metadata.name", "defined twice in this file"),
+            )?;
             continue;
         }
         let generation = d

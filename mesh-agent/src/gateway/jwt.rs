@@ -285,7 +285,9 @@ impl RemoteJwks {
         }
         let tls = client_tls(ca)?;
         let key = (uri.to_owned(), ca.map(std::path::Path::to_owned), every);
-        let mut remotes = REMOTES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut remotes = REMOTES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         remotes.retain(|_, w| w.strong_count() > 0);
         if let Some(r) = remotes.get(&key).and_then(Weak::upgrade) {
             return Ok(r);
@@ -327,26 +329,23 @@ impl RemoteJwks {
 fn client_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, JwksError> {
     use rustls_pki_types::{CertificateDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let bad = |reason: String| JwksError::Ca {
-                path: path.to_owned(),
-                reason,
-            };
-            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(bad("no certificate".into()));
-            }
+    if let Some(path) = ca {
+        let bad = |reason: String| JwksError::Ca {
+            path: path.to_owned(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
         }
-        None => {
-            // Unreadable system certificates are skipped, as curl and Envoy do.
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
+        if roots.is_empty() {
+            return Err(bad("no certificate".into()));
         }
+    } else {
+        // Unreadable system certificates are skipped, as curl and Envoy do.
+        let found = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(found.certs);
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -365,7 +364,11 @@ fn client_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>,
 /// Fetches and parses the JWKS at `uri`.
 async fn fetch(uri: &http::Uri, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<Key>, String> {
     use http_body_util::BodyExt as _;
-    let host = uri.host().ok_or("no host")?.trim_matches(['[', ']']).to_owned();
+    let host = uri
+        .host()
+        .ok_or("no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
@@ -387,7 +390,10 @@ async fn fetch(uri: &http::Uri, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<K
         .header(http::header::ACCEPT, "application/json")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
     if resp.status() != http::StatusCode::OK {
         return Err(format!("answered {}", resp.status()));
     }
@@ -427,7 +433,11 @@ async fn refresh_loop(
             }
         };
         drop(me);
-        let wait = if have { every } else { FIRST_FETCH_RETRY.min(every) };
+        let wait = if have {
+            every
+        } else {
+            FIRST_FETCH_RETRY.min(every)
+        };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = wake.notified() => {}
@@ -599,7 +609,9 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let (k1, jwk1) = ed25519("k1");
         let (k2, jwk2) = ed25519("k2");
-        let doc = Arc::new(Mutex::new(serde_json::json!({ "keys": [jwk1] }).to_string()));
+        let doc = Arc::new(Mutex::new(
+            serde_json::json!({ "keys": [jwk1] }).to_string(),
+        ));
         let fetches = Arc::new(AtomicUsize::new(0));
         let (port, ca) = jwks_server(doc.clone(), fetches.clone()).await;
         let spec = JwtSpec {
@@ -621,7 +633,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(50));
             }
         };
-        until("the first fetch", &|| rule.check(Some(&bearer(&k1, "k1"))).is_ok());
+        until("the first fetch", &|| {
+            rule.check(Some(&bearer(&k1, "k1"))).is_ok()
+        });
         // A second rule (a reload) for the same URL shares the cache: no fetch of its own.
         let again = JwtRule::load(&spec).unwrap();
         assert_eq!(again.check(Some(&bearer(&k1, "k1"))), Ok(()));
@@ -634,14 +648,22 @@ mod tests {
         until("k2 after the unknown-kid fetch", &|| {
             rule.check(Some(&bearer(&k2, "k2"))).is_ok()
         });
-        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
         // More unknown kids within MIN_REFETCH ask for no more fetches.
         let before = fetches.load(SeqCst);
         for i in 0..50 {
             assert!(rule.check(Some(&bearer(&k2, &format!("x{i}")))).is_err());
         }
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(fetches.load(SeqCst), before, "unknown kids are rate-limited");
+        assert_eq!(
+            fetches.load(SeqCst),
+            before,
+            "unknown kids are rate-limited"
+        );
         // The server fails: refreshes keep failing, the last good keys (k2) stay.
         doc.lock().unwrap().clear();
         let failing = fetches.load(SeqCst);

@@ -66,7 +66,12 @@ impl Kind {
             Self::Gateway => (GATEWAY_GROUP, "v1", "Gateway", "gateways"),
             Self::HttpRoute => (GATEWAY_GROUP, "v1", "HTTPRoute", "httproutes"),
             Self::GrpcRoute => (GATEWAY_GROUP, "v1", "GRPCRoute", "grpcroutes"),
-            Self::ReferenceGrant => (GATEWAY_GROUP, "v1beta1", "ReferenceGrant", "referencegrants"),
+            Self::ReferenceGrant => (
+                GATEWAY_GROUP,
+                "v1beta1",
+                "ReferenceGrant",
+                "referencegrants",
+            ),
             Self::Secret => ("", "v1", "Secret", "secrets"),
         }
     }
@@ -146,7 +151,10 @@ impl State {
     }
 
     fn objects(&self, kind: Kind) -> impl Iterator<Item = &DynamicObject> {
-        self.kinds.get(&kind).into_iter().flat_map(|o| o.live.values())
+        self.kinds
+            .get(&kind)
+            .into_iter()
+            .flat_map(|o| o.live.values())
     }
 
     /// The objects the compiler reads: our classes' Gateways, every route and grant, and the
@@ -156,14 +164,14 @@ impl State {
         let classes: BTreeSet<String> = self
             .objects(Kind::GatewayClass)
             .filter(|c| {
-                c.data.pointer("/spec/controllerName").and_then(Value::as_str)
+                c.data
+                    .pointer("/spec/controllerName")
+                    .and_then(Value::as_str)
                     == Some(self.controller.as_str())
             })
             .filter_map(|c| {
                 let name = c.metadata.name.clone()?;
-                observed
-                    .classes
-                    .push((name.clone(), c.metadata.generation));
+                observed.classes.push((name.clone(), c.metadata.generation));
                 Some(name)
             })
             .collect();
@@ -305,7 +313,10 @@ pub async fn run(
                 }
                 Err(e) if not_installed(&e) => {
                     if missing_logged.insert(kind) {
-                        warn!(kind = kind.gvk().2, "not installed (no CRD): treated as none");
+                        warn!(
+                            kind = kind.gvk().2,
+                            "not installed (no CRD): treated as none"
+                        );
                     }
                     if let Some(o) = state.kinds.get_mut(&kind) {
                         o.ready = true;

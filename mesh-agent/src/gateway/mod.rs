@@ -72,7 +72,7 @@ pub struct GatewayArgs {
     #[arg(long, default_value = status_writer::DEFAULT_LEASE)]
     pub status_lease: String,
     /// Addresses written to our Gateways' `status.addresses` (IPs or hostnames: the
-    /// LoadBalancer's), repeatable; none: not written.
+    /// load balancer's), repeatable; none: not written.
     #[arg(long)]
     pub status_address: Vec<String>,
     /// Services and endpoints from this static model file (the agent's `--config-file` schema).
@@ -205,54 +205,17 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         None
     };
     let mut kube_configs = start_kube_routes(&args, client.as_ref());
-    match (&args.config_file, args.kubernetes) {
-        (Some(path), false) => {
-            tokio::spawn(discovery::file::watch(
-                path.clone(),
-                Some(args.node_name.clone()),
-                discovery::file::DEFAULT_POLL_INTERVAL,
-                updates,
-            ));
-        }
-        (None, true) => {
-            let client = client.clone().ok_or(GatewayError::NoSource)?;
-            let node = args.node_name.clone();
-            tokio::spawn(async move {
-                // No TrafficPolicy status from gateways (`None`): the node agents elect that
-                // writer; the gateway's POD_NAMESPACE must not make it a candidate.
-                if let Err(e) =
-                    discovery::kubernetes::run_with_status(client, node, None, updates).await
-                {
-                    tracing::error!(error = %e, "Kubernetes discovery ended");
-                }
-            });
-        }
-        _ => return Err(GatewayError::NoSource),
-    }
+    start_discovery(&args, client.as_ref(), updates)?;
     let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
     let (known_tx, known_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx, known_tx));
-    let (configs_tx, configs_rx) = tokio::sync::watch::channel(shared.config.load_full());
-    let (reports_tx, _) = tokio::sync::watch::channel(Arc::default());
-    let source = if kube_configs.is_some() { "kubernetes" } else { "file" };
-    tokio::spawn(status::report_loop(source, configs_rx, known_rx, reports_tx.clone()));
-    if let (Some((_, observed)), Some(client)) = (&kube_configs, &client) {
-        tokio::spawn(status_writer::run(
-            client.clone(),
-            status_writer::WriterConfig {
-                namespace: args.pod_namespace.clone(),
-                identity: args
-                    .pod_name
-                    .clone()
-                    .unwrap_or_else(|| args.node_name.clone()),
-                lease: args.status_lease.clone(),
-                controller: args.controller_name.clone(),
-                addresses: args.status_address.clone(),
-            },
-            reports_tx.subscribe(),
-            observed.clone(),
-        ));
-    }
+    let configs_tx = start_status(
+        &args,
+        &shared,
+        kube_configs.as_ref(),
+        client.as_ref(),
+        known_rx,
+    );
     let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
         std::collections::BTreeMap::new();
     sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
@@ -348,6 +311,77 @@ async fn recv_config(source: &mut Option<KubeRoutes>) -> Option<GatewayConfig> {
         Some((rx, _)) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Services and endpoints: the agent's file or Kubernetes source, sending models to `updates`.
+fn start_discovery(
+    args: &GatewayArgs,
+    client: Option<&kube::Client>,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), GatewayError> {
+    match (&args.config_file, args.kubernetes) {
+        (Some(path), false) => {
+            tokio::spawn(discovery::file::watch(
+                path.clone(),
+                Some(args.node_name.clone()),
+                discovery::file::DEFAULT_POLL_INTERVAL,
+                updates,
+            ));
+        }
+        (None, true) => {
+            let client = client.cloned().ok_or(GatewayError::NoSource)?;
+            let node = args.node_name.clone();
+            tokio::spawn(async move {
+                // No TrafficPolicy status from gateways (`None`): the node agents elect that
+                // writer; the gateway's POD_NAMESPACE must not make it a candidate.
+                if let Err(e) =
+                    discovery::kubernetes::run_with_status(client, node, None, updates).await
+                {
+                    tracing::error!(error = %e, "Kubernetes discovery ended");
+                }
+            });
+        }
+        _ => return Err(GatewayError::NoSource),
+    }
+    Ok(())
+}
+
+/// The routes report (`/routes`) and, with Gateway API objects from Kubernetes, the elected
+/// status writer. Returns where each newly installed table goes.
+fn start_status(
+    args: &GatewayArgs,
+    shared: &Arc<Shared>,
+    kube: Option<&KubeRoutes>,
+    client: Option<&kube::Client>,
+    known: tokio::sync::watch::Receiver<Option<Arc<status::KnownServices>>>,
+) -> tokio::sync::watch::Sender<Arc<GatewayConfig>> {
+    let (configs_tx, configs_rx) = tokio::sync::watch::channel(shared.config.load_full());
+    let (reports_tx, _) = tokio::sync::watch::channel(Arc::default());
+    let source = if kube.is_some() { "kubernetes" } else { "file" };
+    tokio::spawn(status::report_loop(
+        source,
+        configs_rx,
+        known,
+        reports_tx.clone(),
+    ));
+    if let (Some((_, observed)), Some(client)) = (kube, client) {
+        tokio::spawn(status_writer::run(
+            client.clone(),
+            status_writer::WriterConfig {
+                namespace: args.pod_namespace.clone(),
+                identity: args
+                    .pod_name
+                    .clone()
+                    .unwrap_or_else(|| args.node_name.clone()),
+                lease: args.status_lease.clone(),
+                controller: args.controller_name.clone(),
+                addresses: args.status_address.clone(),
+            },
+            reports_tx.subscribe(),
+            observed.clone(),
+        ));
+    }
+    configs_tx
 }
 
 /// Graceful drain: the listening sockets close (new connections are refused, so a load

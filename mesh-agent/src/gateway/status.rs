@@ -203,7 +203,9 @@ impl RoutesReport {
                         if p.section.as_deref().is_none_or(|s| s == l.name)
                             && p.port.is_none_or(|port| port == l.port)
                         {
-                            *attached.entry((g.name.clone(), l.name.clone())).or_default() += 1;
+                            *attached
+                                .entry((g.name.clone(), l.name.clone()))
+                                .or_default() += 1;
                         }
                     }
                 }

@@ -218,7 +218,13 @@ fn desired(
     now: &str,
 ) -> BTreeMap<(Kind, ObjectName), Value> {
     let mut out = BTreeMap::new();
-    let current = |k: Kind, n: &ObjectName| observed.status.get(&(k, n.clone())).cloned().unwrap_or(Value::Null);
+    let current = |k: Kind, n: &ObjectName| {
+        observed
+            .status
+            .get(&(k, n.clone()))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     for r in &report.routes {
         let kind = if r.kind == "GRPCRoute" {
             Kind::GrpcRoute
@@ -226,7 +232,10 @@ fn desired(
             Kind::HttpRoute
         };
         let cur = current(kind, &r.name);
-        out.insert((kind, r.name.clone()), route_status(r, &cfg.controller, &cur, now));
+        out.insert(
+            (kind, r.name.clone()),
+            route_status(r, &cfg.controller, &cur, now),
+        );
     }
     for g in &report.gateways {
         let cur = current(Kind::Gateway, &g.name);
@@ -244,7 +253,10 @@ fn desired(
             *generation
         )]);
         fill_times(&mut conditions, cur.get("conditions"), now);
-        out.insert((Kind::GatewayClass, name), json!({ "conditions": conditions }));
+        out.insert(
+            (Kind::GatewayClass, name),
+            json!({ "conditions": conditions }),
+        );
     }
     out
 }
