@@ -2266,4 +2266,115 @@ spec:
         .unwrap_err();
         assert_eq!(e.object, "ReferenceGrant shop/from-default", "{e}");
     }
+
+    /// The objects of `text` as the Kubernetes source hands them over.
+    fn objects(text: &str) -> Vec<Doc> {
+        serde_saphyr::from_multiple::<serde_json::Value>(text)
+            .unwrap()
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .map(|v| Doc {
+                line: 0,
+                kind: v["kind"].as_str().unwrap().to_owned(),
+                name: ObjectName::new(
+                    v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                    v["metadata"]["name"].as_str().unwrap(),
+                ),
+                value: v,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kubernetes_objects_fail_one_by_one_with_the_specs_reasons() {
+        let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw, namespace: default, generation: 3 }
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - { name: http, port: 8080, protocol: HTTP }
+    - { name: udp, port: 8081, protocol: UDP }
+    - { name: https, port: 8443, protocol: HTTPS, tls: { certificateRefs: [{ name: missing }] } }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: good, namespace: default, generation: 2 }
+spec:
+  parentRefs: [{ name: gw, sectionName: http }, { name: elsewhere }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: typo, namespace: default }
+spec:
+  parentRefs: [{ name: gw }]
+  rules: [{ backendRefs: [{ name: web, port: 80, weight: -1 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: foreign, namespace: other }
+spec:
+  parentRefs: [{ name: gw, namespace: default }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+";
+        // A file with these objects is rejected whole (the first bad one named)...
+        let e = parse(Path::new("routes.yaml"), text).unwrap_err();
+        assert!(e.to_string().contains("spec.listeners[1]"), "{e}");
+        // ...the API server's objects fail one by one and the rest is served.
+        let cfg = compile_objects(objects(text));
+        assert_eq!(cfg.listeners.len(), 1, "{:?}", cfg.listeners);
+        assert_eq!(cfg.rejected.len(), 3, "{:?}", cfg.rejected);
+        let g = &cfg.gateway_infos[0];
+        assert_eq!(g.generation, Some(3));
+        assert!(g.accepted.status, "some listeners are valid: {g:?}");
+        assert_eq!(g.accepted.reason, "ListenersNotValid");
+        let l = |n: &str| g.listeners.iter().find(|l| l.name == n).unwrap();
+        assert_eq!(
+            l("udp").accepted.reason,
+            status::reason::UNSUPPORTED_PROTOCOL
+        );
+        assert_eq!(
+            l("https").resolved_refs.reason,
+            status::reason::INVALID_CERTIFICATE_REF
+        );
+        assert!(l("http").accepted.status && l("http").resolved_refs.status);
+        let r = |n: &str| cfg.route_infos.iter().find(|r| r.name.name == n).unwrap();
+        // The parent that is not one of ours (not given) gets no entry.
+        assert_eq!(r("good").parents.len(), 1);
+        assert_eq!(r("good").parents[0].accepted, status::Cond::yes("Accepted"));
+        assert_eq!(r("good").generation, Some(2));
+        assert_eq!(r("good").rules[0].backends[0].target, "default/web:80");
+        let typo = &r("typo").parents[0].accepted;
+        assert_eq!(typo.reason, status::reason::UNSUPPORTED_VALUE);
+        assert!(
+            typo.message.contains("spec.rules[0].backendRefs[0].weight"),
+            "{typo:?}"
+        );
+        let foreign = &r("foreign").parents[0].accepted;
+        assert_eq!(foreign.reason, status::reason::NOT_ALLOWED_BY_LISTENERS);
+        // Only the good route serves.
+        let served: Vec<&str> = cfg
+            .ports
+            .values()
+            .flat_map(|p| &p.hosts.vhosts)
+            .flat_map(|v| &v.entries)
+            .map(|e| e.origin.name.as_str())
+            .collect();
+        assert_eq!(served, ["default/good"]);
+        // BackendNotFound is judged against the model's Services.
+        let report = status::RoutesReport::build(
+            &cfg,
+            "kubernetes",
+            Some(&status::KnownServices::default()),
+        );
+        let good = report
+            .routes
+            .iter()
+            .find(|r| r.name.name == "good")
+            .unwrap();
+        assert_eq!(good.resolved_refs.reason, status::reason::BACKEND_NOT_FOUND);
+        assert_eq!(report.gateways[0].listeners[0].attached_routes, 1);
+    }
 }
