@@ -4,14 +4,17 @@
 //! `EndpointSlice`s, and routes real HTTP requests to echo backends on loopback addresses.
 //! No kernel needed. Build first: `cargo build -p mesh-agent --bins`.
 //!
-//! - `routes_and_status_from_kubernetes`: routes applied to the API route requests; a bad
-//!   route, one with a missing backend, one with a cross-namespace reference without a
-//!   `ReferenceGrant` and one naming no listener get `Accepted`/`ResolvedRefs` False with the
-//!   spec's reasons while the good one serves; another controller's Gateway is neither served
-//!   nor given status; a route changed under load fails no request; nothing is written while
-//!   nothing changes; `meshctl routes` shows it all.
+//! - `routes_and_status_from_kubernetes`: routes applied to the API route requests (HTTP, and
+//!   HTTPS with a TLS Secret from the API); a bad route, one with a missing backend (also a
+//!   `GRPCRoute`), one with a cross-namespace reference without a `ReferenceGrant`, one naming
+//!   no listener and one from a namespace the listener does not admit get
+//!   `Accepted`/`ResolvedRefs` False with the spec's reasons while the good one serves;
+//!   another controller's Gateway is neither served nor given status; a route changed under
+//!   load fails no request; nothing is written while nothing changes; `meshctl routes` shows
+//!   it all.
 //! - `route_status_has_one_writer_and_fails_over`: of two gateways only the Lease holder
 //!   writes status; when it dies the other takes over.
+//! - `meshctl_routes_in_file_mode`: the same report from a routes file.
 
 #![expect(
     clippy::too_many_lines,
@@ -134,9 +137,11 @@ impl Api2 {
             "GatewayClass" => ("gateway.networking.k8s.io", "v1", "gatewayclasses"),
             "Gateway" => ("gateway.networking.k8s.io", "v1", "gateways"),
             "HTTPRoute" => ("gateway.networking.k8s.io", "v1", "httproutes"),
+            "GRPCRoute" => ("gateway.networking.k8s.io", "v1", "grpcroutes"),
             "Service" => ("", "v1", "services"),
             "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices"),
             "Namespace" => ("", "v1", "namespaces"),
+            "Secret" => ("", "v1", "secrets"),
             other => panic!("no resource for {other}"),
         };
         let r = resource(g, v, kind, plural);
@@ -297,7 +302,16 @@ async fn route_reasons(api: &Api2, name: &str) -> Option<(String, String, Value)
 }
 
 async fn route_reasons_in(api: &Api2, ns: &str, name: &str) -> Option<(String, String, Value)> {
-    let r = api.get("HTTPRoute", Some(ns), name).await;
+    kind_reasons(api, "HTTPRoute", ns, name).await
+}
+
+async fn kind_reasons(
+    api: &Api2,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Option<(String, String, Value)> {
+    let r = api.get(kind, Some(ns), name).await;
     let p = r["status"]["parents"]
         .as_array()?
         .iter()
@@ -339,8 +353,49 @@ async fn routes_and_status_from_kubernetes() {
     service(&api, "web-v1", "10.96.61.1", &[v1.addr]).await;
     service(&api, "web-v2", "10.96.61.2", &[v2.addr]).await;
     let port = free_port();
+    let tls_port = free_port();
     let foreign_port = free_port();
     gateway(&api, "gw", "kernmesh", port).await;
+    // An HTTPS listener whose certificate is a TLS Secret from the API.
+    let cert = rcgen::generate_simple_self_signed(vec!["web.example".to_owned()]).unwrap();
+    let secret = mesh_agent::discovery::kubernetes::k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("web-cert".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt", cert.cert.pem()),
+                ("tls.key", cert.signing_key.serialize_pem()),
+            ]
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_owned(),
+                    mesh_agent::discovery::kubernetes::k8s_openapi::ByteString(v.into_bytes()),
+                )
+            })
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    let mut secret = serde_json::to_value(&secret).unwrap();
+    secret["apiVersion"] = json!("v1");
+    secret["kind"] = json!("Secret");
+    api.create("Secret", Some(NS), secret).await;
+    api.patch(
+        "Gateway",
+        Some(NS),
+        "gw",
+        json!({ "spec": { "listeners": [
+            { "name": "http", "port": port, "protocol": "HTTP" },
+            { "name": "https", "port": tls_port, "protocol": "HTTPS",
+              "tls": { "certificateRefs": [{ "name": "web-cert" }] } },
+        ] } }),
+    )
+    .await;
     gateway(&api, "foreign", "other", foreign_port).await;
     let parent = json!([{ "name": "gw" }]);
     api.create(
@@ -398,8 +453,25 @@ async fn routes_and_status_from_kubernetes() {
         route(
             "nolistener",
             &json!({
-                "parentRefs": [{ "name": "gw", "sectionName": "https" }],
+                "parentRefs": [{ "name": "gw", "sectionName": "nope" }],
                 "rules": [{ "backendRefs": [{ "name": "web-v1", "port": 80 }] }],
+            }),
+        ),
+    )
+    .await;
+    // A GRPCRoute whose Service does not exist (status on grpcroutes).
+    api.create(
+        "GRPCRoute",
+        Some(NS),
+        gateway_api(
+            "gateway.networking.k8s.io/v1",
+            "GRPCRoute",
+            "grpc",
+            NS,
+            &json!({
+                "parentRefs": [{ "name": "gw", "sectionName": "http" }],
+                "hostnames": ["grpc.example"],
+                "rules": [{ "backendRefs": [{ "name": "ghost-grpc", "port": 80 }] }],
             }),
         ),
     )
@@ -438,6 +510,18 @@ async fn routes_and_status_from_kubernetes() {
         get(&c, "127.0.0.1", port, "web.example").await.1 == "v1 GET /"
     })
     .await;
+    // Over TLS with the Secret's certificate (curl, as a client would).
+    let curl = Command::new("curl")
+        .args(["-sk", "--max-time", "5", "--resolve"])
+        .arg(format!("web.example:{tls_port}:127.0.0.1"))
+        .arg(format!("https://web.example:{tls_port}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "v1 GET /",
+        "{curl:?}"
+    );
     // The bad route is left out (unknown host → 404); the good one keeps serving.
     assert_eq!(get(&c, "127.0.0.1", port, "bad.example").await.0, 404);
     // A missing Service: the rule exists, no endpoints → 503; a reference not permitted → 500.
@@ -472,6 +556,12 @@ async fn routes_and_status_from_kubernetes() {
             );
         }
     }
+    wait_for("status of the GRPCRoute", CONVERGE, || async {
+        kind_reasons(&api, "GRPCRoute", NS, "grpc")
+            .await
+            .is_some_and(|(a, r, _)| a == "True/Accepted" && r == "False/BackendNotFound")
+    })
+    .await;
     wait_for("status of elsewhere", CONVERGE, || async {
         route_reasons_in(&api, "other", "elsewhere")
             .await
@@ -500,11 +590,12 @@ async fn routes_and_status_from_kubernetes() {
         foreign["status"].is_null() || foreign["status"]["conditions"].is_null(),
         "{foreign}"
     );
-    // Our Gateway: Accepted/Programmed, the listener with its attached routes (web, ghost,
-    // cross: the bad route and the one naming another listener are not attached), addresses.
+    // Our Gateway: Accepted/Programmed, the listeners with their attached routes (http: web,
+    // ghost, cross and the GRPCRoute; https: the first three; the bad route, the one naming
+    // no listener and the one from another namespace are not attached), addresses.
     wait_for("Gateway status", CONVERGE, || async {
         let g = api.get("Gateway", Some(NS), "gw").await;
-        g["status"]["listeners"][0]["attachedRoutes"] == 3
+        g["status"]["listeners"][0]["attachedRoutes"] == 4
     })
     .await;
     let g = api.get("Gateway", Some(NS), "gw").await;
@@ -524,6 +615,12 @@ async fn routes_and_status_from_kubernetes() {
     assert_eq!(
         conds(&g["status"]["conditions"]),
         ["Accepted=True", "Programmed=True"],
+        "{g}"
+    );
+    assert_eq!(g["status"]["listeners"][1]["attachedRoutes"], 3, "{g}");
+    assert_eq!(
+        conds(&g["status"]["listeners"][1]["conditions"]),
+        ["Accepted=True", "Programmed=True", "ResolvedRefs=True"],
         "{g}"
     );
     assert_eq!(
