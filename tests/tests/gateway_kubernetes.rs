@@ -767,6 +767,21 @@ async fn routes_and_status_from_kubernetes() {
         0,
         "of {n} requests under route changes"
     );
+    // A route moved to another controller's Gateway: our entry leaves its status.
+    api.patch(
+        "HTTPRoute",
+        Some(NS),
+        "ghost",
+        json!({ "spec": { "parentRefs": [{ "name": "foreign" }] } }),
+    )
+    .await;
+    wait_for("our parent entry removed", CONVERGE, || async {
+        let r = api.get("HTTPRoute", Some(NS), "ghost").await;
+        r["status"]["parents"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["controllerName"] != CONTROLLER))
+    })
+    .await;
     drop(gw);
 }
 

@@ -237,6 +237,28 @@ fn desired(
             route_status(r, &cfg.controller, &cur, now),
         );
     }
+    // Routes that no longer name a Gateway of ours: our old entries are removed (the spec:
+    // a controller keeps only its current parents in the list).
+    for ((kind, name), status) in &observed.status {
+        if !matches!(kind, Kind::HttpRoute | Kind::GrpcRoute)
+            || out.contains_key(&(*kind, name.clone()))
+        {
+            continue;
+        }
+        let parents = status.get("parents").and_then(Value::as_array);
+        let ours = |p: &&Value| {
+            p.get("controllerName").and_then(Value::as_str) == Some(cfg.controller.as_str())
+        };
+        if parents.is_some_and(|ps| ps.iter().any(|p| ours(&p))) {
+            let kept: Vec<Value> = parents
+                .into_iter()
+                .flatten()
+                .filter(|p| !ours(p))
+                .cloned()
+                .collect();
+            out.insert((*kind, name.clone()), json!({ "parents": kept }));
+        }
+    }
     for g in &report.gateways {
         let cur = current(Kind::Gateway, &g.name);
         out.insert(
