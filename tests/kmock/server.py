@@ -36,7 +36,9 @@ What it adds to kmock (0.8):
   carry `authentication.kubernetes.io/node-name`) and its audiences; an unknown token, a token for
   another audience, or one whose bound pod was deleted reviews as not authenticated. The service
   account itself need not exist (the API server would require it);
-- `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes).
+- `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes);
+- the Gateway API kinds the gateway watches (`GatewayClass`, `Gateway`, `HTTPRoute`, `GRPCRoute`
+  with their status subresources, `ReferenceGrant`).
 
 As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
 plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
@@ -110,6 +112,36 @@ RESOURCES = {
         "subresources": ["status"],
     },
     "v1/secrets": {"kind": "Secret", "singular": "secret", "namespaced": True},
+    # The Gateway API (its CRDs, as if installed), watched by `mesh-agent gateway --kubernetes`.
+    "gateway.networking.k8s.io/v1/gatewayclasses": {
+        "kind": "GatewayClass",
+        "singular": "gatewayclass",
+        "namespaced": False,
+        "subresources": ["status"],
+    },
+    "gateway.networking.k8s.io/v1/gateways": {
+        "kind": "Gateway",
+        "singular": "gateway",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "gateway.networking.k8s.io/v1/httproutes": {
+        "kind": "HTTPRoute",
+        "singular": "httproute",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "gateway.networking.k8s.io/v1/grpcroutes": {
+        "kind": "GRPCRoute",
+        "singular": "grpcroute",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "gateway.networking.k8s.io/v1beta1/referencegrants": {
+        "kind": "ReferenceGrant",
+        "singular": "referencegrant",
+        "namespaced": True,
+    },
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "namespaced": True},
 }
 

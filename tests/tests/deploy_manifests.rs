@@ -1834,3 +1834,188 @@ fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
     }
     assert!(text.contains(".Values.relay.enabled"));
 }
+
+#[derive(clap::Parser)]
+struct GatewayCli {
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: GatewayCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum GatewayCommand {
+    Gateway(mesh_agent::gateway::GatewayArgs),
+}
+
+/// The gateway's objects (`deploy/gateway.yaml`) are typed; its arguments are ones `mesh-agent
+/// gateway` accepts (Gateway API objects from Kubernetes, our controller name and Lease); RBAC
+/// grants every kind the Kubernetes source watches, the status subresources it writes and the
+/// Lease; its `GatewayClass` and Gateway compile with the gateway's own compiler; the Helm
+/// template renders the same objects behind `gateway.enabled` with the same defaults.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one manifest checked object by object, then its Helm twin"
+)]
+fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_matches() {
+    use clap::Parser as _;
+    use mesh_agent::gateway::{kube_source::Kind, status, status_writer};
+    let path = deploy_dir().join("gateway.yaml");
+    let mut m = Manifests::default();
+    let mut gateway_api = Vec::new();
+    for (i, doc) in yaml_documents(&path).into_iter().enumerate() {
+        let at = format!("gateway.yaml (document {})", i + 1);
+        if doc["apiVersion"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("gateway.networking.k8s.io/"))
+        {
+            gateway_api.push(doc);
+        } else {
+            m.add(&at, &doc);
+        }
+    }
+    only(&m.service_accounts, "ServiceAccount");
+    only(&m.bindings, "ClusterRoleBinding");
+    only(&m.role_bindings, "RoleBinding");
+    let svc = only(&m.services, "Service");
+    let dep = only(&m.deployments, "Deployment");
+    let pod = dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = only(&pod.containers, "container");
+    let args = c.args.clone().unwrap();
+    let GatewayCommand::Gateway(parsed) =
+        GatewayCli::try_parse_from(std::iter::once("mesh-agent".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("gateway.yaml args: {e}"))
+            .command;
+    assert!(parsed.kubernetes, "Services from Kubernetes");
+    assert!(
+        parsed.routes.is_none(),
+        "Gateway API objects from Kubernetes, not a file"
+    );
+    assert_eq!(parsed.controller_name, status::DEFAULT_CONTROLLER_NAME);
+    assert_eq!(parsed.status_lease, status_writer::DEFAULT_LEASE);
+    let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    for want in ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"] {
+        assert!(
+            env.contains(want),
+            "env {want} (the Lease identity and namespace)"
+        );
+    }
+
+    // RBAC: every watched kind, the status it writes, the Lease.
+    let role = only(&m.cluster_roles, "ClusterRole");
+    let grants = |group: &str, resource: &str, verb: &str| {
+        role.rules.iter().flatten().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for kind in Kind::ALL {
+        let (group, _, _, plural) = kind.gvk();
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                grants(group, plural, verb),
+                "ClusterRole lacks {verb} {group}/{plural}"
+            );
+        }
+        if !matches!(kind, Kind::ReferenceGrant | Kind::Secret) {
+            assert!(
+                grants(group, &format!("{plural}/status"), "patch"),
+                "ClusterRole lacks patch {plural}/status"
+            );
+        }
+    }
+    let lease_role = only(&m.roles, "Role");
+    let lease_rules = lease_role.rules.as_ref().unwrap();
+    assert!(
+        lease_rules
+            .iter()
+            .all(|r| r.resources.as_deref() == Some(&["leases".to_owned()][..]))
+    );
+    assert!(
+        lease_rules
+            .iter()
+            .any(|r| r.verbs.contains(&"create".to_owned()))
+    );
+    assert!(lease_rules.iter().any(|r| {
+        r.verbs.contains(&"patch".to_owned())
+            && r.resource_names.as_deref() == Some(&[status_writer::DEFAULT_LEASE.to_owned()][..])
+    }));
+
+    // The GatewayClass names our controller; the Gateway is of that class and compiles.
+    let class = gateway_api
+        .iter()
+        .find(|d| d["kind"] == "GatewayClass")
+        .expect("GatewayClass");
+    assert_eq!(
+        class["spec"]["controllerName"],
+        status::DEFAULT_CONTROLLER_NAME
+    );
+    let gw = gateway_api
+        .iter()
+        .find(|d| d["kind"] == "Gateway")
+        .expect("Gateway");
+    assert_eq!(gw["spec"]["gatewayClassName"], class["metadata"]["name"]);
+    let cfg = mesh_agent::gateway::config::parse(
+        Path::new("gateway.yaml"),
+        &serde_json::to_string(gw).unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("the Gateway does not compile: {e}"));
+    let listen = i32::from(cfg.listeners[0].port);
+    let http = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .expect("container port http");
+    assert_eq!(
+        http.container_port, listen,
+        "container port = the Gateway's listener"
+    );
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.ports.as_ref().unwrap()[0].target_port,
+        Some(IntOrString::String("http".into()))
+    );
+
+    // Helm: the same objects and arguments, off by default, the same defaults.
+    let text = read(&chart_dir().join("templates/gateway.yaml"));
+    for needle in [
+        ".Values.gateway.enabled",
+        "--kubernetes",
+        "--controller-name={{ .Values.gateway.controllerName }}",
+        "--status-lease={{ .Values.gateway.statusLease }}",
+        "kind: GatewayClass",
+        "kind: Gateway\n",
+        "kind: Deployment",
+        "kind: Service",
+        "kind: ClusterRole",
+        "kind: Role",
+        "leases",
+        "gatewayclasses/status, gateways/status, httproutes/status, grpcroutes/status",
+        "gatewayclasses, gateways, httproutes, grpcroutes, referencegrants",
+        "NodePort",
+    ] {
+        assert!(
+            text.contains(needle),
+            "templates/gateway.yaml lacks {needle:?}"
+        );
+    }
+    let values = values();
+    let g = &values["gateway"];
+    assert_eq!(g["enabled"], false, "the gateway is off by default");
+    assert_eq!(g["controllerName"], status::DEFAULT_CONTROLLER_NAME);
+    assert_eq!(g["statusLease"], status_writer::DEFAULT_LEASE);
+    assert_eq!(g["className"], class["metadata"]["name"]);
+    assert_eq!(g["httpPort"], listen);
+    assert_eq!(g["replicas"], dep.spec.as_ref().unwrap().replicas.unwrap());
+    assert_eq!(
+        g["resources"],
+        json(&c.resources),
+        "values.gateway.resources"
+    );
+    assert_eq!(g["service"]["type"].as_str(), spec.type_.as_deref());
+    assert_eq!(g["service"]["port"], spec.ports.as_ref().unwrap()[0].port);
+}

@@ -53,6 +53,14 @@ enum Output {
 enum Command {
     /// Agent health, source and kernel counters.
     Status,
+    /// The ingress gateway's routes: parents, hostnames, rules → backends (weights) and their
+    /// `Accepted`/`ResolvedRefs` status, read from the gateway's admin port (`/routes`), as
+    /// `kubectl get httproute` + `istioctl x describe` would show them (file or Kubernetes).
+    Routes {
+        /// The gateway's metrics/admin address.
+        #[arg(long, env = "MESH_GATEWAY", default_value = "http://127.0.0.1:15020")]
+        gateway: String,
+    },
     /// Services in the data path.
     Services,
     /// Backends of a service, with circuit state and kernel counters.
@@ -155,6 +163,9 @@ async fn run(cli: Cli) -> Result<()> {
             &mut std::io::stdout(),
         );
         return Ok(());
+    }
+    if let Command::Routes { gateway } = &cli.command {
+        return routes(gateway, cli.output).await;
     }
     let mut client = connect(cli.socket, cli.server).await?;
     let out = cli.output;
@@ -345,7 +356,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Completion { .. } => unreachable!("handled above"),
+        Command::Completion { .. } | Command::Routes { .. } => unreachable!("handled above"),
     }
 }
 
@@ -790,6 +801,165 @@ fn security_tables(r: &ListPoliciesResponse) -> String {
         )
     };
     format!("{workloads}\n{security}{opted_out}")
+}
+
+/// `meshctl routes`: fetches `/routes` from the gateway and prints it.
+async fn routes(gateway: &str, out: Output) -> Result<()> {
+    use http_body_util::BodyExt as _;
+    use mesh_agent::gateway::status::RoutesReport;
+    let url = format!("{}/routes", gateway.trim_end_matches('/'));
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("--gateway {gateway:?}"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let resp = client
+        .get(uri)
+        .await
+        .with_context(|| format!("fetching {url} (is the gateway's --metrics-addr there?)"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: {status}: {}",
+        String::from_utf8_lossy(&body).trim()
+    );
+    let report: RoutesReport =
+        serde_json::from_slice(&body).with_context(|| format!("{url}: not a routes report"))?;
+    print(out, &report, || routes_table(&report))
+}
+
+/// `meshctl routes` as tables: routes, then listeners, then why each condition is not True.
+fn routes_table(report: &mesh_agent::gateway::status::RoutesReport) -> String {
+    use mesh_agent::gateway::status::Cond;
+    let cond = |c: &Cond| format!("{}/{}", if c.status { "True" } else { "False" }, c.reason);
+    let mut text = table(
+        &[
+            "ROUTE",
+            "PARENTS",
+            "HOSTNAMES",
+            "RULES",
+            "ACCEPTED",
+            "RESOLVED-REFS",
+        ],
+        report
+            .routes
+            .iter()
+            .map(|r| {
+                let rules = r
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        let backends = rule
+                            .backends
+                            .iter()
+                            .map(|b| format!("{} w{}", b.target, b.weight))
+                            .chain(rule.filters.iter().cloned())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        format!("[{}] -> {backends}", rule.matches.join(" | "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                vec![
+                    format!("{} {}", r.kind, r.name),
+                    r.parents
+                        .iter()
+                        .map(|p| {
+                            let mut s = p.gateway.to_string();
+                            if let Some(sec) = &p.section {
+                                s.push('/');
+                                s.push_str(sec);
+                            }
+                            s
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    if r.hostnames.is_empty() {
+                        "*".into()
+                    } else {
+                        r.hostnames.join(",")
+                    },
+                    rules,
+                    r.parents
+                        .iter()
+                        .map(|p| cond(&p.accepted))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    cond(&r.resolved_refs),
+                ]
+            })
+            .collect(),
+    );
+    text.push('\n');
+    text.push_str(&table(
+        &[
+            "GATEWAY",
+            "LISTENER",
+            "PORT",
+            "PROTOCOL",
+            "ROUTES",
+            "ACCEPTED",
+            "RESOLVED-REFS",
+        ],
+        report
+            .gateways
+            .iter()
+            .flat_map(|g| {
+                g.listeners.iter().map(move |l| {
+                    vec![
+                        g.name.to_string(),
+                        l.name.clone(),
+                        l.port.to_string(),
+                        l.protocol.clone(),
+                        l.attached_routes.to_string(),
+                        cond(&l.accepted),
+                        cond(&l.resolved_refs),
+                    ]
+                })
+            })
+            .collect(),
+    ));
+    let why = routes_why(report);
+    if !why.is_empty() {
+        text.push('\n');
+        text.push_str(&why);
+    }
+    text
+}
+
+/// Why each condition of the report is not True (`kubectl describe`'s messages).
+fn routes_why(report: &mesh_agent::gateway::status::RoutesReport) -> String {
+    let mut why = String::new();
+    for r in &report.routes {
+        for p in r.parents.iter().filter(|p| !p.accepted.status) {
+            let _ = writeln!(
+                why,
+                "{} {} (parent {}): Accepted=False {}: {}",
+                r.kind, r.name, p.gateway, p.accepted.reason, p.accepted.message
+            );
+        }
+        if !r.resolved_refs.status {
+            let _ = writeln!(
+                why,
+                "{} {}: ResolvedRefs=False {}: {}",
+                r.kind, r.name, r.resolved_refs.reason, r.resolved_refs.message
+            );
+        }
+    }
+    for g in &report.gateways {
+        if !g.accepted.status || g.accepted.reason != "Accepted" {
+            let _ = writeln!(
+                why,
+                "Gateway {}: Accepted={} {}: {}",
+                g.name, g.accepted.status, g.accepted.reason, g.accepted.message
+            );
+        }
+    }
+    for r in &report.rejected {
+        let _ = writeln!(why, "rejected: {r}");
+    }
+    why
 }
 
 fn print<T: Serialize>(out: Output, value: &T, table: impl FnOnce() -> String) -> Result<()> {

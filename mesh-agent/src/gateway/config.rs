@@ -24,6 +24,7 @@ use super::{
     jwt::JwtRule,
     limits::{RateLimit, TokenBucket},
     routes::{Entry, HostPattern, HostTable, PathMatch, RouteMatch, RouteOrigin, ValueMatch},
+    status,
 };
 use crate::model::ObjectName;
 
@@ -85,6 +86,8 @@ pub struct Listener {
     pub port: u16,
     pub protocol: ListenerProtocol,
     pub hostname: Option<String>,
+    /// Which routes may attach (`allowedRoutes`).
+    pub allowed: Allowed,
 }
 
 /// A certificate with the names it is served for.
@@ -257,6 +260,12 @@ pub struct GatewayConfig {
     pub extra_files: Vec<PathBuf>,
     /// Routes that attach to no listener, with why (Accepted=False in the spec's status).
     pub unattached: Vec<String>,
+    /// Status facts of every route judged (for `/routes` and the status writer).
+    pub route_infos: Vec<status::RouteInfo>,
+    /// Status facts of every Gateway judged.
+    pub gateway_infos: Vec<status::GatewayInfo>,
+    /// Objects left out, with why ([`Mode::Kubernetes`] only).
+    pub rejected: Vec<String>,
 }
 
 /// Our own policy kind: JWT, rate limits and retries per route (Envoy Gateway splits these
@@ -290,7 +299,21 @@ pub struct JwtSpec {
     pub issuer: String,
     #[serde(default)]
     pub audiences: Vec<String>,
-    pub jwks_file: PathBuf,
+    /// Keys from a file (reloaded with the routes). One of `jwksFile` and `jwksUri`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Keys from an `https://` URL (Envoy Gateway's `remoteJWKS.uri`), cached, refreshed every
+    /// `jwksRefresh` and when a token names an unknown `kid` (at most every 10 s); the last good
+    /// keys stay when a fetch fails.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// CA certificates (PEM) that `jwksUri`'s server must chain to; unset: the system's roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often `jwksUri` is fetched again (Gateway API duration; default 5m, Envoy Gateway's
+    /// `cacheDuration`).
+    #[serde(default)]
+    pub jwks_refresh: Option<String>,
     /// Every entry must hold; an entry holds when the claim has one of the values.
     #[serde(default)]
     pub claims: Vec<ClaimSpec>,
@@ -441,12 +464,14 @@ pub fn load(path: &Path) -> Result<GatewayConfig, GatewayConfigError> {
     parse(path, &text)
 }
 
-/// One object of the file, with where it starts.
-struct Doc {
-    line: u64,
-    kind: String,
-    name: ObjectName,
-    value: serde_json::Value,
+/// One object (of the file, or from the API server), with where it starts.
+pub struct Doc {
+    /// 1-based line in the file (0: not from a file).
+    pub line: u64,
+    pub kind: String,
+    pub name: ObjectName,
+    /// The whole object (`apiVersion`, `kind`, `metadata`, `spec`).
+    pub value: serde_json::Value,
 }
 
 /// Builds errors about one object.
@@ -516,7 +541,7 @@ pub fn parse(file: &Path, text: &str) -> Result<GatewayConfig, GatewayConfigErro
             value: d.value,
         });
     }
-    compile(file, docs)
+    compile(file, docs, Mode::File)
 }
 
 /// Deserializes `value` as `T`, naming the field that does not fit.
@@ -666,8 +691,13 @@ fn compile_policy(
 ) -> Result<(), GatewayConfigError> {
     let mut parts = PolicyParts::default();
     if let Some(j) = spec.jwt {
-        extra_files.push(j.jwks_file.clone());
-        let rule = JwtRule::load(&j).map_err(|e| at.err("spec.jwt.jwksFile", e.to_string()))?;
+        extra_files.extend(j.jwks_file.iter().chain(&j.jwks_ca_file).cloned());
+        let field = if j.jwks_uri.is_some() {
+            "spec.jwt.jwksUri"
+        } else {
+            "spec.jwt.jwksFile"
+        };
+        let rule = JwtRule::load(&j).map_err(|e| at.err(field, e.to_string()))?;
         parts.jwt = Some(Arc::new(rule));
     }
     if let Some(r) = spec.rate_limit {
@@ -746,19 +776,387 @@ fn load_cert(at: &At<'_>, s: &SecretDoc) -> Result<Arc<CertifiedKey>, GatewayCon
     Ok(Arc::new(ck))
 }
 
+/// How strictly objects are judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A file: any bad object rejects the whole version (the previous one keeps serving), so a
+    /// typo never half-applies.
+    File,
+    /// Objects from the API server: a bad object is left out, its status says why, and the
+    /// others serve (Envoy Gateway and Istio do the same: one user's bad route must not stop
+    /// everyone's routes). Routes name only Gateways given (the source passes the Gateways of
+    /// our `GatewayClass`); parents that are other controllers' Gateways get no status from us.
+    Kubernetes,
+}
+
+/// Which namespaces' routes a listener admits (`allowedRoutes.namespaces.from`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum AllowedFrom {
+    /// The spec's default: the Gateway's own namespace.
+    #[default]
+    Same,
+    All,
+    /// `Selector` (namespace labels): not served yet, so no route is admitted through it.
+    Selector,
+}
+
+/// A listener's `allowedRoutes`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Allowed {
+    pub from: AllowedFrom,
+    /// Route kinds (empty: every kind the protocol serves, `HTTPRoute` and `GRPCRoute`).
+    pub kinds: Vec<String>,
+}
+
+/// The facts of one listener that compiled, or why it did not.
+type ListenerOutcome =
+    Result<(Listener, Vec<Cert>), (&'static str, &'static str, GatewayConfigError)>;
+
+/// Compiles listener `i` of Gateway `gname`.
+#[expect(
+    clippy::result_large_err,
+    reason = "once per listener per configuration version, never per request"
+)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field of the listener after the other"
+)]
+fn compile_listener(
+    at: &At<'_>,
+    gname: &ObjectName,
+    i: usize,
+    l: &gateway_api::gateways::GatewayListeners,
+    secrets: &BTreeMap<ObjectName, (At<'_>, SecretDoc)>,
+) -> ListenerOutcome {
+    use gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesFrom as From;
+    use status::reason as R;
+    let field = format!("spec.listeners[{i}]");
+    let port = u16::try_from(l.port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            (
+                R::PORT_UNAVAILABLE,
+                R::ACCEPTED,
+                at.err(format!("{field}.port"), "not a port (1-65535)"),
+            )
+        })?;
+    let protocol = match l.protocol.as_str() {
+        "HTTP" => ListenerProtocol::Http,
+        "HTTPS" => ListenerProtocol::Https,
+        other => {
+            return Err((
+                R::UNSUPPORTED_PROTOCOL,
+                R::ACCEPTED,
+                at.err(
+                    format!("{field}.protocol"),
+                    format!("{other:?} is not served (HTTP or HTTPS)"),
+                ),
+            ));
+        }
+    };
+    let host = l
+        .hostname
+        .as_deref()
+        .map_or(HostPattern::Any, HostPattern::parse);
+    let mut certs = Vec::new();
+    if protocol == ListenerProtocol::Https {
+        let cert_err = |f: String, reason: String| {
+            (
+                R::INVALID_CERTIFICATE_REF,
+                R::RESOLVED_REFS,
+                at.err(f, reason),
+            )
+        };
+        let tls = l
+            .tls
+            .as_ref()
+            .ok_or_else(|| cert_err(format!("{field}.tls"), "required for HTTPS".into()))?;
+        if tls.mode.as_ref().is_some_and(|m| {
+            matches!(
+                m,
+                gateway_api::gateways::GatewayListenersTlsMode::Passthrough
+            )
+        }) {
+            return Err((
+                R::UNSUPPORTED_VALUE,
+                R::ACCEPTED,
+                at.err(
+                    format!("{field}.tls.mode"),
+                    "Passthrough is not served (Terminate)",
+                ),
+            ));
+        }
+        let refs = tls.certificate_refs.as_deref().unwrap_or_default();
+        if refs.is_empty() {
+            return Err(cert_err(
+                format!("{field}.tls.certificateRefs"),
+                "at least one Secret is required".into(),
+            ));
+        }
+        for (j, r) in refs.iter().enumerate() {
+            let f = format!("{field}.tls.certificateRefs[{j}]");
+            if r.kind.as_deref().is_some_and(|k| k != "Secret")
+                || r.group.as_deref().is_some_and(|g| !g.is_empty())
+            {
+                return Err(cert_err(
+                    f,
+                    "only core Secrets are supported (InvalidCertificateRef)".into(),
+                ));
+            }
+            let sname =
+                ObjectName::new(r.namespace.as_deref().unwrap_or(&gname.namespace), &r.name);
+            let (sat, secret) = secrets.get(&sname).ok_or_else(|| {
+                cert_err(
+                    f.clone(),
+                    format!("Secret {sname} is not found (InvalidCertificateRef)"),
+                )
+            })?;
+            let key = load_cert(sat, secret).map_err(|e| {
+                cert_err(
+                    f.clone(),
+                    format!("Secret {sname}: {}: {}", e.field, e.reason),
+                )
+            })?;
+            certs.push(Cert {
+                host: host.clone(),
+                key,
+                source: format!("Secret {sname}"),
+            });
+        }
+    }
+    let allowed = l
+        .allowed_routes
+        .as_ref()
+        .map_or_else(Allowed::default, |a| Allowed {
+            from: match a.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
+                None | Some(From::Same) => AllowedFrom::Same,
+                Some(From::All) => AllowedFrom::All,
+                Some(From::Selector) => AllowedFrom::Selector,
+            },
+            kinds: a
+                .kinds
+                .iter()
+                .flatten()
+                .filter(|k| k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
+                .map(|k| k.kind.clone())
+                .collect(),
+        });
+    Ok((
+        Listener {
+            gateway: gname.to_string(),
+            name: l.name.clone(),
+            port,
+            protocol,
+            hostname: l.hostname.clone(),
+            allowed,
+        },
+        certs,
+    ))
+}
+
+/// Why a listener does not admit a route of `kind` from `ns` (`None`: it does).
+fn refuses(l: &Listener, gateway: &ObjectName, kind: &str, ns: &str) -> Option<String> {
+    let ns_ok = match l.allowed.from {
+        AllowedFrom::Same => ns == gateway.namespace,
+        AllowedFrom::All => true,
+        AllowedFrom::Selector => false,
+    };
+    if !ns_ok {
+        return Some(format!(
+            "listener {} admits routes from {} (allowedRoutes.namespaces.from: {:?})",
+            l.name,
+            match l.allowed.from {
+                AllowedFrom::Same => format!("namespace {} only", gateway.namespace),
+                AllowedFrom::Selector => "a namespace selector, which is not served".into(),
+                AllowedFrom::All => "all namespaces".into(),
+            },
+            l.allowed.from
+        ));
+    }
+    if !l.allowed.kinds.is_empty() && !l.allowed.kinds.iter().any(|k| k == kind) {
+        return Some(format!(
+            "listener {} admits kinds {:?}, not {kind}",
+            l.name, l.allowed.kinds
+        ));
+    }
+    None
+}
+
+/// A `backendRef` problem, with the spec's reason read off the message [`backend_ref`] wrote.
+fn ref_problem(message: &str) -> status::Cond {
+    let reason = if message.contains("(InvalidKind)") {
+        status::reason::INVALID_KIND
+    } else if message.contains("(RefNotPermitted)") {
+        status::reason::REF_NOT_PERMITTED
+    } else {
+        status::reason::BACKEND_NOT_FOUND
+    };
+    status::Cond::no(reason, message)
+}
+
+/// A match for people (`meshctl routes`).
+fn describe_match(m: &RouteMatch) -> String {
+    use std::fmt::Write as _;
+    let unanchor = |r: &Regex| {
+        let s = r.as_str();
+        s.strip_prefix("^(?:")
+            .and_then(|s| s.strip_suffix(")$"))
+            .unwrap_or(s)
+            .to_owned()
+    };
+    let mut out = match &m.path {
+        PathMatch::Exact(p) => format!("path = {p}"),
+        PathMatch::Prefix(p) => format!("path /{}*", p.trim_start_matches('/')),
+        PathMatch::Regex(r) => format!("path ~ {}", unanchor(r)),
+    };
+    if let Some(method) = &m.method {
+        let _ = write!(out, ", method {method}");
+    }
+    for (n, v) in &m.headers {
+        match v {
+            ValueMatch::Exact(v) => {
+                let _ = write!(out, ", header {n}={v}");
+            }
+            ValueMatch::Regex(r) => {
+                let _ = write!(out, ", header {n}~{}", unanchor(r));
+            }
+        }
+    }
+    for (n, v) in &m.query {
+        match v {
+            ValueMatch::Exact(v) => {
+                let _ = write!(out, ", query {n}={v}");
+            }
+            ValueMatch::Regex(r) => {
+                let _ = write!(out, ", query {n}~{}", unanchor(r));
+            }
+        }
+    }
+    out
+}
+
+/// The rules of a compiled route, for the report.
+fn rule_infos(rules: &CompiledRules) -> Vec<status::RuleInfo> {
+    rules
+        .iter()
+        .map(|(matches, a)| {
+            let mut filters = Vec::new();
+            if a.redirect.is_some() {
+                filters.push("RequestRedirect".to_owned());
+            }
+            if a.rewrite.is_some() {
+                filters.push("URLRewrite".to_owned());
+            }
+            if a.request_headers.is_some() {
+                filters.push("RequestHeaderModifier".to_owned());
+            }
+            if a.response_headers.is_some() {
+                filters.push("ResponseHeaderModifier".to_owned());
+            }
+            for m in &a.mirrors {
+                filters.push(format!(
+                    "RequestMirror {}:{}",
+                    m.target.service, m.target.port
+                ));
+            }
+            status::RuleInfo {
+                matches: matches.iter().map(describe_match).collect(),
+                backends: a
+                    .backends
+                    .iter()
+                    .map(|b| match &b.target {
+                        Ok(s) => status::BackendInfo {
+                            target: format!("{}:{}", s.service, s.port),
+                            weight: b.weight,
+                            problem: None,
+                            service: Some((s.service.clone(), s.port)),
+                        },
+                        Err(e) => status::BackendInfo {
+                            target: e
+                                .strip_prefix("backendRef ")
+                                .and_then(|s| s.split(':').next())
+                                .unwrap_or(e)
+                                .to_owned(),
+                            weight: b.weight,
+                            problem: Some(ref_problem(e)),
+                            service: None,
+                        },
+                    })
+                    .collect(),
+                filters,
+            }
+        })
+        .collect()
+}
+
+/// `spec.parentRefs` read from the raw object (for a route whose spec does not parse).
+fn raw_parents(value: &serde_json::Value, ns: &str) -> Vec<Parent> {
+    value
+        .pointer("/spec/parentRefs")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(Parent {
+                gateway: ObjectName::new(
+                    p.get("namespace").and_then(|n| n.as_str()).unwrap_or(ns),
+                    p.get("name")?.as_str()?,
+                ),
+                section: p
+                    .get("sectionName")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_owned),
+                port: p
+                    .get("port")
+                    .and_then(serde_json::Value::as_i64)
+                    .and_then(|p| i32::try_from(p).ok()),
+            })
+        })
+        .collect()
+}
+
+/// Compiles objects read from the API server (see [`Mode::Kubernetes`]); errors name
+/// `kubernetes` as their file.
+#[must_use]
+pub fn compile_objects(docs: Vec<Doc>) -> GatewayConfig {
+    match compile(Path::new("kubernetes"), docs, Mode::Kubernetes) {
+        Ok(cfg) => cfg,
+        // Never: in this mode every problem is recorded and the object left out.
+        Err(e) => GatewayConfig {
+            rejected: vec![e.to_string()],
+            ..GatewayConfig::default()
+        },
+    }
+}
+
 /// Turns the objects into the table.
 #[expect(
     clippy::too_many_lines,
     reason = "one pass over the object kinds, in order"
 )]
-fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigError> {
+fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, GatewayConfigError> {
+    use status::{Cond, GatewayInfo, ListenerInfo, ParentInfo, RouteInfo, reason as R};
+    let lenient = mode == Mode::Kubernetes;
+    // A file fails whole; the API server's objects fail one by one.
+    let reject = |cfg: &mut GatewayConfig, e: GatewayConfigError| {
+        if lenient {
+            tracing::warn!(error = %e, "object left out of the gateway configuration");
+            cfg.rejected.push(e.to_string());
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
     let mut cfg = GatewayConfig::default();
-    let mut gateways: Vec<(At<'_>, ObjectName, Gateway)> = Vec::new();
-    let mut routes: Vec<(At<'_>, ObjectName, RouteKind)> = Vec::new();
+    let mut gateways: Vec<(At<'_>, ObjectName, Option<i64>, Gateway)> = Vec::new();
+    let mut routes: Vec<(At<'_>, ObjectName, Option<i64>, RouteKind)> = Vec::new();
     let mut secrets: BTreeMap<ObjectName, (At<'_>, SecretDoc)> = BTreeMap::new();
     let mut policies = Policies::default();
     let mut grants = Grants::default();
     let mut seen = BTreeSet::new();
+    // Every Gateway given, compiled or not: a route's parent among them is ours.
+    let mut gateway_names = BTreeSet::new();
     for d in docs {
         let at = At {
             file,
@@ -766,226 +1164,364 @@ fn compile(file: &Path, docs: Vec<Doc>) -> Result<GatewayConfig, GatewayConfigEr
             object: format!("{} {}", d.kind, d.name),
         };
         if !seen.insert((d.kind.clone(), d.name.clone())) {
-            return Err(at.err("metadata.name", "defined twice in this file"));
+            reject(
+                &mut cfg,
+                at.err("metadata.name", "defined twice in this file"),
+            )?;
+            continue;
         }
+        let generation = d
+            .value
+            .pointer("/metadata/generation")
+            .and_then(serde_json::Value::as_i64);
         let api = d
             .value
             .get("apiVersion")
             .and_then(|v| v.as_str())
-            .unwrap_or("");
+            .unwrap_or("")
+            .to_owned();
         let group = api.rsplit_once('/').map_or("", |(g, _)| g);
         match (d.kind.as_str(), group) {
             ("Gateway", GATEWAY_GROUP) => {
-                let g: Gateway = typed(&at, d.value)?;
-                gateways.push((at, d.name, g));
+                gateway_names.insert(d.name.clone());
+                match typed::<Gateway>(&at, d.value) {
+                    Ok(g) => gateways.push((at, d.name, generation, g)),
+                    Err(e) => {
+                        cfg.gateway_infos.push(GatewayInfo {
+                            name: d.name,
+                            generation,
+                            accepted: Cond::no(R::INVALID, e.to_string()),
+                            listeners: Vec::new(),
+                        });
+                        reject(&mut cfg, e)?;
+                    }
+                }
             }
-            ("HTTPRoute", GATEWAY_GROUP) => {
-                let r: HttpRoute = typed(&at, d.value)?;
-                routes.push((at, d.name, RouteKind::Http(Box::new(r))));
-            }
-            ("GRPCRoute", GATEWAY_GROUP) => {
-                let r: GrpcRoute = typed(&at, d.value)?;
-                routes.push((at, d.name, RouteKind::Grpc(Box::new(r))));
+            ("HTTPRoute" | "GRPCRoute", GATEWAY_GROUP) => {
+                let parents = raw_parents(&d.value, &d.name.namespace);
+                let parsed = if d.kind == "HTTPRoute" {
+                    typed::<HttpRoute>(&at, d.value).map(|r| RouteKind::Http(Box::new(r)))
+                } else {
+                    typed::<GrpcRoute>(&at, d.value).map(|r| RouteKind::Grpc(Box::new(r)))
+                };
+                match parsed {
+                    Ok(r) => routes.push((at, d.name, generation, r)),
+                    Err(e) => {
+                        cfg.route_infos.push(RouteInfo {
+                            kind: d.kind.clone(),
+                            name: d.name,
+                            generation,
+                            hostnames: Vec::new(),
+                            parents: parents
+                                .into_iter()
+                                .map(|p| ParentInfo {
+                                    gateway: p.gateway,
+                                    section: p.section,
+                                    port: p.port,
+                                    accepted: Cond::no(R::UNSUPPORTED_VALUE, e.to_string()),
+                                })
+                                .collect(),
+                            resolved_refs: Cond::yes(R::RESOLVED_REFS),
+                            rules: Vec::new(),
+                        });
+                        reject(&mut cfg, e)?;
+                    }
+                }
             }
             ("ReferenceGrant", GATEWAY_GROUP) => {
                 let spec = d
                     .value
                     .get("spec")
                     .cloned()
-                    .ok_or_else(|| at.err("spec", "required"))?;
-                let spec: ReferenceGrantSpec =
-                    serde_path_to_error::deserialize(spec).map_err(|e| {
+                    .ok_or_else(|| at.err("spec", "required"));
+                let spec = spec.and_then(|spec| {
+                    serde_path_to_error::deserialize::<_, ReferenceGrantSpec>(spec).map_err(|e| {
                         at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
-                    })?;
-                grants
-                    .by_namespace
-                    .entry(d.name.namespace.clone())
-                    .or_default()
-                    .push(spec);
+                    })
+                });
+                match spec {
+                    Ok(spec) => grants
+                        .by_namespace
+                        .entry(d.name.namespace.clone())
+                        .or_default()
+                        .push(spec),
+                    Err(e) => reject(&mut cfg, e)?,
+                }
             }
-            ("Secret", "") => {
-                let s: SecretDoc = typed(&at, d.value)?;
-                secrets.insert(d.name, (at, s));
-            }
+            ("Secret", "") => match typed::<SecretDoc>(&at, d.value) {
+                Ok(s) => {
+                    secrets.insert(d.name, (at, s));
+                }
+                Err(e) => reject(&mut cfg, e)?,
+            },
             ("RoutePolicy", "gateway.kernmesh.io") => {
                 let spec = d
                     .value
                     .get("spec")
                     .cloned()
-                    .ok_or_else(|| at.err("spec", "required"))?;
-                let spec: RoutePolicySpec =
-                    serde_path_to_error::deserialize(spec).map_err(|e| {
-                        at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
-                    })?;
-                compile_policy(
-                    &at,
-                    &d.name.namespace,
-                    spec,
-                    &mut policies,
-                    &mut cfg.extra_files,
-                )?;
+                    .ok_or_else(|| at.err("spec", "required"));
+                let done = spec.and_then(|spec| {
+                    let spec: RoutePolicySpec =
+                        serde_path_to_error::deserialize(spec).map_err(|e| {
+                            at.err(format!("spec.{}", e.path()), e.into_inner().to_string())
+                        })?;
+                    compile_policy(
+                        &at,
+                        &d.name.namespace,
+                        spec,
+                        &mut policies,
+                        &mut cfg.extra_files,
+                    )
+                });
+                if let Err(e) = done {
+                    reject(&mut cfg, e)?;
+                }
             }
             (kind, _) => {
-                return Err(at.err(
-                    "kind",
-                    format!(
-                        "{kind:?} ({api}) is not served: use Gateway, HTTPRoute, GRPCRoute ({GATEWAY_GROUP}/v1), ReferenceGrant ({GATEWAY_GROUP}/v1beta1), Secret (v1) or RoutePolicy ({POLICY_API_VERSION})"
+                reject(
+                    &mut cfg,
+                    at.err(
+                        "kind",
+                        format!(
+                            "{kind:?} ({api}) is not served: use Gateway, HTTPRoute, GRPCRoute ({GATEWAY_GROUP}/v1), ReferenceGrant ({GATEWAY_GROUP}/v1beta1), Secret (v1) or RoutePolicy ({POLICY_API_VERSION})"
+                        ),
                     ),
-                ));
+                )?;
             }
         }
     }
     // Listeners, with their certificates.
-    for (at, gname, g) in &gateways {
+    for (at, gname, generation, g) in &gateways {
+        let mut infos = Vec::new();
         for (i, l) in g.spec.listeners.iter().enumerate() {
-            let field = format!("spec.listeners[{i}]");
-            let port = u16::try_from(l.port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| at.err(format!("{field}.port"), "not a port (1-65535)"))?;
-            let protocol = match l.protocol.as_str() {
-                "HTTP" => ListenerProtocol::Http,
-                "HTTPS" => ListenerProtocol::Https,
-                other => {
-                    return Err(at.err(
-                        format!("{field}.protocol"),
-                        format!("{other:?} is not served (HTTP or HTTPS)"),
-                    ));
-                }
-            };
-            let pc = cfg.ports.entry(port).or_default();
-            if cfg.listeners.iter().any(|x| x.port == port)
-                && pc.tls != (protocol == ListenerProtocol::Https)
-            {
-                return Err(at.err(
-                    format!("{field}.protocol"),
-                    format!("port {port} already has a listener of the other protocol"),
-                ));
-            }
-            pc.tls = protocol == ListenerProtocol::Https;
-            let host = l
-                .hostname
-                .as_deref()
-                .map_or(HostPattern::Any, HostPattern::parse);
-            if protocol == ListenerProtocol::Https {
-                let tls = l
-                    .tls
-                    .as_ref()
-                    .ok_or_else(|| at.err(format!("{field}.tls"), "required for HTTPS"))?;
-                if tls.mode.as_ref().is_some_and(|m| {
-                    matches!(
-                        m,
-                        gateway_api::gateways::GatewayListenersTlsMode::Passthrough
-                    )
-                }) {
-                    return Err(at.err(
-                        format!("{field}.tls.mode"),
-                        "Passthrough is not served (Terminate)",
-                    ));
-                }
-                let refs = tls.certificate_refs.as_deref().unwrap_or_default();
-                if refs.is_empty() {
-                    return Err(at.err(
-                        format!("{field}.tls.certificateRefs"),
-                        "at least one Secret is required",
-                    ));
-                }
-                for (j, r) in refs.iter().enumerate() {
-                    let f = format!("{field}.tls.certificateRefs[{j}]");
-                    if r.kind.as_deref().is_some_and(|k| k != "Secret")
-                        || r.group.as_deref().is_some_and(|g| !g.is_empty())
-                    {
-                        return Err(
-                            at.err(f, "only core Secrets are supported (InvalidCertificateRef)")
-                        );
-                    }
-                    let sname = ObjectName::new(
-                        r.namespace.as_deref().unwrap_or(&gname.namespace),
-                        &r.name,
-                    );
-                    let (sat, secret) = secrets.get(&sname).ok_or_else(|| {
+            let mut outcome = compile_listener(at, gname, i, l, &secrets);
+            if let Ok((listener, _)) = &outcome {
+                let port = listener.port;
+                let tls = listener.protocol == ListenerProtocol::Https;
+                if cfg.listeners.iter().any(|x| x.port == port)
+                    && cfg.ports.get(&port).is_some_and(|pc| pc.tls != tls)
+                {
+                    outcome = Err((
+                        R::PORT_UNAVAILABLE,
+                        R::ACCEPTED,
                         at.err(
-                            &f,
-                            format!("Secret {sname} is not in this file (InvalidCertificateRef)"),
-                        )
-                    })?;
-                    pc.certs.push(Cert {
-                        host: host.clone(),
-                        key: load_cert(sat, secret)?,
-                        source: format!("Secret {sname}"),
-                    });
+                            format!("spec.listeners[{i}].protocol"),
+                            format!("port {port} already has a listener of the other protocol"),
+                        ),
+                    ));
                 }
             }
-            cfg.listeners.push(Listener {
-                gateway: gname.to_string(),
-                name: l.name.clone(),
-                port,
-                protocol,
-                hostname: l.hostname.clone(),
-            });
+            match outcome {
+                Ok((listener, certs)) => {
+                    let pc = cfg.ports.entry(listener.port).or_default();
+                    pc.tls = listener.protocol == ListenerProtocol::Https;
+                    pc.certs.extend(certs);
+                    infos.push(ListenerInfo {
+                        name: listener.name.clone(),
+                        port: i32::from(listener.port),
+                        protocol: l.protocol.clone(),
+                        attached_routes: 0,
+                        accepted: Cond::yes(R::ACCEPTED),
+                        resolved_refs: Cond::yes(R::RESOLVED_REFS),
+                    });
+                    cfg.listeners.push(listener);
+                }
+                Err((reason, condition, e)) => {
+                    let bad = Cond::no(reason, format!("{}: {}", e.field, e.reason));
+                    let (accepted, resolved_refs) = if condition == R::RESOLVED_REFS {
+                        (Cond::yes(R::ACCEPTED), bad)
+                    } else {
+                        (bad, Cond::yes(R::RESOLVED_REFS))
+                    };
+                    infos.push(ListenerInfo {
+                        name: l.name.clone(),
+                        port: l.port,
+                        protocol: l.protocol.clone(),
+                        attached_routes: 0,
+                        accepted,
+                        resolved_refs,
+                    });
+                    reject(&mut cfg, e)?;
+                }
+            }
         }
+        let bad: Vec<&str> = infos
+            .iter()
+            .filter(|l| !(l.accepted.status && l.resolved_refs.status))
+            .map(|l| l.name.as_str())
+            .collect();
+        cfg.gateway_infos.push(GatewayInfo {
+            name: gname.clone(),
+            generation: *generation,
+            accepted: if bad.is_empty() {
+                Cond::yes(R::ACCEPTED)
+            } else {
+                // The spec: Accepted stays True while some listener is valid; the reason
+                // says some are not.
+                Cond {
+                    status: bad.len() < infos.len(),
+                    reason: "ListenersNotValid".into(),
+                    message: format!("listeners not valid: {}", bad.join(", ")),
+                }
+            },
+            listeners: infos,
+        });
     }
     // Routes, attached to the listeners their parentRefs select.
-    for (at, rname, route) in &routes {
+    for (at, rname, generation, route) in &routes {
         let (kind, created, parents, hostnames) = route.header(rname);
         let policy = policies
             .by_route
             .get(&(kind.to_owned(), rname.clone()))
             .cloned()
             .unwrap_or_default();
-        let mut attached = false;
-        let rules = route.compile(at, rname, &policy, &grants, &mut cfg.services)?;
-        for (pi, p) in parents.iter().enumerate() {
-            for l in &cfg.listeners {
-                if l.gateway != p.gateway.to_string()
-                    || p.section.as_deref().is_some_and(|s| s != l.name)
-                    || p.port.is_some_and(|port| port != i32::from(l.port))
-                {
-                    continue;
-                }
+        let rules = match route.compile(at, rname, &policy, &grants, &mut cfg.services) {
+            Ok(rules) => rules,
+            Err(e) => {
+                cfg.route_infos.push(RouteInfo {
+                    kind: kind.to_owned(),
+                    name: rname.clone(),
+                    generation: *generation,
+                    hostnames: hostnames.clone(),
+                    parents: parents
+                        .into_iter()
+                        .map(|p| ParentInfo {
+                            gateway: p.gateway,
+                            section: p.section,
+                            port: p.port,
+                            accepted: Cond::no(R::UNSUPPORTED_VALUE, e.to_string()),
+                        })
+                        .collect(),
+                    resolved_refs: Cond::yes(R::RESOLVED_REFS),
+                    rules: Vec::new(),
+                });
+                reject(&mut cfg, e)?;
+                continue;
+            }
+        };
+        let mut parent_infos = Vec::new();
+        let rhosts: Vec<HostPattern> = if hostnames.is_empty() {
+            vec![HostPattern::Any]
+        } else {
+            hostnames.iter().map(|h| HostPattern::parse(h)).collect()
+        };
+        for p in &parents {
+            let gateway = p.gateway.to_string();
+            let selected: Vec<&Listener> = cfg
+                .listeners
+                .iter()
+                .filter(|l| {
+                    l.gateway == gateway
+                        && p.section.as_deref().is_none_or(|s| s == l.name)
+                        && p.port.is_none_or(|port| port == i32::from(l.port))
+                })
+                .collect();
+            let allowed: Vec<&Listener> = selected
+                .iter()
+                .copied()
+                .filter(|l| refuses(l, &p.gateway, kind, &rname.namespace).is_none())
+                .collect();
+            let mut attach: Vec<(u16, HostPattern)> = Vec::new();
+            for l in &allowed {
                 let lhost = l
                     .hostname
                     .as_deref()
                     .map_or(HostPattern::Any, HostPattern::parse);
-                let rhosts: Vec<HostPattern> = if hostnames.is_empty() {
-                    vec![HostPattern::Any]
-                } else {
-                    hostnames.iter().map(|h| HostPattern::parse(h)).collect()
-                };
-                let pc = cfg
-                    .ports
-                    .get_mut(&l.port)
-                    .expect("every listener's port has a config");
                 for rh in &rhosts {
-                    let Some(h) = HostPattern::intersect(&lhost, rh) else {
-                        continue;
-                    };
-                    attached = true;
-                    for (ri, (matches, action)) in rules.iter().enumerate() {
-                        for (mi, m) in matches.iter().enumerate() {
-                            pc.hosts.add(
-                                h.clone(),
-                                Entry {
-                                    matcher: m.clone(),
-                                    origin: RouteOrigin {
-                                        created: created.clone(),
-                                        name: rname.to_string(),
-                                        rule: ri,
-                                        matched: mi,
-                                    },
-                                    action: action.clone(),
-                                },
-                            );
-                        }
+                    if let Some(h) = HostPattern::intersect(&lhost, rh) {
+                        attach.push((l.port, h));
                     }
                 }
             }
-            if !attached && pi + 1 == parents.len() {
+            let accepted = if selected.is_empty() {
+                Cond::no(
+                    R::NO_MATCHING_PARENT,
+                    if gateway_names.contains(&p.gateway) {
+                        format!(
+                            "Gateway {} has no valid listener{}{}",
+                            p.gateway,
+                            p.section
+                                .as_deref()
+                                .map(|s| format!(" named {s}"))
+                                .unwrap_or_default(),
+                            p.port.map(|s| format!(" on port {s}")).unwrap_or_default()
+                        )
+                    } else {
+                        format!("Gateway {} not found", p.gateway)
+                    },
+                )
+            } else if allowed.is_empty() {
+                Cond::no(
+                    R::NOT_ALLOWED_BY_LISTENERS,
+                    selected
+                        .iter()
+                        .filter_map(|l| refuses(l, &p.gateway, kind, &rname.namespace))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            } else if attach.is_empty() {
+                Cond::no(
+                    R::NO_MATCHING_LISTENER_HOSTNAME,
+                    format!(
+                        "no listener hostname of Gateway {} intersects {hostnames:?}",
+                        p.gateway
+                    ),
+                )
+            } else {
+                Cond::yes(R::ACCEPTED)
+            };
+            if !accepted.status && (!lenient || gateway_names.contains(&p.gateway)) {
                 cfg.unattached.push(format!(
-                    "{kind} {rname}: no listener accepts it (NoMatchingParent / NoMatchingListenerHostname)"
+                    "{kind} {rname}: parent {}: {} ({})",
+                    p.gateway, accepted.message, accepted.reason
                 ));
             }
+            parent_infos.push(ParentInfo {
+                gateway: p.gateway.clone(),
+                section: p.section.clone(),
+                port: p.port,
+                accepted,
+            });
+            for (port, h) in attach {
+                let pc = cfg
+                    .ports
+                    .get_mut(&port)
+                    .expect("every listener's port has a config");
+                for (ri, (matches, action)) in rules.iter().enumerate() {
+                    for (mi, m) in matches.iter().enumerate() {
+                        pc.hosts.add(
+                            h.clone(),
+                            Entry {
+                                matcher: m.clone(),
+                                origin: RouteOrigin {
+                                    created: created.clone(),
+                                    name: rname.to_string(),
+                                    rule: ri,
+                                    matched: mi,
+                                },
+                                action: action.clone(),
+                            },
+                        );
+                    }
+                }
+            }
         }
+        cfg.route_infos.push(RouteInfo {
+            kind: kind.to_owned(),
+            name: rname.clone(),
+            generation: *generation,
+            hostnames,
+            parents: parent_infos,
+            resolved_refs: Cond::yes(R::RESOLVED_REFS),
+            rules: rule_infos(&rules),
+        });
+    }
+    if lenient {
+        // Parents that are not Gateways of ours belong to other controllers: no status here.
+        for r in &mut cfg.route_infos {
+            r.parents.retain(|p| gateway_names.contains(&p.gateway));
+        }
+        cfg.route_infos.retain(|r| !r.parents.is_empty());
     }
     for pc in cfg.ports.values_mut() {
         pc.hosts.finish();
@@ -1729,5 +2265,116 @@ spec:
         )
         .unwrap_err();
         assert_eq!(e.object, "ReferenceGrant shop/from-default", "{e}");
+    }
+
+    /// The objects of `text` as the Kubernetes source hands them over.
+    fn objects(text: &str) -> Vec<Doc> {
+        serde_saphyr::from_multiple::<serde_json::Value>(text)
+            .unwrap()
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .map(|v| Doc {
+                line: 0,
+                kind: v["kind"].as_str().unwrap().to_owned(),
+                name: ObjectName::new(
+                    v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                    v["metadata"]["name"].as_str().unwrap(),
+                ),
+                value: v,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kubernetes_objects_fail_one_by_one_with_the_specs_reasons() {
+        let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw, namespace: default, generation: 3 }
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - { name: http, port: 8080, protocol: HTTP }
+    - { name: udp, port: 8081, protocol: UDP }
+    - { name: https, port: 8443, protocol: HTTPS, tls: { certificateRefs: [{ name: missing }] } }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: good, namespace: default, generation: 2 }
+spec:
+  parentRefs: [{ name: gw, sectionName: http }, { name: elsewhere }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: typo, namespace: default }
+spec:
+  parentRefs: [{ name: gw }]
+  rules: [{ backendRefs: [{ name: web, port: 80, weight: -1 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: foreign, namespace: other }
+spec:
+  parentRefs: [{ name: gw, namespace: default }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+";
+        // A file with these objects is rejected whole (the first bad one named)...
+        let e = parse(Path::new("routes.yaml"), text).unwrap_err();
+        assert!(e.to_string().contains("spec.listeners[1]"), "{e}");
+        // ...the API server's objects fail one by one and the rest is served.
+        let cfg = compile_objects(objects(text));
+        assert_eq!(cfg.listeners.len(), 1, "{:?}", cfg.listeners);
+        assert_eq!(cfg.rejected.len(), 3, "{:?}", cfg.rejected);
+        let g = &cfg.gateway_infos[0];
+        assert_eq!(g.generation, Some(3));
+        assert!(g.accepted.status, "some listeners are valid: {g:?}");
+        assert_eq!(g.accepted.reason, "ListenersNotValid");
+        let l = |n: &str| g.listeners.iter().find(|l| l.name == n).unwrap();
+        assert_eq!(
+            l("udp").accepted.reason,
+            status::reason::UNSUPPORTED_PROTOCOL
+        );
+        assert_eq!(
+            l("https").resolved_refs.reason,
+            status::reason::INVALID_CERTIFICATE_REF
+        );
+        assert!(l("http").accepted.status && l("http").resolved_refs.status);
+        let r = |n: &str| cfg.route_infos.iter().find(|r| r.name.name == n).unwrap();
+        // The parent that is not one of ours (not given) gets no entry.
+        assert_eq!(r("good").parents.len(), 1);
+        assert_eq!(r("good").parents[0].accepted, status::Cond::yes("Accepted"));
+        assert_eq!(r("good").generation, Some(2));
+        assert_eq!(r("good").rules[0].backends[0].target, "default/web:80");
+        let typo = &r("typo").parents[0].accepted;
+        assert_eq!(typo.reason, status::reason::UNSUPPORTED_VALUE);
+        assert!(
+            typo.message.contains("spec.rules[0].backendRefs[0].weight"),
+            "{typo:?}"
+        );
+        let foreign = &r("foreign").parents[0].accepted;
+        assert_eq!(foreign.reason, status::reason::NOT_ALLOWED_BY_LISTENERS);
+        // Only the good route serves.
+        let served: Vec<&str> = cfg
+            .ports
+            .values()
+            .flat_map(|p| &p.hosts.vhosts)
+            .flat_map(|v| &v.entries)
+            .map(|e| e.origin.name.as_str())
+            .collect();
+        assert_eq!(served, ["default/good"]);
+        // BackendNotFound is judged against the model's Services.
+        let report = status::RoutesReport::build(
+            &cfg,
+            "kubernetes",
+            Some(&status::KnownServices::default()),
+        );
+        let good = report
+            .routes
+            .iter()
+            .find(|r| r.name.name == "good")
+            .unwrap();
+        assert_eq!(good.resolved_refs.reason, status::reason::BACKEND_NOT_FOUND);
+        assert_eq!(report.gateways[0].listeners[0].attached_routes, 1);
     }
 }

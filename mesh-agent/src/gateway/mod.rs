@@ -11,11 +11,14 @@ pub mod backends;
 pub mod config;
 pub mod jwt;
 pub mod kernel;
+pub mod kube_source;
 pub mod limits;
 pub mod observe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod status;
+pub mod status_writer;
 
 use std::{
     collections::BTreeSet,
@@ -58,9 +61,20 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayArgs {
     /// Gateway API objects (`Gateway`, `HTTPRoute`, `GRPCRoute`, TLS `Secret`s, `RoutePolicy`) as a
-    /// multi-document YAML file, reloaded on change.
+    /// multi-document YAML file, reloaded on change. Without it (and with `--kubernetes`) they
+    /// are watched from the Kubernetes API, and route status is written.
     #[arg(long)]
-    pub routes: PathBuf,
+    pub routes: Option<PathBuf>,
+    /// `GatewayClass.spec.controllerName` served: only Gateways of such classes are ours.
+    #[arg(long, default_value = status::DEFAULT_CONTROLLER_NAME)]
+    pub controller_name: String,
+    /// The Lease (in `--pod-namespace`) electing the one instance that writes status.
+    #[arg(long, default_value = status_writer::DEFAULT_LEASE)]
+    pub status_lease: String,
+    /// Addresses written to our Gateways' `status.addresses` (IPs or hostnames: the
+    /// load balancer's), repeatable; none: not written.
+    #[arg(long)]
+    pub status_address: Vec<String>,
     /// Services and endpoints from this static model file (the agent's `--config-file` schema).
     #[arg(long, conflicts_with = "kubernetes")]
     pub config_file: Option<PathBuf>,
@@ -133,6 +147,8 @@ pub enum GatewayError {
     },
     #[error("choose where Services come from: --config-file FILE or --kubernetes")]
     NoSource,
+    #[error("choose where routes come from: --routes FILE, or --kubernetes without --routes")]
+    NoRoutes,
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -165,7 +181,11 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let limits = RequestLimits {
         max_body: args.max_body,
     };
-    let config = config::load(&args.routes)?;
+    let config = match &args.routes {
+        Some(path) => config::load(path)?,
+        None if args.kubernetes => GatewayConfig::default(),
+        None => return Err(GatewayError::NoRoutes),
+    };
     let telemetry = start_telemetry(&args)?;
     let kernel: Arc<dyn CircuitView> = match &args.node_pin_dir {
         Some(dir) => Arc::new(kernel::PinnedCircuits::start(dir)?),
@@ -179,6 +199,126 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     log_config(&config);
     let shared = Arc::new(Shared::new(config, limits, kernel, feedback, telemetry));
     let (updates, models) = mpsc::channel(16);
+    let client = if args.kubernetes {
+        Some(kube::Client::try_default().await?)
+    } else {
+        None
+    };
+    let mut kube_configs = start_kube_routes(&args, client.as_ref());
+    start_discovery(&args, client.as_ref(), updates)?;
+    let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
+    let (known_tx, known_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx, known_tx));
+    let configs_tx = start_status(
+        &args,
+        &shared,
+        kube_configs.as_ref(),
+        client.as_ref(),
+        known_rx,
+    );
+    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
+        std::collections::BTreeMap::new();
+    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
+    let mut last = args
+        .routes
+        .as_deref()
+        .and_then(|p| digest(p, &shared.config.load()));
+    let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| GatewayError::Flag {
+            flag: "signal",
+            value: "SIGTERM".into(),
+            reason: e.to_string(),
+        })?;
+    loop {
+        let next = tokio::select! {
+            _ = tick.tick() => match &args.routes {
+                Some(path) => reload_file(path, &shared, &mut last).await,
+                None => None,
+            },
+            Some(cfg) = recv_config(&mut kube_configs) => Some(cfg),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        let Some(cfg) = next else { continue };
+        log_config(&cfg);
+        // The backends loop installs it: backends for its Services first, then the table.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if reloaded_tx.send((Arc::new(cfg), done_tx)).await.is_err() {
+            break;
+        }
+        let _ = done_rx.await;
+        configs_tx.send_replace(shared.config.load_full());
+        if let Err(e) = sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits) {
+            tracing::error!(error = %e, "a new listener could not be opened");
+        }
+    }
+    drain(&shared, listeners, drain_period).await;
+    Ok(())
+}
+
+/// Rereads the routes file when it (or a file it names) changed: the new configuration, or
+/// `None` when unchanged or rejected (the last good one keeps serving).
+async fn reload_file(
+    path: &std::path::Path,
+    shared: &Arc<Shared>,
+    last: &mut Option<u64>,
+) -> Option<GatewayConfig> {
+    let now = digest(path, &shared.config.load());
+    if now == *last {
+        return None;
+    }
+    *last = now;
+    let path = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    match loaded {
+        Ok(cfg) => Some(cfg),
+        Err(e) => {
+            tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
+            None
+        }
+    }
+}
+
+/// The Kubernetes source of Gateway API objects (`--kubernetes` without `--routes`): its
+/// compiled configurations, and the objects' current status for the status writer.
+type KubeRoutes = (
+    mpsc::Receiver<GatewayConfig>,
+    tokio::sync::watch::Receiver<Arc<kube_source::Observed>>,
+);
+
+fn start_kube_routes(args: &GatewayArgs, client: Option<&kube::Client>) -> Option<KubeRoutes> {
+    if args.routes.is_some() {
+        return None;
+    }
+    let client = client?.clone();
+    let (tx, rx) = mpsc::channel(4);
+    let (observed_tx, observed_rx) = tokio::sync::watch::channel(Arc::default());
+    let controller = args.controller_name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = kube_source::run(client, controller, tx, observed_tx).await {
+            tracing::error!(error = %e, "Gateway API watch ended");
+        }
+    });
+    Some((rx, observed_rx))
+}
+
+/// The next configuration from the Kubernetes source (never, without one).
+async fn recv_config(source: &mut Option<KubeRoutes>) -> Option<GatewayConfig> {
+    match source {
+        Some((rx, _)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Services and endpoints: the agent's file or Kubernetes source, sending models to `updates`.
+fn start_discovery(
+    args: &GatewayArgs,
+    client: Option<&kube::Client>,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), GatewayError> {
     match (&args.config_file, args.kubernetes) {
         (Some(path), false) => {
             tokio::spawn(discovery::file::watch(
@@ -189,62 +329,59 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             ));
         }
         (None, true) => {
-            let client = kube::Client::try_default().await?;
+            let client = client.cloned().ok_or(GatewayError::NoSource)?;
             let node = args.node_name.clone();
             tokio::spawn(async move {
-                if let Err(e) = discovery::kubernetes::run(client, node, updates).await {
+                // No TrafficPolicy status from gateways (`None`): the node agents elect that
+                // writer; the gateway's POD_NAMESPACE must not make it a candidate.
+                if let Err(e) =
+                    discovery::kubernetes::run_with_status(client, node, None, updates).await
+                {
                     tracing::error!(error = %e, "Kubernetes discovery ended");
                 }
             });
         }
         _ => return Err(GatewayError::NoSource),
     }
-    let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
-    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
-    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
-        std::collections::BTreeMap::new();
-    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
-    let mut last = digest(&args.routes, &shared.config.load());
-    let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| GatewayError::Flag {
-            flag: "signal",
-            value: "SIGTERM".into(),
-            reason: e.to_string(),
-        })?;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
-        let now = digest(&args.routes, &shared.config.load());
-        if now == last {
-            continue;
-        }
-        last = now;
-        let path = args.routes.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        match loaded {
-            Ok(cfg) => {
-                log_config(&cfg);
-                shared.config.store(Arc::new(cfg));
-                let _ = reloaded_tx.try_send(());
-                if let Err(e) =
-                    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)
-                {
-                    tracing::error!(error = %e, "a new listener could not be opened");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "routes rejected; the last good configuration keeps serving");
-            }
-        }
-    }
-    drain(&shared, listeners, drain_period).await;
     Ok(())
+}
+
+/// The routes report (`/routes`) and, with Gateway API objects from Kubernetes, the elected
+/// status writer. Returns where each newly installed table goes.
+fn start_status(
+    args: &GatewayArgs,
+    shared: &Arc<Shared>,
+    kube: Option<&KubeRoutes>,
+    client: Option<&kube::Client>,
+    known: tokio::sync::watch::Receiver<Option<Arc<status::KnownServices>>>,
+) -> tokio::sync::watch::Sender<Arc<GatewayConfig>> {
+    let (configs_tx, configs_rx) = tokio::sync::watch::channel(shared.config.load_full());
+    let (reports_tx, _) = tokio::sync::watch::channel(Arc::default());
+    let source = if kube.is_some() { "kubernetes" } else { "file" };
+    tokio::spawn(status::report_loop(
+        source,
+        configs_rx,
+        known,
+        reports_tx.clone(),
+    ));
+    if let (Some((_, observed)), Some(client)) = (kube, client) {
+        tokio::spawn(status_writer::run(
+            client.clone(),
+            status_writer::WriterConfig {
+                namespace: args.pod_namespace.clone(),
+                identity: args
+                    .pod_name
+                    .clone()
+                    .unwrap_or_else(|| args.node_name.clone()),
+                lease: args.status_lease.clone(),
+                controller: args.controller_name.clone(),
+                addresses: args.status_address.clone(),
+            },
+            reports_tx.subscribe(),
+            observed.clone(),
+        ));
+    }
+    configs_tx
 }
 
 /// Graceful drain: the listening sockets close (new connections are refused, so a load
@@ -385,14 +522,21 @@ fn sync_listeners(
     Ok(())
 }
 
+/// A new routing table to install, and who waits for it.
+type Reload = (Arc<GatewayConfig>, tokio::sync::oneshot::Sender<()>);
+
 /// Keeps the backends snapshot in step with the newest model and the routes' Service ports.
+/// A new table is installed here, after the backends of its Service ports: a request never
+/// meets a route whose new Service has no backends yet (that would be a spurious 503).
 async fn backends_loop(
     shared: Arc<Shared>,
     mut models: mpsc::Receiver<Update>,
-    mut reloaded: mpsc::Receiver<()>,
+    mut reloaded: mpsc::Receiver<Reload>,
+    known: tokio::sync::watch::Sender<Option<Arc<status::KnownServices>>>,
 ) {
     let mut model: Option<ClusterModel> = None;
     loop {
+        let mut reload: Option<Reload> = None;
         tokio::select! {
             u = models.recv() => match u {
                 Some(Update::Model(m)) => model = Some(m),
@@ -403,10 +547,30 @@ async fn backends_loop(
                 Some(Update::Resolved(_)) => continue,
                 None => return,
             },
-            r = reloaded.recv() => if r.is_none() { return },
+            r = reloaded.recv() => match r {
+                Some(r) => reload = Some(r),
+                None => return,
+            },
         }
-        let Some(m) = &model else { continue };
-        let wanted = shared.config.load().services.clone();
+        let Some(m) = &model else {
+            if let Some((cfg, done)) = reload {
+                shared.config.store(cfg);
+                let _ = done.send(());
+            }
+            continue;
+        };
+        let k = status::KnownServices::of(m);
+        known.send_if_modified(|old| {
+            let changed = old.as_deref() != Some(&k);
+            if changed {
+                *old = Some(Arc::new(k));
+            }
+            changed
+        });
+        let wanted = match &reload {
+            Some((cfg, _)) => cfg.services.clone(),
+            None => shared.config.load().services.clone(),
+        };
         let next = Backends::build(m, &wanted, &shared.backends.load());
         let missing: Vec<String> = wanted
             .iter()
@@ -420,5 +584,9 @@ async fn backends_loop(
             );
         }
         shared.backends.store(Arc::new(next));
+        if let Some((cfg, done)) = reload {
+            shared.config.store(cfg);
+            let _ = done.send(());
+        }
     }
 }

@@ -318,6 +318,17 @@ fn metrics_answer<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
         );
         r
     };
+    if req.uri().path() == "/routes" {
+        // Routes and their status (`meshctl routes`), as the status writer sees them.
+        return match super::status::published() {
+            Some(json) => text(StatusCode::OK, json.as_ref().clone(), "application/json"),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no configuration yet\n".into(),
+                "text/plain",
+            ),
+        };
+    }
     if !METRICS_PATHS.contains(&req.uri().path()) {
         return text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain");
     }

@@ -130,9 +130,12 @@ pub fn current_condition(object: &DynamicObject) -> Option<PolicyCondition> {
 /// A Lease record as an observer compares it: holder and renew time.
 type LeaseRecord = (Option<String>, Option<MicroTime>);
 
-/// The Lease-election state machine (one per agent).
-struct Elector {
+/// The Lease-election state machine (one per agent; the gateway's status writer uses one too,
+/// with its own Lease).
+pub(crate) struct Elector {
     identity: String,
+    /// The Lease's name.
+    lease: String,
     /// The last Lease record seen (holder, renew time) and when this agent first saw it.
     observed: Option<(LeaseRecord, Instant)>,
     /// When this agent last renewed successfully while holding.
@@ -140,24 +143,36 @@ struct Elector {
 }
 
 impl Elector {
-    fn leading(&self) -> bool {
+    pub(crate) fn new(identity: String, lease: &str) -> Self {
+        Self {
+            identity,
+            lease: lease.to_owned(),
+            observed: None,
+            renewed: None,
+        }
+    }
+
+    pub(crate) fn leading(&self) -> bool {
         self.renewed.is_some_and(|t| t.elapsed() < RENEW_DEADLINE)
     }
 
     /// Reads the Lease and creates, renews or takes it over as the rules allow; returns whether
     /// this agent holds it now.
-    async fn try_acquire_or_renew(&mut self, leases: &Api<Lease>) -> Result<bool, kube::Error> {
+    pub(crate) async fn try_acquire_or_renew(
+        &mut self,
+        leases: &Api<Lease>,
+    ) -> Result<bool, kube::Error> {
         let now = MicroTime(Timestamp::now());
         // By status code, not reason: some API servers (and stand-ins) spell the reason
         // differently, and `get_opt` only knows `NotFound`.
-        let found = match leases.get(LEASE_NAME).await {
+        let found = match leases.get(&self.lease).await {
             Ok(lease) => Some(lease),
             Err(kube::Error::Api(e)) if e.code == 404 => None,
             Err(e) => return Err(e),
         };
         let Some(lease) = found else {
             let lease: Lease = serde_json::from_value(json!({
-                "metadata": { "name": LEASE_NAME },
+                "metadata": { "name": self.lease },
                 "spec": {
                     "holderIdentity": self.identity,
                     "leaseDurationSeconds": LEASE_DURATION.as_secs(),
@@ -169,7 +184,7 @@ impl Elector {
             .map_err(kube::Error::SerdeError)?;
             return match leases.create(&PostParams::default(), &lease).await {
                 Ok(_) => {
-                    info!(lease = LEASE_NAME, identity = %self.identity, "policy status: Lease created; this agent writes status");
+                    info!(lease = %self.lease, identity = %self.identity, "policy status: Lease created; this agent writes status");
                     self.renewed = Some(Instant::now());
                     Ok(true)
                 }
@@ -209,12 +224,12 @@ impl Elector {
             },
         });
         match leases
-            .patch(LEASE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&self.lease, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
                 if !mine {
-                    info!(lease = LEASE_NAME, identity = %self.identity, previous = ?holder, "policy status: Lease acquired; this agent writes status");
+                    info!(lease = %self.lease, identity = %self.identity, previous = ?holder, "policy status: Lease acquired; this agent writes status");
                 }
                 self.renewed = Some(Instant::now());
                 Ok(true)
@@ -261,11 +276,7 @@ pub async fn run_many(
             instance: Some(config.identity.clone()),
         },
     );
-    let mut elector = Elector {
-        identity: config.identity.clone(),
-        observed: None,
-        renewed: None,
-    };
+    let mut elector = Elector::new(config.identity.clone(), LEASE_NAME);
     // What this agent wrote last per kind and object, so a write is not repeated before the
     // watch shows it.
     let mut written: Vec<BTreeMap<ObjectName, PolicyCondition>> =
