@@ -1880,7 +1880,19 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
     only(&m.role_bindings, "RoleBinding");
     let svc = only(&m.services, "Service");
     let dep = only(&m.deployments, "Deployment");
-    let pod = dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let template = &dep.spec.as_ref().unwrap().template;
+    // Enrolled, so its connects to enrolled backends ride HBONE with its own identity.
+    assert_eq!(
+        template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .and_then(|l| l.get(mesh_agent::authz::mesh::DATAPLANE_MODE_LABEL))
+            .map(String::as_str),
+        Some("mesh"),
+        "gateway pods carry the enrollment label"
+    );
+    let pod = template.spec.as_ref().unwrap();
     let c = only(&pod.containers, "container");
     let args = c.args.clone().unwrap();
     let GatewayCommand::Gateway(parsed) =
