@@ -2,9 +2,10 @@
 //! proxy configured with Gateway API objects, whose backends come from the agent's own
 //! discovery sources and model.
 //!
-//! Tasks: one accept loop per listener port (a task per connection, hyper-util's auto server);
-//! one task that turns cluster models into the backends snapshot; one that reloads the routes
-//! file. The routing table and the backends are immutable snapshots behind `arc-swap`, so a
+//! Tasks: `--workers` single-threaded runtimes (thread per core), each with an accept loop per
+//! listener port on its own `SO_REUSEPORT` socket (a task per connection, hyper-util's auto
+//! server) and its own backend pools; on the main runtime, one task that turns cluster models
+//! into the backends snapshot and one that reloads the routes file. The routing table and the backends are immutable snapshots behind `arc-swap`, so a
 //! reload never blocks or drops a request in flight.
 
 pub mod backends;
@@ -118,6 +119,25 @@ pub struct GatewayArgs {
     /// This gateway's namespace (downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub pod_namespace: String,
+    /// Worker threads, each serving its share of connections start to end with its own
+    /// listening sockets and backend pools (nginx's `worker_processes auto`). Default: the CPUs
+    /// this process may use.
+    #[arg(long, env = "MESH_GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+/// The worker count: `--workers`, else the CPUs this process may run on (its affinity mask
+/// and cgroup quota, as `available_parallelism` reads them).
+fn worker_count(flag: Option<usize>) -> Result<usize, GatewayError> {
+    match flag {
+        Some(0) => Err(GatewayError::Flag {
+            flag: "workers",
+            value: "0".into(),
+            reason: "at least one worker".into(),
+        }),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, std::num::NonZero::get)),
+    }
 }
 
 /// Why the gateway cannot start.
@@ -133,6 +153,8 @@ pub enum GatewayError {
     },
     #[error("choose where Services come from: --config-file FILE or --kubernetes")]
     NoSource,
+    #[error("starting the gateway's worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -162,6 +184,8 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         max_concurrent_streams: 100,
     };
     let drain_period = duration_flag("drain-period", &args.drain_period)?;
+    let workers = server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
+    tracing::info!(workers = workers.len(), "gateway workers started");
     let limits = RequestLimits {
         max_body: args.max_body,
     };
@@ -201,9 +225,14 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     }
     let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
     tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
-    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
-        std::collections::BTreeMap::new();
-    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
+    let mut listeners = Listeners::new();
+    sync_listeners(
+        &shared,
+        &workers,
+        &mut listeners,
+        args.listen_address,
+        conn_limits,
+    )?;
     let mut last = digest(&args.routes, &shared.config.load());
     let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -232,9 +261,13 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
                 log_config(&cfg);
                 shared.config.store(Arc::new(cfg));
                 let _ = reloaded_tx.try_send(());
-                if let Err(e) =
-                    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)
-                {
+                if let Err(e) = sync_listeners(
+                    &shared,
+                    &workers,
+                    &mut listeners,
+                    args.listen_address,
+                    conn_limits,
+                ) {
                     tracing::error!(error = %e, "a new listener could not be opened");
                 }
             }
@@ -244,23 +277,25 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         }
     }
     drain(&shared, listeners, drain_period).await;
+    // Stops the workers' runtimes (connections left past the drain period are dropped).
+    drop(workers);
     Ok(())
 }
+
+/// The accept tasks of each listening port: one per worker.
+type Listeners = std::collections::BTreeMap<u16, Vec<JoinHandle<()>>>;
 
 /// Graceful drain: the listening sockets close (new connections are refused, so a load
 /// balancer fails over at once), open connections finish the request in flight and close,
 /// and the process waits for them at most `period`. Spliced upgrades (WebSocket) are not
 /// waited for. Envoy Gateway drains the same way (its `shutdown.drainTimeout`, 60 s by default,
 /// under a longer termination grace period).
-async fn drain(
-    shared: &Arc<Shared>,
-    listeners: std::collections::BTreeMap<u16, JoinHandle<()>>,
-    period: Duration,
-) {
-    for task in listeners.values() {
+async fn drain(shared: &Arc<Shared>, listeners: Listeners, period: Duration) {
+    for task in listeners.values().flatten() {
         task.abort();
     }
-    for task in listeners.into_values() {
+    // Every worker's listening socket is closed once its aborted task is gone.
+    for task in listeners.into_values().flatten() {
         let _ = task.await;
     }
     shared.drain.send_replace(true);
@@ -361,15 +396,18 @@ fn digest(path: &std::path::Path, cfg: &GatewayConfig) -> Option<u64> {
 /// configured (their open connections finish on their own).
 fn sync_listeners(
     shared: &Arc<Shared>,
-    listeners: &mut std::collections::BTreeMap<u16, JoinHandle<()>>,
+    workers: &[server::Worker],
+    listeners: &mut Listeners,
     ip: IpAddr,
     limits: ConnLimits,
 ) -> Result<(), GatewayError> {
     let ports: BTreeSet<u16> = shared.config.load().ports.keys().copied().collect();
-    listeners.retain(|port, task| {
+    listeners.retain(|port, tasks| {
         let keep = ports.contains(port);
         if !keep {
-            task.abort();
+            for t in tasks.iter() {
+                t.abort();
+            }
         }
         keep
     });
@@ -378,9 +416,15 @@ fn sync_listeners(
             continue;
         }
         let addr = SocketAddr::new(ip, port);
-        let l = server::bind(addr).map_err(|source| GatewayError::Bind { addr, source })?;
-        tracing::info!(%addr, "listening");
-        listeners.insert(port, tokio::spawn(server::serve(shared.clone(), l, limits)));
+        let sockets = server::bind(addr, workers.len())
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        tracing::info!(%addr, workers = workers.len(), "listening");
+        let tasks = workers
+            .iter()
+            .zip(sockets)
+            .map(|(w, l)| w.serve(shared.clone(), l, limits))
+            .collect();
+        listeners.insert(port, tasks);
     }
     Ok(())
 }
