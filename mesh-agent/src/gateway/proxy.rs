@@ -209,23 +209,28 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
 /// invalid one starts a new trace, as W3C Trace Context says a receiver must).
 fn start_span(headers: &HeaderMap) -> traces::ActiveSpan {
     let parent = headers
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
     traces::start_span("gateway", traces::Kind::Server, parent.as_ref())
 }
 
-/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-authorization",
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names made at
+/// compile time: no parsing of a name per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
@@ -248,7 +253,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for n in HOP_BY_HOP {
-        if keep_upgrade && (n == "upgrade" || n == "connection") {
+        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
             continue;
         }
         headers.remove(n);
@@ -471,19 +476,19 @@ async fn route(
     if let Some(h) = host_header {
         headers.insert(header::HOST, h);
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
     if let Ok(v) = HeaderValue::from_str(trace) {
-        headers.insert("traceparent", v);
+        headers.insert(TRACEPARENT, v);
     }
     // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c.
     let grpc = action.grpc
@@ -592,7 +597,7 @@ async fn route(
         let (failed, answer): (Option<String>, Option<Response<Incoming>>) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                let grpc_unavailable = resp.headers().get("grpc-status").is_some_and(|v| v == "14");
+                let grpc_unavailable = resp.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
                 if status.is_server_error() || grpc_unavailable {
                     (Some(format!("status {}", status.as_u16())), Some(resp))
                 } else {
@@ -623,7 +628,7 @@ async fn route(
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|r| {
                 matches!(r.status().as_u16(), 502..=504)
-                    || r.headers().get("grpc-status").is_some_and(|v| v == "14")
+                    || r.headers().get(GRPC_STATUS).is_some_and(|v| v == "14")
             });
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if retriable && retry && attempt <= action.retry.attempts && time_left {
@@ -681,7 +686,7 @@ pub fn process_head<B>(
     }
     let tp = start_span(req.headers()).traceparent();
     if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert("traceparent", v);
+        headers.insert(TRACEPARENT, v);
     }
     Some((entry.action.route.clone(), headers))
 }
@@ -842,7 +847,7 @@ impl http_body::Body for Observed {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &polled
             && let Some(t) = f.trailers_ref()
-            && t.get("grpc-status").is_some_and(|v| v == "14")
+            && t.get(GRPC_STATUS).is_some_and(|v| v == "14")
             && let Some((shared, svc, ep)) = self.watch.take()
         {
             svc.failure(&ep, shared.epoch);
