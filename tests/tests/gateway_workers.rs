@@ -147,7 +147,12 @@ spec:
     tokio::time::sleep(Duration::from_secs(18)).await;
     let started = Instant::now();
     let sends: Vec<_> = (0..400)
-        .map(|i| tokio::spawn(get_on_new_connection(port, if i % 2 == 0 { "/a" } else { "/b" })))
+        .map(|i| {
+            tokio::spawn(get_on_new_connection(
+                port,
+                if i % 2 == 0 { "/a" } else { "/b" },
+            ))
+        })
         .collect();
     let (mut ok, mut limited) = (0u32, 0u32);
     for s in sends {
@@ -189,8 +194,7 @@ async fn slow_backend(addr: &str) -> Result<tokio::task::JoinHandle<()>> {
                     if !got.starts_with(b"GET /ready") {
                         tokio::time::sleep(SLOW).await;
                     }
-                    if s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
                         .await
                         .is_err()
                     {

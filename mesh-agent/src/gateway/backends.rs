@@ -39,10 +39,9 @@ pub struct EndpointState {
 impl EndpointState {
     fn new(addr: SocketAddr, pod: Option<Arc<ObjectName>>) -> Self {
         // A socket address always formats as a valid authority (`ip:port`, `[ip6]:port`).
-        let authority = http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
-            addr.to_string(),
-        ))
-        .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
+        let authority =
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(addr.to_string()))
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Self {
             addr,
             authority,

@@ -184,7 +184,8 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         max_concurrent_streams: 100,
     };
     let drain_period = duration_flag("drain-period", &args.drain_period)?;
-    let workers = server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
+    let workers =
+        server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
     tracing::info!(workers = workers.len(), "gateway workers started");
     let limits = RequestLimits {
         max_body: args.max_body,
@@ -224,7 +225,13 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         _ => return Err(GatewayError::NoSource),
     }
     let (reloaded_tx, reloaded_rx) = mpsc::channel(4);
-    tokio::spawn(backends_loop(shared.clone(), models, reloaded_rx));
+    let model = Arc::new(std::sync::Mutex::new(None));
+    tokio::spawn(backends_loop(
+        shared.clone(),
+        model.clone(),
+        models,
+        reloaded_rx,
+    ));
     let mut listeners = Listeners::new();
     sync_listeners(
         &shared,
@@ -259,7 +266,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         match loaded {
             Ok(cfg) => {
                 log_config(&cfg);
-                shared.config.store(Arc::new(cfg));
+                swap_config(&shared, &model, cfg);
                 let _ = reloaded_tx.try_send(());
                 if let Err(e) = sync_listeners(
                     &shared,
@@ -429,17 +436,40 @@ fn sync_listeners(
     Ok(())
 }
 
+/// The newest cluster model; its lock also orders the stores of backends and configuration.
+type LatestModel = Arc<std::sync::Mutex<Option<ClusterModel>>>;
+
+/// Installs a reloaded configuration. The workers read it at once (on their own threads), so
+/// the Services it names are resolved first: the backends snapshot is rebuilt for the old and
+/// the new routes' Services together, then the configuration is swapped. A request that read
+/// either table finds its Service; `backends_loop` drops the old table's Services afterwards.
+/// Under the model's lock, so a model update cannot store a snapshot for the old table between.
+fn swap_config(shared: &Shared, model: &LatestModel, cfg: GatewayConfig) {
+    let latest = model
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(m) = latest.as_ref() {
+        let mut wanted = shared.config.load().services.clone();
+        wanted.extend(cfg.services.iter().cloned());
+        let next = Backends::build(m, &wanted, &shared.backends.load());
+        shared.backends.store(Arc::new(next));
+    }
+    shared.config.store(Arc::new(cfg));
+}
+
 /// Keeps the backends snapshot in step with the newest model and the routes' Service ports.
 async fn backends_loop(
     shared: Arc<Shared>,
+    model: LatestModel,
     mut models: mpsc::Receiver<Update>,
     mut reloaded: mpsc::Receiver<()>,
 ) {
-    let mut model: Option<ClusterModel> = None;
     loop {
         tokio::select! {
             u = models.recv() => match u {
-                Some(Update::Model(m)) => model = Some(m),
+                Some(Update::Model(m)) => {
+                    *model.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(m);
+                }
                 Some(Update::Rejected(r)) => {
                     tracing::warn!(error = %r, "discovery input rejected; the last good Services stay");
                     continue;
@@ -449,20 +479,26 @@ async fn backends_loop(
             },
             r = reloaded.recv() => if r.is_none() { return },
         }
-        let Some(m) = &model else { continue };
-        let wanted = shared.config.load().services.clone();
-        let next = Backends::build(m, &wanted, &shared.backends.load());
-        let missing: Vec<String> = wanted
-            .iter()
-            .filter(|s| !next.services.contains_key(*s))
-            .map(|s| format!("{}:{}", s.service, s.port))
-            .collect();
+        let missing: Vec<String> = {
+            let latest = model
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(m) = latest.as_ref() else { continue };
+            let wanted = shared.config.load().services.clone();
+            let next = Backends::build(m, &wanted, &shared.backends.load());
+            let missing = wanted
+                .iter()
+                .filter(|s| !next.services.contains_key(*s))
+                .map(|s| format!("{}:{}", s.service, s.port))
+                .collect();
+            shared.backends.store(Arc::new(next));
+            missing
+        };
         if !missing.is_empty() {
             tracing::warn!(
                 ?missing,
                 "Service ports without endpoints (requests to them get 503)"
             );
         }
-        shared.backends.store(Arc::new(next));
     }
 }
