@@ -139,7 +139,7 @@ spec:
             "the limit never applied: {}",
             gw.log_text()
         );
-        if before % 50 == 0 {
+        if before.is_multiple_of(50) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

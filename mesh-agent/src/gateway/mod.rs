@@ -176,17 +176,8 @@ fn duration_flag(flag: &'static str, v: &str) -> Result<Duration, GatewayError> 
 
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
-    let conn_limits = ConnLimits {
-        header_read_timeout: duration_flag("header-read-timeout", &args.header_read_timeout)?,
-        idle_timeout: duration_flag("idle-timeout", &args.idle_timeout)?,
-        max_header_bytes: args.max_header_bytes,
-        max_headers: 100,
-        max_concurrent_streams: 100,
-    };
+    let mut serving = Serving::start(&args)?;
     let drain_period = duration_flag("drain-period", &args.drain_period)?;
-    let workers =
-        server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
-    tracing::info!(workers = workers.len(), "gateway workers started");
     let limits = RequestLimits {
         max_body: args.max_body,
     };
@@ -232,14 +223,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         models,
         reloaded_rx,
     ));
-    let mut listeners = Listeners::new();
-    sync_listeners(
-        &shared,
-        &workers,
-        &mut listeners,
-        args.listen_address,
-        conn_limits,
-    )?;
+    serving.sync_listeners(&shared)?;
     let mut last = digest(&args.routes, &shared.config.load());
     let mut tick = tokio::time::interval(ROUTES_POLL_INTERVAL);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -268,13 +252,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
                 log_config(&cfg);
                 swap_config(&shared, &model, cfg);
                 let _ = reloaded_tx.try_send(());
-                if let Err(e) = sync_listeners(
-                    &shared,
-                    &workers,
-                    &mut listeners,
-                    args.listen_address,
-                    conn_limits,
-                ) {
+                if let Err(e) = serving.sync_listeners(&shared) {
                     tracing::error!(error = %e, "a new listener could not be opened");
                 }
             }
@@ -283,10 +261,49 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
             }
         }
     }
-    drain(&shared, listeners, drain_period).await;
+    drain(&shared, serving.listeners, drain_period).await;
     // Stops the workers' runtimes (connections left past the drain period are dropped).
-    drop(workers);
+    drop(serving.workers);
     Ok(())
+}
+
+/// The workers and the listening sockets they accept on.
+struct Serving {
+    workers: Vec<server::Worker>,
+    listeners: Listeners,
+    ip: IpAddr,
+    limits: ConnLimits,
+}
+
+impl Serving {
+    fn start(args: &GatewayArgs) -> Result<Self, GatewayError> {
+        let limits = ConnLimits {
+            header_read_timeout: duration_flag("header-read-timeout", &args.header_read_timeout)?,
+            idle_timeout: duration_flag("idle-timeout", &args.idle_timeout)?,
+            max_header_bytes: args.max_header_bytes,
+            max_headers: 100,
+            max_concurrent_streams: 100,
+        };
+        let workers =
+            server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
+        tracing::info!(workers = workers.len(), "gateway workers started");
+        Ok(Self {
+            workers,
+            listeners: Listeners::new(),
+            ip: args.listen_address,
+            limits,
+        })
+    }
+
+    fn sync_listeners(&mut self, shared: &Arc<Shared>) -> Result<(), GatewayError> {
+        sync_listeners(
+            shared,
+            &self.workers,
+            &mut self.listeners,
+            self.ip,
+            self.limits,
+        )
+    }
 }
 
 /// The accept tasks of each listening port: one per worker.

@@ -69,7 +69,7 @@ pub struct Shared {
 /// and multiplexed h2c connections per endpoint. Used only on its worker's single-threaded
 /// runtime, so a request, its backend connection's task and the response all run on one
 /// thread: handing a request to the connection task is a local wake-up, not a futex across
-/// threads (nginx's workers, HAProxy's threads and Envoy's workers each keep their own
+/// threads (nginx's workers, `HAProxy`'s threads and Envoy's workers each keep their own
 /// upstream pools for the same reason). The price: an endpoint gets up to one h2 connection
 /// per worker instead of one per process (Envoy: one per worker too).
 #[derive(Debug)]
@@ -738,7 +738,7 @@ impl Template {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(ep.authority.clone());
-        parts.path_and_query = self.path_and_query.clone();
+        parts.path_and_query.clone_from(&self.path_and_query);
         let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"));
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();

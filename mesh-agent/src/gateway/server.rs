@@ -31,7 +31,7 @@ use super::proxy::{ConnInfo, Shared, Upstreams, handle};
 /// listening socket per port (the kernel spreads new connections over the `SO_REUSEPORT`
 /// group by the 4-tuple hash) and serves them start to end on its thread with its own backend
 /// pools, so a request never waits for a wake-up from another thread — nginx's worker
-/// processes with `reuseport`, HAProxy's threads with `shards`, Envoy's worker threads. State
+/// processes with `reuseport`, `HAProxy`'s threads with `shards`, Envoy's worker threads. State
 /// that must hold across workers is shared: configuration and backends (`ArcSwap`), rate-limit
 /// buckets and the retry budget (mutexes and atomics in them), outlier detection (atomics per
 /// endpoint), the open-connection count and the drain signal.
