@@ -120,12 +120,18 @@ async fn main() -> anyhow::Result<()> {
     // high-water mark of a 10,000-service model resident after the model is freed. A fixed mmap
     // threshold keeps large buffers (a parsed model's vectors) in mmap, returned on free, instead
     // of glibc raising the threshold after the first free and carving them from the heap.
+    // The gateway keeps no large model, and its worker threads allocate per request at once:
+    // capped to two arenas they would contend on the arena locks, so it keeps glibc's default
+    // (8 per CPU; nginx's worker processes each have their own heap).
+    let args = Args::parse();
+    let gateway = matches!(args.command, Some(Command::Gateway(_)));
     // SAFETY: mallopt only tunes the allocator.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        if !gateway {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
-    let args = Args::parse();
     logging::init(args.log_json);
     if let Some(Command::Cleanup) = args.command {
         return run_cleanup(args);

@@ -648,7 +648,14 @@ impl Rig {
             ("web", 80, &[WEB_IP], WEB_PORT, ""),
             ("grpc", GRPC_PORT, &[GRPC_IP], GRPC_PORT, ""),
         ]);
-        let gateway = GatewayProcess::start(&dir, &gateway_routes(&dir)?, &services, &[])?;
+        // No access log, as nginx (`access_log off`) and HAProxy (no `log` line) here: the
+        // gateway's per-request JSON line to stdout is on by default (Envoy Gateway's default).
+        let gateway = GatewayProcess::start(
+            &dir,
+            &gateway_routes(&dir)?,
+            &services,
+            &["--access-log", "false"],
+        )?;
         let mut rig = Self {
             dir,
             grpc_body,

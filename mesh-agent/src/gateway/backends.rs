@@ -23,6 +23,8 @@ use crate::{
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once (the backend request's URI and `:authority`).
+    pub authority: http::uri::Authority,
     /// The pod behind the address, when the model names it (`destination_workload` of the
     /// request metrics).
     pub pod: Option<Arc<ObjectName>>,
@@ -36,8 +38,13 @@ pub struct EndpointState {
 
 impl EndpointState {
     fn new(addr: SocketAddr, pod: Option<Arc<ObjectName>>) -> Self {
+        // A socket address always formats as a valid authority (`ip:port`, `[ip6]:port`).
+        let authority =
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(addr.to_string()))
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Self {
             addr,
+            authority,
             pod,
             active: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),

@@ -2,9 +2,10 @@
 //! proxy configured with Gateway API objects, whose backends come from the agent's own
 //! discovery sources and model.
 //!
-//! Tasks: one accept loop per listener port (a task per connection, hyper-util's auto server);
-//! one task that turns cluster models into the backends snapshot; one that reloads the routes
-//! file. The routing table and the backends are immutable snapshots behind `arc-swap`, so a
+//! Tasks: `--workers` single-threaded runtimes (thread per core), each with an accept loop per
+//! listener port on its own `SO_REUSEPORT` socket (a task per connection, hyper-util's auto
+//! server) and its own backend pools; on the main runtime, one task that turns cluster models
+//! into the backends snapshot and one that reloads the routes. The routing table and the backends are immutable snapshots behind `arc-swap`, so a
 //! reload never blocks or drops a request in flight.
 
 pub mod backends;
@@ -132,6 +133,25 @@ pub struct GatewayArgs {
     /// This gateway's namespace (downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub pod_namespace: String,
+    /// Worker threads, each serving its share of connections start to end with its own
+    /// listening sockets and backend pools (nginx's `worker_processes auto`). Default: the CPUs
+    /// this process may use.
+    #[arg(long, env = "MESH_GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+/// The worker count: `--workers`, else the CPUs this process may run on (its affinity mask
+/// and cgroup quota, as `available_parallelism` reads them).
+fn worker_count(flag: Option<usize>) -> Result<usize, GatewayError> {
+    match flag {
+        Some(0) => Err(GatewayError::Flag {
+            flag: "workers",
+            value: "0".into(),
+            reason: "at least one worker".into(),
+        }),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, std::num::NonZero::get)),
+    }
 }
 
 /// Why the gateway cannot start.
@@ -149,6 +169,8 @@ pub enum GatewayError {
     NoSource,
     #[error("choose where routes come from: --routes FILE, or --kubernetes without --routes")]
     NoRoutes,
+    #[error("starting the gateway's worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -170,13 +192,7 @@ fn duration_flag(flag: &'static str, v: &str) -> Result<Duration, GatewayError> 
 
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
-    let conn_limits = ConnLimits {
-        header_read_timeout: duration_flag("header-read-timeout", &args.header_read_timeout)?,
-        idle_timeout: duration_flag("idle-timeout", &args.idle_timeout)?,
-        max_header_bytes: args.max_header_bytes,
-        max_headers: 100,
-        max_concurrent_streams: 100,
-    };
+    let mut serving = Serving::start(&args)?;
     let drain_period = duration_flag("drain-period", &args.drain_period)?;
     let limits = RequestLimits {
         max_body: args.max_body,
@@ -216,9 +232,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         client.as_ref(),
         known_rx,
     );
-    let mut listeners: std::collections::BTreeMap<u16, JoinHandle<()>> =
-        std::collections::BTreeMap::new();
-    sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits)?;
+    serving.sync_listeners(&shared)?;
     let mut last = args
         .routes
         .as_deref()
@@ -249,13 +263,57 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         }
         let _ = done_rx.await;
         configs_tx.send_replace(shared.config.load_full());
-        if let Err(e) = sync_listeners(&shared, &mut listeners, args.listen_address, conn_limits) {
+        if let Err(e) = serving.sync_listeners(&shared) {
             tracing::error!(error = %e, "a new listener could not be opened");
         }
     }
-    drain(&shared, listeners, drain_period).await;
+    drain(&shared, serving.listeners, drain_period).await;
+    // Stops the workers' runtimes (connections left past the drain period are dropped).
+    drop(serving.workers);
     Ok(())
 }
+
+/// The workers and the listening sockets they accept on.
+struct Serving {
+    workers: Vec<server::Worker>,
+    listeners: Listeners,
+    ip: IpAddr,
+    limits: ConnLimits,
+}
+
+impl Serving {
+    fn start(args: &GatewayArgs) -> Result<Self, GatewayError> {
+        let limits = ConnLimits {
+            header_read_timeout: duration_flag("header-read-timeout", &args.header_read_timeout)?,
+            idle_timeout: duration_flag("idle-timeout", &args.idle_timeout)?,
+            max_header_bytes: args.max_header_bytes,
+            max_headers: 100,
+            max_concurrent_streams: 100,
+        };
+        let workers =
+            server::Worker::start(worker_count(args.workers)?).map_err(GatewayError::Workers)?;
+        tracing::info!(workers = workers.len(), "gateway workers started");
+        Ok(Self {
+            workers,
+            listeners: Listeners::new(),
+            ip: args.listen_address,
+            limits,
+        })
+    }
+
+    fn sync_listeners(&mut self, shared: &Arc<Shared>) -> Result<(), GatewayError> {
+        sync_listeners(
+            shared,
+            &self.workers,
+            &mut self.listeners,
+            self.ip,
+            self.limits,
+        )
+    }
+}
+
+/// The accept tasks of each listening port: one per worker.
+type Listeners = std::collections::BTreeMap<u16, Vec<JoinHandle<()>>>;
 
 /// Rereads the routes file when it (or a file it names) changed: the new configuration, or
 /// `None` when unchanged or rejected (the last good one keeps serving).
@@ -389,15 +447,12 @@ fn start_status(
 /// and the process waits for them at most `period`. Spliced upgrades (WebSocket) are not
 /// waited for. Envoy Gateway drains the same way (its `shutdown.drainTimeout`, 60 s by default,
 /// under a longer termination grace period).
-async fn drain(
-    shared: &Arc<Shared>,
-    listeners: std::collections::BTreeMap<u16, JoinHandle<()>>,
-    period: Duration,
-) {
-    for task in listeners.values() {
+async fn drain(shared: &Arc<Shared>, listeners: Listeners, period: Duration) {
+    for task in listeners.values().flatten() {
         task.abort();
     }
-    for task in listeners.into_values() {
+    // Every worker's listening socket is closed once its aborted task is gone.
+    for task in listeners.into_values().flatten() {
         let _ = task.await;
     }
     shared.drain.send_replace(true);
@@ -498,15 +553,18 @@ fn digest(path: &std::path::Path, cfg: &GatewayConfig) -> Option<u64> {
 /// configured (their open connections finish on their own).
 fn sync_listeners(
     shared: &Arc<Shared>,
-    listeners: &mut std::collections::BTreeMap<u16, JoinHandle<()>>,
+    workers: &[server::Worker],
+    listeners: &mut Listeners,
     ip: IpAddr,
     limits: ConnLimits,
 ) -> Result<(), GatewayError> {
     let ports: BTreeSet<u16> = shared.config.load().ports.keys().copied().collect();
-    listeners.retain(|port, task| {
+    listeners.retain(|port, tasks| {
         let keep = ports.contains(port);
         if !keep {
-            task.abort();
+            for t in tasks.iter() {
+                t.abort();
+            }
         }
         keep
     });
@@ -515,9 +573,15 @@ fn sync_listeners(
             continue;
         }
         let addr = SocketAddr::new(ip, port);
-        let l = server::bind(addr).map_err(|source| GatewayError::Bind { addr, source })?;
-        tracing::info!(%addr, "listening");
-        listeners.insert(port, tokio::spawn(server::serve(shared.clone(), l, limits)));
+        let sockets = server::bind(addr, workers.len())
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        tracing::info!(%addr, workers = workers.len(), "listening");
+        let tasks = workers
+            .iter()
+            .zip(sockets)
+            .map(|(w, l)| w.serve(shared.clone(), l, limits))
+            .collect();
+        listeners.insert(port, tasks);
     }
     Ok(())
 }

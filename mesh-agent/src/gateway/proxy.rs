@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
     header::{self, HeaderName},
+    uri::PathAndQuery,
 };
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
@@ -61,9 +62,46 @@ pub struct Shared {
     pub drain: tokio::sync::watch::Sender<bool>,
     /// Client connections open (from accept to close), what the drain waits for.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    budget: RetryBudget,
+}
+
+/// The backend connection pools of one worker (`super::server::Worker`): HTTP/1.1 keep-alive
+/// and multiplexed h2c connections per endpoint. Used only on its worker's single-threaded
+/// runtime, so a request, its backend connection's task and the response all run on one
+/// thread: handing a request to the connection task is a local wake-up, not a futex across
+/// threads (nginx's workers, `HAProxy`'s threads and Envoy's workers each keep their own
+/// upstream pools for the same reason). The price: an endpoint gets up to one h2 connection
+/// per worker instead of one per process (Envoy: one per worker too).
+#[derive(Debug)]
+pub struct Upstreams {
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
-    budget: RetryBudget,
+}
+
+impl Upstreams {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_max_idle_per_host(1024);
+        let http1 = b.build(connector.clone());
+        let http2 = b.http2_only(true).build(connector);
+        Self { http1, http2 }
+    }
+
+    fn client(&self, h2: bool) -> &Client<HttpConnector, Body> {
+        if h2 { &self.http2 } else { &self.http1 }
+    }
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Idle backend connections are closed after this (Envoy's upstream idle timeout is 1 h;
@@ -79,15 +117,6 @@ impl Shared {
         feedback: Arc<dyn HealthFeedback>,
         telemetry: GatewayTelemetry,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .pool_max_idle_per_host(1024);
-        let http1 = b.build(connector.clone());
-        let http2 = b.http2_only(true).build(connector);
         Self {
             config: ArcSwap::from_pointee(config),
             backends: ArcSwap::from_pointee(Backends::default()),
@@ -98,8 +127,6 @@ impl Shared {
             telemetry,
             drain: tokio::sync::watch::Sender::new(false),
             connections: Arc::default(),
-            http1,
-            http2,
             budget: RetryBudget::default(),
         }
     }
@@ -137,6 +164,7 @@ fn empty() -> Body {
 /// line and span are written when the response body ends (`observe::Finish`).
 pub async fn handle(
     shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -153,7 +181,16 @@ pub async fn handle(
     out.span = Some(span);
     let host = host_of(&req);
     out.authority.clone_from(&host);
-    let resp = route(&shared, conn, req, host.as_deref(), &trace, &mut out).await;
+    let resp = route(
+        &shared,
+        &upstreams,
+        conn,
+        req,
+        host.as_deref(),
+        &trace,
+        &mut out,
+    )
+    .await;
     Ok(super::observe::finish(resp, out, &shared.telemetry))
 }
 
@@ -172,23 +209,28 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
 /// invalid one starts a new trace, as W3C Trace Context says a receiver must).
 fn start_span(headers: &HeaderMap) -> traces::ActiveSpan {
     let parent = headers
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
     traces::start_span("gateway", traces::Kind::Server, parent.as_ref())
 }
 
-/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-authorization",
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names made at
+/// compile time: no parsing of a name per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
@@ -211,7 +253,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for n in HOP_BY_HOP {
-        if keep_upgrade && (n == "upgrade" || n == "connection") {
+        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
             continue;
         }
         headers.remove(n);
@@ -261,6 +303,7 @@ fn changed_path(path: &str, matched: &PathMatch, change: &PathChange) -> String 
 )]
 async fn route(
     shared: &Arc<Shared>,
+    upstreams: &Upstreams,
     conn: ConnInfo,
     mut req: Request<Incoming>,
     host: Option<&str>,
@@ -433,19 +476,19 @@ async fn route(
     if let Some(h) = host_header {
         headers.insert(header::HOST, h);
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
     if let Ok(v) = HeaderValue::from_str(trace) {
-        headers.insert("traceparent", v);
+        headers.insert(TRACEPARENT, v);
     }
     // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c.
     let grpc = action.grpc
@@ -454,9 +497,9 @@ async fn route(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
     out.grpc = grpc;
-    let template = Template {
+    let mut template = Template {
         method: parts.method,
-        path_and_query,
+        path_and_query: PathAndQuery::from_maybe_shared(Bytes::from(path_and_query)).ok(),
         headers,
         h2: grpc,
     };
@@ -489,7 +532,7 @@ async fn route(
             continue;
         }
         if let Some(b) = &buffered {
-            mirror(shared, &m.target, &template, b.clone());
+            mirror(shared, upstreams, &m.target, &template, b.clone());
         } else {
             tracing::debug!(route = %action.route, "streaming request body: not mirrored");
         }
@@ -532,12 +575,13 @@ async fn route(
             (None, Some(s)) => s,
             (None, None) => empty(),
         };
-        let request = template.build(ep.addr, body);
-        let client = if template.h2 {
-            &shared.http2
+        // Without a retry this is the only try: its headers move into the request.
+        let request = if retry {
+            template.build(&ep, body)
         } else {
-            &shared.http1
+            template.build_last(&ep, body)
         };
+        let client = upstreams.client(template.h2);
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let limit = match (remaining, action.backend_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -553,7 +597,7 @@ async fn route(
         let (failed, answer): (Option<String>, Option<Response<Incoming>>) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                let grpc_unavailable = resp.headers().get("grpc-status").is_some_and(|v| v == "14");
+                let grpc_unavailable = resp.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
                 if status.is_server_error() || grpc_unavailable {
                     (Some(format!("status {}", status.as_u16())), Some(resp))
                 } else {
@@ -584,7 +628,7 @@ async fn route(
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|r| {
                 matches!(r.status().as_u16(), 502..=504)
-                    || r.headers().get("grpc-status").is_some_and(|v| v == "14")
+                    || r.headers().get(GRPC_STATUS).is_some_and(|v| v == "14")
             });
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if retriable && retry && attempt <= action.retry.attempts && time_left {
@@ -642,7 +686,7 @@ pub fn process_head<B>(
     }
     let tp = start_span(req.headers()).traceparent();
     if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert("traceparent", v);
+        headers.insert(TRACEPARENT, v);
     }
     Some((entry.action.route.clone(), headers))
 }
@@ -670,23 +714,36 @@ fn body_error(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
 /// The parts of the upstream request every try shares.
 struct Template {
     method: Method,
-    path_and_query: String,
+    /// Parsed once; cloning it is a reference count (`Bytes`).
+    path_and_query: Option<PathAndQuery>,
     headers: HeaderMap,
     h2: bool,
 }
 
 impl Template {
-    fn build(&self, addr: SocketAddr, body: Body) -> Request<Body> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query(self.path_and_query.as_str())
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("http://invalid/"));
+    /// A try that may be followed by another (retry) or a mirror's copy: the headers are
+    /// copied.
+    fn build(&self, ep: &EndpointState, body: Body) -> Request<Body> {
+        self.request(ep, self.headers.clone(), body)
+    }
+
+    /// The last use of the template (no retry can follow): the headers move instead of being
+    /// copied.
+    fn build_last(&mut self, ep: &EndpointState, body: Body) -> Request<Body> {
+        let headers = std::mem::take(&mut self.headers);
+        self.request(ep, headers, body)
+    }
+
+    fn request(&self, ep: &EndpointState, headers: HeaderMap, body: Body) -> Request<Body> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(ep.authority.clone());
+        parts.path_and_query.clone_from(&self.path_and_query);
+        let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"));
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = uri;
-        *r.headers_mut() = self.headers.clone();
+        *r.headers_mut() = headers;
         if self.h2 {
             *r.version_mut() = Version::HTTP_2;
             // HTTP/2 carries the authority in `:authority` (the URI).
@@ -700,7 +757,13 @@ impl Template {
 
 /// Sends a copy to the mirror's backend and forgets it (Gateway API `RequestMirror`: the
 /// mirror's answer is ignored).
-fn mirror(shared: &Arc<Shared>, target: &ServiceRef, t: &Template, body: Bytes) {
+fn mirror(
+    shared: &Arc<Shared>,
+    upstreams: &Upstreams,
+    target: &ServiceRef,
+    t: &Template,
+    body: Bytes,
+) {
     let backends = shared.backends.load();
     let Some(svc) = backends.services.get(target).cloned() else {
         return;
@@ -709,16 +772,12 @@ fn mirror(shared: &Arc<Shared>, target: &ServiceRef, t: &Template, body: Bytes) 
         return;
     };
     let req = t.build(
-        ep.addr,
+        &ep,
         Full::new(body)
             .map_err(|e: Infallible| match e {})
             .boxed_unsync(),
     );
-    let client = if t.h2 {
-        shared.http2.clone()
-    } else {
-        shared.http1.clone()
-    };
+    let client = upstreams.client(t.h2).clone();
     tokio::spawn(async move {
         if let Ok(Ok(resp)) =
             tokio::time::timeout(Duration::from_secs(30), client.request(req)).await
@@ -788,7 +847,7 @@ impl http_body::Body for Observed {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &polled
             && let Some(t) = f.trailers_ref()
-            && t.get("grpc-status").is_some_and(|v| v == "14")
+            && t.get(GRPC_STATUS).is_some_and(|v| v == "14")
             && let Some((shared, svc, ep)) = self.watch.take()
         {
             svc.failure(&ep, shared.epoch);

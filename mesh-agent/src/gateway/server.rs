@@ -1,4 +1,5 @@
-//! Listeners: TCP accept loops per configured port, TLS (rustls, TLS 1.2 and 1.3, certificate
+//! Workers and listeners: N single-threaded runtimes (thread per core), each with its own
+//! `SO_REUSEPORT` listener per configured port and its own backend pools; TCP accept loops, TLS (rustls, TLS 1.2 and 1.3, certificate
 //! by SNI from the current configuration, ALPN h2 / http/1.1), HTTP/1.1 and HTTP/2 (h2c by
 //! prior knowledge on plain ports) through hyper-util's auto connection, with the limits that
 //! bound hostile clients.
@@ -24,7 +25,80 @@ use tokio::{
     net::TcpListener,
 };
 
-use super::proxy::{ConnInfo, Shared, handle};
+use super::proxy::{ConnInfo, Shared, Upstreams, handle};
+
+/// One worker: a thread driving a `current_thread` runtime. Each worker accepts on its own
+/// listening socket per port (the kernel spreads new connections over the `SO_REUSEPORT`
+/// group by the 4-tuple hash) and serves them start to end on its thread with its own backend
+/// pools, so a request never waits for a wake-up from another thread — nginx's worker
+/// processes with `reuseport`, `HAProxy`'s threads with `shards`, Envoy's worker threads. State
+/// that must hold across workers is shared: configuration and backends (`ArcSwap`), rate-limit
+/// buckets and the retry budget (mutexes and atomics in them), outlier detection (atomics per
+/// endpoint), the open-connection count and the drain signal.
+#[derive(Debug)]
+pub struct Worker {
+    handle: tokio::runtime::Handle,
+    upstreams: Arc<Upstreams>,
+    /// Dropped (with the worker): the runtime stops and its thread ends.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Worker {
+    /// Starts `n` workers.
+    pub fn start(n: usize) -> io::Result<Vec<Self>> {
+        (0..n).map(Self::start_one).collect()
+    }
+
+    fn start_one(i: usize) -> io::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, handle) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("gateway-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(rt.handle().clone()));
+                rt.block_on(async move {
+                    let _ = stopped.await;
+                });
+                // Connections still open (past the drain period) are dropped here.
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        let handle = handle
+            .recv()
+            .map_err(|_| io::Error::other("gateway worker thread ended at start"))??;
+        Ok(Self {
+            handle,
+            upstreams: Arc::new(Upstreams::new()),
+            _stop: stop,
+        })
+    }
+
+    /// Serves `listener` on this worker until the returned task is aborted.
+    pub fn serve(
+        &self,
+        shared: Arc<Shared>,
+        listener: std::net::TcpListener,
+        limits: ConnLimits,
+    ) -> tokio::task::JoinHandle<()> {
+        let upstreams = self.upstreams.clone();
+        self.handle.spawn(async move {
+            // Registered with this worker's reactor: its connections are polled here only.
+            match TcpListener::from_std(listener) {
+                Ok(l) => serve(shared, upstreams, l, limits).await,
+                Err(e) => tracing::error!(error = %e, "listener not usable on a gateway worker"),
+            }
+        })
+    }
+}
 
 /// Connection limits (Envoy's defaults where it has them).
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -76,7 +150,12 @@ fn tls_acceptor(
 }
 
 /// Accepts connections on `listener` until the task is aborted.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimits) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
+    listener: TcpListener,
+    limits: ConnLimits,
+) {
     let port = listener.local_addr().map_or(0, |a| a.port());
     let acceptor = match tls_acceptor(&shared, port) {
         Ok(a) => a,
@@ -99,6 +178,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
         let tls = shared.config.load().ports.get(&port).is_some_and(|p| p.tls);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
+        let upstreams = upstreams.clone();
         let open = OpenConn::new(&shared.connections);
         tokio::spawn(async move {
             let _open = open;
@@ -117,6 +197,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 serve_conn(
                     shared,
+                    upstreams,
                     conn,
                     IdleIo::new(stream, limits.idle_timeout),
                     limits,
@@ -126,6 +207,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, limits: ConnLimit
             } else {
                 serve_conn(
                     shared,
+                    upstreams,
                     conn,
                     IdleIo::new(stream, limits.idle_timeout),
                     limits,
@@ -157,6 +239,7 @@ impl Drop for OpenConn {
 /// prior knowledge, told apart by the preface).
 async fn serve_conn<I>(
     shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
     conn: ConnInfo,
     io: I,
     limits: ConnLimits,
@@ -181,6 +264,11 @@ async fn serve_conn<I>(
         // against this; past it the connection gets GOAWAY.
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(1024))
+        // A 1 MiB connection window and BDP-sized windows after that (hyper's adaptive flow
+        // control), so uploads over a long path are not held to 64 KiB per round trip; Envoy's
+        // defaults are 1 MiB per connection and 256 MiB per stream.
+        .initial_connection_window_size(1024 * 1024)
+        .adaptive_window(true)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let b = match alpn_h2 {
@@ -189,7 +277,7 @@ async fn serve_conn<I>(
         None => b,
     };
     let mut drain = shared.drain.subscribe();
-    let svc = service_fn(move |req| handle(shared.clone(), conn, req));
+    let svc = service_fn(move |req| handle(shared.clone(), upstreams.clone(), conn, req));
     let served = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(served);
     let result = tokio::select! {
@@ -308,15 +396,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     }
 }
 
-/// Binds `addr` (`SO_REUSEADDR`, a deep backlog for connection bursts).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+/// Binds `addr` (`SO_REUSEADDR`, a deep backlog for connection bursts) once per worker:
+/// `SO_REUSEPORT` makes the sockets one group the kernel balances new connections over. Like
+/// nginx's `reuseport`, another process of the same user could join the group; the gateway's
+/// container runs alone in its network namespace. Call within a Tokio runtime (the sockets are
+/// handed over as std listeners, for each worker to register with its own reactor).
+pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    (0..workers.max(1))
+        .map(|_| {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(addr)?;
+            socket.listen(4096)?.into_std()
+        })
+        .collect()
 }
