@@ -352,7 +352,7 @@ fn churn_run(
         pins.to_owned(),
         socket.to_owned(),
     );
-    agent.log_filter = "warn".to_owned();
+    "warn".clone_into(&mut agent.log_filter);
     let env = |k: &str, v: String| (k.to_owned(), v);
     agent.env = if on {
         vec![
@@ -378,17 +378,17 @@ fn churn_run(
     });
     let (warmup, time) = (plan.warmup, Duration::from_secs(plan.seconds.into()));
     let r: Result<(u64, f64), String> = client
-        .run_timeout(time + warmup + Duration::from_secs(60), move || {
+        .run_timeout(time + warmup + Duration::from_mins(1), move || {
             churn(CHURN_VIP, warmup, time)
         })?;
     let (n, secs) = r.map_err(|e| anyhow::anyhow!("churn from {}: {e}", client.name()))?;
-    let scrapes = scraper.map_or(0, Scraper::finish);
+    let scrape_count = scraper.map_or(0, Scraper::finish);
     let mut run = ChurnRun {
         per_s: n as f64 / secs,
         opened: 0.0,
         otlp_exported: 0.0,
         otlp_dropped: 0.0,
-        scrapes,
+        scrapes: scrape_count,
         access_lines: 0,
     };
     if on {
@@ -635,6 +635,10 @@ fn wait_200(url: &str, alive: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence (start, warm up, alternate, check) reads best top to bottom"
+)]
 fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Result<()> {
     println!(
         "\n== gateway: HTTP/1.1 keep-alive (wrk -t{} -c{}) through mesh-agent gateway, telemetry on vs off ({} rounds × {} s)",
@@ -724,14 +728,14 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
                 })
             });
             let (r, p99, errors) = wrk(&urls[usize::from(is_on)], plan, plan.seconds)?;
-            let scrapes = scraper.map_or(0, Scraper::finish);
+            let scrape_count = scraper.map_or(0, Scraper::finish);
             let name = if is_on { "on" } else { "off" };
             rps[usize::from(is_on)] = r;
             s.push(format!("gateway_rps_{name}"), r);
             s.push(format!("gateway_p99_us_{name}"), p99);
             s.push(format!("gateway_errors_{name}"), errors as f64);
             if is_on {
-                s.push("gateway_on_scrapes", scrapes as f64);
+                s.push("gateway_on_scrapes", scrape_count as f64);
             }
         }
         alive()?;
@@ -832,7 +836,7 @@ fn scrape_model(services: usize, client: &PodHandle) -> String {
 }
 
 /// One connection to each of the first `services` VIPs (read the banner, close): (ok, failed).
-fn connect_each(services: usize) -> Result<(u64, u64), String> {
+fn connect_each(services: usize) -> (u64, u64) {
     let (mut ok, mut failed) = (0, 0);
     for s in 0..services {
         let addr = SocketAddr::new(scrape_vip(s).into(), 80);
@@ -852,7 +856,7 @@ fn connect_each(services: usize) -> Result<(u64, u64), String> {
             failed += 1;
         }
     }
-    Ok((ok, failed))
+    (ok, failed)
 }
 
 fn ip(netns: &str, args: &[&str]) -> Result<()> {
@@ -883,6 +887,10 @@ fn timed_scrape(node: &NodeHandle) -> Result<(f64, String)> {
     Ok((ms, body))
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence (model, traffic, scrapes, checks) reads best top to bottom"
+)]
 fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
     let n = plan.services;
     println!(
@@ -927,7 +935,7 @@ fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
         cluster.bpffs_dir()?.join("a"),
         work.join("admin.sock"),
     );
-    agent.log_filter = "warn".to_owned();
+    "warn".clone_into(&mut agent.log_filter);
     agent.ready_timeout = Duration::from_mins(3);
     agent.env.push((
         "MESH_METRICS_ADDR".into(),
@@ -936,15 +944,27 @@ fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
     let t = Instant::now();
     agent.start()?;
     m.insert("scrape_agent_ready_s".into(), t.elapsed().as_secs_f64());
-    let (ok, failed) = client
-        .run_timeout(Duration::from_mins(5), move || connect_each(n))?
-        .map_err(|e| anyhow::anyhow!("connections from the client: {e}"))?;
+    let (ok, failed) = client.run_timeout(Duration::from_mins(5), move || connect_each(n))?;
     ensure!(
         failed == 0,
         "{failed} of {n} connections to the services failed"
     );
     // The agent reads the flow ring on a 100 ms timer.
     std::thread::sleep(Duration::from_secs(1));
+    // `MESH_BENCH_PERF=FILE`: `perf record -g` of the agent during the timed scrapes (a
+    // diagnostic: the numbers of such a run are not results).
+    let perf = match (std::env::var_os("MESH_BENCH_PERF"), agent.pid()) {
+        (Some(file), Some(pid)) => Some(
+            Command::new("perf")
+                .args(["record", "-g", "-p", &pid.to_string(), "-o"])
+                .arg(file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf record")?,
+        ),
+        _ => None,
+    };
     let mut times = Vec::with_capacity(SCRAPES);
     let mut body = String::new();
     for _ in 0..SCRAPES {
@@ -952,6 +972,13 @@ fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
         times.push(ms);
         body = b;
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(mut p) = perf {
+        if let Ok(pid) = libc::pid_t::try_from(p.id()) {
+            // SAFETY: signalling our own child (perf writes its file on SIGINT).
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let _ = p.wait();
     }
     let opened = metric(&body, "istio_tcp_connections_opened_total", &[]);
     ensure!(
