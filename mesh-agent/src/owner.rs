@@ -210,11 +210,7 @@ impl Owner {
                 let _ = reply.send(self.reconcile(model));
             }
             Command::BackendStatus { keys, reply } => {
-                let result = keys
-                    .into_iter()
-                    .map(|k| Ok((k, self.dp.backend_status(&k)?)))
-                    .collect();
-                let _ = reply.send(result);
+                let _ = reply.send(Ok(self.dp.backend_status_many(keys)));
             }
             Command::Counters { reply } => {
                 let _ = reply.send(self.dp.counters());

@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod bench_gateway;
 pub mod bench_mtls;
+pub mod bench_telemetry;
 pub mod cluster;
 pub mod connect;
 pub mod control_plane;

@@ -24,6 +24,10 @@ pub enum Suite {
     /// `mesh-agent gateway` vs nginx, `HAProxy` and direct: HTTP/1.1 keep-alive (wrk), HTTP/2
     /// over TLS and gRPC unary (h2load), the gateway's RSS (`target/bench/gateway.json`).
     Gateway,
+    /// Telemetry on vs off: connection churn through the kernel with the real agent, HTTP/1.1
+    /// keep-alive through the gateway; one scrape of an agent with 10,000 services
+    /// (`target/bench/telemetry.json`).
+    Telemetry,
 }
 
 impl Suite {
@@ -33,6 +37,7 @@ impl Suite {
             Self::ControlPlane => "control-plane",
             Self::Mtls => "mtls",
             Self::Gateway => "gateway",
+            Self::Telemetry => "telemetry",
         }
     }
 }

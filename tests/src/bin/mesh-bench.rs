@@ -129,6 +129,9 @@ enum Cmd {
     Mtls(MtlsArgs),
     /// Run the gateway benchmark: `mesh-agent gateway` vs nginx, `HAProxy` and direct (wrk, h2load).
     Gateway(GatewayArgs),
+    /// Run the telemetry benchmark: churn and gateway throughput with telemetry on vs off, one
+    /// scrape of an agent with 10,000 services (root).
+    Telemetry(TelemetryArgs),
     /// Internal: blocking TCP echo server pinned to one CPU; prints `ready` once listening.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -176,6 +179,19 @@ struct GatewayArgs {
     /// Where to write the JSON (default `<workspace>/target/bench/gateway.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TelemetryArgs {
+    /// One round of 2 s runs, 1,000 services for the scrape (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON (default `<workspace>/target/bench/telemetry.json`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only one part: `datapath`, `gateway` or `scrape` (default: all three).
+    #[arg(long, value_parser = ["datapath", "gateway", "scrape"])]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -232,6 +248,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| workspace_root().join("target/bench/mtls.json")),
         }),
         Cmd::Gateway(a) => gateway(&a),
+        Cmd::Telemetry(a) => telemetry(&a),
         Cmd::Serve(a) => serve(&a),
     };
     match result {
@@ -334,6 +351,58 @@ fn gateway(args: &GatewayArgs) -> Result<()> {
         let met = if upper { v <= bound } else { v >= bound };
         metrics.insert(format!("{key}_goal_met"), f64::from(u8::from(met)));
     }
+    // Flat `{"metric": number}` like the other suites; the command is printed above.
+    std::fs::write(&out, serde_json::to_string_pretty(&metrics)? + "\n")
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Telemetry (`mesh_tests::bench_telemetry`: the real agent and gateway, telemetry on vs off)
+
+fn telemetry(args: &TelemetryArgs) -> Result<()> {
+    use mesh_tests::bench_telemetry::{self, Part, Plan};
+    ensure!(
+        mesh_tests::is_root(),
+        "mesh-bench needs root (namespaces, cgroups, eBPF): run `cargo xtask bench telemetry` as root"
+    );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench/telemetry.json"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let plan = Plan::new(args.quick);
+    let parts = match &args.only {
+        Some(p) => vec![Part::parse(p)?],
+        None => Part::ALL.to_vec(),
+    };
+    let command = std::env::var("MESH_BENCH_COMMAND")
+        .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    let machine = Machine::probe();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "mesh-bench telemetry{}",
+        if args.quick { " (quick)" } else { "" }
+    );
+    println!("command:  {command}");
+    println!(
+        "machine:  Linux {}, {} CPUs ({}); load average {}",
+        machine.kernel,
+        machine.cpus,
+        machine.cpu_model,
+        load.trim()
+    );
+    let (metrics, samples) = bench_telemetry::run(&plan, &parts)?;
+    bench_telemetry::print_report(&metrics, &samples);
+    println!(
+        "load average at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     // Flat `{"metric": number}` like the other suites; the command is printed above.
     std::fs::write(&out, serde_json::to_string_pretty(&metrics)? + "\n")
         .with_context(|| format!("failed to write {}", out.display()))?;

@@ -1,0 +1,1089 @@
+//! The telemetry benchmark (`cargo xtask bench telemetry`): what turning the mesh's telemetry on
+//! costs the traffic it observes, and what one scrape of a big agent costs.
+//!
+//! - **Data path**: connection churn (a new TCP connection per request, one 64-byte round trip,
+//!   the server closes first) from a client pod through a service VIP of the real agent's kernel
+//!   programs, with the agent's telemetry on (metrics on :15020 scraped every second, the JSON
+//!   access log on stdout, OTLP logs to a real `rotel-agent` collector) against off (metrics
+//!   `none`, no access log, no OTLP). The agent is restarted between runs with the other
+//!   settings (pinned programs and maps stay: a hitless restart); on and off alternate, the
+//!   first of each round rotating, and the reported ratio is the median of the per-round ratios.
+//! - **Gateway**: HTTP/1.1 keep-alive (wrk) through `mesh-agent gateway` in front of one nginx
+//!   backend, one gateway process with its telemetry on (metrics scraped every second, access
+//!   log, OTLP traces at the default 1 % sampling) and one with it off, alternating per round.
+//! - **Scrape**: an agent whose model has 10,000 services × 10 endpoints (file source, 100,000
+//!   backends), after one real connection to every service (so every per-connection
+//!   `istio_tcp_*` series exists): the time of one `GET /metrics` (median of several, first and
+//!   slowest reported too), the body's size and its number of series.
+
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "connection, request and byte counts shown as f64 are far below 2^52"
+)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::agent::{AgentProcess, write_atomically};
+use crate::gateway::{GatewayProcess, services_yaml};
+use crate::prom::{METRICS_PORT, http_get, samples};
+use crate::samples::Samples;
+use crate::{Cluster, NodeHandle, PodChild, PodHandle};
+
+/// The churned service (kernel socket LB over two backend pods' one-shot port).
+const CHURN_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 8081);
+/// The backends' one-shot port: one 64-byte echo, then the server closes first (no
+/// `TIME_WAIT` on the client's ports).
+const ONESHOT_PORT: u16 = 8081;
+/// Request and response size of a churn connection.
+const MSG: usize = 64;
+/// The OTLP collector: in the node for the agent, on host loopback for the gateway (ports of
+/// its own, so a test's collector on 4317 elsewhere does not collide).
+const NODE_COLLECTOR: &str = "127.0.0.1:4317";
+const HOST_COLLECTOR: (&str, &str) = ("127.0.0.1:14317", "127.0.0.1:14318");
+/// The gateway's backend (nginx) and the two gateways' listeners and the "on" one's metrics.
+const WEB_IP: &str = "127.0.21.2";
+const WEB_PORT: u16 = 9081;
+const GATEWAY_ON_PORT: u16 = 18_410;
+const GATEWAY_OFF_PORT: u16 = 18_420;
+const GATEWAY_METRICS: &str = "127.0.0.1:18496";
+/// Endpoint addresses of the scrape model: `10.200.0.0/15`, all local to one backend pod.
+const SCRAPE_NET: &str = "10.200.0.0/15";
+const SCRAPE_PORT: u16 = 8080;
+const SCRAPE_ENDPOINTS: usize = 10;
+/// Scrapes timed on the big agent.
+const SCRAPES: usize = 7;
+/// Pod-name suffix alphabet of Kubernetes (no vowels, no confusable digits).
+const K8S_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+/// What a run measures.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub rounds: usize,
+    /// Measured seconds of one churn or wrk run (after `warmup`, not counted).
+    pub seconds: u32,
+    pub warmup: Duration,
+    /// Services of the scrape model.
+    pub services: usize,
+    pub wrk_connections: u32,
+    pub wrk_threads: u32,
+}
+
+impl Plan {
+    #[must_use]
+    pub const fn new(quick: bool) -> Self {
+        Self {
+            rounds: if quick { 1 } else { 5 },
+            seconds: if quick { 2 } else { 8 },
+            warmup: Duration::from_secs(1),
+            services: if quick { 1_000 } else { 10_000 },
+            wrk_connections: 50,
+            wrk_threads: 2,
+        }
+    }
+}
+
+/// Which parts run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Datapath,
+    Gateway,
+    Scrape,
+}
+
+impl Part {
+    pub const ALL: [Self; 3] = [Self::Datapath, Self::Gateway, Self::Scrape];
+
+    /// Parses `datapath`, `gateway` or `scrape`.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "datapath" => Self::Datapath,
+            "gateway" => Self::Gateway,
+            "scrape" => Self::Scrape,
+            other => bail!("unknown part {other:?} (datapath, gateway or scrape)"),
+        })
+    }
+}
+
+/// The keys with goals in issue 11: (key, is an upper bound, bound).
+pub const GOALS: [(&str, bool, f64); 3] = [
+    ("throughput_ratio_telemetry_on_vs_off_datapath", false, 0.95),
+    ("throughput_ratio_telemetry_on_vs_off_gateway", false, 0.95),
+    ("scrape_ms_10k_services", true, 250.0),
+];
+
+/// Runs the chosen parts: the flat metrics (medians and single values) and the per-round samples.
+pub fn run(plan: &Plan, parts: &[Part]) -> Result<(BTreeMap<String, f64>, Samples)> {
+    let mut m = BTreeMap::new();
+    let mut s = Samples::default();
+    if parts.contains(&Part::Datapath) {
+        datapath(plan, &mut s, &mut m)?;
+    }
+    if parts.contains(&Part::Gateway) {
+        gateway(plan, &mut s, &mut m)?;
+    }
+    if parts.contains(&Part::Scrape) {
+        scrape(plan, &mut m)?;
+    }
+    m.extend(s.medians());
+    m.insert("rounds".into(), plan.rounds as f64);
+    m.insert("seconds_per_run".into(), f64::from(plan.seconds));
+    for (key, upper, bound) in GOALS {
+        if let Some(v) = m.get(key).copied() {
+            let met = if upper { v < bound } else { v >= bound };
+            m.insert(format!("{key}_goal_met"), f64::from(u8::from(met)));
+        }
+    }
+    Ok((m, s))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared pieces
+
+/// `rotel-agent`, shipped inside the `rotel` Python package (`cargo xtask install-deps`).
+fn rotel_agent() -> Result<String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .context("running python3 (to find rotel-agent)")?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        out.status.success() && Path::new(&path).is_file(),
+        "rotel-agent not found: python3 -m pip install rotel (cargo xtask install-deps)"
+    );
+    Ok(path)
+}
+
+/// `rotel-agent start` (`cmd`, made for the network namespace it runs in) on (gRPC, HTTP)
+/// loopback ports, discarding what it receives.
+fn collector_command(mut cmd: Command, grpc: &str, http: &str) -> Command {
+    cmd.args(["start", "--otlp-grpc-endpoint", grpc])
+        .args(["--otlp-http-endpoint", http])
+        .args(["--exporter", "blackhole"]);
+    cmd
+}
+
+/// A Prometheus-like scraper: `GET /metrics` every second until stopped, run by `get` (in a
+/// node's namespace or on the host); counts the scrapes that answered 200.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Scraper {
+    fn start(get: impl Fn() -> bool + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let (st, k) = (Arc::clone(&stop), Arc::clone(&ok));
+        let thread = std::thread::spawn(move || {
+            let mut next = Instant::now();
+            while !st.load(Ordering::Relaxed) {
+                if get() {
+                    k.fetch_add(1, Ordering::Relaxed);
+                }
+                next += Duration::from_secs(1);
+                while !st.load(Ordering::Relaxed) && Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        Self { stop, ok, thread }
+    }
+
+    /// Stops; the number of successful scrapes.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.ok.load(Ordering::Relaxed)
+    }
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's master stops its workers only when told to.
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out = std::fs::File::create(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Self { name, child })
+    }
+
+    fn check_alive(&mut self, log: &Path) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}): {}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Value of the one unlabelled (or first matching) sample `series` in a scrape.
+fn metric(text: &str, family: &str, want: &[(&str, &str)]) -> f64 {
+    crate::prom::sum(text, family, want)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data path: connection churn through the kernel with the agent's telemetry on vs off
+
+/// Connect, one 64-byte round trip, the server's close, then ours; repeated for `warmup`
+/// (dropped) and then `time`: (connections in `time`, seconds measured).
+fn churn(vip: SocketAddr, warmup: Duration, time: Duration) -> Result<(u64, f64), String> {
+    let req = [0xa5_u8; MSG];
+    let mut resp = [0u8; MSG];
+    let one = |resp: &mut [u8; MSG]| -> Result<(), String> {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))
+            .map_err(|e| format!("connect {vip}: {e}"))?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&req).map_err(|e| format!("write: {e}"))?;
+        s.read_exact(resp).map_err(|e| format!("read: {e}"))?;
+        // Wait for the server's FIN so the client never closes first.
+        match s.read(&mut [0u8; 1]) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err("data after the echo".to_owned()),
+            Err(e) => Err(format!("waiting for EOF: {e}")),
+        }
+    };
+    let start = Instant::now();
+    while start.elapsed() < warmup {
+        one(&mut resp)?;
+    }
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        one(&mut resp)?;
+        n += 1;
+    }
+    Ok((n, start.elapsed().as_secs_f64()))
+}
+
+fn churn_model(client: &PodHandle, backends: &[PodHandle]) -> String {
+    let mut y = format!(
+        "node: a\nservices:\n  - name: web\n    clusterIPs: [{}]\n    ports: [{{ name: tcp, port: {ONESHOT_PORT} }}]\n    endpoints:\n",
+        CHURN_VIP.ip()
+    );
+    for b in backends {
+        let _ = writeln!(
+            y,
+            "      - {{ ip: {}, node: a, pod: {} }}",
+            b.ipv4(),
+            b.name()
+        );
+    }
+    y.push_str("pods:\n");
+    for p in std::iter::once(client).chain(backends) {
+        let _ = writeln!(
+            y,
+            "  - {{ name: {0}, node: a, serviceAccount: {0}, ips: [{1}] }}",
+            p.name(),
+            p.ipv4()
+        );
+    }
+    y
+}
+
+/// One agent run: started with telemetry `on` or off, warmed up, churned, stopped. Returns
+/// connections per second and, when on, the scrape's `istio_tcp_connections_opened_total`,
+/// the OTLP records exported and the scrapes made.
+struct ChurnRun {
+    per_s: f64,
+    opened: f64,
+    otlp_exported: f64,
+    otlp_dropped: f64,
+    scrapes: u64,
+    access_lines: u64,
+}
+
+fn churn_run(
+    node: &NodeHandle,
+    client: &PodHandle,
+    files: (&Path, &Path, &Path),
+    on: bool,
+    plan: &Plan,
+) -> Result<ChurnRun> {
+    let (config, pins, socket) = files;
+    let mut agent = AgentProcess::new(
+        node.clone(),
+        config.to_owned(),
+        pins.to_owned(),
+        socket.to_owned(),
+    );
+    "warn".clone_into(&mut agent.log_filter);
+    let env = |k: &str, v: String| (k.to_owned(), v);
+    agent.env = if on {
+        vec![
+            env("MESH_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+            env("MESH_ACCESS_LOG", "true".into()),
+            env("MESH_OTLP_ENDPOINT", format!("http://{NODE_COLLECTOR}")),
+        ]
+    } else {
+        vec![
+            env("MESH_METRICS_ADDR", "none".into()),
+            env("MESH_ACCESS_LOG", "false".into()),
+        ]
+    };
+    agent.start()?;
+    let metrics = format!("{}:{METRICS_PORT}", node.ipv4());
+    let scraper = on.then(|| {
+        let (node, addr) = (node.clone(), metrics.clone());
+        Scraper::start(move || {
+            let addr = addr.clone();
+            node.run(move || http_get(&addr, "/metrics", "*/*").is_ok_and(|(c, _)| c == 200))
+                .unwrap_or(false)
+        })
+    });
+    let (warmup, time) = (plan.warmup, Duration::from_secs(plan.seconds.into()));
+    let r: Result<(u64, f64), String> = client
+        .run_timeout(time + warmup + Duration::from_mins(1), move || {
+            churn(CHURN_VIP, warmup, time)
+        })?;
+    let (n, secs) = r.map_err(|e| anyhow::anyhow!("churn from {}: {e}", client.name()))?;
+    let scrape_count = scraper.map_or(0, Scraper::finish);
+    let mut run = ChurnRun {
+        per_s: n as f64 / secs,
+        opened: 0.0,
+        otlp_exported: 0.0,
+        otlp_dropped: 0.0,
+        scrapes: scrape_count,
+        access_lines: 0,
+    };
+    if on {
+        // The agent reads the flow ring on a timer and batches OTLP for up to 1 s.
+        std::thread::sleep(Duration::from_millis(1500));
+        let addr = metrics.clone();
+        let (code, text) = node
+            .run(move || http_get(&addr, "/metrics", "*/*"))?
+            .map_err(|e| anyhow::anyhow!("scraping the agent: {e}"))?;
+        ensure!(code == 200, "scrape answered {code}");
+        run.opened = metric(&text, "istio_tcp_connections_opened_total", &[]);
+        run.otlp_exported = metric(&text, "mesh_otlp_exported_total", &[("signal", "logs")]);
+        run.otlp_dropped = metric(&text, "mesh_otlp_dropped_total", &[("signal", "logs")]);
+        if std::env::var_os("MESH_BENCH_DEBUG").is_some() {
+            eprintln!("agent log:\n{}", agent.stderr());
+        }
+        while agent.stdout_line(Duration::from_millis(200)).is_ok() {
+            run.access_lines += 1;
+        }
+    }
+    agent.terminate(Duration::from_secs(10))?;
+    Ok(run)
+}
+
+fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the mesh-bench executable")?;
+    ensure!(
+        exe.file_name().is_some_and(|n| n == "mesh-bench"),
+        "the data-path part runs `mesh-bench serve` in the backends: run it from mesh-bench"
+    );
+    let rotel = rotel_agent()?;
+    println!(
+        "\n== data path: connection churn through {CHURN_VIP}, agent telemetry on vs off ({} rounds × {} s + {:.0} s warm-up)",
+        plan.rounds,
+        plan.seconds,
+        plan.warmup.as_secs_f64()
+    );
+    let cluster = Cluster::new("bench-telemetry")?;
+    let node = cluster.add_node("a")?;
+    let client = cluster.add_pod(&node, "client")?;
+    let backends = vec![
+        cluster.add_pod(&node, "web-0")?,
+        cluster.add_pod(&node, "web-1")?,
+    ];
+    for sb in std::iter::once(&client).chain(&backends) {
+        sb.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        sb.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    let mut servers: Vec<PodChild> = Vec::new();
+    for b in &backends {
+        let mut cmd = b.command(&exe);
+        cmd.args(["serve", "--oneshot"])
+            .arg(SocketAddr::new(b.ipv4().into(), ONESHOT_PORT).to_string());
+        let mut child = b.spawn(cmd)?;
+        child.wait_ready(Duration::from_secs(10))?;
+        servers.push(child);
+    }
+    let mut collector = node.spawn(collector_command(
+        node.command(&rotel),
+        NODE_COLLECTOR,
+        "127.0.0.1:4318",
+    ))?;
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work)?;
+    let config = work.join("mesh.yaml");
+    write_atomically(&config, &churn_model(&client, &backends))?;
+    let pins = cluster.bpffs_dir()?.join("a");
+    let socket = work.join("admin.sock");
+    let files = (config.as_path(), pins.as_path(), socket.as_path());
+
+    for round in 0..plan.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut per_s = [0.0; 2];
+        for on in order {
+            let r = churn_run(&node, &client, files, on, plan)?;
+            if let Ok(Some(status)) = collector.try_status() {
+                bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
+            }
+            per_s[usize::from(on)] = r.per_s;
+            let name = if on { "on" } else { "off" };
+            s.push(format!("datapath_conn_per_s_{name}"), r.per_s);
+            if on {
+                let made = r.per_s * f64::from(plan.seconds);
+                // Every measured connection (and the warm-up's) is in the metrics: telemetry
+                // really was on.
+                ensure!(
+                    r.opened >= made * 0.99,
+                    "telemetry on, yet istio_tcp_connections_opened_total = {} < {made:.0} connections made",
+                    r.opened
+                );
+                ensure!(
+                    r.otlp_exported > 0.0,
+                    "telemetry on, yet the collector accepted no OTLP log record"
+                );
+                s.push("datapath_on_istio_tcp_opened", r.opened);
+                s.push("datapath_on_otlp_logs_exported", r.otlp_exported);
+                s.push("datapath_on_otlp_logs_dropped", r.otlp_dropped);
+                s.push("datapath_on_access_lines", r.access_lines as f64);
+                s.push("datapath_on_scrapes", r.scrapes as f64);
+            }
+        }
+        let ratio = per_s[1] / per_s[0];
+        s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
+        println!(
+            "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}",
+            round + 1,
+            plan.rounds,
+            per_s[1],
+            per_s[0]
+        );
+    }
+    drop(servers);
+    collector.kill();
+    let _ = std::fs::remove_dir_all(&work);
+    m.insert("datapath_churn_seconds".into(), f64::from(plan.seconds));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway: HTTP/1.1 keep-alive through `mesh-agent gateway`, telemetry on vs off
+
+/// One wrk result: (requests per second, p99 in µs, non-2xx + socket errors).
+fn wrk(url: &str, plan: &Plan, seconds: u32) -> Result<(f64, f64, u64)> {
+    let out = Command::new("wrk")
+        .arg(format!("-t{}", plan.wrk_threads))
+        .arg(format!("-c{}", plan.wrk_connections))
+        .arg(format!("-d{seconds}s"))
+        .arg("--latency")
+        .arg(url)
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "wrk {url} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_wrk(&text).with_context(|| format!("parsing wrk's output for {url}:\n{text}"))
+}
+
+/// A wrk duration (`812.00us`, `1.20ms`, `2.00s`) in microseconds.
+fn wrk_us(s: &str) -> Option<f64> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn parse_wrk(text: &str) -> Result<(f64, f64, u64)> {
+    let (mut rps, mut p99, mut errors) = (0.0, 0.0, 0);
+    for line in text.lines().map(str::trim) {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["Requests/sec:", v] => rps = v.parse()?,
+            ["99%", v] => p99 = wrk_us(v).context("99% latency")?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>()?,
+            ["Socket", "errors:", rest @ ..] => {
+                errors += rest
+                    .iter()
+                    .filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    ensure!(rps > 0.0 && p99 > 0.0, "no Requests/sec or 99% line");
+    Ok((rps, p99, errors))
+}
+
+fn gateway_routes(port: u16) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw, namespace: default }}
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - {{ name: http, port: {port}, protocol: HTTP }}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: web, namespace: default }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  rules:
+    - backendRefs: [{{ name: web, port: 80 }}]
+"
+    )
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path {d}/body;
+  server {{
+    listen {WEB_IP}:{WEB_PORT} backlog=4096;
+    location / {{ return 200 \"hello from the backend\\n\"; }}
+  }}
+}}
+"
+    )
+}
+
+/// Polls `url` with curl until it answers 200 (30 s).
+fn wait_200(url: &str, alive: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        alive()?;
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+            ])
+            .arg(url)
+            .output()
+            .context("running curl")?;
+        if out.stdout == b"200" {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{url} never answered 200");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence (start, warm up, alternate, check) reads best top to bottom"
+)]
+fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Result<()> {
+    println!(
+        "\n== gateway: HTTP/1.1 keep-alive (wrk -t{} -c{}) through mesh-agent gateway, telemetry on vs off ({} rounds × {} s)",
+        plan.wrk_threads, plan.wrk_connections, plan.rounds, plan.seconds
+    );
+    let rotel = rotel_agent()?;
+    let dir = std::env::temp_dir().join(format!("mesh-bench-telemetry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&dir))?;
+    let nginx_log = dir.join("nginx.log");
+    let mut nginx = Proc::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"]),
+        &nginx_log,
+    )?;
+    let rotel_log = dir.join("rotel.log");
+    let mut collector = Proc::spawn(
+        "rotel-agent",
+        &mut collector_command(Command::new(&rotel), HOST_COLLECTOR.0, HOST_COLLECTOR.1),
+        &rotel_log,
+    )?;
+    let services = services_yaml(&[("web", 80, &[WEB_IP], WEB_PORT, "")]);
+    let on_dir = dir.join("on");
+    let off_dir = dir.join("off");
+    std::fs::create_dir_all(&on_dir)?;
+    std::fs::create_dir_all(&off_dir)?;
+    let otlp = format!("http://{}", HOST_COLLECTOR.0);
+    let metrics_addr = GATEWAY_METRICS.to_owned();
+    let mut on = GatewayProcess::start(
+        &on_dir,
+        &gateway_routes(GATEWAY_ON_PORT),
+        &services,
+        &[
+            "--metrics-addr",
+            &metrics_addr,
+            "--access-log",
+            "true",
+            "--otlp-endpoint",
+            &otlp,
+            "--pod-name",
+            "mesh-gateway-7d9f8b6c4-x2x9z",
+        ],
+    )?;
+    let mut off = GatewayProcess::start(
+        &off_dir,
+        &gateway_routes(GATEWAY_OFF_PORT),
+        &services,
+        &["--metrics-addr", "none", "--access-log", "false"],
+    )?;
+    let urls = [
+        format!("http://127.0.0.1:{GATEWAY_OFF_PORT}/"),
+        format!("http://127.0.0.1:{GATEWAY_ON_PORT}/"),
+    ];
+    let mut alive = || -> Result<()> {
+        nginx.check_alive(&nginx_log)?;
+        collector.check_alive(&rotel_log)?;
+        for g in [&mut on, &mut off] {
+            if let Some(status) = g.child.try_wait()? {
+                bail!("a gateway exited ({status}): {}", g.log_text());
+            }
+        }
+        Ok(())
+    };
+    for url in &urls {
+        wait_200(url, &mut alive)?;
+        wrk(url, plan, 1)?;
+    }
+    for round in 0..plan.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut rps = [0.0; 2];
+        for is_on in order {
+            let scraper = is_on.then(|| {
+                let addr = metrics_addr.clone();
+                Scraper::start(move || {
+                    http_get(&addr, "/metrics", "*/*").is_ok_and(|(c, _)| c == 200)
+                })
+            });
+            let (r, p99, errors) = wrk(&urls[usize::from(is_on)], plan, plan.seconds)?;
+            let scrape_count = scraper.map_or(0, Scraper::finish);
+            let name = if is_on { "on" } else { "off" };
+            rps[usize::from(is_on)] = r;
+            s.push(format!("gateway_rps_{name}"), r);
+            s.push(format!("gateway_p99_us_{name}"), p99);
+            s.push(format!("gateway_errors_{name}"), errors as f64);
+            if is_on {
+                s.push("gateway_on_scrapes", scrape_count as f64);
+            }
+        }
+        alive()?;
+        let ratio = rps[1] / rps[0];
+        s.push("throughput_ratio_telemetry_on_vs_off_gateway", ratio);
+        println!(
+            "round {}/{}: on {:.0} req/s, off {:.0} req/s, ratio {ratio:.3}",
+            round + 1,
+            plan.rounds,
+            rps[1],
+            rps[0]
+        );
+    }
+    // Telemetry was really on: the requests are in the "on" gateway's metrics, its access log
+    // has lines, and the collector accepted spans.
+    let (code, text) = http_get(&metrics_addr, "/metrics", "*/*")
+        .map_err(|e| anyhow::anyhow!("scraping the gateway: {e}"))?;
+    ensure!(code == 200, "gateway scrape answered {code}");
+    let requests = metric(&text, "istio_requests_total", &[]);
+    ensure!(requests > 0.0, "telemetry on, yet no istio_requests_total");
+    m.insert("gateway_on_istio_requests_total".into(), requests);
+    m.insert(
+        "gateway_on_otlp_spans_exported".into(),
+        metric(&text, "mesh_otlp_exported_total", &[("signal", "traces")]),
+    );
+    let access_lines = on
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("mesh_access"))
+        .count();
+    m.insert("gateway_on_access_lines".into(), access_lines as f64);
+    ensure!(access_lines > 0, "telemetry on, yet no access line");
+    drop((on, off, collector, nginx));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scrape of an agent with 10,000 services × 10 endpoints
+
+/// A pod name `NAME-<10 chars>-<5 chars>` in Kubernetes' alphabet (the Deployment pattern, so
+/// the workload label is `NAME`).
+fn pod_name(name: &str, i: usize) -> String {
+    let pick = |mut v: usize, n: usize| {
+        let mut out = String::with_capacity(n);
+        for _ in 0..n {
+            out.push(char::from(K8S_ALPHABET[v % K8S_ALPHABET.len()]));
+            v /= K8S_ALPHABET.len();
+        }
+        out
+    };
+    format!(
+        "{name}-{}-{}",
+        pick(i.wrapping_mul(7919) + 12_345, 10),
+        pick(i, 5)
+    )
+}
+
+/// Endpoint `e` of service `s`: `10.200.0.1` counted up (inside `10.200.0.0/15`).
+fn scrape_endpoint(s: usize, e: usize) -> Ipv4Addr {
+    let i = u32::try_from(s * SCRAPE_ENDPOINTS + e + 1).unwrap_or(u32::MAX);
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i)
+}
+
+fn scrape_vip(s: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        96,
+        u8::try_from(s / 250).unwrap_or(u8::MAX),
+        u8::try_from(s % 250 + 1).unwrap_or(0),
+    )
+}
+
+fn scrape_model(services: usize, client: &PodHandle) -> String {
+    let mut y = String::from("node: a\nservices:\n");
+    for s in 0..services {
+        let _ = write!(
+            y,
+            "  - name: svc-{s}\n    clusterIPs: [{}]\n    ports: [{{ name: tcp, port: 80, targetPort: {SCRAPE_PORT} }}]\n    endpoints:\n",
+            scrape_vip(s)
+        );
+        for e in 0..SCRAPE_ENDPOINTS {
+            let _ = writeln!(
+                y,
+                "      - {{ ip: {}, pod: {} }}",
+                scrape_endpoint(s, e),
+                pod_name(&format!("svc-{s}"), e)
+            );
+        }
+    }
+    let _ = writeln!(
+        y,
+        "pods:\n  - {{ name: {0}, node: a, serviceAccount: {0}, ips: [{1}] }}",
+        client.name(),
+        client.ipv4()
+    );
+    y
+}
+
+/// One connection to each of the first `services` VIPs (read the banner, close): (ok, failed).
+fn connect_each(services: usize) -> (u64, u64) {
+    let (mut ok, mut failed) = (0, 0);
+    for s in 0..services {
+        let addr = SocketAddr::new(scrape_vip(s).into(), 80);
+        let r = (|| -> std::io::Result<()> {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut b = [0u8; 64];
+            let n = c.read(&mut b)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(())
+        })();
+        if r.is_ok() {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    (ok, failed)
+}
+
+fn ip(netns: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", netns])
+        .args(args)
+        .output()
+        .context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip -n {netns} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Time of one full `GET /metrics` (connect to the last byte), in ms, and the body.
+fn timed_scrape(node: &NodeHandle) -> Result<(f64, String)> {
+    let addr = format!("{}:{METRICS_PORT}", node.ipv4());
+    let (ms, r) = node.run(move || {
+        let t = Instant::now();
+        let r = http_get(&addr, "/metrics", "text/plain");
+        (t.elapsed().as_secs_f64() * 1000.0, r)
+    })?;
+    let (code, body) = r.map_err(|e| anyhow::anyhow!("scraping the agent: {e}"))?;
+    ensure!(code == 200, "scrape answered {code}: {body}");
+    Ok((ms, body))
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measured sequence (model, traffic, scrapes, checks) reads best top to bottom"
+)]
+fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
+    let n = plan.services;
+    println!(
+        "\n== scrape: one GET /metrics of an agent with {n} services × {SCRAPE_ENDPOINTS} endpoints, after one connection to every service"
+    );
+    let cluster = Cluster::new("bench-telemetry-scrape")?;
+    let node = cluster.add_node("a")?;
+    let client = cluster.add_pod(&node, "client")?;
+    let web = cluster.add_pod(&node, "web")?;
+    client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    // Every endpoint address is local to the one `web` pod (one listener behind 100,000
+    // endpoints), routed to it by the node through its own address.
+    ip(
+        web.netns(),
+        &["route", "replace", "local", SCRAPE_NET, "dev", "lo"],
+    )?;
+    ip(
+        node.netns(),
+        &[
+            "route",
+            "replace",
+            SCRAPE_NET,
+            "via",
+            &web.ipv4().to_string(),
+            "dev",
+            web.host_ifname(),
+        ],
+    )?;
+    let _server = web.serve(
+        "web",
+        &[SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), SCRAPE_PORT)],
+        &[],
+    )?;
+    let work = std::env::temp_dir().join(cluster.prefix());
+    std::fs::create_dir_all(&work)?;
+    let config = work.join("mesh.yaml");
+    write_atomically(&config, &scrape_model(n, &client))?;
+    let mut agent = AgentProcess::new(
+        node.clone(),
+        config,
+        cluster.bpffs_dir()?.join("a"),
+        work.join("admin.sock"),
+    );
+    "warn".clone_into(&mut agent.log_filter);
+    agent.ready_timeout = Duration::from_mins(3);
+    agent.env.push((
+        "MESH_METRICS_ADDR".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+    ));
+    let t = Instant::now();
+    agent.start()?;
+    m.insert("scrape_agent_ready_s".into(), t.elapsed().as_secs_f64());
+    let (ok, failed) = client.run_timeout(Duration::from_mins(5), move || connect_each(n))?;
+    ensure!(
+        failed == 0,
+        "{failed} of {n} connections to the services failed"
+    );
+    // The agent reads the flow ring on a 100 ms timer.
+    std::thread::sleep(Duration::from_secs(1));
+    // `MESH_BENCH_PERF=FILE`: `perf record -g` of the agent during the timed scrapes (a
+    // diagnostic: the numbers of such a run are not results).
+    let perf = match (std::env::var_os("MESH_BENCH_PERF"), agent.pid()) {
+        (Some(file), Some(pid)) => Some(
+            Command::new("perf")
+                .args(["record", "-g", "-p", &pid.to_string(), "-o"])
+                .arg(file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf record")?,
+        ),
+        _ => None,
+    };
+    let mut times = Vec::with_capacity(SCRAPES);
+    let mut body = String::new();
+    for _ in 0..SCRAPES {
+        let (ms, b) = timed_scrape(&node)?;
+        times.push(ms);
+        body = b;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(mut p) = perf {
+        if let Ok(pid) = libc::pid_t::try_from(p.id()) {
+            // SAFETY: signalling our own child (perf writes its file on SIGINT).
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let _ = p.wait();
+    }
+    let opened = metric(&body, "istio_tcp_connections_opened_total", &[]);
+    ensure!(
+        opened >= ok as f64,
+        "istio_tcp_connections_opened_total = {opened}, expected {ok}"
+    );
+    let series = samples(&body).len();
+    let tcp_series = samples(&body)
+        .iter()
+        .filter(|(n, _, _)| n == "istio_tcp_connections_opened_total")
+        .count();
+    let first = times[0];
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "scrapes (ms): {}; body {} KiB, {series} series ({tcp_series} istio_tcp_connections_opened_total)",
+        times
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        body.len() / 1024
+    );
+    let key = if n == 10_000 {
+        "scrape_ms_10k_services".to_owned()
+    } else {
+        format!("scrape_ms_{n}_services")
+    };
+    m.insert(key, median);
+    m.insert("scrape_ms_first".into(), first);
+    m.insert("scrape_ms_max".into(), sorted[sorted.len() - 1]);
+    m.insert("scrape_body_bytes".into(), body.len() as f64);
+    m.insert("scrape_series".into(), series as f64);
+    m.insert("scrape_istio_tcp_series".into(), tcp_series as f64);
+    m.insert("scrape_services".into(), n as f64);
+    m.insert("scrape_backends".into(), (n * SCRAPE_ENDPOINTS) as f64);
+    m.insert("scrape_connections".into(), ok as f64);
+    if let Some(pid) = agent.pid() {
+        m.insert("scrape_agent_rss_mib".into(), rss_mib(pid));
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Prints the goals table.
+pub fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
+    println!("\n== results (median over rounds)");
+    for (k, v) in m {
+        let range = s
+            .range(k)
+            .map_or_else(String::new, |(lo, hi)| format!("{lo:.3}–{hi:.3}"));
+        println!("  {k:<48} {v:>14.3} {range:>19}");
+    }
+    println!("\n{:<48} {:>10} {:>10}  verdict", "goal", "value", "bound");
+    for (key, upper, bound) in GOALS {
+        let Some(v) = m.get(key) else { continue };
+        let ok = if upper { *v < bound } else { *v >= bound };
+        println!(
+            "{key:<48} {v:>10.3} {:>10}  {}",
+            format!("{} {bound}", if upper { "<" } else { "≥" }),
+            if ok { "met" } else { "NOT MET" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_parsed() {
+        let text = "  Latency Distribution\n     50%  812.00us\n     99%    2.50ms\n  81234 requests in 2.00s, 10.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\nRequests/sec:  40617.00\n";
+        let (rps, p99, errors) = parse_wrk(text).unwrap();
+        assert!((rps - 40617.0).abs() < 1e-9);
+        assert!((p99 - 2500.0).abs() < 1e-9);
+        assert_eq!(errors, 7);
+        assert!(parse_wrk("nothing").is_err());
+    }
+
+    #[test]
+    fn scrape_model_addresses_are_distinct_and_in_the_routed_net() {
+        assert_eq!(scrape_endpoint(0, 0), Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(scrape_endpoint(9_999, 9), Ipv4Addr::new(10, 201, 134, 160));
+        assert_eq!(scrape_vip(9_999), Ipv4Addr::new(10, 96, 39, 250));
+        assert_ne!(scrape_vip(249), scrape_vip(250));
+        let names: std::collections::BTreeSet<String> = (0..SCRAPE_ENDPOINTS)
+            .map(|e| pod_name("svc-1", e))
+            .collect();
+        assert_eq!(names.len(), SCRAPE_ENDPOINTS);
+        assert!(names.iter().all(|n| n.len() == "svc-1".len() + 17));
+    }
+}
