@@ -719,3 +719,53 @@ fn udp_flows_open_and_close_and_reverse_translation_goes_with_the_socket() {
         "every socket's reverse translation left with the socket"
     );
 }
+
+/// The metrics scrape's batched read (`backend_status_many`: `BPF_MAP_LOOKUP_BATCH` past 256
+/// backends) gives exactly what the per-backend reads give: ids, addresses, weights, circuits
+/// and counters of every backend of several services, some ejected, some carrying traffic.
+#[test]
+fn batched_backend_status_equals_per_backend_reads() {
+    let Some(_k) = mesh_tests::kernel_test("scale_batch_status") else {
+        return;
+    };
+    let mut m = Mesh::new("scale_batch_status", 1).expect("cluster");
+    let ip = m.backends[0].ipv4();
+    let _srv = m.backends[0]
+        .serve_ports("s", SocketAddr::new(ip.into(), 21_000), 300)
+        .unwrap();
+    let vips = [vip4(81), vip4(82)];
+    for (i, vip) in vips.iter().enumerate() {
+        let first = 21_000 + 150 * u16::try_from(i).unwrap();
+        let mut spec = ServiceSpec::tcp(*vip, ports(ip, first, 150));
+        spec.circuit = eject_at_once();
+        m.dp.apply_service(&spec).unwrap();
+    }
+    eject_slots(&mut m.dp, vips[0], [3, 77, 149]);
+    eject_slots(&mut m.dp, vips[1], [0, 42]);
+    for vip in vips {
+        let r = m.client.hit(vip, 600, &["--concurrency", "4"]).unwrap();
+        assert_eq!(r.ok(), 600, "{:?}", r.errors);
+    }
+    let keys: Vec<_> = vips
+        .iter()
+        .map(|v| service_key(*v, Protocol::Tcp))
+        .collect();
+    let one_by_one: Vec<_> = keys
+        .iter()
+        .map(|k| (*k, m.dp.backend_status(k).unwrap()))
+        .collect();
+    let batched = m.dp.backend_status_many(keys);
+    assert_eq!(batched.len(), 2);
+    let total: u64 = batched
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|b| b.state.total))
+        .sum();
+    assert_eq!(total, 1_200, "every connection counted in the batched read");
+    let open = batched
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .filter(|b| b.state.circuit == CIRCUIT_OPEN)
+        .count();
+    assert_eq!(open, 5, "the five ejected backends");
+    assert_eq!(batched, one_by_one);
+}

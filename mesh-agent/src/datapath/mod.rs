@@ -160,7 +160,7 @@ impl From<BackendState> for BackendCounters {
 }
 
 /// Circuit and counters of one backend, as the kernel sees it now.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendStatus {
     pub id: u32,
     pub addr: SocketAddr,
