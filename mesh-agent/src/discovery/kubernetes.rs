@@ -552,10 +552,7 @@ impl StoredPod {
             Some(_) => all
                 .get(crate::authz::DATAPLANE_MODE_LABEL)
                 .map(|mode| {
-                    BTreeMap::from([(
-                        crate::authz::DATAPLANE_MODE_LABEL.to_owned(),
-                        mode.clone(),
-                    )])
+                    BTreeMap::from([(crate::authz::DATAPLANE_MODE_LABEL.to_owned(), mode.clone())])
                 })
                 .unwrap_or_default(),
             None => BTreeMap::new(),
@@ -2258,19 +2255,40 @@ mod tests {
         let mut unfinished = BTreeSet::new();
         // What an API server without streaming lists answers: 422 Invalid.
         assert!(streaming_fails(&refused(422, "Invalid"), &mut unfinished));
-        assert!(streaming_fails(&refused(400, "BadRequest"), &mut unfinished));
+        assert!(streaming_fails(
+            &refused(400, "BadRequest"),
+            &mut unfinished
+        ));
         // Other errors are retried by the watch, in either mode.
-        assert!(!streaming_fails(&refused(403, "Forbidden"), &mut unfinished));
+        assert!(!streaming_fails(
+            &refused(403, "Forbidden"),
+            &mut unfinished
+        ));
         assert!(!streaming_fails(&refused(404, "NotFound"), &mut unfinished));
         let pods = |e: watcher::Event<K8sPod>| Change::Pods(Box::new(Ok(e)));
         let slices = |e: watcher::Event<EndpointSlice>| Change::Slices(Box::new(Ok(e)));
         // Each watch begins once; ends with the bookmark; may begin again after (a 410 relist).
-        assert!(!streaming_fails(&pods(watcher::Event::Init), &mut unfinished));
-        assert!(!streaming_fails(&slices(watcher::Event::Init), &mut unfinished));
-        assert!(!streaming_fails(&pods(watcher::Event::InitDone), &mut unfinished));
-        assert!(!streaming_fails(&pods(watcher::Event::Init), &mut unfinished));
+        assert!(!streaming_fails(
+            &pods(watcher::Event::Init),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &slices(watcher::Event::Init),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &pods(watcher::Event::InitDone),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &pods(watcher::Event::Init),
+            &mut unfinished
+        ));
         // The slices' stream began again without its bookmark ever coming: no streaming here.
-        assert!(streaming_fails(&slices(watcher::Event::Init), &mut unfinished));
+        assert!(streaming_fails(
+            &slices(watcher::Event::Init),
+            &mut unfinished
+        ));
     }
 
     #[test]
@@ -2300,7 +2318,9 @@ mod tests {
                 ..Default::default()
             }),
         };
-        state.pods.apply_pod("a", watcher::Event::Apply(pod.clone()));
+        state
+            .pods
+            .apply_pod("a", watcher::Event::Apply(pod.clone()));
         pod.metadata.name = Some("elsewhere".to_owned());
         pod.spec.as_mut().unwrap().node_name = Some("b".to_owned());
         pod.status.as_mut().unwrap().host_ips = Some(vec![
