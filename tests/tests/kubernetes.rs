@@ -440,7 +440,10 @@ fn agent_follows_the_kubernetes_api() {
         let list = requests
             .iter()
             .find(|r| {
-                r["phase"] == "response" && r["path"] == path && r["params"].get("watch").is_none()
+                r["phase"] == "response"
+                    && r["method"] == "GET"
+                    && r["path"] == path
+                    && r["params"].get("watch").is_none()
             })
             .unwrap_or_else(|| panic!("no list of {path} served after the fallback: {requests:?}"));
         assert_eq!(list["params"]["resourceVersion"], "0", "{list}");
@@ -896,9 +899,9 @@ fn agent_applies_kube_proxy_semantics() {
             "no initial-events-end bookmark sent for {path}: {requests:?}"
         );
         assert!(
-            !requests
-                .iter()
-                .any(|r| r["path"] == path && r["params"].get("watch").is_none()),
+            !requests.iter().any(|r| r["method"] == "GET"
+                && r["path"] == path
+                && r["params"].get("watch").is_none()),
             "{path} was listed although streaming lists are served: {requests:?}"
         );
     }
