@@ -1659,6 +1659,62 @@ fn streaming_fails(change: &Change, unfinished: &mut BTreeSet<&'static str>) -> 
     }
 }
 
+/// Whether a run of the source in `mode` starts with streaming lists.
+fn streams_first(mode: ListMode) -> bool {
+    match mode {
+        ListMode::Stream => true,
+        ListMode::List => false,
+        ListMode::Auto => !STREAMING_REFUSED.load(Ordering::Relaxed),
+    }
+}
+
+/// Records the fallback to lists for later runs, logging it only the first time.
+fn note_fallback() {
+    if !STREAMING_REFUSED.swap(true, Ordering::Relaxed) {
+        warn!(
+            "the API server does not serve streaming lists (sendInitialEvents, Kubernetes \
+             1.27+ with the WatchList feature); listing instead, as client-go's reflector \
+             falls back (set discovery.listMode to list to skip the attempt)"
+        );
+    }
+}
+
+/// Applies one batch of changes (until [`DEBOUNCE`] passes quietly, at most [`MAX_BATCH`]);
+/// with `unfinished` (streaming in [`ListMode::Auto`]) returns `true` as soon as a change says
+/// to fall back to lists (see [`streaming_fails`]).
+async fn apply_batch(
+    changes: &mut futures::stream::SelectAll<ChangeStream>,
+    state: &mut State,
+    mut unfinished: Option<&mut BTreeSet<&'static str>>,
+) -> Result<bool, KubernetesError> {
+    let mut take = |change: Change, state: &mut State| {
+        let fails = unfinished
+            .as_deref_mut()
+            .is_some_and(|u| streaming_fails(&change, u));
+        state.apply(change);
+        fails
+    };
+    let Some(first) = changes.next().await else {
+        return Err(KubernetesError::WatchEnded { kind: "all" });
+    };
+    if take(first, state) {
+        return Ok(true);
+    }
+    let deadline = Instant::now() + MAX_BATCH;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(DEBOUNCE, changes.next()).await {
+            Ok(Some(change)) => {
+                if take(change, state) {
+                    return Ok(true);
+                }
+            }
+            Ok(None) => return Err(KubernetesError::WatchEnded { kind: "all" }),
+            Err(_) => break,
+        }
+    }
+    Ok(false)
+}
+
 /// [`run_with_mode`], standing for election as policy status writer with `status` (none:
 /// never write).
 pub async fn run_with_status(
@@ -1669,11 +1725,7 @@ pub async fn run_with_status(
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
     let statuses = StatusSenders::start(&client, status);
-    let mut streaming = match mode {
-        ListMode::Stream => true,
-        ListMode::List => false,
-        ListMode::Auto => !STREAMING_REFUSED.load(Ordering::Relaxed),
-    };
+    let mut streaming = streams_first(mode);
     // Only `auto` falls back; a forced `stream` retries a refusing server with backoff.
     let mut may_fall_back = mode == ListMode::Auto && streaming;
     let mut unfinished: BTreeSet<&'static str> = BTreeSet::new();
@@ -1689,33 +1741,11 @@ pub async fn run_with_status(
          Node, TrafficPolicies, AuthorizationPolicies, PeerAuthentications"
     );
     loop {
-        let Some(first) = changes.next().await else {
-            return Err(KubernetesError::WatchEnded { kind: "all" });
-        };
-        let mut fall_back = may_fall_back && streaming_fails(&first, &mut unfinished);
-        state.apply(first);
-        let deadline = Instant::now() + MAX_BATCH;
-        while !fall_back && Instant::now() < deadline {
-            match tokio::time::timeout(DEBOUNCE, changes.next()).await {
-                Ok(Some(change)) => {
-                    fall_back = may_fall_back && streaming_fails(&change, &mut unfinished);
-                    state.apply(change);
-                }
-                Ok(None) => return Err(KubernetesError::WatchEnded { kind: "all" }),
-                Err(_) => break,
-            }
-        }
-        if fall_back {
+        let unfinished = may_fall_back.then_some(&mut unfinished);
+        if apply_batch(&mut changes, &mut state, unfinished).await? {
             // Every watch starts over with a list; each replaces its store when its list is
             // complete (a watch that had finished streaming keeps serving its store meanwhile).
-            if !STREAMING_REFUSED.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "the API server does not serve streaming lists (sendInitialEvents, \
-                     Kubernetes 1.27+ with the WatchList feature); listing instead, as \
-                     client-go's reflector falls back (set discovery.listMode to list to skip \
-                     the attempt)"
-                );
-            }
+            note_fallback();
             streaming = false;
             may_fall_back = false;
             changes = watches(&client, &node, streaming);
