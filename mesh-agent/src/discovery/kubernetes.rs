@@ -1244,8 +1244,8 @@ mod lean {
     resource!(LeanPod, Pod);
 
     impl LeanPod {
-        /// Labels are kept: authorization and peer-authentication selectors match them (only
-        /// this node's pods are watched).
+        /// Labels are kept: authorization and peer-authentication selectors match them (the
+        /// store then keeps only what the model needs, see `StoredPod`).
         pub fn into_full(self) -> Pod {
             Pod {
                 metadata: self.metadata,
