@@ -483,6 +483,7 @@ fn start_source(shared: &Arc<Shared>, events: mpsc::Sender<SourceEvent>) -> &'st
             ));
         }
         Source::Kubernetes => {
+            let list_mode = cfg.discovery.list_mode;
             tokio::spawn(supervisor::supervise(
                 name,
                 backoff,
@@ -495,7 +496,10 @@ fn start_source(shared: &Arc<Shared>, events: mpsc::Sender<SourceEvent>) -> &'st
                         let client = kube::Client::try_default()
                             .await
                             .map_err(DiscoveryError::KubernetesClient)?;
-                        Ok::<_, DiscoveryError>(discovery::kubernetes::run(client, node, tx).await?)
+                        Ok::<_, DiscoveryError>(
+                            discovery::kubernetes::run_with_mode(client, node, list_mode, tx)
+                                .await?,
+                        )
                     }
                 },
             ));

@@ -39,6 +39,8 @@ pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
 pub const KEY_RESTART_BACKOFF: &str = "discovery.restartBackoff";
 /// Key: longest delay between restarts of a failing source.
 pub const KEY_RESTART_BACKOFF_MAX: &str = "discovery.restartBackoffMax";
+/// Key: how the Kubernetes source gets each watch's initial state (`auto`, `stream`, `list`).
+pub const KEY_LIST_MODE: &str = "discovery.listMode";
 /// Key: how long subscribers of the drain signal get to finish at shutdown.
 pub const KEY_DRAIN_PERIOD: &str = "proxy.drainPeriod";
 /// Key: the node addresses pods reach the agent's outbound listener at (one IPv4 and/or one
@@ -131,6 +133,8 @@ pub struct RawConfig {
     pub trace_sampling: Option<String>,
     pub restart_backoff: Option<String>,
     pub restart_backoff_max: Option<String>,
+    /// `auto` / `stream` / `list`.
+    pub list_mode: Option<String>,
     pub drain_period: Option<String>,
     /// `true` / `false`.
     pub bypass: Option<String>,
@@ -161,6 +165,55 @@ impl Source {
     }
 }
 
+/// How the Kubernetes source gets the initial state of each watch.
+///
+/// client-go's informers use streaming lists when its `WatchListClient` feature is on; its
+/// reflector falls back to LIST + WATCH when the streaming watch fails or ends before the
+/// initial-events-end bookmark ("making progress is better than deadlocking"). `auto` does the
+/// same for the refusal an API server without the feature answers (422 Invalid); `stream` and
+/// `list` force a mode.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListMode {
+    /// Stream; if the API server refuses streaming lists (< 1.27, or its `WatchList` feature
+    /// gate off), list instead, logged once.
+    #[default]
+    Auto,
+    /// Streaming lists only (KEP-3157, `sendInitialEvents=true`): objects arrive one watch
+    /// event at a time, so no list response is ever held whole. A refusing server is retried
+    /// with backoff, as any failed watch.
+    Stream,
+    /// A list from the watch cache (`resourceVersion=0`), then a watch from its version: what
+    /// informers did before streaming lists.
+    List,
+}
+
+impl ListMode {
+    /// The setting's spelling.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Stream => "stream",
+            Self::List => "list",
+        }
+    }
+}
+
+/// `discovery.listMode`: `auto` (default), `stream` or `list`.
+fn parse_list_mode(raw: Option<&str>) -> Result<ListMode, ConfigError> {
+    match raw.map(str::trim) {
+        None | Some("" | "auto") => Ok(ListMode::Auto),
+        Some("stream") => Ok(ListMode::Stream),
+        Some("list") => Ok(ListMode::List),
+        Some(other) => Err(ConfigError::Invalid {
+            key: KEY_LIST_MODE,
+            value: other.to_owned(),
+            reason: "must be `auto`, `stream` or `list`".to_owned(),
+        }),
+    }
+}
+
 /// The kernel side.
 #[derive(Clone, Debug, Serialize)]
 pub struct DatapathSection {
@@ -178,6 +231,8 @@ pub struct DiscoverySection {
     pub file_poll_interval: Duration,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
+    /// How the Kubernetes source gets its initial state (unused by the file source).
+    pub list_mode: ListMode,
 }
 
 /// The admin socket and the readiness endpoint.
@@ -350,6 +405,7 @@ impl AgentConfig {
                     raw.restart_backoff_max,
                     DEFAULT_RESTART_BACKOFF_MAX,
                 )?,
+                list_mode: parse_list_mode(raw.list_mode.as_deref())?,
             },
             admin: AdminSection {
                 socket: raw
@@ -634,6 +690,30 @@ mod tests {
             cgroup: Some("/sys/fs/cgroup".into()),
             ..RawConfig::default()
         }
+    }
+
+    #[test]
+    fn list_mode_defaults_to_auto_and_is_checked() {
+        let c = AgentConfig::from_raw(raw()).unwrap();
+        assert_eq!(c.discovery.list_mode, ListMode::Auto);
+        for (given, mode) in [("stream", ListMode::Stream), ("list", ListMode::List)] {
+            let c = AgentConfig::from_raw(RawConfig {
+                list_mode: Some(given.into()),
+                ..raw()
+            })
+            .unwrap();
+            assert_eq!(c.discovery.list_mode, mode);
+            assert_eq!(mode.name(), given);
+        }
+        let e = AgentConfig::from_raw(RawConfig {
+            list_mode: Some("watch".into()),
+            ..raw()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "discovery.listMode \"watch\": must be `auto`, `stream` or `list`"
+        );
     }
 
     #[test]

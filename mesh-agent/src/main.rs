@@ -62,6 +62,10 @@ struct Args {
     /// Longest delay between restarts of a failing discovery source.
     #[arg(long, env = "MESH_RESTART_BACKOFF_MAX")]
     restart_backoff_max: Option<String>,
+    /// How the Kubernetes source gets each watch's initial state: `auto` (default: streaming
+    /// lists, or lists when the API server refuses them), `stream`, or `list`.
+    #[arg(long, env = "MESH_LIST_MODE")]
+    list_mode: Option<String>,
     /// How long the proxies get to finish at shutdown (Istio's `terminationDrainDuration`).
     #[arg(long, env = "MESH_DRAIN_PERIOD")]
     drain_period: Option<String>,
@@ -171,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
         trace_sampling: args.trace_sampling,
         restart_backoff: args.restart_backoff,
         restart_backoff_max: args.restart_backoff_max,
+        list_mode: args.list_mode,
         drain_period: args.drain_period,
         bypass: args.bypass,
         trust_domain: args.trust_domain,

@@ -2,6 +2,7 @@
 """Kubernetes API stand-in for the mesh's kernel tests: kmock's KubernetesEmulator on 127.0.0.1.
 
 Usage: python3 tests/kmock/server.py --port PORT [--log-requests FILE] [--preload FILE]
+       [--watch-list on|off]
        (PORT 0 = any free port)
 
 Prints one line `ready http://127.0.0.1:PORT` once listening, then serves until killed.
@@ -38,7 +39,18 @@ What it adds to kmock (0.8):
   account itself need not exist (the API server would require it);
 - `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes);
 - the Gateway API kinds the gateway watches (`GatewayClass`, `Gateway`, `HTTPRoute`, `GRPCRoute`
-  with their status subresources, `ReferenceGrant`).
+  with their status subresources, `ReferenceGrant`);
+- streaming lists (KEP-3157 WatchList, beta and on by default since Kubernetes 1.32): a watch with
+  `sendInitialEvents=true` sends every existing object (that its selectors match) as ADDED, then
+  one BOOKMARK whose object carries only `metadata.resourceVersion` and the annotation
+  `k8s.io/initial-events-end: "true"`, then later changes. As the API server's validation
+  (`ValidateListOptions`), it requires `resourceVersionMatch=NotOlderThan` and
+  `allowWatchBookmarks=true` (else 422 Invalid); `resourceVersionMatch` on a watch without
+  `sendInitialEvents` is refused the same way. With `--watch-list off` it stands for a server
+  without the feature (< 1.27, or the WatchList gate off): any watch with `resourceVersionMatch`
+  or `sendInitialEvents` gets the 422 such a server answers ("resourceVersionMatch is forbidden
+  for watch"), and `/version` says 1.26 (on: 1.34). Each initial-events-end bookmark sent is
+  logged (`phase` `initial-events-end`), as list responses are.
 
 As kmock does, a watch without a resourceVersion replays existing objects as ADDED, patches are
 plain merges, and nothing runs controllers (tests post EndpointSlices themselves).
@@ -247,12 +259,67 @@ def stamp_created(meta: dict) -> None:
     meta.setdefault("generation", 1)
 
 
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+
+
+def invalid_list_options(message: str, field: str):
+    """The 422 the API server answers for list options its validation refuses."""
+    return aiohttp.web.json_response(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f'ListOptions.meta.k8s.io "" is invalid: {field}: Forbidden: {message}',
+            "reason": "Invalid",
+            "details": {"group": "meta.k8s.io", "kind": "ListOptions",
+                        "causes": [{"reason": "FieldValueForbidden", "message": message,
+                                    "field": field}]},
+            "code": 422,
+        },
+        status=422,
+    )
+
+
+def watch_list_refusal(params, supported: bool):
+    """The API server's answer to a watch's streaming-list options it refuses, or None."""
+    streaming = "sendInitialEvents" in params
+    version_match = params.get("resourceVersionMatch") or ""
+    if not supported:
+        # A 1.26 server knows no sendInitialEvents and forbids resourceVersionMatch on a watch;
+        # a 1.27+ server with the WatchList gate off forbids sendInitialEvents itself.
+        if version_match:
+            return invalid_list_options("resourceVersionMatch is forbidden for watch",
+                                        "resourceVersionMatch")
+        if streaming:
+            return invalid_list_options(
+                "sendInitialEvents is forbidden for watch unless the WatchList feature gate "
+                "is enabled", "sendInitialEvents")
+        return None
+    if streaming:
+        if version_match != "NotOlderThan":
+            return invalid_list_options(
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                "resourceVersionMatch")
+        if params.get("allowWatchBookmarks") != "true":
+            return invalid_list_options(
+                "sendInitialEvents requires setting allowWatchBookmarks to true",
+                "allowWatchBookmarks")
+    elif version_match:
+        return invalid_list_options(
+            "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            "resourceVersionMatch")
+    return None
+
+
 class Emulator(kmock.KubernetesEmulator):
     """KubernetesEmulator that stamps resource versions and uids on writes."""
 
     _versions = itertools.count(1)
     _current = 0
     log = None
+    # Streaming lists (`sendInitialEvents`) served; off stands for an older API server.
+    watch_list = True
 
     # Minted tokens: token → (namespace, service account, bound pod namespace/name/uid, node, audiences).
     tokens = {}
@@ -342,6 +409,10 @@ class Emulator(kmock.KubernetesEmulator):
                 return await self._token_review(request)
             if m := TOKEN_REQUEST.match(path):
                 return await self._token_request(request, m.group(1), m.group(2))
+        if "watch" in request.params and (
+            refusal := watch_list_refusal(request.params, Emulator.watch_list)
+        ):
+            return refusal
         action = request.action
         data = request.data
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):
@@ -355,6 +426,14 @@ class Emulator(kmock.KubernetesEmulator):
         if "watch" not in request.params:
             self._log(request, "response")
         return response
+
+    async def _serve_server_version(self, request):
+        version = await super()._serve_server_version(request)
+        if Emulator.watch_list:
+            version.update({"minor": "34", "gitVersion": "v1.34.0+kmock"})
+        else:
+            version.update({"minor": "26", "gitVersion": "v1.26.4+kmock"})
+        return version
 
     @staticmethod
     def _log(request, phase: str) -> None:
@@ -379,14 +458,58 @@ class Emulator(kmock.KubernetesEmulator):
         payload["metadata"]["resourceVersion"] = str(Emulator._current)
         return payload
 
+    async def _initial_events(self, request):
+        """A streaming list: every stored object as ADDED, the initial-events-end bookmark,
+        then the changes since the snapshot. Unlike kmock's replay, the change stream is marked
+        under the store's lock before the snapshot is taken, so no change made while the
+        initial events are sent is lost (the API server's watch cache gives the same)."""
+        yield b""
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            objs = self._KubernetesEmulator__get_objs(request, strict=False)
+            events = [{"type": "ADDED", "object": o.raw} for o in objs if not o.deleted]
+            version = str(Emulator._current)
+        try:
+            for event in events:
+                yield event
+            plural = request.resource.plural
+            info = next(
+                (i for k, i in RESOURCES.items() if k.rsplit("/", 1)[-1] == plural), {}
+            )
+            group = request.resource.group
+            yield {
+                "type": "BOOKMARK",
+                "object": {
+                    "kind": info.get("kind", ""),
+                    "apiVersion": f"{group}/{request.resource.version}"
+                    if group else request.resource.version,
+                    "metadata": {
+                        "resourceVersion": version,
+                        "annotations": {INITIAL_EVENTS_END: "true"},
+                    },
+                },
+            }
+            self._log(request, "initial-events-end")
+            async for event in bus.stream(since=marker):
+                meta = (event.get("object") or {}).get("metadata") or {}
+                if request.namespace is None or meta.get("namespace") == request.namespace:
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
     async def _serve_watch(self, request):
         matches = selection(request)
+        streaming = request.params.get("sendInitialEvents") == "true"
         since = request.params.get("resourceVersion") or ""
-        since = int(since) if since.isdigit() else 0
+        # A streaming list sends the current state whatever resourceVersion it names (the
+        # API server's NotOlderThan: at least that fresh).
+        since = int(since) if since.isdigit() and not streaming else 0
         # What this watcher was told exists, so a change of labels is a DELETED or an ADDED.
         visible = set()
-        async for item in super()._serve_watch(request):
-            if not isinstance(item, dict):
+        events = self._initial_events(request) if streaming else super()._serve_watch(request)
+        async for item in events:
+            if not isinstance(item, dict) or item.get("type") == "BOOKMARK":
                 yield item
                 continue
             obj = item.get("object") or {}
@@ -453,7 +576,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = any)")
     parser.add_argument("--log-requests", help="write one JSON line per request to this file")
     parser.add_argument("--preload", help="store the objects of this JSON-lines file first")
+    parser.add_argument(
+        "--watch-list",
+        choices=["on", "off"],
+        default="on",
+        help="serve streaming lists (sendInitialEvents); off stands for an API server < 1.27 "
+        "or one with the WatchList feature gate off",
+    )
     args = parser.parse_args()
+    Emulator.watch_list = args.watch_list == "on"
     if args.log_requests:
         Emulator.log = open(args.log_requests, "w", encoding="utf-8")
     try:

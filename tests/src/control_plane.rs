@@ -583,23 +583,29 @@ pub fn run_kubernetes(quick: bool) -> Result<Vec<Metric>> {
         _ => bail!("agent did not log its initial lists and reconcile: {log}"),
     };
     // The agent's initial lists: when the first was asked for, and when the last was served.
+    // A streaming list (`sendInitialEvents`, the agent's default) is asked for with a watch
+    // and served when its initial-events-end bookmark is sent; a list (`discovery.listMode:
+    // list`, or the fallback) when its response is ready.
     let requests = kmock.requests();
-    let lists = |phase: &'static str| -> Vec<(String, f64)> {
+    let initial = |r: &serde_json::Value| {
+        r["params"].get("watch").is_none() || r["params"]["sendInitialEvents"] == "true"
+    };
+    let lists = |phases: &[&str]| -> Vec<(String, f64)> {
         requests
             .iter()
             .filter(|r| {
-                r["phase"] == phase && r["method"] == "GET" && r["params"].get("watch").is_none()
+                phases.iter().any(|p| r["phase"] == *p) && r["method"] == "GET" && initial(r)
             })
             .filter_map(|r| Some((r["path"].as_str()?.to_owned(), r["t"].as_f64()?)))
             .collect()
     };
-    let first_list = lists("request")
+    let first_list = lists(&["request"])
         .into_iter()
         .map(|(_, t)| t)
         .reduce(f64::min)
         .context("kmock logged no list request")?;
     let mut served: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
-    for (path, t) in lists("response") {
+    for (path, t) in lists(&["response", "initial-events-end"]) {
         served.entry(path).or_insert(t);
     }
     let lists_served = served

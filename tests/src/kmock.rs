@@ -29,6 +29,12 @@ impl Kmock {
     /// Starts the server with its request log in `work`, storing the objects of `preload`
     /// (JSON lines `{"resource": "v1/pods", "object": {...}}`) before it listens.
     pub fn start(work: &Path, preload: Option<&Path>) -> Result<Self> {
+        Self::start_with(work, preload, &[])
+    }
+
+    /// [`Kmock::start`] with more of the server's flags, e.g. `["--watch-list", "off"]` (an API
+    /// server without streaming lists).
+    pub fn start_with(work: &Path, preload: Option<&Path>, flags: &[&str]) -> Result<Self> {
         ensure_kmock()?;
         let script = crate::workspace_root().join("tests/kmock/server.py");
         let requests = work.join("kmock-requests.jsonl");
@@ -36,6 +42,7 @@ impl Kmock {
         cmd.arg(&script)
             .args(["--port", "0", "--log-requests"])
             .arg(&requests)
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(p) = preload {

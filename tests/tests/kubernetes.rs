@@ -5,14 +5,15 @@
 //! the agent's loop is re-implemented here: what the agent did is seen through traffic,
 //! `meshctl` and the pinned maps.
 //!
-//! - `agent_follows_the_kubernetes_api`: endpoints added, a `TrafficPolicy` that takes effect,
+//! - `agent_follows_the_kubernetes_api` (against a stand-in without streaming lists, so the
+//!   agent falls back to lists): endpoints added, a `TrafficPolicy` that takes effect,
 //!   an invalid one that is rejected whole while the service keeps what the valid one gives it
 //!   (reported, written to its status and recorded as an Event by the elected agent), a
 //!   conflict decided by age, deletion of the Service and of its namespace.
 //! - `agent_applies_kube_proxy_semantics`: terminating endpoints, `internalTrafficPolicy: Local`,
 //!   named target ports, topology hints and `PreferClose`, Services of another proxy and
-//!   headless ones filtered by the watches' label selectors, host-network pods, and lists from
-//!   the watch cache.
+//!   headless ones filtered by the watches' label selectors, host-network pods, and the initial
+//!   state streamed from the watch cache (`sendInitialEvents`).
 //! - `policy_status_has_one_writer_and_fails_over`: of two status writers only the Lease holder
 //!   writes, and the other takes over when it dies.
 
@@ -101,10 +102,16 @@ struct Harness {
 
 impl Harness {
     fn new(test: &str) -> Self {
+        Self::with_server(test, &[])
+    }
+
+    /// With more flags for kmock (`["--watch-list", "off"]`: an API server without streaming
+    /// lists).
+    fn with_server(test: &str, kmock_flags: &[&str]) -> Self {
         let cluster = Cluster::new(test).expect("cluster");
         let work = std::env::temp_dir().join(cluster.prefix());
         std::fs::create_dir_all(&work).expect("work dir");
-        let kmock = Kmock::start(&work, None).expect("kmock API stand-in");
+        let kmock = Kmock::start_with(&work, None, kmock_flags).expect("kmock API stand-in");
         let node = cluster.add_node(NODE).expect("node");
         let kubeconfig = kmock.kubeconfig(&work).expect("kubeconfig");
         let mut agent = AgentProcess::new(
@@ -377,7 +384,9 @@ fn agent_follows_the_kubernetes_api() {
     let Some(_k) = mesh_tests::kernel_test("kubernetes_agent") else {
         return;
     };
-    let mut h = Harness::new("kubernetes_agent");
+    // An API server without streaming lists (< 1.27, or the WatchList gate off): the agent's
+    // default `discovery.listMode: auto` is refused, falls back to lists, and says so once.
+    let mut h = Harness::with_server("kubernetes_agent", &["--watch-list", "off"]);
     let node = h.node();
     let client = h.cluster.add_pod(&node, "client").expect("client pod");
     let (backends, _servers) =
@@ -411,6 +420,40 @@ fn agent_follows_the_kubernetes_api() {
     h.agent
         .start()
         .expect("mesh-agent --kubernetes becomes ready");
+
+    // The streaming watches were refused (422), then every resource was listed from the watch
+    // cache and watched from the list's version; the fallback is logged once.
+    let requests = h.kmock.requests();
+    let refused = requests
+        .iter()
+        .filter(|r| r["phase"] == "request" && r["params"]["sendInitialEvents"] == "true")
+        .count();
+    assert!(refused >= 1, "no streaming watch was tried: {requests:?}");
+    for path in [
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/api/v1/pods",
+        "/api/v1/namespaces",
+        "/api/v1/nodes",
+        "/apis/traffic.kernmesh.io/v1alpha1/trafficpolicies",
+    ] {
+        let list = requests
+            .iter()
+            .find(|r| {
+                r["phase"] == "response"
+                    && r["method"] == "GET"
+                    && r["path"] == path
+                    && r["params"].get("watch").is_none()
+            })
+            .unwrap_or_else(|| panic!("no list of {path} served after the fallback: {requests:?}"));
+        assert_eq!(list["params"]["resourceVersion"], "0", "{list}");
+    }
+    let log = h.agent.stderr();
+    assert_eq!(
+        log.matches("does not serve streaming lists").count(),
+        1,
+        "the fallback is logged once: {log}"
+    );
 
     // Two endpoints, and only they, get traffic; the application sees the service address.
     let r = h.hit_until(&client, vip(), "two endpoints", &[], &|r| {
@@ -816,7 +859,9 @@ fn agent_applies_kube_proxy_semantics() {
     let fail_fast = ["--timeout-ms", "300"];
     let unreachable = |r: &HitReport| r.errors.get("EHOSTUNREACH").copied() == Some(20);
 
-    // Lists come from the watch cache, with kube-proxy's selector on Services and slices.
+    // The initial state is streamed (KEP-3157) from the watch cache, with kube-proxy's selector
+    // on Services and slices: no list request at all, each stream ended by its
+    // initial-events-end bookmark.
     let requests = h.kmock.requests();
     for (path, selector) in [
         ("/api/v1/services", ("labelSelector", PROXY_LABEL_SELECTOR)),
@@ -827,20 +872,43 @@ fn agent_applies_kube_proxy_semantics() {
         ("/api/v1/nodes", ("fieldSelector", "metadata.name=a")),
         // Every node's pods (tunnel destinations' identities and nodes), from the cache.
         ("/api/v1/pods", ("resourceVersion", "0")),
+        ("/api/v1/namespaces", ("resourceVersion", "0")),
         (
             "/apis/traffic.kernmesh.io/v1alpha1/trafficpolicies",
             ("resourceVersion", "0"),
         ),
     ] {
-        let list = requests
+        let stream = requests
             .iter()
             .find(|r| {
-                r["method"] == "GET" && r["path"] == path && r["params"].get("watch").is_none()
+                r["phase"] == "request"
+                    && r["path"] == path
+                    && r["params"]["sendInitialEvents"] == "true"
             })
-            .unwrap_or_else(|| panic!("no list of {path}: {requests:?}"));
-        assert_eq!(list["params"]["resourceVersion"], "0", "{list}");
-        assert_eq!(list["params"][selector.0], selector.1, "{list}");
+            .unwrap_or_else(|| panic!("no streaming list of {path}: {requests:?}"));
+        assert_eq!(stream["params"]["resourceVersion"], "0", "{stream}");
+        assert_eq!(
+            stream["params"]["resourceVersionMatch"], "NotOlderThan",
+            "{stream}"
+        );
+        assert_eq!(stream["params"][selector.0], selector.1, "{stream}");
+        assert!(
+            requests
+                .iter()
+                .any(|r| r["phase"] == "initial-events-end" && r["path"] == path),
+            "no initial-events-end bookmark sent for {path}: {requests:?}"
+        );
+        assert!(
+            !requests.iter().any(|r| r["method"] == "GET"
+                && r["path"] == path
+                && r["params"].get("watch").is_none()),
+            "{path} was listed although streaming lists are served: {requests:?}"
+        );
     }
+    assert!(
+        !h.agent.stderr().contains("does not serve streaming lists"),
+        "no fallback against a server with streaming lists"
+    );
 
     // 1: the terminating-but-serving endpoint keeps the service working.
     let r = client.hit(at(1), 20, &[]).expect("hit");

@@ -8,8 +8,11 @@
 //! selector [`PROXY_LABEL_SELECTOR`], so objects of Services another proxy implements
 //! (`service.kubernetes.io/service-proxy-name`) and slices of headless Services
 //! (`service.kubernetes.io/headless`) never reach the agent; Pods with
-//! no selector (every node's: tunnel destinations); the Node with `metadata.name=<node>`. Initial lists
-//! are served from the API server's watch cache (`resourceVersion=0`), and every object is
+//! no selector (every node's: tunnel destinations); the Node with `metadata.name=<node>`. Each
+//! watch's initial state comes as a streaming list by default (KEP-3157 `sendInitialEvents`:
+//! one watch event per object, so a 10,000-slice list is never held whole; see [`ListMode`] and
+//! [`run_with_mode`] for the fallback to lists on older API servers); lists and streams are
+//! served from the API server's watch cache (`resourceVersion=0`), and every object is
 //! slimmed before it is stored (`managedFields`, annotations, pod containers and statuses, node
 //! status dropped), so memory follows what the model uses. `TrafficPolicy` objects (few, and
 //! read whole by the policy parser and the status writer) are watched and kept as they are.
@@ -59,7 +62,10 @@ use std::{
     fmt,
     net::IpAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -82,6 +88,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use crate::config::ListMode;
 use crate::{
     datapath::spec::Protocol,
     discovery::{self, ObjectRef, Update},
@@ -521,6 +528,43 @@ pub fn pod_of(pod: &K8sPod) -> Option<model::Pod> {
     })
 }
 
+/// What the model reads of a Pod, stored instead of the Pod: every node's pods are watched
+/// (100,000 in the control-plane benchmark), and a `k8s-openapi` `Pod` held inline in the store
+/// is ≈ 2 KB of mostly empty spec and status fields before any of its strings (≈ 450 MB of
+/// B-tree nodes for 100,000 pods, measured with heaptrack). Converted once per watch event.
+#[derive(Clone, Debug)]
+struct StoredPod {
+    /// [`pod_of`]'s result: `None` for a pod not scheduled yet or finished.
+    pod: Option<model::Pod>,
+    /// The labels the model keeps: every label of this node's pods (policy selectors), only
+    /// the enrollment label of other nodes' pods (a pod elsewhere may opt out of the mesh).
+    labels: BTreeMap<String, String>,
+    /// `status.hostIPs` (else `status.hostIP`): where the agent of the pod's node is reached.
+    host_ips: Vec<IpAddr>,
+}
+
+impl StoredPod {
+    fn new(pod: &K8sPod, node: &str) -> Self {
+        let model_pod = pod_of(pod);
+        let all = pod.labels();
+        let labels = match &model_pod {
+            Some(p) if p.node == node => all.clone(),
+            Some(_) => all
+                .get(crate::authz::DATAPLANE_MODE_LABEL)
+                .map(|mode| {
+                    BTreeMap::from([(crate::authz::DATAPLANE_MODE_LABEL.to_owned(), mode.clone())])
+                })
+                .unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        Self {
+            pod: model_pod,
+            labels,
+            host_ips: host_ips(pod),
+        }
+    }
+}
+
 /// Objects of one kind as the watcher last listed and updated them, each stored as `V` (the
 /// object itself, or what the model reads of it). During a (re)list the old contents stay
 /// visible until the list is complete, as kube-rs reflectors do.
@@ -582,6 +626,12 @@ impl Store<StoredService> {
     }
 }
 
+impl Store<StoredPod> {
+    fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
+        self.apply_as(event, |p| StoredPod::new(&p, node));
+    }
+}
+
 impl Store<StoredSlice> {
     fn apply_slice(&mut self, names: &mut Names, event: watcher::Event<EndpointSlice>) {
         self.apply_as(event, |s| StoredSlice::new(&s, names));
@@ -621,7 +671,7 @@ struct State {
     slices: Store<StoredSlice>,
     /// Node and zone names the slices share.
     names: Names,
-    pods: Store<K8sPod>,
+    pods: Store<StoredPod>,
     namespaces: Store<K8sNamespace>,
     /// This node only (its zone).
     nodes: Store<K8sNode>,
@@ -814,33 +864,24 @@ impl State {
             );
         }
         model.policies = resolution.report;
-        for pod in self.pods.objects.values() {
-            if let Some(p) = pod_of(pod)
+        for stored in self.pods.objects.values() {
+            if let Some(p) = &stored.pod
                 && self.namespace_live(&p.name.namespace)
             {
-                // This node's pods keep every label (policy selectors); others only the
-                // enrollment label (a pod elsewhere may opt out of the mesh).
-                let labels = pod.labels();
-                if p.node == self.node {
-                    if !labels.is_empty() {
-                        model.mesh.pod_labels.insert(p.name.clone(), labels.clone());
-                    }
-                } else if let Some(mode) = labels.get(crate::authz::DATAPLANE_MODE_LABEL) {
-                    model.mesh.pod_labels.insert(
-                        p.name.clone(),
-                        BTreeMap::from([(
-                            crate::authz::DATAPLANE_MODE_LABEL.to_owned(),
-                            mode.clone(),
-                        )]),
-                    );
+                // The labels were cut at store time (see `StoredPod::labels`).
+                if !stored.labels.is_empty() {
+                    model
+                        .mesh
+                        .pod_labels
+                        .insert(p.name.clone(), stored.labels.clone());
                 }
-                for ip in host_ips(pod) {
+                for &ip in &stored.host_ips {
                     let addrs = model.nodes.entry(p.node.clone()).or_default();
                     if !addrs.contains(&ip) {
                         addrs.push(ip);
                     }
                 }
-                model.pods.insert(p.name.clone(), p);
+                model.pods.insert(p.name.clone(), p.clone());
             }
         }
         for (name, svc) in &self.services.objects {
@@ -956,7 +997,45 @@ enum Change {
     PeerAuthns(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
 }
 
+/// Where a watch event stands in its watch's initial state, for the streaming-list fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Marker {
+    /// The watch (re)started its initial state.
+    Init,
+    /// The initial state is complete (for a streaming list: the initial-events-end bookmark).
+    InitDone,
+    /// The API server refused the watch's options: 422 Invalid (or 400) on the watch request,
+    /// what a server without streaming lists answers `sendInitialEvents` /
+    /// `resourceVersionMatch` with.
+    Refused,
+    Other,
+}
+
+fn marker_of<T>(r: &Result<watcher::Event<T>, watcher::Error>) -> Marker {
+    match r {
+        Ok(watcher::Event::Init) => Marker::Init,
+        Ok(watcher::Event::InitDone) => Marker::InitDone,
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(s)))
+            if s.code == 422 || s.code == 400 =>
+        {
+            Marker::Refused
+        }
+        _ => Marker::Other,
+    }
+}
+
 impl Change {
+    fn marker(&self) -> Marker {
+        match self {
+            Self::Services(r) => marker_of(r),
+            Self::Slices(r) => marker_of(r),
+            Self::Pods(r) => marker_of(r),
+            Self::Namespaces(r) => marker_of(r),
+            Self::Nodes(r) => marker_of(r),
+            Self::Policies(r) | Self::AuthzPolicies(r) | Self::PeerAuthns(r) => marker_of(r),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Self::Services(_) => "Services",
@@ -1165,8 +1244,8 @@ mod lean {
     resource!(LeanPod, Pod);
 
     impl LeanPod {
-        /// Labels are kept: authorization and peer-authentication selectors match them (only
-        /// this node's pods are watched).
+        /// Labels are kept: authorization and peer-authentication selectors match them (the
+        /// store then keeps only what the model needs, see `StoredPod`).
         pub fn into_full(self) -> Pod {
             Pod {
                 metadata: self.metadata,
@@ -1255,16 +1334,36 @@ fn full_event<L, K>(event: watcher::Event<L>, into: fn(L) -> K) -> watcher::Even
     }
 }
 
-/// One watch: initial lists from the API server's watch cache (`resourceVersion=0`, as
-/// informers list; a quorum read of every object would load etcd on each agent restart), each
-/// object parsed as its lean type `L` (see [`lean`]) and turned into its full type `K`.
-/// Unpaginated: kube-rs leaves `resourceVersion=0` out of a request with a `limit` (a paginated
-/// list is a quorum read), and the API server serves a `resourceVersion=0` list from its cache
-/// in one response anyway (as it does for client-go's informers, whose `limit` it ignores
-/// there).
+/// A watch's configuration for the mode in use (`streaming`: streaming lists, else lists).
+///
+/// Streaming (kube-rs `streaming_lists()`): the first watch asks for `sendInitialEvents=true`,
+/// `resourceVersionMatch=NotOlderThan`, `resourceVersion=0` and bookmarks; the API server sends
+/// every object from its watch cache as one ADDED event each, then a BOOKMARK annotated
+/// `k8s.io/initial-events-end`, so at most one object's text is held at a time — the initial
+/// list that was the source's memory peak (a 28 MB response for 10,000 slices, plus its parse)
+/// is never held whole. client-go's informers do the same with `WatchListClient` on.
+///
+/// Lists: from the API server's watch cache (`resourceVersion=0`, as informers list; a quorum
+/// read of every object would load etcd on each agent restart). Unpaginated: kube-rs leaves
+/// `resourceVersion=0` out of a request with a `limit` (a paginated list is a quorum read), and
+/// the API server serves a `resourceVersion=0` list from its cache in one response anyway (as
+/// it does for client-go's informers, whose `limit` it ignores there).
+fn watch_config(config: watcher::Config, streaming: bool) -> watcher::Config {
+    let mut config = config.any_semantic();
+    config.page_size = None;
+    if streaming {
+        config.streaming_lists()
+    } else {
+        config
+    }
+}
+
+/// One watch (see [`watch_config`]), each object parsed as its lean type `L` (see [`lean`])
+/// and turned into its full type `K`.
 fn watch<L, K>(
     api: Api<L>,
     config: watcher::Config,
+    streaming: bool,
     into: fn(L) -> K,
     wrap: fn(Box<Result<watcher::Event<K>, watcher::Error>>) -> Change,
 ) -> ChangeStream
@@ -1273,9 +1372,7 @@ where
     L::DynamicType: Default,
     K: 'static,
 {
-    let mut config = config.any_semantic();
-    config.page_size = None;
-    watcher(api, config)
+    watcher(api, watch_config(config, streaming))
         .default_backoff()
         .map(move |r| wrap(Box::new(r.map(|e| full_event(e, into)))))
         .boxed()
@@ -1289,7 +1386,7 @@ impl State {
             Change::Slices(r) => (*r)
                 .map(|e| self.slices.apply_slice(&mut self.names, e))
                 .err(),
-            Change::Pods(r) => (*r).map(|e| self.pods.apply(e)).err(),
+            Change::Pods(r) => (*r).map(|e| self.pods.apply_pod(&self.node, e)).err(),
             Change::Namespaces(r) => (*r).map(|e| self.namespaces.apply(e)).err(),
             Change::Nodes(r) => (*r).map(|e| self.nodes.apply(e)).err(),
             Change::Policies(r) => match *r {
@@ -1433,18 +1530,25 @@ fn crd_missing(e: &watcher::Error) -> bool {
     }
 }
 
-/// The six watches, merged (see the module docs for their selectors).
-fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<ChangeStream> {
+/// The watches, merged (see the module docs for their selectors), streaming their initial
+/// state or listing it (see [`watch_config`]).
+fn watches(
+    client: &kube::Client,
+    node: &str,
+    streaming: bool,
+) -> futures::stream::SelectAll<ChangeStream> {
     select_all([
         watch(
             Api::<lean::LeanService>::all(client.clone()),
             watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            streaming,
             lean::LeanService::into_full,
             Change::Services,
         ),
         watch(
             Api::<lean::LeanSlice>::all(client.clone()),
             watcher::Config::default().labels(PROXY_LABEL_SELECTOR),
+            streaming,
             lean::LeanSlice::into_full,
             Change::Slices,
         ),
@@ -1454,45 +1558,45 @@ fn watches(client: &kube::Client, node: &str) -> futures::stream::SelectAll<Chan
             // workload from istiod. Slimmed to what the model reads.
             Api::<lean::LeanPod>::all(client.clone()),
             watcher::Config::default(),
+            streaming,
             lean::LeanPod::into_full,
             Change::Pods,
         ),
         watch(
             Api::<lean::LeanNamespace>::all(client.clone()),
             watcher::Config::default(),
+            streaming,
             lean::LeanNamespace::into_full,
             Change::Namespaces,
         ),
         watch(
             Api::<lean::LeanNode>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
+            streaming,
             lean::LeanNode::into_full,
             Change::Nodes,
         ),
         // Whole dynamic objects, not a lean type: the policy parser reports every field of a
         // malformed policy, and the status writer reads its conditions. Policies are few.
-        // Listed from the watch cache, unpaginated, as the other watches (see [`watch`]).
-        watcher(
-            Api::<DynamicObject>::all_with(
-                client.clone(),
-                &ApiResource::erase::<TrafficPolicy>(&()),
-            ),
-            watcher::Config {
-                page_size: None,
-                ..watcher::Config::default().any_semantic()
-            },
-        )
-        .default_backoff()
-        .map(|r| Change::Policies(Box::new(r)))
-        .boxed(),
-        dynamic_watch::<crate::authz::types::AuthorizationPolicy>(client, Change::AuthzPolicies),
-        dynamic_watch::<crate::authz::types::PeerAuthentication>(client, Change::PeerAuthns),
+        // Listed or streamed as the other watches (see [`watch_config`]).
+        dynamic_watch::<TrafficPolicy>(client, streaming, Change::Policies),
+        dynamic_watch::<crate::authz::types::AuthorizationPolicy>(
+            client,
+            streaming,
+            Change::AuthzPolicies,
+        ),
+        dynamic_watch::<crate::authz::types::PeerAuthentication>(
+            client,
+            streaming,
+            Change::PeerAuthns,
+        ),
     ])
 }
 
 /// A watch of whole dynamic objects of a custom resource `K` (as the `TrafficPolicy` one).
 fn dynamic_watch<K>(
     client: &kube::Client,
+    streaming: bool,
     wrap: fn(Box<Result<watcher::Event<DynamicObject>, watcher::Error>>) -> Change,
 ) -> ChangeStream
 where
@@ -1500,10 +1604,7 @@ where
 {
     watcher(
         Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<K>(&())),
-        watcher::Config {
-            page_size: None,
-            ..watcher::Config::default().any_semantic()
-        },
+        watch_config(watcher::Config::default(), streaming),
     )
     .default_backoff()
     .map(move |r| wrap(Box::new(r)))
@@ -1513,41 +1614,141 @@ where
 /// Watches the API through `client` and sends a complete model for `node` after each batch of
 /// changes. Returns `Err(ChannelClosed)` when `updates` is closed; watch errors are retried.
 /// Policy status is written by the elected agent when the downward API names the agent's pod
-/// ([`StatusConfig::from_env`]).
+/// ([`StatusConfig::from_env`]). Initial state: [`ListMode::Auto`] (see [`run_with_mode`]).
 pub async fn run(
     client: kube::Client,
     node: String,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
-    let status = StatusConfig::from_env(&node);
-    run_with_status(client, node, status, updates).await
+    run_with_mode(client, node, ListMode::Auto, updates).await
 }
 
-/// [`run`], standing for election as policy status writer with `status` (none: never write).
+/// [`run`] with the initial state got as `mode` says (the agent's `discovery.listMode`).
+pub async fn run_with_mode(
+    client: kube::Client,
+    node: String,
+    mode: ListMode,
+    updates: mpsc::Sender<Update>,
+) -> Result<(), KubernetesError> {
+    let status = StatusConfig::from_env(&node);
+    run_with_status(client, node, mode, status, updates).await
+}
+
+/// Set once an API server refused streaming lists (or never ended one) in [`ListMode::Auto`]:
+/// later runs of the source in this process (restarts by the supervisor) list at once, and the
+/// fallback is logged only by the run that set it.
+static STREAMING_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a watch event in [`ListMode::Auto`] while streaming says to fall back to lists, as
+/// client-go's reflector does: the API server refused the streaming watch's options (an API
+/// server older than 1.27 forbids `resourceVersionMatch` on a watch, a newer one with the
+/// `WatchList` gate off forbids `sendInitialEvents`; both answer 422 Invalid), or a watch
+/// restarted its initial state before the initial-events-end bookmark ever came (a server that
+/// ignores `sendInitialEvents` sends the objects but no bookmark; kube-rs then starts over when
+/// the watch times out, after `timeoutSeconds` = 290 s). `unfinished` holds the watches whose
+/// streamed initial state has begun and not yet ended.
+fn streaming_fails(change: &Change, unfinished: &mut BTreeSet<&'static str>) -> bool {
+    match change.marker() {
+        Marker::Refused => true,
+        Marker::Init => !unfinished.insert(change.kind()),
+        Marker::InitDone => {
+            unfinished.remove(change.kind());
+            false
+        }
+        Marker::Other => false,
+    }
+}
+
+/// Whether a run of the source in `mode` starts with streaming lists.
+fn streams_first(mode: ListMode) -> bool {
+    match mode {
+        ListMode::Stream => true,
+        ListMode::List => false,
+        ListMode::Auto => !STREAMING_REFUSED.load(Ordering::Relaxed),
+    }
+}
+
+/// Records the fallback to lists for later runs, logging it only the first time.
+fn note_fallback() {
+    if !STREAMING_REFUSED.swap(true, Ordering::Relaxed) {
+        warn!(
+            "the API server does not serve streaming lists (sendInitialEvents, Kubernetes \
+             1.27+ with the WatchList feature); listing instead, as client-go's reflector \
+             falls back (set discovery.listMode to list to skip the attempt)"
+        );
+    }
+}
+
+/// Applies one batch of changes (until [`DEBOUNCE`] passes quietly, at most [`MAX_BATCH`]);
+/// with `unfinished` (streaming in [`ListMode::Auto`]) returns `true` as soon as a change says
+/// to fall back to lists (see [`streaming_fails`]).
+async fn apply_batch(
+    changes: &mut futures::stream::SelectAll<ChangeStream>,
+    state: &mut State,
+    mut unfinished: Option<&mut BTreeSet<&'static str>>,
+) -> Result<bool, KubernetesError> {
+    let mut take = |change: Change, state: &mut State| {
+        let fails = unfinished
+            .as_deref_mut()
+            .is_some_and(|u| streaming_fails(&change, u));
+        state.apply(change);
+        fails
+    };
+    let Some(first) = changes.next().await else {
+        return Err(KubernetesError::WatchEnded { kind: "all" });
+    };
+    if take(first, state) {
+        return Ok(true);
+    }
+    let deadline = Instant::now() + MAX_BATCH;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(DEBOUNCE, changes.next()).await {
+            Ok(Some(change)) => {
+                if take(change, state) {
+                    return Ok(true);
+                }
+            }
+            Ok(None) => return Err(KubernetesError::WatchEnded { kind: "all" }),
+            Err(_) => break,
+        }
+    }
+    Ok(false)
+}
+
+/// [`run_with_mode`], standing for election as policy status writer with `status` (none:
+/// never write).
 pub async fn run_with_status(
     client: kube::Client,
     node: String,
+    mode: ListMode,
     status: Option<StatusConfig>,
     updates: mpsc::Sender<Update>,
 ) -> Result<(), KubernetesError> {
     let statuses = StatusSenders::start(&client, status);
-    let mut changes = watches(&client, &node);
+    let mut streaming = streams_first(mode);
+    // Only `auto` falls back; a forced `stream` retries a refusing server with backoff.
+    let mut may_fall_back = mode == ListMode::Auto && streaming;
+    let mut unfinished: BTreeSet<&'static str> = BTreeSet::new();
+    let mut changes = watches(&client, &node, streaming);
     let mut state = State::new(node.clone());
     // The digest of the last model sent, not a copy of it (see `ClusterModel::digest`).
     let mut last_sent: Option<u64> = None;
-    info!(node = %node, "watching Kubernetes: Services, EndpointSlices, Pods of this node, Namespaces, this Node, TrafficPolicies, AuthorizationPolicies, PeerAuthentications");
+    info!(
+        node = %node,
+        list_mode = mode.name(),
+        initial_state = if streaming { "streaming lists" } else { "lists" },
+        "watching Kubernetes: Services, EndpointSlices, Pods of every node, Namespaces, this \
+         Node, TrafficPolicies, AuthorizationPolicies, PeerAuthentications"
+    );
     loop {
-        let Some(first) = changes.next().await else {
-            return Err(KubernetesError::WatchEnded { kind: "all" });
-        };
-        state.apply(first);
-        let deadline = Instant::now() + MAX_BATCH;
-        while Instant::now() < deadline {
-            match tokio::time::timeout(DEBOUNCE, changes.next()).await {
-                Ok(Some(change)) => state.apply(change),
-                Ok(None) => return Err(KubernetesError::WatchEnded { kind: "all" }),
-                Err(_) => break,
-            }
+        let unfinished = may_fall_back.then_some(&mut unfinished);
+        if apply_batch(&mut changes, &mut state, unfinished).await? {
+            // Every watch starts over with a list; each replaces its store when its list is
+            // complete (a watch that had finished streaming keeps serving its store meanwhile).
+            note_fallback();
+            streaming = false;
+            may_fall_back = false;
+            changes = watches(&client, &node, streaming);
         }
         if !state.ready() {
             continue;
@@ -2073,6 +2274,54 @@ mod tests {
     }
 
     #[test]
+    fn streaming_falls_back_on_a_refusal_or_a_restart_before_the_bookmark() {
+        let refused = |code: u16, kind: &str| {
+            let status = kube::core::Status::failure("resourceVersionMatch is forbidden", kind)
+                .with_code(code);
+            Change::Slices(Box::new(Err(watcher::Error::WatchStartFailed(
+                kube::Error::Api(Box::new(status)),
+            ))))
+        };
+        let mut unfinished = BTreeSet::new();
+        // What an API server without streaming lists answers: 422 Invalid.
+        assert!(streaming_fails(&refused(422, "Invalid"), &mut unfinished));
+        assert!(streaming_fails(
+            &refused(400, "BadRequest"),
+            &mut unfinished
+        ));
+        // Other errors are retried by the watch, in either mode.
+        assert!(!streaming_fails(
+            &refused(403, "Forbidden"),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(&refused(404, "NotFound"), &mut unfinished));
+        let pods = |e: watcher::Event<K8sPod>| Change::Pods(Box::new(Ok(e)));
+        let slices = |e: watcher::Event<EndpointSlice>| Change::Slices(Box::new(Ok(e)));
+        // Each watch begins once; ends with the bookmark; may begin again after (a 410 relist).
+        assert!(!streaming_fails(
+            &pods(watcher::Event::Init),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &slices(watcher::Event::Init),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &pods(watcher::Event::InitDone),
+            &mut unfinished
+        ));
+        assert!(!streaming_fails(
+            &pods(watcher::Event::Init),
+            &mut unfinished
+        ));
+        // The slices' stream began again without its bookmark ever coming: no streaming here.
+        assert!(streaming_fails(
+            &slices(watcher::Event::Init),
+            &mut unfinished
+        ));
+    }
+
+    #[test]
     fn deleted_namespace_drops_its_objects_and_pods_follow_the_node() {
         let mut state = State::new("a".to_owned());
         state
@@ -2099,7 +2348,9 @@ mod tests {
                 ..Default::default()
             }),
         };
-        state.pods.apply(watcher::Event::Apply(pod.clone()));
+        state
+            .pods
+            .apply_pod("a", watcher::Event::Apply(pod.clone()));
         pod.metadata.name = Some("elsewhere".to_owned());
         pod.spec.as_mut().unwrap().node_name = Some("b".to_owned());
         pod.status.as_mut().unwrap().host_ips = Some(vec![
@@ -2110,7 +2361,7 @@ mod tests {
                 ip: "fd00::2".to_owned(),
             },
         ]);
-        state.pods.apply(watcher::Event::Apply(pod));
+        state.pods.apply_pod("a", watcher::Event::Apply(pod));
         let (m, _) = state.build();
         assert_eq!(m.services.len(), 1);
         // Both are in the model (the other node's is a tunnel destination); only this node's
