@@ -392,8 +392,14 @@ fn start_discovery(
             tokio::spawn(async move {
                 // No TrafficPolicy status from gateways (`None`): the node agents elect that
                 // writer; the gateway's POD_NAMESPACE must not make it a candidate.
-                if let Err(e) =
-                    discovery::kubernetes::run_with_status(client, node, None, updates).await
+                if let Err(e) = discovery::kubernetes::run_with_status(
+                    client,
+                    node,
+                    discovery::kubernetes::ListMode::Auto,
+                    None,
+                    updates,
+                )
+                .await
                 {
                     tracing::error!(error = %e, "Kubernetes discovery ended");
                 }
