@@ -57,16 +57,38 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// A random id from the kernel's CSPRNG (`getrandom(2)`), never all zeros (invalid in W3C).
+/// A random id, never all zeros (invalid in W3C). Trace and span ids must be unique, not secret:
+/// each thread draws them from its own fast generator (`fastrand`'s wyrand) seeded once from the
+/// kernel's CSPRNG, as OpenTelemetry's `RandomIdGenerator` draws from a thread-local `SmallRng`.
+/// A `getrandom(2)` per id cost the gateway two system calls per request.
 fn random<const N: usize>() -> [u8; N] {
-    loop {
-        let mut out = [0u8; N];
-        // SAFETY: the pointer and length describe `out`, which outlives the call.
-        let n = unsafe { libc::getrandom(out.as_mut_ptr().cast(), N, 0) };
-        if usize::try_from(n).is_ok_and(|n| n == N) && out != [0; N] {
-            return out;
-        }
+    thread_local! {
+        static RNG: std::cell::RefCell<fastrand::Rng> =
+            std::cell::RefCell::new(fastrand::Rng::with_seed(os_seed()));
     }
+    RNG.with_borrow_mut(|rng| {
+        loop {
+            let mut out = [0u8; N];
+            rng.fill(&mut out);
+            if out != [0; N] {
+                return out;
+            }
+        }
+    })
+}
+
+/// A seed from `getrandom(2)`; should the call fail, the time and the thread id (ids then stay
+/// unique per thread, which is all they need).
+fn os_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // SAFETY: the pointer and length describe `seed`, which outlives the call.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if usize::try_from(n).is_ok_and(|n| n == seed.len()) {
+        return u64::from_ne_bytes(seed);
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&std::thread::current().id(), &mut h);
+    std::hash::Hasher::finish(&h) ^ now_unix_nano()
 }
 
 impl TraceContext {
@@ -322,6 +344,24 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_unique_across_calls_and_threads_and_never_zero() {
+        let draw = || (0..10_000).map(|_| random::<8>()).collect::<Vec<_>>();
+        let mut all: Vec<[u8; 8]> = std::thread::scope(|s| {
+            let others: Vec<_> = (0..3).map(|_| s.spawn(draw)).collect();
+            let mut v = draw();
+            for o in others {
+                v.extend(o.join().unwrap());
+            }
+            v
+        });
+        assert!(all.iter().all(|id| *id != [0; 8]));
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a span id repeated");
+    }
 
     #[test]
     fn traceparent_parses_formats_and_refuses_what_w3c_says_is_invalid() {
