@@ -131,8 +131,8 @@ struct LoadResult {
     requests: u64,
 }
 
-/// A child process killed on drop.
-struct Proc {
+/// A child process (a proxy or server of a benchmark) stopped on drop: SIGTERM, then SIGKILL.
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
 }
@@ -158,7 +158,7 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self> {
         let out = std::fs::File::create(log)?;
         let child = cmd
             .stdin(Stdio::null())
@@ -169,7 +169,7 @@ impl Proc {
         Ok(Self { name, child })
     }
 
-    fn check_alive(&mut self, log: &Path) -> Result<()> {
+    pub(crate) fn check_alive(&mut self, log: &Path) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "{} exited ({status}): {}",

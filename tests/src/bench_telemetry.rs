@@ -26,7 +26,7 @@ use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::agent::{AgentProcess, write_atomically};
-use crate::gateway::{GatewayProcess, services_yaml};
+use crate::bench_gateway::Proc;
+use crate::gateway::{GatewayProcess, http_route_yaml, services_yaml};
 use crate::prom::{METRICS_PORT, http_get, samples};
 use crate::samples::Samples;
 use crate::{Cluster, NodeHandle, PodChild, PodHandle};
@@ -208,55 +209,6 @@ impl Scraper {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         self.ok.load(Ordering::Relaxed)
-    }
-}
-
-/// A child process killed (SIGTERM, then SIGKILL) on drop.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGTERM first: nginx's master stops its workers only when told to.
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: signalling our own child, not reaped yet.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self> {
-        let out = std::fs::File::create(log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(Self { name, child })
-    }
-
-    fn check_alive(&mut self, log: &Path) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited ({status}): {}",
-                self.name,
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        Ok(())
     }
 }
 
@@ -567,27 +519,6 @@ fn parse_wrk(text: &str) -> Result<(f64, f64, u64)> {
     Ok((rps, p99, errors))
 }
 
-fn gateway_routes(port: u16) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{ name: gw, namespace: default }}
-spec:
-  gatewayClassName: mesh
-  listeners:
-    - {{ name: http, port: {port}, protocol: HTTP }}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{ name: web, namespace: default }}
-spec:
-  parentRefs: [{{ name: gw }}]
-  rules:
-    - backendRefs: [{{ name: web, port: 80 }}]
-"
-    )
-}
-
 fn nginx_conf(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -676,7 +607,7 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
     let metrics_addr = GATEWAY_METRICS.to_owned();
     let mut on = GatewayProcess::start(
         &on_dir,
-        &gateway_routes(GATEWAY_ON_PORT),
+        &http_route_yaml(GATEWAY_ON_PORT, "web", ""),
         &services,
         &[
             "--metrics-addr",
@@ -691,7 +622,7 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
     )?;
     let mut off = GatewayProcess::start(
         &off_dir,
-        &gateway_routes(GATEWAY_OFF_PORT),
+        &http_route_yaml(GATEWAY_OFF_PORT, "web", ""),
         &services,
         &["--metrics-addr", "none", "--access-log", "false"],
     )?;

@@ -26,6 +26,31 @@ use hyper_util::{
 
 use crate::agent::{workspace_binary, write_atomically};
 
+/// A Gateway `gw` with one plain HTTP listener on `port` and one `HTTPRoute` named after Service
+/// `svc`, sending everything to `svc`:80 (namespace `default`); `extra` is appended (more YAML
+/// documents, starting with `---`).
+#[must_use]
+pub fn http_route_yaml(port: u16, svc: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw, namespace: default }}
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - {{ name: http, port: {port}, protocol: HTTP }}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: {svc}, namespace: default }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  rules:
+    - backendRefs: [{{ name: {svc}, port: 80 }}]
+{extra}"
+    )
+}
+
 /// An echo backend: answers `{name} {method} {path}` and copies `x-*` request headers back as
 /// `seen-x-*`; fails with 503 while `failing` is set; echoes bytes after an `Upgrade`.
 pub struct Backend {

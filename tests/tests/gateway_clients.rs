@@ -35,27 +35,6 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// A Gateway with one plain HTTP listener on `port` and one `HTTPRoute` to Service `svc`:80.
-fn http_gateway(port: u16, svc: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{ name: gw, namespace: default }}
-spec:
-  gatewayClassName: mesh
-  listeners:
-    - {{ name: http, port: {port}, protocol: HTTP }}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{ name: r, namespace: default }}
-spec:
-  parentRefs: [{{ name: gw }}]
-  rules: [{{ backendRefs: [{{ name: {svc}, port: 80 }}] }}]
-"
-    )
-}
-
 /// Waits until the gateway's TCP port accepts connections (routes are loaded before it binds).
 async fn listening(gw: &GatewayProcess, port: u16) -> Result<()> {
     wait_for(
@@ -348,7 +327,12 @@ fn websocket_client_exchanges_messages_through_the_gateway() -> Result<()> {
         });
         let dir = tmpdir("ws");
         let services = services_yaml(&[("ws", 80, &["127.0.31.3"], 9033, "")]);
-        let gw = GatewayProcess::start(&dir, &http_gateway(port, "ws"), &services, &[])?;
+        let gw = GatewayProcess::start(
+            &dir,
+            &mesh_tests::gateway::http_route_yaml(port, "ws", ""),
+            &services,
+            &[],
+        )?;
         listening(&gw, port).await?;
         let result = websocket_exchange(port).await;
         server.abort();

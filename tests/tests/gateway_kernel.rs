@@ -71,27 +71,6 @@ services:
     )
 }
 
-fn routes(port: u16) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{ name: gw, namespace: default }}
-spec:
-  gatewayClassName: mesh
-  listeners:
-    - {{ name: http, port: {port}, protocol: HTTP }}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{ name: web, namespace: default }}
-spec:
-  parentRefs: [{{ name: gw }}]
-  rules:
-    - backendRefs: [{{ name: web, port: 80 }}]
-"
-    )
-}
-
 /// `curl` in `place` (a node or pod): (status, body) per request.
 fn curl(place: &mesh_tests::Sandbox, url: &str, n: usize) -> Result<Vec<(String, String)>> {
     let mut out = Vec::with_capacity(n);
@@ -131,7 +110,10 @@ fn start_gateway(
     extra: &[&str],
 ) -> Result<PodChild> {
     let routes_path = dir.join(format!("routes-{port}.yaml"));
-    write_atomically(&routes_path, &routes(port))?;
+    write_atomically(
+        &routes_path,
+        &mesh_tests::gateway::http_route_yaml(port, "web", ""),
+    )?;
     let mut cmd = node.command(workspace_binary("mesh-agent")?);
     cmd.arg("gateway")
         .arg("--routes")

@@ -8,31 +8,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use mesh_tests::gateway::{Backend, GatewayProcess, services_yaml};
+use mesh_tests::gateway::{Backend, GatewayProcess, http_route_yaml, services_yaml};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WORKERS: usize = 4;
-
-fn routes(port: u16, extra: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{ name: gw, namespace: default }}
-spec:
-  gatewayClassName: mesh
-  listeners:
-    - {{ name: http, port: {port}, protocol: HTTP }}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{ name: web, namespace: default }}
-spec:
-  parentRefs: [{{ name: gw }}]
-  rules:
-    - backendRefs: [{{ name: web, port: 80 }}]
-{extra}"
-    )
-}
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mesh-gateway-{name}-{}", std::process::id()));
@@ -113,7 +92,7 @@ spec:
     // workers must all see).
     let gw = GatewayProcess::start(
         &dir,
-        &routes(port, ""),
+        &http_route_yaml(port, "web", ""),
         &services,
         &["--metrics-addr", "none", "--workers", &workers],
     )?;
@@ -124,7 +103,7 @@ spec:
         "one SO_REUSEPORT listener per worker: {}",
         gw.log_text()
     );
-    gw.set_routes(&routes(port, policy))?;
+    gw.set_routes(&http_route_yaml(port, "web", policy))?;
     // The reload is visible once a request is limited (the first 100 pass).
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut before = 0u32;
@@ -218,7 +197,7 @@ async fn drain_waits_for_requests_on_every_worker() -> Result<()> {
     let workers = WORKERS.to_string();
     let mut gw = GatewayProcess::start(
         &dir,
-        &routes(port, ""),
+        &http_route_yaml(port, "web", ""),
         &services,
         &[
             "--metrics-addr",
