@@ -122,13 +122,13 @@ impl Target {
 
 /// One load-generator result.
 #[derive(Clone, Copy, Debug, Default)]
-struct LoadResult {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(crate) struct LoadResult {
+    pub(crate) rps: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
     /// Requests answered with anything but 2xx, plus socket errors.
-    errors: u64,
-    requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) requests: u64,
 }
 
 /// A child process (a proxy or server of a benchmark) stopped on drop: SIGTERM, then SIGKILL.
@@ -402,11 +402,22 @@ stringData:
     ))
 }
 
-/// `wrk -t T -c C -d S --latency URL`.
+/// `wrk -t T -c C -d S --latency URL` with this plan's threads and connections.
 fn wrk(url: &str, plan: &Plan, seconds: u32) -> Result<LoadResult> {
+    run_wrk(url, plan.http1_threads, plan.http1_connections, seconds)
+}
+
+/// `wrk -t threads -c connections -d seconds --latency URL`: rate, latency percentiles and
+/// errors (the telemetry benchmark drives its gateway with it too).
+pub(crate) fn run_wrk(
+    url: &str,
+    threads: u32,
+    connections: u32,
+    seconds: u32,
+) -> Result<LoadResult> {
     let out = Command::new("wrk")
-        .arg(format!("-t{}", plan.http1_threads))
-        .arg(format!("-c{}", plan.http1_connections))
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))
         .arg("--latency")
         .arg(url)
@@ -948,6 +959,7 @@ Transfer/sec:      5.00MB
         assert!((r.p99_us - 2500.0).abs() < 1e-9);
         assert_eq!(r.requests, 81234);
         assert_eq!(r.errors, 7);
+        assert!(parse_wrk("nothing").is_err());
     }
 
     #[test]

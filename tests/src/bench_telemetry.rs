@@ -468,55 +468,8 @@ fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resu
 
 /// One wrk result: (requests per second, p99 in µs, non-2xx + socket errors).
 fn wrk(url: &str, plan: &Plan, seconds: u32) -> Result<(f64, f64, u64)> {
-    let out = Command::new("wrk")
-        .arg(format!("-t{}", plan.wrk_threads))
-        .arg(format!("-c{}", plan.wrk_connections))
-        .arg(format!("-d{seconds}s"))
-        .arg("--latency")
-        .arg(url)
-        .output()
-        .context("running wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "wrk {url} failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_wrk(&text).with_context(|| format!("parsing wrk's output for {url}:\n{text}"))
-}
-
-/// A wrk duration (`812.00us`, `1.20ms`, `2.00s`) in microseconds.
-fn wrk_us(s: &str) -> Option<f64> {
-    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        return None;
-    };
-    num.parse::<f64>().ok().map(|v| v * mult)
-}
-
-fn parse_wrk(text: &str) -> Result<(f64, f64, u64)> {
-    let (mut rps, mut p99, mut errors) = (0.0, 0.0, 0);
-    for line in text.lines().map(str::trim) {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["Requests/sec:", v] => rps = v.parse()?,
-            ["99%", v] => p99 = wrk_us(v).context("99% latency")?,
-            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>()?,
-            ["Socket", "errors:", rest @ ..] => {
-                errors += rest
-                    .iter()
-                    .filter_map(|t| t.trim_end_matches(',').parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-            _ => {}
-        }
-    }
-    ensure!(rps > 0.0 && p99 > 0.0, "no Requests/sec or 99% line");
-    Ok((rps, p99, errors))
+    let r = crate::bench_gateway::run_wrk(url, plan.wrk_threads, plan.wrk_connections, seconds)?;
+    Ok((r.rps, r.p99_us, r.errors))
 }
 
 fn nginx_conf(dir: &Path) -> String {
@@ -994,16 +947,6 @@ pub fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrk_output_is_parsed() {
-        let text = "  Latency Distribution\n     50%  812.00us\n     99%    2.50ms\n  81234 requests in 2.00s, 10.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\nRequests/sec:  40617.00\n";
-        let (rps, p99, errors) = parse_wrk(text).unwrap();
-        assert!((rps - 40617.0).abs() < 1e-9);
-        assert!((p99 - 2500.0).abs() < 1e-9);
-        assert_eq!(errors, 7);
-        assert!(parse_wrk("nothing").is_err());
-    }
 
     #[test]
     fn scrape_model_addresses_are_distinct_and_in_the_routed_net() {
