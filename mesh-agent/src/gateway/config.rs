@@ -1483,10 +1483,8 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
                 accepted,
             });
             for (port, h) in attach {
-                let pc = cfg
-                    .ports
-                    .get_mut(&port)
-                    .expect("every listener's port has a config");
+                // Listeners enter `cfg.listeners` together with their port's entry.
+                let pc = cfg.ports.entry(port).or_default();
                 for (ri, (matches, action)) in rules.iter().enumerate() {
                     for (mi, m) in matches.iter().enumerate() {
                         pc.hosts.add(

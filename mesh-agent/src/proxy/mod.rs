@@ -362,9 +362,10 @@ pub fn start(parts: ProxyParts, drain: &crate::drain::Drain) -> Result<Proxies, 
     let mut clients = Vec::new();
     for (i, (l_in, outbound)) in per_worker.into_iter().enumerate() {
         let std_listener = |l: tokio::net::TcpListener| {
+            let addr = l.local_addr().unwrap_or(parts.inbound_addr);
             l.into_std().map_err(|source| StartError::Bind {
                 what: "worker listener",
-                addr: parts.inbound_addr,
+                addr,
                 source,
             })
         };
