@@ -79,8 +79,13 @@ pub const DEFAULT_ACCESS_LOG: bool = false;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
 /// Default bpffs directory for pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mesh";
-/// Same-node bypass is on unless a node turns it off (only pod addresses ever take part).
-pub const DEFAULT_BYPASS: bool = true;
+/// Same-node bypass is off unless a node turns it on (only pod addresses ever take part). Off
+/// because of the kernel: a socket in a sockmap reads through `tcp_bpf_recvmsg`, which returns
+/// `EAGAIN` to a blocking read after any wake-up that brought no data (its own half-close, for
+/// one) where TCP sleeps on — shown by `tests/tests/bypass_bytes.rs`
+/// `a_blocked_reader_gets_eagain_from_the_bypass_at_its_own_half_close`. Istio ambient and
+/// Cilium's socket LB carry same-node traffic through TCP too.
+pub const DEFAULT_BYPASS: bool = false;
 /// Default first restart delay of a failed discovery source (doubled per failure). kube-rs'
 /// watcher default backoff also starts below a second.
 pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(500);
@@ -753,13 +758,13 @@ mod tests {
         );
         assert_eq!(c.discovery.restart_backoff, DEFAULT_RESTART_BACKOFF);
         assert_eq!(c.proxy.drain_period, DEFAULT_DRAIN_PERIOD);
-        assert!(c.datapath.bypass);
-        let off = AgentConfig::from_raw(RawConfig {
-            bypass: Some("false".into()),
+        assert!(!c.datapath.bypass);
+        let on = AgentConfig::from_raw(RawConfig {
+            bypass: Some("true".into()),
             ..raw()
         })
         .unwrap();
-        assert!(!off.datapath.bypass);
+        assert!(on.datapath.bypass);
         let bad = AgentConfig::from_raw(RawConfig {
             bypass: Some("sometimes".into()),
             ..raw()

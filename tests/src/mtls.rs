@@ -78,11 +78,6 @@ impl CaSetup {
                 format!("{},{}", node.gateway_v4(), node.gateway_v6()),
             ),
             ("MESH_UPLINKS".into(), node.fabric_ifname().into()),
-            // Same-node bypass off for these agents: with it on, a same-node connection whose
-            // server writes at accept while the client writes and half-closes at once loses the
-            // server's first bytes about half the time, when opened a second or more after the
-            // tunnel's (found by `tests/tests/mtls.rs`; NOTES.md, "Open: bypass stall").
-            ("MESH_BYPASS".into(), "false".into()),
         ])
     }
 }

@@ -567,18 +567,33 @@ fn local_endpoints(pins: &Path) -> usize {
 }
 
 #[test]
-fn same_node_bypass_can_be_turned_off_per_node() {
+fn same_node_bypass_is_off_by_default_and_switched_per_node() {
     let Some(_k) = mesh_tests::kernel_test("agent_bypass_off") else {
         return;
     };
     let mut s = setup("agent_bypass_off");
     s.agent.start().unwrap();
-    assert!(
-        local_endpoints(&s.agent.pins) > 0,
-        "bypass on by default: this node's pods are candidates"
+    let config = s.agent.meshctl_json(&["config"]).unwrap();
+    assert_eq!(config["config"]["datapath"]["bypass"], false, "{config}");
+    assert_eq!(
+        local_endpoints(&s.agent.pins),
+        0,
+        "bypass off by default: no pod is a candidate"
     );
     s.agent.terminate(Duration::from_secs(10)).unwrap();
+    s.agent.env.push(("MESH_BYPASS".into(), "true".into()));
+    s.agent.start().unwrap();
+    let start = Instant::now();
+    while local_endpoints(&s.agent.pins) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "bypass on: this node's pods never became candidates"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    s.agent.terminate(Duration::from_secs(10)).unwrap();
     // The same node restarted with bypass off: its pinned candidates are cleared at once.
+    s.agent.env.retain(|(k, _)| k != "MESH_BYPASS");
     s.agent.env.push(("MESH_BYPASS".into(), "false".into()));
     s.agent.start().unwrap();
     let start = Instant::now();

@@ -1448,9 +1448,9 @@ fn coexistence_is_off_by_default_and_a_value_adds_only_the_flag() {
 }
 
 #[test]
-fn bypass_is_on_by_default_and_a_value_switches_it_through_the_config_map() {
+fn bypass_is_off_by_default_and_a_value_switches_it_through_the_config_map() {
     // Chart: values.bypass → ConfigMap key `bypass` → env MESH_BYPASS (`datapath.bypass`).
-    assert_eq!(values()["bypass"], Value::Bool(true), "values.bypass");
+    assert_eq!(values()["bypass"], Value::Bool(false), "values.bypass");
     let cm_template = read(&chart_dir().join("templates/configmap.yaml"));
     assert!(
         cm_template.contains("  bypass: {{ .Values.bypass | quote }}\n"),
@@ -1487,8 +1487,8 @@ fn bypass_is_on_by_default_and_a_value_switches_it_through_the_config_map() {
         .and_then(|d| d.get("bypass"))
         .cloned()
         .expect("the ConfigMap has a `bypass` key");
-    assert_eq!(value, "true", "bypass on by default, as values.bypass");
-    for (given, on) in [(value.as_str(), true), ("false", false)] {
+    assert_eq!(value, "false", "bypass off by default, as values.bypass");
+    for (given, on) in [(value.as_str(), false), ("true", true)] {
         let config = mesh_agent::config::AgentConfig::from_raw(mesh_agent::config::RawConfig {
             node: Some("node-a".into()),
             kubernetes: true,

@@ -89,6 +89,11 @@ fn main() -> Result<()> {
         pins.join("node-b"),
         work.join("b.sock"),
     );
+    // Same-node bypass is off by default (the kernel's sockmap reads can fail blocking readers
+    // with EAGAIN); the demo turns it on to show it (step 8).
+    for agent in [&mut agent_a, &mut agent_b] {
+        agent.env.push(("MESH_BYPASS".into(), "true".into()));
+    }
     agent_a.start()?;
     agent_b.start()?;
     say("both agents ready; on node-a:");
@@ -192,7 +197,7 @@ fn main() -> Result<()> {
 
     step(
         8,
-        "Same-node bypass: client ↔ web-0 (both on node-a) skip TCP/IP via sockmap + sk_msg",
+        "Same-node bypass (opt-in, on here): client ↔ web-0 (both on node-a) skip TCP/IP via sockmap + sk_msg",
     );
     let iface = client.host_ifname().to_owned();
     let bytes = || -> Result<u64> {
