@@ -463,6 +463,11 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(Current(creds)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection is a full handshake, so the relay's certificate is
+    // checked against the current roots and id each time and ours is the current one. The
+    // relay keeps one long-lived connection per agent, so this costs nothing measurable.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -484,5 +489,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(Current(creds)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Full handshakes only (see `server_config`): a reconnect checks the agent's current
+    // certificate and presents our current one.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
