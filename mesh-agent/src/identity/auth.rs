@@ -395,3 +395,31 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, kube
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_account_gets_its_own_id_only() {
+        let account = ObjectName::new("mesh-system", "mesh-relay");
+        let own = SpiffeId::new("cluster.local", "mesh-system", "mesh-relay").unwrap();
+        authorize_relay(&account, "cluster.local", &own).unwrap();
+        for other in [
+            SpiffeId::new("cluster.local", "mesh-system", "mesh-agent").unwrap(),
+            SpiffeId::new("cluster.local", "shop", "mesh-relay").unwrap(),
+            SpiffeId::new("other.domain", "mesh-system", "mesh-relay").unwrap(),
+        ] {
+            let Err(Refusal::Denied(reason)) = authorize_relay(&account, "cluster.local", &other)
+            else {
+                panic!("{other} allowed");
+            };
+            assert_eq!(
+                reason,
+                format!(
+                    "the relay's service account mesh-system/mesh-relay may get only {own}, not {other}"
+                )
+            );
+        }
+    }
+}

@@ -494,3 +494,152 @@ pub fn client_config(
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    use rustls::{ClientConnection, ServerConnection};
+
+    /// A scratch directory named after the test.
+    fn dir(test: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mesh-relay-tls-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A CA in `d/ca.crt` and one certificate per `(file stem, SAN)`: a `spiffe://` SAN is a
+    /// URI, anything else a DNS name.
+    fn pki(d: &std::path::Path, leaves: &[(&str, &str)]) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(d.join("ca.crt"), ca.pem()).unwrap();
+        for (stem, san) in leaves {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names = vec![if san.starts_with("spiffe://") {
+                SanType::URI((*san).try_into().unwrap())
+            } else {
+                SanType::DnsName((*san).try_into().unwrap())
+            }];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca).unwrap();
+            std::fs::write(d.join(format!("{stem}.crt")), cert.pem()).unwrap();
+            std::fs::write(d.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    fn creds(d: &std::path::Path, stem: &str) -> Arc<dyn Credentials> {
+        Arc::new(
+            FileCredentials::load(
+                &d.join(format!("{stem}.crt")),
+                &d.join(format!("{stem}.key")),
+                &d.join("ca.crt"),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// A whole handshake in memory; the first error either side raises.
+    fn handshake(client: ClientConfig, server: ServerConfig) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from(DEFAULT_SERVER_NAME).unwrap();
+        let mut c = ClientConnection::new(Arc::new(client), name)?;
+        let mut s = ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General(
+            "handshake made no progress".to_owned(),
+        ))
+    }
+
+    const RELAY: &str = "spiffe://cluster.local/ns/mesh-system/sa/mesh-relay";
+    const AGENT: &str = "spiffe://cluster.local/ns/mesh-system/sa/mesh-agent";
+
+    #[test]
+    fn file_mode_checks_names_by_default_and_ids_when_asked() {
+        let d = dir("files");
+        pki(
+            &d,
+            &[
+                ("agent-dns", DEFAULT_SERVER_NAME),
+                ("relay-dns", "relay.mesh-system.svc"),
+                ("agent-id", AGENT),
+                ("relay-id", RELAY),
+            ],
+        );
+        let relay: SpiffeId = RELAY.parse().unwrap();
+        let agent: SpiffeId = AGENT.parse().unwrap();
+        // Hubble's model: a dedicated CA, the agents' fixed DNS name.
+        handshake(
+            client_config(creds(&d, "relay-dns"), None).unwrap(),
+            server_config(creds(&d, "agent-dns"), None).unwrap(),
+        )
+        .unwrap();
+        // With the ids asked for, both sides check URI SANs.
+        handshake(
+            client_config(creds(&d, "relay-id"), Some(agent.clone())).unwrap(),
+            server_config(creds(&d, "agent-id"), Some(relay.clone())).unwrap(),
+        )
+        .unwrap();
+        let e = handshake(
+            client_config(creds(&d, "relay-dns"), None).unwrap(),
+            server_config(creds(&d, "agent-dns"), Some(relay.clone())).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("client certificate") && e.contains(RELAY), "{e}");
+        let e = handshake(
+            client_config(creds(&d, "relay-id"), Some(agent.clone())).unwrap(),
+            server_config(creds(&d, "relay-id"), Some(relay)).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "agent identity {RELAY} is not the expected {AGENT}"
+            )),
+            "{e}"
+        );
+        // Without an id, an agent certificate must carry the dialled name.
+        let e = handshake(
+            client_config(creds(&d, "relay-dns"), None).unwrap(),
+            server_config(creds(&d, "agent-id"), None).unwrap(),
+        );
+        assert!(e.is_err(), "a certificate without the name was accepted");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let d = dir("errors");
+        pki(
+            &d,
+            &[("a", DEFAULT_SERVER_NAME), ("b", DEFAULT_SERVER_NAME)],
+        );
+        let err = |cert: &str, key: &str, ca: &str| {
+            FileCredentials::load(&d.join(cert), &d.join(key), &d.join(ca))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = err("a.crt", "b.key", "ca.crt");
+        assert!(e.contains("b.key") && e.contains("does not match"), "{e}");
+        let e = err("a.crt", "a.key", "missing.crt");
+        assert!(e.contains("missing.crt"), "{e}");
+        let e = err("a.key", "a.key", "ca.crt");
+        assert!(e.contains("a.key") && e.contains("CERTIFICATE"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
