@@ -1843,6 +1843,10 @@ fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
 /// relay accepts the `DaemonSet` account's id, which the agents ask for (their own pod's, named
 /// by `POD_NAME`); the relay mounts the CA's bundle and a token for the CA's audience.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one cross-check of three manifests and the chart"
+)]
 fn relay_and_flow_api_certificates_come_from_the_mesh_ca_and_name_each_other() {
     use clap::Parser as _;
     use mesh_agent::relay::tls::{DEFAULT_AGENT_ACCOUNT, DEFAULT_RELAY_ACCOUNT};
@@ -1939,8 +1943,10 @@ fn relay_and_flow_api_certificates_come_from_the_mesh_ca_and_name_each_other() {
             .iter()
             .flatten()
             .find(|m| m.name == name)
-            .map(|m| PathBuf::from(&m.mount_path))
-            .unwrap_or_else(|| panic!("relay mount {name}"))
+            .map_or_else(
+                || panic!("relay mount {name}"),
+                |m| PathBuf::from(&m.mount_path),
+            )
     };
     let root_cm = volume("ca-root").config_map.as_ref().unwrap();
     assert_eq!(

@@ -192,7 +192,7 @@ impl MeshCa {
             .arg(&preload);
         let mut kmock = a.spawn(cmd).expect("starting kmock");
         let url = kmock
-            .wait_for_line(|l| l.starts_with("ready "), Duration::from_secs(60))
+            .wait_for_line(|l| l.starts_with("ready "), Duration::from_mins(1))
             .unwrap()
             .trim_start_matches("ready ")
             .to_owned();
