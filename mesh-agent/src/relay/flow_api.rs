@@ -64,7 +64,8 @@ pub struct FlowApiArgs {
     pub pod_name: Option<String>,
 }
 
-/// What the agent serves (set once at start by `main`), and the manager renewing its certificate.
+/// What the agent serves, set once at start by `main` (in mesh CA mode the configuration's
+/// certificate resolver holds the identity manager renewing the certificate, so it lives as long).
 static INSTALLED: OnceLock<(SocketAddr, Arc<rustls::ServerConfig>)> = OnceLock::new();
 
 /// Flow API settings that cannot work, naming the flag.
