@@ -149,7 +149,6 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Relay(relay)) = args.command {
         return Ok(mesh_agent::relay::run(*relay).await?);
     }
-    args.flow_api.install()?;
     let node = match args.node_name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -193,6 +192,8 @@ async fn main() -> anyhow::Result<()> {
         // Workloads can get certificates: the HBONE proxies serve them.
         config.proxy.enabled = true;
     }
+    args.flow_api
+        .install(&config.mesh.trust_domain, &args.identity)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
     app::run(config).await
 }

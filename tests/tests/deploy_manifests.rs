@@ -36,7 +36,7 @@ use serde_json::Value;
 /// The capabilities the agent needs (reasons in `deploy/kubernetes/daemonset.yaml`).
 const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
 /// The agent's command line in Kubernetes mode: flag → value (`None` for a switch).
-const AGENT_ARGS: [(&str, Option<&str>); 8] = [
+const AGENT_ARGS: [(&str, Option<&str>); 9] = [
     ("--node-name", Some("$(NODE_NAME)")),
     ("--kubernetes", None),
     ("--pin-dir", Some("/sys/fs/bpf/mesh")),
@@ -45,6 +45,8 @@ const AGENT_ARGS: [(&str, Option<&str>); 8] = [
     ("--readiness-addr", Some("0.0.0.0:15021")),
     ("--metrics-addr", Some("0.0.0.0:15020")),
     ("--log-json", None),
+    // The flow API for the relay (relay.yaml), Hubble's agent port.
+    ("--flow-api-listen", Some("0.0.0.0:4244")),
 ];
 /// ztunnel-compatible readiness and metrics ports.
 const READINESS_PORT: i32 = 15021;
@@ -607,7 +609,7 @@ fn probes_and_ports_are_the_ztunnel_ones() {
     let ports: BTreeSet<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(
         ports,
-        BTreeSet::from([15001, 15008, METRICS_PORT, READINESS_PORT]),
+        BTreeSet::from([15001, 15008, METRICS_PORT, READINESS_PORT, 4244]),
         "container ports"
     );
 }
@@ -1833,6 +1835,169 @@ fn relay_manifest_is_typed_its_args_parse_and_helm_matches() {
         );
     }
     assert!(text.contains(".Values.relay.enabled"));
+}
+
+/// The relay's and the agents' flow-API certificates come from the mesh CA, and the three
+/// manifests agree on who is who: the relay asks for its own account's id, which is exactly
+/// what the CA's `--relay-service-account` allows and what the agents accept by default; the
+/// relay accepts the `DaemonSet` account's id, which the agents ask for (their own pod's, named
+/// by `POD_NAME`); the relay mounts the CA's bundle and a token for the CA's audience.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one cross-check of three manifests and the chart"
+)]
+fn relay_and_flow_api_certificates_come_from_the_mesh_ca_and_name_each_other() {
+    use clap::Parser as _;
+    use mesh_agent::relay::tls::{DEFAULT_AGENT_ACCOUNT, DEFAULT_RELAY_ACCOUNT};
+    let relay = Manifests::load_where(is_relay_manifest);
+    let dep = only(&relay.deployments, "Deployment");
+    let ns = dep.metadata.namespace.as_deref().unwrap();
+    let pod = dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let relay_sa = pod.service_account_name.as_deref().unwrap();
+    let c = only(&pod.containers, "container");
+    let RelayCommand::Relay(parsed) = RelayCli::try_parse_from(
+        std::iter::once("mesh-agent".to_owned()).chain(c.args.clone().unwrap()),
+    )
+    .unwrap()
+    .command;
+    assert!(
+        parsed.tls.cert.is_none(),
+        "the relay uses the mesh CA, not files"
+    );
+    assert_eq!(
+        parsed.ca.ca_address.as_deref(),
+        Some("mesh-ca.mesh-system.svc:15012")
+    );
+    let agents = Manifests::load();
+    let ds = only(&agents.daemon_sets, "DaemonSet");
+    let agent_sa = pod_spec(ds).service_account_name.as_deref().unwrap();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+    assert_eq!(parsed.relay_id.as_deref(), Some(id(relay_sa).as_str()));
+    assert_eq!(parsed.agent_id.as_deref(), Some(id(agent_sa).as_str()));
+    // The agents set neither MESH_FLOW_API_ID nor MESH_FLOW_API_CLIENT_ID: their defaults hold.
+    assert_eq!(DEFAULT_AGENT_ACCOUNT, (ns, agent_sa));
+    assert_eq!(DEFAULT_RELAY_ACCOUNT, (ns, relay_sa));
+    let env = |c: &Container, name: &str| {
+        c.env.iter().flatten().find(|e| e.name == name).map(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.clone())
+                .or_else(|| e.value.clone())
+        })
+    };
+    let agent_c = agent(ds);
+    assert_eq!(env(agent_c, "MESH_FLOW_API_ID"), None);
+    assert_eq!(env(agent_c, "MESH_FLOW_API_CLIENT_ID"), None);
+    assert_eq!(
+        env(agent_c, "POD_NAME"),
+        Some(Some("metadata.name".to_owned())),
+        "the agent's own pod, which the CA checks"
+    );
+    assert!(flag(agent_c, "--flow-api-listen").ends_with(":4244"));
+    // The CA allows that account exactly.
+    let ca = Manifests::load_ca();
+    let ca_dep = ca
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("mesh-ca"))
+        .expect("the CA Deployment");
+    let ca_c = only(
+        &ca_dep
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers,
+        "container",
+    );
+    // `ca` is a subcommand, not a flag: the value after each flag.
+    let ca_args = ca_c.args.clone().unwrap();
+    let ca_flag = |name: &str| {
+        ca_args
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| ca_args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| panic!("the CA's {name}"))
+    };
+    assert_eq!(
+        ca_flag("--relay-service-account"),
+        format!("{ns}/{relay_sa}")
+    );
+    // The relay's bundle is the CA's published ConfigMap, its token is for the CA's audience,
+    // and both are mounted where its flags say.
+    let volume = |name: &str| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("relay volume {name}"))
+    };
+    let mount = |name: &str| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == name)
+            .map_or_else(
+                || panic!("relay mount {name}"),
+                |m| PathBuf::from(&m.mount_path),
+            )
+    };
+    let root_cm = volume("ca-root").config_map.as_ref().unwrap();
+    assert_eq!(
+        format!("{ns}/{}", root_cm.name),
+        ca_flag("--root-configmap")
+    );
+    assert_ne!(
+        root_cm.optional,
+        Some(true),
+        "the relay waits for the bundle"
+    );
+    assert_eq!(
+        parsed.ca.ca_root_file.as_deref().and_then(Path::parent),
+        Some(mount("ca-root").as_path())
+    );
+    let token = volume("ca-token")
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_ref()
+        .unwrap()[0]
+        .service_account_token
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        token.audience.as_deref(),
+        Some(mesh_agent::identity::auth::CA_AUDIENCE)
+    );
+    assert_eq!(
+        parsed.ca.ca_token_file,
+        Some(mount("ca-token").join(&token.path))
+    );
+    // Helm: the same choice behind relay.certificates, and the flow API turned on with the relay.
+    let chart = |f: &str| read(&chart_dir().join(f));
+    let helm_relay = chart("templates/relay.yaml");
+    assert!(helm_relay.contains(".Values.relay.certificates"));
+    let helm_ds = chart("templates/daemonset.yaml");
+    for needle in [
+        "{{- if .Values.relay.enabled }}",
+        "- --flow-api-listen",
+        "- 0.0.0.0:4244",
+        "MESH_FLOW_API_CLIENT_ID",
+    ] {
+        assert!(
+            helm_ds.contains(needle),
+            "templates/daemonset.yaml lacks {needle}"
+        );
+    }
+    assert!(chart("templates/ca.yaml").contains("- --relay-service-account"));
+    assert_eq!(values()["relay"]["certificates"], "mesh-ca");
 }
 
 #[derive(clap::Parser)]

@@ -1,8 +1,12 @@
 //! The relay end to end (issue 11): two real agents on two harness nodes serve their flows on
-//! mTLS; `mesh-agent relay` follows both and serves them merged, so `meshctl --server` (`flows`,
-//! `top`, `map`, `status`) sees the whole cluster; a relay with a certificate from another CA is
-//! refused by the agents; the live map page, rendered by headless Chromium, shows the expected
-//! nodes and edges (read from its DOM) and the test saves a screenshot under `target/`.
+//! mTLS with certificates from the real mesh CA (`mesh-agent ca --kubernetes`, its
+//! `TokenReview`s answered by the kmock API stand-in running on node a): each agent's for its
+//! own pod (`…/sa/mesh-agent`), the relay's by the CA's relay rule (`…/sa/mesh-relay`).
+//! `mesh-agent relay` follows both and serves them merged, so `meshctl --server` (`flows`,
+//! `top`, `map`, `status`) sees the whole cluster; a relay with a certificate from another CA
+//! (file mode) is refused by the agents, and so is an impostor holding a workload certificate
+//! of the mesh CA with another id; the live map page, rendered by headless Chromium, shows the
+//! expected nodes and edges (read from its DOM) and the test saves a screenshot under `target/`.
 
 use std::{
     fmt::Write as _,
@@ -23,6 +27,9 @@ const WEB: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))
 const DOWN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)), 80);
 const RELAY: &str = "127.0.0.1:4245";
 const ROGUE_RELAY: &str = "127.0.0.1:4246";
+const IMPOSTOR_RELAY: &str = "127.0.0.1:4247";
+const RELAY_ID: &str = "spiffe://cluster.local/ns/mesh-system/sa/mesh-relay";
+const IMPOSTOR_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const WEB_PAGE: &str = "127.0.0.1:8081";
 const FROM_CLIENT: usize = 10;
 const FROM_BATCH: usize = 6;
@@ -38,14 +45,9 @@ const POLICY: &str = "policies:
       outlierDetection: { consecutiveFailures: 2, baseEjectionTime: 300s, maxEjectionPercent: 100, healthyPanicThreshold: 0 }
 ";
 
-/// PEM files of a CA and the certificates it signs.
-struct Pki {
-    ca: PathBuf,
-}
-
 /// A CA under `dir/name` signing a server certificate for the agents and a client one for the
 /// relay (`<name>-agent.{crt,key}`, `<name>-relay.{crt,key}`).
-fn pki(dir: &Path, name: &str) -> Pki {
+fn pki(dir: &Path, name: &str) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -67,7 +69,6 @@ fn pki(dir: &Path, name: &str) -> Pki {
         std::fs::write(dir.join(format!("{name}-{who}.crt")), cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{name}-{who}.key")), key.serialize_pem()).unwrap();
     }
-    Pki { ca: ca_file }
 }
 
 fn model(node: &str, pods: &[(&PodHandle, &str)]) -> String {
@@ -132,27 +133,163 @@ fn meshctl_json(a: &NodeHandle, server: &str, args: &[&str]) -> Result<Value, St
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
-fn relay(
-    a: &NodeHandle,
-    b: &NodeHandle,
-    dir: &Path,
-    name: &str,
-    listen: &str,
-    web: &str,
-) -> PodChild {
+/// `mesh-agent relay` in node `a` following both agents, with its credentials in `tls`.
+fn relay(a: &NodeHandle, b: &NodeHandle, tls: &[String], listen: &str, web: &str) -> PodChild {
     let mut cmd = a.command(workspace_binary("mesh-agent").unwrap());
     cmd.arg("relay")
         .arg("--agents")
         .arg(format!("{}:4244,{}", a.ipv4(), b.ipv4()))
-        .arg("--tls-cert")
-        .arg(dir.join(format!("{name}-relay.crt")))
-        .arg("--tls-key")
-        .arg(dir.join(format!("{name}-relay.key")))
-        .arg("--tls-ca")
-        .arg(dir.join(format!("{name}-ca.crt")))
+        .args(tls)
         .args(["--listen", listen, "--web-listen", web])
         .env("RUST_LOG", "info");
     a.spawn(cmd).expect("starting the relay")
+}
+
+/// File mode: the relay's certificate of PKI `name`.
+fn file_tls(dir: &Path, name: &str) -> Vec<String> {
+    let file = |f: String| dir.join(f).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file(format!("{name}-relay.crt")),
+        "--tls-key".into(),
+        file(format!("{name}-relay.key")),
+        "--tls-ca".into(),
+        file(format!("{name}-ca.crt")),
+    ]
+}
+
+/// The mesh CA on node a, and how to reach it.
+struct MeshCa {
+    _kmock: PodChild,
+    url: String,
+    process: PodChild,
+    address: String,
+    server_name: String,
+    root: PathBuf,
+}
+
+impl MeshCa {
+    /// kmock (the API server: pods and `TokenReview`) and `mesh-agent ca --kubernetes`, both in
+    /// node a (the harness's nodes have no route to the host) on `pods`.
+    fn start(a: &NodeHandle, work: &Path, pods: &[(&str, &str, &str, &str)]) -> Self {
+        mesh_tests::kmock::ensure_kmock().unwrap();
+        let preload = work.join("kmock-objects.jsonl");
+        let lines: Vec<String> = pods
+            .iter()
+            .map(|(ns, name, node, sa)| {
+                serde_json::json!({"resource": "v1/pods", "object": {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"nodeName": node, "serviceAccountName": sa, "containers": []}
+                }})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(&preload, lines.join("\n")).unwrap();
+        let mut cmd = a.command("python3");
+        cmd.arg(mesh_tests::workspace_root().join("tests/kmock/server.py"))
+            .args(["--port", "0", "--preload"])
+            .arg(&preload);
+        let mut kmock = a.spawn(cmd).expect("starting kmock");
+        let url = kmock
+            .wait_for_line(|l| l.starts_with("ready "), Duration::from_mins(1))
+            .unwrap()
+            .trim_start_matches("ready ")
+            .to_owned();
+        let kubeconfig = work.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kmock\n  cluster: {{ server: \"{url}\" }}\ncontexts:\n- name: kmock\n  context: {{ cluster: kmock, user: test }}\ncurrent-context: kmock\nusers:\n- name: test\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        let address = format!("{}:15012", a.ipv4());
+        let ca_dir = work.join("ca");
+        let mut cmd = a.command(workspace_binary("mesh-agent").unwrap());
+        cmd.args([
+            "ca",
+            "--kubernetes",
+            "--listen",
+            &address,
+            "--metrics-addr",
+            "none",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--dir")
+        .arg(&ca_dir)
+        .args(["--server-name", &a.ipv4().to_string()])
+        .env("RUST_LOG", "info");
+        let mut process = a.spawn(cmd).expect("starting the CA");
+        process
+            .wait_for_line(|l| l.starts_with("listening"), Duration::from_secs(20))
+            .unwrap();
+        Self {
+            _kmock: kmock,
+            url,
+            process,
+            address,
+            server_name: a.ipv4().to_string(),
+            root: ca_dir.join("ca-cert.pem"),
+        }
+    }
+
+    /// A token of `ns/sa` bound to pod `ns/pod` for the CA's audience, minted the kubelet's way
+    /// (`TokenRequest`, from node a), written to `work/token-<pod>`.
+    fn token(&self, a: &NodeHandle, work: &Path, ns: &str, sa: &str, pod: &str) -> PathBuf {
+        let url = &self.url;
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["kernmesh-ca"], "expirationSeconds": 3600,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod}}
+        });
+        let mut cmd = a.command("curl");
+        cmd.args([
+            "-sS",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
+        .arg(body.to_string())
+        .arg(format!(
+            "{url}/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
+        ));
+        let out = a.output(cmd).unwrap();
+        let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "TokenRequest: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let token = reply["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_owned();
+        let file = work.join(format!("token-{pod}"));
+        std::fs::write(&file, token).unwrap();
+        file
+    }
+
+    /// Mesh CA mode flags for a relay with `token` asking for `id` as pod `pod`.
+    fn relay_tls(&self, token: &Path, id: &str, pod: &str) -> Vec<String> {
+        vec![
+            "--ca-address".into(),
+            self.address.clone(),
+            "--ca-server-name".into(),
+            self.server_name.clone(),
+            "--ca-root-file".into(),
+            self.root.display().to_string(),
+            "--ca-token-file".into(),
+            token.display().to_string(),
+            "--relay-id".into(),
+            id.into(),
+            "--pod-name".into(),
+            pod.into(),
+        ]
+    }
 }
 
 fn edge<'v>(map: &'v Value, source: &str, destination: &str) -> Option<&'v Value> {
@@ -195,8 +332,17 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
     let pins = cluster.bpffs_dir().unwrap();
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work).unwrap();
-    let good = pki(&work, "mesh");
-    let _rogue = pki(&work, "rogue");
+    pki(&work, "rogue");
+    let ca = MeshCa::start(
+        &a,
+        &work,
+        &[
+            ("mesh-system", "mesh-agent-a", "a", "mesh-agent"),
+            ("mesh-system", "mesh-agent-b", "b", "mesh-agent"),
+            ("mesh-system", "mesh-relay-0", "a", "mesh-relay"),
+            ("default", "client", "a", "client"),
+        ],
+    );
     let pods = [
         (&client, "a"),
         (&batch, "b"),
@@ -214,21 +360,43 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
             pins.join(node.name()),
             work.join(format!("admin-{}.sock", node.name())),
         );
-        let file = |f: &str| work.join(f).display().to_string();
+        // As the DaemonSet: the CA's address, bundle and a token bound to the agent's own pod,
+        // the pod's name from the downward API, and the flow API turned on.
+        let pod = format!("mesh-agent-{}", node.name());
+        let token = ca.token(&a, &work, "mesh-system", "mesh-agent", &pod);
         agent.env.extend([
             (
                 "MESH_FLOW_API_LISTEN".into(),
                 format!("{}:4244", node.ipv4()),
             ),
-            ("MESH_FLOW_API_CERT".into(), file("mesh-agent.crt")),
-            ("MESH_FLOW_API_KEY".into(), file("mesh-agent.key")),
-            ("MESH_FLOW_API_CA".into(), good.ca.display().to_string()),
+            ("MESH_CA_ADDRESS".into(), ca.address.clone()),
+            ("MESH_CA_SERVER_NAME".into(), ca.server_name.clone()),
+            ("MESH_CA_ROOT_FILE".into(), ca.root.display().to_string()),
+            ("MESH_CA_TOKEN_FILE".into(), token.display().to_string()),
+            ("POD_NAME".into(), pod),
         ]);
         agent.start().unwrap();
         agents.push(agent);
     }
-    let _relay = relay(&a, &b, &work, "mesh", RELAY, WEB_PAGE);
-    let _rogue_relay = relay(&a, &b, &work, "rogue", ROGUE_RELAY, "none");
+    let relay_token = ca.token(&a, &work, "mesh-system", "mesh-relay", "mesh-relay-0");
+    let _relay = relay(
+        &a,
+        &b,
+        &ca.relay_tls(&relay_token, RELAY_ID, "mesh-relay-0"),
+        RELAY,
+        WEB_PAGE,
+    );
+    let _rogue_relay = relay(&a, &b, &file_tls(&work, "rogue"), ROGUE_RELAY, "none");
+    // A certificate the mesh CA did sign, for pod `client`'s id, asked with node a's agent token
+    // (what a compromised node could get): it chains to the mesh roots but is not the relay.
+    let node_a_token = work.join("token-mesh-agent-a");
+    let mut impostor = relay(
+        &a,
+        &b,
+        &ca.relay_tls(&node_a_token, IMPOSTOR_ID, "client"),
+        IMPOSTOR_RELAY,
+        "none",
+    );
 
     // Both agents followed: one source per agent, named by its node.
     let status = wait_for(
@@ -345,6 +513,42 @@ fn relay_merges_both_agents_flows_over_mtls_and_the_web_map_shows_them() {
         assert_eq!(s["state"], "down", "{rogue}");
         assert!(s["restarts"].as_u64().unwrap() >= 1, "{rogue}");
     }
+    // The impostor holds a mesh certificate with another id: refused by both agents for it.
+    let impostor_status = wait_for(
+        "the impostor to be refused by both agents",
+        Duration::from_secs(20),
+        || {
+            let s = meshctl_json(&a, IMPOSTOR_RELAY, &["status"])?;
+            let refused = s["sources"].as_array().is_some_and(|v| {
+                v.len() == 2
+                    && v.iter()
+                        .all(|x| x["state"] == "down" && x["restarts"].as_u64() >= Some(1))
+            });
+            Ok(refused.then_some(s))
+        },
+    );
+    assert_eq!(impostor_status["ready"], false, "{impostor_status}");
+    let refusal = format!("client identity {IMPOSTOR_ID} is not the expected {RELAY_ID}");
+    for agent in &agents {
+        let log = agent.stderr();
+        assert!(
+            log.contains(&refusal),
+            "the agent's log lacks {refusal:?}: {log}"
+        );
+    }
+    let impostor_log = impostor.stderr_text();
+    assert!(
+        impostor_log.contains("certificate received"),
+        "the impostor got its certificate from the CA: {impostor_log}"
+    );
+    impostor.kill();
+    let ca_log = ca.process.stderr_text();
+    assert!(
+        ca_log.lines().any(|l| l.contains("certificate signed")
+            && l.contains("relay mesh-system/mesh-relay")
+            && l.contains(RELAY_ID)),
+        "the CA signed the relay's certificate by its relay rule: {ca_log}"
+    );
     let rogue_flows = meshctl(&a, ROGUE_RELAY, &["flows"]);
     assert_eq!(
         String::from_utf8_lossy(&rogue_flows.stdout).lines().count(),

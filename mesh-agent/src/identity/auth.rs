@@ -6,6 +6,11 @@
 //! in `user.extra`). The CSR's pod is then read from the API: it must be scheduled on that node
 //! and run as the requested service account. Static mode: a bootstrap token made at install
 //! (`mesh-agent ca bootstrap --node NAME`) names the node; the pods are the static file's.
+//!
+//! One caller is not a node: the relay (`--relay-service-account`, Kubernetes mode only). A
+//! reviewed token of that account may get exactly the relay's own id and nothing else (see
+//! [`NodeAuth::authorize_relay`]); Cilium gives Hubble Relay a certificate from a separate CA
+//! instead, where holding any certificate of that CA is the authorization.
 
 use std::{
     collections::BTreeMap,
@@ -47,6 +52,51 @@ pub enum Refusal {
     Unavailable(String),
 }
 
+/// Who a valid credential belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A node agent, by node name: may ask for its own pods' identities.
+    Node(String),
+    /// The relay's service account: may ask for the relay's own identity only.
+    Relay(ObjectName),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(n) => f.write_str(n),
+            Self::Relay(sa) => write!(f, "relay {sa}"),
+        }
+    }
+}
+
+/// The one identity the relay's service account may get: `spiffe://<td>/ns/<ns>/sa/<name>`.
+pub fn relay_id(
+    trust_domain: &str,
+    account: &ObjectName,
+) -> Result<SpiffeId, super::SpiffeIdError> {
+    SpiffeId::new(trust_domain, &account.namespace, &account.name)
+}
+
+/// Whether the relay's service account `account` may get `id`: only when `id` is exactly the
+/// relay's own (`spiffe://<trust_domain>/ns/<ns>/sa/<name>` of `account`). istiod's rule for any
+/// workload (the token's account must be the id's) narrowed to the one account that is not a
+/// node; a node agent's token never reaches this rule.
+pub fn authorize_relay(
+    account: &ObjectName,
+    trust_domain: &str,
+    id: &SpiffeId,
+) -> Result<(), Refusal> {
+    let allowed = relay_id(trust_domain, account)
+        .map_err(|e| Refusal::Denied(format!("relay account {account}: {e}")))?;
+    if *id != allowed {
+        return Err(Refusal::Denied(format!(
+            "the relay's service account {account} may get only {allowed}, not {id}"
+        )));
+    }
+    Ok(())
+}
+
 /// How the CA authenticates nodes and authorizes their requests.
 #[derive(Clone)]
 pub enum NodeAuth {
@@ -55,10 +105,10 @@ pub enum NodeAuth {
 }
 
 impl NodeAuth {
-    /// The node a bearer token belongs to.
-    pub async fn authenticate(&self, token: &str) -> Result<String, Unauthenticated> {
+    /// The node (or the relay) a bearer token belongs to.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, Unauthenticated> {
         match self {
-            Self::Static(s) => s.authenticate(token),
+            Self::Static(s) => s.authenticate(token).map(Caller::Node),
             Self::Kubernetes(k) => k.authenticate(token).await,
         }
     }
@@ -220,6 +270,8 @@ pub struct KubeAuth {
     client: kube::Client,
     /// `system:serviceaccount:<ns>:<name>` of the node agents.
     agent_user: String,
+    /// The relay's account and its `system:serviceaccount:<ns>:<name>`, when the rule is on.
+    relay: Option<(ObjectName, String)>,
 }
 
 impl KubeAuth {
@@ -232,10 +284,25 @@ impl KubeAuth {
                 "system:serviceaccount:{}:{}",
                 agent_sa.namespace, agent_sa.name
             ),
+            relay: None,
         }
     }
 
-    async fn authenticate(&self, token: &str) -> Result<String, Unauthenticated> {
+    /// Also accepts tokens of the relay's account `relay_sa` (`namespace/name`), for the relay's
+    /// own identity only.
+    #[must_use]
+    pub fn with_relay(mut self, relay_sa: &ObjectName) -> Self {
+        self.relay = Some((
+            relay_sa.clone(),
+            format!(
+                "system:serviceaccount:{}:{}",
+                relay_sa.namespace, relay_sa.name
+            ),
+        ));
+        self
+    }
+
+    async fn authenticate(&self, token: &str) -> Result<Caller, Unauthenticated> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -264,15 +331,26 @@ impl KubeAuth {
         }
         let user = status.user.unwrap_or_default();
         let name = user.username.unwrap_or_default();
+        if let Some((account, relay_user)) = &self.relay
+            && name == *relay_user
+        {
+            return Ok(Caller::Relay(account.clone()));
+        }
         if name != self.agent_user {
-            return Err(Unauthenticated(format!(
-                "token belongs to {name:?}, not the node agents' {}",
-                self.agent_user
-            )));
+            return Err(Unauthenticated(match &self.relay {
+                Some((_, relay_user)) => format!(
+                    "token belongs to {name:?}, neither the node agents' {} nor the relay's {relay_user}",
+                    self.agent_user
+                ),
+                None => format!(
+                    "token belongs to {name:?}, not the node agents' {}",
+                    self.agent_user
+                ),
+            }));
         }
         let extra: BTreeMap<String, Vec<String>> = user.extra.unwrap_or_default();
         match extra.get(NODE_NAME_EXTRA).map(Vec::as_slice) {
-            Some([node]) if !node.is_empty() => Ok(node.clone()),
+            Some([node]) if !node.is_empty() => Ok(Caller::Node(node.clone())),
             _ => Err(Unauthenticated(format!(
                 "token carries no {NODE_NAME_EXTRA} (not a pod-bound projected token)"
             ))),
@@ -314,6 +392,34 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, kube
             .await
             .map_err(kube::Error::InferKubeconfig)?;
             kube::Client::try_from(config)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_account_gets_its_own_id_only() {
+        let account = ObjectName::new("mesh-system", "mesh-relay");
+        let own = SpiffeId::new("cluster.local", "mesh-system", "mesh-relay").unwrap();
+        authorize_relay(&account, "cluster.local", &own).unwrap();
+        for other in [
+            SpiffeId::new("cluster.local", "mesh-system", "mesh-agent").unwrap(),
+            SpiffeId::new("cluster.local", "shop", "mesh-relay").unwrap(),
+            SpiffeId::new("other.domain", "mesh-system", "mesh-relay").unwrap(),
+        ] {
+            let Err(Refusal::Denied(reason)) = authorize_relay(&account, "cluster.local", &other)
+            else {
+                panic!("{other} allowed");
+            };
+            assert_eq!(
+                reason,
+                format!(
+                    "the relay's service account mesh-system/mesh-relay may get only {own}, not {other}"
+                )
+            );
         }
     }
 }

@@ -54,6 +54,9 @@ pub enum CaCommand {
     },
 }
 
+/// The relay's service account as deploy/kubernetes/relay.yaml makes it.
+pub const DEFAULT_RELAY_SERVICE_ACCOUNT: &str = "mesh-system/mesh-relay";
+
 /// Default directory of a generated root and the bootstrap tokens.
 pub const DEFAULT_DIR: &str = "/var/lib/mesh-ca";
 
@@ -109,6 +112,11 @@ pub struct ServeArgs {
     /// The node agents' service account (`namespace/name`), the only one whose tokens count.
     #[arg(long, default_value = "mesh-system/mesh-agent")]
     pub agent_service_account: String,
+    /// Kubernetes mode: the relay's service account (`namespace/name`, or `none`): a reviewed
+    /// token of it may get exactly `spiffe://<td>/ns/<namespace>/sa/<name>` (the relay's client
+    /// certificate for the agents' flow API) and nothing else.
+    #[arg(long, default_value = DEFAULT_RELAY_SERVICE_ACCOUNT)]
+    pub relay_service_account: String,
     /// Static mode: the cluster file (as the agents read) whose pods the CA authorizes.
     #[arg(long)]
     pub static_pods: Option<PathBuf>,
@@ -333,7 +341,19 @@ pub async fn build(a: &ServeArgs) -> Result<(Arc<CertificateAuthority>, NodeAuth
         if let Some(cm) = &a.root_configmap {
             publish_roots(client.clone(), &split_name("--root-configmap", cm)?, &ca).await?;
         }
-        NodeAuth::Kubernetes(KubeAuth::new(client, &sa))
+        let mut kube = KubeAuth::new(client, &sa);
+        if a.relay_service_account != "none" {
+            let relay = split_name("--relay-service-account", &a.relay_service_account)?;
+            if relay == sa {
+                return Err(CliError::Other(format!(
+                    "--relay-service-account {relay} is the agents' account: the relay needs its own"
+                )));
+            }
+            auth::relay_id(&a.trust_domain, &relay)
+                .map_err(|e| CliError::Other(format!("--relay-service-account {relay}: {e}")))?;
+            kube = kube.with_relay(&relay);
+        }
+        NodeAuth::Kubernetes(kube)
     } else {
         let pods = a
             .static_pods
@@ -408,7 +428,7 @@ async fn serve_metrics(addr: SocketAddr, counters: Arc<CaCounters>) {
 
 /// The agent's flags for reaching the CA (workload certificates are managed only when
 /// `--ca-address` is given).
-#[derive(Args, Debug, Default)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct AgentCaArgs {
     /// The CA (`host:port`, e.g. `mesh-ca.mesh-system.svc:15012`).
     #[arg(long, env = "MESH_CA_ADDRESS")]

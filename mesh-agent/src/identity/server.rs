@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::{
     SpiffeId,
-    auth::{NodeAuth, Refusal},
+    auth::{self, Caller, NodeAuth, Refusal},
     ca::CertificateAuthority,
     csr,
     pb::{
@@ -118,8 +118,8 @@ impl CertificateService for CaService {
                 &id_text,
             ));
         };
-        let node = match self.auth.authenticate(&token).await {
-            Ok(n) => n,
+        let caller = match self.auth.authenticate(&token).await {
+            Ok(c) => c,
             Err(e) => {
                 return Err(Self::refuse(
                     &self.counters.unauthenticated,
@@ -129,6 +129,8 @@ impl CertificateService for CaService {
                 ));
             }
         };
+        // Who asked, for the logs: the node's name, or `relay <namespace>/<name>`.
+        let node = caller.to_string();
         let invalid = |msg: String| {
             Self::refuse(
                 &self.counters.invalid,
@@ -153,13 +155,20 @@ impl CertificateService for CaService {
                 &id_text,
             ));
         }
-        if r.pod_namespace.is_empty() || r.pod_name.is_empty() {
-            return Err(invalid(
-                "pod_namespace and pod_name are required".to_owned(),
-            ));
-        }
         let pod = ObjectName::new(&r.pod_namespace, &r.pod_name);
-        match self.auth.authorize(&node, &pod, &id).await {
+        let decision = match &caller {
+            // The relay is authorized by its token alone (its pod fields are only logged).
+            Caller::Relay(account) => auth::authorize_relay(account, self.ca.trust_domain(), &id),
+            Caller::Node(node) => {
+                if r.pod_namespace.is_empty() || r.pod_name.is_empty() {
+                    return Err(invalid(
+                        "pod_namespace and pod_name are required".to_owned(),
+                    ));
+                }
+                self.auth.authorize(node, &pod, &id).await
+            }
+        };
+        match decision {
             Ok(()) => {}
             Err(Refusal::Denied(reason)) => {
                 return Err(Self::refuse(

@@ -52,12 +52,33 @@ pub struct RelayArgs {
     /// The agents' flow API port (with --agent-pods).
     #[arg(long, default_value_t = flow_api::DEFAULT_PORT)]
     pub agent_port: u16,
-    /// The name every agent's flow API certificate carries.
+    /// File mode without --agent-id: the name every agent's flow API certificate carries.
     #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
     pub agent_server_name: String,
-    /// The relay's client certificate, key, and the roots agents' certificates chain to.
+    /// The SPIFFE id (URI SAN) every agent's flow API certificate must carry. Mesh CA mode:
+    /// default `spiffe://<trust domain>/ns/mesh-system/sa/mesh-agent`; file mode: checked
+    /// instead of --agent-server-name when set.
+    #[arg(long, env = "MESH_RELAY_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// File mode: the relay's client certificate, key, and the roots agents' certificates chain
+    /// to (cert-manager's Secret layout).
     #[command(flatten)]
     pub tls: tls::TlsFiles,
+    /// Mesh CA mode: the CA and the relay's credential for it (its own projected service-account
+    /// token for the CA's audience, reviewed by the CA's `TokenReview`).
+    #[command(flatten)]
+    pub ca: crate::identity::cli::AgentCaArgs,
+    /// Mesh CA mode: the trust domain of the relay's and the agents' ids.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Mesh CA mode: the relay's own id, asked of the CA (default
+    /// `spiffe://<trust domain>/ns/mesh-system/sa/mesh-relay`; the CA gives this account
+    /// nothing else).
+    #[arg(long, env = "MESH_RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// Mesh CA mode: the relay's pod (downward API), named in its certificate requests.
+    #[arg(long, env = "POD_NAME", default_value = "mesh-relay")]
+    pub pod_name: String,
     /// `WatchFlows`/`Status` for `meshctl --server` (plaintext gRPC, as Hubble Relay without
     /// its optional TLS: reach it through the cluster network or a port-forward).
     #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -72,6 +93,14 @@ pub struct RelayArgs {
 pub enum RelayError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Id(#[from] flow_api::FlowApiError),
+    #[error(
+        "the relay needs its certificate from the mesh CA (--ca-address, --ca-root-file, --ca-token-file) or from files (--tls-cert, --tls-key, --tls-ca), not both"
+    )]
+    Credentials,
+    #[error("mesh CA: {0}")]
+    Ca(String),
     #[error("--agent-server-name {0:?}: not a DNS name or IP address")]
     ServerName(String),
     #[error("--web-listen {0:?}: not an address or `none`")]
@@ -172,7 +201,7 @@ fn unix_nanos() -> u64 {
 
 /// Runs the relay until the process ends.
 pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
-    let client = Arc::new(args.tls.client_config()?);
+    let client = Arc::new(client_config(&args)?);
     let name = ServerName::try_from(args.agent_server_name.clone())
         .map_err(|_| RelayError::ServerName(args.agent_server_name.clone()))?;
     let web: Option<SocketAddr> = match args.web_listen.as_str() {
@@ -231,6 +260,66 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         warn!(error = %e, "relay API stopped");
     }
     Ok(())
+}
+
+/// The relay's TLS client: its certificate from the mesh CA (renewed, asked for at every
+/// connect) checking the agents' id, or from files checking the agents' id or name.
+fn client_config(args: &RelayArgs) -> Result<rustls::ClientConfig, RelayError> {
+    let files = args.tls.credentials()?;
+    let parse_agent_id = |td: &str| {
+        flow_api::id_or_default(
+            "--agent-id",
+            args.agent_id.as_deref(),
+            td,
+            tls::DEFAULT_AGENT_ACCOUNT,
+        )
+    };
+    match (files, &args.ca.ca_address) {
+        (Some(files), None) => {
+            let agent_id = match &args.agent_id {
+                Some(id) => Some(id.parse().map_err(|source| flow_api::FlowApiError::Id {
+                    flag: "--agent-id",
+                    value: id.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            Ok(tls::client_config(Arc::new(files), agent_id)?)
+        }
+        (None, Some(_)) => {
+            let td = &args.trust_domain;
+            let own = flow_api::id_or_default(
+                "--relay-id",
+                args.relay_id.as_deref(),
+                td,
+                tls::DEFAULT_RELAY_ACCOUNT,
+            )?;
+            let agent_id = parse_agent_id(td)?;
+            if let Some(root) = &args.ca.ca_root_file
+                && !root.exists()
+            {
+                // Not the agents' "run without mTLS": the relay has nothing to do without it,
+                // so it fails and its restart picks the bundle up once the CA published it.
+                return Err(RelayError::Ca(format!(
+                    "--ca-root-file {}: does not exist (has the CA published its bundle?)",
+                    root.display()
+                )));
+            }
+            let manager = args
+                .ca
+                .manager(td)
+                .map_err(|e| RelayError::Ca(e.to_string()))?
+                .ok_or_else(|| RelayError::Ca("--ca-address is not set".to_owned()))?;
+            let pod = crate::model::ObjectName::new(own.namespace(), &args.pod_name);
+            manager.set_workloads(&std::collections::BTreeMap::from([(pod, own.clone())]));
+            info!(identity = %own, agents = %agent_id, "relay certificate from the mesh CA");
+            Ok(tls::client_config(
+                Arc::new(tls::CaCredentials::new(manager, own)),
+                Some(agent_id),
+            )?)
+        }
+        _ => Err(RelayError::Credentials),
+    }
 }
 
 /// Serves `service` on `addr` with TLS `config` (the agent's flow API).
