@@ -1394,6 +1394,15 @@ impl Datapath {
             .collect()
     }
 
+    /// The kernel's run statistics of this object's program `name`: (total run time, runs). Both
+    /// stay 0 unless statistics are on (`aya::sys::enable_stats` or `kernel.bpf_stats_enabled`);
+    /// `None` if the object has no such program or the kernel refuses the query.
+    #[must_use]
+    pub fn program_run_stats(&self, name: &str) -> Option<(Duration, u64)> {
+        let info = self.ebpf.program(name)?.info().ok()?;
+        Some((info.run_time(), info.run_count()))
+    }
+
     /// One counter by its `CTR_*` index.
     pub fn counter(&self, idx: u32) -> Result<u64, DatapathError> {
         let v = self

@@ -1993,14 +1993,38 @@ impl Bench {
             ("direct_10k", eligible(&wide, WIDE_EJECTED)),
             ("direct_10_again", eligible(&narrow, 0..0)),
         ];
+        // The programs' own time per connect, from the kernel's run statistics (on while this
+        // descriptor is open): what the mesh adds in the kernel, apart from the TCP stack's cost of
+        // more distinct peers that the direct runs show.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+        if let Err(e) = &stats {
+            println!("(no BPF run statistics: {e})");
+        }
         for round in 0..plan.endpoint_rounds {
             let mut p50 = BTreeMap::new();
             for k in 0..runs.len() {
                 let (name, targets) = &runs[(round + k) % runs.len()];
                 let targets = targets.clone();
+                let before = self.prog_stats();
                 let c = self.in_pod(&self.client, move || {
                     banner_latency_client(&targets, plan.endpoint_warmup, plan.endpoint_time)
                 })?;
+                let after = self.prog_stats();
+                if let (Some(b), Some(a)) = (before, after)
+                    && a.connects > b.connects
+                {
+                    let per = |t: Duration, u: Duration| {
+                        (t - u).as_nanos() as f64 / (a.connects - b.connects) as f64
+                    };
+                    s.push(
+                        format!("connect4_prog_ns_{name}"),
+                        per(a.connect4, b.connect4),
+                    );
+                    s.push(
+                        format!("sockops_prog_ns_per_connect_{name}"),
+                        per(a.sockops, b.sockops),
+                    );
+                }
                 p50.insert(*name, c.p50_us);
             }
             let ratio = |a: &str, b: &str| p50[b] / p50[a];
@@ -2040,6 +2064,17 @@ impl Bench {
             );
         }
         Ok(())
+    }
+
+    /// The run statistics of the connect and sockops programs (zero unless statistics are on).
+    fn prog_stats(&self) -> Option<ProgStats> {
+        let (connect4, connects) = self.dp.program_run_stats("mesh_connect4")?;
+        let (sockops, _) = self.dp.program_run_stats("mesh_sockops")?;
+        Some(ProgStats {
+            connect4,
+            connects,
+            sockops,
+        })
     }
 
     /// A service of the first `n` of the [`SAME_NET`] endpoint addresses (one listener behind
@@ -2108,6 +2143,14 @@ impl Bench {
             .context("the one-listener server never became ready")?;
         Ok(server)
     }
+}
+
+/// Cumulative run time of `mesh_connect4` (and its runs) and of `mesh_sockops`.
+#[derive(Debug, Clone, Copy)]
+struct ProgStats {
+    connect4: Duration,
+    connects: u64,
+    sockops: Duration,
 }
 
 /// Filler service `i`: VIP `<vip>.(1 + i/250).(1 + i%250):80` with two endpoints in `<ep>`
