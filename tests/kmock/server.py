@@ -250,6 +250,20 @@ def selection(request):
     return lambda obj: by_labels((obj.get("metadata") or {}).get("labels") or {}) and by_fields(obj)
 
 
+def merged(old, patch):
+    """`patch` applied to `old` as a JSON merge patch (RFC 7386): objects merge key by key, `null`
+    removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(old) if isinstance(old, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merged(out.get(k), v)
+    return out
+
+
 def stamp_created(meta: dict) -> None:
     """What the API server sets on create besides uid and resourceVersion."""
     meta.setdefault(
@@ -415,6 +429,8 @@ class Emulator(kmock.KubernetesEmulator):
             return refusal
         action = request.action
         data = request.data
+        if isinstance(data, dict) and action == enums.action.UPDATE:
+            self._bump_generation(request, data)
         if isinstance(data, dict) and action in (enums.action.CREATE, enums.action.UPDATE):
             Emulator._current = next(Emulator._versions)
             meta = data.setdefault("metadata", {})
@@ -426,6 +442,22 @@ class Emulator(kmock.KubernetesEmulator):
         if "watch" not in request.params:
             self._log(request, "response")
         return response
+
+    def _bump_generation(self, request, data: dict) -> None:
+        """As the API server: a write that changes an object's `spec` (not through the status
+        subresource) increments `metadata.generation`; controllers report the generation they saw
+        as `observedGeneration`."""
+        if request.subresource is not None or "spec" not in data or request.name is None:
+            return
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return
+        stored = self._objects[key]
+        old = stored.raw
+        new_spec = merged(old.get("spec"), data["spec"])
+        if new_spec != old.get("spec"):
+            generation = int((old.get("metadata") or {}).get("generation") or 1)
+            data.setdefault("metadata", {})["generation"] = generation + 1
 
     async def _serve_server_version(self, request):
         version = await super()._serve_server_version(request)

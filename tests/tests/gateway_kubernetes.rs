@@ -755,6 +755,25 @@ async fn routes_and_status_from_kubernetes() {
         },
     )
     .await;
+    // Both routes' specs changed once: the API server bumped their generation, and the status
+    // reports the generation it was computed from.
+    for name in ["web", "bad"] {
+        wait_for(
+            &format!("{name}'s status at generation 2"),
+            CONVERGE,
+            || async {
+                let r = api.get("HTTPRoute", Some(NS), name).await;
+                let Some((_, _, p)) = route_reasons(&api, name).await else {
+                    return false;
+                };
+                r["metadata"]["generation"] == 2
+                    && p["conditions"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["observedGeneration"] == 2))
+            },
+        )
+        .await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
