@@ -2096,7 +2096,7 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
                 "ClusterRole lacks {verb} {group}/{plural}"
             );
         }
-        if !matches!(kind, Kind::ReferenceGrant | Kind::Secret) {
+        if !matches!(kind, Kind::ReferenceGrant | Kind::Secret | Kind::Namespace) {
             assert!(
                 grants(group, &format!("{plural}/status"), "patch"),
                 "ClusterRole lacks patch {plural}/status"

@@ -355,6 +355,7 @@ async fn routes_and_status_from_kubernetes() {
     let port = free_port();
     let tls_port = free_port();
     let foreign_port = free_port();
+    let shared_port = free_port();
     gateway(&api, "gw", "kernmesh", port).await;
     // An HTTPS listener whose certificate is a TLS Secret from the API.
     let cert = rcgen::generate_simple_self_signed(vec!["web.example".to_owned()]).unwrap();
@@ -393,6 +394,10 @@ async fn routes_and_status_from_kubernetes() {
             { "name": "http", "port": port, "protocol": "HTTP" },
             { "name": "https", "port": tls_port, "protocol": "HTTPS",
               "tls": { "certificateRefs": [{ "name": "web-cert" }] } },
+            // Routes of namespaces labelled for it (none at first).
+            { "name": "shared", "port": shared_port, "protocol": "HTTP",
+              "allowedRoutes": { "namespaces": { "from": "Selector",
+                  "selector": { "matchLabels": { "gateway-access": "granted" } } } } },
         ] } }),
     )
     .await;
@@ -801,6 +806,39 @@ async fn routes_and_status_from_kubernetes() {
             .is_some_and(|p| p.iter().all(|p| p["controllerName"] != CONTROLLER))
     })
     .await;
+    // The namespace of `elsewhere` gets the label the `shared` listener selects: the route is
+    // admitted there (the Namespace watch recompiles the table) and only there (`http` still
+    // admits its own namespace only). Its backend is in another namespace without a
+    // ReferenceGrant, so it answers 500 — attached, not the 404 of no route.
+    api.patch(
+        "Namespace",
+        None,
+        "other",
+        json!({ "metadata": { "labels": { "gateway-access": "granted" } } }),
+    )
+    .await;
+    wait_for(
+        "elsewhere admitted by the namespace selector",
+        CONVERGE,
+        || async {
+            route_reasons_in(&api, "other", "elsewhere")
+                .await
+                .is_some_and(|(a, _, _)| a == "True/Accepted")
+        },
+    )
+    .await;
+    wait_for(
+        "elsewhere attached to the shared listener",
+        CONVERGE,
+        || async {
+            get(&c, "127.0.0.1", shared_port, "elsewhere.example")
+                .await
+                .0
+                == 500
+        },
+    )
+    .await;
+    assert_eq!(get(&c, "127.0.0.1", port, "elsewhere.example").await.0, 404);
     drop(gw);
 }
 

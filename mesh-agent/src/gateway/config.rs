@@ -790,14 +790,54 @@ pub enum Mode {
 }
 
 /// Which namespaces' routes a listener admits (`allowedRoutes.namespaces.from`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub enum AllowedFrom {
     /// The spec's default: the Gateway's own namespace.
     #[default]
     Same,
     All,
-    /// `Selector` (namespace labels): not served yet, so no route is admitted through it.
-    Selector,
+    /// Namespaces whose labels match `allowedRoutes.namespaces.selector` (a Kubernetes label
+    /// selector: `matchLabels` and `matchExpressions`, ANDed). Every namespace also carries
+    /// `kubernetes.io/metadata.name: <name>`, as the API server sets it.
+    Selector(kube::core::Selector),
+}
+
+/// Namespace name → labels, from the `Namespace` objects given to the compiler.
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The label the API server puts on every namespace (Kubernetes ≥ 1.21): its own name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Whether namespace `ns` matches `selector` (its labels from `namespaces`, plus its name label).
+fn namespace_matches(
+    selector: &kube::core::Selector,
+    ns: &str,
+    namespaces: &NamespaceLabels,
+) -> bool {
+    use kube::core::SelectorExt as _;
+    let mut labels = namespaces.get(ns).cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), ns.to_owned());
+    selector.matches(&labels)
+}
+
+/// The listener's namespace selector as a Kubernetes label selector.
+fn namespace_selector(
+    s: &gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesSelector,
+) -> Result<kube::core::Selector, String> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    kube::core::Selector::try_from(LabelSelector {
+        match_labels: s.match_labels.clone(),
+        match_expressions: s.match_expressions.as_ref().map(|es| {
+            es.iter()
+                .map(|e| LabelSelectorRequirement {
+                    key: e.key.clone(),
+                    operator: e.operator.clone(),
+                    values: e.values.clone(),
+                })
+                .collect()
+        }),
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// A listener's `allowedRoutes`.
@@ -925,14 +965,23 @@ fn compile_listener(
             });
         }
     }
-    let allowed = l
-        .allowed_routes
-        .as_ref()
-        .map_or_else(Allowed::default, |a| Allowed {
+    let allowed = match l.allowed_routes.as_ref() {
+        None => Allowed::default(),
+        Some(a) => Allowed {
             from: match a.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
                 None | Some(From::Same) => AllowedFrom::Same,
                 Some(From::All) => AllowedFrom::All,
-                Some(From::Selector) => AllowedFrom::Selector,
+                Some(From::Selector) => {
+                    let f = format!("{field}.allowedRoutes.namespaces.selector");
+                    let invalid =
+                        |why: String| (R::UNSUPPORTED_VALUE, R::ACCEPTED, at.err(f.clone(), why));
+                    let s = a
+                        .namespaces
+                        .as_ref()
+                        .and_then(|n| n.selector.as_ref())
+                        .ok_or_else(|| invalid("required with from: Selector".into()))?;
+                    AllowedFrom::Selector(namespace_selector(s).map_err(invalid)?)
+                }
             },
             kinds: a
                 .kinds
@@ -941,7 +990,8 @@ fn compile_listener(
                 .filter(|k| k.group.as_deref().is_none_or(|g| g == GATEWAY_GROUP))
                 .map(|k| k.kind.clone())
                 .collect(),
-        });
+        },
+    };
     Ok((
         Listener {
             gateway: gname.to_string(),
@@ -956,22 +1006,27 @@ fn compile_listener(
 }
 
 /// Why a listener does not admit a route of `kind` from `ns` (`None`: it does).
-fn refuses(l: &Listener, gateway: &ObjectName, kind: &str, ns: &str) -> Option<String> {
-    let ns_ok = match l.allowed.from {
+fn refuses(
+    l: &Listener,
+    gateway: &ObjectName,
+    kind: &str,
+    ns: &str,
+    namespaces: &NamespaceLabels,
+) -> Option<String> {
+    let ns_ok = match &l.allowed.from {
         AllowedFrom::Same => ns == gateway.namespace,
         AllowedFrom::All => true,
-        AllowedFrom::Selector => false,
+        AllowedFrom::Selector(s) => namespace_matches(s, ns, namespaces),
     };
     if !ns_ok {
         return Some(format!(
-            "listener {} admits routes from {} (allowedRoutes.namespaces.from: {:?})",
+            "listener {} admits routes from {}",
             l.name,
-            match l.allowed.from {
+            match &l.allowed.from {
                 AllowedFrom::Same => format!("namespace {} only", gateway.namespace),
-                AllowedFrom::Selector => "a namespace selector, which is not served".into(),
+                AllowedFrom::Selector(s) => format!("namespaces labelled {s}, not {ns}"),
                 AllowedFrom::All => "all namespaces".into(),
             },
-            l.allowed.from
         ));
     }
     if !l.allowed.kinds.is_empty() && !l.allowed.kinds.iter().any(|k| k == kind) {
@@ -1154,6 +1209,7 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
     let mut secrets: BTreeMap<ObjectName, (At<'_>, SecretDoc)> = BTreeMap::new();
     let mut policies = Policies::default();
     let mut grants = Grants::default();
+    let mut namespaces = NamespaceLabels::new();
     let mut seen = BTreeSet::new();
     // Every Gateway given, compiled or not: a route's parent among them is ours.
     let mut gateway_names = BTreeSet::new();
@@ -1246,6 +1302,29 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
                         .or_default()
                         .push(spec),
                     Err(e) => reject(&mut cfg, e)?,
+                }
+            }
+            // Only its labels matter (listeners' namespace selectors).
+            ("Namespace", "") => {
+                let name = d
+                    .value
+                    .pointer("/metadata/name")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or(&d.name.name)
+                    .to_owned();
+                match d
+                    .value
+                    .pointer("/metadata/labels")
+                    .cloned()
+                    .map(serde_json::from_value)
+                {
+                    None => {
+                        namespaces.insert(name, BTreeMap::new());
+                    }
+                    Some(Ok(labels)) => {
+                        namespaces.insert(name, labels);
+                    }
+                    Some(Err(e)) => reject(&mut cfg, at.err("metadata.labels", e.to_string()))?,
                 }
             }
             ("Secret", "") => match typed::<SecretDoc>(&at, d.value) {
@@ -1419,7 +1498,7 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
             let allowed: Vec<&Listener> = selected
                 .iter()
                 .copied()
-                .filter(|l| refuses(l, &p.gateway, kind, &rname.namespace).is_none())
+                .filter(|l| refuses(l, &p.gateway, kind, &rname.namespace, &namespaces).is_none())
                 .collect();
             let mut attach: Vec<(u16, HostPattern)> = Vec::new();
             for l in &allowed {
@@ -1455,7 +1534,7 @@ fn compile(file: &Path, docs: Vec<Doc>, mode: Mode) -> Result<GatewayConfig, Gat
                     R::NOT_ALLOWED_BY_LISTENERS,
                     selected
                         .iter()
-                        .filter_map(|l| refuses(l, &p.gateway, kind, &rname.namespace))
+                        .filter_map(|l| refuses(l, &p.gateway, kind, &rname.namespace, &namespaces))
                         .collect::<Vec<_>>()
                         .join("; "),
                 )
@@ -2374,5 +2453,103 @@ spec:
             .unwrap();
         assert_eq!(good.resolved_refs.reason, status::reason::BACKEND_NOT_FOUND);
         assert_eq!(report.gateways[0].listeners[0].attached_routes, 1);
+    }
+
+    #[test]
+    fn a_namespace_selector_admits_routes_from_matching_namespaces_only() {
+        let text = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: gw, namespace: infra }
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - name: shared
+      port: 8080
+      protocol: HTTP
+      allowedRoutes:
+        namespaces:
+          from: Selector
+          selector:
+            matchLabels: { gateway-access: granted }
+            matchExpressions: [{ key: tier, operator: NotIn, values: [dev] }]
+    - name: by-name
+      port: 8081
+      protocol: HTTP
+      allowedRoutes:
+        namespaces:
+          from: Selector
+          selector: { matchLabels: { kubernetes.io/metadata.name: team-c } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: team-a, labels: { gateway-access: granted } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: team-b, labels: { gateway-access: granted, tier: dev } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: team-c }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: a, namespace: team-a }
+spec:
+  parentRefs: [{ name: gw, namespace: infra, sectionName: shared }]
+  hostnames: [a.example]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: b, namespace: team-b }
+spec:
+  parentRefs: [{ name: gw, namespace: infra, sectionName: shared }]
+  hostnames: [b.example]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: c, namespace: team-c }
+spec:
+  parentRefs: [{ name: gw, namespace: infra }]
+  hostnames: [c.example]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+";
+        let cfg = parse(Path::new("routes.yaml"), text).unwrap();
+        let r = |n: &str| cfg.route_infos.iter().find(|r| r.name.name == n).unwrap();
+        // team-a: labelled, not dev → admitted by `shared`.
+        assert_eq!(r("a").parents[0].accepted, status::Cond::yes("Accepted"));
+        // team-b: labelled but `tier: dev` → refused, and the message names the selector.
+        let b = &r("b").parents[0].accepted;
+        assert_eq!(b.reason, status::reason::NOT_ALLOWED_BY_LISTENERS, "{b:?}");
+        assert!(b.message.contains("gateway-access=granted"), "{b:?}");
+        // team-c: no labels of its own; the name label the API server sets admits it to
+        // `by-name` (and `shared` refuses it).
+        assert_eq!(r("c").parents[0].accepted, status::Cond::yes("Accepted"));
+        let served: BTreeSet<(u16, &str)> = cfg
+            .ports
+            .iter()
+            .flat_map(|(port, p)| {
+                p.hosts
+                    .vhosts
+                    .iter()
+                    .flat_map(|v| &v.entries)
+                    .map(move |e| (*port, e.origin.name.as_str()))
+            })
+            .collect();
+        assert_eq!(
+            served,
+            BTreeSet::from([(8080, "team-a/a"), (8081, "team-c/c")])
+        );
+        // A selector with an unknown operator is the listener's error, named by field.
+        let bad = text.replace("operator: NotIn", "operator: Near");
+        let e = parse(Path::new("routes.yaml"), &bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spec.listeners[0].allowedRoutes.namespaces.selector"),
+            "{e}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Gateway API objects from the Kubernetes API: watches `GatewayClass`, `Gateway`, `HTTPRoute`,
-//! `GRPCRoute`, `ReferenceGrant` and TLS `Secret`s, keeps the Gateways whose class names our
+//! `GRPCRoute`, `ReferenceGrant`, TLS `Secret`s and `Namespace`s (their labels, for listeners'
+//! `allowedRoutes.namespaces.selector`), keeps the Gateways whose class names our
 //! controller (`GatewayClass.spec.controllerName`, as Envoy Gateway and Istio filter), and
 //! compiles them with the file source's compiler ([`config::compile_objects`]) after each
 //! batch of changes. Services and endpoints still come from the agent's discovery source.
@@ -46,16 +47,18 @@ pub enum Kind {
     GrpcRoute,
     ReferenceGrant,
     Secret,
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::GatewayClass,
         Self::Gateway,
         Self::HttpRoute,
         Self::GrpcRoute,
         Self::ReferenceGrant,
         Self::Secret,
+        Self::Namespace,
     ];
 
     /// `(group, version, kind, plural)`.
@@ -73,6 +76,7 @@ impl Kind {
                 "referencegrants",
             ),
             Self::Secret => ("", "v1", "Secret", "secrets"),
+            Self::Namespace => ("", "v1", "Namespace", "namespaces"),
         }
     }
 
@@ -236,6 +240,23 @@ impl State {
                 docs.push(doc(Kind::Secret, s));
             }
         }
+        // Namespaces by name and labels only (what listeners' namespace selectors read), so
+        // other changes to them do not recompile the table.
+        for n in self.objects(Kind::Namespace) {
+            let Some(name) = n.metadata.name.clone() else {
+                continue;
+            };
+            docs.push(Doc {
+                line: 0,
+                kind: "Namespace".to_owned(),
+                name: ObjectName::new("", &name),
+                value: serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": { "name": name, "labels": n.metadata.labels.clone().unwrap_or_default() },
+                }),
+            });
+        }
         for c in self.objects(Kind::GatewayClass) {
             if let Some(name) = &c.metadata.name
                 && classes.contains(name)
@@ -290,7 +311,7 @@ pub async fn run(
     };
     let mut last: Option<u64> = None;
     let mut missing_logged = BTreeSet::new();
-    info!(controller = %controller, "watching Kubernetes: GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, ReferenceGrants, TLS Secrets");
+    info!(controller = %controller, "watching Kubernetes: GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, ReferenceGrants, TLS Secrets, Namespaces");
     loop {
         let Some(first) = streams.next().await else {
             return Err(KubeSourceError::WatchEnded);
