@@ -39,7 +39,7 @@ What it adds to kmock (0.8):
   account itself need not exist (the API server would require it);
 - `Secret` (the CA's persisted or plug-in key pair) and `ConfigMap` (the trust bundle it publishes);
 - the Gateway API kinds the gateway watches (`GatewayClass`, `Gateway`, `HTTPRoute`, `GRPCRoute`
-  with their status subresources, `ReferenceGrant`);
+  with their status subresources, `ReferenceGrant`) and its own `RoutePolicy`;
 - streaming lists (KEP-3157 WatchList, beta and on by default since Kubernetes 1.32): a watch with
   `sendInitialEvents=true` sends every existing object (that its selectors match) as ADDED, then
   one BOOKMARK whose object carries only `metadata.resourceVersion` and the annotation
@@ -152,6 +152,12 @@ RESOURCES = {
     "gateway.networking.k8s.io/v1beta1/referencegrants": {
         "kind": "ReferenceGrant",
         "singular": "referencegrant",
+        "namespaced": True,
+    },
+    # The gateway's own RoutePolicy (its CRD, as if installed).
+    "gateway.kernmesh.io/v1alpha1/routepolicies": {
+        "kind": "RoutePolicy",
+        "singular": "routepolicy",
         "namespaced": True,
     },
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "namespaced": True},

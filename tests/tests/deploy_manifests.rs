@@ -352,6 +352,7 @@ fn every_document_is_a_known_kubernetes_object_in_one_namespace() {
         [
             "authorizationpolicies.security.kernmesh.io",
             "peerauthentications.security.kernmesh.io",
+            "routepolicies.gateway.kernmesh.io",
             "trafficpolicies.traffic.kernmesh.io"
         ]
     );
@@ -2096,7 +2097,10 @@ fn gateway_manifest_is_typed_its_args_parse_rbac_covers_the_watches_and_helm_mat
                 "ClusterRole lacks {verb} {group}/{plural}"
             );
         }
-        if !matches!(kind, Kind::ReferenceGrant | Kind::Secret | Kind::Namespace) {
+        if !matches!(
+            kind,
+            Kind::ReferenceGrant | Kind::Secret | Kind::Namespace | Kind::RoutePolicy
+        ) {
             assert!(
                 grants(group, &format!("{plural}/status"), "patch"),
                 "ClusterRole lacks patch {plural}/status"

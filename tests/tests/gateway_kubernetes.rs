@@ -142,6 +142,7 @@ impl Api2 {
             "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices"),
             "Namespace" => ("", "v1", "namespaces"),
             "Secret" => ("", "v1", "secrets"),
+            "RoutePolicy" => ("gateway.kernmesh.io", "v1alpha1", "routepolicies"),
             other => panic!("no resource for {other}"),
         };
         let r = resource(g, v, kind, plural);
@@ -839,6 +840,39 @@ async fn routes_and_status_from_kubernetes() {
     )
     .await;
     assert_eq!(get(&c, "127.0.0.1", port, "elsewhere.example").await.0, 404);
+
+    // A RoutePolicy from the API (our CRD): a rate limit on `bad` (serving v2 by now) of 2
+    // requests a minute — the third is refused with 429 — while `web` is untouched.
+    for _ in 0..3 {
+        assert_eq!(get(&c, "127.0.0.1", port, "bad.example").await.0, 200);
+    }
+    api.create(
+        "RoutePolicy",
+        Some(NS),
+        gateway_api(
+            mesh_agent::gateway::config::POLICY_API_VERSION,
+            "RoutePolicy",
+            "slow-down",
+            NS,
+            &json!({
+                "targetRefs": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "bad" }],
+                "rateLimit": { "route": { "requests": 2, "per": "1m" } },
+            }),
+        ),
+    )
+    .await;
+    wait_for("the RoutePolicy limits its route", CONVERGE, || async {
+        let codes = [
+            get(&c, "127.0.0.1", port, "bad.example").await.0,
+            get(&c, "127.0.0.1", port, "bad.example").await.0,
+            get(&c, "127.0.0.1", port, "bad.example").await.0,
+        ];
+        codes.contains(&429)
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(&c, "127.0.0.1", port, "web.example").await.0, 200);
+    }
     drop(gw);
 }
 

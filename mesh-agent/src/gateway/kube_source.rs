@@ -1,6 +1,6 @@
 //! Gateway API objects from the Kubernetes API: watches `GatewayClass`, `Gateway`, `HTTPRoute`,
-//! `GRPCRoute`, `ReferenceGrant`, TLS `Secret`s and `Namespace`s (their labels, for listeners'
-//! `allowedRoutes.namespaces.selector`), keeps the Gateways whose class names our
+//! `GRPCRoute`, `ReferenceGrant`, TLS `Secret`s, `Namespace`s (their labels, for listeners'
+//! `allowedRoutes.namespaces.selector`) and our `RoutePolicy`s (if the CRD is installed), keeps the Gateways whose class names our
 //! controller (`GatewayClass.spec.controllerName`, as Envoy Gateway and Istio filter), and
 //! compiles them with the file source's compiler ([`config::compile_objects`]) after each
 //! batch of changes. Services and endpoints still come from the agent's discovery source.
@@ -48,10 +48,12 @@ pub enum Kind {
     ReferenceGrant,
     Secret,
     Namespace,
+    /// Our `RoutePolicy` (`gateway.kernmesh.io`); a cluster without its CRD has none.
+    RoutePolicy,
 }
 
 impl Kind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::GatewayClass,
         Self::Gateway,
         Self::HttpRoute,
@@ -59,6 +61,7 @@ impl Kind {
         Self::ReferenceGrant,
         Self::Secret,
         Self::Namespace,
+        Self::RoutePolicy,
     ];
 
     /// `(group, version, kind, plural)`.
@@ -77,6 +80,12 @@ impl Kind {
             ),
             Self::Secret => ("", "v1", "Secret", "secrets"),
             Self::Namespace => ("", "v1", "Namespace", "namespaces"),
+            Self::RoutePolicy => (
+                "gateway.kernmesh.io",
+                "v1alpha1",
+                "RoutePolicy",
+                "routepolicies",
+            ),
         }
     }
 
@@ -235,6 +244,9 @@ impl State {
         for g in self.objects(Kind::ReferenceGrant) {
             docs.push(doc(Kind::ReferenceGrant, g));
         }
+        for p in self.objects(Kind::RoutePolicy) {
+            docs.push(doc(Kind::RoutePolicy, p));
+        }
         for s in self.objects(Kind::Secret) {
             if secrets.contains(&key(s)) {
                 docs.push(doc(Kind::Secret, s));
@@ -311,7 +323,7 @@ pub async fn run(
     };
     let mut last: Option<u64> = None;
     let mut missing_logged = BTreeSet::new();
-    info!(controller = %controller, "watching Kubernetes: GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, ReferenceGrants, TLS Secrets, Namespaces");
+    info!(controller = %controller, "watching Kubernetes: GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, ReferenceGrants, TLS Secrets, Namespaces, RoutePolicies");
     loop {
         let Some(first) = streams.next().await else {
             return Err(KubeSourceError::WatchEnded);

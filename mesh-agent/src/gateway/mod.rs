@@ -16,6 +16,7 @@ pub mod kube_source;
 pub mod limits;
 pub mod observe;
 pub mod proxy;
+pub mod route_policy;
 pub mod routes;
 pub mod server;
 pub mod status;
