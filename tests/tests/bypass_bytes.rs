@@ -306,10 +306,12 @@ fn a_blocked_reader_gets_eagain_from_the_bypass_at_its_own_half_close() {
     let Some(_k) = mesh_tests::kernel_test("bypass_eagain") else {
         return;
     };
-    assert!(
-        !mesh_agent::config::DEFAULT_BYPASS,
-        "the bypass must stay off by default while the kernel does this"
-    );
+    const {
+        assert!(
+            !mesh_agent::config::DEFAULT_BYPASS,
+            "the bypass must stay off by default while the kernel does this"
+        );
+    }
     let mut m = Mesh::new("bypass_eagain", 1).expect("cluster");
     let server = m.backends[0].clone();
     let at = SocketAddr::new(server.ipv4().into(), 9000);
@@ -320,8 +322,8 @@ fn a_blocked_reader_gets_eagain_from_the_bypass_at_its_own_half_close() {
             .client
             .run(move || half_closed_reader(at))
             .expect("client closure");
-        let served = s.join().expect("server thread").expect("server closure");
-        assert_eq!(served, Ok(()), "the server side");
+        let outcome = s.join().expect("server thread").expect("server closure");
+        assert_eq!(outcome, Ok(()), "the server side");
         r
     };
 

@@ -715,7 +715,7 @@ pub enum AllowedFrom {
     Same,
     All,
     /// Namespaces whose labels match `allowedRoutes.namespaces.selector` (a Kubernetes label
-    /// selector: `matchLabels` and `matchExpressions`, ANDed). Every namespace also carries
+    /// selector: `matchLabels` and `matchExpressions`, all of which must hold). Every namespace also carries
     /// `kubernetes.io/metadata.name: <name>`, as the API server sets it.
     Selector(kube::core::Selector),
 }
@@ -885,15 +885,20 @@ fn compile_listener(
     }
     let allowed = match l.allowed_routes.as_ref() {
         None => Allowed::default(),
-        Some(a) => Allowed {
-            from: match a.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
+        Some(allowed) => Allowed {
+            from: match allowed.namespaces.as_ref().and_then(|n| n.from.as_ref()) {
                 None | Some(From::Same) => AllowedFrom::Same,
                 Some(From::All) => AllowedFrom::All,
                 Some(From::Selector) => {
-                    let f = format!("{field}.allowedRoutes.namespaces.selector");
-                    let invalid =
-                        |why: String| (R::UNSUPPORTED_VALUE, R::ACCEPTED, at.err(f.clone(), why));
-                    let s = a
+                    let selector_field = format!("{field}.allowedRoutes.namespaces.selector");
+                    let invalid = |why: String| {
+                        (
+                            R::UNSUPPORTED_VALUE,
+                            R::ACCEPTED,
+                            at.err(selector_field.clone(), why),
+                        )
+                    };
+                    let s = allowed
                         .namespaces
                         .as_ref()
                         .and_then(|n| n.selector.as_ref())
@@ -901,7 +906,7 @@ fn compile_listener(
                     AllowedFrom::Selector(namespace_selector(s).map_err(invalid)?)
                 }
             },
-            kinds: a
+            kinds: allowed
                 .kinds
                 .iter()
                 .flatten()

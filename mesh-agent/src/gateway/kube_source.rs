@@ -252,23 +252,7 @@ impl State {
                 docs.push(doc(Kind::Secret, s));
             }
         }
-        // Namespaces by name and labels only (what listeners' namespace selectors read), so
-        // other changes to them do not recompile the table.
-        for n in self.objects(Kind::Namespace) {
-            let Some(name) = n.metadata.name.clone() else {
-                continue;
-            };
-            docs.push(Doc {
-                line: 0,
-                kind: "Namespace".to_owned(),
-                name: ObjectName::new("", &name),
-                value: serde_json::json!({
-                    "apiVersion": "v1",
-                    "kind": "Namespace",
-                    "metadata": { "name": name, "labels": n.metadata.labels.clone().unwrap_or_default() },
-                }),
-            });
-        }
+        docs.extend(self.objects(Kind::Namespace).filter_map(namespace_doc));
         for c in self.objects(Kind::GatewayClass) {
             if let Some(name) = &c.metadata.name
                 && classes.contains(name)
@@ -281,6 +265,22 @@ impl State {
         }
         (docs, observed)
     }
+}
+
+/// A Namespace by name and labels only (what listeners' namespace selectors read), so other
+/// changes to it do not recompile the table.
+fn namespace_doc(n: &DynamicObject) -> Option<Doc> {
+    let name = n.metadata.name.clone()?;
+    Some(Doc {
+        line: 0,
+        kind: "Namespace".to_owned(),
+        name: ObjectName::new("", &name),
+        value: serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name, "labels": n.metadata.labels.clone().unwrap_or_default() },
+        }),
+    })
 }
 
 /// Whether a watch error says the kind is not installed (its CRD missing).

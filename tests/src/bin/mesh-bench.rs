@@ -2014,7 +2014,7 @@ impl Bench {
                     && a.connects > b.connects
                 {
                     let per = |t: Duration, u: Duration| {
-                        (t - u).as_nanos() as f64 / (a.connects - b.connects) as f64
+                        t.saturating_sub(u).as_nanos() as f64 / (a.connects - b.connects) as f64
                     };
                     s.push(
                         format!("connect4_prog_ns_{name}"),
@@ -2068,11 +2068,11 @@ impl Bench {
 
     /// The run statistics of the connect and sockops programs (zero unless statistics are on).
     fn prog_stats(&self) -> Option<ProgStats> {
-        let (connect4, connects) = self.dp.program_run_stats("mesh_connect4")?;
+        let (connect4, runs) = self.dp.program_run_stats("mesh_connect4")?;
         let (sockops, _) = self.dp.program_run_stats("mesh_sockops")?;
         Some(ProgStats {
             connect4,
-            connects,
+            connects: runs,
             sockops,
         })
     }
