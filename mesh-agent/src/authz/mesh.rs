@@ -471,7 +471,7 @@ mod tests {
                 p.name.clone(),
                 BTreeMap::from([("app".to_owned(), name.to_owned())]),
             );
-            m.pods.insert(p.name.clone(), p);
+            m.pods.insert(p.name.clone(), std::sync::Arc::new(p));
         }
         m.mesh
             .namespace_modes

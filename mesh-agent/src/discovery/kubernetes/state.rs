@@ -247,7 +247,7 @@ impl State {
                         addrs.push(ip);
                     }
                 }
-                model.pods.insert(p.name.clone(), p.clone());
+                model.pods.insert(p.name.clone(), Arc::clone(p));
             }
         }
         for (name, svc) in &self.services.objects {

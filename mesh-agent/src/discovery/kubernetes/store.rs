@@ -213,7 +213,7 @@ impl StoredSlice {
 #[derive(Clone, Debug)]
 pub(super) struct StoredPod {
     /// [`pod_of`]'s result: `None` for a pod not scheduled yet or finished.
-    pub(super) pod: Option<model::Pod>,
+    pub(super) pod: Option<Arc<model::Pod>>,
     /// The labels the model keeps: every label of this node's pods (policy selectors), only
     /// the enrollment label of other nodes' pods (a pod elsewhere may opt out of the mesh).
     pub(super) labels: BTreeMap<String, String>,
@@ -236,7 +236,7 @@ impl StoredPod {
             None => BTreeMap::new(),
         };
         Self {
-            pod: model_pod,
+            pod: model_pod.map(Arc::new),
             labels,
             host_ips: host_ips(pod),
         }
