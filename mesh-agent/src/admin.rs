@@ -685,7 +685,7 @@ fn security_response(
                 .iter()
                 .map(|q| q.name.to_string())
                 .collect();
-        } else if let Some(why) = mesh.not_enrolled.get(name) {
+        } else if let Some(why) = mesh.not_enrolled(model, name) {
             w.not_enrolled = match why {
                 NotEnrolled::NotLabelled => "not_labelled".to_owned(),
                 NotEnrolled::OptedOut => "opted_out".to_owned(),

@@ -121,7 +121,8 @@ pub struct Pod {
     pub node: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
-    /// Kubernetes UID (the kubelet names the pod's cgroup after it); empty for static pods.
+    /// Kubernetes UID (the kubelet names the pod's cgroup after it); empty for static pods, and
+    /// for other nodes' pods in Kubernetes (no cgroup of theirs is on this node).
     pub uid: String,
     /// `spec.hostNetwork`: the pod's addresses are the node's, so it is never a local pod
     /// endpoint (same-node bypass would capture every host-network socket of the node).

@@ -907,8 +907,8 @@ peerAuthentications:
         assert_eq!(web.mode, authz::MtlsMode::Strict);
         assert_eq!(web.policies.allow.len(), 1);
         assert_eq!(
-            v.not_enrolled[&ObjectName::new("shop", "old-0")],
-            authz::NotEnrolled::OptedOut
+            v.not_enrolled(&m, &ObjectName::new("shop", "old-0")),
+            Some(authz::NotEnrolled::OptedOut)
         );
         assert!(
             m.mesh

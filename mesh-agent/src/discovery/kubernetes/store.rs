@@ -209,7 +209,8 @@ impl StoredSlice {
 /// What the model reads of a Pod, stored instead of the Pod: every node's pods are watched
 /// (100,000 in the control-plane benchmark), and a `k8s-openapi` `Pod` held inline in the store
 /// is ≈ 2 KB of mostly empty spec and status fields before any of its strings (≈ 450 MB of
-/// B-tree nodes for 100,000 pods, measured with heaptrack). Converted once per watch event.
+/// B-tree nodes for 100,000 pods, measured with heaptrack). Converted once per watch event; the
+/// model shares the pod (`Arc`) instead of copying it.
 #[derive(Clone, Debug)]
 pub(super) struct StoredPod {
     /// [`pod_of`]'s result: `None` for a pod not scheduled yet or finished.
@@ -223,7 +224,13 @@ pub(super) struct StoredPod {
 
 impl StoredPod {
     pub(super) fn new(pod: &K8sPod, node: &str) -> Self {
-        let model_pod = pod_of(pod);
+        let mut model_pod = pod_of(pod);
+        if let Some(p) = model_pod.as_mut().filter(|p| p.node != node) {
+            // Only this node has the pod's cgroup, which is what the UID names (the
+            // snapshot indexes this node's pods by it); 36 bytes less for each of the
+            // cluster's other pods.
+            p.uid = String::new();
+        }
         let all = pod.labels();
         let labels = match &model_pod {
             Some(p) if p.node == node => all.clone(),
