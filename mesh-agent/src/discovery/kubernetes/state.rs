@@ -198,6 +198,11 @@ impl State {
             node_zone: self.zone(),
             ..ClusterModel::default()
         };
+        // The services and pods are gathered in order and then collected, not inserted one by
+        // one: `BTreeMap`'s bulk build fills its nodes, where in-order inserts leave each about
+        // half empty (the snapshot keeps these maps; 100,000 pods in the benchmark).
+        let mut services = Vec::with_capacity(self.services.objects.len());
+        let mut pods = Vec::with_capacity(self.pods.objects.len());
         for (name, svc) in &self.services.objects {
             if !self.namespace_live(&name.namespace) {
                 continue;
@@ -217,7 +222,7 @@ impl State {
                     .flatten()
                     .flat_map(|s| s.endpoints(&svc.ports, distribution)),
             );
-            model.services.insert(
+            services.push((
                 name.clone(),
                 model::Service {
                     name: name.clone(),
@@ -227,8 +232,9 @@ impl State {
                     endpoints,
                     internal_traffic_policy: svc.internal_traffic_policy,
                 },
-            );
+            ));
         }
+        model.services = services.into_iter().collect();
         model.policies = resolution.report;
         for stored in self.pods.objects.values() {
             if let Some(p) = &stored.pod
@@ -247,9 +253,10 @@ impl State {
                         addrs.push(ip);
                     }
                 }
-                model.pods.insert(p.name.clone(), Arc::clone(p));
+                pods.push((p.name.clone(), Arc::clone(p)));
             }
         }
+        model.pods = pods.into_iter().collect();
         for (name, svc) in &self.services.objects {
             if svc.mesh_opt_out && model.services.contains_key(name) {
                 model.mesh.opted_out_services.insert(name.clone());
