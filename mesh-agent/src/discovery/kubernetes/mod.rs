@@ -112,6 +112,8 @@ mod store;
 mod tests;
 mod watch;
 
+// One source split by job: every module sees the others' items (`pub(super)`), as when it was
+// one file.
 #[allow(clippy::wildcard_imports)]
 use self::{convert::*, events::*, state::*, store::*, watch::*};
 pub use self::{
@@ -121,6 +123,7 @@ pub use self::{
     run::run_with_status,
     state::Rejection,
 };
+
 /// Label joining an `EndpointSlice` to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label of Services (and their slices) that another proxy implements.
