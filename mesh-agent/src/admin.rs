@@ -492,18 +492,19 @@ impl Admin for AdminService {
             .pods
             .iter()
             .filter(|(_, p)| p.node == snap.model.node)
-            .filter_map(|(name, p)| Some((p, snap.identities.get(name)?)))
-            .map(|(p, id)| {
+            // A pod's identity: its namespace and service account.
+            .map(|(name, pod)| (pod, &name.namespace, &pod.service_account))
+            .map(|(p, namespace, service_account)| {
                 let spiffe_id = format!(
                     "spiffe://{}/ns/{}/sa/{}",
-                    snap.mesh.settings.trust_domain, id.namespace, id.service_account
+                    snap.mesh.settings.trust_domain, namespace, service_account
                 );
                 let enrolled = snap.mesh.enrolled.contains_key(&p.name);
                 let cert = certs.get(&spiffe_id).filter(|_| enrolled);
                 IdentityInfo {
-                    namespace: id.namespace.clone(),
+                    namespace: namespace.clone(),
                     pod: p.name.name.clone(),
-                    service_account: id.service_account.clone(),
+                    service_account: service_account.clone(),
                     addresses: p.ips.iter().map(ToString::to_string).collect(),
                     serial: cert.and_then(|c| c.serial.clone()).unwrap_or_default(),
                     not_before: rfc3339(cert.and_then(|c| c.not_before)),
@@ -684,7 +685,7 @@ fn security_response(
                 .iter()
                 .map(|q| q.name.to_string())
                 .collect();
-        } else if let Some(why) = mesh.not_enrolled.get(name) {
+        } else if let Some(why) = mesh.not_enrolled(model, name) {
             w.not_enrolled = match why {
                 NotEnrolled::NotLabelled => "not_labelled".to_owned(),
                 NotEnrolled::OptedOut => "opted_out".to_owned(),

@@ -660,14 +660,14 @@ mod tests {
             let name = ObjectName::new("shop", name);
             m.pods.insert(
                 name.clone(),
-                Pod {
+                Arc::new(Pod {
                     name,
                     node: node.into(),
                     service_account: sa.into(),
                     ips: vec![ip.parse().unwrap()],
                     uid: String::new(),
                     host_network: false,
-                },
+                }),
             );
         }
         m.mesh

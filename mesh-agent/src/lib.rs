@@ -11,6 +11,7 @@ pub mod drain;
 pub mod flows;
 pub mod gateway;
 pub mod health;
+pub mod heap;
 pub mod identity;
 pub mod logging;
 pub mod meshsync;

@@ -117,25 +117,14 @@ enum Command {
     Relay(Box<mesh_agent::relay::RelayArgs>),
 }
 
+/// jemalloc returns freed pages to the kernel, where glibc kept the initial sync's high-water
+/// mark resident (see `mesh_agent::heap`).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // At most two malloc arenas: every thread that allocates under contention (tokio workers, the
-    // data-path owner, blocking parses) would otherwise get its own, and each keeps the
-    // high-water mark of a 10,000-service model resident after the model is freed. A fixed mmap
-    // threshold keeps large buffers (a parsed model's vectors) in mmap, returned on free, instead
-    // of glibc raising the threshold after the first free and carving them from the heap.
-    // The gateway keeps no large model, and its worker threads allocate per request at once:
-    // capped to two arenas they would contend on the arena locks, so it keeps glibc's default
-    // (8 per CPU; nginx's worker processes each have their own heap).
     let args = Args::parse();
-    let gateway = matches!(args.command, Some(Command::Gateway(_)));
-    // SAFETY: mallopt only tunes the allocator.
-    unsafe {
-        if !gateway {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
     logging::init(args.log_json);
     if let Some(Command::Cleanup) = args.command {
         return run_cleanup(args);

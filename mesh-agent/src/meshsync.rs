@@ -222,7 +222,7 @@ fn pod_cgroups(dir: &Path, depth: usize, snap: &Snapshot, out: &mut Vec<(Arc<Obj
         let name = e.file_name();
         let name = name.to_string_lossy();
         let pod = uid_in_cgroup_name(&name)
-            .and_then(|uid| snap.pod_by_uid.get(&uid))
+            .and_then(|uid| snap.pod_by_uid.get(&crate::state::uid_key(&uid)?))
             .or_else(|| snap.pod_by_name.get(name.as_ref()));
         match pod {
             Some(pod) => {

@@ -121,7 +121,8 @@ pub struct Pod {
     pub node: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
-    /// Kubernetes UID (the kubelet names the pod's cgroup after it); empty for static pods.
+    /// Kubernetes UID (the kubelet names the pod's cgroup after it); empty for static pods, and
+    /// for other nodes' pods in Kubernetes (no cgroup of theirs is on this node).
     pub uid: String,
     /// `spec.hostNetwork`: the pod's addresses are the node's, so it is never a local pod
     /// endpoint (same-node bypass would capture every host-network socket of the node).
@@ -136,7 +137,10 @@ pub struct ClusterModel {
     /// This node's zone (its Node's `topology.kubernetes.io/zone` label), for topology hints.
     pub node_zone: Option<String>,
     pub services: BTreeMap<ObjectName, Service>,
-    pub pods: BTreeMap<ObjectName, Pod>,
+    /// Shared (`Arc`): the Kubernetes source's store holds the same pods, and a model holds
+    /// every node's (100,000 in the control-plane benchmark), so a new model copies pointers,
+    /// not pods.
+    pub pods: BTreeMap<ObjectName, Arc<Pod>>,
     /// Node name → the addresses its agent is reached at (a Node's `InternalIP`s; in Kubernetes
     /// from pods' `status.hostIPs`): where the HBONE tunnel to a pod on that node goes.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
@@ -551,7 +555,7 @@ mod tests {
         };
         let mut m = model(TrafficPolicy::Cluster, None, Vec::new());
         for p in [pod("app", 1, false), pod("agent", 2, true)] {
-            m.pods.insert(p.name.clone(), p);
+            m.pods.insert(p.name.clone(), Arc::new(p));
         }
         assert_eq!(m.local_pod_ips(), [IpAddr::from([10, 1, 0, 1])]);
     }

@@ -261,10 +261,8 @@ impl Owner {
         // The previous snapshot is freed here, or by its last reader.
         self.stores.snapshot.store(snapshot);
         // Parsing and diffing a large model frees far more than it keeps; hand the freed heap
-        // back to the kernel so the agent's resident size reflects what it holds (glibc keeps
-        // it otherwise).
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe { libc::malloc_trim(0) };
+        // back to the kernel so the agent's resident size reflects what it holds.
+        crate::heap::release_free();
         let took = started.elapsed();
         info!(
             generation = self.generation,

@@ -20,13 +20,6 @@ use crate::{
     reconcile::{AppliedService, AppliedServices},
 };
 
-/// A workload's identity (what the mTLS stage issues certificates for).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub namespace: String,
-    pub service_account: String,
-}
-
 /// The model as last reconciled into the kernel, with the indexes readers need.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -43,16 +36,17 @@ pub struct Snapshot {
     pub services: AppliedServices,
     /// Backends over all service addresses.
     pub backends: usize,
-    /// Pod by any of its addresses. The three pod indexes share one `Arc` per pod (no string
-    /// copies), which flows keep to name their pods without allocating per event.
+    /// Pod by any of its addresses, every node's. The three pod indexes share one `Arc` per
+    /// pod (no string copies), which flows keep to name their pods without allocating per
+    /// event.
     pub pod_by_ip: HashMap<IpAddr, Arc<ObjectName>>,
-    /// Pod by Kubernetes UID (`-` form), as the kubelet names its cgroup.
-    pub pod_by_uid: HashMap<String, Arc<ObjectName>>,
-    /// Pod by bare name (static setups name a pod's cgroup after the pod); the first in
-    /// namespace order wins, as a scan of the model did.
-    pub pod_by_name: HashMap<String, Arc<ObjectName>>,
-    /// Pod → identity.
-    pub identities: BTreeMap<ObjectName, Identity>,
+    /// This node's pods by Kubernetes UID (as a number, see [`uid_key`]), as the kubelet
+    /// names its cgroup. Only this node's: a pod's cgroup exists only on its node, and
+    /// other nodes' pods are 99 % of a large cluster's.
+    pub pod_by_uid: HashMap<u128, Arc<ObjectName>>,
+    /// This node's pods by bare name (static setups name a pod's cgroup after the pod); the
+    /// first in namespace order wins, as a scan of the model did.
+    pub pod_by_name: HashMap<PodByName, Arc<ObjectName>>,
     /// Enrollment, SPIFFE id, mTLS mode and authorization policies of every pod (issue 9):
     /// what the proxies' authorization hook and `meshctl policies` read.
     pub mesh: Arc<crate::authz::MeshView>,
@@ -67,28 +61,23 @@ impl Snapshot {
             service.endpoints = Vec::new();
         }
         let model = Arc::new(model);
-        let mut pod_by_ip = HashMap::new();
+        let mut pod_by_ip = HashMap::with_capacity(model.pods.len());
         let mut pod_by_uid = HashMap::new();
         let mut pod_by_name = HashMap::new();
-        let mut identities = BTreeMap::new();
         for (name, pod) in &model.pods {
             let shared = Arc::new(name.clone());
             for ip in &pod.ips {
                 pod_by_ip.entry(*ip).or_insert_with(|| Arc::clone(&shared));
             }
-            if !pod.uid.is_empty() {
-                pod_by_uid.insert(pod.uid.replace('_', "-"), Arc::clone(&shared));
+            if pod.node != model.node {
+                continue;
+            }
+            if let Some(uid) = uid_key(&pod.uid) {
+                pod_by_uid.insert(uid, Arc::clone(&shared));
             }
             pod_by_name
-                .entry(name.name.clone())
-                .or_insert_with(|| Arc::clone(&shared));
-            identities.insert(
-                name.clone(),
-                Identity {
-                    namespace: name.namespace.clone(),
-                    service_account: pod.service_account.clone(),
-                },
-            );
+                .entry(PodByName(Arc::clone(&shared)))
+                .or_insert(shared);
         }
         let mesh = Arc::new(crate::authz::MeshView::build(&model, &model.mesh.settings));
         Self {
@@ -101,7 +90,6 @@ impl Snapshot {
             pod_by_ip,
             pod_by_uid,
             pod_by_name,
-            identities,
         }
     }
 
@@ -127,10 +115,56 @@ impl Snapshot {
         path.components().rev().find_map(|c| {
             let c = c.as_os_str().to_string_lossy();
             uid_in_cgroup_name(&c)
-                .and_then(|uid| self.pod_by_uid.get(&uid))
+                .and_then(|uid| self.pod_by_uid.get(&uid_key(&uid)?))
                 .or_else(|| self.pod_by_name.get(c.as_ref()))
         })
     }
+}
+
+/// A pod's key in [`Snapshot::pod_by_name`]: its bare name, held as the shared name (no copy of
+/// the string), looked up by `&str`.
+#[derive(Clone, Debug)]
+pub struct PodByName(Arc<ObjectName>);
+
+impl PartialEq for PodByName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for PodByName {}
+
+impl std::hash::Hash for PodByName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so `Borrow<str>` lookups find it.
+        self.0.name.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for PodByName {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
+
+/// A Kubernetes UID (`8-4-4-4-12` hex digits, with `-` or the systemd driver's `_`) as the
+/// 128-bit number it spells: a map key without a string per pod. `None` for anything else
+/// (static pods have no UID; a cgroup name never holds another form).
+#[must_use]
+pub fn uid_key(uid: &str) -> Option<u128> {
+    let mut digits = 0;
+    let mut n: u128 = 0;
+    for c in uid.chars() {
+        if c == '-' || c == '_' {
+            continue;
+        }
+        n = (n << 4) | u128::from(c.to_digit(16)?);
+        digits += 1;
+        if digits > 32 {
+            return None;
+        }
+    }
+    (digits == 32 && uid.len() == 36).then_some(n)
 }
 
 /// The pod UID in a kubelet cgroup name (`pod<uid>`, `kubepods-besteffort-pod<uid_>.slice`), in
@@ -331,14 +365,14 @@ mod tests {
             let name = ObjectName::new(ns, name);
             m.pods.insert(
                 name.clone(),
-                Pod {
+                Arc::new(Pod {
                     name,
                     node: "a".into(),
                     service_account: "sa".into(),
                     ips: vec![ip.parse().unwrap()],
                     uid: uid.into(),
                     host_network: false,
-                },
+                }),
             );
         }
         m
@@ -404,13 +438,52 @@ mod tests {
             s.pod_by_cgroup_path(Path::new("/sys/fs/cgroup/system.slice")),
             None
         );
-        assert_eq!(
-            s.identities[&ObjectName::new("shop", "web-0")],
-            Identity {
-                namespace: "shop".into(),
-                service_account: "sa".into()
-            }
+    }
+
+    #[test]
+    fn only_this_nodes_pods_are_found_by_cgroup() {
+        let mut m = model();
+        let name = ObjectName::new("shop", "elsewhere");
+        m.pods.insert(
+            name.clone(),
+            Arc::new(Pod {
+                name,
+                node: "b".into(),
+                service_account: "sa".into(),
+                ips: vec!["10.2.0.3".parse().unwrap()],
+                uid: "1b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e".into(),
+                host_network: false,
+            }),
         );
+        let s = Snapshot::build(1, m, AppliedServices::new());
+        // Named by address (a tunnel destination, a flow's peer) …
+        assert_eq!(
+            s.pod_by_ip("10.2.0.3".parse().unwrap()).map(AsRef::as_ref),
+            Some(&ObjectName::new("shop", "elsewhere"))
+        );
+        // … but no cgroup of this node is another node's pod.
+        for path in [
+            "/sys/fs/cgroup/kubepods/pod1b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e",
+            "/sys/fs/cgroup/node-a/elsewhere",
+        ] {
+            assert_eq!(s.pod_by_cgroup_path(Path::new(path)), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn uids_key_by_their_number_in_either_separator_form() {
+        let dashes = uid_key("0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6e");
+        assert!(dashes.is_some());
+        assert_eq!(dashes, uid_key("0b7c6f0e_1c1a_4e2b_9a8d_2f0c3b4a5d6e"));
+        assert_ne!(dashes, uid_key("0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6f"));
+        for bad in [
+            "",
+            "pod-uid-1",
+            "0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6",
+            "0b7c6f0e-1c1a-4e2b-9a8d-2f0c3b4a5d6g",
+        ] {
+            assert_eq!(uid_key(bad), None, "{bad}");
+        }
     }
 
     fn field(name: &str, field: &str) -> Rejection {

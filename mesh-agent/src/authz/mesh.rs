@@ -160,7 +160,10 @@ pub struct ObjectState {
 pub struct MeshView {
     pub settings: MeshSettings,
     pub enrolled: BTreeMap<ObjectName, PodMesh>,
-    pub not_enrolled: BTreeMap<ObjectName, NotEnrolled>,
+    /// Pods left out for a reason other than [`NotEnrolled::NotLabelled`]: a pod of the model
+    /// in neither map is not labelled (most of a large cluster's pods, which this view does
+    /// not hold an entry for; see [`MeshView::not_enrolled`]).
+    pub not_enrolled_by: BTreeMap<ObjectName, NotEnrolled>,
     /// Enrolled pod by address.
     pub by_ip: HashMap<IpAddr, ObjectName>,
     pub authz: AuthzIndex,
@@ -169,6 +172,20 @@ pub struct MeshView {
 }
 
 impl MeshView {
+    /// Why a pod of `model` is not enrolled; `None` for an enrolled pod or one not in the model.
+    #[must_use]
+    pub fn not_enrolled(&self, model: &ClusterModel, name: &ObjectName) -> Option<NotEnrolled> {
+        if self.enrolled.contains_key(name) || !model.pods.contains_key(name) {
+            return None;
+        }
+        Some(
+            self.not_enrolled_by
+                .get(name)
+                .cloned()
+                .unwrap_or(NotEnrolled::NotLabelled),
+        )
+    }
+
     /// Computes the view of `model` (pure; run once per model).
     #[must_use]
     pub fn build(model: &ClusterModel, settings: &MeshSettings) -> Self {
@@ -192,9 +209,13 @@ impl MeshView {
                     (None, _) => Some(NotEnrolled::NotLabelled),
                 }
             };
-            if let Some(why) = why {
-                view.not_enrolled.insert(name.clone(), why);
-                continue;
+            match why {
+                None => {}
+                Some(NotEnrolled::NotLabelled) => continue,
+                Some(why) => {
+                    view.not_enrolled_by.insert(name.clone(), why);
+                    continue;
+                }
             }
             let identity = match SpiffeId::new(
                 &settings.trust_domain,
@@ -203,7 +224,7 @@ impl MeshView {
             ) {
                 Ok(id) => id,
                 Err(e) => {
-                    view.not_enrolled
+                    view.not_enrolled_by
                         .insert(name.clone(), NotEnrolled::BadIdentity(e.to_string()));
                     continue;
                 }
@@ -471,7 +492,7 @@ mod tests {
                 p.name.clone(),
                 BTreeMap::from([("app".to_owned(), name.to_owned())]),
             );
-            m.pods.insert(p.name.clone(), p);
+            m.pods.insert(p.name.clone(), std::sync::Arc::new(p));
         }
         m.mesh
             .namespace_modes
@@ -498,14 +519,17 @@ mod tests {
         let v = MeshView::build(&model(), &MeshSettings::default());
         let enrolled: Vec<String> = v.enrolled.keys().map(ToString::to_string).collect();
         assert_eq!(enrolled, ["other/joined", "shop/db", "shop/web"]);
+        let m = model();
         assert_eq!(
-            v.not_enrolled[&ObjectName::new("shop", "legacy")],
-            NotEnrolled::OptedOut
+            v.not_enrolled(&m, &ObjectName::new("shop", "legacy")),
+            Some(NotEnrolled::OptedOut)
         );
         assert_eq!(
-            v.not_enrolled[&ObjectName::new("other", "x")],
-            NotEnrolled::NotLabelled
+            v.not_enrolled(&m, &ObjectName::new("other", "x")),
+            Some(NotEnrolled::NotLabelled)
         );
+        assert_eq!(v.not_enrolled(&m, &ObjectName::new("shop", "web")), None);
+        assert_eq!(v.not_enrolled(&m, &ObjectName::new("shop", "gone")), None);
         assert_eq!(
             v.enrolled[&ObjectName::new("shop", "web")]
                 .identity

@@ -359,7 +359,7 @@ pub fn parse_full(
         }
         model.pods.insert(
             name.clone(),
-            Pod {
+            std::sync::Arc::new(Pod {
                 name: name.clone(),
                 node: p.value.node.clone(),
                 service_account: p
@@ -370,7 +370,7 @@ pub fn parse_full(
                 ips: p.value.ips.clone(),
                 uid: String::new(),
                 host_network: p.value.host_network,
-            },
+            }),
         );
         if !p.value.labels.is_empty() {
             model.mesh.pod_labels.insert(name, p.value.labels.clone());
@@ -907,8 +907,8 @@ peerAuthentications:
         assert_eq!(web.mode, authz::MtlsMode::Strict);
         assert_eq!(web.policies.allow.len(), 1);
         assert_eq!(
-            v.not_enrolled[&ObjectName::new("shop", "old-0")],
-            authz::NotEnrolled::OptedOut
+            v.not_enrolled(&m, &ObjectName::new("shop", "old-0")),
+            Some(authz::NotEnrolled::OptedOut)
         );
         assert!(
             m.mesh

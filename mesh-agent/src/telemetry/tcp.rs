@@ -424,14 +424,14 @@ mod tests {
         let mut model = ClusterModel::default();
         model.pods.insert(
             (*live).clone(),
-            Pod {
+            Arc::new(Pod {
                 name: (*live).clone(),
                 node: "a".into(),
                 service_account: "default".into(),
                 ips: vec![],
                 uid: String::new(),
                 host_network: false,
-            },
+            }),
         );
         model.services.insert(
             (*web).clone(),

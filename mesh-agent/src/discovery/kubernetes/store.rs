@@ -1,0 +1,330 @@
+//! The source's stores: each watched kind as the watcher last listed it, reduced on arrival to
+//! what the model reads.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// A Service reduced, when it arrives, to what the model reads. Kept instead of the API object
+/// (whose metadata and spec structs alone are over a kilobyte each). No annotations: settings
+/// come only from `TrafficPolicy` objects.
+#[derive(Clone, Debug)]
+pub(super) struct StoredService {
+    /// The Service's own settings ([`service_settings`]: `ClientIP` affinity from its spec).
+    pub(super) settings: ServiceSettings,
+    /// Whether the Service had a spec at all.
+    pub(super) has_spec: bool,
+    pub(super) cluster_ips: Vec<IpAddr>,
+    pub(super) ports: Vec<ServicePort>,
+    pub(super) internal_traffic_policy: model::TrafficPolicy,
+    pub(super) traffic_distribution: Option<String>,
+    /// Labelled `kernmesh.io/dataplane-mode=none`: traffic to it stays out of the mesh.
+    pub(super) mesh_opt_out: bool,
+}
+
+impl StoredService {
+    pub(super) fn new(svc: &K8sService) -> Self {
+        let spec = svc.spec.as_ref();
+        Self {
+            settings: service_settings(spec),
+            has_spec: spec.is_some(),
+            cluster_ips: spec.map(cluster_ips).unwrap_or_default(),
+            ports: spec.map(service_ports).unwrap_or_default(),
+            internal_traffic_policy: match spec.and_then(|s| s.internal_traffic_policy.as_deref()) {
+                Some("Local") => model::TrafficPolicy::Local,
+                _ => model::TrafficPolicy::Cluster,
+            },
+            traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
+            mesh_opt_out: crate::authz::DataplaneMode::from_labels(svc.labels())
+                == Some(crate::authz::DataplaneMode::None),
+        }
+    }
+}
+
+/// Node and zone names, one allocation each however many endpoints name them.
+#[derive(Default)]
+pub(super) struct Names(BTreeSet<Arc<str>>);
+
+impl Names {
+    pub(super) fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&n));
+        n
+    }
+}
+
+/// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]); 100,000 of
+/// them for 10,000 services, so names are shared and hints (rare) boxed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SliceEndpoint {
+    pub(super) ip: IpAddr,
+    pub(super) ready: bool,
+    pub(super) serving: bool,
+    pub(super) terminating: bool,
+    pub(super) node: Option<Arc<str>>,
+    pub(super) pod: Option<ObjectName>,
+    pub(super) zone: Option<Arc<str>>,
+    pub(super) hints: Option<Box<model::Hints>>,
+}
+
+/// An `EndpointSlice` reduced, when it arrives, to what the model reads: the service it belongs
+/// to, its ports and one entry per endpoint address. Kept instead of the API object, which
+/// carries several times more (every `targetRef` field, an `Option` per condition and hint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct StoredSlice {
+    /// The `kubernetes.io/service-name` label.
+    pub(super) service: Option<String>,
+    /// (name, protocol, port) as listed; SCTP and invalid numbers already dropped.
+    pub(super) ports: Vec<(String, Protocol, u16)>,
+    pub(super) endpoints: Vec<SliceEndpoint>,
+}
+
+impl StoredSlice {
+    /// Reads a slice (`FQDN` slices and unparsable addresses give no endpoints).
+    pub(super) fn new(slice: &EndpointSlice, names: &mut Names) -> Self {
+        let mut out = Self {
+            service: slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        protocol(p.protocol.as_deref())?,
+                        port_number(p.port?)?,
+                    ))
+                })
+                .collect(),
+            endpoints: Vec::new(),
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            return out;
+        }
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        out.endpoints.reserve_exact(slice.endpoints.len());
+        for ep in &slice.endpoints {
+            // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
+            let conditions = ep.conditions.as_ref();
+            let hinted = ep.hints.as_ref();
+            let hints = model::Hints {
+                zones: hinted
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: hinted
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
+                    Some(ObjectName::new(ns, r.name.clone()?))
+                });
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    warn!(address = %addr, slice = %slice.name_any(), "endpoint address is not an IP; skipped");
+                    continue;
+                };
+                out.endpoints.push(SliceEndpoint {
+                    ip,
+                    ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    node: ep.node_name.as_deref().map(|n| names.get(n)),
+                    pod: pod.clone(),
+                    zone: ep.zone.as_deref().map(|z| names.get(z)),
+                    hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
+                });
+            }
+        }
+        out.endpoints.shrink_to_fit();
+        out
+    }
+
+    /// The model endpoints of this slice for a service with `service_ports` (see
+    /// [`slice_endpoints`]).
+    pub(super) fn endpoints(
+        &self,
+        service_ports: &[ServicePort],
+        traffic_distribution: Option<&str>,
+    ) -> Vec<Endpoint> {
+        // One map per slice, shared by its endpoints.
+        let ports: Arc<BTreeMap<String, u16>> = Arc::new(
+            self.ports
+                .iter()
+                .filter(|(name, protocol, _)| {
+                    service_ports
+                        .iter()
+                        .any(|sp| &sp.name == name && sp.protocol == *protocol)
+                })
+                .map(|(name, _, port)| (name.clone(), *port))
+                .collect(),
+        );
+        let same_node = traffic_distribution == Some("PreferSameNode");
+        let same_zone =
+            same_node || matches!(traffic_distribution, Some("PreferClose" | "PreferSameZone"));
+        self.endpoints
+            .iter()
+            .map(|ep| {
+                let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
+                if same_zone
+                    && hints.zones.is_empty()
+                    && let Some(zone) = &ep.zone
+                {
+                    hints.zones.insert(zone.to_string());
+                }
+                if same_node
+                    && hints.nodes.is_empty()
+                    && let Some(node) = &ep.node
+                {
+                    hints.nodes.insert(node.to_string());
+                }
+                Endpoint {
+                    ip: ep.ip,
+                    ports: Arc::clone(&ports),
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    node: ep.node.clone(),
+                    pod: ep.pod.clone(),
+                    weight: 1,
+                    hints,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the model reads of a Pod, stored instead of the Pod: every node's pods are watched
+/// (100,000 in the control-plane benchmark), and a `k8s-openapi` `Pod` held inline in the store
+/// is ≈ 2 KB of mostly empty spec and status fields before any of its strings (≈ 450 MB of
+/// B-tree nodes for 100,000 pods, measured with heaptrack). Converted once per watch event; the
+/// model shares the pod (`Arc`) instead of copying it.
+#[derive(Clone, Debug)]
+pub(super) struct StoredPod {
+    /// [`pod_of`]'s result: `None` for a pod not scheduled yet or finished.
+    pub(super) pod: Option<Arc<model::Pod>>,
+    /// The labels the model keeps: every label of this node's pods (policy selectors), only
+    /// the enrollment label of other nodes' pods (a pod elsewhere may opt out of the mesh).
+    pub(super) labels: BTreeMap<String, String>,
+    /// `status.hostIPs` (else `status.hostIP`): where the agent of the pod's node is reached.
+    pub(super) host_ips: Vec<IpAddr>,
+}
+
+impl StoredPod {
+    pub(super) fn new(pod: &K8sPod, node: &str) -> Self {
+        let mut model_pod = pod_of(pod);
+        if let Some(p) = model_pod.as_mut().filter(|p| p.node != node) {
+            // Only this node has the pod's cgroup, which is what the UID names (the
+            // snapshot indexes this node's pods by it); 36 bytes less for each of the
+            // cluster's other pods.
+            p.uid = String::new();
+        }
+        let all = pod.labels();
+        let labels = match &model_pod {
+            Some(p) if p.node == node => all.clone(),
+            Some(_) => all
+                .get(crate::authz::DATAPLANE_MODE_LABEL)
+                .map(|mode| {
+                    BTreeMap::from([(crate::authz::DATAPLANE_MODE_LABEL.to_owned(), mode.clone())])
+                })
+                .unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        Self {
+            pod: model_pod.map(Arc::new),
+            labels,
+            host_ips: host_ips(pod),
+        }
+    }
+}
+
+/// Objects of one kind as the watcher last listed and updated them, each stored as `V` (the
+/// object itself, or what the model reads of it). During a (re)list the old contents stay
+/// visible until the list is complete, as kube-rs reflectors do.
+pub(super) struct Store<V> {
+    pub(super) objects: BTreeMap<ObjectName, V>,
+    pub(super) relisting: Option<BTreeMap<ObjectName, V>>,
+    /// Whether a first complete list arrived.
+    pub(super) ready: bool,
+}
+
+pub(super) fn key_of<K: Resource>(obj: &K) -> ObjectName {
+    ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl<V> Store<V> {
+    pub(super) fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            ready: false,
+        }
+    }
+
+    /// Applies a watch event, storing each object as `convert` makes it.
+    pub(super) fn apply_as<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        mut convert: impl FnMut(K) -> V,
+    ) {
+        match event {
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(obj) => {
+                let key = key_of(&obj);
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key, convert(obj));
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.relisting.take() {
+                    // Rebuilt in bulk: the list's one-by-one inserts left the map's nodes about
+                    // half empty, and it lives until the next list (100,000 pods).
+                    self.objects = listed.into_iter().collect();
+                }
+                self.ready = true;
+            }
+            watcher::Event::Apply(obj) => {
+                self.objects.insert(key_of(&obj), convert(obj));
+            }
+            watcher::Event::Delete(obj) => {
+                self.objects.remove(&key_of(&obj));
+            }
+        }
+    }
+}
+
+impl<K: Resource> Store<K> {
+    pub(super) fn apply(&mut self, event: watcher::Event<K>) {
+        self.apply_as(event, |k| k);
+    }
+}
+
+impl Store<StoredService> {
+    pub(super) fn apply_service(&mut self, event: watcher::Event<K8sService>) {
+        self.apply_as(event, |s| StoredService::new(&s));
+    }
+}
+
+impl Store<StoredPod> {
+    pub(super) fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
+        self.apply_as(event, |p| StoredPod::new(&p, node));
+    }
+}
+
+impl Store<StoredSlice> {
+    pub(super) fn apply_slice(&mut self, names: &mut Names, event: watcher::Event<EndpointSlice>) {
+        self.apply_as(event, |s| StoredSlice::new(&s, names));
+    }
+}
