@@ -94,3 +94,405 @@ pub async fn on_readable<T: std::os::fd::AsRawFd>(
 
 /// How often rings are drained when the kernel did not wake the reader.
 pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+// ---------------------------------------------------------------------------------------------
+// Access lines: formatted on the caller's thread into a buffer of its own, written by a flush
+// thread (Envoy's access-log file: workers append to a buffer, a flush thread writes it every
+// `--file-flush-interval-msec` or when it passes 64 KiB).
+
+/// A buffer is handed to the flush thread once it holds this much (Envoy's `min_flush_size`).
+pub const ACCESS_FLUSH_BYTES: usize = 64 * 1024;
+/// Buffered lines are written at the latest this long after the first of them. Envoy's default
+/// is 10 s; lines a second old are what `kubectl logs -f` users expect, and an idle agent's
+/// flush thread sleeps (it wakes only when a buffer gets its first line).
+pub const ACCESS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most bytes one buffer holds while stdout does not take them (a stalled log reader). Past
+/// it new lines are dropped and counted (`mesh_access_log_dropped_total{reason="buffer_full"}`)
+/// rather than blocking a gateway worker, or the flow reader, on a pipe: traffic matters more
+/// than its log. Envoy's buffer has no bound (memory grows until the writes resume); this one
+/// trades the lines past 8 MiB per buffer for a bounded memory.
+pub const ACCESS_BUFFER_MAX: usize = 8 * 1024 * 1024;
+/// A buffer's capacity kept after a flush (a burst's large allocation is given back).
+const ACCESS_BUFFER_KEEP: usize = 256 * 1024;
+
+/// What the access-log sink did, exported as `mesh_access_log_*`.
+#[derive(Debug, Default)]
+pub struct AccessStats {
+    /// Lines appended to a buffer.
+    pub lines: std::sync::atomic::AtomicU64,
+    /// Lines not appended: their buffer was at [`ACCESS_BUFFER_MAX`].
+    pub dropped_buffer_full: std::sync::atomic::AtomicU64,
+    /// Lines lost because writing them failed (stdout closed).
+    pub dropped_write_failed: std::sync::atomic::AtomicU64,
+    /// Writes made (each a whole buffer of lines).
+    pub writes: std::sync::atomic::AtomicU64,
+}
+
+/// The output of access lines: registered buffers, the flush thread and its wake-up.
+pub struct AccessSink {
+    shared: std::sync::Arc<SinkShared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SinkShared {
+    buffers: std::sync::Mutex<Vec<std::sync::Weak<AccessBuffer>>>,
+    /// Held for a whole flush pass, so one buffer's swapped-out lines are written before the
+    /// next pass (or a drop's own write) takes more of its lines: order per buffer is kept.
+    out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
+    wake: std::sync::Mutex<Wake>,
+    cv: std::sync::Condvar,
+    interval: std::time::Duration,
+    stats: std::sync::Arc<AccessStats>,
+}
+
+#[derive(Default)]
+struct Wake {
+    /// A buffer got its first line since the last pass.
+    pending: bool,
+    /// A buffer passed [`ACCESS_FLUSH_BYTES`]: write now, without waiting for the interval.
+    urgent: bool,
+    stop: bool,
+}
+
+/// One writer's buffer of access lines (a gateway worker's thread, the agent's flow reader):
+/// its lines are written in the order they were appended, whole.
+pub struct AccessBuffer {
+    lines: std::sync::Mutex<Pending>,
+    shared: std::sync::Arc<SinkShared>,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    count: u64,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AccessSink {
+    /// A sink writing to `out`, its flush thread started.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn new(
+        out: Box<dyn std::io::Write + Send>,
+        interval: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        let shared = std::sync::Arc::new(SinkShared {
+            buffers: std::sync::Mutex::default(),
+            out: std::sync::Mutex::new(out),
+            wake: std::sync::Mutex::default(),
+            cv: std::sync::Condvar::new(),
+            interval,
+            stats: std::sync::Arc::default(),
+        });
+        let s = std::sync::Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || s.flush_loop())?;
+        Ok(Self {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// A new buffer of this sink (one per writer: lines of one buffer keep their order).
+    #[must_use]
+    pub fn buffer(&self) -> std::sync::Arc<AccessBuffer> {
+        let b = std::sync::Arc::new(AccessBuffer {
+            lines: std::sync::Mutex::default(),
+            shared: std::sync::Arc::clone(&self.shared),
+        });
+        let mut all = lock(&self.shared.buffers);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(std::sync::Arc::downgrade(&b));
+        b
+    }
+
+    /// Writes every buffered line now (the drain and exit paths call it).
+    pub fn flush(&self) {
+        self.shared.flush_all();
+    }
+
+    /// What the sink did.
+    #[must_use]
+    pub fn stats(&self) -> &std::sync::Arc<AccessStats> {
+        &self.shared.stats
+    }
+}
+
+impl Drop for AccessSink {
+    /// Stops the flush thread after its last pass: nothing buffered is lost.
+    fn drop(&mut self) {
+        lock(&self.shared.wake).stop = true;
+        self.shared.cv.notify_one();
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+        self.shared.flush_all();
+    }
+}
+
+impl SinkShared {
+    fn notify(&self, urgent: bool) {
+        let mut w = lock(&self.wake);
+        w.pending = true;
+        w.urgent |= urgent;
+        drop(w);
+        self.cv.notify_one();
+    }
+
+    fn flush_loop(&self) {
+        let mut w = lock(&self.wake);
+        loop {
+            while !(w.pending || w.stop) {
+                w = self.cv.wait(w).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            // Let lines gather for the interval, unless a buffer filled up or the sink stops.
+            if !(w.urgent || w.stop) {
+                w = self
+                    .cv
+                    .wait_timeout_while(w, self.interval, |w| !(w.urgent || w.stop))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            let stop = w.stop;
+            w.pending = false;
+            w.urgent = false;
+            drop(w);
+            self.flush_all();
+            if stop {
+                return;
+            }
+            w = lock(&self.wake);
+        }
+    }
+
+    fn flush_all(&self) {
+        let buffers: Vec<_> = lock(&self.buffers)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut out = lock(&self.out);
+        let mut spare = Pending::default();
+        for b in buffers {
+            {
+                let mut p = lock(&b.lines);
+                if p.bytes.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut *p, &mut spare);
+            }
+            self.write(&mut **out, &spare);
+            spare.bytes.clear();
+            spare.bytes.shrink_to(ACCESS_BUFFER_KEEP);
+            spare.count = 0;
+        }
+        let _ = out.flush();
+    }
+
+    fn write(&self, out: &mut dyn std::io::Write, p: &Pending) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.writes.fetch_add(1, Relaxed);
+        if out.write_all(&p.bytes).is_err() {
+            self.stats.dropped_write_failed.fetch_add(p.count, Relaxed);
+        }
+    }
+}
+
+impl AccessBuffer {
+    /// Appends one line: `{"timestamp":…,"level":"INFO","message":MESSAGE,"target":"mesh_access",
+    /// FIELDS…}` — the shape `tracing`'s flat JSON gave these lines before — with the fields
+    /// `fields` writes. A full buffer drops the line and counts it.
+    pub fn line(&self, message: &str, fields: impl FnOnce(&mut AccessLine<'_>)) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut p = lock(&self.lines);
+        let before = p.bytes.len();
+        if before >= ACCESS_BUFFER_MAX {
+            drop(p);
+            self.shared.stats.dropped_buffer_full.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut line = AccessLine {
+            out: &mut p.bytes,
+            first: true,
+        };
+        line.raw_str(
+            "timestamp",
+            &humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+        );
+        line.str("level", "INFO");
+        line.str("message", message);
+        line.str("target", ACCESS_TARGET);
+        fields(&mut line);
+        p.bytes.extend_from_slice(b"}\n");
+        p.count += 1;
+        let after = p.bytes.len();
+        drop(p);
+        self.shared.stats.lines.fetch_add(1, Relaxed);
+        if before == 0 || (before < ACCESS_FLUSH_BYTES && after >= ACCESS_FLUSH_BYTES) {
+            self.shared.notify(after >= ACCESS_FLUSH_BYTES);
+        }
+    }
+}
+
+impl Drop for AccessBuffer {
+    /// A writer that ends (a worker thread, the flow task) leaves no line behind.
+    fn drop(&mut self) {
+        let p = std::mem::take(&mut *lock(&self.lines));
+        if !p.bytes.is_empty() {
+            let mut out = lock(&self.shared.out);
+            self.shared.write(&mut **out, &p);
+            let _ = out.flush();
+        }
+    }
+}
+
+/// The fields of one access line, written as JSON straight into the buffer (no `String` or
+/// `serde_json::Value` per field, as `tracing`'s JSON formatter made).
+pub struct AccessLine<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl AccessLine<'_> {
+    fn key(&mut self, key: &str) {
+        // Keys are the code's own constants: plain ASCII, nothing to escape.
+        self.out
+            .extend_from_slice(if self.first { b"{\"" } else { b",\"" });
+        self.first = false;
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string field.
+    pub fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.out.push(b'"');
+        escape_into(self.out, value);
+        self.out.push(b'"');
+    }
+
+    /// A string field from anything `Display` (addresses, names), formatted in place.
+    pub fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        self.key(key);
+        self.out.push(b'"');
+        let _ = write!(Escaper(self.out), "{value}");
+        self.out.push(b'"');
+    }
+
+    fn raw_str(&mut self, key: &str, value: impl std::fmt::Display) {
+        use std::io::Write as _;
+        self.key(key);
+        let _ = write!(self.out, "\"{value}\"");
+    }
+
+    /// An unsigned integer field.
+    pub fn u64(&mut self, key: &str, value: u64) {
+        self.key(key);
+        let _ = serde_json::to_writer(&mut *self.out, &value);
+    }
+
+    /// A signed integer field.
+    pub fn i64(&mut self, key: &str, value: i64) {
+        self.key(key);
+        let _ = serde_json::to_writer(&mut *self.out, &value);
+    }
+
+    /// A number field (`null` if not finite, as JSON has no NaN).
+    pub fn f64(&mut self, key: &str, value: f64) {
+        self.key(key);
+        let _ = serde_json::to_writer(&mut *self.out, &value);
+    }
+}
+
+/// JSON string escaping (RFC 8259 §7): quote, backslash and control characters.
+fn escape_into(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    if !bytes.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    for &b in bytes {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b if b < 0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+            b => out.push(b),
+        }
+    }
+}
+
+/// `fmt::Write` into a buffer, JSON-escaping what is written.
+struct Escaper<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Escaper<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
+/// The process's access-log sink, on stdout (made on first use; written out at exit).
+///
+/// # Panics
+/// If the flush thread cannot be spawned when the first access line is written (the process
+/// is out of threads or memory).
+pub fn access_sink() -> &'static AccessSink {
+    SINK.get_or_init(|| {
+        // At exit (`main` returning, `process::exit`) the lines still buffered are written:
+        // the flush thread does not outlive the process.
+        extern "C" fn at_exit() {
+            flush_access_log();
+        }
+        // SAFETY: registers a plain function; `atexit` only fails when out of memory, and
+        // then the explicit flushes (drain, buffer drop) still run.
+        unsafe {
+            libc::atexit(at_exit);
+        }
+        // A process that cannot start one thread cannot serve either.
+        AccessSink::new(Box::new(std::io::stdout()), ACCESS_FLUSH_INTERVAL)
+            .expect("starting the access-log flush thread")
+    })
+}
+
+static SINK: std::sync::OnceLock<AccessSink> = std::sync::OnceLock::new();
+
+/// Writes every buffered access line of the process now (drain, SIGTERM, exit); nothing to do
+/// when no line was ever written.
+pub fn flush_access_log() {
+    if let Some(sink) = SINK.get() {
+        sink.flush();
+    }
+}
+
+/// Appends one access line to the calling thread's buffer of the process's sink (for a
+/// thread-per-core worker, its lines in its own order).
+pub fn access_line(message: &str, fields: impl FnOnce(&mut AccessLine<'_>)) {
+    thread_local! {
+        static BUFFER: std::sync::Arc<AccessBuffer> = access_sink().buffer();
+    }
+    let mut fields = Some(fields);
+    let written = BUFFER.try_with(|b| {
+        if let Some(f) = fields.take() {
+            b.line(message, f);
+        }
+    });
+    // A thread past its thread-locals' destruction: a buffer of its own, written as it drops.
+    if written.is_err()
+        && let Some(f) = fields
+    {
+        access_sink().buffer().line(message, f);
+    }
+}
