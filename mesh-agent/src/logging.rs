@@ -142,6 +142,8 @@ struct SinkShared {
     wake: std::sync::Mutex<Wake>,
     cv: std::sync::Condvar,
     interval: std::time::Duration,
+    /// Most bytes one buffer holds ([`ACCESS_BUFFER_MAX`] in the process's sink).
+    max: usize,
     stats: std::sync::Arc<AccessStats>,
 }
 
@@ -172,13 +174,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl AccessSink {
-    /// A sink writing to `out`, its flush thread started.
+    /// A sink writing to `out` at least every `interval`, buffers holding at most `max` bytes;
+    /// its flush thread started.
     ///
     /// # Errors
     /// The thread could not be spawned.
     pub fn new(
         out: Box<dyn std::io::Write + Send>,
         interval: std::time::Duration,
+        max: usize,
     ) -> std::io::Result<Self> {
         let shared = std::sync::Arc::new(SinkShared {
             buffers: std::sync::Mutex::default(),
@@ -186,6 +190,7 @@ impl AccessSink {
             wake: std::sync::Mutex::default(),
             cv: std::sync::Condvar::new(),
             interval,
+            max,
             stats: std::sync::Arc::default(),
         });
         let s = std::sync::Arc::clone(&shared);
@@ -310,7 +315,7 @@ impl AccessBuffer {
         use std::sync::atomic::Ordering::Relaxed;
         let mut p = lock(&self.lines);
         let before = p.bytes.len();
-        if before >= ACCESS_BUFFER_MAX {
+        if before >= self.shared.max {
             drop(p);
             self.shared.stats.dropped_buffer_full.fetch_add(1, Relaxed);
             return;
@@ -462,12 +467,50 @@ pub fn access_sink() -> &'static AccessSink {
             libc::atexit(at_exit);
         }
         // A process that cannot start one thread cannot serve either.
-        AccessSink::new(Box::new(std::io::stdout()), ACCESS_FLUSH_INTERVAL)
-            .expect("starting the access-log flush thread")
+        AccessSink::new(
+            Box::new(std::io::stdout()),
+            flush_interval_from_env(),
+            ACCESS_BUFFER_MAX,
+        )
+        .expect("starting the access-log flush thread")
     })
 }
 
 static SINK: std::sync::OnceLock<AccessSink> = std::sync::OnceLock::new();
+
+/// The environment variable that sets the flush interval (`500ms`, `10s`; Envoy's
+/// `--file-flush-interval-msec`); unset: [`ACCESS_FLUSH_INTERVAL`].
+pub const ACCESS_FLUSH_INTERVAL_ENV: &str = "MESH_ACCESS_LOG_FLUSH_INTERVAL";
+
+/// [`ACCESS_FLUSH_INTERVAL_ENV`], or the default when unset; a value that is not a duration
+/// (or is zero) is named in a warning and the default used: a log setting never stops traffic.
+fn flush_interval_from_env() -> std::time::Duration {
+    let Ok(raw) = std::env::var(ACCESS_FLUSH_INTERVAL_ENV) else {
+        return ACCESS_FLUSH_INTERVAL;
+    };
+    match humantime::parse_duration(raw.trim()) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            tracing::warn!(
+                variable = ACCESS_FLUSH_INTERVAL_ENV,
+                value = raw,
+                default = ?ACCESS_FLUSH_INTERVAL,
+                "access-log flush interval must be above zero; using the default"
+            );
+            ACCESS_FLUSH_INTERVAL
+        }
+        Err(e) => {
+            tracing::warn!(
+                variable = ACCESS_FLUSH_INTERVAL_ENV,
+                value = raw,
+                error = %e,
+                default = ?ACCESS_FLUSH_INTERVAL,
+                "access-log flush interval is not a duration (e.g. 200ms, 5s); using the default"
+            );
+            ACCESS_FLUSH_INTERVAL
+        }
+    }
+}
 
 /// Writes every buffered access line of the process now (drain, SIGTERM, exit); nothing to do
 /// when no line was ever written.
@@ -494,5 +537,183 @@ pub fn access_line(message: &str, fields: impl FnOnce(&mut AccessLine<'_>)) {
         && let Some(f) = fields
     {
         access_sink().buffer().line(message, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex, atomic::Ordering},
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// An output the test reads back; `hold` blocks every write while it is locked (a stalled
+    /// log reader).
+    #[derive(Clone, Default)]
+    struct Out {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        hold: Arc<Mutex<()>>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _held = self.hold.lock().unwrap();
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Out {
+        fn lines(&self) -> Vec<serde_json::Value> {
+            String::from_utf8(self.bytes.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect()
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn lines_are_whole_json_in_order_per_writer_and_none_lost_when_the_sink_stops() {
+        let out = Out::default();
+        let sink = AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
+        // Four writers on four threads, 2,000 lines each, with values that need escaping.
+        std::thread::scope(|s| {
+            for w in 0..4u64 {
+                let b = sink.buffer();
+                s.spawn(move || {
+                    for i in 0..2_000u64 {
+                        b.line("request complete", |l| {
+                            l.u64("writer", w);
+                            l.u64("seq", i);
+                            l.str("path", "/a\"b\\c\nd\u{1}é");
+                            l.display("peer", "127.0.0.1:80");
+                            l.f64("duration_ms", 1.5);
+                            l.i64("grpc_status", -1);
+                        });
+                    }
+                });
+            }
+        });
+        // Far under the flush size and inside the hour: nothing written before the stop…
+        assert!(out.bytes.lock().unwrap().len() < 8_000 * 300);
+        let stats = Arc::clone(sink.stats());
+        drop(sink);
+        // …and everything after it.
+        let lines = out.lines();
+        assert_eq!(lines.len(), 8_000);
+        assert_eq!(stats.lines.load(Ordering::Relaxed), 8_000);
+        let mut next = [0u64; 4];
+        for l in &lines {
+            assert_eq!(l["target"], ACCESS_TARGET, "{l}");
+            assert_eq!(l["level"], "INFO", "{l}");
+            assert_eq!(l["message"], "request complete", "{l}");
+            assert_eq!(l["path"], "/a\"b\\c\nd\u{1}é", "{l}");
+            assert_eq!(l["duration_ms"], 1.5, "{l}");
+            assert_eq!(l["grpc_status"], -1, "{l}");
+            assert!(l["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+            let w = usize::try_from(l["writer"].as_u64().unwrap()).unwrap();
+            assert_eq!(l["seq"].as_u64(), Some(next[w]), "writer {w} out of order");
+            next[w] += 1;
+        }
+    }
+
+    #[test]
+    fn a_buffer_past_the_flush_size_is_written_without_waiting_for_the_interval() {
+        let out = Out::default();
+        let sink = AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
+        let b = sink.buffer();
+        let mut n = 0;
+        while n * 100 < ACCESS_FLUSH_BYTES + 1000 {
+            b.line("x", |l| l.str("pad", &"p".repeat(100)));
+            n += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.lines().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(out.lines().len(), n, "written well before the hour");
+        // One write for the whole buffer, not one per line.
+        assert!(out.writes.load(Ordering::Relaxed) <= 2);
+        drop(sink);
+    }
+
+    #[test]
+    fn the_interval_writes_a_few_lines_and_a_dropped_writer_leaves_none_behind() {
+        let out = Out::default();
+        let sink =
+            AccessSink::new(Box::new(out.clone()), Duration::from_millis(50), 1 << 20).unwrap();
+        let b = sink.buffer();
+        b.line("one", |l| l.u64("n", 1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.lines().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(out.lines().len(), 1, "written after the interval");
+        let slow =
+            AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
+        let b2 = slow.buffer();
+        b2.line("two", |l| l.u64("n", 2));
+        // A writer that goes away (a worker thread ends) writes what it held.
+        drop(b2);
+        assert_eq!(out.lines().len(), 2);
+        drop((sink, slow));
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_instead_of_blocking_the_writer() {
+        let out = Out::default();
+        let max = 16 * 1024;
+        let sink = AccessSink::new(Box::new(out.clone()), HOUR, max).unwrap();
+        let b = sink.buffer();
+        // stdout stalls: the flush thread blocks in its write.
+        let held = out.hold.lock().unwrap();
+        let start = Instant::now();
+        let mut made = 0u64;
+        // Past the flush size (the flush thread takes one buffer and blocks), then past `max`.
+        while made < 2_000 {
+            b.line("x", |l| l.str("pad", &"p".repeat(100)));
+            made += 1;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "the writer never waited");
+        let stats = Arc::clone(sink.stats());
+        let dropped = stats.dropped_buffer_full.load(Ordering::Relaxed);
+        assert!(dropped > 0, "a stalled stdout fills the buffer");
+        drop(held);
+        drop(sink);
+        // Lines written + lines dropped = lines made: none lost silently.
+        let written = out.lines().len() as u64;
+        assert_eq!(written + dropped, made, "{written} + {dropped}");
+        assert_eq!(stats.lines.load(Ordering::Relaxed), written);
+    }
+
+    #[test]
+    fn a_failed_write_counts_its_lines() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = AccessSink::new(Box::new(Closed), HOUR, ACCESS_BUFFER_MAX).unwrap();
+        let b = sink.buffer();
+        for _ in 0..3 {
+            b.line("x", |l| l.u64("n", 0));
+        }
+        sink.flush();
+        assert_eq!(sink.stats().dropped_write_failed.load(Ordering::Relaxed), 3);
     }
 }
