@@ -155,31 +155,32 @@ impl Finish {
             // (`logging::access_line`, Envoy's per-worker access-log buffering).
             let (sent, grpc) = (self.sent, self.grpc_status);
             crate::logging::access_line("request complete", |l| {
-                l.str("direction", "inbound");
-                l.str("reporter", "gateway");
-                l.display("peer", r.peer);
-                l.str("method", r.method.as_str());
+                l.raw("direction", "inbound");
+                l.raw("reporter", "gateway");
+                l.display_raw("peer", r.peer);
+                // A method is an RFC 9110 token: no quote, backslash or control byte.
+                l.raw("method", r.method.as_str());
                 l.str("authority", r.authority.as_deref().unwrap_or("-"));
                 l.str("path", &r.path);
-                l.display("protocol", format_args!("{:?}", r.version));
+                l.display_raw("protocol", format_args!("{:?}", r.version));
                 l.u64("status", u64::from(status));
                 l.i64("grpc_status", grpc.map_or(-1, i64::from));
                 l.str("route", r.route.as_deref().unwrap_or("-"));
                 match r.upstream {
-                    Some(a) => l.display("upstream", a),
-                    None => l.str("upstream", "-"),
+                    Some(a) => l.display_raw("upstream", a),
+                    None => l.raw("upstream", "-"),
                 }
                 match r.service.as_deref() {
                     Some(s) => l.display("upstream_service", s),
-                    None => l.str("upstream_service", "-"),
+                    None => l.raw("upstream_service", "-"),
                 }
                 l.u64("attempts", u64::from(r.attempts));
                 l.u64("bytes_received", request_bytes);
                 l.u64("bytes_sent", sent);
-                l.f64("duration_ms", duration.as_secs_f64() * 1000.0);
+                l.millis("duration_ms", duration);
                 match r.span.as_ref() {
-                    Some(s) => l.display("trace_id", s.context().trace_id_display()),
-                    None => l.str("trace_id", ""),
+                    Some(s) => l.display_raw("trace_id", s.context().trace_id_display()),
+                    None => l.raw("trace_id", ""),
                 }
                 l.str("detail", r.detail.as_deref().unwrap_or(""));
             });

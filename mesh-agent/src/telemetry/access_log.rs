@@ -51,10 +51,10 @@ pub fn log(
     };
     let src = flow.source.as_deref();
     out.line("connection complete", |l| {
-        l.str("direction", "outbound");
+        l.raw("direction", "outbound");
         match flow.client() {
-            Some(c) => l.display("src.addr", c),
-            None => l.str("src.addr", ""),
+            Some(c) => l.display_raw("src.addr", c),
+            None => l.raw("src.addr", ""),
         }
         l.str("src.workload", src.map_or(UNKNOWN, |p| p.name.as_str()));
         l.str("src.namespace", src.map_or(UNKNOWN, |p| p.namespace.as_str()));
@@ -63,14 +63,14 @@ pub fn log(
             None => l.str("src.identity", UNKNOWN),
         }
         match flow.backend_addr() {
-            Some(b) => l.display("dst.addr", b),
-            None => l.str("dst.addr", ""),
+            Some(b) => l.display_raw("dst.addr", b),
+            None => l.raw("dst.addr", ""),
         }
         match flow.service.as_deref() {
             Some(s) => l.display("dst.service", fqdn_display(s)),
             None => l.str("dst.service", UNKNOWN),
         }
-        l.display("dst.service_addr", flow.service_addr());
+        l.display_raw("dst.service_addr", flow.service_addr());
         l.str(
             "dst.workload",
             destination.map_or(UNKNOWN, |p| p.name.as_str()),
@@ -83,14 +83,17 @@ pub fn log(
             Some(id) => l.display("dst.identity", id),
             None => l.str("dst.identity", UNKNOWN),
         }
-        l.str("protocol", if e.proto == PROTO_UDP { "UDP" } else { "TCP" });
+        l.raw("protocol", if e.proto == PROTO_UDP { "UDP" } else { "TCP" });
         l.u64("bytes_sent", e.bytes_sent);
         l.u64("bytes_recv", e.bytes_received);
-        l.f64("duration_ms", e.duration_ns as f64 / 1e6);
-        l.str("verdict", flow.verdict());
+        l.millis(
+            "duration_ms",
+            std::time::Duration::from_nanos(e.duration_ns),
+        );
+        l.raw("verdict", flow.verdict());
         l.str("reason", &flow.reason());
         // The kernel sees the connection in plaintext; the tunnel reports its own.
-        l.str("security", "none");
+        l.raw("security", "none");
         l.u64("client_cgroup", e.cgroup_id);
     });
 }
