@@ -76,8 +76,9 @@ async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
         }
         // REQUESTS on one keep-alive connection; curl closes it when done (no drain wait).
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}\n"])
-            .args((0..REQUESTS).map(|i| url(&format!("/flush/{i}"))))
+            .args(["-sS", "--max-time", "20", "-w", "%{http_code}\n"])
+            // `-o` is per URL: every body to /dev/null, only the codes on stdout.
+            .args((0..REQUESTS).flat_map(|i| ["-o".into(), "/dev/null".into(), url(&format!("/flush/{i}"))]))
             .output()?;
         let codes = String::from_utf8_lossy(&out.stdout);
         ensure!(
