@@ -295,7 +295,10 @@ impl SinkShared {
         let mut w = lock(&self.wake);
         loop {
             while !(w.pending || w.stop) {
-                w = self.cv.wait(w).unwrap_or_else(std::sync::PoisonError::into_inner);
+                w = self
+                    .cv
+                    .wait(w)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             // Let lines gather for the interval, unless a buffer filled up or the sink stops.
             if !(w.urgent || w.stop) {
@@ -652,7 +655,7 @@ mod tests {
         }
     }
 
-    const HOUR: Duration = Duration::from_secs(3600);
+    const HOUR: Duration = Duration::from_hours(1);
 
     #[test]
     fn lines_are_whole_json_in_order_per_writer_and_none_lost_when_the_sink_stops() {
@@ -692,7 +695,10 @@ mod tests {
             assert_eq!(l["path"], "/a\"b\\c\nd\u{1}é", "{l}");
             assert_eq!(l["duration_ms"], 1.5, "{l}");
             assert_eq!(l["grpc_status"], -1, "{l}");
-            assert!(l["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+            assert!(
+                l["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+                "{l}"
+            );
             let w = usize::try_from(l["writer"].as_u64().unwrap()).unwrap();
             assert_eq!(l["seq"].as_u64(), Some(next[w]), "writer {w} out of order");
             next[w] += 1;
@@ -731,8 +737,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(out.lines().len(), 1, "written after the interval");
-        let slow =
-            AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
+        let slow = AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
         let b2 = slow.buffer();
         b2.line("two", |l| l.u64("n", 2));
         // A writer that goes away (a worker thread ends) writes what it held.
@@ -756,7 +761,10 @@ mod tests {
             b.line("x", |l| l.str("pad", &"p".repeat(100)));
             made += 1;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "the writer never waited");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the writer never waited"
+        );
         let stats = Arc::clone(sink.stats());
         let dropped = stats.dropped_buffer_full.load(Ordering::Relaxed);
         assert!(dropped > 0, "a stalled stdout fills the buffer");

@@ -28,12 +28,9 @@ fn lines_with(log: &str, prefix: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
-    let _backend = Backend::start("web", BACKEND.parse()?).await?;
-    let dir = std::env::temp_dir().join(format!("mesh-access-flush-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+/// Starts the gateway in `dir` with its access log on and a flush interval of an hour; its
+/// stdout and stderr go to the returned log file.
+fn spawn_gateway(dir: &std::path::Path) -> Result<(std::process::Child, std::path::PathBuf)> {
     let (routes, services) = (dir.join("routes.yaml"), dir.join("services.yaml"));
     write_atomically(&routes, &http_route_yaml(PORT, "web", ""))?;
     write_atomically(
@@ -42,7 +39,7 @@ async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
     )?;
     let log = dir.join("gateway.log");
     let out = std::fs::File::create(&log)?;
-    let mut gw = Command::new(workspace_binary("mesh-agent")?)
+    let child = Command::new(workspace_binary("mesh-agent")?)
         .arg("gateway")
         .arg("--routes")
         .arg(&routes)
@@ -58,6 +55,16 @@ async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
         .stdin(Stdio::null())
         .spawn()
         .context("starting mesh-agent gateway")?;
+    Ok((child, log))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
+    let _backend = Backend::start("web", BACKEND.parse()?).await?;
+    let dir = std::env::temp_dir().join(format!("mesh-access-flush-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (mut gw, log) = spawn_gateway(&dir)?;
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let result = async {
         // Routed once a request to it is answered by the backend.
@@ -65,20 +72,35 @@ async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = Command::new("curl")
-                .args(["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
                 .arg(url("/ready"))
                 .output()?;
             if out.stdout == b"200" {
                 break;
             }
-            ensure!(Instant::now() < deadline, "gateway not routing: {}", read_log());
+            ensure!(
+                Instant::now() < deadline,
+                "gateway not routing: {}",
+                read_log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // REQUESTS on one keep-alive connection; curl closes it when done (no drain wait).
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "20", "-w", "%{http_code}\n"])
             // `-o` is per URL: every body to /dev/null, only the codes on stdout.
-            .args((0..REQUESTS).flat_map(|i| ["-o".into(), "/dev/null".into(), url(&format!("/flush/{i}"))]))
+            .args(
+                (0..REQUESTS)
+                    .flat_map(|i| ["-o".into(), "/dev/null".into(), url(&format!("/flush/{i}"))]),
+            )
             .output()?;
         let codes = String::from_utf8_lossy(&out.stdout);
         ensure!(
@@ -111,7 +133,11 @@ async fn buffered_access_lines_are_all_written_at_sigterm() -> Result<()> {
             .iter()
             .map(|l| l["path"].as_str().unwrap_or_default().to_owned())
             .collect();
-        ensure!(paths.len() == REQUESTS, "{} lines of {REQUESTS}: {text}", paths.len());
+        ensure!(
+            paths.len() == REQUESTS,
+            "{} lines of {REQUESTS}: {text}",
+            paths.len()
+        );
         paths.sort_by_key(|p| p[7..].parse::<usize>().unwrap_or(usize::MAX));
         let want: Vec<String> = (0..REQUESTS).map(|i| format!("/flush/{i}")).collect();
         ensure!(paths == want, "{paths:?}");

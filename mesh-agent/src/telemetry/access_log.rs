@@ -57,7 +57,10 @@ pub fn log(
             None => l.raw("src.addr", ""),
         }
         l.str("src.workload", src.map_or(UNKNOWN, |p| p.name.as_str()));
-        l.str("src.namespace", src.map_or(UNKNOWN, |p| p.namespace.as_str()));
+        l.str(
+            "src.namespace",
+            src.map_or(UNKNOWN, |p| p.namespace.as_str()),
+        );
         match identity(src) {
             Some(id) => l.display("src.identity", id),
             None => l.str("src.identity", UNKNOWN),

@@ -115,11 +115,16 @@ pub fn service_fqdn(service: &ObjectName) -> String {
 }
 
 /// [`service_fqdn`] written where it is displayed (an access line), without a `String`.
+#[must_use]
 pub fn fqdn_display(service: &ObjectName) -> impl std::fmt::Display + '_ {
     struct Fqdn<'a>(&'a ObjectName);
     impl std::fmt::Display for Fqdn<'_> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "{}.{}.svc.{CLUSTER_DOMAIN}", self.0.name, self.0.namespace)
+            write!(
+                f,
+                "{}.{}.svc.{CLUSTER_DOMAIN}",
+                self.0.name, self.0.namespace
+            )
         }
     }
     Fqdn(service)
