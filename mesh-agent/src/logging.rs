@@ -114,6 +114,8 @@ pub const ACCESS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from
 /// than its log. Envoy's buffer has no bound (memory grows until the writes resume); this one
 /// trades the lines past 8 MiB per buffer for a bounded memory.
 pub const ACCESS_BUFFER_MAX: usize = 8 * 1024 * 1024;
+/// Room past the flush size reserved up front, so the line that crosses it does not regrow.
+const ACCESS_LINE_ROOM: usize = 16 * 1024;
 /// A buffer's capacity kept after a flush (a burst's large allocation is given back).
 const ACCESS_BUFFER_KEEP: usize = 1024 * 1024;
 
@@ -162,6 +164,11 @@ struct Wake {
 /// its lines are written in the order they were appended, whole.
 pub struct AccessBuffer {
     lines: std::sync::Mutex<Pending>,
+    /// The other half of a double buffer: the flush thread swaps it with `lines.bytes` and
+    /// writes it, so both keep their capacity. A fresh `Vec` per flush made the writer grow its
+    /// buffer from nothing every cycle — copies and, past malloc's mmap threshold, page faults
+    /// on new pages.
+    spare: std::sync::Mutex<Vec<u8>>,
     shared: std::sync::Arc<SinkShared>,
 }
 
@@ -249,7 +256,11 @@ impl AccessSink {
     #[must_use]
     pub fn buffer(&self) -> std::sync::Arc<AccessBuffer> {
         let b = std::sync::Arc::new(AccessBuffer {
-            lines: std::sync::Mutex::default(),
+            lines: std::sync::Mutex::new(Pending {
+                bytes: Vec::with_capacity(ACCESS_FLUSH_BYTES + ACCESS_LINE_ROOM),
+                ..Pending::default()
+            }),
+            spare: std::sync::Mutex::new(Vec::with_capacity(ACCESS_FLUSH_BYTES + ACCESS_LINE_ROOM)),
             shared: std::sync::Arc::clone(&self.shared),
         });
         let mut all = lock(&self.shared.buffers);
@@ -326,29 +337,29 @@ impl SinkShared {
             .filter_map(std::sync::Weak::upgrade)
             .collect();
         let mut out = lock(&self.out);
-        let mut spare = Pending::default();
         for b in buffers {
-            {
+            let mut spare = lock(&b.spare);
+            let count = {
                 let mut p = lock(&b.lines);
                 if p.bytes.is_empty() {
                     continue;
                 }
-                std::mem::swap(&mut p.bytes, &mut spare.bytes);
-                std::mem::swap(&mut p.count, &mut spare.count);
-            }
-            self.write(&mut **out, &spare);
-            spare.bytes.clear();
-            spare.bytes.shrink_to(ACCESS_BUFFER_KEEP);
-            spare.count = 0;
+                std::mem::swap(&mut p.bytes, &mut *spare);
+                std::mem::take(&mut p.count)
+            };
+            self.write(&mut **out, &spare, count);
+            spare.clear();
+            // A burst's large allocation (stdout stalled) is given back.
+            spare.shrink_to(ACCESS_BUFFER_KEEP);
         }
         let _ = out.flush();
     }
 
-    fn write(&self, out: &mut dyn std::io::Write, p: &Pending) {
+    fn write(&self, out: &mut dyn std::io::Write, bytes: &[u8], count: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.writes.fetch_add(1, Relaxed);
-        if out.write_all(&p.bytes).is_err() {
-            self.stats.dropped_write_failed.fetch_add(p.count, Relaxed);
+        if out.write_all(bytes).is_err() {
+            self.stats.dropped_write_failed.fetch_add(count, Relaxed);
         }
     }
 }
@@ -391,15 +402,13 @@ impl AccessBuffer {
 impl Drop for AccessBuffer {
     /// A writer that ends (a worker thread, the flow task) leaves no line behind.
     fn drop(&mut self) {
-        let mut p = Pending::default();
-        {
-            let mut held = lock(&self.lines);
-            std::mem::swap(&mut held.bytes, &mut p.bytes);
-            std::mem::swap(&mut held.count, &mut p.count);
-        }
-        if !p.bytes.is_empty() {
+        let held = self
+            .lines
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !held.bytes.is_empty() {
             let mut out = lock(&self.shared.out);
-            self.shared.write(&mut **out, &p);
+            self.shared.write(&mut **out, &held.bytes, held.count);
             let _ = out.flush();
         }
     }
@@ -710,19 +719,27 @@ mod tests {
         let out = Out::default();
         let sink = AccessSink::new(Box::new(out.clone()), HOUR, ACCESS_BUFFER_MAX).unwrap();
         let b = sink.buffer();
-        let mut n = 0;
-        while n * 100 < ACCESS_FLUSH_BYTES + 1000 {
-            b.line("x", |l| l.str("pad", &"p".repeat(100)));
-            n += 1;
-        }
+        let mut made = 0usize;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while out.lines().len() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        // Lines until the flush thread writes (an hour before its interval would).
+        while out.writes.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing written after {made} lines"
+            );
+            b.line("x", |l| l.str("pad", &"p".repeat(100)));
+            made += 1;
+            if made % 256 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
-        assert_eq!(out.lines().len(), n, "written well before the hour");
-        // One write for the whole buffer, not one per line.
-        assert!(out.writes.load(Ordering::Relaxed) <= 2);
+        std::thread::sleep(Duration::from_millis(50));
+        let bytes = out.bytes.lock().unwrap().len();
+        // One write of at least the flush size, not one write per line.
+        assert!(bytes >= ACCESS_FLUSH_BYTES, "{bytes}");
+        assert_eq!(out.writes.load(Ordering::Relaxed), 1);
         drop(sink);
+        assert_eq!(out.lines().len(), made);
     }
 
     #[test]
