@@ -729,7 +729,7 @@ mod tests {
             );
             b.line("x", |l| l.str("pad", &"p".repeat(100)));
             made += 1;
-            if made % 256 == 0 {
+            if made.is_multiple_of(256) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
