@@ -203,6 +203,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
     shared.datapath.shutdown();
+    // Connection lines still in the flow task's buffer (exit would write them too).
+    crate::logging::flush_access_log();
     let _ = std::fs::remove_file(&shared.config.admin.socket);
     info!("stopped; programs stay attached through their pinned links");
     result

@@ -70,18 +70,38 @@ impl FlowRecord {
         (!ip.is_unspecified()).then_some(ip)
     }
 
+    /// The service address the client connected to.
+    #[must_use]
+    pub fn service_addr(&self) -> SocketAddr {
+        let e = &self.event;
+        SocketAddr::new(
+            ip_from_be(e.svc_addr_be, e.family),
+            u16::from_be(e.svc_port_be),
+        )
+    }
+
+    /// The backend the kernel chose, if it chose one.
+    #[must_use]
+    pub fn backend_addr(&self) -> Option<SocketAddr> {
+        let e = &self.event;
+        (e.backend_id != 0).then(|| {
+            SocketAddr::new(
+                ip_from_be(e.backend_addr_be, e.family),
+                u16::from_be(e.backend_port_be),
+            )
+        })
+    }
+
+    /// Why it was rejected or failed (`""` for opens and closes).
+    #[must_use]
+    pub fn reason(&self) -> std::borrow::Cow<'static, str> {
+        reason(self.event.kind, self.event.reason)
+    }
+
     /// The protobuf form `WatchFlows` sends.
     #[must_use]
     pub fn to_proto(&self) -> Flow {
         let e = &self.event;
-        let svc = SocketAddr::new(
-            ip_from_be(e.svc_addr_be, e.family),
-            u16::from_be(e.svc_port_be),
-        );
-        let backend = SocketAddr::new(
-            ip_from_be(e.backend_addr_be, e.family),
-            u16::from_be(e.backend_port_be),
-        );
         let (source_namespace, source_pod) = self
             .source
             .as_deref()
@@ -90,7 +110,7 @@ impl FlowRecord {
         Flow {
             time_unix_nano: self.time_unix_nano,
             verdict: self.verdict().to_owned(),
-            reason: reason(e.kind, e.reason),
+            reason: self.reason().into_owned(),
             source_namespace,
             source_pod,
             source_address: self.client().map(|c| c.to_string()).unwrap_or_default(),
@@ -99,12 +119,11 @@ impl FlowRecord {
                 .as_deref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
-            service_address: svc.to_string(),
-            backend_address: if e.backend_id != 0 {
-                backend.to_string()
-            } else {
-                String::new()
-            },
+            service_address: self.service_addr().to_string(),
+            backend_address: self
+                .backend_addr()
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
             protocol: if e.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_owned(),
             bytes_sent: e.bytes_sent,
             bytes_received: e.bytes_received,
@@ -247,17 +266,18 @@ fn verdict(kind: u8) -> &'static str {
     }
 }
 
-fn reason(kind: u8, reason: u8) -> String {
+fn reason(kind: u8, reason: u8) -> std::borrow::Cow<'static, str> {
+    use std::borrow::Cow;
     match (kind, reason) {
-        (_, 0) => String::new(),
+        (_, 0) => Cow::Borrowed(""),
         (EV_REJECT, r) => COUNTER_NAMES
             .get(usize::from(r))
-            .map_or_else(|| r.to_string(), |s| (*s).to_owned()),
-        (_, FAIL_REFUSED) => "refused".to_owned(),
-        (_, FAIL_SYN_TIMEOUT) => "syn-timeout".to_owned(),
-        (_, FAIL_RESET) => "reset".to_owned(),
-        (_, FAIL_L7) => "l7".to_owned(),
-        (_, r) => r.to_string(),
+            .map_or_else(|| Cow::Owned(r.to_string()), |s| Cow::Borrowed(*s)),
+        (_, FAIL_REFUSED) => Cow::Borrowed("refused"),
+        (_, FAIL_SYN_TIMEOUT) => Cow::Borrowed("syn-timeout"),
+        (_, FAIL_RESET) => Cow::Borrowed("reset"),
+        (_, FAIL_L7) => Cow::Borrowed("l7"),
+        (_, r) => Cow::Owned(r.to_string()),
     }
 }
 

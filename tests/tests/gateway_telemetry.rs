@@ -231,8 +231,19 @@ spec:
         "5 × {body_len} bytes at least:\n{text}"
     );
 
-    // One JSON access line per request on stdout, with the trace id the backend saw.
-    let log = gw.log_text();
+    // One JSON access line per request on stdout, with the trace id the backend saw. Lines are
+    // written by the gateway's flush thread (at most its interval after the request).
+    let mut log = gw.log_text();
+    for _ in 0..50 {
+        if log.contains("\"method\":\"POST\"")
+            && log.contains("0af7651916cd43dd8448eb211c80319c")
+            && log.matches("\"status\":503").count() >= 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = gw.log_text();
+    }
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -271,6 +271,9 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     drain(&shared, serving.listeners, drain_period).await;
     // Stops the workers' runtimes (connections left past the drain period are dropped).
     drop(serving.workers);
+    // Every request finished or dropped above has written its access line into a worker's
+    // buffer: out with them before the process ends (exit flushes too; this says where).
+    crate::logging::flush_access_log();
     Ok(())
 }
 

@@ -150,36 +150,44 @@ impl Finish {
             request_bytes,
             response_bytes: self.sent,
         });
-        let trace_id = r
-            .span
-            .as_ref()
-            .map(|s| s.context().trace_id_hex())
-            .unwrap_or_default();
         if self.telemetry.access_log {
-            tracing::info!(
-                target: crate::telemetry::access_log::ACCESS_TARGET,
-                direction = "inbound",
-                reporter = "gateway",
-                peer = %r.peer,
-                method = %r.method,
-                authority = r.authority.as_deref().unwrap_or("-"),
-                path = %r.path,
-                protocol = ?r.version,
-                status,
-                grpc_status = self.grpc_status.map_or(-1, i64::from),
-                route = r.route.as_deref().unwrap_or("-"),
-                upstream = %r.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                upstream_service = %r.service.as_deref().map_or_else(|| "-".to_owned(), ToString::to_string),
-                attempts = r.attempts,
-                bytes_received = request_bytes,
-                bytes_sent = self.sent,
-                duration_ms = duration.as_secs_f64() * 1000.0,
-                trace_id = %trace_id,
-                detail = r.detail.as_deref().unwrap_or(""),
-                "request complete"
-            );
+            // Formatted on this worker into its own buffer; a flush thread writes it
+            // (`logging::access_line`, Envoy's per-worker access-log buffering).
+            let (sent, grpc) = (self.sent, self.grpc_status);
+            crate::logging::access_line("request complete", |l| {
+                l.raw("direction", "inbound");
+                l.raw("reporter", "gateway");
+                l.display_raw("peer", r.peer);
+                // A method is an RFC 9110 token: no quote, backslash or control byte.
+                l.raw("method", r.method.as_str());
+                l.str("authority", r.authority.as_deref().unwrap_or("-"));
+                l.str("path", &r.path);
+                l.display_raw("protocol", format_args!("{:?}", r.version));
+                l.u64("status", u64::from(status));
+                l.i64("grpc_status", grpc.map_or(-1, i64::from));
+                l.str("route", r.route.as_deref().unwrap_or("-"));
+                match r.upstream {
+                    Some(a) => l.display_raw("upstream", a),
+                    None => l.raw("upstream", "-"),
+                }
+                match r.service.as_deref() {
+                    Some(s) => l.display("upstream_service", s),
+                    None => l.raw("upstream_service", "-"),
+                }
+                l.u64("attempts", u64::from(r.attempts));
+                l.u64("bytes_received", request_bytes);
+                l.u64("bytes_sent", sent);
+                l.millis("duration_ms", duration);
+                match r.span.as_ref() {
+                    Some(s) => l.display_raw("trace_id", s.context().trace_id_display()),
+                    None => l.raw("trace_id", ""),
+                }
+                l.str("detail", r.detail.as_deref().unwrap_or(""));
+            });
         }
-        if let Some(mut span) = r.span.take() {
+        // An unsampled span (99 % at Istio's default 1 %) is only its propagated context:
+        // no attributes are made for it.
+        if let Some(mut span) = r.span.take().filter(ActiveSpan::recording) {
             span.set("http.request.method", r.method.as_str());
             span.set("url.path", r.path.clone());
             if let Some(a) = &r.authority {
@@ -359,6 +367,9 @@ pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Arc::clone(&t.requests)));
     registry.register_collector(Box::new(Arc::clone(&t.otlp)));
+    registry.register_collector(Box::new(
+        crate::telemetry::access_log::AccessLogMetrics::global(),
+    ));
     registry.register_collector(Box::new(Bounds(vec![t.requests.bound()])));
     let mut out = String::with_capacity(16 * 1024);
     if openmetrics {

@@ -110,12 +110,24 @@ pub fn workload_name(pod: &str) -> &str {
 #[must_use]
 pub fn service_fqdn(service: &ObjectName) -> String {
     let mut s = String::with_capacity(service.name.len() + service.namespace.len() + 20);
-    let _ = write!(
-        s,
-        "{}.{}.svc.{CLUSTER_DOMAIN}",
-        service.name, service.namespace
-    );
+    let _ = write!(s, "{}", fqdn_display(service));
     s
+}
+
+/// [`service_fqdn`] written where it is displayed (an access line), without a `String`.
+#[must_use]
+pub fn fqdn_display(service: &ObjectName) -> impl std::fmt::Display + '_ {
+    struct Fqdn<'a>(&'a ObjectName);
+    impl std::fmt::Display for Fqdn<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "{}.{}.svc.{CLUSTER_DOMAIN}",
+                self.0.name, self.0.namespace
+            )
+        }
+    }
+    Fqdn(service)
 }
 
 /// The values of [`COMMON_LABELS`] for one source, destination and service.

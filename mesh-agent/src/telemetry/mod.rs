@@ -121,6 +121,8 @@ async fn follow_flows(
     otlp: Option<otlp::OtlpLogs>,
 ) {
     let tcp = &telemetry.tcp;
+    // This task's own buffer: its lines are written in the order the flows arrived.
+    let access = access_log.then(|| crate::logging::access_sink().buffer());
     let mut flows = shared.flows.subscribe();
     let mut expire = tokio::time::interval(tcp::EXPIRE_INTERVAL);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,11 +133,11 @@ async fn follow_flows(
                     let snapshot = shared.stores.snapshot.load();
                     let destination = tcp::destination_pod(&flow, &snapshot);
                     tcp.observe(&flow, destination.as_ref());
-                    if access_log {
-                        access_log::log(&flow, destination.as_deref(), &snapshot);
+                    if let Some(out) = &access {
+                        access_log::log(out, &flow, destination.as_deref(), &snapshot);
                     }
                     if let Some(otlp) = &otlp {
-                        otlp.record(&flow, destination.as_deref(), &snapshot);
+                        otlp.record(&flow, destination.as_ref(), &snapshot);
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {

@@ -4,7 +4,9 @@
 //! `telemetry.otlpEndpoint`).
 //!
 //! Never blocks the flow path: records go into a bounded queue ([`QUEUE`]); a full queue drops
-//! the record and counts it. One task sends batches of up to [`BATCH`] records (or what arrived
+//! the record and counts it. A connection is queued as it is (the flow and its names,
+//! [`ConnectionLog`]); the export task makes its protobuf record when it sends the batch, so
+//! the flow path allocates no attribute strings and no copy of a batch is kept for retries. One task sends batches of up to [`BATCH`] records (or what arrived
 //! within [`FLUSH`]), each export retried [`RETRIES`] times with doubling backoff; a batch that
 //! still fails is dropped and counted. The OpenTelemetry SDK's `BatchLogProcessor` makes the
 //! same choices (2,048 queue, 512 batch, drop when full).
@@ -30,7 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::labels::{UNKNOWN, service_fqdn};
-use crate::{flows::FlowRecord, model::ObjectName, state::Snapshot};
+use crate::{flows::FlowRecord, identity::SpiffeId, model::ObjectName, state::Snapshot};
 
 /// Records waiting for export; past it new records are dropped (counted).
 pub const QUEUE: usize = 4096;
@@ -143,7 +145,7 @@ pub(crate) fn scope(name: &str) -> InstrumentationScope {
 /// The way to the export task; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct OtlpLogs {
-    tx: mpsc::Sender<LogRecord>,
+    tx: mpsc::Sender<ConnectionLog>,
     stats: Arc<OtlpStats>,
 }
 
@@ -164,7 +166,7 @@ impl OtlpLogs {
                         resource: Some(resource.clone()),
                         scope_logs: vec![ScopeLogs {
                             scope: Some(scope("mesh-agent/connections")),
-                            log_records: records,
+                            log_records: records.iter().map(ConnectionLog::to_proto).collect(),
                             ..ScopeLogs::default()
                         }],
                         ..ResourceLogs::default()
@@ -178,8 +180,13 @@ impl OtlpLogs {
     }
 
     /// Queues the record of a finished connection (never waits; a full queue drops it).
-    pub fn record(&self, flow: &FlowRecord, destination: Option<&ObjectName>, snapshot: &Snapshot) {
-        let Some(record) = log_record(flow, destination, snapshot) else {
+    pub fn record(
+        &self,
+        flow: &FlowRecord,
+        destination: Option<&Arc<ObjectName>>,
+        snapshot: &Snapshot,
+    ) {
+        let Some(record) = ConnectionLog::new(flow, destination, snapshot) else {
             return;
         };
         if self.tx.try_send(record).is_err() {
@@ -211,72 +218,121 @@ pub(crate) fn kv_int(key: &str, value: u64) -> KeyValue {
     }
 }
 
+/// A finished connection waiting for export: the flow (its kernel event and the `Arc` names it
+/// already had), the destination pod, and the SPIFFE ids of enrolled pods, resolved against the
+/// snapshot of the moment (as the access line is). No text is made until [`Self::to_proto`].
+#[derive(Clone, Debug)]
+pub struct ConnectionLog {
+    flow: FlowRecord,
+    destination: Option<Arc<ObjectName>>,
+    src_identity: Option<SpiffeId>,
+    dst_identity: Option<SpiffeId>,
+}
+
+impl ConnectionLog {
+    /// What to export of `flow` (`None` for events that finish no connection).
+    #[must_use]
+    pub fn new(
+        flow: &FlowRecord,
+        destination: Option<&Arc<ObjectName>>,
+        snapshot: &Snapshot,
+    ) -> Option<Self> {
+        use mesh_common::event::{EV_CLOSE, EV_FAIL, EV_REJECT};
+        if !matches!(flow.event.kind, EV_CLOSE | EV_REJECT | EV_FAIL) {
+            return None;
+        }
+        let identity = |pod: Option<&ObjectName>| {
+            pod.and_then(|p| snapshot.mesh.enrolled.get(p))
+                .map(|m| m.identity.clone())
+        };
+        Some(Self {
+            src_identity: identity(flow.source.as_deref()),
+            dst_identity: identity(destination.map(AsRef::as_ref)),
+            destination: destination.cloned(),
+            flow: flow.clone(),
+        })
+    }
+
+    /// The OTLP record: the access line's fields as attributes.
+    #[must_use]
+    pub fn to_proto(&self) -> LogRecord {
+        let flow = &self.flow;
+        let e = &flow.event;
+        let src = flow.source.as_deref();
+        let destination = self.destination.as_deref();
+        let identity =
+            |id: Option<&SpiffeId>| id.map_or_else(|| UNKNOWN.to_owned(), ToString::to_string);
+        let name = |p: Option<&ObjectName>| p.map_or(UNKNOWN, |p| p.name.as_str()).to_owned();
+        let namespace =
+            |p: Option<&ObjectName>| p.map_or(UNKNOWN, |p| p.namespace.as_str()).to_owned();
+        let addr = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        LogRecord {
+            time_unix_nano: flow.time_unix_nano,
+            observed_time_unix_nano: flow.time_unix_nano,
+            severity_number: SeverityNumber::Info as i32,
+            severity_text: "INFO".to_owned(),
+            body: Some(AnyValue {
+                value: Some(Value::StringValue("connection complete".to_owned())),
+            }),
+            attributes: vec![
+                kv("direction", "outbound"),
+                kv(
+                    "src.addr",
+                    flow.client().map(|c| c.to_string()).unwrap_or_default(),
+                ),
+                kv("src.workload", name(src)),
+                kv("src.namespace", namespace(src)),
+                kv("src.identity", identity(self.src_identity.as_ref())),
+                kv("dst.addr", addr(flow.backend_addr())),
+                kv(
+                    "dst.service",
+                    flow.service
+                        .as_deref()
+                        .map_or_else(|| UNKNOWN.to_owned(), service_fqdn),
+                ),
+                kv("dst.service_addr", flow.service_addr().to_string()),
+                kv("dst.workload", name(destination)),
+                kv("dst.namespace", namespace(destination)),
+                kv("dst.identity", identity(self.dst_identity.as_ref())),
+                kv(
+                    "protocol",
+                    if e.proto == mesh_common::PROTO_UDP {
+                        "UDP"
+                    } else {
+                        "TCP"
+                    },
+                ),
+                kv_int("bytes_sent", e.bytes_sent),
+                kv_int("bytes_recv", e.bytes_received),
+                kv_int("duration_us", e.duration_ns / 1000),
+                kv("verdict", flow.verdict()),
+                kv("reason", flow.reason()),
+                kv("security", "none"),
+            ],
+            ..LogRecord::default()
+        }
+    }
+}
+
 /// The OTLP record of a finished connection (`None` for events that finish none).
 #[must_use]
 pub fn log_record(
     flow: &FlowRecord,
-    destination: Option<&ObjectName>,
+    destination: Option<&Arc<ObjectName>>,
     snapshot: &Snapshot,
 ) -> Option<LogRecord> {
-    use mesh_common::event::{EV_CLOSE, EV_FAIL, EV_REJECT};
-    let e = &flow.event;
-    if !matches!(e.kind, EV_CLOSE | EV_REJECT | EV_FAIL) {
-        return None;
-    }
-    let identity = |pod: Option<&ObjectName>| {
-        pod.and_then(|p| snapshot.mesh.enrolled.get(p))
-            .map_or_else(|| UNKNOWN.to_owned(), |m| m.identity.to_string())
-    };
-    let src = flow.source.as_deref();
-    let proto = flow.to_proto();
-    let name = |p: Option<&ObjectName>| p.map_or(UNKNOWN, |p| p.name.as_str()).to_owned();
-    let namespace = |p: Option<&ObjectName>| p.map_or(UNKNOWN, |p| p.namespace.as_str()).to_owned();
-    Some(LogRecord {
-        time_unix_nano: flow.time_unix_nano,
-        observed_time_unix_nano: flow.time_unix_nano,
-        severity_number: SeverityNumber::Info as i32,
-        severity_text: "INFO".to_owned(),
-        body: Some(AnyValue {
-            value: Some(Value::StringValue("connection complete".to_owned())),
-        }),
-        attributes: vec![
-            kv("direction", "outbound"),
-            kv("src.addr", proto.source_address.clone()),
-            kv("src.workload", name(src)),
-            kv("src.namespace", namespace(src)),
-            kv("src.identity", identity(src)),
-            kv("dst.addr", proto.backend_address.clone()),
-            kv(
-                "dst.service",
-                flow.service
-                    .as_deref()
-                    .map_or_else(|| UNKNOWN.to_owned(), service_fqdn),
-            ),
-            kv("dst.service_addr", proto.service_address.clone()),
-            kv("dst.workload", name(destination)),
-            kv("dst.namespace", namespace(destination)),
-            kv("dst.identity", identity(destination)),
-            kv("protocol", proto.protocol.clone()),
-            kv_int("bytes_sent", e.bytes_sent),
-            kv_int("bytes_recv", e.bytes_received),
-            kv_int("duration_us", e.duration_ns / 1000),
-            kv("verdict", proto.verdict.clone()),
-            kv("reason", proto.reason.clone()),
-            kv("security", "none"),
-        ],
-        ..LogRecord::default()
-    })
+    ConnectionLog::new(flow, destination, snapshot).map(|c| c.to_proto())
 }
 
-/// An export task: takes records from `rx`, sends batches through `export`, retries, counts.
+/// An export task: takes records from `rx`, sends batches through `export` (which makes its
+/// request from the batch, so a retry needs no copy kept), retries, counts.
 pub(crate) async fn batch_loop<T, F, Fut>(
     mut rx: mpsc::Receiver<T>,
     stats: &SignalStats,
     signal: &'static str,
     mut export: F,
 ) where
-    T: Clone,
-    F: FnMut(Vec<T>) -> Fut,
+    F: FnMut(&[T]) -> Fut,
     Fut: Future<Output = Result<(), tonic::Status>>,
 {
     let mut batch = Vec::with_capacity(BATCH);
@@ -294,12 +350,11 @@ pub(crate) async fn batch_loop<T, F, Fut>(
                 Ok(None) | Err(_) => break,
             }
         }
-        let records = std::mem::take(&mut batch);
-        let n = records.len() as u64;
+        let n = batch.len() as u64;
         let mut backoff = RETRY_BACKOFF;
         let mut attempt = 0;
         loop {
-            match export(records.clone()).await {
+            match export(&batch).await {
                 Ok(()) => {
                     stats.exported.fetch_add(n, Ordering::Relaxed);
                     break;
@@ -318,6 +373,7 @@ pub(crate) async fn batch_loop<T, F, Fut>(
                 }
             }
         }
+        batch.clear();
     }
 }
 

@@ -105,6 +105,7 @@ pub async fn render(shared: &Shared, openmetrics: bool) -> Result<String, std::f
     registry.register_collector(Box::new(Arc::clone(&t.tcp)));
     registry.register_collector(Box::new(Arc::clone(&t.requests)));
     registry.register_collector(Box::new(Arc::clone(&t.otlp)));
+    registry.register_collector(Box::new(super::access_log::AccessLogMetrics::global()));
     registry.register_collector(Box::new(Bounds(vec![t.tcp.bound(), t.requests.bound()])));
     // Sized like the last scrape (30 MB at 10,000 services): growing from 64 KiB by doubling
     // copied about twice the body per scrape.

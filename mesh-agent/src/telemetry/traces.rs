@@ -131,6 +131,18 @@ impl TraceContext {
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
+
+    /// The trace id in hex, written where it is displayed (no `String` made).
+    #[must_use]
+    pub fn trace_id_display(&self) -> impl std::fmt::Display + '_ {
+        struct Hex<'a>(&'a [u8]);
+        impl std::fmt::Display for Hex<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+        }
+        Hex(&self.trace_id)
+    }
 }
 
 /// `ParentBased(TraceIdRatioBased(ratio))`.
@@ -222,6 +234,13 @@ impl ActiveSpan {
         &self.context
     }
 
+    /// Whether [`Self::finish`] will export this span (sampled, and a tracer is installed):
+    /// callers skip building attributes of a span nobody will see.
+    #[must_use]
+    pub fn recording(&self) -> bool {
+        self.context.sampled && TRACER.get().is_some()
+    }
+
     /// The `traceparent` to send on the next hop.
     #[must_use]
     pub fn traceparent(&self) -> String {
@@ -308,7 +327,7 @@ impl Tracer {
                         resource: Some(resource.clone()),
                         scope_spans: vec![ScopeSpans {
                             scope: Some(scope("mesh-agent")),
-                            spans,
+                            spans: spans.to_vec(),
                             ..ScopeSpans::default()
                         }],
                         ..ResourceSpans::default()
