@@ -337,7 +337,9 @@ impl SinkShared {
             .filter_map(std::sync::Weak::upgrade)
             .collect();
         let mut out = lock(&self.out);
-        for b in buffers {
+        // By reference: a buffer whose writer has gone meanwhile is dropped here last, after
+        // `out` is released — its `Drop` writes what it holds through `out` itself.
+        for b in &buffers {
             let mut spare = lock(&b.spare);
             let count = {
                 let mut p = lock(&b.lines);
@@ -353,6 +355,8 @@ impl SinkShared {
             spare.shrink_to(ACCESS_BUFFER_KEEP);
         }
         let _ = out.flush();
+        drop(out);
+        drop(buffers);
     }
 
     fn write(&self, out: &mut dyn std::io::Write, bytes: &[u8], count: u64) {
