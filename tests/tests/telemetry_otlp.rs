@@ -204,6 +204,16 @@ fn spawn_host_collector(
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped());
     let mut collector = cmd.spawn().expect("starting rotel-agent");
+    // Ready when its gRPC port accepts: spans sent before that would use up the exporter's
+    // retries (rotel-agent can take seconds to start on a loaded machine).
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(&grpc).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rotel-agent never listened on {grpc}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
     let stdout = collector.stdout.take().unwrap();
     let printed = Arc::new(std::sync::Mutex::new(String::new()));
     let sink = Arc::clone(&printed);
