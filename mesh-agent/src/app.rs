@@ -164,6 +164,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(table) => Some(start_proxies(&shared, table)?),
         None => None,
     };
+    // Telemetry observes the flows from the first one the ring reader drains.
+    crate::telemetry::start(&shared);
     if let Some(ring) = ring {
         tokio::spawn(
             Arc::clone(&shared.flows).pump(ring, Arc::new(SnapshotNames::new(Arc::clone(&shared)))),
@@ -172,7 +174,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(addr) = shared.config.admin.readiness_addr {
         tokio::spawn(crate::health::serve_readiness(addr, Arc::clone(&shared)));
     }
-    crate::telemetry::start(&shared);
     tokio::spawn(crate::admin::serve(
         shared.config.admin.socket.clone(),
         Arc::clone(&shared),

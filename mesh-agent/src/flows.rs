@@ -1,5 +1,6 @@
-//! Flow events from the kernel ring, named (pod and service) as they arrive, kept in a bounded
-//! recent-history buffer and broadcast live to `meshctl flows --follow` watchers.
+//! Flow events from the kernel ring, named (pod and service) as they arrive, handed in order to
+//! the process's observer (telemetry), kept in a bounded recent-history buffer and broadcast
+//! live to `meshctl flows --follow` watchers.
 //!
 //! The per-event path allocates nothing: a [`FlowRecord`] is the kernel's event plus `Arc`s of
 //! the names the published snapshot already holds; text (addresses, verdicts, the protobuf
@@ -42,6 +43,14 @@ pub trait Names {
     fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<Arc<ObjectName>>;
     /// The pod of a cgroup v2 id (for rejects, where no address is bound yet).
     fn pod_by_cgroup(&self, cgroup_id: u64) -> Option<Arc<ObjectName>>;
+}
+
+/// What sees every flow, in order, on the ring reader's thread before any watcher: telemetry
+/// (`istio_tcp_*`, the access log, OTLP connection logs). Called once per drained batch, so it
+/// can never fall behind and lose flows the way a lagging broadcast subscriber does, and costs
+/// no task wake-up or record copy per flow.
+pub trait FlowObserver: Send {
+    fn observe(&mut self, flows: &[FlowRecord]);
 }
 
 /// One flow as the agent keeps it: the kernel's event, its wall-clock time, and the names it
@@ -138,6 +147,8 @@ impl FlowRecord {
 pub struct FlowHub {
     recent: Mutex<VecDeque<FlowRecord>>,
     live: broadcast::Sender<FlowRecord>,
+    /// The observer ([`FlowObserver`]); locked only by the ring reader, and once by its setter.
+    observer: Mutex<Option<Box<dyn FlowObserver>>>,
     /// Wall-clock minus monotonic, to stamp kernel times (`bpf_ktime_get_ns`) as Unix time.
     wall_offset_ns: u64,
     /// Flows a live watcher missed because it fell behind (the agent's own drops; the kernel
@@ -162,6 +173,7 @@ impl FlowHub {
         Self {
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
             live: broadcast::channel(BROADCAST_CAPACITY).0,
+            observer: Mutex::new(None),
             wall_offset_ns: wall.saturating_sub(monotonic_ns()),
             lagged_total: AtomicU64::new(0),
             received_total: AtomicU64::new(0),
@@ -185,6 +197,26 @@ impl FlowHub {
             time_unix_nano: e.ts_ns + self.wall_offset_ns,
             source,
             service: names.service_by_addr(svc, e.proto == PROTO_UDP),
+        }
+    }
+
+    /// Sets the observer every later flow is handed to (replacing any earlier one).
+    pub fn set_observer(&self, observer: Box<dyn FlowObserver>) {
+        *self.observer.lock().unwrap_or_else(PoisonError::into_inner) = Some(observer);
+    }
+
+    /// Hands a batch to the observer, then records each flow and sends it to live watchers.
+    pub fn publish_batch(&self, flows: &mut Vec<FlowRecord>) {
+        if let Some(o) = self
+            .observer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            o.observe(flows);
+        }
+        for flow in flows.drain(..) {
+            self.publish(flow);
         }
     }
 
@@ -242,13 +274,14 @@ impl FlowHub {
         ring: RingBuf<MapData>,
         names: Arc<dyn Names + Send + Sync>,
     ) {
+        // Reused for every batch: the records' room is allocated once.
+        let mut records = Vec::new();
         crate::logging::on_readable("flow event ring", ring, |ring| {
             let batch = events::drain(ring);
             self.received_total
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for e in &batch {
-                self.publish(self.enrich(e, names.as_ref()));
-            }
+            records.extend(batch.iter().map(|e| self.enrich(e, names.as_ref())));
+            self.publish_batch(&mut records);
         })
         .await;
     }

@@ -369,10 +369,35 @@ impl SinkShared {
 }
 
 impl AccessBuffer {
-    /// Appends one line: `{"timestamp":…,"level":"INFO","message":MESSAGE,"target":"mesh_access",
-    /// FIELDS…}` — the shape `tracing`'s flat JSON gave these lines before — with the fields
+    /// Appends one line: `{"timestamp":…,"level":"INFO","target":"mesh_access","message":MESSAGE,
+    /// FIELDS…}` — the keys `tracing`'s flat JSON gave these lines before — with the fields
     /// `fields` writes. A full buffer drops the line and counts it.
     pub fn line(&self, message: &str, fields: impl FnOnce(&mut AccessLine<'_>)) {
+        self.append(|bytes| {
+            let mut line = AccessLine {
+                out: bytes,
+                first: false,
+            };
+            line.str("message", message);
+            fields(&mut line);
+            bytes.push(b'}');
+        });
+    }
+
+    /// Appends a line whose message and fields are already a JSON object (from
+    /// [`AccessLine::object`], which also serves the OTLP copy of the same record), behind the
+    /// line's timestamp, level and target.
+    pub fn line_object(&self, object: &[u8]) {
+        debug_assert!(object.starts_with(b"{\"") && object.ends_with(b"}"));
+        self.append(|bytes| {
+            bytes.push(b',');
+            bytes.extend_from_slice(object.get(1..).unwrap_or_default());
+        });
+    }
+
+    /// Appends `{"timestamp":…,"level":"INFO","target":…`, what `rest` writes, and a newline;
+    /// or drops the line (counted) when the buffer is full.
+    fn append(&self, rest: impl FnOnce(&mut Vec<u8>)) {
         use std::sync::atomic::Ordering::Relaxed;
         let mut p = lock(&self.lines);
         let before = p.bytes.len();
@@ -389,10 +414,9 @@ impl AccessBuffer {
             first: false,
         };
         line.raw("level", "INFO");
-        line.str("message", message);
         line.raw("target", ACCESS_TARGET);
-        fields(&mut line);
-        p.bytes.extend_from_slice(b"}\n");
+        rest(bytes);
+        bytes.push(b'\n');
         p.count += 1;
         let after = p.bytes.len();
         drop(p);
@@ -425,7 +449,18 @@ pub struct AccessLine<'a> {
     first: bool,
 }
 
-impl AccessLine<'_> {
+impl<'a> AccessLine<'a> {
+    /// Writes `{` the fields `fields` adds `}` to `out`: one record's JSON object, without
+    /// the access line's timestamp, level and target.
+    pub fn object(out: &'a mut Vec<u8>, fields: impl FnOnce(&mut AccessLine<'_>)) {
+        let mut line = AccessLine { out, first: true };
+        fields(&mut line);
+        if line.first {
+            line.out.push(b'{');
+        }
+        line.out.push(b'}');
+    }
+
     fn key(&mut self, key: &str) {
         // Keys are the code's own constants: plain ASCII, nothing to escape.
         self.out

@@ -288,12 +288,18 @@ struct ChurnRun {
     otlp_dropped: f64,
     scrapes: u64,
     access_lines: u64,
+    /// CPU time the agent used per connection while the client churned (warm-up included in
+    /// both), µs: less noisy than the throughput on a shared machine.
+    agent_cpu_us_per_conn: f64,
+    /// The same for the OTLP collector (it receives only from the "on" agent).
+    collector_cpu_us_per_conn: f64,
 }
 
 fn churn_run(
     node: &NodeHandle,
     client: &PodHandle,
     files: (&Path, &Path, &Path),
+    collector_pid: u32,
     on: bool,
     plan: &Plan,
 ) -> Result<ChurnRun> {
@@ -329,12 +335,27 @@ fn churn_run(
         })
     });
     let (warmup, time) = (plan.warmup, Duration::from_secs(plan.seconds.into()));
+    let agent_pid = agent.pid().context("the agent has no pid")?;
+    let cpu = || -> Result<(f64, f64)> {
+        Ok((
+            crate::bench_mtls::cpu_us(agent_pid)?,
+            crate::bench_mtls::cpu_us(collector_pid)?,
+        ))
+    };
+    let before = cpu()?;
     let r: Result<(u64, f64), String> = client
         .run_timeout(time + warmup + Duration::from_mins(1), move || {
             churn(CHURN_VIP, warmup, time)
         })?;
     let (n, secs) = r.map_err(|e| anyhow::anyhow!("churn from {}: {e}", client.name()))?;
     let scrape_count = scraper.map_or(0, Scraper::finish);
+    if on {
+        // What the agent read from the ring and batched for OTLP in the last second.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let after = cpu()?;
+    // Connections made, warm-up included (its rate taken as the measured one's).
+    let made = n as f64 * (secs + warmup.as_secs_f64()) / secs;
     let mut run = ChurnRun {
         per_s: n as f64 / secs,
         opened: 0.0,
@@ -342,10 +363,10 @@ fn churn_run(
         otlp_dropped: 0.0,
         scrapes: scrape_count,
         access_lines: 0,
+        agent_cpu_us_per_conn: (after.0 - before.0) / made,
+        collector_cpu_us_per_conn: (after.1 - before.1) / made,
     };
     if on {
-        // The agent reads the flow ring on a timer and batches OTLP for up to 1 s.
-        std::thread::sleep(Duration::from_millis(1500));
         let addr = metrics.clone();
         let (code, text) = node
             .run(move || http_get(&addr, "/metrics", "*/*"))?
@@ -363,6 +384,40 @@ fn churn_run(
     }
     agent.terminate(Duration::from_secs(10))?;
     Ok(run)
+}
+
+/// Checks that an "on" run really had telemetry on, and keeps its samples.
+fn record_churn_run(s: &mut Samples, r: &ChurnRun, on: bool, plan: &Plan) -> Result<()> {
+    let name = if on { "on" } else { "off" };
+    s.push(format!("datapath_conn_per_s_{name}"), r.per_s);
+    s.push(
+        format!("datapath_agent_cpu_us_per_conn_{name}"),
+        r.agent_cpu_us_per_conn,
+    );
+    if !on {
+        return Ok(());
+    }
+    let made = r.per_s * f64::from(plan.seconds);
+    // Every measured connection (and the warm-up's) is in the metrics: telemetry really was on.
+    ensure!(
+        r.opened >= made * 0.99,
+        "telemetry on, yet istio_tcp_connections_opened_total = {} < {made:.0} connections made",
+        r.opened
+    );
+    ensure!(
+        r.otlp_exported > 0.0,
+        "telemetry on, yet the collector accepted no OTLP log record"
+    );
+    s.push(
+        "datapath_collector_cpu_us_per_conn_on",
+        r.collector_cpu_us_per_conn,
+    );
+    s.push("datapath_on_istio_tcp_opened", r.opened);
+    s.push("datapath_on_otlp_logs_exported", r.otlp_exported);
+    s.push("datapath_on_otlp_logs_dropped", r.otlp_dropped);
+    s.push("datapath_on_access_lines", r.access_lines as f64);
+    s.push("datapath_on_scrapes", r.scrapes as f64);
+    Ok(())
 }
 
 fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Result<()> {
@@ -418,36 +473,27 @@ fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resu
             [false, true]
         };
         let mut per_s = [0.0; 2];
+        // Agent off, agent on, collector (µs of CPU per connection).
+        let mut cpu = [0.0; 3];
         for on in order {
-            let r = churn_run(&node, &client, files, on, plan)?;
+            let r = churn_run(&node, &client, files, collector.pid(), on, plan)?;
             if let Ok(Some(status)) = collector.try_status() {
                 bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
             }
             per_s[usize::from(on)] = r.per_s;
-            let name = if on { "on" } else { "off" };
-            s.push(format!("datapath_conn_per_s_{name}"), r.per_s);
+            cpu[usize::from(on)] = r.agent_cpu_us_per_conn;
             if on {
-                let made = r.per_s * f64::from(plan.seconds);
-                // Every measured connection (and the warm-up's) is in the metrics: telemetry
-                // really was on.
-                ensure!(
-                    r.opened >= made * 0.99,
-                    "telemetry on, yet istio_tcp_connections_opened_total = {} < {made:.0} connections made",
-                    r.opened
-                );
-                ensure!(
-                    r.otlp_exported > 0.0,
-                    "telemetry on, yet the collector accepted no OTLP log record"
-                );
-                s.push("datapath_on_istio_tcp_opened", r.opened);
-                s.push("datapath_on_otlp_logs_exported", r.otlp_exported);
-                s.push("datapath_on_otlp_logs_dropped", r.otlp_dropped);
-                s.push("datapath_on_access_lines", r.access_lines as f64);
-                s.push("datapath_on_scrapes", r.scrapes as f64);
+                cpu[2] = r.collector_cpu_us_per_conn;
             }
+            record_churn_run(s, &r, on, plan)?;
         }
         let ratio = per_s[1] / per_s[0];
         s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
+        // What "on" costs in CPU per connection: the agent's extra and the collector's.
+        s.push(
+            "datapath_telemetry_cpu_us_per_conn",
+            cpu[1] - cpu[0] + cpu[2],
+        );
         println!(
             "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}",
             round + 1,

@@ -39,7 +39,6 @@ use prometheus_client::{
         histogram::Histogram,
     },
 };
-use tokio::sync::broadcast::error::RecvError;
 use tracing::info;
 
 use crate::{app::Shared, owner::ReconcileOutcome};
@@ -105,55 +104,60 @@ pub fn start(shared: &Arc<Shared>) {
         otlp = ?shared.config.telemetry.otlp_endpoint,
         "telemetry started"
     );
-    tokio::spawn(follow_flows(
-        Arc::clone(shared),
+    shared.flows.set_observer(Box::new(FlowTelemetry {
+        shared: Arc::clone(shared),
         telemetry,
-        access_log,
+        // The observer's own buffer: its lines are written in the order the flows arrived.
+        access: access_log.then(|| crate::logging::access_sink().buffer()),
         otlp,
-    ));
+        object: Vec::new(),
+    }));
+    tokio::spawn(expire(Arc::clone(shared), telemetry));
 }
 
-/// Subscribes to the flow hub (as `WatchFlows` does) for as long as the agent runs.
-async fn follow_flows(
+/// Telemetry's view of the flows ([`crate::flows::FlowObserver`]): every flow counts in
+/// `istio_tcp_*`; a finished connection's record is formatted once and goes to the access log
+/// and to OTLP, whichever are on.
+struct FlowTelemetry {
     shared: Arc<Shared>,
     telemetry: &'static Telemetry,
-    access_log: bool,
+    access: Option<Arc<crate::logging::AccessBuffer>>,
     otlp: Option<otlp::OtlpLogs>,
-) {
-    let tcp = &telemetry.tcp;
-    // This task's own buffer: its lines are written in the order the flows arrived.
-    let access = access_log.then(|| crate::logging::access_sink().buffer());
-    let mut flows = shared.flows.subscribe();
-    let mut expire = tokio::time::interval(tcp::EXPIRE_INTERVAL);
-    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            flow = flows.recv() => match flow {
-                Ok(flow) => {
-                    let snapshot = shared.stores.snapshot.load();
-                    let destination = tcp::destination_pod(&flow, &snapshot);
-                    tcp.observe(&flow, destination.as_ref());
-                    if let Some(out) = &access {
-                        access_log::log(out, &flow, destination.as_deref(), &snapshot);
-                    }
-                    if let Some(otlp) = &otlp {
-                        otlp.record(&flow, destination.as_ref(), &snapshot);
-                    }
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    // Counted, never silent: these connections are missing from istio_tcp_*.
-                    tcp.note_missed(missed);
-                    shared.flows.note_lagged(missed);
-                }
-                Err(RecvError::Closed) => return,
-            },
-            _ = expire.tick() => {
-                let snapshot = shared.stores.snapshot.load();
-                let now = std::time::Instant::now();
-                tcp.expire(&snapshot, now);
-                telemetry.requests.expire(&snapshot, now);
+    /// The record being formatted (its room reused for every connection).
+    object: Vec<u8>,
+}
+
+impl crate::flows::FlowObserver for FlowTelemetry {
+    fn observe(&mut self, flows: &[crate::flows::FlowRecord]) {
+        let snapshot = self.shared.stores.snapshot.load();
+        for flow in flows {
+            let destination = tcp::destination_pod(flow, &snapshot);
+            self.telemetry.tcp.observe(flow, destination.as_ref());
+            if (self.access.is_none() && self.otlp.is_none()) || !access_log::finishes(flow) {
+                continue;
+            }
+            self.object.clear();
+            access_log::object(&mut self.object, flow, destination.as_deref(), &snapshot);
+            if let Some(out) = &self.access {
+                out.line_object(&self.object);
+            }
+            if let Some(otlp) = &self.otlp {
+                otlp.record(flow, &self.object);
             }
         }
+    }
+}
+
+/// Forgets idle series of pods and services that are gone, for as long as the agent runs.
+async fn expire(shared: Arc<Shared>, telemetry: &'static Telemetry) {
+    let mut tick = tokio::time::interval(tcp::EXPIRE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = shared.stores.snapshot.load();
+        let now = std::time::Instant::now();
+        telemetry.tcp.expire(&snapshot, now);
+        telemetry.requests.expire(&snapshot, now);
     }
 }
 

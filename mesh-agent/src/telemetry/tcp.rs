@@ -87,7 +87,6 @@ pub struct TcpMetrics {
     max: usize,
     dropped: AtomicU64,
     expired: AtomicU64,
-    missed: AtomicU64,
 }
 
 /// The pod behind the backend address of a flow (the destination workload).
@@ -117,7 +116,6 @@ impl TcpMetrics {
             max,
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
-            missed: AtomicU64::new(0),
         }
     }
 
@@ -202,11 +200,6 @@ impl TcpMetrics {
                 s.received += received;
             }
         }
-    }
-
-    /// Flow events the subscriber missed (it fell behind the hub): not in these metrics.
-    pub fn note_missed(&self, n: u64) {
-        self.missed.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Removes keys naming a pod or service that `snapshot` no longer has, idle for
@@ -333,12 +326,7 @@ impl Collector for TcpMetrics {
                     .map(|(l, v)| (l.pairs().collect::<Vec<_>>(), v[i])),
             )?;
         }
-        super::counter(
-            &mut enc,
-            "mesh_telemetry_flow_events_missed",
-            "Flow events telemetry missed because it fell behind the flow hub (not in istio_tcp_*).",
-            self.missed.load(Ordering::Relaxed),
-        )
+        Ok(())
     }
 }
 
