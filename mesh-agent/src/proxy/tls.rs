@@ -10,16 +10,13 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DistinguishedName, OtherError, RootCertStore};
 use tracing::warn;
 
 use crate::identity::{CertProvider, SpiffeId};
@@ -54,13 +51,47 @@ const fn sni_capacity() -> usize {
     (SNI_MAX - SNI_SUFFIX.len() - 1) * SNI_LABEL / (SNI_LABEL + 1) / 2
 }
 
-fn ring() -> Arc<CryptoProvider> {
+/// The crypto HBONE (here) and the flow API (`relay::tls`) use.
+pub(crate) fn ring() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
+/// [`ring`]'s signature algorithms, which every verifier here checks chains and handshakes with.
+pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
+
+/// The three handshake-signature methods of a rustls `ServerCertVerifier` or
+/// `ClientCertVerifier`, checked with the verifier's field `$algs` ([`algorithms`]) as rustls'
+/// own webpki verifiers do. A macro because the mesh's verifiers (HBONE's and the flow API's)
+/// implement two traits that share only these methods; paths are absolute so it
+/// expands anywhere.
+macro_rules! signature_checks {
+    ($algs:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            ::rustls::crypto::verify_tls12_signature(message, cert, dss, &self.$algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            ::rustls::crypto::verify_tls13_signature(message, cert, dss, &self.$algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.$algs.supported_schemes()
+        }
+    };
+}
+pub(crate) use signature_checks;
 
 /// The SNI name that asks the server for `id`'s certificate: the id without `spiffe://`, hex in
 /// labels of 62, then `.hbone.kernmesh`. Hex because a service account may hold dots and the trust
@@ -127,7 +158,8 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
         .map_err(|e| TlsError::PeerCertificate(format!("URI SAN {uri:?}: {e}")))
 }
 
-fn other(msg: String) -> rustls::Error {
+/// A certificate refused with `msg` (rustls reports it as an invalid certificate).
+pub(crate) fn refused(msg: String) -> rustls::Error {
     #[derive(Debug)]
     struct Msg(String);
     impl std::fmt::Display for Msg {
@@ -137,6 +169,25 @@ fn other(msg: String) -> rustls::Error {
     }
     impl std::error::Error for Msg {}
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Msg(msg)))))
+}
+
+/// `end_entity` chains through `intermediates` to one of `roots` with server-auth usage: rustls'
+/// webpki server check without its DNS-name match, for peers named by URI SAN instead.
+pub(crate) fn server_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    now: UnixTime,
+    algs: &WebPkiSupportedAlgorithms,
+) -> Result<(), rustls::Error> {
+    let cert = ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &cert,
+        roots,
+        intermediates,
+        now,
+        algs.all,
+    )
 }
 
 /// The client's check of the server: chain to one of the roots, and URI SAN = the identity the
@@ -157,17 +208,10 @@ impl ServerCertVerifier for ServerIdVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        let id = spiffe_id_of(end_entity).map_err(|e| other(e.to_string()))?;
+        server_chain(end_entity, intermediates, &self.roots, now, &self.algs)?;
+        let id = spiffe_id_of(end_entity).map_err(|e| refused(e.to_string()))?;
         if id != self.expected {
-            return Err(other(format!(
+            return Err(refused(format!(
                 "server identity {id} is not the expected {}",
                 self.expected
             )));
@@ -175,27 +219,7 @@ impl ServerCertVerifier for ServerIdVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!(algs);
 }
 
 /// The client configuration of one pooled connection: `source`'s certificate (asked for now, so
@@ -222,43 +246,75 @@ pub fn client_config(
     Ok(config)
 }
 
-/// The roots a verifier was built for, and the verifier.
-type CachedVerifier = (Arc<RootCertStore>, Arc<dyn ClientCertVerifier>);
+/// A webpki verifier built for one root store, rebuilt only when the roots handed out are
+/// another `Arc` (a rotation): building one parses every root, too slow for each handshake.
+pub(crate) struct Cached<V: ?Sized> {
+    slot: Mutex<Option<(Arc<RootCertStore>, Arc<V>)>>,
+}
 
-/// The server's check of clients: chain to the provider's current roots (re-read at every
-/// handshake, so a root rotation applies at once), client-auth usage, and a SPIFFE id of our
-/// trust domain.
-struct ClientIdVerifier {
-    provider: Arc<dyn CertProvider>,
-    /// The webpki verifier for the last roots seen (rebuilt when the provider hands out others).
-    cache: Mutex<Option<CachedVerifier>>,
+impl<V: ?Sized> Cached<V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// The verifier for `roots`, built by `build` unless the last one was for the same roots.
+    pub(crate) fn get(
+        &self,
+        roots: Arc<RootCertStore>,
+        build: impl FnOnce(Arc<RootCertStore>) -> Result<Arc<V>, rustls::Error>,
+    ) -> Result<Arc<V>, rustls::Error> {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((r, v)) = slot.as_ref()
+            && Arc::ptr_eq(r, &roots)
+        {
+            return Ok(Arc::clone(v));
+        }
+        let v = build(Arc::clone(&roots))?;
+        *slot = Some((roots, Arc::clone(&v)));
+        Ok(v)
+    }
+}
+
+/// What a [`ClientVerifier`] asks of the endpoint it guards.
+pub(crate) trait ClientCheck: std::fmt::Debug + Send + Sync + 'static {
+    /// The roots a client's chain must lead to, asked at every handshake (so a root rotation
+    /// applies at once); the same `Arc` until they change.
+    fn roots(&self) -> Arc<RootCertStore>;
+    /// Accepts or refuses `end_entity`, which already chains to [`ClientCheck::roots`].
+    fn accept(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error>;
+}
+
+/// A server's check of clients (HBONE's inbound and the flow API alike): a certificate is
+/// mandatory, must chain to the check's current roots with client-auth usage, then pass the
+/// check's [`ClientCheck::accept`].
+pub(crate) struct ClientVerifier<C> {
+    check: C,
+    /// The webpki verifier for the last roots seen (rebuilt when the check hands out others).
+    inner: Cached<dyn ClientCertVerifier>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl std::fmt::Debug for ClientIdVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientIdVerifier").finish_non_exhaustive()
-    }
-}
-
-impl ClientIdVerifier {
-    fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        let roots = self.provider.roots();
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((r, v)) = cache.as_ref()
-            && Arc::ptr_eq(r, &roots)
-        {
-            return Ok(v.clone());
+impl<C> ClientVerifier<C> {
+    pub(crate) fn new(check: C) -> Self {
+        Self {
+            check,
+            inner: Cached::new(),
+            algs: algorithms(),
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), ring())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
-        *cache = Some((roots, verifier.clone()));
-        Ok(verifier)
     }
 }
 
-impl ClientCertVerifier for ClientIdVerifier {
+impl<C: std::fmt::Debug> std::fmt::Debug for ClientVerifier<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientVerifier")
+            .field("check", &self.check)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ClientCheck> ClientCertVerifier for ClientVerifier<C> {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -277,38 +333,44 @@ impl ClientCertVerifier for ClientIdVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner()?
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe_id_of(end_entity).map_err(|e| other(e.to_string()))?;
-        if id.trust_domain() != self.provider.trust_domain() {
-            return Err(other(format!(
-                "client identity {id} is outside trust domain {}",
-                self.provider.trust_domain()
-            )));
-        }
+        let inner = self.inner.get(self.check.roots(), |roots| {
+            WebPkiClientVerifier::builder_with_provider(roots, ring())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))
+        })?;
+        inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.check.accept(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    signature_checks!(algs);
+}
+
+/// HBONE's check of clients: the provider's current roots, and a SPIFFE id of our trust domain.
+struct SameTrustDomain(Arc<dyn CertProvider>);
+
+impl std::fmt::Debug for SameTrustDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SameTrustDomain")
+            .field(&self.0.trust_domain())
+            .finish()
+    }
+}
+
+impl ClientCheck for SameTrustDomain {
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.0.roots()
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+    fn accept(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let id = spiffe_id_of(end_entity).map_err(|e| refused(e.to_string()))?;
+        if id.trust_domain() != self.0.trust_domain() {
+            return Err(refused(format!(
+                "client identity {id} is outside trust domain {}",
+                self.0.trust_domain()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -368,11 +430,7 @@ impl ResolvesServerCert for WorkloadCertResolver {
 
 /// The inbound server's configuration: TLS 1.3, ALPN `h2`, mandatory client certificates.
 pub fn server_config(provider: Arc<dyn CertProvider>) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = ClientIdVerifier {
-        provider: provider.clone(),
-        cache: Mutex::new(None),
-        algs: algorithms(),
-    };
+    let verifier = ClientVerifier::new(SameTrustDomain(provider.clone()));
     let resolver = WorkloadCertResolver {
         provider,
         keys: Mutex::new(HashMap::new()),

@@ -15,23 +15,24 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
-    SignatureScheme,
+    ClientConfig, RootCertStore, ServerConfig, SignatureScheme,
     client::{
         ResolvesClientCert, WebPkiServerVerifier,
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        danger::{ServerCertVerified, ServerCertVerifier},
     },
     crypto::{WebPkiSupportedAlgorithms, ring},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
-    server::{
-        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 use tracing::warn;
 
 use crate::identity::{CertProvider as _, SpiffeId, manager::IdentityManager};
+// The pieces every mesh verifier shares with HBONE's.
+use crate::proxy::tls::{
+    Cached, ClientCheck, ClientVerifier, algorithms, refused, ring as provider, server_chain,
+    signature_checks, spiffe_id_of,
+};
 
 /// gRPC runs over HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";
@@ -86,14 +87,6 @@ fn certs(file: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
         return Err(file_err(file, &"no CERTIFICATE block"));
     }
     Ok(certs)
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(ring::default_provider())
-}
-
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    ring::default_provider().signature_verification_algorithms
 }
 
 /// Where one side's certificate and the peer's roots come from; asked at every handshake.
@@ -207,27 +200,13 @@ impl Credentials for CaCredentials {
     }
 }
 
-fn refused(msg: String) -> rustls::Error {
-    #[derive(Debug)]
-    struct Msg(String);
-    impl std::fmt::Display for Msg {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Msg {}
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(Msg(msg)),
-    )))
-}
-
 /// `end_entity`'s SPIFFE id must be `expected`.
 fn check_id(
     end_entity: &CertificateDer<'_>,
     expected: &SpiffeId,
     who: &str,
 ) -> Result<(), rustls::Error> {
-    let id = crate::proxy::tls::spiffe_id_of(end_entity)
+    let id = spiffe_id_of(end_entity)
         .map_err(|e| refused(format!("{who} certificate: {e}, expected {expected}")))?;
     if id != *expected {
         return Err(refused(format!(
@@ -237,103 +216,31 @@ fn check_id(
     Ok(())
 }
 
-/// A verifier built for one root store, rebuilt only when the credentials hand out another.
-struct Cached<V: ?Sized> {
-    slot: Mutex<Option<(Arc<RootCertStore>, Arc<V>)>>,
-}
-
-impl<V: ?Sized> Cached<V> {
-    fn new() -> Self {
-        Self {
-            slot: Mutex::new(None),
-        }
-    }
-
-    fn get(
-        &self,
-        roots: Arc<RootCertStore>,
-        build: impl FnOnce(Arc<RootCertStore>) -> Result<Arc<V>, rustls::Error>,
-    ) -> Result<Arc<V>, rustls::Error> {
-        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((r, v)) = slot.as_ref()
-            && Arc::ptr_eq(r, &roots)
-        {
-            return Ok(Arc::clone(v));
-        }
-        let v = build(Arc::clone(&roots))?;
-        *slot = Some((roots, Arc::clone(&v)));
-        Ok(v)
-    }
-}
-
-/// The flow API's check of the relay: a client certificate chaining to the current roots
-/// (client-auth usage), with URI SAN `expected` when one is set.
-struct RelayVerifier {
+/// The flow API's check of the relay (in a [`ClientVerifier`]): the credentials' current roots,
+/// and URI SAN `expected` when one is set.
+struct RelayCheck {
     creds: Arc<dyn Credentials>,
     expected: Option<SpiffeId>,
-    inner: Cached<dyn ClientCertVerifier>,
-    algs: WebPkiSupportedAlgorithms,
 }
 
-impl std::fmt::Debug for RelayVerifier {
+impl std::fmt::Debug for RelayCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayVerifier")
+        f.debug_struct("RelayCheck")
             .field("expected", &self.expected)
             .finish_non_exhaustive()
     }
 }
 
-impl ClientCertVerifier for RelayVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
+impl ClientCheck for RelayCheck {
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.creds.roots()
     }
 
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let inner = self.inner.get(self.creds.roots(), |roots| {
-            WebPkiClientVerifier::builder_with_provider(roots, provider())
-                .build()
-                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))
-        })?;
-        inner.verify_client_cert(end_entity, intermediates, now)?;
-        if let Some(expected) = &self.expected {
-            check_id(end_entity, expected, "client")?;
+    fn accept(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        match &self.expected {
+            Some(expected) => check_id(end_entity, expected, "client"),
+            None => Ok(()),
         }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
@@ -373,39 +280,12 @@ impl ServerCertVerifier for AgentVerifier {
             })?;
             return inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
         };
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        server_chain(end_entity, intermediates, &roots, now, &self.algs)?;
         check_id(end_entity, expected, "agent")?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!(algs);
 }
 
 /// Presents the credentials' current certificate (server and client side alike).
@@ -452,12 +332,10 @@ pub fn server_config(
     creds: Arc<dyn Credentials>,
     client_id: Option<SpiffeId>,
 ) -> Result<ServerConfig, TlsError> {
-    let verifier = RelayVerifier {
+    let verifier = ClientVerifier::new(RelayCheck {
         creds: Arc::clone(&creds),
         expected: client_id,
-        inner: Cached::new(),
-        algs: algorithms(),
-    };
+    });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

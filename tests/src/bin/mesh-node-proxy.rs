@@ -22,6 +22,11 @@ use mesh_agent::proxy::{
 use mesh_tests::bench_mtls::{NodeProxyConfig, raise_fd_limit};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+/// The agent's allocator (`mesh-agent`'s `main.rs`): the benchmark's RSS and per-byte numbers
+/// stand for the shipped binary only if the proxies allocate as it does.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> Result<()> {
     let path = std::env::args()
         .nth(1)
