@@ -29,6 +29,9 @@ pub const KEY_READINESS_ADDR: &str = "admin.readinessAddr";
 pub const KEY_METRICS_ADDR: &str = "metrics.addr";
 /// Key: one JSON access-log line per finished connection (`telemetry::access_log`).
 pub const KEY_ACCESS_LOG: &str = "telemetry.accessLog";
+/// Key: longest time an access line waits in its buffer before the flush thread writes it
+/// (Envoy's `--file-flush-interval-msec`); above zero.
+pub const KEY_ACCESS_LOG_FLUSH_INTERVAL: &str = "telemetry.accessLogFlushInterval";
 /// Key: OTLP/gRPC collector the connection logs are exported to (`telemetry::otlp`).
 pub const KEY_OTLP_ENDPOINT: &str = "telemetry.otlpEndpoint";
 /// Key: share of new traces sampled (`telemetry::traces`), 0..=1.
@@ -132,6 +135,8 @@ pub struct RawConfig {
     pub metrics_addr: Option<String>,
     /// `true` / `false`.
     pub access_log: Option<String>,
+    /// A duration above zero (`200ms`, `5s`).
+    pub access_log_flush_interval: Option<String>,
     /// `http(s)://host:port`, or `none`.
     pub otlp_endpoint: Option<String>,
     /// 0..=1.
@@ -258,6 +263,9 @@ pub struct MetricsSection {
 pub struct TelemetrySection {
     /// One JSON line per finished connection on stdout (tracing target `mesh_access`).
     pub access_log: bool,
+    /// Longest wait of an access line in its buffer (default
+    /// `logging::ACCESS_FLUSH_INTERVAL`, 200 ms).
+    pub access_log_flush_interval: Duration,
     /// OTLP/gRPC collector of connection logs (`None`: no export, the default).
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled (children follow their parent's decision).
@@ -431,6 +439,7 @@ impl AgentConfig {
             },
             telemetry: telemetry_section(
                 raw.access_log.as_deref(),
+                raw.access_log_flush_interval.as_deref(),
                 raw.otlp_endpoint,
                 raw.trace_sampling.as_deref(),
             )?,
@@ -525,11 +534,20 @@ fn mesh_settings(
 /// The telemetry settings: access log, OTLP endpoint, trace sampling.
 fn telemetry_section(
     access_log: Option<&str>,
+    access_log_flush_interval: Option<&str>,
     otlp_endpoint: Option<String>,
     trace_sampling: Option<&str>,
 ) -> Result<TelemetrySection, ConfigError> {
     Ok(TelemetrySection {
         access_log: parse_bool(KEY_ACCESS_LOG, access_log, DEFAULT_ACCESS_LOG)?,
+        access_log_flush_interval: match access_log_flush_interval {
+            None => crate::logging::ACCESS_FLUSH_INTERVAL,
+            Some(v) => parse_positive_duration(v).map_err(|e| ConfigError::Invalid {
+                key: KEY_ACCESS_LOG_FLUSH_INTERVAL,
+                value: v.to_owned(),
+                reason: e.to_string(),
+            })?,
+        },
         otlp_endpoint: parse_endpoint(KEY_OTLP_ENDPOINT, otlp_endpoint)?,
         trace_sampling: match trace_sampling {
             None => DEFAULT_TRACE_SAMPLING,
@@ -738,6 +756,23 @@ mod tests {
         assert!(!c.telemetry.access_log, "off by default, as Istio's");
         assert_eq!(c.telemetry.otlp_endpoint, None);
         assert!((c.telemetry.trace_sampling - DEFAULT_TRACE_SAMPLING).abs() < f64::EPSILON);
+        assert_eq!(
+            c.telemetry.access_log_flush_interval,
+            crate::logging::ACCESS_FLUSH_INTERVAL
+        );
+        for (bad, reason) in [("0s", "is not longer than 0s"), ("soon", "")] {
+            let e = AgentConfig::from_raw(RawConfig {
+                access_log_flush_interval: Some(bad.into()),
+                ..raw()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with(&format!("telemetry.accessLogFlushInterval \"{bad}\": "))
+                    && e.contains(reason),
+                "{e}"
+            );
+        }
         let e = AgentConfig::from_raw(RawConfig {
             trace_sampling: Some("2".into()),
             ..raw()

@@ -591,7 +591,10 @@ pub fn access_sink() -> &'static AccessSink {
         // A process that cannot start one thread cannot serve either.
         AccessSink::new(
             Box::new(std::io::stdout()),
-            flush_interval_from_env(),
+            FLUSH_INTERVAL
+                .get()
+                .copied()
+                .unwrap_or(ACCESS_FLUSH_INTERVAL),
             ACCESS_BUFFER_MAX,
         )
         .expect("starting the access-log flush thread")
@@ -600,37 +603,15 @@ pub fn access_sink() -> &'static AccessSink {
 
 static SINK: std::sync::OnceLock<AccessSink> = std::sync::OnceLock::new();
 
-/// The environment variable that sets the flush interval (`500ms`, `10s`; Envoy's
-/// `--file-flush-interval-msec`); unset: [`ACCESS_FLUSH_INTERVAL`].
-pub const ACCESS_FLUSH_INTERVAL_ENV: &str = "MESH_ACCESS_LOG_FLUSH_INTERVAL";
+/// The flush interval the sink starts with ([`set_access_flush_interval`]).
+static FLUSH_INTERVAL: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
 
-/// [`ACCESS_FLUSH_INTERVAL_ENV`], or the default when unset; a value that is not a duration
-/// (or is zero) is named in a warning and the default used: a log setting never stops traffic.
-fn flush_interval_from_env() -> std::time::Duration {
-    let Ok(raw) = std::env::var(ACCESS_FLUSH_INTERVAL_ENV) else {
-        return ACCESS_FLUSH_INTERVAL;
-    };
-    match humantime::parse_duration(raw.trim()) {
-        Ok(d) if !d.is_zero() => d,
-        Ok(_) => {
-            tracing::warn!(
-                variable = ACCESS_FLUSH_INTERVAL_ENV,
-                value = raw,
-                default = ?ACCESS_FLUSH_INTERVAL,
-                "access-log flush interval must be above zero; using the default"
-            );
-            ACCESS_FLUSH_INTERVAL
-        }
-        Err(e) => {
-            tracing::warn!(
-                variable = ACCESS_FLUSH_INTERVAL_ENV,
-                value = raw,
-                error = %e,
-                default = ?ACCESS_FLUSH_INTERVAL,
-                "access-log flush interval is not a duration (e.g. 200ms, 5s); using the default"
-            );
-            ACCESS_FLUSH_INTERVAL
-        }
+/// Sets the access-log flush interval (the agent's `telemetry.accessLogFlushInterval`, the
+/// gateway's `--access-log-flush-interval`, both checked above zero where they are parsed).
+/// Called once at start, before the first access line; unset: [`ACCESS_FLUSH_INTERVAL`].
+pub fn set_access_flush_interval(interval: std::time::Duration) {
+    if FLUSH_INTERVAL.set(interval).is_err() || SINK.get().is_some() {
+        tracing::warn!("the access-log flush interval was set after the sink started; ignored");
     }
 }
 

@@ -49,6 +49,10 @@ struct Args {
     /// Istio's access logs).
     #[arg(long, env = "MESH_ACCESS_LOG")]
     access_log: Option<String>,
+    /// Longest time an access line waits in its buffer before it is written (default 200ms;
+    /// Envoy's `--file-flush-interval-msec`).
+    #[arg(long, env = "MESH_ACCESS_LOG_FLUSH_INTERVAL")]
+    access_log_flush_interval: Option<String>,
     /// OTLP/gRPC collector the connection logs are exported to (`http://host:4317`); none by
     /// default.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         readiness_addr: Some(args.readiness_addr),
         metrics_addr: Some(args.metrics_addr),
         access_log: args.access_log,
+        access_log_flush_interval: args.access_log_flush_interval,
         otlp_endpoint: args.otlp_endpoint,
         trace_sampling: args.trace_sampling,
         restart_backoff: args.restart_backoff,
@@ -172,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         uplinks: args.uplinks,
         proxy_workers: args.proxy_workers,
     })?;
+    mesh_agent::logging::set_access_flush_interval(config.telemetry.access_log_flush_interval);
     if !args.coexist {
         coexist::refuse_foreign(&config.datapath.cgroup, &config.datapath.pin_dir)?;
     }

@@ -109,6 +109,10 @@ pub struct GatewayArgs {
     /// Gateway's default access log.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// Longest time an access line waits in its worker's buffer before it is written (above
+    /// zero; default 200ms; Envoy's `--file-flush-interval-msec`).
+    #[arg(long, env = "MESH_ACCESS_LOG_FLUSH_INTERVAL")]
+    pub access_log_flush_interval: Option<String>,
     /// OTLP/gRPC collector for spans (`http://collector:4317`); none: spans only propagate.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -500,6 +504,11 @@ fn start_telemetry(args: &GatewayArgs) -> Result<GatewayTelemetry, GatewayError>
                     flag("metrics-addr", &args.metrics_addr, e.to_string())
                 })?;
         tokio::spawn(observe::serve_metrics(addr));
+    }
+    if let Some(v) = &args.access_log_flush_interval {
+        let interval = crate::config::parse_positive_duration(v)
+            .map_err(|e| flag("access-log-flush-interval", v, e.to_string()))?;
+        crate::logging::set_access_flush_interval(interval);
     }
     if !(0.0..=1.0).contains(&args.trace_sampling) {
         return Err(flag(
