@@ -362,6 +362,7 @@ impl AgentConfig {
     /// Parses and validates `raw`; `node` and `cgroup` must already be resolved (main reads the
     /// hostname and the cgroup2 mount when they are not given).
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let telemetry = telemetry_section(&raw)?;
         let node = raw
             .node
             .filter(|n| !n.is_empty())
@@ -437,12 +438,7 @@ impl AgentConfig {
                     raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
                 )?,
             },
-            telemetry: telemetry_section(
-                raw.access_log.as_deref(),
-                raw.access_log_flush_interval.as_deref(),
-                raw.otlp_endpoint,
-                raw.trace_sampling.as_deref(),
-            )?,
+            telemetry,
             proxy: ProxySection {
                 enabled: false,
                 outbound_port: DEFAULT_OUTBOUND_PORT,
@@ -532,12 +528,11 @@ fn mesh_settings(
 }
 
 /// The telemetry settings: access log, OTLP endpoint, trace sampling.
-fn telemetry_section(
-    access_log: Option<&str>,
-    access_log_flush_interval: Option<&str>,
-    otlp_endpoint: Option<String>,
-    trace_sampling: Option<&str>,
-) -> Result<TelemetrySection, ConfigError> {
+fn telemetry_section(raw: &RawConfig) -> Result<TelemetrySection, ConfigError> {
+    let access_log = raw.access_log.as_deref();
+    let access_log_flush_interval = raw.access_log_flush_interval.as_deref();
+    let otlp_endpoint = raw.otlp_endpoint.clone();
+    let trace_sampling = raw.trace_sampling.as_deref();
     Ok(TelemetrySection {
         access_log: parse_bool(KEY_ACCESS_LOG, access_log, DEFAULT_ACCESS_LOG)?,
         access_log_flush_interval: match access_log_flush_interval {
