@@ -105,7 +105,8 @@ pub fn start(shared: &Arc<Shared>) {
         "telemetry started"
     );
     shared.flows.set_observer(Box::new(FlowTelemetry {
-        shared: Arc::clone(shared),
+        // The stores, not `Shared`: the hub `Shared` holds must not hold `Shared` back.
+        stores: Arc::clone(&shared.stores),
         telemetry,
         // The observer's own buffer: its lines are written in the order the flows arrived.
         access: access_log.then(|| crate::logging::access_sink().buffer()),
@@ -119,7 +120,7 @@ pub fn start(shared: &Arc<Shared>) {
 /// `istio_tcp_*`; a finished connection's record is formatted once and goes to the access log
 /// and to OTLP, whichever are on.
 struct FlowTelemetry {
-    shared: Arc<Shared>,
+    stores: Arc<crate::state::Stores>,
     telemetry: &'static Telemetry,
     access: Option<Arc<crate::logging::AccessBuffer>>,
     otlp: Option<otlp::OtlpLogs>,
@@ -129,7 +130,7 @@ struct FlowTelemetry {
 
 impl crate::flows::FlowObserver for FlowTelemetry {
     fn observe(&mut self, flows: &[crate::flows::FlowRecord]) {
-        let snapshot = self.shared.stores.snapshot.load();
+        let snapshot = self.stores.snapshot.load();
         for flow in flows {
             let destination = tcp::destination_pod(flow, &snapshot);
             self.telemetry.tcp.observe(flow, destination.as_ref());
