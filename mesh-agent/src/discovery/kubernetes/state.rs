@@ -220,7 +220,7 @@ impl State {
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| s.endpoints(&svc.ports, distribution)),
+                    .flat_map(|s| s.endpoints(&name.namespace, &svc.ports, distribution)),
             );
             services.push((
                 name.clone(),

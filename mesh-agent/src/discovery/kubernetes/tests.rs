@@ -211,6 +211,15 @@ fn slices_merge_and_resolve_named_target_ports() {
         Some(ObjectName::new("default", "pod-10.1.0.2"))
     );
     assert_eq!(svc.endpoints[0].node.as_deref(), Some("a"));
+    // A `targetRef` in another namespace keeps it.
+    let mut elsewhere = slice("web-3", "web", &[("10.1.0.5", None)]);
+    elsewhere.endpoints[0]
+        .target_ref
+        .as_mut()
+        .unwrap()
+        .namespace = Some("other".to_owned());
+    let eps = slice_endpoints(&elsewhere, &svc.ports, None);
+    assert_eq!(eps[0].pod, Some(ObjectName::new("other", "pod-10.1.0.5")));
     let specs = m.desired_specs();
     assert_eq!(specs.len(), 1);
     let backends: Vec<String> = specs[0]
