@@ -107,7 +107,9 @@ pub fn slice_endpoints(
     service_ports: &[ServicePort],
     traffic_distribution: Option<&str>,
 ) -> Vec<Endpoint> {
-    StoredSlice::new(slice, &mut Names::default()).endpoints(
+    let mut names = Names::default();
+    StoredSlice::new(slice, &mut names).endpoints(
+        &names,
         slice.metadata.namespace.as_deref().unwrap_or_default(),
         service_ports,
         traffic_distribution,

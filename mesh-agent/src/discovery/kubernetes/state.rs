@@ -220,7 +220,9 @@ impl State {
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| s.endpoints(&name.namespace, &svc.ports, distribution)),
+                    .flat_map(|s| {
+                        s.endpoints(&self.names, &name.namespace, &svc.ports, distribution)
+                    }),
             );
             services.push((
                 name.clone(),

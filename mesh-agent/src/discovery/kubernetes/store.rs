@@ -40,18 +40,26 @@ impl StoredService {
     }
 }
 
-/// Node and zone names, one allocation each however many endpoints name them.
-#[derive(Default)]
-pub(super) struct Names(BTreeSet<Arc<str>>);
+/// Node and zone names of slice endpoints, one allocation each however many endpoints name
+/// them, each endpoint naming them by a 4-byte number.
+pub(super) type Names = Interner<str>;
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Names {
-    pub(super) fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.0.get(name) {
-            return Arc::clone(n);
-        }
-        let n: Arc<str> = Arc::from(name);
-        self.0.insert(Arc::clone(&n));
-        n
+    /// The number of `name` (interned if new), never zero: `Option` of it is 4 bytes.
+    pub(super) fn number(&mut self, name: &str) -> std::num::NonZeroU32 {
+        std::num::NonZeroU32::new(self.id(name).saturating_add(1))
+            .unwrap_or(std::num::NonZeroU32::MIN)
+    }
+
+    /// The name of a [`Names::number`] of these names.
+    pub(super) fn name(&self, number: std::num::NonZeroU32) -> &Arc<str> {
+        self.get(number.get() - 1)
     }
 }
 
@@ -63,12 +71,13 @@ pub(super) struct SliceEndpoint {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
-    pub(super) node: Option<Arc<str>>,
+    /// In [`Names`] (as is `zone`).
+    pub(super) node: Option<std::num::NonZeroU32>,
     /// The `targetRef` pod: its name, or `namespace/name` when its namespace is not the
     /// slice's (a name never holds `/`) — one allocation, where an [`ObjectName`] is 48 bytes
     /// and two.
     pub(super) pod: Option<Box<str>>,
-    pub(super) zone: Option<Arc<str>>,
+    pub(super) zone: Option<std::num::NonZeroU32>,
     pub(super) hints: Option<Box<model::Hints>>,
 }
 
@@ -147,9 +156,9 @@ impl StoredSlice {
                     ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                     serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                    node: ep.node_name.as_deref().map(|n| names.get(n)),
+                    node: ep.node_name.as_deref().map(|n| names.number(n)),
                     pod: pod.clone(),
-                    zone: ep.zone.as_deref().map(|z| names.get(z)),
+                    zone: ep.zone.as_deref().map(|z| names.number(z)),
                     hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
                 });
             }
@@ -162,6 +171,7 @@ impl StoredSlice {
     /// (see [`slice_endpoints`]).
     pub(super) fn endpoints(
         &self,
+        names: &Names,
         namespace: &str,
         service_ports: &[ServicePort],
         traffic_distribution: Option<&str>,
@@ -187,15 +197,15 @@ impl StoredSlice {
                 let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
                 if same_zone
                     && hints.zones.is_empty()
-                    && let Some(zone) = &ep.zone
+                    && let Some(zone) = ep.zone
                 {
-                    hints.zones.insert(zone.to_string());
+                    hints.zones.insert(names.name(zone).to_string());
                 }
                 if same_node
                     && hints.nodes.is_empty()
-                    && let Some(node) = &ep.node
+                    && let Some(node) = ep.node
                 {
-                    hints.nodes.insert(node.to_string());
+                    hints.nodes.insert(names.name(node).to_string());
                 }
                 Endpoint {
                     ip: ep.ip,
@@ -203,7 +213,7 @@ impl StoredSlice {
                     ready: ep.ready,
                     serving: ep.serving,
                     terminating: ep.terminating,
-                    node: ep.node.clone(),
+                    node: ep.node.map(|n| Arc::clone(names.name(n))),
                     pod: ep.pod.as_deref().map(|p| match p.split_once('/') {
                         Some((ns, name)) => ObjectName::new(ns, name),
                         None => ObjectName::new(namespace, p),

@@ -178,7 +178,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         .services
         .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice(
             "web-1",
             "web",
@@ -186,7 +186,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         )),
     );
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice(
             "web-2",
             "web",
@@ -194,7 +194,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         )),
     );
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice("other", "db", &[("10.1.0.9", None)])),
     );
     let (m, rejections) = state.build();
@@ -1019,20 +1019,24 @@ fn heap_of_the_benchmark_cluster() {
     }
     state.pods.apply_pod("a", watcher::Event::InitDone);
     step("pod store", &mut at);
-    state
-        .slices
-        .apply_slice(&mut state.names, watcher::Event::Init);
     state.services.apply_service(watcher::Event::Init);
     for s in 0..services {
         let (hi, lo) = (s / 250, s % 250 + 1);
-        let name = format!("svc-{s}");
         state
             .services
             .apply_service(watcher::Event::InitApply(service(
-                &name,
+                &format!("svc-{s}"),
                 &[],
                 &format!("10.96.{hi}.{lo}"),
             )));
+    }
+    state.services.apply_service(watcher::Event::InitDone);
+    step("service store", &mut at);
+    state
+        .slices
+        .apply_slice(&mut state.names, watcher::Event::Init);
+    for s in 0..services {
+        let name = format!("svc-{s}");
         let ips: Vec<String> = (0..endpoints)
             .map(|e| format!("10.{}.{}.{}", 100 + s / 250 % 100, s % 250, e + 1))
             .collect();
@@ -1051,8 +1055,7 @@ fn heap_of_the_benchmark_cluster() {
     state
         .slices
         .apply_slice(&mut state.names, watcher::Event::InitDone);
-    state.services.apply_service(watcher::Event::InitDone);
-    step("service and slice stores", &mut at);
+    step("slice store", &mut at);
     let (model, _) = state.build();
     step("model", &mut at);
     let snapshot =
