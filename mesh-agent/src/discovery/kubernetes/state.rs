@@ -202,7 +202,6 @@ impl State {
         // one: `BTreeMap`'s bulk build fills its nodes, where in-order inserts leave each about
         // half empty (the snapshot keeps these maps; 100,000 pods in the benchmark).
         let mut services = Vec::with_capacity(self.services.objects.len());
-        let mut pods = Vec::new();
         for (name, svc) in &self.services.objects {
             if !self.namespace_live(&name.namespace) {
                 continue;
@@ -238,6 +237,19 @@ impl State {
         }
         model.services = services.into_iter().collect();
         model.policies = resolution.report;
+        self.build_pods(&mut model);
+        for (name, svc) in &self.services.objects {
+            if svc.mesh_opt_out && model.services.contains_key(name) {
+                model.mesh.opted_out_services.insert(name.clone());
+            }
+        }
+        (model, fresh)
+    }
+
+    /// The pods of live namespaces into `model` (whole, or as [`model::OtherPods`]), with the
+    /// node addresses they name and the namespaces' dataplane modes (which decide whether
+    /// another node's pod is made whole).
+    fn build_pods(&self, model: &mut ClusterModel) {
         for (name, ns) in &self.namespaces.objects {
             if self.namespace_live(&name.name)
                 && let Some(mode) = crate::authz::DataplaneMode::from_labels(ns.labels())
@@ -245,6 +257,7 @@ impl State {
                 model.mesh.namespace_modes.insert(name.name.clone(), mode);
             }
         }
+        let mut pods = Vec::new();
         let strings = &self.pods.strings;
         // Node addresses, once per (node, address list): most pods are `Other`s sharing both.
         let mut node_addrs: BTreeSet<(u32, u32)> = BTreeSet::new();
@@ -278,13 +291,13 @@ impl State {
                             .pod_labels
                             .insert(p.name.clone(), w.labels.clone());
                     }
-                    add_node(&mut model, &p.node, &w.host_ips);
+                    add_node(model, &p.node, &w.host_ips);
                     pods.push((p.name.clone(), Arc::clone(p)));
                 }
                 StoredPod::Other(o) => {
                     if node_addrs.insert((o.node, o.host_ips)) {
                         add_node(
-                            &mut model,
+                            model,
                             strings.get(o.node),
                             self.pods.host_ips.get(o.host_ips),
                         );
@@ -315,12 +328,6 @@ impl State {
         pods.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         model.pods = pods.into_iter().collect();
         model.other_pods = Arc::new(model::OtherPods::build(others));
-        for (name, svc) in &self.services.objects {
-            if svc.mesh_opt_out && model.services.contains_key(name) {
-                model.mesh.opted_out_services.insert(name.clone());
-            }
-        }
-        (model, fresh)
     }
 
     /// Parses every `AuthorizationPolicy` and `PeerAuthentication` of a live namespace into the

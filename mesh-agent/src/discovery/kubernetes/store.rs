@@ -494,8 +494,8 @@ impl<V> Store<V> {
     }
 }
 
-impl<K: Resource> Store<K> {
-    pub(super) fn apply(&mut self, event: watcher::Event<K>) {
+impl<O: Resource> Store<O> {
+    pub(super) fn apply(&mut self, event: watcher::Event<O>) {
         self.apply_as(event, |k| k);
     }
 }

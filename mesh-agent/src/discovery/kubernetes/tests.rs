@@ -967,6 +967,11 @@ fn heap_in_use() -> usize {
 /// heap_of_the_benchmark_cluster`.
 #[test]
 #[ignore = "measurement; run by hand"]
+#[expect(
+    clippy::too_many_lines,
+    clippy::cast_precision_loss,
+    reason = "one measurement, step by step, printed in MB"
+)]
 fn heap_of_the_benchmark_cluster() {
     let (services, endpoints) = (10_000, 10);
     let node_of = |s: usize, e: usize| match (s * 10 + e) % 100 {
