@@ -106,7 +106,7 @@ impl Names for SnapshotNames {
     }
 
     fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<ObjectName>> {
-        self.shared.stores.snapshot.load().pod_by_ip(ip).cloned()
+        self.shared.stores.snapshot.load().pod_by_ip(ip)
     }
 
     fn service_by_addr(&self, addr: SocketAddr, udp: bool) -> Option<Arc<ObjectName>> {
@@ -303,7 +303,7 @@ fn start_proxies(
         let numbers = stores.identity_numbers.load();
         let snap = stores.snapshot.load();
         let pod = snap.pod_by_ip(c.dst.ip())?;
-        let node = &snap.model.pods.get(pod)?.node;
+        let node = &snap.model.pods.get(&*pod)?.node;
         let node_ip = crate::meshsync::node_address(&snap, node, c.dst.ip());
         if node_ip.is_none() {
             warn!(pod = %pod, node = %node, "no address for the destination's node");
@@ -359,9 +359,9 @@ impl TunnelTelemetry {
             } else {
                 crate::telemetry::labels::Reporter::Destination
             },
-            snap.pod_by_ip(ends.src).cloned(),
+            snap.pod_by_ip(ends.src),
             service,
-            snap.pod_by_ip(ends.dst.ip()).cloned(),
+            snap.pod_by_ip(ends.dst.ip()),
             &ends.src_id,
             &ends.dst_id,
             event,
@@ -447,7 +447,7 @@ impl crate::proxy::Authorizer for SnapshotAuthorizer {
         };
         match claimed_src {
             Some(ip) => match snap.pod_by_ip(ip) {
-                Some(pod) if on_node(pod) => Ok(()),
+                Some(pod) if on_node(&pod) => Ok(()),
                 _ => deny(format!(
                     "source {ip} is no pod of node {node} with identity {source}"
                 )),

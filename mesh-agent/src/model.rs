@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -129,6 +129,141 @@ pub struct Pod {
     pub host_network: bool,
 }
 
+/// Other nodes' pods outside the mesh, as what their consumers need: each one's name by its
+/// addresses (flows and metrics name a remote peer; telemetry asks whether a pod still
+/// exists). A large cluster's pods are almost all of this kind (99,000 of the control-plane
+/// benchmark's 100,000), so they are held in a few flat arrays — about 30 bytes a pod —
+/// instead of a [`Pod`] each (hundreds of bytes with its map entries and indexes). Tunnels,
+/// authorization and identity concern mesh pods only, which stay in [`ClusterModel::pods`];
+/// a pod here joins them when it or its namespace is labelled into the mesh (the source
+/// rebuilds the model on every change). Built once per model, never changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OtherPods {
+    /// Distinct namespaces, sorted.
+    namespaces: Vec<Box<str>>,
+    /// Pod names back to back, in (namespace, name) order.
+    names: String,
+    /// Per pod, in (namespace, name) order: its namespace (index) and where its name ends in
+    /// `names` (it starts where the previous one ends).
+    pods: Vec<(u32, u32)>,
+    /// IPv4 address → pod (index), sorted; an address two pods claim names the first.
+    v4: Vec<(u32, u32)>,
+    /// IPv6 address → pod (index), sorted.
+    v6: Vec<([u8; 16], u32)>,
+}
+
+impl OtherPods {
+    /// Pods as (namespace, name, IPv4 address, IPv6 address), in any order; a name given
+    /// twice counts once (the first).
+    #[must_use]
+    pub fn build(mut pods: Vec<(&str, &str, Option<Ipv4Addr>, Option<Ipv6Addr>)>) -> Self {
+        pods.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        pods.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
+        let mut out = Self {
+            names: String::with_capacity(pods.iter().map(|p| p.1.len()).sum()),
+            pods: Vec::with_capacity(pods.len()),
+            ..Self::default()
+        };
+        for (index, (namespace, name, v4, v6)) in pods.into_iter().enumerate() {
+            if out.namespaces.last().map(AsRef::as_ref) != Some(namespace) {
+                out.namespaces.push(namespace.into());
+            }
+            out.names.push_str(name);
+            // Beyond 4 GiB of names or 4 billion pods the offsets would wrap: no cluster has
+            // that many (Kubernetes' tested limit is 150,000 pods).
+            let ns = u32::try_from(out.namespaces.len() - 1).unwrap_or(u32::MAX);
+            let end = u32::try_from(out.names.len()).unwrap_or(u32::MAX);
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            out.pods.push((ns, end));
+            if let Some(v4) = v4 {
+                out.v4.push((u32::from(v4), index));
+            }
+            if let Some(v6) = v6 {
+                out.v6.push((v6.octets(), index));
+            }
+        }
+        // Stable: among pods claiming one address, the first in name order stays first.
+        out.v4.sort_by_key(|e| e.0);
+        out.v4.dedup_by_key(|e| e.0);
+        out.v6.sort_by_key(|e| e.0);
+        out.v6.dedup_by_key(|e| e.0);
+        out.names.shrink_to_fit();
+        out.v4.shrink_to_fit();
+        out.v6.shrink_to_fit();
+        out
+    }
+
+    /// How many pods.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// The namespace and name of pod `index`.
+    fn at(&self, index: usize) -> (&str, &str) {
+        let (ns, end) = self.pods[index];
+        let start = index
+            .checked_sub(1)
+            .map_or(0, |prev| self.pods[prev].1 as usize);
+        (
+            &self.namespaces[ns as usize],
+            &self.names[start..end as usize],
+        )
+    }
+
+    /// The pod with address `ip`.
+    #[must_use]
+    pub fn name_at(&self, ip: IpAddr) -> Option<ObjectName> {
+        let index = match ip {
+            IpAddr::V4(v4) => {
+                let key = u32::from(v4);
+                let i = self.v4.binary_search_by_key(&key, |e| e.0).ok()?;
+                self.v4[i].1
+            }
+            IpAddr::V6(v6) => {
+                let key = v6.octets();
+                let i = self.v6.binary_search_by_key(&key, |e| e.0).ok()?;
+                self.v6[i].1
+            }
+        };
+        let (ns, name) = self.at(index as usize);
+        Some(ObjectName::new(ns, name))
+    }
+
+    /// Whether a pod of this name is here.
+    #[must_use]
+    pub fn contains(&self, name: &ObjectName) -> bool {
+        let Ok(ns) = self
+            .namespaces
+            .binary_search_by(|n| n.as_ref().cmp(name.namespace.as_str()))
+        else {
+            return false;
+        };
+        let key = (u32::try_from(ns).unwrap_or(u32::MAX), name.name.as_str());
+        // Binary search over the pods, which are in (namespace, name) order.
+        let (mut lo, mut hi) = (0, self.pods.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match (self.pods[mid].0, self.at(mid).1).cmp(&key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+
+    /// Every pod's namespace and name, in that order.
+    pub fn names(&self) -> impl Iterator<Item = (&str, &str)> {
+        (0..self.pods.len()).map(|i| self.at(i))
+    }
+}
+
 /// Everything the agent knows about the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClusterModel {
@@ -137,10 +272,14 @@ pub struct ClusterModel {
     /// This node's zone (its Node's `topology.kubernetes.io/zone` label), for topology hints.
     pub node_zone: Option<String>,
     pub services: BTreeMap<ObjectName, Service>,
-    /// Shared (`Arc`): the Kubernetes source's store holds the same pods, and a model holds
-    /// every node's (100,000 in the control-plane benchmark), so a new model copies pointers,
-    /// not pods.
+    /// Pods held whole: this node's, and other nodes' pods the mesh concerns (labelled with
+    /// the dataplane-mode label, or in a namespace that is); the static file's are all here.
+    /// Shared (`Arc`): the Kubernetes source's store holds the same pods, so a new model
+    /// copies pointers, not pods.
     pub pods: BTreeMap<ObjectName, Arc<Pod>>,
+    /// Every other pod of other nodes (the Kubernetes source), by name and address only; see
+    /// [`OtherPods`]. Shared: unchanged between most models.
+    pub other_pods: Arc<OtherPods>,
     /// Node name → the addresses its agent is reached at (a Node's `InternalIP`s; in Kubernetes
     /// from pods' `status.hostIPs`): where the HBONE tunnel to a pod on that node goes.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
@@ -319,6 +458,12 @@ impl ClusterModel {
         out
     }
 
+    /// Whether a pod of this name is in the model (whole or among [`ClusterModel::other_pods`]).
+    #[must_use]
+    pub fn has_pod(&self, name: &ObjectName) -> bool {
+        self.pods.contains_key(name) || self.other_pods.contains(name)
+    }
+
     /// Addresses of the pods on this node (same-node bypass candidates); host-network pods have
     /// the node's addresses and are left out.
     #[must_use]
@@ -404,6 +549,7 @@ mod tests {
             node_zone: zone.map(str::to_owned),
             services: BTreeMap::from([(name, svc)]),
             pods: BTreeMap::new(),
+            other_pods: Arc::default(),
             nodes: BTreeMap::new(),
             policies: crate::policy::Report::default(),
             mesh: Box::default(),
@@ -541,6 +687,56 @@ mod tests {
             .map(|b| b.addr.to_string())
             .collect();
         assert_eq!(addrs, ["10.1.0.1:8080", "10.1.0.2:9090"]);
+    }
+
+    #[test]
+    fn other_pods_are_found_by_address_and_name() {
+        let v4 = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        let v6 = |s: &str| Some(s.parse::<Ipv6Addr>().unwrap());
+        let pods = OtherPods::build(vec![
+            ("shop", "web-1", v4("10.0.0.2"), None),
+            ("default", "zeta", v4("10.0.0.1"), v6("fd00::1")),
+            ("shop", "web-0", v4("10.0.0.1"), None),
+            ("default", "alpha", None, v6("fd00::2")),
+            ("shop", "web-1", v4("10.0.0.9"), None),
+        ]);
+        assert_eq!(pods.len(), 4, "a name given twice counts once");
+        let names: Vec<(&str, &str)> = pods.names().collect();
+        assert_eq!(
+            names,
+            [
+                ("default", "alpha"),
+                ("default", "zeta"),
+                ("shop", "web-0"),
+                ("shop", "web-1")
+            ]
+        );
+        let at = |ip: &str| pods.name_at(ip.parse().unwrap()).map(|n| n.to_string());
+        assert_eq!(
+            at("10.0.0.1").as_deref(),
+            Some("default/zeta"),
+            "first in name order"
+        );
+        assert_eq!(at("fd00::1").as_deref(), Some("default/zeta"));
+        assert_eq!(at("fd00::2").as_deref(), Some("default/alpha"));
+        assert_eq!(at("10.0.0.2").as_deref(), Some("shop/web-1"));
+        assert_eq!(
+            at("10.0.0.9"),
+            None,
+            "the second copy's address is not kept"
+        );
+        assert_eq!(at("10.0.0.3"), None);
+        for (ns, name) in names {
+            assert!(pods.contains(&ObjectName::new(ns, name)), "{ns}/{name}");
+        }
+        for (ns, name) in [("shop", "web-2"), ("other", "web-0"), ("default", "")] {
+            assert!(!pods.contains(&ObjectName::new(ns, name)), "{ns}/{name}");
+        }
+        assert!(!OtherPods::default().contains(&ObjectName::new("a", "b")));
+        assert_eq!(
+            OtherPods::default().name_at("10.0.0.1".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

@@ -36,9 +36,11 @@ pub struct Snapshot {
     pub services: AppliedServices,
     /// Backends over all service addresses.
     pub backends: usize,
-    /// Pod by any of its addresses, every node's. The three pod indexes share one `Arc` per
-    /// pod (no string copies), which flows keep to name their pods without allocating per
-    /// event.
+    /// Pod by any of its addresses: the pods the model holds whole (this node's, the mesh's).
+    /// The three pod indexes share one `Arc` per pod (no string copies), which flows keep to
+    /// name their pods without allocating per event. Other nodes' other pods are found in
+    /// [`ClusterModel::other_pods`](crate::model::ClusterModel::other_pods) (see
+    /// [`Snapshot::pod_by_ip`]).
     pub pod_by_ip: HashMap<IpAddr, Arc<ObjectName>>,
     /// This node's pods by Kubernetes UID (as a number, see [`uid_key`]), as the kubelet
     /// names its cgroup. Only this node's: a pod's cgroup exists only on its node, and
@@ -93,10 +95,15 @@ impl Snapshot {
         }
     }
 
-    /// The pod owning an address.
+    /// The pod owning an address: a pod held whole, else one of other nodes' other pods
+    /// (a name made for the call: those are not held as names, see
+    /// [`OtherPods`](crate::model::OtherPods)).
     #[must_use]
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<ObjectName>> {
-        self.pod_by_ip.get(&ip)
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<ObjectName>> {
+        self.pod_by_ip
+            .get(&ip)
+            .cloned()
+            .or_else(|| self.model.other_pods.name_at(ip).map(Arc::new))
     }
 
     /// The service owning an address and protocol.
@@ -413,7 +420,7 @@ mod tests {
     fn indexes_find_pods_by_address_uid_and_name() {
         let s = Snapshot::build(1, model(), AppliedServices::new());
         assert_eq!(
-            s.pod_by_ip("10.1.0.3".parse().unwrap()).map(AsRef::as_ref),
+            s.pod_by_ip("10.1.0.3".parse().unwrap()).as_deref(),
             Some(&ObjectName::new("shop", "web-0"))
         );
         assert_eq!(s.pod_by_ip("10.1.0.4".parse().unwrap()), None);
@@ -458,7 +465,7 @@ mod tests {
         let s = Snapshot::build(1, m, AppliedServices::new());
         // Named by address (a tunnel destination, a flow's peer) …
         assert_eq!(
-            s.pod_by_ip("10.2.0.3".parse().unwrap()).map(AsRef::as_ref),
+            s.pod_by_ip("10.2.0.3".parse().unwrap()).as_deref(),
             Some(&ObjectName::new("shop", "elsewhere"))
         );
         // … but no cgroup of this node is another node's pod.

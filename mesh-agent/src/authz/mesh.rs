@@ -175,7 +175,7 @@ impl MeshView {
     /// Why a pod of `model` is not enrolled; `None` for an enrolled pod or one not in the model.
     #[must_use]
     pub fn not_enrolled(&self, model: &ClusterModel, name: &ObjectName) -> Option<NotEnrolled> {
-        if self.enrolled.contains_key(name) || !model.pods.contains_key(name) {
+        if self.enrolled.contains_key(name) || !model.has_pod(name) {
             return None;
         }
         Some(

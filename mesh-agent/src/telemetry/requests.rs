@@ -245,7 +245,7 @@ impl RequestMetrics {
                 if services {
                     !snapshot.model.services.contains_key(p)
                 } else {
-                    !snapshot.model.pods.contains_key(p)
+                    !snapshot.model.has_pod(p)
                 }
             })
         };

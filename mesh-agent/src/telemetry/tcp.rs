@@ -96,7 +96,6 @@ pub fn destination_pod(flow: &FlowRecord, snapshot: &Snapshot) -> Option<Arc<Obj
     (e.backend_id != 0)
         .then(|| snapshot.pod_by_ip(ip_from_be(e.backend_addr_be, e.family)))
         .flatten()
-        .cloned()
 }
 
 /// The backend address of a flow, when it has one.
@@ -205,10 +204,8 @@ impl TcpMetrics {
     /// Removes keys naming a pod or service that `snapshot` no longer has, idle for
     /// [`IDLE_EXPIRY`] at `now`.
     pub fn expire(&self, snapshot: &Snapshot, now: Instant) {
-        let gone_pod = |p: &Option<Arc<ObjectName>>| {
-            p.as_deref()
-                .is_some_and(|p| !snapshot.model.pods.contains_key(p))
-        };
+        let gone_pod =
+            |p: &Option<Arc<ObjectName>>| p.as_deref().is_some_and(|p| !snapshot.model.has_pod(p));
         let gone_service = |s: &Option<Arc<ObjectName>>| {
             s.as_deref()
                 .is_some_and(|s| !snapshot.model.services.contains_key(s))

@@ -107,7 +107,13 @@ pub fn slice_endpoints(
     service_ports: &[ServicePort],
     traffic_distribution: Option<&str>,
 ) -> Vec<Endpoint> {
-    StoredSlice::new(slice, &mut Names::default()).endpoints(service_ports, traffic_distribution)
+    let mut names = Names::default();
+    StoredSlice::new(slice, &mut names).endpoints(
+        &names,
+        slice.metadata.namespace.as_deref().unwrap_or_default(),
+        service_ports,
+        traffic_distribution,
+    )
 }
 
 /// Merges endpoints of several slices: one entry per (address, ports), the most usable copy

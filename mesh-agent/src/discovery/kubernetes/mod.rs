@@ -37,7 +37,9 @@
 //!   `spec.nodeName`, `spec.serviceAccountName` (default `default`), `status.podIPs`,
 //!   `spec.hostNetwork` (host-network pods are never local pod endpoints); `status.hostIPs` →
 //!   [`ClusterModel::nodes`](model::ClusterModel::nodes) (where a node's agent is reached).
-//!   Other nodes' pods keep only the enrollment label.
+//!   Other nodes' pods keep only the enrollment label; those without it, in a namespace
+//!   without a mode (outside the mesh: almost all of a large cluster's), are only names by
+//!   address ([`model::OtherPods`]).
 //! - **Namespace**: objects of a namespace that is not (or no longer) there, or is terminating,
 //!   are left out, so deleting a namespace drops its services and pods at once.
 //! - **Node** (this one): its `topology.kubernetes.io/zone` label is

@@ -84,7 +84,7 @@ pub async fn run_with_status(
             info!(
                 services = state.services.objects.len(),
                 slices = state.slices.objects.len(),
-                pods = state.pods.objects.len(),
+                pods = state.pods.store.objects.len(),
                 policies = state.policies.objects.len(),
                 "initial lists complete"
             );
@@ -113,7 +113,7 @@ pub async fn run_with_status(
         if last_sent != Some(digest) {
             debug!(
                 services = model.services.len(),
-                pods = model.pods.len(),
+                pods = model.pods.len() + model.other_pods.len(),
                 policies = model.policies.policies.len(),
                 "sending the cluster model"
             );

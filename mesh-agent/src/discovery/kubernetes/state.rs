@@ -37,7 +37,7 @@ pub(super) struct State {
     pub(super) slices: Store<StoredSlice>,
     /// Node and zone names the slices share.
     pub(super) names: Names,
-    pub(super) pods: Store<StoredPod>,
+    pub(super) pods: PodStore,
     pub(super) namespaces: Store<K8sNamespace>,
     /// This node only (its zone).
     pub(super) nodes: Store<K8sNode>,
@@ -73,7 +73,7 @@ impl State {
             services: Store::new(),
             slices: Store::new(),
             names: Names::default(),
-            pods: Store::new(),
+            pods: PodStore::new(),
             namespaces: Store::new(),
             nodes: Store::new(),
             policies: Store::new(),
@@ -94,7 +94,7 @@ impl State {
     pub(super) fn ready(&self) -> bool {
         self.services.ready
             && self.slices.ready
-            && self.pods.ready
+            && self.pods.store.ready
             && self.namespaces.ready
             && self.nodes.ready
             && self.policies.ready
@@ -202,7 +202,6 @@ impl State {
         // one: `BTreeMap`'s bulk build fills its nodes, where in-order inserts leave each about
         // half empty (the snapshot keeps these maps; 100,000 pods in the benchmark).
         let mut services = Vec::with_capacity(self.services.objects.len());
-        let mut pods = Vec::with_capacity(self.pods.objects.len());
         for (name, svc) in &self.services.objects {
             if !self.namespace_live(&name.namespace) {
                 continue;
@@ -220,7 +219,9 @@ impl State {
                     .get(name)
                     .into_iter()
                     .flatten()
-                    .flat_map(|s| s.endpoints(&svc.ports, distribution)),
+                    .flat_map(|s| {
+                        s.endpoints(&self.names, &name.namespace, &svc.ports, distribution)
+                    }),
             );
             services.push((
                 name.clone(),
@@ -236,32 +237,19 @@ impl State {
         }
         model.services = services.into_iter().collect();
         model.policies = resolution.report;
-        for stored in self.pods.objects.values() {
-            if let Some(p) = &stored.pod
-                && self.namespace_live(&p.name.namespace)
-            {
-                // The labels were cut at store time (see `StoredPod::labels`).
-                if !stored.labels.is_empty() {
-                    model
-                        .mesh
-                        .pod_labels
-                        .insert(p.name.clone(), stored.labels.clone());
-                }
-                for &ip in &stored.host_ips {
-                    let addrs = model.nodes.entry(p.node.clone()).or_default();
-                    if !addrs.contains(&ip) {
-                        addrs.push(ip);
-                    }
-                }
-                pods.push((p.name.clone(), Arc::clone(p)));
-            }
-        }
-        model.pods = pods.into_iter().collect();
+        self.build_pods(&mut model);
         for (name, svc) in &self.services.objects {
             if svc.mesh_opt_out && model.services.contains_key(name) {
                 model.mesh.opted_out_services.insert(name.clone());
             }
         }
+        (model, fresh)
+    }
+
+    /// The pods of live namespaces into `model` (whole, or as [`model::OtherPods`]), with the
+    /// node addresses they name and the namespaces' dataplane modes (which decide whether
+    /// another node's pod is made whole).
+    fn build_pods(&self, model: &mut ClusterModel) {
         for (name, ns) in &self.namespaces.objects {
             if self.namespace_live(&name.name)
                 && let Some(mode) = crate::authz::DataplaneMode::from_labels(ns.labels())
@@ -269,7 +257,77 @@ impl State {
                 model.mesh.namespace_modes.insert(name.name.clone(), mode);
             }
         }
-        (model, fresh)
+        let mut pods = Vec::new();
+        let strings = &self.pods.strings;
+        // Node addresses, once per (node, address list): most pods are `Other`s sharing both.
+        let mut node_addrs: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let add_node = |model: &mut ClusterModel, node: &str, ips: &[IpAddr]| {
+            if ips.is_empty() {
+                return;
+            }
+            let addrs = match model.nodes.get_mut(node) {
+                Some(a) => a,
+                None => model.nodes.entry(node.to_owned()).or_default(),
+            };
+            for ip in ips {
+                if !addrs.contains(ip) {
+                    addrs.push(*ip);
+                }
+            }
+        };
+        let mut others = Vec::new();
+        for (key, stored) in &self.pods.store.objects {
+            let namespace = strings.get(key.namespace);
+            if !self.namespace_live(namespace) {
+                continue;
+            }
+            match stored {
+                StoredPod::Whole(w) => {
+                    let p = &w.pod;
+                    // The labels were cut at store time (see `WholePod::labels`).
+                    if !w.labels.is_empty() {
+                        model
+                            .mesh
+                            .pod_labels
+                            .insert(p.name.clone(), w.labels.clone());
+                    }
+                    add_node(model, &p.node, &w.host_ips);
+                    pods.push((p.name.clone(), Arc::clone(p)));
+                }
+                StoredPod::Other(o) => {
+                    if node_addrs.insert((o.node, o.host_ips)) {
+                        add_node(
+                            model,
+                            strings.get(o.node),
+                            self.pods.host_ips.get(o.host_ips),
+                        );
+                    }
+                    if model.mesh.namespace_modes.contains_key(&**namespace) {
+                        // Its namespace is in (or out of) the mesh: the mesh view decides
+                        // about it, so it is made whole (a copy per model; such namespaces
+                        // hold a small part of a large cluster's pods).
+                        let name = self.pods.name(key);
+                        pods.push((
+                            name.clone(),
+                            Arc::new(model::Pod {
+                                name,
+                                node: strings.get(o.node).to_string(),
+                                service_account: strings.get(o.service_account).to_string(),
+                                ips: o.ips().collect(),
+                                uid: String::new(),
+                                host_network: o.host_network,
+                            }),
+                        ));
+                    } else {
+                        others.push((&**namespace, &*key.name, o.v4, o.v6));
+                    }
+                }
+            }
+        }
+        // Gathered in key order (namespace number, name), not name order.
+        pods.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        model.pods = pods.into_iter().collect();
+        model.other_pods = Arc::new(model::OtherPods::build(others));
     }
 
     /// Parses every `AuthorizationPolicy` and `PeerAuthentication` of a live namespace into the

@@ -40,18 +40,26 @@ impl StoredService {
     }
 }
 
-/// Node and zone names, one allocation each however many endpoints name them.
-#[derive(Default)]
-pub(super) struct Names(BTreeSet<Arc<str>>);
+/// Node and zone names of slice endpoints, one allocation each however many endpoints name
+/// them, each endpoint naming them by a 4-byte number.
+pub(super) type Names = Interner<str>;
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Names {
-    pub(super) fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.0.get(name) {
-            return Arc::clone(n);
-        }
-        let n: Arc<str> = Arc::from(name);
-        self.0.insert(Arc::clone(&n));
-        n
+    /// The number of `name` (interned if new), never zero: `Option` of it is 4 bytes.
+    pub(super) fn number(&mut self, name: &str) -> std::num::NonZeroU32 {
+        std::num::NonZeroU32::new(self.id(name).saturating_add(1))
+            .unwrap_or(std::num::NonZeroU32::MIN)
+    }
+
+    /// The name of a [`Names::number`] of these names.
+    pub(super) fn name(&self, number: std::num::NonZeroU32) -> &Arc<str> {
+        self.get(number.get() - 1)
     }
 }
 
@@ -63,9 +71,13 @@ pub(super) struct SliceEndpoint {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
-    pub(super) node: Option<Arc<str>>,
-    pub(super) pod: Option<ObjectName>,
-    pub(super) zone: Option<Arc<str>>,
+    /// In [`Names`] (as is `zone`).
+    pub(super) node: Option<std::num::NonZeroU32>,
+    /// The `targetRef` pod: its name, or `namespace/name` when its namespace is not the
+    /// slice's (a name never holds `/`) — one allocation, where an [`ObjectName`] is 48 bytes
+    /// and two.
+    pub(super) pod: Option<Box<str>>,
+    pub(super) zone: Option<std::num::NonZeroU32>,
     pub(super) hints: Option<Box<model::Hints>>,
 }
 
@@ -103,7 +115,7 @@ impl StoredSlice {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             return out;
         }
-        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
         out.endpoints.reserve_exact(slice.endpoints.len());
         for ep in &slice.endpoints {
             // Absent conditions read as kube-proxy reads them: ready and serving, not terminating.
@@ -123,13 +135,16 @@ impl StoredSlice {
                     .map(|n| n.name.clone())
                     .collect(),
             };
-            let pod = ep
+            let pod: Option<Box<str>> = ep
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| {
-                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.clone());
-                    Some(ObjectName::new(ns, r.name.clone()?))
+                    let name = r.name.as_deref()?;
+                    Some(match r.namespace.as_deref() {
+                        Some(ns) if ns != namespace => format!("{ns}/{name}").into(),
+                        _ => name.into(),
+                    })
                 });
             for addr in &ep.addresses {
                 let Ok(ip) = addr.parse::<IpAddr>() else {
@@ -141,9 +156,9 @@ impl StoredSlice {
                     ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                     serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                    node: ep.node_name.as_deref().map(|n| names.get(n)),
+                    node: ep.node_name.as_deref().map(|n| names.number(n)),
                     pod: pod.clone(),
-                    zone: ep.zone.as_deref().map(|z| names.get(z)),
+                    zone: ep.zone.as_deref().map(|z| names.number(z)),
                     hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
                 });
             }
@@ -152,10 +167,12 @@ impl StoredSlice {
         out
     }
 
-    /// The model endpoints of this slice for a service with `service_ports` (see
-    /// [`slice_endpoints`]).
+    /// The model endpoints of this slice (in `namespace`) for a service with `service_ports`
+    /// (see [`slice_endpoints`]).
     pub(super) fn endpoints(
         &self,
+        names: &Names,
+        namespace: &str,
         service_ports: &[ServicePort],
         traffic_distribution: Option<&str>,
     ) -> Vec<Endpoint> {
@@ -180,15 +197,15 @@ impl StoredSlice {
                 let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
                 if same_zone
                     && hints.zones.is_empty()
-                    && let Some(zone) = &ep.zone
+                    && let Some(zone) = ep.zone
                 {
-                    hints.zones.insert(zone.to_string());
+                    hints.zones.insert(names.name(zone).to_string());
                 }
                 if same_node
                     && hints.nodes.is_empty()
-                    && let Some(node) = &ep.node
+                    && let Some(node) = ep.node
                 {
-                    hints.nodes.insert(node.to_string());
+                    hints.nodes.insert(names.name(node).to_string());
                 }
                 Endpoint {
                     ip: ep.ip,
@@ -196,8 +213,11 @@ impl StoredSlice {
                     ready: ep.ready,
                     serving: ep.serving,
                     terminating: ep.terminating,
-                    node: ep.node.clone(),
-                    pod: ep.pod.clone(),
+                    node: ep.node.map(|n| Arc::clone(names.name(n))),
+                    pod: ep.pod.as_deref().map(|p| match p.split_once('/') {
+                        Some((ns, name)) => ObjectName::new(ns, name),
+                        None => ObjectName::new(namespace, p),
+                    }),
                     weight: 1,
                     hints,
                 }
@@ -206,15 +226,74 @@ impl StoredSlice {
     }
 }
 
+/// Values interned once and named by a number: the namespaces, nodes and service accounts of
+/// pods (a few hundred distinct among 100,000 pods) and their nodes' address lists. Never
+/// shrinks: it grows with the distinct values ever seen, not with the pods.
+pub(super) struct Interner<T: ?Sized> {
+    list: Vec<Arc<T>>,
+    index: std::collections::HashMap<Arc<T>, u32>,
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Interner<T> {
+    pub(super) fn new() -> Self {
+        Self {
+            list: Vec::new(),
+            index: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The number of `value`, interning it if new.
+    pub(super) fn id(&mut self, value: &T) -> u32
+    where
+        for<'a> Arc<T>: From<&'a T>,
+    {
+        if let Some(&id) = self.index.get(value) {
+            return id;
+        }
+        let shared: Arc<T> = Arc::from(value);
+        // Four billion distinct namespaces, nodes or address lists do not happen; past that
+        // the last number would be shared (a wrong name, never a panic).
+        let id = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        self.list.push(Arc::clone(&shared));
+        self.index.insert(shared, id);
+        id
+    }
+
+    /// The value of number `id`, which [`Interner::id`] of this interner gave (every such
+    /// number stays valid: nothing is ever removed).
+    pub(super) fn get(&self, id: u32) -> &Arc<T> {
+        &self.list[id as usize]
+    }
+}
+
+/// A pod's key in the pod store: its namespace (interned) and name — 24 bytes and one
+/// allocation, where an [`ObjectName`] is 48 and two.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct PodKey {
+    pub(super) namespace: u32,
+    pub(super) name: Box<str>,
+}
+
 /// What the model reads of a Pod, stored instead of the Pod: every node's pods are watched
 /// (100,000 in the control-plane benchmark), and a `k8s-openapi` `Pod` held inline in the store
-/// is ≈ 2 KB of mostly empty spec and status fields before any of its strings (≈ 450 MB of
-/// B-tree nodes for 100,000 pods, measured with heaptrack). Converted once per watch event; the
-/// model shares the pod (`Arc`) instead of copying it.
+/// is ≈ 2 KB of mostly empty spec and status fields before any of its strings. Converted once
+/// per watch event. Pods not scheduled yet or finished are not stored (the model has no use
+/// for them).
 #[derive(Clone, Debug)]
-pub(super) struct StoredPod {
-    /// [`pod_of`]'s result: `None` for a pod not scheduled yet or finished.
-    pub(super) pod: Option<Arc<model::Pod>>,
+pub(super) enum StoredPod {
+    /// This node's pod, or another node's that carries the dataplane-mode label: held whole,
+    /// and shared (`Arc`) with the model.
+    Whole(Box<WholePod>),
+    /// Another node's pod without that label (nearly all of a large cluster's): 36 bytes.
+    /// The model names it by address ([`model::OtherPods`]), or makes it whole if its
+    /// namespace is in the mesh.
+    Other(OtherPod),
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct WholePod {
+    /// [`pod_of`]'s result.
+    pub(super) pod: Arc<model::Pod>,
     /// The labels the model keeps: every label of this node's pods (policy selectors), only
     /// the enrollment label of other nodes' pods (a pod elsewhere may opt out of the mesh).
     pub(super) labels: BTreeMap<String, String>,
@@ -222,40 +301,130 @@ pub(super) struct StoredPod {
     pub(super) host_ips: Vec<IpAddr>,
 }
 
-impl StoredPod {
-    pub(super) fn new(pod: &K8sPod, node: &str) -> Self {
-        let mut model_pod = pod_of(pod);
-        if let Some(p) = model_pod.as_mut().filter(|p| p.node != node) {
-            // Only this node has the pod's cgroup, which is what the UID names (the
-            // snapshot indexes this node's pods by it); 36 bytes less for each of the
-            // cluster's other pods.
-            p.uid = String::new();
-        }
-        let all = pod.labels();
-        let labels = match &model_pod {
-            Some(p) if p.node == node => all.clone(),
-            Some(_) => all
-                .get(crate::authz::DATAPLANE_MODE_LABEL)
-                .map(|mode| {
-                    BTreeMap::from([(crate::authz::DATAPLANE_MODE_LABEL.to_owned(), mode.clone())])
-                })
-                .unwrap_or_default(),
-            None => BTreeMap::new(),
-        };
+/// Another node's pod, as numbers: at most one address per family (the API allows no more;
+/// a pod listing more is stored whole), its node, service account and node addresses
+/// interned in [`PodStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct OtherPod {
+    pub(super) v4: Option<std::net::Ipv4Addr>,
+    pub(super) v6: Option<std::net::Ipv6Addr>,
+    pub(super) node: u32,
+    pub(super) service_account: u32,
+    pub(super) host_ips: u32,
+    pub(super) host_network: bool,
+}
+
+impl OtherPod {
+    /// The pod's addresses, IPv4 first.
+    pub(super) fn ips(&self) -> impl Iterator<Item = IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
+}
+
+/// Every node's pods, keyed compactly, with the values their entries name by number.
+pub(super) struct PodStore {
+    pub(super) store: Store<StoredPod, PodKey>,
+    /// Namespaces, node names and service accounts.
+    pub(super) strings: Interner<str>,
+    /// Node address lists (`status.hostIPs`), one per node in practice.
+    pub(super) host_ips: Interner<[IpAddr]>,
+}
+
+impl PodStore {
+    pub(super) fn new() -> Self {
         Self {
-            pod: model_pod.map(Arc::new),
-            labels,
-            host_ips: host_ips(pod),
+            store: Store::new(),
+            strings: Interner::new(),
+            host_ips: Interner::new(),
         }
+    }
+
+    pub(super) fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
+        let Self {
+            store,
+            strings,
+            host_ips,
+        } = self;
+        // Two closures need the interner; they never run at the same time.
+        let strings = std::cell::RefCell::new(strings);
+        store.apply_keyed(
+            event,
+            |pod| PodKey {
+                namespace: strings
+                    .borrow_mut()
+                    .id(pod.namespace().as_deref().unwrap_or_default()),
+                name: pod.name_any().into(),
+            },
+            |pod| StoredPod::new(&pod, node, &mut strings.borrow_mut(), host_ips),
+        );
+    }
+
+    /// The name of a key's pod.
+    pub(super) fn name(&self, key: &PodKey) -> ObjectName {
+        ObjectName::new(&**self.strings.get(key.namespace), &*key.name)
+    }
+}
+
+impl StoredPod {
+    /// `None` for a pod the model does not use (not scheduled yet, or finished).
+    pub(super) fn new(
+        pod: &K8sPod,
+        node: &str,
+        strings: &mut Interner<str>,
+        host_ip_sets: &mut Interner<[IpAddr]>,
+    ) -> Option<Self> {
+        let mut model_pod = pod_of(pod)?;
+        let all = pod.labels();
+        if model_pod.node == node {
+            return Some(Self::Whole(Box::new(WholePod {
+                pod: Arc::new(model_pod),
+                labels: all.clone(),
+                host_ips: host_ips(pod),
+            })));
+        }
+        // Only this node has the pod's cgroup, which is what the UID names.
+        model_pod.uid = String::new();
+        let mode = all.get(crate::authz::DATAPLANE_MODE_LABEL);
+        let (mut v4, mut v6) = (None, None);
+        let mut compact = mode.is_none();
+        for ip in &model_pod.ips {
+            match ip {
+                IpAddr::V4(a) if v4.is_none() => v4 = Some(*a),
+                IpAddr::V6(a) if v6.is_none() => v6 = Some(*a),
+                _ => compact = false,
+            }
+        }
+        if !compact {
+            return Some(Self::Whole(Box::new(WholePod {
+                pod: Arc::new(model_pod),
+                labels: mode
+                    .map(|m| {
+                        BTreeMap::from([(crate::authz::DATAPLANE_MODE_LABEL.to_owned(), m.clone())])
+                    })
+                    .unwrap_or_default(),
+                host_ips: host_ips(pod),
+            })));
+        }
+        Some(Self::Other(OtherPod {
+            v4,
+            v6,
+            node: strings.id(&model_pod.node),
+            service_account: strings.id(&model_pod.service_account),
+            host_ips: host_ip_sets.id(&host_ips(pod)),
+            host_network: model_pod.host_network,
+        }))
     }
 }
 
 /// Objects of one kind as the watcher last listed and updated them, each stored as `V` (the
 /// object itself, or what the model reads of it). During a (re)list the old contents stay
 /// visible until the list is complete, as kube-rs reflectors do.
-pub(super) struct Store<V> {
-    pub(super) objects: BTreeMap<ObjectName, V>,
-    pub(super) relisting: Option<BTreeMap<ObjectName, V>>,
+pub(super) struct Store<V, K = ObjectName> {
+    pub(super) objects: BTreeMap<K, V>,
+    pub(super) relisting: Option<BTreeMap<K, V>>,
     /// Whether a first complete list arrived.
     pub(super) ready: bool,
 }
@@ -264,7 +433,7 @@ pub(super) fn key_of<K: Resource>(obj: &K) -> ObjectName {
     ObjectName::new(obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-impl<V> Store<V> {
+impl<V, K: Ord> Store<V, K> {
     pub(super) fn new() -> Self {
         Self {
             objects: BTreeMap::new(),
@@ -273,19 +442,24 @@ impl<V> Store<V> {
         }
     }
 
-    /// Applies a watch event, storing each object as `convert` makes it.
-    pub(super) fn apply_as<K: Resource>(
+    /// Applies a watch event, storing each object under `key` as `convert` makes it; an
+    /// object `convert` has no use for (`None`) is not stored (and an earlier version of it
+    /// is removed).
+    pub(super) fn apply_keyed<O>(
         &mut self,
-        event: watcher::Event<K>,
-        mut convert: impl FnMut(K) -> V,
+        event: watcher::Event<O>,
+        mut key: impl FnMut(&O) -> K,
+        mut convert: impl FnMut(O) -> Option<V>,
     ) {
         match event {
             watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
             watcher::Event::InitApply(obj) => {
-                let key = key_of(&obj);
-                self.relisting
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key, convert(obj));
+                let key = key(&obj);
+                let listed = self.relisting.get_or_insert_with(BTreeMap::new);
+                match convert(obj) {
+                    Some(v) => listed.insert(key, v),
+                    None => listed.remove(&key),
+                };
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.relisting.take() {
@@ -296,17 +470,32 @@ impl<V> Store<V> {
                 self.ready = true;
             }
             watcher::Event::Apply(obj) => {
-                self.objects.insert(key_of(&obj), convert(obj));
+                let key = key(&obj);
+                match convert(obj) {
+                    Some(v) => self.objects.insert(key, v),
+                    None => self.objects.remove(&key),
+                };
             }
             watcher::Event::Delete(obj) => {
-                self.objects.remove(&key_of(&obj));
+                self.objects.remove(&key(&obj));
             }
         }
     }
 }
 
-impl<K: Resource> Store<K> {
-    pub(super) fn apply(&mut self, event: watcher::Event<K>) {
+impl<V> Store<V> {
+    /// Applies a watch event, storing each object as `convert` makes it.
+    pub(super) fn apply_as<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        mut convert: impl FnMut(K) -> V,
+    ) {
+        self.apply_keyed(event, key_of, |o| Some(convert(o)));
+    }
+}
+
+impl<O: Resource> Store<O> {
+    pub(super) fn apply(&mut self, event: watcher::Event<O>) {
         self.apply_as(event, |k| k);
     }
 }
@@ -314,12 +503,6 @@ impl<K: Resource> Store<K> {
 impl Store<StoredService> {
     pub(super) fn apply_service(&mut self, event: watcher::Event<K8sService>) {
         self.apply_as(event, |s| StoredService::new(&s));
-    }
-}
-
-impl Store<StoredPod> {
-    pub(super) fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
-        self.apply_as(event, |p| StoredPod::new(&p, node));
     }
 }
 

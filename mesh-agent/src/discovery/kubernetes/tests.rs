@@ -178,7 +178,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         .services
         .apply_service(watcher::Event::Apply(service("web", &[], "10.96.0.20")));
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice(
             "web-1",
             "web",
@@ -186,7 +186,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         )),
     );
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice(
             "web-2",
             "web",
@@ -194,7 +194,7 @@ fn slices_merge_and_resolve_named_target_ports() {
         )),
     );
     state.slices.apply_slice(
-        &mut Names::default(),
+        &mut state.names,
         watcher::Event::Apply(slice("other", "db", &[("10.1.0.9", None)])),
     );
     let (m, rejections) = state.build();
@@ -211,6 +211,15 @@ fn slices_merge_and_resolve_named_target_ports() {
         Some(ObjectName::new("default", "pod-10.1.0.2"))
     );
     assert_eq!(svc.endpoints[0].node.as_deref(), Some("a"));
+    // A `targetRef` in another namespace keeps it.
+    let mut elsewhere = slice("web-3", "web", &[("10.1.0.5", None)]);
+    elsewhere.endpoints[0]
+        .target_ref
+        .as_mut()
+        .unwrap()
+        .namespace = Some("other".to_owned());
+    let eps = slice_endpoints(&elsewhere, &svc.ports, None);
+    assert_eq!(eps[0].pod, Some(ObjectName::new("other", "pod-10.1.0.5")));
     let specs = m.desired_specs();
     assert_eq!(specs.len(), 1);
     let backends: Vec<String> = specs[0]
@@ -441,14 +450,19 @@ fn deleted_namespace_drops_its_objects_and_pods_follow_the_node() {
         },
     ]);
     state.pods.apply_pod("a", watcher::Event::Apply(pod));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let (m, _) = state.build();
     assert_eq!(m.services.len(), 1);
-    // Both are in the model (the other node's is a tunnel destination); only this node's
-    // is a local pod.
-    assert_eq!(m.pods.len(), 2);
-    assert_eq!(m.pods[&ObjectName::new("default", "elsewhere")].node, "b");
+    // Both are in the model; only this node's is a local pod, held whole. The other node's,
+    // outside the mesh, is a name by address.
+    assert_eq!(m.pods.len(), 1);
+    let elsewhere = ObjectName::new("default", "elsewhere");
+    assert!(m.has_pod(&elsewhere) && !m.pods.contains_key(&elsewhere));
+    assert_eq!(
+        m.other_pods.name_at(ip("10.1.0.7")),
+        Some(elsewhere.clone())
+    );
     // Where each node's agent is reached: `status.hostIPs`, else `status.hostIP`.
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     assert_eq!(m.nodes["a"], vec![ip("192.168.0.1")]);
     assert_eq!(m.nodes["b"], vec![ip("192.168.0.2"), ip("fd00::2")]);
     let p = &m.pods[&ObjectName::new("default", "p")];
@@ -459,7 +473,108 @@ fn deleted_namespace_drops_its_objects_and_pods_follow_the_node() {
         .namespaces
         .apply(watcher::Event::Delete(namespace("default")));
     let (m, _) = state.build();
-    assert!(m.services.is_empty() && m.pods.is_empty());
+    assert!(m.services.is_empty() && m.pods.is_empty() && m.other_pods.is_empty());
+}
+
+/// A pod of node `node` in `ns` with `labels` and addresses `ips`.
+fn pod_on(ns: &str, name: &str, node: &str, labels: &[(&str, &str)], ips: &[&str]) -> K8sPod {
+    K8sPod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            labels: Some(ann(labels)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some(node.to_owned()),
+            service_account_name: Some("sa".to_owned()),
+            ..Default::default()
+        }),
+        status: Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ips: Some(
+                ips.iter()
+                    .map(|ip| k8s_openapi::api::core::v1::PodIP {
+                        ip: (*ip).to_owned(),
+                    })
+                    .collect(),
+            ),
+            host_ip: Some(format!("192.168.0.{}", node.len())),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn other_nodes_pods_are_names_by_address_until_the_mesh_concerns_them() {
+    let mut state = State::new("a".to_owned());
+    for ns in ["default", "shop"] {
+        state.namespaces.apply(watcher::Event::Apply(namespace(ns)));
+    }
+    let mode = crate::authz::DATAPLANE_MODE_LABEL;
+    for p in [
+        pod_on("default", "plain", "b", &[], &["10.2.0.1", "fd00::1"]),
+        pod_on("default", "labelled", "b", &[(mode, "mesh")], &["10.2.0.2"]),
+        pod_on("shop", "in-mesh-ns", "bb", &[], &["10.2.0.3"]),
+        pod_on("default", "mine", "a", &[], &["10.1.0.1"]),
+    ] {
+        state.pods.apply_pod("a", watcher::Event::Apply(p));
+    }
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let name = |ns: &str, n: &str| ObjectName::new(ns, n);
+    let (m, _) = state.build();
+    let whole: Vec<&ObjectName> = m.pods.keys().collect();
+    assert_eq!(
+        whole,
+        [&name("default", "labelled"), &name("default", "mine")],
+        "this node's and labelled ones whole"
+    );
+    assert_eq!(m.other_pods.len(), 2);
+    for addr in ["10.2.0.1", "fd00::1"] {
+        assert_eq!(
+            m.other_pods.name_at(ip(addr)),
+            Some(name("default", "plain"))
+        );
+    }
+    assert_eq!(
+        m.other_pods.name_at(ip("10.2.0.3")),
+        Some(name("shop", "in-mesh-ns"))
+    );
+    assert_eq!(m.other_pods.name_at(ip("10.2.0.9")), None);
+    assert!(m.has_pod(&name("shop", "in-mesh-ns")) && !m.has_pod(&name("shop", "plain")));
+    // Node addresses come from every pod, compact ones included.
+    assert_eq!(m.nodes["b"], [ip("192.168.0.1")]);
+    assert_eq!(m.nodes["bb"], [ip("192.168.0.2")]);
+
+    // Its namespace joins the mesh: the pod is made whole (identity, tunnel destination).
+    let mut shop = namespace("shop");
+    shop.metadata.labels = Some(ann(&[(mode, "mesh")]));
+    state.namespaces.apply(watcher::Event::Apply(shop));
+    let (m, _) = state.build();
+    let p = &m.pods[&name("shop", "in-mesh-ns")];
+    assert_eq!(
+        (
+            p.node.as_str(),
+            p.service_account.as_str(),
+            p.ips.as_slice()
+        ),
+        ("bb", "sa", [ip("10.2.0.3")].as_slice())
+    );
+    assert_eq!(m.other_pods.len(), 1);
+    let view = crate::authz::MeshView::build(&m, &m.mesh.settings);
+    assert!(view.enrolled.contains_key(&name("shop", "in-mesh-ns")));
+
+    // A pod that finished leaves; so does a deleted one.
+    let mut done = pod_on("default", "plain", "b", &[], &["10.2.0.1"]);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".to_owned());
+    state.pods.apply_pod("a", watcher::Event::Apply(done));
+    state.pods.apply_pod(
+        "a",
+        watcher::Event::Delete(pod_on("default", "labelled", "b", &[], &[])),
+    );
+    let (m, _) = state.build();
+    assert!(!m.has_pod(&name("default", "plain")));
+    assert!(!m.has_pod(&name("default", "labelled")));
+    assert!(m.other_pods.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -838,4 +953,125 @@ fn enrollment_labels_and_security_objects_reach_the_model_and_the_last_good_stay
             ObjectName::new("default", "deny-other")
         )]
     );
+}
+
+/// Heap bytes in use (glibc's count over every arena; the test binary runs on glibc malloc).
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
+/// What the source, the model and the snapshot hold for the control-plane benchmark's cluster
+/// (10,000 services × 10 endpoints, 100,000 pods on 100 nodes, 1 % on this node), per step.
+/// A measurement, not a check: `cargo test -p mesh-agent --lib -- --ignored --nocapture
+/// heap_of_the_benchmark_cluster`.
+#[test]
+#[ignore = "measurement; run by hand"]
+#[expect(
+    clippy::too_many_lines,
+    clippy::cast_precision_loss,
+    reason = "one measurement, step by step, printed in MB"
+)]
+fn heap_of_the_benchmark_cluster() {
+    let (services, endpoints) = (10_000, 10);
+    let node_of = |s: usize, e: usize| match (s * 10 + e) % 100 {
+        0 => "a".to_owned(),
+        n => format!("n{n}"),
+    };
+    let mut state = State::new("a".to_owned());
+    state
+        .namespaces
+        .apply(watcher::Event::Apply(namespace("default")));
+    let start = heap_in_use();
+    let step = |what: &str, since: &mut usize| {
+        let now = heap_in_use();
+        let delta = now as f64 - *since as f64;
+        eprintln!(
+            "{what}: {:.1} MB ({:.0} B per pod)",
+            delta / 1e6,
+            delta / (services * endpoints) as f64
+        );
+        *since = now;
+    };
+    let mut at = start;
+    state.pods.apply_pod("a", watcher::Event::Init);
+    for s in 0..services {
+        for e in 0..endpoints {
+            let ip = format!("10.{}.{}.{}", 100 + s / 250 % 100, s % 250, e + 1);
+            let pod = K8sPod {
+                metadata: ObjectMeta {
+                    name: Some(format!("svc-{s}-{e}")),
+                    namespace: Some("default".to_owned()),
+                    labels: Some(ann(&[("app", &format!("svc-{s}"))])),
+                    uid: Some(format!("00000000-0000-0000-{s:04}-{e:012}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                    node_name: Some(node_of(s, e)),
+                    service_account_name: Some("default".to_owned()),
+                    ..Default::default()
+                }),
+                status: Some(k8s_openapi::api::core::v1::PodStatus {
+                    phase: Some("Running".to_owned()),
+                    pod_ip: Some(ip.clone()),
+                    pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP { ip }]),
+                    host_ip: Some(format!("192.168.1.{}", (s * 10 + e) % 100)),
+                    ..Default::default()
+                }),
+            };
+            state.pods.apply_pod("a", watcher::Event::InitApply(pod));
+        }
+    }
+    state.pods.apply_pod("a", watcher::Event::InitDone);
+    step("pod store", &mut at);
+    state.services.apply_service(watcher::Event::Init);
+    for s in 0..services {
+        let (hi, lo) = (s / 250, s % 250 + 1);
+        state
+            .services
+            .apply_service(watcher::Event::InitApply(service(
+                &format!("svc-{s}"),
+                &[],
+                &format!("10.96.{hi}.{lo}"),
+            )));
+    }
+    state.services.apply_service(watcher::Event::InitDone);
+    step("service store", &mut at);
+    state
+        .slices
+        .apply_slice(&mut state.names, watcher::Event::Init);
+    for s in 0..services {
+        let name = format!("svc-{s}");
+        let ips: Vec<String> = (0..endpoints)
+            .map(|e| format!("10.{}.{}.{}", 100 + s / 250 % 100, s % 250, e + 1))
+            .collect();
+        let listed: Vec<(&str, Option<bool>)> =
+            ips.iter().map(|ip| (ip.as_str(), Some(true))).collect();
+        let mut sl = slice(&format!("{name}-x1"), &name, &listed);
+        for (e, ep) in sl.endpoints.iter_mut().enumerate() {
+            ep.node_name = Some(node_of(s, e));
+            ep.zone = Some("z1".to_owned());
+            ep.target_ref.as_mut().unwrap().name = Some(format!("{name}-{e}"));
+        }
+        state
+            .slices
+            .apply_slice(&mut state.names, watcher::Event::InitApply(sl));
+    }
+    state
+        .slices
+        .apply_slice(&mut state.names, watcher::Event::InitDone);
+    step("slice store", &mut at);
+    let (model, _) = state.build();
+    step("model", &mut at);
+    let snapshot =
+        crate::state::Snapshot::build(1, model, crate::reconcile::AppliedServices::new());
+    step(
+        "snapshot (model without endpoints, indexes, mesh view)",
+        &mut at,
+    );
+    eprintln!(
+        "total {:.1} MB",
+        (heap_in_use() as f64 - start as f64) / 1e6
+    );
+    assert_eq!(snapshot.model.services.len(), services);
 }
