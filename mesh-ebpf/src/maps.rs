@@ -32,7 +32,7 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, u32, { SERVICES_CAPACITY as usize }> = HashMap::new();
 
-/// `mesh_common::service::SERVICE_CONF_MAP` ("SERVICE_CONF_V2"; a static's name is its map's).
+/// `mesh_common::service::SERVICE_CONF_MAP`: a static's name is its map's name, `SERVICE_CONF_V2`.
 #[btf_map]
 pub static SERVICE_CONF_V2: HashMap<u32, Service, { SERVICE_CONF_CAPACITY as usize }> =
     HashMap::new();

@@ -93,7 +93,7 @@ fn pin_previous_generation(maps: &Path) -> usize {
     let mut old_backends: HashMap<MapData, u32, legacy::Backend> =
         hash(&maps.join(legacy::BACKENDS_MAP));
     let mut written = 0;
-    for entry in confs.iter() {
+    for entry in &confs {
         let (conf_id, c) = entry.unwrap();
         let old = legacy::Service {
             key: c.key,

@@ -88,92 +88,26 @@ pub(super) fn migrate(
         let Ok(old) = confs.get(&conf_id, 0) else {
             continue;
         };
-        let mut ids = Vec::with_capacity(old.backend_count as usize);
-        let mut addrs = Vec::with_capacity(old.backend_count as usize);
-        for slot in 0..old.backend_count {
-            let Some(id) = slots.as_ref().and_then(|m| {
-                m.get(
-                    &legacy::SlotKey {
-                        service_id: old.id,
-                        slot,
-                    },
-                    0,
-                )
-                .ok()
-            }) else {
-                continue;
-            };
-            let Some(b) = backends
-                .as_ref()
-                .and_then(|m| m.get(&id, 0).ok())
-                .filter(|b| b.service_id == old.id)
-            else {
-                continue;
-            };
-            // Only a backend whose state slot is its own (the old kernel skipped others too).
-            if dp
-                .backend_state
-                .get(&state_slot(id), 0)
-                .is_ok_and(|st| st.id == id)
-            {
-                ids.push(id);
-                addrs.push(BackendAddr {
-                    id,
-                    service_id: old.id,
-                    addr_be: b.addr_be,
-                    port_be: b.port_be,
-                    family: b.family,
-                    _pad: 0,
-                    weight: b.weight,
-                });
-            }
-        }
-        let n = ids.len() as u32;
-        let base = ranges.alloc(n, now).ok_or_else(|| DatapathError::MapFull {
-            name: SLOTS_MAP,
-            capacity: SLOTS_CAPACITY,
-            what: format!("{key:?} (copying the previous generation's configuration {conf_id})"),
+        let n = copy_service(
+            dp,
+            &old,
+            &mut ranges,
+            slots.as_ref(),
+            backends.as_ref(),
+            now,
+        )
+        .map_err(|e| match e {
+            DatapathError::MapFull { name, capacity, .. } => DatapathError::MapFull {
+                name,
+                capacity,
+                what: format!(
+                    "{key:?} (copying the previous generation's configuration {conf_id})"
+                ),
+            },
+            e => e,
         })?;
-        let state_slots: Vec<u32> = ids.iter().map(|id| state_slot(*id)).collect();
-        let cleared = vec![BackendAddr::default(); ids.len()];
-        write_array(
-            &mut dp.backend_addrs,
-            BACKEND_ADDRS_MAP,
-            &state_slots,
-            &cleared,
-        )?;
-        write_array(
-            &mut dp.backend_addrs,
-            BACKEND_ADDRS_MAP,
-            &state_slots,
-            &addrs,
-        )?;
-        let keys: Vec<u32> = (base..base + n).collect();
-        write_array(&mut dp.slots, SLOTS_MAP, &keys, &ids)?;
-        let conf = Service {
-            key: old.key,
-            conf_id: old.conf_id,
-            id: old.id,
-            backend_count: n,
-            algorithm: old.algorithm,
-            flags: old.flags,
-            _pad: 0,
-            table_size: old.table_size,
-            affinity_timeout_s: old.affinity_timeout_s,
-            max_connections: old.max_connections,
-            consecutive_failures: old.consecutive_failures,
-            base_ejection_ms: old.base_ejection_ms,
-            max_ejection_ms: old.max_ejection_ms,
-            max_ejection_pct: super::percent(old.max_ejection_pct),
-            panic_threshold_pct: super::percent(old.panic_threshold_pct),
-            _pad2: 0,
-            slot_base: base,
-        };
-        dp.confs
-            .insert(conf_id, conf, 0)
-            .map_err(map_err("write", SERVICE_CONF_MAP))?;
+        copied_backends += n;
         copied += 1;
-        copied_backends += ids.len();
     }
     info!(
         services = copied,
@@ -182,6 +116,103 @@ pub(super) fn migrate(
         "copied the previous data-path generation's maps into this one's"
     );
     Ok(present)
+}
+
+/// Copies one old configuration: its backends (whose state slot is their own) into
+/// `BACKEND_ADDRS`, its slots into a new range, itself into `SERVICE_CONF_V2` under the same id.
+/// Returns the backends copied.
+fn copy_service(
+    dp: &mut Datapath,
+    old: &legacy::Service,
+    ranges: &mut Ranges,
+    slots: Option<&HashMap<MapData, legacy::SlotKey, u32>>,
+    backends: Option<&HashMap<MapData, u32, legacy::Backend>>,
+    now: Instant,
+) -> Result<usize, DatapathError> {
+    let mut ids = Vec::with_capacity(old.backend_count as usize);
+    let mut addrs = Vec::with_capacity(old.backend_count as usize);
+    for slot in 0..old.backend_count {
+        let Some(id) = slots.and_then(|m| {
+            m.get(
+                &legacy::SlotKey {
+                    service_id: old.id,
+                    slot,
+                },
+                0,
+            )
+            .ok()
+        }) else {
+            continue;
+        };
+        let Some(b) = backends
+            .and_then(|m| m.get(&id, 0).ok())
+            .filter(|b| b.service_id == old.id)
+        else {
+            continue;
+        };
+        // Only a backend whose state slot is its own (the old kernel skipped others too).
+        if dp
+            .backend_state
+            .get(&state_slot(id), 0)
+            .is_ok_and(|st| st.id == id)
+        {
+            ids.push(id);
+            addrs.push(BackendAddr {
+                id,
+                service_id: old.id,
+                addr_be: b.addr_be,
+                port_be: b.port_be,
+                family: b.family,
+                _pad: 0,
+                weight: b.weight,
+            });
+        }
+    }
+    let n = ids.len() as u32;
+    let base = ranges.alloc(n, now).ok_or_else(|| DatapathError::MapFull {
+        name: SLOTS_MAP,
+        capacity: SLOTS_CAPACITY,
+        what: String::new(),
+    })?;
+    let state_slots: Vec<u32> = ids.iter().map(|id| state_slot(*id)).collect();
+    let cleared = vec![BackendAddr::default(); ids.len()];
+    write_array(
+        &mut dp.backend_addrs,
+        BACKEND_ADDRS_MAP,
+        &state_slots,
+        &cleared,
+    )?;
+    write_array(
+        &mut dp.backend_addrs,
+        BACKEND_ADDRS_MAP,
+        &state_slots,
+        &addrs,
+    )?;
+    let keys: Vec<u32> = (base..base + n).collect();
+    write_array(&mut dp.slots, SLOTS_MAP, &keys, &ids)?;
+    let conf = Service {
+        key: old.key,
+        conf_id: old.conf_id,
+        id: old.id,
+        backend_count: n,
+        algorithm: old.algorithm,
+        flags: old.flags,
+        _pad: 0,
+        table_size: old.table_size,
+        affinity_timeout_s: old.affinity_timeout_s,
+        max_connections: old.max_connections,
+        consecutive_failures: old.consecutive_failures,
+        base_ejection_ms: old.base_ejection_ms,
+        max_ejection_ms: old.max_ejection_ms,
+        max_ejection_pct: super::percent(old.max_ejection_pct),
+        panic_threshold_pct: super::percent(old.panic_threshold_pct),
+        _pad2: 0,
+        slot_base: base,
+    };
+    dp.confs
+        .insert(old.conf_id, conf, 0)
+        .map_err(map_err("write", SERVICE_CONF_MAP))?;
+    Ok(ids.len())
 }
 
 /// Removes the previous generation's pins (after the programs were swapped). A failure is only
@@ -193,7 +224,7 @@ pub(super) fn unpin(maps_dir: &Path, names: &[&'static str]) {
             Ok(()) => info!(path = %path.display(), "removed the previous generation's pinned map"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "could not remove the previous generation's pinned map")
+                warn!(path = %path.display(), error = %e, "could not remove the previous generation's pinned map");
             }
         }
     }

@@ -206,7 +206,7 @@ struct DatapathArgs {
     #[arg(long, value_enum, default_value_t = Layout::SameCpu)]
     cpus: Layout,
     /// Only one part: `endpoints` (load spread and connect latency over 10,000 endpoints) or
-    /// `matrix` (RR and CRR against direct, iptables and HAProxy).
+    /// `matrix` (RR and CRR against direct, iptables and `HAProxy`).
     #[arg(long, value_parser = ["endpoints", "matrix"])]
     only: Option<String>,
 }
