@@ -1,19 +1,25 @@
-//! Backends and their circuit state: `BACKENDS` (written by the agent) and `BACKEND_STATE`
-//! (counters and circuit, written by the kernel's sockops callbacks).
+//! Backends and their circuit state: `BACKEND_ADDRS` (written by the agent) and `BACKEND_STATE`
+//! (counters and circuit, written by the kernel's sockops callbacks), both arrays indexed by
+//! [`state_slot`]`(id)`.
 
 use crate::{AddrBe, assert_size, user_pod};
 
-/// Map name: backend id → [`Backend`] (hash). A backend id names one endpoint *of one service*,
-/// so its circuit state is per service, as Envoy keeps outlier state per cluster host.
+/// Map name: array of [`BackendAddr`], slot = [`state_slot`]`(id)`: what a connect needs of a
+/// backend (address, service, weight), beside its state slot, so a pick reads one array element
+/// instead of a hash bucket and element. A backend id names one endpoint *of one service*, so
+/// its circuit state is per service, as Envoy keeps outlier state per cluster host.
 ///
 /// Ids are not reused before the 32-bit counter wraps (the agent allocates them from a pinned
-/// counter, [`crate::ids`]; after a wrap it skips ids still in use) and an
-/// entry is written once, when its id is created, and deleted once: so a kernel reader that still
-/// finds the key after copying the value knows the copy came from that one entry, never from a
-/// recycled element (see `ARCHITECTURE.md`, "No torn reads").
-pub const BACKENDS_MAP: &str = "BACKENDS";
-/// Capacity of [`BACKENDS_MAP`] and [`BACKEND_STATE_MAP`]; a power of two, so an id's slot in
-/// [`BACKEND_STATE_MAP`] is `id & (BACKENDS_CAPACITY - 1)`.
+/// counter, [`crate::ids`]) and a slot passes to another id only after [`BACKEND_STATE_MAP`]'s
+/// quarantine. The agent writes an element three times in its id's life: whole, when the id is
+/// created (into a cleared slot); with `service_id` 0 when the backend is removed (new connects
+/// stop picking it at once, as a deleted hash entry did); cleared (all zero) when the quarantine
+/// ends. A kernel reader checks the `id` tag, copies, and checks the tag again: since a slot is
+/// always cleared between two owners, a copy with any byte of a later owner cannot see the old
+/// tag on the second look (see `ARCHITECTURE.md`, "No torn reads").
+pub const BACKEND_ADDRS_MAP: &str = "BACKEND_ADDRS";
+/// Capacity of [`BACKEND_ADDRS_MAP`] and [`BACKEND_STATE_MAP`] (and the most backends); a power
+/// of two, so an id's slot is `id & (BACKENDS_CAPACITY - 1)`.
 pub const BACKENDS_CAPACITY: u32 = 262_144;
 /// Map name: array of [`BackendState`], slot = [`state_slot`]`(id)`. An array, not a hash: its
 /// elements are never freed or recycled, so an atomic update through a pointer can only ever land
@@ -37,18 +43,21 @@ pub const CIRCUIT_HALF_OPEN: u32 = 2;
 /// A half-open probe that reports nothing for this long is presumed lost and may be retried.
 pub const PROBE_TIMEOUT_NS: u64 = 30_000_000_000;
 
-/// Value of [`BACKENDS_MAP`].
+/// Value of [`BACKEND_ADDRS_MAP`]: 32 bytes, so two share a cache line and none straddles one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
+pub struct BackendAddr {
+    /// The backend id this slot serves (0: free); the same tag as [`BackendState::id`].
+    pub id: u32,
+    /// The service the backend belongs to; 0 once it was removed (in quarantine).
+    pub service_id: u32,
     pub addr_be: AddrBe,
     pub port_be: u16,
     pub family: u8,
     pub _pad: u8,
-    pub service_id: u32,
     pub weight: u32,
 }
-assert_size!(Backend, 28);
+assert_size!(BackendAddr, 32);
 
 /// Value of [`BACKEND_STATE_MAP`]: changed by the kernel with atomic operations only.
 #[repr(C)]
@@ -77,4 +86,4 @@ assert_size!(BackendState, 56);
 // The kernel changes `ejections` with 8-byte atomics on the word it shares with `id`.
 const _: () = assert!(core::mem::offset_of!(BackendState, id) % 8 == 0);
 
-user_pod!(Backend, BackendState);
+user_pod!(BackendAddr, BackendState);

@@ -14,8 +14,8 @@ pub const CTR_REJECT_NO_BACKENDS: u32 = 1;
 pub const CTR_REJECT_CIRCUIT_OPEN: u32 = 2;
 /// Rejected: every eligible backend is at `max_connections` (errno `ECONNREFUSED`).
 pub const CTR_REJECT_MAX_CONNECTIONS: u32 = 3;
-/// A slot or table entry named a backend that is not in `BACKENDS`, or one of another service
-/// (agent mid-update, or a recycled map element caught by validation); the pick was retried.
+/// A slot or table entry named a backend that is not (or no longer) in `BACKEND_ADDRS`, or one
+/// of another service (agent mid-update, or a recycled element caught by validation); retried.
 pub const CTR_BACKEND_MISSING: u32 = 4;
 /// Socket storage could not be created; the connection is translated but not accounted.
 pub const CTR_SOCK_STORAGE_FAILED: u32 = 5;
@@ -47,7 +47,7 @@ pub const CTR_FAMILY_MISMATCH: u32 = 17;
 pub const CTR_PEER_RESET: u32 = 18;
 /// An affinity entry named a backend that is gone or no longer of its service; not used.
 pub const CTR_AFFINITY_STALE: u32 = 19;
-/// A slot below the service's backend count had no entry (agent mid-update); retried.
+/// A slot below the service's backend count held no backend id (0); retried.
 pub const CTR_SLOT_MISSING: u32 = 20;
 /// A lookup-table chunk of the service's configuration was missing; retried.
 pub const CTR_TABLE_MISSING: u32 = 21;

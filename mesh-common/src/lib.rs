@@ -12,6 +12,7 @@ pub mod bypass;
 pub mod counters;
 pub mod event;
 pub mod ids;
+pub mod legacy;
 pub mod logic;
 pub mod mesh;
 pub mod report;

@@ -1,4 +1,4 @@
-//! Services and how a connect picks a backend: `SERVICES`, `SERVICE_CONF`, `BACKEND_SLOTS`,
+//! Services and how a connect picks a backend: `SERVICES`, `SERVICE_CONF_V2`, `SERVICE_SLOTS`,
 //! `LB_TABLES`, `SERVICE_STATE` and `AFFINITY`.
 
 use crate::{AddrBe, assert_size, user_pod};
@@ -12,14 +12,22 @@ pub const SERVICES_CAPACITY: u32 = 65_536;
 /// configuration id (not reused before its 32-bit counter wraps), then published by switching [`SERVICES_MAP`], then the old one
 /// is deleted: entries are never updated in place, so a reader that still finds its key after
 /// copying the value has an untorn copy.
-pub const SERVICE_CONF_MAP: &str = "SERVICE_CONF";
+///
+/// `_V2`: the layout with [`Service::slot_base`]. A new name, so a pin of the previous layout
+/// (`crate::legacy::SERVICE_CONF_MAP`) is never read with this one; the agent migrates it.
+pub const SERVICE_CONF_MAP: &str = "SERVICE_CONF_V2";
 /// Capacity of [`SERVICE_CONF_MAP`]: every service's current configuration plus the previous ones
 /// of services being switched.
 pub const SERVICE_CONF_CAPACITY: u32 = 2 * SERVICES_CAPACITY;
-/// Map name: ([`SlotKey`]) → backend id; slots `0..backend_count` of a service.
-pub const BACKEND_SLOTS_MAP: &str = "BACKEND_SLOTS";
-/// Capacity of [`BACKEND_SLOTS_MAP`].
-pub const BACKEND_SLOTS_CAPACITY: u32 = 262_144;
+/// Map name: array of backend ids (`u32`). Each configuration owns the contiguous range
+/// `slot_base..slot_base + backend_count`, written before the configuration is published and
+/// never changed while it is: a connect reads `SERVICE_SLOTS[slot_base + i]`, one array element
+/// (one cache line) instead of a hash bucket and element. The agent allocates the ranges
+/// (first fit) and frees one only after its configuration is unpublished and a quarantine.
+pub const SLOTS_MAP: &str = "SERVICE_SLOTS";
+/// Capacity of [`SLOTS_MAP`]: a power of two (the kernel masks the index), twice the backend
+/// capacity, because a service's new range is written before its old one is freed.
+pub const SLOTS_CAPACITY: u32 = 524_288;
 /// Map name: ([`TableKey`]) → [`LbChunk`]: the Maglev or weighted lookup table of one service
 /// configuration, in chunks of [`LB_CHUNK`] entries (allocated on demand: only services that use
 /// a table have one).
@@ -88,7 +96,7 @@ pub struct Service {
     pub conf_id: u32,
     /// The service's id: stable across configurations (slots, state, affinity, backends).
     pub id: u32,
-    /// Slots `0..backend_count` in [`BACKEND_SLOTS_MAP`] are valid.
+    /// Slots `slot_base..slot_base + backend_count` of [`SLOTS_MAP`] are this configuration's.
     pub backend_count: u32,
     /// One of the `LB_*` constants.
     pub algorithm: u8,
@@ -106,22 +114,26 @@ pub struct Service {
     pub base_ejection_ms: u32,
     /// Cap of one ejection's length.
     pub max_ejection_ms: u32,
-    /// At most this percentage of backends ejected at once (at least one may always be ejected).
-    pub max_ejection_pct: u32,
+    /// At most this percentage of backends ejected at once (at least one may always be ejected);
+    /// 0..=100.
+    pub max_ejection_pct: u8,
     /// Below this percentage of eligible backends, balance over all of them (Envoy's panic
-    /// threshold); 0 = never.
-    pub panic_threshold_pct: u32,
+    /// threshold); 0 = never; 0..=100.
+    pub panic_threshold_pct: u8,
+    pub _pad2: u16,
+    /// First element of this configuration's range in [`SLOTS_MAP`].
+    pub slot_base: u32,
 }
+// 68 bytes, as before `slot_base` (the percentages shrank to make room): `translate`'s frame,
+// which holds a copy, and the callee frames share the verifier's 512-byte stack budget.
 assert_size!(Service, 68);
 
-/// Key of [`BACKEND_SLOTS_MAP`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub slot: u32,
+/// The index in [`SLOTS_MAP`] of slot `i` of a configuration whose range starts at `base`
+/// (masked so the kernel's verifier sees it in bounds; the agent keeps ranges inside).
+#[must_use]
+pub const fn slot_index(base: u32, i: u32) -> u32 {
+    base.wrapping_add(i) & (SLOTS_CAPACITY - 1)
 }
-assert_size!(SlotKey, 8);
 
 /// Key of [`LB_TABLES_MAP`]: chunk `chunk` of configuration `conf_id`'s table.
 #[repr(C)]
@@ -188,7 +200,6 @@ assert_size!(AffinityValue, 16);
 user_pod!(
     ServiceKey,
     Service,
-    SlotKey,
     TableKey,
     LbChunk,
     ServiceState,

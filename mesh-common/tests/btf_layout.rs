@@ -5,16 +5,14 @@
 use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use mesh_common::{
-    backend::{Backend, BackendState},
+    backend::{BackendAddr, BackendState},
     bypass::{BypassBytes, EndpointKey, LocalEndpoint, SockKey},
     event::FlowEvent,
     mesh::{
         CaptureConfig, CaptureKey, Captured, MeshEndpoint, MeshEndpointKey, MeshWorkload,
         VerdictKey,
     },
-    service::{
-        AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, SlotKey, TableKey,
-    },
+    service::{AffinityKey, AffinityValue, LbChunk, Service, ServiceKey, ServiceState, TableKey},
     sock::{RevNatKey, RevNatValue, SockState},
 };
 use serde_json::Value;
@@ -151,9 +149,10 @@ fn every_shared_type_matches_the_objects_btf() {
             base_ejection_ms,
             max_ejection_ms,
             max_ejection_pct,
-            panic_threshold_pct
+            panic_threshold_pct,
+            _pad2,
+            slot_base
         }),
-        layout!(SlotKey { service_id, slot }),
         layout!(TableKey { conf_id, chunk }),
         layout!(LbChunk { backend_ids }),
         layout!(ServiceState {
@@ -172,12 +171,13 @@ fn every_shared_type_matches_the_objects_btf() {
             backend_id,
             _pad
         }),
-        layout!(Backend {
+        layout!(BackendAddr {
+            id,
+            service_id,
             addr_be,
             port_be,
             family,
             _pad,
-            service_id,
             weight
         }),
         layout!(BackendState {

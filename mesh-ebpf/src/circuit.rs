@@ -125,7 +125,7 @@ pub fn on_failure(svc: &Service, id: u32, probe_word: u64, now: u64) -> bool {
     for _ in 0..4 {
         // SAFETY: field of an array element.
         let e = unsafe { atomic::load(&raw const (*ss).ejected) };
-        if !logic::may_eject(e, svc.backend_count, svc.max_ejection_pct) {
+        if !logic::may_eject(e, svc.backend_count, u32::from(svc.max_ejection_pct)) {
             count(CTR_EJECTION_SKIPPED_MAX_PCT);
             return false;
         }

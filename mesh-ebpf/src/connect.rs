@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
-    backend::Backend,
+    backend::BackendAddr,
     counters::{
         CTR_AFFINITY_STALE, CTR_AFFINITY_UPDATE_FAILED, CTR_FAMILY_MISMATCH, CTR_PANIC,
         CTR_RANDOM_EXHAUSTED, CTR_REJECT_CIRCUIT_OPEN, CTR_REJECT_MAX_CONNECTIONS,
@@ -30,7 +30,7 @@ use mesh_common::{
     service::{
         AffinityKey, AffinityValue, LB_CHUNK, LB_LEAST_CONN, LB_MAGLEV, LB_ROUND_ROBIN,
         LB_WEIGHTED, MAX_BACKENDS_PER_SERVICE, RANDOM_TRIES, SVC_F_AFFINITY, Service, ServiceKey,
-        SlotKey, TableKey,
+        TableKey,
     },
     sock::{RevNatKey, RevNatValue, SOCK_F_MULTI, SOCK_F_V4_MAPPED, SockState},
 };
@@ -40,8 +40,8 @@ use crate::{
     circuit::{self, Ineligible},
     events,
     maps::{
-        AFFINITY, BACKEND_SLOTS, LB_TABLES, REVNAT, SCRATCH, SOCK_STATE, backend, count, service,
-        service_state,
+        AFFINITY, LB_TABLES, REVNAT, SCRATCH, SOCK_STATE, backend, count, service, service_state,
+        slot_id,
     },
 };
 
@@ -145,13 +145,29 @@ fn remap(mapped: bool, addr: &AddrBe) -> AddrBe {
     }
 }
 
-/// A chosen backend.
+/// A chosen backend: only what the connect writes and remembers (32 bytes: `translate`'s frame
+/// and `select`'s share the verifier's 512-byte stack budget).
 #[derive(Clone, Copy)]
 struct Pick {
+    addr_be: AddrBe,
+    port_be: u16,
+    family: u8,
     id: u32,
-    backend: Backend,
     /// Non-zero when this connect is the circuit's half-open probe.
     probe_word: u64,
+}
+
+impl Pick {
+    #[inline(always)]
+    fn new(b: &BackendAddr, probe_word: u64) -> Self {
+        Self {
+            addr_be: b.addr_be,
+            port_be: b.port_be,
+            family: b.family,
+            id: b.id,
+            probe_word,
+        }
+    }
 }
 
 /// `cgroup/connect{4,6}` and `cgroup/sendmsg{4,6}`. Returns 1 to let the call go on, 0 to fail it.
@@ -199,7 +215,7 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
     };
     match select(&svc, netns, bound_src_port(ctx), now) {
         Ok(pick) => {
-            let backend = pick.backend;
+            let backend = pick;
             if backend.family != family {
                 count(CTR_FAMILY_MISMATCH);
                 return 1;
@@ -337,22 +353,16 @@ fn random64() -> u64 {
     (u64::from(random()) << 32) | u64::from(random())
 }
 
-/// The backend id in slot `slot` of the service (a `u32`: one load; the id is validated by
-/// [`backend`] before use).
+/// The backend id in slot `slot` of the configuration (one element of its `SERVICE_SLOTS`
+/// range; the id is validated by [`backend`] before use).
 #[inline(always)]
 fn slot(svc: &Service, slot: u32) -> Option<u32> {
-    let k = SlotKey {
-        service_id: svc.id,
-        slot,
-    };
-    let id = BACKEND_SLOTS
-        .get_ptr(k)
-        // SAFETY: a u32 value: one aligned load.
-        .map(|p| unsafe { read_volatile(p) });
-    if id.is_none() {
+    let id = slot_id(svc, slot);
+    if id == 0 {
         count(CTR_SLOT_MISSING);
+        return None;
     }
-    id
+    Some(id)
 }
 
 /// The backend id at position `pos` of the configuration's lookup table.
@@ -408,11 +418,7 @@ fn retry_candidate(svc: &Service, hash: u64, k: u32) -> Option<u32> {
 fn try_id(svc: &Service, id: u32, now: u64, panic: bool, saw_full: &mut bool) -> Option<Pick> {
     let backend = backend(id, svc.id)?;
     match circuit::admit(svc, id, now, panic) {
-        Ok(probe_word) => Some(Pick {
-            id,
-            backend,
-            probe_word,
-        }),
+        Ok(probe_word) => Some(Pick::new(&backend, probe_word)),
         Err(Ineligible::Full) => {
             *saw_full = true;
             None
@@ -463,7 +469,7 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
     let ejected = service_state(svc.id)
         // SAFETY: field of an array element.
         .map_or(0, |ss| unsafe { atomic::load(&raw const (*ss).ejected) });
-    let panic = logic::in_panic(n, ejected, svc.panic_threshold_pct);
+    let panic = logic::in_panic(n, ejected, u32::from(svc.panic_threshold_pct));
     if panic {
         count(CTR_PANIC);
     }
@@ -538,11 +544,7 @@ fn select(svc: &Service, netns: u64, sport: u32, now: u64) -> Result<Pick, u32> 
     if found != 0
         && let Some(b) = backend(pick_id, svc.id)
     {
-        return Ok(Pick {
-            id: pick_id,
-            backend: b,
-            probe_word,
-        });
+        return Ok(Pick::new(&b, probe_word));
     }
     count(CTR_RANDOM_EXHAUSTED);
     // SAFETY: as above, with `scan_step`.

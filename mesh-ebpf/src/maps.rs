@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
-    backend::{BACKENDS_CAPACITY, Backend, BackendState, state_slot},
+    backend::{BACKENDS_CAPACITY, BackendAddr, BackendState, state_slot},
     bypass::{
         BYPASS_BYTES_CAPACITY, BYPASS_SOCKS_CAPACITY, BypassBytes, EndpointKey,
         LOCAL_ENDPOINTS_CAPACITY, LocalEndpoint, SockKey,
@@ -16,12 +16,14 @@ use mesh_common::{
     event::{EVENTS_BYTES, FlowEvent},
     ids::ID_ALLOC_CAPACITY,
     service::{
-        AFFINITY_CAPACITY, AffinityKey, AffinityValue, BACKEND_SLOTS_CAPACITY, LB_TABLES_CAPACITY,
-        LbChunk, SERVICE_CONF_CAPACITY, SERVICES_CAPACITY, Service, ServiceKey, ServiceState,
-        SlotKey, TableKey, service_slot,
+        AFFINITY_CAPACITY, AffinityKey, AffinityValue, LB_TABLES_CAPACITY, LbChunk,
+        SERVICE_CONF_CAPACITY, SERVICES_CAPACITY, SLOTS_CAPACITY, Service, ServiceKey,
+        ServiceState, TableKey, service_slot, slot_index,
     },
     sock::{REVNAT_CAPACITY, RevNatKey, RevNatValue, SockState},
 };
+
+use core::ptr::read_volatile;
 
 use crate::atomic;
 
@@ -30,12 +32,13 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, u32, { SERVICES_CAPACITY as usize }> = HashMap::new();
 
+/// `mesh_common::service::SERVICE_CONF_MAP`: a static's name is its map's name, `SERVICE_CONF_V2`.
 #[btf_map]
-pub static SERVICE_CONF: HashMap<u32, Service, { SERVICE_CONF_CAPACITY as usize }> = HashMap::new();
+pub static SERVICE_CONF_V2: HashMap<u32, Service, { SERVICE_CONF_CAPACITY as usize }> =
+    HashMap::new();
 
 #[btf_map]
-pub static BACKEND_SLOTS: HashMap<SlotKey, u32, { BACKEND_SLOTS_CAPACITY as usize }> =
-    HashMap::new();
+pub static SERVICE_SLOTS: Array<u32, { SLOTS_CAPACITY as usize }> = Array::new();
 
 #[btf_map]
 pub static LB_TABLES: HashMap<TableKey, LbChunk, { LB_TABLES_CAPACITY as usize }, NO_PREALLOC> =
@@ -49,7 +52,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_CAPACITY 
     LruHashMap::new();
 
 #[btf_map]
-pub static BACKENDS: HashMap<u32, Backend, { BACKENDS_CAPACITY as usize }> = HashMap::new();
+pub static BACKEND_ADDRS: Array<BackendAddr, { BACKENDS_CAPACITY as usize }> = Array::new();
 
 #[btf_map]
 pub static BACKEND_STATE: Array<BackendState, { BACKENDS_CAPACITY as usize }> = Array::new();
@@ -111,13 +114,13 @@ pub fn service(key: &ServiceKey) -> Option<Service> {
     for _ in 0..2 {
         // SAFETY: a u32 value: one aligned load.
         let conf_id = unsafe { core::ptr::read_volatile(SERVICES.get_ptr(key)?) };
-        let Some(p) = SERVICE_CONF.get_ptr(conf_id) else {
+        let Some(p) = SERVICE_CONF_V2.get_ptr(conf_id) else {
             count(CTR_CONF_STALE);
             continue;
         };
         // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
         let svc = unsafe { core::ptr::read_volatile(p) };
-        if SERVICE_CONF.get_ptr(conf_id).is_some() && svc.conf_id == conf_id && svc.key == *key {
+        if SERVICE_CONF_V2.get_ptr(conf_id).is_some() && svc.conf_id == conf_id && svc.key == *key {
             return Some(svc);
         }
         count(CTR_CONF_STALE);
@@ -129,25 +132,47 @@ pub fn service(key: &ServiceKey) -> Option<Service> {
 /// (its entry still exists after the copy, and names itself).
 #[inline(never)]
 pub fn service_conf(conf_id: u32) -> Option<Service> {
-    let p = SERVICE_CONF.get_ptr(conf_id)?;
+    let p = SERVICE_CONF_V2.get_ptr(conf_id)?;
     // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
     let svc = unsafe { core::ptr::read_volatile(p) };
-    (SERVICE_CONF.get_ptr(conf_id).is_some() && svc.conf_id == conf_id).then_some(svc)
+    (SERVICE_CONF_V2.get_ptr(conf_id).is_some() && svc.conf_id == conf_id).then_some(svc)
 }
 
-/// Backend `id` if it exists, its copy is untorn (validated as in [`service`]) and it belongs to
-/// service `service_id`; otherwise counts `backend_missing`.
+/// Backend `id` if its slot of `BACKEND_ADDRS` is tagged with it, the copy is untorn and it
+/// belongs to service `service_id` (not removed); otherwise counts `backend_missing`. Untorn: the
+/// tag is read before and after the copy, and the agent clears a slot between two owners, so a
+/// copy holding any byte of a later owner finds the tag changed (`mesh_common::backend`).
 #[inline(always)]
-pub fn backend(id: u32, service_id: u32) -> Option<Backend> {
-    if let Some(p) = BACKENDS.get_ptr(id) {
-        // SAFETY: `p` came from a successful lookup; a volatile copy is taken exactly once.
-        let b = unsafe { core::ptr::read_volatile(p) };
-        if BACKENDS.get_ptr(id).is_some() && b.service_id == service_id {
-            return Some(b);
+pub fn backend(id: u32, service_id: u32) -> Option<BackendAddr> {
+    if let Some(p) = BACKEND_ADDRS.get_ptr(state_slot(id)) {
+        // SAFETY: array element (never freed); volatile loads: the tag, the copy, the tag again.
+        let ok = unsafe {
+            if read_volatile(&raw const (*p).id) == id {
+                let b = read_volatile(p);
+                (read_volatile(&raw const (*p).id) == id && b.service_id == service_id).then_some(b)
+            } else {
+                None
+            }
+        };
+        if ok.is_some() && service_id != 0 {
+            return ok;
         }
     }
     count(CTR_BACKEND_MISSING);
     None
+}
+
+/// The backend id in slot `i` of configuration `svc` (`SERVICE_SLOTS[slot_base + i]`, a `u32`:
+/// one aligned load); 0 when out of range or empty. Validated by [`backend`] before use.
+#[inline(always)]
+pub fn slot_id(svc: &Service, i: u32) -> u32 {
+    if i >= svc.backend_count {
+        return 0;
+    }
+    // SAFETY: array element; a u32 value: one aligned load.
+    SERVICE_SLOTS
+        .get_ptr(slot_index(svc.slot_base, i))
+        .map_or(0, |p| unsafe { read_volatile(p) })
 }
 
 /// The state slot of backend `id`, if the slot belongs to it now.

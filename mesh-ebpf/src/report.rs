@@ -37,7 +37,7 @@ pub fn run(ctx: &RawTracePointContext) -> u32 {
     let Some(svc) = maps::service(&conf.key).filter(|s| s.id == conf.id) else {
         return REPORT_R_UNKNOWN_SERVICE;
     };
-    // A removed backend leaves `BACKENDS` at once (its state slot stays quarantined): a late
+    // A removed backend is marked removed in `BACKEND_ADDRS` at once (its state slot stays quarantined): a late
     // report about it moves nothing.
     let Some(backend) = maps::backend(id, svc.id) else {
         return REPORT_R_UNKNOWN_BACKEND;

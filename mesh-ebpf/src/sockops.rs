@@ -26,7 +26,7 @@ use mesh_common::{
         EV_CLOSE, EV_EJECT, EV_FAIL, EV_OPEN, EV_RECOVER, FAIL_REFUSED, FAIL_RESET,
         FAIL_SYN_TIMEOUT,
     },
-    service::{Service, ServiceKey, SlotKey},
+    service::{Service, ServiceKey, slot_index},
     sock::{
         RevNatKey, SOCK_F_COUNTED, SOCK_F_ERROR, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_MULTI,
         SOCK_F_PEER_RESET, SockState,
@@ -35,7 +35,7 @@ use mesh_common::{
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{BACKEND_SLOTS, REVNAT, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count},
+    maps::{REVNAT, SERVICE_SLOTS, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count},
 };
 
 /// Entry for every sockops callback; always lets the socket go on.
@@ -165,7 +165,8 @@ const RELEASE_SCAN: u32 = 1024;
 #[repr(C)]
 struct Release {
     service_id: u32,
-    _pad: u32,
+    /// The configuration's range in `SERVICE_SLOTS`.
+    slot_base: u32,
     cookie: u64,
 }
 
@@ -178,7 +179,7 @@ fn forget_all_backends(st: &SockState, cookie: u64) {
     };
     let mut r = Release {
         service_id: svc.id,
-        _pad: 0,
+        slot_base: svc.slot_base,
         cookie,
     };
     // SAFETY: `forget_slot` has the callback signature `bpf_loop` expects; `r` outlives it.
@@ -196,13 +197,10 @@ fn forget_all_backends(st: &SockState, cookie: u64) {
 extern "C" fn forget_slot(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `Release` passed to `bpf_loop` by `forget_all_backends`.
     let r = unsafe { &*ctx.cast::<Release>() };
-    let k = SlotKey {
-        service_id: r.service_id,
-        slot: i,
-    };
-    // SAFETY: a u32 value: one load.
-    let Some(id) = BACKEND_SLOTS
-        .get_ptr(k)
+    // `i` is below the configuration's backend count (the loop's bound).
+    // SAFETY: array element; a u32 value: one load.
+    let Some(id) = SERVICE_SLOTS
+        .get_ptr(slot_index(r.slot_base, i))
         .map(|p| unsafe { core::ptr::read_volatile(p) })
     else {
         return 0;

@@ -49,6 +49,8 @@ pub enum DatapathError {
         verdict: u32,
         reason: &'static str,
     },
+    #[error("cannot adopt the pinned maps: {reason}")]
+    Adopt { reason: String },
     #[error("failed to set up kernel log forwarding: {0}")]
     Log(String),
     #[error(transparent)]

@@ -6,9 +6,11 @@ pub mod cleanup;
 pub mod coexist;
 pub mod error;
 pub mod events;
+mod legacy;
 mod link;
 pub mod mesh;
 pub mod probe;
+pub mod ranges;
 pub mod sockets;
 pub mod spec;
 pub mod table;
@@ -32,7 +34,8 @@ use aya::{
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6, PROTO_UDP,
     backend::{
-        BACKEND_STATE_MAP, BACKENDS_CAPACITY, BACKENDS_MAP, Backend, BackendState, state_slot,
+        BACKEND_ADDRS_MAP, BACKEND_STATE_MAP, BACKENDS_CAPACITY, BackendAddr, BackendState,
+        state_slot,
     },
     bypass::{
         BYPASS_BYTES_MAP, BYPASS_SOCKS_MAP, EndpointKey, LOCAL_ENDPOINTS_CAPACITY,
@@ -48,11 +51,10 @@ use mesh_common::{
         REPORT_R_UNKNOWN_BACKEND, REPORT_R_UNKNOWN_SERVICE,
     },
     service::{
-        AFFINITY_MAP, BACKEND_SLOTS_CAPACITY, BACKEND_SLOTS_MAP, LB_CHUNK, LB_TABLE_MAX,
-        LB_TABLE_MIN, LB_TABLES_CAPACITY, LB_TABLES_MAP, LbChunk, MAX_BACKENDS_PER_SERVICE,
-        SERVICE_CONF_CAPACITY, SERVICE_CONF_MAP, SERVICE_STATE_MAP, SERVICES_CAPACITY,
-        SERVICES_MAP, SVC_F_AFFINITY, Service, ServiceKey, ServiceState, SlotKey, TableKey,
-        service_slot,
+        AFFINITY_MAP, LB_CHUNK, LB_TABLE_MAX, LB_TABLE_MIN, LB_TABLES_CAPACITY, LB_TABLES_MAP,
+        LbChunk, MAX_BACKENDS_PER_SERVICE, SERVICE_CONF_CAPACITY, SERVICE_CONF_MAP,
+        SERVICE_STATE_MAP, SERVICES_CAPACITY, SERVICES_MAP, SLOTS_CAPACITY, SLOTS_MAP,
+        SVC_F_AFFINITY, Service, ServiceKey, ServiceState, TableKey, service_slot,
     },
     sock::{REVNAT_MAP, RevNatKey, RevNatValue, SOCK_FIN_WAIT2_MAP, SOCK_STATE_MAP},
 };
@@ -68,11 +70,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"))
 pub const MAP_NAMES: [&str; 23] = [
     SERVICES_MAP,
     SERVICE_CONF_MAP,
-    BACKEND_SLOTS_MAP,
+    SLOTS_MAP,
     LB_TABLES_MAP,
     SERVICE_STATE_MAP,
     AFFINITY_MAP,
-    BACKENDS_MAP,
+    BACKEND_ADDRS_MAP,
     BACKEND_STATE_MAP,
     ID_ALLOC_MAP,
     SOCK_STATE_MAP,
@@ -260,10 +262,12 @@ pub struct Datapath {
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, u32>,
     confs: HashMap<MapData, u32, Service>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    /// `SERVICE_SLOTS`: each configuration's backend ids in a range of its own.
+    slots: Array<MapData, u32>,
     tables: HashMap<MapData, TableKey, LbChunk>,
     service_state: Array<MapData, ServiceState>,
-    backends: HashMap<MapData, u32, Backend>,
+    /// `BACKEND_ADDRS`: what a connect needs of a backend, by state slot.
+    backend_addrs: Array<MapData, BackendAddr>,
     backend_state: Array<MapData, BackendState>,
     id_alloc: Array<MapData, u64>,
     local_endpoints: HashMap<MapData, EndpointKey, LocalEndpoint>,
@@ -279,10 +283,10 @@ pub struct Datapath {
     retired: Vec<(u32, Instant)>,
     /// Writes refused because a map would overflow (exported as a metric).
     map_full_total: u64,
-    /// Backends in `BACKENDS` (ids are per service, so this is the sum over `applied`).
+    /// Live backends (ids are per service, so this is the sum over `applied`).
     backend_total: usize,
-    /// Slots in use over all services (kept, not summed, so updates stay O(backends)).
-    used_slots: usize,
+    /// Ranges of `SERVICE_SLOTS` held by configurations (and in quarantine).
+    ranges: ranges::Ranges,
     /// Lookup-table chunks in `LB_TABLES` over all services.
     table_chunks: usize,
     /// The cgroup the programs serve (whose processes' network namespaces hold its sockets).
@@ -365,11 +369,14 @@ struct BatchAttr {
 /// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Slots `0..n` of the `BACKEND_STATE` array `fd`, read [`BATCH_SLOTS`] at a time with
-/// `BPF_MAP_LOOKUP_BATCH`.
-fn lookup_batch(fd: i32, n: u32) -> std::io::Result<Vec<BackendState>> {
+/// `BPF_MAP_UPDATE_BATCH` (Linux 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Slots `0..n` of the array `fd` whose values are `V` (`BACKEND_STATE`), read [`BATCH_SLOTS`]
+/// at a time with `BPF_MAP_LOOKUP_BATCH`.
+pub(crate) fn lookup_batch<V: aya::Pod + Default>(fd: i32, n: u32) -> std::io::Result<Vec<V>> {
     let map_fd = u32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    let mut values = vec![BackendState::default(); n as usize];
+    let mut values = vec![V::default(); n as usize];
     let mut keys = vec![0u32; n as usize];
     let (mut done, mut token, mut next) = (0u32, 0u32, 0u32);
     while done < n {
@@ -389,7 +396,7 @@ fn lookup_batch(fd: i32, n: u32) -> std::io::Result<Vec<BackendState>> {
             ..BatchAttr::default()
         };
         // SAFETY: `attr` points at buffers of `chunk` keys (4 bytes, the array's key size) and
-        // `chunk` values (`BackendState`, the map's value type and size) that outlive the call;
+        // `chunk` values (`V`, the map's value type and size) that outlive the call;
         // the kernel writes at most `count` of each, and `next`.
         let rc = unsafe {
             libc::syscall(
@@ -411,6 +418,63 @@ fn lookup_batch(fd: i32, n: u32) -> std::io::Result<Vec<BackendState>> {
     }
     values.truncate(done as usize);
     Ok(values)
+}
+
+/// Writes `values[i]` at index `keys[i]` of the array `fd` (values of type `V`) with
+/// `BPF_MAP_UPDATE_BATCH`, [`BATCH_SLOTS`] per call: a 10,000-backend configuration's range is
+/// a handful of `bpf(2)` calls instead of 10,000. `Err` leaves a prefix written; the caller
+/// writes the rest one by one (a kernel without batch support refuses the first call).
+fn update_batch<V: aya::Pod>(fd: i32, keys: &[u32], values: &[V]) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let map_fd = u32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    for (k, v) in keys
+        .chunks(BATCH_SLOTS as usize)
+        .zip(values.chunks(BATCH_SLOTS as usize))
+    {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `count` keys (4 bytes, the array's key size) and `count`
+        // values (`V`, the map's value type and size) that outlive the call; the kernel only
+        // reads them (and writes `count`).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `values[i]` at `keys[i]` of `map` (named `name`): in batches, or one by one where the
+/// kernel refuses batches.
+fn write_array<V: aya::Pod>(
+    map: &mut Array<MapData, V>,
+    name: &'static str,
+    keys: &[u32],
+    values: &[V],
+) -> Result<(), DatapathError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    if let Err(e) = update_batch(fd, keys, values) {
+        debug!(error = %e, map = name, "BPF_MAP_UPDATE_BATCH refused: writing one by one");
+        for (k, v) in keys.iter().zip(values) {
+            map.set(*k, *v, 0).map_err(map_err("write", name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps a failed map operation to an error naming the operation and the map.
@@ -454,6 +518,7 @@ fn service_value(
     spec: &ServiceSpec,
     backend_count: usize,
     table_size: u32,
+    slot_base: u32,
 ) -> Service {
     let c = &spec.circuit;
     Service {
@@ -476,9 +541,17 @@ fn service_value(
         consecutive_failures: c.consecutive_failures,
         base_ejection_ms: ms(c.base_ejection),
         max_ejection_ms: ms(c.max_ejection),
-        max_ejection_pct: c.max_ejection_percent,
-        panic_threshold_pct: c.panic_threshold_percent,
+        max_ejection_pct: percent(c.max_ejection_percent),
+        panic_threshold_pct: percent(c.panic_threshold_percent),
+        _pad2: 0,
+        slot_base,
     }
+}
+
+/// A percentage as the kernel keeps it: above 100 means what 100 means (every backend may be
+/// ejected; panic whenever not all are eligible — and with all eligible, panic changes nothing).
+fn percent(p: u32) -> u8 {
+    p.min(100) as u8
 }
 
 fn ms(d: Duration) -> u32 {
@@ -510,25 +583,74 @@ impl Datapath {
             Err(aya_log::Error::MapNotFound) => None,
             Err(e) => return Err(DatapathError::Log(e.to_string())),
         };
+        // The maps first: a node left with the previous generation's maps pinned has them
+        // copied into this generation's before any program is swapped (`legacy`), so the new
+        // programs never run on empty maps.
+        let mut dp = Self {
+            services: take(&mut ebpf, SERVICES_MAP)?,
+            confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
+            slots: take(&mut ebpf, SLOTS_MAP)?,
+            tables: take(&mut ebpf, LB_TABLES_MAP)?,
+            service_state: take(&mut ebpf, SERVICE_STATE_MAP)?,
+            backend_addrs: take(&mut ebpf, BACKEND_ADDRS_MAP)?,
+            backend_state: take(&mut ebpf, BACKEND_STATE_MAP)?,
+            id_alloc: take(&mut ebpf, ID_ALLOC_MAP)?,
+            local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
+            revnat: take(&mut ebpf, REVNAT_MAP)?,
+            counters: take(&mut ebpf, COUNTERS_MAP)?,
+            cgroup: cfg.cgroup.clone(),
+            stale_udp: Vec::new(),
+            udp_destroyed: 0,
+            udp_destroy_failed: 0,
+            events: Some(take(&mut ebpf, EVENTS_MAP)?),
+            mesh: mesh::MeshMaps::take(&mut ebpf)?,
+            logger,
+            ebpf,
+            pin_dir: cfg.pin_dir.clone(),
+            applied: BTreeMap::new(),
+            ids: Ids::new(),
+            retired: Vec::new(),
+            map_full_total: 0,
+            backend_total: 0,
+            ranges: ranges::Ranges::new(SLOTS_CAPACITY),
+            table_chunks: 0,
+        };
+        let legacy = legacy::migrate(&mut dp, &maps_dir)?;
+        dp.adopt()?;
+        dp.attach(cfg, kernel.reset_tracepoint, &links_dir)?;
+        // Every program now runs on this generation's maps: the old pins go (a map lives on
+        // while an old program still holds it, e.g. an existing socket's `sk_msg`).
+        legacy::unpin(&maps_dir, &legacy);
+        info!(cgroup = %cfg.cgroup.display(), pins = %cfg.pin_dir.display(), services = dp.applied.len(), "data path attached");
+        Ok(dp)
+    }
+
+    /// Attaches (or, through the pinned links, swaps in place) every program of the object.
+    fn attach(
+        &mut self,
+        cfg: &DatapathConfig,
+        reset_tracepoint: bool,
+        links_dir: &Path,
+    ) -> Result<(), DatapathError> {
         let cgroup = std::fs::File::open(&cfg.cgroup).map_err(|source| DatapathError::Io {
             op: "open cgroup",
             path: cfg.cgroup.clone(),
             source,
         })?;
         for name in CGROUP_PROGRAMS {
-            attach_cgroup_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
+            attach_cgroup_program(&mut self.ebpf, name, &cgroup, &links_dir.join(name))?;
         }
         // Without kernel BTF the reset and error tracepoints cannot attach (the probe said so
         // once): resets then do not count as failures and every abandoned handshake is a refusal.
-        if kernel.reset_tracepoint {
+        if reset_tracepoint {
             for (name, function) in TRACEPOINTS {
-                attach_tracepoint(&mut ebpf, name, function, &links_dir.join(name))?;
+                attach_tracepoint(&mut self.ebpf, name, function, &links_dir.join(name))?;
             }
         }
         {
             let name = SK_MSG_PROGRAM;
-            let socks: SockHash<MapData, SockKey> = take(&mut ebpf, BYPASS_SOCKS_MAP)?;
-            let prog: &mut SkMsg = program(&mut ebpf, name)?;
+            let socks: SockHash<MapData, SockKey> = take(&mut self.ebpf, BYPASS_SOCKS_MAP)?;
+            let prog: &mut SkMsg = program(&mut self.ebpf, name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 op: "load",
                 name,
@@ -553,45 +675,14 @@ impl Datapath {
             std::mem::forget(link);
         }
         // Never attached: `report` runs it with `BPF_PROG_TEST_RUN`.
-        program::<RawTracePoint>(&mut ebpf, REPORT_PROGRAM)?
+        program::<RawTracePoint>(&mut self.ebpf, REPORT_PROGRAM)?
             .load()
             .map_err(|source| DatapathError::Program {
                 op: "load",
                 name: REPORT_PROGRAM,
                 source,
             })?;
-        let mut dp = Self {
-            services: take(&mut ebpf, SERVICES_MAP)?,
-            confs: take(&mut ebpf, SERVICE_CONF_MAP)?,
-            slots: take(&mut ebpf, BACKEND_SLOTS_MAP)?,
-            tables: take(&mut ebpf, LB_TABLES_MAP)?,
-            service_state: take(&mut ebpf, SERVICE_STATE_MAP)?,
-            backends: take(&mut ebpf, BACKENDS_MAP)?,
-            backend_state: take(&mut ebpf, BACKEND_STATE_MAP)?,
-            id_alloc: take(&mut ebpf, ID_ALLOC_MAP)?,
-            local_endpoints: take(&mut ebpf, LOCAL_ENDPOINTS_MAP)?,
-            revnat: take(&mut ebpf, REVNAT_MAP)?,
-            counters: take(&mut ebpf, COUNTERS_MAP)?,
-            cgroup: cfg.cgroup.clone(),
-            stale_udp: Vec::new(),
-            udp_destroyed: 0,
-            udp_destroy_failed: 0,
-            events: Some(take(&mut ebpf, EVENTS_MAP)?),
-            mesh: mesh::MeshMaps::take(&mut ebpf)?,
-            logger,
-            ebpf,
-            pin_dir: cfg.pin_dir.clone(),
-            applied: BTreeMap::new(),
-            ids: Ids::new(),
-            retired: Vec::new(),
-            map_full_total: 0,
-            backend_total: 0,
-            used_slots: 0,
-            table_chunks: 0,
-        };
-        dp.adopt()?;
-        info!(cgroup = %cfg.cgroup.display(), pins = %cfg.pin_dir.display(), services = dp.applied.len(), "data path attached");
-        Ok(dp)
+        Ok(())
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: services and their
@@ -614,19 +705,27 @@ impl Datapath {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err("read", SERVICE_CONF_MAP))?;
-        let all: StdHashMap<u32, Backend> = self
-            .backends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("read", BACKENDS_MAP))?;
         let mut max_seen = [0u64; 3];
         let mut referenced = std::collections::HashSet::new();
         let mut live_confs = std::collections::HashSet::new();
+        let now = Instant::now();
         for (key, conf_id) in services {
             let Some(conf) = confs.get(&conf_id).copied() else {
                 let _ = self.services.remove(&key);
                 continue;
             };
+            if !self.ranges.reserve(conf.slot_base, conf.backend_count) {
+                // Two configurations claiming one range cannot come from an agent (ranges are
+                // allocated before use and freed after unpublishing): refuse to guess.
+                return Err(DatapathError::Adopt {
+                    reason: format!(
+                        "configuration {conf_id} of service {} claims slots {}..{} of {SLOTS_MAP}, outside the map or overlapping another's",
+                        conf.id,
+                        conf.slot_base,
+                        u64::from(conf.slot_base) + u64::from(conf.backend_count)
+                    ),
+                });
+            }
             live_confs.insert(conf_id);
             let mut applied = Applied {
                 id: conf.id,
@@ -635,16 +734,14 @@ impl Datapath {
                 ..Applied::default()
             };
             for slot in 0..conf.backend_count {
-                let Ok(id) = self.slots.get(
-                    &SlotKey {
-                        service_id: conf.id,
-                        slot,
-                    },
-                    0,
-                ) else {
+                let Ok(id) = self.slots.get(&(conf.slot_base + slot), 0) else {
                     continue;
                 };
-                if let Some(b) = all.get(&id) {
+                if let Ok(b) = self.backend_addrs.get(&state_slot(id), 0)
+                    && id != 0
+                    && b.id == id
+                    && b.service_id == conf.id
+                {
                     applied.backends.push(id);
                     applied.addrs.push((
                         SocketAddr::new(ip_from_be(b.addr_be, b.family), u16::from_be(b.port_be)),
@@ -653,16 +750,27 @@ impl Datapath {
                     referenced.insert(id);
                 }
             }
+            if applied.backends.len() != conf.backend_count as usize {
+                // Cannot happen between agents (a published configuration's backends are retired
+                // only after the next one is published); a map edited by hand. The kernel skips
+                // such slots (`backend_missing`); the next update writes a clean configuration.
+                warn!(
+                    service = conf.id,
+                    slots = conf.backend_count,
+                    backends = applied.backends.len(),
+                    "adopted service has slots naming missing backends"
+                );
+            }
             max_seen[ID_SERVICE as usize] = max_seen[ID_SERVICE as usize].max(u64::from(conf.id));
             max_seen[ID_CONF as usize] = max_seen[ID_CONF as usize].max(u64::from(conf_id));
             self.ids.service_slots[service_slot(conf.id) as usize] = true;
             self.ids.confs.insert(conf_id);
-            self.used_slots += applied.backends.len();
             self.backend_total += applied.backends.len();
             self.table_chunks += applied.chunks as usize;
             self.applied.insert(key, applied);
         }
-        // Configurations nothing points at (a switch interrupted), and their tables.
+        // Configurations nothing points at (a switch interrupted), and their tables; their
+        // ranges stay free (only a configuration points at its range).
         for conf_id in confs.keys().filter(|c| !live_confs.contains(*c)) {
             let _ = self.confs.remove(conf_id);
         }
@@ -676,13 +784,6 @@ impl Datapath {
             let _ = self.tables.remove(&k);
         }
         // Backends no slot points at are retired (their state quarantined, not reused at once).
-        let now = Instant::now();
-        for id in all.keys() {
-            max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(u64::from(*id));
-            if !referenced.contains(id) {
-                let _ = self.backends.remove(id);
-            }
-        }
         let max_state_id = self.adopt_state_slots(&referenced, now);
         max_seen[ID_BACKEND as usize] = max_seen[ID_BACKEND as usize].max(max_state_id);
         for (next, seen) in self.ids.next.iter_mut().zip(max_seen) {
@@ -697,7 +798,8 @@ impl Datapath {
     }
 
     /// Marks every tagged `BACKEND_STATE` slot occupied and quarantines those of backends no
-    /// slot refers to any more; returns the largest id seen.
+    /// slot refers to any more (marking them removed in `BACKEND_ADDRS`, so a stale affinity
+    /// entry cannot pick them); returns the largest id seen.
     fn adopt_state_slots(
         &mut self,
         referenced: &std::collections::HashSet<u32>,
@@ -711,6 +813,7 @@ impl Datapath {
                 self.ids.backend_slots[slot as usize] = true;
                 max_id = max_id.max(u64::from(st.id));
                 if !referenced.contains(&st.id) {
+                    self.mark_removed(st.id);
                     self.retired.push((st.id, now));
                 }
             }
@@ -785,20 +888,22 @@ impl Datapath {
         if old.is_none() && self.applied.len() >= SERVICES_CAPACITY as usize {
             return Err(full(SERVICES_MAP, SERVICES_CAPACITY, name()));
         }
+        // A set, not `addrs.contains` per backend: that was quadratic.
+        let known: std::collections::HashSet<(SocketAddr, u32)> = old
+            .map(|a| a.addrs.iter().copied().collect())
+            .unwrap_or_default();
         let new_backends = spec
             .backends
             .iter()
-            .filter(|b| old.is_none_or(|a| !a.addrs.contains(&(b.addr, b.weight))))
+            .filter(|b| !known.contains(&(b.addr, b.weight)))
             .count();
         // New entries are written before stale ones go, and retired ones keep their state
         // slots: the peak is what must fit.
         if self.backend_total + self.retired.len() + new_backends > BACKENDS_CAPACITY as usize {
-            return Err(full(BACKENDS_MAP, BACKENDS_CAPACITY, name()));
+            return Err(full(BACKEND_ADDRS_MAP, BACKENDS_CAPACITY, name()));
         }
-        let used_slots = self.used_slots - old.map_or(0, |a| a.backends.len());
-        if used_slots + spec.backends.len() > BACKEND_SLOTS_CAPACITY as usize {
-            return Err(full(BACKEND_SLOTS_MAP, BACKEND_SLOTS_CAPACITY, name()));
-        }
+        // The range itself is allocated (first fit, `SLOTS_MAP` full if none is long enough) by
+        // `apply_service` before any map is written.
         if spec.algorithm.uses_table() {
             let chunks = table::size_for(spec.backends.len(), spec.table_size).div_ceil(LB_CHUNK);
             if self.table_chunks + chunks as usize > LB_TABLES_CAPACITY as usize {
@@ -815,23 +920,61 @@ impl Datapath {
     /// the kernel translated them at connect time. Backends keep their ids (and circuit state)
     /// across updates while their address and weight stay; every change is written as a new
     /// configuration (new id, own lookup table) that one 4-byte update of `SERVICES` publishes,
-    /// and removed backends leave `BACKENDS` at once but keep their state slot in quarantine.
+    /// and removed backends are marked removed in `BACKEND_ADDRS` at once but keep their state
+    /// slot in quarantine.
     pub fn apply_service(&mut self, spec: &ServiceSpec) -> Result<u32, DatapathError> {
         let key = service_key(spec.vip, spec.protocol);
         self.check(spec, &key).inspect_err(|e| self.note_full(e))?;
+        // The new configuration's range of `SERVICE_SLOTS`, before any map is touched.
+        let now = Instant::now();
+        let Some(base) = self.ranges.alloc(spec.backends.len() as u32, now) else {
+            let e = DatapathError::MapFull {
+                name: SLOTS_MAP,
+                capacity: SLOTS_CAPACITY,
+                what: format!(
+                    "{}/{:?} (no free range of {} slots)",
+                    spec.vip,
+                    spec.protocol,
+                    spec.backends.len()
+                ),
+            };
+            self.note_full(&e);
+            return Err(e);
+        };
+        let svc_id = self.apply_in_range(spec, key, base, now).inspect_err(|_| {
+            // Nothing published points at the range: it may be reused (after the quarantine,
+            // as any freed range; a failed write may have left ids in it).
+            self.ranges
+                .free(base, spec.backends.len() as u32, Instant::now());
+        })?;
+        self.persist_ids()?;
+        self.repair_ejected(&key)?;
+        self.collect_retired();
+        Ok(svc_id)
+    }
+
+    /// [`Self::apply_service`] into the allocated range at `base`; an error leaves the previous
+    /// configuration published (and the range unused).
+    fn apply_in_range(
+        &mut self,
+        spec: &ServiceSpec,
+        key: ServiceKey,
+        base: u32,
+        now: Instant,
+    ) -> Result<u32, DatapathError> {
         let old = self.applied.get(&key).cloned();
         let svc_id = match &old {
             Some(a) => a.id,
             None => self.new_service_id(spec)?,
         };
         // 1. New backends (state slot first, so a backend is never visible without its state),
-        //    then slots and the configuration's table.
+        //    then the configuration's range and table.
         let ordered = slot_order(&spec.backends, old.as_ref());
         let ids = self.write_backends(svc_id, &ordered, old.as_ref())?;
-        self.write_slots(svc_id, &ids, old.as_ref())?;
+        self.write_slots(base, &ids)?;
         let conf_id = self.ids.conf();
         let (table_size, chunks) = self.write_table(conf_id, spec, &ordered, &ids)?;
-        let conf = service_value(key, svc_id, conf_id, spec, ids.len(), table_size);
+        let conf = service_value(key, svc_id, conf_id, spec, ids.len(), table_size, base);
         self.confs
             .insert(conf_id, conf, 0)
             .map_err(map_err("write", SERVICE_CONF_MAP))?;
@@ -840,21 +983,15 @@ impl Datapath {
             .insert(key, conf_id, 0)
             .map_err(map_err("write", SERVICES_MAP))?;
         // 3. Remove what the service no longer uses.
-        let mut old_len = 0;
         if let Some(old) = &old {
-            old_len = old.backends.len();
-            self.drop_conf(old.conf.conf_id, old.chunks);
-            for slot in ids.len()..old.backends.len() {
-                let _ = self.slots.remove(&SlotKey {
-                    service_id: svc_id,
-                    slot: slot as u32,
-                });
-            }
-            for id in old.backends.iter().filter(|id| !ids.contains(id)) {
+            self.drop_conf(&old.conf, old.chunks, now);
+            // A set, not `ids.contains`: that was quadratic (a minute per update of a
+            // 65,536-endpoint service in a debug build).
+            let kept: std::collections::HashSet<u32> = ids.iter().copied().collect();
+            for id in old.backends.iter().filter(|id| !kept.contains(id)) {
                 self.retire_backend(*id, &key);
             }
         }
-        self.used_slots = self.used_slots + ids.len() - old_len;
         self.table_chunks += chunks as usize;
         self.applied.insert(
             key,
@@ -866,9 +1003,6 @@ impl Datapath {
                 addrs: ordered.iter().map(|b| (b.addr, b.weight)).collect(),
             },
         );
-        self.persist_ids()?;
-        self.repair_ejected(&key)?;
-        self.collect_retired();
         Ok(svc_id)
     }
 
@@ -908,6 +1042,7 @@ impl Datapath {
             })
             .unwrap_or_default();
         let mut ids = Vec::with_capacity(backends.len());
+        let (mut slots, mut states, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
         for b in backends {
             if let Some(id) = known.get(&(b.addr, b.weight)) {
                 ids.push(*id);
@@ -918,54 +1053,40 @@ impl Datapath {
                 capacity: BACKENDS_CAPACITY,
                 what: b.addr.to_string(),
             })?;
-            self.backend_state
-                .set(
-                    state_slot(id),
-                    BackendState {
-                        id,
-                        ..BackendState::default()
-                    },
-                    0,
-                )
-                .map_err(map_err("write", BACKEND_STATE_MAP))?;
             let (addr_be, family) = addr_be(b.addr.ip());
-            let value = Backend {
+            slots.push(state_slot(id));
+            states.push(BackendState {
+                id,
+                ..BackendState::default()
+            });
+            addrs.push(BackendAddr {
+                id,
+                service_id: svc_id,
                 addr_be,
                 port_be: b.addr.port().to_be(),
                 family,
                 _pad: 0,
-                service_id: svc_id,
                 weight: b.weight,
-            };
-            self.backends
-                .insert(id, value, 0)
-                .map_err(map_err("write", BACKENDS_MAP))?;
-            self.backend_total += 1;
+            });
             ids.push(id);
         }
+        // State slots first, so a backend is never visible without its state. Its address slot
+        // is cleared first: the kernel's torn-read check relies on a slot passing through 0
+        // between two owners (`mesh_common::backend::BACKEND_ADDRS_MAP`), whatever state an
+        // earlier agent left it in.
+        write_array(&mut self.backend_state, BACKEND_STATE_MAP, &slots, &states)?;
+        let cleared = vec![BackendAddr::default(); slots.len()];
+        write_array(&mut self.backend_addrs, BACKEND_ADDRS_MAP, &slots, &cleared)?;
+        write_array(&mut self.backend_addrs, BACKEND_ADDRS_MAP, &slots, &addrs)?;
+        self.backend_total += slots.len();
         Ok(ids)
     }
 
-    /// Writes the slots that changed (a slot holds a `u32`, read by the kernel in one load).
-    fn write_slots(
-        &mut self,
-        svc_id: u32,
-        ids: &[u32],
-        old: Option<&Applied>,
-    ) -> Result<(), DatapathError> {
-        for (slot, id) in ids.iter().enumerate() {
-            if old.is_some_and(|a| a.backends.get(slot) == Some(id)) {
-                continue;
-            }
-            let k = SlotKey {
-                service_id: svc_id,
-                slot: slot as u32,
-            };
-            self.slots
-                .insert(k, id, 0)
-                .map_err(map_err("write", BACKEND_SLOTS_MAP))?;
-        }
-        Ok(())
+    /// Writes a configuration's backend ids into its range `base..base + ids.len()` (before the
+    /// configuration is published; the range is never written again while it is).
+    fn write_slots(&mut self, base: u32, ids: &[u32]) -> Result<(), DatapathError> {
+        let keys: Vec<u32> = (base..base + ids.len() as u32).collect();
+        write_array(&mut self.slots, SLOTS_MAP, &keys, ids)
     }
 
     /// Writes configuration `conf_id`'s lookup table if its algorithm uses one: (size, chunks).
@@ -1008,9 +1129,12 @@ impl Datapath {
         Ok((size, chunks))
     }
 
-    /// Deletes a configuration that is no longer published, and its table.
-    fn drop_conf(&mut self, conf_id: u32, chunks: u32) {
+    /// Deletes a configuration that is no longer published, and its table; its range goes into
+    /// quarantine ([`ranges::RANGE_QUARANTINE`]).
+    fn drop_conf(&mut self, conf: &Service, chunks: u32, now: Instant) {
+        let conf_id = conf.conf_id;
         let _ = self.confs.remove(&conf_id);
+        self.ranges.free(conf.slot_base, conf.backend_count, now);
         for chunk in 0..chunks {
             let _ = self.tables.remove(&TableKey { conf_id, chunk });
         }
@@ -1018,12 +1142,13 @@ impl Datapath {
         self.ids.confs.remove(&conf_id);
     }
 
-    /// Takes a backend out of `BACKENDS` (no new connection can pick it) and quarantines its
-    /// state slot (see [`STATE_QUARANTINE`]). A UDP service's backend is remembered so that
-    /// [`Self::end_stale_udp_sockets`] ends the connected sockets still sending to it.
+    /// Marks a backend removed in `BACKEND_ADDRS` (no new connection can pick it, not even
+    /// through an affinity entry) and quarantines its state slot (see [`STATE_QUARANTINE`]). A
+    /// UDP service's backend is remembered so that [`Self::end_stale_udp_sockets`] ends the
+    /// connected sockets still sending to it.
     fn retire_backend(&mut self, id: u32, key: &ServiceKey) {
-        if key.proto == PROTO_UDP
-            && let Ok(b) = self.backends.get(&id, 0)
+        if let Some(b) = self.mark_removed(id)
+            && key.proto == PROTO_UDP
         {
             self.stale_udp.push(sockets::Stale {
                 backend_id: id,
@@ -1034,9 +1159,24 @@ impl Datapath {
                 svc_port_be: key.port_be,
             });
         }
-        let _ = self.backends.remove(&id);
         self.backend_total -= 1;
         self.retired.push((id, Instant::now()));
+    }
+
+    /// Sets `service_id` 0 in backend `id`'s address slot if the slot is still its own; returns
+    /// what the slot held. Only that word changes (the other bytes are written with the values
+    /// they have), so the kernel's copy cannot mix two backends.
+    fn mark_removed(&mut self, id: u32) -> Option<BackendAddr> {
+        let slot = state_slot(id);
+        let b = self
+            .backend_addrs
+            .get(&slot, 0)
+            .ok()
+            .filter(|b| b.id == id)?;
+        let _ = self
+            .backend_addrs
+            .set(slot, BackendAddr { service_id: 0, ..b }, 0);
+        Some(b)
     }
 
     /// Frees quarantined state slots that are past [`STATE_QUARANTINE`] with no socket counted.
@@ -1056,6 +1196,10 @@ impl Datapath {
                 let _ = since;
                 self.retired.push((id, Instant::now()));
                 continue;
+            }
+            // Address first: a slot whose state tag is 0 has a cleared address too.
+            if self.backend_addrs.get(&slot, 0).is_ok_and(|b| b.id == id) || st.id == id {
+                let _ = self.backend_addrs.set(slot, BackendAddr::default(), 0);
             }
             if st.id == id {
                 let _ = self.backend_state.set(slot, BackendState::default(), 0);
@@ -1250,17 +1394,10 @@ impl Datapath {
         let Some(applied) = self.applied.remove(key) else {
             return Ok(false);
         };
-        self.used_slots -= applied.backends.len();
         self.services
             .remove(key)
             .map_err(map_err("delete", SERVICES_MAP))?;
-        self.drop_conf(applied.conf.conf_id, applied.chunks);
-        for slot in 0..applied.backends.len() {
-            let _ = self.slots.remove(&SlotKey {
-                service_id: applied.id,
-                slot: slot as u32,
-            });
-        }
+        self.drop_conf(&applied.conf, applied.chunks, Instant::now());
         for id in applied.backends {
             self.retire_backend(id, key);
         }
@@ -1349,7 +1486,7 @@ impl Datapath {
     }
 
     /// A service's backends with the state `state(id)` reads; addresses and weights from what
-    /// this agent wrote to `BACKENDS` (kept in `applied`, so no read of that map).
+    /// this agent wrote to `BACKEND_ADDRS` (kept in `applied`, so no read of that map).
     fn status_of(
         &self,
         key: &ServiceKey,

@@ -15,9 +15,14 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{Array, HashMap, Map, MapData};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::maps::{Array, IterableMap as _, Map, MapData};
 use mesh_common::{
-    backend::{BACKEND_STATE_MAP, BACKENDS_MAP, Backend, BackendState, CIRCUIT_OPEN, state_slot},
+    backend::{
+        BACKEND_ADDRS_MAP, BACKEND_STATE_MAP, BACKENDS_CAPACITY, BackendAddr, BackendState,
+        CIRCUIT_OPEN,
+    },
     logic::circuit,
 };
 use tokio::sync::mpsc;
@@ -26,8 +31,9 @@ use super::backends::{CircuitView, HealthFeedback, ServiceBackends};
 use crate::{admin::proto::ReportBackendResultRequest, datapath::ip_from_be};
 
 /// How often the open circuits are read from the pinned maps. The kernel ejects for 30 s by
-/// default, so half a second of lag costs a handful of requests at most; each read walks
-/// `BACKENDS` (two syscalls per backend).
+/// default, so half a second of lag costs a handful of requests at most; each read copies
+/// `BACKEND_STATE` with `BPF_MAP_LOOKUP_BATCH` (a few dozen syscalls) and reads the address of
+/// each open circuit only.
 pub const CIRCUIT_REFRESH: Duration = Duration::from_millis(500);
 /// Reports waiting for the admin socket; past it they are dropped (counted): the gateway's own
 /// outlier detection still acts on them.
@@ -48,8 +54,8 @@ fn open_map(pin_dir: &Path, name: &str) -> Result<MapData, KernelViewError> {
     })
 }
 
-/// Open kernel circuits of the node, read from the agent's pinned `BACKENDS` and
-/// `BACKEND_STATE` (never written here). The kernel keeps a circuit per service and backend;
+/// Open kernel circuits of the node, read from the agent's pinned `BACKEND_STATE` and
+/// `BACKEND_ADDRS` (never written here). The kernel keeps a circuit per service and backend;
 /// an address is skipped when any of its circuits is open (the gateway's endpoints are pods,
 /// whose failures are the pod's, whichever Service dialled them).
 #[derive(Debug)]
@@ -58,7 +64,7 @@ pub struct PinnedCircuits {
 }
 
 struct Maps {
-    backends: HashMap<MapData, u32, Backend>,
+    addrs: Array<MapData, BackendAddr>,
     state: Array<MapData, BackendState>,
 }
 
@@ -68,27 +74,37 @@ impl Maps {
             path: pin_dir.join("maps").join(name),
             reason: e.to_string(),
         };
-        let backends = HashMap::try_from(Map::HashMap(open_map(pin_dir, BACKENDS_MAP)?))
-            .map_err(|e| err(BACKENDS_MAP, e))?;
+        let addrs = Array::try_from(Map::Array(open_map(pin_dir, BACKEND_ADDRS_MAP)?))
+            .map_err(|e| err(BACKEND_ADDRS_MAP, e))?;
         let state = Array::try_from(Map::Array(open_map(pin_dir, BACKEND_STATE_MAP)?))
             .map_err(|e| err(BACKEND_STATE_MAP, e))?;
-        Ok(Self { backends, state })
+        Ok(Self { addrs, state })
     }
 
     /// Addresses with an open circuit whose ejection has not ended (past its deadline the
     /// kernel admits a probe: so may the gateway).
     fn open_circuits(&self, now_ns: u64) -> HashSet<SocketAddr> {
         let mut open = HashSet::new();
-        for entry in &self.backends {
-            let Ok((id, b)) = entry else { continue };
-            let Ok(st) = self.state.get(&state_slot(id), 0) else {
+        let fd = self.state.map().fd().as_fd().as_raw_fd();
+        let states: Vec<BackendState> = crate::datapath::lookup_batch(fd, BACKENDS_CAPACITY)
+            .unwrap_or_else(|_| {
+                // A kernel without batch lookups: slot by slot.
+                (0..BACKENDS_CAPACITY)
+                    .map(|s| self.state.get(&s, 0).unwrap_or_default())
+                    .collect()
+            });
+        for (slot, st) in states.iter().enumerate() {
+            if st.id == 0
+                || circuit::state(st.circuit) != CIRCUIT_OPEN
+                || circuit::deadline(st.circuit) <= now_ns
+            {
+                continue;
+            }
+            // The address slot must be this id's and not removed from its service.
+            let Ok(b) = self.addrs.get(&(slot as u32), 0) else {
                 continue;
             };
-            // A slot tagged with another id belongs to a backend reusing it: not this one's.
-            if st.id == id
-                && circuit::state(st.circuit) == CIRCUIT_OPEN
-                && circuit::deadline(st.circuit) > now_ns
-            {
+            if b.id == st.id && b.service_id != 0 {
                 open.insert(SocketAddr::new(
                     ip_from_be(b.addr_be, b.family),
                     u16::from_be(b.port_be),

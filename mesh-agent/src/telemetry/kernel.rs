@@ -10,8 +10,7 @@ use mesh_common::{
     backend::{BACKENDS_CAPACITY, CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN},
     counters::COUNTER_NAMES,
     service::{
-        BACKEND_SLOTS_CAPACITY, LB_TABLES_CAPACITY, LbChunk, SERVICE_CONF_CAPACITY,
-        SERVICES_CAPACITY,
+        LB_TABLES_CAPACITY, LbChunk, SERVICE_CONF_CAPACITY, SERVICES_CAPACITY, SLOTS_CAPACITY,
     },
 };
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
@@ -107,9 +106,14 @@ impl Scrape {
         s.maps = vec![
             ("SERVICES", services, u64::from(SERVICES_CAPACITY)),
             // One configuration per service address between reconciliations.
-            ("SERVICE_CONF", services, u64::from(SERVICE_CONF_CAPACITY)),
-            ("BACKENDS", backends, u64::from(BACKENDS_CAPACITY)),
-            ("BACKEND_SLOTS", backends, u64::from(BACKEND_SLOTS_CAPACITY)),
+            (
+                "SERVICE_CONF_V2",
+                services,
+                u64::from(SERVICE_CONF_CAPACITY),
+            ),
+            ("BACKEND_ADDRS", backends, u64::from(BACKENDS_CAPACITY)),
+            // One range per configuration (plus ranges in their 1-s quarantine).
+            ("SERVICE_SLOTS", backends, u64::from(SLOTS_CAPACITY)),
             (
                 "BACKEND_STATE",
                 backends + kernel.retired_backends,

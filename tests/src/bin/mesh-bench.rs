@@ -205,8 +205,9 @@ struct DatapathArgs {
     /// Where client, server and proxy run.
     #[arg(long, value_enum, default_value_t = Layout::SameCpu)]
     cpus: Layout,
-    /// Only one part: `endpoints` (load spread and connect latency over 10,000 endpoints).
-    #[arg(long, value_parser = ["endpoints"])]
+    /// Only one part: `endpoints` (load spread and connect latency over 10,000 endpoints) or
+    /// `matrix` (RR and CRR against direct, iptables and `HAProxy`).
+    #[arg(long, value_parser = ["endpoints", "matrix"])]
     only: Option<String>,
 }
 
@@ -1037,8 +1038,10 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
     let mut s = Samples::default();
     let failures_before = bench.dp.counter(CTR_BACKEND_FAILURE)?;
     let everything = args.only.is_none();
-    if everything {
+    if everything || args.only.as_deref() == Some("matrix") {
         bench.matrix(&mut s)?;
+    }
+    if everything {
         bench.bypass(&mut s)?;
     }
     let failures = bench.dp.counter(CTR_BACKEND_FAILURE)? - failures_before;
@@ -1048,7 +1051,11 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
         bench.failfast(&mut s)?;
         bench.events_off(&mut s)?;
     }
-    let spread = bench.endpoints(&mut s)?;
+    let spread = if everything || args.only.as_deref() == Some("endpoints") {
+        Some(bench.endpoints(&mut s)?)
+    } else {
+        None
+    };
     let dropped_events = bench.dp.counter(CTR_EVENT_DROPPED)?;
     let read_events = bench.events.read();
 
@@ -1065,13 +1072,15 @@ fn datapath(args: &DatapathArgs) -> Result<()> {
     );
     metrics.insert("bench_backend_failures_counted".to_owned(), failures as f64);
     // Totals over every load-spread run, not medians.
-    for (k, v) in [
-        ("lb_refused_while_eligible", spread.refused),
-        ("lb_connects_to_ejected", spread.to_ejected),
-        ("lb_eligible_never_chosen", spread.never_chosen),
-        ("lb_connect_failures_other", spread.other),
-    ] {
-        metrics.insert(k.to_owned(), v as f64);
+    if let Some(spread) = spread {
+        for (k, v) in [
+            ("lb_refused_while_eligible", spread.refused),
+            ("lb_connects_to_ejected", spread.to_ejected),
+            ("lb_eligible_never_chosen", spread.never_chosen),
+            ("lb_connect_failures_other", spread.other),
+        ] {
+            metrics.insert(k.to_owned(), v as f64);
+        }
     }
     print_report(&metrics, &s);
     if failures > 0 {
