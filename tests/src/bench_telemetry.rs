@@ -625,6 +625,7 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
         &services,
         &["--metrics-addr", "none", "--access-log", "false"],
     )?;
+    let pids = [off.child.id(), on.child.id()];
     let urls = [
         format!("http://127.0.0.1:{GATEWAY_OFF_PORT}/"),
         format!("http://127.0.0.1:{GATEWAY_ON_PORT}/"),
@@ -657,9 +658,18 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
                     http_get(&addr, "/metrics", "*/*").is_ok_and(|(c, _)| c == 200)
                 })
             });
+            let pid = pids[usize::from(is_on)];
+            let cpu_before = crate::bench_mtls::cpu_us(pid)?;
             let (r, p99, errors) = wrk(&urls[usize::from(is_on)], plan, plan.seconds)?;
+            let cpu = crate::bench_mtls::cpu_us(pid)? - cpu_before;
             let scrape_count = scraper.map_or(0, Scraper::finish);
             let name = if is_on { "on" } else { "off" };
+            // The gateway's own CPU per request (its flush thread included): less noisy than
+            // the throughput on a shared machine.
+            s.push(
+                format!("gateway_cpu_us_per_req_{name}"),
+                cpu / (r * f64::from(plan.seconds)),
+            );
             rps[usize::from(is_on)] = r;
             s.push(format!("gateway_rps_{name}"), r);
             s.push(format!("gateway_p99_us_{name}"), p99);
