@@ -39,6 +39,10 @@ pub const SOCK_F_ERROR: u8 = 64;
 /// removes the reverse translations of every backend of the service, not just the last one).
 pub const SOCK_F_MULTI: u8 = 128;
 
+/// [`SockState::flags2`]: the socket was put on the same-node bypass (`BYPASS_SOCKS`); its close
+/// reads and removes its `BYPASS_BYTES` entry. Sockets without the mark never look there.
+pub const SOCK_F2_BYPASSED: u8 = 1;
+
 /// Value of [`SOCK_STATE_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,7 +68,8 @@ pub struct SockState {
     /// The service's family ([`crate::FAMILY_V4`] also for a v4-mapped `AF_INET6` socket).
     pub family: u8,
     pub proto: u8,
-    pub _pad: u8,
+    /// `SOCK_F2_*` bits (the byte was padding before: sockets from older programs hold 0).
+    pub flags2: u8,
 }
 assert_size!(SockState, 72);
 

@@ -203,7 +203,7 @@ fn every_shared_type_matches_the_objects_btf() {
             flags,
             family,
             proto,
-            _pad
+            flags2
         }),
         layout!(RevNatKey {
             cookie,

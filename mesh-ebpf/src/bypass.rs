@@ -6,20 +6,24 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops, sk_action::SK_PASS,
-        sk_msg_md,
+        BPF_ANY, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock_ops, sk_action::SK_PASS, sk_msg_md,
     },
+    helpers::bpf_sk_storage_get,
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
     AddrBe, FAMILY_V4, FAMILY_V6,
     bypass::{BypassBytes, EndpointKey, SockKey},
-    counters::{CTR_BYPASS_ESTABLISHED, CTR_BYPASS_INSERT_FAILED, CTR_BYPASS_MISS},
+    counters::{
+        CTR_BYPASS_ESTABLISHED, CTR_BYPASS_INSERT_FAILED, CTR_BYPASS_MISS, CTR_SOCK_STORAGE_FAILED,
+    },
+    sock::{SOCK_F2_BYPASSED, SockState},
 };
 
 use crate::{
     atomic,
-    maps::{BYPASS_BYTES, BYPASS_SOCKS, LOCAL_ENDPOINTS, count},
+    maps::{BYPASS_BYTES, BYPASS_SOCKS, LOCAL_ENDPOINTS, SOCK_STATE, count},
 };
 
 #[inline(always)]
@@ -91,11 +95,15 @@ pub fn on_established(ctx: &SockOpsContext) {
         .is_ok()
     {
         count(CTR_BYPASS_ESTABLISHED);
-        if counted {
+        if counted && mark(ops) {
             // SAFETY: a permitted 4-byte context load.
             let flags = unsafe { read_volatile(&raw const (*ops).bpf_sock_ops_cb_flags) };
             // Keep the flags `connect` asked for (a translated client has them already).
             let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
+        } else if counted {
+            // No storage for the mark: nothing would read or remove the count at close.
+            count(CTR_SOCK_STORAGE_FAILED);
+            let _ = BYPASS_BYTES.remove(key);
         }
     } else {
         count(CTR_BYPASS_INSERT_FAILED);
@@ -105,7 +113,35 @@ pub fn on_established(ctx: &SockOpsContext) {
     }
 }
 
-/// At close (any socket with state callbacks): the payload bytes this socket sent and received
+/// Marks a bypassed socket in its `SOCK_STATE` (made if it has none): only marked sockets read
+/// `BYPASS_BYTES` at close. Without the mark (no memory for the storage, counted) nothing would
+/// read the count, so the caller drops it: that connection's bypassed bytes go uncounted.
+#[inline(always)]
+fn mark(ops: *mut bpf_sock_ops) -> bool {
+    // SAFETY: a permitted context load of the full socket's pointer.
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    let map = (&raw const SOCK_STATE).cast_mut().cast();
+    // SAFETY: a non-null socket pointer from the context; a zeroed value is created if missing.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: this socket's own storage; sockops runs under the socket's lock.
+    unsafe { (*p.cast::<SockState>()).flags2 |= SOCK_F2_BYPASSED };
+    true
+}
+
+/// At close, for a socket [`mark`]ed at established: the payload bytes this socket sent and received
 /// through the bypass, and its entry removed. Zero for a socket that was never bypassed.
 #[inline(always)]
 pub fn on_close(ctx: &SockOpsContext) -> BypassBytes {

@@ -15,7 +15,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_set_retval, bpf_sk_storage_get,
+        bpf_set_retval,
     },
     macros::btf_map,
     programs::{SockAddrContext, SockOpsContext},
@@ -278,28 +278,29 @@ fn capture(ctx: *mut bpf_sock_addr, c: &Captured, sock_family: u32, mapped: bool
     if port_be == 0 || (v4 && addr4_be == 0) || (!v4 && no_v6) {
         return reject(ctx, c, CTR_CAPTURE_MISS, ERRNO_NO_CAPTURE);
     }
-    // SAFETY: sock_addr context, as the helper requires.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.cast()) };
-    if CAPTURE_PENDING.insert(cookie, c, 0).is_err() {
-        return reject(ctx, c, CTR_CAPTURE_MISS, ERRNO_NO_CAPTURE);
-    }
     // getpeername must keep showing what the application asked for (the service or the pod),
-    // and sockops must not account the agent's listener as the backend.
+    // sockops must not account the agent's listener as the backend, and the mark is what sends
+    // sockops to the pending record: without storage the capture cannot work, so it fails closed.
     let sctx = SockAddrContext::new(ctx);
     // SAFETY: sock_addr context, as the helper requires.
     let p = unsafe { SOCK_STATE.get_or_insert_ptr_mut(&sctx, None) };
     if p.is_null() {
         count(CTR_SOCK_STORAGE_FAILED);
-    } else {
-        // SAFETY: non-null storage owned by this socket.
-        unsafe {
-            (*p).svc_addr_be = c.svc_addr_be;
-            (*p).svc_port_be = c.svc_port_be;
-            (*p).family = c.family;
-            (*p).proto = PROTO_TCP;
-            (*p).cgroup_id = c.cgroup_id;
-            (*p).flags |= SOCK_F_CAPTURED | if mapped { SOCK_F_V4_MAPPED } else { 0 };
-        }
+        return reject(ctx, c, CTR_CAPTURE_MISS, ERRNO_NO_CAPTURE);
+    }
+    // SAFETY: sock_addr context, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.cast()) };
+    if CAPTURE_PENDING.insert(cookie, c, 0).is_err() {
+        return reject(ctx, c, CTR_CAPTURE_MISS, ERRNO_NO_CAPTURE);
+    }
+    // SAFETY: non-null storage owned by this socket.
+    unsafe {
+        (*p).svc_addr_be = c.svc_addr_be;
+        (*p).svc_port_be = c.svc_port_be;
+        (*p).family = c.family;
+        (*p).proto = PROTO_TCP;
+        (*p).cgroup_id = c.cgroup_id;
+        (*p).flags |= SOCK_F_CAPTURED | if mapped { SOCK_F_V4_MAPPED } else { 0 };
     }
     if sock_family == u32::from(FAMILY_V4) {
         rewrite4(ctx, addr4_be, port_be);
@@ -356,7 +357,7 @@ fn reject(ctx: *mut bpf_sock_addr, c: &Captured, reason: u32, errno: i32) -> i32
 /// A reject event straight into the ring (no `SockState` on this stack).
 #[inline(always)]
 fn emit_reject(cookie: u64, c: &Captured, reason: u8) {
-    crate::events::emit_with(|ev| {
+    crate::events::emit_with(crate::events::now(), |ev| {
         ev.cookie = cookie;
         ev.cgroup_id = c.cgroup_id;
         ev.svc_addr_be = c.svc_addr_be;
@@ -372,49 +373,35 @@ fn emit_reject(cookie: u64, c: &Captured, reason: u8) {
 
 /// sockops: a captured socket's SYN is about to leave (its source port is now known), so its
 /// record moves from the cookie to the client address the agent sees on `accept()`; at close the
-/// record goes. Returns true for captured sockets (which the load-balancing accounting skips).
+/// record goes. Returns true for captured sockets (which the load-balancing accounting skips):
+/// those whose storage `capture` marked, so no other socket pays a lookup here.
 #[inline(always)]
-pub fn on_sockops(ctx: &SockOpsContext, op: u32) -> bool {
+pub fn on_sockops(ctx: &SockOpsContext, op: u32, st: &SockState) -> bool {
+    if !is_captured(st) {
+        return false;
+    }
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: sockops context, as the helper requires.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(p) = CAPTURE_PENDING.get_ptr(cookie) else {
-            return false;
-        };
-        // SAFETY: copied out; the entry is this socket's own (written by its connect).
-        let c = unsafe { read_volatile(p) };
-        let _ = CAPTURE_PENDING.remove(cookie);
-        if CAPTURED.insert(client_key(ctx), c, 0).is_err() {
+        if let Some(p) = CAPTURE_PENDING.get_ptr(cookie) {
+            // SAFETY: copied out; the entry is this socket's own (written by its connect).
+            let c = unsafe { read_volatile(p) };
+            let _ = CAPTURE_PENDING.remove(cookie);
+            if CAPTURED.insert(client_key(ctx), c, 0).is_err() {
+                count(CTR_CAPTURE_MISS);
+            }
+        } else {
             count(CTR_CAPTURE_MISS);
         }
         // Only the close callback is needed (the LB accounting does not run for this socket).
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG.cast_signed());
-        return true;
-    }
-    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE && captured_socket(ctx) {
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         // Only a captured socket deletes: another socket may share its source port (Linux reuses
         // an ephemeral port towards a different destination), and its close must not drop this
         // record.
         let _ = CAPTURED.remove(client_key(ctx));
     }
-    false
-}
-
-/// Whether the sockops socket was captured at connect (`SOCK_F_CAPTURED` in its storage).
-#[inline(always)]
-fn captured_socket(ctx: &SockOpsContext) -> bool {
-    // SAFETY: `sk` is a socket pointer in the context (null-checked below).
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    let map = (&raw const SOCK_STATE).cast_mut().cast();
-    // SAFETY: the helper takes a non-null socket pointer; no create flag.
-    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
-    // SAFETY: non-null storage of this socket; a u8 field.
-    !p.is_null()
-        && unsafe { read_volatile(&raw const (*p.cast::<SockState>()).flags) } & SOCK_F_CAPTURED
-            != 0
+    true
 }
 
 /// The socket's own address and port as the peer (the agent) sees them: an IPv4-mapped IPv6

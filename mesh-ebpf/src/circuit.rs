@@ -180,7 +180,13 @@ fn bump_ejections(st: *mut mesh_common::backend::BackendState) {
 /// the half-open circuit it was the probe of. Other connections count as successes again when
 /// they end cleanly ([`on_clean_close`]): a backend that accepts and then resets is still ejected.
 #[inline(always)]
-pub fn on_success(svc: &Service, id: u32, probe_word: u64, recovered_syn: bool, now: u64) -> bool {
+pub fn on_success(
+    service_id: u32,
+    id: u32,
+    probe_word: u64,
+    recovered_syn: bool,
+    now: u64,
+) -> bool {
     let Some(st) = backend_state(id) else {
         return false;
     };
@@ -200,7 +206,7 @@ pub fn on_success(svc: &Service, id: u32, probe_word: u64, recovered_syn: bool, 
             atomic::store(&raw mut (*st).closed_since_ns, now);
             atomic::store(&raw mut (*st).consecutive_failures, 0);
         }
-        if let Some(ss) = service_state(svc.id) {
+        if let Some(ss) = service_state(service_id) {
             // SAFETY: field of an array element.
             unsafe { atomic::dec_if_positive(&raw mut (*ss).ejected) };
         }
@@ -210,9 +216,11 @@ pub fn on_success(svc: &Service, id: u32, probe_word: u64, recovered_syn: bool, 
     false
 }
 
-/// Records a connection that ended without a reset: a success.
+/// Records a connection that ended without a reset: a success. `base_ejection_ms` reads the
+/// service's setting, only when the backend has past ejections to forget (rarely: the common
+/// close reads no configuration).
 #[inline(always)]
-pub fn on_clean_close(svc: &Service, id: u32, now: u64) {
+pub fn on_clean_close(id: u32, now: u64, base_ejection_ms: impl FnOnce() -> Option<u32>) {
     let Some(st) = backend_state(id) else {
         return;
     };
@@ -222,10 +230,14 @@ pub fn on_clean_close(svc: &Service, id: u32, now: u64) {
         // Healthy for as long as the last ejection multiplier would last: forget past ejections
         // (Envoy decrements its multiplier each healthy interval instead).
         let ejections = core::ptr::read_volatile(&raw const (*st).ejections);
-        if ejections != 0
-            && circuit::is_closed(atomic::load(&raw const (*st).circuit))
-            && now.saturating_sub(atomic::load(&raw const (*st).closed_since_ns))
-                > u64::from(svc.base_ejection_ms) * u64::from(ejections) * 1_000_000
+        if ejections == 0 || !circuit::is_closed(atomic::load(&raw const (*st).circuit)) {
+            return;
+        }
+        let Some(base_ms) = base_ejection_ms() else {
+            return;
+        };
+        if now.saturating_sub(atomic::load(&raw const (*st).closed_since_ns))
+            > u64::from(base_ms) * u64::from(ejections) * 1_000_000
         {
             // Reset by subtracting what was read: a concurrent bump is kept, and `id` (the other
             // half of the word) is never touched.

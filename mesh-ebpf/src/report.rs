@@ -3,7 +3,7 @@
 //! same compare-and-swap transitions, the same ejection cap — as sockops' L4 signals, racing with
 //! them on other CPUs as safely as they race with each other.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::RawTracePointContext};
+use aya_ebpf::programs::RawTracePointContext;
 use mesh_common::{
     event::{EV_EJECT, FAIL_L7},
     report::{
@@ -45,14 +45,9 @@ pub fn run(ctx: &RawTracePointContext) -> u32 {
     if maps::backend_state(id).is_none() {
         return REPORT_R_UNKNOWN_BACKEND;
     }
-    let now = if now == 0 {
-        // SAFETY: helper without arguments.
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        now
-    };
+    let now = if now == 0 { events::now() } else { now };
     if kind == REPORT_KIND_SUCCESS {
-        circuit::on_clean_close(&svc, id, now);
+        circuit::on_clean_close(id, now, || Some(svc.base_ejection_ms));
         return REPORT_R_COUNTED;
     }
     // Not a probe: a report never holds a half-open circuit's probe word, so it can open a closed
@@ -74,8 +69,8 @@ pub fn run(ctx: &RawTracePointContext) -> u32 {
         flags: 0,
         family: svc.key.family,
         proto: svc.key.proto,
-        _pad: 0,
+        flags2: 0,
     };
-    events::emit(0, &st, EV_EJECT, FAIL_L7, |_| {});
+    events::emit(now, 0, &st, EV_EJECT, FAIL_L7, |_| {});
     REPORT_R_EJECTED
 }

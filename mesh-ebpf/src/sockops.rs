@@ -6,12 +6,12 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB,
-        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
-        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
+        BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_sk_storage_get},
+    helpers::{bpf_get_socket_cookie, bpf_loop, bpf_sk_storage_get},
     programs::{BtfTracePointContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
@@ -29,16 +29,20 @@ use mesh_common::{
     service::{Service, ServiceKey, slot_index},
     sock::{
         RevNatKey, SOCK_F_COUNTED, SOCK_F_ERROR, SOCK_F_ESTABLISHED, SOCK_F_FAILED, SOCK_F_MULTI,
-        SOCK_F_PEER_RESET, SockState,
+        SOCK_F_PEER_RESET, SOCK_F2_BYPASSED, SockState,
     },
 };
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{REVNAT, SERVICE_SLOTS, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count},
+    maps::{
+        REVNAT, SERVICE_SLOTS, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count, service_state,
+    },
 };
 
-/// Entry for every sockops callback; always lets the socket go on.
+/// Entry for every sockops callback; always lets the socket go on. Every TCP socket of the node
+/// passes here several times per connection, so callbacks that are not ours return before any
+/// lookup, and a socket without `SOCK_STATE` (neither translated, captured nor bypassed) after one.
 #[inline(always)]
 pub fn handle(ctx: &SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -46,24 +50,26 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             bypass::on_established(ctx);
         }
-        _ => {}
-    }
-    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
-    // Every closing socket, translated or not: a bypassed one's count goes with it.
-    let bypassed = if closing {
-        bypass::on_close(ctx)
-    } else {
-        BypassBytes::default()
-    };
-    if crate::capture::on_sockops(ctx, op) {
-        return 1;
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_RTO_CB => {}
+        // Of the state changes only two are ours: into CLOSE (accounting, the close event) and
+        // into FIN_WAIT2 (a FIN in the byte count).
+        BPF_SOCK_OPS_STATE_CB if matches!(ctx.arg(1), BPF_TCP_CLOSE | BPF_TCP_FIN_WAIT2) => {}
+        // Initial timeout and window, ECN, header options, the other state changes.
+        _ => return 1,
     }
     let Some(st) = storage(ctx) else {
         return 1;
     };
     // SAFETY: non-null socket storage, owned by this socket for its whole life.
     let st = unsafe { &mut *st };
-    if st.service_id == 0 || crate::capture::is_captured(st) {
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    // A bypassed socket's count goes with it, translated or not.
+    let bypassed = if closing && st.flags2 & SOCK_F2_BYPASSED != 0 {
+        bypass::on_close(ctx)
+    } else {
+        BypassBytes::default()
+    };
+    if crate::capture::on_sockops(ctx, op, st) || st.service_id == 0 {
         return 1;
     }
     match op {
@@ -78,7 +84,7 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_STATE_CB if closing => on_close(ctx, st, ctx.arg(0), &bypassed),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_FIN_WAIT2 => remember_fin_wait2(ctx),
+        BPF_SOCK_OPS_STATE_CB => remember_fin_wait2(ctx),
         _ => {}
     }
     1
@@ -131,6 +137,12 @@ pub fn on_error_report(ctx: &BtfTracePointContext) {
 /// goes with it (so the LRU never has to evict a live socket's entry) and its flow closes.
 #[inline(always)]
 pub fn on_release(ctx: &SockContext) {
+    // Every socket of the node is released through here; TCP's flows close in sockops, so only
+    // UDP sockets pay the storage lookup. (`IPPROTO_UDP` and `PROTO_UDP` are the same number.)
+    // SAFETY: a permitted 4-byte load of the context socket's protocol.
+    if unsafe { read_volatile(&raw const (*ctx.sock).protocol) } != u32::from(PROTO_UDP) {
+        return;
+    }
     let Some(st) = storage_of(ctx.sock.cast()) else {
         return;
     };
@@ -151,9 +163,8 @@ pub fn on_release(ctx: &SockContext) {
     if st.flags & SOCK_F_MULTI != 0 {
         forget_all_backends(&st, cookie);
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    events::emit(cookie, &st, EV_CLOSE, 0, |ev| {
+    let now = events::now();
+    events::emit(now, cookie, &st, EV_CLOSE, 0, |ev| {
         ev.duration_ns = now.saturating_sub(st.start_ns);
     });
 }
@@ -216,6 +227,14 @@ extern "C" fn forget_slot(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+/// Whether the service the socket connected to still exists (its id's state slot is still
+/// tagged with it): a removed service's sockets move no circuit. One array read — the
+/// configuration itself ([`service`]) is read only where its settings are needed.
+#[inline(always)]
+fn service_live(st: &SockState) -> bool {
+    service_state(st.service_id).is_some()
+}
+
 /// The service the socket connected to, if it still is the same service (same id): a service
 /// removed and re-added at the same address is another service, whose circuits this socket's fate
 /// must not move.
@@ -258,8 +277,8 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 /// SYN about to be sent: count the connection and ask for the callbacks that tell its fate.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext, st: &mut SockState) {
-    let flags =
-        BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
+    // RTO: a SYN unanswered; STATE: the close. (Not RETRANS: nothing here reads it.)
+    let flags = BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
     let _ = ctx.set_cb_flags(flags.cast_signed());
     if st.flags & SOCK_F_COUNTED == 0 {
         if let Some(b) = backend_state(st.backend_id) {
@@ -283,15 +302,22 @@ fn on_established(ctx: &SockOpsContext, st: &mut SockState) {
         st.flags &= !SOCK_F_FAILED;
         count(CTR_SYN_RETRY_RECOVERED);
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = events::now();
     let cookie = cookie(ctx);
-    if let Some(svc) = service(st)
-        && circuit::on_success(&svc, st.backend_id, st.probe_word, recovered_syn, now)
+    if service_live(st)
+        && circuit::on_success(
+            st.service_id,
+            st.backend_id,
+            st.probe_word,
+            recovered_syn,
+            now,
+        )
     {
-        events::emit(cookie, st, EV_RECOVER, 0, |ev| ev.client_addr_be = client);
+        events::emit(now, cookie, st, EV_RECOVER, 0, |ev| {
+            ev.client_addr_be = client;
+        });
     }
-    events::emit(cookie, st, EV_OPEN, 0, |ev| ev.client_addr_be = client);
+    events::emit(now, cookie, st, EV_OPEN, 0, |ev| ev.client_addr_be = client);
 }
 
 #[inline(always)]
@@ -300,9 +326,10 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
     st.flags |= SOCK_F_FAILED;
     count(CTR_BACKEND_FAILURE);
     let cookie = cookie(ctx);
-    events::emit(cookie, st, EV_FAIL, reason, |ev| ev.client_addr_be = client);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = events::now();
+    events::emit(now, cookie, st, EV_FAIL, reason, |ev| {
+        ev.client_addr_be = client;
+    });
     let probe_word = st.probe_word;
     // A probe's outcome is reported once.
     st.probe_word = 0;
@@ -314,7 +341,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
             ctx,
             "circuit opened: service {} backend {}", svc.id, st.backend_id
         );
-        events::emit(cookie, st, EV_EJECT, reason, |ev| {
+        events::emit(now, cookie, st, EV_EJECT, reason, |ev| {
             ev.client_addr_be = client;
         });
     }
@@ -350,11 +377,11 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32, bypassed: 
     } else {
         0
     };
-    if st.flags & (SOCK_F_ESTABLISHED | SOCK_F_FAILED) == SOCK_F_ESTABLISHED
-        && let Some(svc) = service(st)
-    {
-        // SAFETY: helper without arguments.
-        circuit::on_clean_close(&svc, st.backend_id, unsafe { bpf_ktime_get_ns() });
+    let now = events::now();
+    if st.flags & (SOCK_F_ESTABLISHED | SOCK_F_FAILED) == SOCK_F_ESTABLISHED && service_live(st) {
+        circuit::on_clean_close(st.backend_id, now, || {
+            service(st).map(|svc| svc.base_ejection_ms)
+        });
     }
     if st.flags & SOCK_F_ESTABLISHED != 0 {
         let ops: *const bpf_sock_ops = ctx.ops;
@@ -378,11 +405,9 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32, bypassed: 
         // or off.
         let sent = acked.saturating_sub(1 + u64::from(fin_acked)) + bypassed.sent;
         let received = received.saturating_sub(u64::from(fin_received)) + bypassed.received;
-        // SAFETY: helper without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
         let start = st.start_ns;
         let client = local_addr(ctx, st.family);
-        events::emit(cookie(ctx), st, EV_CLOSE, reason, |ev| {
+        events::emit(now, cookie(ctx), st, EV_CLOSE, reason, |ev| {
             ev.client_addr_be = client;
             ev.bytes_sent = sent;
             ev.bytes_received = received;

@@ -1129,6 +1129,12 @@ impl Datapath {
         Ok((size, chunks))
     }
 
+    /// How long a freed `SERVICE_SLOTS` range waits before reuse ([`ranges::RANGE_QUARANTINE`]
+    /// by default); see [`ranges::Ranges::set_quarantine`].
+    pub fn set_range_quarantine(&mut self, quarantine: Duration) {
+        self.ranges.set_quarantine(quarantine);
+    }
+
     /// Deletes a configuration that is no longer published, and its table; its range goes into
     /// quarantine ([`ranges::RANGE_QUARANTINE`]).
     fn drop_conf(&mut self, conf: &Service, chunks: u32, now: Instant) {
