@@ -52,7 +52,7 @@ fn no_free_range_is_a_full_map_and_the_last_configuration_serves() {
     // Live: 1 + 3 × 65,536 slots, the rest free in one piece (327,679). Every apply writes a new
     // configuration in a new range and frees the old one into quarantine: four fit, the fifth
     // finds 65,535 free. The quarantine is made long so that a slow machine cannot see one end.
-    m.dp.set_range_quarantine(Duration::from_secs(600));
+    m.dp.set_range_quarantine(Duration::from_mins(10));
     for i in [0, 1, 2, 0] {
         m.dp.apply_service(&big(i)).unwrap();
     }
