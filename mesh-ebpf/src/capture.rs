@@ -357,7 +357,7 @@ fn reject(ctx: *mut bpf_sock_addr, c: &Captured, reason: u32, errno: i32) -> i32
 /// A reject event straight into the ring (no `SockState` on this stack).
 #[inline(always)]
 fn emit_reject(cookie: u64, c: &Captured, reason: u8) {
-    crate::events::emit_with(crate::events::now(), |ev| {
+    crate::events::emit_with(|ev| {
         ev.cookie = cookie;
         ev.cgroup_id = c.cgroup_id;
         ev.svc_addr_be = c.svc_addr_be;

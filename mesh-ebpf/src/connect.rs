@@ -236,7 +236,7 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             if (hook == Hook::Connect || proto == PROTO_UDP) && remember_socket(ctx, &mut st) {
                 // UDP has no sockops: its flow opens with the first translated datagram (or
                 // connect) and closes at socket release (`sockops::on_release`).
-                events::emit(now, cookie, &st, EV_OPEN, 0, |_| {});
+                events::emit(cookie, &st, EV_OPEN, 0, |_| {});
             }
             remember_choice(&svc, &st, cookie, netns, now);
             count(CTR_TRANSLATED);
@@ -258,7 +258,7 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             // SAFETY: helper valid in cgroup sock_addr programs; sets the syscall's errno.
             unsafe { bpf_set_retval(-errno) };
             count(reason);
-            events::emit(now, cookie, &st, EV_REJECT, reason as u8, |_| {});
+            events::emit(cookie, &st, EV_REJECT, reason as u8, |_| {});
             0
         }
     }

@@ -19,18 +19,10 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Sends one event built from a socket's state, stamped `ts_ns` (the caller's clock reading:
-/// one per callback, not one per event); `fill` sets the kind-specific fields.
+/// Sends one event built from a socket's state; `fill` sets the kind-specific fields.
 #[inline(always)]
-pub fn emit(
-    ts_ns: u64,
-    cookie: u64,
-    st: &SockState,
-    kind: u8,
-    reason: u8,
-    fill: impl FnOnce(&mut FlowEvent),
-) {
-    emit_with(ts_ns, |ev| {
+pub fn emit(cookie: u64, st: &SockState, kind: u8, reason: u8, fill: impl FnOnce(&mut FlowEvent)) {
+    emit_with(|ev| {
         ev.cookie = cookie;
         ev.cgroup_id = st.cgroup_id;
         ev.service_id = st.service_id;
@@ -49,11 +41,13 @@ pub fn emit(
     });
 }
 
-/// The one writer of the ring: reserves a slot, zeroes it, stamps `ts_ns`, lets `fill` set the
-/// fields and submits. Fields are written straight into the ring slot: a whole-struct literal
+/// The one writer of the ring: reserves a slot, zeroes it, stamps the time, lets `fill` set the
+/// fields and submits. Each event reads the clock itself: two events of one callback (a failure
+/// and the ejection it caused) get distinct, ordered times, which readers resuming a stream by
+/// time rely on. Fields are written straight into the ring slot: a whole-struct literal
 /// would first be built on the stack, which the connect path cannot spare.
 #[inline(always)]
-pub fn emit_with(ts_ns: u64, fill: impl FnOnce(&mut FlowEvent)) {
+pub fn emit_with(fill: impl FnOnce(&mut FlowEvent)) {
     let Some(mut entry) = EVENTS.reserve(0) else {
         count(CTR_EVENT_DROPPED);
         return;
@@ -63,7 +57,7 @@ pub fn emit_with(ts_ns: u64, fill: impl FnOnce(&mut FlowEvent)) {
     unsafe {
         core::ptr::write_bytes(ev, 0, 1);
         let ev = &mut *ev;
-        ev.ts_ns = ts_ns;
+        ev.ts_ns = now();
         fill(ev);
     }
     // Waking the reader costs ~10 µs per event (an IRQ-work and a futex/epoll wakeup on the

@@ -71,6 +71,6 @@ pub fn run(ctx: &RawTracePointContext) -> u32 {
         proto: svc.key.proto,
         flags2: 0,
     };
-    events::emit(now, 0, &st, EV_EJECT, FAIL_L7, |_| {});
+    events::emit(0, &st, EV_EJECT, FAIL_L7, |_| {});
     REPORT_R_EJECTED
 }

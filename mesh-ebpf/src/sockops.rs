@@ -164,7 +164,7 @@ pub fn on_release(ctx: &SockContext) {
         forget_all_backends(&st, cookie);
     }
     let now = events::now();
-    events::emit(now, cookie, &st, EV_CLOSE, 0, |ev| {
+    events::emit(cookie, &st, EV_CLOSE, 0, |ev| {
         ev.duration_ns = now.saturating_sub(st.start_ns);
     });
 }
@@ -313,11 +313,11 @@ fn on_established(ctx: &SockOpsContext, st: &mut SockState) {
             now,
         )
     {
-        events::emit(now, cookie, st, EV_RECOVER, 0, |ev| {
+        events::emit(cookie, st, EV_RECOVER, 0, |ev| {
             ev.client_addr_be = client;
         });
     }
-    events::emit(now, cookie, st, EV_OPEN, 0, |ev| ev.client_addr_be = client);
+    events::emit(cookie, st, EV_OPEN, 0, |ev| ev.client_addr_be = client);
 }
 
 #[inline(always)]
@@ -327,7 +327,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
     count(CTR_BACKEND_FAILURE);
     let cookie = cookie(ctx);
     let now = events::now();
-    events::emit(now, cookie, st, EV_FAIL, reason, |ev| {
+    events::emit(cookie, st, EV_FAIL, reason, |ev| {
         ev.client_addr_be = client;
     });
     let probe_word = st.probe_word;
@@ -341,7 +341,7 @@ fn fail(ctx: &SockOpsContext, st: &mut SockState, reason: u8) {
             ctx,
             "circuit opened: service {} backend {}", svc.id, st.backend_id
         );
-        events::emit(now, cookie, st, EV_EJECT, reason, |ev| {
+        events::emit(cookie, st, EV_EJECT, reason, |ev| {
             ev.client_addr_be = client;
         });
     }
@@ -407,7 +407,7 @@ fn on_close(ctx: &SockOpsContext, st: &mut SockState, old_state: u32, bypassed: 
         let received = received.saturating_sub(u64::from(fin_received)) + bypassed.received;
         let start = st.start_ns;
         let client = local_addr(ctx, st.family);
-        events::emit(now, cookie(ctx), st, EV_CLOSE, reason, |ev| {
+        events::emit(cookie(ctx), st, EV_CLOSE, reason, |ev| {
             ev.client_addr_be = client;
             ev.bytes_sent = sent;
             ev.bytes_received = received;

@@ -390,7 +390,12 @@ fn the_agent_ends_the_socket_when_the_endpoint_leaves_and_counts_it() {
     println!("before {before:?}, failed {failed:?}, fresh {fresh:?}");
     assert_eq!(before.as_deref(), Ok("b0"));
     let (errno, after_ms) = failed.expect("the old socket failed");
-    assert_eq!(errno, libc::EDESTADDRREQ, "the socket was disconnected");
+    // Ended (`udp_abort`): a `send` after it fails with EDESTADDRREQ (disconnected); if the abort
+    // lands between `ask`'s send and its `recv`, the `recv` reports it as ECONNABORTED.
+    assert!(
+        errno == libc::EDESTADDRREQ || errno == libc::ECONNABORTED,
+        "the socket was not ended: errno {errno}"
+    );
     assert!(
         after_ms < 2_000,
         "file poll (500 ms) + reconcile + sweep: {after_ms} ms"
