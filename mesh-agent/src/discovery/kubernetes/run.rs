@@ -97,6 +97,9 @@ pub async fn run_with_status(
             let (mut model, rejections) = state.build();
             let security = state.security(&mut model);
             let digest = model.digest();
+            // The build's temporaries were freed on this thread: out of its cache, so the
+            // owner's purge after the reconcile (or the one below) returns their pages.
+            crate::heap::flush_thread_cache();
             (state, model, rejections, security, digest)
         })
         .await;
@@ -135,6 +138,11 @@ pub async fn run_with_status(
                 return Err(KubernetesError::ChannelClosed { node });
             }
             last_sent = Some(digest);
+        } else {
+            // Unchanged: no reconcile follows to hand the pages back (the owner purges after
+            // each), and a 10,000-service model is tens of megabytes.
+            drop(model);
+            crate::heap::release_free();
         }
         // A policy that was rejected and is now valid (or gone) clears its rejection.
         for name in had_problems {
