@@ -103,11 +103,16 @@ fn log_time(log: &str, what: &str) -> Option<f64> {
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
+    status_mb(pid, "VmRSS")
+}
+
+/// A `/proc/<pid>/status` size field (`VmRSS`, `RssAnon`, `RssFile`) in MB.
+fn status_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field}"))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -341,6 +346,8 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     let reconcile = wait_for_reconcile(&agent, 0, Duration::from_secs(5))?;
     let pid = agent.pid().context("agent pid")?;
     let rss = rss_mb(pid)?;
+    // What the RSS is made of: the heap and stacks, and the binary's (and libraries') pages.
+    let (rss_anon, rss_file) = (status_mb(pid, "RssAnon")?, status_mb(pid, "RssFile")?);
     // Endpoint churn: one endpoint of `changed` services moves; the agent writes only those.
     write_atomically(&file, &(model(services, endpoints, changed, 1) + &live))?;
     let churn_ms = wait_for_reconcile(&agent, 1, Duration::from_mins(1))?;
@@ -410,6 +417,8 @@ pub fn run(quick: bool) -> Result<Vec<Metric>> {
     Ok(vec![
         (format!("reconcile_{label}_services_ms"), reconcile),
         (format!("agent_rss_mb_{label}_services"), rss),
+        (format!("agent_rss_anon_mb_{label}_services"), rss_anon),
+        (format!("agent_rss_file_mb_{label}_services"), rss_file),
         ("endpoint_updates_per_s".to_owned(), per_s),
         (format!("agent_ready_{label}_services_ms"), ready_ms),
         ("endpoint_churn_batch".to_owned(), batch),
@@ -549,6 +558,10 @@ fn unix_now() -> f64 {
 
 /// The Kubernetes source on the API stand-in: `mesh-agent --kubernetes` against kmock holding
 /// 10,000 services (1,000 with `quick`) × 10 endpoints and their pods.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measurement, step by step: start, lists, reconcile, RSS"
+)]
 pub fn run_kubernetes(quick: bool) -> Result<Vec<Metric>> {
     let services = if quick { 1_000 } else { 10_000 };
     let cluster = Cluster::new("bench-control-plane-k8s")?;
@@ -622,7 +635,9 @@ pub fn run_kubernetes(quick: bool) -> Result<Vec<Metric>> {
     }
     // The heap settles after the first reconcile (freed list buffers are returned).
     std::thread::sleep(Duration::from_secs(1));
-    let rss = rss_mb(agent.pid().context("agent pid")?)?;
+    let pid = agent.pid().context("agent pid")?;
+    let rss = rss_mb(pid)?;
+    let (rss_anon, rss_file) = (status_mb(pid, "RssAnon")?, status_mb(pid, "RssFile")?);
     let label = if quick { "1k" } else { "10k" };
     Ok(vec![
         // From the agent holding every initial list (received, parsed, stored) to all services
@@ -645,6 +660,14 @@ pub fn run_kubernetes(quick: bool) -> Result<Vec<Metric>> {
             (ready_at - first_list) * 1000.0,
         ),
         (format!("agent_rss_mb_{label}_services_kubernetes"), rss),
+        (
+            format!("agent_rss_anon_mb_{label}_services_kubernetes"),
+            rss_anon,
+        ),
+        (
+            format!("agent_rss_file_mb_{label}_services_kubernetes"),
+            rss_file,
+        ),
         (
             format!("reconcile_{label}_services_kubernetes_kernel_ms"),
             kernel_ms,

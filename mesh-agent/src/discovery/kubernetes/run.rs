@@ -42,6 +42,10 @@ pub(super) async fn apply_batch(
 
 /// [`run_with_mode`], standing for election as policy status writer with `status` (none:
 /// never write).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one loop: apply a batch, build, send the model and its rejections"
+)]
 pub async fn run_with_status(
     client: kube::Client,
     node: String,
@@ -97,6 +101,9 @@ pub async fn run_with_status(
             let (mut model, rejections) = state.build();
             let security = state.security(&mut model);
             let digest = model.digest();
+            // The build's temporaries were freed on this thread: out of its cache, so the
+            // owner's purge after the reconcile (or the one below) returns their pages.
+            crate::heap::flush_thread_cache();
             (state, model, rejections, security, digest)
         })
         .await;
@@ -110,7 +117,12 @@ pub async fn run_with_status(
         };
         let (security_rejections, security_resolved) = security;
         statuses.publish(&state);
-        if last_sent != Some(digest) {
+        if last_sent == Some(digest) {
+            // Unchanged: no reconcile follows to hand the pages back (the owner purges after
+            // each), and a 10,000-service model is tens of megabytes.
+            drop(model);
+            crate::heap::release_free();
+        } else {
             debug!(
                 services = model.services.len(),
                 pods = model.pods.len() + model.other_pods.len(),

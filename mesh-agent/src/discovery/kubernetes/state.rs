@@ -206,7 +206,7 @@ impl State {
             if !self.namespace_live(&name.namespace) {
                 continue;
             }
-            let mut settings = svc.settings.clone();
+            let mut settings = svc.settings();
             if let Some(p) = resolution.settings.get(name) {
                 p.apply(&mut settings);
             }

@@ -220,6 +220,30 @@ fn slices_merge_and_resolve_named_target_ports() {
         .namespace = Some("other".to_owned());
     let eps = slice_endpoints(&elsewhere, &svc.ports, None);
     assert_eq!(eps[0].pod, Some(ObjectName::new("other", "pod-10.1.0.5")));
+    // Each address of an endpoint names its pod; an endpoint without a `targetRef` names none
+    // (the slice keeps the names back to back).
+    let mut mixed = slice(
+        "web-4",
+        "web",
+        &[("10.1.0.6", None), ("10.1.0.7", None), ("10.1.0.8", None)],
+    );
+    mixed.endpoints[1].target_ref = None;
+    mixed.endpoints[2].addresses.push("10.1.0.9".to_owned());
+    let pods: Vec<Option<String>> = slice_endpoints(&mixed, &svc.ports, None)
+        .iter()
+        .map(|e| e.pod.as_ref().map(ToString::to_string))
+        .collect();
+    let named = |p: &str| Some(format!("default/{p}"));
+    assert_eq!(
+        pods,
+        [
+            named("pod-10.1.0.6"),
+            None,
+            named("pod-10.1.0.8"),
+            named("pod-10.1.0.8")
+        ]
+    );
+    assert_eq!(std::mem::size_of::<store::SliceEndpoint>(), 40);
     let specs = m.desired_specs();
     assert_eq!(specs.len(), 1);
     let backends: Vec<String> = specs[0]
