@@ -19,10 +19,11 @@ use opentelemetry_proto::tonic::{
     common::v1::KeyValue,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
-use tokio::sync::mpsc;
 use tracing::info;
 
-use super::otlp::{OtlpError, OtlpStats, QUEUE, batch_loop, channel, kv, kv_int, resource, scope};
+use super::otlp::{
+    OtlpError, OtlpStats, Sender, batch_loop, channel, kv, kv_int, queue, resource, scope,
+};
 
 /// A W3C trace context: which trace, which span, sampled or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,7 +301,7 @@ impl ActiveSpan {
 #[derive(Debug)]
 pub struct Tracer {
     sampler: Sampler,
-    tx: mpsc::Sender<Span>,
+    tx: Sender<Span>,
     stats: Arc<OtlpStats>,
 }
 
@@ -315,7 +316,7 @@ impl Tracer {
         stats: Arc<OtlpStats>,
     ) -> Result<Self, OtlpError> {
         let client = TraceServiceClient::new(channel(endpoint)?);
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = queue();
         let resource = resource(node);
         info!(endpoint, sampling, "exporting spans over OTLP/gRPC");
         let task_stats = Arc::clone(&stats);
@@ -351,7 +352,7 @@ impl Tracer {
 
     /// Queues a finished span (never waits; a full queue drops it, counted).
     pub fn record(&self, span: Span) {
-        if self.tx.try_send(span).is_err() {
+        if !self.tx.push(span) {
             self.stats
                 .traces
                 .dropped_queue_full
