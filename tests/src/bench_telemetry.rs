@@ -951,12 +951,24 @@ fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
         _ => None,
     };
     let mut times = Vec::with_capacity(SCRAPES);
+    let mut cpu_ms = Vec::with_capacity(SCRAPES);
     let mut body = String::new();
     for _ in 0..SCRAPES {
+        // The agent's CPU time for the scrape (all its threads: the owner thread's map reads
+        // and the encoding): on a shared machine steadier than the wall-clock time.
+        let before = agent.pid().map(crate::bench_mtls::cpu_us).transpose()?;
         let (ms, b) = timed_scrape(&node)?;
+        if let (Some(pid), Some(before)) = (agent.pid(), before) {
+            cpu_ms.push((crate::bench_mtls::cpu_us(pid)? - before) / 1000.0);
+        }
         times.push(ms);
         body = b;
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if !cpu_ms.is_empty() {
+        cpu_ms.sort_by(f64::total_cmp);
+        println!("agent CPU per scrape (ms, sorted): {cpu_ms:.1?}");
+        m.insert("scrape_agent_cpu_ms".into(), cpu_ms[cpu_ms.len() / 2]);
     }
     if let Some(mut p) = perf {
         if let Ok(pid) = libc::pid_t::try_from(p.id()) {
