@@ -515,7 +515,6 @@ impl<'a> AccessLine<'a> {
         let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
         push_u64(self.out, micros / 1000);
         let frac = micros % 1000;
-        #[expect(clippy::cast_possible_truncation, reason = "each digit is below 10")]
         self.out.extend_from_slice(&[
             b'.',
             b'0' + (frac / 100) as u8,
@@ -596,10 +595,8 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     let mut i = digits.len();
     loop {
         i -= 1;
-        #[expect(clippy::cast_possible_truncation, reason = "a digit is below 10")]
-        {
-            digits[i] = b'0' + (v % 10) as u8;
-        }
+        // A digit is below 10.
+        digits[i] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
