@@ -461,6 +461,7 @@ impl<'a> AccessLine<'a> {
         line.out.push(b'}');
     }
 
+    #[inline]
     fn key(&mut self, key: &str) {
         // Keys are the code's own constants: plain ASCII, nothing to escape.
         self.out
@@ -471,6 +472,7 @@ impl<'a> AccessLine<'a> {
     }
 
     /// A string field.
+    #[inline]
     pub fn str(&mut self, key: &str, value: &str) {
         self.key(key);
         self.out.push(b'"');
@@ -479,6 +481,7 @@ impl<'a> AccessLine<'a> {
     }
 
     /// A string field from anything `Display` (addresses, names), formatted in place.
+    #[inline]
     pub fn display(&mut self, key: &str, value: impl std::fmt::Display) {
         use std::fmt::Write as _;
         self.key(key);
@@ -489,6 +492,7 @@ impl<'a> AccessLine<'a> {
 
     /// A string field the code itself guarantees needs no escaping (a constant, an HTTP
     /// method token); debug builds check it.
+    #[inline]
     pub fn raw(&mut self, key: &str, value: &str) {
         debug_assert!(
             !value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
@@ -502,6 +506,7 @@ impl<'a> AccessLine<'a> {
 
     /// A string field from a `Display` whose text never needs escaping (addresses, numbers,
     /// hex ids): written without the escaping pass.
+    #[inline]
     pub fn display_raw(&mut self, key: &str, value: impl std::fmt::Display) {
         use std::io::Write as _;
         self.key(key);
@@ -510,6 +515,7 @@ impl<'a> AccessLine<'a> {
 
     /// A duration in milliseconds with microsecond precision (`12.345`): a JSON number made
     /// with integer arithmetic, no float formatting.
+    #[inline]
     pub fn millis(&mut self, key: &str, value: std::time::Duration) {
         self.key(key);
         let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
@@ -524,12 +530,14 @@ impl<'a> AccessLine<'a> {
     }
 
     /// An unsigned integer field.
+    #[inline]
     pub fn u64(&mut self, key: &str, value: u64) {
         self.key(key);
         push_u64(self.out, value);
     }
 
     /// A signed integer field.
+    #[inline]
     pub fn i64(&mut self, key: &str, value: i64) {
         self.key(key);
         if value < 0 {
@@ -547,6 +555,7 @@ impl<'a> AccessLine<'a> {
     /// A socket address as a string field (`10.0.0.1:8080`, `[::1]:8080`); IPv4, the usual
     /// case, written digit by digit rather than through `fmt` (padding, a `Formatter` per
     /// octet): a gateway access line has two of them.
+    #[inline]
     pub fn socket_addr(&mut self, key: &str, value: std::net::SocketAddr) {
         match value {
             std::net::SocketAddr::V4(a) => {
@@ -567,6 +576,7 @@ impl<'a> AccessLine<'a> {
     }
 
     /// Bytes as a lowercase hex string field (trace ids).
+    #[inline]
     pub fn hex(&mut self, key: &str, value: &[u8]) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         self.key(key);
@@ -579,6 +589,7 @@ impl<'a> AccessLine<'a> {
     }
 
     /// A string field made of `parts` one after the other (`namespace/name`), each escaped.
+    #[inline]
     pub fn str_parts(&mut self, key: &str, parts: &[&str]) {
         self.key(key);
         self.out.push(b'"');
@@ -590,6 +601,7 @@ impl<'a> AccessLine<'a> {
 }
 
 /// Appends the decimal digits of `v` (what `itoa` does, without a `fmt::Formatter`).
+#[inline]
 fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
