@@ -134,7 +134,7 @@ pub(crate) struct LoadResult {
 /// A child process (a proxy or server of a benchmark) stopped on drop: SIGTERM, then SIGKILL.
 pub(crate) struct Proc {
     name: &'static str,
-    child: Child,
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {

@@ -539,6 +539,34 @@ http {{
     )
 }
 
+/// CPU time of a process and its descendants (nginx's master and its worker), in µs.
+fn tree_cpu_us(pid: u32) -> Result<f64> {
+    let mut total = crate::bench_mtls::cpu_us(pid)?;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            total += tree_cpu_us(c).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+/// CPU time (user + system) of this process's children that were waited for, in µs.
+fn children_cpu_us() -> f64 {
+    // SAFETY: `getrusage` writes into the zeroed struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &raw mut ru);
+        ru
+    };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
 /// Polls `url` with curl until it answers 200 (30 s).
 fn wait_200(url: &str, alive: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -626,6 +654,7 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
         &["--metrics-addr", "none", "--access-log", "false"],
     )?;
     let pids = [off.child.id(), on.child.id()];
+    let others = [collector.child.id(), nginx.child.id()];
     let urls = [
         format!("http://127.0.0.1:{GATEWAY_OFF_PORT}/"),
         format!("http://127.0.0.1:{GATEWAY_ON_PORT}/"),
@@ -659,17 +688,33 @@ fn gateway(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resul
                 })
             });
             let pid = pids[usize::from(is_on)];
+            // The gateway's, the collector's, nginx's and wrk's CPU (wrk: this process's
+            // waited-for children, of which wrk is the only one during the run).
             let cpu_before = crate::bench_mtls::cpu_us(pid)?;
+            let others_before = [
+                tree_cpu_us(others[0])?,
+                tree_cpu_us(others[1])?,
+                children_cpu_us(),
+            ];
             let (r, p99, errors) = wrk(&urls[usize::from(is_on)], plan, plan.seconds)?;
             let cpu = crate::bench_mtls::cpu_us(pid)? - cpu_before;
+            let others_after = [
+                tree_cpu_us(others[0])?,
+                tree_cpu_us(others[1])?,
+                children_cpu_us(),
+            ];
             let scrape_count = scraper.map_or(0, Scraper::finish);
             let name = if is_on { "on" } else { "off" };
+            let requests = r * f64::from(plan.seconds);
             // The gateway's own CPU per request (its flush thread included): less noisy than
             // the throughput on a shared machine.
-            s.push(
-                format!("gateway_cpu_us_per_req_{name}"),
-                cpu / (r * f64::from(plan.seconds)),
-            );
+            s.push(format!("gateway_cpu_us_per_req_{name}"), cpu / requests);
+            for (i, who) in ["collector", "nginx", "wrk"].into_iter().enumerate() {
+                s.push(
+                    format!("gateway_{who}_cpu_us_per_req_{name}"),
+                    (others_after[i] - others_before[i]) / requests,
+                );
+            }
             rps[usize::from(is_on)] = r;
             s.push(format!("gateway_rps_{name}"), r);
             s.push(format!("gateway_p99_us_{name}"), p99);
@@ -906,12 +951,24 @@ fn scrape(plan: &Plan, m: &mut BTreeMap<String, f64>) -> Result<()> {
         _ => None,
     };
     let mut times = Vec::with_capacity(SCRAPES);
+    let mut cpu_ms = Vec::with_capacity(SCRAPES);
     let mut body = String::new();
     for _ in 0..SCRAPES {
+        // The agent's CPU time for the scrape (all its threads: the owner thread's map reads
+        // and the encoding): on a shared machine steadier than the wall-clock time.
+        let before = agent.pid().map(crate::bench_mtls::cpu_us).transpose()?;
         let (ms, b) = timed_scrape(&node)?;
+        if let (Some(pid), Some(before)) = (agent.pid(), before) {
+            cpu_ms.push((crate::bench_mtls::cpu_us(pid)? - before) / 1000.0);
+        }
         times.push(ms);
         body = b;
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if !cpu_ms.is_empty() {
+        cpu_ms.sort_by(f64::total_cmp);
+        println!("agent CPU per scrape (ms, sorted): {cpu_ms:.1?}");
+        m.insert("scrape_agent_cpu_ms".into(), cpu_ms[cpu_ms.len() / 2]);
     }
     if let Some(mut p) = perf {
         if let Ok(pid) = libc::pid_t::try_from(p.id()) {

@@ -86,6 +86,19 @@ impl RequestRecord {
     }
 }
 
+/// An HTTP version as its `Debug` text (`HTTP/1.1`), without formatting it per request;
+/// `None` for a version `http` adds later (then formatted).
+fn version_str(v: http::Version) -> Option<&'static str> {
+    Some(match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => return None,
+    })
+}
+
 /// `grpc-status` of a header block, when it has a valid one.
 fn grpc_status(h: &HeaderMap) -> Option<u16> {
     h.get("grpc-status")?.to_str().ok()?.parse().ok()
@@ -157,21 +170,24 @@ impl Finish {
             crate::logging::access_line("request complete", |l| {
                 l.raw("direction", "inbound");
                 l.raw("reporter", "gateway");
-                l.display_raw("peer", r.peer);
+                l.socket_addr("peer", r.peer);
                 // A method is an RFC 9110 token: no quote, backslash or control byte.
                 l.raw("method", r.method.as_str());
                 l.str("authority", r.authority.as_deref().unwrap_or("-"));
                 l.str("path", &r.path);
-                l.display_raw("protocol", format_args!("{:?}", r.version));
+                match version_str(r.version) {
+                    Some(v) => l.raw("protocol", v),
+                    None => l.display_raw("protocol", format_args!("{:?}", r.version)),
+                }
                 l.u64("status", u64::from(status));
                 l.i64("grpc_status", grpc.map_or(-1, i64::from));
                 l.str("route", r.route.as_deref().unwrap_or("-"));
                 match r.upstream {
-                    Some(a) => l.display_raw("upstream", a),
+                    Some(a) => l.socket_addr("upstream", a),
                     None => l.raw("upstream", "-"),
                 }
                 match r.service.as_deref() {
-                    Some(s) => l.display("upstream_service", s),
+                    Some(s) => l.str_parts("upstream_service", &[&s.namespace, "/", &s.name]),
                     None => l.raw("upstream_service", "-"),
                 }
                 l.u64("attempts", u64::from(r.attempts));
@@ -179,7 +195,7 @@ impl Finish {
                 l.u64("bytes_sent", sent);
                 l.millis("duration_ms", duration);
                 match r.span.as_ref() {
-                    Some(s) => l.display_raw("trace_id", s.context().trace_id_display()),
+                    Some(s) => l.hex("trace_id", &s.context().trace_id),
                     None => l.raw("trace_id", ""),
                 }
                 l.str("detail", r.detail.as_deref().unwrap_or(""));

@@ -1,7 +1,7 @@
 //! Istio's standard metric labels (`reporter`, `source_workload`, …, `connection_security_policy`)
 //! built from the names the agent knows, with Istio's `unknown` wherever it has no value.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use crate::model::ObjectName;
 
@@ -144,6 +144,114 @@ pub struct Peer<'a> {
     pub principal: Option<&'a str>,
 }
 
+/// One label value, borrowed from the names it is made of: text, or a service's FQDN (made
+/// when it is written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value<'a> {
+    Str(&'a str),
+    Fqdn(&'a ObjectName),
+}
+
+impl fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Str(s) => f.write_str(s),
+            Self::Fqdn(s) => fqdn_display(s).fmt(f),
+        }
+    }
+}
+
+/// The values of [`COMMON_LABELS`], in their order, borrowed: what [`Common`] holds as
+/// `String`s, and what a scrape groups series by and writes without making them.
+#[must_use]
+pub fn values<'a>(
+    reporter: Reporter,
+    source: Peer<'a>,
+    service: Option<&'a ObjectName>,
+    destination: Peer<'a>,
+    protocol: &'a str,
+    security: Security,
+) -> [Value<'a>; 23] {
+    let [s0, s1, s2, s3, s4, s5, s6, s7] = peer_values(source);
+    let [d0, d1, d2, d3, d4, d5, d6, d7] = peer_values(destination);
+    let (fqdn, namespace, name) = match service {
+        Some(s) => (
+            Value::Fqdn(s),
+            Value::Str(s.namespace.as_str()),
+            Value::Str(s.name.as_str()),
+        ),
+        None => (
+            Value::Str(UNKNOWN),
+            Value::Str(UNKNOWN),
+            Value::Str(UNKNOWN),
+        ),
+    };
+    [
+        Value::Str(reporter.as_str()),
+        s0,
+        s1,
+        s2,
+        s3,
+        s4,
+        s5,
+        s6,
+        s7,
+        fqdn,
+        namespace,
+        name,
+        d0,
+        d1,
+        d2,
+        d3,
+        d4,
+        d5,
+        d6,
+        d7,
+        Value::Str(protocol),
+        Value::Str(NO_FLAGS),
+        Value::Str(security.as_str()),
+    ]
+}
+
+/// Writes `name="value",…` of [`COMMON_LABELS`] (Prometheus text: `\`, `"` and newline
+/// escaped), as prometheus-client writes a label set, without a `String` per value.
+pub fn write_pairs(out: &mut String, values: &[Value<'_>; 23]) {
+    for (i, (name, value)) in COMMON_LABELS.iter().zip(values).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        match value {
+            Value::Str(s) => escape_label_value(out, s),
+            Value::Fqdn(s) => {
+                escape_label_value(out, &s.name);
+                out.push('.');
+                escape_label_value(out, &s.namespace);
+                out.push_str(".svc.");
+                out.push_str(CLUSTER_DOMAIN);
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A label value in the text formats: backslash, double quote and newline escaped.
+fn escape_label_value(out: &mut String, s: &str) {
+    if !s.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
 impl Common {
     /// The values for `source` → `service` (served by `destination`).
     #[must_use]
@@ -155,22 +263,15 @@ impl Common {
         protocol: &str,
         security: Security,
     ) -> Self {
-        let mut v = Vec::with_capacity(COMMON_LABELS.len());
-        v.push(reporter.as_str().to_owned());
-        push_peer(&mut v, source);
-        match service {
-            Some(s) => {
-                v.push(service_fqdn(s));
-                v.push(s.namespace.clone());
-                v.push(s.name.clone());
-            }
-            None => v.extend([UNKNOWN, UNKNOWN, UNKNOWN].map(str::to_owned)),
+        Self {
+            values: values(reporter, source, service, destination, protocol, security)
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => (*s).to_owned(),
+                    Value::Fqdn(s) => service_fqdn(s),
+                })
+                .collect(),
         }
-        push_peer(&mut v, destination);
-        v.push(protocol.to_owned());
-        v.push(NO_FLAGS.to_owned());
-        v.push(security.as_str().to_owned());
-        Self { values: v }
     }
 
     /// (name, value) pairs, for the encoder.
@@ -184,7 +285,7 @@ impl Common {
 
 /// `*_workload`, canonical service and revision, namespace, principal, app, version, cluster:
 /// the order [`COMMON_LABELS`] has them for either side.
-fn push_peer(v: &mut Vec<String>, peer: Peer<'_>) {
+fn peer_values(peer: Peer<'_>) -> [Value<'_>; 8] {
     let workload = peer.pod.map_or(UNKNOWN, |p| workload_name(&p.name));
     let namespace = peer.pod.map_or(UNKNOWN, |p| p.namespace.as_str());
     let principal = peer.principal.unwrap_or(UNKNOWN);
@@ -195,19 +296,17 @@ fn push_peer(v: &mut Vec<String>, peer: Peer<'_>) {
     } else {
         UNKNOWN
     };
-    v.extend(
-        [
-            workload,
-            workload,
-            revision,
-            namespace,
-            principal,
-            UNKNOWN,
-            UNKNOWN,
-            DEFAULT_CLUSTER,
-        ]
-        .map(str::to_owned),
-    );
+    [
+        workload,
+        workload,
+        revision,
+        namespace,
+        principal,
+        UNKNOWN,
+        UNKNOWN,
+        DEFAULT_CLUSTER,
+    ]
+    .map(Value::Str)
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ pub async fn render(shared: &Shared, openmetrics: bool) -> Result<String, std::f
     let mut registry = Registry::default();
     registry.register_collector(Box::new(scrape));
     registry.register_collector(Box::new(Arc::clone(&t.reconcile)));
-    registry.register_collector(Box::new(Arc::clone(&t.tcp)));
+    // `istio_tcp_*` (nearly all of a big node's scrape) is written directly, after the rest.
     registry.register_collector(Box::new(Arc::clone(&t.requests)));
     registry.register_collector(Box::new(Arc::clone(&t.otlp)));
     registry.register_collector(Box::new(super::access_log::AccessLogMetrics::global()));
@@ -112,8 +112,17 @@ pub async fn render(shared: &Shared, openmetrics: bool) -> Result<String, std::f
     let mut out = String::with_capacity(LAST_SIZE.load(Ordering::Relaxed).max(64 * 1024));
     if openmetrics {
         encoding::text::encode(&mut out, &registry)?;
+        // The TCP families go before the end marker.
+        let body = out
+            .strip_suffix(super::tcp::EOF)
+            .ok_or(std::fmt::Error)?
+            .len();
+        out.truncate(body);
+        t.tcp.encode_text(&mut out, true)?;
+        out.push_str(super::tcp::EOF);
     } else {
         encoding::prometheus_text::encode(&mut out, &registry)?;
+        t.tcp.encode_text(&mut out, false)?;
     }
     LAST_SIZE.store(out.len() + out.len() / 16, Ordering::Relaxed);
     Ok(out)
