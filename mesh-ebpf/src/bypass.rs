@@ -6,10 +6,9 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
-        bpf_sock_ops, sk_action::SK_PASS, sk_msg_md,
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops, sk_action::SK_PASS,
+        sk_msg_md,
     },
-    helpers::bpf_sk_storage_get,
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
@@ -18,12 +17,12 @@ use mesh_common::{
     counters::{
         CTR_BYPASS_ESTABLISHED, CTR_BYPASS_INSERT_FAILED, CTR_BYPASS_MISS, CTR_SOCK_STORAGE_FAILED,
     },
-    sock::{SOCK_F2_BYPASSED, SockState},
+    sock::SOCK_F2_BYPASSED,
 };
 
 use crate::{
     atomic,
-    maps::{BYPASS_BYTES, BYPASS_SOCKS, LOCAL_ENDPOINTS, SOCK_STATE, count},
+    maps::{BYPASS_BYTES, BYPASS_SOCKS, LOCAL_ENDPOINTS, count, sock_state},
 };
 
 #[inline(always)]
@@ -118,26 +117,13 @@ pub fn on_established(ctx: &SockOpsContext) {
 /// read the count, so the caller drops it: that connection's bypassed bytes go uncounted.
 #[inline(always)]
 fn mark(ops: *mut bpf_sock_ops) -> bool {
-    // SAFETY: a permitted context load of the full socket's pointer.
+    // SAFETY: a permitted context load of the full socket's pointer (null-checked by the callee).
     let sk = unsafe { (*ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(st) = sock_state(sk.cast(), true) else {
         return false;
-    }
-    let map = (&raw const SOCK_STATE).cast_mut().cast();
-    // SAFETY: a non-null socket pointer from the context; a zeroed value is created if missing.
-    let p = unsafe {
-        bpf_sk_storage_get(
-            map,
-            sk.cast(),
-            core::ptr::null_mut(),
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        )
     };
-    if p.is_null() {
-        return false;
-    }
     // SAFETY: this socket's own storage; sockops runs under the socket's lock.
-    unsafe { (*p.cast::<SockState>()).flags2 |= SOCK_F2_BYPASSED };
+    unsafe { (*st).flags2 |= SOCK_F2_BYPASSED };
     true
 }
 

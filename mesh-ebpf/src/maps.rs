@@ -190,3 +190,26 @@ pub fn service_state(id: u32) -> Option<*mut ServiceState> {
     // SAFETY: array element (never freed); a volatile 4-byte load of the tag.
     (unsafe { core::ptr::read_volatile(&raw const (*p).id) } == id).then_some(p)
 }
+
+/// Socket `sk`'s `SOCK_STATE`, made zeroed first if `create` (and memory allows); `None` for a
+/// null socket or a socket without one. The one raw accessor for contexts holding a socket
+/// pointer (sockops, tracepoints, `sock_release`); `sock_addr` programs use the map's methods.
+#[inline(always)]
+#[expect(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "`sk` is only handed to the helper, whose argument the verifier checks"
+)]
+pub fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<*mut SockState> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = (&raw const SOCK_STATE).cast_mut().cast();
+    let flags = if create {
+        u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: the helper takes a (null-checked) socket pointer; a created value starts zeroed.
+    let p = unsafe { aya_ebpf::helpers::bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) };
+    (!p.is_null()).then_some(p.cast())
+}

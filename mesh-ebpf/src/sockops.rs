@@ -35,9 +35,7 @@ use mesh_common::{
 
 use crate::{
     atomic, bypass, circuit, events,
-    maps::{
-        REVNAT, SERVICE_SLOTS, SOCK_FIN_WAIT2, SOCK_STATE, backend_state, count, service_state,
-    },
+    maps::{REVNAT, SERVICE_SLOTS, SOCK_FIN_WAIT2, backend_state, count, service_state},
 };
 
 /// Entry for every sockops callback; always lets the socket go on. Every TCP socket of the node
@@ -96,16 +94,11 @@ fn storage(ctx: &SockOpsContext) -> Option<*mut SockState> {
     storage_of(unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast())
 }
 
-/// The socket's state, if `connect()` recorded one (no create: other sockets have none).
+/// The socket's state, if `connect()` (or the bypass) recorded one: no create, other sockets
+/// have none.
 #[inline(always)]
 fn storage_of(sk: *mut core::ffi::c_void) -> Option<*mut SockState> {
-    if sk.is_null() {
-        return None;
-    }
-    let map = (&raw const SOCK_STATE).cast_mut().cast();
-    // SAFETY: the helper takes a (null-checked) socket pointer; no create flag.
-    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
-    (!p.is_null()).then_some(p.cast())
+    crate::maps::sock_state(sk, false)
 }
 
 /// `tp_btf/tcp_receive_reset`: the peer sent a reset; marks translated sockets so that their
