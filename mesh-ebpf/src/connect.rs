@@ -201,37 +201,43 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             bpf_get_netns_cookie(ctx.as_ptr()),
         )
     };
+    // Every field spelled out (the backend's are set once one is chosen): leaving some to
+    // `..default()` made LLVM zero them with a call to the BPF target's byte-at-a-time `memset`
+    // on every connect.
     let mut st = SockState {
         start_ns: now,
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        probe_word: 0,
         service_id: svc.id,
+        backend_id: 0,
         svc_addr_be: addr,
+        backend_addr_be: addr,
         svc_port_be: port_be,
+        backend_port_be: 0,
+        flags: if mapped { SOCK_F_V4_MAPPED } else { 0 },
         family,
         proto,
-        flags: if mapped { SOCK_F_V4_MAPPED } else { 0 },
-        ..SockState::default()
+        flags2: 0,
     };
     match select(&svc, netns, bound_src_port(ctx), now) {
         Ok(pick) => {
-            let backend = pick;
-            if backend.family != family {
+            if pick.family != family {
                 count(CTR_FAMILY_MISMATCH);
                 return 1;
             }
             write_addr(
                 ctx,
                 sock_family,
-                &remap(mapped, &backend.addr_be),
-                backend.port_be,
+                &remap(mapped, &pick.addr_be),
+                pick.port_be,
             );
             if mapped {
                 count(CTR_V4_MAPPED);
             }
             st.backend_id = pick.id;
-            st.backend_addr_be = backend.addr_be;
-            st.backend_port_be = backend.port_be;
+            st.backend_addr_be = pick.addr_be;
+            st.backend_port_be = pick.port_be;
             st.probe_word = pick.probe_word;
             if (hook == Hook::Connect || proto == PROTO_UDP) && remember_socket(ctx, &mut st) {
                 // UDP has no sockops: its flow opens with the first translated datagram (or
@@ -258,6 +264,8 @@ pub fn translate(ctx: &SockAddrContext, sock_family: u8, hook: Hook) -> i32 {
             // SAFETY: helper valid in cgroup sock_addr programs; sets the syscall's errno.
             unsafe { bpf_set_retval(-errno) };
             count(reason);
+            // No backend: the event names none.
+            st.backend_addr_be = [0; 4];
             events::emit(cookie, &st, EV_REJECT, reason as u8, |_| {});
             0
         }
