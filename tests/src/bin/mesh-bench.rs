@@ -599,9 +599,37 @@ fn rr_client(addr: SocketAddr, warmup: usize, count: usize) -> Result<Lat, Strin
     Ok(Lat::of(&mut ns))
 }
 
+/// One churn run's raw result: connections measured, the time they took, each `connect()`'s
+/// latency in nanoseconds (summed over interleaved slices before the rate is taken).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct CrrRaw {
+    connections: u64,
+    secs: f64,
+    connect_ns: Vec<u64>,
+}
+
+impl CrrRaw {
+    fn add(&mut self, other: Self) {
+        self.connections += other.connections;
+        self.secs += other.secs;
+        self.connect_ns.extend(other.connect_ns);
+    }
+
+    fn summary(mut self) -> Crr {
+        Crr {
+            per_s: if self.secs > 0.0 {
+                self.connections as f64 / self.secs
+            } else {
+                0.0
+            },
+            connect: Lat::of(&mut self.connect_ns),
+        }
+    }
+}
+
 /// Connect, one round trip, the server's close, then ours — repeated for `time` after `warmup`
 /// (dropped); targets (one-shot ports) are used in turn.
-fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Result<Crr, String> {
+fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Result<CrrRaw, String> {
     let req = [0xa5_u8; MSG];
     let mut resp = [0u8; MSG];
     let mut one = |i: usize| -> Result<u64, String> {
@@ -629,10 +657,10 @@ fn crr_client(targets: &[SocketAddr], warmup: Duration, time: Duration) -> Resul
         ns.push(one(i)?);
         i += 1;
     }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(Crr {
-        per_s: ns.len() as f64 / secs,
-        connect: Lat::of(&mut ns),
+    Ok(CrrRaw {
+        connections: ns.len() as u64,
+        secs: start.elapsed().as_secs_f64(),
+        connect_ns: ns,
     })
 }
 
@@ -846,6 +874,12 @@ struct Plan {
     rr_count: usize,
     crr_warmup: Duration,
     crr_time: Duration,
+    /// The churn comparisons (four variants; mesh vs direct with events off) split each
+    /// variant's `crr_time` into this many slices, interleaved across variants (order rotated
+    /// every slice), so a drift of the shared VM's speed over seconds reaches every variant
+    /// alike instead of whichever ran then; each slice drops its own `crr_slice_warmup`.
+    crr_slices: u32,
+    crr_slice_warmup: Duration,
     scale_reps: usize,
     scale_time: Duration,
     /// Interleaved rounds of the 10 vs 10,000 endpoint connect-latency runs, and each run's
@@ -869,6 +903,8 @@ impl Plan {
                 rr_count: 3_000,
                 crr_warmup: Duration::from_millis(100),
                 crr_time: Duration::from_millis(300),
+                crr_slices: 2,
+                crr_slice_warmup: Duration::from_millis(20),
                 scale_reps: 1,
                 scale_time: Duration::from_millis(300),
                 endpoint_rounds: 4,
@@ -885,6 +921,8 @@ impl Plan {
                 rr_count: 50_000,
                 crr_warmup: Duration::from_millis(300),
                 crr_time: Duration::from_millis(1_500),
+                crr_slices: 10,
+                crr_slice_warmup: Duration::from_millis(30),
                 scale_reps: 3,
                 scale_time: Duration::from_secs(1),
                 endpoint_rounds: 21,
@@ -1366,30 +1404,78 @@ impl Bench {
     }
 
     fn crr(&self, pod: &PodHandle, targets: Vec<SocketAddr>, time: Duration) -> Result<Crr> {
-        let w = self.plan.crr_warmup;
-        self.in_pod(pod, move || crr_client(&targets, w, time))
+        Ok(self
+            .crr_raw(pod, targets, self.plan.crr_warmup, time)?
+            .summary())
     }
 
-    /// RR and CRR for the four variants, order rotated every repetition.
+    fn crr_raw(
+        &self,
+        pod: &PodHandle,
+        targets: Vec<SocketAddr>,
+        warmup: Duration,
+        time: Duration,
+    ) -> Result<CrrRaw> {
+        self.in_pod(pod, move || crr_client(&targets, warmup, time))
+    }
+
+    /// Churn for each of `variants` (all from `client_of`), `crr_time` each, in
+    /// `crr_slices` interleaved slices whose order rotates by one every slice (starting at
+    /// `rotate`): each variant's connections and time are summed over its slices. Also returns
+    /// the `translated` counter's growth during each variant's slices.
+    fn crr_interleaved(&self, variants: &[Variant], rotate: usize) -> Result<Vec<(Crr, u64)>> {
+        let slices = self.plan.crr_slices.max(1);
+        let time = self.plan.crr_time / slices;
+        let mut raw = vec![(CrrRaw::default(), 0u64); variants.len()];
+        for slice in 0..slices as usize {
+            for k in 0..variants.len() {
+                let i = (rotate + slice + k) % variants.len();
+                let v = variants[i];
+                let before = self.dp.counter(CTR_TRANSLATED)?;
+                let r = self.crr_raw(
+                    self.client_of(v),
+                    self.targets(v, true),
+                    self.plan.crr_slice_warmup,
+                    time,
+                )?;
+                raw[i].1 += self.dp.counter(CTR_TRANSLATED)? - before;
+                raw[i].0.add(r);
+            }
+        }
+        Ok(raw.into_iter().map(|(r, t)| (r.summary(), t)).collect())
+    }
+
+    /// RR and CRR for the four variants, order rotated every repetition (CRR interleaved in
+    /// slices within the repetition: [`Self::crr_interleaved`]).
     fn matrix(&self, s: &mut Samples) -> Result<()> {
         println!(
-            "\n== request/response and connection churn: {} repetitions × {} variants",
+            "\n== request/response and connection churn: {} repetitions × {} variants (churn in {} interleaved slices of {:.0} ms each)",
             self.plan.reps,
-            Variant::ALL.len()
+            Variant::ALL.len(),
+            self.plan.crr_slices,
+            (self.plan.crr_time / self.plan.crr_slices.max(1)).as_secs_f64() * 1000.0
         );
         for rep in 0..self.plan.reps {
             let mut rr = BTreeMap::new();
-            let mut crr = BTreeMap::new();
             for k in 0..Variant::ALL.len() {
                 let v = Variant::ALL[(rep + k) % Variant::ALL.len()];
-                let pod = self.client_of(v);
                 let translated = self.dp.counter(CTR_TRANSLATED)?;
-                let lat = self.rr(pod, self.targets(v, false)[0])?;
-                let churn = self.crr(pod, self.targets(v, true), self.plan.crr_time)?;
+                let lat = self.rr(self.client_of(v), self.targets(v, false)[0])?;
                 let translated = self.dp.counter(CTR_TRANSLATED)? - translated;
-                if v == Variant::Mesh {
+                ensure!(
+                    (v == Variant::Mesh) == (translated > 0),
+                    "{} rr run: the mesh translated {translated} connects",
+                    v.name()
+                );
+                rr.insert(v.name(), lat);
+            }
+            let churn = self.crr_interleaved(&Variant::ALL, rep)?;
+            let mut crr = BTreeMap::new();
+            for (v, (c, translated)) in Variant::ALL.iter().zip(churn) {
+                let measured = c.per_s * self.plan.crr_time.as_secs_f64();
+                if *v == Variant::Mesh {
                     ensure!(
-                        translated as f64 >= churn.per_s * self.plan.crr_time.as_secs_f64() * 0.99,
+                        translated as f64 >= measured * 0.99,
                         "mesh run: only {translated} connects were translated by the data path"
                     );
                 } else {
@@ -1399,6 +1485,7 @@ impl Bench {
                         v.name()
                     );
                 }
+                let lat = rr[v.name()];
                 println!(
                     "rep {}/{} {:<8} rr p50 {:>7.2} µs  p99 {:>7.2} µs | crr {:>8.0}/s  connect p50 {:>6.2} µs",
                     rep + 1,
@@ -1406,16 +1493,15 @@ impl Bench {
                     v.name(),
                     lat.p50_us,
                     lat.p99_us,
-                    churn.per_s,
-                    churn.connect.p50_us
+                    c.per_s,
+                    c.connect.p50_us
                 );
                 let n = v.name();
                 s.push(format!("rr_latency_p50_us_{n}"), lat.p50_us);
                 s.push(format!("rr_latency_p99_us_{n}"), lat.p99_us);
-                s.push(format!("crr_per_s_{n}"), churn.per_s);
-                s.push(format!("crr_connect_p50_us_{n}"), churn.connect.p50_us);
-                rr.insert(v.name(), lat);
-                crr.insert(v.name(), churn);
+                s.push(format!("crr_per_s_{n}"), c.per_s);
+                s.push(format!("crr_connect_p50_us_{n}"), c.connect.p50_us);
+                crr.insert(v.name(), c);
             }
             let mesh = rr["mesh"];
             for base in ["direct", "iptables", "haproxy"] {
@@ -1690,9 +1776,8 @@ impl Bench {
         s.push("failfast_connect_us_events_off", ff.p50_us);
         for rep in 0..self.plan.scale_reps {
             let mut got = BTreeMap::new();
-            for k in 0..2 {
-                let v = [Variant::Direct, Variant::Mesh][(rep + k) % 2];
-                let c = self.crr(&self.client, self.targets(v, true), self.plan.crr_time)?;
+            let pair = [Variant::Direct, Variant::Mesh];
+            for (v, (c, _)) in pair.iter().zip(self.crr_interleaved(&pair, rep)?) {
                 println!(
                     "rep {}/{} {:<8} crr {:>8.0}/s  connect p50 {:>6.2} µs",
                     rep + 1,
@@ -2346,12 +2431,21 @@ impl Machine {
                 Layout::Split => "split: client CPU 0, servers CPU 1, HAProxy unpinned",
             }
         );
+        if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .is_ok_and(|v| v.trim() != "0")
+        {
+            println!(
+                "WARNING:  kernel.bpf_stats_enabled is on: every BPF program run also reads the clock twice, which inflates the mesh's costs (sysctl -w kernel.bpf_stats_enabled=0)"
+            );
+        }
         println!(
-            "plan:     {} reps; rr {} round trips of {MSG} B (+{} warm-up); crr {:.1} s (+{:.1} s warm-up dropped); scale {} reps × {:.1} s",
+            "plan:     {} reps; rr {} round trips of {MSG} B (+{} warm-up); crr {:.1} s per variant in {} interleaved slices (+{:.0} ms warm-up dropped per slice; {:.1} s for single runs); scale {} reps × {:.1} s",
             plan.reps,
             plan.rr_count,
             plan.rr_warmup,
             plan.crr_time.as_secs_f64(),
+            plan.crr_slices,
+            plan.crr_slice_warmup.as_secs_f64() * 1000.0,
             plan.crr_warmup.as_secs_f64(),
             plan.scale_reps,
             plan.scale_time.as_secs_f64()
