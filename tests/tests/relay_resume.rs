@@ -286,7 +286,7 @@ fn the_relay_takes_every_flow_once_across_reordered_stamps_reconnects_and_an_age
     let cutting = Instant::now();
     while cut < CUTS {
         assert!(
-            cutting.elapsed() < Duration::from_secs(60),
+            cutting.elapsed() < Duration::from_mins(1),
             "the relay did not reconnect: {}",
             relay.stderr_text()
         );
