@@ -1113,8 +1113,13 @@ peerAuthentications:
         tokio::time::sleep(TICK * 15).await;
         assert_eq!(reads(&reads_count), 1, "an unchanged file was read again");
 
-        // Same content written again: read once more, nothing sent.
-        std::fs::write(&file, A).unwrap();
+        // Touched (new mtime and ctime, same content): read once more, nothing sent.
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now())
+            .unwrap();
         tokio::time::sleep(TICK * 15).await;
         assert_eq!(reads(&reads_count), 2);
         assert!(rx.try_recv().is_err(), "a rewrite without change was sent");
