@@ -133,8 +133,8 @@ struct AgentState {
 
 /// Where the relay is in one agent's stream: the agent process (instance) and the last seq
 /// taken from it. Kept across reconnects, so the history an agent replays is skipped and only
-/// what is new is taken (Hubble Relay instead asks each agent for flows after a time and
-/// buffers to sort; a per-agent number needs neither and does not depend on clocks).
+/// what is new is taken (Hubble Relay merges its agents' streams by time through a sort
+/// buffer; a per-agent number needs no buffer and does not depend on clocks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Position {
     instance: u64,
