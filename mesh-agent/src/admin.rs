@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use crate::{
     app::Shared,
     config::{Source, algorithm_name},
-    flows::{FlowRecord, monotonic_ns},
+    flows::{FlowHub, FlowRecord, Sequenced, monotonic_ns},
     reconcile::{AppliedService, AppliedServices},
     state::SourceState,
 };
@@ -575,32 +575,46 @@ impl Admin for AdminService {
         let req = req.into_inner();
         let filter = FlowFilter::new(&req);
         // Subscribe before reading history so nothing falls between the two.
-        let live = self.shared.flows.subscribe();
-        let history: Vec<Result<Flow, Status>> = self
-            .shared
-            .flows
-            .recent()
-            .iter()
-            .filter(|f| filter.matches(f))
-            .map(|f| Ok(f.to_proto()))
-            .collect();
-        let history = tokio_stream::iter(history);
-        if !req.follow {
-            return Ok(Response::new(Box::pin(history)));
-        }
-        let flows = Arc::clone(&self.shared.flows);
-        // Text is made here, per watcher and only for the flows it is sent.
-        let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(f) if filter.matches(&f) => Some(Ok(f.to_proto())),
-            Ok(_) => None,
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                warn!(missed = n, "a flow watcher fell behind");
-                flows.note_lagged(n);
-                None
-            }
-        });
-        Ok(Response::new(Box::pin(history.chain(live))))
+        let live = req.follow.then(|| self.shared.flows.subscribe());
+        Ok(Response::new(flow_stream(&self.shared.flows, filter, live)))
     }
+}
+
+/// `WatchFlows`' answer: the kept flows matching `filter`, then, given the subscription `live`
+/// taken before, the live ones. Flows published between subscribing and copying the history are
+/// in both; the live copy is dropped by seq (Hubble's observer does the same with its ring
+/// positions), so a watcher gets each flow once and in seq order.
+fn flow_stream(
+    flows: &Arc<FlowHub>,
+    filter: FlowFilter,
+    live: Option<tokio::sync::broadcast::Receiver<Sequenced>>,
+) -> FlowStream {
+    let instance = flows.instance();
+    let recent = flows.recent();
+    // Of every kept flow, not only the matching ones: a live flow the filter would pass is
+    // a repeat exactly when the history copy held it.
+    let history_end = recent.last().map_or(0, |f| f.seq);
+    let history: Vec<Result<Flow, Status>> = recent
+        .iter()
+        .filter(|f| filter.matches(&f.flow))
+        .map(|f| Ok(f.to_proto(instance)))
+        .collect();
+    let history = tokio_stream::iter(history);
+    let Some(live) = live else {
+        return Box::pin(history);
+    };
+    let flows = Arc::clone(flows);
+    // Text is made here, per watcher and only for the flows it is sent.
+    let live = BroadcastStream::new(live).filter_map(move |item| match item {
+        Ok(f) if f.seq > history_end && filter.matches(&f.flow) => Some(Ok(f.to_proto(instance))),
+        Ok(_) => None,
+        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+            warn!(missed = n, "a flow watcher fell behind");
+            flows.note_lagged(n);
+            None
+        }
+    });
+    Box::pin(history.chain(live))
 }
 
 /// Server-side filters of `WatchFlows`, matched against the kept records without making text.
@@ -884,5 +898,53 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().contains("continue_token"), "{}", e.message());
         }
+    }
+
+    fn record(time_unix_nano: u64) -> FlowRecord {
+        FlowRecord {
+            event: mesh_common::event::FlowEvent::default(),
+            time_unix_nano,
+            source: None,
+            service: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_gets_each_flow_once_in_seq_order_though_history_and_live_overlap() {
+        let hub = Arc::new(FlowHub::new());
+        let filter = FlowFilter::new(&WatchFlowsRequest::default());
+        // Flows published between the subscription and the history copy are in both.
+        let live = hub.subscribe();
+        // Stamped out of time order, as two CPUs' events can be: seq, not time, orders them.
+        for t in [30, 10, 20] {
+            hub.publish(record(t));
+        }
+        let mut stream = flow_stream(&hub, filter, Some(live));
+        for t in [5, 40] {
+            hub.publish(record(t));
+        }
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let f = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("a flow")
+                .expect("the stream goes on")
+                .expect("not an error");
+            assert_eq!(f.instance, hub.instance());
+            got.push((f.seq, f.time_unix_nano));
+        }
+        assert_eq!(got, [(1, 30), (2, 10), (3, 20), (4, 5), (5, 40)]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), stream.next())
+                .await
+                .is_err(),
+            "the live copies of the history's flows were sent again"
+        );
+        assert_ne!(hub.instance(), 0);
+        assert_ne!(
+            hub.instance(),
+            FlowHub::new().instance(),
+            "each process numbers its own stream"
+        );
     }
 }

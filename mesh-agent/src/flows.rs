@@ -139,14 +139,46 @@ impl FlowRecord {
             duration_us: e.duration_ns / 1000,
             cgroup_id: e.cgroup_id,
             node: String::new(),
+            seq: 0,
+            instance: 0,
         }
     }
 }
 
+/// A flow as the hub published it: its place in this agent's stream (Hubble's ring position)
+/// and the record. Kept apart from [`FlowRecord`], which the observer sees before numbering.
+#[derive(Clone, Debug)]
+pub struct Sequenced {
+    /// 1 for the first flow this process published, one more for each later one.
+    pub seq: u64,
+    pub flow: FlowRecord,
+}
+
+impl Sequenced {
+    /// The protobuf form, numbered by `instance` ([`FlowHub::instance`]).
+    #[must_use]
+    pub fn to_proto(&self, instance: u64) -> Flow {
+        Flow {
+            seq: self.seq,
+            instance,
+            ..self.flow.to_proto()
+        }
+    }
+}
+
+/// The history and the last number given, under one lock so numbers follow ring order.
+struct Recent {
+    flows: VecDeque<Sequenced>,
+    last_seq: u64,
+}
+
 /// Recent flows and live subscribers.
 pub struct FlowHub {
-    recent: Mutex<VecDeque<FlowRecord>>,
-    live: broadcast::Sender<FlowRecord>,
+    recent: Mutex<Recent>,
+    live: broadcast::Sender<Sequenced>,
+    /// This process's id in the numbering (random, nonzero): a restarted agent starts at seq 1
+    /// again, and a watcher told the instance changed knows it is not a repeat.
+    instance: u64,
     /// The observer ([`FlowObserver`]); locked only by the ring reader, and once by its setter.
     observer: Mutex<Option<Box<dyn FlowObserver>>>,
     /// Wall-clock minus monotonic, to stamp kernel times (`bpf_ktime_get_ns`) as Unix time.
@@ -171,8 +203,12 @@ impl FlowHub {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
+            recent: Mutex::new(Recent {
+                flows: VecDeque::with_capacity(RECENT_CAPACITY),
+                last_seq: 0,
+            }),
             live: broadcast::channel(BROADCAST_CAPACITY).0,
+            instance: fastrand::u64(1..),
             observer: Mutex::new(None),
             wall_offset_ns: wall.saturating_sub(monotonic_ns()),
             lagged_total: AtomicU64::new(0),
@@ -220,27 +256,39 @@ impl FlowHub {
         }
     }
 
-    /// Records a flow and sends it to live watchers.
+    /// Numbers a flow, records it and sends it to live watchers. Numbering, recording and
+    /// sending happen under the history's lock, so the history and every live subscription
+    /// hold the flows in seq order whoever publishes (the ring pump is the only writer today).
     pub fn publish(&self, flow: FlowRecord) {
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            if recent.len() == RECENT_CAPACITY {
-                recent.pop_front();
-            }
-            recent.push_back(flow.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.last_seq += 1;
+        let flow = Sequenced {
+            seq: recent.last_seq,
+            flow,
+        };
+        if recent.flows.len() == RECENT_CAPACITY {
+            recent.flows.pop_front();
         }
+        recent.flows.push_back(flow.clone());
         let _ = self.live.send(flow);
     }
 
-    /// A copy of the recent flows, oldest first.
+    /// A copy of the recent flows, oldest (lowest seq) first.
     #[must_use]
-    pub fn recent(&self) -> Vec<FlowRecord> {
+    pub fn recent(&self) -> Vec<Sequenced> {
         self.recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .flows
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// This process's id in the numbering ([`Flow::instance`]).
+    #[must_use]
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// Notes flows a live watcher missed.
@@ -260,9 +308,9 @@ impl FlowHub {
         self.received_total.load(Ordering::Relaxed)
     }
 
-    /// A live subscription.
+    /// A live subscription: every flow published from now on, in seq order.
     #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Sequenced> {
         self.live.subscribe()
     }
 
@@ -436,7 +484,7 @@ mod tests {
             "the per-event path (name, keep, broadcast) allocated"
         );
         assert_eq!(hub.recent().len(), RECENT_CAPACITY);
-        let last = hub.recent().pop().unwrap().to_proto();
+        let last = hub.recent().pop().unwrap().flow.to_proto();
         assert_eq!(
             (
                 last.verdict.as_str(),
@@ -466,6 +514,6 @@ mod tests {
             live.try_recv()
                 .is_err_and(|e| matches!(e, broadcast::error::TryRecvError::Lagged(_)))
         );
-        assert!(live.try_recv().is_ok_and(|f| f.service.is_some()));
+        assert!(live.try_recv().is_ok_and(|f| f.flow.service.is_some()));
     }
 }

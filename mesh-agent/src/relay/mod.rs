@@ -125,12 +125,76 @@ struct AgentState {
     last_error: String,
     reconnects: u32,
     connected_at: Option<Instant>,
+    /// Flows missing from the agent's numbering (gaps in seq): it dropped them before they
+    /// reached the relay (a watcher that fell behind, or history overwritten during a long
+    /// disconnect).
+    missed: u64,
+}
+
+/// Where the relay is in one agent's stream: the agent process (instance) and the last seq
+/// taken from it. Kept across reconnects, so the history an agent replays is skipped and only
+/// what is new is taken (Hubble Relay merges its agents' streams by time through a sort
+/// buffer; a per-agent number needs no buffer and does not depend on clocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Position {
+    instance: u64,
+    seq: u64,
+    /// For agents without numbering (seq 0, older than the field): the last time taken.
+    time: u64,
+}
+
+/// What [`Position::admit`] decided about one flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admit {
+    /// New: `missed` flows of the numbering were never received before it.
+    New { missed: u64 },
+    /// Taken already (the replayed history after a reconnect).
+    Repeat,
+    /// The first flow of another agent process (a restart: its numbering starts again).
+    Restarted,
+}
+
+impl Position {
+    fn admit(&mut self, f: &Flow) -> Admit {
+        if f.seq == 0 {
+            // An older agent: by time, as before (loses flows stamped out of order).
+            if f.time_unix_nano <= self.time {
+                return Admit::Repeat;
+            }
+            self.time = f.time_unix_nano;
+            return Admit::New { missed: 0 };
+        }
+        if f.instance != self.instance {
+            let first = self.instance == 0 && self.seq == 0;
+            self.instance = f.instance;
+            self.seq = f.seq;
+            // The first contact starts wherever the agent's history starts.
+            return if first {
+                Admit::New { missed: 0 }
+            } else {
+                Admit::Restarted
+            };
+        }
+        if f.seq <= self.seq {
+            return Admit::Repeat;
+        }
+        let missed = f.seq - self.seq - 1;
+        self.seq = f.seq;
+        Admit::New { missed }
+    }
+}
+
+/// The relay's kept flows with their place in its own merged stream (a number the relay gives
+/// as it publishes; the agents' seqs are per agent).
+struct Merged {
+    flows: VecDeque<(u64, Flow)>,
+    last: u64,
 }
 
 /// Merged recent flows, live subscribers and the agents' states.
 pub struct Hub {
-    recent: Mutex<VecDeque<Flow>>,
-    live: broadcast::Sender<Flow>,
+    recent: Mutex<Merged>,
+    live: broadcast::Sender<(u64, Flow)>,
     /// By address; a Kubernetes agent pod that went away is dropped with its task.
     agents: Mutex<std::collections::BTreeMap<String, AgentState>>,
     started: Instant,
@@ -139,35 +203,44 @@ pub struct Hub {
 impl Hub {
     fn new() -> Self {
         Self {
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(Merged {
+                flows: VecDeque::new(),
+                last: 0,
+            }),
             live: broadcast::channel(crate::flows::BROADCAST_CAPACITY).0,
             agents: Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
         }
     }
 
+    /// Keeps a flow and sends it to live watchers, numbered in the merged stream under the
+    /// lock (one task per agent publishes), so history and live agree on the order.
     fn publish(&self, flow: Flow) {
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            if recent.len() == RECENT_CAPACITY {
-                recent.pop_front();
-            }
-            recent.push_back(flow.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.last += 1;
+        let numbered = (recent.last, flow);
+        if recent.flows.len() == RECENT_CAPACITY {
+            recent.flows.pop_front();
         }
-        let _ = self.live.send(flow);
+        recent.flows.push_back(numbered.clone());
+        let _ = self.live.send(numbered);
     }
 
-    /// Recent flows in time order (agents' streams interleave on arrival).
-    fn recent(&self) -> Vec<Flow> {
-        let mut v: Vec<Flow> = self
-            .recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect();
+    /// Recent flows in time order (agents' streams interleave on arrival), and the merged
+    /// number of the last one kept.
+    fn recent_numbered(&self) -> (Vec<Flow>, u64) {
+        let (mut v, last) = {
+            let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let v: Vec<Flow> = recent.flows.iter().map(|(_, f)| f.clone()).collect();
+            (v, recent.flows.back().map_or(0, |(n, _)| *n))
+        };
         v.sort_by_key(|f| f.time_unix_nano);
-        v
+        (v, last)
+    }
+
+    /// Recent flows in time order.
+    fn recent(&self) -> Vec<Flow> {
+        self.recent_numbered().0
     }
 
     fn agent(&self, addr: &str, f: impl FnOnce(&mut AgentState)) {
@@ -524,17 +597,17 @@ async fn watch_agent_pods(
 }
 
 /// Follows one agent's flows forever, reconnecting with backoff. After a reconnect the agent
-/// sends its history again: flows not newer than the last one kept are skipped.
+/// sends its history again: flows the relay took already (by the agent's seq) are skipped.
 async fn follow_agent(
     hub: Arc<Hub>,
     addr: String,
     name: ServerName<'static>,
     config: Arc<rustls::ClientConfig>,
 ) {
-    let mut last_seen = 0u64;
+    let mut position = Position::default();
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Err(error) = stream_agent(&hub, &addr, &name, &config, &mut last_seen).await;
+        let Err(error) = stream_agent(&hub, &addr, &name, &config, &mut position).await;
         let was_connected = hub
             .agents
             .lock()
@@ -573,7 +646,7 @@ async fn stream_agent(
     addr: &str,
     name: &ServerName<'static>,
     config: &Arc<rustls::ClientConfig>,
-    last_seen: &mut u64,
+    position: &mut Position,
 ) -> Result<std::convert::Infallible, String> {
     let channel = agent_channel(addr, name.clone(), Arc::clone(config))?;
     let mut client = AdminClient::new(channel);
@@ -600,10 +673,17 @@ async fn stream_agent(
     loop {
         match stream.message().await {
             Ok(Some(mut f)) => {
-                if f.time_unix_nano <= *last_seen {
-                    continue;
+                match position.admit(&f) {
+                    Admit::Repeat => continue,
+                    Admit::New { missed: 0 } => {}
+                    Admit::New { missed } => {
+                        warn!(agent = %addr, %node, missed, "the agent dropped flows before sending them");
+                        hub.agent(addr, |a| a.missed += missed);
+                    }
+                    Admit::Restarted => {
+                        info!(agent = %addr, %node, "the agent restarted: following its new numbering");
+                    }
                 }
-                *last_seen = f.time_unix_nano;
                 f.node.clone_from(&node);
                 hub.publish(f);
             }
@@ -698,7 +778,10 @@ impl Admin for RelayService {
                 .recent
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .flows
                 .len() as u64,
+            // Flows the agents numbered but never sent (gaps in their seqs).
+            flows_lagged_total: agents.iter().map(|a| a.missed).sum(),
             sources: agents
                 .iter()
                 .map(|a| SourceStatus {
@@ -729,10 +812,11 @@ impl Admin for RelayService {
     ) -> Result<Response<FlowStream>, Status> {
         let req = req.into_inner();
         let filter = Filter::new(&req);
+        // Subscribed before the history is copied; what both hold is dropped from live by the
+        // merged number, as the agent does with its seq.
         let live = self.hub.live.subscribe();
-        let history: Vec<Result<Flow, Status>> = self
-            .hub
-            .recent()
+        let (recent, history_end) = self.hub.recent_numbered();
+        let history: Vec<Result<Flow, Status>> = recent
             .into_iter()
             .filter(|f| filter.matches(f))
             .map(Ok)
@@ -742,7 +826,7 @@ impl Admin for RelayService {
             return Ok(Response::new(Box::pin(history)));
         }
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(f) if filter.matches(&f) => Some(Ok(f)),
+            Ok((n, f)) if n > history_end && filter.matches(&f) => Some(Ok(f)),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "a relay flow watcher fell behind");
@@ -848,5 +932,38 @@ mod tests {
             !Filter::new(&req("", "", "")).matches(&old),
             "older than since"
         );
+    }
+
+    #[test]
+    fn the_relay_resumes_by_the_agents_seq_not_by_time() {
+        let flow = |instance: u64, seq: u64, time: u64| Flow {
+            instance,
+            seq,
+            time_unix_nano: time,
+            ..Flow::default()
+        };
+        let mut p = Position::default();
+        let mut take = |f: Flow| p.admit(&f);
+        // The first contact starts where the agent's history starts.
+        assert_eq!(take(flow(7, 40, 1_000)), Admit::New { missed: 0 });
+        // Stamped earlier than the flow before it (another CPU's event): still new.
+        assert_eq!(take(flow(7, 41, 900)), Admit::New { missed: 0 });
+        assert_eq!(take(flow(7, 42, 900)), Admit::New { missed: 0 });
+        // A reconnect replays the history: what was taken is skipped, the rest taken.
+        for seq in 40..=42 {
+            assert_eq!(take(flow(7, seq, 1_000)), Admit::Repeat, "seq {seq}");
+        }
+        assert_eq!(take(flow(7, 43, 1_100)), Admit::New { missed: 0 });
+        // A gap: the agent numbered two flows the relay never got.
+        assert_eq!(take(flow(7, 46, 1_200)), Admit::New { missed: 2 });
+        // The agent restarted: another instance, numbering from 1 again, followed.
+        assert_eq!(take(flow(9, 1, 500)), Admit::Restarted);
+        assert_eq!(take(flow(9, 2, 600)), Admit::New { missed: 0 });
+        assert_eq!(take(flow(9, 2, 600)), Admit::Repeat);
+        // An agent older than the numbering: by time, as before.
+        let mut old = Position::default();
+        assert_eq!(old.admit(&flow(0, 0, 10)), Admit::New { missed: 0 });
+        assert_eq!(old.admit(&flow(0, 0, 10)), Admit::Repeat);
+        assert_eq!(old.admit(&flow(0, 0, 11)), Admit::New { missed: 0 });
     }
 }
