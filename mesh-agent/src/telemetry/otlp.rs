@@ -20,7 +20,7 @@
 //! a quarter second at 8,000 connections/s: little slack for one slow export and its retries).
 //!
 //! Connection logs are encoded as protobuf when the flow is seen ([`ConnectionLog::new`]) and
-//! sent as bytes ([`PreEncoded`]): the export task builds no `LogRecord`s for prost.
+//! sent as bytes (`PreEncoded`): the export task builds no `LogRecord`s for prost.
 
 use std::{
     fmt,
