@@ -122,7 +122,8 @@ const ACCESS_BUFFER_KEEP: usize = 1024 * 1024;
 /// What the access-log sink did, exported as `mesh_access_log_*`.
 #[derive(Debug, Default)]
 pub struct AccessStats {
-    /// Lines appended to a buffer.
+    /// Lines appended to a buffer, counted when their buffer is written (so up to the flush
+    /// interval late).
     pub lines: std::sync::atomic::AtomicU64,
     /// Lines not appended: their buffer was at [`ACCESS_BUFFER_MAX`].
     pub dropped_buffer_full: std::sync::atomic::AtomicU64,
@@ -361,6 +362,10 @@ impl SinkShared {
 
     fn write(&self, out: &mut dyn std::io::Write, bytes: &[u8], count: u64) {
         use std::sync::atomic::Ordering::Relaxed;
+        // Lines are counted here, a buffer at a time, not per line by the writers: one
+        // counter shared by the gateway's workers moved its cache line between the CPUs on
+        // every request.
+        self.stats.lines.fetch_add(count, Relaxed);
         self.stats.writes.fetch_add(1, Relaxed);
         if out.write_all(bytes).is_err() {
             self.stats.dropped_write_failed.fetch_add(count, Relaxed);
@@ -420,7 +425,6 @@ impl AccessBuffer {
         p.count += 1;
         let after = p.bytes.len();
         drop(p);
-        self.shared.stats.lines.fetch_add(1, Relaxed);
         if before == 0 || (before < ACCESS_FLUSH_BYTES && after >= ACCESS_FLUSH_BYTES) {
             self.shared.notify(after >= ACCESS_FLUSH_BYTES);
         }
@@ -561,17 +565,27 @@ impl<'a> AccessLine<'a> {
             std::net::SocketAddr::V4(a) => {
                 self.key(key);
                 self.out.push(b'"');
-                for (i, octet) in a.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        self.out.push(b'.');
-                    }
-                    push_u64(self.out, u64::from(octet));
-                }
+                push_ipv4(self.out, *a.ip());
                 self.out.push(b':');
                 push_u64(self.out, u64::from(a.port()));
                 self.out.push(b'"');
             }
             std::net::SocketAddr::V6(_) => self.display_raw(key, value),
+        }
+    }
+
+    /// An IP address as a string field (`10.0.0.1`, `::1`); IPv4 digit by digit, as
+    /// [`Self::socket_addr`].
+    #[inline]
+    pub fn ip(&mut self, key: &str, value: std::net::IpAddr) {
+        match value {
+            std::net::IpAddr::V4(a) => {
+                self.key(key);
+                self.out.push(b'"');
+                push_ipv4(self.out, a);
+                self.out.push(b'"');
+            }
+            std::net::IpAddr::V6(_) => self.display_raw(key, value),
         }
     }
 
@@ -597,6 +611,17 @@ impl<'a> AccessLine<'a> {
             escape_into(self.out, p);
         }
         self.out.push(b'"');
+    }
+}
+
+/// Appends an IPv4 address in dotted decimal.
+#[inline]
+fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        push_u64(out, u64::from(octet));
     }
 }
 

@@ -532,10 +532,13 @@ fn start_telemetry(args: &GatewayArgs) -> Result<GatewayTelemetry, GatewayError>
         }
     }
     Ok(GatewayTelemetry {
-        source: args
-            .pod_name
-            .as_ref()
-            .map(|n| Arc::new(crate::model::ObjectName::new(&args.pod_namespace, n))),
+        // Leaked on purpose: one small name per gateway start, referenced by every request.
+        source: args.pod_name.as_ref().map(|n| {
+            &*Box::leak(Box::new(Arc::new(crate::model::ObjectName::new(
+                &args.pod_namespace,
+                n,
+            ))))
+        }),
         access_log: args.access_log,
     })
 }

@@ -33,11 +33,14 @@ use crate::{
     },
 };
 
-/// What the gateway's telemetry knows of itself.
-#[derive(Debug, Clone, Default)]
+/// What the gateway's telemetry knows of itself; copied into every response body.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct GatewayTelemetry {
     /// The gateway's pod (`source_workload` of its request metrics); `None`: Istio's `unknown`.
-    pub source: Option<Arc<ObjectName>>,
+    /// Made once per process and never freed: a reference, not an `Arc` clone per request —
+    /// the workers bumping one shared reference count moved its cache line between CPUs on
+    /// every request.
+    pub source: Option<&'static Arc<ObjectName>>,
     /// Whether the per-request access line is written.
     pub access_log: bool,
 }
@@ -146,7 +149,7 @@ impl Finish {
         // Istio's gateway reports as `source` (it is the client of the backend).
         crate::telemetry::requests::record(&Request {
             reporter: Reporter::Source,
-            source: self.telemetry.source.as_ref(),
+            source: self.telemetry.source,
             source_principal: None,
             service: r.service.as_ref(),
             destination: r.pod.as_ref(),
@@ -404,12 +407,6 @@ pub fn finish(
     telemetry: &GatewayTelemetry,
 ) -> http::Response<Body> {
     let (parts, body) = resp.into_parts();
-    let body = Finish::new(
-        body,
-        parts.status,
-        &parts.headers,
-        record,
-        telemetry.clone(),
-    );
+    let body = Finish::new(body, parts.status, &parts.headers, record, *telemetry);
     http::Response::from_parts(parts, body.boxed_unsync())
 }

@@ -33,7 +33,7 @@ use crate::{
     logging::{AccessBuffer, AccessLine, AccessStats},
     model::ObjectName,
     state::Snapshot,
-    telemetry::labels::{UNKNOWN, fqdn_display},
+    telemetry::labels::{CLUSTER_DOMAIN, UNKNOWN},
 };
 
 /// The message of a connection's line and OTLP record.
@@ -87,7 +87,7 @@ fn fields(
     let src = flow.source.as_deref();
     l.raw("direction", "outbound");
     match flow.client() {
-        Some(c) => l.display_raw("src.addr", c),
+        Some(c) => l.ip("src.addr", c),
         None => l.raw("src.addr", ""),
     }
     l.str("src.workload", src.map_or(UNKNOWN, |p| p.name.as_str()));
@@ -100,14 +100,18 @@ fn fields(
         None => l.str("src.identity", UNKNOWN),
     }
     match flow.backend_addr() {
-        Some(b) => l.display_raw("dst.addr", b),
+        Some(b) => l.socket_addr("dst.addr", b),
         None => l.raw("dst.addr", ""),
     }
     match flow.service.as_deref() {
-        Some(s) => l.display("dst.service", fqdn_display(s)),
+        // `name.namespace.svc.cluster.local` written in place (no `fmt` pass).
+        Some(s) => l.str_parts(
+            "dst.service",
+            &[&s.name, ".", &s.namespace, ".svc.", CLUSTER_DOMAIN],
+        ),
         None => l.str("dst.service", UNKNOWN),
     }
-    l.display_raw("dst.service_addr", flow.service_addr());
+    l.socket_addr("dst.service_addr", flow.service_addr());
     l.str(
         "dst.workload",
         destination.map_or(UNKNOWN, |p| p.name.as_str()),
@@ -152,7 +156,7 @@ impl Collector for AccessLogMetrics {
         super::counter(
             &mut enc,
             "mesh_access_log_lines",
-            "Access lines formatted (each written by the flush thread unless counted as dropped).",
+            "Access lines handed to the flush thread's writes (counted when written, up to the flush interval after they were made; those whose write failed are also counted as dropped).",
             s.lines.load(Ordering::Relaxed),
         )?;
         super::counter_family(
