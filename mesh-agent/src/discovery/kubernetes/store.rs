@@ -292,6 +292,11 @@ impl<T: ?Sized + Eq + std::hash::Hash> Interner<T> {
         id
     }
 
+    /// The number of `value` if it is interned.
+    pub(super) fn find(&self, value: &T) -> Option<u32> {
+        self.index.get(value).copied()
+    }
+
     /// The value of number `id`, which [`Interner::id`] of this interner gave (every such
     /// number stays valid: nothing is ever removed).
     pub(super) fn get(&self, id: u32) -> &Arc<T> {
@@ -357,47 +362,173 @@ impl OtherPod {
     }
 }
 
-/// Every node's pods, keyed compactly, with the values their entries name by number.
+/// Every node's pods, keyed compactly, with the values their entries name by number. Other
+/// nodes' pods outside the mesh ([`StoredPod::Other`], nearly all of a large cluster's) are
+/// kept in one flat table that the model shares ([`OtherTable`]), the rest whole by name.
 pub(super) struct PodStore {
-    pub(super) store: Store<StoredPod, PodKey>,
+    /// Pods held whole ([`StoredPod::Whole`]); its `ready` is the pods' list's.
+    pub(super) store: Store<Box<WholePod>, PodKey>,
+    /// The other pods.
+    pub(super) others: OtherTable,
+    /// During a (re)list: the other pods listed so far (the store's own `relisting` holds
+    /// the whole ones); the old contents stay visible until the list is complete.
+    relisting_others: Option<Vec<(PodKey, OtherPod)>>,
     /// Namespaces, node names and service accounts.
     pub(super) strings: Interner<str>,
     /// Node address lists (`status.hostIPs`), one per node in practice.
     pub(super) host_ips: Interner<[IpAddr]>,
 }
 
+/// Other nodes' pods outside the mesh as one table: their names and addresses as the model's
+/// [`model::OtherPods`], shared (`Arc`) with every model built while no pod of it is left out
+/// of the model (a namespace not live, or in the mesh), and the rest of each [`OtherPod`]
+/// beside it. About 40 bytes a pod in all, where a map entry keyed by name (≈ 90 bytes) plus
+/// the model's own copy (≈ 26) held the same pods twice. Watch events between two models are
+/// collected in `changes` and merged into a new table when the next model is built
+/// ([`PodStore::compact`]): the model's copy was rebuilt as often before.
+#[derive(Default)]
+pub(super) struct OtherTable {
+    pub(super) pods: Arc<model::OtherPods>,
+    /// Per pod of `pods`, in its order.
+    pub(super) attrs: Vec<OtherPod>,
+    /// Pods changed since `pods` was built: the new value, `None` for removed (or now
+    /// stored whole).
+    pub(super) changes: BTreeMap<PodKey, Option<OtherPod>>,
+}
+
 impl PodStore {
     pub(super) fn new() -> Self {
         Self {
             store: Store::new(),
+            others: OtherTable::default(),
+            relisting_others: None,
             strings: Interner::new(),
             host_ips: Interner::new(),
         }
     }
 
+    /// How many pods are stored (the other pods as of the last model).
+    pub(super) fn len(&self) -> usize {
+        self.store.objects.len() + self.others.attrs.len()
+    }
+
     pub(super) fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
         let Self {
             store,
+            others,
+            relisting_others,
             strings,
             host_ips,
         } = self;
-        // Two closures need the interner; they never run at the same time.
-        let strings = std::cell::RefCell::new(strings);
-        store.apply_keyed(
-            event,
-            |pod| PodKey {
-                namespace: strings
-                    .borrow_mut()
-                    .id(pod.namespace().as_deref().unwrap_or_default()),
-                name: pod.name_any().into(),
-            },
-            |pod| StoredPod::new(&pod, node, &mut strings.borrow_mut(), host_ips),
-        );
+        let key_of = |pod: &K8sPod, strings: &mut Interner<str>| PodKey {
+            namespace: strings.id(pod.namespace().as_deref().unwrap_or_default()),
+            name: pod.name_any().into(),
+        };
+        match event {
+            watcher::Event::Init => {
+                store.relisting = Some(BTreeMap::new());
+                *relisting_others = Some(Vec::new());
+            }
+            watcher::Event::InitApply(pod) => {
+                let key = key_of(&pod, strings);
+                let listed = store.relisting.get_or_insert_with(BTreeMap::new);
+                match StoredPod::new(&pod, node, strings, host_ips) {
+                    Some(StoredPod::Whole(w)) => {
+                        listed.insert(key, w);
+                    }
+                    Some(StoredPod::Other(o)) => {
+                        listed.remove(&key);
+                        relisting_others.get_or_insert_with(Vec::new).push((key, o));
+                    }
+                    None => {
+                        listed.remove(&key);
+                    }
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = store.relisting.take() {
+                    // Rebuilt in bulk, as `Store` does.
+                    store.objects = listed.into_iter().collect();
+                }
+                store.ready = true;
+                if let Some(listed) = relisting_others.take() {
+                    // A pod listed twice counts as its last listing, as in a map.
+                    let mut listed: Vec<_> = listed.into_iter().rev().collect();
+                    listed.sort_by(|a, b| a.0.cmp(&b.0));
+                    listed.dedup_by(|a, b| a.0 == b.0);
+                    let whole = &store.objects;
+                    let rows = listed
+                        .iter()
+                        .filter(|(k, _)| !whole.contains_key(k))
+                        .map(|(k, o)| (&**strings.get(k.namespace), &*k.name, *o));
+                    *others = OtherTable::build(rows);
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                let key = key_of(&pod, strings);
+                match StoredPod::new(&pod, node, strings, host_ips) {
+                    Some(StoredPod::Whole(w)) => {
+                        others.changes.insert(key.clone(), None);
+                        store.objects.insert(key, w);
+                    }
+                    Some(StoredPod::Other(o)) => {
+                        store.objects.remove(&key);
+                        others.changes.insert(key, Some(o));
+                    }
+                    None => {
+                        store.objects.remove(&key);
+                        others.changes.insert(key, None);
+                    }
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                let key = key_of(&pod, strings);
+                store.objects.remove(&key);
+                others.changes.insert(key, None);
+            }
+        }
     }
 
-    /// The name of a key's pod.
-    pub(super) fn name(&self, key: &PodKey) -> ObjectName {
-        ObjectName::new(&**self.strings.get(key.namespace), &*key.name)
+    /// Merges the other pods' changes since the last model into a new table (nothing to do
+    /// without changes).
+    pub(super) fn compact(&mut self) {
+        let changes = std::mem::take(&mut self.others.changes);
+        if changes.is_empty() {
+            return;
+        }
+        let strings = &self.strings;
+        let old = &self.others;
+        let kept = (0..old.attrs.len()).filter_map(|i| {
+            let (namespace, name) = old.pods.pod(i);
+            let changed = strings.find(namespace).is_some_and(|ns| {
+                changes.contains_key(&PodKey {
+                    namespace: ns,
+                    name: name.into(),
+                })
+            });
+            (!changed).then_some((namespace, name, old.attrs[i]))
+        });
+        let changed = changes
+            .iter()
+            .filter_map(|(k, o)| Some((&**strings.get(k.namespace), &*k.name, (*o)?)));
+        let table = OtherTable::build(kept.chain(changed));
+        self.others = table;
+    }
+}
+
+impl OtherTable {
+    /// The table of these pods (namespace, name, pod), in any order, each name once.
+    fn build<'a>(rows: impl Iterator<Item = (&'a str, &'a str, OtherPod)>) -> Self {
+        let rows: Vec<_> = rows
+            .map(|(ns, name, o)| ((ns, name, o.v4, o.v6), o))
+            .collect();
+        let (pods, mut attrs) = model::OtherPods::build_with(rows);
+        attrs.shrink_to_fit();
+        Self {
+            pods: Arc::new(pods),
+            attrs,
+            changes: BTreeMap::new(),
+        }
     }
 }
 
