@@ -243,7 +243,7 @@ fn slices_merge_and_resolve_named_target_ports() {
             named("pod-10.1.0.8")
         ]
     );
-    assert_eq!(std::mem::size_of::<store::SliceEndpoint>(), 40);
+    assert_eq!(std::mem::size_of::<store::SliceEndpoint>(), 32);
     let specs = m.desired_specs();
     assert_eq!(specs.len(), 1);
     let backends: Vec<String> = specs[0]
