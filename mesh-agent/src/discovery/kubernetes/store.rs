@@ -509,26 +509,26 @@ impl PodStore {
     /// Merges the other pods' changes since the last model into a new table (nothing to do
     /// without changes).
     pub(super) fn compact(&mut self) {
-        let changes = std::mem::take(&mut self.others.changes);
-        if changes.is_empty() {
+        let pending = std::mem::take(&mut self.others.changes);
+        if pending.is_empty() {
             return;
         }
         let strings = &self.strings;
         let old = &self.others;
+        // Looked up by borrowed names: no allocation per pod of the table.
+        let touched: std::collections::HashSet<(u32, &str)> =
+            pending.keys().map(|k| (k.namespace, &*k.name)).collect();
         let kept = (0..old.attrs.len()).filter_map(|i| {
             let (namespace, name) = old.pods.pod(i);
-            let changed = strings.find(namespace).is_some_and(|ns| {
-                changes.contains_key(&PodKey {
-                    namespace: ns,
-                    name: name.into(),
-                })
-            });
-            (!changed).then_some((namespace, name, old.attrs[i]))
+            let is_touched = strings
+                .find(namespace)
+                .is_some_and(|ns| touched.contains(&(ns, name)));
+            (!is_touched).then_some((namespace, name, old.attrs[i]))
         });
-        let changed = changes
+        let updated = pending
             .iter()
             .filter_map(|(k, o)| Some((&**strings.get(k.namespace), &*k.name, (*o)?)));
-        let table = OtherTable::build(kept.chain(changed));
+        let table = OtherTable::build(kept.chain(updated));
         self.others = table;
     }
 }
