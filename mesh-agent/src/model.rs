@@ -156,15 +156,29 @@ impl OtherPods {
     /// Pods as (namespace, name, IPv4 address, IPv6 address), in any order; a name given
     /// twice counts once (the first).
     #[must_use]
-    pub fn build(mut pods: Vec<(&str, &str, Option<Ipv4Addr>, Option<Ipv6Addr>)>) -> Self {
-        pods.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        pods.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
+    pub fn build(pods: Vec<(&str, &str, Option<Ipv4Addr>, Option<Ipv6Addr>)>) -> Self {
+        Self::build_with(pods.into_iter().map(|p| (p, ())).collect()).0
+    }
+
+    /// As [`OtherPods::build`], each pod with a value of the caller's: the values come back
+    /// in the pods' order here (index `i` is the pod [`OtherPods::pod`] `i` names), so a
+    /// caller keeps what else it knows of each pod beside this table instead of in a second
+    /// copy of the names.
+    #[must_use]
+    #[allow(clippy::type_complexity)]
+    pub fn build_with<T>(
+        mut pods: Vec<((&str, &str, Option<Ipv4Addr>, Option<Ipv6Addr>), T)>,
+    ) -> (Self, Vec<T>) {
+        pods.sort_by(|a, b| (a.0.0, a.0.1).cmp(&(b.0.0, b.0.1)));
+        pods.dedup_by(|a, b| (a.0.0, a.0.1) == (b.0.0, b.0.1));
         let mut out = Self {
-            names: String::with_capacity(pods.iter().map(|p| p.1.len()).sum()),
+            names: String::with_capacity(pods.iter().map(|p| p.0.1.len()).sum()),
             pods: Vec::with_capacity(pods.len()),
             ..Self::default()
         };
-        for (index, (namespace, name, v4, v6)) in pods.into_iter().enumerate() {
+        let mut values = Vec::with_capacity(pods.len());
+        for (index, ((namespace, name, v4, v6), value)) in pods.into_iter().enumerate() {
+            values.push(value);
             if out.namespaces.last().map(AsRef::as_ref) != Some(namespace) {
                 out.namespaces.push(namespace.into());
             }
@@ -190,7 +204,7 @@ impl OtherPods {
         out.names.shrink_to_fit();
         out.v4.shrink_to_fit();
         out.v6.shrink_to_fit();
-        out
+        (out, values)
     }
 
     /// How many pods.
@@ -202,6 +216,33 @@ impl OtherPods {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
+    }
+
+    /// The namespace and name of pod `index` (`0..len()`, in (namespace, name) order).
+    #[must_use]
+    pub fn pod(&self, index: usize) -> (&str, &str) {
+        self.at(index)
+    }
+
+    /// The index of the pod `namespace`/`name`, if it is here.
+    #[must_use]
+    pub fn position(&self, namespace: &str, name: &str) -> Option<usize> {
+        let ns = self
+            .namespaces
+            .binary_search_by(|n| n.as_ref().cmp(namespace))
+            .ok()?;
+        let key = (u32::try_from(ns).unwrap_or(u32::MAX), name);
+        // Binary search over the pods, which are in (namespace, name) order.
+        let (mut lo, mut hi) = (0, self.pods.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match (self.pods[mid].0, self.at(mid).1).cmp(&key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
     }
 
     /// The namespace and name of pod `index`.
@@ -238,24 +279,7 @@ impl OtherPods {
     /// Whether a pod of this name is here.
     #[must_use]
     pub fn contains(&self, name: &ObjectName) -> bool {
-        let Ok(ns) = self
-            .namespaces
-            .binary_search_by(|n| n.as_ref().cmp(name.namespace.as_str()))
-        else {
-            return false;
-        };
-        let key = (u32::try_from(ns).unwrap_or(u32::MAX), name.name.as_str());
-        // Binary search over the pods, which are in (namespace, name) order.
-        let (mut lo, mut hi) = (0, self.pods.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match (self.pods[mid].0, self.at(mid).1).cmp(&key) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return true,
-            }
-        }
-        false
+        self.position(&name.namespace, &name.name).is_some()
     }
 
     /// Every pod's namespace and name, in that order.

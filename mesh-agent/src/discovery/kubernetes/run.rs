@@ -88,7 +88,7 @@ pub async fn run_with_status(
             info!(
                 services = state.services.objects.len(),
                 slices = state.slices.objects.len(),
-                pods = state.pods.store.objects.len(),
+                pods = state.pods.len(),
                 policies = state.policies.objects.len(),
                 "initial lists complete"
             );

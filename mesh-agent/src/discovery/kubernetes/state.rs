@@ -237,6 +237,7 @@ impl State {
         }
         model.services = services.into_iter().collect();
         model.policies = resolution.report;
+        self.pods.compact();
         self.build_pods(&mut model);
         for (name, svc) in &self.services.objects {
             if svc.mesh_opt_out && model.services.contains_key(name) {
@@ -275,59 +276,68 @@ impl State {
                 }
             }
         };
-        let mut others = Vec::new();
-        for (key, stored) in &self.pods.store.objects {
-            let namespace = strings.get(key.namespace);
-            if !self.namespace_live(namespace) {
+        for w in self.pods.store.objects.values() {
+            let p = &w.pod;
+            if !self.namespace_live(&p.name.namespace) {
                 continue;
             }
-            match stored {
-                StoredPod::Whole(w) => {
-                    let p = &w.pod;
-                    // The labels were cut at store time (see `WholePod::labels`).
-                    if !w.labels.is_empty() {
-                        model
-                            .mesh
-                            .pod_labels
-                            .insert(p.name.clone(), w.labels.clone());
-                    }
-                    add_node(model, &p.node, &w.host_ips);
-                    pods.push((p.name.clone(), Arc::clone(p)));
-                }
-                StoredPod::Other(o) => {
-                    if node_addrs.insert((o.node, o.host_ips)) {
-                        add_node(
-                            model,
-                            strings.get(o.node),
-                            self.pods.host_ips.get(o.host_ips),
-                        );
-                    }
-                    if model.mesh.namespace_modes.contains_key(&**namespace) {
-                        // Its namespace is in (or out of) the mesh: the mesh view decides
-                        // about it, so it is made whole (a copy per model; such namespaces
-                        // hold a small part of a large cluster's pods).
-                        let name = self.pods.name(key);
-                        pods.push((
-                            name.clone(),
-                            Arc::new(model::Pod {
-                                name,
-                                node: strings.get(o.node).to_string(),
-                                service_account: strings.get(o.service_account).to_string(),
-                                ips: o.ips().collect(),
-                                uid: String::new(),
-                                host_network: o.host_network,
-                            }),
-                        ));
-                    } else {
-                        others.push((&**namespace, &*key.name, o.v4, o.v6));
-                    }
-                }
+            // The labels were cut at store time (see `WholePod::labels`).
+            if !w.labels.is_empty() {
+                model
+                    .mesh
+                    .pod_labels
+                    .insert(p.name.clone(), w.labels.clone());
+            }
+            add_node(model, &p.node, &w.host_ips);
+            pods.push((p.name.clone(), Arc::clone(p)));
+        }
+        // The other pods: the table as it is when none is left out (the model shares it),
+        // else the ones kept, copied.
+        let table = &self.pods.others;
+        let mut others = Vec::new();
+        let mut left_out = false;
+        for (index, o) in table.attrs.iter().enumerate() {
+            let (namespace, name) = table.pods.pod(index);
+            if !self.namespace_live(namespace) {
+                left_out = true;
+                continue;
+            }
+            if node_addrs.insert((o.node, o.host_ips)) {
+                add_node(
+                    model,
+                    strings.get(o.node),
+                    self.pods.host_ips.get(o.host_ips),
+                );
+            }
+            if model.mesh.namespace_modes.contains_key(namespace) {
+                // Its namespace is in (or out of) the mesh: the mesh view decides about it,
+                // so it is made whole (a copy per model; such namespaces hold a small part of
+                // a large cluster's pods).
+                left_out = true;
+                let name = ObjectName::new(namespace, name);
+                pods.push((
+                    name.clone(),
+                    Arc::new(model::Pod {
+                        name,
+                        node: strings.get(o.node).to_string(),
+                        service_account: strings.get(o.service_account).to_string(),
+                        ips: o.ips().collect(),
+                        uid: String::new(),
+                        host_network: o.host_network,
+                    }),
+                ));
+            } else {
+                others.push((namespace, name, o.v4, o.v6));
             }
         }
         // Gathered in key order (namespace number, name), not name order.
         pods.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         model.pods = pods.into_iter().collect();
-        model.other_pods = Arc::new(model::OtherPods::build(others));
+        model.other_pods = if left_out {
+            Arc::new(model::OtherPods::build(others))
+        } else {
+            Arc::clone(&table.pods)
+        };
     }
 
     /// Parses every `AuthorizationPolicy` and `PeerAuthentication` of a live namespace into the

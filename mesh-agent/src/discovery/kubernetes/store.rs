@@ -74,8 +74,8 @@ impl Names {
 }
 
 /// One address of an `EndpointSlice` endpoint, as stored (see [`StoredSlice`]); 100,000 of
-/// them for 10,000 services, so names are shared, pod names kept by the slice and hints
-/// (rare) boxed: 40 bytes.
+/// them for 10,000 services, so names are shared, and pod names and hints (rare) kept by the
+/// slice: 32 bytes (ten of them fill a 320-byte allocation; 40 bytes each took 448).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceEndpoint {
     pub(super) ip: IpAddr,
@@ -89,7 +89,6 @@ pub(super) struct SliceEndpoint {
     /// empty). Four bytes, where a `Box<str>` per endpoint is 16 and an allocation.
     pub(super) pod_end: u32,
     pub(super) zone: Option<std::num::NonZeroU32>,
-    pub(super) hints: Option<Box<model::Hints>>,
 }
 
 /// An `EndpointSlice` reduced, when it arrives, to what the model reads: the service it belongs
@@ -106,6 +105,9 @@ pub(super) struct StoredSlice {
     /// name, or `namespace/name` when its namespace is not the slice's (a name never holds
     /// `/`).
     pub(super) pods: String,
+    /// The endpoints that carry hints (few do): (index in `endpoints`, hints), in index
+    /// order.
+    pub(super) hints: Vec<(u32, model::Hints)>,
 }
 
 impl StoredSlice {
@@ -127,6 +129,7 @@ impl StoredSlice {
                 .collect(),
             endpoints: Vec::new(),
             pods: String::new(),
+            hints: Vec::new(),
         };
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             return out;
@@ -171,6 +174,11 @@ impl StoredSlice {
                     Some((_, name)) => out.pods.push_str(name),
                     None => {}
                 }
+                if hints != model::Hints::default() {
+                    // A slice holds at most 1,000 endpoints.
+                    let index = u32::try_from(out.endpoints.len()).unwrap_or(u32::MAX);
+                    out.hints.push((index, hints.clone()));
+                }
                 out.endpoints.push(SliceEndpoint {
                     ip,
                     ready: conditions.and_then(|c| c.ready).unwrap_or(true),
@@ -181,13 +189,22 @@ impl StoredSlice {
                     // at most 1,000 endpoints.
                     pod_end: u32::try_from(out.pods.len()).unwrap_or(u32::MAX),
                     zone: ep.zone.as_deref().map(|z| names.number(z)),
-                    hints: (hints != model::Hints::default()).then(|| Box::new(hints.clone())),
                 });
             }
         }
         out.endpoints.shrink_to_fit();
         out.pods.shrink_to_fit();
+        out.hints.shrink_to_fit();
         out
+    }
+
+    /// The hints of endpoint `index`, if it has any.
+    fn hints(&self, index: usize) -> Option<&model::Hints> {
+        let i = self
+            .hints
+            .binary_search_by_key(&index, |(i, _)| *i as usize)
+            .ok()?;
+        Some(&self.hints[i].1)
     }
 
     /// The `targetRef` pod of endpoint `index` as stored: `name` or `namespace/name`.
@@ -227,7 +244,7 @@ impl StoredSlice {
             .iter()
             .enumerate()
             .map(|(index, ep)| {
-                let mut hints = ep.hints.as_deref().cloned().unwrap_or_default();
+                let mut hints = self.hints(index).cloned().unwrap_or_default();
                 if same_zone
                     && hints.zones.is_empty()
                     && let Some(zone) = ep.zone
@@ -290,6 +307,11 @@ impl<T: ?Sized + Eq + std::hash::Hash> Interner<T> {
         self.list.push(Arc::clone(&shared));
         self.index.insert(shared, id);
         id
+    }
+
+    /// The number of `value` if it is interned.
+    pub(super) fn find(&self, value: &T) -> Option<u32> {
+        self.index.get(value).copied()
     }
 
     /// The value of number `id`, which [`Interner::id`] of this interner gave (every such
@@ -357,47 +379,173 @@ impl OtherPod {
     }
 }
 
-/// Every node's pods, keyed compactly, with the values their entries name by number.
+/// Every node's pods, keyed compactly, with the values their entries name by number. Other
+/// nodes' pods outside the mesh ([`StoredPod::Other`], nearly all of a large cluster's) are
+/// kept in one flat table that the model shares ([`OtherTable`]), the rest whole by name.
 pub(super) struct PodStore {
-    pub(super) store: Store<StoredPod, PodKey>,
+    /// Pods held whole ([`StoredPod::Whole`]); its `ready` is the pods' list's.
+    pub(super) store: Store<Box<WholePod>, PodKey>,
+    /// The other pods.
+    pub(super) others: OtherTable,
+    /// During a (re)list: the other pods listed so far (the store's own `relisting` holds
+    /// the whole ones); the old contents stay visible until the list is complete.
+    relisting_others: Option<Vec<(PodKey, OtherPod)>>,
     /// Namespaces, node names and service accounts.
     pub(super) strings: Interner<str>,
     /// Node address lists (`status.hostIPs`), one per node in practice.
     pub(super) host_ips: Interner<[IpAddr]>,
 }
 
+/// Other nodes' pods outside the mesh as one table: their names and addresses as the model's
+/// [`model::OtherPods`], shared (`Arc`) with every model built while no pod of it is left out
+/// of the model (a namespace not live, or in the mesh), and the rest of each [`OtherPod`]
+/// beside it. About 40 bytes a pod in all, where a map entry keyed by name (≈ 90 bytes) plus
+/// the model's own copy (≈ 26) held the same pods twice. Watch events between two models are
+/// collected in `changes` and merged into a new table when the next model is built
+/// ([`PodStore::compact`]): the model's copy was rebuilt as often before.
+#[derive(Default)]
+pub(super) struct OtherTable {
+    pub(super) pods: Arc<model::OtherPods>,
+    /// Per pod of `pods`, in its order.
+    pub(super) attrs: Vec<OtherPod>,
+    /// Pods changed since `pods` was built: the new value, `None` for removed (or now
+    /// stored whole).
+    pub(super) changes: BTreeMap<PodKey, Option<OtherPod>>,
+}
+
 impl PodStore {
     pub(super) fn new() -> Self {
         Self {
             store: Store::new(),
+            others: OtherTable::default(),
+            relisting_others: None,
             strings: Interner::new(),
             host_ips: Interner::new(),
         }
     }
 
+    /// How many pods are stored (the other pods as of the last model).
+    pub(super) fn len(&self) -> usize {
+        self.store.objects.len() + self.others.attrs.len()
+    }
+
     pub(super) fn apply_pod(&mut self, node: &str, event: watcher::Event<K8sPod>) {
         let Self {
             store,
+            others,
+            relisting_others,
             strings,
             host_ips,
         } = self;
-        // Two closures need the interner; they never run at the same time.
-        let strings = std::cell::RefCell::new(strings);
-        store.apply_keyed(
-            event,
-            |pod| PodKey {
-                namespace: strings
-                    .borrow_mut()
-                    .id(pod.namespace().as_deref().unwrap_or_default()),
-                name: pod.name_any().into(),
-            },
-            |pod| StoredPod::new(&pod, node, &mut strings.borrow_mut(), host_ips),
-        );
+        let key_of = |pod: &K8sPod, strings: &mut Interner<str>| PodKey {
+            namespace: strings.id(pod.namespace().as_deref().unwrap_or_default()),
+            name: pod.name_any().into(),
+        };
+        match event {
+            watcher::Event::Init => {
+                store.relisting = Some(BTreeMap::new());
+                *relisting_others = Some(Vec::new());
+            }
+            watcher::Event::InitApply(pod) => {
+                let key = key_of(&pod, strings);
+                let listed = store.relisting.get_or_insert_with(BTreeMap::new);
+                match StoredPod::new(&pod, node, strings, host_ips) {
+                    Some(StoredPod::Whole(w)) => {
+                        listed.insert(key, w);
+                    }
+                    Some(StoredPod::Other(o)) => {
+                        listed.remove(&key);
+                        relisting_others.get_or_insert_with(Vec::new).push((key, o));
+                    }
+                    None => {
+                        listed.remove(&key);
+                    }
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = store.relisting.take() {
+                    // Rebuilt in bulk, as `Store` does.
+                    store.objects = listed.into_iter().collect();
+                }
+                store.ready = true;
+                if let Some(listed) = relisting_others.take() {
+                    // A pod listed twice counts as its last listing, as in a map.
+                    let mut listed: Vec<_> = listed.into_iter().rev().collect();
+                    listed.sort_by(|a, b| a.0.cmp(&b.0));
+                    listed.dedup_by(|a, b| a.0 == b.0);
+                    let whole = &store.objects;
+                    let rows = listed
+                        .iter()
+                        .filter(|(k, _)| !whole.contains_key(k))
+                        .map(|(k, o)| (&**strings.get(k.namespace), &*k.name, *o));
+                    *others = OtherTable::build(rows);
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                let key = key_of(&pod, strings);
+                match StoredPod::new(&pod, node, strings, host_ips) {
+                    Some(StoredPod::Whole(w)) => {
+                        others.changes.insert(key.clone(), None);
+                        store.objects.insert(key, w);
+                    }
+                    Some(StoredPod::Other(o)) => {
+                        store.objects.remove(&key);
+                        others.changes.insert(key, Some(o));
+                    }
+                    None => {
+                        store.objects.remove(&key);
+                        others.changes.insert(key, None);
+                    }
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                let key = key_of(&pod, strings);
+                store.objects.remove(&key);
+                others.changes.insert(key, None);
+            }
+        }
     }
 
-    /// The name of a key's pod.
-    pub(super) fn name(&self, key: &PodKey) -> ObjectName {
-        ObjectName::new(&**self.strings.get(key.namespace), &*key.name)
+    /// Merges the other pods' changes since the last model into a new table (nothing to do
+    /// without changes).
+    pub(super) fn compact(&mut self) {
+        let pending = std::mem::take(&mut self.others.changes);
+        if pending.is_empty() {
+            return;
+        }
+        let strings = &self.strings;
+        let old = &self.others;
+        // Looked up by borrowed names: no allocation per pod of the table.
+        let touched: std::collections::HashSet<(u32, &str)> =
+            pending.keys().map(|k| (k.namespace, &*k.name)).collect();
+        let kept = (0..old.attrs.len()).filter_map(|i| {
+            let (namespace, name) = old.pods.pod(i);
+            let is_touched = strings
+                .find(namespace)
+                .is_some_and(|ns| touched.contains(&(ns, name)));
+            (!is_touched).then_some((namespace, name, old.attrs[i]))
+        });
+        let updated = pending
+            .iter()
+            .filter_map(|(k, o)| Some((&**strings.get(k.namespace), &*k.name, (*o)?)));
+        let table = OtherTable::build(kept.chain(updated));
+        self.others = table;
+    }
+}
+
+impl OtherTable {
+    /// The table of these pods (namespace, name, pod), in any order, each name once.
+    fn build<'a>(rows: impl Iterator<Item = (&'a str, &'a str, OtherPod)>) -> Self {
+        let rows: Vec<_> = rows
+            .map(|(ns, name, o)| ((ns, name, o.v4, o.v6), o))
+            .collect();
+        let (pods, mut attrs) = model::OtherPods::build_with(rows);
+        attrs.shrink_to_fit();
+        Self {
+            pods: Arc::new(pods),
+            attrs,
+            changes: BTreeMap::new(),
+        }
     }
 }
 

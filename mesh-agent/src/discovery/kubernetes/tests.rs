@@ -243,7 +243,7 @@ fn slices_merge_and_resolve_named_target_ports() {
             named("pod-10.1.0.8")
         ]
     );
-    assert_eq!(std::mem::size_of::<store::SliceEndpoint>(), 40);
+    assert_eq!(std::mem::size_of::<store::SliceEndpoint>(), 32);
     let specs = m.desired_specs();
     assert_eq!(specs.len(), 1);
     let backends: Vec<String> = specs[0]
@@ -526,6 +526,70 @@ fn pod_on(ns: &str, name: &str, node: &str, labels: &[(&str, &str)], ips: &[&str
             ..Default::default()
         }),
     }
+}
+
+#[test]
+fn other_pods_table_is_shared_with_the_model_and_follows_events() {
+    let mut state = State::new("a".to_owned());
+    state
+        .namespaces
+        .apply(watcher::Event::Apply(namespace("default")));
+    let mode = crate::authz::DATAPLANE_MODE_LABEL;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let name = |n: &str| ObjectName::new("default", n);
+    state.pods.apply_pod("a", watcher::Event::Init);
+    for (n, addr) in [("p1", "10.2.0.1"), ("p2", "10.2.0.2"), ("p1", "10.2.0.9")] {
+        // p1 listed twice: its last listing counts.
+        state.pods.apply_pod(
+            "a",
+            watcher::Event::InitApply(pod_on("default", n, "b", &[], &[addr])),
+        );
+    }
+    state.pods.apply_pod("a", watcher::Event::InitDone);
+    let (m, _) = state.build();
+    assert!(
+        Arc::ptr_eq(&m.other_pods, &state.pods.others.pods),
+        "shared"
+    );
+    assert_eq!(m.other_pods.len(), 2);
+    assert_eq!(m.other_pods.name_at(ip("10.2.0.9")), Some(name("p1")));
+    assert_eq!(m.other_pods.name_at(ip("10.2.0.1")), None);
+
+    // p2 labelled into the mesh (whole), p3 added, p1 deleted: merged at the next build.
+    state.pods.apply_pod(
+        "a",
+        watcher::Event::Apply(pod_on(
+            "default",
+            "p2",
+            "b",
+            &[(mode, "mesh")],
+            &["10.2.0.2"],
+        )),
+    );
+    state.pods.apply_pod(
+        "a",
+        watcher::Event::Apply(pod_on("default", "p3", "b", &[], &["10.2.0.3"])),
+    );
+    state.pods.apply_pod(
+        "a",
+        watcher::Event::Delete(pod_on("default", "p1", "b", &[], &[])),
+    );
+    let (m, _) = state.build();
+    assert!(Arc::ptr_eq(&m.other_pods, &state.pods.others.pods));
+    let others: Vec<(&str, &str)> = m.other_pods.names().collect();
+    assert_eq!(others, [("default", "p3")]);
+    assert!(m.pods.contains_key(&name("p2")));
+    assert!(!m.has_pod(&name("p1")));
+
+    // Back out of the mesh: an other pod again, no longer whole.
+    state.pods.apply_pod(
+        "a",
+        watcher::Event::Apply(pod_on("default", "p2", "b", &[], &["10.2.0.2"])),
+    );
+    let (m, _) = state.build();
+    assert!(!m.pods.contains_key(&name("p2")));
+    assert_eq!(m.other_pods.name_at(ip("10.2.0.2")), Some(name("p2")));
+    assert_eq!(state.pods.len(), 2);
 }
 
 #[test]
