@@ -649,13 +649,27 @@ pub fn load_full(
     path: &Path,
     node: Option<&str>,
 ) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        line: 0,
-        column: 0,
-        field: String::new(),
-        reason: format!("cannot read: {e}"),
-    })?;
+    parse_read(path, std::fs::read(path), node)
+}
+
+/// Parses what reading `path` gave: its bytes as UTF-8 text, or the read's error as the file's.
+fn parse_read(
+    path: &Path,
+    bytes: std::io::Result<Vec<u8>>,
+    node: Option<&str>,
+) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
+    let text = bytes
+        .and_then(|b| {
+            String::from_utf8(b)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
     parse_full(path, &text, node)
 }
 
@@ -761,24 +775,9 @@ async fn watch_counting(
         // Parsing a large model takes a while: off the async workers, so admin calls and the
         // flow pump never queue behind it. It parses the bytes just hashed, not a second read.
         let (p, n) = (path.clone(), node.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            let text = bytes.and_then(|b| {
-                String::from_utf8(b)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            });
-            match text {
-                Ok(text) => parse_full(&p, &text, n.as_deref()),
-                Err(e) => Err(ConfigError {
-                    file: p,
-                    line: 0,
-                    column: 0,
-                    field: String::new(),
-                    reason: format!("cannot read: {e}"),
-                }),
-            }
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let loaded = tokio::task::spawn_blocking(move || parse_read(&p, bytes, n.as_deref()))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let sent = match loaded {
             Ok((model, rejected)) => {
                 info!(file = %path.display(), services = model.services.len(), policies = model.policies.policies.len(), "static model loaded");
