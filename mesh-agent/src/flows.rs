@@ -166,15 +166,11 @@ impl Sequenced {
     }
 }
 
-/// The history and the last number given, under one lock so numbers follow ring order.
-struct Recent {
-    flows: VecDeque<Sequenced>,
-    last_seq: u64,
-}
-
 /// Recent flows and live subscribers.
 pub struct FlowHub {
-    recent: Mutex<Recent>,
+    /// The history; its newest entry's seq is the last number given (the history never empties
+    /// once a flow was published), so numbering happens under this lock, in ring order.
+    recent: Mutex<VecDeque<Sequenced>>,
     live: broadcast::Sender<Sequenced>,
     /// This process's id in the numbering (random, nonzero): a restarted agent starts at seq 1
     /// again, and a watcher told the instance changed knows it is not a repeat.
@@ -203,10 +199,7 @@ impl FlowHub {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
-            recent: Mutex::new(Recent {
-                flows: VecDeque::with_capacity(RECENT_CAPACITY),
-                last_seq: 0,
-            }),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
             live: broadcast::channel(BROADCAST_CAPACITY).0,
             instance: fastrand::u64(1..),
             observer: Mutex::new(None),
@@ -261,15 +254,14 @@ impl FlowHub {
     /// hold the flows in seq order whoever publishes (the ring pump is the only writer today).
     pub fn publish(&self, flow: FlowRecord) {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.last_seq += 1;
         let flow = Sequenced {
-            seq: recent.last_seq,
+            seq: recent.back().map_or(0, |last| last.seq) + 1,
             flow,
         };
-        if recent.flows.len() == RECENT_CAPACITY {
-            recent.flows.pop_front();
+        if recent.len() == RECENT_CAPACITY {
+            recent.pop_front();
         }
-        recent.flows.push_back(flow.clone());
+        recent.push_back(flow.clone());
         let _ = self.live.send(flow);
     }
 
@@ -279,7 +271,6 @@ impl FlowHub {
         self.recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .flows
             .iter()
             .cloned()
             .collect()
