@@ -145,13 +145,14 @@ impl FlowRecord {
     }
 }
 
-/// A flow as the hub published it: its place in this agent's stream (Hubble's ring position)
-/// and the record. Kept apart from [`FlowRecord`], which the observer sees before numbering.
+/// An item as a [`SeqRing`] kept it: its place in the ring's stream (Hubble's ring position)
+/// and the item — for the agent's hub a [`FlowRecord`], kept apart from the record the observer
+/// sees before numbering.
 #[derive(Clone, Debug)]
-pub struct Sequenced {
-    /// 1 for the first flow this process published, one more for each later one.
+pub struct Sequenced<T = FlowRecord> {
+    /// 1 for the first item the ring kept, one more for each later one.
     pub seq: u64,
-    pub flow: FlowRecord,
+    pub flow: T,
 }
 
 impl Sequenced {
@@ -166,12 +167,75 @@ impl Sequenced {
     }
 }
 
+/// The last `capacity` items, numbered as they are kept, and the live broadcast of each — the
+/// agent's flow hub and the relay's merged stream. Numbering, keeping and sending happen under
+/// one lock, so the history and every live subscription hold the items in seq order whoever
+/// publishes; a watcher that subscribes, then copies the history, drops the live items numbered
+/// at most the copy's last (they are in both).
+pub struct SeqRing<T> {
+    /// The history; its newest entry's seq is the last number given (it never empties once an
+    /// item was kept).
+    recent: Mutex<VecDeque<Sequenced<T>>>,
+    live: broadcast::Sender<Sequenced<T>>,
+    capacity: usize,
+}
+
+impl<T: Clone> SeqRing<T> {
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(capacity)),
+            live: broadcast::channel(BROADCAST_CAPACITY).0,
+            capacity,
+        }
+    }
+
+    /// Numbers an item, keeps it (dropping the oldest when full) and sends it to live watchers.
+    pub fn publish(&self, item: T) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let numbered = Sequenced {
+            seq: recent.back().map_or(0, |last| last.seq) + 1,
+            flow: item,
+        };
+        if recent.len() == self.capacity {
+            recent.pop_front();
+        }
+        recent.push_back(numbered.clone());
+        let _ = self.live.send(numbered);
+    }
+
+    /// A copy of the kept items, oldest (lowest seq) first.
+    #[must_use]
+    pub fn recent(&self) -> Vec<Sequenced<T>> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// How many items were ever kept: the newest one's seq.
+    #[must_use]
+    pub fn published(&self) -> u64 {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .back()
+            .map_or(0, |last| last.seq)
+    }
+
+    /// A live subscription: every item kept from now on, in seq order.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Sequenced<T>> {
+        self.live.subscribe()
+    }
+}
+
 /// Recent flows and live subscribers.
 pub struct FlowHub {
-    /// The history; its newest entry's seq is the last number given (the history never empties
-    /// once a flow was published), so numbering happens under this lock, in ring order.
-    recent: Mutex<VecDeque<Sequenced>>,
-    live: broadcast::Sender<Sequenced>,
+    /// The recent flows, numbered, and their live broadcast.
+    ring: SeqRing<FlowRecord>,
     /// This process's id in the numbering (random, nonzero): a restarted agent starts at seq 1
     /// again, and a watcher told the instance changed knows it is not a repeat.
     instance: u64,
@@ -199,8 +263,7 @@ impl FlowHub {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
-            live: broadcast::channel(BROADCAST_CAPACITY).0,
+            ring: SeqRing::new(RECENT_CAPACITY),
             instance: fastrand::u64(1..),
             observer: Mutex::new(None),
             wall_offset_ns: wall.saturating_sub(monotonic_ns()),
@@ -249,31 +312,16 @@ impl FlowHub {
         }
     }
 
-    /// Numbers a flow, records it and sends it to live watchers. Numbering, recording and
-    /// sending happen under the history's lock, so the history and every live subscription
-    /// hold the flows in seq order whoever publishes (the ring pump is the only writer today).
+    /// Numbers a flow, records it and sends it to live watchers ([`SeqRing::publish`]; the
+    /// ring pump is the only writer).
     pub fn publish(&self, flow: FlowRecord) {
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        let flow = Sequenced {
-            seq: recent.back().map_or(0, |last| last.seq) + 1,
-            flow,
-        };
-        if recent.len() == RECENT_CAPACITY {
-            recent.pop_front();
-        }
-        recent.push_back(flow.clone());
-        let _ = self.live.send(flow);
+        self.ring.publish(flow);
     }
 
     /// A copy of the recent flows, oldest (lowest seq) first.
     #[must_use]
     pub fn recent(&self) -> Vec<Sequenced> {
-        self.recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        self.ring.recent()
     }
 
     /// This process's id in the numbering ([`Flow::instance`]).
@@ -302,7 +350,7 @@ impl FlowHub {
     /// A live subscription: every flow published from now on, in seq order.
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<Sequenced> {
-        self.live.subscribe()
+        self.ring.subscribe()
     }
 
     /// Reads the kernel ring whenever it has data, until the process ends. The ring has exactly

@@ -7,7 +7,6 @@ pub mod tls;
 mod web;
 
 use std::{
-    collections::VecDeque,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
@@ -16,7 +15,7 @@ use std::{
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::{net::TcpStream, sync::broadcast};
+use tokio::net::TcpStream;
 use tokio_stream::{Stream, StreamExt as _, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -29,6 +28,7 @@ use crate::admin::proto::{
     admin_client::AdminClient,
     admin_server::{Admin, AdminServer},
 };
+use crate::flows::SeqRing;
 
 /// Hubble Relay's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4245";
@@ -184,17 +184,11 @@ impl Position {
     }
 }
 
-/// The relay's kept flows with their place in its own merged stream (a number the relay gives
-/// as it publishes; the agents' seqs are per agent).
-struct Merged {
-    flows: VecDeque<(u64, Flow)>,
-    last: u64,
-}
-
 /// Merged recent flows, live subscribers and the agents' states.
 pub struct Hub {
-    recent: Mutex<Merged>,
-    live: broadcast::Sender<(u64, Flow)>,
+    /// The kept flows, numbered in the relay's own merged stream (the agents' seqs are per
+    /// agent; one task per agent publishes), and their live broadcast.
+    ring: SeqRing<Flow>,
     /// By address; a Kubernetes agent pod that went away is dropped with its task.
     agents: Mutex<std::collections::BTreeMap<String, AgentState>>,
     started: Instant,
@@ -203,37 +197,23 @@ pub struct Hub {
 impl Hub {
     fn new() -> Self {
         Self {
-            recent: Mutex::new(Merged {
-                flows: VecDeque::new(),
-                last: 0,
-            }),
-            live: broadcast::channel(crate::flows::BROADCAST_CAPACITY).0,
+            ring: SeqRing::new(RECENT_CAPACITY),
             agents: Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
         }
     }
 
-    /// Keeps a flow and sends it to live watchers, numbered in the merged stream under the
-    /// lock (one task per agent publishes), so history and live agree on the order.
+    /// Keeps a flow and sends it to live watchers ([`SeqRing::publish`]).
     fn publish(&self, flow: Flow) {
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.last += 1;
-        let numbered = (recent.last, flow);
-        if recent.flows.len() == RECENT_CAPACITY {
-            recent.flows.pop_front();
-        }
-        recent.flows.push_back(numbered.clone());
-        let _ = self.live.send(numbered);
+        self.ring.publish(flow);
     }
 
     /// Recent flows in time order (agents' streams interleave on arrival), and the merged
     /// number of the last one kept.
     fn recent_numbered(&self) -> (Vec<Flow>, u64) {
-        let (mut v, last) = {
-            let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            let v: Vec<Flow> = recent.flows.iter().map(|(_, f)| f.clone()).collect();
-            (v, recent.flows.back().map_or(0, |(n, _)| *n))
-        };
+        let recent = self.ring.recent();
+        let last = recent.last().map_or(0, |f| f.seq);
+        let mut v: Vec<Flow> = recent.into_iter().map(|f| f.flow).collect();
         v.sort_by_key(|f| f.time_unix_nano);
         (v, last)
     }
@@ -773,13 +753,8 @@ impl Admin for RelayService {
             },
             uptime_seconds: self.hub.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            flows_received_total: self
-                .hub
-                .recent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .flows
-                .len() as u64,
+            // Every flow the relay took (its merged numbering), not only the ones still kept.
+            flows_received_total: self.hub.ring.published(),
             // Flows the agents numbered but never sent (gaps in their seqs).
             flows_lagged_total: agents.iter().map(|a| a.missed).sum(),
             sources: agents
@@ -814,7 +789,7 @@ impl Admin for RelayService {
         let filter = Filter::new(&req);
         // Subscribed before the history is copied; what both hold is dropped from live by the
         // merged number, as the agent does with its seq.
-        let live = self.hub.live.subscribe();
+        let live = self.hub.ring.subscribe();
         let (recent, history_end) = self.hub.recent_numbered();
         let history: Vec<Result<Flow, Status>> = recent
             .into_iter()
@@ -826,7 +801,7 @@ impl Admin for RelayService {
             return Ok(Response::new(Box::pin(history)));
         }
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok((n, f)) if n > history_end && filter.matches(&f) => Some(Ok(f)),
+            Ok(f) if f.seq > history_end && filter.matches(&f.flow) => Some(Ok(f.flow)),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                 warn!(missed = n, "a relay flow watcher fell behind");
