@@ -33,7 +33,7 @@ use crate::{
     logging::{AccessBuffer, AccessLine, AccessStats},
     model::ObjectName,
     state::Snapshot,
-    telemetry::labels::{CLUSTER_DOMAIN, UNKNOWN},
+    telemetry::labels::{UNKNOWN, fqdn_parts},
 };
 
 /// The message of a connection's line and OTLP record.
@@ -105,10 +105,7 @@ fn fields(
     }
     match flow.service.as_deref() {
         // `name.namespace.svc.cluster.local` written in place (no `fmt` pass).
-        Some(s) => l.str_parts(
-            "dst.service",
-            &[&s.name, ".", &s.namespace, ".svc.", CLUSTER_DOMAIN],
-        ),
+        Some(s) => l.str_parts("dst.service", &fqdn_parts(s)),
         None => l.str("dst.service", UNKNOWN),
     }
     l.socket_addr("dst.service_addr", flow.service_addr());

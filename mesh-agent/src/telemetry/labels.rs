@@ -114,17 +114,26 @@ pub fn service_fqdn(service: &ObjectName) -> String {
     s
 }
 
-/// [`service_fqdn`] written where it is displayed (an access line), without a `String`.
+/// [`service_fqdn`] as the pieces it is made of, `name.namespace.svc.cluster.local`: for
+/// writers that put it in place (access lines, OTLP records, label text) without a `String`.
+#[must_use]
+pub fn fqdn_parts(service: &ObjectName) -> [&str; 5] {
+    [
+        service.name.as_str(),
+        ".",
+        service.namespace.as_str(),
+        ".svc.",
+        CLUSTER_DOMAIN,
+    ]
+}
+
+/// [`service_fqdn`] written where it is displayed, without a `String`.
 #[must_use]
 pub fn fqdn_display(service: &ObjectName) -> impl std::fmt::Display + '_ {
     struct Fqdn<'a>(&'a ObjectName);
     impl std::fmt::Display for Fqdn<'_> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(
-                f,
-                "{}.{}.svc.{CLUSTER_DOMAIN}",
-                self.0.name, self.0.namespace
-            )
+            fqdn_parts(self.0).iter().try_for_each(|p| f.write_str(p))
         }
     }
     Fqdn(service)
@@ -225,11 +234,9 @@ pub fn write_pairs(out: &mut String, values: &[Value<'_>; 23]) {
         match value {
             Value::Str(s) => escape_label_value(out, s),
             Value::Fqdn(s) => {
-                escape_label_value(out, &s.name);
-                out.push('.');
-                escape_label_value(out, &s.namespace);
-                out.push_str(".svc.");
-                out.push_str(CLUSTER_DOMAIN);
+                for part in fqdn_parts(s) {
+                    escape_label_value(out, part);
+                }
             }
         }
         out.push('"');

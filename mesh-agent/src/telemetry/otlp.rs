@@ -41,7 +41,7 @@ use opentelemetry_proto::tonic::{
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use tracing::{info, warn};
 
-use super::labels::{CLUSTER_DOMAIN, UNKNOWN};
+use super::labels::{UNKNOWN, fqdn_parts};
 use crate::flows::FlowRecord;
 
 /// Records waiting for export; past it new records are dropped (counted).
@@ -384,15 +384,7 @@ impl ConnectionLog {
         let service = flow
             .service
             .as_deref()
-            .map_or([UNKNOWN, "", "", "", ""], |s| {
-                [
-                    s.name.as_str(),
-                    ".",
-                    s.namespace.as_str(),
-                    ".svc.",
-                    CLUSTER_DOMAIN,
-                ]
-            });
+            .map_or([UNKNOWN, "", "", "", ""], fqdn_parts);
         let mut out = Vec::with_capacity(body.len() + 160);
         // `LogRecord` fields in prost's order (by tag); zero numbers are left out as prost does.
         fixed64_field(&mut out, 1, flow.time_unix_nano);
