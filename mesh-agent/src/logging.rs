@@ -625,21 +625,10 @@ fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
     }
 }
 
-/// Appends the decimal digits of `v` (what `itoa` does, without a `fmt::Formatter`).
+/// Appends the decimal digits of `v` (`itoa`: no `fmt::Formatter` pass).
 #[inline]
-fn push_u64(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        // A digit is below 10.
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+fn push_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// JSON string escaping (RFC 8259 §7): quote, backslash and control characters.
