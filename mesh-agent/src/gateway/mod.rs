@@ -35,7 +35,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use self::{
     backends::{Backends, CircuitView, HealthFeedback, LogFeedback, NoKernelCircuits},
-    config::GatewayConfig,
+    config::{GatewayConfig, ServiceRef},
     observe::GatewayTelemetry,
     proxy::{RequestLimits, Shared},
     server::ConnLimits,
@@ -611,9 +611,16 @@ fn sync_listeners(
 /// A new routing table to install, and who waits for it.
 type Reload = (Arc<GatewayConfig>, tokio::sync::oneshot::Sender<()>);
 
+/// How long the Service ports of a replaced routing table keep their backends. A request
+/// reads the routing table, then (after reading a small body) the backends: one that read the
+/// old table just before a reload must still find the old table's Service there.
+const RETIRED_SERVICES_GRACE: Duration = Duration::from_secs(30);
+
 /// Keeps the backends snapshot in step with the newest model and the routes' Service ports.
 /// A new table is installed here, after the backends of its Service ports: a request never
-/// meets a route whose new Service has no backends yet (that would be a spurious 503).
+/// meets a route whose new Service has no backends yet (that would be a spurious 503). The
+/// old table's Service ports stay in the snapshot for [`RETIRED_SERVICES_GRACE`], so a request
+/// that read the old table just before the switch finds its backends too.
 async fn backends_loop(
     shared: Arc<Shared>,
     mut models: mpsc::Receiver<Update>,
@@ -621,6 +628,9 @@ async fn backends_loop(
     known: tokio::sync::watch::Sender<Option<Arc<status::KnownServices>>>,
 ) {
     let mut model: Option<ClusterModel> = None;
+    // Service ports of replaced tables, kept until the deadline.
+    let mut retired: BTreeSet<ServiceRef> = BTreeSet::new();
+    let mut prune_at: Option<tokio::time::Instant> = None;
     loop {
         let mut reload: Option<Reload> = None;
         tokio::select! {
@@ -637,6 +647,28 @@ async fn backends_loop(
                 Some(r) => reload = Some(r),
                 None => return,
             },
+            () = async {
+                match prune_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                retired.clear();
+                prune_at = None;
+            }
+        }
+        if let Some((cfg, _)) = &reload {
+            let current = shared.config.load();
+            retired.extend(
+                current
+                    .services
+                    .iter()
+                    .filter(|s| !cfg.services.contains(*s))
+                    .cloned(),
+            );
+            if !retired.is_empty() {
+                prune_at = Some(tokio::time::Instant::now() + RETIRED_SERVICES_GRACE);
+            }
         }
         let Some(m) = &model else {
             if let Some((cfg, done)) = reload {
@@ -653,12 +685,14 @@ async fn backends_loop(
             }
             changed
         });
-        let wanted = match &reload {
+        let routed = match &reload {
             Some((cfg, _)) => cfg.services.clone(),
             None => shared.config.load().services.clone(),
         };
+        let mut wanted = routed.clone();
+        wanted.extend(retired.iter().cloned());
         let next = Backends::build(m, &wanted, &shared.backends.load());
-        let missing: Vec<String> = wanted
+        let missing: Vec<String> = routed
             .iter()
             .filter(|s| !next.services.contains_key(*s))
             .map(|s| format!("{}:{}", s.service, s.port))
@@ -674,5 +708,79 @@ async fn backends_loop(
             shared.config.store(cfg);
             let _ = done.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ObjectName;
+
+    fn refs(names: &[&str]) -> BTreeSet<ServiceRef> {
+        names
+            .iter()
+            .map(|n| ServiceRef {
+                service: ObjectName::new("default", *n),
+                port: 80,
+            })
+            .collect()
+    }
+
+    fn has(shared: &Shared, name: &str) -> bool {
+        shared
+            .backends
+            .load()
+            .services
+            .contains_key(&refs(&[name]).pop_first().unwrap())
+    }
+
+    /// A request that read the old routing table just before a reload still finds the old
+    /// table's Service in the backends snapshot (CI saw a 503 from exactly that window); the
+    /// retired Service leaves after the grace period.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_the_old_tables_services_for_a_grace_period() {
+        let model = discovery::file::parse(
+            std::path::Path::new("services.yaml"),
+            "node: gateway\nservices:\n  - name: one\n    clusterIPs: [10.96.9.1]\n    ports: [{ name: http, port: 80, targetPort: 9005 }]\n    endpoints: [{ ip: 127.0.5.1, ready: true }]\n  - name: two\n    clusterIPs: [10.96.9.2]\n    ports: [{ name: http, port: 80, targetPort: 9005 }]\n    endpoints: [{ ip: 127.0.5.2, ready: true }]\n",
+            Some("gateway"),
+        )
+        .unwrap();
+        let config = |names: &[&str]| GatewayConfig {
+            services: refs(names),
+            ..GatewayConfig::default()
+        };
+        let shared = Arc::new(Shared::new(
+            config(&["one"]),
+            RequestLimits { max_body: 1 << 20 },
+            Arc::new(backends::NoKernelCircuits),
+            Arc::new(backends::LogFeedback),
+            GatewayTelemetry::default(),
+        ));
+        let (models_tx, models) = mpsc::channel(4);
+        let (reload_tx, reloads) = mpsc::channel(4);
+        let (known, _known_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(backends_loop(shared.clone(), models, reloads, known));
+        models_tx.send(Update::Model(model)).await.unwrap();
+        let reload = |names: &[&str]| {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            (Arc::new(config(names)), done, wait)
+        };
+        let (cfg, done, wait) = reload(&["one"]);
+        reload_tx.send((cfg, done)).await.unwrap();
+        wait.await.unwrap();
+        assert!(has(&shared, "one") && !has(&shared, "two"));
+
+        let (cfg, done, wait) = reload(&["two"]);
+        reload_tx.send((cfg, done)).await.unwrap();
+        wait.await.unwrap();
+        assert!(has(&shared, "two"), "the new table's Service is there");
+        assert!(
+            has(&shared, "one"),
+            "and the old one's, for the grace period"
+        );
+
+        tokio::time::sleep(RETIRED_SERVICES_GRACE + Duration::from_secs(1)).await;
+        assert!(has(&shared, "two"));
+        assert!(!has(&shared, "one"), "then it is gone");
     }
 }
