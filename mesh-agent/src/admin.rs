@@ -16,10 +16,7 @@ use mesh_common::{
     backend::{CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN},
     service::ServiceKey,
 };
-use tokio_stream::{
-    Stream, StreamExt as _,
-    wrappers::{BroadcastStream, UnixListenerStream},
-};
+use tokio_stream::{Stream, StreamExt as _, wrappers::UnixListenerStream};
 use tonic::{
     Request, Response, Status,
     transport::{Channel, Endpoint, Uri},
@@ -29,7 +26,7 @@ use tracing::{info, warn};
 use crate::{
     app::Shared,
     config::{Source, algorithm_name},
-    flows::{FlowHub, FlowRecord, Sequenced, monotonic_ns},
+    flows::{FlowHub, FlowRecord, Followed, Sequenced, monotonic_ns},
     reconcile::{AppliedService, AppliedServices},
     state::SourceState,
 };
@@ -603,17 +600,22 @@ fn flow_stream(
     let Some(live) = live else {
         return Box::pin(history);
     };
-    let flows = Arc::clone(flows);
+    let hub = Arc::clone(flows);
     // Text is made here, per watcher and only for the flows it is sent.
-    let live = BroadcastStream::new(live).filter_map(move |item| match item {
-        Ok(f) if f.seq > history_end && filter.matches(&f.flow) => Some(Ok(f.to_proto(instance))),
-        Ok(_) => None,
-        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-            warn!(missed = n, "a flow watcher fell behind");
-            flows.note_lagged(n);
-            None
-        }
-    });
+    let live = flows
+        .follow(history_end, live)
+        .filter_map(move |item| match item {
+            Followed::Item(f) if filter.matches(&f.flow) => Some(Ok(f.to_proto(instance))),
+            Followed::Item(_) => None,
+            Followed::Lost(n) => {
+                warn!(
+                    missed = n,
+                    "a flow watcher fell behind past the kept history"
+                );
+                hub.note_lagged(n);
+                None
+            }
+        });
     Box::pin(history.chain(live))
 }
 

@@ -181,11 +181,18 @@ pub struct SeqRing<T> {
 }
 
 impl<T: Clone> SeqRing<T> {
+    /// Keeps `capacity` items; live followers buffer [`BROADCAST_CAPACITY`].
     #[must_use]
     pub fn new(capacity: usize) -> Self {
+        Self::with_live_buffer(capacity, BROADCAST_CAPACITY)
+    }
+
+    /// Keeps `capacity` items; live followers buffer `live`.
+    #[must_use]
+    pub fn with_live_buffer(capacity: usize, live: usize) -> Self {
         Self {
             recent: Mutex::new(VecDeque::with_capacity(capacity)),
-            live: broadcast::channel(BROADCAST_CAPACITY).0,
+            live: broadcast::channel(live).0,
             capacity,
         }
     }
@@ -230,12 +237,88 @@ impl<T: Clone> SeqRing<T> {
     pub fn subscribe(&self) -> broadcast::Receiver<Sequenced<T>> {
         self.live.subscribe()
     }
+
+    /// The kept items numbered after `seq`, oldest first.
+    fn after(&self, seq: u64) -> Vec<Sequenced<T>> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        // Seqs are consecutive in the ring, so the first wanted one's index is arithmetic.
+        let skip = recent.front().map_or(0, |first| {
+            usize::try_from((seq + 1).saturating_sub(first.seq)).unwrap_or(usize::MAX)
+        });
+        recent.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// What a [`follow`] stream yields.
+#[derive(Debug)]
+pub enum Followed<T> {
+    /// The next item, in seq order.
+    Item(Sequenced<T>),
+    /// This many items were lost for good: the follower fell behind the live broadcast and the
+    /// history no longer held them either.
+    Lost(u64),
+}
+
+/// Every item of `ring` numbered after `after`, live from the subscription `live` (taken before
+/// whatever copy of the history `after` ends), in seq order and each once. A follower that falls
+/// behind the live broadcast (its buffer is [`BROADCAST_CAPACITY`] items) is not simply told how
+/// many it missed: it catches up from the history, which holds more, and only what the history
+/// no longer holds is reported lost. (Hubble's observer reads its ring by position and so never
+/// loses what the ring still has; the broadcast here is the fast path, the history the fallback.)
+pub fn follow<T: Clone + Send + Sync + 'static>(
+    ring: Arc<SeqRing<T>>,
+    after: u64,
+    live: broadcast::Receiver<Sequenced<T>>,
+) -> impl futures::Stream<Item = Followed<T>> + Send + 'static {
+    struct State<T> {
+        ring: Arc<SeqRing<T>>,
+        live: broadcast::Receiver<Sequenced<T>>,
+        last: u64,
+        caught_up: VecDeque<Sequenced<T>>,
+    }
+    let state = State {
+        ring,
+        live,
+        last: after,
+        caught_up: VecDeque::new(),
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(item) = st.caught_up.pop_front() {
+                return Some((Followed::Item(item), st));
+            }
+            match st.live.recv().await {
+                Ok(item) if item.seq <= st.last => {}
+                Ok(item) => {
+                    st.last = item.seq;
+                    return Some((Followed::Item(item), st));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // The receiver skipped to its oldest buffered item; everything between the
+                    // last one sent and the newest kept is read from the history instead (the
+                    // buffered ones are then repeats, dropped by seq above).
+                    let kept = st.ring.after(st.last);
+                    let lost = kept
+                        .first()
+                        .map_or(0, |first| first.seq.saturating_sub(st.last + 1));
+                    if let Some(newest) = kept.last() {
+                        st.last = newest.seq;
+                    }
+                    st.caught_up = kept.into();
+                    if lost > 0 {
+                        return Some((Followed::Lost(lost), st));
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 /// Recent flows and live subscribers.
 pub struct FlowHub {
     /// The recent flows, numbered, and their live broadcast.
-    ring: SeqRing<FlowRecord>,
+    ring: Arc<SeqRing<FlowRecord>>,
     /// This process's id in the numbering (random, nonzero): a restarted agent starts at seq 1
     /// again, and a watcher told the instance changed knows it is not a repeat.
     instance: u64,
@@ -263,7 +346,7 @@ impl FlowHub {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
-            ring: SeqRing::new(RECENT_CAPACITY),
+            ring: Arc::new(SeqRing::new(RECENT_CAPACITY)),
             instance: fastrand::u64(1..),
             observer: Mutex::new(None),
             wall_offset_ns: wall.saturating_sub(monotonic_ns()),
@@ -351,6 +434,15 @@ impl FlowHub {
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<Sequenced> {
         self.ring.subscribe()
+    }
+
+    /// The flows after `after`, live from `live` ([`follow`]).
+    pub fn follow(
+        &self,
+        after: u64,
+        live: broadcast::Receiver<Sequenced>,
+    ) -> impl futures::Stream<Item = Followed<FlowRecord>> + Send + 'static {
+        follow(Arc::clone(&self.ring), after, live)
     }
 
     /// Reads the kernel ring whenever it has data, until the process ends. The ring has exactly
@@ -554,5 +646,69 @@ mod tests {
                 .is_err_and(|e| matches!(e, broadcast::error::TryRecvError::Lagged(_)))
         );
         assert!(live.try_recv().is_ok_and(|f| f.flow.service.is_some()));
+    }
+
+    /// Drains what `stream` yields within a short wait.
+    async fn drain<T>(stream: impl futures::Stream<Item = Followed<T>>) -> Vec<Followed<T>> {
+        use futures::StreamExt as _;
+        let mut stream = std::pin::pin!(stream);
+        let mut got = Vec::new();
+        while let Ok(Some(x)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), stream.next()).await
+        {
+            got.push(x);
+        }
+        got
+    }
+
+    fn shape<T>(got: &[Followed<T>]) -> (Vec<u64>, u64) {
+        let mut seqs = Vec::new();
+        let mut lost = 0;
+        for x in got {
+            match x {
+                Followed::Item(i) => seqs.push(i.seq),
+                Followed::Lost(n) => lost += n,
+            }
+        }
+        (seqs, lost)
+    }
+
+    #[tokio::test]
+    async fn a_follower_behind_the_broadcast_catches_up_from_the_history() {
+        let ring = Arc::new(SeqRing::with_live_buffer(1000, 16));
+        let live = ring.subscribe();
+        for i in 0..500u32 {
+            ring.publish(i);
+        }
+        let stream = follow(Arc::clone(&ring), 0, live);
+        let mut stream = Box::pin(stream);
+        let mut got = Vec::new();
+        {
+            use futures::StreamExt as _;
+            for _ in 0..500 {
+                got.push(stream.next().await.expect("the stream goes on"));
+            }
+        }
+        for i in 0..3u32 {
+            ring.publish(1000 + i);
+        }
+        got.extend(drain(stream).await);
+        let (seqs, lost) = shape(&got);
+        assert_eq!(lost, 0, "the history held every flow the broadcast dropped");
+        assert_eq!(seqs, (1..=503).collect::<Vec<u64>>(), "each once, in order");
+    }
+
+    #[tokio::test]
+    async fn what_the_history_no_longer_holds_is_reported_lost_with_its_count() {
+        let ring = Arc::new(SeqRing::with_live_buffer(100, 16));
+        let live = ring.subscribe();
+        for i in 0..500u32 {
+            ring.publish(i);
+        }
+        let got = drain(follow(Arc::clone(&ring), 0, live)).await;
+        assert!(matches!(got.first(), Some(Followed::Lost(400))), "{got:?}");
+        let (seqs, lost) = shape(&got);
+        assert_eq!(lost, 400);
+        assert_eq!(seqs, (401..=500).collect::<Vec<u64>>());
     }
 }

@@ -16,7 +16,7 @@ use std::{
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_stream::{Stream, StreamExt as _, wrappers::BroadcastStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -28,7 +28,7 @@ use crate::admin::proto::{
     admin_client::AdminClient,
     admin_server::{Admin, AdminServer},
 };
-use crate::flows::SeqRing;
+use crate::flows::{Followed, SeqRing};
 
 /// Hubble Relay's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4245";
@@ -188,7 +188,7 @@ impl Position {
 pub struct Hub {
     /// The kept flows, numbered in the relay's own merged stream (the agents' seqs are per
     /// agent; one task per agent publishes), and their live broadcast.
-    ring: SeqRing<Flow>,
+    ring: Arc<SeqRing<Flow>>,
     /// By address; a Kubernetes agent pod that went away is dropped with its task.
     agents: Mutex<std::collections::BTreeMap<String, AgentState>>,
     started: Instant,
@@ -197,7 +197,7 @@ pub struct Hub {
 impl Hub {
     fn new() -> Self {
         Self {
-            ring: SeqRing::new(RECENT_CAPACITY),
+            ring: Arc::new(SeqRing::new(RECENT_CAPACITY)),
             agents: Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
         }
@@ -800,14 +800,19 @@ impl Admin for RelayService {
         if !req.follow {
             return Ok(Response::new(Box::pin(history)));
         }
-        let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(f) if f.seq > history_end && filter.matches(&f.flow) => Some(Ok(f.flow)),
-            Ok(_) => None,
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                warn!(missed = n, "a relay flow watcher fell behind");
-                None
-            }
-        });
+        let live = crate::flows::follow(Arc::clone(&self.hub.ring), history_end, live).filter_map(
+            move |item| match item {
+                Followed::Item(f) if filter.matches(&f.flow) => Some(Ok(f.flow)),
+                Followed::Item(_) => None,
+                Followed::Lost(n) => {
+                    warn!(
+                        missed = n,
+                        "a relay flow watcher fell behind past the kept history"
+                    );
+                    None
+                }
+            },
+        );
         Ok(Response::new(Box::pin(history.chain(live))))
     }
 
