@@ -923,6 +923,29 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// Context switches of a process so far, voluntary and not, summed over its threads (each is
+/// a sleep or a preemption: at a low request rate, one per wake-up).
+pub fn ctxt_switches(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0.0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("status");
+        // A thread that ended meanwhile has no status: it switches no more.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
 /// The paths, in the order of one repetition (rotated each repetition).
 const PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
 
@@ -1198,10 +1221,11 @@ impl Bench {
         }
     }
 
-    /// The `--diag` tool on both proxies, for the tunnel's runs of the first repetition.
+    /// The `--diag` tool on both proxies of `path` (the tunnel's or the nginx pair's), for the
+    /// runs of the first repetition.
     fn attach(&self, path: &str, rep: usize) -> Result<Option<Attached>> {
         match self.diag {
-            Some(d) if path == "tunnel" && rep == 0 => {
+            Some(d) if path != "plain" && rep == 0 => {
                 Ok(Some(Attached::start(d, &self.pids(path))?))
             }
             _ => Ok(None),
@@ -1282,23 +1306,30 @@ impl Bench {
 
     /// The fixed-rate runs.
     fn rate(&self, rep: usize, s: &mut Samples) -> Result<()> {
-        // Fixed rate over ten services, plain and tunnel (nginx has one service here), in
-        // alternating one-second rounds so that load from outside the benchmark falls on both
-        // alike; percentiles over all of a path's rounds.
+        // Fixed rate over ten services, all three paths, in one-second rounds whose order
+        // rotates so that load from outside the benchmark falls on each alike; percentiles over
+        // all of a path's rounds. nginx has one service here: its target is repeated ten times,
+        // so it gets as many keep-alive connections (each its own TLS connection: nginx `stream`
+        // does not pool) as the others.
+        const RATE_PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
         let mut lat: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-        let mut tunnel_cpu = [0.0_f64; 2];
-        let mut tunnel_sent = 0;
+        // Per proxied path: CPU µs and context switches per process, requests sent.
+        let mut cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut switches: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut sent: BTreeMap<&str, usize> = BTreeMap::new();
         let mut tunnel_rss = [0.0_f64; 2];
         let mut connections = 0;
         let rounds = self.plan.rate.as_secs().max(1);
         for round in 0..rounds {
-            let first = usize::try_from(round).unwrap_or(0) % 2;
-            for p in [["plain", "tunnel"][first], ["plain", "tunnel"][1 - first]] {
+            let first = usize::try_from(round).unwrap_or(0) + rep;
+            for k in 0..RATE_PATHS.len() {
+                let p = RATE_PATHS[(first + k) % RATE_PATHS.len()];
                 let targets: Vec<SocketAddr> = (0..SERVICES)
                     .map(|i| match p {
                         "tunnel" => {
                             SocketAddr::new(self.n1.gateway_v4().into(), TUNNEL_SERVICE_PORT + i)
                         }
+                        "nginx" => self.http_target(p),
                         _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
                     })
                     .collect();
@@ -1309,8 +1340,10 @@ impl Bench {
                     None
                 };
                 let before = self.cpu(p)?;
+                let sw_before = self.switches(p)?;
                 let (r, rss) = self.rate_sampling_rss(&targets, &pids, Duration::from_secs(1))?;
                 let after = self.cpu(p)?;
+                let sw_after = self.switches(p)?;
                 if let Some(a) = attached {
                     a.report(r.sent as f64, "request (1,000/s)")?;
                 }
@@ -1322,54 +1355,90 @@ impl Bench {
                 );
                 connections = r.connections;
                 lat.entry(p).or_default().extend(&r.latencies_us);
+                if p != "plain" {
+                    let (c, w) = (cpu.entry(p).or_default(), switches.entry(p).or_default());
+                    for i in 0..2 {
+                        c[i] += after[i] - before[i];
+                        w[i] += sw_after[i] - sw_before[i];
+                    }
+                    *sent.entry(p).or_default() += r.sent;
+                }
                 if p == "tunnel" {
                     for i in 0..2 {
-                        tunnel_cpu[i] += after[i] - before[i];
                         tunnel_rss[i] = tunnel_rss[i].max(rss[i]);
                     }
-                    tunnel_sent += r.sent;
                 }
             }
         }
+        let mut p50 = BTreeMap::new();
         let mut p99 = BTreeMap::new();
         for (p, v) in &mut lat {
             v.sort_unstable();
-            let (p50, p99v) = (percentile(v, 50.0), percentile(v, 99.0));
+            let (p50v, p99v) = (percentile(v, 50.0), percentile(v, 99.0));
+            p50.insert(*p, p50v);
             p99.insert(*p, p99v);
-            s.push(format!("latency_p50_us_at_1000rps_{p}"), p50);
+            s.push(format!("latency_p50_us_at_1000rps_{p}"), p50v);
             s.push(format!("latency_p99_us_at_1000rps_{p}"), p99v);
             s.push(
                 format!("latency_max_us_at_1000rps_{p}"),
                 v.last().map_or(f64::NAN, |m| *m as f64),
             );
             println!(
-                "  {RATE}/s  {p:<7} p50 {p50:>7.0} µs  p99 {p99v:>7.0} µs  ({} requests, {connections} keep-alive connections, {rounds} rounds)",
+                "  {RATE}/s  {p:<7} p50 {p50v:>7.0} µs  p99 {p99v:>7.0} µs  ({} requests, {connections} keep-alive connections, {rounds} rounds)",
                 v.len()
             );
         }
         s.push(
             "added_latency_p50_us_at_1000rps",
-            s.0["latency_p50_us_at_1000rps_tunnel"]
-                .last()
-                .copied()
-                .unwrap_or(f64::NAN)
-                - s.0["latency_p50_us_at_1000rps_plain"]
-                    .last()
-                    .copied()
-                    .unwrap_or(f64::NAN),
+            p50["tunnel"] - p50["plain"],
         );
         s.push(
             "added_latency_p99_us_at_1000rps",
             p99["tunnel"] - p99["plain"],
         );
-        let per = tunnel_cpu.map(|c| c / tunnel_sent as f64);
-        s.push("agent_cpu_us_per_req", per[0] + per[1]);
-        s.push("agent_cpu_us_per_req_outbound", per[0]);
-        s.push("agent_cpu_us_per_req_inbound", per[1]);
+        s.push(
+            "nginx_pair_added_latency_p50_us_at_1000rps",
+            p50["nginx"] - p50["plain"],
+        );
+        s.push(
+            "nginx_pair_added_latency_p99_us_at_1000rps",
+            p99["nginx"] - p99["plain"],
+        );
+        let per = |p: &str, of: &BTreeMap<&str, [f64; 2]>| {
+            let n = sent.get(p).copied().unwrap_or(0).max(1) as f64;
+            of.get(p).copied().unwrap_or_default().map(|c| c / n)
+        };
+        let (tunnel, nginx) = (per("tunnel", &cpu), per("nginx", &cpu));
+        s.push("agent_cpu_us_per_req", tunnel[0] + tunnel[1]);
+        s.push("agent_cpu_us_per_req_outbound", tunnel[0]);
+        s.push("agent_cpu_us_per_req_inbound", tunnel[1]);
+        s.push("nginx_pair_cpu_us_per_req_at_1000rps", nginx[0] + nginx[1]);
+        s.push(
+            "agent_cpu_ratio_vs_nginx_pair_at_1000rps",
+            (tunnel[0] + tunnel[1]) / (nginx[0] + nginx[1]),
+        );
+        for p in ["tunnel", "nginx"] {
+            let w = per(p, &switches);
+            s.push(format!("ctxt_switches_per_req_at_1000rps_{p}"), w[0] + w[1]);
+            println!(
+                "  {RATE}/s  {p:<7} proxies' CPU {:.1} µs/req (node 1 {:.1}, node 2 {:.1}), context switches {:.2}/req (node 1 {:.2}, node 2 {:.2})",
+                per(p, &cpu)[0] + per(p, &cpu)[1],
+                per(p, &cpu)[0],
+                per(p, &cpu)[1],
+                w[0] + w[1],
+                w[0],
+                w[1],
+            );
+        }
         s.push("agent_rss_mb_outbound", tunnel_rss[0] / 1024.0);
         s.push("agent_rss_mb_inbound", tunnel_rss[1] / 1024.0);
         s.push("agent_rss_mb", tunnel_rss[0].max(tunnel_rss[1]) / 1024.0);
         Ok(())
+    }
+
+    /// Context switches (voluntary and not) of each of `path`'s processes, all threads.
+    fn switches(&self, path: &str) -> Result<Vec<f64>> {
+        self.pids(path).into_iter().map(ctxt_switches).collect()
     }
 
     /// The fixed-rate run, sampling the `pids`' RSS every 100 ms: (report, peak KiB per pid).
