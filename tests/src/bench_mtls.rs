@@ -560,20 +560,44 @@ pub fn fixed_rate(
     rate: u32,
     time: Duration,
 ) -> Result<RateReport> {
+    fixed_rate_measured(netns, targets, rate, time, || Ok(()), |()| Ok(())).map(|(r, ())| r)
+}
+
+/// [`fixed_rate`], calling `start` once every connection is open and has had its untimed first
+/// request, and `end` with what `start` returned once every timed request was answered, before
+/// any connection closes: what the two measure (a process's CPU time, its context switches, a
+/// tracer) is the steady state of keep-alive requests, without the connections' set-up (accept,
+/// `CONNECT` stream, the inbound's connect to the pod, nginx's TLS handshake per connection) and
+/// tear-down, which the run repeats for each of its [`RATE_WORKERS`] × targets connections.
+pub fn fixed_rate_measured<S, E>(
+    netns: Option<&Path>,
+    targets: &[SocketAddr],
+    rate: u32,
+    time: Duration,
+    start: impl FnOnce() -> Result<S>,
+    end: impl FnOnce(S) -> Result<E>,
+) -> Result<(RateReport, E)> {
     let period = Duration::from_secs(1) / rate;
     let total = usize::try_from(u128::from(rate) * time.as_millis() / 1000)?;
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<(usize, Instant)>();
     let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    // Each worker reports its latencies when the jobs run out, then keeps its connections open
+    // until `release` is dropped (after `end`, or on any early return).
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(Vec<u64>, usize)>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = Arc::new(std::sync::Mutex::new(held));
     let workers: Vec<_> = (0..RATE_WORKERS.min(total.max(1)))
         .map(|_| {
-            let (netns, targets, jobs, ready) = (
+            let (netns, targets, jobs, ready, done, held) = (
                 netns.map(Path::to_owned),
                 targets.to_vec(),
                 jobs_rx.clone(),
                 ready_tx.clone(),
+                done_tx.clone(),
+                held.clone(),
             );
-            std::thread::spawn(move || -> (Vec<u64>, usize) {
+            std::thread::spawn(move || {
                 // One untimed request per connection: through the tunnel, a new connection's
                 // first request also waits for its CONNECT stream (and, past 100 streams, a new
                 // pooled connection); the run measures the steady state.
@@ -595,7 +619,8 @@ pub fn fixed_rate(
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
-                        return (Vec::new(), 0);
+                        let _ = done.send((Vec::new(), 0));
+                        return;
                     }
                 };
                 let (mut lat, mut errors) = (Vec::new(), 0);
@@ -617,14 +642,21 @@ pub fn fixed_rate(
                         errors += 1;
                     }
                 }
-                (lat, errors)
+                let _ = done.send((lat, errors));
+                // Until the caller has measured; an error (sender dropped) is the release.
+                let _ = held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .recv();
+                drop(conns);
             })
         })
         .collect();
-    drop(ready_tx);
+    drop((ready_tx, done_tx));
     for r in ready_rx.iter().take(workers.len()) {
         r?;
     }
+    let measuring = start()?;
     // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread only.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_u64, 0_u64, 0_u64, 0_u64) };
     let start = Instant::now() + Duration::from_millis(10);
@@ -638,15 +670,22 @@ pub fn fixed_rate(
     }
     drop(jobs_tx);
     let (mut v, mut errors) = (Vec::with_capacity(total), 0);
-    for w in workers {
-        let (lat, e) = w
-            .join()
+    for _ in 0..workers.len() {
+        let (lat, e) = done_rx
+            .recv()
             .map_err(|_| anyhow::anyhow!("fixed-rate worker panicked"))?;
         v.extend(lat);
         errors += e;
     }
+    let measured = end(measuring);
+    drop(release);
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("fixed-rate worker panicked"))?;
+    }
+    let measured = measured?;
     v.sort_unstable();
-    Ok(RateReport {
+    let report = RateReport {
         sent: total,
         errors,
         p50_us: percentile(&v, 50.0),
@@ -654,7 +693,8 @@ pub fn fixed_rate(
         max_us: v.last().map_or(f64::NAN, |m| *m as f64),
         connections: RATE_WORKERS * targets.len(),
         latencies_us: v,
-    })
+    };
+    Ok((report, measured))
 }
 
 /// Opens `n` connections from inside `netns` to `target` and holds them until `release` is
@@ -922,6 +962,26 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
 
 // ---------------------------------------------------------------------------------------------
 // The run
+
+/// CPU time of a process's live threads, in microseconds, from the scheduler's own account
+/// (`/proc/PID/task/*/schedstat`, nanoseconds): a 1-second run at 1,000 req/s costs a proxy a
+/// few clock ticks, too coarse for [`cpu_us`].
+pub fn cpu_us_precise(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns = 0_u64;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        // A thread that ended meanwhile has no schedstat: it runs no more.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("bad schedstat under {dir}"))?;
+    }
+    Ok(ns as f64 / 1e3)
+}
 
 /// Context switches of a process so far, voluntary and not, summed over its threads (each is
 /// a sleep or a preemption: at a low request rate, one per wake-up).
@@ -1316,6 +1376,9 @@ impl Bench {
         // Per proxied path: CPU µs and context switches per process, requests sent.
         let mut cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
         let mut switches: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        // CPU over the whole run, with the set-up and tear-down of its 160 connections (how
+        // `agent_cpu_us_per_req` was measured up to session 19).
+        let mut whole_cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
         let mut sent: BTreeMap<&str, usize> = BTreeMap::new();
         let mut tunnel_rss = [0.0_f64; 2];
         let mut connections = 0;
@@ -1334,19 +1397,33 @@ impl Bench {
                     })
                     .collect();
                 let pids = self.pids(p);
-                let attached = if round == 0 {
-                    self.attach(p, rep)?
-                } else {
-                    None
-                };
                 let before = self.cpu(p)?;
-                let sw_before = self.switches(p)?;
-                let (r, rss) = self.rate_sampling_rss(&targets, &pids, Duration::from_secs(1))?;
+                // Steady state: from all connections open to all requests answered (the tracer
+                // of `--diag` too: attached and stopped inside that span).
+                let (r, rss, steady) = self.rate_sampling_rss(
+                    &targets,
+                    &pids,
+                    Duration::from_secs(1),
+                    || {
+                        let attached = if round == 0 {
+                            self.attach(p, rep)?
+                        } else {
+                            None
+                        };
+                        Ok((attached, self.cpu_precise(p)?, self.switches(p)?))
+                    },
+                    |(attached, cpu0, sw0)| {
+                        let (cpu1, sw1) = (self.cpu_precise(p)?, self.switches(p)?);
+                        if let Some(a) = attached {
+                            a.report(f64::from(RATE), "request (1,000/s, steady state)")?;
+                        }
+                        let d = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
+                            b.iter().zip(&a).map(|(b, a)| b - a).collect()
+                        };
+                        Ok((d(cpu0, cpu1), d(sw0, sw1)))
+                    },
+                )?;
                 let after = self.cpu(p)?;
-                let sw_after = self.switches(p)?;
-                if let Some(a) = attached {
-                    a.report(r.sent as f64, "request (1,000/s)")?;
-                }
                 ensure!(
                     r.errors == 0,
                     "{p} at {RATE} req/s: {} of {} requests failed",
@@ -1357,9 +1434,11 @@ impl Bench {
                 lat.entry(p).or_default().extend(&r.latencies_us);
                 if p != "plain" {
                     let (c, w) = (cpu.entry(p).or_default(), switches.entry(p).or_default());
+                    let whole = whole_cpu.entry(p).or_default();
                     for i in 0..2 {
-                        c[i] += after[i] - before[i];
-                        w[i] += sw_after[i] - sw_before[i];
+                        c[i] += steady.0[i];
+                        w[i] += steady.1[i];
+                        whole[i] += after[i] - before[i];
                     }
                     *sent.entry(p).or_default() += r.sent;
                 }
@@ -1417,6 +1496,20 @@ impl Bench {
             "agent_cpu_ratio_vs_nginx_pair_at_1000rps",
             (tunnel[0] + tunnel[1]) / (nginx[0] + nginx[1]),
         );
+        let (tunnel_whole, nginx_whole) = (per("tunnel", &whole_cpu), per("nginx", &whole_cpu));
+        s.push(
+            "agent_cpu_us_per_req_with_connection_setup",
+            tunnel_whole[0] + tunnel_whole[1],
+        );
+        s.push(
+            "nginx_pair_cpu_us_per_req_at_1000rps_with_connection_setup",
+            nginx_whole[0] + nginx_whole[1],
+        );
+        println!(
+            "  {RATE}/s  with the runs' connection set-up and tear-down: tunnel {:.1} µs/req, nginx pair {:.1} µs/req",
+            tunnel_whole[0] + tunnel_whole[1],
+            nginx_whole[0] + nginx_whole[1],
+        );
         for p in ["tunnel", "nginx"] {
             let w = per(p, &switches);
             s.push(format!("ctxt_switches_per_req_at_1000rps_{p}"), w[0] + w[1]);
@@ -1436,18 +1529,25 @@ impl Bench {
         Ok(())
     }
 
+    fn cpu_precise(&self, path: &str) -> Result<Vec<f64>> {
+        self.pids(path).into_iter().map(cpu_us_precise).collect()
+    }
+
     /// Context switches (voluntary and not) of each of `path`'s processes, all threads.
     fn switches(&self, path: &str) -> Result<Vec<f64>> {
         self.pids(path).into_iter().map(ctxt_switches).collect()
     }
 
-    /// The fixed-rate run, sampling the `pids`' RSS every 100 ms: (report, peak KiB per pid).
-    fn rate_sampling_rss(
+    /// The fixed-rate run ([`fixed_rate_measured`] with `start` and `end`), sampling the `pids`'
+    /// RSS every 100 ms: (report, peak KiB per pid, what `end` returned).
+    fn rate_sampling_rss<S, E>(
         &self,
         targets: &[SocketAddr],
         pids: &[u32],
         time: Duration,
-    ) -> Result<(RateReport, Vec<f64>)> {
+        start: impl FnOnce() -> Result<S>,
+        end: impl FnOnce(S) -> Result<E>,
+    ) -> Result<(RateReport, Vec<f64>, E)> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let watched = pids.to_vec();
@@ -1461,12 +1561,20 @@ impl Bench {
             }
             peak
         });
-        let r = fixed_rate(Some(self.client.netns_path()), targets, RATE, time);
+        let r = fixed_rate_measured(
+            Some(self.client.netns_path()),
+            targets,
+            RATE,
+            time,
+            start,
+            end,
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let peak = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("RSS sampler panicked"))?;
-        Ok((r?, peak))
+        let (r, e) = r?;
+        Ok((r, peak, e))
     }
 
     /// RSS added by `plan.idle_streams` idle tunnelled connections, per stream.
