@@ -569,6 +569,10 @@ pub fn fixed_rate(
 /// tracer) is the steady state of keep-alive requests, without the connections' set-up (accept,
 /// `CONNECT` stream, the inbound's connect to the pod, nginx's TLS handshake per connection) and
 /// tear-down, which the run repeats for each of its [`RATE_WORKERS`] × targets connections.
+#[expect(
+    clippy::too_many_lines,
+    reason = "workers, pacer and the measured span share their channels: one piece"
+)]
 pub fn fixed_rate_measured<S, E>(
     netns: Option<&Path>,
     targets: &[SocketAddr],
@@ -983,9 +987,9 @@ pub fn cpu_us_precise(pid: u32) -> Result<f64> {
     Ok(ns as f64 / 1e3)
 }
 
-/// Context switches of a process so far, voluntary and not, summed over its threads (each is
-/// a sleep or a preemption: at a low request rate, one per wake-up).
-pub fn ctxt_switches(pid: u32) -> Result<f64> {
+/// Context switches of a process so far, summed over its threads: voluntary (a sleep: at a low
+/// request rate, one per wake-up) and, unless `voluntary_only`, not (a preemption).
+pub fn ctxt_switches(pid: u32, voluntary_only: bool) -> Result<f64> {
     let dir = format!("/proc/{pid}/task");
     let mut total = 0.0;
     for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
@@ -997,8 +1001,11 @@ pub fn ctxt_switches(pid: u32) -> Result<f64> {
         total += status
             .lines()
             .filter_map(|l| {
-                l.strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                l.strip_prefix("voluntary_ctxt_switches:").or_else(|| {
+                    (!voluntary_only)
+                        .then(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                        .flatten()
+                })
             })
             .filter_map(|v| v.trim().parse::<f64>().ok())
             .sum::<f64>();
@@ -1365,6 +1372,10 @@ impl Bench {
     }
 
     /// The fixed-rate runs.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one measured sequence (rounds, then their keys) reads best top to bottom"
+    )]
     fn rate(&self, rep: usize, s: &mut Samples) -> Result<()> {
         // Fixed rate over ten services, all three paths, in one-second rounds whose order
         // rotates so that load from outside the benchmark falls on each alike; percentiles over
@@ -1376,6 +1387,7 @@ impl Bench {
         // Per proxied path: CPU µs and context switches per process, requests sent.
         let mut cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
         let mut switches: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut sleeps: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
         // CPU over the whole run, with the set-up and tear-down of its 160 connections (how
         // `agent_cpu_us_per_req` was measured up to session 19).
         let mut whole_cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
@@ -1385,8 +1397,8 @@ impl Bench {
         let rounds = self.plan.rate.as_secs().max(1);
         for round in 0..rounds {
             let first = usize::try_from(round).unwrap_or(0) + rep;
-            for k in 0..RATE_PATHS.len() {
-                let p = RATE_PATHS[(first + k) % RATE_PATHS.len()];
+            for slot in 0..RATE_PATHS.len() {
+                let p = RATE_PATHS[(first + slot) % RATE_PATHS.len()];
                 let targets: Vec<SocketAddr> = (0..SERVICES)
                     .map(|i| match p {
                         "tunnel" => {
@@ -1410,17 +1422,19 @@ impl Bench {
                         } else {
                             None
                         };
-                        Ok((attached, self.cpu_precise(p)?, self.switches(p)?))
+                        let sw = (self.switches(p, false)?, self.switches(p, true)?);
+                        Ok((attached, self.cpu_precise(p)?, sw))
                     },
                     |(attached, cpu0, sw0)| {
-                        let (cpu1, sw1) = (self.cpu_precise(p)?, self.switches(p)?);
+                        let cpu1 = self.cpu_precise(p)?;
+                        let sw1 = (self.switches(p, false)?, self.switches(p, true)?);
                         if let Some(a) = attached {
                             a.report(f64::from(RATE), "request (1,000/s, steady state)")?;
                         }
                         let d = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
                             b.iter().zip(&a).map(|(b, a)| b - a).collect()
                         };
-                        Ok((d(cpu0, cpu1), d(sw0, sw1)))
+                        Ok((d(cpu0, cpu1), d(sw0.0, sw1.0), d(sw0.1, sw1.1)))
                     },
                 )?;
                 let after = self.cpu(p)?;
@@ -1433,11 +1447,14 @@ impl Bench {
                 connections = r.connections;
                 lat.entry(p).or_default().extend(&r.latencies_us);
                 if p != "plain" {
-                    let (c, w) = (cpu.entry(p).or_default(), switches.entry(p).or_default());
+                    let (cpu_sum, sw_sum) =
+                        (cpu.entry(p).or_default(), switches.entry(p).or_default());
+                    let vol_sum = sleeps.entry(p).or_default();
                     let whole = whole_cpu.entry(p).or_default();
                     for i in 0..2 {
-                        c[i] += steady.0[i];
-                        w[i] += steady.1[i];
+                        cpu_sum[i] += steady.0[i];
+                        sw_sum[i] += steady.1[i];
+                        vol_sum[i] += steady.2[i];
                         whole[i] += after[i] - before[i];
                     }
                     *sent.entry(p).or_default() += r.sent;
@@ -1513,14 +1530,20 @@ impl Bench {
         for p in ["tunnel", "nginx"] {
             let w = per(p, &switches);
             s.push(format!("ctxt_switches_per_req_at_1000rps_{p}"), w[0] + w[1]);
+            let v = per(p, &sleeps);
+            s.push(
+                format!("voluntary_ctxt_switches_per_req_at_1000rps_{p}"),
+                v[0] + v[1],
+            );
             println!(
-                "  {RATE}/s  {p:<7} proxies' CPU {:.1} µs/req (node 1 {:.1}, node 2 {:.1}), context switches {:.2}/req (node 1 {:.2}, node 2 {:.2})",
+                "  {RATE}/s  {p:<7} proxies' CPU {:.1} µs/req (node 1 {:.1}, node 2 {:.1}), context switches {:.2}/req (node 1 {:.2}, node 2 {:.2}; voluntary {:.2})",
                 per(p, &cpu)[0] + per(p, &cpu)[1],
                 per(p, &cpu)[0],
                 per(p, &cpu)[1],
                 w[0] + w[1],
                 w[0],
                 w[1],
+                v[0] + v[1],
             );
         }
         s.push("agent_rss_mb_outbound", tunnel_rss[0] / 1024.0);
@@ -1534,8 +1557,11 @@ impl Bench {
     }
 
     /// Context switches (voluntary and not) of each of `path`'s processes, all threads.
-    fn switches(&self, path: &str) -> Result<Vec<f64>> {
-        self.pids(path).into_iter().map(ctxt_switches).collect()
+    fn switches(&self, path: &str, voluntary_only: bool) -> Result<Vec<f64>> {
+        self.pids(path)
+            .into_iter()
+            .map(|pid| ctxt_switches(pid, voluntary_only))
+            .collect()
     }
 
     /// The fixed-rate run ([`fixed_rate_measured`] with `start` and `end`), sampling the `pids`'
