@@ -560,20 +560,48 @@ pub fn fixed_rate(
     rate: u32,
     time: Duration,
 ) -> Result<RateReport> {
+    fixed_rate_measured(netns, targets, rate, time, || Ok(()), |()| Ok(())).map(|(r, ())| r)
+}
+
+/// [`fixed_rate`], calling `start` once every connection is open and has had its untimed first
+/// request, and `end` with what `start` returned once every timed request was answered, before
+/// any connection closes: what the two measure (a process's CPU time, its context switches, a
+/// tracer) is the steady state of keep-alive requests, without the connections' set-up (accept,
+/// `CONNECT` stream, the inbound's connect to the pod, nginx's TLS handshake per connection) and
+/// tear-down, which the run repeats for each of its [`RATE_WORKERS`] × targets connections.
+#[expect(
+    clippy::too_many_lines,
+    reason = "workers, pacer and the measured span share their channels: one piece"
+)]
+pub fn fixed_rate_measured<S, E>(
+    netns: Option<&Path>,
+    targets: &[SocketAddr],
+    rate: u32,
+    time: Duration,
+    start: impl FnOnce() -> Result<S>,
+    end: impl FnOnce(S) -> Result<E>,
+) -> Result<(RateReport, E)> {
     let period = Duration::from_secs(1) / rate;
     let total = usize::try_from(u128::from(rate) * time.as_millis() / 1000)?;
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<(usize, Instant)>();
     let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    // Each worker reports its latencies when the jobs run out, then keeps its connections open
+    // until `release` is dropped (after `end`, or on any early return).
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(Vec<u64>, usize)>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = Arc::new(std::sync::Mutex::new(held));
     let workers: Vec<_> = (0..RATE_WORKERS.min(total.max(1)))
         .map(|_| {
-            let (netns, targets, jobs, ready) = (
+            let (netns, targets, jobs, ready, done, held) = (
                 netns.map(Path::to_owned),
                 targets.to_vec(),
                 jobs_rx.clone(),
                 ready_tx.clone(),
+                done_tx.clone(),
+                held.clone(),
             );
-            std::thread::spawn(move || -> (Vec<u64>, usize) {
+            std::thread::spawn(move || {
                 // One untimed request per connection: through the tunnel, a new connection's
                 // first request also waits for its CONNECT stream (and, past 100 streams, a new
                 // pooled connection); the run measures the steady state.
@@ -595,7 +623,8 @@ pub fn fixed_rate(
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
-                        return (Vec::new(), 0);
+                        let _ = done.send((Vec::new(), 0));
+                        return;
                     }
                 };
                 let (mut lat, mut errors) = (Vec::new(), 0);
@@ -617,14 +646,21 @@ pub fn fixed_rate(
                         errors += 1;
                     }
                 }
-                (lat, errors)
+                let _ = done.send((lat, errors));
+                // Until the caller has measured; an error (sender dropped) is the release.
+                let _ = held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .recv();
+                drop(conns);
             })
         })
         .collect();
-    drop(ready_tx);
+    drop((ready_tx, done_tx));
     for r in ready_rx.iter().take(workers.len()) {
         r?;
     }
+    let measuring = start()?;
     // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread only.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_u64, 0_u64, 0_u64, 0_u64) };
     let start = Instant::now() + Duration::from_millis(10);
@@ -638,15 +674,22 @@ pub fn fixed_rate(
     }
     drop(jobs_tx);
     let (mut v, mut errors) = (Vec::with_capacity(total), 0);
-    for w in workers {
-        let (lat, e) = w
-            .join()
+    for _ in 0..workers.len() {
+        let (lat, e) = done_rx
+            .recv()
             .map_err(|_| anyhow::anyhow!("fixed-rate worker panicked"))?;
         v.extend(lat);
         errors += e;
     }
+    let measured = end(measuring);
+    drop(release);
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("fixed-rate worker panicked"))?;
+    }
+    let measured = measured?;
     v.sort_unstable();
-    Ok(RateReport {
+    let report = RateReport {
         sent: total,
         errors,
         p50_us: percentile(&v, 50.0),
@@ -654,7 +697,8 @@ pub fn fixed_rate(
         max_us: v.last().map_or(f64::NAN, |m| *m as f64),
         connections: RATE_WORKERS * targets.len(),
         latencies_us: v,
-    })
+    };
+    Ok((report, measured))
 }
 
 /// Opens `n` connections from inside `netns` to `target` and holds them until `release` is
@@ -922,6 +966,52 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
 
 // ---------------------------------------------------------------------------------------------
 // The run
+
+/// CPU time of a process's live threads, in microseconds, from the scheduler's own account
+/// (`/proc/PID/task/*/schedstat`, nanoseconds): a 1-second run at 1,000 req/s costs a proxy a
+/// few clock ticks, too coarse for [`cpu_us`].
+pub fn cpu_us_precise(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns = 0_u64;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        // A thread that ended meanwhile has no schedstat: it runs no more.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("bad schedstat under {dir}"))?;
+    }
+    Ok(ns as f64 / 1e3)
+}
+
+/// Context switches of a process so far, summed over its threads: voluntary (a sleep: at a low
+/// request rate, one per wake-up) and, unless `voluntary_only`, not (a preemption).
+pub fn ctxt_switches(pid: u32, voluntary_only: bool) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0.0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("status");
+        // A thread that ended meanwhile has no status: it switches no more.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:").or_else(|| {
+                    (!voluntary_only)
+                        .then(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                        .flatten()
+                })
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
 
 /// The paths, in the order of one repetition (rotated each repetition).
 const PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
@@ -1198,10 +1288,11 @@ impl Bench {
         }
     }
 
-    /// The `--diag` tool on both proxies, for the tunnel's runs of the first repetition.
+    /// The `--diag` tool on both proxies of `path` (the tunnel's or the nginx pair's), for the
+    /// runs of the first repetition.
     fn attach(&self, path: &str, rep: usize) -> Result<Option<Attached>> {
         match self.diag {
-            Some(d) if path == "tunnel" && rep == 0 => {
+            Some(d) if path != "plain" && rep == 0 => {
                 Ok(Some(Attached::start(d, &self.pids(path))?))
             }
             _ => Ok(None),
@@ -1281,39 +1372,72 @@ impl Bench {
     }
 
     /// The fixed-rate runs.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one measured sequence (rounds, then their keys) reads best top to bottom"
+    )]
     fn rate(&self, rep: usize, s: &mut Samples) -> Result<()> {
-        // Fixed rate over ten services, plain and tunnel (nginx has one service here), in
-        // alternating one-second rounds so that load from outside the benchmark falls on both
-        // alike; percentiles over all of a path's rounds.
+        // Fixed rate over ten services, all three paths, in one-second rounds whose order
+        // rotates so that load from outside the benchmark falls on each alike; percentiles over
+        // all of a path's rounds. nginx has one service here: its target is repeated ten times,
+        // so it gets as many keep-alive connections (each its own TLS connection: nginx `stream`
+        // does not pool) as the others.
+        const RATE_PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
         let mut lat: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-        let mut tunnel_cpu = [0.0_f64; 2];
-        let mut tunnel_sent = 0;
+        // Per proxied path: CPU µs and context switches per process, requests sent.
+        let mut cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut switches: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut sleeps: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        // CPU over the whole run, with the set-up and tear-down of its 160 connections (how
+        // `agent_cpu_us_per_req` was measured up to session 19).
+        let mut whole_cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
+        let mut sent: BTreeMap<&str, usize> = BTreeMap::new();
         let mut tunnel_rss = [0.0_f64; 2];
         let mut connections = 0;
         let rounds = self.plan.rate.as_secs().max(1);
         for round in 0..rounds {
-            let first = usize::try_from(round).unwrap_or(0) % 2;
-            for p in [["plain", "tunnel"][first], ["plain", "tunnel"][1 - first]] {
+            let first = usize::try_from(round).unwrap_or(0) + rep;
+            for slot in 0..RATE_PATHS.len() {
+                let p = RATE_PATHS[(first + slot) % RATE_PATHS.len()];
                 let targets: Vec<SocketAddr> = (0..SERVICES)
                     .map(|i| match p {
                         "tunnel" => {
                             SocketAddr::new(self.n1.gateway_v4().into(), TUNNEL_SERVICE_PORT + i)
                         }
+                        "nginx" => self.http_target(p),
                         _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
                     })
                     .collect();
                 let pids = self.pids(p);
-                let attached = if round == 0 {
-                    self.attach(p, rep)?
-                } else {
-                    None
-                };
                 let before = self.cpu(p)?;
-                let (r, rss) = self.rate_sampling_rss(&targets, &pids, Duration::from_secs(1))?;
+                // Steady state: from all connections open to all requests answered (the tracer
+                // of `--diag` too: attached and stopped inside that span).
+                let (r, rss, steady) = self.rate_sampling_rss(
+                    &targets,
+                    &pids,
+                    Duration::from_secs(1),
+                    || {
+                        let attached = if round == 0 {
+                            self.attach(p, rep)?
+                        } else {
+                            None
+                        };
+                        let sw = (self.switches(p, false)?, self.switches(p, true)?);
+                        Ok((attached, self.cpu_precise(p)?, sw))
+                    },
+                    |(attached, cpu0, sw0)| {
+                        let cpu1 = self.cpu_precise(p)?;
+                        let sw1 = (self.switches(p, false)?, self.switches(p, true)?);
+                        if let Some(a) = attached {
+                            a.report(f64::from(RATE), "request (1,000/s, steady state)")?;
+                        }
+                        let d = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
+                            b.iter().zip(&a).map(|(b, a)| b - a).collect()
+                        };
+                        Ok((d(cpu0, cpu1), d(sw0.0, sw1.0), d(sw0.1, sw1.1)))
+                    },
+                )?;
                 let after = self.cpu(p)?;
-                if let Some(a) = attached {
-                    a.report(r.sent as f64, "request (1,000/s)")?;
-                }
                 ensure!(
                     r.errors == 0,
                     "{p} at {RATE} req/s: {} of {} requests failed",
@@ -1322,63 +1446,134 @@ impl Bench {
                 );
                 connections = r.connections;
                 lat.entry(p).or_default().extend(&r.latencies_us);
+                if p != "plain" {
+                    let (cpu_sum, sw_sum) =
+                        (cpu.entry(p).or_default(), switches.entry(p).or_default());
+                    let vol_sum = sleeps.entry(p).or_default();
+                    let whole = whole_cpu.entry(p).or_default();
+                    for i in 0..2 {
+                        cpu_sum[i] += steady.0[i];
+                        sw_sum[i] += steady.1[i];
+                        vol_sum[i] += steady.2[i];
+                        whole[i] += after[i] - before[i];
+                    }
+                    *sent.entry(p).or_default() += r.sent;
+                }
                 if p == "tunnel" {
                     for i in 0..2 {
-                        tunnel_cpu[i] += after[i] - before[i];
                         tunnel_rss[i] = tunnel_rss[i].max(rss[i]);
                     }
-                    tunnel_sent += r.sent;
                 }
             }
         }
+        let mut p50 = BTreeMap::new();
         let mut p99 = BTreeMap::new();
         for (p, v) in &mut lat {
             v.sort_unstable();
-            let (p50, p99v) = (percentile(v, 50.0), percentile(v, 99.0));
+            let (p50v, p99v) = (percentile(v, 50.0), percentile(v, 99.0));
+            p50.insert(*p, p50v);
             p99.insert(*p, p99v);
-            s.push(format!("latency_p50_us_at_1000rps_{p}"), p50);
+            s.push(format!("latency_p50_us_at_1000rps_{p}"), p50v);
             s.push(format!("latency_p99_us_at_1000rps_{p}"), p99v);
             s.push(
                 format!("latency_max_us_at_1000rps_{p}"),
                 v.last().map_or(f64::NAN, |m| *m as f64),
             );
             println!(
-                "  {RATE}/s  {p:<7} p50 {p50:>7.0} µs  p99 {p99v:>7.0} µs  ({} requests, {connections} keep-alive connections, {rounds} rounds)",
+                "  {RATE}/s  {p:<7} p50 {p50v:>7.0} µs  p99 {p99v:>7.0} µs  ({} requests, {connections} keep-alive connections, {rounds} rounds)",
                 v.len()
             );
         }
         s.push(
             "added_latency_p50_us_at_1000rps",
-            s.0["latency_p50_us_at_1000rps_tunnel"]
-                .last()
-                .copied()
-                .unwrap_or(f64::NAN)
-                - s.0["latency_p50_us_at_1000rps_plain"]
-                    .last()
-                    .copied()
-                    .unwrap_or(f64::NAN),
+            p50["tunnel"] - p50["plain"],
         );
         s.push(
             "added_latency_p99_us_at_1000rps",
             p99["tunnel"] - p99["plain"],
         );
-        let per = tunnel_cpu.map(|c| c / tunnel_sent as f64);
-        s.push("agent_cpu_us_per_req", per[0] + per[1]);
-        s.push("agent_cpu_us_per_req_outbound", per[0]);
-        s.push("agent_cpu_us_per_req_inbound", per[1]);
+        s.push(
+            "nginx_pair_added_latency_p50_us_at_1000rps",
+            p50["nginx"] - p50["plain"],
+        );
+        s.push(
+            "nginx_pair_added_latency_p99_us_at_1000rps",
+            p99["nginx"] - p99["plain"],
+        );
+        let per = |p: &str, of: &BTreeMap<&str, [f64; 2]>| {
+            let n = sent.get(p).copied().unwrap_or(0).max(1) as f64;
+            of.get(p).copied().unwrap_or_default().map(|c| c / n)
+        };
+        let (tunnel, nginx) = (per("tunnel", &cpu), per("nginx", &cpu));
+        s.push("agent_cpu_us_per_req", tunnel[0] + tunnel[1]);
+        s.push("agent_cpu_us_per_req_outbound", tunnel[0]);
+        s.push("agent_cpu_us_per_req_inbound", tunnel[1]);
+        s.push("nginx_pair_cpu_us_per_req_at_1000rps", nginx[0] + nginx[1]);
+        s.push(
+            "agent_cpu_ratio_vs_nginx_pair_at_1000rps",
+            (tunnel[0] + tunnel[1]) / (nginx[0] + nginx[1]),
+        );
+        let (tunnel_whole, nginx_whole) = (per("tunnel", &whole_cpu), per("nginx", &whole_cpu));
+        s.push(
+            "agent_cpu_us_per_req_with_connection_setup",
+            tunnel_whole[0] + tunnel_whole[1],
+        );
+        s.push(
+            "nginx_pair_cpu_us_per_req_at_1000rps_with_connection_setup",
+            nginx_whole[0] + nginx_whole[1],
+        );
+        println!(
+            "  {RATE}/s  with the runs' connection set-up and tear-down: tunnel {:.1} µs/req, nginx pair {:.1} µs/req",
+            tunnel_whole[0] + tunnel_whole[1],
+            nginx_whole[0] + nginx_whole[1],
+        );
+        for p in ["tunnel", "nginx"] {
+            let w = per(p, &switches);
+            s.push(format!("ctxt_switches_per_req_at_1000rps_{p}"), w[0] + w[1]);
+            let v = per(p, &sleeps);
+            s.push(
+                format!("voluntary_ctxt_switches_per_req_at_1000rps_{p}"),
+                v[0] + v[1],
+            );
+            println!(
+                "  {RATE}/s  {p:<7} proxies' CPU {:.1} µs/req (node 1 {:.1}, node 2 {:.1}), context switches {:.2}/req (node 1 {:.2}, node 2 {:.2}; voluntary {:.2})",
+                per(p, &cpu)[0] + per(p, &cpu)[1],
+                per(p, &cpu)[0],
+                per(p, &cpu)[1],
+                w[0] + w[1],
+                w[0],
+                w[1],
+                v[0] + v[1],
+            );
+        }
         s.push("agent_rss_mb_outbound", tunnel_rss[0] / 1024.0);
         s.push("agent_rss_mb_inbound", tunnel_rss[1] / 1024.0);
         s.push("agent_rss_mb", tunnel_rss[0].max(tunnel_rss[1]) / 1024.0);
         Ok(())
     }
 
-    /// The fixed-rate run, sampling the `pids`' RSS every 100 ms: (report, peak KiB per pid).
-    fn rate_sampling_rss(
+    fn cpu_precise(&self, path: &str) -> Result<Vec<f64>> {
+        self.pids(path).into_iter().map(cpu_us_precise).collect()
+    }
+
+    /// Context switches (voluntary and not) of each of `path`'s processes, all threads.
+    fn switches(&self, path: &str, voluntary_only: bool) -> Result<Vec<f64>> {
+        self.pids(path)
+            .into_iter()
+            .map(|pid| ctxt_switches(pid, voluntary_only))
+            .collect()
+    }
+
+    /// The fixed-rate run ([`fixed_rate_measured`] with `start` and `end`), sampling the `pids`'
+    /// RSS every 100 ms: (report, peak KiB per pid, what `end` returned).
+    fn rate_sampling_rss<S, E>(
         &self,
         targets: &[SocketAddr],
         pids: &[u32],
         time: Duration,
-    ) -> Result<(RateReport, Vec<f64>)> {
+        start: impl FnOnce() -> Result<S>,
+        end: impl FnOnce(S) -> Result<E>,
+    ) -> Result<(RateReport, Vec<f64>, E)> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let watched = pids.to_vec();
@@ -1392,12 +1587,20 @@ impl Bench {
             }
             peak
         });
-        let r = fixed_rate(Some(self.client.netns_path()), targets, RATE, time);
+        let r = fixed_rate_measured(
+            Some(self.client.netns_path()),
+            targets,
+            RATE,
+            time,
+            start,
+            end,
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let peak = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("RSS sampler panicked"))?;
-        Ok((r?, peak))
+        let (r, e) = r?;
+        Ok((r, peak, e))
     }
 
     /// RSS added by `plan.idle_streams` idle tunnelled connections, per stream.

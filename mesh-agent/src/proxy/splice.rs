@@ -6,8 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt as _;
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -54,7 +55,7 @@ pub struct StreamBytes {
 }
 
 async fn tcp_to_tunnel(
-    rd: OwnedReadHalf,
+    mut rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     bytes: &AtomicU64,
     stream: &AtomicU64,
@@ -68,9 +69,17 @@ async fn tcp_to_tunnel(
             buf = BytesMut::new();
         }
         let ready = rd.readable().await;
+        // Read through `AsyncRead` rather than `try_read_buf`: a read that leaves part of the
+        // buffer empty has drained the socket, and tokio then clears the readiness itself (edge-
+        // triggered epoll), so the next wait parks at once. `try_read_buf` keeps the readiness
+        // until a read fails with `EAGAIN`: one more `recvfrom` per request, measured at 1,000
+        // req/s (BENCHMARKS.md, session 20). Polled once: if the socket is not readable after
+        // all, the read is given up (its buffer freed at the top) and the wait starts over.
         let n = match ready.and_then(|()| {
             buf.reserve(CHUNK);
-            rd.try_read_buf(&mut buf)
+            rd.read_buf(&mut buf)
+                .now_or_never()
+                .unwrap_or_else(|| Err(std::io::ErrorKind::WouldBlock.into()))
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
