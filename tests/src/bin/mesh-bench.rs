@@ -161,8 +161,9 @@ struct MtlsArgs {
     /// Only one part: `paths` (plain/tunnel/nginx), `idle` (idle streams) or `tls` (one stream).
     #[arg(long, value_parser = ["paths", "idle", "tls"])]
     only: Option<String>,
-    /// Attach `strace -c` or `perf record` to both proxy processes during the tunnel's
-    /// fixed-rate run and print where the time goes (slows them: not a results run).
+    /// Attach `strace -c` or `perf record` to both processes of the tunnel's and the nginx
+    /// pair's fixed-rate runs (steady state) and print where the time goes (slows them: not a
+    /// results run).
     #[arg(long)]
     diag: Option<mesh_tests::bench_mtls::Diag>,
     /// The proxies' worker threads, as the agent's `proxy.workers` (default: the agent's
