@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use crate::datapath::spec::{Algorithm, BackendSpec, CircuitSettings, Protocol, ServiceSpec};
+use crate::datapath::spec::{
+    Algorithm, BackendSpec, CircuitSettings, EndpointAddr, Protocol, ServiceSpec,
+};
 
 /// `namespace/name`, the identity of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -459,7 +461,7 @@ impl ClusterModel {
                         .into_iter()
                         .filter_map(|e| {
                             Some(BackendSpec {
-                                addr: SocketAddr::new(e.ip, e.port_for(port)?),
+                                addr: EndpointAddr::new(e.ip, e.port_for(port)?),
                                 weight: e.weight.max(1),
                             })
                         })
