@@ -748,7 +748,10 @@ impl Datapath {
             // the address, the protocol and the backends (all the mirror reads of a spec); the
             // first reconciliation rewrites or removes the service.
             let mut spec = ServiceSpec::tcp(
-                SocketAddr::new(ip_from_be(key.addr_be, key.family), u16::from_be(key.port_be)),
+                SocketAddr::new(
+                    ip_from_be(key.addr_be, key.family),
+                    u16::from_be(key.port_be),
+                ),
                 [],
             );
             if key.proto == PROTO_UDP {
@@ -1008,10 +1011,7 @@ impl Datapath {
         // 1. New backends (state slot first, so a backend is never visible without its state),
         //    then the configuration's range and table.
         let order = slot_order(&spec.backends, old.as_ref());
-        let ordered: Vec<BackendSpec> = order
-            .iter()
-            .map(|&i| spec.backends[i as usize])
-            .collect();
+        let ordered: Vec<BackendSpec> = order.iter().map(|&i| spec.backends[i as usize]).collect();
         let ids = self.write_backends(svc_id, &ordered, old.as_ref())?;
         self.write_slots(base, &ids)?;
         let conf_id = self.ids.conf();
