@@ -456,7 +456,7 @@ impl ClusterModel {
                         .iter()
                         .filter(|e| e.ip.is_ipv4() == ip.is_ipv4() && e.port_for(port).is_some())
                         .collect();
-                    let backends = self
+                    let mut backends: Vec<BackendSpec> = self
                         .usable(svc, &candidates)
                         .into_iter()
                         .filter_map(|e| {
@@ -466,6 +466,10 @@ impl ClusterModel {
                             })
                         })
                         .collect();
+                    // `filter_map` knows no length: its vector grows by doubling (16 places
+                    // for 10 endpoints), and the reconciler keeps it for as long as the
+                    // service is applied.
+                    backends.shrink_to_fit();
                     out.push((
                         svc.name.clone(),
                         ServiceSpec {
