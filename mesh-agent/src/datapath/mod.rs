@@ -702,6 +702,58 @@ impl Datapath {
         Ok(())
     }
 
+    /// The mirror of service `key` as configuration `conf` left it in the maps (its backends
+    /// that still name it), noting their ids in `referenced`. What a previous agent wrote is
+    /// known only from the maps: the adopted spec holds the address, the protocol and the
+    /// backends (all the mirror reads of a spec); the first reconciliation rewrites or removes
+    /// the service.
+    fn adopted_service(
+        &self,
+        key: &ServiceKey,
+        conf: Service,
+        referenced: &mut std::collections::HashSet<u32>,
+    ) -> Applied {
+        let mut spec = ServiceSpec::tcp(
+            SocketAddr::new(
+                ip_from_be(key.addr_be, key.family),
+                u16::from_be(key.port_be),
+            ),
+            [],
+        );
+        if key.proto == PROTO_UDP {
+            spec.protocol = Protocol::Udp;
+        }
+        let mut backends = Vec::new();
+        for slot in 0..conf.backend_count {
+            let Ok(id) = self.slots.get(&(conf.slot_base + slot), 0) else {
+                continue;
+            };
+            if let Ok(b) = self.backend_addrs.get(&state_slot(id), 0)
+                && id != 0
+                && b.id == id
+                && b.service_id == conf.id
+            {
+                backends.push(id);
+                spec.backends.push(BackendSpec {
+                    addr: EndpointAddr::new(
+                        ip_from_be(b.addr_be, b.family),
+                        u16::from_be(b.port_be),
+                    ),
+                    weight: b.weight,
+                });
+                referenced.insert(id);
+            }
+        }
+        Applied {
+            id: conf.id,
+            conf,
+            chunks: conf.table_size.div_ceil(LB_CHUNK),
+            backends,
+            spec: Arc::new(spec),
+            order: Vec::new(),
+        }
+    }
+
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: services and their
     /// configurations, backends, occupied state slots (quarantined ones included), the id
     /// counters; removes what nothing points at (an agent killed mid-update) and repairs every
@@ -744,48 +796,7 @@ impl Datapath {
                 });
             }
             live_confs.insert(conf_id);
-            // What a previous agent wrote is known only from the maps: the adopted spec holds
-            // the address, the protocol and the backends (all the mirror reads of a spec); the
-            // first reconciliation rewrites or removes the service.
-            let mut spec = ServiceSpec::tcp(
-                SocketAddr::new(
-                    ip_from_be(key.addr_be, key.family),
-                    u16::from_be(key.port_be),
-                ),
-                [],
-            );
-            if key.proto == PROTO_UDP {
-                spec.protocol = Protocol::Udp;
-            }
-            let mut backends = Vec::new();
-            for slot in 0..conf.backend_count {
-                let Ok(id) = self.slots.get(&(conf.slot_base + slot), 0) else {
-                    continue;
-                };
-                if let Ok(b) = self.backend_addrs.get(&state_slot(id), 0)
-                    && id != 0
-                    && b.id == id
-                    && b.service_id == conf.id
-                {
-                    backends.push(id);
-                    spec.backends.push(BackendSpec {
-                        addr: EndpointAddr::new(
-                            ip_from_be(b.addr_be, b.family),
-                            u16::from_be(b.port_be),
-                        ),
-                        weight: b.weight,
-                    });
-                    referenced.insert(id);
-                }
-            }
-            let applied = Applied {
-                id: conf.id,
-                conf,
-                chunks: conf.table_size.div_ceil(LB_CHUNK),
-                backends,
-                spec: Arc::new(spec),
-                order: Vec::new(),
-            };
+            let applied = self.adopted_service(&key, conf, &mut referenced);
             if applied.backends.len() != conf.backend_count as usize {
                 // Cannot happen between agents (a published configuration's backends are retired
                 // only after the next one is published); a map edited by hand. The kernel skips

@@ -103,7 +103,7 @@ impl Default for CircuitSettings {
 }
 
 /// An endpoint's address and port in 20 bytes. A `SocketAddr` takes 32 (an IPv6 one carries a
-/// flow label and a scope id, which no service endpoint has: Kubernetes EndpointSlices and the
+/// flow label and a scope id, which no service endpoint has: Kubernetes `EndpointSlices` and the
 /// file source give address and port only, as kube-proxy and Envoy take them); a large cluster
 /// holds one a backend (issue 8).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
