@@ -192,6 +192,9 @@ impl StoredSlice {
                 });
             }
         }
+        // `filter_map` and pushes leave spare places (4 for a slice's one port): the store
+        // keeps every slice.
+        out.ports.shrink_to_fit();
         out.endpoints.shrink_to_fit();
         out.pods.shrink_to_fit();
         out.hints.shrink_to_fit();
