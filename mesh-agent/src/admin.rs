@@ -797,7 +797,7 @@ mod tests {
             service_key(spec.vip, spec.protocol),
             Arc::new(AppliedService {
                 name: Arc::new(ObjectName::new("default", format!("svc-{i}"))),
-                spec,
+                spec: Arc::new(spec),
             }),
         );
     }

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use crate::datapath::spec::{Algorithm, BackendSpec, CircuitSettings, Protocol, ServiceSpec};
+use crate::datapath::spec::{
+    Algorithm, BackendSpec, CircuitSettings, EndpointAddr, Protocol, ServiceSpec,
+};
 
 /// `namespace/name`, the identity of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -454,16 +456,20 @@ impl ClusterModel {
                         .iter()
                         .filter(|e| e.ip.is_ipv4() == ip.is_ipv4() && e.port_for(port).is_some())
                         .collect();
-                    let backends = self
+                    let mut backends: Vec<BackendSpec> = self
                         .usable(svc, &candidates)
                         .into_iter()
                         .filter_map(|e| {
                             Some(BackendSpec {
-                                addr: SocketAddr::new(e.ip, e.port_for(port)?),
+                                addr: EndpointAddr::new(e.ip, e.port_for(port)?),
                                 weight: e.weight.max(1),
                             })
                         })
                         .collect();
+                    // `filter_map` knows no length: its vector grows by doubling (16 places
+                    // for 10 endpoints), and the reconciler keeps it for as long as the
+                    // service is applied.
+                    backends.shrink_to_fit();
                     out.push((
                         svc.name.clone(),
                         ServiceSpec {

@@ -82,7 +82,9 @@ pub struct Report {
 pub struct AppliedService {
     /// Shared (`Arc`) so flows name their service without copying strings per event.
     pub name: Arc<ObjectName>,
-    pub spec: ServiceSpec,
+    /// Shared (`Arc`) with the data path's mirror of what it wrote, which reads the backends'
+    /// addresses from it instead of keeping a copy.
+    pub spec: Arc<ServiceSpec>,
 }
 
 /// Every service address in the kernel, by its map key.
@@ -131,24 +133,25 @@ impl Reconciler {
             if self
                 .applied
                 .get(key)
-                .is_some_and(|a| a.spec == *spec && *a.name == *name)
+                .is_some_and(|a| *a.spec == *spec && *a.name == *name)
             {
                 report.unchanged += 1;
                 continue;
             }
-            match dp.apply_service(spec) {
+            let shared = Arc::new(std::mem::replace(spec, ServiceSpec::tcp(spec.vip, [])));
+            match dp.apply_shared_service(&shared) {
                 Ok(_) => {
                     let entry = AppliedService {
                         name: Arc::new(name.clone()),
-                        spec: std::mem::replace(spec, ServiceSpec::tcp(spec.vip, [])),
+                        spec: shared,
                     };
                     self.applied.insert(*key, Arc::new(entry));
                     report.applied += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError::ApplyService {
                     service: name.clone(),
-                    vip: spec.vip,
-                    protocol: spec.protocol,
+                    vip: shared.vip,
+                    protocol: shared.protocol,
                     source,
                 }),
             }

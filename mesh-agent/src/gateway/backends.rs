@@ -173,16 +173,17 @@ impl Backends {
                 entry.vips.push(spec.vip);
             }
             for b in &spec.backends {
-                if entry.endpoints.iter().any(|e| e.addr == b.addr) {
+                let addr = b.addr.socket_addr();
+                if entry.endpoints.iter().any(|e| e.addr == addr) {
                     continue;
                 }
-                let pod = pods.get(&b.addr.ip()).cloned();
+                let pod = pods.get(&addr.ip()).cloned();
                 // A new pod at an old address is a new backend: its own failure history.
                 let state = old
-                    .get(&b.addr)
+                    .get(&addr)
                     .filter(|o| o.pod == pod)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(EndpointState::new(b.addr, pod)));
+                    .unwrap_or_else(|| Arc::new(EndpointState::new(addr, pod)));
                 entry.endpoints.push(state);
             }
         }

@@ -2077,7 +2077,7 @@ impl Bench {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| !u16::try_from(*i).is_ok_and(|i| ejected.contains(&i)))
-                .map(|(_, b)| b.addr)
+                .map(|(_, b)| b.addr.socket_addr())
                 .collect()
         };
         // (name, targets): the runs of one round.
@@ -2177,7 +2177,7 @@ impl Bench {
     fn same_listener_service(&self, vip: SocketAddr, n: u16) -> ServiceSpec {
         let mut spec = self.endpoint_service(vip, n, Algorithm::Random);
         for (i, b) in (0u16..).zip(spec.backends.iter_mut()) {
-            b.addr = v4(10, 250, (i / 250) as u8, (1 + i % 250) as u8, SAME_PORT);
+            b.addr = v4(10, 250, (i / 250) as u8, (1 + i % 250) as u8, SAME_PORT).into();
         }
         spec
     }
@@ -2278,7 +2278,7 @@ fn kube_proxy_rules(services: usize, measured: &[(&str, SocketAddr, Vec<SocketAd
     let mut svcs: Vec<(String, SocketAddr, Vec<SocketAddr>)> = (0..fillers)
         .map(|i| {
             let f = filler_service(i, [10, 97], [10, 244]);
-            let eps = f.backends.iter().map(|b| b.addr).collect();
+            let eps = f.backends.iter().map(|b| b.addr.socket_addr()).collect();
             (format!("bench/filler-{i}:http"), f.vip, eps)
         })
         .collect();

@@ -260,8 +260,9 @@ impl State {
         }
         let mut pods = Vec::new();
         let strings = &self.pods.strings;
-        // Node addresses, once per (node, address list): most pods are `Other`s sharing both.
-        let mut node_addrs: BTreeSet<(u32, u32)> = BTreeSet::new();
+        // Node addresses, once per placement (node, address list): most pods are `Other`s
+        // sharing one.
+        let mut node_addrs: BTreeSet<u32> = BTreeSet::new();
         let add_node = |model: &mut ClusterModel, node: &str, ips: &[IpAddr]| {
             if ips.is_empty() {
                 return;
@@ -296,18 +297,16 @@ impl State {
         let table = &self.pods.others;
         let mut others = Vec::new();
         let mut left_out = false;
-        for (index, o) in table.attrs.iter().enumerate() {
+        for index in 0..table.len() {
             let (namespace, name) = table.pods.pod(index);
             if !self.namespace_live(namespace) {
                 left_out = true;
                 continue;
             }
-            if node_addrs.insert((o.node, o.host_ips)) {
-                add_node(
-                    model,
-                    strings.get(o.node),
-                    self.pods.host_ips.get(o.host_ips),
-                );
+            let o = table.get(index);
+            let (node, host_ips) = self.pods.placement(o.placement);
+            if node_addrs.insert(o.placement) {
+                add_node(model, strings.get(node), self.pods.host_ips.get(host_ips));
             }
             if model.mesh.namespace_modes.contains_key(namespace) {
                 // Its namespace is in (or out of) the mesh: the mesh view decides about it,
@@ -319,7 +318,7 @@ impl State {
                     name.clone(),
                     Arc::new(model::Pod {
                         name,
-                        node: strings.get(o.node).to_string(),
+                        node: strings.get(node).to_string(),
                         service_account: strings.get(o.service_account).to_string(),
                         ips: o.ips().collect(),
                         uid: String::new(),
