@@ -16,7 +16,7 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -49,6 +49,12 @@ fn eject_at_once() -> CircuitSettings {
         panic_threshold_percent: 0,
     }
 }
+
+/// Taken by the tests that keep both CPUs busy for seconds (the 8-thread probe race, the
+/// 10,000 updates/s rewrite): the rewrite's rate is part of what its test must show (issue 7.8),
+/// and in a debug build it fell to 6,265/s while the probe race ran beside it in the same test
+/// binary (8,284/s in a loaded CI run; ≈ 13,000/s alone on a busy machine).
+static CPU_HEAVY: Mutex<()> = Mutex::new(());
 
 fn ports(ip: Ipv4Addr, first: u16, n: u16) -> Vec<SocketAddr> {
     (0..n)
@@ -325,6 +331,7 @@ fn connects_land_on_their_own_service_while_endpoints_are_rewritten() {
     let Some(_k) = mesh_tests::kernel_test("scale_torn") else {
         return;
     };
+    let _cpu = CPU_HEAVY.lock().unwrap_or_else(PoisonError::into_inner);
     let mut m = Mesh::new("scale_torn", 2).expect("cluster");
     let (ip_a, ip_b) = (m.backends[0].ipv4(), m.backends[1].ipv4());
     let _a = m.backends[0]
@@ -384,6 +391,7 @@ fn one_probe_per_ejection_under_contention() {
     let Some(_k) = mesh_tests::kernel_test("scale_probes") else {
         return;
     };
+    let _cpu = CPU_HEAVY.lock().unwrap_or_else(PoisonError::into_inner);
     let mut m = Mesh::new("scale_probes", 2).expect("cluster");
     let vip = vip4(80);
     let key = service_key(vip, Protocol::Tcp);
