@@ -302,13 +302,13 @@ fn telemetry_section(on: bool) -> String {
 
 /// The agent's counters that prove "on" really exported, read from one scrape.
 #[derive(Clone, Copy, Debug, Default)]
-struct Exported {
+struct Counters {
     opened: f64,
     otlp_exported: f64,
     otlp_dropped: f64,
 }
 
-impl Exported {
+impl Counters {
     fn read(node: &NodeHandle) -> Result<Self> {
         let addr = format!("{}:{METRICS_PORT}", node.ipv4());
         let (code, text) = node
@@ -443,7 +443,7 @@ fn churn_slice(
 fn record_round(
     s: &mut Samples,
     sides: &[Side; 2],
-    delta: &Exported,
+    delta: &Counters,
     access_lines: u64,
 ) -> Result<()> {
     let [off, on] = sides;
@@ -491,6 +491,68 @@ fn record_round(
     s.push("datapath_on_otlp_logs_dropped", delta.otlp_dropped);
     s.push("datapath_on_access_lines", access_lines as f64);
     s.push("datapath_on_scrapes", on.scrapes as f64);
+    Ok(())
+}
+
+/// One round: `plan.slices` slices per side, interleaved; checks and records it.
+fn churn_round(
+    sw: &mut Switched<'_>,
+    client: &PodHandle,
+    collector: &mut PodChild,
+    plan: &Plan,
+    round: usize,
+    s: &mut Samples,
+) -> Result<()> {
+    let slices = plan.slices.max(1);
+    let slice_time = Duration::from_secs(plan.seconds.into()) / slices;
+    let mut sides = [Side::default(); 2];
+    let before = Counters::read(sw.node)?;
+    let lines_before = sw.access_lines;
+    for slice in 0..slices as usize {
+        // The first side alternates every slice and every round (on off, off on, …).
+        let first_on = (round + slice).is_multiple_of(2);
+        for on in [first_on, !first_on] {
+            churn_slice(
+                sw,
+                client,
+                collector.pid(),
+                on,
+                (plan.slice_warmup, slice_time),
+                &mut sides[usize::from(on)],
+            )?;
+            if let Ok(Some(status)) = collector.try_status() {
+                bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
+            }
+        }
+    }
+    // What the agent read from the ring and batched for OTLP in the last second, and the
+    // last connection lines.
+    std::thread::sleep(Duration::from_millis(1500));
+    sw.drain(Duration::from_millis(200));
+    let after = Counters::read(sw.node)?;
+    let delta = Counters {
+        opened: after.opened - before.opened,
+        otlp_exported: after.otlp_exported - before.otlp_exported,
+        otlp_dropped: after.otlp_dropped - before.otlp_dropped,
+    };
+    record_round(s, &sides, &delta, sw.access_lines - lines_before)?;
+    let [off, on] = sides;
+    let ratio = on.per_s() / off.per_s();
+    s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
+    // What "on" costs in CPU per connection: the agent's extra and the collector's.
+    let cpu =
+        on.agent_cpu_us / on.made - off.agent_cpu_us / off.made + on.collector_cpu_us / on.made;
+    s.push("datapath_telemetry_cpu_us_per_conn", cpu);
+    println!(
+        "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}; agent CPU µs/conn on {:.2} off {:.2}, collector {:.2}",
+        round + 1,
+        plan.rounds,
+        on.per_s(),
+        off.per_s(),
+        on.agent_cpu_us / on.made,
+        off.agent_cpu_us / off.made,
+        on.collector_cpu_us / on.made
+    );
     Ok(())
 }
 
@@ -575,54 +637,7 @@ fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resu
     sw.switches = 1;
 
     for round in 0..plan.rounds {
-        let mut sides = [Side::default(); 2];
-        let before = Exported::read(&node)?;
-        let lines_before = sw.access_lines;
-        for slice in 0..slices as usize {
-            // The first side alternates every slice and every round (on off, off on, …).
-            let first_on = (round + slice) % 2 == 0;
-            for on in [first_on, !first_on] {
-                churn_slice(
-                    &mut sw,
-                    &client,
-                    collector.pid(),
-                    on,
-                    (plan.slice_warmup, slice_time),
-                    &mut sides[usize::from(on)],
-                )?;
-                if let Ok(Some(status)) = collector.try_status() {
-                    bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
-                }
-            }
-        }
-        // What the agent read from the ring and batched for OTLP in the last second, and the
-        // last connection lines.
-        std::thread::sleep(Duration::from_millis(1500));
-        sw.drain(Duration::from_millis(200));
-        let after = Exported::read(&node)?;
-        let delta = Exported {
-            opened: after.opened - before.opened,
-            otlp_exported: after.otlp_exported - before.otlp_exported,
-            otlp_dropped: after.otlp_dropped - before.otlp_dropped,
-        };
-        record_round(s, &sides, &delta, sw.access_lines - lines_before)?;
-        let [off, on] = sides;
-        let ratio = on.per_s() / off.per_s();
-        s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
-        // What "on" costs in CPU per connection: the agent's extra and the collector's.
-        let cpu =
-            on.agent_cpu_us / on.made - off.agent_cpu_us / off.made + on.collector_cpu_us / on.made;
-        s.push("datapath_telemetry_cpu_us_per_conn", cpu);
-        println!(
-            "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}; agent CPU µs/conn on {:.2} off {:.2}, collector {:.2}",
-            round + 1,
-            plan.rounds,
-            on.per_s(),
-            off.per_s(),
-            on.agent_cpu_us / on.made,
-            off.agent_cpu_us / off.made,
-            on.collector_cpu_us / on.made
-        );
+        churn_round(&mut sw, &client, &mut collector, plan, round, s)?;
     }
     sw.agent.terminate(Duration::from_secs(10))?;
     drop(servers);

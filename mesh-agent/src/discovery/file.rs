@@ -414,10 +414,13 @@ fn parse_all(
     }
     let rejected = apply_policies(&chk, &doc.policies, &mut model)?;
     apply_mesh(&chk, &doc, &mut model)?;
-    let telemetry = doc.telemetry.as_ref().map_or(Ok(Default::default()), |t| {
-        crate::telemetry::switch::parse(&t.value)
-            .map_err(|(field, reason)| chk.err(t, field, reason))
-    })?;
+    let telemetry =
+        doc.telemetry
+            .as_ref()
+            .map_or(Ok(crate::telemetry::switch::Setting::default()), |t| {
+                crate::telemetry::switch::parse(&t.value)
+                    .map_err(|(field, reason)| chk.err(t, field, reason))
+            })?;
     Ok((model, rejected, telemetry))
 }
 
