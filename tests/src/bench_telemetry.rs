@@ -9,8 +9,9 @@
 //!   switched live by the static file's `telemetry:` section (`mesh_agent::telemetry::switch`,
 //!   as an Istio user flips a `Telemetry` resource), not by restarting it. Each round
 //!   interleaves `slices` short slices per side (`seconds` split among them; 4 × 2 s by
-//!   default), each after the switch and a 0.5 s warm-up that is not counted, the first side
-//!   alternating every slice and every round (on off, off on, …, as the CRR bench's
+//!   default), each after the switch and a 1 s warm-up that is not counted (≥ the OTLP
+//!   batch time, so an "on" slice's last export is not charged to the next "off" one), the
+//!   first side alternating every slice and every round (on off, off on, …, as the CRR bench's
 //!   `crr_interleaved`); connections and seconds are summed per side, the round's ratio is
 //!   on ÷ off connections per second, and the reported ratio is the median over rounds. Slow
 //!   drifts of a shared VM then land on both sides alike (session 19's sequential blocks, an
@@ -102,7 +103,9 @@ impl Plan {
             seconds: if quick { 2 } else { 8 },
             warmup: Duration::from_secs(1),
             slices: if quick { 2 } else { 4 },
-            slice_warmup: Duration::from_millis(500),
+            // At least the OTLP exporter's batch time (1 s): an "on" slice's last batch is sent
+            // (and received) before the next "off" slice is measured, not charged to it.
+            slice_warmup: Duration::from_secs(1),
             services: if quick { 1_000 } else { 10_000 },
             wrk_connections: 50,
             wrk_threads: 2,
