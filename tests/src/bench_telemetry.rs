@@ -5,9 +5,21 @@
 //!   the server closes first) from a client pod through a service VIP of the real agent's kernel
 //!   programs, with the agent's telemetry on (metrics on :15020 scraped every second, the JSON
 //!   access log on stdout, OTLP logs to a real `rotel-agent` collector) against off (metrics
-//!   `none`, no access log, no OTLP). The agent is restarted between runs with the other
-//!   settings (pinned programs and maps stay: a hitless restart); on and off alternate, the
-//!   first of each round rotating, and the reported ratio is the median of the per-round ratios.
+//!   not scraped, no access log, no OTLP export). One agent runs the whole part; its telemetry is
+//!   switched live by the static file's `telemetry:` section (`mesh_agent::telemetry::switch`,
+//!   as an Istio user flips a `Telemetry` resource), not by restarting it. Each round
+//!   interleaves `slices` short slices per side (`seconds` split among them; 4 × 2 s by
+//!   default), each after the switch and a 1 s warm-up that is not counted (≥ the OTLP
+//!   batch time, so an "on" slice's last export is not charged to the next "off" one), the
+//!   first side alternating every slice and every round (on off, off on, …, as the CRR bench's
+//!   `crr_interleaved`); connections and seconds are summed per side, the round's ratio is
+//!   on ÷ off connections per second, and the reported ratio is the median over rounds. Slow
+//!   drifts of a shared VM then land on both sides alike (session 19's sequential blocks, an
+//!   agent restart and warm-up each, swung 0.889–1.055 per round). Each round checks that
+//!   "on" really was on and "off" off: `istio_tcp_connections_opened_total` grew by every
+//!   connection, and the OTLP records exported and the connection lines on stdout match the
+//!   "on" slices' connections (not the "off" ones'). CPU µs per connection, agent (on, off)
+//!   and collector, is summed over the same slices.
 //! - **Gateway**: HTTP/1.1 keep-alive (wrk) through `mesh-agent gateway` in front of one nginx
 //!   backend, one gateway process with its telemetry on (metrics scraped every second, access
 //!   log, OTLP traces at the default 1 % sampling) and one with it off, alternating per round.
@@ -73,6 +85,10 @@ pub struct Plan {
     /// Measured seconds of one churn or wrk run (after `warmup`, not counted).
     pub seconds: u32,
     pub warmup: Duration,
+    /// Data path: on/off slices per side and round (`seconds` split among them), and the
+    /// churn before each slice's measured time (after the switch).
+    pub slices: u32,
+    pub slice_warmup: Duration,
     /// Services of the scrape model.
     pub services: usize,
     pub wrk_connections: u32,
@@ -86,6 +102,10 @@ impl Plan {
             rounds: if quick { 1 } else { 5 },
             seconds: if quick { 2 } else { 8 },
             warmup: Duration::from_secs(1),
+            slices: if quick { 2 } else { 4 },
+            // At least the OTLP exporter's batch time (1 s): an "on" slice's last batch is sent
+            // (and received) before the next "off" slice is measured, not charged to it.
+            slice_warmup: Duration::from_secs(1),
             services: if quick { 1_000 } else { 10_000 },
             wrk_connections: 50,
             wrk_threads: 2,
@@ -278,64 +298,125 @@ fn churn_model(client: &PodHandle, backends: &[PodHandle]) -> String {
     y
 }
 
-/// One agent run: started with telemetry `on` or off, warmed up, churned, stopped. Returns
-/// connections per second and, when on, the scrape's `istio_tcp_connections_opened_total`,
-/// the OTLP records exported and the scrapes made.
-struct ChurnRun {
-    per_s: f64,
+/// The file's `telemetry:` section for a slice (the agent's live switch).
+fn telemetry_section(on: bool) -> String {
+    format!("telemetry: {{ accessLog: {on}, otlpLogs: {on} }}\n")
+}
+
+/// The agent's counters that prove "on" really exported, read from one scrape.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
     opened: f64,
     otlp_exported: f64,
     otlp_dropped: f64,
-    scrapes: u64,
-    access_lines: u64,
-    /// CPU time the agent used per connection while the client churned (warm-up included in
-    /// both), µs: less noisy than the throughput on a shared machine.
-    agent_cpu_us_per_conn: f64,
-    /// The same for the OTLP collector (it receives only from the "on" agent).
-    collector_cpu_us_per_conn: f64,
 }
 
-fn churn_run(
-    node: &NodeHandle,
+impl Counters {
+    fn read(node: &NodeHandle) -> Result<Self> {
+        let addr = format!("{}:{METRICS_PORT}", node.ipv4());
+        let (code, text) = node
+            .run(move || http_get(&addr, "/metrics", "*/*"))?
+            .map_err(|e| anyhow::anyhow!("scraping the agent: {e}"))?;
+        ensure!(code == 200, "scrape answered {code}");
+        Ok(Self {
+            opened: metric(&text, "istio_tcp_connections_opened_total", &[]),
+            otlp_exported: metric(&text, "mesh_otlp_exported_total", &[("signal", "logs")]),
+            otlp_dropped: metric(&text, "mesh_otlp_dropped_total", &[("signal", "logs")]),
+        })
+    }
+}
+
+/// What one side (on or off) summed over a round's slices.
+#[derive(Clone, Copy, Debug, Default)]
+struct Side {
+    /// Measured connections and seconds (slice warm-ups excluded).
+    conns: u64,
+    secs: f64,
+    /// Connections made including the warm-ups (their rate taken as the slice's measured one),
+    /// and the agent's and the collector's CPU µs over the same time.
+    made: f64,
+    agent_cpu_us: f64,
+    collector_cpu_us: f64,
+    scrapes: u64,
+}
+
+impl Side {
+    fn per_s(&self) -> f64 {
+        self.conns as f64 / self.secs
+    }
+}
+
+/// The running agent of the data-path part and how to switch its telemetry.
+struct Switched<'a> {
+    node: &'a NodeHandle,
+    agent: AgentProcess,
+    config: &'a Path,
+    model: String,
+    /// "telemetry switched" lines the agent logged so far, and the setting in force.
+    switches: usize,
+    on: bool,
+    access_lines: u64,
+}
+
+impl Switched<'_> {
+    /// Rewrites the file with `on`'s section and waits until the agent applied it (its log);
+    /// nothing to do when it is in force already (the agent logs changes only).
+    fn switch(&mut self, on: bool) -> Result<()> {
+        if on == self.on {
+            return Ok(());
+        }
+        self.on = on;
+        write_atomically(
+            self.config,
+            &format!("{}{}", self.model, telemetry_section(on)),
+        )?;
+        let start = Instant::now();
+        loop {
+            let n = self.agent.stderr().matches("telemetry switched").count();
+            if n > self.switches {
+                self.switches = n;
+                return Ok(());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent did not switch telemetry {}: {}",
+                if on { "on" } else { "off" },
+                self.agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads the connection lines the agent wrote so far (waiting up to `wait` for more), so
+    /// its stdout never backs up.
+    fn drain(&mut self, wait: Duration) {
+        while self.agent.stdout_line(wait).is_ok() {
+            self.access_lines += 1;
+        }
+    }
+}
+
+/// One slice: telemetry switched to `on` (scraped every second while on), `warmup` of churn
+/// not counted, then `time` measured; added to `side`.
+fn churn_slice(
+    sw: &mut Switched<'_>,
     client: &PodHandle,
-    files: (&Path, &Path, &Path),
     collector_pid: u32,
     on: bool,
-    plan: &Plan,
-) -> Result<ChurnRun> {
-    let (config, pins, socket) = files;
-    let mut agent = AgentProcess::new(
-        node.clone(),
-        config.to_owned(),
-        pins.to_owned(),
-        socket.to_owned(),
-    );
-    "warn".clone_into(&mut agent.log_filter);
-    let env = |k: &str, v: String| (k.to_owned(), v);
-    agent.env = if on {
-        vec![
-            env("MESH_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
-            env("MESH_ACCESS_LOG", "true".into()),
-            env("MESH_OTLP_ENDPOINT", format!("http://{NODE_COLLECTOR}")),
-        ]
-    } else {
-        vec![
-            env("MESH_METRICS_ADDR", "none".into()),
-            env("MESH_ACCESS_LOG", "false".into()),
-        ]
-    };
-    agent.start()?;
-    let metrics = format!("{}:{METRICS_PORT}", node.ipv4());
+    (warmup, time): (Duration, Duration),
+    side: &mut Side,
+) -> Result<()> {
+    sw.switch(on)?;
     let scraper = on.then(|| {
-        let (node, addr) = (node.clone(), metrics.clone());
+        let node = sw.node.clone();
+        let addr = format!("{}:{METRICS_PORT}", node.ipv4());
         Scraper::start(move || {
             let addr = addr.clone();
             node.run(move || http_get(&addr, "/metrics", "*/*").is_ok_and(|(c, _)| c == 200))
                 .unwrap_or(false)
         })
     });
-    let (warmup, time) = (plan.warmup, Duration::from_secs(plan.seconds.into()));
-    let agent_pid = agent.pid().context("the agent has no pid")?;
+    let agent_pid = sw.agent.pid().context("the agent has no pid")?;
     let cpu = || -> Result<(f64, f64)> {
         Ok((
             crate::bench_mtls::cpu_us(agent_pid)?,
@@ -347,76 +428,134 @@ fn churn_run(
         .run_timeout(time + warmup + Duration::from_mins(1), move || {
             churn(CHURN_VIP, warmup, time)
         })?;
-    let (n, secs) = r.map_err(|e| anyhow::anyhow!("churn from {}: {e}", client.name()))?;
-    let scrape_count = scraper.map_or(0, Scraper::finish);
-    if on {
-        // What the agent read from the ring and batched for OTLP in the last second.
-        std::thread::sleep(Duration::from_millis(1500));
-    }
     let after = cpu()?;
-    // Connections made, warm-up included (its rate taken as the measured one's).
-    let made = n as f64 * (secs + warmup.as_secs_f64()) / secs;
-    let mut run = ChurnRun {
-        per_s: n as f64 / secs,
-        opened: 0.0,
-        otlp_exported: 0.0,
-        otlp_dropped: 0.0,
-        scrapes: scrape_count,
-        access_lines: 0,
-        agent_cpu_us_per_conn: (after.0 - before.0) / made,
-        collector_cpu_us_per_conn: (after.1 - before.1) / made,
-    };
-    if on {
-        let addr = metrics.clone();
-        let (code, text) = node
-            .run(move || http_get(&addr, "/metrics", "*/*"))?
-            .map_err(|e| anyhow::anyhow!("scraping the agent: {e}"))?;
-        ensure!(code == 200, "scrape answered {code}");
-        run.opened = metric(&text, "istio_tcp_connections_opened_total", &[]);
-        run.otlp_exported = metric(&text, "mesh_otlp_exported_total", &[("signal", "logs")]);
-        run.otlp_dropped = metric(&text, "mesh_otlp_dropped_total", &[("signal", "logs")]);
-        if std::env::var_os("MESH_BENCH_DEBUG").is_some() {
-            eprintln!("agent log:\n{}", agent.stderr());
-        }
-        while agent.stdout_line(Duration::from_millis(200)).is_ok() {
-            run.access_lines += 1;
-        }
-    }
-    agent.terminate(Duration::from_secs(10))?;
-    Ok(run)
+    let (n, secs) = r.map_err(|e| anyhow::anyhow!("churn from {}: {e}", client.name()))?;
+    side.scrapes += scraper.map_or(0, Scraper::finish);
+    side.conns += n;
+    side.secs += secs;
+    side.made += n as f64 * (secs + warmup.as_secs_f64()) / secs;
+    side.agent_cpu_us += after.0 - before.0;
+    side.collector_cpu_us += after.1 - before.1;
+    // Between slices, not while measuring.
+    sw.drain(Duration::ZERO);
+    Ok(())
 }
 
-/// Checks that an "on" run really had telemetry on, and keeps its samples.
-fn record_churn_run(s: &mut Samples, r: &ChurnRun, on: bool, plan: &Plan) -> Result<()> {
-    let name = if on { "on" } else { "off" };
-    s.push(format!("datapath_conn_per_s_{name}"), r.per_s);
-    s.push(
-        format!("datapath_agent_cpu_us_per_conn_{name}"),
-        r.agent_cpu_us_per_conn,
-    );
-    if !on {
-        return Ok(());
+/// Checks that a round's "on" slices really had telemetry on (and "off" ones off), and keeps
+/// its samples.
+fn record_round(
+    s: &mut Samples,
+    sides: &[Side; 2],
+    delta: &Counters,
+    access_lines: u64,
+) -> Result<()> {
+    let [off, on] = sides;
+    for (side, name) in [(off, "off"), (on, "on")] {
+        s.push(format!("datapath_conn_per_s_{name}"), side.per_s());
+        s.push(
+            format!("datapath_agent_cpu_us_per_conn_{name}"),
+            side.agent_cpu_us / side.made,
+        );
     }
-    let made = r.per_s * f64::from(plan.seconds);
-    // Every measured connection (and the warm-up's) is in the metrics: telemetry really was on.
+    // Counted exactly (warm-ups come on top): the lower bounds.
+    let measured = (off.conns + on.conns) as f64;
+    // The metrics count every flow whatever the switch says: nothing was missed.
     ensure!(
-        r.opened >= made * 0.99,
-        "telemetry on, yet istio_tcp_connections_opened_total = {} < {made:.0} connections made",
-        r.opened
+        delta.opened >= measured,
+        "istio_tcp_connections_opened_total grew by {} < {measured} connections measured",
+        delta.opened
+    );
+    // The export followed the switch: the "on" slices' connections, not the "off" ones' (the
+    // few a switch catches between the ring and the observer aside).
+    let sent = delta.otlp_exported + delta.otlp_dropped;
+    let on_measured = on.conns as f64;
+    ensure!(
+        sent >= on_measured * 0.98 && sent <= on.made * 1.05 + 500.0,
+        "telemetry on for {:.0} connections (off for {:.0}), yet {sent} OTLP log records",
+        on.made,
+        off.made
     );
     ensure!(
-        r.otlp_exported > 0.0,
+        delta.otlp_exported > 0.0,
         "telemetry on, yet the collector accepted no OTLP log record"
+    );
+    ensure!(
+        access_lines as f64 >= on_measured * 0.98 && access_lines as f64 <= on.made * 1.05 + 500.0,
+        "telemetry on for {:.0} connections, yet {access_lines} connection lines",
+        on.made
     );
     s.push(
         "datapath_collector_cpu_us_per_conn_on",
-        r.collector_cpu_us_per_conn,
+        on.collector_cpu_us / on.made,
     );
-    s.push("datapath_on_istio_tcp_opened", r.opened);
-    s.push("datapath_on_otlp_logs_exported", r.otlp_exported);
-    s.push("datapath_on_otlp_logs_dropped", r.otlp_dropped);
-    s.push("datapath_on_access_lines", r.access_lines as f64);
-    s.push("datapath_on_scrapes", r.scrapes as f64);
+    // Both sides' connections (the metrics count every flow).
+    s.push("datapath_round_istio_tcp_opened", delta.opened);
+    s.push("datapath_on_otlp_logs_exported", delta.otlp_exported);
+    s.push("datapath_on_otlp_logs_dropped", delta.otlp_dropped);
+    s.push("datapath_on_access_lines", access_lines as f64);
+    s.push("datapath_on_scrapes", on.scrapes as f64);
+    Ok(())
+}
+
+/// One round: `plan.slices` slices per side, interleaved; checks and records it.
+fn churn_round(
+    sw: &mut Switched<'_>,
+    client: &PodHandle,
+    collector: &mut PodChild,
+    plan: &Plan,
+    round: usize,
+    s: &mut Samples,
+) -> Result<()> {
+    let slices = plan.slices.max(1);
+    let slice_time = Duration::from_secs(plan.seconds.into()) / slices;
+    let mut sides = [Side::default(); 2];
+    let before = Counters::read(sw.node)?;
+    let lines_before = sw.access_lines;
+    for slice in 0..slices as usize {
+        // The first side alternates every slice and every round (on off, off on, …).
+        let first_on = (round + slice).is_multiple_of(2);
+        for on in [first_on, !first_on] {
+            churn_slice(
+                sw,
+                client,
+                collector.pid(),
+                on,
+                (plan.slice_warmup, slice_time),
+                &mut sides[usize::from(on)],
+            )?;
+            if let Ok(Some(status)) = collector.try_status() {
+                bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
+            }
+        }
+    }
+    // What the agent read from the ring and batched for OTLP in the last second, and the
+    // last connection lines.
+    std::thread::sleep(Duration::from_millis(1500));
+    sw.drain(Duration::from_millis(200));
+    let after = Counters::read(sw.node)?;
+    let delta = Counters {
+        opened: after.opened - before.opened,
+        otlp_exported: after.otlp_exported - before.otlp_exported,
+        otlp_dropped: after.otlp_dropped - before.otlp_dropped,
+    };
+    record_round(s, &sides, &delta, sw.access_lines - lines_before)?;
+    let [off, on] = sides;
+    let ratio = on.per_s() / off.per_s();
+    s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
+    // What "on" costs in CPU per connection: the agent's extra and the collector's.
+    let cpu =
+        on.agent_cpu_us / on.made - off.agent_cpu_us / off.made + on.collector_cpu_us / on.made;
+    s.push("datapath_telemetry_cpu_us_per_conn", cpu);
+    println!(
+        "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}; agent CPU µs/conn on {:.2} off {:.2}, collector {:.2}",
+        round + 1,
+        plan.rounds,
+        on.per_s(),
+        off.per_s(),
+        on.agent_cpu_us / on.made,
+        off.agent_cpu_us / off.made,
+        on.collector_cpu_us / on.made
+    );
     Ok(())
 }
 
@@ -427,11 +566,14 @@ fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resu
         "the data-path part runs `mesh-bench serve` in the backends: run it from mesh-bench"
     );
     let rotel = rotel_agent()?;
+    let slices = plan.slices.max(1);
+    let slice_time = Duration::from_secs(plan.seconds.into()) / slices;
     println!(
-        "\n== data path: connection churn through {CHURN_VIP}, agent telemetry on vs off ({} rounds × {} s + {:.0} s warm-up)",
+        "\n== data path: connection churn through {CHURN_VIP}, agent telemetry on vs off ({} rounds × {} s per side in {slices} interleaved slices of {:.1} s + {:.1} s warm-up)",
         plan.rounds,
         plan.seconds,
-        plan.warmup.as_secs_f64()
+        slice_time.as_secs_f64(),
+        plan.slice_warmup.as_secs_f64()
     );
     let cluster = Cluster::new("bench-telemetry")?;
     let node = cluster.add_node("a")?;
@@ -461,51 +603,51 @@ fn datapath(plan: &Plan, s: &mut Samples, m: &mut BTreeMap<String, f64>) -> Resu
     let work = std::env::temp_dir().join(cluster.prefix());
     std::fs::create_dir_all(&work)?;
     let config = work.join("mesh.yaml");
-    write_atomically(&config, &churn_model(&client, &backends))?;
+    let model = churn_model(&client, &backends);
+    write_atomically(&config, &format!("{model}{}", telemetry_section(false)))?;
     let pins = cluster.bpffs_dir()?.join("a");
-    let socket = work.join("admin.sock");
-    let files = (config.as_path(), pins.as_path(), socket.as_path());
+    // One agent for the whole part, started with everything "on" can need (metrics endpoint,
+    // connection log, OTLP collector); the file's section switches the log and the export
+    // live, and "off" slices are not scraped.
+    let mut agent = AgentProcess::new(node.clone(), config.clone(), pins, work.join("admin.sock"));
+    "warn,mesh_agent::telemetry::switch=info".clone_into(&mut agent.log_filter);
+    let env = |k: &str, v: String| (k.to_owned(), v);
+    agent.env = vec![
+        env("MESH_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+        env("MESH_ACCESS_LOG", "true".into()),
+        env("MESH_OTLP_ENDPOINT", format!("http://{NODE_COLLECTOR}")),
+    ];
+    agent.start()?;
+    let mut sw = Switched {
+        node: &node,
+        agent,
+        config: &config,
+        model,
+        switches: 0,
+        on: false,
+        access_lines: 0,
+    };
+    // The start's own switch (the flags' "on" → the file's "off") is in the log, or comes.
+    let start = Instant::now();
+    while sw.agent.stderr().matches("telemetry switched").count() == 0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent did not apply the file's telemetry section: {}",
+            sw.agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sw.switches = 1;
 
     for round in 0..plan.rounds {
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        let mut per_s = [0.0; 2];
-        // Agent off, agent on, collector (µs of CPU per connection).
-        let mut cpu = [0.0; 3];
-        for on in order {
-            let r = churn_run(&node, &client, files, collector.pid(), on, plan)?;
-            if let Ok(Some(status)) = collector.try_status() {
-                bail!("rotel-agent exited ({status}): {}", collector.stderr_text());
-            }
-            per_s[usize::from(on)] = r.per_s;
-            cpu[usize::from(on)] = r.agent_cpu_us_per_conn;
-            if on {
-                cpu[2] = r.collector_cpu_us_per_conn;
-            }
-            record_churn_run(s, &r, on, plan)?;
-        }
-        let ratio = per_s[1] / per_s[0];
-        s.push("throughput_ratio_telemetry_on_vs_off_datapath", ratio);
-        // What "on" costs in CPU per connection: the agent's extra and the collector's.
-        s.push(
-            "datapath_telemetry_cpu_us_per_conn",
-            cpu[1] - cpu[0] + cpu[2],
-        );
-        println!(
-            "round {}/{}: on {:.0} conn/s, off {:.0} conn/s, ratio {ratio:.3}",
-            round + 1,
-            plan.rounds,
-            per_s[1],
-            per_s[0]
-        );
+        churn_round(&mut sw, &client, &mut collector, plan, round, s)?;
     }
+    sw.agent.terminate(Duration::from_secs(10))?;
     drop(servers);
     collector.kill();
     let _ = std::fs::remove_dir_all(&work);
     m.insert("datapath_churn_seconds".into(), f64::from(plan.seconds));
+    m.insert("datapath_slices".into(), f64::from(slices));
     Ok(())
 }
 

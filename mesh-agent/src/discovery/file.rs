@@ -44,6 +44,7 @@
 //!       targetRefs: [{ group: "", kind: Service, name: web }]
 //!       loadBalancer: { simple: ROUND_ROBIN }
 //!       outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 30s }
+//! telemetry: { accessLog: true, otlpLogs: false }   # live switch (`telemetry::switch`)
 //! ```
 //!
 //! Services take `labels:` too (`kernmesh.io/dataplane-mode: none` opts a service out).
@@ -131,6 +132,9 @@ struct FileDoc {
     /// `PeerAuthentication` objects, judged by [`authz::parse_peer_authentication`].
     #[serde(default)]
     peer_authentications: Vec<Spanned<serde_json::Value>>,
+    /// The live telemetry switch ([`crate::telemetry::switch`]).
+    #[serde(default)]
+    telemetry: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +305,22 @@ pub fn parse_full(
     text: &str,
     node: Option<&str>,
 ) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
+    parse_all(file, text, node).map(|(model, rejected, _)| (model, rejected))
+}
+
+/// [`parse_full`], plus the file's telemetry switch (absent: the default).
+fn parse_all(
+    file: &Path,
+    text: &str,
+    node: Option<&str>,
+) -> Result<
+    (
+        ClusterModel,
+        Vec<ConfigError>,
+        crate::telemetry::switch::Setting,
+    ),
+    ConfigError,
+> {
     // The parser's default budget (250,000 nodes) protects against hostile input; a cluster
     // model is trusted operator input and 10,000 services with their endpoints need more.
     let options = serde_saphyr::options! {
@@ -394,7 +414,14 @@ pub fn parse_full(
     }
     let rejected = apply_policies(&chk, &doc.policies, &mut model)?;
     apply_mesh(&chk, &doc, &mut model)?;
-    Ok((model, rejected))
+    let telemetry =
+        doc.telemetry
+            .as_ref()
+            .map_or(Ok(crate::telemetry::switch::Setting::default()), |t| {
+                crate::telemetry::switch::parse(&t.value)
+                    .map_err(|(field, reason)| chk.err(t, field, reason))
+            })?;
+    Ok((model, rejected, telemetry))
 }
 
 /// Parses the `policies:` list with the one policy parser, resolves it onto the services and
@@ -649,7 +676,7 @@ pub fn load_full(
     path: &Path,
     node: Option<&str>,
 ) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
-    parse_read(path, std::fs::read(path), node)
+    parse_read(path, std::fs::read(path), node).map(|(model, rejected, _)| (model, rejected))
 }
 
 /// Parses what reading `path` gave: its bytes as UTF-8 text, or the read's error as the file's.
@@ -657,7 +684,14 @@ fn parse_read(
     path: &Path,
     bytes: std::io::Result<Vec<u8>>,
     node: Option<&str>,
-) -> Result<(ClusterModel, Vec<ConfigError>), ConfigError> {
+) -> Result<
+    (
+        ClusterModel,
+        Vec<ConfigError>,
+        crate::telemetry::switch::Setting,
+    ),
+    ConfigError,
+> {
     let text = bytes
         .and_then(|b| {
             String::from_utf8(b)
@@ -670,7 +704,7 @@ fn parse_read(
             field: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
-    parse_full(path, &text, node)
+    parse_all(path, &text, node)
 }
 
 /// What identifies one version of the file without reading it: device, inode, size, and
@@ -779,7 +813,8 @@ async fn watch_counting(
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let sent = match loaded {
-            Ok((model, rejected)) => {
+            Ok((model, rejected, telemetry)) => {
+                crate::telemetry::switch::apply(&path, telemetry);
                 info!(file = %path.display(), services = model.services.len(), policies = model.policies.policies.len(), "static model loaded");
                 // The model first: accepting it clears the file's rejection, these set it again.
                 let mut sent = updates.send(Update::Model(model)).await.is_ok();

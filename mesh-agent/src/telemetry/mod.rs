@@ -20,6 +20,7 @@ pub mod otlp;
 pub mod process;
 pub mod requests;
 pub mod server;
+pub mod switch;
 pub mod tcp;
 pub mod traces;
 
@@ -104,12 +105,16 @@ pub fn start(shared: &Arc<Shared>) {
         otlp = ?shared.config.telemetry.otlp_endpoint,
         "telemetry started"
     );
+    // The flags are the defaults the static file's `telemetry:` section switches live; both
+    // outputs exist from the start (an idle buffer and exporter cost nothing), so a switch
+    // never builds or tears one down and never loses what either holds.
+    switch::init(access_log, otlp.is_some());
     shared.flows.set_observer(Box::new(FlowTelemetry {
         // The stores, not `Shared`: the hub `Shared` holds must not hold `Shared` back.
         stores: Arc::clone(&shared.stores),
         telemetry,
         // The observer's own buffer: its lines are written in the order the flows arrived.
-        access: access_log.then(|| crate::logging::access_sink().buffer()),
+        access: crate::logging::access_sink().buffer(),
         otlp,
         object: Vec::new(),
     }));
@@ -122,7 +127,7 @@ pub fn start(shared: &Arc<Shared>) {
 struct FlowTelemetry {
     stores: Arc<crate::state::Stores>,
     telemetry: &'static Telemetry,
-    access: Option<Arc<crate::logging::AccessBuffer>>,
+    access: Arc<crate::logging::AccessBuffer>,
     otlp: Option<otlp::OtlpLogs>,
     /// The record being formatted (its room reused for every connection).
     object: Vec<u8>,
@@ -131,18 +136,21 @@ struct FlowTelemetry {
 impl crate::flows::FlowObserver for FlowTelemetry {
     fn observe(&mut self, flows: &[crate::flows::FlowRecord]) {
         let snapshot = self.stores.snapshot.load();
+        // Read once per batch: a switch takes effect from the next batch read from the ring.
+        let access = switch::access_log();
+        let otlp = self.otlp.as_ref().filter(|_| switch::otlp_logs());
         for flow in flows {
             let destination = tcp::destination_pod(flow, &snapshot);
             self.telemetry.tcp.observe(flow, destination.as_ref());
-            if (self.access.is_none() && self.otlp.is_none()) || !access_log::finishes(flow) {
+            if (!access && otlp.is_none()) || !access_log::finishes(flow) {
                 continue;
             }
             self.object.clear();
             access_log::object(&mut self.object, flow, destination.as_deref(), &snapshot);
-            if let Some(out) = &self.access {
-                out.line_object(&self.object);
+            if access {
+                self.access.line_object(&self.object);
             }
-            if let Some(otlp) = &self.otlp {
+            if let Some(otlp) = otlp {
                 otlp.record(flow, &self.object);
             }
         }
