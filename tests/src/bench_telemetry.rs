@@ -170,8 +170,9 @@ pub fn run(plan: &Plan, parts: &[Part]) -> Result<(BTreeMap<String, f64>, Sample
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
 
-/// `rotel-agent`, shipped inside the `rotel` Python package (`cargo xtask install-deps`).
-fn rotel_agent() -> Result<String> {
+/// `rotel-agent`, shipped inside the `rotel` Python package (`cargo xtask install-deps`); the
+/// telemetry tests start the same collector.
+pub fn rotel_agent() -> Result<String> {
     let out = Command::new("python3")
         .args([
             "-c",

@@ -18,17 +18,8 @@ const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20))
 const CONNECTIONS: u32 = 5;
 const COLLECTOR: &str = "127.0.0.1:4317";
 
-/// `rotel-agent`, shipped inside the `rotel` Python package (`cargo xtask install-deps`).
-fn rotel_agent() -> Option<String> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
-        ])
-        .output()
-        .ok()?;
-    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (out.status.success() && std::path::Path::new(&path).is_file()).then_some(path)
+fn rotel_agent() -> String {
+    mesh_tests::bench_telemetry::rotel_agent().expect("rotel-agent")
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
@@ -76,7 +67,7 @@ fn connection_logs_reach_a_real_otlp_collector() {
     let Some(_k) = mesh_tests::kernel_test("telemetry_otlp") else {
         return;
     };
-    let rotel = rotel_agent().expect("rotel-agent (python3 -m pip install rotel)");
+    let rotel = rotel_agent();
     let cluster = Cluster::new("telemetry_otlp").unwrap();
     let node = cluster.add_node("a").unwrap();
     let client = cluster.add_pod(&node, "client").unwrap();
@@ -247,9 +238,7 @@ fn spans_keep_their_parent_links_from_gateway_through_tunnel_to_destination() {
         traces::{Kind, TraceContext, Tracer, start_span},
     };
     use std::sync::{Arc, atomic::Ordering};
-    let Some(rotel) = rotel_agent() else {
-        panic!("rotel-agent (python3 -m pip install rotel)");
-    };
+    let rotel = rotel_agent();
     let port = collector_port();
     let grpc = format!("127.0.0.1:{port}");
     let (mut collector, printed) = spawn_host_collector(&rotel, port);

@@ -9,7 +9,6 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -22,17 +21,8 @@ use mesh_tests::{
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 21)), 80);
 const COLLECTOR: &str = "127.0.0.1:4317";
 
-/// `rotel-agent`, shipped inside the `rotel` Python package (`cargo xtask install-deps`).
-fn rotel_agent() -> Option<String> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
-        ])
-        .output()
-        .ok()?;
-    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (out.status.success() && std::path::Path::new(&path).is_file()).then_some(path)
+fn rotel_agent() -> String {
+    mesh_tests::bench_telemetry::rotel_agent().expect("rotel-agent")
 }
 
 fn scrape(node: &NodeHandle) -> String {
@@ -161,7 +151,7 @@ fn connection_log_and_otlp_export_switch_live_from_the_file() {
     let Some(_k) = mesh_tests::kernel_test("telemetry_switch") else {
         return;
     };
-    let rotel = rotel_agent().expect("rotel-agent (python3 -m pip install rotel)");
+    let rotel = rotel_agent();
     let cluster = Cluster::new("telemetry_switch").unwrap();
     let node = cluster.add_node("a").unwrap();
     let client = cluster.add_pod(&node, "client").unwrap();

@@ -308,19 +308,15 @@ pub fn parse_full(
     parse_all(file, text, node).map(|(model, rejected, _)| (model, rejected))
 }
 
+/// A parsed file: its model, the policies it rejected, and its telemetry switch.
+type Parsed = (
+    ClusterModel,
+    Vec<ConfigError>,
+    crate::telemetry::switch::Setting,
+);
+
 /// [`parse_full`], plus the file's telemetry switch (absent: the default).
-fn parse_all(
-    file: &Path,
-    text: &str,
-    node: Option<&str>,
-) -> Result<
-    (
-        ClusterModel,
-        Vec<ConfigError>,
-        crate::telemetry::switch::Setting,
-    ),
-    ConfigError,
-> {
+fn parse_all(file: &Path, text: &str, node: Option<&str>) -> Result<Parsed, ConfigError> {
     // The parser's default budget (250,000 nodes) protects against hostile input; a cluster
     // model is trusted operator input and 10,000 services with their endpoints need more.
     let options = serde_saphyr::options! {
@@ -684,14 +680,7 @@ fn parse_read(
     path: &Path,
     bytes: std::io::Result<Vec<u8>>,
     node: Option<&str>,
-) -> Result<
-    (
-        ClusterModel,
-        Vec<ConfigError>,
-        crate::telemetry::switch::Setting,
-    ),
-    ConfigError,
-> {
+) -> Result<Parsed, ConfigError> {
     let text = bytes
         .and_then(|b| {
             String::from_utf8(b)
