@@ -1,6 +1,7 @@
-//! The gateway benchmark (`cargo xtask bench gateway`): `mesh-agent gateway`, nginx and `HAProxy`
-//! as equivalent reverse proxies in front of one backend, and the backend direct, measured with
-//! `wrk` (HTTP/1.1 keep-alive) and `h2load` (HTTP/2 over TLS, gRPC unary) in interleaved rounds.
+//! The gateway benchmark (`cargo xtask bench gateway`): `mesh-agent gateway`, nginx, `HAProxy` and
+//! `hyper-floor` (the smallest hyper reverse proxy) as equivalent reverse proxies in front of one
+//! backend, and the backend direct, measured with `wrk` (HTTP/1.1 keep-alive) and `h2load`
+//! (HTTP/2 over TLS, gRPC unary) in interleaved rounds, with each proxy's CPU per request.
 //!
 //! Everything runs on loopback addresses of the host (no namespaces, no eBPF: the gateway is a
 //! user-space proxy and so are the baselines). Each round runs every target once per protocol,
@@ -30,6 +31,8 @@ use hyper_util::{
     server::conn::auto,
 };
 
+use crate::agent::workspace_binary;
+use crate::bench_mtls::cpu_us_precise;
 use crate::gateway::{GatewayProcess, services_yaml};
 pub use crate::samples::Samples;
 
@@ -44,11 +47,12 @@ const GRPC_PORT: u16 = 9090;
 const GATEWAY_PORTS: (u16, u16) = (18_100, 18_143);
 const NGINX_PORTS: (u16, u16) = (18_200, 18_243);
 const HAPROXY_PORTS: (u16, u16) = (18_300, 18_343);
+const FLOOR_PORTS: (u16, u16) = (18_400, 18_443);
 /// The gRPC method h2load calls (routed by path prefix to the gRPC backend by every proxy).
 const GRPC_PATH: &str = "/bench.Bench/Unary";
 /// Body of the backend's HTTP answers.
 const BODY: &str = "hello from the backend\n";
-/// The certificate's name (SNI is sent by every client; all three proxies serve the same pair).
+/// The certificate's name (SNI is sent by every client; all the proxies serve the same pair).
 const HOST: &str = "bench.example.com";
 
 /// What a run measures.
@@ -85,10 +89,18 @@ enum Target {
     Gateway,
     Nginx,
     Haproxy,
+    /// `hyper-floor`: what hyper 1 + hyper-util + tokio-rustls cost with nothing of ours on top.
+    Floor,
 }
 
 impl Target {
-    const ALL: [Self; 4] = [Self::Direct, Self::Gateway, Self::Nginx, Self::Haproxy];
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Gateway,
+        Self::Nginx,
+        Self::Haproxy,
+        Self::Floor,
+    ];
 
     const fn name(self) -> &'static str {
         match self {
@@ -96,6 +108,7 @@ impl Target {
             Self::Gateway => "gateway",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
+            Self::Floor => "floor",
         }
     }
 
@@ -105,6 +118,7 @@ impl Target {
             Self::Gateway => format!("http://127.0.0.1:{}/", GATEWAY_PORTS.0),
             Self::Nginx => format!("http://127.0.0.1:{}/", NGINX_PORTS.0),
             Self::Haproxy => format!("http://127.0.0.1:{}/", HAPROXY_PORTS.0),
+            Self::Floor => format!("http://127.0.0.1:{}/", FLOOR_PORTS.0),
         }
     }
 
@@ -116,6 +130,7 @@ impl Target {
             Self::Gateway => ("127.0.0.1".to_owned(), GATEWAY_PORTS.1),
             Self::Nginx => ("127.0.0.1".to_owned(), NGINX_PORTS.1),
             Self::Haproxy => ("127.0.0.1".to_owned(), HAPROXY_PORTS.1),
+            Self::Floor => ("127.0.0.1".to_owned(), FLOOR_PORTS.1),
         }
     }
 }
@@ -129,6 +144,9 @@ pub(crate) struct LoadResult {
     /// Requests answered with anything but 2xx, plus socket errors.
     pub(crate) errors: u64,
     pub(crate) requests: u64,
+    /// CPU time the target's processes spent per request over the measured window
+    /// ([`with_cpu`]), where measured.
+    pub(crate) cpu_us_per_req: Option<f64>,
 }
 
 /// A child process (a proxy or server of a benchmark) stopped on drop: SIGTERM, then SIGKILL.
@@ -472,6 +490,9 @@ fn parse_wrk(text: &str) -> Result<LoadResult> {
     Ok(r)
 }
 
+/// Seconds h2load runs before it starts counting (connections, TLS, the proxies' pools).
+const H2LOAD_WARM_UP_S: u64 = 1;
+
 /// `h2load` over TLS (ALPN h2) against `host:port`, with SNI = [`HOST`]; `grpc` sends the gRPC
 /// body to [`GRPC_PATH`].
 fn h2load(
@@ -489,7 +510,7 @@ fn h2load(
         .args(["-m", &plan.h2_streams.to_string()])
         .args(["-t", "1"])
         .args(["-D", &seconds.to_string()])
-        .args(["--warm-up-time", "1"]);
+        .args(["--warm-up-time", &H2LOAD_WARM_UP_S.to_string()]);
     if let Some(body) = grpc_body {
         cmd.arg("-d")
             .arg(body)
@@ -554,6 +575,63 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// A process and its children (nginx's workers; `HAProxy`, the gateway and the floor are one
+/// process each): whose CPU is the target's.
+fn process_group(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        if parse_ppid(&stat) == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+/// The parent's pid from `/proc/PID/stat` (`pid (comm) state ppid …`; `comm` may hold spaces
+/// and parentheses, so the fields are counted after the last `)`).
+fn parse_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time so far of these processes' threads, in microseconds (the scheduler's account).
+fn group_cpu_us(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|&p| cpu_us_precise(p)).sum()
+}
+
+/// Runs `load` and sets its CPU per request: the CPU `pids` spent from `skip` after the start
+/// (h2load's uncounted warm-up) to the end, over the requests the rate counts in `seconds`.
+/// CPU time does not depend on how busy the machine is, as rates do.
+fn with_cpu(
+    pids: &[u32],
+    skip: Duration,
+    seconds: u32,
+    load: impl FnOnce() -> Result<LoadResult>,
+) -> Result<LoadResult> {
+    let owned = pids.to_vec();
+    let start = std::thread::spawn(move || {
+        std::thread::sleep(skip);
+        group_cpu_us(&owned)
+    });
+    let mut res = load()?;
+    let end = group_cpu_us(pids)?;
+    let start = start
+        .join()
+        .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))??;
+    let requests = res.rps * f64::from(seconds);
+    res.cpu_us_per_req = (requests > 0.0).then(|| (end - start) / requests);
+    Ok(res)
+}
+
 /// Samples the gateway's RSS every 50 ms while a load runs; returns the peak.
 struct RssSampler {
     stop: Arc<AtomicBool>,
@@ -591,12 +669,37 @@ pub const GOALS: [(&str, bool, f64); 6] = [
     ("rps_ratio_vs_direct_http1", false, 0.65),
 ];
 
+/// `hyper-floor` with the bench's certificate, in front of the same backends, 2 workers.
+fn spawn_floor(dir: &Path, log: &Path) -> Result<Proc> {
+    let addr = |(ip, port): (&str, u16)| format!("{ip}:{port}");
+    Proc::spawn(
+        "hyper-floor",
+        Command::new(workspace_binary("hyper-floor")?)
+            .arg("--http")
+            .arg(addr(("127.0.0.1", FLOOR_PORTS.0)))
+            .arg("--tls")
+            .arg(addr(("127.0.0.1", FLOOR_PORTS.1)))
+            .arg("--cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"))
+            .arg("--backend")
+            .arg(addr((WEB_IP, WEB_PORT)))
+            .arg("--grpc-backend")
+            .arg(addr((GRPC_IP, GRPC_PORT)))
+            .args(["--grpc-prefix", "/bench.Bench/", "--workers", "2"]),
+        log,
+    )
+}
+
 /// Everything the run started; dropped (killed) at the end.
 struct Rig {
     dir: PathBuf,
     grpc_body: PathBuf,
     gateway: GatewayProcess,
     procs: Vec<(Proc, PathBuf)>,
+    /// Each target's processes (direct: the nginx backend's), whose CPU is measured.
+    cpu_pids: BTreeMap<Target, Vec<u32>>,
     grpc_hits: Arc<AtomicU64>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -621,6 +724,7 @@ impl Rig {
         runtime.spawn(grpc_backend(listener, grpc_hits.clone()));
 
         let mut procs = Vec::new();
+        let mut main_pids = BTreeMap::new();
         for (name, conf) in [
             ("nginx (backend)", nginx_backend_conf(&dir)),
             ("nginx (proxy)", nginx_proxy_conf(&dir)),
@@ -643,6 +747,12 @@ impl Rig {
                     .args(["-g", "daemon off;"]),
                 &log,
             )?;
+            let target = if stem == "nginx-backend" {
+                Target::Direct
+            } else {
+                Target::Nginx
+            };
+            main_pids.insert(target, p.child.id());
             procs.push((p, log));
         }
         let conf_path = dir.join("haproxy.cfg");
@@ -653,6 +763,12 @@ impl Rig {
             Command::new("haproxy").arg("-db").arg("-f").arg(&conf_path),
             &log,
         )?;
+        main_pids.insert(Target::Haproxy, p.child.id());
+        procs.push((p, log));
+
+        let log = dir.join("hyper-floor.log");
+        let p = spawn_floor(&dir, &log)?;
+        main_pids.insert(Target::Floor, p.child.id());
         procs.push((p, log));
 
         let services = services_yaml(&[
@@ -667,19 +783,27 @@ impl Rig {
             &services,
             &["--access-log", "false"],
         )?;
+        main_pids.insert(Target::Gateway, gateway.child.id());
         let mut rig = Self {
             dir,
             grpc_body,
             gateway,
             procs,
+            cpu_pids: BTreeMap::new(),
             grpc_hits,
             _runtime: runtime,
         };
         rig.wait_ready()?;
+        // After the first answers: nginx's workers exist by then.
+        rig.cpu_pids = main_pids
+            .into_iter()
+            .map(|(t, pid)| (t, process_group(pid)))
+            .collect();
         Ok(rig)
     }
 
-    /// Every target answers 200 over HTTP/1.1, and over HTTP/2 + TLS, within 30 s.
+    /// Every target answers 200 with the backend's body over HTTP/1.1, and over HTTP/2 + TLS,
+    /// within 30 s; then every proxy echoes a gRPC message through the gRPC backend.
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         for target in Target::ALL {
@@ -705,20 +829,20 @@ impl Rig {
                         bail!("the gateway exited ({status}): {}", self.gateway.log_text());
                     }
                     let out = Command::new("curl")
-                        .args([
-                            "-s",
-                            "-o",
-                            "/dev/null",
-                            "-w",
-                            "%{http_code}",
-                            "--max-time",
-                            "2",
-                        ])
+                        .args(["-s", "-w", "%{http_code}", "--max-time", "2"])
                         .args(&extra)
                         .arg(&url)
                         .output()
                         .context("running curl")?;
-                    if String::from_utf8_lossy(&out.stdout) == "200" {
+                    let answer = String::from_utf8_lossy(&out.stdout);
+                    if answer == "200" || answer.ends_with("\n200") {
+                        // A proxy that answered 200 with anything but the backend's body is
+                        // broken, not slow: waiting would not help.
+                        ensure!(
+                            answer == format!("{BODY}200"),
+                            "{} answered {url} with {answer:?}, not the backend's body",
+                            target.name()
+                        );
                         break;
                     }
                     if Instant::now() > deadline {
@@ -732,6 +856,31 @@ impl Rig {
                 }
             }
         }
+        for target in Target::ALL.into_iter().filter(|&t| t != Target::Direct) {
+            self.check_grpc(target)?;
+        }
+        Ok(())
+    }
+
+    /// One gRPC unary call through `target` over HTTP/2 + TLS: the answer must be the backend's
+    /// echo of the request's message.
+    fn check_grpc(&self, target: Target) -> Result<()> {
+        let (ip, port) = target.tls_port();
+        let out = Command::new("curl")
+            .args(["-s", "--http2", "-k", "--max-time", "5", "--resolve"])
+            .arg(format!("{HOST}:{port}:{ip}"))
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg("--data-binary")
+            .arg(format!("@{}", self.grpc_body.display()))
+            .arg(format!("https://{HOST}:{port}{GRPC_PATH}"))
+            .output()
+            .context("running curl (gRPC)")?;
+        ensure!(
+            out.stdout == grpc_request_body(),
+            "{}: a gRPC call answered {:?}, not the backend's echo",
+            target.name(),
+            String::from_utf8_lossy(&out.stdout)
+        );
         Ok(())
     }
 }
@@ -754,6 +903,12 @@ fn record_round(
         s.push(format!("http1_p99_us_{n}"), a.p99_us);
         s.push(format!("h2_rps_{n}"), b.rps);
         s.push(format!("h2_mean_us_{n}"), b.p50_us);
+        if let Some(c) = a.cpu_us_per_req {
+            s.push(format!("cpu_us_per_req_http1_{n}"), c);
+        }
+        if let Some(c) = b.cpu_us_per_req {
+            s.push(format!("cpu_us_per_req_h2_{n}"), c);
+        }
         let _ = write!(line, " {n} {:.0}/{:.0}", a.rps, b.rps);
         if let Some(g) = rg.get(&t) {
             s.push(format!("grpc_unary_rps_{n}"), g.rps);
@@ -800,6 +955,38 @@ fn record_round(
         "p99_ratio_vs_direct_http1",
         gw.0.p99_us / r1[&Target::Direct].p99_us,
     );
+
+    // The floor: the smallest hyper proxy against the baselines, and the gateway against it.
+    let fl = (r1[&Target::Floor], r2[&Target::Floor]);
+    for base in [Target::Nginx, Target::Haproxy] {
+        let n = base.name();
+        s.push(
+            format!("floor_rps_ratio_vs_{n}_http1"),
+            fl.0.rps / r1[&base].rps,
+        );
+        s.push(
+            format!("floor_rps_ratio_vs_{n}_h2"),
+            fl.1.rps / r2[&base].rps,
+        );
+        if let (Some(f), Some(b)) = (fl.0.cpu_us_per_req, r1[&base].cpu_us_per_req) {
+            s.push(format!("floor_cpu_per_req_ratio_vs_{n}_http1"), f / b);
+        }
+        if let (Some(f), Some(b)) = (fl.1.cpu_us_per_req, r2[&base].cpu_us_per_req) {
+            s.push(format!("floor_cpu_per_req_ratio_vs_{n}_h2"), f / b);
+        }
+    }
+    s.push(
+        "floor_p99_ratio_vs_nginx_http1",
+        fl.0.p99_us / r1[&Target::Nginx].p99_us,
+    );
+    s.push("rps_ratio_vs_floor_http1", gw.0.rps / fl.0.rps);
+    s.push("rps_ratio_vs_floor_h2", gw.1.rps / fl.1.rps);
+    if let (Some(g), Some(f)) = (gw.0.cpu_us_per_req, fl.0.cpu_us_per_req) {
+        s.push("cpu_per_req_ratio_vs_floor_http1", g / f);
+    }
+    if let (Some(g), Some(f)) = (gw.1.cpu_us_per_req, fl.1.cpu_us_per_req) {
+        s.push("cpu_per_req_ratio_vs_floor_h2", g / f);
+    }
 }
 
 /// Runs the benchmark: returns the flat metrics (medians) and the per-round samples.
@@ -816,10 +1003,15 @@ pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
         wrk(&t.http1_url(), plan, 1)?;
         h2load(t.tls_port(), plan, 1, None)?;
     }
-    for t in [Target::Gateway, Target::Nginx, Target::Haproxy] {
+    let grpc_targets = [
+        Target::Gateway,
+        Target::Nginx,
+        Target::Haproxy,
+        Target::Floor,
+    ];
+    for t in grpc_targets {
         h2load(t.tls_port(), plan, 1, Some(&rig.grpc_body))?;
     }
-    let grpc_targets = [Target::Gateway, Target::Nginx, Target::Haproxy];
 
     for round in 0..plan.rounds {
         let mut order = Target::ALL.to_vec();
@@ -829,7 +1021,9 @@ pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
         let mut rg = BTreeMap::new();
         for &t in &order {
             let sampler = (t == Target::Gateway).then(|| RssSampler::start(gw_pid));
-            let res = wrk(&t.http1_url(), plan, plan.seconds)?;
+            let res = with_cpu(&rig.cpu_pids[&t], Duration::ZERO, plan.seconds, || {
+                wrk(&t.http1_url(), plan, plan.seconds)
+            })?;
             if let Some(sm) = sampler {
                 peak_rss = peak_rss.max(sm.finish());
             }
@@ -838,7 +1032,12 @@ pub fn run(plan: &Plan) -> Result<(BTreeMap<String, f64>, Samples)> {
         }
         for &t in &order {
             let sampler = (t == Target::Gateway).then(|| RssSampler::start(gw_pid));
-            let res = h2load(t.tls_port(), plan, plan.seconds, None)?;
+            let res = with_cpu(
+                &rig.cpu_pids[&t],
+                Duration::from_secs(H2LOAD_WARM_UP_S),
+                plan.seconds,
+                || h2load(t.tls_port(), plan, plan.seconds, None),
+            )?;
             if let Some(sm) = sampler {
                 peak_rss = peak_rss.max(sm.finish());
             }
@@ -889,20 +1088,32 @@ pub fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
     let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     println!("\n== results (median over rounds)");
     println!(
-        "{:<8} {:>12} {:>12} {:>12} {:>12} {:>14}",
-        "target", "http1 req/s", "http1 p50µs", "http1 p99µs", "h2 req/s", "grpc unary/s"
+        "{:<8} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14} {:>12}",
+        "target",
+        "http1 req/s",
+        "http1 p50µs",
+        "http1 p99µs",
+        "h2 req/s",
+        "grpc unary/s",
+        "http1 CPU µs/r",
+        "h2 CPU µs/r"
     );
     for t in Target::ALL {
         let n = t.name();
         println!(
-            "{n:<8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>14.0}",
+            "{n:<8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>14.0} {:>14.1} {:>12.1}",
             get(&format!("http1_rps_{n}")),
             get(&format!("http1_p50_us_{n}")),
             get(&format!("http1_p99_us_{n}")),
             get(&format!("h2_rps_{n}")),
             get(&format!("grpc_unary_rps_{n}")),
+            get(&format!("cpu_us_per_req_http1_{n}")),
+            get(&format!("cpu_us_per_req_h2_{n}")),
         );
     }
+    println!(
+        "(CPU: the target's processes per request, scheduler time; direct = the nginx backend)"
+    );
     println!(
         "gateway RSS: idle {:.1} MiB, peak under load {:.1} MiB; errors (non-2xx, socket): {}",
         get("gateway_rss_mib_idle"),
@@ -978,6 +1189,21 @@ time for request:      120us     10.00ms      300us      100us    90.00%
             parse_h2load("finished in 1s, 0 req/s\nstatus codes: 0 2xx, 0 3xx, 0 4xx, 9 5xx\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn parent_pid_is_read_after_the_command_name() {
+        assert_eq!(
+            parse_ppid("4242 (nginx) S 4200 4242 4242 0 -1 4194624 110 0 0 0"),
+            Some(4200)
+        );
+        // A command name with spaces and a closing parenthesis of its own.
+        assert_eq!(
+            parse_ppid("77 (a) b (c)) R 1 77 77 0 -1 0 0 0 0 0"),
+            Some(1)
+        );
+        assert_eq!(parse_ppid("77 (truncated"), None);
+        assert_eq!(parse_ppid("77 (x) S"), None);
     }
 
     #[test]

@@ -330,10 +330,11 @@ fn gateway(args: &GatewayArgs) -> Result<()> {
             .trim()
     );
     println!(
-        "proxies:  mesh-agent gateway ({}), {}, {} — each with 2 workers/threads, keep-alive to one nginx backend",
+        "proxies:  mesh-agent gateway ({}), {}, {}, hyper-floor ({}) — each with 2 workers/threads, keep-alive to one nginx backend",
         mesh_tests::agent::workspace_binary("mesh-agent")?.display(),
         first_line("nginx", &["-v"]),
-        machine.haproxy
+        machine.haproxy,
+        mesh_tests::agent::workspace_binary("hyper-floor")?.display(),
     );
     println!(
         "load:     {} rounds × {} s per target, order rotated per round; wrk -t{} -c{} --latency (HTTP/1.1 keep-alive); h2load -c{} -m{} over TLS (HTTP/2, gRPC unary)",
