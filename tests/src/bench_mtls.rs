@@ -12,7 +12,7 @@
 //! - **nginx**: a sidecar-style pair of nginx `stream` proxies, node 1 originating TLS 1.3 with a
 //!   client certificate, node 2 terminating and verifying it;
 //! - **floors**: the same pair topology without any TLS — an nginx `stream` pair relaying
-//!   plaintext (`nginx_plain`) and an HAProxy `mode tcp` pair with `option splice-auto`
+//!   plaintext (`nginx_plain`) and an `HAProxy` `mode tcp` pair with `option splice-auto`
 //!   (`haproxy_splice`: zero-copy `splice(2)`, the cheapest relay Linux offers). What a relay pair
 //!   that does no crypto cannot reach here, no TLS pair can.
 
@@ -57,7 +57,7 @@ pub const NGINX_TLS_PORT: u16 = 16441;
 pub const NGINX_PLAIN_HTTP_PORT: u16 = 16011;
 pub const NGINX_PLAIN_IPERF_PORT: u16 = 16012;
 pub const NGINX_PLAIN_RELAY_PORT: u16 = 16451;
-/// The HAProxy splice pair, the same way.
+/// The `HAProxy` splice pair, the same way.
 pub const HAPROXY_HTTP_PORT: u16 = 16021;
 pub const HAPROXY_IPERF_PORT: u16 = 16022;
 pub const HAPROXY_RELAY_PORT: u16 = 16461;
@@ -399,12 +399,14 @@ fn nginx_plain_conf(
     c
 }
 
-/// One side of the HAProxy splice pair: `mode tcp`, one thread (as nginx's one worker),
-/// `option splice-auto` (HAProxy splices a stream's data between the sockets through a pipe
-/// once it sees it streaming), no TLS.
+/// One side of the `HAProxy` splice pair: `mode tcp`, one thread (as nginx's one worker),
+/// `option splice-auto` (`HAProxy` splices a stream's data between the sockets through a pipe
+/// once it sees it streaming), no TLS. `maxconn` 5,000: the runs hold at most 160 connections
+/// through a pair, and `HAProxy` refuses to start if `RLIMIT_NOFILE` cannot fit twice `maxconn`
+/// (the harness's hard limit here is 20,000).
 fn haproxy_conf(name: &str, listen: IpAddr, relays: &[(u16, SocketAddr)]) -> String {
     let mut c = format!(
-        "# mesh-bench mtls: {name}\nglobal\n  nbthread 1\n  maxconn 30000\n\
+        "# mesh-bench mtls: {name}\nglobal\n  nbthread 1\n  maxconn 5000\n\
          defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
          timeout client 600s\n  timeout server 600s\n"
     );
@@ -1971,7 +1973,7 @@ fn start_nginx_pair(
     Ok((ng1, ng2, pki))
 }
 
-/// The floors: the nginx plaintext pair and the HAProxy splice pair, node 1's process first.
+/// The floors: the nginx plaintext pair and the `HAProxy` splice pair, node 1's process first.
 fn start_plain_pairs(
     n1: &NodeHandle,
     n2: &NodeHandle,
