@@ -10,7 +10,11 @@
 //!   inbound 15008 → server pod (client address preserved). Each node's proxies run in their own
 //!   process (`mesh-node-proxy`), started by [`start_node_proxies`];
 //! - **nginx**: a sidecar-style pair of nginx `stream` proxies, node 1 originating TLS 1.3 with a
-//!   client certificate, node 2 terminating and verifying it.
+//!   client certificate, node 2 terminating and verifying it;
+//! - **floors**: the same pair topology without any TLS — an nginx `stream` pair relaying
+//!   plaintext (`nginx_plain`) and an `HAProxy` `mode tcp` pair with `option splice-auto`
+//!   (`haproxy_splice`: zero-copy `splice(2)`, the cheapest relay Linux offers). What a relay pair
+//!   that does no crypto cannot reach here, no TLS pair can.
 
 #![expect(
     clippy::cast_precision_loss,
@@ -48,6 +52,15 @@ pub const TUNNEL_SERVICE_PORT: u16 = 15010;
 pub const NGINX_HTTP_PORT: u16 = 16001;
 pub const NGINX_IPERF_PORT: u16 = 16002;
 pub const NGINX_TLS_PORT: u16 = 16441;
+/// The plaintext nginx pair: node 1 listens on the pod gateway (HTTP, iperf3), node 2 on
+/// `NGINX_PLAIN_RELAY_PORT + i`.
+pub const NGINX_PLAIN_HTTP_PORT: u16 = 16011;
+pub const NGINX_PLAIN_IPERF_PORT: u16 = 16012;
+pub const NGINX_PLAIN_RELAY_PORT: u16 = 16451;
+/// The `HAProxy` splice pair, the same way.
+pub const HAPROXY_HTTP_PORT: u16 = 16021;
+pub const HAPROXY_IPERF_PORT: u16 = 16022;
+pub const HAPROXY_RELAY_PORT: u16 = 16461;
 /// The trust domain of the benchmark's identities.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Rate of the latency run.
@@ -365,6 +378,52 @@ fn nginx_server_side_conf(dir: &Path, pod: IpAddr) -> String {
     }
     c.push_str("}\n");
     c
+}
+
+/// One side of the plaintext nginx pair: `listen` port `i` relayed to `to[i]`, no TLS.
+fn nginx_plain_conf(
+    dir: &Path,
+    name: &str,
+    listen: IpAddr,
+    relays: &[(u16, SocketAddr)],
+) -> String {
+    let mut c = nginx_head(dir, name, true);
+    c.push_str("stream {\n");
+    for (port, to) in relays {
+        let _ = writeln!(
+            c,
+            "  server {{ listen {listen}:{port} backlog=4096; proxy_pass {to}; }}"
+        );
+    }
+    c.push_str("}\n");
+    c
+}
+
+/// One side of the `HAProxy` splice pair: `mode tcp`, one thread (as nginx's one worker),
+/// `option splice-auto` (`HAProxy` splices a stream's data between the sockets through a pipe
+/// once it sees it streaming), no TLS. `maxconn` 5,000: the runs hold at most 160 connections
+/// through a pair, and `HAProxy` refuses to start if `RLIMIT_NOFILE` cannot fit twice `maxconn`
+/// (the harness's hard limit here is 20,000).
+fn haproxy_conf(name: &str, listen: IpAddr, relays: &[(u16, SocketAddr)]) -> String {
+    let mut c = format!(
+        "# mesh-bench mtls: {name}\nglobal\n  nbthread 1\n  maxconn 5000\n\
+         defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
+         timeout client 600s\n  timeout server 600s\n"
+    );
+    for (i, (port, to)) in relays.iter().enumerate() {
+        let _ = write!(
+            c,
+            "listen relay{i}\n  bind {listen}:{port} backlog 4096\n  server s{i} {to}\n"
+        );
+    }
+    c
+}
+
+fn spawn_haproxy(place: &crate::Sandbox, conf: &Path) -> Result<PodChild> {
+    let mut cmd = place.command("haproxy");
+    // `-db`: foreground, no daemon.
+    cmd.arg("-db").arg("-f").arg(conf);
+    place.spawn(cmd)
 }
 
 fn spawn_nginx(place: &crate::Sandbox, conf: &Path) -> Result<PodChild> {
@@ -904,16 +963,38 @@ fn print_report(m: &BTreeMap<String, f64>, s: &Samples) {
     let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     println!("\n== results (medians over repetitions)");
     println!(
-        "{:<8} {:>12} {:>14} {:>16} {:>16}",
-        "path", "req/s (32c)", "bulk Gbit/s", "p99 µs @1000/s", "proxy CPU µs/req"
+        "{:<15} {:>12} {:>12} {:>11} {:>15} {:>15} {:>14}",
+        "path", "req/s (32c)", "bulk Gbit/s", "CPU s/GiB", "p50/p99 µs", "CPU µs/req", "CPU µs/req"
     );
-    for p in ["plain", "tunnel", "nginx"] {
+    println!(
+        "{:<15} {:>12} {:>12} {:>11} {:>15} {:>15} {:>14}",
+        "", "", "", "(bulk)", "@1000/s", "@1000/s", "(saturated)"
+    );
+    for p in PATHS {
+        let cpu_at_rate = match p {
+            "plain" => f64::NAN,
+            "tunnel" => get("agent_cpu_us_per_req"),
+            "nginx" => get("nginx_pair_cpu_us_per_req_at_1000rps"),
+            _ => get(&format!("{p}_pair_cpu_us_per_req_at_1000rps")),
+        };
         println!(
-            "{p:<8} {:>12.0} {:>14.2} {:>16.0} {:>16.1}",
+            "{p:<15} {:>12.0} {:>12.2} {:>11.2} {:>7.0}/{:<7.0} {:>15.1} {:>14.1}",
             get(&format!("rps_{p}")),
             get(&format!("throughput_gbps_{p}")),
+            get(&format!("proxy_cpu_s_per_gib_{p}")),
+            get(&format!("latency_p50_us_at_1000rps_{p}")),
             get(&format!("latency_p99_us_at_1000rps_{p}")),
+            cpu_at_rate,
             get(&format!("proxy_cpu_us_per_req_saturated_{p}")),
+        );
+    }
+    for p in FLOORS {
+        println!(
+            "floor {p:<15} throughput ratio vs plain {:.3}, CPU {:.1} µs/req at {RATE}/s, added p50 {:.0} µs / p99 {:.0} µs at {RATE}/s",
+            get(&format!("{p}_pair_throughput_ratio_vs_plain")),
+            get(&format!("{p}_pair_cpu_us_per_req_at_1000rps")),
+            get(&format!("{p}_pair_added_latency_p50_us_at_1000rps")),
+            get(&format!("{p}_pair_added_latency_p99_us_at_1000rps")),
         );
     }
     println!(
@@ -1014,7 +1095,9 @@ pub fn ctxt_switches(pid: u32, voluntary_only: bool) -> Result<f64> {
 }
 
 /// The paths, in the order of one repetition (rotated each repetition).
-const PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
+const PATHS: [&str; 5] = ["plain", "tunnel", "nginx", "nginx_plain", "haproxy_splice"];
+/// The floors among [`PATHS`]: relay pairs without TLS.
+const FLOORS: [&str; 2] = ["nginx_plain", "haproxy_splice"];
 
 struct Bench {
     plan: Plan,
@@ -1022,6 +1105,8 @@ struct Bench {
     // Field order is drop order: processes before the cluster.
     proxies: [PodChild; 2],
     nginx_pair: [PodChild; 2],
+    nginx_plain_pair: [PodChild; 2],
+    haproxy_pair: [PodChild; 2],
     app: PodChild,
     iperf: PodChild,
     client: PodHandle,
@@ -1209,12 +1294,15 @@ impl Bench {
         let p2 = start_node_proxies(&n2, &config(&dst, server_ip, Vec::new())?, dir)?;
 
         let (ng1, ng2, pki) = start_nginx_pair(&n1, &n2, server_ip, dir)?;
+        let (nginx_plain_pair, haproxy_pair) = start_plain_pairs(&n1, &n2, server_ip, dir)?;
 
         let bench = Self {
             plan,
             diag: None,
             proxies: [p1, p2],
             nginx_pair: [ng1, ng2],
+            nginx_plain_pair,
+            haproxy_pair,
             app,
             iperf,
             client,
@@ -1247,6 +1335,8 @@ impl Bench {
         let Self {
             proxies,
             nginx_pair,
+            nginx_plain_pair,
+            haproxy_pair,
             app,
             iperf,
             cluster,
@@ -1257,7 +1347,7 @@ impl Bench {
             let _ = p.wait_timeout(Duration::from_secs(5));
             println!("{node} proxy: {}", tail(&p.stderr_text()));
         }
-        drop((nginx_pair, app, iperf));
+        drop((nginx_pair, nginx_plain_pair, haproxy_pair, app, iperf));
         cluster.teardown()
     }
 
@@ -1266,6 +1356,8 @@ impl Bench {
         match path {
             "tunnel" => SocketAddr::new(gw, mesh_agent::proxy::OUTBOUND_PORT),
             "nginx" => SocketAddr::new(gw, NGINX_HTTP_PORT),
+            "nginx_plain" => SocketAddr::new(gw, NGINX_PLAIN_HTTP_PORT),
+            "haproxy_splice" => SocketAddr::new(gw, HAPROXY_HTTP_PORT),
             _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT),
         }
     }
@@ -1275,6 +1367,8 @@ impl Bench {
         match path {
             "tunnel" => SocketAddr::new(gw, TUNNEL_IPERF_PORT),
             "nginx" => SocketAddr::new(gw, NGINX_IPERF_PORT),
+            "nginx_plain" => SocketAddr::new(gw, NGINX_PLAIN_IPERF_PORT),
+            "haproxy_splice" => SocketAddr::new(gw, HAPROXY_IPERF_PORT),
             _ => SocketAddr::new(self.server.ipv4().into(), IPERF_PORT),
         }
     }
@@ -1284,11 +1378,13 @@ impl Bench {
         match path {
             "tunnel" => self.proxies.iter().map(PodChild::pid).collect(),
             "nginx" => self.nginx_pair.iter().map(PodChild::pid).collect(),
+            "nginx_plain" => self.nginx_plain_pair.iter().map(PodChild::pid).collect(),
+            "haproxy_splice" => self.haproxy_pair.iter().map(PodChild::pid).collect(),
             _ => Vec::new(),
         }
     }
 
-    /// The `--diag` tool on both proxies of `path` (the tunnel's or the nginx pair's), for the
+    /// The `--diag` tool on both proxies of `path` (the tunnel's or a pair's), for the
     /// runs of the first repetition.
     fn attach(&self, path: &str, rep: usize) -> Result<Option<Attached>> {
         match self.diag {
@@ -1330,6 +1426,12 @@ impl Bench {
         }
         s.push("tunnel_rps_ratio_vs_plain", rps["tunnel"] / rps["plain"]);
         s.push("nginx_rps_ratio_vs_plain", rps["nginx"] / rps["plain"]);
+        for p in FLOORS {
+            s.push(
+                format!("{p}_pair_rps_ratio_vs_plain"),
+                rps[p] / rps["plain"],
+            );
+        }
         self.bulk(rep, &order, s)?;
         self.rate(rep, s)
     }
@@ -1368,6 +1470,12 @@ impl Bench {
             "nginx_throughput_ratio_vs_plain",
             bps["nginx"] / bps["plain"],
         );
+        for p in FLOORS {
+            s.push(
+                format!("{p}_pair_throughput_ratio_vs_plain"),
+                bps[p] / bps["plain"],
+            );
+        }
         Ok(())
     }
 
@@ -1377,12 +1485,12 @@ impl Bench {
         reason = "one measured sequence (rounds, then their keys) reads best top to bottom"
     )]
     fn rate(&self, rep: usize, s: &mut Samples) -> Result<()> {
-        // Fixed rate over ten services, all three paths, in one-second rounds whose order
-        // rotates so that load from outside the benchmark falls on each alike; percentiles over
-        // all of a path's rounds. nginx has one service here: its target is repeated ten times,
-        // so it gets as many keep-alive connections (each its own TLS connection: nginx `stream`
-        // does not pool) as the others.
-        const RATE_PATHS: [&str; 3] = ["plain", "tunnel", "nginx"];
+        // Fixed rate over ten services, all paths, in one-second rounds whose order rotates so
+        // that load from outside the benchmark falls on each alike; percentiles over all of a
+        // path's rounds. The pairs have one service here: its target is repeated ten times, so
+        // each gets as many keep-alive connections (each its own connection through the pair:
+        // nginx `stream` and HAProxy `mode tcp` do not pool) as the others.
+        const RATE_PATHS: [&str; 5] = PATHS;
         let mut lat: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         // Per proxied path: CPU µs and context switches per process, requests sent.
         let mut cpu: BTreeMap<&str, [f64; 2]> = BTreeMap::new();
@@ -1404,8 +1512,8 @@ impl Bench {
                         "tunnel" => {
                             SocketAddr::new(self.n1.gateway_v4().into(), TUNNEL_SERVICE_PORT + i)
                         }
-                        "nginx" => self.http_target(p),
-                        _ => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
+                        "plain" => SocketAddr::new(self.server.ipv4().into(), HTTP_PORT + i),
+                        _ => self.http_target(p),
                     })
                     .collect();
                 let pids = self.pids(p);
@@ -1500,6 +1608,16 @@ impl Bench {
             "nginx_pair_added_latency_p99_us_at_1000rps",
             p99["nginx"] - p99["plain"],
         );
+        for p in FLOORS {
+            s.push(
+                format!("{p}_pair_added_latency_p50_us_at_1000rps"),
+                p50[p] - p50["plain"],
+            );
+            s.push(
+                format!("{p}_pair_added_latency_p99_us_at_1000rps"),
+                p99[p] - p99["plain"],
+            );
+        }
         let per = |p: &str, of: &BTreeMap<&str, [f64; 2]>| {
             let n = sent.get(p).copied().unwrap_or(0).max(1) as f64;
             of.get(p).copied().unwrap_or_default().map(|c| c / n)
@@ -1509,6 +1627,10 @@ impl Bench {
         s.push("agent_cpu_us_per_req_outbound", tunnel[0]);
         s.push("agent_cpu_us_per_req_inbound", tunnel[1]);
         s.push("nginx_pair_cpu_us_per_req_at_1000rps", nginx[0] + nginx[1]);
+        for p in FLOORS {
+            let c = per(p, &cpu);
+            s.push(format!("{p}_pair_cpu_us_per_req_at_1000rps"), c[0] + c[1]);
+        }
         s.push(
             "agent_cpu_ratio_vs_nginx_pair_at_1000rps",
             (tunnel[0] + tunnel[1]) / (nginx[0] + nginx[1]),
@@ -1527,7 +1649,7 @@ impl Bench {
             tunnel_whole[0] + tunnel_whole[1],
             nginx_whole[0] + nginx_whole[1],
         );
-        for p in ["tunnel", "nginx"] {
+        for p in PATHS.into_iter().skip(1) {
             let w = per(p, &switches);
             s.push(format!("ctxt_switches_per_req_at_1000rps_{p}"), w[0] + w[1]);
             let v = per(p, &sleeps);
@@ -1851,6 +1973,76 @@ fn start_nginx_pair(
     Ok((ng1, ng2, pki))
 }
 
+/// The floors: the nginx plaintext pair and the `HAProxy` splice pair, node 1's process first.
+fn start_plain_pairs(
+    n1: &NodeHandle,
+    n2: &NodeHandle,
+    server_ip: IpAddr,
+    dir: &Path,
+) -> Result<([PodChild; 2], [PodChild; 2])> {
+    let (gw, node2) = (IpAddr::from(n1.gateway_v4()), IpAddr::from(n2.ipv4()));
+    let pod = |port| SocketAddr::new(server_ip, port);
+    let relay = |port| SocketAddr::new(node2, port);
+    let any = IpAddr::from([0, 0, 0, 0]);
+
+    let c2 = dir.join("nginx-plain-server.conf");
+    let to_pod = [
+        (NGINX_PLAIN_RELAY_PORT, pod(HTTP_PORT)),
+        (NGINX_PLAIN_RELAY_PORT + 1, pod(IPERF_PORT)),
+    ];
+    std::fs::write(
+        &c2,
+        nginx_plain_conf(dir, "nginx-plain-server", any, &to_pod),
+    )?;
+    let c1 = dir.join("nginx-plain-client.conf");
+    let to_node2 = [
+        (NGINX_PLAIN_HTTP_PORT, relay(NGINX_PLAIN_RELAY_PORT)),
+        (NGINX_PLAIN_IPERF_PORT, relay(NGINX_PLAIN_RELAY_PORT + 1)),
+    ];
+    std::fs::write(
+        &c1,
+        nginx_plain_conf(dir, "nginx-plain-client", gw, &to_node2),
+    )?;
+    let mut ng2 = spawn_nginx(n2, &c2)?;
+    let mut ng1 = spawn_nginx(n1, &c1)?;
+    wait_listening(
+        n2,
+        &[NGINX_PLAIN_RELAY_PORT, NGINX_PLAIN_RELAY_PORT + 1],
+        &mut [&mut ng2],
+    )?;
+    wait_listening(
+        n1,
+        &[NGINX_PLAIN_HTTP_PORT, NGINX_PLAIN_IPERF_PORT],
+        &mut [&mut ng1],
+    )?;
+
+    let h2 = dir.join("haproxy-server.cfg");
+    let to_pod = [
+        (HAPROXY_RELAY_PORT, pod(HTTP_PORT)),
+        (HAPROXY_RELAY_PORT + 1, pod(IPERF_PORT)),
+    ];
+    std::fs::write(&h2, haproxy_conf("haproxy-server", any, &to_pod))?;
+    let h1 = dir.join("haproxy-client.cfg");
+    let to_node2 = [
+        (HAPROXY_HTTP_PORT, relay(HAPROXY_RELAY_PORT)),
+        (HAPROXY_IPERF_PORT, relay(HAPROXY_RELAY_PORT + 1)),
+    ];
+    std::fs::write(&h1, haproxy_conf("haproxy-client", gw, &to_node2))?;
+    let mut ha2 = spawn_haproxy(n2, &h2)?;
+    let mut ha1 = spawn_haproxy(n1, &h1)?;
+    wait_listening(
+        n2,
+        &[HAPROXY_RELAY_PORT, HAPROXY_RELAY_PORT + 1],
+        &mut [&mut ha2],
+    )?;
+    wait_listening(
+        n1,
+        &[HAPROXY_HTTP_PORT, HAPROXY_IPERF_PORT],
+        &mut [&mut ha1],
+    )?;
+    Ok(([ng1, ng2], [ha1, ha2]))
+}
+
 /// Waits until `ports` listen in `place` (or a process exits).
 fn wait_listening(
     place: &crate::Sandbox,
@@ -1974,5 +2166,19 @@ mod tests {
         let s = nginx_server_side_conf(dir, "10.2.0.2".parse().unwrap());
         assert!(s.contains("ssl_verify_client on;"));
         assert!(s.contains("proxy_pass 10.2.0.2:5201;"));
+    }
+
+    #[test]
+    fn the_floor_pairs_relay_without_tls_and_haproxy_splices() {
+        let dir = Path::new("/tmp/x");
+        let to: SocketAddr = "172.30.0.2:16451".parse().unwrap();
+        let n = nginx_plain_conf(dir, "p", "10.1.0.1".parse().unwrap(), &[(16011, to)]);
+        assert!(n.contains("listen 10.1.0.1:16011 backlog=4096; proxy_pass 172.30.0.2:16451;"));
+        assert!(!n.contains("ssl"));
+        let h = haproxy_conf("h", "10.1.0.1".parse().unwrap(), &[(16021, to)]);
+        assert!(h.contains("mode tcp"));
+        assert!(h.contains("option splice-auto"));
+        assert!(h.contains("bind 10.1.0.1:16021 backlog 4096\n  server s0 172.30.0.2:16451\n"));
+        assert!(!h.contains("ssl"));
     }
 }
