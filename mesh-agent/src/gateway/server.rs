@@ -249,7 +249,7 @@ async fn serve_conn<I>(
 {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(HeaderTimer::default())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
@@ -291,6 +291,70 @@ async fn serve_conn<I>(
     };
     if let Err(e) = result {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// hyper's HTTP/1.1 timer (its only use there: the header-read timeout), one per connection.
+/// hyper starts a new timeout each time it waits for a request head — once per keep-alive
+/// request — and drops it when the head is in. With `TokioTimer` each of those registered a
+/// timer entry whose deadline was the runtime's earliest, and tokio wakes its own driver for
+/// that through the eventfd (a `write` system call and an extra `epoll_wait` round for about
+/// every second request). Here every sleep of the connection shares one tokio timer, moved only
+/// when a sleep needs an earlier deadline than the one armed: the deadlines hyper asks for only
+/// grow, so the timer is re-armed about once per timeout period, when it fires (a spurious
+/// wake of the connection task then, harmless), not per request. Only the connection's own
+/// task polls these sleeps, so the one waker the shared timer keeps is always the right one.
+#[derive(Clone, Default)]
+struct HeaderTimer {
+    armed: Arc<std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl hyper::rt::Timer for HeaderTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeaderSleep {
+            deadline,
+            armed: self.armed.clone(),
+        })
+    }
+}
+
+/// A sleep of [`HeaderTimer`]: ready once its deadline has passed.
+struct HeaderSleep {
+    deadline: Instant,
+    armed: Arc<std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl hyper::rt::Sleep for HeaderSleep {}
+
+impl Future for HeaderSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let mut armed = self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let timer = armed.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            // Past the deadline by our clock, or by tokio's (which rounds to milliseconds).
+            if Instant::now() >= self.deadline
+                || (timer.is_elapsed() && timer.deadline() >= deadline)
+            {
+                return Poll::Ready(());
+            }
+            // Armed later than this sleep needs, or already fired: move it here.
+            if timer.deadline() > deadline || timer.is_elapsed() {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }
 
