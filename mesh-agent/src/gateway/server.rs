@@ -300,10 +300,11 @@ async fn serve_conn<I>(
 /// timer entry whose deadline was the runtime's earliest, and tokio wakes its own driver for
 /// that through the eventfd (a `write` system call and an extra `epoll_wait` round for about
 /// every second request). Here every sleep of the connection shares one tokio timer, moved only
-/// when a sleep needs an earlier deadline than the one armed: the deadlines hyper asks for only
-/// grow, so the timer is re-armed about once per timeout period, when it fires (a spurious
-/// wake of the connection task then, harmless), not per request. Only the connection's own
-/// task polls these sleeps, so the one waker the shared timer keeps is always the right one.
+/// when a sleep needs an earlier deadline than the one armed (or the armed one has fired); as
+/// keep-alive deadlines grow, it is re-armed about once per timeout period, when it fires (a
+/// spurious wake of the connection task then, harmless), not per request. The timer keeps the
+/// waker of the last poll: hyper polls these sleeps from the connection future, which
+/// `serve_conn` drives in one task, so that waker is the connection's.
 #[derive(Clone, Default)]
 struct HeaderTimer {
     armed: Arc<std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
