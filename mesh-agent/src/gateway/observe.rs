@@ -52,7 +52,9 @@ pub struct RequestRecord {
     pub peer: SocketAddr,
     pub method: Method,
     pub authority: Option<String>,
-    pub path: String,
+    /// The request's URI as it came (its path is logged): reference counts on hyper's
+    /// buffer, not a copy of the path per request.
+    pub uri: http::Uri,
     pub version: http::Version,
     pub route: Option<String>,
     pub service: Option<Arc<ObjectName>>,
@@ -68,13 +70,13 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     #[must_use]
-    pub fn new(peer: SocketAddr, method: Method, path: String, version: http::Version) -> Self {
+    pub fn new(peer: SocketAddr, method: Method, uri: http::Uri, version: http::Version) -> Self {
         Self {
             start: Instant::now(),
             peer,
             method,
             authority: None,
-            path,
+            uri,
             version,
             route: None,
             service: None,
@@ -177,7 +179,7 @@ impl Finish {
                 // A method is an RFC 9110 token: no quote, backslash or control byte.
                 l.raw("method", r.method.as_str());
                 l.str("authority", r.authority.as_deref().unwrap_or("-"));
-                l.str("path", &r.path);
+                l.str("path", r.uri.path());
                 match version_str(r.version) {
                     Some(v) => l.raw("protocol", v),
                     None => l.display_raw("protocol", format_args!("{:?}", r.version)),
@@ -208,7 +210,7 @@ impl Finish {
         // no attributes are made for it.
         if let Some(mut span) = r.span.take().filter(ActiveSpan::recording) {
             span.set("http.request.method", r.method.as_str());
-            span.set("url.path", r.path.clone());
+            span.set("url.path", r.uri.path().to_owned());
             if let Some(a) = &r.authority {
                 span.set("server.address", a.clone());
             }

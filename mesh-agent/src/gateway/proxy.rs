@@ -32,7 +32,7 @@ use super::{
     jwt::Denied,
     limits::RetryBudget,
     observe::{Counted, GatewayTelemetry, RequestRecord},
-    routes::{Entry, PathMatch, query_pairs},
+    routes::{PathMatch, query_pairs},
 };
 
 /// Errors of bodies in flight.
@@ -171,7 +171,7 @@ pub async fn handle(
     let mut out = RequestRecord::new(
         conn.peer,
         req.method().clone(),
-        req.uri().path().to_owned(),
+        req.uri().clone(),
         req.version(),
     );
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
@@ -196,13 +196,15 @@ pub async fn handle(
 
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
 fn host_of<B>(req: &Request<B>) -> Option<String> {
-    let raw = if let Some(a) = req.uri().authority() {
+    // One allocation: the copy is lowercased in place.
+    let mut host = if let Some(a) = req.uri().authority() {
         a.host().to_owned()
     } else {
         let h = req.headers().get(header::HOST)?.to_str().ok()?;
         h.parse::<http::uri::Authority>().ok()?.host().to_owned()
     };
-    Some(raw.to_ascii_lowercase())
+    host.make_ascii_lowercase();
+    Some(host)
 }
 
 /// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
@@ -296,6 +298,9 @@ fn changed_path(path: &str, matched: &PathMatch, change: &PathChange) -> String 
     }
 }
 
+/// The path match of a rule without one (never read: a path change always has its match).
+const NO_MATCH: PathMatch = PathMatch::Prefix(String::new());
+
 /// Routes and serves one request.
 #[expect(
     clippy::too_many_lines,
@@ -320,15 +325,21 @@ async fn route(
     let Some(vhost) = port.hosts.vhost(host) else {
         return plain(StatusCode::NOT_FOUND, "unknown host");
     };
-    let entry: Entry = {
+    // The rule's action, and the path match only when a path rewrite or redirect needs it:
+    // not a copy of the whole route entry per request.
+    let (action, matched): (Arc<RuleAction>, Option<PathMatch>) = {
         let query = query_pairs(req.uri().query());
         match vhost.find(req.method(), req.uri().path(), &query, req.headers()) {
-            Some(e) => e.clone(),
+            Some(e) => {
+                let a = &e.action;
+                let path_changes = a.rewrite.as_ref().is_some_and(|r| r.path.is_some())
+                    || a.redirect.as_ref().is_some_and(|r| r.path.is_some());
+                (a.clone(), path_changes.then(|| e.matcher.path.clone()))
+            }
             None => return plain(StatusCode::NOT_FOUND, "no route"),
         }
     };
     drop(config);
-    let action = entry.action.clone();
     out.route = Some(action.route.clone());
     // Body size, before anything is read.
     let declared = req
@@ -396,7 +407,7 @@ async fn route(
         let default_port = if scheme == "https" { 443 } else { 80 };
         let path = rd.path.as_ref().map_or_else(
             || req.uri().path().to_owned(),
-            |c| changed_path(req.uri().path(), &entry.matcher.path, c),
+            |c| changed_path(req.uri().path(), matched.as_ref().unwrap_or(&NO_MATCH), c),
         );
         let query = req
             .uri()
@@ -454,7 +465,15 @@ async fn route(
     if let Some(m) = &action.request_headers {
         m.apply(&mut headers);
     }
-    let mut path = parts.uri.path().to_owned();
+    // The client's path and query as they came (a reference count on hyper's buffer), unless
+    // a rewrite changes the path.
+    let mut path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("")),
+    );
     let mut host_header = headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -463,16 +482,17 @@ async fn route(
     });
     if let Some(rw) = &action.rewrite {
         if let Some(c) = &rw.path {
-            path = changed_path(&path, &entry.matcher.path, c);
+            let path = changed_path(parts.uri.path(), matched.as_ref().unwrap_or(&NO_MATCH), c);
+            let joined = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(joined)).ok();
         }
         if let Some(h) = &rw.hostname {
             host_header = HeaderValue::from_str(h).ok();
         }
     }
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
     if let Some(h) = host_header {
         headers.insert(header::HOST, h);
     }
@@ -480,7 +500,8 @@ async fn route(
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // The string's buffer becomes the header's (no second copy).
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
@@ -499,7 +520,7 @@ async fn route(
     out.grpc = grpc;
     let mut template = Template {
         method: parts.method,
-        path_and_query: PathAndQuery::from_maybe_shared(Bytes::from(path_and_query)).ok(),
+        path_and_query,
         headers,
         h2: grpc,
     };
