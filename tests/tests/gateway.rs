@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     process::Command,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -549,11 +549,17 @@ async fn routes_reload_under_load_and_bad_files_keep_the_last_good() -> Result<(
     let gw = GatewayProcess::start(&dir, &route("one"), &services, NO_METRICS)?;
     ready(port, "x", "/").await.with_context(|| gw.log_text())?;
     let c = client();
+    // Requests go on until every reload is done (at least 1,500): how fast they go must not
+    // decide whether both versions are seen.
+    let reloading = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let load = {
         let c = c.clone();
+        let reloading = reloading.clone();
         tokio::spawn(async move {
             let mut seen = std::collections::BTreeMap::<String, u32>::new();
-            for _ in 0..1500 {
+            let mut n = 0;
+            while n < 1500 || reloading.load(Ordering::Relaxed) {
+                n += 1;
                 let (s, _, body) = get(&c, port, "x", "/", &[]).await.unwrap();
                 assert_eq!(s, 200, "{body}");
                 *seen
@@ -569,6 +575,8 @@ async fn routes_reload_under_load_and_bad_files_keep_the_last_good() -> Result<(
     }
     // A bad version: rejected, the last good one keeps serving.
     gw.set_routes(&route("two").replace("port: 80", "port: 0"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reloading.store(false, Ordering::Relaxed);
     let seen = load.await?;
     assert!(seen.len() == 2, "both versions served: {seen:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -67,6 +67,10 @@ pub struct ServiceBackends {
     pub circuit: CircuitSettings,
     pub endpoints: Vec<Arc<EndpointState>>,
     rr: AtomicUsize,
+    /// Shared by every Service of the snapshot (an endpoint may serve two): the latest
+    /// `ejected_until_ms` any local ejection set. Past it nothing is ejected locally, and
+    /// `pick` skips the per-endpoint checks.
+    ejected_until_max: Arc<AtomicU64>,
 }
 
 /// Why no endpoint was chosen.
@@ -82,6 +86,10 @@ pub enum NoEndpoint {
 /// its own Deployment, usually without the node's bpffs pins; [`NoKernelCircuits`] says so.
 pub trait CircuitView: Send + Sync + std::fmt::Debug {
     fn is_open(&self, addr: SocketAddr) -> bool;
+    /// Whether any endpoint's circuit is open (when not, `is_open` is false for every one).
+    fn any_open(&self) -> bool {
+        true
+    }
     /// What this view reads (logged at start).
     fn describe(&self) -> &'static str;
 }
@@ -92,6 +100,9 @@ pub struct NoKernelCircuits;
 
 impl CircuitView for NoKernelCircuits {
     fn is_open(&self, _: SocketAddr) -> bool {
+        false
+    }
+    fn any_open(&self) -> bool {
         false
     }
     fn describe(&self) -> &'static str {
@@ -122,6 +133,9 @@ impl HealthFeedback for LogFeedback {
 #[derive(Debug, Default)]
 pub struct Backends {
     pub services: HashMap<ServiceRef, Arc<ServiceBackends>>,
+    /// See `ServiceBackends::ejected_until_max`; carried from one snapshot to the next with the
+    /// endpoints' states.
+    ejected_until_max: Arc<AtomicU64>,
 }
 
 impl Backends {
@@ -168,6 +182,7 @@ impl Backends {
                 circuit: spec.circuit,
                 endpoints: Vec::new(),
                 rr: AtomicUsize::new(0),
+                ejected_until_max: previous.ejected_until_max.clone(),
             });
             if !entry.vips.contains(&spec.vip) {
                 entry.vips.push(spec.vip);
@@ -192,6 +207,7 @@ impl Backends {
                 .into_iter()
                 .map(|(k, v)| (k, Arc::new(v)))
                 .collect(),
+            ejected_until_max: previous.ejected_until_max.clone(),
         }
     }
 }
@@ -231,6 +247,15 @@ impl ServiceBackends {
             return Err(NoEndpoint::Empty);
         }
         let now = now_ms(epoch, Instant::now());
+        if exclude.is_none()
+            && self.ejected_until_max.load(Ordering::Relaxed) <= now
+            && !kernel.any_open()
+        {
+            // Nothing ejected anywhere: every endpoint is eligible, no list to build.
+            return Ok(self
+                .choose(self.endpoints.len(), |i| &self.endpoints[i])
+                .clone());
+        }
         let healthy: Vec<&Arc<EndpointState>> = self
             .endpoints
             .iter()
@@ -250,13 +275,21 @@ impl ServiceBackends {
             Some(x) if pool.len() > 1 => pool.iter().copied().filter(|e| e.addr != x).collect(),
             _ => pool,
         };
-        let n = candidates.len();
-        let chosen = match self.algorithm {
-            Algorithm::RoundRobin => candidates[self.rr.fetch_add(1, Ordering::Relaxed) % n],
+        Ok(self.choose(candidates.len(), |i| candidates[i]).clone())
+    }
+
+    /// One of `n` candidates (`at(i)`, `n` > 0) by the service's algorithm.
+    fn choose<'a>(
+        &self,
+        n: usize,
+        at: impl Fn(usize) -> &'a Arc<EndpointState>,
+    ) -> &'a Arc<EndpointState> {
+        match self.algorithm {
+            Algorithm::RoundRobin => at(self.rr.fetch_add(1, Ordering::Relaxed) % n),
             // Envoy's least request: the better of two random choices (P2C).
             Algorithm::LeastConn => {
-                let a = candidates[fastrand::usize(..n)];
-                let b = candidates[fastrand::usize(..n)];
+                let a = at(fastrand::usize(..n));
+                let b = at(fastrand::usize(..n));
                 if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
                     b
                 } else {
@@ -265,11 +298,8 @@ impl ServiceBackends {
             }
             // Maglev/weighted hash the client's connection in the kernel; per request the
             // gateway spreads them at random (Envoy's RANDOM), as the kernel's default does.
-            Algorithm::Random | Algorithm::Weighted | Algorithm::Maglev => {
-                candidates[fastrand::usize(..n)]
-            }
-        };
-        Ok(chosen.clone())
+            Algorithm::Random | Algorithm::Weighted | Algorithm::Maglev => at(fastrand::usize(..n)),
+        }
     }
 
     /// Records a failed request: after `consecutive_failures` in a row the endpoint is ejected
@@ -300,6 +330,7 @@ impl ServiceBackends {
             .min(self.circuit.max_ejection.max(self.circuit.base_ejection));
         let until = now + u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2);
         e.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.ejected_until_max.fetch_max(until, Ordering::Relaxed);
         e.consecutive_failures.store(0, Ordering::Relaxed);
         tracing::warn!(service = %self.name, endpoint = %e.addr, ejection = ?d, "endpoint ejected after {n} consecutive failures");
         true
@@ -307,7 +338,10 @@ impl ServiceBackends {
 
     /// Records a successful request (resets the consecutive failures).
     pub fn success(e: &EndpointState) {
-        e.consecutive_failures.store(0, Ordering::Relaxed);
+        // Read first: a store on every request would move the line between the workers.
+        if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Endpoints ejected now (for status).
@@ -342,6 +376,7 @@ mod tests {
                 })
                 .collect(),
             rr: AtomicUsize::new(0),
+            ejected_until_max: Arc::default(),
         }
     }
 

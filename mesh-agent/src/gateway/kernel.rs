@@ -143,6 +143,9 @@ impl CircuitView for PinnedCircuits {
     fn is_open(&self, addr: SocketAddr) -> bool {
         self.open.load().contains(&addr)
     }
+    fn any_open(&self) -> bool {
+        !self.open.load().is_empty()
+    }
     fn describe(&self) -> &'static str {
         "kernel circuits read from the node agent's pinned maps, plus gateway-local outlier detection"
     }

@@ -21,6 +21,7 @@ pub mod routes;
 pub mod server;
 pub mod status;
 pub mod status_writer;
+pub mod upstream;
 
 use std::{
     collections::BTreeSet,

@@ -21,11 +21,10 @@ use http::{
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::TokioIo;
 
+/// The backend connections a request goes out on (one set per worker).
+pub use super::upstream::Upstreams;
 use super::{
     backends::{Backends, CircuitView, EndpointState, HealthFeedback, NoEndpoint, ServiceBackends},
     config::{GatewayConfig, PathChange, RETRY_BUFFER, RuleAction, ServiceRef},
@@ -33,6 +32,7 @@ use super::{
     limits::RetryBudget,
     observe::{Counted, GatewayTelemetry, RequestRecord},
     routes::{PathMatch, query_pairs},
+    upstream::{Answer, Lease, Returning},
 };
 
 /// Errors of bodies in flight.
@@ -64,49 +64,6 @@ pub struct Shared {
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     budget: RetryBudget,
 }
-
-/// The backend connection pools of one worker (`super::server::Worker`): HTTP/1.1 keep-alive
-/// and multiplexed h2c connections per endpoint. Used only on its worker's single-threaded
-/// runtime, so a request, its backend connection's task and the response all run on one
-/// thread: handing a request to the connection task is a local wake-up, not a futex across
-/// threads (nginx's workers, `HAProxy`'s threads and Envoy's workers each keep their own
-/// upstream pools for the same reason). The price: an endpoint gets up to one h2 connection
-/// per worker instead of one per process (Envoy: one per worker too).
-#[derive(Debug)]
-pub struct Upstreams {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
-}
-
-impl Upstreams {
-    #[must_use]
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .pool_max_idle_per_host(1024);
-        let http1 = b.build(connector.clone());
-        let http2 = b.http2_only(true).build(connector);
-        Self { http1, http2 }
-    }
-
-    fn client(&self, h2: bool) -> &Client<HttpConnector, Body> {
-        if h2 { &self.http2 } else { &self.http1 }
-    }
-}
-
-impl Default for Upstreams {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Idle backend connections are closed after this (Envoy's upstream idle timeout is 1 h;
-/// shorter here so a scaled-down backend's sockets go soon).
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Shared {
     #[must_use]
@@ -308,7 +265,7 @@ const NO_MATCH: PathMatch = PathMatch::Prefix(String::new());
 )]
 async fn route(
     shared: &Arc<Shared>,
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     conn: ConnInfo,
     mut req: Request<Incoming>,
     host: Option<&str>,
@@ -445,7 +402,7 @@ async fn route(
             n -= b.weight;
         }
         match &chosen.target {
-            Ok(t) => t.clone(),
+            Ok(t) => t,
             Err(why) => {
                 out.detail = Some(why.clone());
                 return plain(
@@ -559,7 +516,7 @@ async fn route(
         }
     }
     let backends = shared.backends.load();
-    let Some(svc) = backends.services.get(&target).cloned() else {
+    let Some(svc) = backends.services.get(target).cloned() else {
         out.detail = Some(format!(
             "Service {} port {} has no endpoints",
             target.service, target.port
@@ -602,23 +559,22 @@ async fn route(
         } else {
             template.build_last(&ep, body)
         };
-        let client = upstreams.client(template.h2);
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let limit = match (remaining, action.backend_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         ep.active.fetch_add(1, Ordering::Relaxed);
-        let fut = client.request(request);
+        let fut = upstreams.send(&ep, request, template.h2);
         let result = match limit {
             Some(l) => tokio::time::timeout(l, fut).await.map_err(|_| ()),
             None => Ok(fut.await),
         };
         ep.active.fetch_sub(1, Ordering::Relaxed);
-        let (failed, answer): (Option<String>, Option<Response<Incoming>>) = match result {
+        let (failed, answer): (Option<String>, Option<Answer>) = match result {
             Ok(Ok(resp)) => {
-                let status = resp.status();
-                let grpc_unavailable = resp.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
+                let status = resp.0.status();
+                let grpc_unavailable = resp.0.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
                 if status.is_server_error() || grpc_unavailable {
                     (Some(format!("status {}", status.as_u16())), Some(resp))
                 } else {
@@ -647,7 +603,7 @@ async fn route(
             shared.feedback.success(&svc, ep.addr);
         }
         let retriable = failed.is_some()
-            && answer.as_ref().is_none_or(|r| {
+            && answer.as_ref().is_none_or(|(r, _)| {
                 matches!(r.status().as_u16(), 502..=504)
                     || r.headers().get(GRPC_STATUS).is_some_and(|v| v == "14")
             });
@@ -669,7 +625,9 @@ async fn route(
             out.detail = Some("retry budget exhausted".into());
         }
         return match (answer, failed) {
-            (Some(resp), _) => respond(shared, &svc, &ep, &action, resp, client_upgrade),
+            (Some((resp, lease)), _) => {
+                respond(shared, &svc, &ep, &action, resp, lease, client_upgrade)
+            }
             (None, Some(why)) => {
                 out.detail = Some(why.clone());
                 if why == "timeout" {
@@ -780,7 +738,7 @@ impl Template {
 /// mirror's answer is ignored).
 fn mirror(
     shared: &Arc<Shared>,
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     target: &ServiceRef,
     t: &Template,
     body: Bytes,
@@ -798,12 +756,12 @@ fn mirror(
             .map_err(|e: Infallible| match e {})
             .boxed_unsync(),
     );
-    let client = upstreams.client(t.h2).clone();
+    let (upstreams, h2) = (upstreams.clone(), t.h2);
     tokio::spawn(async move {
-        if let Ok(Ok(resp)) =
-            tokio::time::timeout(Duration::from_secs(30), client.request(req)).await
-        {
-            let _ = resp.into_body().collect().await;
+        let sent = upstreams.send(&ep, req, h2);
+        if let Ok(Ok((resp, lease))) = tokio::time::timeout(Duration::from_secs(30), sent).await {
+            // Read to the end, so the connection goes back to the pool.
+            let _ = with_lease(resp.into_body(), lease).collect().await;
         }
     });
 }
@@ -815,6 +773,7 @@ fn respond(
     ep: &Arc<EndpointState>,
     action: &Arc<RuleAction>,
     mut resp: Response<Incoming>,
+    lease: Option<Lease>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -845,9 +804,18 @@ fn respond(
         }
         .boxed_unsync()
     } else {
-        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+        with_lease(body, lease)
     };
     Response::from_parts(parts, body)
+}
+
+/// A backend's response body for the client; with an HTTP/1.1 connection's lease, the
+/// connection goes back to its pool when the body ends.
+fn with_lease(body: Incoming, lease: Option<Lease>) -> Body {
+    match lease {
+        Some(l) => Returning::new(body, l).boxed_unsync(),
+        None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+    }
 }
 
 /// A gRPC response body that reports `grpc-status: 14` (UNAVAILABLE) in its trailers as a

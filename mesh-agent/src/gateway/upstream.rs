@@ -1,0 +1,460 @@
+//! Backend connections of one gateway worker: HTTP/1.1 keep-alive connections kept idle per
+//! endpoint and lent to one request at a time, and hyper-util's pooled client for h2c (gRPC).
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError, Weak},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::Frame;
+use hyper::{body::Incoming, client::conn::http1};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+
+use super::{
+    backends::EndpointState,
+    proxy::{Body, BoxError},
+};
+
+/// Idle backend connections are closed after this (Envoy's upstream idle timeout is 1 h;
+/// shorter here so a scaled-down backend's sockets go soon).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per endpoint and worker (past it, a returned connection is closed).
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// Time to open a backend connection (Envoy's `connect_timeout` default: 5 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The backend connections of one worker (`super::server::Worker`). Used only on its worker's
+/// single-threaded runtime, so a request, its backend connection's task and the response all
+/// run on one thread: handing a request to the connection task is a local wake-up, not a futex
+/// across threads (nginx's workers, `HAProxy`'s threads and Envoy's workers each keep their own
+/// upstream pools for the same reason). The price: an endpoint gets up to one h2 connection
+/// per worker instead of one per process (Envoy: one per worker too).
+#[derive(Debug)]
+pub struct Upstreams {
+    http1: Arc<Http1Pool>,
+    /// h2c to gRPC backends: multiplexed, so hyper-util's pool (one connection per endpoint,
+    /// shared by every stream) fits; HTTP/1.1 has its own pool below.
+    http2: Client<HttpConnector, Body>,
+}
+
+impl Upstreams {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
+        Self {
+            http1: Arc::new(Http1Pool::default()),
+            http2,
+        }
+    }
+
+    /// Sends `req` to `ep`: over h2c when `h2`, else on an HTTP/1.1 connection of the pool.
+    /// The answer's [`Lease`] (HTTP/1.1) goes back to the pool when the response body has been
+    /// read to its end.
+    pub async fn send(
+        &self,
+        ep: &EndpointState,
+        mut req: Request<Body>,
+        h2: bool,
+    ) -> Result<Answer, UpstreamError> {
+        if h2 {
+            // hyper-util's client wants the absolute URI (its pool key).
+            return self
+                .http2
+                .request(req)
+                .await
+                .map(|r| (r, None))
+                .map_err(UpstreamError::Pooled);
+        }
+        // HTTP/1.1: origin-form on the request line, the authority in `Host`.
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(v) = http::HeaderValue::from_str(ep.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(pq);
+        self.http1.send(ep.addr, req).await
+    }
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A backend's response, with the lease of its HTTP/1.1 connection.
+pub type Answer = (Response<Incoming>, Option<Lease>);
+
+/// Why a request did not get a response from its backend.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Connect(#[source] io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("{0}")]
+    Http1(#[source] hyper::Error),
+    #[error("{0}")]
+    Pooled(#[source] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    /// The connection could not be made (nothing was sent).
+    #[must_use]
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Handshake(_) => true,
+            Self::Http1(_) => false,
+            Self::Pooled(e) => e.is_connect(),
+        }
+    }
+}
+
+/// An idle HTTP/1.1 connection: its sender and since when it waits.
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// The idle HTTP/1.1 connections of one worker per endpoint, taken last-in first-out (the
+/// warmest socket first; the ones left at the bottom age out), as Envoy's HTTP/1.1 pool.
+#[derive(Default)]
+pub struct Http1Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Whether this worker's sweep of aged connections runs (started with the first one).
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Http1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Http1Pool")
+            .field("endpoints", &idle.len())
+            .field("idle", &idle.values().map(Vec::len).sum::<usize>())
+            .field("sweeping", &self.sweeping)
+            .finish()
+    }
+}
+
+impl Http1Pool {
+    /// An idle connection to `addr` that is not past the idle timeout.
+    fn take(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&addr)?;
+        while let Some(i) = list.pop() {
+            if i.since.elapsed() < POOL_IDLE_TIMEOUT && !i.sender.is_closed() {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops the connections idle past the timeout or closed by the backend (dropping a
+    /// sender ends its connection task, which closes the socket), and forgets endpoints
+    /// without any.
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < POOL_IDLE_TIMEOUT && !i.sender.is_closed());
+            !list.is_empty()
+        });
+    }
+
+    /// Starts this worker's sweep (once; it ends with the pool).
+    fn start_sweep(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep();
+            }
+        });
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        self.start_sweep();
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+            })?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        // The connection's task, on this worker: it ends when the backend closes, on an
+        // error, or when the sender is dropped and no request is in flight. Upgrades
+        // (WebSocket, CONNECT) take its socket over after a 101.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` on an idle connection to `addr`, or a new one. A request a reused
+    /// connection could not take (the backend closed it while it was idle: nothing was
+    /// written) goes on another, as hyper-util's client retries them.
+    async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Answer, UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.take(addr) {
+                Some(s) => (s, true),
+                None => (self.connect(addr).await?, false),
+            };
+            // Ready once the connection's previous response has been read to its end.
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                // A new connection closed before its first request.
+                return Err(UpstreamError::Http1(e));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let lease = Lease {
+                        pool: self.clone(),
+                        addr,
+                        sender: Some(sender),
+                    };
+                    return Ok((resp, Some(lease)));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => req = back,
+                    _ => return Err(UpstreamError::Http1(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A backend HTTP/1.1 connection lent to one request, given back to its worker's pool when
+/// the response body has been read to its end (only then can the connection carry the next
+/// request); dropped earlier — the client went away mid-body, an upgrade took the socket, a
+/// retry discarded the answer — it closes with its sender, as hyper cannot reuse a connection
+/// with a response half read.
+pub struct Lease {
+    pool: Arc<Http1Pool>,
+    addr: SocketAddr,
+    sender: Option<http1::SendRequest<Body>>,
+}
+
+impl Lease {
+    fn give_back(&mut self) {
+        if let Some(s) = self.sender.take() {
+            self.pool.put(self.addr, s);
+        }
+    }
+}
+
+/// A backend's response body that gives its connection back when it ends.
+pub struct Returning {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Returning {
+    #[must_use]
+    pub fn new(inner: Incoming, lease: Lease) -> Self {
+        let mut r = Self {
+            inner,
+            lease: Some(lease),
+        };
+        r.ended_check();
+        r
+    }
+
+    /// A body with nothing (more) to read: the connection is free.
+    fn ended_check(&mut self) {
+        if http_body::Body::is_end_stream(&self.inner)
+            && let Some(mut l) = self.lease.take()
+        {
+            l.give_back();
+        }
+    }
+}
+
+impl http_body::Body for Returning {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(mut l) = self.lease.take() {
+                    l.give_back();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.ended_check(),
+            Poll::Ready(Some(Err(_))) => {
+                // The connection failed mid-body: never reused.
+                self.lease = None;
+            }
+            Poll::Pending => {}
+        }
+        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper::service::service_fn;
+
+    use super::*;
+
+    /// An HTTP/1.1 backend on loopback answering `body_len` bytes; counts the connections it
+    /// accepted. `keep_alive: false` answers `connection: close` and closes after each.
+    async fn backend(body_len: usize, keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(vec![b'x'; body_len]),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: SocketAddr) -> Request<Body> {
+        Request::builder()
+            .uri("/")
+            .header(header::HOST, addr.to_string())
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap()
+    }
+
+    /// Sends and reads the whole answer through the body that gives the connection back.
+    async fn fetch(pool: &Arc<Http1Pool>, addr: SocketAddr) -> usize {
+        let (resp, lease) = pool.send(addr, get(addr)).await.unwrap();
+        let body = Returning::new(resp.into_body(), lease.unwrap());
+        body.collect().await.unwrap().to_bytes().len()
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_the_end_carries_the_next_request() {
+        let (addr, accepted) = backend(100_000, true).await;
+        let pool = Arc::new(Http1Pool::default());
+        for _ in 0..5 {
+            assert_eq!(fetch(&pool, addr).await, 100_000);
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_read_closes_its_connection() {
+        let (addr, accepted) = backend(1_000_000, true).await;
+        let pool = Arc::new(Http1Pool::default());
+        let (resp, lease) = pool.send(addr, get(addr)).await.unwrap();
+        let mut body = Returning::new(resp.into_body(), lease.unwrap());
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(body);
+        // The half-read connection was not given back: the next request gets a new one.
+        assert_eq!(fetch(&pool, addr).await, 1_000_000);
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+        assert_eq!(fetch(&pool, addr).await, 1_000_000);
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_the_backend_closes_are_not_reused() {
+        let (addr, accepted) = backend(10, false).await;
+        let pool = Arc::new(Http1Pool::default());
+        for _ in 0..3 {
+            assert_eq!(fetch(&pool, addr).await, 10);
+            // Let the connection task see the close.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let pool = Arc::new(Http1Pool::default());
+        let err = pool.send(addr, get(addr)).await.err().unwrap();
+        assert!(err.is_connect(), "{err}");
+    }
+}
