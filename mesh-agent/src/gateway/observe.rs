@@ -63,8 +63,9 @@ pub struct RequestRecord {
     pub attempts: u32,
     pub detail: Option<String>,
     pub grpc: bool,
-    /// Request body bytes read from the client (shared with the counting body).
-    pub request_bytes: Arc<AtomicU64>,
+    /// Request body bytes read from the client, shared with the counting body ([`Counted`]);
+    /// `None` while no body is counted (a request without one: most are).
+    pub request_bytes: Option<Arc<AtomicU64>>,
     pub span: Option<ActiveSpan>,
 }
 
@@ -85,7 +86,7 @@ impl RequestRecord {
             attempts: 0,
             detail: None,
             grpc: false,
-            request_bytes: Arc::new(AtomicU64::new(0)),
+            request_bytes: None,
             span: None,
         }
     }
@@ -104,9 +105,11 @@ fn version_str(v: http::Version) -> Option<&'static str> {
     })
 }
 
-/// `grpc-status` of a header block, when it has a valid one.
+/// `grpc-status` of a header block, when it has a valid one. The name is made at compile time:
+/// a `&str` key is parsed into a header name on every lookup, and every response is looked up.
 fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// The response body to the client, which writes the request's telemetry when it ends (or is
@@ -145,11 +148,16 @@ impl Finish {
         let Some(mut r) = self.record.take() else {
             return;
         };
-        let duration = r.start.elapsed();
+        // The one clock read of the request's end: its duration, and its series' last use.
+        let end = Instant::now();
+        let duration = end.saturating_duration_since(r.start);
         let status = self.status.as_u16();
-        let request_bytes = r.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = r
+            .request_bytes
+            .as_deref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
         // Istio's gateway reports as `source` (it is the client of the backend).
-        crate::telemetry::requests::record(&Request {
+        let request = Request {
             reporter: Reporter::Source,
             source: self.telemetry.source,
             source_principal: None,
@@ -167,7 +175,8 @@ impl Finish {
             duration,
             request_bytes,
             response_bytes: self.sent,
-        });
+        };
+        crate::telemetry::requests::record_at(&request, end);
         if self.telemetry.access_log {
             // Formatted on this worker into its own buffer; a flush thread writes it
             // (`logging::access_line`, Envoy's per-worker access-log buffering).
@@ -274,11 +283,16 @@ impl http_body::Body for Finish {
 /// The request body from the client, counting its bytes for `istio_request_bytes`.
 pub struct Counted<B> {
     inner: B,
-    count: Arc<AtomicU64>,
+    count: Option<Arc<AtomicU64>>,
 }
 
-impl<B> Counted<B> {
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+impl<B: http_body::Body> Counted<B> {
+    /// Wraps `inner`, counting into `count` (made here, shared with the request's record) —
+    /// unless `inner` is already at its end: a request without a body (a `GET`) then costs no
+    /// shared counter, and counts 0.
+    pub fn new(inner: B, count: &mut Option<Arc<AtomicU64>>) -> Self {
+        let count = (!inner.is_end_stream())
+            .then(|| Arc::clone(count.get_or_insert_with(|| Arc::new(AtomicU64::new(0)))));
         Self { inner, count }
     }
 }
@@ -294,8 +308,9 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Counted<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &polled
             && let Some(d) = f.data_ref()
+            && let Some(count) = &self.count
         {
-            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            count.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
         polled
     }

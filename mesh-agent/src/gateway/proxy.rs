@@ -133,7 +133,7 @@ pub async fn handle(
     );
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
     // starts one otherwise; the backend sees this span as its parent.
-    let span = start_span(req.headers());
+    let span = start_span(req.headers(), out.start);
     let trace = span.traceparent();
     out.span = Some(span);
     let host = host_of(&req);
@@ -166,12 +166,12 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
 
 /// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
 /// invalid one starts a new trace, as W3C Trace Context says a receiver must).
-fn start_span(headers: &HeaderMap) -> traces::ActiveSpan {
+fn start_span(headers: &HeaderMap, start: Instant) -> traces::ActiveSpan {
     let parent = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
-    traces::start_span("gateway", traces::Kind::Server, parent.as_ref())
+    traces::start_span_at("gateway", traces::Kind::Server, parent.as_ref(), start)
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names made at
@@ -421,7 +421,7 @@ async fn route(
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = Counted::new(body, out.request_bytes.clone());
+    let body = Counted::new(body, &mut out.request_bytes);
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(m) = &action.request_headers {
@@ -668,7 +668,7 @@ pub fn process_head<B>(
     if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
         let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
     }
-    let tp = start_span(req.headers()).traceparent();
+    let tp = start_span(req.headers(), Instant::now()).traceparent();
     if let Ok(v) = HeaderValue::from_str(&tp) {
         headers.insert(TRACEPARENT, v);
     }

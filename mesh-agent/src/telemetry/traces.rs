@@ -11,7 +11,7 @@
 
 use std::{
     sync::{Arc, OnceLock},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use opentelemetry_proto::tonic::{
@@ -56,11 +56,66 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 fn push_hex(s: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         s.push(char::from(HEX[usize::from(b >> 4)]));
         s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+/// Writes the lowercase hex of `bytes` at the start of `out` (twice as long as `bytes`).
+fn put_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
+
+/// A `traceparent` header value, formatted in place: the gateway sends one per request, and a
+/// `String` for it was an allocation per request before the header value's own copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent([u8; 55]);
+
+impl TraceParent {
+    /// The header value's text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written into it (`TraceContext::traceparent`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for TraceParent {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<str> for TraceParent {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for TraceParent {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -124,14 +179,14 @@ impl TraceContext {
 
     /// The `traceparent` header value of this context.
     #[must_use]
-    pub fn traceparent(&self) -> String {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        push_hex(&mut s, &self.trace_id);
-        s.push('-');
-        push_hex(&mut s, &self.span_id);
-        s.push_str(if self.sampled { "-01" } else { "-00" });
-        s
+    pub fn traceparent(&self) -> TraceParent {
+        let mut b = [0u8; 55];
+        b[..3].copy_from_slice(b"00-");
+        put_hex(&mut b[3..35], &self.trace_id);
+        b[35] = b'-';
+        put_hex(&mut b[36..52], &self.span_id);
+        b[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        TraceParent(b)
     }
 
     /// The trace id in hex (what logs print to join them to traces).
@@ -198,9 +253,12 @@ pub enum Kind {
 pub struct ActiveSpan {
     context: TraceContext,
     parent_span_id: Option<[u8; 8]>,
-    name: String,
+    /// Span names are fixed by the code (`gateway`, `hbone connect`): not copied per span.
+    name: &'static str,
     kind: Kind,
-    start_unix_nano: u64,
+    /// When it started, on the monotonic clock; the wall clock is read once, when a span is
+    /// exported (most are not: sampling), and its start is that minus the span's duration.
+    start: Instant,
     attributes: Vec<KeyValue>,
 }
 
@@ -213,7 +271,19 @@ fn now_unix_nano() -> u64 {
 /// Starts a span: a child of `parent` (the incoming `traceparent`), or a new root sampled by
 /// the installed tracer's ratio (all sampled when none is installed: nothing is exported then).
 #[must_use]
-pub fn start_span(name: &str, kind: Kind, parent: Option<&TraceContext>) -> ActiveSpan {
+pub fn start_span(name: &'static str, kind: Kind, parent: Option<&TraceContext>) -> ActiveSpan {
+    start_span_at(name, kind, parent, Instant::now())
+}
+
+/// [`start_span`] for a span that began at `start`, a time the caller read already (the
+/// gateway's request start): no clock read of its own.
+#[must_use]
+pub fn start_span_at(
+    name: &'static str,
+    kind: Kind,
+    parent: Option<&TraceContext>,
+    start: Instant,
+) -> ActiveSpan {
     let (trace_id, sampled, parent_span_id) = if let Some(p) = parent {
         (p.trace_id, p.sampled, Some(p.span_id))
     } else {
@@ -228,9 +298,9 @@ pub fn start_span(name: &str, kind: Kind, parent: Option<&TraceContext>) -> Acti
             sampled,
         },
         parent_span_id,
-        name: name.to_owned(),
+        name,
         kind,
-        start_unix_nano: now_unix_nano(),
+        start,
         attributes: Vec::new(),
     }
 }
@@ -251,7 +321,7 @@ impl ActiveSpan {
 
     /// The `traceparent` to send on the next hop.
     #[must_use]
-    pub fn traceparent(&self) -> String {
+    pub fn traceparent(&self) -> TraceParent {
         self.context.traceparent()
     }
 
@@ -272,22 +342,25 @@ impl ActiveSpan {
         }
     }
 
-    /// The OTLP span.
+    /// The OTLP span, ending now, which is `end_unix_nano` on the wall clock (its start is
+    /// that minus the time since [`start_span`], saturating at 0).
     #[must_use]
     pub fn into_proto(self, error: Option<&str>, end_unix_nano: u64) -> Span {
+        let took = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let start_unix_nano = end_unix_nano.saturating_sub(took);
         Span {
             trace_id: self.context.trace_id.to_vec(),
             span_id: self.context.span_id.to_vec(),
             parent_span_id: self.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
             flags: u32::from(self.context.sampled),
-            name: self.name,
+            name: self.name.to_owned(),
             kind: match self.kind {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
                 Kind::Internal => SpanKind::Internal,
             } as i32,
-            start_time_unix_nano: self.start_unix_nano,
-            end_time_unix_nano: end_unix_nano.max(self.start_unix_nano),
+            start_time_unix_nano: start_unix_nano,
+            end_time_unix_nano: end_unix_nano,
             attributes: self.attributes,
             status: Some(match error {
                 Some(e) => Status {
