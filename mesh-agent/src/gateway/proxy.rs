@@ -718,22 +718,34 @@ impl Template {
         self.request(ep, headers, body)
     }
 
+    /// h2c: the absolute URI (hyper-util's pool key; `:authority`); HTTP/1.1: origin-form on
+    /// the request line and the authority in `Host` (the endpoint's when the client's is gone).
     fn request(&self, ep: &EndpointState, headers: HeaderMap, body: Body) -> Request<Body> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(ep.authority.clone());
-        parts.path_and_query.clone_from(&self.path_and_query);
-        let uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"));
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = uri;
         *r.headers_mut() = headers;
         if self.h2 {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(ep.authority.clone());
+            parts.path_and_query.clone_from(&self.path_and_query);
+            *r.uri_mut() =
+                Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"));
             *r.version_mut() = Version::HTTP_2;
             // HTTP/2 carries the authority in `:authority` (the URI).
             r.headers_mut().remove(header::HOST);
         } else {
+            *r.uri_mut() = Uri::from(
+                self.path_and_query
+                    .clone()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
             *r.version_mut() = Version::HTTP_11;
+            if !r.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(ep.authority.as_str())
+            {
+                r.headers_mut().insert(header::HOST, v);
+            }
         }
         r
     }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Request, Response};
 use http_body::Frame;
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::{
@@ -64,13 +64,14 @@ impl Upstreams {
         }
     }
 
-    /// Sends `req` to `ep`: over h2c when `h2`, else on an HTTP/1.1 connection of the pool.
+    /// Sends `req` to `ep`: over h2c when `h2` (an absolute URI), else on an HTTP/1.1
+    /// connection of the pool (origin-form with `Host`, as `proxy::Template` builds both).
     /// The answer's [`Lease`] (HTTP/1.1) goes back to the pool when the response body has been
     /// read to its end.
     pub async fn send(
         &self,
         ep: &EndpointState,
-        mut req: Request<Body>,
+        req: Request<Body>,
         h2: bool,
     ) -> Result<Answer, UpstreamError> {
         if h2 {
@@ -82,18 +83,6 @@ impl Upstreams {
                 .map(|r| (r, None))
                 .map_err(UpstreamError::Pooled);
         }
-        // HTTP/1.1: origin-form on the request line, the authority in `Host`.
-        if !req.headers().contains_key(header::HOST)
-            && let Ok(v) = http::HeaderValue::from_str(ep.authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *req.uri_mut() = http::Uri::from(pq);
         self.http1.send(ep.addr, req).await
     }
 }
@@ -266,7 +255,7 @@ impl Http1Pool {
                     let lease = Lease {
                         pool: self.clone(),
                         addr,
-                        sender: Some(sender),
+                        sender,
                     };
                     return Ok((resp, Some(lease)));
                 }
@@ -287,14 +276,12 @@ impl Http1Pool {
 pub struct Lease {
     pool: Arc<Http1Pool>,
     addr: SocketAddr,
-    sender: Option<http1::SendRequest<Body>>,
+    sender: http1::SendRequest<Body>,
 }
 
 impl Lease {
-    fn give_back(&mut self) {
-        if let Some(s) = self.sender.take() {
-            self.pool.put(self.addr, s);
-        }
+    fn give_back(self) {
+        self.pool.put(self.addr, self.sender);
     }
 }
 
@@ -317,9 +304,13 @@ impl Returning {
 
     /// A body with nothing (more) to read: the connection is free.
     fn ended_check(&mut self) {
-        if http_body::Body::is_end_stream(&self.inner)
-            && let Some(mut l) = self.lease.take()
-        {
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(l) = self.lease.take() {
             l.give_back();
         }
     }
@@ -335,11 +326,7 @@ impl http_body::Body for Returning {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => {
-                if let Some(mut l) = self.lease.take() {
-                    l.give_back();
-                }
-            }
+            Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) => self.ended_check(),
             Poll::Ready(Some(Err(_))) => {
                 // The connection failed mid-body: never reused.
@@ -363,6 +350,7 @@ impl http_body::Body for Returning {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use http::header;
     use http_body_util::{BodyExt, Empty};
     use hyper::service::service_fn;
 
