@@ -129,10 +129,14 @@ impl HealthFeedback for LogFeedback {
     fn success(&self, _: &ServiceBackends, _: SocketAddr) {}
 }
 
+/// Every Service port the routes name, looked up once per request: hashed with foldhash (the
+/// keys come from the configuration, not from clients), not the std `RandomState`'s SipHash.
+pub type ServiceMap = HashMap<ServiceRef, Arc<ServiceBackends>, foldhash::fast::RandomState>;
+
 /// The snapshot the proxy reads: every Service port the routes name.
 #[derive(Debug, Default)]
 pub struct Backends {
-    pub services: HashMap<ServiceRef, Arc<ServiceBackends>>,
+    pub services: ServiceMap,
     /// See `ServiceBackends::ejected_until_max`; carried from one snapshot to the next with the
     /// endpoints' states.
     ejected_until_max: Arc<AtomicU64>,

@@ -136,8 +136,13 @@ impl Finish {
         Self {
             inner,
             status,
-            // A trailers-only gRPC answer carries its status in the headers.
-            grpc_status: grpc_status(headers),
+            // A trailers-only gRPC answer carries its status in the headers; other answers
+            // are not looked up.
+            grpc_status: if record.grpc {
+                grpc_status(headers)
+            } else {
+                None
+            },
             sent: 0,
             record: Some(record),
             telemetry,

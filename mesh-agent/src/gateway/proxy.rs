@@ -97,6 +97,33 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// What every request of one client connection shares, made once per connection: a request
+/// clones this one reference count, which only its connection's worker touches — not the
+/// process-wide `Shared` and `Upstreams` counts, whose cache lines both workers moved between
+/// their CPUs on every request.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub upstreams: Arc<Upstreams>,
+    pub info: ConnInfo,
+    /// The client's address as `x-forwarded-for` carries it, formatted once per connection.
+    peer_ip: HeaderValue,
+}
+
+impl ConnCtx {
+    #[must_use]
+    pub fn new(shared: Arc<Shared>, upstreams: Arc<Upstreams>, info: ConnInfo) -> Self {
+        let peer_ip = HeaderValue::from_maybe_shared(Bytes::from(info.peer.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            shared,
+            upstreams,
+            info,
+            peer_ip,
+        }
+    }
+}
+
 /// A plain response.
 #[must_use]
 pub fn plain(status: StatusCode, msg: &str) -> Response<Body> {
@@ -120,13 +147,11 @@ fn empty() -> Body {
 /// Handles one request (never fails: every problem is an HTTP answer). Its metrics, access
 /// line and span are written when the response body ends (`observe::Finish`).
 pub async fn handle(
-    shared: Arc<Shared>,
-    upstreams: Arc<Upstreams>,
-    conn: ConnInfo,
+    ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut out = RequestRecord::new(
-        conn.peer,
+        ctx.info.peer,
         req.method().clone(),
         req.uri().clone(),
         req.version(),
@@ -137,31 +162,77 @@ pub async fn handle(
     let trace = span.traceparent();
     out.span = Some(span);
     let host = host_of(&req);
-    out.authority.clone_from(&host);
-    let resp = route(
-        &shared,
-        &upstreams,
-        conn,
-        req,
-        host.as_deref(),
-        &trace,
-        &mut out,
-    )
-    .await;
-    Ok(super::observe::finish(resp, out, &shared.telemetry))
+    let resp = route(&ctx, req, host.as_deref(), &trace, &mut out).await;
+    // The record takes the host only now: `route` borrowed it, no copy was needed.
+    out.authority = host;
+    Ok(super::observe::finish(resp, out, &ctx.shared.telemetry))
 }
 
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
 fn host_of<B>(req: &Request<B>) -> Option<String> {
-    // One allocation: the copy is lowercased in place.
-    let mut host = if let Some(a) = req.uri().authority() {
-        a.host().to_owned()
-    } else {
-        let h = req.headers().get(header::HOST)?.to_str().ok()?;
-        h.parse::<http::uri::Authority>().ok()?.host().to_owned()
+    let host = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => host_of_header(req.headers().get(header::HOST)?.as_bytes())?,
     };
+    // One allocation: the copy is lowercased in place.
+    let mut host = host.to_owned();
     host.make_ascii_lowercase();
     Some(host)
+}
+
+/// The host of a `Host` value (RFC 9110 §7.2: `uri-host [ ":" port ]`), `None` when it is not
+/// one. Checked here rather than parsed into an `http::uri::Authority`, which copies the value
+/// and accepts a user-info part that `Host` never has.
+fn host_of_header(v: &[u8]) -> Option<&str> {
+    let (host, port) = if v.first() == Some(&b'[') {
+        // IP-literal: hex digits, ':' and '.' (an IPv4 tail) between brackets.
+        let end = v.iter().position(|&b| b == b']')?;
+        let inner = &v[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return None;
+        }
+        (&v[..=end], &v[end + 1..])
+    } else {
+        let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+        let name = &v[..end];
+        // reg-name: unreserved, sub-delims and percent-encoding (RFC 3986 §3.2.2).
+        let ok = |b: u8| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        };
+        if name.is_empty() || !name.iter().all(|&b| ok(b)) {
+            return None;
+        }
+        (name, &v[end..])
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    // Every byte checked above is ASCII.
+    port_ok.then(|| std::str::from_utf8(host).ok()).flatten()
 }
 
 /// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
@@ -192,32 +263,59 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the headers present (comparisons of
-    // standard names) instead of a hashed removal per name.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for n in named {
-        if !(keep_upgrade && n == header::UPGRADE) {
-            headers.remove(n);
+    // One pass over the names present (comparisons of standard names, no hashing) finds the
+    // hop-by-hop ones: most requests carry none, most responses only `connection`. Only those
+    // are removed — not a hashed removal of each of the eight names.
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
         }
     }
-    for n in HOP_BY_HOP {
-        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
+    if present == 0 {
+        return;
+    }
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
+    // Headers the `Connection` header names are hop-by-hop too. Its usual tokens (`close`,
+    // `keep-alive`, `upgrade`) are not parsed into names: they are not headers, or are
+    // removed below anyway.
+    let named: Vec<HeaderName> = if has(&header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|t| n.eq_ignore_ascii_case(t))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let te_trailers = has(&header::TE)
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for n in named {
+        headers.remove(n);
+    }
+    for (i, n) in HOP_BY_HOP.into_iter().enumerate() {
+        if present & (1 << i) == 0
+            || (keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION))
+        {
             continue;
         }
         headers.remove(n);
@@ -269,14 +367,13 @@ const NO_MATCH: PathMatch = PathMatch::Prefix(String::new());
     reason = "the request path in order, one step after the other"
 )]
 async fn route(
-    shared: &Arc<Shared>,
-    upstreams: &Arc<Upstreams>,
-    conn: ConnInfo,
+    ctx: &ConnCtx,
     mut req: Request<Incoming>,
     host: Option<&str>,
     trace: &str,
     out: &mut RequestRecord,
 ) -> Response<Body> {
+    let (shared, upstreams, conn) = (&ctx.shared, &ctx.upstreams, ctx.info);
     let Some(host) = host else {
         return plain(StatusCode::BAD_REQUEST, "missing host");
     };
@@ -303,12 +400,9 @@ async fn route(
     };
     drop(config);
     out.route = Some(action.route.clone());
-    // Body size, before anything is read.
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // Body size, before anything is read: hyper's body knows the `Content-Length` it parsed
+    // (HTTP/1.1 and HTTP/2), without a second header lookup.
+    let declared = req.body().size_hint().exact();
     if declared.is_some_and(|l| l > shared.limits.max_body) {
         return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
@@ -436,12 +530,9 @@ async fn route(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("")),
     );
-    let mut host_header = headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // `Host` stays as the client sent it unless a rewrite changes it; an HTTP/2 client's
+    // `:authority` becomes `Host`.
+    let mut host_header = None;
     if let Some(rw) = &action.rewrite {
         if let Some(c) = &rw.path {
             let path = changed_path(parts.uri.path(), matched.as_ref().unwrap_or(&NO_MATCH), c);
@@ -455,15 +546,32 @@ async fn route(
             host_header = HeaderValue::from_str(h).ok();
         }
     }
-    if let Some(h) = host_header {
-        headers.insert(header::HOST, h);
+    // Without an authority in the URI `host_of` read the host from `Host`: it is there unless
+    // a header filter removed it (then the endpoint's is sent). Otherwise looked up.
+    let client_host = parts.uri.authority().is_none() && action.request_headers.is_none();
+    if host_header.is_none() && !client_host && !headers.contains_key(header::HOST) {
+        host_header = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     }
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", conn.peer.ip()),
-        None => conn.peer.ip().to_string(),
+    let has_host = match host_header {
+        Some(h) => {
+            headers.insert(header::HOST, h);
+            true
+        }
+        None => client_host || headers.contains_key(header::HOST),
     };
-    // The string's buffer becomes the header's (no second copy).
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+    // Envoy appends the client's address to a list the client sent (`use_remote_address`).
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let joined = format!("{prev}, {}", conn.peer.ip());
+            // The string's buffer becomes the header's (no second copy).
+            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+        }
+        None => Some(ctx.peer_ip.clone()),
+    };
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
@@ -473,17 +581,20 @@ async fn route(
     if let Ok(v) = HeaderValue::from_str(trace) {
         headers.insert(TRACEPARENT, v);
     }
-    // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c.
+    // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c (gRPC
+    // is HTTP/2 only: an HTTP/1.1 request's content type is not looked up).
     let grpc = action.grpc
-        || headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc"));
+        || (parts.version == Version::HTTP_2
+            && headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc")));
     out.grpc = grpc;
     let mut template = Template {
         method: parts.method,
         path_and_query,
         headers,
+        has_host,
         h2: grpc,
     };
     // Buffer small bodies of idempotent requests so they can be retried and mirrored.
@@ -552,6 +663,8 @@ async fn route(
         out.upstream = Some(ep.addr);
         out.pod.clone_from(&ep.pod);
         let body = match (&buffered, streaming.take()) {
+            // No body (a `GET`): boxing the zero-sized empty body allocates nothing.
+            (Some(b), _) if b.is_empty() => empty(),
             (Some(b), _) => Full::new(b.clone())
                 .map_err(|e: Infallible| match e {})
                 .boxed_unsync(),
@@ -579,7 +692,8 @@ async fn route(
         let (failed, answer): (Option<String>, Option<Answer>) = match result {
             Ok(Ok(resp)) => {
                 let status = resp.0.status();
-                let grpc_unavailable = resp.0.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
+                let grpc_unavailable =
+                    template.h2 && resp.0.headers().get(GRPC_STATUS).is_some_and(|v| v == "14");
                 if status.is_server_error() || grpc_unavailable {
                     (Some(format!("status {}", status.as_u16())), Some(resp))
                 } else {
@@ -610,7 +724,7 @@ async fn route(
         let retriable = failed.is_some()
             && answer.as_ref().is_none_or(|(r, _)| {
                 matches!(r.status().as_u16(), 502..=504)
-                    || r.headers().get(GRPC_STATUS).is_some_and(|v| v == "14")
+                    || (template.h2 && r.headers().get(GRPC_STATUS).is_some_and(|v| v == "14"))
             });
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if retriable && retry && attempt <= action.retry.attempts && time_left {
@@ -701,6 +815,8 @@ struct Template {
     /// Parsed once; cloning it is a reference count (`Bytes`).
     path_and_query: Option<PathAndQuery>,
     headers: HeaderMap,
+    /// Whether `headers` has `Host` (HTTP/1.1 sends the endpoint's when not).
+    has_host: bool,
     h2: bool,
 }
 
@@ -741,7 +857,7 @@ impl Template {
                     .unwrap_or_else(|| PathAndQuery::from_static("/")),
             );
             *r.version_mut() = Version::HTTP_11;
-            if !r.headers().contains_key(header::HOST)
+            if !self.has_host
                 && let Ok(v) = HeaderValue::from_str(ep.authority.as_str())
             {
                 r.headers_mut().insert(header::HOST, v);
@@ -876,6 +992,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_host_of_a_host_header_is_its_name_without_the_port() {
+        let cases: [(&str, Option<&str>); 14] = [
+            ("example.com", Some("example.com")),
+            ("Example.COM:8080", Some("Example.COM")),
+            ("example.com:", Some("example.com")),
+            ("10.0.0.1:80", Some("10.0.0.1")),
+            ("[::1]:443", Some("[::1]")),
+            (
+                "[2001:db8::ffff:10.0.0.1]",
+                Some("[2001:db8::ffff:10.0.0.1]"),
+            ),
+            ("a_b-c~d.example", Some("a_b-c~d.example")),
+            ("", None),
+            (":80", None),
+            ("user@example.com", None),
+            ("example.com:80:80", None),
+            ("example.com:8x", None),
+            ("[::1", None),
+            ("exa mple.com", None),
+        ];
+        for (v, want) in cases {
+            assert_eq!(host_of_header(v.as_bytes()), want, "{v:?}");
+            // Where ours accepts, `http`'s authority parser finds the same host.
+            if let Some(h) = want {
+                let a: http::uri::Authority = v.parse().unwrap();
+                assert_eq!(a.host(), h, "{v:?}");
+            }
+        }
+    }
+
+    #[test]
     fn prefix_rewrites_replace_whole_elements() {
         let m = PathMatch::Prefix("/foo".into());
         let c = PathChange::Prefix("/bar".into());
@@ -899,7 +1046,26 @@ mod tests {
         h.insert("x-app", HeaderValue::from_static("ok"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none() && h.get("connection").is_none());
+        assert!(h.get("keep-alive").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("x-app").unwrap(), "ok");
+
+        // A WebSocket handshake keeps `connection` and `upgrade`; other hop-by-hop headers go.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade, X-Other"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("secret"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("host", HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert!(h.get("connection").is_some());
+        assert!(h.get("x-other").is_none() && h.get("proxy-authorization").is_none());
+        assert!(h.get("te").is_none());
+        assert_eq!(h.get("host").unwrap(), "a");
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("upgrade").is_none() && h.get("connection").is_none());
+        assert_eq!(h.len(), 1);
     }
 }
