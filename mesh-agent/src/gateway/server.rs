@@ -414,10 +414,14 @@ const QUIET_TICKS: u32 = 4;
 /// starts over from the current time) or not (one more quiet tick). After 4 quiet ticks in a
 /// row the stream's pending read or write fails with `TimedOut`: a stream is closed between
 /// `idle` and `idle × 1.25` after its last byte (plus tokio's millisecond timer granularity),
-/// never earlier. Envoy's `idle_timeout` is the same kind of bound: it disarms and re-arms its
-/// timer when requests start and end, not per byte, so it too closes within a timer period of
-/// the exact deadline. The tick is observed only when a read or write is pending (that is
-/// when the connection waits on the client), as before this change.
+/// never earlier. Ticks are seen only while a read or write is pending, which is when the
+/// connection waits on the client.
+///
+/// Envoy's `idle_timeout` (HTTP connection manager) counts time without an active request
+/// instead: armed when the last stream ends, disarmed when one starts, exact to its deadline;
+/// bytes of a request in progress are bounded by its other timeouts (`request_headers_timeout`,
+/// `stream_idle_timeout`). This one counts bytes either way, as `stream_idle_timeout` does per
+/// stream.
 pub struct IdleIo<S> {
     inner: S,
     tick: Duration,
