@@ -68,8 +68,9 @@ pub struct ServiceBackends {
     pub endpoints: Vec<Arc<EndpointState>>,
     rr: AtomicUsize,
     /// Shared by every Service of the snapshot (an endpoint may serve two): the latest
-    /// `ejected_until_ms` any local ejection set. Past it nothing is ejected locally, and
-    /// `pick` skips the per-endpoint checks.
+    /// `ejected_until_ms` any local ejection set, or 0 once `pick` saw them all over (it then
+    /// reads no clock). Past it nothing is ejected locally, and `pick` skips the per-endpoint
+    /// checks.
     ejected_until_max: Arc<AtomicU64>,
 }
 
@@ -250,16 +251,27 @@ impl ServiceBackends {
         if self.endpoints.is_empty() {
             return Err(NoEndpoint::Empty);
         }
-        let now = now_ms(epoch, Instant::now());
-        if exclude.is_none()
-            && self.ejected_until_max.load(Ordering::Relaxed) <= now
-            && !kernel.any_open()
-        {
-            // Nothing ejected anywhere: every endpoint is eligible, no list to build.
-            return Ok(self
-                .choose(self.endpoints.len(), |i| &self.endpoints[i])
-                .clone());
+        if exclude.is_none() && !kernel.any_open() {
+            // 0: no local ejection is ahead, and no clock read is needed to know it.
+            let max = self.ejected_until_max.load(Ordering::Relaxed);
+            if max == 0 || max <= now_ms(epoch, Instant::now()) {
+                if max != 0 {
+                    // Every local ejection is over: back to 0, so later picks skip the clock.
+                    // An ejection stored meanwhile raised the value and this fails.
+                    let _ = self.ejected_until_max.compare_exchange(
+                        max,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                // Nothing ejected anywhere: every endpoint is eligible, no list to build.
+                return Ok(self
+                    .choose(self.endpoints.len(), |i| &self.endpoints[i])
+                    .clone());
+            }
         }
+        let now = now_ms(epoch, Instant::now());
         let healthy: Vec<&Arc<EndpointState>> = self
             .endpoints
             .iter()
@@ -362,6 +374,8 @@ impl ServiceBackends {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn svc(n: u8, circuit: CircuitSettings) -> ServiceBackends {
@@ -427,5 +441,37 @@ mod tests {
                 eps[0].addr
             );
         }
+    }
+
+    #[test]
+    fn an_ejection_after_one_ran_out_is_still_seen() {
+        let s = svc(
+            2,
+            CircuitSettings {
+                consecutive_failures: 1,
+                max_ejection_percent: 50,
+                base_ejection: Duration::from_secs(1),
+                max_ejection: Duration::from_secs(1),
+                ..CircuitSettings::default()
+            },
+        );
+        let eps = s.endpoints.clone();
+        let picks = |epoch| -> Vec<SocketAddr> {
+            (0..4)
+                .map(|_| s.pick(None, epoch, &NoKernelCircuits).unwrap().addr)
+                .collect()
+        };
+        let epoch = Instant::now();
+        assert!(s.failure(&eps[0], epoch));
+        assert!(!picks(epoch).contains(&eps[0].addr));
+        // An epoch 10 s back reads as 10 s later: the 1 s ejection is over, both endpoints are
+        // picked (and the shared maximum goes back to 0).
+        let later = epoch
+            .checked_sub(Duration::from_secs(10))
+            .expect("the monotonic clock is past 10 s");
+        assert!(picks(later).contains(&eps[0].addr));
+        assert_eq!(s.ejected_until_max.load(Ordering::Relaxed), 0);
+        assert!(s.failure(&eps[1], later));
+        assert!(!picks(later).contains(&eps[1].addr));
     }
 }

@@ -44,8 +44,14 @@ impl TokenBucket {
         }
     }
 
-    /// Takes a token; `Err(wait)` is how long until the next one (for `Retry-After`).
-    pub fn take(&self, now: Instant) -> Result<(), Duration> {
+    /// Takes a token now; `Err(wait)` is how long until the next one (for `Retry-After`). The
+    /// clock is read here, so a route without a limit reads none.
+    pub fn take(&self) -> Result<(), Duration> {
+        self.take_at(Instant::now())
+    }
+
+    /// [`Self::take`] at `now`.
+    pub fn take_at(&self, now: Instant) -> Result<(), Duration> {
         let mut b = self
             .state
             .lock()
@@ -87,8 +93,14 @@ impl ClientBuckets {
         }
     }
 
-    /// Takes a token of `client`'s bucket.
-    pub fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Takes a token of `client`'s bucket now (the clock is read here, as in
+    /// [`TokenBucket::take`]).
+    pub fn take(&self, client: IpAddr) -> Result<(), Duration> {
+        self.take_at(client, Instant::now())
+    }
+
+    /// [`Self::take`] at `now`.
+    pub fn take_at(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
         let mut map = self
             .buckets
             .lock()
@@ -171,12 +183,12 @@ mod tests {
         });
         let t0 = Instant::now();
         for _ in 0..10 {
-            b.take(t0).unwrap();
+            b.take_at(t0).unwrap();
         }
-        let wait = b.take(t0).unwrap_err();
+        let wait = b.take_at(t0).unwrap_err();
         assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
-        b.take(t0 + Duration::from_millis(100)).unwrap();
-        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
+        b.take_at(t0 + Duration::from_millis(100)).unwrap();
+        assert!(b.take_at(t0 + Duration::from_millis(100)).is_err());
     }
 
     #[test]

@@ -429,16 +429,15 @@ async fn route(
             }
         }
     }
-    let now = Instant::now();
     let limited = action
         .route_limit
         .as_ref()
-        .and_then(|b| b.take(now).err())
+        .and_then(|b| b.take().err())
         .or_else(|| {
             action
                 .client_limit
                 .as_ref()
-                .and_then(|b| b.take(conn.peer.ip(), now).err())
+                .and_then(|b| b.take(conn.peer.ip()).err())
         });
     if let Some(wait) = limited {
         let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "rate limited");

@@ -437,40 +437,68 @@ impl Future for HeaderSleep {
     }
 }
 
+/// Quiet ticks, each `idle / QUIET_TICKS` long, after which [`IdleIo`] closes its stream.
+const QUIET_TICKS: u32 = 4;
+
 /// A stream closed after `idle` without a byte read or written: slow or silent clients
-/// (slowloris) cannot hold a connection forever. The deadline moves lazily — each I/O only
-/// records the time — so the timer is re-armed at most once per idle period, not per read.
+/// (slowloris) cannot hold a connection forever. The ready path reads no clock: each read or
+/// write that completes only sets a flag. A timer ticks every `idle / 4`; when it fires the
+/// flag says whether the stream moved since the last tick (cleared, the count of quiet ticks
+/// starts over from the current time) or not (one more quiet tick). After 4 quiet ticks in a
+/// row the stream's pending read or write fails with `TimedOut`: a stream is closed between
+/// `idle` and `idle × 1.25` after its last byte (plus tokio's millisecond timer granularity),
+/// never earlier. Ticks are seen only while a read or write is pending, which is when the
+/// connection waits on the client.
+///
+/// Envoy's `idle_timeout` (HTTP connection manager) counts time without an active request
+/// instead: armed when the last stream ends, disarmed when one starts, exact to its deadline;
+/// bytes of a request in progress are bounded by its other timeouts (`request_headers_timeout`,
+/// `stream_idle_timeout`). This one counts bytes either way, as `stream_idle_timeout` does per
+/// stream.
 pub struct IdleIo<S> {
     inner: S,
-    idle: Duration,
-    last: Instant,
+    tick: Duration,
+    /// A read or write completed since the last tick.
+    moved: bool,
+    /// Ticks in a row without I/O.
+    quiet: u32,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S> IdleIo<S> {
     pub fn new(inner: S, idle: Duration) -> Self {
+        // At most a year per tick, so that adding one to an instant cannot overflow.
+        let tick = (idle / QUIET_TICKS).min(Duration::from_hours(365 * 24));
         Self {
             inner,
-            idle,
-            last: Instant::now(),
-            timer: Box::pin(tokio::time::sleep(idle)),
+            tick,
+            moved: false,
+            quiet: 0,
+            timer: Box::pin(tokio::time::sleep(tick)),
         }
     }
 
     /// Pending I/O: has the connection been idle too long?
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            let due = self.last + self.idle;
-            if Instant::now() >= due {
-                return true;
-            }
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(due));
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let next = if std::mem::take(&mut self.moved) {
+                // The only clock read, at most once per tick: counting starts over from now, so
+                // a tick that fired long ago (the stream was busy, nobody polled the timer) is
+                // not taken for quiet time.
+                self.quiet = 0;
+                tokio::time::Instant::now()
+            } else {
+                self.quiet += 1;
+                if self.quiet >= QUIET_TICKS {
+                    return true;
+                }
+                // No I/O since the last tick, which was observed at or after its deadline: a
+                // later tick from that deadline still spans only quiet time.
+                self.timer.deadline()
+            };
+            self.timer.as_mut().reset(next + self.tick);
         }
+        false
     }
 }
 
@@ -486,7 +514,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
     ) -> Poll<io::Result<()>> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                self.last = Instant::now();
+                self.moved = true;
                 Poll::Ready(r)
             }
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -503,7 +531,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write(cx, buf) {
             Poll::Ready(r) => {
-                self.last = Instant::now();
+                self.moved = true;
                 Poll::Ready(r)
             }
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -518,7 +546,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     ) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(r) => {
-                self.last = Instant::now();
+                self.moved = true;
                 Poll::Ready(r)
             }
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
@@ -559,4 +587,81 @@ pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpLis
             socket.listen(4096)?.into_std()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+        time::Instant,
+    };
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_millis(400);
+
+    /// Reads until the idle timeout ends the stream; returns when that happened.
+    async fn timed_out_at(io: &mut IdleIo<DuplexStream>) -> Instant {
+        let mut buf = [0u8; 16];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(n) => assert!(n > 0, "the peer closed"),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                    return Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Within [idle, idle × 1.25] of `last`, plus the timer's millisecond.
+    fn assert_bound(last: Instant, closed: Instant) {
+        let quiet = closed - last;
+        assert!(
+            quiet >= IDLE && quiet <= IDLE * 5 / 4 + Duration::from_millis(1),
+            "closed after {quiet:?} of quiet"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_closes_between_idle_and_a_quarter_more() {
+        let (_client, server) = tokio::io::duplex(64);
+        let start = Instant::now();
+        let mut io = IdleIo::new(server, IDLE);
+        assert_bound(start, timed_out_at(&mut io).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_keep_a_stream_open_and_the_bound_counts_from_the_last() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = IdleIo::new(server, IDLE);
+        let writer = tokio::spawn(async move {
+            // A byte every 0.3 s (under the 0.4 s idle timeout) for 3 s, then silence.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                client.write_all(b"x").await.unwrap();
+            }
+            let last = Instant::now();
+            (client, last)
+        });
+        let closed = timed_out_at(&mut io).await;
+        let (_client, last) = writer.await.unwrap();
+        assert_bound(last, closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_stream_is_not_taken_for_idle_when_it_pauses() {
+        // Reads that complete at once never poll the timer: its ticks pass unseen. The quiet
+        // count must start from the I/O, not from those old ticks.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = IdleIo::new(server, IDLE);
+        let mut buf = [0u8; 1];
+        for _ in 0..5 {
+            client.write_all(b"x").await.unwrap();
+            tokio::time::advance(Duration::from_millis(300)).await;
+            io.read_exact(&mut buf).await.unwrap();
+        }
+        let last = Instant::now();
+        assert_bound(last, timed_out_at(&mut io).await);
+    }
 }

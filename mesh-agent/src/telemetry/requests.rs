@@ -4,16 +4,20 @@
 //!
 //! Keys are the `Arc`s the callers already hold (pods and services from the snapshot, SPIFFE
 //! ids), the status code and a few enums, so recording allocates nothing once a series exists.
-//! Label strings are made at scrape time. At most [`MAX_SERIES`] keys (a request past it is
+//! Label strings are made at scrape time. The series are sharded by recording thread (Envoy
+//! keeps per-worker stats), merged at scrape time: the gateway's workers each take their own
+//! shard's lock per request, not one lock between them (threads take shards in turn; past the
+//! shard count they share). At most [`MAX_SERIES`] keys (a request past it is
 //! dropped and counted in `mesh_telemetry_series_dropped_total{family="requests"}`); keys of
 //! deleted pods or services idle for [`super::tcp::IDLE_EXPIRY`] are removed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cell::Cell,
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -298,6 +302,23 @@ impl Series {
             last: now,
         }
     }
+
+    fn observe(&mut self, r: &Request<'_>, now: Instant) {
+        self.last = now;
+        self.duration
+            .observe(&DURATION_BUCKETS_MS, r.duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .observe(&SIZE_BUCKETS, r.request_bytes as f64);
+        self.response_bytes
+            .observe(&SIZE_BUCKETS, r.response_bytes as f64);
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.duration.add(&other.duration);
+        self.request_bytes.add(&other.request_bytes);
+        self.response_bytes.add(&other.response_bytes);
+        self.last = self.last.max(other.last);
+    }
 }
 
 /// The series by key. Hashed with foldhash (seeded per map), not the std `RandomState`'s
@@ -305,20 +326,60 @@ impl Series {
 /// the response status, not from a client who could choose colliding keys.
 type SeriesMap = HashMap<Key, Series, foldhash::fast::RandomState>;
 
+/// Most shards: past this many recording threads, threads share shards (still correct, only
+/// contended again). A key can have a series in each shard a thread recorded it in, so memory
+/// is at most this many times that of one map.
+const MAX_SHARDS: usize = 16;
+
+/// One shard of the series, alone on its cache lines (128 bytes: adjacent-line prefetch), so
+/// that one thread's lock does not move another's.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<SeriesMap>);
+
+/// Threads are given shard numbers in turn, on their first request recorded.
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn thread_number() -> usize {
+    THREAD.with(|t| {
+        t.get().unwrap_or_else(|| {
+            let n = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+            t.set(Some(n));
+            n
+        })
+    })
+}
+
 /// The request metrics of this process.
 #[derive(Debug)]
 pub struct RequestMetrics {
-    series: Mutex<SeriesMap>,
+    /// The series, one shard per recording thread (in turn, modulo the shard count).
+    shards: Box<[Shard]>,
+    /// Every key with a series in any shard. Consulted only when a key is new to a shard, it
+    /// keeps [`MAX_SERIES`] a bound on distinct keys, as it was with one map. Lock order: this,
+    /// then shards.
+    keys: Mutex<HashSet<Key, foldhash::fast::RandomState>>,
     max: usize,
     dropped: AtomicU64,
     expired: AtomicU64,
 }
 
 impl RequestMetrics {
+    /// Shards for the threads this process can run at once (at most [`MAX_SHARDS`]).
     #[must_use]
     pub fn new(max: usize) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self::with_shards(max, cpus.clamp(2, MAX_SHARDS))
+    }
+
+    fn with_shards(max: usize, shards: usize) -> Self {
         Self {
-            series: Mutex::new(SeriesMap::default()),
+            shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
+            keys: Mutex::default(),
             max,
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
@@ -332,23 +393,36 @@ impl RequestMetrics {
 
     /// Records one request that ended at `now` (what marks its series in use, for expiry).
     pub fn record_at(&self, r: &Request<'_>, now: Instant) {
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let len = series.len();
-        let s = match series.get_mut(r as &dyn KeyView) {
-            Some(s) => s,
-            None if len >= self.max => {
+        self.record_in(thread_number() % self.shards.len(), r, now);
+    }
+
+    /// [`Self::record_at`] into shard `i`.
+    fn record_in(&self, i: usize, r: &Request<'_>, now: Instant) {
+        let shard = &self.shards[i].0;
+        if let Some(s) = shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(r as &dyn KeyView)
+        {
+            s.observe(r, now);
+            return;
+        }
+        // New to this shard: the key set says whether it is a new key, and whether one more
+        // fits.
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if !keys.contains(r as &dyn KeyView) {
+            if keys.len() >= self.max {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            None => series.entry(Key::of(r)).or_insert_with(|| Series::new(now)),
-        };
-        s.last = now;
-        s.duration
-            .observe(&DURATION_BUCKETS_MS, r.duration.as_secs_f64() * 1000.0);
-        s.request_bytes
-            .observe(&SIZE_BUCKETS, r.request_bytes as f64);
-        s.response_bytes
-            .observe(&SIZE_BUCKETS, r.response_bytes as f64);
+            keys.insert(Key::of(r));
+        }
+        shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(Key::of(r))
+            .or_insert_with(|| Series::new(now))
+            .observe(r, now);
     }
 
     /// Removes keys naming a deleted pod or service, idle for the TCP metrics' expiry.
@@ -362,16 +436,33 @@ impl RequestMetrics {
                 }
             })
         };
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = series.len();
-        series.retain(|k, s| {
-            now.duration_since(s.last) < super::tcp::IDLE_EXPIRY
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.0.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        let before = keys.len();
+        // A key goes from every shard at once, when it is idle in all of them: a counter
+        // never loses the part one thread recorded.
+        keys.retain(|k| {
+            let last = shards
+                .iter()
+                .filter_map(|m| m.get(k as &dyn KeyView).map(|s| s.last))
+                .max();
+            let keep = last.is_some_and(|l| now.duration_since(l) < super::tcp::IDLE_EXPIRY)
                 || !(gone(&k.source, false)
                     || gone(&k.destination, false)
-                    || gone(&k.service, true))
+                    || gone(&k.service, true));
+            if !keep {
+                for m in &mut shards {
+                    m.remove(k as &dyn KeyView);
+                }
+            }
+            keep
         });
         self.expired
-            .fetch_add((before - series.len()) as u64, Ordering::Relaxed);
+            .fetch_add((before - keys.len()) as u64, Ordering::Relaxed);
     }
 
     /// Its cardinality bound and what it cost.
@@ -380,7 +471,7 @@ impl RequestMetrics {
         super::Bound {
             family: "requests",
             len: self
-                .series
+                .keys
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .len(),
@@ -391,13 +482,19 @@ impl RequestMetrics {
     }
 
     fn by_labels(&self) -> BTreeMap<Vec<String>, Series> {
-        let copy: Vec<(Key, Series)> = self
-            .series
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, s)| (k.clone(), s.clone()))
-            .collect();
+        // The shards merged by key (each locked in turn, never two at once).
+        let mut copy = SeriesMap::default();
+        for shard in &self.shards {
+            let series = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+            for (k, s) in series.iter() {
+                match copy.get_mut(k as &dyn KeyView) {
+                    Some(sum) => sum.add(s),
+                    None => {
+                        copy.insert(k.clone(), s.clone());
+                    }
+                }
+            }
+        }
         let mut out: BTreeMap<Vec<String>, Series> = BTreeMap::new();
         for (k, s) in copy {
             let mut values = Common::new(
@@ -418,11 +515,7 @@ impl RequestMetrics {
             values.push(k.response_code.to_string());
             values.push(k.grpc_status.map(|g| g.to_string()).unwrap_or_default());
             match out.get_mut(&values) {
-                Some(sum) => {
-                    sum.duration.add(&s.duration);
-                    sum.request_bytes.add(&s.request_bytes);
-                    sum.response_bytes.add(&s.response_bytes);
-                }
+                Some(sum) => sum.add(&s),
                 None => {
                     out.insert(values, s);
                 }
@@ -506,6 +599,83 @@ impl Collector for RequestMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scrape(m: &Arc<RequestMetrics>) -> String {
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(Arc::clone(m)));
+        let mut t = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut t, &r).unwrap();
+        t
+    }
+
+    fn request<'a>(
+        source: &'a Arc<ObjectName>,
+        service: &'a Arc<ObjectName>,
+        code: u16,
+    ) -> Request<'a> {
+        Request {
+            reporter: Reporter::Destination,
+            source: Some(source),
+            source_principal: None,
+            service: Some(service),
+            destination: None,
+            destination_principal: None,
+            protocol: Protocol::Http,
+            response_code: code,
+            grpc_status: None,
+            security: Security::None,
+            duration: Duration::from_millis(3),
+            request_bytes: 0,
+            response_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn shards_scrape_as_one_map_and_the_cap_counts_keys_once() {
+        let a = Arc::new(ObjectName::new("shop", "a"));
+        let web = Arc::new(ObjectName::new("shop", "web"));
+        let now = Instant::now();
+        let one = Arc::new(RequestMetrics::with_shards(2, 1));
+        let two = Arc::new(RequestMetrics::with_shards(2, 2));
+        for (i, code) in [(0, 200), (1, 200), (1, 200), (1, 503), (0, 503)] {
+            one.record_in(0, &request(&a, &web, code), now);
+            two.record_in(i, &request(&a, &web, code), now);
+        }
+        let t = scrape(&two);
+        assert!(
+            t.contains("istio_requests_total{") && t.contains("} 3\n"),
+            "{t}"
+        );
+        assert_eq!(scrape(&one), t);
+        // Two keys, each in both shards: the cap of 2 is full, a third key is dropped.
+        assert_eq!(two.bound().len, 2);
+        two.record_in(0, &request(&a, &web, 404), now);
+        assert_eq!(two.bound().dropped, 1);
+        assert_eq!(scrape(&one), scrape(&two));
+    }
+
+    #[test]
+    fn a_key_expires_from_every_shard_once_idle_in_all() {
+        let gone = Arc::new(ObjectName::new("shop", "gone"));
+        let web = Arc::new(ObjectName::new("shop", "web"));
+        let m = Arc::new(RequestMetrics::with_shards(10, 2));
+        let snap = Snapshot::build(
+            1,
+            crate::model::ClusterModel::default(),
+            crate::reconcile::AppliedServices::new(),
+        );
+        let t0 = Instant::now();
+        let idle = super::super::tcp::IDLE_EXPIRY;
+        m.record_in(0, &request(&gone, &web, 200), t0);
+        m.record_in(1, &request(&gone, &web, 200), t0 + idle);
+        // Idle in shard 0 only: kept whole.
+        m.expire(&snap, t0 + idle + Duration::from_secs(1));
+        assert_eq!(m.bound().len, 1);
+        assert!(scrape(&m).contains("} 2\n"));
+        m.expire(&snap, t0 + idle * 2);
+        assert_eq!((m.bound().len, m.bound().expired), (0, 1));
+        assert!(!scrape(&m).contains("istio_requests_total{"));
+    }
 
     #[test]
     fn requests_count_per_status_and_histograms_bucket_like_istio() {
