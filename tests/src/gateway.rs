@@ -51,6 +51,48 @@ spec:
     )
 }
 
+/// A Gateway `gw` with one HTTPS listener on `port` for `host` (a fresh self-signed certificate,
+/// returned so a client can trust it) and one `HTTPRoute` sending everything to Service
+/// `svc`:80 (namespace `default`).
+pub fn tls_route_yaml(port: u16, host: &str, svc: &str) -> Result<(String, rcgen::Certificate)> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
+    let indent = |s: String| {
+        s.lines().fold(String::new(), |mut out, l| {
+            let _ = writeln!(out, "    {l}");
+            out
+        })
+    };
+    let routes = format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw }}
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - {{ name: tls, port: {port}, protocol: HTTPS, hostname: {host}, tls: {{ certificateRefs: [{{ name: {svc} }}] }} }}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: r }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  rules: [{{ backendRefs: [{{ name: {svc}, port: 80 }}] }}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{ name: {svc} }}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}",
+        indent(cert.pem()),
+        indent(key.serialize_pem())
+    );
+    Ok((routes, cert))
+}
+
 /// An echo backend: answers `{name} {method} {path}` and copies `x-*` request headers back as
 /// `seen-x-*`; fails with 503 while `failing` is set; echoes bytes after an `Upgrade`.
 pub struct Backend {

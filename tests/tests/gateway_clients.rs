@@ -5,14 +5,13 @@
 //! Build first: `cargo build -p mesh-agent --bins`; h2load comes from `nghttp2-client`
 //! (`cargo xtask install-deps`).
 
-use std::fmt::Write as _;
 use std::pin::Pin;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use futures::{SinkExt as _, Stream, StreamExt as _};
-use mesh_tests::gateway::{Backend, GatewayProcess, services_yaml, wait_for};
+use mesh_tests::gateway::{Backend, GatewayProcess, services_yaml, tls_route_yaml, wait_for};
 use tokio_tungstenite::tungstenite::Message;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -60,42 +59,7 @@ fn h2load_over_tls_gets_only_2xx() -> Result<()> {
         let port = 18_451;
         let backend = Backend::start("h2", "127.0.31.1:9031".parse()?).await?;
         let dir = tmpdir("h2load");
-        let key = rcgen::KeyPair::generate()?;
-        let cert =
-            rcgen::CertificateParams::new(vec!["h2.example.com".to_owned()])?.self_signed(&key)?;
-        let indent = |s: String| {
-            s.lines().fold(String::new(), |mut out, l| {
-                let _ = writeln!(out, "    {l}");
-                out
-            })
-        };
-        let routes = format!(
-            "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{ name: gw }}
-spec:
-  gatewayClassName: mesh
-  listeners:
-    - {{ name: tls, port: {port}, protocol: HTTPS, hostname: h2.example.com, tls: {{ certificateRefs: [{{ name: h2 }}] }} }}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{ name: r }}
-spec:
-  parentRefs: [{{ name: gw }}]
-  rules: [{{ backendRefs: [{{ name: h2, port: 80 }}] }}]
----
-apiVersion: v1
-kind: Secret
-metadata: {{ name: h2 }}
-type: kubernetes.io/tls
-stringData:
-  tls.crt: |
-{}  tls.key: |
-{}",
-            indent(cert.pem()),
-            indent(key.serialize_pem())
-        );
+        let (routes, _) = tls_route_yaml(port, "h2.example.com", "h2")?;
         let services = services_yaml(&[("h2", 80, &["127.0.31.1"], 9031, "")]);
         let gw = GatewayProcess::start(&dir, &routes, &services, &[])?;
         listening(&gw, port).await?;
