@@ -131,7 +131,7 @@ impl HealthFeedback for LogFeedback {
 }
 
 /// Every Service port the routes name, looked up once per request: hashed with foldhash (the
-/// keys come from the configuration, not from clients), not the std `RandomState`'s SipHash.
+/// keys come from the configuration, not from clients), not the std `RandomState`'s `SipHash`.
 pub type ServiceMap = HashMap<ServiceRef, Arc<ServiceBackends>, foldhash::fast::RandomState>;
 
 /// The snapshot the proxy reads: every Service port the routes name.

@@ -360,12 +360,11 @@ async fn serve_until_drained<C, E>(
         Poll::Pending
     })
     .await;
-    let result = match ended {
-        Some(r) => r,
-        None => {
-            graceful_shutdown(served.as_mut());
-            served.await
-        }
+    let result = if let Some(r) = ended {
+        r
+    } else {
+        graceful_shutdown(served.as_mut());
+        served.await
     };
     if let Err(e) = result {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");

@@ -131,7 +131,7 @@ struct Idle {
 /// warmest socket first; the ones left at the bottom age out), as Envoy's HTTP/1.1 pool.
 #[derive(Default)]
 pub struct Http1Pool {
-    /// By endpoint; foldhash, not SipHash (looked up twice per request; endpoints come from
+    /// By endpoint; foldhash, not `SipHash` (looked up twice per request; endpoints come from
     /// the cluster, not from clients).
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>, foldhash::fast::RandomState>>,
     /// Whether this worker's sweep of aged connections runs (started with the first one).
