@@ -57,12 +57,6 @@ spec:
 pub fn tls_route_yaml(port: u16, host: &str, svc: &str) -> Result<(String, rcgen::Certificate)> {
     let key = rcgen::KeyPair::generate()?;
     let cert = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
-    let indent = |s: String| {
-        s.lines().fold(String::new(), |mut out, l| {
-            let _ = writeln!(out, "    {l}");
-            out
-        })
-    };
     let routes = format!(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -79,18 +73,27 @@ spec:
   parentRefs: [{{ name: gw }}]
   rules: [{{ backendRefs: [{{ name: {svc}, port: 80 }}] }}]
 ---
-apiVersion: v1
-kind: Secret
-metadata: {{ name: {svc} }}
-type: kubernetes.io/tls
-stringData:
-  tls.crt: |
-{}  tls.key: |
 {}",
-        indent(cert.pem()),
-        indent(key.serialize_pem())
+        tls_secret_yaml(svc, &cert, &key)
     );
     Ok((routes, cert))
+}
+
+/// A `kubernetes.io/tls` Secret named `name` holding `cert` and `key` (PEM), as a YAML document
+/// without the leading `---`.
+#[must_use]
+pub fn tls_secret_yaml(name: &str, cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> String {
+    let indent = |s: String| {
+        s.lines().fold(String::new(), |mut out, l| {
+            let _ = writeln!(out, "    {l}");
+            out
+        })
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(cert.pem()),
+        indent(key.serialize_pem())
+    )
 }
 
 /// An echo backend: answers `{name} {method} {path}` and copies `x-*` request headers back as

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use mesh_tests::gateway::{Backend, GatewayProcess, services_yaml, wait_for};
+use mesh_tests::gateway::{Backend, GatewayProcess, services_yaml, tls_secret_yaml, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GATEWAY: &str = "\
@@ -645,18 +645,7 @@ fn tls_sni_chooses_the_certificate_and_speaks_h2() -> Result<()> {
             let key = rcgen::KeyPair::generate()?;
             let cert = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
             std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-            let indent = |s: String| {
-                s.lines().fold(String::new(), |mut out, l| {
-                    let _ = writeln!(out, "    {l}");
-                    out
-                })
-            };
-            let _ = write!(
-                secrets,
-                "---\napiVersion: v1\nkind: Secret\nmetadata: {{ name: {name} }}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-                indent(cert.pem()),
-                indent(key.serialize_pem())
-            );
+            let _ = write!(secrets, "---\n{}", tls_secret_yaml(name, &cert, &key));
         }
         let routes = format!(
             "apiVersion: gateway.networking.k8s.io/v1
