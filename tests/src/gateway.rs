@@ -256,6 +256,31 @@ impl GatewayProcess {
     }
 }
 
+/// The value of one series (`name{labels}` exactly as the exposition writes it) on the
+/// gateway's metrics endpoint at `addr`; 0 when the series is not there.
+pub async fn metric(addr: &str, series: &str) -> Result<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text))
+        .await
+        .context("the metrics answer did not end within 5 s")??;
+    let Some(line) = text
+        .lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' ')))
+    else {
+        return Ok(0.0);
+    };
+    line[series.len()..]
+        .trim()
+        .parse()
+        .with_context(|| format!("metric line {line:?}"))
+}
+
 /// Waits until `check` holds (polling), or fails after `timeout` with `what`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
 where

@@ -340,6 +340,9 @@ spec:
     Ok(())
 }
 
+/// The metrics endpoint of `hostile_input_gets_its_answer`'s gateway.
+const HOSTILE_METRICS: &str = "127.0.0.1:19083";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_its_answer() -> Result<()> {
     let port = 18083;
@@ -363,7 +366,7 @@ spec:
         &services,
         &[
             "--metrics-addr",
-            "none",
+            HOSTILE_METRICS,
             "--max-body",
             "1000",
             "--header-read-timeout",
@@ -428,6 +431,17 @@ spec:
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+    // What hyper answered by itself reached no request handler: it is counted per connection.
+    for (error, least) in [
+        ("malformed", 1.0),
+        ("header_too_large", 1.0),
+        ("header_timeout", 1.0),
+    ] {
+        let series =
+            format!("mesh_gateway_connection_errors_total{{protocol=\"http1\",error=\"{error}\"}}");
+        let n = mesh_tests::gateway::metric(HOSTILE_METRICS, &series).await?;
+        assert!(n >= least, "{series} = {n}");
+    }
     // Memory stays flat: 200 more of each input above (and 50 slowloris connections held to
     // their timeout at once) after a warm-up round; what the first connections allocate for
     // good (worker arenas, buffers) is in the warm-up.

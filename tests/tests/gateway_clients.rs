@@ -265,30 +265,7 @@ fn websocket_client_exchanges_messages_through_the_gateway() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let port = 18_453;
-        let listener = tokio::net::TcpListener::bind("127.0.31.3:9033").await?;
-        // A real WebSocket server (handshake with Sec-WebSocket-Accept, framing, close) that
-        // echoes text as `echo: …` and binary unchanged.
-        let server = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok(m)) = ws.next().await {
-                        let reply = match m {
-                            Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
-                            Message::Binary(b) => Message::Binary(b),
-                            Message::Close(_) => break,
-                            _ => continue,
-                        };
-                        if ws.send(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = ws.close(None).await;
-                });
-            }
-        });
+        let server = websocket_echo_server("127.0.31.3:9033").await?;
         let dir = tmpdir("ws");
         let services = services_yaml(&[("ws", 80, &["127.0.31.3"], 9033, "")]);
         let gw = GatewayProcess::start(
@@ -304,10 +281,45 @@ fn websocket_client_exchanges_messages_through_the_gateway() -> Result<()> {
     })
 }
 
+/// A real WebSocket server on `addr` (HTTP/1.1 handshake with `Sec-WebSocket-Accept`,
+/// framing, close) that echoes text as `echo: …` and binary unchanged.
+async fn websocket_echo_server(addr: &str) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    let reply = match m {
+                        Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
+                        Message::Binary(b) => Message::Binary(b),
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if ws.send(reply).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = ws.close(None).await;
+            });
+        }
+    }))
+}
+
 async fn websocket_exchange(port: u16) -> Result<()> {
-    let (mut ws, resp) =
+    let (ws, resp) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/chat")).await?;
     ensure!(resp.status() == 101, "handshake answer: {}", resp.status());
+    websocket_messages(ws).await
+}
+
+/// Text and binary messages echoed by `websocket_echo_server`, then the close handshake.
+async fn websocket_messages<S>(mut ws: tokio_tungstenite::WebSocketStream<S>) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     for i in 0..20 {
         ws.send(Message::text(format!("message {i}"))).await?;
         let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -339,4 +351,372 @@ async fn websocket_exchange(port: u16) -> Result<()> {
     .await;
     ensure!(end.is_ok(), "the close handshake did not finish within 5 s");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONNECT: HTTP/1.1 and HTTP/2 tunnels, WebSocket over HTTP/2 (RFC 8441)
+
+/// Plain port, TLS port (ALPN h2); the rule with `method: CONNECT` for `tunnel.example` goes
+/// to Service `tcp` (one endpoint refuses connections, one echoes bytes), for
+/// `web-tunnel.example` to an HTTP backend, for `dead.example` to endpoints that all refuse;
+/// `ws.example` is an ordinary route to a WebSocket server; `plain.example` has no `CONNECT`
+/// rule.
+fn connect_routes(port: u16, tls_port: u16) -> Result<(String, rcgen::Certificate)> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["tunnel.example".into(), "ws.example".into()])?
+        .self_signed(&key)?;
+    let tunnel = |name: &str, host: &str, svc: &str| {
+        format!(
+            "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: {name} }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [{host}]
+  rules:
+    - matches: [{{ method: CONNECT }}]
+      backendRefs: [{{ name: {svc}, port: 80 }}]
+"
+        )
+    };
+    let routes = format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw }}
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - {{ name: http, port: {port}, protocol: HTTP }}
+    - {{ name: tls, port: {tls_port}, protocol: HTTPS, tls: {{ certificateRefs: [{{ name: certs }}] }} }}
+{}{}{}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: ws }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [ws.example]
+  rules: [{{ backendRefs: [{{ name: ws, port: 80 }}] }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: plain }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [plain.example]
+  rules: [{{ backendRefs: [{{ name: web, port: 80 }}] }}]
+---
+{}",
+        tunnel("tunnel", "tunnel.example", "tcp"),
+        tunnel("web-tunnel", "web-tunnel.example", "web"),
+        tunnel("dead", "dead.example", "dead"),
+        mesh_tests::gateway::tls_secret_yaml("certs", &cert, &key)
+    );
+    Ok((routes, cert))
+}
+
+/// A TCP server on `addr` that sends back every byte it reads.
+async fn tcp_echo_server(addr: &str) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    }))
+}
+
+/// Writes `size` patterned bytes into `io` while reading them back; fails if any differ.
+async fn echoed<S>(io: S, size: usize) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(io);
+    let sent = data.clone();
+    let writer = async move {
+        w.write_all(&sent).await?;
+        w.flush().await?;
+        anyhow::Ok(w)
+    };
+    let reader = async {
+        let mut got = vec![0u8; size];
+        r.read_exact(&mut got).await?;
+        anyhow::Ok(got)
+    };
+    let (w, got) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::try_join!(writer, reader)
+    })
+    .await
+    .context("the echo did not come back within 10 s")??;
+    drop(w);
+    ensure!(got == data, "the tunnel changed the bytes");
+    Ok(())
+}
+
+/// Sends an HTTP/1.1 `CONNECT` for `target` on a new connection; returns the status line and
+/// the connection (positioned after the answer's head).
+async fn h1_connect(port: u16, target: &str) -> Result<(String, tokio::net::TcpStream)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    // Byte by byte up to the head's end, so no tunnelled byte is read here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .context("no answer to CONNECT within 10 s")??;
+        ensure!(n == 1, "the gateway closed before answering: {head:?}");
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    Ok((status, s))
+}
+
+/// An HTTP/2 connection over TLS (ALPN h2) to the gateway, trusting `cert`.
+async fn h2_over_tls(
+    port: u16,
+    name: &str,
+    cert: &rcgen::Certificate,
+) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(name.to_owned())?,
+            tcp,
+        )
+        .await?;
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+#[test]
+fn connect_tunnels_over_http1_and_http2_and_websocket_over_http2() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (port, tls_port) = (18_454, 18_455);
+        // Service tcp: 127.0.31.4 refuses (nothing listens), 127.0.31.5 echoes.
+        let echo = tcp_echo_server("127.0.31.5:9035").await?;
+        let web = Backend::start("web", "127.0.31.6:9035".parse()?).await?;
+        let ws = websocket_echo_server("127.0.31.7:9035").await?;
+        let dir = tmpdir("connect");
+        let (routes, cert) = connect_routes(port, tls_port)?;
+        let services = services_yaml(&[
+            ("tcp", 80, &["127.0.31.4", "127.0.31.5"], 9035, ""),
+            ("web", 80, &["127.0.31.6"], 9035, ""),
+            ("ws", 80, &["127.0.31.7"], 9035, ""),
+            ("dead", 80, &["127.0.31.8", "127.0.31.9"], 9035, ""),
+        ]);
+        let gw = GatewayProcess::start(&dir, &routes, &services, &[])?;
+        listening(&gw, port).await?;
+        listening(&gw, tls_port).await?;
+        let result = connect_checks(port, tls_port, &cert, &web).await;
+        echo.abort();
+        ws.abort();
+        result.with_context(|| format!("gateway log: {}", gw.log_text()))
+    })
+}
+
+async fn connect_checks(
+    port: u16,
+    tls_port: u16,
+    cert: &rcgen::Certificate,
+    web: &Backend,
+) -> Result<()> {
+    // HTTP/1.1 CONNECT: 200, then bytes both ways. Half the picks hit the refusing endpoint
+    // first; the connect failure is tried on the other one, so none of these fails.
+    for i in 0..20 {
+        let (status, s) = h1_connect(port, "tunnel.example:5432").await?;
+        ensure!(status.starts_with("HTTP/1.1 200"), "tunnel {i}: {status}");
+        echoed(s, if i == 0 { 1 << 20 } else { 4096 }).await?;
+    }
+    // A real client through the tunnel: curl's proxy tunnel (`-p`) to an HTTP backend.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-p", "-x"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("http://web-tunnel.example:8080/through")
+        .output()
+        .context("running curl")?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && body == "web GET /through",
+        "curl through the tunnel: {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        web.hits.load(std::sync::atomic::Ordering::Relaxed) == 1,
+        "web backend hits"
+    );
+    // No rule names CONNECT for this host: 404, and the connection is not a tunnel.
+    let (status, _) = h1_connect(port, "plain.example:80").await?;
+    ensure!(
+        status.starts_with("HTTP/1.1 404"),
+        "CONNECT without a CONNECT rule: {status}"
+    );
+    // Every endpoint refuses: 503 after the retries.
+    let (status, _) = h1_connect(port, "dead.example:80").await?;
+    ensure!(
+        status.starts_with("HTTP/1.1 503"),
+        "CONNECT to refusing endpoints: {status}"
+    );
+
+    // HTTP/2 CONNECT (no :protocol) over TLS: a stream becomes the tunnel; two at once on
+    // one connection.
+    let mut h2 = h2_over_tls(tls_port, "tunnel.example", cert).await?;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("tunnel.example:5432")
+            .body(http_body_util::Empty::new())?;
+        let resp = h2.send_request(req).await?;
+        ensure!(resp.status() == 200, "HTTP/2 CONNECT: {}", resp.status());
+        streams.push(hyper::upgrade::on(resp).await?);
+    }
+    for s in streams {
+        echoed(hyper_util::rt::TokioIo::new(s), 256 * 1024).await?;
+    }
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("plain.example:443")
+        .body(http_body_util::Empty::new())?;
+    let resp = h2.send_request(req).await?;
+    ensure!(
+        resp.status() == 404,
+        "HTTP/2 CONNECT without a CONNECT rule: {}",
+        resp.status()
+    );
+
+    // WebSocket over HTTP/2 (extended CONNECT, RFC 8441): the gateway advertises
+    // SETTINGS_ENABLE_CONNECT_PROTOCOL (hyper's client refuses to send one otherwise) and
+    // turns it into an HTTP/1.1 upgrade to the backend, a real WebSocket server.
+    let mut h2 = h2_over_tls(tls_port, "ws.example", cert).await?;
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("https://ws.example/chat")
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = h2.send_request(req).await?;
+    ensure!(resp.status() == 200, "extended CONNECT: {}", resp.status());
+    ensure!(
+        !resp.headers().contains_key("sec-websocket-accept")
+            && !resp.headers().contains_key("upgrade"),
+        "HTTP/1.1 handshake headers reached the HTTP/2 client: {:?}",
+        resp.headers()
+    );
+    let stream = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await?);
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        stream,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    websocket_messages(ws).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2c backends: `:authority`
+
+#[test]
+fn h2c_backends_get_the_clients_authority_or_the_rewritten_one() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let port = 18_456;
+        // The harness's echo backend serves h2c too and names the URI it got: over HTTP/2
+        // that is `http://{:authority}{:path}`.
+        let _g = Backend::start("g", "127.0.31.10:9036".parse()?).await?;
+        let routes = format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{ name: gw }}
+spec:
+  gatewayClassName: mesh
+  listeners:
+    - {{ name: http, port: {port}, protocol: HTTP }}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{ name: g }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [grpc.example]
+  rules:
+    - matches: [{{ method: {{ service: x.Y }} }}]
+      backendRefs: [{{ name: g, port: 80 }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: rw }}
+spec:
+  parentRefs: [{{ name: gw }}]
+  hostnames: [rw.example]
+  rules:
+    - filters: [{{ type: URLRewrite, urlRewrite: {{ hostname: internal.example }} }}]
+      backendRefs: [{{ name: g, port: 80 }}]
+"
+        );
+        let services = services_yaml(&[("g", 80, &["127.0.31.10"], 9036, "")]);
+        let gw = GatewayProcess::start(&tmpdir("authority"), &routes, &services, &[])?;
+        listening(&gw, port).await?;
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(conn);
+        for (uri, seen) in [
+            // A gRPC route: h2c to the backend with the client's authority.
+            (
+                "http://grpc.example/x.Y/Call",
+                "g POST http://grpc.example/x.Y/Call",
+            ),
+            // A gRPC body on an HTTPRoute with a hostname rewrite: the rewritten authority.
+            (
+                "http://rw.example/x.Y/Call",
+                "g POST http://internal.example/x.Y/Call",
+            ),
+        ] {
+            let req = http::Request::builder()
+                .method(http::Method::POST)
+                .uri(uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let resp = h2.send_request(req).await?;
+            ensure!(resp.status() == 200, "{uri}: {}", resp.status());
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            ensure!(
+                body == seen.as_bytes(),
+                "{uri}: the backend saw {:?}, not {seen:?}\ngateway log: {}",
+                String::from_utf8_lossy(&body),
+                gw.log_text()
+            );
+        }
+        Ok(())
+    })
 }

@@ -406,11 +406,12 @@ impl Setup {
         let (routes, cert) = tls_route_yaml(port, HOST, name)?;
         let ip = addr.ip().to_string();
         let services = services_yaml(&[(name, 80, &[ip.as_str()], addr.port(), "")]);
+        let metrics = format!("127.0.0.1:{}", port + 1000);
         let gw = GatewayProcess::start(
             &tmpdir(name),
             &routes,
             &services,
-            &["--metrics-addr", "none"],
+            &["--metrics-addr", &metrics],
         )?;
         let s = Self {
             gw,
@@ -432,6 +433,17 @@ impl Setup {
         .await
         .with_context(|| format!("gateway log: {}", s.gw.log_text()))?;
         Ok(s)
+    }
+
+    /// Client connections the gateway counted as ended by h2's GOAWAY with `reason`.
+    async fn goaways(&self, reason: &str) -> Result<f64> {
+        mesh_tests::gateway::metric(
+            &format!("127.0.0.1:{}", self.port + 1000),
+            &format!(
+                "mesh_gateway_connection_errors_total{{protocol=\"http2\",error=\"goaway_{reason}\"}}"
+            ),
+        )
+        .await
     }
 
     fn pid(&self) -> u32 {
@@ -551,6 +563,14 @@ async fn rapid_reset_gets_goaway_and_others_are_served() -> Result<()> {
     // others never do.
     let hits = s.backend.hits.load(Ordering::Relaxed);
     println!("rapid reset: the bystander got {answered} answers; the backend saw {hits} requests");
+    // Every attack connection ended with h2's GOAWAY, which no request handler saw: counted.
+    let counted = s.goaways("enhance_your_calm").await?;
+    println!("rapid reset: {counted} connections counted as GOAWAY ENHANCE_YOUR_CALM");
+    // The 200 attack connections of the measured rounds, at least (and the warm-up's).
+    ensure!(
+        counted >= 200.0,
+        "only {counted} rapid-reset GOAWAYs counted"
+    );
     Ok(())
 }
 

@@ -1,15 +1,16 @@
 //! Per-request telemetry of the gateway: Istio's request metrics (`telemetry::requests::record`),
 //! one JSON access line on the `mesh_access` target, and a server span (`telemetry::traces`),
 //! all written once, when the response body is finished or dropped (so bytes and duration cover
-//! the whole exchange, as Envoy's access log and Istio's metrics do); plus the gateway's own
-//! `:15020/metrics` endpoint.
+//! the whole exchange, as Envoy's access log and Istio's metrics do); client connections that
+//! hyper or h2 ended with a protocol error of their own; plus the gateway's own `:15020/metrics`
+//! endpoint.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -20,6 +21,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{MetricType, counter::Counter, family::Family},
+};
 
 use super::proxy::{Body, BoxError};
 use crate::{
@@ -401,6 +407,101 @@ fn metrics_answer<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
     }
 }
 
+/// Client connections ended by a protocol error that hyper or h2 handled by itself — a 400 or
+/// 431 to a malformed or oversized HTTP/1.1 head, the header-read timeout, a GOAWAY for rapid
+/// resets or an oversized header block — which no request handler saw, so no access line or
+/// request metric counts them (Envoy's `downstream_cx_protocol_error`, `http1.*` and
+/// `http2.*` counters). h2's own 431 to one stream whose header list is too large leaves the
+/// connection up and is not seen here.
+#[derive(Debug)]
+struct ConnErrors(Family<ConnErrorLabels, Counter>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnErrorLabels {
+    protocol: &'static str,
+    error: &'static str,
+}
+
+impl Collector for &'static ConnErrors {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        self.0.encode(encoder.encode_descriptor(
+            "mesh_gateway_connection_errors",
+            "Client connections ended by a protocol error hyper or h2 answered itself, by protocol and error.",
+            None,
+            MetricType::Counter,
+        )?)
+    }
+}
+
+fn conn_errors() -> &'static ConnErrors {
+    static ERRORS: OnceLock<ConnErrors> = OnceLock::new();
+    ERRORS.get_or_init(|| {
+        let family = Family::<ConnErrorLabels, Counter>::default();
+        // The errors hostile input causes, exported from the start (at 0) so `rate()` and
+        // alerts see the first one.
+        for (protocol, error) in [
+            ("http1", "malformed"),
+            ("http1", "header_too_large"),
+            ("http1", "header_timeout"),
+            ("http2", "goaway_enhance_your_calm"),
+            ("http2", "goaway_protocol_error"),
+        ] {
+            let _ = family
+                .get_or_create(&ConnErrorLabels { protocol, error })
+                .get();
+        }
+        ConnErrors(family)
+    })
+}
+
+/// Counts a client connection that ended with `e` (`protocol`: `http1` or `http2`); a
+/// connection that ended cleanly is not counted.
+pub fn connection_error(protocol: &'static str, e: &hyper::Error) {
+    let error = connection_error_kind(e);
+    conn_errors()
+        .0
+        .get_or_create(&ConnErrorLabels { protocol, error })
+        .inc();
+}
+
+/// The `error` label for `e`: what hyper answered (HTTP/1.1), the reason of the GOAWAY h2 sent
+/// (HTTP/2), or how the client went away.
+fn connection_error_kind(e: &hyper::Error) -> &'static str {
+    if e.is_parse_too_large() {
+        return "header_too_large";
+    }
+    if e.is_parse() || e.is_parse_status() {
+        return "malformed";
+    }
+    if e.is_timeout() {
+        return "header_timeout";
+    }
+    if e.is_incomplete_message() {
+        return "incomplete_message";
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            if h2.is_go_away() && h2.is_library() {
+                return match h2.reason() {
+                    Some(h2::Reason::ENHANCE_YOUR_CALM) => "goaway_enhance_your_calm",
+                    Some(h2::Reason::PROTOCOL_ERROR) => "goaway_protocol_error",
+                    Some(h2::Reason::COMPRESSION_ERROR) => "goaway_compression_error",
+                    Some(h2::Reason::FRAME_SIZE_ERROR) => "goaway_frame_size_error",
+                    Some(h2::Reason::FLOW_CONTROL_ERROR) => "goaway_flow_control_error",
+                    _ => "goaway_other",
+                };
+            }
+            return if h2.is_io() { "io" } else { "h2_other" };
+        }
+        if s.is::<std::io::Error>() {
+            return "io";
+        }
+        source = s.source();
+    }
+    "other"
+}
+
 /// One scrape of the gateway process: request metrics, their bound, OTLP exporter counters.
 pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
     use prometheus_client::{encoding, registry::Registry};
@@ -412,6 +513,7 @@ pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
         crate::telemetry::access_log::AccessLogMetrics::global(),
     ));
     registry.register_collector(Box::new(Bounds(vec![t.requests.bound()])));
+    registry.register_collector(Box::new(conn_errors()));
     let mut out = String::with_capacity(16 * 1024);
     if openmetrics {
         encoding::text::encode(&mut out, &registry)?;

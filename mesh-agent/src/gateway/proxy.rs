@@ -32,7 +32,7 @@ use super::{
     limits::RetryBudget,
     observe::{Counted, GatewayTelemetry, RequestRecord},
     routes::{PathMatch, query_pairs},
-    upstream::{Answer, Lease, Returning},
+    upstream::{Answer, Lease, Returning, UpstreamError, dial},
 };
 
 /// Errors of bodies in flight.
@@ -148,7 +148,7 @@ fn empty() -> Body {
 /// line and span are written when the response body ends (`observe::Finish`).
 pub async fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut out = RequestRecord::new(
         ctx.info.peer,
@@ -156,6 +156,9 @@ pub async fn handle(
         req.uri().clone(),
         req.version(),
     );
+    if let Some(protocol) = req.extensions_mut().remove::<hyper::ext::Protocol>() {
+        upgrade_form(&mut req, &protocol);
+    }
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
     // starts one otherwise; the backend sees this span as its parent.
     let span = start_span(req.headers(), out.start);
@@ -510,9 +513,17 @@ async fn route(
             }
         }
     };
-    // The request as every try sends it.
-    let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if req.method() == Method::CONNECT {
+        return tunnel(ctx, req, &action, target, out).await;
+    }
+    // The request as every try sends it. An HTTP/2 request carries `Upgrade` only as the
+    // upgrade form of an extended `CONNECT` (`upgrade_form`; h2 refuses the header itself).
+    let upgrade = matches!(req.version(), Version::HTTP_11 | Version::HTTP_2)
+        && req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = upgrade.then(|| ClientUpgrade {
+        h2: req.version() == Version::HTTP_2,
+        on: hyper::upgrade::on(&mut req),
+    });
     let (parts, body) = req.into_parts();
     let body = Counted::new(body, &mut out.request_bytes);
     let mut headers = parts.headers;
@@ -730,14 +741,7 @@ async fn route(
             if let Some(guard) = shared.budget.try_retry(action.retry.budget_percent) {
                 _retrying = Some(guard);
                 exclude = Some(ep.addr);
-                // Fully jittered exponential backoff (Envoy's: base 25 ms, cap 10× base).
-                let cap = action
-                    .retry
-                    .backoff
-                    .saturating_mul(1 << attempt.min(3))
-                    .min(action.retry.backoff * 10);
-                let wait = cap.mul_f64(fastrand::f64());
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(backoff(action.retry.backoff, attempt)).await;
                 continue;
             }
             out.detail = Some("retry budget exhausted".into());
@@ -758,6 +762,33 @@ async fn route(
             }
             (None, None) => plain(StatusCode::BAD_GATEWAY, "no response"),
         };
+    }
+}
+
+/// An HTTP/2 extended `CONNECT` (RFC 8441: `:method CONNECT` with `:protocol`, how a client
+/// opens a WebSocket over HTTP/2) in the HTTP/1.1 upgrade form it is routed and forwarded in:
+/// `GET` with `Upgrade: <protocol>` and `Connection: upgrade` — what Envoy's HTTP/2 codec
+/// does, so the request matches the same rules as a WebSocket over HTTP/1.1 and reaches an
+/// HTTP/1.1 backend. Over HTTP/2 a WebSocket has no `Sec-WebSocket-Key` (RFC 8441 §5); an
+/// HTTP/1.1 server requires one (RFC 6455 §4.1), so a fresh one is added.
+fn upgrade_form(req: &mut Request<Incoming>, protocol: &hyper::ext::Protocol) {
+    let Ok(value) = HeaderValue::from_str(protocol.as_str()) else {
+        // Not a header value: left a `CONNECT`, which no rule without that method takes.
+        return;
+    };
+    *req.method_mut() = Method::GET;
+    let headers = req.headers_mut();
+    headers.insert(header::UPGRADE, value);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if protocol.as_str().eq_ignore_ascii_case("websocket")
+        && !headers.contains_key(header::SEC_WEBSOCKET_KEY)
+    {
+        use base64::Engine as _;
+        let key =
+            base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_ne_bytes());
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
     }
 }
 
@@ -833,8 +864,10 @@ impl Template {
         self.request(ep, headers, body)
     }
 
-    /// h2c: the absolute URI (hyper-util's pool key; `:authority`); HTTP/1.1: origin-form on
-    /// the request line and the authority in `Host` (the endpoint's when the client's is gone).
+    /// h2c: the absolute URI, whose authority is the `:authority` sent — the request's
+    /// `Host` (the client's, or a rewritten one), as Envoy sends it; the endpoint's address
+    /// only when a filter removed it. HTTP/1.1: origin-form on the request line and the
+    /// authority in `Host` (the endpoint's when the client's is gone).
     fn request(&self, ep: &EndpointState, headers: HeaderMap, body: Body) -> Request<Body> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
@@ -842,13 +875,17 @@ impl Template {
         if self.h2 {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(ep.authority.clone());
+            // HTTP/2 carries the authority in `:authority` (the URI), not in `Host`.
+            parts.authority = Some(
+                r.headers_mut()
+                    .remove(header::HOST)
+                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                    .unwrap_or_else(|| ep.authority.clone()),
+            );
             parts.path_and_query.clone_from(&self.path_and_query);
             *r.uri_mut() =
                 Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://invalid/"));
             *r.version_mut() = Version::HTTP_2;
-            // HTTP/2 carries the authority in `:authority` (the URI).
-            r.headers_mut().remove(header::HOST);
         } else {
             *r.uri_mut() = Uri::from(
                 self.path_and_query
@@ -906,22 +943,26 @@ fn respond(
     action: &Arc<RuleAction>,
     mut resp: Response<Incoming>,
     lease: Option<Lease>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<ClientUpgrade>,
 ) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_side) = client_upgrade
+        && let Some(client) = client_upgrade
     {
         let backend_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            match tokio::try_join!(client_side, backend_side) {
-                Ok((c, b)) => {
-                    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
-                }
+            match tokio::try_join!(client.on, backend_side) {
+                Ok((c, b)) => splice(c, TokioIo::new(b)).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
-        let (parts, _) = resp.into_parts();
+        let (mut parts, _) = resp.into_parts();
+        if client.h2 {
+            // RFC 8441 §5: an extended CONNECT is accepted with 200; HTTP/2 has no
+            // connection-specific headers, and no `Sec-WebSocket-Accept` (it had no key).
+            parts.status = StatusCode::OK;
+            strip_hop_by_hop(&mut parts.headers, false);
+            parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        }
         return Response::from_parts(parts, empty());
     }
     let (mut parts, body) = resp.into_parts();
@@ -939,6 +980,131 @@ fn respond(
         with_lease(body, lease)
     };
     Response::from_parts(parts, body)
+}
+
+/// The client's side of an upgrade: hyper's handle on the connection (HTTP/1.1) or stream
+/// (HTTP/2 extended `CONNECT`) it hands over once the answer is sent.
+struct ClientUpgrade {
+    on: hyper::upgrade::OnUpgrade,
+    /// The client spoke HTTP/2: the backend's 101 reaches it as 200.
+    h2: bool,
+}
+
+/// Relays bytes both ways between an upgraded client connection or stream and the backend
+/// until either side is done; the bytes each way are only logged (at debug).
+async fn splice<B>(client: hyper::upgrade::Upgraded, mut backend: B)
+where
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = TokioIo::new(client);
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((up, down)) => tracing::debug!(up, down, "spliced connection ended"),
+        Err(e) => tracing::debug!(error = %e, "spliced connection ended with an error"),
+    }
+}
+
+/// A `CONNECT` request (HTTP/1.1, or HTTP/2 without `:protocol`) matched by a rule that names
+/// the method: the gateway opens a TCP connection to an endpoint of the rule's backend,
+/// answers 200 and relays bytes both ways — Envoy's CONNECT termination (`connect_config` on
+/// the route), here the only mode: an ingress has no business forwarding `CONNECT` to a
+/// backend that would dial on, and the target is always a routed Service, never the host the
+/// client named. Endpoints are picked as for any request (skipping ejected ones); a failed
+/// connect counts against the endpoint and is tried on another one (nothing was sent yet,
+/// Envoy's `connect-failure` retry) within the route's attempts and the retry budget. The
+/// tunnel holds the endpoint's active count while it lasts (least-request sees it); the
+/// access line is written when the tunnel is established.
+async fn tunnel(
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    action: &RuleAction,
+    target: &ServiceRef,
+    out: &mut RequestRecord,
+) -> Response<Body> {
+    let shared = &ctx.shared;
+    let client_side = hyper::upgrade::on(&mut req);
+    drop(req);
+    let Some(svc) = shared.backends.load().services.get(target).cloned() else {
+        out.detail = Some(format!(
+            "Service {} port {} has no endpoints",
+            target.service, target.port
+        ));
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    out.service = Some(svc.label.clone());
+    let _active = shared.budget.start();
+    let limit = match (action.request_timeout, action.backend_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut exclude = None;
+    let mut _retrying = None;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        out.attempts = attempt;
+        let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
+            Ok(ep) => ep,
+            Err(NoEndpoint::Empty) => {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
+            Err(NoEndpoint::AllEjected) => {
+                out.detail = Some("every endpoint ejected".into());
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
+        };
+        out.upstream = Some(ep.addr);
+        out.pod.clone_from(&ep.pod);
+        let dialed = match limit {
+            Some(l) => tokio::time::timeout(l, dial(ep.addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "route timeout",
+                    )))
+                }),
+            None => dial(ep.addr).await,
+        };
+        match dialed {
+            Ok(stream) => {
+                ServiceBackends::success(&ep);
+                shared.feedback.success(&svc, ep.addr);
+                ep.active.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    match client_side.await {
+                        Ok(c) => splice(c, stream).await,
+                        Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                    }
+                    ep.active.fetch_sub(1, Ordering::Relaxed);
+                });
+                return Response::new(empty());
+            }
+            Err(e) => {
+                let why = format!("connect: {e}");
+                svc.failure(&ep, shared.epoch);
+                shared.feedback.failure(&svc, ep.addr, &why);
+                out.detail = Some(why);
+            }
+        }
+        if attempt > action.retry.attempts {
+            break;
+        }
+        let Some(guard) = shared.budget.try_retry(action.retry.budget_percent) else {
+            out.detail = Some("retry budget exhausted".into());
+            break;
+        };
+        _retrying = Some(guard);
+        exclude = Some(ep.addr);
+        tokio::time::sleep(backoff(action.retry.backoff, attempt)).await;
+    }
+    plain(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+}
+
+/// The wait before retry `attempt` + 1: fully jittered exponential backoff (Envoy's: base
+/// 25 ms, cap 10× base).
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let cap = base.saturating_mul(1 << attempt.min(3)).min(base * 10);
+    cap.mul_f64(fastrand::f64())
 }
 
 /// A backend's response body for the client; with an HTTP/1.1 connection's lease, the

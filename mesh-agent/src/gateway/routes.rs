@@ -159,7 +159,15 @@ impl RouteMatch {
         query: &[(&str, &str)],
         headers: &HeaderMap,
     ) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) || !self.path.matches(path) {
+        match &self.method {
+            Some(m) if m != method => return false,
+            // `CONNECT` opens a tunnel: only a rule that names the method takes it (Envoy
+            // routes `CONNECT` only by a route's `connect_matcher`), so an existing route
+            // never starts relaying raw bytes because a client asked.
+            None if *method == Method::CONNECT => return false,
+            _ => {}
+        }
+        if !self.path.matches(path) {
             return false;
         }
         // A header given several times matches on its first value, as Envoy does for
@@ -315,6 +323,32 @@ mod tests {
             HostPattern::intersect(&w, &HostPattern::parse("foo.other.com")),
             None
         );
+    }
+
+    #[test]
+    fn connect_is_taken_only_by_a_rule_that_names_it() {
+        let headers = HeaderMap::new();
+        let any = RouteMatch {
+            path: PathMatch::Prefix(String::new()),
+            method: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+        };
+        let connect = RouteMatch {
+            method: Some(Method::CONNECT),
+            ..any.clone()
+        };
+        // A `CONNECT` request has no path ("" in its authority-form URI).
+        assert!(!any.matches(&Method::CONNECT, "", &[], &headers));
+        assert!(connect.matches(&Method::CONNECT, "", &[], &headers));
+        assert!(any.matches(&Method::GET, "/", &[], &headers));
+        assert!(!connect.matches(&Method::GET, "/", &[], &headers));
+        // A path match other than the default never takes a `CONNECT`.
+        let exact = RouteMatch {
+            path: PathMatch::Exact("/".into()),
+            ..connect.clone()
+        };
+        assert!(!exact.matches(&Method::CONNECT, "", &[], &headers));
     }
 
     #[test]

@@ -229,26 +229,29 @@ impl Drop for OpenConn {
     }
 }
 
-/// The HTTP/2 settings of every client connection (h2c and ALPN h2).
-macro_rules! h2_settings {
-    ($b:expr, $limits:expr) => {
-        $b.timer(TokioTimer::new())
-            .max_concurrent_streams($limits.max_concurrent_streams)
-            // HPACK bombs and CONTINUATION floods: the decoded header list is bounded, and h2
-            // (≥ 0.4.4) stops reading CONTINUATION frames past it.
-            .max_header_list_size(u32::try_from($limits.max_header_bytes).unwrap_or(u32::MAX))
-            // Rapid reset (CVE-2023-44487): streams the client resets before we answer count
-            // against this; past it the connection gets GOAWAY.
-            .max_pending_accept_reset_streams(Some(20))
-            .max_local_error_reset_streams(Some(1024))
-            // A 1 MiB connection window and BDP-sized windows after that (hyper's adaptive flow
-            // control), so uploads over a long path are not held to 64 KiB per round trip;
-            // Envoy's defaults are 1 MiB per connection and 256 MiB per stream.
-            .initial_connection_window_size(1024 * 1024)
-            .adaptive_window(true)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20))
-    };
+/// The HTTP/2 side of every client connection (h2c and ALPN h2), with its settings.
+fn h2_builder(limits: &ConnLimits) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // HPACK bombs and CONTINUATION floods: the decoded header list is bounded, and h2
+        // (≥ 0.4.4) stops reading CONTINUATION frames past it.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): streams the client resets before we answer count
+        // against this; past it the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
+        // A 1 MiB connection window and BDP-sized windows after that (hyper's adaptive flow
+        // control), so uploads over a long path are not held to 64 KiB per round trip;
+        // Envoy's defaults are 1 MiB per connection and 256 MiB per stream.
+        .initial_connection_window_size(1024 * 1024)
+        .adaptive_window(true)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): clients may open WebSockets over
+        // HTTP/2 with an extended CONNECT (`proxy::upgrade_form`).
+        .enable_connect_protocol();
+    b
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), what an h2c client by prior knowledge
@@ -297,11 +300,17 @@ where
         // a pointer on the way into the task instead of being copied whole at each step
         // (`memcpy` was 13 % of the instructions per HTTP/2 request; BENCHMARKS.md, session
         // 22).
-        let mut b = http2::Builder::new(TokioExecutor::new());
-        h2_settings!(b, limits);
+        let b = h2_builder(&limits);
         let svc = service_fn(move |req| Box::pin(handle(ctx.clone(), req)));
         let served = b.serve_connection(TokioIo::new(io), svc);
-        serve_until_drained(served, http2::Connection::graceful_shutdown, drain, info).await;
+        serve_until_drained(
+            served,
+            http2::Connection::graceful_shutdown,
+            drain,
+            info,
+            "http2",
+        )
+        .await;
         return;
     }
     let mut b = http1::Builder::new();
@@ -319,6 +328,7 @@ where
         http1::UpgradeableConnection::graceful_shutdown,
         drain,
         info,
+        "http1",
     )
     .await;
 }
@@ -332,14 +342,14 @@ where
 /// of the connection took the signal's lock each time (tokio's `Notified` updates its waker
 /// under the waiters' mutex) — about 1 % of an HTTP/1.1 request. The registered waker stays
 /// valid: the connection is served in this one task from start to end.
-async fn serve_until_drained<C, E>(
+async fn serve_until_drained<C>(
     served: C,
     graceful_shutdown: fn(Pin<&mut C>),
     drain: tokio::sync::watch::Receiver<bool>,
     conn: ConnInfo,
+    protocol: &'static str,
 ) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(served);
     let flag = drain.clone();
@@ -368,6 +378,7 @@ async fn serve_until_drained<C, E>(
     };
     if let Err(e) = result {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        super::observe::connection_error(protocol, &e);
     }
 }
 

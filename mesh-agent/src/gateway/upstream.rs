@@ -1,5 +1,6 @@
 //! Backend connections of one gateway worker: HTTP/1.1 keep-alive connections kept idle per
-//! endpoint and lent to one request at a time, and hyper-util's pooled client for h2c (gRPC).
+//! endpoint and lent to one request at a time, and one shared h2c connection per endpoint
+//! (gRPC).
 
 use std::{
     collections::HashMap,
@@ -14,11 +15,11 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
-use hyper::{body::Incoming, client::conn::http1};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
 };
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     backends::EndpointState,
@@ -42,32 +43,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Upstreams {
     http1: Arc<Http1Pool>,
-    /// h2c to gRPC backends: multiplexed, so hyper-util's pool (one connection per endpoint,
-    /// shared by every stream) fits; HTTP/1.1 has its own pool below.
-    http2: Client<HttpConnector, Body>,
+    /// h2c to gRPC backends: multiplexed, one connection per endpoint shared by every stream.
+    http2: Arc<Http2Pool>,
 }
 
 impl Upstreams {
     #[must_use]
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .http2_only(true)
-            .build(connector);
         Self {
             http1: Arc::new(Http1Pool::default()),
-            http2,
+            http2: Arc::new(Http2Pool::default()),
         }
     }
 
-    /// Sends `req` to `ep`: over h2c when `h2` (an absolute URI), else on an HTTP/1.1
-    /// connection of the pool (origin-form with `Host`, as `proxy::Template` builds both).
-    /// The answer's [`Lease`] (HTTP/1.1) goes back to the pool when the response body has been
-    /// read to its end.
+    /// Sends `req` to `ep`: over h2c when `h2` (an absolute URI whose authority is the
+    /// `:authority` sent, not the address dialled), else on an HTTP/1.1 connection of the pool
+    /// (origin-form with `Host`, as `proxy::Template` builds both). The answer's [`Lease`]
+    /// (HTTP/1.1) goes back to the pool when the response body has been read to its end.
     pub async fn send(
         &self,
         ep: &EndpointState,
@@ -75,13 +67,7 @@ impl Upstreams {
         h2: bool,
     ) -> Result<Answer, UpstreamError> {
         if h2 {
-            // hyper-util's client wants the absolute URI (its pool key).
-            return self
-                .http2
-                .request(req)
-                .await
-                .map(|r| (r, None))
-                .map_err(UpstreamError::Pooled);
+            return self.http2.send(ep.addr, req).await.map(|r| (r, None));
         }
         self.http1.send(ep.addr, req).await
     }
@@ -91,6 +77,19 @@ impl Default for Upstreams {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Opens a TCP connection to a backend (`TCP_NODELAY`), bounded by [`CONNECT_TIMEOUT`]: the
+/// HTTP/1.1 pool's new connections and `CONNECT` tunnels.
+pub async fn dial(addr: SocketAddr) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        })?
+        .map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// A backend's response, with the lease of its HTTP/1.1 connection.
@@ -104,9 +103,7 @@ pub enum UpstreamError {
     #[error("handshake: {0}")]
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
-    Http1(#[source] hyper::Error),
-    #[error("{0}")]
-    Pooled(#[source] hyper_util::client::legacy::Error),
+    Http(#[source] hyper::Error),
 }
 
 impl UpstreamError {
@@ -115,8 +112,7 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         match self {
             Self::Connect(_) | Self::Handshake(_) => true,
-            Self::Http1(_) => false,
-            Self::Pooled(e) => e.is_connect(),
+            Self::Http(_) => false,
         }
     }
 }
@@ -210,13 +206,7 @@ impl Http1Pool {
         addr: SocketAddr,
     ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         self.start_sweep();
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-            })?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = dial(addr).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
@@ -250,7 +240,7 @@ impl Http1Pool {
                     continue;
                 }
                 // A new connection closed before its first request.
-                return Err(UpstreamError::Http1(e));
+                return Err(UpstreamError::Http(e));
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -263,7 +253,143 @@ impl Http1Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => req = back,
-                    _ => return Err(UpstreamError::Http1(e.into_error())),
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// The h2c connections of one worker: one per endpoint, shared by every stream to it (Envoy's
+/// HTTP/2 pool). Ours rather than hyper-util's legacy client, which takes the URI's authority
+/// both as the address it dials and as the `:authority` it sends: a backend then saw the
+/// endpoint's address instead of the client's host (Envoy passes the client's, or a rewritten
+/// one), and every stream paid the client's checkout (a hashed pool key, a lock, a waiter).
+#[derive(Default)]
+pub struct Http2Pool {
+    /// By endpoint (foldhash, as the HTTP/1.1 pool).
+    conns: Mutex<HashMap<SocketAddr, Shared2, foldhash::fast::RandomState>>,
+    /// Whether this worker's sweep of unused connections runs (started with the first one).
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// One endpoint's h2c connection.
+struct Shared2 {
+    sender: http2::SendRequest<Body>,
+    /// Whether a stream was sent since the last sweep (no clock read per request).
+    used: bool,
+}
+
+impl std::fmt::Debug for Http2Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Http2Pool")
+            .field("endpoints", &conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Http2Pool {
+    /// The open connection to `addr`, if there is one.
+    fn get(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = conns.get_mut(&addr)?;
+        if c.sender.is_closed() {
+            conns.remove(&addr);
+            return None;
+        }
+        c.used = true;
+        Some(c.sender.clone())
+    }
+
+    /// Forgets `addr`'s connection (it could not take a stream); a newer one stays.
+    fn forget(&self, addr: SocketAddr) {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.get(&addr).is_some_and(|c| !c.sender.is_ready()) {
+            conns.remove(&addr);
+        }
+    }
+
+    /// A new connection to `addr`, kept for the streams after this one. Two first streams
+    /// at once may open two; the later replaces the earlier in the pool, which closes when
+    /// its stream ends (hyper closes an h2 connection whose senders are all gone).
+    async fn connect(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        self.start_sweep();
+        let stream = dial(addr).await?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "backend h2 connection ended with an error");
+            }
+        });
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.insert(
+            addr,
+            Shared2 {
+                sender: sender.clone(),
+                used: true,
+            },
+        );
+        Ok(sender)
+    }
+
+    /// Starts this worker's sweep (once): every third of [`POOL_IDLE_TIMEOUT`], connections
+    /// no stream used since the previous sweep are dropped (closed once their streams end),
+    /// so an idle one goes within 1/3 to 2/3 of the timeout.
+    fn start_sweep(self: &Arc<Self>) {
+        if self
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let pool: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let mut conns = pool.conns.lock().unwrap_or_else(PoisonError::into_inner);
+                conns.retain(|_, c| std::mem::take(&mut c.used) && !c.sender.is_closed());
+            }
+        });
+    }
+
+    /// Sends `req` (absolute URI) on `addr`'s connection, or a new one. A stream a pooled
+    /// connection could not take (it closed, or went away before the request was written)
+    /// goes on a new connection, as hyper-util's client retries those.
+    async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        loop {
+            let (mut sender, pooled) = match self.get(addr) {
+                Some(s) => (s, true),
+                None => (self.connect(addr).await?, false),
+            };
+            if let Err(e) = sender.ready().await {
+                self.forget(addr);
+                if pooled {
+                    continue;
+                }
+                return Err(UpstreamError::Http(e));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if pooled => {
+                        self.forget(addr);
+                        req = back;
+                    }
+                    _ => return Err(UpstreamError::Http(e.into_error())),
                 },
             }
         }
