@@ -269,8 +269,19 @@ impl Http1Pool {
 pub struct Http2Pool {
     /// By endpoint (foldhash, as the HTTP/1.1 pool).
     conns: Mutex<HashMap<SocketAddr, Shared2, foldhash::fast::RandomState>>,
+    /// One connect at a time per endpoint: the streams that find no connection wait for the
+    /// one being made instead of each opening their own (Envoy's pool queues them on its
+    /// pending connection). Dropped by the sweep when nobody holds them.
+    dialing: Mutex<HashMap<SocketAddr, Arc<Gate>, foldhash::fast::RandomState>>,
     /// Whether this worker's sweep of unused connections runs (started with the first one).
     sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// Who connects to one endpoint, and how many of those connects failed.
+#[derive(Default)]
+struct Gate {
+    one_at_a_time: tokio::sync::Mutex<()>,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// One endpoint's h2c connection.
@@ -310,9 +321,48 @@ impl Http2Pool {
         }
     }
 
-    /// A new connection to `addr`, kept for the streams after this one. Two first streams
-    /// at once may open two; the later replaces the earlier in the pool, which closes when
-    /// its stream ends (hyper closes an h2 connection whose senders are all gone).
+    /// `addr`'s pooled connection (`true`), or a new one made by this stream (`false`); while
+    /// one stream connects, the others to `addr` wait for its connection.
+    async fn connection(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<Body>, bool), UpstreamError> {
+        if let Some(s) = self.get(addr) {
+            return Ok((s, true));
+        }
+        let gate = self
+            .dialing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr)
+            .or_default()
+            .clone();
+        let failed_before = gate.failed.load(std::sync::atomic::Ordering::Relaxed);
+        let _held = gate.one_at_a_time.lock().await;
+        // Made by the stream that held the gate before.
+        if let Some(s) = self.get(addr) {
+            return Ok((s, true));
+        }
+        // Its connect failed while this stream waited: fail too rather than try again in
+        // turn (streams waiting on a dead endpoint would each wait out a connect timeout);
+        // the request's retry goes to another endpoint.
+        if gate.failed.load(std::sync::atomic::Ordering::Relaxed) != failed_before {
+            return Err(UpstreamError::Connect(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the connection being made for this stream failed",
+            )));
+        }
+        match self.connect(addr).await {
+            Ok(s) => Ok((s, false)),
+            Err(e) => {
+                gate.failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// A new connection to `addr`, kept for the streams after this one.
     async fn connect(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -358,6 +408,11 @@ impl Http2Pool {
                 let Some(pool) = pool.upgrade() else { return };
                 let mut conns = pool.conns.lock().unwrap_or_else(PoisonError::into_inner);
                 conns.retain(|_, c| std::mem::take(&mut c.used) && !c.sender.is_closed());
+                drop(conns);
+                pool.dialing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|_, gate| Arc::strong_count(gate) > 1);
             }
         });
     }
@@ -371,10 +426,7 @@ impl Http2Pool {
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.get(addr) {
-                Some(s) => (s, true),
-                None => (self.connect(addr).await?, false),
-            };
+            let (mut sender, pooled) = self.connection(addr).await?;
             if let Err(e) = sender.ready().await {
                 self.forget(addr);
                 if pooled {
@@ -562,6 +614,74 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 3);
+    }
+
+    /// An h2c backend on loopback answering "ok"; counts the connections it accepted and
+    /// keeps their tasks, so a test can cut them.
+    async fn h2_backend() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let (count, held) = (accepted.clone(), tasks.clone());
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+                let task = tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+                held.lock().unwrap().push(task);
+            }
+        });
+        (addr, accepted, tasks)
+    }
+
+    async fn h2_fetch(pool: &Arc<Http2Pool>, addr: SocketAddr) -> Bytes {
+        let req = Request::builder()
+            .uri(format!("http://{addr}/"))
+            .version(http::Version::HTTP_2)
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap();
+        let resp = pool.send(addr, req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_share_one_h2_connection() {
+        let (addr, accepted, _) = h2_backend().await;
+        let pool = Arc::new(Http2Pool::default());
+        // 50 first streams at once: one connects, the others wait for its connection.
+        let all = futures::future::join_all((0..50).map(|_| h2_fetch(&pool, addr))).await;
+        assert!(all.iter().all(|b| b == "ok"));
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(h2_fetch(&pool, addr).await, "ok");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cut_h2_connection_is_replaced() {
+        let (addr, accepted, tasks) = h2_backend().await;
+        let pool = Arc::new(Http2Pool::default());
+        assert_eq!(h2_fetch(&pool, addr).await, "ok");
+        // The backend drops the connection (its socket closes).
+        for t in tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(h2_fetch(&pool, addr).await, "ok");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
