@@ -267,9 +267,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // hop-by-hop ones: most requests carry none, most responses only `connection`. Only those
     // are removed — not a hashed removal of each of the eight names.
     let mut present = 0u8;
-    for k in headers.keys() {
+    // Whether a `Connection` value has a token other than `close`, `keep-alive` and `upgrade`
+    // (tokens naming other headers): looked at in the same pass, so the usual
+    // `connection: keep-alive` of a backend's answer costs neither a second lookup nor the
+    // token parse below.
+    let mut names_headers = false;
+    for (k, v) in &*headers {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
             present |= 1 << i;
+            names_headers |= i == 0 && names_other_tokens(v.as_bytes());
         }
     }
     if present == 0 {
@@ -284,7 +290,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the `Connection` header names are hop-by-hop too. Its usual tokens (`close`,
     // `keep-alive`, `upgrade`) are not parsed into names: they are not headers, or are
     // removed below anyway.
-    let named: Vec<HeaderName> = if has(&header::CONNECTION) {
+    let named: Vec<HeaderName> = if names_headers {
         headers
             .get_all(header::CONNECTION)
             .iter()
@@ -312,9 +318,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for (i, n) in HOP_BY_HOP.into_iter().enumerate() {
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) == 0
-            || (keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION))
+            || (keep_upgrade && (*n == header::UPGRADE || *n == header::CONNECTION))
         {
             continue;
         }
@@ -324,6 +330,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // gRPC needs `te: trailers` end to end (the one TE value HTTP/2 allows).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether a `Connection` value has a non-empty token other than `close`, `keep-alive` and
+/// `upgrade` (ASCII case-insensitive, around spaces and tabs). True for every value in which
+/// `strip_hop_by_hop`'s parse finds a header name, so `false` lets it skip that parse.
+fn names_other_tokens(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty()
+            && ![&b"close"[..], b"keep-alive", b"upgrade"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k))
+    })
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -1030,6 +1049,15 @@ mod tests {
         let root = PathChange::Prefix("/".into());
         assert_eq!(changed_path("/foo/baz", &m, &root), "/baz");
         assert_eq!(changed_path("/foo", &m, &root), "/");
+    }
+
+    #[test]
+    fn connection_tokens_other_than_the_usual_three_are_noticed() {
+        assert!(!names_other_tokens(b"keep-alive"));
+        assert!(!names_other_tokens(b" Close ,\tUpgrade,,"));
+        assert!(!names_other_tokens(b""));
+        assert!(names_other_tokens(b"keep-alive, x-secret"));
+        assert!(names_other_tokens(b"Keep-Alive2"));
     }
 
     #[test]
