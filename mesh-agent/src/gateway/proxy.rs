@@ -629,9 +629,14 @@ async fn route(
     let buffer =
         small && !upgrade && (is_idempotent(&template.method) || !action.mirrors.is_empty());
     let (mut streaming, buffered): (Option<Body>, Option<Bytes>) = if buffer {
-        match limited.collect().await {
-            Ok(c) => (None, Some(c.to_bytes())),
-            Err(e) => return body_error(&*e),
+        // A request without a body (a `GET`) has nothing to read: no collecting future.
+        if limited.is_end_stream() {
+            (None, Some(Bytes::new()))
+        } else {
+            match limited.collect().await {
+                Ok(c) => (None, Some(c.to_bytes())),
+                Err(e) => return body_error(&*e),
+            }
         }
     } else {
         (
