@@ -159,10 +159,10 @@ pub async fn handle(
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
     // starts one otherwise; the backend sees this span as its parent.
     let span = start_span(req.headers(), out.start);
-    let trace = span.traceparent();
+    let trace = traceparent_value(span.traceparent());
     out.span = Some(span);
     let host = host_of(&req);
-    let resp = route(&ctx, req, host.as_deref(), &trace, &mut out).await;
+    let resp = route(&ctx, req, host.as_deref(), trace, &mut out).await;
     // The record takes the host only now: `route` borrowed it, no copy was needed.
     out.authority = host;
     Ok(super::observe::finish(resp, out, &ctx.shared.telemetry))
@@ -243,6 +243,13 @@ fn start_span(headers: &HeaderMap, start: Instant) -> traces::ActiveSpan {
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
     traces::start_span_at("gateway", traces::Kind::Server, parent.as_ref(), start)
+}
+
+/// The `traceparent` header value for the backend. Its bytes live in one allocation that every
+/// copy of the value shares (a try's headers copied for a retry add a reference count): a value
+/// copied from the text is a `Bytes` that allocates again when first cloned.
+fn traceparent_value(tp: traces::TraceParent) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from_owner(tp)).ok()
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names made at
@@ -389,7 +396,7 @@ async fn route(
     ctx: &ConnCtx,
     mut req: Request<Incoming>,
     host: Option<&str>,
-    trace: &str,
+    trace: Option<HeaderValue>,
     out: &mut RequestRecord,
 ) -> Response<Body> {
     let (shared, upstreams, conn) = (&ctx.shared, &ctx.upstreams, ctx.info);
@@ -596,7 +603,7 @@ async fn route(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(trace) {
+    if let Some(v) = trace {
         headers.insert(TRACEPARENT, v);
     }
     // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c (gRPC
@@ -805,8 +812,7 @@ pub fn process_head<B>(
     if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
         let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
     }
-    let tp = start_span(req.headers(), Instant::now()).traceparent();
-    if let Ok(v) = HeaderValue::from_str(&tp) {
+    if let Some(v) = traceparent_value(start_span(req.headers(), Instant::now()).traceparent()) {
         headers.insert(TRACEPARENT, v);
     }
     Some((entry.action.route.clone(), headers))
