@@ -588,16 +588,26 @@ async fn route(
         None => client_host || headers.contains_key(header::HOST),
     };
     // Envoy appends the client's address to a list the client sent (`use_remote_address`).
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let joined = format!("{prev}, {}", conn.peer.ip());
+    // One lookup (the entry) for both the read and the write of the name.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            let joined = e
+                .get()
+                .to_str()
+                .ok()
+                .map(|prev| format!("{prev}, {}", conn.peer.ip()));
             // The string's buffer becomes the header's (no second copy).
-            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+            let v = match joined {
+                Some(j) => HeaderValue::from_maybe_shared(Bytes::from(j)).ok(),
+                None => Some(ctx.peer_ip.clone()),
+            };
+            if let Some(v) = v {
+                e.insert(v);
+            }
         }
-        None => Some(ctx.peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        header::Entry::Vacant(e) => {
+            e.insert(ctx.peer_ip.clone());
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,
