@@ -21,7 +21,10 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
 
-use super::proxy::{Body, BoxError};
+use super::{
+    config::RuleAction,
+    proxy::{Body, BoxError},
+};
 use crate::{
     model::ObjectName,
     telemetry::{
@@ -56,7 +59,8 @@ pub struct RequestRecord {
     /// buffer, not a copy of the path per request.
     pub uri: http::Uri,
     pub version: http::Version,
-    pub route: Option<String>,
+    /// The matched rule (its `route` name is logged).
+    pub route: Option<Arc<RuleAction>>,
     pub service: Option<Arc<ObjectName>>,
     pub upstream: Option<SocketAddr>,
     pub pod: Option<Arc<ObjectName>>,
@@ -200,7 +204,10 @@ impl Finish {
                 }
                 l.u64("status", u64::from(status));
                 l.i64("grpc_status", grpc.map_or(-1, i64::from));
-                l.str("route", r.route.as_deref().unwrap_or("-"));
+                l.str(
+                    "route",
+                    r.route.as_deref().map_or("-", |a| a.route.as_str()),
+                );
                 match r.upstream {
                     Some(a) => l.socket_addr("upstream", a),
                     None => l.raw("upstream", "-"),
@@ -229,8 +236,8 @@ impl Finish {
                 span.set("server.address", a.clone());
             }
             span.set("client.address", r.peer.ip().to_string());
-            if let Some(route) = &r.route {
-                span.set("http.route", route.clone());
+            if let Some(a) = &r.route {
+                span.set("http.route", a.route.clone());
             }
             if let Some(u) = r.upstream {
                 span.set("upstream_address", u.to_string());

@@ -425,7 +425,9 @@ async fn route(
         }
     };
     drop(config);
-    out.route = Some(action.route.clone());
+    // The rule's reference count, not a copy of its name: the record reads the name only for
+    // an access line or a sampled span.
+    out.route = Some(action.clone());
     // Body size, before anything is read: hyper's body knows the `Content-Length` it parsed
     // (HTTP/1.1 and HTTP/2), without a second header lookup.
     let declared = req.body().size_hint().exact();
