@@ -180,6 +180,37 @@ fn host_of<B>(req: &Request<B>) -> Option<String> {
     Some(host)
 }
 
+/// The bytes of a reg-name (RFC 3986 §3.2.2: unreserved, sub-delims and percent-encoding), one
+/// table lookup per byte of a `Host` value.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < t.len() {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
+
 /// The host of a `Host` value (RFC 9110 §7.2: `uri-host [ ":" port ]`), `None` when it is not
 /// one. Checked here rather than parsed into an `http::uri::Authority`, which copies the value
 /// and accepts a user-info part that `Host` never has.
@@ -199,29 +230,7 @@ fn host_of_header(v: &[u8]) -> Option<&str> {
     } else {
         let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
         let name = &v[..end];
-        // reg-name: unreserved, sub-delims and percent-encoding (RFC 3986 §3.2.2).
-        let ok = |b: u8| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        };
-        if name.is_empty() || !name.iter().all(|&b| ok(b)) {
+        if name.is_empty() || !name.iter().all(|&b| REG_NAME[usize::from(b)]) {
             return None;
         }
         (name, &v[end..])
