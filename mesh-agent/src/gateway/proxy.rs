@@ -694,7 +694,8 @@ async fn route(
     out.service = Some(svc.label.clone());
     let _active = shared.budget.start();
     let deadline = action.request_timeout.map(|t| Instant::now() + t);
-    let retry = is_idempotent(&template.method) && buffered.is_some();
+    // A route without retries sends its one try with the template's headers moved, not copied.
+    let retry = is_idempotent(&template.method) && buffered.is_some() && action.retry.attempts > 0;
     let mut exclude = None;
     let mut _retrying = None;
     let mut attempt = 0u32;
