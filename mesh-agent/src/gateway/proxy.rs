@@ -158,21 +158,37 @@ pub async fn handle(
     );
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
     // starts one otherwise; the backend sees this span as its parent.
-    let span = start_span(req.headers(), out.start);
+    let (host_value, parent) = host_and_traceparent(req.headers());
+    let span = start_span(parent, out.start);
     let trace = traceparent_value(span.traceparent());
     out.span = Some(span);
-    let host = host_of(&req);
+    let host = host_of(req.uri(), host_value);
     let resp = route(&ctx, req, host.as_deref(), trace, &mut out).await;
     // The record takes the host only now: `route` borrowed it, no copy was needed.
     out.authority = host;
     Ok(super::observe::finish(resp, out, &ctx.shared.telemetry))
 }
 
+/// The first `Host` and `traceparent` values of a request, found in one pass over its headers
+/// (name comparisons, no hashing): for the few headers most requests carry, cheaper than the
+/// two hashed lookups it replaces.
+fn host_and_traceparent(headers: &HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+    let (mut host, mut trace) = (None, None);
+    for (k, v) in headers {
+        if *k == header::HOST {
+            host = host.or(Some(v));
+        } else if *k == TRACEPARENT {
+            trace = trace.or(Some(v));
+        }
+    }
+    (host, trace)
+}
+
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
-fn host_of<B>(req: &Request<B>) -> Option<String> {
-    let host = match req.uri().authority() {
+fn host_of(uri: &Uri, host_header: Option<&HeaderValue>) -> Option<String> {
+    let host = match uri.authority() {
         Some(a) => a.host(),
-        None => host_of_header(req.headers().get(header::HOST)?.as_bytes())?,
+        None => host_of_header(host_header?.as_bytes())?,
     };
     // One allocation: the copy is lowercased in place.
     let mut host = host.to_owned();
@@ -246,9 +262,8 @@ fn host_of_header(v: &[u8]) -> Option<&str> {
 
 /// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
 /// invalid one starts a new trace, as W3C Trace Context says a receiver must).
-fn start_span(headers: &HeaderMap, start: Instant) -> traces::ActiveSpan {
-    let parent = headers
-        .get(TRACEPARENT)
+fn start_span(traceparent: Option<&HeaderValue>, start: Instant) -> traces::ActiveSpan {
+    let parent = traceparent
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
     traces::start_span_at("gateway", traces::Kind::Server, parent.as_ref(), start)
@@ -822,7 +837,8 @@ pub fn process_head<B>(
     port: u16,
     req: &Request<B>,
 ) -> Option<(String, HeaderMap)> {
-    let host = host_of(req)?;
+    let (host_value, parent) = host_and_traceparent(req.headers());
+    let host = host_of(req.uri(), host_value)?;
     let vhost = config.ports.get(&port)?.hosts.vhost(&host)?;
     let query = query_pairs(req.uri().query());
     let entry = vhost.find(req.method(), req.uri().path(), &query, req.headers())?;
@@ -834,7 +850,7 @@ pub fn process_head<B>(
     if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
         let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
     }
-    if let Some(v) = traceparent_value(start_span(req.headers(), Instant::now()).traceparent()) {
+    if let Some(v) = traceparent_value(start_span(parent, Instant::now()).traceparent()) {
         headers.insert(TRACEPARENT, v);
     }
     Some((entry.action.route.clone(), headers))
