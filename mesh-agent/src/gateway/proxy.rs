@@ -291,6 +291,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `x-forwarded-proto` values, checked at compile time (`from_static` outside a constant checks
+/// its bytes on every call).
+const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
+const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -637,7 +641,7 @@ async fn route(
     }
     headers.insert(
         X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        if conn.tls { PROTO_HTTPS } else { PROTO_HTTP },
     );
     if let Some(v) = trace {
         headers.insert(TRACEPARENT, v);
