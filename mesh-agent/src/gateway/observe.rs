@@ -428,7 +428,10 @@ pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// Wraps a finished response's body so its telemetry is written when the body ends.
+/// Wraps a finished response's body so its telemetry is written when the body ends. Boxed: the
+/// body type hyper is given could be `Finish` itself, one allocation less, but hyper then moves
+/// its few hundred bytes (the request's record) several times per response — more instructions
+/// than the allocation (callgrind: +0.3k instructions per HTTP/1.1 request).
 #[must_use]
 pub fn finish(
     resp: http::Response<Body>,
