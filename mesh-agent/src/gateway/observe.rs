@@ -27,7 +27,10 @@ use prometheus_client::{
     metrics::{MetricType, counter::Counter, family::Family},
 };
 
-use super::proxy::{Body, BoxError};
+use super::{
+    config::RuleAction,
+    proxy::{Body, BoxError},
+};
 use crate::{
     model::ObjectName,
     telemetry::{
@@ -62,7 +65,8 @@ pub struct RequestRecord {
     /// buffer, not a copy of the path per request.
     pub uri: http::Uri,
     pub version: http::Version,
-    pub route: Option<String>,
+    /// The matched rule (its `route` name is logged).
+    pub route: Option<Arc<RuleAction>>,
     pub service: Option<Arc<ObjectName>>,
     pub upstream: Option<SocketAddr>,
     pub pod: Option<Arc<ObjectName>>,
@@ -206,7 +210,10 @@ impl Finish {
                 }
                 l.u64("status", u64::from(status));
                 l.i64("grpc_status", grpc.map_or(-1, i64::from));
-                l.str("route", r.route.as_deref().unwrap_or("-"));
+                l.str(
+                    "route",
+                    r.route.as_deref().map_or("-", |a| a.route.as_str()),
+                );
                 match r.upstream {
                     Some(a) => l.socket_addr("upstream", a),
                     None => l.raw("upstream", "-"),
@@ -235,8 +242,8 @@ impl Finish {
                 span.set("server.address", a.clone());
             }
             span.set("client.address", r.peer.ip().to_string());
-            if let Some(route) = &r.route {
-                span.set("http.route", route.clone());
+            if let Some(a) = &r.route {
+                span.set("http.route", a.route.clone());
             }
             if let Some(u) = r.upstream {
                 span.set("upstream_address", u.to_string());
@@ -523,7 +530,10 @@ pub fn render(openmetrics: bool) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// Wraps a finished response's body so its telemetry is written when the body ends.
+/// Wraps a finished response's body so its telemetry is written when the body ends. Boxed: the
+/// body type hyper is given could be `Finish` itself, one allocation less, but hyper then moves
+/// its few hundred bytes (the request's record) several times per response — more instructions
+/// than the allocation (callgrind: +0.3k instructions per HTTP/1.1 request).
 #[must_use]
 pub fn finish(
     resp: http::Response<Body>,

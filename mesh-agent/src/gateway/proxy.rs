@@ -161,27 +161,74 @@ pub async fn handle(
     }
     // Envoy continues an incoming trace with a span of its own (new span id, same trace) and
     // starts one otherwise; the backend sees this span as its parent.
-    let span = start_span(req.headers(), out.start);
-    let trace = span.traceparent();
+    let (host_value, parent) = host_and_traceparent(req.headers());
+    let span = start_span(parent, out.start);
+    let trace = traceparent_value(span.traceparent());
     out.span = Some(span);
-    let host = host_of(&req);
-    let resp = route(&ctx, req, host.as_deref(), &trace, &mut out).await;
+    let host = host_of(req.uri(), host_value);
+    let resp = route(&ctx, req, host.as_deref(), trace, &mut out).await;
     // The record takes the host only now: `route` borrowed it, no copy was needed.
     out.authority = host;
     Ok(super::observe::finish(resp, out, &ctx.shared.telemetry))
 }
 
+/// The first `Host` and `traceparent` values of a request, found in one pass over its headers
+/// (name comparisons, no hashing): for the few headers most requests carry, cheaper than the
+/// two hashed lookups it replaces.
+fn host_and_traceparent(headers: &HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+    let (mut host, mut trace) = (None, None);
+    for (k, v) in headers {
+        if *k == header::HOST {
+            host = host.or(Some(v));
+        } else if *k == TRACEPARENT {
+            trace = trace.or(Some(v));
+        }
+    }
+    (host, trace)
+}
+
 /// The request's host, lowercase and without port: `:authority` (HTTP/2) or `Host`.
-fn host_of<B>(req: &Request<B>) -> Option<String> {
-    let host = match req.uri().authority() {
+fn host_of(uri: &Uri, host_header: Option<&HeaderValue>) -> Option<String> {
+    let host = match uri.authority() {
         Some(a) => a.host(),
-        None => host_of_header(req.headers().get(header::HOST)?.as_bytes())?,
+        None => host_of_header(host_header?.as_bytes())?,
     };
     // One allocation: the copy is lowercased in place.
     let mut host = host.to_owned();
     host.make_ascii_lowercase();
     Some(host)
 }
+
+/// The bytes of a reg-name (RFC 3986 §3.2.2: unreserved, sub-delims and percent-encoding), one
+/// table lookup per byte of a `Host` value.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < t.len() {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
 
 /// The host of a `Host` value (RFC 9110 §7.2: `uri-host [ ":" port ]`), `None` when it is not
 /// one. Checked here rather than parsed into an `http::uri::Authority`, which copies the value
@@ -202,29 +249,7 @@ fn host_of_header(v: &[u8]) -> Option<&str> {
     } else {
         let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
         let name = &v[..end];
-        // reg-name: unreserved, sub-delims and percent-encoding (RFC 3986 §3.2.2).
-        let ok = |b: u8| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        };
-        if name.is_empty() || !name.iter().all(|&b| ok(b)) {
+        if name.is_empty() || !name.iter().all(|&b| REG_NAME[usize::from(b)]) {
             return None;
         }
         (name, &v[end..])
@@ -240,12 +265,18 @@ fn host_of_header(v: &[u8]) -> Option<&str> {
 
 /// The gateway's server span: a child of a valid incoming `traceparent`, else a new root (an
 /// invalid one starts a new trace, as W3C Trace Context says a receiver must).
-fn start_span(headers: &HeaderMap, start: Instant) -> traces::ActiveSpan {
-    let parent = headers
-        .get(TRACEPARENT)
+fn start_span(traceparent: Option<&HeaderValue>, start: Instant) -> traces::ActiveSpan {
+    let parent = traceparent
         .and_then(|v| v.to_str().ok())
         .and_then(traces::TraceContext::parse);
     traces::start_span_at("gateway", traces::Kind::Server, parent.as_ref(), start)
+}
+
+/// The `traceparent` header value for the backend. Its bytes live in one allocation that every
+/// copy of the value shares (a try's headers copied for a retry add a reference count): a value
+/// copied from the text is a `Bytes` that allocates again when first cloned.
+fn traceparent_value(tp: traces::TraceParent) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from_owner(tp)).ok()
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Names made at
@@ -263,6 +294,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `x-forwarded-proto` values, checked at compile time (`from_static` outside a constant checks
+/// its bytes on every call).
+const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
+const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -270,9 +305,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // hop-by-hop ones: most requests carry none, most responses only `connection`. Only those
     // are removed — not a hashed removal of each of the eight names.
     let mut present = 0u8;
-    for k in headers.keys() {
+    // Whether a `Connection` value has a token other than `close`, `keep-alive` and `upgrade`
+    // (tokens naming other headers): looked at in the same pass, so the usual
+    // `connection: keep-alive` of a backend's answer costs neither a second lookup nor the
+    // token parse below.
+    let mut names_headers = false;
+    for (k, v) in &*headers {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
             present |= 1 << i;
+            names_headers |= i == 0 && names_other_tokens(v.as_bytes());
         }
     }
     if present == 0 {
@@ -287,7 +328,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the `Connection` header names are hop-by-hop too. Its usual tokens (`close`,
     // `keep-alive`, `upgrade`) are not parsed into names: they are not headers, or are
     // removed below anyway.
-    let named: Vec<HeaderName> = if has(&header::CONNECTION) {
+    let named: Vec<HeaderName> = if names_headers {
         headers
             .get_all(header::CONNECTION)
             .iter()
@@ -315,9 +356,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for (i, n) in HOP_BY_HOP.into_iter().enumerate() {
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) == 0
-            || (keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION))
+            || (keep_upgrade && (*n == header::UPGRADE || *n == header::CONNECTION))
         {
             continue;
         }
@@ -327,6 +368,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // gRPC needs `te: trailers` end to end (the one TE value HTTP/2 allows).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether a `Connection` value has a non-empty token other than `close`, `keep-alive` and
+/// `upgrade` (ASCII case-insensitive, around spaces and tabs). True for every value in which
+/// `strip_hop_by_hop`'s parse finds a header name, so `false` lets it skip that parse.
+fn names_other_tokens(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty()
+            && ![&b"close"[..], b"keep-alive", b"upgrade"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k))
+    })
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -373,7 +427,7 @@ async fn route(
     ctx: &ConnCtx,
     mut req: Request<Incoming>,
     host: Option<&str>,
-    trace: &str,
+    trace: Option<HeaderValue>,
     out: &mut RequestRecord,
 ) -> Response<Body> {
     let (shared, upstreams, conn) = (&ctx.shared, &ctx.upstreams, ctx.info);
@@ -402,7 +456,9 @@ async fn route(
         }
     };
     drop(config);
-    out.route = Some(action.route.clone());
+    // The rule's reference count, not a copy of its name: the record reads the name only for
+    // an access line or a sampled span.
+    out.route = Some(action.clone());
     // Body size, before anything is read: hyper's body knows the `Content-Length` it parsed
     // (HTTP/1.1 and HTTP/2), without a second header lookup.
     let declared = req.body().size_hint().exact();
@@ -573,22 +629,32 @@ async fn route(
         None => client_host || headers.contains_key(header::HOST),
     };
     // Envoy appends the client's address to a list the client sent (`use_remote_address`).
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let joined = format!("{prev}, {}", conn.peer.ip());
+    // One lookup (the entry) for both the read and the write of the name.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            let joined = e
+                .get()
+                .to_str()
+                .ok()
+                .map(|prev| format!("{prev}, {}", conn.peer.ip()));
             // The string's buffer becomes the header's (no second copy).
-            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+            let v = match joined {
+                Some(j) => HeaderValue::from_maybe_shared(Bytes::from(j)).ok(),
+                None => Some(ctx.peer_ip.clone()),
+            };
+            if let Some(v) = v {
+                e.insert(v);
+            }
         }
-        None => Some(ctx.peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        header::Entry::Vacant(e) => {
+            e.insert(ctx.peer_ip.clone());
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        if conn.tls { PROTO_HTTPS } else { PROTO_HTTP },
     );
-    if let Ok(v) = HeaderValue::from_str(trace) {
+    if let Some(v) = trace {
         headers.insert(TRACEPARENT, v);
     }
     // gRPC, or HTTP/2 from the client with a gRPC body, goes to the backend over h2c (gRPC
@@ -621,9 +687,14 @@ async fn route(
     let buffer =
         small && !upgrade && (is_idempotent(&template.method) || !action.mirrors.is_empty());
     let (mut streaming, buffered): (Option<Body>, Option<Bytes>) = if buffer {
-        match limited.collect().await {
-            Ok(c) => (None, Some(c.to_bytes())),
-            Err(e) => return body_error(&*e),
+        // A request without a body (a `GET`) has nothing to read: no collecting future.
+        if limited.is_end_stream() {
+            (None, Some(Bytes::new()))
+        } else {
+            match limited.collect().await {
+                Ok(c) => (None, Some(c.to_bytes())),
+                Err(e) => return body_error(&*e),
+            }
         }
     } else {
         (
@@ -653,7 +724,8 @@ async fn route(
     out.service = Some(svc.label.clone());
     let _active = shared.budget.start();
     let deadline = action.request_timeout.map(|t| Instant::now() + t);
-    let retry = is_idempotent(&template.method) && buffered.is_some();
+    // A route without retries sends its one try with the template's headers moved, not copied.
+    let retry = is_idempotent(&template.method) && buffered.is_some() && action.retry.attempts > 0;
     let mut exclude = None;
     let mut _retrying = None;
     let mut attempt = 0u32;
@@ -800,7 +872,8 @@ pub fn process_head<B>(
     port: u16,
     req: &Request<B>,
 ) -> Option<(String, HeaderMap)> {
-    let host = host_of(req)?;
+    let (host_value, parent) = host_and_traceparent(req.headers());
+    let host = host_of(req.uri(), host_value)?;
     let vhost = config.ports.get(&port)?.hosts.vhost(&host)?;
     let query = query_pairs(req.uri().query());
     let entry = vhost.find(req.method(), req.uri().path(), &query, req.headers())?;
@@ -812,8 +885,7 @@ pub fn process_head<B>(
     if let Some(c) = entry.action.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
         let _ = changed_path(req.uri().path(), &entry.matcher.path, c);
     }
-    let tp = start_span(req.headers(), Instant::now()).traceparent();
-    if let Ok(v) = HeaderValue::from_str(&tp) {
+    if let Some(v) = traceparent_value(start_span(parent, Instant::now()).traceparent()) {
         headers.insert(TRACEPARENT, v);
     }
     Some((entry.action.route.clone(), headers))
@@ -1196,6 +1268,15 @@ mod tests {
         let root = PathChange::Prefix("/".into());
         assert_eq!(changed_path("/foo/baz", &m, &root), "/baz");
         assert_eq!(changed_path("/foo", &m, &root), "/");
+    }
+
+    #[test]
+    fn connection_tokens_other_than_the_usual_three_are_noticed() {
+        assert!(!names_other_tokens(b"keep-alive"));
+        assert!(!names_other_tokens(b" Close ,\tUpgrade,,"));
+        assert!(!names_other_tokens(b""));
+        assert!(names_other_tokens(b"keep-alive, x-secret"));
+        assert!(names_other_tokens(b"Keep-Alive2"));
     }
 
     #[test]

@@ -430,10 +430,11 @@ impl Future for HeaderSleep {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let timer = armed.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
-            // Past the deadline by our clock, or by tokio's (which rounds to milliseconds).
-            if Instant::now() >= self.deadline
-                || (timer.is_elapsed() && timer.deadline() >= deadline)
-            {
+            // Past the deadline by tokio's clock: its timer fires at or after its deadline
+            // (rounded up to its millisecond tick), so a timer that fired at or past this
+            // sleep's deadline means the deadline has passed — no clock read of our own on
+            // each poll (hyper polls this sleep whenever it waits for a request head).
+            if timer.is_elapsed() && timer.deadline() >= deadline {
                 return Poll::Ready(());
             }
             // Armed later than this sleep needs, or already fired: move it here.

@@ -65,11 +65,21 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     }
 }
 
+/// The two lowercase hex digits of each byte value: one lookup per byte written.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < t.len() {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
 /// Writes the lowercase hex of `bytes` at the start of `out` (twice as long as `bytes`).
 fn put_hex(out: &mut [u8], bytes: &[u8]) {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
 }
 
@@ -84,6 +94,12 @@ impl TraceParent {
     pub fn as_str(&self) -> &str {
         // Only ASCII is ever written into it (`TraceContext::traceparent`).
         std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl AsRef<[u8]> for TraceParent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
