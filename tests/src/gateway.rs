@@ -57,7 +57,20 @@ spec:
 pub fn tls_route_yaml(port: u16, host: &str, svc: &str) -> Result<(String, rcgen::Certificate)> {
     let key = rcgen::KeyPair::generate()?;
     let cert = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
-    let routes = format!(
+    let routes = tls_route_yaml_with(port, host, svc, &cert, &key);
+    Ok((routes, cert))
+}
+
+/// [`tls_route_yaml`] with a given certificate and key (in the Secret named `svc`).
+#[must_use]
+pub fn tls_route_yaml_with(
+    port: u16,
+    host: &str,
+    svc: &str,
+    cert: &rcgen::Certificate,
+    key: &rcgen::KeyPair,
+) -> String {
+    format!(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {{ name: gw }}
@@ -74,9 +87,37 @@ spec:
   rules: [{{ backendRefs: [{{ name: {svc}, port: 80 }}] }}]
 ---
 {}",
-        tls_secret_yaml(svc, &cert, &key)
-    );
-    Ok((routes, cert))
+        tls_secret_yaml(svc, cert, key)
+    )
+}
+
+/// A TLS connection to the gateway on loopback `port` for server name `name`, trusting only
+/// `roots`, offering `alpn`.
+pub async fn tls_client(
+    port: u16,
+    name: &str,
+    roots: &[&rcgen::Certificate],
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots {
+        store.add(c.der().clone())?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(name.to_owned())?,
+            tcp,
+        )
+        .await
+        .context("TLS handshake with the gateway")
 }
 
 /// A `kubernetes.io/tls` Secret named `name` holding `cert` and `key` (PEM), as a YAML document

@@ -1,7 +1,9 @@
 //! The ingress gateway with real third-party clients (issue 10, "What must be shown"): h2load over
 //! TLS, a tonic gRPC client against a tonic server (unary, server, client and bidirectional
 //! streaming, an error status in the trailers) and a WebSocket client against a WebSocket server
-//! (tokio-tungstenite on both ends). The real `mesh-agent gateway` process; no kernel needed.
+//! (tokio-tungstenite on both ends), `CONNECT` tunnels over HTTP/1.1 and HTTP/2, WebSocket over
+//! HTTP/2, `:authority` at h2c backends, and certificates changed under load. The real
+//! `mesh-agent gateway` process; no kernel needed.
 //! Build first: `cargo build -p mesh-agent --bins`; h2load comes from `nghttp2-client`
 //! (`cargo xtask install-deps`).
 
@@ -485,22 +487,7 @@ async fn h2_over_tls(
     name: &str,
     cert: &rcgen::Certificate,
 ) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from(name.to_owned())?,
-            tcp,
-        )
-        .await?;
+    let tls = mesh_tests::gateway::tls_client(port, name, &[cert], b"h2").await?;
     let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
@@ -717,6 +704,150 @@ spec:
                 gw.log_text()
             );
         }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates changed under load
+
+/// A TLS connection (ALPN http/1.1) to `certs.example` on `port`, trusting `roots`; with the
+/// certificate the gateway presented.
+async fn tls_to(
+    port: u16,
+    roots: &[rcgen::Certificate],
+) -> Result<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    Vec<u8>,
+)> {
+    let roots: Vec<&rcgen::Certificate> = roots.iter().collect();
+    let tls = mesh_tests::gateway::tls_client(port, "certs.example", &roots, b"http/1.1").await?;
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate presented")?
+        .to_vec();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    Ok((sender, presented))
+}
+
+/// One GET on `sender`: its status.
+async fn get_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<u16> {
+    sender.ready().await?;
+    let req = http::Request::builder()
+        .uri("/cert")
+        .header("host", "certs.example")
+        .body(http_body_util::Empty::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body()).await?;
+    Ok(status)
+}
+
+#[test]
+fn certificates_changed_under_load_fail_no_request() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let port = 18_457;
+        let _c = Backend::start("c", "127.0.31.11:9037".parse()?).await?;
+        // Three certificates for the same name, each its own self-signed root.
+        let mut certs = Vec::new();
+        for _ in 0..3 {
+            let key = rcgen::KeyPair::generate()?;
+            let cert =
+                rcgen::CertificateParams::new(vec!["certs.example".into()])?.self_signed(&key)?;
+            certs.push((cert, key));
+        }
+        let roots: Vec<rcgen::Certificate> = certs.iter().map(|(c, _)| c.clone()).collect();
+        let services = services_yaml(&[("c", 80, &["127.0.31.11"], 9037, "")]);
+        let gw = GatewayProcess::start(
+            &tmpdir("certs"),
+            &mesh_tests::gateway::tls_route_yaml_with(
+                port,
+                "certs.example",
+                "c",
+                &certs[0].0,
+                &certs[0].1,
+            ),
+            &services,
+            &["--metrics-addr", "none"],
+        )?;
+        listening(&gw, port).await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // One kept-alive connection asking all along: a reload must not cut it.
+        let kept = {
+            let (stop, roots) = (stop.clone(), roots.clone());
+            tokio::spawn(async move {
+                let (mut sender, _) = tls_to(port, &roots).await?;
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let st = get_on(&mut sender).await.context("kept-alive request")?;
+                    ensure!(st == 200, "kept-alive request {n}: {st}");
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            })
+        };
+        // New connections, each a full handshake: which certificate each got.
+        let fresh = {
+            let (stop, roots) = (stop.clone(), roots.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::<Vec<u8>>::new();
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (mut sender, presented) =
+                        tls_to(port, &roots).await.context("new connection")?;
+                    let st = get_on(&mut sender)
+                        .await
+                        .context("request on a new connection")?;
+                    ensure!(st == 200, "new connection {n}: {st}");
+                    if !seen.contains(&presented) {
+                        seen.push(presented);
+                    }
+                    n += 1;
+                }
+                anyhow::Ok((n, seen))
+            })
+        };
+        for (cert, key) in &certs[1..] {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            gw.set_routes(&mesh_tests::gateway::tls_route_yaml_with(
+                port,
+                "certs.example",
+                "c",
+                cert,
+                key,
+            ))?;
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let kept = kept.await?.with_context(|| gw.log_text())?;
+        let (handshakes, seen) = fresh.await?.with_context(|| gw.log_text())?;
+        println!(
+            "certificates changed twice: {kept} requests on one kept-alive connection and \
+             {handshakes} new connections, all 200; {} certificates presented",
+            seen.len()
+        );
+        // The last certificate is what a new connection gets now.
+        let (_, now) = tls_to(port, &roots).await?;
+        ensure!(
+            now == certs[2].0.der().to_vec(),
+            "a new handshake after the last change did not present the last certificate"
+        );
+        ensure!(
+            seen.first() == Some(&certs[0].0.der().to_vec()),
+            "the first certificate was not presented first"
+        );
+        ensure!(
+            kept > 10 && handshakes > 10,
+            "too little load: {kept} / {handshakes}"
+        );
         Ok(())
     })
 }

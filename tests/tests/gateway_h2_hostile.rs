@@ -6,7 +6,6 @@
 //! Build first: `cargo build -p mesh-agent --bins`.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -254,20 +253,7 @@ impl H2 {
     /// TLS with ALPN h2, the client preface and an empty SETTINGS; reads the gateway's
     /// SETTINGS (the first frame of its preface, RFC 9113 §3.4) and acknowledges it.
     async fn connect(port: u16, cert: &rcgen::Certificate) -> Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone())?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(HOST.try_into()?, tcp)
-            .await
-            .context("TLS handshake with the gateway")?;
+        let mut tls = mesh_tests::gateway::tls_client(port, HOST, &[cert], b"h2").await?;
         ensure!(
             tls.get_ref().1.alpn_protocol() == Some(b"h2"),
             "the gateway did not choose h2"
