@@ -1228,6 +1228,78 @@ impl http_body::Body for Observed {
 mod tests {
     use super::*;
 
+    /// `strip_hop_by_hop` by its plain definition, without the skips it takes for speed:
+    /// parse every `Connection` value, remove what it names and the hop-by-hop headers, keep
+    /// `te: trailers`.
+    fn strip_plainly(mut h: HeaderMap, keep_upgrade: bool) -> HeaderMap {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|t| n.eq_ignore_ascii_case(t))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        let te_trailers = h
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        for n in named {
+            h.remove(n);
+        }
+        for n in &HOP_BY_HOP {
+            if keep_upgrade && (*n == header::UPGRADE || *n == header::CONNECTION) {
+                continue;
+            }
+            h.remove(n);
+        }
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        h
+    }
+
+    proptest::proptest! {
+        /// The fast strip (one pass, `Connection`'s tokens looked at without parsing them
+        /// into names unless one names a header) removes exactly what the plain definition
+        /// does, for header sets made of hop-by-hop names, names a `Connection` value can
+        /// name, and token lists with odd case, spaces, tabs and empty tokens.
+        #[test]
+        fn the_fast_strip_removes_what_the_plain_definition_does(
+            pairs in proptest::collection::vec(
+                (
+                    0usize..9,
+                    "[ \t,]{0,2}((?i:close|keep-alive|upgrade|trailers|x-a|te|trailer)|[a-z]{1,3})?([ \t]{0,2},[ \t]{0,2}((?i:close|keep-alive|upgrade|trailers|x-a|te)|[a-z]{1,3}))*",
+                ),
+                0..8,
+            ),
+            keep_upgrade: bool,
+        ) {
+            let names = [
+                "connection", "keep-alive", "te", "upgrade", "x-a", "ab", "trailer",
+                "proxy-connection", "transfer-encoding",
+            ];
+            let mut h = HeaderMap::new();
+            for (i, v) in &pairs {
+                h.append(
+                    HeaderName::from_static(names[*i]),
+                    HeaderValue::from_str(v).expect("generated values are header values"),
+                );
+            }
+            let mut fast = h.clone();
+            strip_hop_by_hop(&mut fast, keep_upgrade);
+            proptest::prop_assert_eq!(fast, strip_plainly(h, keep_upgrade));
+        }
+    }
+
     #[test]
     fn the_host_of_a_host_header_is_its_name_without_the_port() {
         let cases: [(&str, Option<&str>); 14] = [
