@@ -712,16 +712,9 @@ async fn route(
             tracing::debug!(route = %action.route, "streaming request body: not mirrored");
         }
     }
-    let backends = shared.backends.load();
-    let Some(svc) = backends.services.get(target).cloned() else {
-        out.detail = Some(format!(
-            "Service {} port {} has no endpoints",
-            target.service, target.port
-        ));
+    let Some(svc) = service(shared, target, out) else {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
-    drop(backends);
-    out.service = Some(svc.label.clone());
     let _active = shared.budget.start();
     let deadline = action.request_timeout.map(|t| Instant::now() + t);
     // A route without retries sends its one try with the template's headers moved, not copied.
@@ -732,18 +725,9 @@ async fn route(
     loop {
         attempt += 1;
         out.attempts = attempt;
-        let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
-            Ok(ep) => ep,
-            Err(NoEndpoint::Empty) => {
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-            }
-            Err(NoEndpoint::AllEjected) => {
-                out.detail = Some("every endpoint ejected".into());
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-            }
+        let Some(ep) = pick(shared, &svc, exclude, out) else {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
-        out.upstream = Some(ep.addr);
-        out.pod.clone_from(&ep.pod);
         let body = match (&buffered, streaming.take()) {
             // No body (a `GET`): boxing the zero-sized empty body allocates nothing.
             (Some(b), _) if b.is_empty() => empty(),
@@ -1095,14 +1079,9 @@ async fn tunnel(
     let shared = &ctx.shared;
     let client_side = hyper::upgrade::on(&mut req);
     drop(req);
-    let Some(svc) = shared.backends.load().services.get(target).cloned() else {
-        out.detail = Some(format!(
-            "Service {} port {} has no endpoints",
-            target.service, target.port
-        ));
+    let Some(svc) = service(shared, target, out) else {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
-    out.service = Some(svc.label.clone());
     let _active = shared.budget.start();
     let limit = match (action.request_timeout, action.backend_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -1114,18 +1093,9 @@ async fn tunnel(
     loop {
         attempt += 1;
         out.attempts = attempt;
-        let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
-            Ok(ep) => ep,
-            Err(NoEndpoint::Empty) => {
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-            }
-            Err(NoEndpoint::AllEjected) => {
-                out.detail = Some("every endpoint ejected".into());
-                return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-            }
+        let Some(ep) = pick(shared, &svc, exclude, out) else {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
-        out.upstream = Some(ep.addr);
-        out.pod.clone_from(&ep.pod);
         let dialed = match limit {
             Some(l) => tokio::time::timeout(l, dial(ep.addr))
                 .await
@@ -1177,6 +1147,45 @@ async fn tunnel(
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let cap = base.saturating_mul(1 << attempt.min(3)).min(base * 10);
     cap.mul_f64(fastrand::f64())
+}
+
+/// The backends of a rule's Service port, recorded in `out`; `None` (answered 503) when it
+/// has none.
+fn service(
+    shared: &Shared,
+    target: &ServiceRef,
+    out: &mut RequestRecord,
+) -> Option<Arc<ServiceBackends>> {
+    let Some(svc) = shared.backends.load().services.get(target).cloned() else {
+        out.detail = Some(format!(
+            "Service {} port {} has no endpoints",
+            target.service, target.port
+        ));
+        return None;
+    };
+    out.service = Some(svc.label.clone());
+    Some(svc)
+}
+
+/// One try's endpoint, recorded in `out`, skipping `exclude` and ejected ones; `None`
+/// (answered 503) when none is left.
+fn pick(
+    shared: &Shared,
+    svc: &ServiceBackends,
+    exclude: Option<SocketAddr>,
+    out: &mut RequestRecord,
+) -> Option<Arc<EndpointState>> {
+    let ep = match svc.pick(exclude, shared.epoch, &*shared.kernel) {
+        Ok(ep) => ep,
+        Err(NoEndpoint::Empty) => return None,
+        Err(NoEndpoint::AllEjected) => {
+            out.detail = Some("every endpoint ejected".into());
+            return None;
+        }
+    };
+    out.upstream = Some(ep.addr);
+    out.pod.clone_from(&ep.pod);
+    Some(ep)
 }
 
 /// A backend's response body for the client; with an HTTP/1.1 connection's lease, the
